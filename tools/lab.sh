@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# The KVM lab of libvirt-rdm-backup: one script for the Makefile, CI and the Vagrant box.
+#
+#   tools/lab.sh install   Debian packages + the Python venv at .venv/ (idempotent)
+#   tools/lab.sh up        virtlogd + libvirtd, tgtd on 127.0.0.1 only, loop-control (idempotent)
+#   tools/lab.sh down      stop what "up" started; remove leftover test domains, targets, loops
+#   tools/lab.sh status    what is running
+#
+# Everything the lab creates for tests carries the prefix "rdmb" so "down" can find leftovers.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV="$ROOT/.venv"
+STATE=/run/rdmb-lab
+PORTAL=127.0.0.1:3260
+URI=qemu:///system
+
+DEB_PACKAGES=(
+    qemu-system-x86 qemu-utils qemu-block-extra
+    libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
+    tgt libiscsi-bin fdisk xfsprogs
+    python3 python3-venv python3-dev python3-libnbd libnbd-bin
+    gcc make
+)
+
+log() { printf 'lab: %s\n' "$*" >&2; }
+
+need_root() {
+    if [ "$(id -u)" != 0 ]; then
+        log "must run as root (libvirtd, tgtd and loop devices need it)"
+        exit 1
+    fi
+}
+
+missing_packages() {
+    local p
+    for p in "${DEB_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"
+    done
+}
+
+do_install() {
+    need_root
+    local missing
+    missing=$(missing_packages)
+    if [ -n "$missing" ]; then
+        log "installing Debian packages: $(echo $missing)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        # shellcheck disable=SC2086
+        apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    fi
+    # Debian's Python 3.11 with system site-packages: it sees python3-libnbd ("import nbd").
+    if [ ! -x "$VENV/bin/python" ]; then
+        log "creating venv at $VENV"
+        /usr/bin/python3 -m venv --system-site-packages "$VENV"
+    fi
+    local stamp="$VENV/.installed"
+    if [ ! -f "$stamp" ] || [ "$ROOT/setup.cfg" -nt "$stamp" ]; then
+        log "installing the project and its Python dependencies into the venv"
+        "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
+        "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]" 2>&1 \
+            | grep -v '^WARNING: Location' >&2 || true
+        "$VENV/bin/python" -c 'import libvirt, lxml, tenacity, qemu.qmp, libvirt_rdm_backup' \
+            || { log "venv is incomplete"; exit 1; }
+        touch "$stamp"
+    fi
+}
+
+pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+
+start_libvirt() {
+    mkdir -p /run/libvirt /var/log/libvirt
+    if ! pgrep -x virtlogd >/dev/null; then
+        log "starting virtlogd"
+        virtlogd -d
+    fi
+    if ! pgrep -x libvirtd >/dev/null; then
+        log "starting libvirtd"
+        libvirtd -d
+    fi
+    local i
+    for i in $(seq 1 60); do
+        if virsh -c "$URI" version >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.5
+    done
+    log "libvirtd does not answer on $URI"
+    exit 1
+}
+
+start_tgtd() {
+    if tgtadm --lld iscsi --op show --mode sys >/dev/null 2>&1; then
+        return 0
+    fi
+    log "starting tgtd on $PORTAL (loopback only)"
+    mkdir -p /var/run/tgtd
+    tgtd --iscsi portal="$PORTAL"
+    local i
+    for i in $(seq 1 40); do
+        if tgtadm --lld iscsi --op show --mode sys >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.25
+    done
+    log "tgtd did not come up"
+    exit 1
+}
+
+do_up() {
+    need_root
+    mkdir -p "$STATE"
+    modprobe loop 2>/dev/null || true
+    [ -e /dev/loop-control ] || { log "no /dev/loop-control: loop devices unavailable"; exit 1; }
+    start_libvirt
+    start_tgtd
+    if [ -e /dev/kvm ]; then echo kvm >"$STATE/domain-type"; else echo qemu >"$STATE/domain-type"; fi
+    log "lab is up (libvirt $URI, iSCSI portal $PORTAL, domain type $(cat "$STATE/domain-type"))"
+}
+
+cleanup_leftovers() {
+    local d t
+    if virsh -c "$URI" version >/dev/null 2>&1; then
+        for d in $(virsh -c "$URI" list --all --name 2>/dev/null | grep '^rdmb' || true); do
+            log "removing leftover domain $d"
+            virsh -c "$URI" destroy "$d" >/dev/null 2>&1 || true
+            virsh -c "$URI" undefine "$d" >/dev/null 2>&1 || true
+        done
+    fi
+    if tgtadm --lld iscsi --op show --mode sys >/dev/null 2>&1; then
+        for t in $(tgtadm --lld iscsi --op show --mode target | sed -n 's/^Target \([0-9]*\): .*rdmb.*/\1/p'); do
+            log "removing leftover iSCSI target $t"
+            tgtadm --lld iscsi --op delete --mode target --tid "$t" --force >/dev/null 2>&1 || true
+        done
+    fi
+    losetup -l -n -O NAME,BACK-FILE 2>/dev/null | awk '$2 ~ /rdmb/ {print $1}' | while read -r l; do
+        log "detaching leftover loop device $l"
+        losetup -d "$l" || true
+    done
+}
+
+do_down() {
+    need_root
+    cleanup_leftovers
+    if tgtadm --lld iscsi --op show --mode sys >/dev/null 2>&1; then
+        log "stopping tgtd"
+        tgtadm --op delete --mode system >/dev/null 2>&1 || true
+    fi
+    local p
+    for p in libvirtd virtlogd; do
+        if pgrep -x "$p" >/dev/null; then
+            log "stopping $p"
+            pkill -TERM -x "$p" || true
+        fi
+    done
+    rm -rf "$STATE"
+    log "lab is down"
+}
+
+do_status() {
+    local p
+    for p in virtlogd libvirtd tgtd; do
+        if pgrep -x "$p" >/dev/null; then echo "$p: running"; else echo "$p: stopped"; fi
+    done
+    virsh -c "$URI" list --all 2>/dev/null | sed 's/^/  /' || true
+    losetup -l 2>/dev/null | sed 's/^/  /' || true
+}
+
+case "${1:-}" in
+    install) do_install ;;
+    up) do_up ;;
+    down) do_down ;;
+    clean) need_root; cleanup_leftovers ;;
+    status) do_status ;;
+    *) echo "usage: $0 install|up|down|clean|status" >&2; exit 2 ;;
+esac
