@@ -21,6 +21,8 @@ DEB_PACKAGES=(
     tgt libiscsi-bin fdisk xfsprogs
     python3 python3-venv python3-dev python3-libnbd libnbd-bin
     gcc make
+    # The Vagrant box definition (vagrant/Vagrantfile) is validated by the tests.
+    vagrant vagrant-libvirt rsync
 )
 
 log() { printf 'lab: %s\n' "$*" >&2; }
@@ -39,30 +41,73 @@ missing_packages() {
     done
 }
 
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    local attempt
+    for attempt in 1 2 3; do
+        if apt-get -o DPkg::Lock::Timeout=300 update -qq &&
+            apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "$@" >/dev/null; then
+            return 0
+        fi
+        log "apt-get failed (attempt $attempt of 3)"
+        sleep $((attempt * 5))
+    done
+    log "could not install Debian packages: $*"
+    exit 1
+}
+
+# A venv is this checkout's own only if its scripts point at its own interpreter: a venv copied
+# or cloned from another path still runs, but its pip and pytest would run the other one.
+venv_is_ours() {
+    [ -x "$VENV/bin/python" ] && [ -f "$VENV/pyvenv.cfg" ] && [ -f "$VENV/bin/pip" ] || return 1
+    "$VENV/bin/python" -c 'import sys' 2>/dev/null || return 1
+    case "$(head -n 1 "$VENV/bin/pip")" in
+        "#!$VENV/bin/python"*) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+# The venv imports everything the project and its tests need, and the package from this checkout.
+venv_is_complete() {
+    local t where
+    for t in pytest mypy ruff; do
+        [ -x "$VENV/bin/$t" ] || return 1
+        case "$(head -n 1 "$VENV/bin/$t")" in "#!$VENV/bin/python"*) ;; *) return 1 ;; esac
+    done
+    where=$(cd / && "$VENV/bin/python" -c \
+        'import libvirt, lxml, tenacity, qemu.qmp, nbd, pytest, libvirt_rdm_backup as m; print(m.__file__)' \
+        2>/dev/null) || return 1
+    [ "$where" = "$ROOT/libvirt_rdm_backup/__init__.py" ]
+}
+
 do_install() {
     need_root
     local missing
     missing=$(missing_packages)
     if [ -n "$missing" ]; then
         log "installing Debian packages: $(echo $missing)"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
         # shellcheck disable=SC2086
-        apt-get install -y -qq --no-install-recommends $missing >/dev/null
+        apt_install $missing
     fi
     # Debian's Python 3.11 with system site-packages: it sees python3-libnbd ("import nbd").
-    if [ ! -x "$VENV/bin/python" ]; then
+    if ! venv_is_ours; then
         log "creating venv at $VENV"
-        /usr/bin/python3 -m venv --system-site-packages "$VENV"
+        rm -f "$VENV/.installed"
+        /usr/bin/python3 -m venv --clear --system-site-packages "$VENV"
     fi
     local stamp="$VENV/.installed"
-    if [ ! -f "$stamp" ] || [ "$ROOT/setup.cfg" -nt "$stamp" ]; then
+    if [ ! -f "$stamp" ] || [ "$ROOT/setup.cfg" -nt "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] ||
+        ! venv_is_complete; then
         log "installing the project and its Python dependencies into the venv"
-        "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
-        "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]" 2>&1 \
-            | grep -v '^WARNING: Location' >&2 || true
-        "$VENV/bin/python" -c 'import libvirt, lxml, tenacity, qemu.qmp, libvirt_rdm_backup' \
-            || { log "venv is incomplete"; exit 1; }
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
+        local out
+        if ! out=$("$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]" 2>&1); then
+            printf '%s\n' "$out" >&2
+            log "pip install failed"
+            exit 1
+        fi
+        printf '%s\n' "$out" | grep -v -e '^WARNING: Location' -e '^$' >&2 || true
+        venv_is_complete || { log "venv is incomplete after pip install"; exit 1; }
         touch "$stamp"
     fi
 }
