@@ -70,10 +70,11 @@ venv_is_ours() {
 # The venv imports everything the project and its tests need, and the package from this checkout.
 venv_is_complete() {
     local t where
-    for t in pytest mypy ruff; do
+    for t in pytest mypy; do
         [ -x "$VENV/bin/$t" ] || return 1
         case "$(head -n 1 "$VENV/bin/$t")" in "#!$VENV/bin/python"*) ;; *) return 1 ;; esac
     done
+    "$VENV/bin/ruff" --version >/dev/null 2>&1 || return 1 # a native binary, no shebang
     where=$(cd / && "$VENV/bin/python" -c \
         'import libvirt, lxml, tenacity, qemu.qmp, nbd, pytest, libvirt_rdm_backup as m; print(m.__file__)' \
         2>/dev/null) || return 1
