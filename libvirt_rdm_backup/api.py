@@ -1,0 +1,103 @@
+"""The public, typed API: every operation of the command line, importable.
+
+Each function opens (and closes) its own libvirt connection from ``uri``
+(default: ``LIBVIRT_DEFAULT_URI`` or ``qemu:///system``). Errors are
+subclasses of :class:`libvirt_rdm_backup.errors.RdmBackupError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from libvirt_rdm_backup.domain.connection import connection, open_connection
+from libvirt_rdm_backup.domain.disks import DiskInventory
+from libvirt_rdm_backup.engine import backup as _backup
+from libvirt_rdm_backup.engine import restore as _restore
+from libvirt_rdm_backup.engine import verify as _verify
+from libvirt_rdm_backup.engine.backup import BackupResult
+from libvirt_rdm_backup.engine.capture import ProgressCallback
+from libvirt_rdm_backup.engine.discover import open_domain, select_disks
+from libvirt_rdm_backup.engine.restore import RestoreResult, find_domain_backups
+from libvirt_rdm_backup.engine.verify import VerifyReport
+from libvirt_rdm_backup.errors import LibvirtError
+from libvirt_rdm_backup.repository.manifest import Manifest
+from libvirt_rdm_backup.repository.store import Repository
+from libvirt_rdm_backup.storage import map_disk
+from libvirt_rdm_backup.storage.base import RawDiskMapping
+
+log = logging.getLogger(__name__)
+
+
+def discover(domain: str, uri: str | None = None) -> DiskInventory:
+    """The domain's raw disks (with identifiers, node names, sizes) and its other disks."""
+    with connection(uri) as conn:
+        return open_domain(conn, domain).inventory
+
+
+def map_disks(
+    domain: str, disks: list[str] | None = None, uri: str | None = None
+) -> list[RawDiskMapping]:
+    """The raw disk mapping of each selected raw disk (all raw disks by default)."""
+    with connection(uri) as conn:
+        ctx = open_domain(conn, domain)
+        return [map_disk(disk) for disk in select_disks(ctx.inventory, disks)]
+
+
+def backup(
+    domain: str,
+    target: str,
+    disks: list[str] | None = None,
+    uri: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> BackupResult:
+    """A full, point-in-time backup of the domain's raw disks into repository ``target``."""
+    with connection(uri) as conn:
+        return _backup.backup(conn, domain, target, disks, progress)
+
+
+def restore(
+    target: str,
+    domain: str,
+    disk: str,
+    to: str,
+    backup_id: str | None = None,
+    force: bool = False,
+    uri: str | None = None,
+) -> RestoreResult:
+    """Write ``disk`` as of a backup (newest by default) to the file or device ``to``.
+
+    Without a libvirt connection the in-use check is skipped (with a warning):
+    a restore must work on a host where the domain no longer exists.
+    """
+    try:
+        conn = open_connection(uri)
+    except LibvirtError as err:
+        log.warning("%s: cannot check whether %s is in use by a domain", err, to)
+        return _restore.restore(target, domain, disk, to, backup_id, force, None)
+    try:
+        return _restore.restore(target, domain, disk, to, backup_id, force, conn)
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def verify(
+    target: str, domain: str | None = None, backup_id: str | None = None
+) -> VerifyReport:
+    """Recompute the digests of stored data (all backups, one domain's, or one)."""
+    if domain is None:
+        return _verify.verify(target, None, backup_id)
+    repo = Repository.open(target)
+    manifests = find_domain_backups(repo, domain)
+    if backup_id is not None:
+        manifests = [_restore.choose_backup(repo, domain, backup_id)]
+    return _verify.verify_manifests(repo, manifests)
+
+
+def list_backups(target: str, domain: str | None = None) -> list[Manifest]:
+    """Published backups in the repository, oldest first."""
+    repo = Repository.open(target)
+    if domain is None:
+        return repo.backups()
+    return find_domain_backups(repo, domain)

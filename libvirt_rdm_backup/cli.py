@@ -1,0 +1,262 @@
+"""``rdm-backup``: argparse → API → text or ``--json``. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from libvirt_rdm_backup import api
+from libvirt_rdm_backup.errors import RdmBackupError, UsageError
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_FAILED = 4
+EXIT_VERIFY = 5
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and exit code 2."""
+
+    def error(self, message: str) -> Any:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _human_size(value: int | None) -> str:
+    if value is None:
+        return "?"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(value)
+
+
+def _emit(args: argparse.Namespace, document: Any, text: Callable[[], str]) -> None:
+    if args.json:
+        json.dump(document, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(text())
+
+
+def cmd_disks(args: argparse.Namespace) -> int:
+    """List raw disks (with identifiers and mapping) and the disks that are not raw."""
+    inventory = api.discover(args.domain, args.connect)
+    mappings = {}
+    for disk in inventory.raw:
+        try:
+            mappings[disk.target] = api.map_disks(args.domain, [disk.target], args.connect)[0]
+        except RdmBackupError as err:
+            mappings[disk.target] = None
+            logging.getLogger(__name__).warning("disk %s: %s", disk.target, err)
+    document = {
+        "domain_name": inventory.domain_name,
+        "domain_uuid": inventory.domain_uuid,
+        "running": inventory.running,
+        "raw_disks": [
+            {**d.to_dict(), "mapping": m.to_dict() if (m := mappings.get(d.target)) else None}
+            for d in inventory.raw
+        ],
+        "other_disks": [d.to_dict() for d in inventory.other],
+    }
+
+    def text() -> str:
+        lines = [f"domain {inventory.domain_name} ({inventory.domain_uuid}), "
+                 f"{'running' if inventory.running else 'shut off'}"]
+        for d in inventory.raw:
+            lines.append(
+                f"  {d.target:8} raw  {d.source_kind}/{d.device:4} {_human_size(d.size):>10}  "
+                f"{d.source}" + (f"  serial={d.serial}" if d.serial else "")
+            )
+            mapping = mappings.get(d.target)
+            if mapping is not None:
+                for node, offset, length in mapping.root.leaves():
+                    lines.append(f"           -> {node.kind} {node.path or node.name} "
+                                 f"offset {offset} length {length}")
+        for o in inventory.other:
+            lines.append(f"  {o.target:8} not raw: {o.reason}")
+        return "\n".join(lines) + "\n"
+
+    _emit(args, document, text)
+    return EXIT_OK
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    """Print the raw disk mapping documents."""
+    mappings = api.map_disks(args.domain, args.disk or None, args.connect)
+    document = [m.to_dict() for m in mappings]
+    _emit(args, document, lambda: json.dumps(document, indent=2) + "\n")
+    return EXIT_OK
+
+
+def _progress_printer() -> Callable[[str, int, int], None] | None:
+    if not sys.stderr.isatty():
+        return None
+
+    def show(job: str, done: int, total: int) -> None:
+        pct = 100.0 * done / total if total else 0.0
+        sys.stderr.write(f"\r{job}: {_human_size(done)} / {_human_size(total)} ({pct:.0f}%)")
+        sys.stderr.flush()
+
+    return show
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """Take a full backup."""
+    result = api.backup(args.domain, args.target, args.disk or None, args.connect,
+                        None if args.json else _progress_printer())
+    document = result.to_dict()
+
+    def text() -> str:
+        m = result.manifest
+        pause = m.consistency.get("paused_ms")
+        lines = [f"backup {m.backup_id} of {m.domain_name} ({m.level}) published at {result.path}",
+                 f"  consistency: {m.consistency.get('method')}"
+                 + (f", guest paused {pause} ms" if pause else "")]
+        for d in m.disks:
+            lines.append(f"  {d.disk.target:8} {_human_size(d.size):>10}  data "
+                         f"{_human_size(d.bytes_transferred)}  stored "
+                         f"{_human_size(d.stored_bytes)}  via {d.data_path}")
+        return "\n".join(lines) + "\n"
+
+    if not args.json and sys.stderr.isatty():
+        sys.stderr.write("\n")
+    _emit(args, document, text)
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Restore one disk."""
+    result = api.restore(args.target, args.domain, args.disk, args.to, args.backup,
+                         args.force, args.connect)
+    _emit(args, result.to_dict(), lambda: (
+        f"restored {result.disk} of backup {result.backup_id} to {result.path} "
+        f"({_human_size(result.size)}, {_human_size(result.data_bytes)} data)\n"))
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify stored digests."""
+    report = api.verify(args.target, args.domain, args.backup)
+
+    def text() -> str:
+        lines = [f"{c.backup_id} {c.disk}: " + ("ok" if c.ok else f"FAILED: {c.problem}")
+                 for c in report.checks]
+        return "\n".join(lines) + "\n"
+
+    _emit(args, report.to_dict(), text)
+    if not report.ok:
+        bad = next(c for c in report.checks if not c.ok)
+        sys.stderr.write(f"rdm-backup: verification failed: backup {bad.backup_id} disk "
+                         f"{bad.disk}: {bad.problem}\n")
+        return EXIT_VERIFY
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """List published backups."""
+    manifests = api.list_backups(args.target, args.domain)
+    document = [
+        {
+            "backup_id": m.backup_id,
+            "domain_uuid": m.domain_uuid,
+            "domain_name": m.domain_name,
+            "level": m.level,
+            "chain": m.chain,
+            "parent": m.parent,
+            "created": m.created,
+            "completed": m.completed,
+            "disks": [{"disk": d.disk.target, "size": d.size, "level": d.level,
+                       "stored_bytes": d.stored_bytes} for d in m.disks],
+        }
+        for m in manifests
+    ]
+    _emit(args, document, lambda: "".join(
+        f"{m.backup_id}  {m.domain_name:20} {m.level:12} {m.created}  "
+        f"{','.join(d.disk.target for d in m.disks)}\n" for m in manifests))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``rdm-backup``."""
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    common.add_argument("-c", "--connect", metavar="URI",
+                        help="libvirt URI (default: $LIBVIRT_DEFAULT_URI or qemu:///system)")
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+
+    parser = _Parser(prog="rdm-backup", parents=[common],
+                     description="Backup and restore of raw disks of libvirt/QEMU domains.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("disks", parents=[common], help="list a domain's disks and raw disks")
+    p.add_argument("domain", help="domain name or UUID")
+    p.set_defaults(func=cmd_disks)
+
+    p = sub.add_parser("map", parents=[common], help="print the raw disk mapping")
+    p.add_argument("domain")
+    p.add_argument("--disk", action="append", metavar="DEV")
+    p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser("backup", parents=[common], help="back up a domain's raw disks")
+    p.add_argument("domain")
+    p.add_argument("--target", required=True, metavar="DIR", help="repository directory")
+    p.add_argument("--disk", action="append", metavar="DEV", help="only this disk (repeatable)")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("restore", parents=[common], help="restore one disk to a file or device")
+    p.add_argument("domain")
+    p.add_argument("--target", required=True, metavar="DIR")
+    p.add_argument("--disk", required=True, metavar="DEV")
+    p.add_argument("--to", required=True, metavar="PATH")
+    p.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
+    p.add_argument("--force", action="store_true",
+                   help="write even to a smaller target or one used by a running domain")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("verify", parents=[common], help="recompute and check stored digests")
+    p.add_argument("domain", nargs="?")
+    p.add_argument("--target", required=True, metavar="DIR")
+    p.add_argument("--backup", metavar="ID")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("list", parents=[common], help="list backups in a repository")
+    p.add_argument("domain", nargs="?")
+    p.add_argument("--target", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run one command, print one line on error, return the exit code."""
+    parser = build_parser()
+    verbose = 0
+    try:
+        args = parser.parse_args(argv)
+        verbose = args.verbose
+        logging.basicConfig(
+            level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+            format="rdm-backup: %(levelname)s: %(message)s",
+        )
+        code: int = args.func(args)
+        return code
+    except RdmBackupError as err:
+        sys.stderr.write(f"rdm-backup: error: {err}\n")
+        return err.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("rdm-backup: interrupted\n")
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI never shows a traceback
+        if verbose:
+            raise
+        sys.stderr.write(f"rdm-backup: internal error: {type(err).__name__}: {err}\n")
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""libvirt connection and domain lookup; libvirt errors become the project's errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid as uuidlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import libvirt
+
+from libvirt_rdm_backup.errors import LibvirtError, NotFoundError, UsageError
+
+DEFAULT_URI = "qemu:///system"
+_NAME_RE = re.compile(r"^[^\x00-\x1f/]{1,255}$")
+
+
+def _silence_libvirt(_ctx: Any, _err: Any) -> None:
+    """libvirt prints every error to stderr by default; errors are raised instead."""
+
+
+libvirt.registerErrorHandler(_silence_libvirt, None)
+
+
+def default_uri() -> str:
+    """``LIBVIRT_DEFAULT_URI`` or ``qemu:///system``."""
+    return os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+
+
+def open_connection(uri: str | None = None) -> libvirt.virConnect:
+    """Open a read-write libvirt connection (raises LibvirtError)."""
+    target = uri or default_uri()
+    try:
+        return libvirt.open(target)
+    except libvirt.libvirtError as err:
+        raise LibvirtError(f"cannot connect to {target}: {err.get_error_message()}") from err
+
+
+@contextmanager
+def connection(uri: str | None = None) -> Iterator[libvirt.virConnect]:
+    """A libvirt connection closed on exit."""
+    conn = open_connection(uri)
+    try:
+        yield conn
+    finally:
+        try:
+            conn.close()
+        except libvirt.libvirtError:
+            pass
+
+
+def lookup_domain(conn: libvirt.virConnect, name_or_uuid: str) -> libvirt.virDomain:
+    """Find a domain by UUID or by name.
+
+    Raises UsageError for a malformed name, NotFoundError when no domain matches.
+    """
+    if not name_or_uuid or not _NAME_RE.match(name_or_uuid):
+        raise UsageError(f"malformed domain name or UUID: {name_or_uuid!r}")
+    try:
+        parsed = uuidlib.UUID(name_or_uuid)
+    except ValueError:
+        parsed = None
+    try:
+        if parsed is not None:
+            try:
+                return conn.lookupByUUIDString(str(parsed))
+            except libvirt.libvirtError as err:
+                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+        return conn.lookupByName(name_or_uuid)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            raise NotFoundError(f"domain {name_or_uuid!r} not found") from err
+        raise LibvirtError(f"cannot look up domain {name_or_uuid!r}: {err}") from err
+
+
+def is_running(dom: libvirt.virDomain) -> bool:
+    """True while the domain has a QEMU process (running or paused)."""
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError as err:
+        raise LibvirtError(f"cannot query domain state: {err}") from err
+
+
+def is_paused(dom: libvirt.virDomain) -> bool:
+    """True when the domain's vCPUs are paused."""
+    try:
+        state, _reason = dom.state()
+    except libvirt.libvirtError as err:
+        raise LibvirtError(f"cannot query domain state: {err}") from err
+    return bool(state == libvirt.VIR_DOMAIN_PAUSED)
+
+
+def domain_xml(dom: libvirt.virDomain, inactive: bool = False) -> str:
+    """The domain's live XML (or its persistent definition)."""
+    flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+    try:
+        return str(dom.XMLDesc(flags))
+    except libvirt.libvirtError as err:
+        raise LibvirtError(f"cannot read domain XML: {err}") from err
+
+
+def active_domains(conn: libvirt.virConnect) -> list[libvirt.virDomain]:
+    """Every running domain on the connection."""
+    try:
+        return list(conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
+    except libvirt.libvirtError as err:
+        raise LibvirtError(f"cannot list domains: {err}") from err

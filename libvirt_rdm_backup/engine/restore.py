@@ -1,0 +1,235 @@
+"""Restore: write a disk as of a backup to a file or a block device, sparsely."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import libvirt
+
+from libvirt_rdm_backup.domain.connection import active_domains, domain_xml
+from libvirt_rdm_backup.domain.discovery import inventory_from_xml
+from libvirt_rdm_backup.domain.xml import DomainXML
+from libvirt_rdm_backup.engine.verify import check_disk
+from libvirt_rdm_backup.errors import (
+    NotFoundError,
+    OperationError,
+    RdmBackupError,
+    UsageError,
+    VerificationError,
+)
+from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.store import Repository, check_backup_id
+
+log = logging.getLogger(__name__)
+
+BLKZEROOUT = 0x127F
+CHUNK = 4 * 1024 * 1024
+_ZERO = bytes(CHUNK)
+
+
+@dataclass
+class RestoreResult:
+    """What a restore wrote."""
+
+    backup_id: str
+    disk: str
+    path: str
+    size: int
+    data_bytes: int
+    zeroed_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``restore --json`` document."""
+        return {
+            "backup_id": self.backup_id,
+            "disk": self.disk,
+            "to": self.path,
+            "size": self.size,
+            "data_bytes": self.data_bytes,
+            "zeroed_bytes": self.zeroed_bytes,
+        }
+
+
+def find_domain_backups(repo: Repository, domain: str) -> list[Manifest]:
+    """Backups of a domain named by UUID or by the name recorded at backup time."""
+    manifests = [
+        m for m in repo.backups() if domain in (m.domain_uuid, m.domain_name)
+    ]
+    if not manifests:
+        raise NotFoundError(f"no backups of domain {domain!r} in {repo.root}")
+    return manifests
+
+
+def choose_backup(repo: Repository, domain: str, backup_id: str | None) -> Manifest:
+    """The requested backup of a domain (the newest when ``backup_id`` is None)."""
+    manifests = find_domain_backups(repo, domain)
+    if backup_id is None:
+        return manifests[-1]
+    check_backup_id(backup_id)
+    for manifest in manifests:
+        if manifest.backup_id == backup_id:
+            return manifest
+    raise NotFoundError(f"backup {backup_id} of domain {domain!r} not found")
+
+
+def device_size(path: str) -> int:
+    """Size in bytes of a file or block device."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def paths_in_use(conn: libvirt.virConnect) -> dict[str, str]:
+    """Real paths of every disk source of running domains → domain name."""
+    used: dict[str, str] = {}
+    for dom in active_domains(conn):
+        try:
+            xml = DomainXML.parse(domain_xml(dom))
+        except RdmBackupError:
+            continue
+        inventory = inventory_from_xml(xml, True)
+        for disk in xml.disks:
+            for source in (disk.source_dev, disk.source_file):
+                if source:
+                    used[os.path.realpath(source)] = inventory.domain_name
+    return used
+
+
+def check_target(
+    path: str, size: int, force: bool, conn: libvirt.virConnect | None
+) -> tuple[bool, bool]:
+    """Refuse unusable targets; return ``(exists, is_block_device)``."""
+    real = os.path.realpath(path)
+    if not os.path.exists(real):
+        parent = os.path.dirname(real) or "."
+        if not os.path.isdir(parent):
+            raise UsageError(f"restore target directory {parent} does not exist")
+        return False, False
+    mode = os.stat(real).st_mode
+    if stat.S_ISDIR(mode):
+        raise UsageError(f"restore target {path} is a directory")
+    is_block = stat.S_ISBLK(mode)
+    if not (is_block or stat.S_ISREG(mode)):
+        raise UsageError(f"restore target {path} is neither a file nor a block device")
+    if not os.access(real, os.W_OK):
+        raise UsageError(f"restore target {path} is not writable")
+    have = device_size(real)
+    if have < size and not force:
+        raise UsageError(
+            f"restore target {path} is too small ({have} bytes, the disk has {size}); "
+            "use --force to write what fits"
+        )
+    if conn is not None and not force:
+        owner = paths_in_use(conn).get(real)
+        if owner is not None:
+            raise UsageError(
+                f"restore target {path} is in use by running domain {owner}; "
+                "use --force to overwrite it"
+            )
+    return True, is_block
+
+
+def zero_nonzero_ranges(path: str, length: int) -> int:
+    """Make ``[0, length)`` of a block device read as zero, writing only where it does not.
+
+    Returns the number of bytes zeroed.
+    """
+    zeroed = 0
+    buf = bytearray(CHUNK)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        offset = 0
+        while offset < length:
+            count = min(CHUNK, length - offset)
+            view = memoryview(buf)[:count]
+            got = os.preadv(fd, [view], offset)
+            if got <= 0:
+                break
+            if view[:got] != _ZERO[:got]:
+                fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, got))
+                zeroed += got
+            offset += got
+    finally:
+        os.close(fd)
+    return zeroed
+
+
+def _punch_file(path: str, length: int) -> None:
+    """Make ``[0, length)`` of a regular file read as zero without writing (hole punch)."""
+    from libvirt_rdm_backup.process import run
+
+    if os.path.getsize(path) < length:
+        os.truncate(path, length)
+    run(["fallocate", "--punch-hole", "--offset", "0", "--length", str(length), path])
+
+
+def write_disk(source: str, record: DiskRecord, to: str, exists: bool, is_block: bool) -> int:
+    """Write the data of ``source`` (a qcow2 image) to ``to``; returns bytes zeroed."""
+    if not exists:
+        img.convert(source, to, source_fmt=record.format, target_fmt="raw")
+        return 0
+    room = device_size(to)
+    length = min(room, record.size)
+    zeroed = 0
+    if is_block:
+        zeroed = zero_nonzero_ranges(to, length)
+    else:
+        _punch_file(to, max(length, record.size))
+        length = record.size
+    if length < record.size:
+        opts = f"driver=raw,size={length},file.driver={record.format},file.file.filename={source}"
+        img.convert(opts, to, source_image_opts=True, target_fmt="raw",
+                    existing_target=True, target_is_zero=True)
+    else:
+        img.convert(source, to, source_fmt=record.format, target_fmt="raw",
+                    existing_target=True, target_is_zero=True)
+    return zeroed
+
+
+def restore(
+    target: str,
+    domain: str,
+    disk: str,
+    to: str,
+    backup_id: str | None = None,
+    force: bool = False,
+    conn: libvirt.virConnect | None = None,
+) -> RestoreResult:
+    """Restore disk ``disk`` of ``domain`` from the repository at ``target`` into ``to``.
+
+    The stored data is verified before anything is written. Refuses a target
+    smaller than the disk or used by a running domain unless ``force``.
+    """
+    repo = Repository.open(target)
+    manifest = choose_backup(repo, domain, backup_id)
+    record = manifest.disk(disk)
+    if record is None:
+        raise NotFoundError(f"backup {manifest.backup_id} has no disk {disk!r}")
+    check = check_disk(repo, manifest, record)
+    if not check.ok:
+        raise VerificationError(
+            f"backup {manifest.backup_id} disk {disk}: {check.problem}; nothing was written"
+        )
+    exists, is_block = check_target(to, record.size, force, conn)
+    source = repo.data_file(manifest, record)
+    try:
+        zeroed = write_disk(source, record, to, exists, is_block)
+    except RdmBackupError as err:
+        raise OperationError(f"restore of {disk} to {to} failed: {err}") from err
+    return RestoreResult(
+        backup_id=manifest.backup_id,
+        disk=disk,
+        path=to,
+        size=record.size,
+        data_bytes=record.bytes_transferred,
+        zeroed_bytes=zeroed,
+    )

@@ -1,0 +1,114 @@
+"""A typed wrapper of ``qemu-img``: argv lists, parsed JSON, errors as exceptions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from libvirt_rdm_backup.process import run
+
+
+@dataclass(frozen=True)
+class MapExtent:
+    """One extent of ``qemu-img map``: guest range and whether it holds data."""
+
+    start: int
+    length: int
+    data: bool
+    zero: bool
+
+
+def create(path: str, fmt: str, size: int, backing: str | None = None) -> None:
+    """Create an image (qcow2 with 64 KiB clusters by default)."""
+    argv = ["qemu-img", "create", "-q", "-f", fmt]
+    if backing is not None:
+        argv += ["-b", backing, "-F", "qcow2"]
+    argv += [path, str(size)]
+    run(argv)
+
+
+def info(path: str, fmt: str | None = None, backing_chain: bool = False) -> Any:
+    """``qemu-img info --output=json`` (a list of dicts with ``backing_chain``)."""
+    argv = ["qemu-img", "info", "--output=json", "-U"]
+    if fmt:
+        argv += ["-f", fmt]
+    if backing_chain:
+        argv.append("--backing-chain")
+    argv.append(path)
+    return json.loads(run(argv).stdout)
+
+
+def virtual_size(path: str, fmt: str | None = None) -> int:
+    """The guest-visible size of an image or device."""
+    return int(info(path, fmt)["virtual-size"])
+
+
+def map_extents(path: str, fmt: str | None = None, image_opts: bool = False) -> list[MapExtent]:
+    """Allocation map of an image (its backing chain included)."""
+    argv = ["qemu-img", "map", "--output=json"]
+    if image_opts:
+        argv.append("--image-opts")
+    elif fmt:
+        argv += ["-f", fmt]
+    argv.append(path)
+    return [
+        MapExtent(
+            start=int(e["start"]),
+            length=int(e["length"]),
+            data=bool(e["data"]),
+            zero=bool(e["zero"]),
+        )
+        for e in json.loads(run(argv).stdout)
+    ]
+
+
+def data_bytes(path: str, fmt: str | None = None) -> int:
+    """Bytes of an image that hold data (not zero, not unallocated)."""
+    return sum(e.length for e in map_extents(path, fmt) if e.data and not e.zero)
+
+
+def convert(
+    source: str,
+    target: str,
+    *,
+    source_fmt: str | None = None,
+    target_fmt: str = "qcow2",
+    source_image_opts: bool = False,
+    existing_target: bool = False,
+    target_is_zero: bool = False,
+    extra: list[str] | None = None,
+) -> None:
+    """``qemu-img convert`` with parallel coroutines and sparse output.
+
+    ``source`` may be a path, an ``iscsi://`` URL or (with ``source_image_opts``)
+    an options string.
+    """
+    argv = ["qemu-img", "convert", "-q", "-W", "-m", "8"]
+    if source_image_opts:
+        argv.append("--image-opts")
+    elif source_fmt:
+        argv += ["-f", source_fmt]
+    argv += ["-O", target_fmt]
+    if existing_target:
+        argv.append("-n")
+        if target_is_zero:
+            argv.append("--target-is-zero")
+    if extra:
+        argv += extra
+    argv += [source, target]
+    run(argv)
+
+
+def compare(first: str, second: str, first_fmt: str | None, second_fmt: str | None) -> bool:
+    """True when both images read identically (``qemu-img compare``)."""
+    argv = ["qemu-img", "compare", "-q"]
+    if first_fmt:
+        argv += ["-f", first_fmt]
+    if second_fmt:
+        argv += ["-F", second_fmt]
+    proc = run([*argv, first, second], check=False)
+    if proc.returncode in (0, 1):
+        return proc.returncode == 0
+    run([*argv, first, second])  # raises CommandError with the tool's message
+    return False

@@ -1,0 +1,117 @@
+"""QMP transactions and block-job waiting."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+from libvirt_rdm_backup.errors import OperationError, RdmBackupError
+from libvirt_rdm_backup.qemu.monitor import Monitor
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """The end state of a finished job."""
+
+    job_id: str
+    status: str
+    current: int
+    total: int
+    error: str | None
+
+
+def backup_action(
+    job_id: str, device: str, target: str, sync: str = "full", bitmap: str | None = None
+) -> dict[str, Any]:
+    """A ``blockdev-backup`` transaction action that stays visible until dismissed."""
+    data: dict[str, Any] = {
+        "job-id": job_id,
+        "device": device,
+        "target": target,
+        "sync": sync,
+        "auto-finalize": True,
+        "auto-dismiss": False,
+        "x-perf": {"max-workers": 64, "max-chunk": 4 * 1024 * 1024},
+    }
+    if bitmap is not None:
+        data["bitmap"] = bitmap
+    return {"type": "blockdev-backup", "data": data}
+
+
+def transaction(monitor: Monitor, actions: Iterable[dict[str, Any]]) -> None:
+    """Run actions atomically: all start at one point in time, or none does."""
+    monitor.execute("transaction", {"actions": list(actions)})
+
+
+def _job_states(monitor: Monitor) -> dict[str, dict[str, Any]]:
+    return {str(j["id"]): j for j in monitor.execute("query-jobs") or []}
+
+
+def wait_jobs(
+    monitor: Monitor,
+    job_ids: Iterable[str],
+    progress: ProgressCallback | None = None,
+    poll: float = 0.1,
+) -> list[JobResult]:
+    """Wait until every job concluded, dismiss them, and return their results.
+
+    Raises OperationError naming the first failed job (after dismissing all).
+    """
+    pending = set(job_ids)
+    results: dict[str, JobResult] = {}
+    while pending:
+        states = _job_states(monitor)
+        for job_id in sorted(pending):
+            state = states.get(job_id)
+            if state is None:
+                results[job_id] = JobResult(job_id, "vanished", 0, 0, "job disappeared")
+                pending.discard(job_id)
+                continue
+            current = int(state.get("current-progress", 0))
+            total = int(state.get("total-progress", 0))
+            if progress is not None:
+                progress(job_id, current, total)
+            if state["status"] in ("concluded", "null"):
+                results[job_id] = JobResult(
+                    job_id, str(state["status"]), current, total, state.get("error")
+                )
+                pending.discard(job_id)
+                with suppress(RdmBackupError):
+                    monitor.execute("job-dismiss", {"id": job_id})
+        if pending:
+            time.sleep(poll)
+    failed = [r for r in results.values() if r.error]
+    if failed:
+        raise OperationError(f"QEMU job {failed[0].job_id} failed: {failed[0].error}")
+    return list(results.values())
+
+
+def cancel_jobs(monitor: Monitor, job_ids: Iterable[str]) -> None:
+    """Cancel and dismiss jobs, ignoring the ones already gone (cleanup path)."""
+    ids = list(job_ids)
+    for job_id in ids:
+        with suppress(RdmBackupError):
+            monitor.execute("job-cancel", {"id": job_id})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            states = _job_states(monitor)
+        except RdmBackupError:
+            return
+        remaining = [j for j in ids if j in states]
+        for job_id in remaining:
+            if states[job_id]["status"] in ("concluded", "null"):
+                with suppress(RdmBackupError):
+                    monitor.execute("job-dismiss", {"id": job_id})
+        if not [j for j in remaining if states[j]["status"] not in ("concluded", "null")]:
+            return
+        time.sleep(0.1)
+    log.warning("jobs %s did not stop within 30 s", ", ".join(ids))

@@ -1,0 +1,146 @@
+"""Backup manifests: the only truth about a backup (versioned JSON)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from libvirt_rdm_backup.domain.disks import RawDisk
+from libvirt_rdm_backup.errors import RepositoryError
+from libvirt_rdm_backup.repository.digest import Digest
+from libvirt_rdm_backup.storage.base import RawDiskMapping
+
+MANIFEST_FORMAT = "libvirt-rdm-backup/manifest"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class DiskRecord:
+    """One disk of a backup: identifiers, mapping, and the stored data."""
+
+    disk: RawDisk
+    size: int
+    data_file: str
+    format: str
+    digest: Digest
+    level: str
+    data_path: str  # "qemu" (block job) or "storage" (copied from the storage side)
+    bytes_transferred: int
+    stored_bytes: int
+    mapping: RawDiskMapping | None = None
+    mapping_error: str | None = None
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "disk": self.disk.target,
+            "identifiers": self.disk.to_dict(),
+            "size": self.size,
+            "data_file": self.data_file,
+            "format": self.format,
+            "digest": self.digest.to_dict(),
+            "level": self.level,
+            "reason": self.reason,
+            "data_path": self.data_path,
+            "bytes_transferred": self.bytes_transferred,
+            "stored_bytes": self.stored_bytes,
+            "mapping": self.mapping.to_dict() if self.mapping else None,
+            "mapping_error": self.mapping_error,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiskRecord:
+        """Inverse of :meth:`to_dict`."""
+        mapping = data.get("mapping")
+        return cls(
+            disk=RawDisk.from_dict(data["identifiers"]),
+            size=int(data["size"]),
+            data_file=str(data["data_file"]),
+            format=str(data["format"]),
+            digest=Digest.from_dict(data["digest"]),
+            level=str(data["level"]),
+            reason=str(data.get("reason", "")),
+            data_path=str(data["data_path"]),
+            bytes_transferred=int(data["bytes_transferred"]),
+            stored_bytes=int(data["stored_bytes"]),
+            mapping=RawDiskMapping.from_dict(mapping) if mapping else None,
+            mapping_error=data.get("mapping_error"),
+        )
+
+
+@dataclass
+class Manifest:
+    """A published backup of one domain at one point in time."""
+
+    backup_id: str
+    domain_uuid: str
+    domain_name: str
+    level: str
+    created: str
+    completed: str
+    consistency: dict[str, Any]
+    domain_xml: str
+    disks: list[DiskRecord] = field(default_factory=list)
+    chain: str = "default"
+    parent: str | None = None
+
+    def disk(self, target: str) -> DiskRecord | None:
+        """The record of disk ``target``, or None."""
+        return next((d for d in self.disks if d.disk.target == target), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The versioned JSON document."""
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "backup_id": self.backup_id,
+            "domain_uuid": self.domain_uuid,
+            "domain_name": self.domain_name,
+            "level": self.level,
+            "chain": self.chain,
+            "parent": self.parent,
+            "created": self.created,
+            "completed": self.completed,
+            "consistency": self.consistency,
+            "disks": [d.to_dict() for d in self.disks],
+            "domain_xml": self.domain_xml,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Manifest:
+        """Parse a manifest document (raises RepositoryError when malformed)."""
+        try:
+            if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+                raise ValueError("not a backup manifest")
+            if int(data["version"]) > MANIFEST_VERSION:
+                raise ValueError(f"manifest version {data['version']} is newer than this tool")
+            return cls(
+                backup_id=str(data["backup_id"]),
+                domain_uuid=str(data["domain_uuid"]),
+                domain_name=str(data["domain_name"]),
+                level=str(data["level"]),
+                chain=str(data.get("chain", "default")),
+                parent=data.get("parent"),
+                created=str(data["created"]),
+                completed=str(data["completed"]),
+                consistency=dict(data.get("consistency") or {}),
+                domain_xml=str(data.get("domain_xml", "")),
+                disks=[DiskRecord.from_dict(d) for d in data["disks"]],
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise RepositoryError(f"malformed manifest: {err}") from err
+
+    def dumps(self) -> str:
+        """Serialised form written to disk."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def loads(cls, text: str) -> Manifest:
+        """Parse serialised form (raises RepositoryError)."""
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise RepositoryError(f"malformed manifest: {err}") from err
+        return cls.from_dict(data)

@@ -1,0 +1,296 @@
+"""The file repository: layout, atomic publishing, listing.
+
+Layout (all directories 0700, files 0600)::
+
+    ROOT/rdm-backup-repository.json           format marker and version
+    ROOT/<domain-uuid>/.lock                  held while a backup of that domain runs
+    ROOT/<domain-uuid>/.partial-<backup-id>/  a backup being written (never listed)
+    ROOT/<domain-uuid>/<backup-id>/manifest.json
+    ROOT/<domain-uuid>/<backup-id>/<disk>.qcow2
+
+A backup exists once its directory is renamed from ``.partial-*`` to its id,
+which happens only after the manifest (with digests) was written and synced.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import uuid as uuidlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+from libvirt_rdm_backup.errors import (
+    NotFoundError,
+    OperationError,
+    RepositoryError,
+    UsageError,
+)
+from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+
+log = logging.getLogger(__name__)
+
+MARKER = "rdm-backup-repository.json"
+REPOSITORY_FORMAT = "libvirt-rdm-backup/repository"
+REPOSITORY_VERSION = 1
+MANIFEST = "manifest.json"
+PARTIAL_PREFIX = ".partial-"
+BACKUP_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}$")
+SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def now_iso() -> str:
+    """Current UTC time, ISO 8601 with seconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_backup_id() -> str:
+    """A sortable, unique, path-safe backup id (``20261125T143000Z-1a2b3c``)."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def check_backup_id(backup_id: str) -> str:
+    """Validate a backup id given by a user (raises UsageError)."""
+    if not BACKUP_ID_RE.match(backup_id):
+        raise UsageError(f"malformed backup id {backup_id!r}")
+    return backup_id
+
+
+def check_safe_name(name: str, what: str) -> str:
+    """Validate a name used inside the repository (disk, chain)."""
+    if not SAFE_NAME_RE.match(name):
+        raise UsageError(f"malformed {what} {name!r}")
+    return name
+
+
+def _check_uuid(domain_uuid: str) -> str:
+    try:
+        return str(uuidlib.UUID(domain_uuid))
+    except ValueError as err:
+        raise UsageError(f"malformed domain UUID {domain_uuid!r}") from err
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a synced temporary file and a rename."""
+    tmp = f"{path}.tmp-{secrets.token_hex(3)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+class Staging:
+    """A backup being written: files go into ``path``; nothing is visible yet."""
+
+    def __init__(self, path: str, backup_id: str) -> None:
+        self.path = path
+        self.backup_id = backup_id
+
+    def file(self, name: str) -> str:
+        """Path of a data file inside the staging directory."""
+        return os.path.join(self.path, check_safe_name(name, "file name"))
+
+
+class Repository:
+    """A backup repository on a local filesystem."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+
+    # -- opening ---------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: str, create: bool = False) -> Repository:
+        """Open an existing repository, or create it (``create``) when absent."""
+        repo = cls(root)
+        marker = os.path.join(repo.root, MARKER)
+        if os.path.exists(marker):
+            repo._check_marker(marker)
+            return repo
+        if not create:
+            if not os.path.isdir(repo.root):
+                raise NotFoundError(f"no repository at {repo.root}")
+            raise RepositoryError(f"{repo.root} is not a backup repository")
+        try:
+            os.makedirs(repo.root, mode=0o700, exist_ok=True)
+            if os.listdir(repo.root):
+                raise RepositoryError(
+                    f"{repo.root} is not empty and not a backup repository; refusing to use it"
+                )
+            os.chmod(repo.root, 0o700)
+            write_file_atomic(
+                marker,
+                json.dumps({"format": REPOSITORY_FORMAT, "version": REPOSITORY_VERSION,
+                            "created": now_iso()}) + "\n",
+            )
+        except OSError as err:
+            raise RepositoryError(f"cannot create repository at {repo.root}: {err}") from err
+        return repo
+
+    def _check_marker(self, marker: str) -> None:
+        try:
+            with open(marker, encoding="utf-8") as stream:
+                data = json.load(stream)
+        except (OSError, ValueError) as err:
+            raise RepositoryError(f"unreadable repository marker {marker}: {err}") from err
+        if not isinstance(data, dict) or data.get("format") != REPOSITORY_FORMAT:
+            raise RepositoryError(f"{self.root} is not a backup repository")
+        if int(data.get("version", 0)) > REPOSITORY_VERSION:
+            raise RepositoryError(f"repository version {data.get('version')} is too new")
+
+    # -- paths -----------------------------------------------------------------
+
+    def domain_dir(self, domain_uuid: str) -> str:
+        """Directory holding one domain's backups."""
+        return os.path.join(self.root, _check_uuid(domain_uuid))
+
+    def backup_dir(self, domain_uuid: str, backup_id: str) -> str:
+        """Directory of one published backup."""
+        return os.path.join(self.domain_dir(domain_uuid), check_backup_id(backup_id))
+
+    def data_file(self, manifest: Manifest, record: DiskRecord) -> str:
+        """Path of a disk's stored data file."""
+        name = check_safe_name(record.data_file, "data file name")
+        return os.path.join(self.backup_dir(manifest.domain_uuid, manifest.backup_id), name)
+
+    # -- writing ---------------------------------------------------------------
+
+    @contextmanager
+    def lock(self, domain_uuid: str) -> Iterator[None]:
+        """Exclusive per-domain lock: one backup of a domain at a time."""
+        directory = self.domain_dir(domain_uuid)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise OperationError(
+                        f"another backup of domain {domain_uuid} is running in this repository"
+                    ) from err
+                raise
+            self._remove_partials(directory)
+            yield
+        finally:
+            os.close(fd)
+
+    def _remove_partials(self, directory: str) -> None:
+        """Remove what killed runs left behind (only called under the lock)."""
+        for name in os.listdir(directory):
+            if name.startswith(PARTIAL_PREFIX):
+                log.info("removing unfinished backup %s", name)
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+    @contextmanager
+    def staging(self, domain_uuid: str, backup_id: str) -> Iterator[Staging]:
+        """A staging directory, removed unless :meth:`publish` moved it into place."""
+        path = os.path.join(self.domain_dir(domain_uuid), PARTIAL_PREFIX + backup_id)
+        try:
+            os.makedirs(path, mode=0o700)
+        except OSError as err:
+            raise RepositoryError(f"cannot create {path}: {err}") from err
+        try:
+            yield Staging(path, backup_id)
+        finally:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def publish(self, staging: Staging, manifest: Manifest) -> str:
+        """Write the manifest and atomically make the backup visible; returns its path."""
+        try:
+            for name in os.listdir(staging.path):
+                fd = os.open(os.path.join(staging.path, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            write_file_atomic(os.path.join(staging.path, MANIFEST), manifest.dumps())
+            final = self.backup_dir(manifest.domain_uuid, manifest.backup_id)
+            os.rename(staging.path, final)
+            _fsync_dir(os.path.dirname(final))
+        except OSError as err:
+            raise RepositoryError(f"cannot publish backup {manifest.backup_id}: {err}") from err
+        return final
+
+    # -- reading ---------------------------------------------------------------
+
+    def domain_uuids(self) -> list[str]:
+        """UUIDs of domains with a directory in the repository."""
+        found = []
+        for name in sorted(os.listdir(self.root)):
+            try:
+                found.append(str(uuidlib.UUID(name)))
+            except ValueError:
+                continue
+        return found
+
+    def load(self, domain_uuid: str, backup_id: str) -> Manifest:
+        """The manifest of one backup (NotFoundError when absent)."""
+        path = os.path.join(self.backup_dir(domain_uuid, backup_id), MANIFEST)
+        try:
+            with open(path, encoding="utf-8") as stream:
+                text = stream.read()
+        except FileNotFoundError as err:
+            raise NotFoundError(f"backup {backup_id} not found") from err
+        except OSError as err:
+            raise RepositoryError(f"cannot read {path}: {err}") from err
+        manifest = Manifest.loads(text)
+        if manifest.backup_id != backup_id or manifest.domain_uuid != domain_uuid:
+            raise RepositoryError(f"manifest of backup {backup_id} names another backup")
+        return manifest
+
+    def backups(self, domain_uuid: str | None = None) -> list[Manifest]:
+        """Published backups, oldest first (of one domain, or of all)."""
+        uuids = [_check_uuid(domain_uuid)] if domain_uuid else self.domain_uuids()
+        found: list[Manifest] = []
+        for uuid in uuids:
+            directory = os.path.join(self.root, uuid)
+            if not os.path.isdir(directory):
+                continue
+            for name in sorted(os.listdir(directory)):
+                if BACKUP_ID_RE.match(name) and os.path.exists(
+                    os.path.join(directory, name, MANIFEST)
+                ):
+                    found.append(self.load(uuid, name))
+        found.sort(key=lambda m: (m.created, m.backup_id))
+        return found
+
+    def find_backup(self, backup_id: str, domain_uuid: str | None = None) -> Manifest:
+        """A backup by id (any domain unless ``domain_uuid``)."""
+        check_backup_id(backup_id)
+        uuids = [_check_uuid(domain_uuid)] if domain_uuid else self.domain_uuids()
+        for uuid in uuids:
+            if os.path.isdir(os.path.join(self.root, uuid, backup_id)):
+                return self.load(uuid, backup_id)
+        raise NotFoundError(f"backup {backup_id} not found")
+
+    def latest(self, domain_uuid: str) -> Manifest:
+        """The newest backup of a domain."""
+        backups = self.backups(domain_uuid)
+        if not backups:
+            raise NotFoundError(f"no backups of domain {domain_uuid}")
+        return backups[-1]
