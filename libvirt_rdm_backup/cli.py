@@ -11,6 +11,7 @@ from typing import Any
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.errors import RdmBackupError, UsageError
+from libvirt_rdm_backup.storage.base import RawDiskMapping
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -47,7 +48,7 @@ def _emit(args: argparse.Namespace, document: Any, text: Callable[[], str]) -> N
 def cmd_disks(args: argparse.Namespace) -> int:
     """List raw disks (with identifiers and mapping) and the disks that are not raw."""
     inventory = api.discover(args.domain, args.connect)
-    mappings = {}
+    mappings: dict[str, RawDiskMapping | None] = {}
     for disk in inventory.raw:
         try:
             mappings[disk.target] = api.map_disks(args.domain, [disk.target], args.connect)[0]

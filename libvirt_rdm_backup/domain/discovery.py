@@ -104,7 +104,8 @@ def scsi_host_device(
     host = adapter.removeprefix("scsi_host")
     if not host.isdigit():
         return None
-    block_dir = os.path.join(sysfs_root, "bus/scsi/devices", f"{host}:{bus}:{target}:{unit}", "block")
+    address = f"{host}:{bus}:{target}:{unit}"
+    block_dir = os.path.join(sysfs_root, "bus/scsi/devices", address, "block")
     try:
         names = sorted(os.listdir(block_dir))
     except OSError:

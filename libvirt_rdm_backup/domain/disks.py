@@ -131,7 +131,10 @@ class DiskInventory:
 
     def find(self, target: str) -> RawDisk | OtherDisk | None:
         """The disk with this target dev (raw or not), or None."""
-        for disk in [*self.raw, *self.other]:
-            if disk.target == target:
-                return disk
+        for raw in self.raw:
+            if raw.target == target:
+                return raw
+        for other in self.other:
+            if other.target == target:
+                return other
         return None

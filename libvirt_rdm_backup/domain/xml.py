@@ -39,7 +39,12 @@ class XMLProperty(Generic[T]):
         if not isinstance(found, list) or not found:
             return None
         first = found[0]
-        text = first if isinstance(first, str) else first.text
+        if isinstance(first, etree._Element):
+            text = first.text
+        elif isinstance(first, str | bytes):
+            text = first.decode() if isinstance(first, bytes) else first
+        else:
+            text = None
         if text is None:
             return None
         text = str(text).strip()
@@ -64,6 +69,13 @@ class XMLObject:
 
     def __init__(self, element: etree._Element) -> None:
         self.element = element
+
+    def children(self, xpath: str) -> list[etree._Element]:
+        """Elements found by ``xpath`` relative to this one."""
+        found = self.element.xpath(xpath)
+        if not isinstance(found, list):
+            return []
+        return [e for e in found if isinstance(e, etree._Element)]
 
 
 class DiskXML(XMLObject):
@@ -135,12 +147,12 @@ class DomainXML(XMLObject):
     @property
     def disks(self) -> list[DiskXML]:
         """Every ``<disk>`` in document order."""
-        return [DiskXML(e) for e in self.element.xpath("./devices/disk")]
+        return [DiskXML(e) for e in self.children("./devices/disk")]
 
     @property
     def hostdevs(self) -> list[HostdevXML]:
         """Every ``<hostdev>`` in document order."""
-        return [HostdevXML(e) for e in self.element.xpath("./devices/hostdev")]
+        return [HostdevXML(e) for e in self.children("./devices/hostdev")]
 
     def to_string(self) -> str:
         """The XML as text."""

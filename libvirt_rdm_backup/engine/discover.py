@@ -18,7 +18,7 @@ from libvirt_rdm_backup.errors import (
     UsageError,
 )
 from libvirt_rdm_backup.qemu import img
-from libvirt_rdm_backup.qemu.blockdev import query_block_devices, qdev_alias
+from libvirt_rdm_backup.qemu.blockdev import qdev_alias, query_block_devices
 from libvirt_rdm_backup.qemu.monitor import Monitor
 
 

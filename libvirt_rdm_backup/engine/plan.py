@@ -29,7 +29,8 @@ class DiskPlan:
 def plan_disk(disk: RawDisk, running: bool) -> DiskPlan:
     """Choose the data path of one disk for a full backup."""
     if not running:
-        return DiskPlan(disk, DataPath.STORAGE, "full", "domain is not running: copied from storage")
+        reason = "domain is not running: copied from storage"
+        return DiskPlan(disk, DataPath.STORAGE, "full", reason)
     if disk.is_passthrough_lun:
         return DiskPlan(
             disk,
