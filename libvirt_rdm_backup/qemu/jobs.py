@@ -39,7 +39,7 @@ def backup_action(
         "sync": sync,
         "auto-finalize": True,
         "auto-dismiss": False,
-        "x-perf": {"max-workers": 64, "max-chunk": 4 * 1024 * 1024},
+        "x-perf": {"max-workers": 64, "max-chunk": 65536},
     }
     if bitmap is not None:
         data["bitmap"] = bitmap

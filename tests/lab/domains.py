@@ -1,0 +1,151 @@
+"""Real test domains: defined, started and always removed again."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from xml.sax.saxutils import quoteattr
+
+import libvirt
+import libvirt_qemu
+
+URI = "qemu:///system"
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """One disk of a test domain."""
+
+    target: str
+    xml: str
+
+
+def block_disk(
+    target: str, path: str, device: str = "disk", serial: str | None = None, bus: str = "virtio"
+) -> DiskSpec:
+    """A ``<disk type='block'>`` on a host block device."""
+    serial_xml = f"<serial>{serial}</serial>" if serial else ""
+    return DiskSpec(
+        target,
+        (
+            f"<disk type='block' device='{device}'>"
+            "<driver name='qemu' type='raw' cache='none' io='native'/>"
+            f"<source dev={quoteattr(path)}/><target dev='{target}' bus='{bus}'/>"
+            f"{serial_xml}</disk>"
+        ),
+    )
+
+
+def iscsi_disk(
+    target: str, iqn: str, lun: int, device: str = "lun", host: str = "127.0.0.1", port: int = 3260
+) -> DiskSpec:
+    """A ``<disk type='network'>`` iSCSI LUN on the scsi bus."""
+    return DiskSpec(
+        target,
+        (
+            f"<disk type='network' device='{device}'><driver name='qemu' type='raw'/>"
+            f"<source protocol='iscsi' name={quoteattr(f'{iqn}/{lun}')}>"
+            f"<host name='{host}' port='{port}'/></source>"
+            f"<target dev='{target}' bus='scsi'/></disk>"
+        ),
+    )
+
+
+def qcow2_disk(target: str, path: str) -> DiskSpec:
+    """A qcow2 image file (not a raw disk)."""
+    return DiskSpec(
+        target,
+        (
+            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+            f"<source file={quoteattr(path)}/><target dev='{target}' bus='virtio'/></disk>"
+        ),
+    )
+
+
+def domain_type() -> str:
+    """``kvm`` where /dev/kvm exists, else ``qemu`` (TCG)."""
+    return "kvm" if os.path.exists("/dev/kvm") else "qemu"
+
+
+def domain_xml(name: str, disks: list[DiskSpec]) -> str:
+    """A minimal firmware-only domain: q35, 64 MiB, no NIC, a console."""
+    devices = "".join(d.xml for d in disks)
+    return f"""<domain type='{domain_type()}'>
+  <name>{name}</name>
+  <uuid>{uuid.uuid4()}</uuid>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <controller type='scsi' model='virtio-scsi'/>
+    {devices}
+    <console type='pty'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+
+
+@contextmanager
+def test_domain(
+    name: str, disks: list[DiskSpec], start: bool = True
+) -> Iterator[libvirt.virDomain]:
+    """Define (and start) a domain; destroy and undefine it afterwards, always."""
+    conn = libvirt.open(URI)
+    dom = conn.defineXML(domain_xml(name, disks))
+    try:
+        if start:
+            dom.create()
+        yield dom
+    finally:
+        try:
+            if dom.isActive():
+                dom.destroy()
+        except libvirt.libvirtError:
+            pass
+        try:
+            dom.undefine()
+        except libvirt.libvirtError:
+            pass
+        conn.close()
+
+
+def alias_of(dom: libvirt.virDomain, target: str) -> tuple[str, str]:
+    """(alias, bus) of the disk with this target dev, from the live XML."""
+    from lxml import etree
+
+    root = etree.fromstring(dom.XMLDesc(0).encode())
+    for disk in root.iter("disk"):
+        tgt = disk.find("target")
+        if tgt is not None and tgt.get("dev") == target:
+            alias = disk.find("alias")
+            assert alias is not None
+            return str(alias.get("name")), str(tgt.get("bus"))
+    raise KeyError(target)
+
+
+def guest_write(
+    dom: libvirt.virDomain, target: str, pattern: int, offset: int, length: int
+) -> None:
+    """Write like the guest would: HMP ``qemu-io`` on the device's qdev path."""
+    alias, bus = alias_of(dom, target)
+    qdev = f"/machine/peripheral/{alias}" + ("/virtio-backend" if bus == "virtio" else "")
+    out = libvirt_qemu.qemuMonitorCommand(
+        dom,
+        f'qemu-io -d {qdev} "write -P {pattern:#x} {offset} {length}"',
+        libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP,
+    )
+    assert "error" not in out.lower() and "fail" not in out.lower(), out
+
+
+def rdm_backup(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI (the venv's console script) and capture its output."""
+    exe = os.path.join(
+        os.path.dirname(os.path.realpath(__file__)), "..", "..", ".venv", "bin", "rdm-backup"
+    )
+    argv = [exe] if os.path.exists(exe) else ["python", "-m", "libvirt_rdm_backup.cli"]
+    return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=600, check=False)
