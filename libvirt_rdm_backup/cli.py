@@ -183,16 +183,25 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _common_options(default: Any) -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", default=default,
+                        help="print one JSON document on stdout")
+    common.add_argument("-c", "--connect", metavar="URI", default=default,
+                        help="libvirt URI (default: $LIBVIRT_DEFAULT_URI or qemu:///system)")
+    common.add_argument("-v", "--verbose", action="count", default=default,
+                        help="more log output")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``rdm-backup``."""
-    common = _Parser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-    common.add_argument("-c", "--connect", metavar="URI",
-                        help="libvirt URI (default: $LIBVIRT_DEFAULT_URI or qemu:///system)")
-    common.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-
-    parser = _Parser(prog="rdm-backup", parents=[common],
+    parser = _Parser(prog="rdm-backup", parents=[_common_options(argparse.SUPPRESS)],
                      description="Backup and restore of raw disks of libvirt/QEMU domains.")
+    parser.set_defaults(json=False, connect=None, verbose=0)
+    # the options work before and after the command; the command's copy must not
+    # reset what was given before it, hence SUPPRESS defaults on both copies
+    common = _common_options(argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("disks", parents=[common], help="list a domain's disks and raw disks")

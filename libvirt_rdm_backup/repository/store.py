@@ -58,14 +58,14 @@ def new_backup_id() -> str:
 
 def check_backup_id(backup_id: str) -> str:
     """Validate a backup id given by a user (raises UsageError)."""
-    if not BACKUP_ID_RE.match(backup_id):
+    if not BACKUP_ID_RE.fullmatch(backup_id):
         raise UsageError(f"malformed backup id {backup_id!r}")
     return backup_id
 
 
 def check_safe_name(name: str, what: str) -> str:
     """Validate a name used inside the repository (disk, chain)."""
-    if not SAFE_NAME_RE.match(name):
+    if not SAFE_NAME_RE.fullmatch(name):
         raise UsageError(f"malformed {what} {name!r}")
     return name
 
@@ -272,7 +272,7 @@ class Repository:
             if not os.path.isdir(directory):
                 continue
             for name in sorted(os.listdir(directory)):
-                if BACKUP_ID_RE.match(name) and os.path.exists(
+                if BACKUP_ID_RE.fullmatch(name) and os.path.exists(
                     os.path.join(directory, name, MANIFEST)
                 ):
                     found.append(self.load(uuid, name))
