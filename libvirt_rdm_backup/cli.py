@@ -183,7 +183,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _common_options(default: Any) -> argparse.ArgumentParser:
+def _common_options(default: Any) -> _Parser:
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=default,
                         help="print one JSON document on stdout")
