@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass, field
 
 from libvirt_rdm_backup.domain.connection import connection, open_connection
 from libvirt_rdm_backup.domain.disks import DiskInventory
@@ -20,7 +21,7 @@ from libvirt_rdm_backup.engine.capture import ProgressCallback
 from libvirt_rdm_backup.engine.discover import open_domain, select_disks
 from libvirt_rdm_backup.engine.restore import RestoreResult, find_domain_backups
 from libvirt_rdm_backup.engine.verify import VerifyReport
-from libvirt_rdm_backup.errors import LibvirtError
+from libvirt_rdm_backup.errors import LibvirtError, RdmBackupError
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.store import Repository
 from libvirt_rdm_backup.storage import map_disk
@@ -33,6 +34,27 @@ def discover(domain: str, uri: str | None = None) -> DiskInventory:
     """The domain's raw disks (with identifiers, node names, sizes) and its other disks."""
     with connection(uri) as conn:
         return open_domain(conn, domain).inventory
+
+
+@dataclass
+class DiskReport:
+    """A domain's disks with the raw disk mapping of each raw disk (or why it has none)."""
+
+    inventory: DiskInventory
+    mappings: dict[str, RawDiskMapping] = field(default_factory=dict)
+    mapping_errors: dict[str, str] = field(default_factory=dict)
+
+
+def describe(domain: str, uri: str | None = None) -> DiskReport:
+    """:func:`discover` plus the mapping of every raw disk; mapping failures are reported."""
+    inventory = discover(domain, uri)
+    report = DiskReport(inventory)
+    for disk in inventory.raw:
+        try:
+            report.mappings[disk.target] = map_disk(disk)
+        except RdmBackupError as err:
+            report.mapping_errors[disk.target] = str(err)
+    return report
 
 
 def map_disks(

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.errors import RdmBackupError, UsageError
-from libvirt_rdm_backup.storage.base import RawDiskMapping
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -47,20 +47,16 @@ def _emit(args: argparse.Namespace, document: Any, text: Callable[[], str]) -> N
 
 def cmd_disks(args: argparse.Namespace) -> int:
     """List raw disks (with identifiers and mapping) and the disks that are not raw."""
-    inventory = api.discover(args.domain, args.connect)
-    mappings: dict[str, RawDiskMapping | None] = {}
-    for disk in inventory.raw:
-        try:
-            mappings[disk.target] = api.map_disks(args.domain, [disk.target], args.connect)[0]
-        except RdmBackupError as err:
-            mappings[disk.target] = None
-            logging.getLogger(__name__).warning("disk %s: %s", disk.target, err)
+    report = api.describe(args.domain, args.connect)
+    inventory, mappings = report.inventory, report.mappings
     document = {
         "domain_name": inventory.domain_name,
         "domain_uuid": inventory.domain_uuid,
         "running": inventory.running,
         "raw_disks": [
-            {**d.to_dict(), "mapping": m.to_dict() if (m := mappings.get(d.target)) else None}
+            {**d.to_dict(),
+             "mapping": m.to_dict() if (m := mappings.get(d.target)) else None,
+             "mapping_error": report.mapping_errors.get(d.target)}
             for d in inventory.raw
         ],
         "other_disks": [d.to_dict() for d in inventory.other],
@@ -75,6 +71,8 @@ def cmd_disks(args: argparse.Namespace) -> int:
                 f"{d.source}" + (f"  serial={d.serial}" if d.serial else "")
             )
             mapping = mappings.get(d.target)
+            if d.target in report.mapping_errors:
+                lines.append(f"           -> no mapping: {report.mapping_errors[d.target]}")
             if mapping is not None:
                 for node, offset, length in mapping.root.leaves():
                     lines.append(f"           -> {node.kind} {node.path or node.name} "
@@ -242,10 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    """SIGTERM unwinds like an interrupt: every cleanup (resume, jobs, nodes) runs."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run one command, print one line on error, return the exit code."""
     parser = build_parser()
     verbose = 0
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         args = parser.parse_args(argv)
         verbose = args.verbose
@@ -259,8 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"rdm-backup: error: {err}\n")
         return err.exit_code
     except KeyboardInterrupt:
-        sys.stderr.write("rdm-backup: interrupted\n")
-        return 130
+        sys.stderr.write("rdm-backup: error: interrupted, the operation did not complete\n")
+        return EXIT_FAILED
     except Exception as err:  # noqa: BLE001 - the CLI never shows a traceback
         if verbose:
             raise
