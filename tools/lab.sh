@@ -18,7 +18,7 @@ URI=qemu:///system
 DEB_PACKAGES=(
     qemu-system-x86 qemu-utils qemu-block-extra
     libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
-    tgt libiscsi-bin fdisk xfsprogs
+    tgt libiscsi-bin libiscsi7 fdisk xfsprogs
     python3 python3-venv python3-dev python3-libnbd libnbd-bin
     gcc make
     # The Vagrant box definition (vagrant/Vagrantfile) is validated by the tests.

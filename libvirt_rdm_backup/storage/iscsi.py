@@ -1,14 +1,18 @@
 """Mapping iSCSI LUNs that QEMU's own initiator attaches (``<source protocol='iscsi'>``).
 
 :class:`IscsiAgent` asks the LUN itself who it is with the libiscsi-bin tools
-(standard INQUIRY, VPD 0x80 unit serial, VPD 0x83 designators, READ CAPACITY(16)),
-and when the portal is a local tgtd it adds the LUN's backing store below it.
+(standard INQUIRY, VPD 0x80 unit serial, READ CAPACITY(16)) and, for the VPD 0x83
+designators, with the system libiscsi through :mod:`.libiscsi`; when the portal
+is a local tgtd it adds the LUN's backing store below it.
 
-The parsers are pure functions over the tools' text output. Note that
-``iscsi-inq`` prints binary designators (NAA, EUI-64) as C strings: the value
-stops at the first zero byte. :func:`parse_designators` therefore records the
-printed bytes as hex and says whether they are ``complete`` (the length an NAA
-or EUI-64 designator of that kind must have); only complete values identify a LUN.
+The parsers are pure functions over the LUN's answers. :func:`parse_vpd83_page`
+decodes the raw VPD 0x83 page, so binary designators (NAA, EUI-64) arrive whole.
+When libiscsi cannot be loaded, or its INQUIRY fails, the agent falls back to
+``iscsi-inq``, which prints binary designators as C strings: the value stops at
+the first zero byte.
+:func:`parse_designators` therefore records the printed bytes as hex and says
+whether they are ``complete`` (the length an NAA or EUI-64 designator of that
+kind must have); only complete values identify a LUN.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 from libvirt_rdm_backup.domain.disks import IscsiSource, RawDisk
 from libvirt_rdm_backup.errors import CommandError, OperationError, StorageError
 from libvirt_rdm_backup.process import run
-from libvirt_rdm_backup.storage import tgt
+from libvirt_rdm_backup.storage import libiscsi, tgt
 from libvirt_rdm_backup.storage.base import Extent, StorageNode
 from libvirt_rdm_backup.storage.sysfs import SysfsAgent
 
@@ -41,6 +45,7 @@ DESIGNATOR_TYPES = {
 CODE_SETS = {1: "binary", 2: "ascii", 3: "utf-8"}
 ASSOCIATIONS = {0: "logical-unit", 1: "target-port", 2: "target-device"}
 _NAA_LENGTHS = {2: 8, 3: 8, 5: 8, 6: 16}
+VPD_DEVICE_IDENTIFICATION = 0x83
 _CODED_RE = re.compile(r"^\((\d+)\)\s*(.*)$")
 _SERIAL_RE = re.compile(r"^Unit Serial Number:\[(.*)\]\s*$", re.MULTILINE)
 
@@ -54,7 +59,7 @@ class Designator:
     association: int
     piv: bool
     value: str | None = None  # text designators (ASCII, UTF-8)
-    value_hex: str | None = None  # binary designators, as iscsi-inq printed them
+    value_hex: str | None = None  # binary designators (iscsi-inq: up to a zero byte)
     complete: bool = True
 
     @property
@@ -172,6 +177,47 @@ def parse_designators(text: str) -> list[Designator]:
     return [_parse_designator_block(block) for block in blocks]
 
 
+def _designator_text(raw: bytes, code_set: int) -> str:
+    """An ASCII or UTF-8 designator without the NUL or space padding after it."""
+    return raw.decode("utf-8" if code_set == 3 else "ascii", "replace").rstrip("\x00").strip()
+
+
+def parse_vpd83_page(page: bytes) -> list[Designator]:
+    """Designators of a raw VPD 0x83 (device identification) page, header included.
+
+    Each descriptor is a 4-byte header (protocol identifier and code set; PIV,
+    association and designator type; reserved; designator length) and its value.
+    Binary values are kept whole as hex; a descriptor cut short by the end of the
+    page is kept with ``complete=False``.
+    """
+    if len(page) < 4 or page[1] != VPD_DEVICE_IDENTIFICATION:
+        raise ValueError(f"not a VPD 0x83 page: {page[:4].hex()!r}")
+    end = min(len(page), 4 + int.from_bytes(page[2:4], "big"))
+    designators: list[Designator] = []
+    offset = 4
+    while offset + 4 <= end:
+        code_set = page[offset] & 0x0F
+        piv = bool(page[offset + 1] & 0x80)
+        association = (page[offset + 1] >> 4) & 0x03
+        type_code = page[offset + 1] & 0x0F
+        length = page[offset + 3]
+        raw = page[offset + 4 : offset + 4 + length]
+        complete = len(raw) == length
+        if code_set in (2, 3):
+            value = _designator_text(raw, code_set)
+            designators.append(
+                Designator(type_code, code_set, association, piv, value=value, complete=complete)
+            )
+        else:
+            designators.append(
+                Designator(
+                    type_code, code_set, association, piv, value_hex=raw.hex(), complete=complete
+                )
+            )
+        offset += 4 + length
+    return designators
+
+
 def parse_readcapacity16(text: str) -> ReadCapacity:
     """Last LBA and block size from ``iscsi-readcapacity16 URL``."""
     fields = _fields(text)
@@ -210,10 +256,12 @@ class IscsiAgent:
         sysfs: SysfsAgent | None = None,
         use_local_tgt: bool = True,
         timeout: float = DEFAULT_TIMEOUT,
+        use_libiscsi: bool = True,
     ) -> None:
         self.sysfs = sysfs or SysfsAgent()
         self.use_local_tgt = use_local_tgt
         self.timeout = timeout
+        self.use_libiscsi = use_libiscsi
 
     def can_map(self, disk: RawDisk) -> bool:
         """True for disks with an iSCSI source."""
@@ -280,15 +328,27 @@ class IscsiAgent:
             serial = None
         if serial is not None:
             found["serial"] = serial
-        try:
-            text = self._tool(["iscsi-inq", "-e", "1", "-c", "131", url])
-            designators = parse_designators(text)
-        except (CommandError, StorageError, KeyError, ValueError):
-            designators = []
+        designators, source = self._designators(url)
         if designators:
             found["designators"] = [d.to_dict() for d in designators]
+            found["designator_source"] = source
             found.update(_designator_summary(designators))
         return found
+
+    def _designators(self, url: str) -> tuple[list[Designator], str]:
+        """VPD 0x83 designators: whole from libiscsi when it loads, else from iscsi-inq."""
+        library = libiscsi.load() if self.use_libiscsi else None
+        if library is not None:
+            try:
+                page = library.inquiry_vpd(url, VPD_DEVICE_IDENTIFICATION, self.timeout)
+                return parse_vpd83_page(page), "libiscsi"
+            except (StorageError, ValueError):
+                pass  # iscsi-inq below: it may still get the text designators
+        try:
+            text = self._tool(["iscsi-inq", "-e", "1", "-c", "131", url])
+            return parse_designators(text), "iscsi-inq"
+        except (CommandError, StorageError, KeyError, ValueError):
+            return [], "iscsi-inq"
 
     def _add_tgt_backing(self, node: StorageNode, source: IscsiSource) -> None:
         """Below a LUN of a local tgtd: its backing store (file or mapped block device)."""
@@ -310,9 +370,17 @@ class IscsiAgent:
 
 
 def _designator_summary(designators: list[Designator]) -> dict[str, Any]:
-    """Convenience keys: ``naa`` (complete NAA values, hex) and ``t10_vendor_id``."""
+    """Convenience keys: ``naa`` and ``t10_vendor_id``.
+
+    ``naa`` lists the complete NAA values (hex) that name the logical unit itself;
+    NAA designators of a target port or target device are left out.
+    """
     summary: dict[str, Any] = {}
-    naa = [d.value_hex for d in designators if d.type_code == 3 and d.complete and d.value_hex]
+    naa = [
+        d.value_hex
+        for d in designators
+        if d.type_code == 3 and d.association == 0 and d.complete and d.value_hex
+    ]
     if naa:
         summary["naa"] = naa
     vendor_ids = [d.value for d in designators if d.type_code == 1 and d.value]

@@ -11,7 +11,7 @@ import pytest
 
 from libvirt_rdm_backup.domain.disks import IscsiSource, RawDisk, SourceKind
 from libvirt_rdm_backup.errors import CommandError
-from libvirt_rdm_backup.storage import iscsi, tgt
+from libvirt_rdm_backup.storage import iscsi, libiscsi, tgt
 from libvirt_rdm_backup.storage.iscsi import (
     IscsiAgent,
     is_loopback_host,
@@ -29,6 +29,12 @@ URL = f"iscsi://127.0.0.1:3260/{IQN}/1"
 
 def fixture(name: str) -> str:
     return (FIXTURES / name).read_text()
+
+
+@pytest.fixture(autouse=True)
+def without_libiscsi(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests cover the iscsi-inq path: no real libiscsi login to the fixtures' IQN."""
+    monkeypatch.setattr(libiscsi, "load", lambda: None)
 
 
 def test_standard_inquiry() -> None:
