@@ -1,5 +1,9 @@
 """The public, typed API: every operation of the command line, importable.
 
+Operations on one domain take the domain first (``backup(domain, target)``,
+``restore(domain, target, disk, to)``); repository-wide ones take the
+repository first (``verify(target, domain=None)``, ``list_backups(target)``).
+
 Each function opens (and closes) its own libvirt connection from ``uri``
 (default: ``LIBVIRT_DEFAULT_URI`` or ``qemu:///system``). Errors are
 subclasses of :class:`libvirt_rdm_backup.errors.RdmBackupError`.
@@ -79,8 +83,8 @@ def backup(
 
 
 def restore(
-    target: str,
     domain: str,
+    target: str,
     disk: str,
     to: str,
     backup_id: str | None = None,
@@ -96,9 +100,9 @@ def restore(
         conn = open_connection(uri)
     except LibvirtError as err:
         log.warning("%s: cannot check whether %s is in use by a domain", err, to)
-        return _restore.restore(target, domain, disk, to, backup_id, force, None)
+        return _restore.restore(domain, target, disk, to, backup_id, force, None)
     try:
-        return _restore.restore(target, domain, disk, to, backup_id, force, conn)
+        return _restore.restore(domain, target, disk, to, backup_id, force, conn)
     finally:
         with contextlib.suppress(Exception):
             conn.close()

@@ -23,7 +23,8 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line and exit code 2."""
 
     def error(self, message: str) -> Any:
-        raise UsageError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix("rdm-backup").strip()
+        raise UsageError(f"{command}: {message}" if command else message)
 
 
 def _human_size(value: int | None) -> str:
@@ -131,8 +132,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     """Restore one disk."""
-    result = api.restore(args.target, args.domain, args.disk, args.to, args.backup,
-                         args.force, args.connect)
+    result = api.restore(args.domain, args.target, args.disk, args.to,
+                         backup_id=args.backup, force=args.force, uri=args.connect)
     _emit(args, result.to_dict(), lambda: (
         f"restored {result.disk} of backup {result.backup_id} to {result.path} "
         f"({_human_size(result.size)}, {_human_size(result.data_bytes)} data)\n"))

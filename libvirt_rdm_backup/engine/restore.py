@@ -14,6 +14,7 @@ import libvirt
 
 from libvirt_rdm_backup.domain.connection import active_domains, domain_xml
 from libvirt_rdm_backup.domain.discovery import inventory_from_xml
+from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.domain.xml import DomainXML
 from libvirt_rdm_backup.engine.verify import check_disk
 from libvirt_rdm_backup.errors import (
@@ -26,6 +27,9 @@ from libvirt_rdm_backup.errors import (
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.store import Repository, check_backup_id
+from libvirt_rdm_backup.storage import tgt
+from libvirt_rdm_backup.storage.base import StorageNode
+from libvirt_rdm_backup.storage.sysfs import SysfsAgent
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +92,51 @@ def device_size(path: str) -> int:
         os.close(fd)
 
 
+def storage_paths(path: str, sysfs: SysfsAgent | None = None) -> set[str]:
+    """``path`` and every device or file below it in its storage tree (real paths)."""
+    found = {os.path.realpath(path)}
+    try:
+        if stat.S_ISBLK(os.stat(path).st_mode):
+            found |= _tree_paths((sysfs or SysfsAgent()).map_path(path))
+    except (OSError, RdmBackupError):
+        pass
+    return found
+
+
+def _tree_paths(node: StorageNode) -> set[str]:
+    paths = {os.path.realpath(node.path)} if node.path else set()
+    for extent in node.extents:
+        paths |= _tree_paths(extent.target)
+    return paths
+
+
+def _disk_paths(disk: RawDisk, sysfs: SysfsAgent) -> set[str]:
+    if disk.source_path:
+        return storage_paths(disk.source_path, sysfs)
+    if disk.iscsi is not None and tgt.tgtadm_available():
+        lun = tgt.find_lun(disk.iscsi.iqn, disk.iscsi.lun)
+        if lun is not None and lun.backing_store_path:
+            return storage_paths(lun.backing_store_path, sysfs)
+    return set()
+
+
 def paths_in_use(conn: libvirt.virConnect) -> dict[str, str]:
-    """Real paths of every disk source of running domains → domain name."""
+    """Every path (and the storage below it) that running domains use → domain name."""
+    sysfs = SysfsAgent()
     used: dict[str, str] = {}
     for dom in active_domains(conn):
         try:
-            xml = DomainXML.parse(domain_xml(dom))
+            inventory = inventory_from_xml(DomainXML.parse(domain_xml(dom)), True)
         except RdmBackupError:
             continue
-        inventory = inventory_from_xml(xml, True)
-        for disk in xml.disks:
-            for source in (disk.source_dev, disk.source_file):
-                if source:
-                    used[os.path.realpath(source)] = inventory.domain_name
+        paths: set[str] = set()
+        for other in inventory.other:
+            if other.source and other.source.startswith("/"):
+                paths.add(os.path.realpath(other.source))
+        for disk in inventory.raw:
+            paths |= _disk_paths(disk, sysfs)
+        for path in paths:
+            used[path] = inventory.domain_name
     return used
 
 
@@ -122,19 +158,20 @@ def check_target(
         raise UsageError(f"restore target {path} is neither a file nor a block device")
     if not os.access(real, os.W_OK):
         raise UsageError(f"restore target {path} is not writable")
+    if conn is not None and not force:
+        used = paths_in_use(conn)
+        owner = next((used[p] for p in sorted(storage_paths(real)) if p in used), None)
+        if owner is not None:
+            raise UsageError(
+                f"restore target {path} is in use by running domain {owner}; "
+                "use --force to overwrite it"
+            )
     have = device_size(real)
     if have < size and not force:
         raise UsageError(
             f"restore target {path} is too small ({have} bytes, the disk has {size}); "
             "use --force to write what fits"
         )
-    if conn is not None and not force:
-        owner = paths_in_use(conn).get(real)
-        if owner is not None:
-            raise UsageError(
-                f"restore target {path} is in use by running domain {owner}; "
-                "use --force to overwrite it"
-            )
     return True, is_block
 
 
@@ -196,8 +233,8 @@ def write_disk(source: str, record: DiskRecord, to: str, exists: bool, is_block:
 
 
 def restore(
-    target: str,
     domain: str,
+    target: str,
     disk: str,
     to: str,
     backup_id: str | None = None,

@@ -225,6 +225,7 @@ class Repository:
             for name in os.listdir(staging.path):
                 fd = os.open(os.path.join(staging.path, name), os.O_RDONLY)
                 try:
+                    os.fchmod(fd, 0o600)
                     os.fsync(fd)
                 finally:
                     os.close(fd)

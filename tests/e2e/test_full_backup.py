@@ -183,6 +183,11 @@ def test_bad_input_exit_codes(vm: LabVM) -> None:
 
         proc = rdm_backup("restore", vm.name, "--target", repo, "--disk", "vdb", "--to", vm.loop)
         assert proc.returncode == 2 and "in use by running domain" in proc.stderr
+        # the storage below a running domain's disks is in use as well
+        for below in (vm.loop_file, vm.iscsi_file):
+            proc = rdm_backup("restore", vm.name, "--target", repo, "--disk", "vdb",
+                              "--to", str(below))
+            assert proc.returncode == 2 and "in use by running domain" in proc.stderr, below
 
         proc = rdm_backup("restore", vm.name, "--target", repo, "--disk", "vdb",
                           "--to", str(work / "x.raw"), "--backup", "../../etc")

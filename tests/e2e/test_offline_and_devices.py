@@ -40,7 +40,7 @@ def test_shut_off_domain_is_copied_from_storage() -> None:
             "vdb": 256 * MiB, "sda": 64 * MiB}
         for disk in ("vdb", "sda"):
             out = vm.workdir / f"out-{disk}.raw"
-            api.restore(repo, vm.uuid, disk, str(out))
+            api.restore(vm.uuid, repo, disk, str(out))
             assert same_bytes(out, refs[disk])
         inventory = api.discover(vm.name)
         assert not inventory.running and {d.target for d in inventory.raw} == {"vdb", "sda"}
@@ -90,7 +90,7 @@ def test_restore_force_into_smaller_and_existing_files() -> None:
         existing = vm.workdir / "existing.raw"
         subprocess.run(["dd", "if=/dev/urandom", f"of={existing}", "bs=1M", "count=80",
                         "status=none"], check=True)
-        api.restore(repo, vm.name, "vdb", str(existing))
+        api.restore(vm.name, repo, "vdb", str(existing))
         assert os.path.getsize(existing) == 80 * MiB  # the bytes after the disk stay
         assert same_bytes(existing, vm.loop) is False  # longer than the disk ...
         head = vm.workdir / "head.raw"
