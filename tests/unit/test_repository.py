@@ -62,6 +62,8 @@ def test_publish_list_load(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(repo.root).st_mode) == 0o700
     manifest_file = Path(repo.backup_dir(UUID, first.backup_id)) / "manifest.json"
     assert stat.S_IMODE(manifest_file.stat().st_mode) == 0o600
+    data_file = manifest_file.parent / "vdb.qcow2"
+    assert stat.S_IMODE(data_file.stat().st_mode) == 0o600
     assert Repository.open(repo.root).backups(UUID)[0].backup_id == first.backup_id
 
 
