@@ -26,6 +26,7 @@ from libvirt_rdm_backup.engine.discover import open_domain, select_disks
 from libvirt_rdm_backup.engine.restore import RestoreResult, find_domain_backups
 from libvirt_rdm_backup.engine.verify import VerifyReport
 from libvirt_rdm_backup.errors import LibvirtError, RdmBackupError
+from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.store import Repository
 from libvirt_rdm_backup.storage import map_disk
@@ -76,10 +77,17 @@ def backup(
     disks: list[str] | None = None,
     uri: str | None = None,
     progress: ProgressCallback | None = None,
+    level: str = "auto",
+    chain: str = DEFAULT_CHAIN,
 ) -> BackupResult:
-    """A full, point-in-time backup of the domain's raw disks into repository ``target``."""
+    """A point-in-time backup of the domain's raw disks into repository ``target``.
+
+    ``level``: ``full``, ``incremental``, ``differential`` or ``auto`` (incremental
+    where the chain's dirty tracking is intact, otherwise what stays correct).
+    ``chain`` names an independent chain with its own dirty bitmaps.
+    """
     with connection(uri) as conn:
-        return _backup.backup(conn, domain, target, disks, progress)
+        return _backup.backup(conn, domain, target, disks, level, chain, progress)
 
 
 def restore(

@@ -11,7 +11,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from libvirt_rdm_backup import api
+from libvirt_rdm_backup.engine.plan import LEVELS
 from libvirt_rdm_backup.errors import RdmBackupError, UsageError
+from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -109,7 +111,8 @@ def _progress_printer() -> Callable[[str, int, int], None] | None:
 def cmd_backup(args: argparse.Namespace) -> int:
     """Take a full backup."""
     result = api.backup(args.domain, args.target, args.disk or None, args.connect,
-                        None if args.json else _progress_printer())
+                        None if args.json else _progress_printer(), level=args.level,
+                        chain=args.chain)
     document = result.to_dict()
 
     def text() -> str:
@@ -119,9 +122,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
                  f"  consistency: {m.consistency.get('method')}"
                  + (f", guest paused {pause} ms" if pause else "")]
         for d in m.disks:
-            lines.append(f"  {d.disk.target:8} {_human_size(d.size):>10}  data "
+            lines.append(f"  {d.disk.target:8} {d.level:12} {_human_size(d.size):>10}  data "
                          f"{_human_size(d.bytes_transferred)}  stored "
-                         f"{_human_size(d.stored_bytes)}  via {d.data_path}")
+                         f"{_human_size(d.stored_bytes)}  via {d.data_path}: {d.reason}")
         return "\n".join(lines) + "\n"
 
     if not args.json and sys.stderr.isatty():
@@ -216,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain")
     p.add_argument("--target", required=True, metavar="DIR", help="repository directory")
     p.add_argument("--disk", action="append", metavar="DEV", help="only this disk (repeatable)")
+    p.add_argument("--level", choices=LEVELS, default="auto",
+                   help="full, incremental (since the chain's previous backup), differential "
+                        "(since its last full) or auto (default: incremental where tracking "
+                        "is intact, else what stays correct, with the reason)")
+    p.add_argument("--chain", default=DEFAULT_CHAIN, metavar="NAME",
+                   help="independent chain with its own dirty tracking (default: %(default)s)")
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("restore", parents=[common], help="restore one disk to a file or device")

@@ -11,6 +11,7 @@ carries the CLI exit code that reports it::
      │    ├── LibvirtError      exit 4  (libvirt refused or failed)
      │    ├── QmpError          exit 4  (QEMU refused a QMP command)
      │    ├── CommandError      exit 4  (an external tool failed)
+ │    ├── TrackingLostError exit 4  (the level asked for needs tracking that was lost)
      │    ├── StorageError      exit 4  (a storage agent could not map or copy)
      │    └── RepositoryError   exit 4  (the repository is unusable)
      └── VerificationError      exit 5  (stored data does not match its digest)
@@ -85,6 +86,16 @@ class CommandError(OperationError):
         self.argv = list(argv)
         self.returncode = returncode
         self.stderr = stderr
+
+
+class TrackingLostError(OperationError):
+    """The requested level needs dirty tracking that was lost (exit 4, with the reason)."""
+
+    def __init__(self, disk: str, level: str, reason: str) -> None:
+        super().__init__(f"no {level} backup of {disk} is possible: {reason}")
+        self.disk = disk
+        self.level = level
+        self.reason = reason
 
 
 class StorageError(OperationError):

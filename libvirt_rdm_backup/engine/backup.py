@@ -1,4 +1,4 @@
-"""Full backup: discover → map → plan → capture → publish."""
+"""Backup: discover → map → plan → capture → publish, with chains of dirty-bitmap layers."""
 
 from __future__ import annotations
 
@@ -9,14 +9,23 @@ from typing import Any
 
 import libvirt
 
-from libvirt_rdm_backup.engine.capture import DATA_FORMAT, ProgressCallback, capture
-from libvirt_rdm_backup.engine.discover import open_domain, select_disks
-from libvirt_rdm_backup.engine.plan import plan_backup
+from libvirt_rdm_backup.engine.capture import DATA_FORMAT, Capture, ProgressCallback, capture
+from libvirt_rdm_backup.engine.discover import DomainContext, open_domain, select_disks
+from libvirt_rdm_backup.engine.locks import domain_lock
+from libvirt_rdm_backup.engine.plan import DiskPlan, Facts, overall_level, plan_backup
 from libvirt_rdm_backup.errors import RdmBackupError
-from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.qemu import bitmaps, img
+from libvirt_rdm_backup.qemu.leftovers import remove_leftovers
+from libvirt_rdm_backup.qemu.monitor import Monitor
+from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN, Chain, chain_of
 from libvirt_rdm_backup.repository.digest import file_digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.repository.store import Repository, new_backup_id, now_iso
+from libvirt_rdm_backup.repository.store import (
+    Repository,
+    check_safe_name,
+    new_backup_id,
+    now_iso,
+)
 from libvirt_rdm_backup.storage import map_disk
 from libvirt_rdm_backup.storage.base import RawDiskMapping
 
@@ -38,7 +47,9 @@ class BackupResult:
             "domain_uuid": m.domain_uuid,
             "domain_name": m.domain_name,
             "level": m.level,
+            "reason": m.reason,
             "chain": m.chain,
+            "parent": m.parent,
             "created": m.created,
             "completed": m.completed,
             "consistency": m.consistency,
@@ -51,6 +62,7 @@ class BackupResult:
                     "stored_bytes": d.stored_bytes,
                     "level": d.level,
                     "reason": d.reason,
+                    "parent": d.parent,
                     "data_path": d.data_path,
                     "data_file": d.data_file,
                     "digest": d.digest.to_dict(),
@@ -68,56 +80,115 @@ def _mapping_of(disk: Any) -> tuple[RawDiskMapping | None, str | None]:
         return None, str(err)
 
 
+def _live_bitmaps(monitor: Monitor | None) -> dict[str, set[str]]:
+    if monitor is None:
+        return {}
+    return {node: set(names) for node, names in bitmaps.node_bitmaps(monitor).items()}
+
+
+def _record(plan: DiskPlan, path: str, captured: Capture,
+            mapping: tuple[RawDiskMapping | None, str | None]) -> DiskRecord:
+    return DiskRecord(
+        disk=plan.disk,
+        size=int(plan.disk.size or img.virtual_size(path, DATA_FORMAT)),
+        data_file=os.path.basename(path),
+        format=DATA_FORMAT,
+        digest=file_digest(path),
+        level=plan.level,
+        reason=plan.reason,
+        data_path=str(plan.path),
+        bytes_transferred=img.data_bytes(path, DATA_FORMAT, own_only=True),
+        stored_bytes=os.stat(path).st_blocks * 512,
+        mapping=mapping[0],
+        mapping_error=mapping[1],
+        parent=plan.parent.backup_id if plan.parent else None,
+        backing_file=plan.parent.relative_data_file() if plan.parent else None,
+        bitmap=captured.new_bitmaps.get(plan.disk.target),
+    )
+
+
+def _finish_tracking(monitor: Monitor | None, repo: Repository, chain: Chain) -> None:
+    """After publishing: drop the chain's bitmaps no later backup can use."""
+    if monitor is None:
+        return
+    try:
+        bitmaps.remove_unneeded(monitor, bitmaps.chain_prefix(repo.repo_id, chain.name),
+                                chain.needed_bitmaps())
+    except RdmBackupError as err:
+        log.warning("could not drop old dirty bitmaps (the next run will): %s", err)
+
+
+def _prepare_qemu(ctx: DomainContext, repo: Repository, chain: Chain) -> Monitor | None:
+    """Remove leftovers of killed runs; return the monitor of a running domain."""
+    if not ctx.inventory.running:
+        return None
+    monitor = Monitor(ctx.dom)
+    remove_leftovers(monitor)
+    bitmaps.remove_unneeded(monitor, bitmaps.chain_prefix(repo.repo_id, chain.name),
+                            chain.needed_bitmaps())
+    return monitor
+
+
 def backup(
     conn: libvirt.virConnect,
     domain: str,
     target: str,
     disks: list[str] | None = None,
+    level: str = "auto",
+    chain_name: str = DEFAULT_CHAIN,
     progress: ProgressCallback | None = None,
 ) -> BackupResult:
-    """Take a full, point-in-time backup of a domain's raw disks into ``target``."""
+    """Take a point-in-time backup of a domain's raw disks into the repository ``target``.
+
+    ``level`` is ``full``, ``incremental`` (writes since the chain's previous
+    backup), ``differential`` (since the chain's last full) or ``auto``
+    (incremental where tracking is intact, otherwise a full copy, with the reason).
+    """
+    check_safe_name(chain_name, "chain name")
     ctx = open_domain(conn, domain)
     selected = select_disks(ctx.inventory, disks)
-    mappings = {disk.target: _mapping_of(disk) for disk in selected}
-    plans = plan_backup(selected, ctx.inventory.running)
     repo = Repository.open(target, create=True)
-    backup_id = new_backup_id()
-    created = now_iso()
-    with repo.lock(ctx.uuid), repo.staging(ctx.uuid, backup_id) as staging:
-        captured = capture(ctx.dom, ctx.inventory.running, plans, staging, progress)
-        records = []
-        for plan in plans:
-            path = captured.files[plan.disk.target]
-            mapping, mapping_error = mappings[plan.disk.target]
-            records.append(
-                DiskRecord(
-                    disk=plan.disk,
-                    size=int(plan.disk.size or img.virtual_size(path, DATA_FORMAT)),
-                    data_file=os.path.basename(path),
-                    format=DATA_FORMAT,
-                    digest=file_digest(path),
-                    level=plan.level,
-                    reason=plan.reason,
-                    data_path=str(plan.path),
-                    bytes_transferred=img.data_bytes(path, DATA_FORMAT),
-                    stored_bytes=os.stat(path).st_blocks * 512,
-                    mapping=mapping,
-                    mapping_error=mapping_error,
+    with domain_lock(ctx.uuid), repo.lock(ctx.uuid):
+        chain = chain_of(repo.backups(ctx.uuid), chain_name)
+        monitor = _prepare_qemu(ctx, repo, chain)
+        facts = Facts(ctx.inventory.running, chain, _live_bitmaps(monitor))
+        plans = plan_backup(selected, level, facts)
+        mappings = {disk.target: _mapping_of(disk) for disk in selected}
+        backup_id = new_backup_id()
+        created = now_iso()
+        with repo.staging(ctx.uuid, backup_id) as staging:
+            captured = capture(
+                ctx.dom, ctx.inventory.running, plans, staging,
+                bitmaps.bitmap_name(repo.repo_id, chain_name, backup_id), progress)
+            try:
+                records = [_record(p, captured.files[p.disk.target], captured,
+                                   mappings[p.disk.target]) for p in plans]
+                resolved = overall_level(plans)
+                manifest = Manifest(
+                    backup_id=backup_id,
+                    domain_uuid=ctx.uuid,
+                    domain_name=ctx.name,
+                    level=resolved,
+                    reason="; ".join(f"{p.disk.target}: {p.reason}" for p in plans),
+                    chain=chain_name,
+                    parent=chain.last.backup_id if chain.last else None,
+                    created=created,
+                    completed=now_iso(),
+                    consistency={
+                        "method": captured.window.method,
+                        "paused_ms": round(captured.window.paused_ms, 1),
+                    },
+                    domain_xml=ctx.xml_text,
+                    disks=records,
                 )
-            )
-        manifest = Manifest(
-            backup_id=backup_id,
-            domain_uuid=ctx.uuid,
-            domain_name=ctx.name,
-            level="full",
-            created=created,
-            completed=now_iso(),
-            consistency={
-                "method": captured.window.method,
-                "paused_ms": round(captured.window.paused_ms, 1),
-            },
-            domain_xml=ctx.xml_text,
-            disks=records,
-        )
-        path = repo.publish(staging, manifest)
+                path = repo.publish(staging, manifest)
+            except BaseException:
+                if monitor is not None:
+                    for plan in plans:
+                        name = captured.new_bitmaps.get(plan.disk.target)
+                        if name:
+                            bitmaps.remove(monitor, str(plan.disk.node_name), name)
+                raise
+        chain.backups.append(manifest)
+        _finish_tracking(monitor, repo, chain)
     return BackupResult(manifest=manifest, path=path)

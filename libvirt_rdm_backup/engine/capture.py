@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import libvirt
 
 from libvirt_rdm_backup.consistency import Window, paused
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.errors import RdmBackupError
-from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.qemu import bitmaps, img
 from libvirt_rdm_backup.qemu.blockdev import attached_image
 from libvirt_rdm_backup.qemu.jobs import backup_action, cancel_jobs, transaction, wait_jobs
 from libvirt_rdm_backup.qemu.monitor import Monitor
@@ -31,6 +32,7 @@ class Capture:
 
     files: dict[str, str]
     window: Window
+    new_bitmaps: dict[str, str] = field(default_factory=dict)  # disk -> bitmap since this point
 
 
 def data_file_name(plan: DiskPlan) -> str:
@@ -40,8 +42,14 @@ def data_file_name(plan: DiskPlan) -> str:
 
 def copy_from_storage(plan: DiskPlan, target: str) -> None:
     """Copy a disk from its storage (host device or iSCSI LUN) into a sparse qcow2."""
-    source = plan.disk.source
-    img.convert(source, target, source_fmt="raw", target_fmt=DATA_FORMAT, extra=["-U"])
+    img.convert(plan.disk.source, target, source_fmt="raw", target_fmt=DATA_FORMAT, extra=["-U"])
+
+
+def _job_for(plan: DiskPlan, node: str, job_id: str) -> dict[str, Any]:
+    device = str(plan.disk.node_name)
+    if plan.parent is None:
+        return backup_action(job_id, device, node, sync="full")
+    return backup_action(job_id, device, node, sync="bitmap", bitmap=plan.source_bitmap)
 
 
 def capture(
@@ -49,32 +57,44 @@ def capture(
     running: bool,
     plans: list[DiskPlan],
     staging: Staging,
+    new_bitmap: str,
     progress: ProgressCallback | None = None,
 ) -> Capture:
     """Fix one point in time for all planned disks and copy them into ``staging``.
 
-    QEMU-path disks start their backup jobs in one QMP transaction. Storage-path
-    disks of a running domain are copied while its vCPUs are paused, and the
-    transaction runs inside the same pause, so the whole VM has one point.
+    QEMU-path disks start their backup jobs, and the dirty bitmaps that track
+    writes after this point, in one QMP transaction. Storage-path disks of a
+    running domain are copied while its vCPUs are paused, and the transaction
+    runs inside the same pause, so the whole VM has one point. On failure the
+    new bitmaps (``new_bitmap``, one per tracked disk) are removed again;
+    existing bitmaps are never touched, so the next backup still sees every
+    write since the last good one.
     """
     files = {p.disk.target: staging.file(data_file_name(p)) for p in plans}
     qemu_plans = [p for p in plans if p.path is DataPath.QEMU]
     storage_plans = [p for p in plans if p.path is DataPath.STORAGE]
-    window = Window(method="offline" if not running else "qmp-transaction")
+    result = Capture(files=files,
+                     window=Window(method="offline" if not running else "qmp-transaction"))
     monitor = Monitor(dom) if running else None
+    started: list[str] = []
     with ExitStack() as stack:
-        actions = []
+        actions: list[dict[str, Any]] = []
         job_ids = []
         for plan in qemu_plans:
             assert monitor is not None and plan.disk.size is not None
             path = files[plan.disk.target]
-            img.create(path, DATA_FORMAT, plan.disk.size)
-            node = stack.enter_context(attached_image(monitor, path, DATA_FORMAT, plan.disk.target))
+            backing = plan.parent.relative_data_file() if plan.parent else None
+            img.create(path, DATA_FORMAT, plan.disk.size, backing=backing)
+            options = {"backing": None} if backing else None
+            node = stack.enter_context(
+                attached_image(monitor, path, DATA_FORMAT, plan.disk.target, options))
             job_id = object_name("job", plan.disk.target)
-            actions.append(backup_action(job_id, str(plan.disk.node_name), node.node_name))
+            if plan.track:
+                actions.append(bitmaps.add_action(str(plan.disk.node_name), new_bitmap))
+                result.new_bitmaps[plan.disk.target] = new_bitmap
+            actions.append(_job_for(plan, node.node_name, job_id))
             job_ids.append(job_id)
         pause = paused(dom) if running and storage_plans else nullcontext(None)
-        started: list[str] = []
         try:
             with pause as pause_window:
                 if actions:
@@ -84,16 +104,26 @@ def capture(
                 for plan in storage_plans:
                     copy_from_storage(plan, files[plan.disk.target])
             if pause_window is not None:
-                window = pause_window
+                result.window = pause_window
             if started:
                 assert monitor is not None
                 wait_jobs(monitor, started, progress)
                 started = []
         except BaseException:
-            if started and monitor is not None:
-                try:
-                    cancel_jobs(monitor, started)
-                except RdmBackupError as err:
-                    log.warning("could not cancel backup jobs: %s", err)
+            if monitor is not None:
+                _undo(monitor, started, plans, result.new_bitmaps)
             raise
-    return Capture(files=files, window=window)
+    return result
+
+
+def _undo(monitor: Monitor, jobs: list[str], plans: list[DiskPlan],
+          new_bitmaps: dict[str, str]) -> None:
+    """Cancel started jobs and drop the bitmaps this capture added (cleanup path)."""
+    try:
+        if jobs:
+            cancel_jobs(monitor, jobs)
+        nodes = {p.disk.target: str(p.disk.node_name) for p in plans}
+        for disk, name in new_bitmaps.items():
+            bitmaps.remove(monitor, nodes[disk], name)
+    except RdmBackupError as err:
+        log.warning("cleanup after a failed capture was incomplete: %s", err)

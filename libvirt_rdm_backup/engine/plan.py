@@ -1,4 +1,4 @@
-"""The plan: for each disk, which data path and level, decided once from facts."""
+"""The plan: for each disk, which data path, level and parent, decided once from facts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from libvirt_rdm_backup.domain.disks import RawDisk
-from libvirt_rdm_backup.errors import UsageError
+from libvirt_rdm_backup.errors import TrackingLostError, UsageError
+from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
+
+LEVELS = ("full", "incremental", "differential", "auto")
+# most costly first: the level a mixed backup reports
+_COST = {"full": 3, "differential": 1, "incremental": 0}
 
 
 class DataPath(StrEnum):
@@ -18,32 +23,90 @@ class DataPath(StrEnum):
 
 @dataclass(frozen=True)
 class DiskPlan:
-    """What will be done for one disk, and why."""
+    """What will be done for one disk, and why.
+
+    ``parent`` is the point the new layer builds on and ``source_bitmap`` the
+    bitmap holding the writes since that point (both None for a full copy).
+    ``track`` says whether a new bitmap starts at this backup's point.
+    """
 
     disk: RawDisk
     path: DataPath
     level: str
     reason: str
+    parent: DiskPoint | None = None
+    source_bitmap: str | None = None
+    track: bool = False
 
 
-def plan_disk(disk: RawDisk, running: bool) -> DiskPlan:
-    """Choose the data path of one disk for a full backup."""
-    if not running:
-        reason = "domain is not running: copied from storage"
-        return DiskPlan(disk, DataPath.STORAGE, "full", reason)
+@dataclass(frozen=True)
+class Facts:
+    """What is known when planning: the domain's state and the chain's history."""
+
+    running: bool
+    chain: Chain
+    live_bitmaps: dict[str, set[str]]  # QEMU node name -> its bitmap names
+
+
+def _tracking_problem(disk: RawDisk, point: DiskPoint | None, facts: Facts) -> str | None:
+    """Why the writes since ``point`` cannot be taken from QEMU (None: they can)."""
+    if point is None:
+        return f"chain {facts.chain.name} has no earlier backup of {disk.target}"
+    record = point.record
+    if not facts.running:
+        return "the domain is not running, so QEMU tracks no writes"
+    if record.bitmap is None:
+        return f"backup {point.backup_id} started no dirty tracking for {disk.target}"
+    if record.size != disk.size:
+        return f"{disk.target} was resized from {record.size} to {disk.size} bytes"
+    if record.disk.source != disk.source:
+        return f"{disk.target} now has source {disk.source} instead of {record.disk.source}"
+    if record.bitmap not in facts.live_bitmaps.get(disk.node_name or "", set()):
+        return (f"dirty bitmap {record.bitmap} of backup {point.backup_id} is gone: "
+                "QEMU was restarted, or the disk replaced, since then")
+    return None
+
+
+def plan_disk(disk: RawDisk, level: str, facts: Facts) -> DiskPlan:
+    """Choose data path, level and parent of one disk."""
+    if level not in LEVELS:
+        raise UsageError(f"unknown level {level!r} (one of {', '.join(LEVELS)})")
+    if not facts.running:
+        if level in ("incremental", "differential"):
+            raise TrackingLostError(disk.target, level, "the domain is not running")
+        return DiskPlan(disk, DataPath.STORAGE, "full",
+                        "domain is not running: copied in full from storage")
     if disk.is_passthrough_lun:
         return DiskPlan(
-            disk,
-            DataPath.STORAGE,
-            "full",
-            "SCSI passthrough LUN: guest I/O bypasses QEMU's block layer, "
-            "copied from storage while the guest is paused",
-        )
+            disk, DataPath.STORAGE, "full",
+            "SCSI passthrough LUN: guest I/O bypasses QEMU's block layer, so no dirty "
+            "tracking; copied in full from storage while the guest is paused")
     if not disk.node_name:
         raise UsageError(f"disk {disk.target}: QEMU has no block node for it")
-    return DiskPlan(disk, DataPath.QEMU, "full", "QEMU block job (copy-before-write)")
+    if level == "full":
+        return DiskPlan(disk, DataPath.QEMU, "full", "full copy requested", track=True)
+    wanted = "differential" if level == "differential" else "incremental"
+    chain = facts.chain
+    point = chain.last_full_point(disk.target) if wanted == "differential" \
+        else chain.last_point(disk.target)
+    problem = _tracking_problem(disk, point, facts)
+    if problem is None:
+        assert point is not None
+        since = "last full" if wanted == "differential" else "previous"
+        return DiskPlan(disk, DataPath.QEMU, wanted,
+                        f"writes since the {since} backup {point.backup_id}",
+                        parent=point, source_bitmap=point.record.bitmap, track=True)
+    if level != "auto":
+        raise TrackingLostError(disk.target, level, problem)
+    return DiskPlan(disk, DataPath.QEMU, "full", f"full copy: {problem}", track=True)
 
 
-def plan_backup(disks: list[RawDisk], running: bool) -> list[DiskPlan]:
+def plan_backup(disks: list[RawDisk], level: str, facts: Facts) -> list[DiskPlan]:
     """Plans for every selected disk."""
-    return [plan_disk(disk, running) for disk in disks]
+    return [plan_disk(disk, level, facts) for disk in disks]
+
+
+def overall_level(plans: list[DiskPlan]) -> str:
+    """The level a backup reports: that of its block-layer disks, the most costly one."""
+    considered = [p for p in plans if not p.disk.is_passthrough_lun] or plans
+    return max((p.level for p in considered), key=lambda lvl: _COST.get(lvl, 3))

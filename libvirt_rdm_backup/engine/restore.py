@@ -25,6 +25,7 @@ from libvirt_rdm_backup.errors import (
     VerificationError,
 )
 from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.repository.chain import lineage
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.store import Repository, check_backup_id
 from libvirt_rdm_backup.storage import tgt
@@ -232,6 +233,20 @@ def write_disk(source: str, record: DiskRecord, to: str, exists: bool, is_block:
     return zeroed
 
 
+def verify_lineage(repo: Repository, manifest: Manifest, disk: str) -> None:
+    """Check every layer a disk's point is built from (raises VerificationError)."""
+    points, missing = lineage(repo.backups(manifest.domain_uuid), manifest, disk)
+    if missing is not None:
+        raise VerificationError(
+            f"backup {manifest.backup_id} disk {disk}: the chain is broken, backup "
+            f"{missing} it builds on is missing; nothing was written")
+    for point in points:
+        check = check_disk(repo, point.manifest, point.record)
+        if not check.ok:
+            raise VerificationError(
+                f"backup {point.backup_id} disk {disk}: {check.problem}; nothing was written")
+
+
 def restore(
     domain: str,
     target: str,
@@ -251,11 +266,7 @@ def restore(
     record = manifest.disk(disk)
     if record is None:
         raise NotFoundError(f"backup {manifest.backup_id} has no disk {disk!r}")
-    check = check_disk(repo, manifest, record)
-    if not check.ok:
-        raise VerificationError(
-            f"backup {manifest.backup_id} disk {disk}: {check.problem}; nothing was written"
-        )
+    verify_lineage(repo, manifest, disk)
     exists, is_block = check_target(to, record.size, force, conn)
     source = repo.data_file(manifest, record)
     try:
@@ -267,6 +278,6 @@ def restore(
         disk=disk,
         path=to,
         size=record.size,
-        data_bytes=record.bytes_transferred,
+        data_bytes=img.data_bytes(source, record.format),
         zeroed_bytes=zeroed,
     )

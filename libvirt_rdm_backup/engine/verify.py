@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from libvirt_rdm_backup.errors import NotFoundError
+from libvirt_rdm_backup.repository.chain import lineage
 from libvirt_rdm_backup.repository.digest import file_digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.store import Repository
@@ -62,11 +63,19 @@ def check_disk(repo: Repository, manifest: Manifest, record: DiskRecord) -> Disk
 
 
 def verify_manifests(repo: Repository, manifests: list[Manifest]) -> VerifyReport:
-    """Check every disk of every given backup."""
+    """Check every disk of every given backup, and that the layers it builds on exist."""
     report = VerifyReport()
+    known: dict[str, list[Manifest]] = {}
     for manifest in manifests:
+        backups = known.setdefault(manifest.domain_uuid, repo.backups(manifest.domain_uuid))
         for record in manifest.disks:
-            report.checks.append(check_disk(repo, manifest, record))
+            check = check_disk(repo, manifest, record)
+            if check.ok:
+                _points, missing = lineage(backups, manifest, record.disk.target)
+                if missing is not None:
+                    check = DiskCheck(manifest.backup_id, record.disk.target, False,
+                                      f"builds on backup {missing}, which is missing")
+            report.checks.append(check)
     return report
 
 

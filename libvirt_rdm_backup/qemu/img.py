@@ -17,6 +17,7 @@ class MapExtent:
     length: int
     data: bool
     zero: bool
+    depth: int = 0  # 0: in the image itself; n: in its n-th backing file
 
 
 def create(path: str, fmt: str, size: int, backing: str | None = None) -> None:
@@ -58,14 +59,16 @@ def map_extents(path: str, fmt: str | None = None, image_opts: bool = False) -> 
             length=int(e["length"]),
             data=bool(e["data"]),
             zero=bool(e["zero"]),
+            depth=int(e.get("depth", 0)),
         )
         for e in json.loads(run(argv).stdout)
     ]
 
 
-def data_bytes(path: str, fmt: str | None = None) -> int:
-    """Bytes of an image that hold data (not zero, not unallocated)."""
-    return sum(e.length for e in map_extents(path, fmt) if e.data and not e.zero)
+def data_bytes(path: str, fmt: str | None = None, own_only: bool = False) -> int:
+    """Bytes of an image that hold data (``own_only``: not counting its backing files)."""
+    return sum(e.length for e in map_extents(path, fmt)
+               if e.data and not e.zero and (e.depth == 0 or not own_only))
 
 
 def convert(

@@ -31,7 +31,11 @@ class JobResult:
 def backup_action(
     job_id: str, device: str, target: str, sync: str = "full", bitmap: str | None = None
 ) -> dict[str, Any]:
-    """A ``blockdev-backup`` transaction action that stays visible until dismissed."""
+    """A ``blockdev-backup`` transaction action that stays visible until dismissed.
+
+    With a bitmap (``sync=bitmap``) the bitmap is left as it is (``never``): it
+    is dropped only after the new backup was published.
+    """
     data: dict[str, Any] = {
         "job-id": job_id,
         "device": device,
@@ -43,6 +47,7 @@ def backup_action(
     }
     if bitmap is not None:
         data["bitmap"] = bitmap
+        data["bitmap-mode"] = "never"
     return {"type": "blockdev-backup", "data": data}
 
 

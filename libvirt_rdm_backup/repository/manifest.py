@@ -15,6 +15,14 @@ MANIFEST_FORMAT = "libvirt-rdm-backup/manifest"
 MANIFEST_VERSION = 1
 
 
+def _optional_str(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
 @dataclass
 class DiskRecord:
     """One disk of a backup: identifiers, mapping, and the stored data."""
@@ -31,6 +39,9 @@ class DiskRecord:
     mapping: RawDiskMapping | None = None
     mapping_error: str | None = None
     reason: str = ""
+    parent: str | None = None  # backup whose data file is this layer's backing file
+    backing_file: str | None = None  # relative path, as written in the qcow2 header
+    bitmap: str | None = None  # the QEMU dirty bitmap tracking writes since this point
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -46,6 +57,9 @@ class DiskRecord:
             "data_path": self.data_path,
             "bytes_transferred": self.bytes_transferred,
             "stored_bytes": self.stored_bytes,
+            "parent": self.parent,
+            "backing_file": self.backing_file,
+            "bitmap": self.bitmap,
             "mapping": self.mapping.to_dict() if self.mapping else None,
             "mapping_error": self.mapping_error,
         }
@@ -67,6 +81,9 @@ class DiskRecord:
             stored_bytes=int(data["stored_bytes"]),
             mapping=RawDiskMapping.from_dict(mapping) if mapping else None,
             mapping_error=data.get("mapping_error"),
+            parent=_optional_str(data.get("parent")),
+            backing_file=_optional_str(data.get("backing_file")),
+            bitmap=_optional_str(data.get("bitmap")),
         )
 
 
@@ -84,7 +101,8 @@ class Manifest:
     domain_xml: str
     disks: list[DiskRecord] = field(default_factory=list)
     chain: str = "default"
-    parent: str | None = None
+    parent: str | None = None  # the previous backup of the chain
+    reason: str = ""
 
     def disk(self, target: str) -> DiskRecord | None:
         """The record of disk ``target``, or None."""
@@ -101,6 +119,7 @@ class Manifest:
             "level": self.level,
             "chain": self.chain,
             "parent": self.parent,
+            "reason": self.reason,
             "created": self.created,
             "completed": self.completed,
             "consistency": self.consistency,
@@ -122,7 +141,8 @@ class Manifest:
                 domain_name=str(data["domain_name"]),
                 level=str(data["level"]),
                 chain=str(data.get("chain", "default")),
-                parent=data.get("parent"),
+                parent=_optional_str(data.get("parent")),
+                reason=str(data.get("reason", "")),
                 created=str(data["created"]),
                 completed=str(data["completed"]),
                 consistency=dict(data.get("consistency") or {}),

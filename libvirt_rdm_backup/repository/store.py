@@ -119,6 +119,7 @@ class Repository:
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
+        self.repo_id = ""  # short random id, part of the names of QEMU bitmaps of this repository
 
     # -- opening ---------------------------------------------------------------
 
@@ -128,7 +129,7 @@ class Repository:
         repo = cls(root)
         marker = os.path.join(repo.root, MARKER)
         if os.path.exists(marker):
-            repo._check_marker(marker)
+            repo.repo_id = repo._check_marker(marker)
             return repo
         if not create:
             if not os.path.isdir(repo.root):
@@ -141,16 +142,17 @@ class Repository:
                     f"{repo.root} is not empty and not a backup repository; refusing to use it"
                 )
             os.chmod(repo.root, 0o700)
+            repo.repo_id = secrets.token_hex(3)
             write_file_atomic(
                 marker,
                 json.dumps({"format": REPOSITORY_FORMAT, "version": REPOSITORY_VERSION,
-                            "created": now_iso()}) + "\n",
+                            "id": repo.repo_id, "created": now_iso()}) + "\n",
             )
         except OSError as err:
             raise RepositoryError(f"cannot create repository at {repo.root}: {err}") from err
         return repo
 
-    def _check_marker(self, marker: str) -> None:
+    def _check_marker(self, marker: str) -> str:
         try:
             with open(marker, encoding="utf-8") as stream:
                 data = json.load(stream)
@@ -160,6 +162,10 @@ class Repository:
             raise RepositoryError(f"{self.root} is not a backup repository")
         if int(data.get("version", 0)) > REPOSITORY_VERSION:
             raise RepositoryError(f"repository version {data.get('version')} is too new")
+        repo_id = str(data.get("id", ""))
+        if not re.fullmatch(r"[0-9a-f]{6}", repo_id):
+            raise RepositoryError(f"repository marker {marker} has no valid id")
+        return repo_id
 
     # -- paths -----------------------------------------------------------------
 

@@ -149,3 +149,35 @@ def rdm_backup(*args: str) -> subprocess.CompletedProcess[str]:
     )
     argv = [exe] if os.path.exists(exe) else ["python", "-m", "libvirt_rdm_backup.cli"]
     return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=600, check=False)
+
+
+def qmp(dom: libvirt.virDomain, command: str, arguments: dict[str, object] | None = None
+        ) -> object:
+    """One QMP command through libvirt; returns its ``return`` value."""
+    import json
+
+    message: dict[str, object] = {"execute": command}
+    if arguments:
+        message["arguments"] = arguments
+    reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(message), 0))
+    assert "error" not in reply, reply
+    return reply["return"]
+
+
+def qemu_leftovers(dom: libvirt.virDomain) -> list[str]:
+    """Jobs, block nodes and exports of this tool still present in QEMU."""
+    found = [f"job {j['id']}" for j in qmp(dom, "query-jobs")  # type: ignore[attr-defined]
+             if str(j["id"]).startswith("rdmb-")]
+    found += [f"node {n['node-name']}" for n in qmp(  # type: ignore[attr-defined]
+        dom, "query-named-block-nodes", {"flat": True}) if n["node-name"].startswith("rdmb-")]
+    found += [f"export {e['id']}" for e in qmp(dom, "query-block-exports")  # type: ignore[attr-defined]
+              if str(e["id"]).startswith("rdmb-")]
+    return found
+
+
+def dirty_bitmaps(dom: libvirt.virDomain) -> set[str]:
+    """Names of every dirty bitmap on every block node of the domain."""
+    names: set[str] = set()
+    for node in qmp(dom, "query-named-block-nodes", {"flat": True}):  # type: ignore[attr-defined]
+        names |= {b["name"] for b in node.get("dirty-bitmaps") or []}
+    return names

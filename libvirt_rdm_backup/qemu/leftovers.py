@@ -1,0 +1,49 @@
+"""Finding and removing what a killed run of this tool left in a running QEMU."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import suppress
+
+from libvirt_rdm_backup.errors import RdmBackupError
+from libvirt_rdm_backup.qemu.jobs import cancel_jobs
+from libvirt_rdm_backup.qemu.monitor import Monitor
+from libvirt_rdm_backup.qemu.names import is_ours
+
+log = logging.getLogger(__name__)
+
+
+def remove_leftovers(monitor: Monitor) -> list[str]:
+    """Cancel our jobs, delete our block nodes and fd sets; return what was removed.
+
+    Only call this while holding the domain's lock: then nothing of ours is in use.
+    Bitmaps are left alone here; chains decide which of theirs are still needed.
+    """
+    removed: list[str] = []
+    jobs = [str(j["id"]) for j in monitor.execute("query-jobs") or [] if is_ours(str(j["id"]))]
+    if jobs:
+        cancel_jobs(monitor, jobs)
+        removed += [f"job {j}" for j in jobs]
+    for export in monitor.execute("query-block-exports") or []:
+        if is_ours(str(export.get("id", ""))):
+            with suppress(RdmBackupError):
+                monitor.execute("block-export-del", {"id": export["id"], "mode": "hard"})
+                removed.append(f"export {export['id']}")
+    nodes = monitor.execute("query-named-block-nodes", {"flat": True}) or []
+    for node in nodes:
+        name = str(node.get("node-name", ""))
+        if is_ours(name):
+            try:
+                monitor.execute("blockdev-del", {"node-name": name})
+                removed.append(f"node {name}")
+            except RdmBackupError as err:
+                log.warning("could not remove leftover node %s: %s", name, err)
+    for fdset in monitor.execute("query-fdsets") or []:
+        opaques = [str(fd.get("opaque", "")) for fd in fdset.get("fds") or []]
+        if opaques and all(is_ours(o) for o in opaques):
+            with suppress(RdmBackupError):
+                monitor.execute("remove-fd", {"fdset-id": fdset["fdset-id"]})
+                removed.append(f"fdset {fdset['fdset-id']}")
+    for item in removed:
+        log.info("removed leftover %s of an earlier run", item)
+    return removed

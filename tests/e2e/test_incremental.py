@@ -1,0 +1,225 @@
+"""Incremental and differential chains of raw disks on the real lab, restored point by point."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from libvirt_rdm_backup import api
+from libvirt_rdm_backup.engine.backup import BackupResult
+from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
+from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers, rdm_backup
+
+pytestmark = pytest.mark.lab
+
+CLUSTER = 64 * 1024
+LOOP_SIZE = 256 * MiB
+LUN_SIZE = 64 * MiB
+
+
+class Writer:
+    """Guest writes of distinct patterns at random cluster-aligned offsets."""
+
+    def __init__(self, vm: LabVM, seed: int) -> None:
+        self.vm = vm
+        self.rng = random.Random(seed)
+        self.pattern = 0
+
+    def write(self, disk: str, count: int, size: int = LOOP_SIZE) -> int:
+        """``count`` writes of 64 KiB (some of 128 KiB); returns the bytes written."""
+        total = 0
+        for _ in range(count):
+            length = CLUSTER * self.rng.choice((1, 1, 2))
+            offset = self.rng.randrange(0, size - length, CLUSTER)
+            self.pattern = self.pattern % 250 + 1
+            guest_write(self.vm.dom, disk, self.pattern, offset, length)
+            total += length
+        return total
+
+
+def backup_point(vm: LabVM, repo: str, work: Path, writer: Writer, index: int,
+                 **kwargs: object) -> tuple[BackupResult, dict[str, Path]]:
+    """Fix a reference of the sources, then back up while the guest keeps writing."""
+    vm.dom.suspend()
+    try:
+        refs = snapshot_source(vm, work / f"ref-{index}")
+    finally:
+        vm.dom.resume()
+    during: list[int] = []
+
+    def write_during(_job: str, _done: int, _total: int) -> None:
+        if not during:  # called only once the point in time is fixed
+            during.append(writer.write("vdb", 6))
+
+    result = api.backup(vm.name, repo, progress=write_during, **kwargs)  # type: ignore[arg-type]
+    return result, refs
+
+
+def restore_and_compare(vm: LabVM, repo: str, work: Path, backup_id: str,
+                        refs: dict[str, Path]) -> None:
+    for disk, ref in refs.items():
+        out = work / f"restore-{backup_id}-{disk}.raw"
+        api.restore(vm.name, repo, disk, str(out), backup_id=backup_id)
+        assert same_bytes(out, ref), f"{disk} of {backup_id} differs from its point in time"
+        out.unlink()
+
+
+@pytest.fixture
+def small_vm() -> LabVM:  # type: ignore[misc]
+    with lab_vm(loop_size=LOOP_SIZE, lun_size=LUN_SIZE) as vm:
+        yield vm
+
+
+def test_chain_of_incrementals_and_differentials_restores_every_point(small_vm: LabVM) -> None:
+    vm, work = small_vm, small_vm.workdir
+    repo = str(work / "repo")
+    writer = Writer(vm, seed=11)
+    writer.write("vdb", 40)
+    writer.write("sda", 10, LUN_SIZE)
+    points = []
+    levels = ["auto", "incremental", "incremental", "differential", "auto", "incremental"]
+    for index, level in enumerate(levels):
+        result, refs = backup_point(vm, repo, work, writer, index, level=level)
+        points.append((result, refs))
+        written = writer.write("vdb", 12) + writer.write("sda", 3, LUN_SIZE)
+        assert written > 0
+
+    results = [r for r, _ in points]
+    assert [r.manifest.level for r in results] == [
+        "full", "incremental", "incremental", "differential", "incremental", "incremental"]
+    full, first_inc = results[0].manifest, results[1].manifest
+    assert "no earlier backup" in full.disk("vdb").reason  # type: ignore[union-attr]
+    assert first_inc.disk("vdb").parent == full.backup_id  # type: ignore[union-attr]
+    diff = results[3].manifest.disk("vdb")
+    assert diff is not None and diff.parent == full.backup_id
+    after_diff = results[4].manifest.disk("vdb")
+    assert after_diff is not None and after_diff.parent == results[3].manifest.backup_id
+    for result in results:
+        lun = result.manifest.disk("sda")
+        assert lun is not None and lun.level == "full" and "passthrough" in lun.reason
+    # an incremental holds only what changed: 12-24 clusters between points, plus 6-12 during
+    for result in results[1:3]:
+        inc = result.manifest.disk("vdb")
+        assert inc is not None and 0 < inc.bytes_transferred <= 40 * CLUSTER
+        assert inc.stored_bytes < 4 * MiB
+
+    for result, refs in points:
+        restore_and_compare(vm, repo, work, result.manifest.backup_id, refs)
+
+    # the chain keeps only the bitmaps still useful: since the last backup and the last full
+    ours = {b for b in dirty_bitmaps(vm.dom) if b.startswith("rdmb-")}
+    assert ours == {results[-1].manifest.disk("vdb").bitmap,  # type: ignore[union-attr]
+                    full.disk("vdb").bitmap}  # type: ignore[union-attr]
+    assert qemu_leftovers(vm.dom) == []
+    assert api.verify(repo).ok
+
+
+def test_independent_chains(small_vm: LabVM) -> None:
+    vm, work = small_vm, small_vm.workdir
+    repo_a, repo_b = str(work / "local"), str(work / "offsite")
+    writer = Writer(vm, seed=5)
+    writer.write("vdb", 10)
+    a0, _ = backup_point(vm, repo_a, work, writer, 0, chain="local")
+    writer.write("vdb", 10)
+    b0, _ = backup_point(vm, repo_b, work, writer, 1, chain="offsite")
+    writer.write("vdb", 10)
+    a1, refs_a1 = backup_point(vm, repo_a, work, writer, 2, chain="local", level="incremental")
+    writer.write("vdb", 10)
+    b1, refs_b1 = backup_point(vm, repo_b, work, writer, 3, chain="offsite",
+                               level="incremental")
+    a2, refs_a2 = backup_point(vm, repo_a, work, writer, 4, chain="weekly", disks=["vdb"])
+    assert a2.manifest.level == "full"  # a new chain starts with a full copy
+    assert a1.manifest.disk("vdb").parent == a0.manifest.backup_id  # type: ignore[union-attr]
+    assert b1.manifest.disk("vdb").parent == b0.manifest.backup_id  # type: ignore[union-attr]
+    restore_and_compare(vm, repo_a, work, a1.manifest.backup_id, refs_a1)
+    restore_and_compare(vm, repo_b, work, b1.manifest.backup_id, refs_b1)
+    restore_and_compare(vm, repo_a, work, a2.manifest.backup_id, {"vdb": refs_a2["vdb"]})
+
+
+def test_restart_loses_tracking_and_auto_says_why(small_vm: LabVM) -> None:
+    vm, work = small_vm, small_vm.workdir
+    repo = str(work / "repo")
+    writer = Writer(vm, seed=7)
+    writer.write("vdb", 10)
+    backup_point(vm, repo, work, writer, 0)
+    vm.dom.destroy()
+    vm.dom.create()
+    writer.write("vdb", 10)
+    proc = rdm_backup("backup", vm.name, "--target", repo, "--level", "incremental")
+    assert proc.returncode == 4
+    assert "no incremental backup of vdb is possible" in proc.stderr
+    assert "gone" in proc.stderr and proc.stderr.count("\n") == 1
+    result, refs = backup_point(vm, repo, work, writer, 1)
+    vdb = result.manifest.disk("vdb")
+    assert vdb is not None and vdb.level == "full" and "gone" in vdb.reason
+    assert result.manifest.level == "full"
+    restore_and_compare(vm, repo, work, result.manifest.backup_id, refs)
+    # and tracking starts again from there
+    writer.write("vdb", 5)
+    again, refs = backup_point(vm, repo, work, writer, 2, level="incremental")
+    assert again.manifest.level == "incremental"
+    restore_and_compare(vm, repo, work, again.manifest.backup_id, refs)
+
+
+def _start_backup(vm: LabVM, repo: str, level: str) -> subprocess.Popen[str]:
+    exe = Path(sys.executable).parent / "rdm-backup"
+    return subprocess.Popen([str(exe), "backup", vm.name, "--target", repo, "--disk", "vdb",
+                             "--level", level, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_when_copying(proc: subprocess.Popen[str], vm: LabVM) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if any(item.startswith("job ") for item in qemu_leftovers(vm.dom)):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"backup ended before it could be killed: {proc.communicate()}")
+        time.sleep(0.005)
+    pytest.fail("the backup job never started")
+
+
+def test_killed_backups_lose_no_tracking() -> None:
+    with lab_vm(loop_size=1024 * MiB, lun_size=LUN_SIZE) as vm:
+        work, repo = vm.workdir, str(vm.workdir / "repo")
+        # enough data that copying takes a while: 400 MiB in scattered 4 MiB pieces
+        for index in range(100):
+            guest_write(vm.dom, "vdb", 0x40 + index % 100, index * 10 * MiB, 4 * MiB)
+        writer = Writer(vm, seed=3)
+        first, refs0 = backup_point(vm, repo, work, writer, 0, disks=["vdb"])
+
+        writer.write("vdb", 20, 1024 * MiB)
+        # a full backup killed mid-copy, then an incremental killed mid-copy
+        for level in ("full", "incremental"):
+            proc = _start_backup(vm, repo, level)
+            _kill_when_copying(proc, vm)
+            assert proc.returncode == -signal.SIGKILL
+            writer.write("vdb", 10, 1024 * MiB)
+        assert [m.backup_id for m in api.list_backups(repo)] == [first.manifest.backup_id]
+
+        vm.dom.suspend()
+        try:
+            refs = snapshot_source(vm, work / "ref-after-kills")
+        finally:
+            vm.dom.resume()
+        result = api.backup(vm.name, repo, disks=["vdb"], level="incremental")
+        vdb = result.manifest.disk("vdb")
+        assert vdb is not None and vdb.parent == first.manifest.backup_id
+        assert qemu_leftovers(vm.dom) == []
+        ours = {b for b in dirty_bitmaps(vm.dom) if b.startswith("rdmb-")}
+        assert ours == {first.manifest.disk("vdb").bitmap, vdb.bitmap}  # type: ignore[union-attr]
+        assert not [p for p in os.listdir(Path(repo) / vm.uuid) if p.startswith(".partial")]
+        restore_and_compare(vm, repo, work, result.manifest.backup_id, {"vdb": refs["vdb"]})
+        restore_and_compare(vm, repo, work, first.manifest.backup_id, {"vdb": refs0["vdb"]})
+        listed = json.loads(rdm_backup("list", "--target", repo, "--json").stdout)
+        assert [b["level"] for b in listed] == ["full", "incremental"]
