@@ -1,0 +1,102 @@
+"""The planner: which level each disk gets, from the chain's history and QEMU's bitmaps."""
+
+from __future__ import annotations
+
+import pytest
+
+from libvirt_rdm_backup.domain.disks import IscsiSource, RawDisk, SourceKind
+from libvirt_rdm_backup.engine.plan import DataPath, Facts, overall_level, plan_backup, plan_disk
+from libvirt_rdm_backup.errors import TrackingLostError, UsageError
+from libvirt_rdm_backup.repository.chain import Chain, lineage
+from libvirt_rdm_backup.repository.digest import Digest
+from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+
+UUID = "0b1f1c1e-4c39-4a4e-9d1c-2a6b3c4d5e6f"
+SIZE = 1 << 30
+
+
+def disk(target: str = "vdb", size: int = SIZE, source: str = "/dev/loop3") -> RawDisk:
+    return RawDisk(target=target, source_kind=SourceKind.BLOCK, device="disk",
+                   source_path=source, size=size, node_name=f"libvirt-{target}-format")
+
+
+def lun() -> RawDisk:
+    return RawDisk(target="sda", source_kind=SourceKind.ISCSI, device="lun", size=SIZE,
+                   iscsi=IscsiSource("127.0.0.1", 3260, "iqn.x:y", 1), node_name="libvirt-9")
+
+
+def manifest(backup_id: str, level: str, parent: str | None, bitmap: str | None,
+             size: int = SIZE) -> Manifest:
+    record = DiskRecord(disk=disk(size=size), size=size, data_file="vdb.qcow2",
+                        format="qcow2", digest=Digest("sha256", "0" * 64), level=level,
+                        data_path="qemu", bytes_transferred=0, stored_bytes=0,
+                        parent=parent, bitmap=bitmap)
+    return Manifest(backup_id=backup_id, domain_uuid=UUID, domain_name="vm", level=level,
+                    created=backup_id, completed=backup_id, consistency={},
+                    domain_xml="", disks=[record], parent=parent)
+
+
+FULL = manifest("20260101T000000Z-000001", "full", None, "bm-full")
+INC = manifest("20260102T000000Z-000002", "incremental", FULL.backup_id, "bm-inc")
+CHAIN = Chain("default", [FULL, INC])
+
+
+def facts(*bitmaps: str, running: bool = True, chain: Chain = CHAIN) -> Facts:
+    return Facts(running, chain, {"libvirt-vdb-format": set(bitmaps)})
+
+
+def test_incremental_builds_on_the_previous_point() -> None:
+    plan = plan_disk(disk(), "incremental", facts("bm-full", "bm-inc"))
+    assert (plan.level, plan.path, plan.source_bitmap) == ("incremental", DataPath.QEMU, "bm-inc")
+    assert plan.parent is not None and plan.parent.backup_id == INC.backup_id and plan.track
+
+
+def test_differential_builds_on_the_last_full() -> None:
+    plan = plan_disk(disk(), "differential", facts("bm-full", "bm-inc"))
+    assert plan.level == "differential" and plan.source_bitmap == "bm-full"
+    assert plan.parent is not None and plan.parent.backup_id == FULL.backup_id
+
+
+@pytest.mark.parametrize(("case", "the_disk", "the_facts", "why"), [
+    ("restart", disk(), facts(), "is gone"),
+    ("resize", disk(size=2 * SIZE), facts("bm-inc"), "resized"),
+    ("replaced", disk(source="/dev/sdz"), facts("bm-inc"), "now has source"),
+    ("empty chain", disk(), facts("bm-inc", chain=Chain("default", [])), "no earlier backup"),
+])
+def test_lost_tracking(case: str, the_disk: RawDisk, the_facts: Facts, why: str) -> None:
+    with pytest.raises(TrackingLostError, match=why) as err:
+        plan_disk(the_disk, "incremental", the_facts)
+    assert err.value.exit_code == 4
+    plan = plan_disk(the_disk, "auto", the_facts)
+    assert plan.level == "full" and why in plan.reason and plan.track
+
+
+def test_offline_domains_and_luns_copy_in_full_from_storage() -> None:
+    with pytest.raises(TrackingLostError, match="not running"):
+        plan_disk(disk(), "incremental", facts(running=False))
+    offline = plan_disk(disk(), "auto", facts(running=False))
+    assert (offline.level, offline.path, offline.track) == ("full", DataPath.STORAGE, False)
+    passthrough = plan_disk(lun(), "incremental", facts("bm-inc"))
+    assert (passthrough.level, passthrough.path) == ("full", DataPath.STORAGE)
+    assert "bypasses" in passthrough.reason and not passthrough.track
+
+
+def test_overall_level_ignores_luns_and_takes_the_costliest() -> None:
+    plans = plan_backup([disk(), lun()], "incremental", facts("bm-inc"))
+    assert overall_level(plans) == "incremental"
+    plans = plan_backup([disk(), disk("vdc")], "auto", facts("bm-inc"))
+    assert overall_level(plans) == "full"  # vdc has no earlier backup
+    assert overall_level(plan_backup([lun()], "auto", facts())) == "full"
+
+
+def test_unknown_level() -> None:
+    with pytest.raises(UsageError):
+        plan_disk(disk(), "weekly", facts())
+
+
+def test_needed_bitmaps_and_lineage() -> None:
+    assert CHAIN.needed_bitmaps() == {"bm-full", "bm-inc"}
+    points, missing = lineage([FULL, INC], INC, "vdb")
+    assert [p.backup_id for p in points] == [INC.backup_id, FULL.backup_id] and missing is None
+    points, missing = lineage([INC], INC, "vdb")
+    assert missing == FULL.backup_id
