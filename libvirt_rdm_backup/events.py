@@ -63,7 +63,8 @@ class Event:
     def when(self) -> datetime:
         """``time`` as an aware UTC datetime."""
         parsed = _parse_time(self.time)
-        assert parsed is not None  # checked by from_line() and record_event()
+        if parsed is None:
+            raise ValueError(f"malformed event time {self.time!r:.80}")
         return parsed
 
     def to_line(self) -> bytes:
@@ -277,7 +278,10 @@ def _since(since_iso: str) -> datetime:
 
 
 def events_since(uuid: str, since_iso: str, state_dir: str | None = None) -> list[Event]:
-    """The domain's events at or after ``since_iso`` (ISO 8601; naive means UTC), file order."""
+    """The domain's events at or after ``since_iso`` (ISO 8601; naive means UTC), file order.
+
+    Raises UsageError for a malformed UUID or time.
+    """
     since = _since(since_iso)
     return [e for e in read_events(uuid, state_dir) if e.when >= since]
 
@@ -308,6 +312,7 @@ def describe_restart(uuid: str, since_iso: str, state_dir: str | None = None) ->
     For example ``the VM was stopped at 2026-11-25T14:03:11Z and started at
     2026-11-25T14:03:15Z``: the first and the last stop or (re)start since then. None when
     there was none (``reconnected`` alone, a libvirtd restart, keeps QEMU and its bitmaps).
+    Raises UsageError for a malformed UUID or time.
     """
     since = _since(since_iso)
     relevant = [

@@ -62,7 +62,7 @@ def _say(message: str) -> None:
     try:
         sys.stderr.write(f"libvirt-rdm-backup hook: {message[:300]}\n")
         sys.stderr.flush()
-    except Exception:  # noqa: BLE001 - stderr may be closed; nothing left to report to
+    except Exception:  # stderr may be closed; nothing left to report to
         pass
 
 
@@ -86,7 +86,7 @@ def _read_input(stdin: IO[str] | IO[bytes]) -> bytes | None:
 def _drain(stdin: IO[str] | IO[bytes]) -> None:
     try:
         _read_input(stdin)
-    except Exception:  # noqa: BLE001 - stdin may be closed or absent
+    except Exception:  # stdin may be closed or absent
         pass
 
 
@@ -163,7 +163,7 @@ def main(
         domain_uuid = uuid_from_xml(data)
         pid = qemu_pid(name, run_dir) if kind in _PID_EVENTS else None
         events.record_event(domain_uuid, kind, operation, sub, state_dir, pid=pid)
-    except BaseException as err:  # noqa: BLE001 - a hook must never fail a domain operation
+    except BaseException as err:  # a hook must never fail a domain operation
         _say(f"{type(err).__name__}: {err}")
     return 0
 
