@@ -53,8 +53,10 @@ _HEADER_LEN = struct.Struct(">I")
 
 
 def chunk_digest(data: bytes | bytearray | memoryview) -> bytes:
-    """The digest of one chunk's bytes."""
-    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+    """The digest of one chunk's bytes (``update`` releases the GIL: threads can hash)."""
+    hasher = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    hasher.update(data)
+    return hasher.digest()
 
 
 @functools.cache
@@ -136,7 +138,7 @@ class ChunkMap:
     def changed_chunks(self, other: ChunkMap) -> list[int]:
         """Indices of the chunks whose digest differs between ``self`` and ``other``."""
         self.check_compatible(other)
-        return list(_differing(self.digests, other.digests, 0, self.count))
+        return list(differing(self.digests, other.digests, 0, self.count))
 
     def save(self, path: str) -> None:
         """Write the map to ``path`` atomically (temporary file, fsync, rename), mode 0600.
@@ -234,7 +236,7 @@ def _int(header: dict[str, Any], key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _differing(
+def differing(
     first: bytes | bytearray, second: bytes | bytearray, start: int, stop: int
 ) -> Iterator[int]:
     """Chunk indices in [start, stop) whose digests differ; equal blocks are skipped whole."""
@@ -420,17 +422,18 @@ def _hash_through_chain(path: str, size: int, chunks: list[int], digests: bytear
     """Hash chunks read through the layer's whole chain (qemu-nbd, read-only)."""
     import nbd
 
-    from libvirt_rdm_backup.qemu.fleece import qemu_nbd_server
+    from libvirt_rdm_backup.qemu.fleece import connect_nbd, disconnect_nbd, qemu_nbd_server
 
     with qemu_nbd_server(path, "qcow2", readonly=True) as uri:
-        handle = nbd.NBD()
         try:
-            handle.connect_uri(uri)
+            handle = connect_nbd(uri)
+        except nbd.Error as err:
+            raise OperationError(f"cannot read {path} through qemu-nbd: {err}") from err
+        try:
             for index in chunks:
                 data = handle.pread(chunk_length(size, index), index * CHUNK)
                 digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = chunk_digest(data)
-            handle.shutdown()
         except nbd.Error as err:
             raise OperationError(f"cannot read {path} through qemu-nbd: {err}") from err
         finally:
-            handle.close()
+            disconnect_nbd(handle)
