@@ -196,6 +196,23 @@ def _common_options(default: Any) -> _Parser:
     return common
 
 
+def cmd_hook(args: argparse.Namespace) -> int:
+    """Install or remove the libvirt hook that records VM starts and stops."""
+    from libvirt_rdm_backup import hook
+
+    if args.action == "install":
+        message = hook.install(args.hooks_dir, state_dir=args.state_dir)
+        document: dict[str, Any] = {"installed": True, "hooks_dir": args.hooks_dir,
+                                    "message": message}
+    else:
+        removed = hook.uninstall(args.hooks_dir)
+        message = "hook removed" if removed else "no hook was installed"
+        document = {"installed": False, "removed": removed, "hooks_dir": args.hooks_dir,
+                    "message": message}
+    _emit(args, document, lambda: message + "\n")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``rdm-backup``."""
     parser = _Parser(prog="rdm-backup", parents=[_common_options(argparse.SUPPRESS)],
@@ -242,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, metavar="DIR")
     p.add_argument("--backup", metavar="ID")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("hook", parents=[common],
+                       help="install or remove the libvirt hook that records VM restarts")
+    p.add_argument("action", choices=("install", "uninstall"))
+    p.add_argument("--hooks-dir", default="/etc/libvirt/hooks", metavar="DIR")
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="where the hook records events (default: "
+                        "/var/lib/libvirt-rdm-backup/events)")
+    p.set_defaults(func=cmd_hook)
 
     p = sub.add_parser("list", parents=[common], help="list backups in a repository")
     p.add_argument("domain", nargs="?")

@@ -14,10 +14,12 @@ from libvirt_rdm_backup.engine.discover import DomainContext, open_domain, selec
 from libvirt_rdm_backup.engine.locks import domain_lock
 from libvirt_rdm_backup.engine.plan import DiskPlan, Facts, overall_level, plan_backup
 from libvirt_rdm_backup.errors import RdmBackupError
+from libvirt_rdm_backup.events import describe_restart
 from libvirt_rdm_backup.qemu import bitmaps, img
 from libvirt_rdm_backup.qemu.leftovers import remove_leftovers
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN, Chain, chain_of
+from libvirt_rdm_backup.repository.chunkmap import ChunkMap, chunkmap_of_layer
 from libvirt_rdm_backup.repository.digest import file_digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.store import (
@@ -86,8 +88,44 @@ def _live_bitmaps(monitor: Monitor | None) -> dict[str, set[str]]:
     return {node: set(names) for node, names in bitmaps.node_bitmaps(monitor).items()}
 
 
+def _parent_maps(repo: Repository, plans: list[DiskPlan]) -> dict[str, ChunkMap]:
+    """The chunk maps of the points the planned layers build on (where recorded)."""
+    maps: dict[str, ChunkMap] = {}
+    for plan in plans:
+        point = plan.parent
+        if point is None or point.record.chunk_map is None:
+            continue
+        directory = repo.backup_dir(point.manifest.domain_uuid, point.backup_id)
+        path = os.path.join(directory, check_safe_name(point.record.chunk_map, "chunk map"))
+        try:
+            maps[plan.disk.target] = ChunkMap.load(path)
+        except RdmBackupError as err:
+            if plan.level == "resync":
+                raise
+            log.warning("disk %s: %s; the new point gets no chunk map", plan.disk.target, err)
+    return maps
+
+
+def _chunk_map(plan: DiskPlan, path: str, captured: Capture,
+               parent_maps: dict[str, ChunkMap]) -> ChunkMap | None:
+    """The new point's chunk map: from the resync, or from the layer's own clusters."""
+    target = plan.disk.target
+    if target in captured.chunk_maps:
+        return captured.chunk_maps[target]
+    parent = parent_maps.get(target)
+    if plan.parent is not None and parent is None:
+        return None  # the point below has no map: nothing to build on
+    return chunkmap_of_layer(path, parent, int(plan.disk.size or 0))
+
+
 def _record(plan: DiskPlan, path: str, captured: Capture,
-            mapping: tuple[RawDiskMapping | None, str | None]) -> DiskRecord:
+            mapping: tuple[RawDiskMapping | None, str | None],
+            parent_maps: dict[str, ChunkMap]) -> DiskRecord:
+    chunk_map = _chunk_map(plan, path, captured, parent_maps)
+    chunk_file = None
+    if chunk_map is not None:
+        chunk_file = f"{plan.disk.target}.chunks"
+        chunk_map.save(os.path.join(os.path.dirname(path), chunk_file))
     return DiskRecord(
         disk=plan.disk,
         size=int(plan.disk.size or img.virtual_size(path, DATA_FORMAT)),
@@ -104,6 +142,9 @@ def _record(plan: DiskPlan, path: str, captured: Capture,
         parent=plan.parent.backup_id if plan.parent else None,
         backing_file=plan.parent.relative_data_file() if plan.parent else None,
         bitmap=captured.new_bitmaps.get(plan.disk.target),
+        chunk_map=chunk_file,
+        chunk_map_digest=file_digest(os.path.join(os.path.dirname(path), chunk_file))
+        if chunk_file else None,
     )
 
 
@@ -151,18 +192,21 @@ def backup(
     with domain_lock(ctx.uuid), repo.lock(ctx.uuid):
         chain = chain_of(repo.backups(ctx.uuid), chain_name)
         monitor = _prepare_qemu(ctx, repo, chain)
-        facts = Facts(ctx.inventory.running, chain, _live_bitmaps(monitor))
+        restart = describe_restart(ctx.uuid, chain.last.created) if chain.last else None
+        facts = Facts(ctx.inventory.running, chain, _live_bitmaps(monitor), restart)
         plans = plan_backup(selected, level, facts)
+        parent_maps = _parent_maps(repo, plans)
         mappings = {disk.target: _mapping_of(disk) for disk in selected}
         backup_id = new_backup_id()
         created = now_iso()
         with repo.staging(ctx.uuid, backup_id) as staging:
             captured = capture(
                 ctx.dom, ctx.inventory.running, plans, staging,
-                bitmaps.bitmap_name(repo.repo_id, chain_name, backup_id), progress)
+                bitmaps.bitmap_name(repo.repo_id, chain_name, backup_id), parent_maps,
+                progress)
             try:
                 records = [_record(p, captured.files[p.disk.target], captured,
-                                   mappings[p.disk.target]) for p in plans]
+                                   mappings[p.disk.target], parent_maps) for p in plans]
                 resolved = overall_level(plans)
                 manifest = Manifest(
                     backup_id=backup_id,

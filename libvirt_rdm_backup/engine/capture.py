@@ -15,9 +15,16 @@ from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.errors import RdmBackupError
 from libvirt_rdm_backup.qemu import bitmaps, img
 from libvirt_rdm_backup.qemu.blockdev import attached_image
+from libvirt_rdm_backup.qemu.fleece import (
+    FleecingExport,
+    fleecing_export,
+    qemu_nbd_server,
+    resync_layer,
+)
 from libvirt_rdm_backup.qemu.jobs import backup_action, cancel_jobs, transaction, wait_jobs
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
+from libvirt_rdm_backup.repository.chunkmap import ChunkMap
 from libvirt_rdm_backup.repository.store import Staging
 
 log = logging.getLogger(__name__)
@@ -33,6 +40,20 @@ class Capture:
     files: dict[str, str]
     window: Window
     new_bitmaps: dict[str, str] = field(default_factory=dict)  # disk -> bitmap since this point
+    chunk_maps: dict[str, ChunkMap] = field(default_factory=dict)  # of resynced disks
+
+
+def _is_resync(plan: DiskPlan) -> bool:
+    return plan.level == "resync"
+
+
+def _resync(plan: DiskPlan, uri: str, target: str, parent_maps: dict[str, ChunkMap],
+            result: Capture) -> None:
+    """Store the chunks of the disk read at ``uri`` that differ from its last backup."""
+    assert plan.parent is not None and plan.disk.size is not None
+    chunk_map, _written = resync_layer(uri, plan.disk.size, parent_maps[plan.disk.target],
+                                       target, plan.parent.relative_data_file())
+    result.chunk_maps[plan.disk.target] = chunk_map
 
 
 def data_file_name(plan: DiskPlan) -> str:
@@ -58,6 +79,7 @@ def capture(
     plans: list[DiskPlan],
     staging: Staging,
     new_bitmap: str,
+    parent_maps: dict[str, ChunkMap],
     progress: ProgressCallback | None = None,
 ) -> Capture:
     """Fix one point in time for all planned disks and copy them into ``staging``.
@@ -69,10 +91,15 @@ def capture(
     new bitmaps (``new_bitmap``, one per tracked disk) are removed again;
     existing bitmaps are never touched, so the next backup still sees every
     write since the last good one.
+
+    Resync disks get a fleecing export in the same transaction; they are read
+    once at that point and only chunks that differ from ``parent_maps`` are stored.
     """
     files = {p.disk.target: staging.file(data_file_name(p)) for p in plans}
-    qemu_plans = [p for p in plans if p.path is DataPath.QEMU]
-    storage_plans = [p for p in plans if p.path is DataPath.STORAGE]
+    qemu_plans = [p for p in plans if p.path is DataPath.QEMU and not _is_resync(p)]
+    fleece_plans = [p for p in plans if p.path is DataPath.QEMU and _is_resync(p)]
+    storage_plans = [p for p in plans if p.path is DataPath.STORAGE and not _is_resync(p)]
+    offline_resyncs = [p for p in plans if p.path is DataPath.STORAGE and _is_resync(p)]
     result = Capture(files=files,
                      window=Window(method="offline" if not running else "qmp-transaction"))
     monitor = Monitor(dom) if running else None
@@ -94,6 +121,17 @@ def capture(
                 result.new_bitmaps[plan.disk.target] = new_bitmap
             actions.append(_job_for(plan, node.node_name, job_id))
             job_ids.append(job_id)
+        fleeces: list[tuple[DiskPlan, FleecingExport]] = []
+        for plan in fleece_plans:
+            assert monitor is not None and plan.disk.size is not None
+            fleece = stack.enter_context(fleecing_export(
+                monitor, str(plan.disk.node_name), plan.disk.target,
+                staging.file(f"{plan.disk.target}.fleece"), plan.disk.size))
+            if plan.track:
+                actions.append(bitmaps.add_action(str(plan.disk.node_name), new_bitmap))
+                result.new_bitmaps[plan.disk.target] = new_bitmap
+            actions += fleece.actions()
+            fleeces.append((plan, fleece))
         pause = paused(dom) if running and storage_plans else nullcontext(None)
         try:
             with pause as pause_window:
@@ -105,6 +143,12 @@ def capture(
                     copy_from_storage(plan, files[plan.disk.target])
             if pause_window is not None:
                 result.window = pause_window
+            for plan, fleece in fleeces:
+                _resync(plan, fleece.export(), files[plan.disk.target], parent_maps, result)
+                fleece.close()
+            for plan in offline_resyncs:
+                with qemu_nbd_server(plan.disk.source, "raw", readonly=True) as uri:
+                    _resync(plan, uri, files[plan.disk.target], parent_maps, result)
             if started:
                 assert monitor is not None
                 wait_jobs(monitor, started, progress)

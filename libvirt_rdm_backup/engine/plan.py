@@ -9,9 +9,9 @@ from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.errors import TrackingLostError, UsageError
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
 
-LEVELS = ("full", "incremental", "differential", "auto")
-# most costly first: the level a mixed backup reports
-_COST = {"full": 3, "differential": 1, "incremental": 0}
+LEVELS = ("full", "incremental", "differential", "resync", "auto")
+# the level a mixed backup reports is its most costly one
+_COST = {"full": 3, "resync": 2, "differential": 1, "incremental": 0}
 
 
 class DataPath(StrEnum):
@@ -46,6 +46,21 @@ class Facts:
     running: bool
     chain: Chain
     live_bitmaps: dict[str, set[str]]  # QEMU node name -> its bitmap names
+    restart: str | None = None  # what the libvirt hook saw since the chain's last backup
+
+
+def _resync_problem(disk: RawDisk, point: DiskPoint | None) -> str | None:
+    """Why the disk cannot be compared chunk by chunk with ``point`` (None: it can)."""
+    if point is None:
+        return f"no earlier backup of {disk.target}"
+    record = point.record
+    if record.chunk_map is None:
+        return f"backup {point.backup_id} has no chunk digest map of {disk.target}"
+    if record.size != disk.size:
+        return f"{disk.target} was resized from {record.size} to {disk.size} bytes"
+    if record.disk.source != disk.source:
+        return f"{disk.target} now has source {disk.source} instead of {record.disk.source}"
+    return None
 
 
 def _tracking_problem(disk: RawDisk, point: DiskPoint | None, facts: Facts) -> str | None:
@@ -62,8 +77,9 @@ def _tracking_problem(disk: RawDisk, point: DiskPoint | None, facts: Facts) -> s
     if record.disk.source != disk.source:
         return f"{disk.target} now has source {disk.source} instead of {record.disk.source}"
     if record.bitmap not in facts.live_bitmaps.get(disk.node_name or "", set()):
-        return (f"dirty bitmap {record.bitmap} of backup {point.backup_id} is gone: "
-                "QEMU was restarted, or the disk replaced, since then")
+        why = facts.restart or "QEMU was restarted, or the disk replaced, since then"
+        return (f"dirty bitmap {record.bitmap} of backup {point.backup_id} is gone "
+                f"({why}): tracking was lost")
     return None
 
 
@@ -71,34 +87,43 @@ def plan_disk(disk: RawDisk, level: str, facts: Facts) -> DiskPlan:
     """Choose data path, level and parent of one disk."""
     if level not in LEVELS:
         raise UsageError(f"unknown level {level!r} (one of {', '.join(LEVELS)})")
-    if not facts.running:
-        if level in ("incremental", "differential"):
-            raise TrackingLostError(disk.target, level, "the domain is not running")
-        return DiskPlan(disk, DataPath.STORAGE, "full",
-                        "domain is not running: copied in full from storage")
     if disk.is_passthrough_lun:
         return DiskPlan(
             disk, DataPath.STORAGE, "full",
             "SCSI passthrough LUN: guest I/O bypasses QEMU's block layer, so no dirty "
-            "tracking; copied in full from storage while the guest is paused")
-    if not disk.node_name:
+            "tracking; copied in full from storage"
+            + (" while the guest is paused" if facts.running else ""))
+    if facts.running and not disk.node_name:
         raise UsageError(f"disk {disk.target}: QEMU has no block node for it")
+    path = DataPath.QEMU if facts.running else DataPath.STORAGE
     if level == "full":
-        return DiskPlan(disk, DataPath.QEMU, "full", "full copy requested", track=True)
-    wanted = "differential" if level == "differential" else "incremental"
+        return DiskPlan(disk, path, "full", "full copy requested", track=facts.running)
     chain = facts.chain
-    point = chain.last_full_point(disk.target) if wanted == "differential" \
-        else chain.last_point(disk.target)
-    problem = _tracking_problem(disk, point, facts)
-    if problem is None:
-        assert point is not None
-        since = "last full" if wanted == "differential" else "previous"
-        return DiskPlan(disk, DataPath.QEMU, wanted,
-                        f"writes since the {since} backup {point.backup_id}",
-                        parent=point, source_bitmap=point.record.bitmap, track=True)
-    if level != "auto":
-        raise TrackingLostError(disk.target, level, problem)
-    return DiskPlan(disk, DataPath.QEMU, "full", f"full copy: {problem}", track=True)
+    last = chain.last_point(disk.target)
+    if level in ("incremental", "differential", "auto"):
+        wanted = "differential" if level == "differential" else "incremental"
+        point = chain.last_full_point(disk.target) if wanted == "differential" else last
+        problem = _tracking_problem(disk, point, facts)
+        if problem is None:
+            assert point is not None
+            since = "last full" if wanted == "differential" else "previous"
+            return DiskPlan(disk, DataPath.QEMU, wanted,
+                            f"writes since the {since} backup {point.backup_id}",
+                            parent=point, source_bitmap=point.record.bitmap, track=True)
+        if level != "auto":
+            raise TrackingLostError(disk.target, level, problem)
+    else:
+        problem = "resync requested"
+    why_not = _resync_problem(disk, last)
+    if why_not is None:
+        assert last is not None
+        how = "reading the disk once" + ("" if facts.running else " from storage")
+        return DiskPlan(disk, path, "resync",
+                        f"resync: {problem}; {how}, storing the chunks that differ from "
+                        f"backup {last.backup_id}", parent=last, track=facts.running)
+    if level == "resync":
+        raise TrackingLostError(disk.target, level, why_not)
+    return DiskPlan(disk, path, "full", f"full copy: {problem}", track=facts.running)
 
 
 def plan_backup(disks: list[RawDisk], level: str, facts: Facts) -> list[DiskPlan]:

@@ -59,6 +59,16 @@ def check_disk(repo: Repository, manifest: Manifest, record: DiskRecord) -> Disk
     if digest.value != record.digest.value:
         return DiskCheck(manifest.backup_id, record.disk.target, False,
                          f"{record.data_file}: {digest.algorithm} mismatch")
+    if record.chunk_map and record.chunk_map_digest:
+        chunk_path = os.path.join(os.path.dirname(path), record.chunk_map)
+        try:
+            chunk_digest = file_digest(chunk_path, record.chunk_map_digest.algorithm)
+        except OSError as err:
+            return DiskCheck(manifest.backup_id, record.disk.target, False,
+                             f"chunk map {record.chunk_map} unreadable: {err}")
+        if chunk_digest.value != record.chunk_map_digest.value:
+            return DiskCheck(manifest.backup_id, record.disk.target, False,
+                             f"chunk map {record.chunk_map}: {chunk_digest.algorithm} mismatch")
     return DiskCheck(manifest.backup_id, record.disk.target, True)
 
 

@@ -24,11 +24,17 @@ def remove_leftovers(monitor: Monitor) -> list[str]:
     if jobs:
         cancel_jobs(monitor, jobs)
         removed += [f"job {j}" for j in jobs]
-    for export in monitor.execute("query-block-exports") or []:
+    exports = monitor.execute("query-block-exports") or []
+    for export in exports:
         if is_ours(str(export.get("id", ""))):
             with suppress(RdmBackupError):
                 monitor.execute("block-export-del", {"id": export["id"], "mode": "hard"})
                 removed.append(f"export {export['id']}")
+    if removed and len(removed) == len(exports) + len(jobs):
+        # every export was ours, so the NBD server serving them was ours too
+        with suppress(RdmBackupError):
+            monitor.execute("nbd-server-stop")
+            removed.append("nbd server")
     nodes = monitor.execute("query-named-block-nodes", {"flat": True}) or []
     for node in nodes:
         name = str(node.get("node-name", ""))

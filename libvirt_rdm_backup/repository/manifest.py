@@ -42,6 +42,8 @@ class DiskRecord:
     parent: str | None = None  # backup whose data file is this layer's backing file
     backing_file: str | None = None  # relative path, as written in the qcow2 header
     bitmap: str | None = None  # the QEMU dirty bitmap tracking writes since this point
+    chunk_map: str | None = None  # file of per-chunk digests of the disk at this point
+    chunk_map_digest: Digest | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -60,6 +62,9 @@ class DiskRecord:
             "parent": self.parent,
             "backing_file": self.backing_file,
             "bitmap": self.bitmap,
+            "chunk_map": self.chunk_map,
+            "chunk_map_digest": self.chunk_map_digest.to_dict() if self.chunk_map_digest
+            else None,
             "mapping": self.mapping.to_dict() if self.mapping else None,
             "mapping_error": self.mapping_error,
         }
@@ -84,6 +89,9 @@ class DiskRecord:
             parent=_optional_str(data.get("parent")),
             backing_file=_optional_str(data.get("backing_file")),
             bitmap=_optional_str(data.get("bitmap")),
+            chunk_map=_optional_str(data.get("chunk_map")),
+            chunk_map_digest=Digest.from_dict(data["chunk_map_digest"])
+            if data.get("chunk_map_digest") else None,
         )
 
 

@@ -144,29 +144,63 @@ def test_independent_chains(small_vm: LabVM) -> None:
     restore_and_compare(vm, repo_a, work, a2.manifest.backup_id, {"vdb": refs_a2["vdb"]})
 
 
-def test_restart_loses_tracking_and_auto_says_why(small_vm: LabVM) -> None:
+def test_restart_loses_tracking_and_auto_resyncs(small_vm: LabVM) -> None:
     vm, work = small_vm, small_vm.workdir
     repo = str(work / "repo")
     writer = Writer(vm, seed=7)
-    writer.write("vdb", 10)
-    backup_point(vm, repo, work, writer, 0)
+    writer.write("vdb", 60)
+    first, _ = backup_point(vm, repo, work, writer, 0)
     vm.dom.destroy()
     vm.dom.create()
-    writer.write("vdb", 10)
+    changed = writer.write("vdb", 10)
     proc = rdm_backup("backup", vm.name, "--target", repo, "--level", "incremental")
     assert proc.returncode == 4
     assert "no incremental backup of vdb is possible" in proc.stderr
-    assert "gone" in proc.stderr and proc.stderr.count("\n") == 1
+    assert "tracking was lost" in proc.stderr and proc.stderr.count("\n") == 1
+    assert api.list_backups(repo)[-1].backup_id == first.manifest.backup_id
+
     result, refs = backup_point(vm, repo, work, writer, 1)
     vdb = result.manifest.disk("vdb")
-    assert vdb is not None and vdb.level == "full" and "gone" in vdb.reason
-    assert result.manifest.level == "full"
+    assert vdb is not None and vdb.level == "resync" and "tracking was lost" in vdb.reason
+    assert result.manifest.level == "resync"
+    assert vdb.parent == first.manifest.backup_id
+    # only what changed since the last backup is stored (the 6 writes made during the
+    # previous backup's copy among it), not the disk and not its earlier data
+    during_first = 6 * 2 * CLUSTER
+    assert 0 < vdb.bytes_transferred <= changed + during_first
     restore_and_compare(vm, repo, work, result.manifest.backup_id, refs)
     # and tracking starts again from there
     writer.write("vdb", 5)
     again, refs = backup_point(vm, repo, work, writer, 2, level="incremental")
     assert again.manifest.level == "incremental"
+    assert again.manifest.disk("vdb").parent == result.manifest.backup_id  # type: ignore[union-attr]
     restore_and_compare(vm, repo, work, again.manifest.backup_id, refs)
+    assert qemu_leftovers(vm.dom) == []
+
+
+def test_resync_of_a_shut_off_domain_and_explicit_resync() -> None:
+    with lab_vm(loop_size=LOOP_SIZE, lun_size=LUN_SIZE) as vm:
+        work, repo = vm.workdir, str(vm.workdir / "repo")
+        writer = Writer(vm, seed=9)
+        writer.write("vdb", 30)
+        backup_point(vm, repo, work, writer, 0)
+        changed = writer.write("vdb", 8)
+        vm.dom.shutdown()
+        vm.dom.destroy()
+        refs = snapshot_source(vm, work / "ref-off")
+        offline = api.backup(vm.name, repo)
+        vdb = offline.manifest.disk("vdb")
+        assert vdb is not None and vdb.level == "resync" and vdb.data_path == "storage"
+        assert vdb.bytes_transferred <= changed + 6 * 2 * CLUSTER
+        assert offline.manifest.disk("sda").level == "full"  # type: ignore[union-attr]
+        restore_and_compare(vm, repo, work, offline.manifest.backup_id, refs)
+
+        vm.dom.create()
+        writer.write("vdb", 4)
+        explicit, refs = backup_point(vm, repo, work, writer, 1, level="resync")
+        assert explicit.manifest.disk("vdb").level == "resync"  # type: ignore[union-attr]
+        restore_and_compare(vm, repo, work, explicit.manifest.backup_id, refs)
+        assert api.verify(repo).ok
 
 
 def _start_backup(vm: LabVM, repo: str, level: str) -> subprocess.Popen[str]:
