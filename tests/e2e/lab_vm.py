@@ -34,20 +34,21 @@ class LabVM:
 
 
 @contextmanager
-def lab_vm(loop_size: int = GiB, lun_size: int = 64 * MiB, start: bool = True
-           ) -> Iterator[LabVM]:
+def lab_vm(loop_size: int = GiB, lun_size: int = 64 * MiB, start: bool = True,
+           sizelimit: bool = True) -> Iterator[LabVM]:
     """Build the VM and tear every piece of it down afterwards."""
     with ExitStack() as stack:
         workdir = stack.enter_context(rdmb_tmpdir())
         loop_file = workdir / "loop-lun.img"
         with open(loop_file, "wb") as stream:
-            stream.truncate(LOOP_OFFSET + loop_size + MiB)
+            stream.truncate(LOOP_OFFSET + loop_size + (MiB if sizelimit else 0))
         iscsi_file = workdir / "iscsi-lun.img"
         with open(iscsi_file, "wb") as stream:
             stream.truncate(lun_size)
         qcow2 = workdir / "system.qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "64M"], check=True)
-        loop = stack.enter_context(loop_device(loop_file, offset=LOOP_OFFSET, sizelimit=loop_size))
+        loop = stack.enter_context(loop_device(loop_file, offset=LOOP_OFFSET,
+                                               sizelimit=loop_size if sizelimit else 0))
         lun = stack.enter_context(iscsi_target(iscsi_file))
         name = unique_name("rdmb-vm")
         disks = [

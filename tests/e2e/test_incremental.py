@@ -15,8 +15,9 @@ import pytest
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.engine.backup import BackupResult
+from libvirt_rdm_backup.errors import OperationError
 from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
-from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers, rdm_backup
+from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers, qmp, rdm_backup
 
 pytestmark = pytest.mark.lab
 
@@ -257,3 +258,57 @@ def test_killed_backups_lose_no_tracking() -> None:
         restore_and_compare(vm, repo, work, first.manifest.backup_id, {"vdb": refs0["vdb"]})
         listed = json.loads(rdm_backup("list", "--target", repo, "--json").stdout)
         assert [b["level"] for b in listed] == ["full", "incremental"]
+
+
+def test_cancelled_job_and_resized_disk(small_vm: LabVM) -> None:
+    vm, work = small_vm, small_vm.workdir
+    repo = str(work / "repo")
+    writer = Writer(vm, seed=13)
+    writer.write("vdb", 20)
+    first, _ = backup_point(vm, repo, work, writer, 0, disks=["vdb"])
+    writer.write("vdb", 10)
+    guest_write(vm.dom, "vdb", 0x77, 64 * MiB, 128 * MiB)  # enough to copy for a while
+
+    # someone cancels our QEMU job: the backup fails, publishes nothing, keeps tracking
+    cancelled: list[str] = []
+
+    def cancel(job: str, _done: int, _total: int) -> None:
+        if not cancelled:
+            qmp(vm.dom, "block-job-set-speed", {"device": job, "speed": 1})
+            qmp(vm.dom, "job-cancel", {"id": job})
+            cancelled.append(job)
+
+    with pytest.raises(OperationError, match="job"):
+        api.backup(vm.name, repo, disks=["vdb"], level="incremental", progress=cancel)
+    assert cancelled
+    assert [m.backup_id for m in api.list_backups(repo)] == [first.manifest.backup_id]
+    result, refs = backup_point(vm, repo, work, writer, 1, disks=["vdb"], level="incremental")
+    vdb = result.manifest.disk("vdb")
+    assert vdb is not None and vdb.parent == first.manifest.backup_id
+    assert vdb.bytes_transferred >= 128 * MiB  # the cancelled copy is not lost
+    restore_and_compare(vm, repo, work, result.manifest.backup_id, {"vdb": refs["vdb"]})
+
+
+def test_resized_disk_gets_a_full_copy() -> None:
+    with lab_vm(loop_size=LOOP_SIZE, lun_size=LUN_SIZE, sizelimit=False) as vm:
+        work, repo = vm.workdir, str(vm.workdir / "repo")
+        writer = Writer(vm, seed=17)
+        writer.write("vdb", 20)
+        backup_point(vm, repo, work, writer, 0, disks=["vdb"])
+        # the LUN grows: neither an incremental nor a resync can stand for it
+        with open(vm.loop_file, "r+b") as stream:
+            stream.truncate(os.path.getsize(vm.loop_file) + 64 * MiB)
+        subprocess.run(["losetup", "-c", vm.loop], check=True)
+        subprocess.run(["virsh", "blockresize", vm.name, "vdb", f"{LOOP_SIZE + 64 * MiB}B"],
+                       check=True, capture_output=True)
+        proc = rdm_backup("backup", vm.name, "--target", repo, "--disk", "vdb", "--level",
+                          "incremental")
+        assert proc.returncode == 4 and "resized" in proc.stderr
+        proc = rdm_backup("backup", vm.name, "--target", repo, "--disk", "vdb", "--level",
+                          "resync")
+        assert proc.returncode == 4 and "resized" in proc.stderr
+        grown, refs = backup_point(vm, repo, work, writer, 2, disks=["vdb"])
+        vdb = grown.manifest.disk("vdb")
+        assert vdb is not None and vdb.level == "full" and "resized" in vdb.reason
+        assert vdb.size == LOOP_SIZE + 64 * MiB
+        restore_and_compare(vm, repo, work, grown.manifest.backup_id, {"vdb": refs["vdb"]})
