@@ -100,3 +100,33 @@ def test_needed_bitmaps_and_lineage() -> None:
     assert [p.backup_id for p in points] == [INC.backup_id, FULL.backup_id] and missing is None
     points, missing = lineage([INC], INC, "vdb")
     assert missing == FULL.backup_id
+
+
+def with_chunks(m: Manifest) -> Manifest:
+    m.disks[0].chunk_map = "vdb.chunks"
+    return m
+
+
+MAPPED = Chain("default", [with_chunks(manifest("20260103T000000Z-000003", "full", None,
+                                                "bm-mapped"))])
+
+
+def test_lost_tracking_with_a_chunk_map_resyncs() -> None:
+    plan = plan_disk(disk(), "auto", facts(chain=MAPPED))
+    assert plan.level == "resync" and plan.path is DataPath.QEMU and plan.track
+    assert plan.parent is not None and plan.parent.backup_id == MAPPED.backups[0].backup_id
+    assert "tracking was lost" in plan.reason and "differ" in plan.reason
+    assert plan_disk(disk(), "auto", facts("bm-mapped", chain=MAPPED)).level == "incremental"
+    explicit = plan_disk(disk(), "resync", facts("bm-mapped", chain=MAPPED))
+    assert explicit.level == "resync" and explicit.source_bitmap is None
+    offline = plan_disk(disk(), "auto", facts(running=False, chain=MAPPED))
+    assert (offline.level, offline.path, offline.track) == ("resync", DataPath.STORAGE, False)
+
+
+def test_resync_needs_a_map_and_the_same_disk() -> None:
+    with pytest.raises(TrackingLostError, match="no chunk digest map"):
+        plan_disk(disk(), "resync", facts())
+    with pytest.raises(TrackingLostError, match="resized"):
+        plan_disk(disk(size=2 * SIZE), "resync", facts(chain=MAPPED))
+    assert plan_disk(disk(size=2 * SIZE), "auto", facts(chain=MAPPED)).level == "full"
+    assert overall_level(plan_backup([disk(), disk("vdc")], "auto", facts(chain=MAPPED))) == "full"
