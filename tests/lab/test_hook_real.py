@@ -217,3 +217,26 @@ def test_libvirtd_restart_is_a_reconnect(state_dir: Path, run_token: str) -> Non
             leftover.undefine()
         finally:
             again.close()
+
+
+def test_backup_names_the_restart_that_lost_tracking(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from libvirt_rdm_backup import api
+    from tests.e2e.lab_vm import MiB, lab_vm
+    from tests.lab.domains import guest_write
+
+    monkeypatch.setenv(events.STATE_DIR_ENV, str(state_dir))
+    with lab_vm(loop_size=64 * MiB, lun_size=16 * MiB) as vm:
+        repo = str(vm.workdir / "repo")
+        guest_write(vm.dom, "vdb", 0x31, 0, MiB)
+        api.backup(vm.name, repo, disks=["vdb"])
+        vm.dom.destroy()
+        vm.dom.create()
+        wait_event(vm.uuid, "started", state_dir)
+        guest_write(vm.dom, "vdb", 0x32, 2 * MiB, MiB)
+        result = api.backup(vm.name, repo, disks=["vdb"])
+        vdb = result.manifest.disk("vdb")
+        assert vdb is not None and vdb.level == "resync"
+        assert "the VM was stopped at" in vdb.reason and "started at" in vdb.reason
+        assert "tracking was lost" in vdb.reason
