@@ -17,11 +17,36 @@ order rotated per round:
   timed until the job is gone; the time with an fsync of the result is reported beside it.
 
 Ratios are rdm-backup time / other time (below 1: rdm-backup is faster) and stored bytes
-of the backup / bytes of data in the LUN. Nothing is asserted against a threshold.
-Everything made (domain, loop device, files) has "rdmb" in its name and is removed in
-``finally`` blocks. Needs root and the lab (``make lab-up``).
+of the backup / bytes of data in the LUN.
 
-Usage: ``.venv/bin/python tools/bench.py [--size-mib N] [--fill F] [--repeat N] [--json]``
+The sections (``--sections``, default all of them, run in this order in one process):
+
+* ``full``: the comparison above.
+* ``incremental``: ``--repeat`` rounds, in one repository, of: a full backup of vdb
+  (``level="full"``), then ``--dirty`` of the LUN (1%) rewritten by the guest side (HMP
+  ``qemu-io`` writes of 64 KiB at scattered 64 KiB-aligned offsets, one monitor command
+  each), then ``level="incremental"``; each measured after the page-cache drop. Reported:
+  incremental time / full time (goal <= 0.05) and bytes the incremental backup takes on
+  disk / rewritten bytes (goal <= 1.2). Then another rewrite of the same size and the
+  same incremental through the ``rdm-backup`` command (a whole process, like the peer's).
+* ``peer``: Debian's ``virtnbdbackup`` on a qcow2 disk of the same size and the same data
+  (``qemu-img convert`` of the freshly filled LUN file, so its zeros are not allocated) as
+  ``vdb`` of a second firmware-only domain: ``-l full`` then, after the same rewrites,
+  ``-l inc``, each timed as a whole command. Reported: our raw-LUN incremental time / its
+  qcow2 incremental time (goal <= 1.0) and both full times. Its libvirt checkpoints are
+  deleted between rounds and at the end, before the domain is undefined.
+* ``resync``: a resync after a domain restart (QEMU's dirty bitmaps gone) with 1% changed:
+  time / full time and bytes stored. Measured only when the library offers the level
+  ``resync`` (:data:`libvirt_rdm_backup.engine.plan.LEVELS`); otherwise reported as not
+  measured.
+
+Goals are printed beside the ratios; nothing is asserted against a threshold.
+Everything made (domains, loop device, files, checkpoints) has "rdmb" in its name (the
+peer's checkpoints are named by it, on an rdmb domain) and is removed in ``finally`` blocks.
+Needs root and the lab (``make lab-up``); the peer section needs ``virtnbdbackup``.
+
+Usage: ``.venv/bin/python tools/bench.py [--size-mib N] [--fill F] [--repeat N]
+[--sections full,incremental,peer,resync] [--dirty F] [--json]``
 """
 
 from __future__ import annotations
@@ -37,8 +62,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -52,12 +77,30 @@ if str(REPO_ROOT) not in sys.path:
 import libvirt  # noqa: E402
 
 from libvirt_rdm_backup import api  # noqa: E402
-from tests.lab.domains import block_disk, domain_type, test_domain  # noqa: E402
+from libvirt_rdm_backup.engine import plan as engine_plan  # noqa: E402
+from tests.lab.domains import (  # noqa: E402
+    URI,
+    block_disk,
+    domain_type,
+    guest_write,
+    qcow2_disk,
+    test_domain,
+)
 from tests.lab.storage_lab import loop_device, rdmb_tmpdir, unique_name  # noqa: E402
 
 MiB = 1024 * 1024
+KiB = 1024
 DISK = "vdb"
 POLL = 0.02  # seconds between job polls of backup-begin
+SECTIONS = ("full", "incremental", "peer", "resync")
+WRITE = 64 * KiB  # size and alignment of each simulated guest write
+# goals of the incremental sections, printed beside the measured ratios (never asserted)
+GOALS = {
+    "incremental_ratio_to_full": 0.05,
+    "incremental_stored_ratio_to_dirty": 1.2,
+    "ratio_inc_vs_virtnbdbackup_inc": 1.0,
+}
+RESYNC_UNAVAILABLE = "not measured (level not available)"
 
 log = logging.getLogger("rdmb-bench")
 
@@ -251,8 +294,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="skip backup-begin to a qcow2 target")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip comparing the first round's copies with the LUN")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="comma-separated sections to run, of "
+                             f"{','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--dirty", type=float, default=0.01,
+                        help="fraction of the LUN rewritten before an incremental "
+                             "(default 0.01)")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown or not chosen:
+        parser.error(f"--sections: unknown {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {','.join(SECTIONS)}")
+    args.sections = [name for name in SECTIONS if name in chosen]
+    if not 0.0 < args.dirty <= 0.5:
+        parser.error("--dirty must be above 0 and at most 0.5")
     if args.size_mib < 4 or args.size_mib % args.extent_mib:
         parser.error("--size-mib must be >= 4 and a multiple of --extent-mib")
     if not 0.0 <= args.fill <= 1.0:
@@ -269,50 +326,100 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally blocks
 
 
+@dataclass
+class Lab:
+    """What the sections share: the LUN, its loop device and the running domain."""
+
+    args: argparse.Namespace
+    work: Path
+    size: int
+    data_bytes: int
+    lun_file: Path
+    device: str = ""
+    name: str = ""
+    dom: libvirt.virDomain | None = None
+    peer_image: Path | None = None
+    full_s: float | None = None  # our full backup time in the incremental section
+
+
+def settle(args: argparse.Namespace) -> None:
+    """What precedes every measured operation: sync, page-cache drop, a pause."""
+    drop_caches()
+    time.sleep(args.settle)
+
+
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     size = args.size_mib * MiB
+    doc: dict[str, Any] = {"sections": list(args.sections)}
     with ExitStack() as stack:
         work = stack.enter_context(rdmb_tmpdir())
         lun_file = work / "rdmb-lun.img"
         say(f"filling {lun_file} ({args.size_mib} MiB, {args.fill:.0%} random data)")
         data_bytes = fill_lun(lun_file, size, args.fill, args.extent_mib * MiB, args.seed,
                               args.sparse)
-        device = stack.enter_context(loop_device(lun_file))
-        name = unique_name("rdmb-bench")
-        say(f"starting domain {name} ({domain_type()}) with {DISK} = {device}")
-        dom = stack.enter_context(test_domain(name, [block_disk(DISK, device)]))
-
-        methods = [
-            Method("rdm_backup_s", "rdm-backup (api.backup)",
-                   lambda out: run_rdm_backup(name, out), "qcow2"),
-            Method("dd_s", "dd bs=4M iflag=direct oflag=direct",
-                   lambda out: run_dd(device, out), "raw"),
-            Method("virsh_backup_begin_s", "backup-begin push, raw target",
-                   lambda out: run_backup_begin(dom, out, "raw"), "raw"),
-        ]
-        if not args.no_qcow2:
-            methods.append(
-                Method("virsh_backup_begin_qcow2_s", "backup-begin push, qcow2 target",
-                       lambda out: run_backup_begin(dom, out, "qcow2"), "qcow2"))
-        verified: dict[str, bool] = {}
-        for round_no in range(args.repeat):
-            shift = round_no % len(methods)
-            for method in methods[shift:] + methods[:shift]:
-                out = work / f"rdmb-{method.key}-{round_no}"
-                drop_caches()
-                time.sleep(args.settle)
-                try:
-                    run = method.run(out)
-                    say(f"round {round_no + 1}/{args.repeat}: {method.label}: "
-                        f"{run.seconds:.2f} s")
-                    method.runs.append(run)
-                    if round_no == 0 and not args.no_verify:
-                        verified[method.key] = same_content(device, run.image, method.fmt)
-                finally:
-                    remove_tree(out)
-        doc = report_doc(args, size, data_bytes, device, methods, verified)
-        doc.update(workdir=str(work), domain=name)
+        lab = Lab(args, work, size, data_bytes, lun_file)
+        if "peer" in args.sections:
+            # the same data before anything writes to the LUN; zeros stay unallocated
+            lab.peer_image = work / "rdmb-peer.qcow2"
+            subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2",
+                            str(lun_file), str(lab.peer_image)], check=True)
+        if set(args.sections) & {"full", "incremental", "resync"}:
+            lab.device = stack.enter_context(loop_device(lun_file))
+            lab.name = unique_name("rdmb-bench")
+            say(f"starting domain {lab.name} ({domain_type()}) with {DISK} = {lab.device}")
+            lab.dom = stack.enter_context(test_domain(lab.name, [block_disk(DISK, lab.device)]))
+            doc.update(domain=lab.name, device=lab.device)
+        doc.update(lun_bytes=size, data_bytes=data_bytes, fill=args.fill,
+                   extent_bytes=args.extent_mib * MiB,
+                   zeros="holes" if args.sparse else "written", page_cache_dropped=True,
+                   domain_type=domain_type(), settle_s=args.settle, repeat=args.repeat)
+        if "full" in args.sections:
+            doc.update(section_full(lab))
+        if "incremental" in args.sections:
+            doc.update(section_incremental(lab))
+        if "peer" in args.sections:
+            doc.update(section_peer(lab, doc))
+        if "resync" in args.sections:
+            doc.update(section_resync(lab))
+        doc["goals"] = {k: v for k, v in GOALS.items() if k in doc}
+        doc["workdir"] = str(work)
         return doc
+
+
+# -- section: full ------------------------------------------------------------------
+
+
+def section_full(lab: Lab) -> dict[str, Any]:
+    """rdm-backup against dd and backup-begin, ``--repeat`` rotated rounds."""
+    args, work, device, name, dom = lab.args, lab.work, lab.device, lab.name, lab.dom
+    methods = [
+        Method("rdm_backup_s", "rdm-backup (api.backup)",
+               lambda out: run_rdm_backup(name, out), "qcow2"),
+        Method("dd_s", "dd bs=4M iflag=direct oflag=direct",
+               lambda out: run_dd(device, out), "raw"),
+        Method("virsh_backup_begin_s", "backup-begin push, raw target",
+               lambda out: run_backup_begin(dom, out, "raw"), "raw"),
+    ]
+    if not args.no_qcow2:
+        methods.append(
+            Method("virsh_backup_begin_qcow2_s", "backup-begin push, qcow2 target",
+                   lambda out: run_backup_begin(dom, out, "qcow2"), "qcow2"))
+    verified: dict[str, bool] = {}
+    for round_no in range(args.repeat):
+        shift = round_no % len(methods)
+        for method in methods[shift:] + methods[:shift]:
+            out = work / f"rdmb-{method.key}-{round_no}"
+            settle(args)
+            try:
+                run = method.run(out)
+                say(f"round {round_no + 1}/{args.repeat}: {method.label}: "
+                    f"{run.seconds:.2f} s")
+                method.runs.append(run)
+                if round_no == 0 and not args.no_verify:
+                    verified[method.key] = same_content(device, run.image, method.fmt)
+            finally:
+                remove_tree(out)
+    return report_doc(args, lab.size, lab.data_bytes, device, methods, verified)
 
 
 def report_doc(args: argparse.Namespace, size: int, data_bytes: int, device: str,
@@ -360,16 +467,329 @@ def report_doc(args: argparse.Namespace, size: int, data_bytes: int, device: str
     return doc
 
 
+# -- sections: incremental, peer, resync ---------------------------------------------
+
+
+def dirty_offsets(size: int, fraction: float, seed: str) -> list[int]:
+    """Distinct 64 KiB-aligned offsets, in random order, covering ``fraction`` of the disk.
+
+    The first 64 KiB are left alone (no boot sector appears for the firmware).
+    """
+    slots = size // WRITE
+    count = max(1, min(slots - 1, round(fraction * size / WRITE)))
+    return [slot * WRITE for slot in random.Random(seed).sample(range(1, slots), count)]
+
+
+def rewrite(dom: libvirt.virDomain, offsets: list[int], pattern: int) -> int:
+    """Guest-side writes of 64 KiB at each offset (one HMP ``qemu-io`` each); the bytes."""
+    for offset in offsets:
+        guest_write(dom, DISK, pattern, offset, WRITE)
+    return len(offsets) * WRITE
+
+
+@dataclass
+class Taken:
+    """One backup taken through the API, timed as the whole call."""
+
+    seconds: float
+    level: str
+    stored_bytes: int  # what the backup's directory takes on disk (st_blocks)
+    manifest_stored_bytes: int
+    bytes_transferred: int
+    image: Path
+
+
+def timed_backup(domain: str, repo: Path, level: str) -> Taken:
+    """:func:`api.backup` of vdb at ``level``; the level it reports is checked."""
+    started = time.monotonic()
+    result = api.backup(domain, str(repo), disks=[DISK], level=level)
+    seconds = time.monotonic() - started
+    record = result.manifest.disks[0]
+    if level != "auto" and record.level != level:
+        raise RuntimeError(f"asked for a {level} backup, got {record.level}: {record.reason}")
+    backup_dir = Path(result.path)
+    return Taken(seconds, record.level, allocated_bytes(backup_dir), record.stored_bytes,
+                 record.bytes_transferred, backup_dir / record.data_file)
+
+
+def cli_backup(domain: str, repo: Path, level: str) -> float:
+    """The ``rdm-backup`` command (a whole process) backing up vdb at ``level``."""
+    exe = REPO_ROOT / ".venv" / "bin" / "rdm-backup"
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "libvirt_rdm_backup.cli"]
+    argv += ["--json", "backup", domain, "--target", str(repo), "--disk", DISK,
+             "--level", level]
+    started = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    seconds = time.monotonic() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"rdm-backup backup --level {level} failed: {proc.stderr.strip()}")
+    reported = json.loads(proc.stdout)["level"]
+    if reported != level:
+        raise RuntimeError(f"rdm-backup backup --level {level} made a {reported} backup")
+    return seconds
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def section_incremental(lab: Lab) -> dict[str, Any]:
+    """Full, 1% rewritten, incremental (API); then 1% more and incremental (command)."""
+    args = lab.args
+    assert lab.dom is not None
+    repo = lab.work / "rdmb-inc-repo"
+    fulls: list[Taken] = []
+    incs: list[Taken] = []
+    cli_runs: list[float] = []
+    dirty = writes = 0
+    verified: bool | None = None
+    try:
+        for round_no in range(args.repeat):
+            settle(args)
+            full = timed_backup(lab.name, repo, "full")
+            offsets = dirty_offsets(lab.size, args.dirty, f"rdmb-dirty-{args.seed}-{round_no}")
+            dirty, writes = rewrite(lab.dom, offsets, 0x40 + round_no), len(offsets)
+            settle(args)
+            inc = timed_backup(lab.name, repo, "incremental")
+            say(f"incremental round {round_no + 1}/{args.repeat}: full {full.seconds:.2f} s, "
+                f"{writes} x 64 KiB rewritten, incremental {inc.seconds:.3f} s, "
+                f"stored {inc.stored_bytes / MiB:.2f} MiB")
+            if round_no == 0 and not args.no_verify:
+                verified = same_content(lab.device, inc.image, "qcow2")
+            more = dirty_offsets(lab.size, args.dirty, f"rdmb-dirty-cli-{args.seed}-{round_no}")
+            rewrite(lab.dom, more, 0x60 + round_no)
+            settle(args)
+            cli_runs.append(cli_backup(lab.name, repo, "incremental"))
+            say(f"incremental round {round_no + 1}/{args.repeat}: rdm-backup command "
+                f"{cli_runs[-1]:.3f} s")
+            fulls.append(full)
+            incs.append(inc)
+    finally:
+        remove_tree(repo)
+    full_s = median([t.seconds for t in fulls])
+    inc_s = median([t.seconds for t in incs])
+    stored = int(median([float(t.stored_bytes) for t in incs]))
+    lab.full_s = full_s
+    return {
+        "dirty_fraction": args.dirty,
+        "dirty_writes": writes,
+        "write_bytes": WRITE,
+        "dirty_bytes": dirty,
+        "incremental_full_s": round(full_s, 3),
+        "incremental_s": round(inc_s, 3),
+        "incremental_ratio_to_full": round(inc_s / full_s, 4),
+        "incremental_stored_bytes": stored,
+        "incremental_manifest_stored_bytes":
+            int(median([float(t.manifest_stored_bytes) for t in incs])),
+        "incremental_bytes_transferred":
+            int(median([float(t.bytes_transferred) for t in incs])),
+        "incremental_stored_ratio_to_dirty": round(stored / dirty, 4),
+        "incremental_cli_s": round(median(cli_runs), 3),
+        "incremental_verified_identical": verified,
+        "incremental_runs_s": {
+            "full": [round(t.seconds, 3) for t in fulls],
+            "incremental": [round(t.seconds, 3) for t in incs],
+            "incremental_cli": [round(v, 3) for v in cli_runs],
+        },
+    }
+
+
+def virtnbdbackup_version() -> str:
+    proc = subprocess.run(["virtnbdbackup", "--version"], capture_output=True, text=True,
+                          check=False)
+    return (proc.stdout or proc.stderr).strip()
+
+
+def run_virtnbdbackup(domain: str, level: str, out: Path, rundir: Path) -> float:
+    """One ``virtnbdbackup`` command, timed as a whole; its socket and scratch in ``rundir``."""
+    argv = ["virtnbdbackup", "-U", URI, "-d", domain, "-l", level, "-i", DISK,
+            "-o", str(out), "--noprogress", "-S", str(rundir),
+            "-f", str(rundir / "rdmb-virtnbdbackup.sock")]
+    started = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    seconds = time.monotonic() - started
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"virtnbdbackup -l {level} failed ({proc.returncode}):\n{tail}")
+    return seconds
+
+
+def delete_checkpoints(dom: libvirt.virDomain) -> None:
+    """Every checkpoint of the domain, children first (metadata only where that fails)."""
+    checkpoints = dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)
+    for checkpoint in reversed(checkpoints):
+        try:
+            checkpoint.delete(0)
+        except libvirt.libvirtError:
+            checkpoint.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+
+
+@contextmanager
+def peer_domain(name: str, image: Path) -> Iterator[libvirt.virDomain]:
+    """A domain with the qcow2 image as vdb; its checkpoints and itself removed afterwards."""
+    try:
+        with test_domain(name, [qcow2_disk(DISK, str(image))]) as dom:
+            try:
+                yield dom
+            finally:
+                try:
+                    delete_checkpoints(dom)
+                except libvirt.libvirtError as err:
+                    say(f"could not delete the checkpoints of {name}: {err}")
+    finally:
+        # libvirt refuses to undefine a domain with checkpoint metadata left
+        conn = libvirt.open(URI)
+        try:
+            try:
+                left = conn.lookupByName(name)
+            except libvirt.libvirtError:
+                left = None
+            if left is not None:
+                if left.isActive():
+                    left.destroy()
+                left.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+        finally:
+            conn.close()
+
+
+def section_peer(lab: Lab, doc: dict[str, Any]) -> dict[str, Any]:
+    """virtnbdbackup full, the same rewrites, virtnbdbackup inc, on a qcow2 copy of the LUN."""
+    args = lab.args
+    assert lab.peer_image is not None
+    rundir = lab.work / "rdmb-virtnbdbackup-run"
+    rundir.mkdir()
+    os.chmod(rundir, 0o1777)  # QEMU (user libvirt-qemu) binds the NBD socket here
+    name = unique_name("rdmb-bench-peer")
+    version = virtnbdbackup_version()
+    fulls: list[float] = []
+    incs: list[float] = []
+    full_stored: list[float] = []
+    inc_stored: list[float] = []
+    dirty = 0
+    say(f"starting domain {name} with {DISK} = {lab.peer_image.name} for {version}")
+    with peer_domain(name, lab.peer_image) as dom:
+        for round_no in range(args.repeat):
+            delete_checkpoints(dom)  # each round starts a new checkpoint chain
+            out = lab.work / f"rdmb-virtnbdbackup-{round_no}"
+            try:
+                settle(args)
+                fulls.append(run_virtnbdbackup(name, "full", out, rundir))
+                offsets = dirty_offsets(lab.size, args.dirty,
+                                        f"rdmb-dirty-{args.seed}-{round_no}")
+                dirty = rewrite(dom, offsets, 0x40 + round_no)
+                settle(args)
+                incs.append(run_virtnbdbackup(name, "inc", out, rundir))
+                full_stored.append(float(sum(
+                    allocated_bytes(f) for f in out.glob(f"{DISK}.full.data"))))
+                inc_stored.append(float(sum(
+                    allocated_bytes(f) for f in out.glob(f"{DISK}.inc.*.data"))))
+                say(f"peer round {round_no + 1}/{args.repeat}: virtnbdbackup full "
+                    f"{fulls[-1]:.2f} s, inc {incs[-1]:.3f} s")
+            finally:
+                remove_tree(out)
+    result: dict[str, Any] = {
+        "peer": version,
+        "peer_domain": name,
+        "peer_dirty_bytes": dirty,
+        "virtnbdbackup_full_s": round(median(fulls), 3),
+        "virtnbdbackup_inc_s": round(median(incs), 3),
+        "virtnbdbackup_full_stored_bytes": int(median(full_stored)),
+        "virtnbdbackup_inc_stored_bytes": int(median(inc_stored)),
+        "virtnbdbackup_runs_s": {"full": [round(v, 3) for v in fulls],
+                                 "inc": [round(v, 3) for v in incs]},
+    }
+    inc_vnb = median(incs)
+    if "incremental_s" in doc:
+        result["ratio_inc_vs_virtnbdbackup_inc"] = round(doc["incremental_s"] / inc_vnb, 3)
+        result["ratio_inc_cli_vs_virtnbdbackup_inc"] = round(
+            doc["incremental_cli_s"] / inc_vnb, 3)
+        result["ratio_full_vs_virtnbdbackup_full"] = round(
+            doc["incremental_full_s"] / median(fulls), 3)
+    return result
+
+
+def section_resync(lab: Lab) -> dict[str, Any]:
+    """RESYNC SECTION: resync after a restart with 1% changed: time / full time, bytes stored.
+
+    Measured only when the library offers ``level="resync"``
+    (:data:`libvirt_rdm_backup.engine.plan.LEVELS`): a full backup into a fresh repository,
+    the domain destroyed and started again (QEMU's dirty bitmaps are gone), ``--dirty`` of
+    the LUN rewritten, then a ``resync`` backup, each after the page-cache drop. Reported:
+    resync time / that full's time and the bytes the resync backup takes / rewritten bytes.
+    """
+    if "resync" not in engine_plan.LEVELS:
+        print(f"resync: {RESYNC_UNAVAILABLE}", file=sys.stderr, flush=True)
+        return {"resync": RESYNC_UNAVAILABLE}
+    args = lab.args
+    assert lab.dom is not None
+    repo = lab.work / "rdmb-resync-repo"
+    fulls: list[Taken] = []
+    resyncs: list[Taken] = []
+    dirty = 0
+    verified: bool | None = None
+    try:
+        for round_no in range(args.repeat):
+            settle(args)
+            fulls.append(timed_backup(lab.name, repo, "full"))
+            lab.dom.destroy()
+            lab.dom.create()
+            offsets = dirty_offsets(lab.size, args.dirty,
+                                    f"rdmb-dirty-resync-{args.seed}-{round_no}")
+            dirty = rewrite(lab.dom, offsets, 0x70 + round_no)
+            settle(args)
+            resyncs.append(timed_backup(lab.name, repo, "resync"))
+            say(f"resync round {round_no + 1}/{args.repeat}: full {fulls[-1].seconds:.2f} s, "
+                f"resync {resyncs[-1].seconds:.3f} s ({resyncs[-1].level})")
+            if round_no == 0 and not args.no_verify:
+                verified = same_content(lab.device, resyncs[-1].image, "qcow2")
+    finally:
+        remove_tree(repo)
+    full_s = median([t.seconds for t in fulls])
+    resync_s = median([t.seconds for t in resyncs])
+    stored = int(median([float(t.stored_bytes) for t in resyncs]))
+    return {
+        "resync": "measured",
+        "resync_level": resyncs[-1].level,
+        "resync_dirty_bytes": dirty,
+        "resync_full_s": round(full_s, 3),
+        "resync_s": round(resync_s, 3),
+        "resync_ratio_to_full": round(resync_s / full_s, 4),
+        "resync_stored_bytes": stored,
+        "resync_stored_ratio_to_dirty": round(stored / dirty, 4),
+        "resync_verified_identical": verified,
+        "resync_runs_s": {"full": [round(t.seconds, 3) for t in fulls],
+                          "resync": [round(t.seconds, 3) for t in resyncs]},
+    }
+
+
 def print_table(doc: dict[str, Any], methods_order: list[tuple[str, str]]) -> None:
     lun = doc["lun_bytes"]
     print(f"LUN: {lun / MiB:.0f} MiB loop device over a file in /var/tmp/rdmb-* "
           f"({doc['data_bytes'] / MiB:.0f} MiB random data in "
           f"{doc['extent_bytes'] // MiB} MiB extents, zeros {doc['zeros']}); "
-          f"domain type {doc['domain_type']}")
-    print(f"Each run follows `sync; echo 3 > /proc/sys/vm/drop_caches` (page cache dropped) "
-          f"and a {doc['settle_s']} s pause; median of {doc['repeat']} round(s), "
-          f"order rotated per round.")
+          f"domain type {doc['domain_type']}; sections: {', '.join(doc['sections'])}")
+    print(f"Each measured run follows `sync; echo 3 > /proc/sys/vm/drop_caches` (page cache "
+          f"dropped) and a {doc['settle_s']} s pause; medians of {doc['repeat']} round(s).")
     print()
+    if "rdm_backup_s" in doc:
+        print_full(doc, methods_order)
+    if "incremental_s" in doc:
+        print_incremental(doc)
+    if "virtnbdbackup_inc_s" in doc:
+        print_peer(doc)
+    if "resync" in doc:
+        print_resync(doc)
+
+
+def goal(doc: dict[str, Any], key: str) -> str:
+    """``ratio  (goal <= G: met/missed)`` for a ratio with a goal."""
+    value, wanted = doc[key], GOALS[key]
+    return f"{value:.3f}   (goal <= {wanted}: {'met' if value <= wanted else 'missed'})"
+
+
+def print_full(doc: dict[str, Any], methods_order: list[tuple[str, str]]) -> None:
+    lun = doc["lun_bytes"]
+    print("== full backup (rotated order per round)")
     header = f"{'method':<38} {'median s':>9} {'MiB/s':>8} {'rdm/this':>9}  runs (s)"
     print(header)
     print("-" * len(header))
@@ -406,12 +826,81 @@ def print_table(doc: dict[str, Any], methods_order: list[tuple[str, str]]) -> No
     print()
 
 
+def print_incremental(doc: dict[str, Any]) -> None:
+    mib = doc["dirty_bytes"] / MiB
+    print(f"== incremental: {doc['dirty_writes']} guest writes of 64 KiB at scattered "
+          f"64 KiB-aligned offsets ({mib:.2f} MiB, {doc['dirty_fraction']:.0%} of the LUN) "
+          "between a full and an incremental backup of vdb")
+    runs = doc["incremental_runs_s"]
+    print(f"  full (api.backup level=full):          {doc['incremental_full_s']:8.3f} s   "
+          f"runs {', '.join(f'{v:.3f}' for v in runs['full'])}")
+    print(f"  incremental (api.backup):              {doc['incremental_s']:8.3f} s   "
+          f"runs {', '.join(f'{v:.3f}' for v in runs['incremental'])}")
+    print(f"  incremental (rdm-backup command):      {doc['incremental_cli_s']:8.3f} s   "
+          f"runs {', '.join(f'{v:.3f}' for v in runs['incremental_cli'])}")
+    print(f"  incremental time / full time:          {goal(doc, 'incremental_ratio_to_full')}")
+    print(f"  stored by the incremental:             "
+          f"{doc['incremental_stored_bytes'] / MiB:8.3f} MiB on disk (manifest: "
+          f"{doc['incremental_manifest_stored_bytes'] / MiB:.3f} MiB, copied "
+          f"{doc['incremental_bytes_transferred'] / MiB:.3f} MiB)")
+    print(f"  stored / rewritten bytes:              "
+          f"{goal(doc, 'incremental_stored_ratio_to_dirty')}")
+    check = doc["incremental_verified_identical"]
+    if check is not None:
+        print(f"  first-round chain (full + incremental) vs the LUN: "
+              f"{'identical' if check else 'DIFFERENT'}")
+    print()
+
+
+def print_peer(doc: dict[str, Any]) -> None:
+    print(f"== peer: virtnbdbackup {doc['peer']} on a qcow2 disk with the same data "
+          f"(zeros unallocated) in domain {doc['peer_domain']}, the same rewrites; "
+          "whole commands")
+    runs = doc["virtnbdbackup_runs_s"]
+    print(f"  virtnbdbackup -l full:                 {doc['virtnbdbackup_full_s']:8.3f} s   "
+          f"runs {', '.join(f'{v:.3f}' for v in runs['full'])}   stored "
+          f"{doc['virtnbdbackup_full_stored_bytes'] / MiB:.2f} MiB")
+    print(f"  virtnbdbackup -l inc:                  {doc['virtnbdbackup_inc_s']:8.3f} s   "
+          f"runs {', '.join(f'{v:.3f}' for v in runs['inc'])}   stored "
+          f"{doc['virtnbdbackup_inc_stored_bytes'] / MiB:.2f} MiB")
+    if "ratio_inc_vs_virtnbdbackup_inc" in doc:
+        print(f"  our raw-LUN incremental / its qcow2 incremental: "
+              f"{goal(doc, 'ratio_inc_vs_virtnbdbackup_inc')}")
+        print(f"    the same with our command (a whole process too): "
+              f"{doc['ratio_inc_cli_vs_virtnbdbackup_inc']:.3f}")
+        print(f"  our full (all of the LUN read) / its full (allocated qcow2 data): "
+              f"{doc['ratio_full_vs_virtnbdbackup_full']:.3f}   (context)")
+    print()
+
+
+def print_resync(doc: dict[str, Any]) -> None:
+    if doc["resync"] != "measured":
+        print(f"== resync: {doc['resync']}")
+        print()
+        return
+    print(f"== resync after a domain restart, {doc['resync_dirty_bytes'] / MiB:.2f} MiB "
+          f"rewritten (level reported: {doc['resync_level']})")
+    print(f"  full {doc['resync_full_s']:.3f} s, resync {doc['resync_s']:.3f} s: "
+          f"ratio {doc['resync_ratio_to_full']:.3f}")
+    print(f"  stored {doc['resync_stored_bytes'] / MiB:.3f} MiB: ratio to rewritten bytes "
+          f"{doc['resync_stored_ratio_to_dirty']:.3f}")
+    check = doc["resync_verified_identical"]
+    if check is not None:
+        print(f"  first-round chain (full + resync) vs the LUN: "
+              f"{'identical' if check else 'DIFFERENT'}")
+    print()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="bench: %(levelname)s %(name)s: %(message)s")
     if os.geteuid() != 0:
         print("bench: needs root (loop devices, drop_caches, qemu:///system)", file=sys.stderr)
+        return 2
+    if "peer" in args.sections and shutil.which("virtnbdbackup") is None:
+        print("bench: the peer section needs virtnbdbackup (apt-get install virtnbdbackup, "
+              "or make install); choose other --sections to run without it", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)

@@ -23,6 +23,8 @@ DEB_PACKAGES=(
     gcc make
     # The Vagrant box definition (vagrant/Vagrantfile) is validated by the tests.
     vagrant vagrant-libvirt rsync
+    # The peer that tools/bench.py races on qcow2 disks.
+    virtnbdbackup
 )
 
 log() { printf 'lab: %s\n' "$*" >&2; }
