@@ -79,15 +79,18 @@ def backup(
     progress: ProgressCallback | None = None,
     level: str = "auto",
     chain: str = DEFAULT_CHAIN,
+    quiesce: str | None = None,
 ) -> BackupResult:
     """A point-in-time backup of the domain's raw disks into repository ``target``.
 
     ``level``: ``full``, ``incremental``, ``differential`` or ``auto`` (incremental
     where the chain's dirty tracking is intact, otherwise what stays correct).
     ``chain`` names an independent chain with its own dirty bitmaps.
+    ``quiesce``: ``try`` (freeze the guest's filesystems through its agent when it
+    answers, else crash-consistent) or ``required`` (fail without the agent).
     """
     with connection(uri) as conn:
-        return _backup.backup(conn, domain, target, disks, level, chain, progress)
+        return _backup.backup(conn, domain, target, disks, level, chain, progress, quiesce)
 
 
 def restore(

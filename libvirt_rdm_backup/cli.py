@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from libvirt_rdm_backup import api
+from libvirt_rdm_backup.consistency import QUIESCE_MODES
 from libvirt_rdm_backup.engine.plan import LEVELS
 from libvirt_rdm_backup.errors import RdmBackupError, UsageError
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
@@ -112,7 +113,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     """Take a full backup."""
     result = api.backup(args.domain, args.target, args.disk or None, args.connect,
                         None if args.json else _progress_printer(), level=args.level,
-                        chain=args.chain)
+                        chain=args.chain, quiesce=args.quiesce)
     document = result.to_dict()
 
     def text() -> str:
@@ -120,7 +121,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         pause = m.consistency.get("paused_ms")
         lines = [f"backup {m.backup_id} of {m.domain_name} ({m.level}) published at {result.path}",
                  f"  consistency: {m.consistency.get('method')}"
-                 + (f", guest paused {pause} ms" if pause else "")]
+                 + (f", guest held {pause} ms" if pause else "")]
+        lines += [f"  note: {note}" for note in m.consistency.get("notes", [])]
         for d in m.disks:
             lines.append(f"  {d.disk.target:8} {d.level:12} {_human_size(d.size):>10}  data "
                          f"{_human_size(d.bytes_transferred)}  stored "
@@ -238,8 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk", action="append", metavar="DEV", help="only this disk (repeatable)")
     p.add_argument("--level", choices=LEVELS, default="auto",
                    help="full, incremental (since the chain's previous backup), differential "
-                        "(since its last full) or auto (default: incremental where tracking "
-                        "is intact, else what stays correct, with the reason)")
+                        "(since its last full), resync (read once, store the chunks that "
+                        "differ from the last backup) or auto (default: incremental where "
+                        "tracking is intact, else a resync or a full copy, with the reason)")
+    p.add_argument("--quiesce", nargs="?", const="try", choices=QUIESCE_MODES, default=None,
+                   help="freeze the guest's filesystems through the QEMU guest agent while "
+                        "the point in time is fixed; without the agent the backup is "
+                        "crash-consistent, or fails with --quiesce=required")
     p.add_argument("--chain", default=DEFAULT_CHAIN, metavar="NAME",
                    help="independent chain with its own dirty tracking (default: %(default)s)")
     p.set_defaults(func=cmd_backup)

@@ -9,7 +9,15 @@ from typing import Any
 
 import libvirt
 
-from libvirt_rdm_backup.engine.capture import DATA_FORMAT, Capture, ProgressCallback, capture
+from libvirt_rdm_backup.consistency import recover_window
+from libvirt_rdm_backup.domain.disks import RawDisk
+from libvirt_rdm_backup.engine.capture import (
+    DATA_FORMAT,
+    Capture,
+    ProgressCallback,
+    capture,
+    drop_new_snapshots,
+)
 from libvirt_rdm_backup.engine.discover import DomainContext, open_domain, select_disks
 from libvirt_rdm_backup.engine.locks import domain_lock
 from libvirt_rdm_backup.engine.plan import DiskPlan, Facts, overall_level, plan_backup
@@ -30,6 +38,11 @@ from libvirt_rdm_backup.repository.store import (
 )
 from libvirt_rdm_backup.storage import map_disk
 from libvirt_rdm_backup.storage.base import RawDiskMapping
+from libvirt_rdm_backup.storage.snapshots import (
+    StorageSnapshot,
+    agent_by_name,
+    find_snapshot_agent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +120,8 @@ def _parent_maps(repo: Repository, plans: list[DiskPlan]) -> dict[str, ChunkMap]
 
 
 def _chunk_map(plan: DiskPlan, path: str, captured: Capture,
-               parent_maps: dict[str, ChunkMap]) -> ChunkMap | None:
+               parent_maps: dict[str, ChunkMap], extents: list[img.MapExtent]
+               ) -> ChunkMap | None:
     """The new point's chunk map: from the resync, or from the layer's own clusters."""
     target = plan.disk.target
     if target in captured.chunk_maps:
@@ -115,13 +129,14 @@ def _chunk_map(plan: DiskPlan, path: str, captured: Capture,
     parent = parent_maps.get(target)
     if plan.parent is not None and parent is None:
         return None  # the point below has no map: nothing to build on
-    return chunkmap_of_layer(path, parent, int(plan.disk.size or 0))
+    return chunkmap_of_layer(path, parent, int(plan.disk.size or 0), extents)
 
 
 def _record(plan: DiskPlan, path: str, captured: Capture,
             mapping: tuple[RawDiskMapping | None, str | None],
             parent_maps: dict[str, ChunkMap]) -> DiskRecord:
-    chunk_map = _chunk_map(plan, path, captured, parent_maps)
+    extents = img.map_extents(path, DATA_FORMAT)
+    chunk_map = _chunk_map(plan, path, captured, parent_maps, extents)
     chunk_file = None
     if chunk_map is not None:
         chunk_file = f"{plan.disk.target}.chunks"
@@ -135,21 +150,28 @@ def _record(plan: DiskPlan, path: str, captured: Capture,
         level=plan.level,
         reason=plan.reason,
         data_path=str(plan.path),
-        bytes_transferred=img.data_bytes(path, DATA_FORMAT, own_only=True),
+        bytes_transferred=img.data_bytes(path, own_only=True, extents=extents),
         stored_bytes=os.stat(path).st_blocks * 512,
         mapping=mapping[0],
         mapping_error=mapping[1],
         parent=plan.parent.backup_id if plan.parent else None,
         backing_file=plan.parent.relative_data_file() if plan.parent else None,
         bitmap=captured.new_bitmaps.get(plan.disk.target),
+        storage_snapshot=captured.snapshots[plan.disk.target].to_dict()
+        if plan.disk.target in captured.snapshots else None,
         chunk_map=chunk_file,
         chunk_map_digest=file_digest(os.path.join(os.path.dirname(path), chunk_file))
         if chunk_file else None,
     )
 
 
-def _finish_tracking(monitor: Monitor | None, repo: Repository, chain: Chain) -> None:
-    """After publishing: drop the chain's bitmaps no later backup can use."""
+def _finish_tracking(monitor: Monitor | None, repo: Repository, chain: Chain,
+                     superseded: list[dict[str, Any]]) -> None:
+    """After publishing: drop the bitmaps and storage snapshots no later backup can use."""
+    needed = chain.needed_snapshots()
+    for data in superseded:
+        if str(data.get("name")) not in needed:
+            _delete_snapshot(data)
     if monitor is None:
         return
     try:
@@ -159,10 +181,41 @@ def _finish_tracking(monitor: Monitor | None, repo: Repository, chain: Chain) ->
         log.warning("could not drop old dirty bitmaps (the next run will): %s", err)
 
 
+def _delete_snapshot(data: dict[str, Any]) -> None:
+    try:
+        snap = StorageSnapshot.from_dict(data)
+        agent_by_name(snap.agent).delete(snap)
+    except (RdmBackupError, KeyError, TypeError, ValueError) as err:
+        log.warning("could not delete storage snapshot %s: %s", data.get("name"), err)
+
+
+def _snapshot_facts(selected: list[RawDisk], chain: Chain) -> tuple[dict[str, str], set[str]]:
+    """Which disks a storage agent can snapshot, and which kept snapshots still exist."""
+    agents: dict[str, str] = {}
+    for disk in selected:
+        agent = find_snapshot_agent(disk)
+        if agent is not None:
+            agents[disk.target] = agent.name
+    live: set[str] = set()
+    for disk in selected:
+        for point in (chain.last_point(disk.target), chain.last_full_point(disk.target)):
+            data = point.record.storage_snapshot if point else None
+            if not data:
+                continue
+            try:
+                snap = StorageSnapshot.from_dict(data)
+                if agent_by_name(snap.agent).exists(snap):
+                    live.add(snap.name)
+            except (RdmBackupError, KeyError, TypeError, ValueError) as err:
+                log.warning("storage snapshot %s unusable: %s", data.get("name"), err)
+    return agents, live
+
+
 def _prepare_qemu(ctx: DomainContext, repo: Repository, chain: Chain) -> Monitor | None:
     """Remove leftovers of killed runs; return the monitor of a running domain."""
     if not ctx.inventory.running:
         return None
+    recover_window(ctx.dom)
     monitor = Monitor(ctx.dom)
     remove_leftovers(monitor)
     bitmaps.remove_unneeded(monitor, bitmaps.chain_prefix(repo.repo_id, chain.name),
@@ -178,12 +231,15 @@ def backup(
     level: str = "auto",
     chain_name: str = DEFAULT_CHAIN,
     progress: ProgressCallback | None = None,
+    quiesce: str | None = None,
 ) -> BackupResult:
     """Take a point-in-time backup of a domain's raw disks into the repository ``target``.
 
     ``level`` is ``full``, ``incremental`` (writes since the chain's previous
     backup), ``differential`` (since the chain's last full) or ``auto``
-    (incremental where tracking is intact, otherwise a full copy, with the reason).
+    (incremental where tracking is intact, else a resync or a full copy, with the
+    reason). ``quiesce`` (``try``/``required``) freezes the guest's filesystems
+    through its agent while the point in time is fixed.
     """
     check_safe_name(chain_name, "chain name")
     ctx = open_domain(conn, domain)
@@ -193,7 +249,9 @@ def backup(
         chain = chain_of(repo.backups(ctx.uuid), chain_name)
         monitor = _prepare_qemu(ctx, repo, chain)
         restart = describe_restart(ctx.uuid, chain.last.created) if chain.last else None
-        facts = Facts(ctx.inventory.running, chain, _live_bitmaps(monitor), restart)
+        agents, live_snapshots = _snapshot_facts(selected, chain)
+        facts = Facts(ctx.inventory.running, chain, _live_bitmaps(monitor), restart,
+                      agents, live_snapshots)
         plans = plan_backup(selected, level, facts)
         parent_maps = _parent_maps(repo, plans)
         mappings = {disk.target: _mapping_of(disk) for disk in selected}
@@ -203,7 +261,7 @@ def backup(
             captured = capture(
                 ctx.dom, ctx.inventory.running, plans, staging,
                 bitmaps.bitmap_name(repo.repo_id, chain_name, backup_id), parent_maps,
-                progress)
+                progress, quiesce)
             try:
                 records = [_record(p, captured.files[p.disk.target], captured,
                                    mappings[p.disk.target], parent_maps) for p in plans]
@@ -218,21 +276,22 @@ def backup(
                     parent=chain.last.backup_id if chain.last else None,
                     created=created,
                     completed=now_iso(),
-                    consistency={
-                        "method": captured.window.method,
-                        "paused_ms": round(captured.window.paused_ms, 1),
-                    },
+                    consistency=captured.window.to_dict(),
                     domain_xml=ctx.xml_text,
                     disks=records,
                 )
                 path = repo.publish(staging, manifest)
             except BaseException:
+                drop_new_snapshots(plans, captured)
                 if monitor is not None:
                     for plan in plans:
                         name = captured.new_bitmaps.get(plan.disk.target)
                         if name:
                             bitmaps.remove(monitor, str(plan.disk.node_name), name)
                 raise
+        superseded = [point.record.storage_snapshot for d in selected
+                      for point in (chain.last_point(d.target), chain.last_full_point(d.target))
+                      if point is not None and point.record.storage_snapshot]
         chain.backups.append(manifest)
-        _finish_tracking(monitor, repo, chain)
+        _finish_tracking(monitor, repo, chain, superseded)
     return BackupResult(manifest=manifest, path=path)

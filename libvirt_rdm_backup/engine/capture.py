@@ -1,16 +1,28 @@
-"""Capture: take one point in time of every planned disk and copy it into staging."""
+"""Capture: take one point in time of every planned disk and copy it into staging.
+
+The sequence for a running domain:
+
+1. prepare: target images attached to QEMU, fleecing scratch nodes added;
+2. open the consistency window (guest agent freeze when asked, else a vCPU pause,
+   and only when something needs it: storage snapshots or raw LUN copies);
+3. inside it: storage snapshots of LUNs (milliseconds each), then one QMP
+   transaction that adds the new dirty bitmaps and starts every block job;
+   LUNs without a snapshot-capable agent are copied here, the guest held;
+4. close the window; then read the fleecing exports and the storage snapshots
+   while the guest runs, and wait for the QEMU jobs.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 import libvirt
 
-from libvirt_rdm_backup.consistency import Window, paused
+from libvirt_rdm_backup.consistency import Window, consistency_window
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.errors import RdmBackupError
 from libvirt_rdm_backup.qemu import bitmaps, img
@@ -26,6 +38,11 @@ from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap
 from libvirt_rdm_backup.repository.store import Staging
+from libvirt_rdm_backup.storage.snapshots import (
+    Presented,
+    StorageSnapshot,
+    agent_by_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,25 +57,24 @@ class Capture:
     files: dict[str, str]
     window: Window
     new_bitmaps: dict[str, str] = field(default_factory=dict)  # disk -> bitmap since this point
-    chunk_maps: dict[str, ChunkMap] = field(default_factory=dict)  # of resynced disks
-
-
-def _is_resync(plan: DiskPlan) -> bool:
-    return plan.level == "resync"
-
-
-def _resync(plan: DiskPlan, uri: str, target: str, parent_maps: dict[str, ChunkMap],
-            result: Capture) -> None:
-    """Store the chunks of the disk read at ``uri`` that differ from its last backup."""
-    assert plan.parent is not None and plan.disk.size is not None
-    chunk_map, _written = resync_layer(uri, plan.disk.size, parent_maps[plan.disk.target],
-                                       target, plan.parent.relative_data_file())
-    result.chunk_maps[plan.disk.target] = chunk_map
+    chunk_maps: dict[str, ChunkMap] = field(default_factory=dict)  # of resynced/ranged disks
+    snapshots: dict[str, StorageSnapshot] = field(default_factory=dict)  # disk -> new snapshot
 
 
 def data_file_name(plan: DiskPlan) -> str:
     """File name of a disk's data inside a backup."""
     return f"{plan.disk.target}.{DATA_FORMAT}"
+
+
+def _raw_source_opts(presented: Presented, size: int) -> str:
+    """``--image-opts`` for reading ``size`` bytes at ``presented.offset`` of a raw source."""
+    if "://" in presented.source:
+        inner = f"file.filename={presented.source}"  # the protocol driver follows the URL
+    elif presented.source.startswith("/dev/"):
+        inner = f"file.driver=host_device,file.filename={presented.source}"
+    else:
+        inner = f"file.driver=file,file.filename={presented.source}"
+    return f"driver=raw,offset={presented.offset},size={size},{inner}"
 
 
 def copy_from_storage(plan: DiskPlan, target: str) -> None:
@@ -73,6 +89,52 @@ def _job_for(plan: DiskPlan, node: str, job_id: str) -> dict[str, Any]:
     return backup_action(job_id, device, node, sync="bitmap", bitmap=plan.source_bitmap)
 
 
+def _resync(plan: DiskPlan, uri: str, target: str, parent_maps: dict[str, ChunkMap],
+            result: Capture, only: list[tuple[int, int]] | None = None) -> None:
+    """Store the chunks of the disk read at ``uri`` that differ from its last backup."""
+    assert plan.parent is not None and plan.disk.size is not None
+    chunk_map, _written = resync_layer(uri, plan.disk.size, parent_maps[plan.disk.target],
+                                       target, plan.parent.relative_data_file(), only=only)
+    result.chunk_maps[plan.disk.target] = chunk_map
+
+
+def _copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, target: str,
+                   parent_maps: dict[str, ChunkMap], result: Capture) -> None:
+    """Copy a disk from its storage snapshot: in full, the changed ranges, or a resync."""
+    assert plan.agent is not None and plan.disk.size is not None
+    agent = agent_by_name(plan.agent)
+    size = plan.disk.size
+    try:
+        presented = agent.present(snap)
+        opts = _raw_source_opts(presented, size)
+        if plan.parent is None:
+            img.convert(opts, target, source_image_opts=True, target_fmt=DATA_FORMAT)
+            return
+        only = None
+        if plan.level != "resync":
+            older = plan.parent.record.storage_snapshot
+            assert older is not None
+            only = agent.changed_ranges(StorageSnapshot.from_dict(older), snap)
+            if only is None:
+                log.info("disk %s: the storage cannot tell what changed; comparing digests",
+                         plan.disk.target)
+        if plan.disk.target not in parent_maps:
+            raise RdmBackupError(f"disk {plan.disk.target}: backup "
+                                 f"{plan.parent.backup_id} has no chunk map to build on")
+        with qemu_nbd_server(opts, "raw", readonly=True, extra=["--image-opts"]) as uri:
+            _resync(plan, uri, target, parent_maps, result, only)
+    finally:
+        agent.withdraw(snap)
+
+
+def _take_snapshots(plans: list[DiskPlan], name: str, result: Capture) -> None:
+    for plan in plans:
+        assert plan.agent is not None
+        snap = agent_by_name(plan.agent).snapshot(plan.disk, object_name("snap", plan.disk.target,
+                                                                          name[-6:]))
+        result.snapshots[plan.disk.target] = snap
+
+
 def capture(
     dom: libvirt.virDomain,
     running: bool,
@@ -81,27 +143,24 @@ def capture(
     new_bitmap: str,
     parent_maps: dict[str, ChunkMap],
     progress: ProgressCallback | None = None,
+    quiesce: str | None = None,
 ) -> Capture:
     """Fix one point in time for all planned disks and copy them into ``staging``.
 
-    QEMU-path disks start their backup jobs, and the dirty bitmaps that track
-    writes after this point, in one QMP transaction. Storage-path disks of a
-    running domain are copied while its vCPUs are paused, and the transaction
-    runs inside the same pause, so the whole VM has one point. On failure the
-    new bitmaps (``new_bitmap``, one per tracked disk) are removed again;
-    existing bitmaps are never touched, so the next backup still sees every
-    write since the last good one.
-
-    Resync disks get a fleecing export in the same transaction; they are read
-    once at that point and only chunks that differ from ``parent_maps`` are stored.
+    On failure the new bitmaps and storage snapshots are removed again;
+    existing ones are never touched, so the next backup still sees every write
+    since the last good one. ``new_bitmap`` names the bitmaps (one per tracked
+    disk) and storage snapshots this backup starts.
     """
     files = {p.disk.target: staging.file(data_file_name(p)) for p in plans}
-    qemu_plans = [p for p in plans if p.path is DataPath.QEMU and not _is_resync(p)]
-    fleece_plans = [p for p in plans if p.path is DataPath.QEMU and _is_resync(p)]
-    storage_plans = [p for p in plans if p.path is DataPath.STORAGE and not _is_resync(p)]
-    offline_resyncs = [p for p in plans if p.path is DataPath.STORAGE and _is_resync(p)]
-    result = Capture(files=files,
-                     window=Window(method="offline" if not running else "qmp-transaction"))
+
+    def kind(path: DataPath, resync: bool) -> list[DiskPlan]:
+        return [p for p in plans if p.path is path and (p.level == "resync") == resync]
+
+    qemu_plans, fleece_plans = kind(DataPath.QEMU, False), kind(DataPath.QEMU, True)
+    storage_plans, offline_resyncs = kind(DataPath.STORAGE, False), kind(DataPath.STORAGE, True)
+    snapshot_plans = [p for p in plans if p.path is DataPath.SNAPSHOT]
+    result = Capture(files=files, window=Window(method="offline"))
     monitor = Monitor(dom) if running else None
     started: list[str] = []
     with ExitStack() as stack:
@@ -132,42 +191,59 @@ def capture(
                 result.new_bitmaps[plan.disk.target] = new_bitmap
             actions += fleece.actions()
             fleeces.append((plan, fleece))
-        pause = paused(dom) if running and storage_plans else nullcontext(None)
+        hold_for_snapshots = bool(snapshot_plans) and quiesce is None
         try:
-            with pause as pause_window:
+            with consistency_window(dom if running else None, quiesce=quiesce,
+                                    pause=bool(storage_plans) or hold_for_snapshots) as window:
+                result.window = window
+                _take_snapshots(snapshot_plans, new_bitmap, result)
                 if actions:
                     assert monitor is not None
                     transaction(monitor, actions)
                     started = job_ids
                 for plan in storage_plans:
                     copy_from_storage(plan, files[plan.disk.target])
-            if pause_window is not None:
-                result.window = pause_window
             for plan, fleece in fleeces:
                 _resync(plan, fleece.export(), files[plan.disk.target], parent_maps, result)
                 fleece.close()
             for plan in offline_resyncs:
                 with qemu_nbd_server(plan.disk.source, "raw", readonly=True) as uri:
                     _resync(plan, uri, files[plan.disk.target], parent_maps, result)
+            for plan in snapshot_plans:
+                _copy_snapshot(plan, result.snapshots[plan.disk.target],
+                               files[plan.disk.target], parent_maps, result)
             if started:
                 assert monitor is not None
                 wait_jobs(monitor, started, progress)
                 started = []
         except BaseException:
-            if monitor is not None:
-                _undo(monitor, started, plans, result.new_bitmaps)
+            _undo(monitor, started, plans, result)
             raise
     return result
 
 
-def _undo(monitor: Monitor, jobs: list[str], plans: list[DiskPlan],
-          new_bitmaps: dict[str, str]) -> None:
-    """Cancel started jobs and drop the bitmaps this capture added (cleanup path)."""
+def _undo(monitor: Monitor | None, jobs: list[str], plans: list[DiskPlan],
+          result: Capture) -> None:
+    """Cancel started jobs, drop the bitmaps and snapshots this capture added (cleanup)."""
+    drop_new_snapshots(plans, result)
+    if monitor is None:
+        return
     try:
         if jobs:
             cancel_jobs(monitor, jobs)
         nodes = {p.disk.target: str(p.disk.node_name) for p in plans}
-        for disk, name in new_bitmaps.items():
+        for disk, name in result.new_bitmaps.items():
             bitmaps.remove(monitor, nodes[disk], name)
     except RdmBackupError as err:
         log.warning("cleanup after a failed capture was incomplete: %s", err)
+
+
+def drop_new_snapshots(plans: list[DiskPlan], result: Capture) -> None:
+    """Delete the storage snapshots a failed backup took."""
+    agents = {p.disk.target: p.agent for p in plans}
+    for disk, snap in result.snapshots.items():
+        name = agents.get(disk)
+        if name is None:
+            continue
+        with suppress(RdmBackupError):
+            agent_by_name(name).delete(snap)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from libvirt_rdm_backup.domain.disks import RawDisk
@@ -19,6 +19,7 @@ class DataPath(StrEnum):
 
     QEMU = "qemu"  # a blockdev-backup job in the running QEMU (copy-before-write)
     STORAGE = "storage"  # read from the storage side (host device or iSCSI LUN)
+    SNAPSHOT = "snapshot"  # a storage snapshot taken by a storage agent, read afterwards
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class DiskPlan:
     parent: DiskPoint | None = None
     source_bitmap: str | None = None
     track: bool = False
+    agent: str | None = None  # the storage agent taking snapshots (SNAPSHOT path)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class Facts:
     chain: Chain
     live_bitmaps: dict[str, set[str]]  # QEMU node name -> its bitmap names
     restart: str | None = None  # what the libvirt hook saw since the chain's last backup
+    snapshot_agents: dict[str, str] = field(default_factory=dict)  # disk -> agent name
+    live_snapshots: set[str] = field(default_factory=set)  # storage snapshots that still exist
 
 
 def _resync_problem(disk: RawDisk, point: DiskPoint | None) -> str | None:
@@ -63,11 +67,29 @@ def _resync_problem(disk: RawDisk, point: DiskPoint | None) -> str | None:
     return None
 
 
-def _tracking_problem(disk: RawDisk, point: DiskPoint | None, facts: Facts) -> str | None:
-    """Why the writes since ``point`` cannot be taken from QEMU (None: they can)."""
+def _tracking_problem(disk: RawDisk, point: DiskPoint | None, facts: Facts,
+                      path: DataPath = DataPath.QEMU) -> str | None:
+    """Why the writes since ``point`` cannot be had (None: they can).
+
+    On the QEMU path they come from the point's dirty bitmap, on the snapshot
+    path from comparing the point's storage snapshot with a new one.
+    """
     if point is None:
         return f"chain {facts.chain.name} has no earlier backup of {disk.target}"
     record = point.record
+    if path is DataPath.SNAPSHOT:
+        snap = record.storage_snapshot
+        if snap is None:
+            return f"backup {point.backup_id} kept no storage snapshot of {disk.target}"
+        if record.size != disk.size:
+            return f"{disk.target} was resized from {record.size} to {disk.size} bytes"
+        if record.disk.source != disk.source:
+            return (f"{disk.target} now has source {disk.source} instead of "
+                    f"{record.disk.source}")
+        if snap.get("name") not in facts.live_snapshots:
+            return (f"storage snapshot {snap.get('name')} of backup {point.backup_id} is gone, "
+                    "so the storage cannot tell what changed")
+        return None
     if not facts.running:
         return "the domain is not running, so QEMU tracks no writes"
     if record.bitmap is None:
@@ -83,33 +105,49 @@ def _tracking_problem(disk: RawDisk, point: DiskPoint | None, facts: Facts) -> s
     return None
 
 
+def _data_path(disk: RawDisk, facts: Facts) -> DataPath:
+    """Where a disk's point in time comes from; decided once, from facts."""
+    if disk.target in facts.snapshot_agents and (disk.is_passthrough_lun or not facts.running):
+        return DataPath.SNAPSHOT
+    if disk.is_passthrough_lun or not facts.running:
+        return DataPath.STORAGE
+    return DataPath.QEMU
+
+
 def plan_disk(disk: RawDisk, level: str, facts: Facts) -> DiskPlan:
     """Choose data path, level and parent of one disk."""
     if level not in LEVELS:
         raise UsageError(f"unknown level {level!r} (one of {', '.join(LEVELS)})")
-    if disk.is_passthrough_lun:
+    path = _data_path(disk, facts)
+    agent = facts.snapshot_agents.get(disk.target) if path is DataPath.SNAPSHOT else None
+    if path is DataPath.STORAGE and disk.is_passthrough_lun:
         return DiskPlan(
             disk, DataPath.STORAGE, "full",
-            "SCSI passthrough LUN: guest I/O bypasses QEMU's block layer, so no dirty "
-            "tracking; copied in full from storage"
+            "SCSI passthrough LUN without a snapshot-capable storage agent: guest I/O "
+            "bypasses QEMU's block layer, so no dirty tracking; copied in full from storage"
             + (" while the guest is paused" if facts.running else ""))
-    if facts.running and not disk.node_name:
+    if path is DataPath.QEMU and not disk.node_name:
         raise UsageError(f"disk {disk.target}: QEMU has no block node for it")
-    path = DataPath.QEMU if facts.running else DataPath.STORAGE
+    track = path is not DataPath.STORAGE  # a bitmap or a storage snapshot starts here
+    origin = (f"storage snapshot by agent {agent}" if agent else "")
     if level == "full":
-        return DiskPlan(disk, path, "full", "full copy requested", track=facts.running)
+        return DiskPlan(disk, path, "full", _join("full copy requested", origin), track=track,
+                        agent=agent)
     chain = facts.chain
     last = chain.last_point(disk.target)
     if level in ("incremental", "differential", "auto"):
         wanted = "differential" if level == "differential" else "incremental"
         point = chain.last_full_point(disk.target) if wanted == "differential" else last
-        problem = _tracking_problem(disk, point, facts)
+        problem = _tracking_problem(disk, point, facts, path)
         if problem is None:
             assert point is not None
             since = "last full" if wanted == "differential" else "previous"
-            return DiskPlan(disk, DataPath.QEMU, wanted,
-                            f"writes since the {since} backup {point.backup_id}",
-                            parent=point, source_bitmap=point.record.bitmap, track=True)
+            how = ("ranges the storage reports as changed" if path is DataPath.SNAPSHOT
+                   else "writes")
+            return DiskPlan(disk, path, wanted,
+                            f"{how} since the {since} backup {point.backup_id}",
+                            parent=point, source_bitmap=point.record.bitmap, track=True,
+                            agent=agent)
         if level != "auto":
             raise TrackingLostError(disk.target, level, problem)
     else:
@@ -117,13 +155,19 @@ def plan_disk(disk: RawDisk, level: str, facts: Facts) -> DiskPlan:
     why_not = _resync_problem(disk, last)
     if why_not is None:
         assert last is not None
-        how = "reading the disk once" + ("" if facts.running else " from storage")
+        how = "reading the disk once" + {DataPath.QEMU: "", DataPath.STORAGE: " from storage",
+                                         DataPath.SNAPSHOT: " from a storage snapshot"}[path]
         return DiskPlan(disk, path, "resync",
                         f"resync: {problem}; {how}, storing the chunks that differ from "
-                        f"backup {last.backup_id}", parent=last, track=facts.running)
+                        f"backup {last.backup_id}", parent=last, track=track, agent=agent)
     if level == "resync":
         raise TrackingLostError(disk.target, level, why_not)
-    return DiskPlan(disk, path, "full", f"full copy: {problem}", track=facts.running)
+    return DiskPlan(disk, path, "full", _join(f"full copy: {problem}", origin), track=track,
+                    agent=agent)
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
 
 
 def plan_backup(disks: list[RawDisk], level: str, facts: Facts) -> list[DiskPlan]:

@@ -592,16 +592,38 @@ def _hash_piece(pool: ThreadPoolExecutor, workers: int, view: memoryview) -> byt
     return b"".join(pool.map(_hash_range, [view] * workers, bounds[:-1], bounds[1:]))
 
 
+def chunk_aligned(ranges: Sequence[tuple[int, int]], size: int
+                  ) -> Iterator[tuple[int, int, bool]]:
+    """``(offset, length)`` byte ranges widened to whole chunks and merged, as data segments."""
+    spans: list[list[int]] = []
+    for offset, length in sorted(ranges):
+        if length <= 0:
+            continue
+        start = offset // CHUNK * CHUNK
+        end = min(-(-(offset + length) // CHUNK) * CHUNK, size)
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], end)
+        elif start < end:
+            spans.append([start, end])
+    for start, end in spans:
+        yield start, end - start, False
+
+
 def _resync(
     source: Any, writer: _LayerWriter, size: int, parent: ChunkMap,
     progress: ProgressCallback | None,
+    only: Sequence[tuple[int, int]] | None = None,
 ) -> bytearray:
-    """Read the whole source once; write what differs from ``parent``; return new digests."""
-    digests = bytearray(len(parent.digests))
+    """Read the source once (or only the ranges ``only``); write what differs from ``parent``.
+
+    Returns the new digests: the parent's outside ``only``, freshly computed inside.
+    """
+    digests = bytearray(len(parent.digests)) if only is None else bytearray(parent.digests)
     use_status = bool(source.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
+    segments = _segments(source, size, use_status) if only is None else chunk_aligned(only, size)
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
-        for offset, length, view in _stream(source, _segments(source, size, use_status)):
+        for offset, length, view in _stream(source, segments):
             first = offset // CHUNK
             stop = first + chunk_count(length)
             if view is None:
@@ -661,11 +683,13 @@ def resync_layer(
     layer_path: str,
     backing_relpath: str,
     progress: ProgressCallback | None = None,
+    only: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[ChunkMap, int]:
     """Write the chunks of the export ``nbd_uri`` that differ from ``parent_map`` as a new layer.
 
     The export is read once (zero extents that ``base:allocation`` reports are
-    not read) in pipelined 4 MiB requests; chunk digests are compared with
+    not read), or only the byte ranges ``only`` that the storage reported as
+    changed, in pipelined 4 MiB requests; chunk digests are compared with
     ``parent_map``. ``layer_path`` is created as qcow2 backed by
     ``backing_relpath`` (relative to the layer's directory) and gets only the
     changed chunks: data through ``qemu-nbd``, chunks that became all-zero as
@@ -695,7 +719,7 @@ def resync_layer(
             target = connect_nbd(layer_uri)
             try:
                 writer = _LayerWriter(target)
-                digests = _resync(source, writer, size, parent_map, progress)
+                digests = _resync(source, writer, size, parent_map, progress, only)
             finally:
                 disconnect_nbd(target)
     except nbd.Error as err:

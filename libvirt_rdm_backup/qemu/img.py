@@ -18,6 +18,13 @@ class MapExtent:
     data: bool
     zero: bool
     depth: int = 0  # 0: in the image itself; n: in its n-th backing file
+    present: bool = True
+    offset: int | None = None  # host offset of the data in the file at ``depth``
+
+    @property
+    def end(self) -> int:
+        """First byte after the extent."""
+        return self.start + self.length
 
 
 def create(path: str, fmt: str, size: int, backing: str | None = None) -> None:
@@ -60,14 +67,17 @@ def map_extents(path: str, fmt: str | None = None, image_opts: bool = False) -> 
             data=bool(e["data"]),
             zero=bool(e["zero"]),
             depth=int(e.get("depth", 0)),
+            present=bool(e.get("present", True)),
+            offset=int(e["offset"]) if "offset" in e else None,
         )
         for e in json.loads(run(argv).stdout)
     ]
 
 
-def data_bytes(path: str, fmt: str | None = None, own_only: bool = False) -> int:
+def data_bytes(path: str, fmt: str | None = None, own_only: bool = False,
+               extents: list[MapExtent] | None = None) -> int:
     """Bytes of an image that hold data (``own_only``: not counting its backing files)."""
-    return sum(e.length for e in map_extents(path, fmt)
+    return sum(e.length for e in (extents if extents is not None else map_extents(path, fmt))
                if e.data and not e.zero and (e.depth == 0 or not own_only))
 
 

@@ -72,6 +72,7 @@ def wait_jobs(
     """
     pending = set(job_ids)
     results: dict[str, JobResult] = {}
+    delay = 0.005
     while pending:
         states = _job_states(monitor)
         for job_id in sorted(pending):
@@ -92,7 +93,8 @@ def wait_jobs(
                 with suppress(RdmBackupError):
                     monitor.execute("job-dismiss", {"id": job_id})
         if pending:
-            time.sleep(poll)
+            time.sleep(delay)
+            delay = min(poll, delay * 2)  # short jobs end fast, long ones cost few polls
     failed = [r for r in results.values() if r.error]
     if failed:
         raise OperationError(f"QEMU job {failed[0].job_id} failed: {failed[0].error}")

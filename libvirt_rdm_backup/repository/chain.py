@@ -55,6 +55,16 @@ class Chain:
                 return DiskPoint(manifest, record)
         return None
 
+    def needed_snapshots(self) -> set[str]:
+        """Storage snapshots later backups may still compare with (last and last full)."""
+        needed: set[str] = set()
+        disks = {d.disk.target for m in self.backups for d in m.disks}
+        for disk in disks:
+            for point in (self.last_point(disk), self.last_full_point(disk)):
+                if point is not None and point.record.storage_snapshot:
+                    needed.add(str(point.record.storage_snapshot.get("name")))
+        return needed
+
     def needed_bitmaps(self) -> set[str]:
         """Bitmaps that later backups of the chain may still use (last and last full)."""
         needed: set[str] = set()

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from libvirt_rdm_backup.errors import OperationError, RepositoryError
-from libvirt_rdm_backup.process import run
+from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.qemu.img import MapExtent
 
 log = logging.getLogger(__name__)
 
@@ -283,45 +284,19 @@ def set_zero_range(digests: bytearray, size: int, start: int, stop: int) -> None
         digests[(count - 1) * DIGEST_SIZE :] = zero_digest(size - (count - 1) * CHUNK)
 
 
-@dataclass(frozen=True)
-class LayerExtent:
-    """One extent of ``qemu-img map --output=json`` of a qcow2 layer and its chain."""
-
-    start: int
-    length: int
-    depth: int
-    present: bool
-    zero: bool
-    data: bool
-    offset: int | None
-
-    @property
-    def end(self) -> int:
-        """First byte after the extent."""
-        return self.start + self.length
+LayerExtent = MapExtent  # one extent of ``qemu-img map`` of a layer and its chain
 
 
 def layer_map(path: str) -> list[LayerExtent]:
     """The allocation map of a qcow2 layer with its backing chain (depth 0 = the layer)."""
-    proc = run(["qemu-img", "map", "--output=json", "-f", "qcow2", path])
     try:
-        return [
-            LayerExtent(
-                start=int(e["start"]),
-                length=int(e["length"]),
-                depth=int(e["depth"]),
-                present=bool(e.get("present", True)),
-                zero=bool(e["zero"]),
-                data=bool(e["data"]),
-                offset=int(e["offset"]) if "offset" in e else None,
-            )
-            for e in json.loads(proc.stdout)
-        ]
+        return img.map_extents(path, "qcow2")
     except (ValueError, KeyError, TypeError) as err:
         raise OperationError(f"cannot parse qemu-img map output of {path}: {err}") from err
 
 
-def chunkmap_of_layer(path: str, parent: ChunkMap | None, size: int) -> ChunkMap:
+def chunkmap_of_layer(path: str, parent: ChunkMap | None, size: int,
+                      extents: list[LayerExtent] | None = None) -> ChunkMap:
     """The chunk map of the disk as read through the qcow2 layer ``path`` and its chain.
 
     Only the layer's own clusters (depth 0 in ``qemu-img map``) are looked at:
@@ -341,7 +316,8 @@ def chunkmap_of_layer(path: str, parent: ChunkMap | None, size: int) -> ChunkMap
         digests = bytearray(parent.digests)
     else:
         digests = bytearray(ChunkMap.zero(size).digests)
-    extents = layer_map(path)
+    if extents is None:
+        extents = layer_map(path)
     end = extents[-1].end if extents else 0
     if end != size:
         raise RepositoryError(f"layer {path} has {end} bytes, expected {size}")

@@ -23,6 +23,14 @@ def _optional_str(value: Any) -> str | None:
     return value
 
 
+def _optional_dict(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"expected an object, got {type(value).__name__}")
+    return dict(value)
+
+
 @dataclass
 class DiskRecord:
     """One disk of a backup: identifiers, mapping, and the stored data."""
@@ -44,6 +52,7 @@ class DiskRecord:
     bitmap: str | None = None  # the QEMU dirty bitmap tracking writes since this point
     chunk_map: str | None = None  # file of per-chunk digests of the disk at this point
     chunk_map_digest: Digest | None = None
+    storage_snapshot: dict[str, Any] | None = None  # kept for the next incremental
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -63,6 +72,7 @@ class DiskRecord:
             "backing_file": self.backing_file,
             "bitmap": self.bitmap,
             "chunk_map": self.chunk_map,
+            "storage_snapshot": self.storage_snapshot,
             "chunk_map_digest": self.chunk_map_digest.to_dict() if self.chunk_map_digest
             else None,
             "mapping": self.mapping.to_dict() if self.mapping else None,
@@ -90,6 +100,7 @@ class DiskRecord:
             backing_file=_optional_str(data.get("backing_file")),
             bitmap=_optional_str(data.get("bitmap")),
             chunk_map=_optional_str(data.get("chunk_map")),
+            storage_snapshot=_optional_dict(data.get("storage_snapshot")),
             chunk_map_digest=Digest.from_dict(data["chunk_map_digest"])
             if data.get("chunk_map_digest") else None,
         )

@@ -1,0 +1,83 @@
+"""Consistency windows on the real lab: quiesce without an agent, windows left open by kills."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from libvirt_rdm_backup import api
+from libvirt_rdm_backup.errors import OperationError
+from tests.e2e.lab_vm import MiB, lab_vm, same_bytes, snapshot_source
+from tests.lab.domains import guest_write, rdm_backup
+
+pytestmark = pytest.mark.lab
+
+
+def test_quiesce_without_a_guest_agent() -> None:
+    with lab_vm(loop_size=64 * MiB, lun_size=16 * MiB) as vm:
+        repo = str(vm.workdir / "repo")
+        guest_write(vm.dom, "vdb", 0x21, 0, MiB)
+        proc = rdm_backup("backup", vm.name, "--target", repo, "--quiesce=required", "--json")
+        assert proc.returncode == 4, proc.stderr
+        assert "guest agent" in proc.stderr and "--quiesce=required" in proc.stderr
+        assert proc.stderr.count("\n") == 1
+        assert api.list_backups(repo) == []
+
+        vm.dom.suspend()
+        try:
+            refs = snapshot_source(vm, vm.workdir / "ref")
+        finally:
+            vm.dom.resume()
+        result = api.backup(vm.name, repo, quiesce="try")
+        consistency = result.manifest.consistency
+        assert consistency["method"] == "pause"  # crash-consistent: the vCPUs were paused
+        assert any("guest agent" in note for note in consistency["notes"])
+        assert vm.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        for disk, ref in refs.items():
+            out = vm.workdir / f"{disk}.raw"
+            api.restore(vm.name, repo, disk, str(out))
+            assert same_bytes(out, ref)
+
+
+def test_a_killed_run_leaves_no_paused_guest_behind() -> None:
+    # the LUN has no snapshot-capable storage (plain tgt file), so it is copied while the
+    # guest is paused: kill the tool inside that window
+    with lab_vm(loop_size=64 * MiB, lun_size=1024 * MiB) as vm:
+        repo = str(vm.workdir / "repo")
+        for index in range(64):
+            guest_write(vm.dom, "sda", 0x40 + index, index * 16 * MiB, 8 * MiB)
+        exe = Path(sys.executable).parent / "rdm-backup"
+        proc = subprocess.Popen([str(exe), "backup", vm.name, "--target", repo, "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while vm.dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the guest was never paused"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert vm.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED  # left behind by the kill
+        result = api.backup(vm.name, repo, disks=["vdb"])
+        assert vm.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING  # the next run resumed it
+        assert [m.backup_id for m in api.list_backups(repo)] == [result.manifest.backup_id]
+
+
+def test_a_paused_domain_stays_paused() -> None:
+    with lab_vm(loop_size=64 * MiB, lun_size=16 * MiB) as vm:
+        vm.dom.suspend()
+        result = api.backup(vm.name, str(vm.workdir / "repo"))
+        assert result.manifest.consistency["method"] == "already-paused"
+        assert vm.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+        with pytest.raises(OperationError, match="guest agent"):
+            api.backup(vm.name, str(vm.workdir / "repo"), quiesce="required")
+        assert vm.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+        doc = json.loads(rdm_backup("list", "--target", str(vm.workdir / "repo"),
+                                    "--json").stdout)
+        assert len(doc) == 1
