@@ -2,7 +2,8 @@
 # The KVM lab of libvirt-rdm-backup: one script for the Makefile, CI and the Vagrant box.
 #
 #   tools/lab.sh install   Debian packages + the Python venv at .venv/ (idempotent)
-#   tools/lab.sh up        virtlogd + libvirtd, tgtd on 127.0.0.1 only, loop-control (idempotent)
+#   tools/lab.sh up        virtlogd + libvirtd, tgtd on 127.0.0.1 only, loop-control, and a
+#                          reflink XFS for LUN backing stores at /var/lib/rdmb-lab/reflink (idempotent)
 #   tools/lab.sh down      stop what "up" started; remove leftover test domains, targets, loops
 #   tools/lab.sh status    what is running
 #
@@ -14,6 +15,10 @@ VENV="$ROOT/.venv"
 STATE=/run/rdmb-lab
 PORTAL=127.0.0.1:3260
 URI=qemu:///system
+# A reflink-capable XFS (sparse image, loop-mounted) for LUN backing stores and their snapshots.
+REFLINK_IMG=/var/lib/rdmb-lab/reflink.xfs
+REFLINK_DIR=/var/lib/rdmb-lab/reflink
+REFLINK_SIZE=20G
 
 DEB_PACKAGES=(
     qemu-system-x86 qemu-utils qemu-block-extra
@@ -156,6 +161,35 @@ start_tgtd() {
     exit 1
 }
 
+start_reflink_fs() {
+    mkdir -p "$REFLINK_DIR"
+    if mountpoint -q "$REFLINK_DIR"; then
+        return 0
+    fi
+    if [ ! -f "$REFLINK_IMG" ]; then
+        log "creating a reflink XFS in $REFLINK_IMG ($REFLINK_SIZE, sparse)"
+        rm -f "$REFLINK_IMG.new"
+        truncate -s "$REFLINK_SIZE" "$REFLINK_IMG.new"
+        mkfs.xfs -q -m reflink=1 -L rdmb-reflink "$REFLINK_IMG.new"
+        mv "$REFLINK_IMG.new" "$REFLINK_IMG"
+    fi
+    log "mounting $REFLINK_IMG at $REFLINK_DIR"
+    mount -o loop "$REFLINK_IMG" "$REFLINK_DIR"
+    chmod 0755 "$REFLINK_DIR"
+}
+
+stop_reflink_fs() {
+    if mountpoint -q "$REFLINK_DIR"; then
+        log "unmounting $REFLINK_DIR"
+        umount "$REFLINK_DIR" || log "cannot unmount $REFLINK_DIR (still in use?)"
+    fi
+    if [ -f "$REFLINK_IMG" ] && ! mountpoint -q "$REFLINK_DIR"; then
+        losetup -j "$REFLINK_IMG" -n -O NAME 2>/dev/null | while read -r l; do
+            losetup -d "$l" || true
+        done
+    fi
+}
+
 do_up() {
     need_root
     mkdir -p "$STATE"
@@ -163,8 +197,10 @@ do_up() {
     [ -e /dev/loop-control ] || { log "no /dev/loop-control: loop devices unavailable"; exit 1; }
     start_libvirt
     start_tgtd
+    start_reflink_fs
     if [ -e /dev/kvm ]; then echo kvm >"$STATE/domain-type"; else echo qemu >"$STATE/domain-type"; fi
-    log "lab is up (libvirt $URI, iSCSI portal $PORTAL, domain type $(cat "$STATE/domain-type"))"
+    log "lab is up (libvirt $URI, iSCSI portal $PORTAL, domain type $(cat "$STATE/domain-type")," \
+        "reflink XFS at $REFLINK_DIR)"
 }
 
 cleanup_leftovers() {
@@ -182,10 +218,11 @@ cleanup_leftovers() {
             tgtadm --lld iscsi --op delete --mode target --tid "$t" --force >/dev/null 2>&1 || true
         done
     fi
-    losetup -l -n -O NAME,BACK-FILE 2>/dev/null | awk '$2 ~ /rdmb/ {print $1}' | while read -r l; do
-        log "detaching leftover loop device $l"
-        losetup -d "$l" || true
-    done
+    losetup -l -n -O NAME,BACK-FILE 2>/dev/null | awk -v fs="$REFLINK_IMG" '$2 ~ /rdmb/ && $2 != fs {print $1}' |
+        while read -r l; do
+            log "detaching leftover loop device $l"
+            losetup -d "$l" || true
+        done
 }
 
 do_down() {
@@ -202,6 +239,7 @@ do_down() {
             pkill -TERM -x "$p" || true
         fi
     done
+    stop_reflink_fs
     rm -rf "$STATE"
     log "lab is down"
 }
@@ -213,6 +251,7 @@ do_status() {
     done
     virsh -c "$URI" list --all 2>/dev/null | sed 's/^/  /' || true
     losetup -l 2>/dev/null | sed 's/^/  /' || true
+    if mountpoint -q "$REFLINK_DIR"; then echo "reflink XFS: $REFLINK_DIR"; else echo "reflink XFS: not mounted"; fi
 }
 
 case "${1:-}" in

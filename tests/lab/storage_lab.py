@@ -2,9 +2,10 @@
 
 Every context manager removes what it made, also when the body fails:
 :func:`loop_device` detaches its loop device, :func:`iscsi_target` deletes its
-target with ``--force``. Names carry ``rdmb`` and :data:`RUN_TOKEN` (unique per
-run). tgtd is only ever started bound to 127.0.0.1 (:func:`ensure_tgtd`) and is
-left running for other tests.
+target with ``--force``, :func:`rdmb_reflink_tmpdir` removes its directory on the
+lab's reflink XFS (:func:`reflink_dir`). Names carry ``rdmb`` and :data:`RUN_TOKEN`
+(unique per run). tgtd is only ever started bound to 127.0.0.1 (:func:`ensure_tgtd`)
+and is left running for other tests.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ RUN_TOKEN = uuid.uuid4().hex[:8]
 PORTAL_HOST = "127.0.0.1"
 PORTAL_PORT = 3260
 TIMEOUT = 60.0
+REFLINK_DIR = Path("/var/lib/rdmb-lab/reflink")  # tools/lab.sh up mounts a reflink XFS here
 _counter = iter(range(1, 1_000_000))
 
 
@@ -66,6 +68,21 @@ class IscsiLun:
 def rdmb_tmpdir() -> Iterator[Path]:
     """A temporary directory under /var/tmp whose name holds ``rdmb`` and the run token."""
     with tempfile.TemporaryDirectory(prefix=f"rdmb-{RUN_TOKEN}-", dir="/var/tmp") as path:
+        os.chmod(path, 0o755)
+        yield Path(path)
+
+
+def reflink_dir() -> Path:
+    """The lab's reflink-capable XFS mount (``tools/lab.sh up``); RuntimeError when missing."""
+    if not os.path.ismount(REFLINK_DIR):
+        raise RuntimeError(f"no reflink filesystem mounted at {REFLINK_DIR} (run `make lab-up`)")
+    return REFLINK_DIR
+
+
+@contextlib.contextmanager
+def rdmb_reflink_tmpdir() -> Iterator[Path]:
+    """A fresh directory on the lab's reflink XFS (name with ``rdmb`` and the run token)."""
+    with tempfile.TemporaryDirectory(prefix=f"rdmb-{RUN_TOKEN}-", dir=reflink_dir()) as path:
         os.chmod(path, 0o755)
         yield Path(path)
 
