@@ -68,8 +68,11 @@ def data_file_name(plan: DiskPlan) -> str:
 
 def _raw_source_opts(presented: Presented, size: int) -> str:
     """``--image-opts`` for reading ``size`` bytes at ``presented.offset`` of a raw source."""
-    if "://" in presented.source:
-        inner = f"file.filename={presented.source}"  # the protocol driver follows the URL
+    if presented.source.startswith("iscsi://"):
+        portal, _, rest = presented.source.removeprefix("iscsi://").partition("/")
+        target, _, lun = rest.rpartition("/")
+        inner = (f"file.driver=iscsi,file.transport=tcp,file.portal={portal},"
+                 f"file.target={target},file.lun={lun}")
     elif presented.source.startswith("/dev/"):
         inner = f"file.driver=host_device,file.filename={presented.source}"
     else:
@@ -121,7 +124,7 @@ def _copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, target: str,
         if plan.disk.target not in parent_maps:
             raise RdmBackupError(f"disk {plan.disk.target}: backup "
                                  f"{plan.parent.backup_id} has no chunk map to build on")
-        with qemu_nbd_server(opts, "raw", readonly=True, extra=["--image-opts"]) as uri:
+        with qemu_nbd_server(opts, None, readonly=True, extra=["--image-opts"]) as uri:
             _resync(plan, uri, target, parent_maps, result, only)
     finally:
         agent.withdraw(snap)

@@ -351,18 +351,19 @@ def fleecing_export(
 
 @contextmanager
 def qemu_nbd_server(
-    path: str, fmt: str, *, readonly: bool, extra: Sequence[str] = ()
+    path: str, fmt: str | None, *, readonly: bool, extra: Sequence[str] = ()
 ) -> Iterator[str]:
     """Serve an image with ``qemu-nbd`` on a private unix socket; yields its NBD URI.
 
     Writable exports turn zero writes into zero clusters (``--detect-zeroes=unmap``).
-    The server is always stopped by its pid (SIGTERM, then SIGKILL).
+    The server is always stopped by its pid (SIGTERM, then SIGKILL). ``fmt`` None
+    leaves the format to ``extra`` (e.g. ``--image-opts`` with ``driver=`` in ``path``).
     """
     exe = require_tool("qemu-nbd")
     sock_dir = tempfile.mkdtemp(prefix="rdmb-qemu-nbd-")
     sock = os.path.join(sock_dir, "nbd.sock")
     name = object_name("nbd", "image")
-    argv = [exe, "--persistent", "-f", fmt, "-k", sock, "-x", name]
+    argv = [exe, "--persistent", *(["-f", fmt] if fmt else []), "-k", sock, "-x", name]
     argv += ["--read-only"] if readonly else ["--discard=unmap", "--detect-zeroes=unmap"]
     argv += [*extra, path]
     try:

@@ -11,7 +11,14 @@ from pathlib import Path
 import libvirt
 
 from tests.lab.domains import block_disk, iscsi_disk, qcow2_disk, test_domain
-from tests.lab.storage_lab import IscsiLun, iscsi_target, loop_device, rdmb_tmpdir, unique_name
+from tests.lab.storage_lab import (
+    IscsiLun,
+    iscsi_target,
+    loop_device,
+    rdmb_reflink_tmpdir,
+    rdmb_tmpdir,
+    unique_name,
+)
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -35,10 +42,14 @@ class LabVM:
 
 @contextmanager
 def lab_vm(loop_size: int = GiB, lun_size: int = 64 * MiB, start: bool = True,
-           sizelimit: bool = True) -> Iterator[LabVM]:
-    """Build the VM and tear every piece of it down afterwards."""
+           sizelimit: bool = True, reflink: bool = False) -> Iterator[LabVM]:
+    """Build the VM and tear every piece of it down afterwards.
+
+    ``reflink``: the LUNs' backing files live on the lab's reflink XFS, so the
+    storage agents can take snapshots of them.
+    """
     with ExitStack() as stack:
-        workdir = stack.enter_context(rdmb_tmpdir())
+        workdir = stack.enter_context(rdmb_reflink_tmpdir() if reflink else rdmb_tmpdir())
         loop_file = workdir / "loop-lun.img"
         with open(loop_file, "wb") as stream:
             stream.truncate(LOOP_OFFSET + loop_size + (MiB if sizelimit else 0))

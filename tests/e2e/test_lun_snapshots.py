@@ -1,0 +1,111 @@
+"""SCSI passthrough LUNs backed up through storage snapshots: short holds, ranged incrementals."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from libvirt_rdm_backup import api
+from libvirt_rdm_backup.engine.backup import BackupResult
+from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
+from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers
+
+pytestmark = pytest.mark.lab
+
+CLUSTER = 64 * 1024
+LUN_SIZE = 256 * MiB
+
+
+def scattered(vm: LabVM, disk: str, size: int, count: int, seed: int) -> int:
+    rng = random.Random(seed)
+    for index, slot in enumerate(rng.sample(range(size // CLUSTER), count)):
+        guest_write(vm.dom, disk, 1 + (seed + index) % 250, slot * CLUSTER, CLUSTER)
+    return count * CLUSTER
+
+
+def point(vm: LabVM, repo: str, tag: str, **kwargs: object) -> tuple[BackupResult, dict[str, Path]]:
+    """Reference copies at the point, then a backup during which the guest keeps writing."""
+    vm.dom.suspend()
+    try:
+        refs = snapshot_source(vm, vm.workdir / f"ref-{tag}")
+    finally:
+        vm.dom.resume()
+    seen: list[int] = []
+
+    def write_after_point(_job: str, _done: int, _total: int) -> None:
+        if not seen:
+            seen.append(1)
+            scattered(vm, "sda", LUN_SIZE, 4, seed=len(tag) + 99)
+
+    result = api.backup(vm.name, repo, progress=write_after_point, **kwargs)  # type: ignore[arg-type]
+    return result, refs
+
+
+def restore_all(vm: LabVM, repo: str, result: BackupResult, refs: dict[str, Path]) -> None:
+    for disk, ref in refs.items():
+        out = vm.workdir / f"restored-{result.manifest.backup_id}-{disk}.raw"
+        api.restore(vm.name, repo, disk, str(out), backup_id=result.manifest.backup_id)
+        assert same_bytes(out, ref), f"{disk} differs from its point in time"
+        out.unlink()
+
+
+def snapshot_files(vm: LabVM) -> list[str]:
+    directory = vm.iscsi_file.parent / ".rdmb-snapshots"
+    return sorted(os.listdir(directory)) if directory.exists() else []
+
+
+def test_lun_full_and_incremental_from_storage_snapshots() -> None:
+    with lab_vm(loop_size=128 * MiB, lun_size=LUN_SIZE, reflink=True) as vm:
+        repo = str(vm.workdir / "repo")
+        scattered(vm, "sda", LUN_SIZE, 200, seed=1)
+        scattered(vm, "vdb", 128 * MiB, 50, seed=2)
+        full, refs = point(vm, repo, "full")
+        sda = full.manifest.disk("sda")
+        assert sda is not None and sda.data_path == "snapshot" and sda.level == "full"
+        assert sda.storage_snapshot and sda.storage_snapshot["agent"] == "tgt-reflink"
+        assert full.manifest.disk("vdb").data_path == "qemu"  # type: ignore[union-attr]
+        consistency = full.manifest.consistency
+        assert consistency["method"] == "pause"
+        # the guest is held only while the snapshot is taken and the jobs start
+        assert 0 < consistency["paused_ms"] < 1000, consistency
+        restore_all(vm, repo, full, refs)
+
+        changed = scattered(vm, "sda", LUN_SIZE, 26, seed=3)  # 1% of the LUN
+        inc, refs = point(vm, repo, "inc")
+        sda = inc.manifest.disk("sda")
+        assert sda is not None and sda.level == "incremental" and sda.data_path == "snapshot"
+        assert sda.parent == full.manifest.backup_id
+        # only the ranges the storage reports as changed are stored: the 26 clusters
+        # plus the 4 written during the previous backup, after its point
+        assert 0 < sda.bytes_transferred <= changed + 4 * CLUSTER
+        assert sda.stored_bytes < 4 * MiB
+        restore_all(vm, repo, inc, refs)
+        restore_all(vm, repo, full, {"sda": vm.workdir / "ref-full" / "sda.raw"})
+
+        # snapshots kept: the last full's and the newest (for differentials/incrementals)
+        assert len(snapshot_files(vm)) == 2
+        third, refs = point(vm, repo, "third")
+        assert third.manifest.disk("sda").level == "incremental"  # type: ignore[union-attr]
+        assert len(snapshot_files(vm)) == 2
+        restore_all(vm, repo, third, refs)
+        assert qemu_leftovers(vm.dom) == []
+        assert not [b for b in dirty_bitmaps(vm.dom) if "sda" in b]
+        assert api.verify(repo).ok
+
+
+def test_lost_snapshot_falls_back_to_a_resync() -> None:
+    with lab_vm(loop_size=64 * MiB, lun_size=LUN_SIZE, reflink=True) as vm:
+        repo = str(vm.workdir / "repo")
+        scattered(vm, "sda", LUN_SIZE, 100, seed=5)
+        point(vm, repo, "a", disks=["sda"])
+        for name in snapshot_files(vm):  # someone deleted the array's snapshot
+            os.unlink(vm.iscsi_file.parent / ".rdmb-snapshots" / name)
+        changed = scattered(vm, "sda", LUN_SIZE, 10, seed=6)
+        result, refs = point(vm, repo, "b", disks=["sda"])
+        sda = result.manifest.disk("sda")
+        assert sda is not None and sda.level == "resync" and "is gone" in sda.reason
+        assert sda.bytes_transferred <= changed + 4 * CLUSTER
+        restore_all(vm, repo, result, {"sda": refs["sda"]})
