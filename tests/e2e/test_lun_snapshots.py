@@ -109,3 +109,77 @@ def test_lost_snapshot_falls_back_to_a_resync() -> None:
         assert sda is not None and sda.level == "resync" and "is gone" in sda.reason
         assert sda.bytes_transferred <= changed + 4 * CLUSTER
         restore_all(vm, repo, result, {"sda": refs["sda"]})
+
+
+def test_scsi_hostdev_is_backed_up_like_a_lun(tmp_path: Path) -> None:
+    import subprocess
+    from contextlib import ExitStack
+
+    from tests.lab.domains import iscsi_hostdev, test_domain
+    from tests.lab.storage_lab import iscsi_target, rdmb_reflink_tmpdir, unique_name
+
+    with ExitStack() as stack:
+        work = stack.enter_context(rdmb_reflink_tmpdir())
+        backing = work / "hostdev.img"
+        with open(backing, "wb") as stream:
+            stream.truncate(64 * MiB)
+        lun = stack.enter_context(iscsi_target(backing))
+        dom = stack.enter_context(test_domain(unique_name("rdmb-hostdev"),
+                                              [iscsi_hostdev(lun.iqn, lun.lun)]))
+        inventory = api.discover(dom.name())
+        assert [(d.target, str(d.source_kind)) for d in inventory.raw] == [
+            ("hostdev0", "scsi-hostdev")]
+        mapping = api.map_disks(dom.name())[0].to_dict()
+        assert mapping["storage"]["identity"]["iqn"] == lun.iqn
+        assert mapping["storage"]["extents"][0]["target"]["path"] == str(backing)
+
+        def storage_write(pattern: int, offset: int) -> None:
+            subprocess.run(["qemu-io", "-f", "raw", lun.url, "-c",
+                            f"write -P {pattern} {offset} 1M"], check=True, capture_output=True)
+
+        repo = str(work / "repo")
+        storage_write(0x11, 0)
+        full = api.backup(dom.name(), repo)
+        record = full.manifest.disk("hostdev0")
+        assert record is not None and record.data_path == "snapshot"
+        assert full.manifest.consistency["paused_ms"] < 1000
+        reference = work / "ref.raw"
+        subprocess.run(["cp", "--sparse=always", str(backing), str(reference)], check=True)
+        storage_write(0x22, 32 * MiB)
+        inc = api.backup(dom.name(), repo)
+        record = inc.manifest.disk("hostdev0")
+        assert record is not None and record.level == "incremental"
+        assert record.bytes_transferred == MiB
+        for backup_id, expected in ((full.manifest.backup_id, reference),
+                                    (inc.manifest.backup_id, backing)):
+            out = work / f"{backup_id}.raw"
+            api.restore(dom.name(), repo, "hostdev0", str(out), backup_id=backup_id,
+                        force=True)
+            assert same_bytes(out, expected)
+
+
+def test_shut_off_disk_on_snapshot_storage_gets_ranged_incrementals() -> None:
+    with lab_vm(loop_size=128 * MiB, lun_size=16 * MiB, reflink=True, start=False) as vm:
+        repo = str(vm.workdir / "repo")
+
+        def host_write(pattern: int, offset: int, length: int) -> None:
+            with open(vm.loop, "r+b") as stream:
+                stream.seek(offset)
+                stream.write(bytes([pattern]) * length)
+                stream.flush()
+                os.fsync(stream.fileno())
+
+        host_write(0x31, 0, 4 * MiB)
+        first = api.backup(vm.name, repo, disks=["vdb"])
+        vdb = first.manifest.disk("vdb")
+        assert vdb is not None and vdb.data_path == "snapshot" and vdb.level == "full"
+        assert vdb.storage_snapshot and vdb.storage_snapshot["agent"] == "loop-reflink"
+        host_write(0x32, 64 * MiB, 2 * MiB)
+        refs = snapshot_source(vm, vm.workdir / "ref")
+        second = api.backup(vm.name, repo, disks=["vdb"])
+        vdb = second.manifest.disk("vdb")
+        assert vdb is not None and vdb.level == "incremental"
+        assert vdb.bytes_transferred == 2 * MiB
+        out = vm.workdir / "vdb.raw"
+        api.restore(vm.name, repo, "vdb", str(out))
+        assert same_bytes(out, refs["vdb"])

@@ -181,3 +181,12 @@ def dirty_bitmaps(dom: libvirt.virDomain) -> set[str]:
     for node in qmp(dom, "query-named-block-nodes", {"flat": True}):  # type: ignore[attr-defined]
         names |= {b["name"] for b in node.get("dirty-bitmaps") or []}
     return names
+
+
+def iscsi_hostdev(iqn: str, lun: int, host: str = "127.0.0.1", port: int = 3260) -> DiskSpec:
+    """A SCSI passthrough ``<hostdev>`` of an iSCSI LUN (QEMU's initiator, scsi-generic)."""
+    return DiskSpec("hostdev0", (
+        "<hostdev mode='subsystem' type='scsi'>"
+        f"<source protocol='iscsi' name={quoteattr(f'{iqn}/{lun}')}>"
+        f"<host name='{host}' port='{port}'/></source></hostdev>"
+    ))
