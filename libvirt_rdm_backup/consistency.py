@@ -14,18 +14,19 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import libvirt
 
 from libvirt_rdm_backup.domain.connection import is_paused
-from libvirt_rdm_backup.errors import LibvirtError, OperationError
+from libvirt_rdm_backup.errors import LibvirtError, OperationError, RdmBackupError
 
 log = logging.getLogger(__name__)
 
 MARKER_DIR = os.environ.get("RDM_BACKUP_WINDOW_DIR", "/run/libvirt-rdm-backup/windows")
-AGENT_TIMEOUT = 10  # seconds libvirt waits for the guest agent before giving up
+# seconds libvirt waits for the guest agent before giving up
+AGENT_TIMEOUT = int(os.environ.get("RDM_BACKUP_AGENT_TIMEOUT", "10"))
 QUIESCE_MODES = ("try", "required")
 
 
@@ -79,18 +80,18 @@ def recover_window(dom: libvirt.virDomain) -> list[str]:
     except (OSError, ValueError, AttributeError):
         kinds = ["freeze", "pause"]
     done = []
+    if "pause" in kinds and is_paused(dom):  # first: the agent needs running vCPUs
+        try:
+            dom.resume()
+            done.append("resumed the guest")
+        except libvirt.libvirtError as err:
+            log.warning("could not resume the guest left paused by a killed run: %s", err)
     if "freeze" in kinds:
         try:
             dom.fsThaw()
             done.append("thawed the guest's filesystems")
         except libvirt.libvirtError as err:
             log.warning("could not thaw the guest left frozen by a killed run: %s", err)
-    if "pause" in kinds and is_paused(dom):
-        try:
-            dom.resume()
-            done.append("resumed the guest")
-        except libvirt.libvirtError as err:
-            log.warning("could not resume the guest left paused by a killed run: %s", err)
     _drop_marker(dom.UUIDString())
     for item in done:
         log.warning("a killed backup had left the window open: %s", item)
@@ -135,6 +136,8 @@ def _pause(dom: libvirt.virDomain) -> bool:
 
 
 def _resume(dom: libvirt.virDomain) -> None:
+    if not is_paused(dom):
+        return  # the pause was interrupted before it happened
     try:
         dom.resume()
     except libvirt.libvirtError as err:
@@ -149,43 +152,60 @@ def consistency_window(
 
     ``quiesce`` (``try`` or ``required``) freezes the filesystems through the guest
     agent; ``pause`` pauses the vCPUs, which a caller asks for when a freeze is not
-    enough (raw LUN copies) or did not happen. Both are undone on exit, always.
-    ``dom`` None (a shut-off domain) holds nothing.
+    enough (raw LUN copies) or did not happen. Both are undone on exit, always:
+    each undo is registered before its action, so an interrupt arriving in between
+    (SIGTERM) still thaws and resumes. ``dom`` None (a shut-off domain) holds nothing.
     """
     if dom is None:
         yield Window(method="offline")
         return
+    if quiesce is not None and quiesce not in QUIESCE_MODES:
+        raise OperationError(f"unknown quiesce mode {quiesce!r}")
     window = Window(method="qmp-transaction")
     uuid = dom.UUIDString()
-    with ExitStack() as stack:
-        kinds: list[str] = []
-        frozen = False
-        started = time.monotonic()
+    held: list[str] = []  # what was (or may have been) done, in order
+    started = time.monotonic()
 
-        def measure() -> None:  # runs last: after the thaw and the resume
-            if kinds:
-                window.paused_ms = (time.monotonic() - started) * 1000.0
+    def release(raise_errors: bool) -> None:
+        errors: list[BaseException] = []
+        for kind, undo in (("pause", _resume), ("freeze", _thaw)):
+            if kind in held:
+                try:
+                    undo(dom)
+                except LibvirtError as err:
+                    log.error("%s", err)
+                    errors.append(err)
+        if held:
+            window.paused_ms = (time.monotonic() - started) * 1000.0
+        _drop_marker(uuid)
+        if errors and raise_errors:
+            raise errors[0]
 
-        stack.callback(measure)
+    try:
         if quiesce is not None:
-            if quiesce not in QUIESCE_MODES:
-                raise OperationError(f"unknown quiesce mode {quiesce!r}")
             _write_marker(uuid, ["freeze"])
-            stack.callback(_drop_marker, uuid)
-            frozen = _freeze(dom, quiesce, window)
+            held.append("freeze")  # an interrupted freeze may still freeze: thaw then
+            try:
+                frozen = _freeze(dom, quiesce, window)
+            except RdmBackupError:
+                held.remove("freeze")  # the agent refused: nothing to thaw
+                raise
             if frozen:
-                kinds.append("freeze")
-                stack.callback(_thaw, dom)
                 window.method = "fsfreeze"
-        if pause or (quiesce is not None and not frozen):
-            _write_marker(uuid, [*kinds, "pause"])
-            stack.callback(_drop_marker, uuid)
-            if _pause(dom):
-                kinds.append("pause")
-                stack.callback(_resume, dom)
-                window.method = "fsfreeze+pause" if frozen else "pause"
             else:
+                held.remove("freeze")
+        if pause or (quiesce is not None and "freeze" not in held):
+            if is_paused(dom):
                 window.method = "already-paused"
-        if not kinds:
+            else:
+                _write_marker(uuid, [*held, "pause"])
+                held.append("pause")
+                _pause(dom)
+                window.method = "fsfreeze+pause" if "freeze" in held else "pause"
+        if not held:
             _drop_marker(uuid)
         yield window
+    except BaseException:
+        release(raise_errors=False)  # never hide the error that ended the window
+        raise
+    release(raise_errors=True)

@@ -1,0 +1,223 @@
+"""Backups of a real running Linux guest: LUN I/O never fails, points in time, quiesce.
+
+One tiny guest (tests/lab/guest.py) with a block-layer disk ``vda``, a small disk ``vdb``
+holding an ext4 filesystem for fsfreeze, a SCSI passthrough LUN ``sda`` on snapshot-capable
+storage (tgt over a reflink file) and a LUN ``sdb`` on plain storage (copied while paused).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from libvirt_rdm_backup import api
+from tests.e2e.lab_vm import same_bytes
+from tests.lab.domains import block_disk, iscsi_disk, rdm_backup
+from tests.lab.guest import Guest, guest_vm
+from tests.lab.storage_lab import (
+    IscsiLun,
+    iscsi_target,
+    loop_device,
+    rdmb_reflink_tmpdir,
+    rdmb_tmpdir,
+    unique_name,
+)
+
+pytestmark = pytest.mark.lab
+MiB = 1 << 20
+
+
+@dataclass
+class GuestLab:
+    guest: Guest
+    work: Path
+    vda: str
+    sda: IscsiLun
+    sdb: IscsiLun
+
+    def references(self, tag: str) -> dict[str, Path]:
+        """Raw copies of the raw disks now (the caller holds the guest still)."""
+        refs = {disk: self.work / f"ref-{tag}-{disk}.raw" for disk in ("vda", "sda", "sdb")}
+        subprocess.run(["qemu-img", "convert", "-U", "-f", "raw", "-O", "raw", self.vda,
+                        str(refs["vda"])], check=True)
+        for disk, lun in (("sda", self.sda), ("sdb", self.sdb)):
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", lun.url,
+                            str(refs[disk])], check=True)
+        return refs
+
+
+def _sparse(path: Path, size: int) -> Path:
+    with path.open("wb") as stream:
+        stream.truncate(size)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[GuestLab]:
+    with ExitStack() as stack:
+        work = stack.enter_context(rdmb_tmpdir())
+        snapdir = stack.enter_context(rdmb_reflink_tmpdir())
+        vda = stack.enter_context(loop_device(_sparse(work / "vda.img", 128 * MiB)))
+        vdb = stack.enter_context(loop_device(_sparse(work / "vdb.img", 32 * MiB)))
+        sda = stack.enter_context(iscsi_target(_sparse(snapdir / "sda.img", 128 * MiB)))
+        sdb = stack.enter_context(iscsi_target(_sparse(work / "sdb.img", 128 * MiB)))
+        disks = [block_disk("vda", vda), block_disk("vdb", vdb),
+                 iscsi_disk("sda", sda.iqn, sda.lun, device="lun"),
+                 iscsi_disk("sdb", sdb.iqn, sdb.lun, device="lun")]
+        guest = stack.enter_context(guest_vm(unique_name("rdmb-gbk"), disks))
+        for dev in ("vda", "vdb", "sda", "sdb"):
+            guest.wait_path(f"/sys/block/{dev}")
+        guest.check("mke2fs -t ext4 -q /dev/vdb >/dev/null 2>&1 || mke2fs /dev/vdb >/dev/null; "
+                    "mkdir -p /mnt/fs && mount /dev/vdb /mnt/fs && echo ok > /mnt/fs/a && sync")
+        yield GuestLab(guest, work, vda, sda, sdb)
+
+
+WRITER = ("i=0; while [ ! -e /run/stop ]; do "
+          "dd if=/dev/urandom of=/dev/sda bs=65536 count=4 seek=$((512 + i % 256)) "
+          "oflag=direct conv=notrunc 2>>/run/dd.err || echo w$i >> /run/errors; "
+          "dd if=/dev/sda of=/dev/null bs=65536 count=4 skip=$((i % 1024)) iflag=direct "
+          "2>>/run/dd.err || echo r$i >> /run/errors; "
+          "i=$((i+1)); echo $i > /run/count; done")
+
+
+def _count(guest: Guest) -> int:
+    rc, out = guest.run("cat /run/count 2>/dev/null || echo 0")
+    return int(out.strip() or 0)
+
+
+def test_lun_io_never_fails_during_backups(lab: GuestLab) -> None:
+    g = lab.guest
+    g.check("rm -f /run/stop /run/errors /run/count; dmesg -c >/dev/null")
+    g.check(f"({WRITER}) >/dev/null 2>&1 &")
+    repo = str(lab.work / "repo-io")
+    try:
+        time.sleep(2)
+        before = _count(g)
+        full = api.backup(g.name, repo)
+        middle = _count(g)
+        inc = api.backup(g.name, repo)
+        time.sleep(1)
+        after = _count(g)
+    finally:
+        g.check("touch /run/stop; sleep 1")
+    assert before < middle < after, (before, middle, after)  # the guest kept writing
+    assert g.run("cat /run/errors")[0] != 0, g.run("cat /run/errors /run/dd.err")[1]
+    kernel = g.check("dmesg")
+    assert "I/O error" not in kernel and "Aborted Command" not in kernel, kernel[-2000:]
+    sda = inc.manifest.disk("sda")
+    assert sda is not None and sda.data_path == "snapshot" and sda.level == "incremental"
+    assert full.manifest.disk("sda").data_path == "snapshot"  # type: ignore[union-attr]
+    assert full.manifest.consistency["paused_ms"] < 1000
+
+
+def _writes_after_point(g: Guest, pattern: int) -> Callable[[str, int, int], None]:
+    """A progress callback: once the point is fixed, the guest writes what must not be in it."""
+    done: list[int] = []
+
+    def write(_job: str, _done: int, _total: int) -> None:
+        if not done:
+            done.append(1)
+            for dev in ("vda", "sda", "sdb"):
+                g.dd_write(f"/dev/{dev}", 20 * MiB, MiB, pattern, direct=True)
+
+    return write
+
+
+def test_points_in_time_with_guest_writes(lab: GuestLab) -> None:
+    g = lab.guest
+    repo = str(lab.work / "repo-pit")
+    for dev, pattern in (("vda", 0x11), ("sda", 0x22), ("sdb", 0x33)):
+        g.dd_write(f"/dev/{dev}", 4 * MiB, 2 * MiB, pattern, direct=True)
+    results = []
+    for round_, level in enumerate(("full", "incremental")):
+        lab.guest.dom.suspend()
+        try:
+            refs = lab.references(f"pit{round_}")
+        finally:
+            lab.guest.dom.resume()
+        result = api.backup(g.name, repo, level=level,
+                            progress=_writes_after_point(g, 0x70 + round_))
+        results.append((result, refs))
+        for dev, pattern in (("vda", 0x44), ("sda", 0x55), ("sdb", 0x66)):
+            g.dd_write(f"/dev/{dev}", (40 + round_) * MiB, MiB, pattern + round_, direct=True)
+    assert results[1][0].manifest.disk("vda").level == "incremental"  # type: ignore[union-attr]
+    assert results[1][0].manifest.disk("sda").level == "incremental"  # type: ignore[union-attr]
+    assert results[1][0].manifest.disk("sdb").level == "full"  # type: ignore[union-attr]
+    for result, refs in results:
+        for disk, ref in refs.items():
+            out = lab.work / f"out-{disk}.raw"
+            api.restore(g.name, repo, disk, str(out), backup_id=result.manifest.backup_id)
+            assert same_bytes(out, ref), f"{disk} of {result.manifest.level}"
+            out.unlink()
+
+
+def test_quiesce_freezes_and_thaws(lab: GuestLab) -> None:
+    g = lab.guest
+    g.wait_agent(30)
+    result = api.backup(g.name, str(lab.work / "repo-q"), quiesce="required")
+    consistency = result.manifest.consistency
+    assert consistency["method"].startswith("fsfreeze"), consistency
+    assert consistency["frozen_filesystems"] >= 1
+    assert g.agent("guest-fsfreeze-status") == "thawed"
+    g.check("echo after > /mnt/fs/after && sync")
+
+
+def test_thaw_and_resume_when_the_tool_is_interrupted(lab: GuestLab) -> None:
+    g = lab.guest
+    g.wait_agent(30)
+    # sdb (plain storage) is copied with the guest frozen and paused: a long window
+    g.dd_write("/dev/sdb", 0, 96 * MiB, 0x5A, direct=True)
+    repo = str(lab.work / "repo-int")
+    exe = Path(sys.executable).parent / "rdm-backup"
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen([str(exe), "backup", g.name, "--target", repo, "--quiesce",
+                                 "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.monotonic() + 60
+        while g.dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        proc.send_signal(sig)
+        out, err = proc.communicate()
+        if sig == signal.SIGTERM:  # cleaned up by the tool itself
+            assert proc.returncode == 4 and "interrupted" in err
+            assert g.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+            assert g.agent("guest-fsfreeze-status") == "thawed"
+    # after SIGKILL the guest is still paused and frozen; the next run repairs that
+    assert g.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+    api.backup(g.name, repo, disks=["vda"])
+    assert g.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert g.agent("guest-fsfreeze-status") == "thawed"
+    assert api.list_backups(repo)[-1].disks[0].disk.target == "vda"
+
+
+def test_missing_agent(lab: GuestLab, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = lab.guest
+    monkeypatch.setenv("RDM_BACKUP_AGENT_TIMEOUT", "3")
+    g.check("killall qemu-ga; sleep 1")
+    try:
+        proc = rdm_backup("backup", g.name, "--target", str(lab.work / "repo-na"),
+                          "--quiesce=required")
+        assert proc.returncode == 4 and "guest agent" in proc.stderr
+        assert proc.stderr.count("\n") == 1
+        proc = rdm_backup("backup", g.name, "--target", str(lab.work / "repo-na"),
+                          "--quiesce", "--json")
+        assert proc.returncode == 0, proc.stderr
+        consistency = json.loads(proc.stdout)["consistency"]
+        assert consistency["method"] == "pause"
+        assert any("guest agent" in note for note in consistency["notes"])
+        assert g.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    finally:
+        g.check("qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 "
+                ">/dev/null 2>&1 &")
