@@ -40,6 +40,19 @@ PEER_KEYS = (
     "virtnbdbackup_inc_s",
     "ratio_inc_vs_virtnbdbackup_inc",
 )
+LUN_KEYS = (
+    "lun_paused_ms",
+    "lun_full_s",
+    "qemu_img_convert_raw_s",
+    "qemu_img_convert_qcow2_s",
+    "lun_full_ratio_vs_convert_raw",
+    "lun_full_ratio_vs_convert_qcow2",
+    "lun_inc_s",
+    "lun_inc_ratio_to_full",
+    "lun_inc_stored_bytes",
+    "lun_dirty_bytes",
+    "lun_inc_stored_ratio_to_dirty",
+)
 
 
 def _positive_numbers(doc: dict[str, object], keys: tuple[str, ...]) -> None:
@@ -55,20 +68,26 @@ def _virsh_names() -> list[str]:
     return domains.stdout.split()
 
 
+def _tgt_targets() -> str:
+    shown = subprocess.run(["tgtadm", "--lld", "iscsi", "--op", "show", "--mode", "target"],
+                           capture_output=True, text=True, check=True)
+    return shown.stdout
+
+
 def test_bench_small_lun_reports_all_numbers() -> None:
     # the peer section needs Debian's virtnbdbackup (tools/lab.sh installs it)
     peer = shutil.which("virtnbdbackup") is not None
-    sections = "full,incremental,peer,resync" if peer else "full,incremental,resync"
+    sections = "full,incremental,peer,resync,lun" if peer else "full,incremental,resync,lun"
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "bench.py"),
          "--size-mib", "64", "--repeat", "1", "--sections", sections, "--json"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout  # --json: only the JSON line on stdout
     doc = json.loads(lines[0])
-    _positive_numbers(doc, KEYS + INCREMENTAL_KEYS + (PEER_KEYS if peer else ()))
+    _positive_numbers(doc, KEYS + INCREMENTAL_KEYS + LUN_KEYS + (PEER_KEYS if peer else ()))
     assert doc["lun_bytes"] == 64 * MiB
     assert doc["data_bytes"] == 16 * MiB  # --fill 0.25 by default
     # zeros take no space: the stored backup is about the size of the data, not of the LUN
@@ -91,13 +110,37 @@ def test_bench_small_lun_reports_all_numbers() -> None:
         assert doc["resync"] == "not measured (level not available)", doc["resync"]
         assert "resync: not measured (level not available)" in proc.stderr
 
-    # nothing the bench made is left behind: its directory, loop device and domains are gone
+    # lun: two passthrough LUNs snapshotted by the storage, the guest held briefly; the
+    # incremental reads only what the storage reports as changed
+    assert doc["lun_size_bytes"] == 64 * MiB and doc["lun_dirty_bytes"] == 10 * 64 * KiB, doc
+    assert doc["lun_paused_ms"] < 1000 and doc["lun_paused_method"] == "pause", doc
+    window = doc["lun_window_disks"]
+    assert {d: window[d]["data_path"] for d in window} == {
+        "sda": "snapshot", "sdb": "snapshot", "vdb": "qemu"}, window
+    assert doc["lun_full_disks"]["sda"] == {
+        "data_path": "snapshot", "level": "full", "agent": "tgt-reflink"}, doc
+    assert doc["lun_inc_disks"]["sda"]["data_path"] == "snapshot", doc["lun_inc_disks"]
+    assert doc["lun_inc_disks"]["sda"]["level"] == "incremental", doc["lun_inc_disks"]
+    assert doc["lun_inc_bytes_transferred"] == doc["lun_dirty_bytes"], doc
+    assert doc["lun_inc_stored_bytes"] < doc["lun_full_stored_bytes"] / 4, doc
+    assert all(doc["lun_verified_identical"].values()), doc["lun_verified_identical"]
+    assert set(doc["goals"]) >= {"lun_paused_ms", "lun_full_ratio_vs_convert_raw",
+                                 "lun_inc_ratio_to_full"}
+
+    # nothing the bench made is left behind: its directories, loop devices, iSCSI targets
+    # (the LUNs' and those presenting their snapshots), snapshot clones and domains are gone
     assert "rdmb" in doc["workdir"] and "rdmb" in doc["domain"]
     assert not Path(doc["workdir"]).exists()
+    assert "rdmb" in doc["lun_backing_dir"] and not Path(doc["lun_backing_dir"]).exists()
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True)
     assert doc["workdir"] not in loops.stdout
+    assert doc["lun_backing_dir"] not in loops.stdout
+    targets = _tgt_targets()
+    for iqn in doc["lun_iqns"].values():
+        assert "rdmb" in iqn and iqn not in targets, (iqn, targets)
     names = _virsh_names()
     assert doc["domain"] not in names
+    assert "rdmb" in doc["lun_domain"] and doc["lun_domain"] not in names
     if peer:
         assert "rdmb" in doc["peer_domain"] and doc["peer_domain"] not in names
 
