@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import libvirt
+import libvirt_qemu
 
 from libvirt_rdm_backup.domain.connection import is_paused
 from libvirt_rdm_backup.errors import LibvirtError, OperationError, RdmBackupError
@@ -98,8 +99,29 @@ def recover_window(dom: libvirt.virDomain) -> list[str]:
     return done
 
 
+def _agent_answers(dom: libvirt.virDomain) -> None:
+    """Ping the guest agent first: a freeze sent to a hung agent could run much later."""
+    try:
+        libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-ping"}', AGENT_TIMEOUT, 0)
+    except libvirt.libvirtError as err:
+        raise _AgentSilent(err.get_error_message()) from err
+
+
+class _AgentSilent(Exception):
+    """The guest agent did not answer a ping."""
+
+
 def _freeze(dom: libvirt.virDomain, quiesce: str, window: Window) -> bool:
     """Freeze the guest's filesystems through the guest agent; False when it cannot."""
+    try:
+        _agent_answers(dom)
+    except _AgentSilent as err:
+        reason = f"guest agent does not answer: {err}"
+        if quiesce == "required":
+            raise OperationError(f"{reason} (--quiesce=required)") from err
+        log.warning("%s; the backup is crash-consistent", reason)
+        window.notes.append(f"{reason}; crash-consistent instead")
+        return False
     try:
         try:
             dom.agentSetResponseTimeout(AGENT_TIMEOUT, 0)
@@ -175,6 +197,13 @@ def consistency_window(
                 except LibvirtError as err:
                     log.error("%s", err)
                     errors.append(err)
+        if "maybe-frozen" in held:
+            # a freeze that timed out may still run once the agent wakes up; a thaw
+            # queued behind it undoes it (the agent works through commands in order)
+            try:
+                _thaw(dom)
+            except LibvirtError as err:
+                log.debug("thaw after a failed freeze: %s", err)
         if held:
             window.paused_ms = (time.monotonic() - started) * 1000.0
         _drop_marker(uuid)
@@ -194,7 +223,8 @@ def consistency_window(
                 window.method = "fsfreeze"
             else:
                 held.remove("freeze")
-        if pause or (quiesce is not None and "freeze" not in held):
+                held.append("maybe-frozen")
+        if pause or "maybe-frozen" in held:
             if is_paused(dom):
                 window.method = "already-paused"
             else:

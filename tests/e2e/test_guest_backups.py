@@ -202,6 +202,27 @@ def test_thaw_and_resume_when_the_tool_is_interrupted(lab: GuestLab) -> None:
     assert api.list_backups(repo)[-1].disks[0].disk.target == "vda"
 
 
+def test_hung_agent(lab: GuestLab, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = lab.guest
+    g.wait_agent(30)
+    monkeypatch.setenv("RDM_BACKUP_AGENT_TIMEOUT", "3")
+    g.check("killall -STOP qemu-ga")
+    try:
+        started = time.monotonic()
+        proc = rdm_backup("backup", g.name, "--target", str(lab.work / "repo-hung"),
+                          "--quiesce", "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert time.monotonic() - started < 60
+        consistency = json.loads(proc.stdout)["consistency"]
+        assert consistency["method"] == "pause"
+        assert any("guest agent" in note for note in consistency["notes"])
+        assert g.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    finally:
+        g.check("killall -CONT qemu-ga")
+    g.wait_agent(30)
+    assert g.agent("guest-fsfreeze-status") == "thawed"
+
+
 def test_missing_agent(lab: GuestLab, monkeypatch: pytest.MonkeyPatch) -> None:
     g = lab.guest
     monkeypatch.setenv("RDM_BACKUP_AGENT_TIMEOUT", "3")
