@@ -283,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    """Errors are one line: tools and parsers sometimes put newlines into messages."""
+    return " ".join(text.split())
+
+
 def _terminate(signum: int, _frame: object) -> None:
     """SIGTERM unwinds like an interrupt: every cleanup (resume, jobs, nodes) runs."""
     raise KeyboardInterrupt(f"signal {signum}")
@@ -303,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except RdmBackupError as err:
-        sys.stderr.write(f"rdm-backup: error: {err}\n")
+        sys.stderr.write(f"rdm-backup: error: {_one_line(str(err))}\n")
         return err.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("rdm-backup: error: interrupted, the operation did not complete\n")
@@ -311,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the CLI never shows a traceback
         if verbose:
             raise
-        sys.stderr.write(f"rdm-backup: internal error: {type(err).__name__}: {err}\n")
+        sys.stderr.write(
+            f"rdm-backup: internal error: {type(err).__name__}: {_one_line(str(err))}\n")
         return EXIT_FAILED
 
 

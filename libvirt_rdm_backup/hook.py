@@ -60,7 +60,7 @@ def event_for(operation: str, sub: str) -> str | None:
 def _say(message: str) -> None:
     """One short line on stderr; never raises."""
     try:
-        sys.stderr.write(f"libvirt-rdm-backup hook: {message[:300]}\n")
+        sys.stderr.write(f"libvirt-rdm-backup hook: {' '.join(message.split())[:300]}\n")
         sys.stderr.flush()
     except Exception:  # stderr may be closed; nothing left to report to
         pass
