@@ -83,11 +83,17 @@ def backup(
 ) -> BackupResult:
     """A point-in-time backup of the domain's raw disks into repository ``target``.
 
-    ``level``: ``full``, ``incremental``, ``differential`` or ``auto`` (incremental
-    where the chain's dirty tracking is intact, otherwise what stays correct).
-    ``chain`` names an independent chain with its own dirty bitmaps.
-    ``quiesce``: ``try`` (freeze the guest's filesystems through its agent when it
-    answers, else crash-consistent) or ``required`` (fail without the agent).
+    ``level``: ``full``, ``incremental``, ``differential``, ``resync`` (read each
+    disk once and store the chunks that differ from its previous backup, for when
+    the writes were not tracked) or ``auto`` (incremental where the chain's
+    tracking is intact: dirty bitmaps, or for passthrough LUNs the kept storage
+    snapshots; else a resync, else a full copy; each disk records why).
+    ``chain`` names an independent chain with its own bitmaps and snapshots.
+    ``quiesce``: None (no freeze; the guest is paused only while LUNs need it),
+    ``try`` (freeze the guest's filesystems through the QEMU guest agent while
+    the point in time is fixed; when the agent does not answer or cannot freeze,
+    pause the guest instead: crash-consistent, with a note in the manifest's
+    ``consistency``) or ``required`` (fail without a working agent).
     """
     with connection(uri) as conn:
         return _backup.backup(conn, domain, target, disks, level, chain, progress, quiesce)

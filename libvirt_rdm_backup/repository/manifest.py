@@ -41,7 +41,7 @@ class DiskRecord:
     format: str
     digest: Digest
     level: str
-    data_path: str  # "qemu" (block job) or "storage" (copied from the storage side)
+    data_path: str  # "qemu" (block job), "storage" (from storage), "snapshot" (storage snapshot)
     bytes_transferred: int
     stored_bytes: int
     mapping: RawDiskMapping | None = None
