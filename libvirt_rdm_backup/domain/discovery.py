@@ -92,7 +92,8 @@ def classify_disk(disk: DiskXML, resolve_volume: VolumeResolver | None) -> RawDi
             return _other(disk, f"volume {pool}/{volume} cannot be resolved", f"{pool}/{volume}")
         path, is_block = resolved
         if not is_block:
-            return _other(disk, f"volume {pool}/{volume} is a file ({path}), not a raw disk", path)
+            return _other(disk, f"volume {pool}/{volume} ({path}) is not a block device, "
+                          "so not a raw disk", path)
         return _raw(disk, SourceKind.VOLUME, source_path=path, pool=pool, volume=volume)
     return _other(disk, f"disk type {kind} is not a raw disk", disk.source_file)
 

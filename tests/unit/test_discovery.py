@@ -38,7 +38,7 @@ def test_raw_and_other_disks_are_told_apart(inventory) -> None:  # type: ignore[
     assert set(reasons) == {"vda", "vdc", "vde", "vdf", "sdd"}
     assert "image file (qcow2)" in reasons["vda"]
     assert "qcow2 format on block" in reasons["vdc"]
-    assert "is a file" in reasons["vde"]
+    assert "is not a block device" in reasons["vde"]
     assert "rbd" in reasons["vdf"]
     assert "removable" in reasons["sdd"]
 
