@@ -2,11 +2,12 @@
 
 A disk is cut into chunks of :data:`CHUNK` bytes (64 KiB, the cluster size of
 our qcow2 layers); the last chunk is shorter when the disk size is not a
-multiple of it. Each chunk has a digest: BLAKE2b with a 16-byte (128-bit)
-output over the chunk's bytes (``hashlib.blake2b(data, digest_size=16)``),
-named :data:`ALGORITHM`. 128 bits keep the map small (16 bytes per 64 KiB,
-256 MiB per TiB) and make an accidental collision between two versions of a
-chunk negligible; the map detects change, it does not authenticate data.
+multiple of it. Each chunk has a 16-byte (128-bit) digest: the first 16 bytes
+of the SHA-256 of the chunk's bytes (SHA-256 runs on the CPU's SHA instructions
+where present, over twice as fast as BLAKE2b here), named :data:`ALGORITHM`.
+128 bits keep the map small (16 bytes per 64 KiB, 256 MiB per TiB) and make an
+accidental collision between two versions of a chunk negligible; the map detects
+change, it does not authenticate data.
 
 A :class:`ChunkMap` is kept beside every backup point. A resync after QEMU lost
 its dirty bitmaps compares a fresh map of the disk with the last one and stores
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 65536
 DIGEST_SIZE = 16
-ALGORITHM = "blake2b-128"
+ALGORITHM = "sha256-128"
 FORMAT = "libvirt-rdm-backup/chunkmap"
 VERSION = 1
 MAGIC = b"RDMBCMAP"
@@ -55,9 +56,9 @@ _HEADER_LEN = struct.Struct(">I")
 
 def chunk_digest(data: bytes | bytearray | memoryview) -> bytes:
     """The digest of one chunk's bytes (``update`` releases the GIL: threads can hash)."""
-    hasher = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    hasher = hashlib.sha256()
     hasher.update(data)
-    return hasher.digest()
+    return hasher.digest()[:DIGEST_SIZE]
 
 
 @functools.cache

@@ -68,7 +68,7 @@ def raw_map(path: Path) -> ChunkMap:
     size = 0
     with open(path, "rb") as stream:
         while chunk := stream.read(CHUNK):
-            digests += hashlib.blake2b(chunk, digest_size=16).digest()
+            digests += hashlib.sha256(chunk).digest()[:16]
             size += len(chunk)
     return ChunkMap(size, CHUNK, ALGORITHM, digests)
 
