@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,7 +137,10 @@ def _record(plan: DiskPlan, path: str, captured: Capture,
             mapping: tuple[RawDiskMapping | None, str | None],
             parent_maps: dict[str, ChunkMap]) -> DiskRecord:
     extents = img.map_extents(path, DATA_FORMAT)
-    chunk_map = _chunk_map(plan, path, captured, parent_maps, extents)
+    with ThreadPoolExecutor(1) as pool:  # both read the new data: hash it side by side
+        data_digest = pool.submit(file_digest, path)
+        chunk_map = _chunk_map(plan, path, captured, parent_maps, extents)
+        digest = data_digest.result()
     chunk_file = None
     if chunk_map is not None:
         chunk_file = f"{plan.disk.target}.chunks"
@@ -146,7 +150,7 @@ def _record(plan: DiskPlan, path: str, captured: Capture,
         size=int(plan.disk.size or img.virtual_size(path, DATA_FORMAT)),
         data_file=os.path.basename(path),
         format=DATA_FORMAT,
-        digest=file_digest(path),
+        digest=digest,
         level=plan.level,
         reason=plan.reason,
         data_path=str(plan.path),
