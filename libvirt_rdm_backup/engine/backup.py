@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,26 +11,22 @@ import libvirt
 from libvirt_rdm_backup.consistency import recover_window
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.capture import (
-    DATA_FORMAT,
-    Capture,
     ProgressCallback,
     capture,
     drop_new_snapshots,
 )
 from libvirt_rdm_backup.engine.discover import DomainContext, open_domain, select_disks
 from libvirt_rdm_backup.engine.locks import domain_lock
-from libvirt_rdm_backup.engine.plan import DiskPlan, Facts, overall_level, plan_backup
+from libvirt_rdm_backup.engine.plan import Facts, overall_level, plan_backup
+from libvirt_rdm_backup.engine.stores import open_store
 from libvirt_rdm_backup.errors import RdmBackupError
 from libvirt_rdm_backup.events import describe_restart
-from libvirt_rdm_backup.qemu import bitmaps, img
+from libvirt_rdm_backup.qemu import bitmaps
 from libvirt_rdm_backup.qemu.leftovers import remove_leftovers
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN, Chain, chain_of
-from libvirt_rdm_backup.repository.chunkmap import ChunkMap, chunkmap_of_layer
-from libvirt_rdm_backup.repository.digest import file_digest
-from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.store import (
-    Repository,
     check_safe_name,
     new_backup_id,
     now_iso,
@@ -102,74 +96,7 @@ def _live_bitmaps(monitor: Monitor | None) -> dict[str, set[str]]:
     return {node: set(names) for node, names in bitmaps.node_bitmaps(monitor).items()}
 
 
-def _parent_maps(repo: Repository, plans: list[DiskPlan]) -> dict[str, ChunkMap]:
-    """The chunk maps of the points the planned layers build on (where recorded)."""
-    maps: dict[str, ChunkMap] = {}
-    for plan in plans:
-        point = plan.parent
-        if point is None or point.record.chunk_map is None:
-            continue
-        directory = repo.backup_dir(point.manifest.domain_uuid, point.backup_id)
-        path = os.path.join(directory, check_safe_name(point.record.chunk_map, "chunk map"))
-        try:
-            maps[plan.disk.target] = ChunkMap.load(path)
-        except RdmBackupError as err:
-            if plan.level == "resync":
-                raise
-            log.warning("disk %s: %s; the new point gets no chunk map", plan.disk.target, err)
-    return maps
-
-
-def _chunk_map(plan: DiskPlan, path: str, captured: Capture,
-               parent_maps: dict[str, ChunkMap], extents: list[img.MapExtent]
-               ) -> ChunkMap | None:
-    """The new point's chunk map: from the resync, or from the layer's own clusters."""
-    target = plan.disk.target
-    if target in captured.chunk_maps:
-        return captured.chunk_maps[target]
-    parent = parent_maps.get(target)
-    if plan.parent is not None and parent is None:
-        return None  # the point below has no map: nothing to build on
-    return chunkmap_of_layer(path, parent, int(plan.disk.size or 0), extents)
-
-
-def _record(plan: DiskPlan, path: str, captured: Capture,
-            mapping: tuple[RawDiskMapping | None, str | None],
-            parent_maps: dict[str, ChunkMap]) -> DiskRecord:
-    extents = img.map_extents(path, DATA_FORMAT)
-    with ThreadPoolExecutor(1) as pool:  # both read the new data: hash it side by side
-        data_digest = pool.submit(file_digest, path)
-        chunk_map = _chunk_map(plan, path, captured, parent_maps, extents)
-        digest = data_digest.result()
-    chunk_file = None
-    if chunk_map is not None:
-        chunk_file = f"{plan.disk.target}.chunks"
-        chunk_map.save(os.path.join(os.path.dirname(path), chunk_file))
-    return DiskRecord(
-        disk=plan.disk,
-        size=int(plan.disk.size or img.virtual_size(path, DATA_FORMAT)),
-        data_file=os.path.basename(path),
-        format=DATA_FORMAT,
-        digest=digest,
-        level=plan.level,
-        reason=plan.reason,
-        data_path=str(plan.path),
-        bytes_transferred=img.data_bytes(path, own_only=True, extents=extents),
-        stored_bytes=os.stat(path).st_blocks * 512,
-        mapping=mapping[0],
-        mapping_error=mapping[1],
-        parent=plan.parent.backup_id if plan.parent else None,
-        backing_file=plan.parent.relative_data_file() if plan.parent else None,
-        bitmap=captured.new_bitmaps.get(plan.disk.target),
-        storage_snapshot=captured.snapshots[plan.disk.target].to_dict()
-        if plan.disk.target in captured.snapshots else None,
-        chunk_map=chunk_file,
-        chunk_map_digest=file_digest(os.path.join(os.path.dirname(path), chunk_file))
-        if chunk_file else None,
-    )
-
-
-def _finish_tracking(monitor: Monitor | None, repo: Repository, chain: Chain,
+def _finish_tracking(monitor: Monitor | None, repo_id: str, chain: Chain,
                      superseded: list[dict[str, Any]]) -> None:
     """After publishing: drop the bitmaps and storage snapshots no later backup can use."""
     needed = chain.needed_snapshots()
@@ -179,7 +106,7 @@ def _finish_tracking(monitor: Monitor | None, repo: Repository, chain: Chain,
     if monitor is None:
         return
     try:
-        bitmaps.remove_unneeded(monitor, bitmaps.chain_prefix(repo.repo_id, chain.name),
+        bitmaps.remove_unneeded(monitor, bitmaps.chain_prefix(repo_id, chain.name),
                                 chain.needed_bitmaps())
     except RdmBackupError as err:
         log.warning("could not drop old dirty bitmaps (the next run will): %s", err)
@@ -215,14 +142,14 @@ def _snapshot_facts(selected: list[RawDisk], chain: Chain) -> tuple[dict[str, st
     return agents, live
 
 
-def _prepare_qemu(ctx: DomainContext, repo: Repository, chain: Chain) -> Monitor | None:
+def _prepare_qemu(ctx: DomainContext, repo_id: str, chain: Chain) -> Monitor | None:
     """Remove leftovers of killed runs; return the monitor of a running domain."""
     if not ctx.inventory.running:
         return None
     recover_window(ctx.dom)
     monitor = Monitor(ctx.dom)
     remove_leftovers(monitor)
-    bitmaps.remove_unneeded(monitor, bitmaps.chain_prefix(repo.repo_id, chain.name),
+    bitmaps.remove_unneeded(monitor, bitmaps.chain_prefix(repo_id, chain.name),
                             chain.needed_bitmaps())
     return monitor
 
@@ -236,8 +163,12 @@ def backup(
     chain_name: str = DEFAULT_CHAIN,
     progress: ProgressCallback | None = None,
     quiesce: str | None = None,
+    allow_plain_nbd: bool = False,
 ) -> BackupResult:
     """Take a point-in-time backup of a domain's raw disks into the repository ``target``.
+
+    ``target`` is a repository directory or an NBD export (``nbd://``, ``nbds://``,
+    ``nbd+unix://``) that holds a backup volume.
 
     ``level`` is ``full``, ``incremental`` (writes since the chain's previous
     backup), ``differential`` (since the chain's last full) or ``auto``
@@ -248,27 +179,27 @@ def backup(
     check_safe_name(chain_name, "chain name")
     ctx = open_domain(conn, domain)
     selected = select_disks(ctx.inventory, disks)
-    repo = Repository.open(target, create=True)
-    with domain_lock(ctx.uuid), repo.lock(ctx.uuid):
-        chain = chain_of(repo.backups(ctx.uuid), chain_name)
-        monitor = _prepare_qemu(ctx, repo, chain)
+    store = open_store(target, create=True, allow_plain_nbd=allow_plain_nbd)
+    with store, domain_lock(ctx.uuid), store.lock(ctx.uuid):
+        chain = chain_of(store.backups(ctx.uuid), chain_name)
+        monitor = _prepare_qemu(ctx, store.repo_id, chain)
         restart = describe_restart(ctx.uuid, chain.last.created) if chain.last else None
         agents, live_snapshots = _snapshot_facts(selected, chain)
         facts = Facts(ctx.inventory.running, chain, _live_bitmaps(monitor), restart,
-                      agents, live_snapshots)
+                      agents, live_snapshots, local_layers=store.local_layers)
         plans = plan_backup(selected, level, facts)
-        parent_maps = _parent_maps(repo, plans)
+        parent_maps = store.parent_maps(plans)
         mappings = {disk.target: _mapping_of(disk) for disk in selected}
         backup_id = new_backup_id()
         created = now_iso()
-        with repo.staging(ctx.uuid, backup_id) as staging:
+        with store.session(ctx.uuid, backup_id) as sink:
             captured = capture(
-                ctx.dom, ctx.inventory.running, plans, staging,
-                bitmaps.bitmap_name(repo.repo_id, chain_name, backup_id), parent_maps,
+                ctx.dom, ctx.inventory.running, plans, sink,
+                bitmaps.bitmap_name(store.repo_id, chain_name, backup_id), parent_maps,
                 progress, quiesce)
             try:
-                records = [_record(p, captured.files[p.disk.target], captured,
-                                   mappings[p.disk.target], parent_maps) for p in plans]
+                records = [store.record(p, sink, captured, mappings[p.disk.target], parent_maps)
+                           for p in plans]
                 resolved = overall_level(plans)
                 manifest = Manifest(
                     backup_id=backup_id,
@@ -284,7 +215,7 @@ def backup(
                     domain_xml=ctx.xml_text,
                     disks=records,
                 )
-                path = repo.publish(staging, manifest)
+                path = store.publish(sink, manifest)
             except BaseException:
                 drop_new_snapshots(plans, captured)
                 if monitor is not None:
@@ -297,5 +228,5 @@ def backup(
                       for point in (chain.last_point(d.target), chain.last_full_point(d.target))
                       if point is not None and point.record.storage_snapshot]
         chain.backups.append(manifest)
-        _finish_tracking(monitor, repo, chain, superseded)
+        _finish_tracking(monitor, store.repo_id, chain, superseded)
     return BackupResult(manifest=manifest, path=path)

@@ -24,9 +24,9 @@ import libvirt
 
 from libvirt_rdm_backup.consistency import Window, consistency_window
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
+from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, Sink
 from libvirt_rdm_backup.errors import RdmBackupError
 from libvirt_rdm_backup.qemu import bitmaps, img
-from libvirt_rdm_backup.qemu.blockdev import attached_image
 from libvirt_rdm_backup.qemu.fleece import (
     FleecingExport,
     fleecing_export,
@@ -37,7 +37,6 @@ from libvirt_rdm_backup.qemu.jobs import backup_action, cancel_jobs, transaction
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap
-from libvirt_rdm_backup.repository.store import Staging
 from libvirt_rdm_backup.storage.snapshots import (
     Presented,
     StorageSnapshot,
@@ -47,7 +46,6 @@ from libvirt_rdm_backup.storage.snapshots import (
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, int, int], None]
-DATA_FORMAT = "qcow2"
 
 
 @dataclass
@@ -59,11 +57,6 @@ class Capture:
     new_bitmaps: dict[str, str] = field(default_factory=dict)  # disk -> bitmap since this point
     chunk_maps: dict[str, ChunkMap] = field(default_factory=dict)  # of resynced/ranged disks
     snapshots: dict[str, StorageSnapshot] = field(default_factory=dict)  # disk -> new snapshot
-
-
-def data_file_name(plan: DiskPlan) -> str:
-    """File name of a disk's data inside a backup."""
-    return f"{plan.disk.target}.{DATA_FORMAT}"
 
 
 def _raw_source_opts(presented: Presented, size: int) -> str:
@@ -80,9 +73,23 @@ def _raw_source_opts(presented: Presented, size: int) -> str:
     return f"driver=raw,offset={presented.offset},size={size},{inner}"
 
 
-def copy_from_storage(plan: DiskPlan, target: str) -> None:
-    """Copy a disk from its storage (host device or iSCSI LUN) into a sparse qcow2."""
-    img.convert(plan.disk.source, target, source_fmt="raw", target_fmt=DATA_FORMAT, extra=["-U"])
+def copy_from_storage(plan: DiskPlan, sink: Sink) -> None:
+    """Copy a disk from its storage (host device or iSCSI LUN) into its new layer."""
+    _convert_into(sink, plan, plan.disk.source, image_opts=False, extra=["-U"])
+
+
+def _convert_into(sink: Sink, plan: DiskPlan, source: str, image_opts: bool,
+                  extra: list[str] | None = None) -> None:
+    """``qemu-img convert`` of a raw source into the disk's layer (sparse)."""
+    target = sink.target(plan)
+    if sink.local_files:
+        img.convert(source, target, source_fmt=None if image_opts else "raw",
+                    source_image_opts=image_opts, target_fmt=DATA_FORMAT, extra=extra)
+        return
+    sink.create(plan)
+    img.convert(source, sink.target(plan), source_fmt=None if image_opts else "raw",
+                source_image_opts=image_opts, target_fmt=DATA_FORMAT, existing_target=True,
+                target_is_zero=True, extra=extra)
 
 
 def _job_for(plan: DiskPlan, node: str, job_id: str) -> dict[str, Any]:
@@ -101,7 +108,7 @@ def _resync(plan: DiskPlan, uri: str, target: str, parent_maps: dict[str, ChunkM
     result.chunk_maps[plan.disk.target] = chunk_map
 
 
-def _copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, target: str,
+def _copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
                    parent_maps: dict[str, ChunkMap], result: Capture) -> None:
     """Copy a disk from its storage snapshot: in full, the changed ranges, or a resync."""
     assert plan.agent is not None and plan.disk.size is not None
@@ -111,7 +118,7 @@ def _copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, target: str,
         presented = agent.present(snap)
         opts = _raw_source_opts(presented, size)
         if plan.parent is None:
-            img.convert(opts, target, source_image_opts=True, target_fmt=DATA_FORMAT)
+            _convert_into(sink, plan, opts, image_opts=True)
             return
         only = None
         if plan.level != "resync":
@@ -125,7 +132,7 @@ def _copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, target: str,
             raise RdmBackupError(f"disk {plan.disk.target}: backup "
                                  f"{plan.parent.backup_id} has no chunk map to build on")
         with qemu_nbd_server(opts, None, readonly=True, extra=["--image-opts"]) as uri:
-            _resync(plan, uri, target, parent_maps, result, only)
+            _resync(plan, uri, sink.target(plan), parent_maps, result, only)
     finally:
         agent.withdraw(snap)
 
@@ -142,7 +149,7 @@ def capture(
     dom: libvirt.virDomain,
     running: bool,
     plans: list[DiskPlan],
-    staging: Staging,
+    sink: Sink,
     new_bitmap: str,
     parent_maps: dict[str, ChunkMap],
     progress: ProgressCallback | None = None,
@@ -155,7 +162,7 @@ def capture(
     since the last good one. ``new_bitmap`` names the bitmaps (one per tracked
     disk) and storage snapshots this backup starts.
     """
-    files = {p.disk.target: staging.file(data_file_name(p)) for p in plans}
+    files = {p.disk.target: sink.target(p) for p in plans if sink.local_files}
 
     def kind(path: DataPath, resync: bool) -> list[DiskPlan]:
         return [p for p in plans if p.path is path and (p.level == "resync") == resync]
@@ -171,24 +178,20 @@ def capture(
         job_ids = []
         for plan in qemu_plans:
             assert monitor is not None and plan.disk.size is not None
-            path = files[plan.disk.target]
-            backing = plan.parent.relative_data_file() if plan.parent else None
-            img.create(path, DATA_FORMAT, plan.disk.size, backing=backing)
-            options = {"backing": None} if backing else None
-            node = stack.enter_context(
-                attached_image(monitor, path, DATA_FORMAT, plan.disk.target, options))
+            sink.create(plan)
+            node = stack.enter_context(sink.attach(monitor, plan))
             job_id = object_name("job", plan.disk.target)
             if plan.track:
                 actions.append(bitmaps.add_action(str(plan.disk.node_name), new_bitmap))
                 result.new_bitmaps[plan.disk.target] = new_bitmap
-            actions.append(_job_for(plan, node.node_name, job_id))
+            actions.append(_job_for(plan, node, job_id))
             job_ids.append(job_id)
         fleeces: list[tuple[DiskPlan, FleecingExport]] = []
         for plan in fleece_plans:
             assert monitor is not None and plan.disk.size is not None
             fleece = stack.enter_context(fleecing_export(
                 monitor, str(plan.disk.node_name), plan.disk.target,
-                staging.file(f"{plan.disk.target}.fleece"), plan.disk.size))
+                sink.scratch(f"{plan.disk.target}.fleece"), plan.disk.size))
             if plan.track:
                 actions.append(bitmaps.add_action(str(plan.disk.node_name), new_bitmap))
                 result.new_bitmaps[plan.disk.target] = new_bitmap
@@ -205,16 +208,16 @@ def capture(
                     transaction(monitor, actions)
                     started = job_ids
                 for plan in storage_plans:
-                    copy_from_storage(plan, files[plan.disk.target])
+                    copy_from_storage(plan, sink)
             for plan, fleece in fleeces:
-                _resync(plan, fleece.export(), files[plan.disk.target], parent_maps, result)
+                _resync(plan, fleece.export(), sink.target(plan), parent_maps, result)
                 fleece.close()
             for plan in offline_resyncs:
                 with qemu_nbd_server(plan.disk.source, "raw", readonly=True) as uri:
-                    _resync(plan, uri, files[plan.disk.target], parent_maps, result)
+                    _resync(plan, uri, sink.target(plan), parent_maps, result)
             for plan in snapshot_plans:
-                _copy_snapshot(plan, result.snapshots[plan.disk.target],
-                               files[plan.disk.target], parent_maps, result)
+                _copy_snapshot(plan, result.snapshots[plan.disk.target], sink, parent_maps,
+                               result)
             if started:
                 assert monitor is not None
                 wait_jobs(monitor, started, progress)

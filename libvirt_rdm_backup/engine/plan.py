@@ -51,6 +51,7 @@ class Facts:
     restart: str | None = None  # what the libvirt hook saw since the chain's last backup
     snapshot_agents: dict[str, str] = field(default_factory=dict)  # disk -> agent name
     live_snapshots: set[str] = field(default_factory=set)  # storage snapshots that still exist
+    local_layers: bool = True  # the target keeps layers as local files (resync needs that)
 
 
 def _resync_problem(disk: RawDisk, point: DiskPoint | None) -> str | None:
@@ -139,6 +140,8 @@ def plan_disk(disk: RawDisk, level: str, facts: Facts) -> DiskPlan:
         wanted = "differential" if level == "differential" else "incremental"
         point = chain.last_full_point(disk.target) if wanted == "differential" else last
         problem = _tracking_problem(disk, point, facts, path)
+        if problem is None and path is DataPath.SNAPSHOT and not facts.local_layers:
+            problem = "this target cannot take layers of ranges copied from storage"
         if problem is None:
             assert point is not None
             since = "last full" if wanted == "differential" else "previous"
@@ -152,7 +155,8 @@ def plan_disk(disk: RawDisk, level: str, facts: Facts) -> DiskPlan:
             raise TrackingLostError(disk.target, level, problem)
     else:
         problem = "resync requested"
-    why_not = _resync_problem(disk, last)
+    why_not = _resync_problem(disk, last) if facts.local_layers else (
+        "this target cannot take chunk-compared layers")
     if why_not is None:
         assert last is not None
         how = "reading the disk once" + {DataPath.QEMU: "", DataPath.STORAGE: " from storage",

@@ -53,6 +53,7 @@ class DiskRecord:
     chunk_map: str | None = None  # file of per-chunk digests of the disk at this point
     chunk_map_digest: Digest | None = None
     storage_snapshot: dict[str, Any] | None = None  # kept for the next incremental
+    location: dict[str, Any] | None = None  # NBD volumes: offset, region size, length
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -73,6 +74,7 @@ class DiskRecord:
             "bitmap": self.bitmap,
             "chunk_map": self.chunk_map,
             "storage_snapshot": self.storage_snapshot,
+            "location": self.location,
             "chunk_map_digest": self.chunk_map_digest.to_dict() if self.chunk_map_digest
             else None,
             "mapping": self.mapping.to_dict() if self.mapping else None,
@@ -101,6 +103,7 @@ class DiskRecord:
             bitmap=_optional_str(data.get("bitmap")),
             chunk_map=_optional_str(data.get("chunk_map")),
             storage_snapshot=_optional_dict(data.get("storage_snapshot")),
+            location=_optional_dict(data.get("location")),
             chunk_map_digest=Digest.from_dict(data["chunk_map_digest"])
             if data.get("chunk_map_digest") else None,
         )

@@ -1,0 +1,138 @@
+"""Where a capture writes each disk's new layer: a file in staging, or a region of an NBD volume.
+
+A sink answers three things for a planned disk: create the empty layer, attach
+it to the running QEMU as a writable node (for block jobs), and name it as a
+``qemu-img convert`` target (for copies from storage).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
+from typing import Any, Protocol
+
+from libvirt_rdm_backup.engine.plan import DiskPlan
+from libvirt_rdm_backup.errors import RdmBackupError
+from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.qemu.blockdev import attached_image
+from libvirt_rdm_backup.qemu.monitor import Monitor
+from libvirt_rdm_backup.qemu.names import object_name
+from libvirt_rdm_backup.repository.store import Staging
+from libvirt_rdm_backup.targets.nbd_volume import NbdVolume, region_size
+
+DATA_FORMAT = "qcow2"
+
+
+class Sink(Protocol):
+    """Destination of the new layers of one backup."""
+
+    local_files: bool  # layers are local files (resyncs and ranged copies need that)
+
+    def create(self, plan: DiskPlan) -> None:
+        """Create the disk's empty layer (qcow2 of the disk's size)."""
+        ...
+
+    def attach(self, monitor: Monitor, plan: DiskPlan) -> AbstractContextManager[str]:
+        """Attach the created layer to QEMU; yields the node name."""
+        ...
+
+    def target(self, plan: DiskPlan) -> str:
+        """The layer as a ``qemu-img`` target (a path, or a ``json:`` filename)."""
+        ...
+
+    def scratch(self, name: str) -> str:
+        """A local path for a temporary file of this backup."""
+        ...
+
+
+def data_file_name(plan: DiskPlan) -> str:
+    """File name of a disk's data inside a backup."""
+    return f"{plan.disk.target}.{DATA_FORMAT}"
+
+
+class FileSink:
+    """Layers as qcow2 files in the staging directory of a file repository."""
+
+    local_files = True
+
+    def __init__(self, staging: Staging) -> None:
+        self.staging = staging
+
+    def target(self, plan: DiskPlan) -> str:
+        return self.staging.file(data_file_name(plan))
+
+    def scratch(self, name: str) -> str:
+        return self.staging.file(name)
+
+    def create(self, plan: DiskPlan) -> None:
+        backing = plan.parent.relative_data_file() if plan.parent else None
+        img.create(self.target(plan), DATA_FORMAT, int(plan.disk.size or 0), backing=backing)
+
+    def attach(self, monitor: Monitor, plan: DiskPlan) -> AbstractContextManager[str]:
+        return _file_node(monitor, self.target(plan), plan)
+
+
+@contextmanager
+def _file_node(monitor: Monitor, path: str, plan: DiskPlan) -> Iterator[str]:
+    options = {"backing": None} if plan.parent else None
+    with attached_image(monitor, path, DATA_FORMAT, plan.disk.target, options) as node:
+        yield node.node_name
+
+
+class NbdSink:
+    """Layers as qcow2 images in fresh regions of an NBD volume."""
+
+    local_files = False
+
+    def __init__(self, volume: NbdVolume, scratch_dir: str) -> None:
+        self.volume = volume
+        self.scratch_dir = scratch_dir
+        self.locations: dict[str, dict[str, Any]] = {}
+
+    def scratch(self, name: str) -> str:
+        return os.path.join(self.scratch_dir, name)
+
+    def create(self, plan: DiskPlan) -> None:
+        """Reserve a region and write an empty qcow2 header into it (a few KiB)."""
+        size = int(plan.disk.size or 0)
+        region = region_size(size)
+        offset = self.volume.allocate(region)
+        with tempfile.TemporaryDirectory(prefix="rdmb-layer-") as tmp:
+            empty = os.path.join(tmp, "empty.qcow2")
+            img.create(empty, DATA_FORMAT, size)
+            with open(empty, "rb") as stream:
+                header = stream.read()
+        self.volume.write(offset, header)
+        self.volume.flush()
+        self.locations[plan.disk.target] = {"offset": offset, "region": region}
+
+    def node(self, plan: DiskPlan) -> dict[str, Any]:
+        """Blockdev options of the disk's layer (qcow2 on its region of the export)."""
+        location = self.locations[plan.disk.target]
+        return {
+            "driver": DATA_FORMAT,
+            "file": {"driver": "raw", "offset": location["offset"], "size": location["region"],
+                     "file": self.volume.nbd_node()},
+            "backing": None,
+        }
+
+    def target(self, plan: DiskPlan) -> str:
+        return "json:" + json.dumps(self.node(plan))
+
+    def attach(self, monitor: Monitor, plan: DiskPlan) -> AbstractContextManager[str]:
+        return _nbd_node(monitor, self.node(plan), plan)
+
+
+@contextmanager
+def _nbd_node(monitor: Monitor, options: dict[str, Any], plan: DiskPlan) -> Iterator[str]:
+    name = object_name("target", plan.disk.target)
+    node = {**options, "node-name": name, "discard": "unmap", "detect-zeroes": "unmap"}
+    monitor.execute("blockdev-add", node)
+    try:
+        yield name
+    finally:
+        with suppress(RdmBackupError):
+            monitor.execute("blockdev-del", {"node-name": name})

@@ -1,0 +1,240 @@
+"""Where backups are kept: a file repository or an NBD volume, behind one small interface.
+
+The backup engine asks a store for the chain's history, a session (a sink for
+the new layers), the record of each written disk and, last, to publish the
+manifest. Chosen by the target's form: a directory, or an ``nbd://`` URI.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import contextmanager, nullcontext
+from typing import Any, Protocol
+
+from libvirt_rdm_backup.engine.capture import Capture
+from libvirt_rdm_backup.engine.plan import DiskPlan
+from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, FileSink, NbdSink, Sink
+from libvirt_rdm_backup.errors import RdmBackupError
+from libvirt_rdm_backup.process import run
+from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.repository.chunkmap import ChunkMap, chunkmap_of_layer
+from libvirt_rdm_backup.repository.digest import file_digest
+from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.store import Repository, check_safe_name
+from libvirt_rdm_backup.storage.base import RawDiskMapping
+from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
+from libvirt_rdm_backup.targets.uri import NbdAddress, parse_target
+
+log = logging.getLogger(__name__)
+Mapping = tuple[RawDiskMapping | None, str | None]
+
+
+class Store(Protocol):
+    """A place that keeps backups."""
+
+    repo_id: str
+    local_layers: bool
+
+    def __enter__(self) -> Store: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def lock(self, domain_uuid: str) -> ContextManager[None]: ...
+
+    def backups(self, domain_uuid: str) -> list[Manifest]: ...
+
+    def parent_maps(self, plans: list[DiskPlan]) -> dict[str, ChunkMap]: ...
+
+    def session(self, domain_uuid: str, backup_id: str) -> ContextManager[Sink]: ...
+
+    def record(self, plan: DiskPlan, sink: Sink, captured: Capture, mapping: Mapping,
+               parent_maps: dict[str, ChunkMap]) -> DiskRecord: ...
+
+    def publish(self, sink: Sink, manifest: Manifest) -> str: ...
+
+
+def open_store(target: str, create: bool = False, allow_plain_nbd: bool = False) -> Store:
+    """The store named by ``target`` (a directory or an NBD URI)."""
+    parsed = parse_target(target, allow_remote_plain=allow_plain_nbd)
+    if isinstance(parsed, NbdAddress):
+        return VolumeStore(NbdVolume.open(parsed, create=create))
+    return FileStore(Repository.open(parsed, create=create))
+
+
+def _common_fields(plan: DiskPlan, captured: Capture, mapping: Mapping) -> dict[str, Any]:
+    return {
+        "disk": plan.disk,
+        "format": DATA_FORMAT,
+        "level": plan.level,
+        "reason": plan.reason,
+        "data_path": str(plan.path),
+        "mapping": mapping[0],
+        "mapping_error": mapping[1],
+        "parent": plan.parent.backup_id if plan.parent else None,
+        "bitmap": captured.new_bitmaps.get(plan.disk.target),
+        "storage_snapshot": captured.snapshots[plan.disk.target].to_dict()
+        if plan.disk.target in captured.snapshots else None,
+    }
+
+
+class FileStore:
+    """Backups as directories of qcow2 files (:class:`Repository`)."""
+
+    local_layers = True
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.repo_id = repo.repo_id
+
+    def __enter__(self) -> FileStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def lock(self, domain_uuid: str) -> ContextManager[None]:
+        return self.repo.lock(domain_uuid)
+
+    def backups(self, domain_uuid: str) -> list[Manifest]:
+        return self.repo.backups(domain_uuid)
+
+    def parent_maps(self, plans: list[DiskPlan]) -> dict[str, ChunkMap]:
+        return _parent_maps(self.repo, plans)
+
+    @contextmanager
+    def session(self, domain_uuid: str, backup_id: str) -> Iterator[Sink]:
+        with self.repo.staging(domain_uuid, backup_id) as staging:
+            self._staging = staging
+            yield FileSink(staging)
+
+    def record(self, plan: DiskPlan, sink: Sink, captured: Capture, mapping: Mapping,
+               parent_maps: dict[str, ChunkMap]) -> DiskRecord:
+        return _record(plan, sink.target(plan), captured, mapping, parent_maps)
+
+    def publish(self, sink: Sink, manifest: Manifest) -> str:
+        return self.repo.publish(self._staging, manifest)
+
+
+class VolumeStore:
+    """Backups inside an NBD export (:class:`NbdVolume`)."""
+
+    local_layers = False
+
+    def __init__(self, volume: NbdVolume) -> None:
+        self.volume = volume
+        self.repo_id = volume.repo_id
+
+    def __enter__(self) -> VolumeStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.volume.close()
+
+    def lock(self, domain_uuid: str) -> ContextManager[None]:
+        return nullcontext()  # one writer per volume; the domain lock is held around it
+
+    def backups(self, domain_uuid: str) -> list[Manifest]:
+        return self.volume.backups(domain_uuid)
+
+    def parent_maps(self, plans: list[DiskPlan]) -> dict[str, ChunkMap]:
+        return {}
+
+    @contextmanager
+    def session(self, domain_uuid: str, backup_id: str) -> Iterator[Sink]:
+        with tempfile.TemporaryDirectory(prefix="rdmb-session-") as scratch:
+            yield NbdSink(self.volume, scratch)
+
+    def record(self, plan: DiskPlan, sink: Sink, captured: Capture, mapping: Mapping,
+               parent_maps: dict[str, ChunkMap]) -> DiskRecord:
+        assert isinstance(sink, NbdSink)
+        target = sink.target(plan)
+        length = _image_end(target)
+        location = {**sink.locations[plan.disk.target], "length": length}
+        extents = img.map_extents(target, DATA_FORMAT)
+        return DiskRecord(
+            **_common_fields(plan, captured, mapping),
+            size=int(plan.disk.size or 0),
+            data_file=f"{plan.disk.target}.{DATA_FORMAT}",
+            digest=self.volume.digest(location["offset"], length),
+            bytes_transferred=img.data_bytes(target, own_only=True, extents=extents),
+            stored_bytes=length,
+            location=location,
+        )
+
+    def publish(self, sink: Sink, manifest: Manifest) -> str:
+        self.volume.publish(manifest)
+        return f"{self.volume.address.uri}#{manifest.backup_id}"
+
+
+def _image_end(image: str) -> int:
+    """The end of a qcow2 image's used area (``qemu-img check``)."""
+    import json
+
+    proc = run(["qemu-img", "check", "--output=json", "-f", DATA_FORMAT, image], check=False)
+    try:
+        return int(json.loads(proc.stdout)["image-end-offset"])
+    except (ValueError, KeyError) as err:
+        raise RdmBackupError(f"cannot check the new layer: {proc.stderr.strip()}") from err
+
+
+def _parent_maps(repo: Repository, plans: list[DiskPlan]) -> dict[str, ChunkMap]:
+    """The chunk maps of the points the planned layers build on (where recorded)."""
+    maps: dict[str, ChunkMap] = {}
+    for plan in plans:
+        point = plan.parent
+        if point is None or point.record.chunk_map is None:
+            continue
+        directory = repo.backup_dir(point.manifest.domain_uuid, point.backup_id)
+        path = os.path.join(directory, check_safe_name(point.record.chunk_map, "chunk map"))
+        try:
+            maps[plan.disk.target] = ChunkMap.load(path)
+        except RdmBackupError as err:
+            if plan.level == "resync":
+                raise
+            log.warning("disk %s: %s; the new point gets no chunk map", plan.disk.target, err)
+    return maps
+
+
+def _chunk_map(plan: DiskPlan, path: str, captured: Capture,
+               parent_maps: dict[str, ChunkMap], extents: list[img.MapExtent]
+               ) -> ChunkMap | None:
+    """The new point's chunk map: from the resync, or from the layer's own clusters."""
+    target = plan.disk.target
+    if target in captured.chunk_maps:
+        return captured.chunk_maps[target]
+    parent = parent_maps.get(target)
+    if plan.parent is not None and parent is None:
+        return None  # the point below has no map: nothing to build on
+    return chunkmap_of_layer(path, parent, int(plan.disk.size or 0), extents)
+
+
+def _record(plan: DiskPlan, path: str, captured: Capture, mapping: Mapping,
+            parent_maps: dict[str, ChunkMap]) -> DiskRecord:
+    extents = img.map_extents(path, DATA_FORMAT)
+    with ThreadPoolExecutor(1) as pool:  # both read the new data: hash it side by side
+        data_digest = pool.submit(file_digest, path)
+        chunk_map = _chunk_map(plan, path, captured, parent_maps, extents)
+        digest = data_digest.result()
+    chunk_file = None
+    if chunk_map is not None:
+        chunk_file = f"{plan.disk.target}.chunks"
+        chunk_map.save(os.path.join(os.path.dirname(path), chunk_file))
+    return DiskRecord(
+        **_common_fields(plan, captured, mapping),
+        size=int(plan.disk.size or img.virtual_size(path, DATA_FORMAT)),
+        data_file=os.path.basename(path),
+        digest=digest,
+        bytes_transferred=img.data_bytes(path, own_only=True, extents=extents),
+        stored_bytes=os.stat(path).st_blocks * 512,
+        backing_file=plan.parent.relative_data_file() if plan.parent else None,
+        chunk_map=chunk_file,
+        chunk_map_digest=file_digest(os.path.join(os.path.dirname(path), chunk_file))
+        if chunk_file else None,
+    )
+
+

@@ -1,0 +1,238 @@
+"""A backup repository inside one NBD export: a self-describing volume.
+
+The export (any NBD server; ``rdm-backup receive`` serves one from a sparse
+file) is laid out as::
+
+    [0, 1 MiB)        superblock slot A     MAGIC, generation, length, sha256, JSON
+    [1 MiB, 2 MiB)    superblock slot B     (the valid slot with the higher generation wins)
+    [2 MiB, ...)      regions, 1 MiB aligned: qcow2 images of disks, manifest JSON
+
+Each disk of each backup is a qcow2 image in a region of its own, written by the
+VM's QEMU through ``raw`` (offset/size) over an ``nbd`` node: no data passes
+through this tool. A backup exists once a new superblock generation lists its
+manifest; a failed backup's regions are simply reused, because the allocation
+pointer is only stored with the next good superblock. One writer at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import nbd
+
+from libvirt_rdm_backup.errors import NotFoundError, OperationError, RepositoryError
+from libvirt_rdm_backup.repository.digest import BUFFER, Digest
+from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.store import now_iso
+from libvirt_rdm_backup.targets.uri import NbdAddress
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"RDMBVOL1"
+SLOT = 1 << 20
+DATA_START = 2 * SLOT
+ALIGN = 1 << 20
+FORMAT = "libvirt-rdm-backup/nbd-volume"
+VERSION = 1
+_HEAD = struct.Struct(">8sQQ32s")
+
+
+def region_size(disk_size: int) -> int:
+    """Room for a qcow2 image of a disk: data, L1/L2 and refcount tables, headroom."""
+    return _align(disk_size + disk_size // 512 + 8 * ALIGN)
+
+
+def _align(value: int) -> int:
+    return -(-value // ALIGN) * ALIGN
+
+
+@dataclass
+class Superblock:
+    """The volume's table of contents."""
+
+    volume_id: str
+    generation: int = 0
+    next_free: int = DATA_START
+    entries: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        body = json.dumps({"format": FORMAT, "version": VERSION, "id": self.volume_id,
+                           "next_free": self.next_free, "entries": self.entries}).encode()
+        if _HEAD.size + len(body) > SLOT:
+            raise RepositoryError("NBD volume table of contents is full")
+        return _HEAD.pack(MAGIC, self.generation, len(body), hashlib.sha256(body).digest()) + body
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Superblock | None:
+        """Parse one slot; None when it holds no valid superblock."""
+        magic, generation, length, digest = _HEAD.unpack_from(data)
+        if magic != MAGIC or length > SLOT - _HEAD.size:
+            return None
+        body = data[_HEAD.size:_HEAD.size + length]
+        if hashlib.sha256(body).digest() != digest:
+            return None
+        try:
+            doc = json.loads(body)
+            if doc.get("format") != FORMAT or int(doc.get("version", 0)) > VERSION:
+                return None
+            return cls(str(doc["id"]), generation, int(doc["next_free"]),
+                       list(doc["entries"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+class NbdVolume:
+    """A backup repository kept inside an NBD export."""
+
+    def __init__(self, address: NbdAddress, handle: Any, superblock: Superblock,
+                 size: int) -> None:
+        self.address = address
+        self.handle = handle
+        self.superblock = superblock
+        self.size = size
+        self.next_free = superblock.next_free
+
+    # -- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, address: NbdAddress, create: bool = False,
+             tls_dir: str | None = None) -> NbdVolume:
+        """Connect and read the table of contents (``create``: format an empty export)."""
+        handle = nbd.NBD()
+        try:
+            if tls_dir is not None:
+                handle.set_tls(nbd.TLS_REQUIRE)
+                handle.set_tls_certificates(tls_dir)
+            handle.connect_uri(address.uri)
+            size = int(handle.get_size())
+            slots = [Superblock.from_bytes(bytes(handle.pread(SLOT, offset)))
+                     for offset in (0, SLOT)]
+        except nbd.Error as err:
+            raise OperationError(f"cannot open NBD target {address.uri}: {err}") from err
+        valid = [s for s in slots if s is not None]
+        if valid:
+            return cls(address, handle, max(valid, key=lambda s: s.generation), size)
+        if not create:
+            handle.shutdown()
+            raise NotFoundError(f"NBD target {address.uri} holds no backup volume")
+        if any(bytes(handle.pread(4096, offset)) != bytes(4096) for offset in (0, SLOT)):
+            handle.shutdown()
+            raise RepositoryError(f"NBD target {address.uri} holds other data; refusing to "
+                                  "format it")
+        volume = cls(address, handle, Superblock(uuidlib.uuid4().hex[:6]), size)
+        volume._write_superblock(volume.superblock)
+        return volume
+
+    @property
+    def repo_id(self) -> str:
+        """Short id of the volume (part of dirty-bitmap names, like a file repository's)."""
+        return self.superblock.volume_id
+
+    def close(self) -> None:
+        """Disconnect."""
+        try:
+            self.handle.shutdown()
+        except nbd.Error:
+            pass
+
+    # -- regions -------------------------------------------------------------------------
+
+    def allocate(self, length: int) -> int:
+        """Reserve a region; it becomes permanent with the next :meth:`publish`."""
+        offset = self.next_free
+        if offset + length > self.size:
+            raise OperationError(f"NBD target {self.address.uri} is full "
+                                 f"({self.size} bytes, {offset + length} needed)")
+        self.next_free = _align(offset + length)
+        return offset
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write bytes at ``offset`` (small metadata only)."""
+        try:
+            self.handle.pwrite(data, offset)
+        except nbd.Error as err:
+            raise OperationError(f"NBD write to {self.address.uri} failed: {err}") from err
+
+    def flush(self) -> None:
+        """Make written data durable on the server."""
+        try:
+            self.handle.flush()
+        except nbd.Error as err:
+            raise OperationError(f"NBD flush of {self.address.uri} failed: {err}") from err
+
+    def digest(self, offset: int, length: int) -> Digest:
+        """sha256 of a region's first ``length`` bytes, read in large requests."""
+        hasher = hashlib.sha256()
+        try:
+            pos = 0
+            while pos < length:
+                count = min(BUFFER, length - pos)
+                hasher.update(self.handle.pread(count, offset + pos))
+                pos += count
+        except nbd.Error as err:
+            raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
+        return Digest("sha256", hasher.hexdigest())
+
+    # -- table of contents -----------------------------------------------------------------
+
+    def _write_superblock(self, superblock: Superblock) -> None:
+        slot = 0 if superblock.generation % 2 == 0 else SLOT
+        self.write(slot, superblock.to_bytes())
+        self.flush()
+
+    def publish(self, manifest: Manifest) -> None:
+        """Store the manifest, then a new superblock listing it (the backup now exists)."""
+        text = manifest.dumps().encode()
+        offset = self.allocate(len(text))
+        self.write(offset, text)
+        self.flush()  # data and manifest are durable before the table points at them
+        entry = {"backup_id": manifest.backup_id, "domain_uuid": manifest.domain_uuid,
+                 "manifest": [offset, len(text)], "published": now_iso()}
+        new = Superblock(self.superblock.volume_id, self.superblock.generation + 1,
+                         self.next_free, [*self.superblock.entries, entry])
+        self._write_superblock(new)
+        self.superblock = new
+
+    def backups(self, domain_uuid: str | None = None) -> list[Manifest]:
+        """Published backups, oldest first."""
+        found = []
+        for entry in self.superblock.entries:
+            if domain_uuid is not None and entry.get("domain_uuid") != domain_uuid:
+                continue
+            offset, length = entry["manifest"]
+            try:
+                text = bytes(self.handle.pread(int(length), int(offset))).decode()
+            except (nbd.Error, UnicodeDecodeError) as err:
+                raise RepositoryError(f"manifest of {entry.get('backup_id')} unreadable: "
+                                      f"{err}") from err
+            found.append(Manifest.loads(text))
+        found.sort(key=lambda m: (m.created, m.backup_id))
+        return found
+
+    # -- QEMU views of regions -------------------------------------------------------------
+
+    def nbd_node(self) -> dict[str, Any]:
+        """Blockdev options of the export itself."""
+        node: dict[str, Any] = {"driver": "nbd", "server": self.address.qemu_server(),
+                                "export": self.address.export}
+        return node
+
+    def image_json(self, record: DiskRecord, chain: list[DiskRecord]) -> str:
+        """``json:`` filename of a disk's point: its qcow2 layer over the lower layers."""
+        return "json:" + json.dumps(self._layer(record, chain))
+
+    def _layer(self, record: DiskRecord, lower: list[DiskRecord]) -> dict[str, Any]:
+        location = record.location or {}
+        node: dict[str, Any] = {
+            "driver": "qcow2",
+            "file": {"driver": "raw", "offset": int(location["offset"]),
+                     "size": int(location["region"]), "file": self.nbd_node()},
+        }
+        node["backing"] = self._layer(lower[0], lower[1:]) if lower else None
+        return node
