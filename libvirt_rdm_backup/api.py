@@ -13,22 +13,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from libvirt_rdm_backup.domain.connection import connection, open_connection
 from libvirt_rdm_backup.domain.disks import DiskInventory
 from libvirt_rdm_backup.engine import backup as _backup
+from libvirt_rdm_backup.engine import export as _export
 from libvirt_rdm_backup.engine import restore as _restore
 from libvirt_rdm_backup.engine import verify as _verify
 from libvirt_rdm_backup.engine.backup import BackupResult
 from libvirt_rdm_backup.engine.capture import ProgressCallback
 from libvirt_rdm_backup.engine.discover import open_domain, select_disks
+from libvirt_rdm_backup.engine.export import Export
 from libvirt_rdm_backup.engine.restore import RestoreResult, find_domain_backups
+from libvirt_rdm_backup.engine.stores import open_store
 from libvirt_rdm_backup.engine.verify import VerifyReport
 from libvirt_rdm_backup.errors import LibvirtError, RdmBackupError
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
 from libvirt_rdm_backup.repository.manifest import Manifest
-from libvirt_rdm_backup.repository.store import Repository
 from libvirt_rdm_backup.storage import map_disk
 from libvirt_rdm_backup.storage.base import RawDiskMapping
 
@@ -128,19 +131,45 @@ def restore(
 def verify(
     target: str, domain: str | None = None, backup_id: str | None = None
 ) -> VerifyReport:
-    """Recompute the digests of stored data (all backups, one domain's, or one)."""
-    if domain is None:
-        return _verify.verify(target, None, backup_id)
-    repo = Repository.open(target)
-    manifests = find_domain_backups(repo, domain)
-    if backup_id is not None:
-        manifests = [_restore.choose_backup(repo, domain, backup_id)]
-    return _verify.verify_manifests(repo, manifests)
+    """Recompute the digests of stored data (all backups, one domain's, or one).
+
+    ``target`` is a repository directory or an NBD volume URI.
+    """
+    return _verify.verify(target, domain, backup_id)
 
 
 def list_backups(target: str, domain: str | None = None) -> list[Manifest]:
-    """Published backups in the repository, oldest first."""
-    repo = Repository.open(target)
-    if domain is None:
-        return repo.backups()
-    return find_domain_backups(repo, domain)
+    """Published backups at ``target`` (directory or NBD volume URI), oldest first."""
+    with open_store(target) as store:
+        if domain is None:
+            return store.all_backups()
+        return find_domain_backups(store, domain)
+
+
+@contextlib.contextmanager
+def export(
+    domain: str,
+    disks: list[str],
+    socket: str | None = None,
+    listen: str | None = None,
+    target: str | None = None,
+    chain: str = DEFAULT_CHAIN,
+    uri: str | None = None,
+    allow_remote: bool = False,
+    scratch_dir: str | None = None,
+) -> Iterator[Export]:
+    """Serve a point in time of ``disks`` of a running domain over NBD, read-only (pull mode).
+
+    A context manager; the yielded :class:`Export` has ``uris`` (``{disk: NBD
+    URI}``, exports named by the disk), ``point_in_time`` and ``bitmap_context``
+    (``qemu:dirty-bitmap:<name>``: the writes since the last backup in ``chain``
+    of repository ``target``, or None). Listens on the unix socket ``socket``
+    (default: a fresh one under /run/libvirt-rdm-backup) or on ``listen``
+    (``HOST:PORT``, loopback only unless ``allow_remote``: no TLS). Scratch
+    images of overwritten data go to ``scratch_dir`` (default /var/tmp). On exit
+    everything is removed from QEMU and the host; the chain's bitmaps stay.
+    """
+    with connection(uri) as conn, _export.export(
+        conn, domain, disks, socket, listen, target, chain, allow_remote, scratch_dir
+    ) as handle:
+        yield handle

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import stat
@@ -16,6 +17,7 @@ from libvirt_rdm_backup.domain.connection import active_domains, domain_xml
 from libvirt_rdm_backup.domain.discovery import inventory_from_xml
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.domain.xml import DomainXML
+from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.engine.verify import check_disk
 from libvirt_rdm_backup.errors import (
     NotFoundError,
@@ -25,9 +27,9 @@ from libvirt_rdm_backup.errors import (
     VerificationError,
 )
 from libvirt_rdm_backup.qemu import img
-from libvirt_rdm_backup.repository.chain import lineage
+from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.repository.store import Repository, check_backup_id
+from libvirt_rdm_backup.repository.store import check_backup_id
 from libvirt_rdm_backup.storage import tgt
 from libvirt_rdm_backup.storage.base import StorageNode
 from libvirt_rdm_backup.storage.sysfs import SysfsAgent
@@ -62,19 +64,19 @@ class RestoreResult:
         }
 
 
-def find_domain_backups(repo: Repository, domain: str) -> list[Manifest]:
+def find_domain_backups(store: Store, domain: str) -> list[Manifest]:
     """Backups of a domain named by UUID or by the name recorded at backup time."""
     manifests = [
-        m for m in repo.backups() if domain in (m.domain_uuid, m.domain_name)
+        m for m in store.all_backups() if domain in (m.domain_uuid, m.domain_name)
     ]
     if not manifests:
-        raise NotFoundError(f"no backups of domain {domain!r} in {repo.root}")
+        raise NotFoundError(f"no backups of domain {domain!r} in {store.name}")
     return manifests
 
 
-def choose_backup(repo: Repository, domain: str, backup_id: str | None) -> Manifest:
+def choose_backup(store: Store, domain: str, backup_id: str | None) -> Manifest:
     """The requested backup of a domain (the newest when ``backup_id`` is None)."""
-    manifests = find_domain_backups(repo, domain)
+    manifests = find_domain_backups(store, domain)
     if backup_id is None:
         return manifests[-1]
     check_backup_id(backup_id)
@@ -210,10 +212,12 @@ def _punch_file(path: str, length: int) -> None:
     run(["fallocate", "--punch-hole", "--offset", "0", "--length", str(length), path])
 
 
-def write_disk(source: str, record: DiskRecord, to: str, exists: bool, is_block: bool) -> int:
-    """Write the data of ``source`` (a qcow2 image) to ``to``; returns bytes zeroed."""
+def write_disk(node: dict[str, Any], record: DiskRecord, to: str, exists: bool,
+               is_block: bool) -> int:
+    """Write the disk image ``node`` (blockdev options) to ``to``; returns bytes zeroed."""
+    source = "json:" + json.dumps(node)
     if not exists:
-        img.convert(source, to, source_fmt=record.format, target_fmt="raw")
+        img.convert(source, to, target_fmt="raw")
         return 0
     room = device_size(to)
     length = min(room, record.size)
@@ -224,27 +228,24 @@ def write_disk(source: str, record: DiskRecord, to: str, exists: bool, is_block:
         _punch_file(to, max(length, record.size))
         length = record.size
     if length < record.size:
-        opts = f"driver=raw,size={length},file.driver={record.format},file.file.filename={source}"
-        img.convert(opts, to, source_image_opts=True, target_fmt="raw",
-                    existing_target=True, target_is_zero=True)
-    else:
-        img.convert(source, to, source_fmt=record.format, target_fmt="raw",
-                    existing_target=True, target_is_zero=True)
+        source = "json:" + json.dumps({"driver": "raw", "size": length, "file": node})
+    img.convert(source, to, target_fmt="raw", existing_target=True, target_is_zero=True)
     return zeroed
 
 
-def verify_lineage(repo: Repository, manifest: Manifest, disk: str) -> None:
+def verify_lineage(store: Store, manifest: Manifest, disk: str) -> list[DiskPoint]:
     """Check every layer a disk's point is built from (raises VerificationError)."""
-    points, missing = lineage(repo.backups(manifest.domain_uuid), manifest, disk)
+    points, missing = lineage(store.backups(manifest.domain_uuid), manifest, disk)
     if missing is not None:
         raise VerificationError(
             f"backup {manifest.backup_id} disk {disk}: the chain is broken, backup "
             f"{missing} it builds on is missing; nothing was written")
     for point in points:
-        check = check_disk(repo, point.manifest, point.record)
+        check = check_disk(store, point.manifest, point.record)
         if not check.ok:
             raise VerificationError(
                 f"backup {point.backup_id} disk {disk}: {check.problem}; nothing was written")
+    return points
 
 
 def restore(
@@ -261,23 +262,24 @@ def restore(
     The stored data is verified before anything is written. Refuses a target
     smaller than the disk or used by a running domain unless ``force``.
     """
-    repo = Repository.open(target)
-    manifest = choose_backup(repo, domain, backup_id)
-    record = manifest.disk(disk)
-    if record is None:
-        raise NotFoundError(f"backup {manifest.backup_id} has no disk {disk!r}")
-    verify_lineage(repo, manifest, disk)
-    exists, is_block = check_target(to, record.size, force, conn)
-    source = repo.data_file(manifest, record)
-    try:
-        zeroed = write_disk(source, record, to, exists, is_block)
-    except RdmBackupError as err:
-        raise OperationError(f"restore of {disk} to {to} failed: {err}") from err
+    with open_store(target) as store:
+        manifest = choose_backup(store, domain, backup_id)
+        record = manifest.disk(disk)
+        if record is None:
+            raise NotFoundError(f"backup {manifest.backup_id} has no disk {disk!r}")
+        points = verify_lineage(store, manifest, disk)
+        exists, is_block = check_target(to, record.size, force, conn)
+        node = store.image_node(manifest, record, [p.record for p in points[1:]])
+        try:
+            zeroed = write_disk(node, record, to, exists, is_block)
+            data = img.data_bytes("json:" + json.dumps(node))
+        except RdmBackupError as err:
+            raise OperationError(f"restore of {disk} to {to} failed: {err}") from err
     return RestoreResult(
         backup_id=manifest.backup_id,
         disk=disk,
         path=to,
         size=record.size,
-        data_bytes=img.data_bytes(source, record.format),
+        data_bytes=data,
         zeroed_bytes=zeroed,
     )

@@ -7,6 +7,7 @@ manifest. Chosen by the target's form: a directory, or an ``nbd://`` URI.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -23,7 +24,7 @@ from libvirt_rdm_backup.errors import RdmBackupError
 from libvirt_rdm_backup.process import run
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap, chunkmap_of_layer
-from libvirt_rdm_backup.repository.digest import file_digest
+from libvirt_rdm_backup.repository.digest import Digest, file_digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.store import Repository, check_safe_name
 from libvirt_rdm_backup.storage.base import RawDiskMapping
@@ -57,8 +58,18 @@ class Store(Protocol):
 
     def publish(self, sink: Sink, manifest: Manifest) -> str: ...
 
+    @property
+    def name(self) -> str: ...
 
-def open_store(target: str, create: bool = False, allow_plain_nbd: bool = False) -> Store:
+    def all_backups(self) -> list[Manifest]: ...
+
+    def check(self, manifest: Manifest, record: DiskRecord) -> str | None: ...
+
+    def image_node(self, manifest: Manifest, record: DiskRecord,
+                   lower: list[DiskRecord]) -> dict[str, Any]: ...
+
+
+def open_store(target: str, create: bool = False, allow_plain_nbd: bool = True) -> Store:
     """The store named by ``target`` (a directory or an NBD URI)."""
     parsed = parse_target(target, allow_remote_plain=allow_plain_nbd)
     if isinstance(parsed, NbdAddress):
@@ -119,6 +130,30 @@ class FileStore:
     def publish(self, sink: Sink, manifest: Manifest) -> str:
         return self.repo.publish(self._staging, manifest)
 
+    @property
+    def name(self) -> str:
+        return self.repo.root
+
+    def all_backups(self) -> list[Manifest]:
+        return self.repo.backups()
+
+    def check(self, manifest: Manifest, record: DiskRecord) -> str | None:
+        """What is wrong with a disk's stored data (digests of data file and chunk map)."""
+        path = self.repo.data_file(manifest, record)
+        problem = _file_problem(path, record.data_file, record.digest)
+        if problem is None and record.chunk_map and record.chunk_map_digest:
+            chunk_path = os.path.join(os.path.dirname(path),
+                                      check_safe_name(record.chunk_map, "chunk map"))
+            problem = _file_problem(chunk_path, f"chunk map {record.chunk_map}",
+                                    record.chunk_map_digest)
+        return problem
+
+    def image_node(self, manifest: Manifest, record: DiskRecord,
+                   lower: list[DiskRecord]) -> dict[str, Any]:
+        """The point's qcow2 file; its header names the lower layers (relative paths)."""
+        path = self.repo.data_file(manifest, record)
+        return {"driver": DATA_FORMAT, "file": {"driver": "file", "filename": path}}
+
 
 class VolumeStore:
     """Backups inside an NBD export (:class:`NbdVolume`)."""
@@ -170,11 +205,48 @@ class VolumeStore:
         self.volume.publish(manifest)
         return f"{self.volume.address.uri}#{manifest.backup_id}"
 
+    @property
+    def name(self) -> str:
+        return self.volume.address.uri
+
+    def all_backups(self) -> list[Manifest]:
+        return self.volume.backups()
+
+    def check(self, manifest: Manifest, record: DiskRecord) -> str | None:
+        """What is wrong with a disk's stored region (its digest)."""
+        location = record.location
+        if not location:
+            return f"{record.data_file} has no location in the volume"
+        try:
+            digest = self.volume.digest(int(location["offset"]), int(location["length"]))
+        except (KeyError, TypeError, ValueError) as err:
+            return f"{record.data_file}: malformed location: {err}"
+        except RdmBackupError as err:
+            return f"{record.data_file} unreadable: {err}"
+        if digest.value != record.digest.value:
+            return f"{record.data_file}: {digest.algorithm} mismatch"
+        return None
+
+    def image_node(self, manifest: Manifest, record: DiskRecord,
+                   lower: list[DiskRecord]) -> dict[str, Any]:
+        """The point's qcow2 region with the lower layers as explicit backing nodes."""
+        return self.volume.layer_node(record, lower)
+
+
+def _file_problem(path: str, what: str, expected: Digest) -> str | None:
+    if not os.path.exists(path):
+        return f"{what} is missing"
+    try:
+        digest = file_digest(path, expected.algorithm)
+    except OSError as err:
+        return f"{what} unreadable: {err.strerror}"
+    if digest.value != expected.value:
+        return f"{what}: {digest.algorithm} mismatch"
+    return None
+
 
 def _image_end(image: str) -> int:
     """The end of a qcow2 image's used area (``qemu-img check``)."""
-    import json
-
     proc = run(["qemu-img", "check", "--output=json", "-f", DATA_FORMAT, image], check=False)
     try:
         return int(json.loads(proc.stdout)["image-end-offset"])

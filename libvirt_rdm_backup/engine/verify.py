@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.errors import NotFoundError
 from libvirt_rdm_backup.repository.chain import lineage
-from libvirt_rdm_backup.repository.digest import file_digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.repository.store import Repository
+from libvirt_rdm_backup.repository.store import check_backup_id
 
 
 @dataclass
@@ -46,40 +45,20 @@ class VerifyReport:
                 "disks": [c.to_dict() for c in self.checks]}
 
 
-def check_disk(repo: Repository, manifest: Manifest, record: DiskRecord) -> DiskCheck:
-    """Recompute one data file's digest."""
-    path = repo.data_file(manifest, record)
-    if not os.path.exists(path):
-        return DiskCheck(manifest.backup_id, record.disk.target, False,
-                         f"data file {record.data_file} is missing")
-    try:
-        digest = file_digest(path, record.digest.algorithm)
-    except OSError as err:
-        return DiskCheck(manifest.backup_id, record.disk.target, False, f"unreadable: {err}")
-    if digest.value != record.digest.value:
-        return DiskCheck(manifest.backup_id, record.disk.target, False,
-                         f"{record.data_file}: {digest.algorithm} mismatch")
-    if record.chunk_map and record.chunk_map_digest:
-        chunk_path = os.path.join(os.path.dirname(path), record.chunk_map)
-        try:
-            chunk_digest = file_digest(chunk_path, record.chunk_map_digest.algorithm)
-        except OSError as err:
-            return DiskCheck(manifest.backup_id, record.disk.target, False,
-                             f"chunk map {record.chunk_map} unreadable: {err}")
-        if chunk_digest.value != record.chunk_map_digest.value:
-            return DiskCheck(manifest.backup_id, record.disk.target, False,
-                             f"chunk map {record.chunk_map}: {chunk_digest.algorithm} mismatch")
-    return DiskCheck(manifest.backup_id, record.disk.target, True)
+def check_disk(store: Store, manifest: Manifest, record: DiskRecord) -> DiskCheck:
+    """Recompute the digests of one disk's stored data."""
+    problem = store.check(manifest, record)
+    return DiskCheck(manifest.backup_id, record.disk.target, problem is None, problem)
 
 
-def verify_manifests(repo: Repository, manifests: list[Manifest]) -> VerifyReport:
+def verify_manifests(store: Store, manifests: list[Manifest]) -> VerifyReport:
     """Check every disk of every given backup, and that the layers it builds on exist."""
     report = VerifyReport()
     known: dict[str, list[Manifest]] = {}
     for manifest in manifests:
-        backups = known.setdefault(manifest.domain_uuid, repo.backups(manifest.domain_uuid))
+        backups = known.setdefault(manifest.domain_uuid, store.backups(manifest.domain_uuid))
         for record in manifest.disks:
-            check = check_disk(repo, manifest, record)
+            check = check_disk(store, manifest, record)
             if check.ok:
                 _points, missing = lineage(backups, manifest, record.disk.target)
                 if missing is not None:
@@ -89,14 +68,21 @@ def verify_manifests(repo: Repository, manifests: list[Manifest]) -> VerifyRepor
     return report
 
 
-def verify(target: str, domain_uuid: str | None = None, backup_id: str | None = None
+def verify(target: str, domain: str | None = None, backup_id: str | None = None
            ) -> VerifyReport:
-    """Verify backups in the repository at ``target`` (all, one domain's, or one)."""
-    repo = Repository.open(target)
-    if backup_id is not None:
-        manifests = [repo.find_backup(backup_id, domain_uuid)]
-    else:
-        manifests = repo.backups(domain_uuid)
-    if not manifests:
-        raise NotFoundError(f"no backups of domain {domain_uuid}" if domain_uuid else "no backups")
-    return verify_manifests(repo, manifests)
+    """Verify backups at ``target`` (all, one domain's, or one backup)."""
+    from libvirt_rdm_backup.engine.restore import choose_backup, find_domain_backups
+
+    with open_store(target) as store:
+        if domain is not None and backup_id is not None:
+            manifests = [choose_backup(store, domain, backup_id)]
+        elif domain is not None:
+            manifests = find_domain_backups(store, domain)
+        else:
+            manifests = store.all_backups()
+            if backup_id is not None:
+                check_backup_id(backup_id)
+                manifests = [m for m in manifests if m.backup_id == backup_id]
+        if not manifests:
+            raise NotFoundError(f"backup {backup_id} not found" if backup_id else "no backups")
+        return verify_manifests(store, manifests)

@@ -223,16 +223,13 @@ class NbdVolume:
                                 "export": self.address.export}
         return node
 
-    def image_json(self, record: DiskRecord, chain: list[DiskRecord]) -> str:
-        """``json:`` filename of a disk's point: its qcow2 layer over the lower layers."""
-        return "json:" + json.dumps(self._layer(record, chain))
-
-    def _layer(self, record: DiskRecord, lower: list[DiskRecord]) -> dict[str, Any]:
+    def layer_node(self, record: DiskRecord, lower: list[DiskRecord]) -> dict[str, Any]:
+        """Blockdev options of a disk's point: its qcow2 region over the lower layers."""
         location = record.location or {}
         node: dict[str, Any] = {
             "driver": "qcow2",
             "file": {"driver": "raw", "offset": int(location["offset"]),
                      "size": int(location["region"]), "file": self.nbd_node()},
         }
-        node["backing"] = self._layer(lower[0], lower[1:]) if lower else None
+        node["backing"] = self.layer_node(lower[0], lower[1:]) if lower else None
         return node
