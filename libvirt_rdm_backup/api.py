@@ -83,6 +83,7 @@ def backup(
     level: str = "auto",
     chain: str = DEFAULT_CHAIN,
     quiesce: str | None = None,
+    allow_plain_nbd: bool = False,
 ) -> BackupResult:
     """A point-in-time backup of the domain's raw disks into repository ``target``.
 
@@ -99,7 +100,8 @@ def backup(
     ``consistency``) or ``required`` (fail without a working agent).
     """
     with connection(uri) as conn:
-        return _backup.backup(conn, domain, target, disks, level, chain, progress, quiesce)
+        return _backup.backup(conn, domain, target, disks, level, chain, progress, quiesce,
+                              allow_plain_nbd)
 
 
 def restore(

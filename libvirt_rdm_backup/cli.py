@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -113,7 +114,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     """Take a full backup."""
     result = api.backup(args.domain, args.target, args.disk or None, args.connect,
                         None if args.json else _progress_printer(), level=args.level,
-                        chain=args.chain, quiesce=args.quiesce)
+                        chain=args.chain, quiesce=args.quiesce,
+                        allow_plain_nbd=args.allow_plain_nbd)
     document = result.to_dict()
 
     def text() -> str:
@@ -215,6 +217,55 @@ def cmd_hook(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Serve a point in time of raw disks over NBD until SIGINT, SIGTERM or --timeout."""
+    if args.chain is not None and args.target is None:
+        raise UsageError("export: --chain needs --target")
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError("export: --timeout must be a positive number of seconds")
+    stop: list[str] = []
+
+    def note(signum: int, _frame: object) -> None:
+        stop.append(signal.Signals(signum).name)
+
+    # from here on a signal only ends the wait: the teardown always runs to its end
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with api.export(args.domain, args.disk, socket=args.socket, listen=args.listen,
+                        target=args.target, chain=args.chain or DEFAULT_CHAIN,
+                        uri=args.connect, allow_remote=args.allow_remote,
+                        scratch_dir=args.scratch_dir) as handle:
+            if args.json:
+                sys.stdout.write(json.dumps(handle.to_dict()) + "\n")
+            else:
+                until = f" (or {args.timeout:g} s)" if args.timeout else ""
+                lines = [f"exporting {', '.join(handle.uris)} of {handle.domain_name} at "
+                         f"{handle.point_in_time}, read-only, until SIGINT or SIGTERM{until}"]
+                for d in handle.disks:
+                    lines.append(f"  {d.disk:8} {d.uri}")
+                    if d.bitmap_context:
+                        lines.append(f"           writes since backup {d.dirty_since}: "
+                                     f"{d.bitmap_context}")
+                    elif d.bitmap_note:
+                        lines.append(f"           no dirty bitmap: {d.bitmap_note}")
+                sys.stdout.write("\n".join(lines) + "\n")
+            sys.stdout.flush()
+            deadline = None if args.timeout is None else time.monotonic() + args.timeout
+            next_check = time.monotonic() + 1.0
+            while not stop and (deadline is None or time.monotonic() < deadline):
+                if time.monotonic() >= next_check:
+                    handle.check()  # a failed fleecing job: the point in time is gone
+                    next_check = time.monotonic() + 1.0
+                time.sleep(0.1)
+            reason = stop[0] if stop else f"timeout after {args.timeout:g} s"
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if not args.json:
+        sys.stdout.write(f"stopped ({reason}): the export is torn down\n")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``rdm-backup``."""
     parser = _Parser(prog="rdm-backup", parents=[_common_options(argparse.SUPPRESS)],
@@ -236,7 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("backup", parents=[common], help="back up a domain's raw disks")
     p.add_argument("domain")
-    p.add_argument("--target", required=True, metavar="DIR", help="repository directory")
+    p.add_argument("--target", required=True, metavar="DIR|URI",
+                   help="repository directory, or an NBD volume: nbd://HOST:PORT/EXPORT, "
+                        "nbds://... (TLS), nbd+unix:///EXPORT?socket=PATH")
+    p.add_argument("--allow-plain-nbd", action="store_true",
+                   help="allow unencrypted nbd:// to a non-loopback address")
     p.add_argument("--disk", action="append", metavar="DEV", help="only this disk (repeatable)")
     p.add_argument("--level", choices=LEVELS, default="auto",
                    help="full, incremental (since the chain's previous backup), differential "
@@ -253,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("restore", parents=[common], help="restore one disk to a file or device")
     p.add_argument("domain")
-    p.add_argument("--target", required=True, metavar="DIR")
+    p.add_argument("--target", required=True, metavar="DIR|URI",
+                   help="repository directory or NBD volume URI")
     p.add_argument("--disk", required=True, metavar="DEV")
     p.add_argument("--to", required=True, metavar="PATH")
     p.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
@@ -263,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", parents=[common], help="recompute and check stored digests")
     p.add_argument("domain", nargs="?")
-    p.add_argument("--target", required=True, metavar="DIR")
+    p.add_argument("--target", required=True, metavar="DIR|URI",
+                   help="repository directory or NBD volume URI")
     p.add_argument("--backup", metavar="ID")
     p.set_defaults(func=cmd_verify)
 
@@ -276,9 +333,37 @@ def build_parser() -> argparse.ArgumentParser:
                         "/var/lib/libvirt-rdm-backup/events)")
     p.set_defaults(func=cmd_hook)
 
+    p = sub.add_parser("export", parents=[common],
+                       help="serve a point in time of raw disks over NBD, read-only (pull mode)")
+    p.add_argument("domain")
+    p.add_argument("--disk", action="append", required=True, metavar="DEV",
+                   help="disk to export (repeatable); its NBD export is named after it")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH",
+                       help="unix socket to listen on, mode 0600 (default: a new one in a "
+                            "0700 directory under /run/libvirt-rdm-backup)")
+    where.add_argument("--listen", metavar="ADDRESS:PORT",
+                       help="listen on TCP instead (an IP address, loopback unless "
+                            "--allow-remote; port 0: any free port); any local user can connect")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a --listen address that is not loopback (NBD without TLS: "
+                        "plaintext, no authentication)")
+    p.add_argument("--target", metavar="DIR",
+                   help="repository: also export the writes since the chain's last backup "
+                        "as the NBD metadata context qemu:dirty-bitmap:NAME")
+    p.add_argument("--chain", default=None, metavar="NAME",
+                   help=f"chain of --target (default: {DEFAULT_CHAIN})")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="stop after this long (default: at SIGINT or SIGTERM)")
+    p.add_argument("--scratch-dir", metavar="DIR",
+                   help="where the old data of disk areas the guest overwrites is kept while "
+                        "the export runs (default: /var/tmp)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("list", parents=[common], help="list backups in a repository")
     p.add_argument("domain", nargs="?")
-    p.add_argument("--target", required=True, metavar="DIR")
+    p.add_argument("--target", required=True, metavar="DIR|URI",
+                   help="repository directory or NBD volume URI")
     p.set_defaults(func=cmd_list)
     return parser
 

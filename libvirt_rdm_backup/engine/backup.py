@@ -38,6 +38,7 @@ from libvirt_rdm_backup.storage.snapshots import (
     agent_by_name,
     find_snapshot_agent,
 )
+from libvirt_rdm_backup.targets.uri import parse_target
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ def backup(
     through its agent while the point in time is fixed.
     """
     check_safe_name(chain_name, "chain name")
+    parse_target(target, allow_remote_plain=allow_plain_nbd)  # bad targets fail first
     ctx = open_domain(conn, domain)
     selected = select_disks(ctx.inventory, disks)
     store = open_store(target, create=True, allow_plain_nbd=allow_plain_nbd)

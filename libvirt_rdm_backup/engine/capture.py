@@ -81,9 +81,8 @@ def copy_from_storage(plan: DiskPlan, sink: Sink) -> None:
 def _convert_into(sink: Sink, plan: DiskPlan, source: str, image_opts: bool,
                   extra: list[str] | None = None) -> None:
     """``qemu-img convert`` of a raw source into the disk's layer (sparse)."""
-    target = sink.target(plan)
     if sink.local_files:
-        img.convert(source, target, source_fmt=None if image_opts else "raw",
+        img.convert(source, sink.target(plan), source_fmt=None if image_opts else "raw",
                     source_image_opts=image_opts, target_fmt=DATA_FORMAT, extra=extra)
         return
     sink.create(plan)

@@ -1,0 +1,169 @@
+"""Backups pushed by the VM's QEMU into an NBD export; list, verify, restore from its address."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from libvirt_rdm_backup import api
+from libvirt_rdm_backup.errors import OperationError
+from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
+from tests.lab.domains import guest_write, qemu_leftovers, rdm_backup
+from tests.lab.storage_lab import rdmb_tmpdir
+
+pytestmark = pytest.mark.lab
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class NbdServer:
+    """qemu-nbd serving a sparse volume file on loopback; stopped by pid."""
+
+    def __init__(self, path: Path, port: int) -> None:
+        self.path, self.port = path, port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/rdmb-vol"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["qemu-nbd", "-f", "raw", "--persistent", "--shared=0", "-b", "127.0.0.1",
+             "-p", str(self.port), "-x", "rdmb-vol", "--cache=none", str(self.path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "qemu-nbd did not listen"
+                time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def server() -> Iterator[NbdServer]:
+    with rdmb_tmpdir() as work:
+        volume = work / "volume.img"
+        with open(volume, "wb") as stream:
+            stream.truncate(16 * 1024 * MiB)
+        nbd_server = NbdServer(volume, free_port())
+        nbd_server.start()
+        try:
+            yield nbd_server
+        finally:
+            nbd_server.stop()
+
+
+def reference(vm: LabVM, tag: str) -> dict[str, Path]:
+    vm.dom.suspend()
+    try:
+        return snapshot_source(vm, vm.workdir / f"ref-{tag}")
+    finally:
+        vm.dom.resume()
+
+
+def restore_compare(vm: LabVM, target: str, backup_id: str, refs: dict[str, Path]) -> None:
+    for disk, ref in refs.items():
+        out = vm.workdir / f"out-{backup_id}-{disk}.raw"
+        proc = rdm_backup("restore", vm.name, "--target", target, "--disk", disk, "--to",
+                          str(out), "--backup", backup_id)
+        assert proc.returncode == 0, proc.stderr
+        assert same_bytes(out, ref), f"{disk} of {backup_id}"
+        out.unlink()
+
+
+def test_full_and_incremental_into_an_nbd_volume(server: NbdServer) -> None:
+    with lab_vm(loop_size=256 * MiB) as vm:
+        for index in range(16):
+            guest_write(vm.dom, "vdb", 0x10 + index, index * 16 * MiB, MiB)
+        guest_write(vm.dom, "sda", 0x61, 0, 2 * MiB)
+        refs0 = reference(vm, "0")
+        proc = rdm_backup("backup", vm.name, "--target", server.uri, "--json")
+        assert proc.returncode == 0, proc.stderr
+        first = json.loads(proc.stdout)
+        assert first["level"] == "full"
+        guest_write(vm.dom, "vdb", 0x77, 100 * MiB, 3 * MiB)
+        guest_write(vm.dom, "sda", 0x78, 8 * MiB, MiB)
+        refs1 = reference(vm, "1")
+        second = api.backup(vm.name, server.uri)
+        vdb = second.manifest.disk("vdb")
+        assert vdb is not None and vdb.level == "incremental" and vdb.data_path == "qemu"
+        assert vdb.bytes_transferred == 3 * MiB  # only the dirty clusters went over NBD
+        # the volume stores data, not zeros: the server's file holds little
+        assert os.stat(server.path).st_blocks * 512 < 48 * MiB
+
+        listed = json.loads(rdm_backup("list", "--target", server.uri, "--json").stdout)
+        assert [b["backup_id"] for b in listed] == [first["backup_id"],
+                                                     second.manifest.backup_id]
+        assert rdm_backup("verify", "--target", server.uri).returncode == 0
+        restore_compare(vm, server.uri, first["backup_id"], refs0)
+        restore_compare(vm, server.uri, second.manifest.backup_id, refs1)
+        # the mapping travels with the data
+        assert second.manifest.disk("vdb").mapping is not None  # type: ignore[union-attr]
+        manifest = api.list_backups(server.uri, vm.uuid)[-1]
+        assert manifest.disk("vdb").mapping.to_dict() == api.map_disks(  # type: ignore[union-attr]
+            vm.name, ["vdb"])[0].to_dict()
+
+
+def test_nbd_server_dying_mid_backup(server: NbdServer) -> None:
+    with lab_vm(loop_size=1024 * MiB) as vm:
+        guest_write(vm.dom, "vdb", 0x21, 0, MiB)
+        first = api.backup(vm.name, server.uri, disks=["vdb"])
+        for index in range(48):  # enough changed data to copy for a while
+            guest_write(vm.dom, "vdb", 0x30 + index, index * 20 * MiB, 8 * MiB)
+        exe = Path(sys.executable).parent / "rdm-backup"
+        proc = subprocess.Popen([str(exe), "backup", vm.name, "--target", server.uri,
+                                 "--disk", "vdb"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not any(item.startswith("job ") for item in qemu_leftovers(vm.dom)):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        server.stop(signal.SIGKILL)
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 4, err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert qemu_leftovers(vm.dom) == []
+        server.start()
+        assert [m.backup_id for m in api.list_backups(server.uri)] == [
+            first.manifest.backup_id]
+        refs = reference(vm, "after")
+        again = api.backup(vm.name, server.uri, disks=["vdb"], level="incremental")
+        assert again.manifest.disk("vdb").parent == first.manifest.backup_id  # type: ignore[union-attr]
+        restore_compare(vm, server.uri, again.manifest.backup_id, {"vdb": refs["vdb"]})
+
+
+def test_plain_nbd_to_a_remote_address_is_refused() -> None:
+    with pytest.raises(Exception) as err:
+        api.backup("rdmb-none", "nbd://192.0.2.1/x")
+    assert not isinstance(err.value, OperationError) or "unencrypted" in str(err.value)
+    proc = rdm_backup("backup", "rdmb-none", "--target", "nbd://192.0.2.1:10809/x")
+    assert proc.returncode == 2 and "unencrypted" in proc.stderr
+    proc = rdm_backup("list", "--target", "nbd://127.0.0.1:1/bad name")
+    assert proc.returncode == 2
