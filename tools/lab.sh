@@ -122,15 +122,35 @@ do_install() {
 
 pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
 
+libvirt_tcp_answers() {
+    virsh -c qemu+tcp://127.0.0.1/system version >/dev/null 2>&1
+}
+
 start_libvirt() {
     mkdir -p /run/libvirt /var/log/libvirt
     if ! pgrep -x virtlogd >/dev/null; then
         log "starting virtlogd"
         virtlogd -d
     fi
+    # libvirtd also listens on TCP 127.0.0.1:16509 without authentication: for the
+    # tests of backups driven through a remote URI (qemu+tcp://127.0.0.1/system). Loopback
+    # only, and only in this lab; a real host would use qemu+tls:// or qemu+ssh://.
+    mkdir -p "$STATE"
+    cat >"$STATE/libvirtd.conf" <<CONF
+listen_tls = 0
+listen_tcp = 1
+listen_addr = "127.0.0.1"
+tcp_port = "16509"
+auth_tcp = "none"
+CONF
+    if pgrep -x libvirtd >/dev/null && ! libvirt_tcp_answers; then
+        log "restarting libvirtd with its loopback TCP listener"
+        pkill -TERM -x libvirtd || true
+        for i in $(seq 1 60); do pgrep -x libvirtd >/dev/null || break; sleep 0.5; done
+    fi
     if ! pgrep -x libvirtd >/dev/null; then
-        log "starting libvirtd"
-        libvirtd -d
+        log "starting libvirtd (unix socket, and TCP on 127.0.0.1:16509)"
+        libvirtd -d --listen --config "$STATE/libvirtd.conf"
     fi
     local i
     for i in $(seq 1 60); do

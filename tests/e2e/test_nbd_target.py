@@ -167,3 +167,26 @@ def test_plain_nbd_to_a_remote_address_is_refused() -> None:
     assert proc.returncode == 2 and "unencrypted" in proc.stderr
     proc = rdm_backup("list", "--target", "nbd://127.0.0.1:1/bad name")
     assert proc.returncode == 2
+
+
+REMOTE_URI = "qemu+tcp://127.0.0.1/system"
+
+
+def test_backup_requested_through_a_remote_uri_by_uuid(server: NbdServer) -> None:
+    """A backup server drives the hypervisor through libvirt's remote protocol, VM by UUID."""
+    with lab_vm(loop_size=128 * MiB) as vm:
+        guest_write(vm.dom, "vdb", 0x41, 5 * MiB, 2 * MiB)
+        refs = reference(vm, "remote-full")
+        proc = rdm_backup("--connect", REMOTE_URI, "backup", vm.uuid, "--target", server.uri,
+                          "--disk", "vdb", "--json")
+        assert proc.returncode == 0, proc.stderr
+        first = json.loads(proc.stdout)
+        assert first["domain_uuid"] == vm.uuid and first["level"] == "full"
+        guest_write(vm.dom, "vdb", 0x42, 50 * MiB, MiB)
+        refs2 = reference(vm, "remote-inc")
+        second = api.backup(vm.uuid, server.uri, disks=["vdb"], uri=REMOTE_URI)
+        assert second.manifest.level == "incremental"
+        restore_compare(vm, server.uri, first["backup_id"], {"vdb": refs["vdb"]})
+        restore_compare(vm, server.uri, second.manifest.backup_id, {"vdb": refs2["vdb"]})
+        listed = rdm_backup("--connect", REMOTE_URI, "disks", vm.uuid, "--json")
+        assert listed.returncode == 0 and json.loads(listed.stdout)["domain_uuid"] == vm.uuid

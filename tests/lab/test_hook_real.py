@@ -74,11 +74,16 @@ def wait_for_other_clients(timeout: float = 60.0) -> None:
         time.sleep(1)
 
 
+LAB_SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "lab.sh"
+
+
 def start_libvirtd() -> None:
     """Start libvirtd unless it runs; wait until it answers."""
     if not libvirtd_pids():
-        subprocess.run(["libvirtd", "-d"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=60, check=True)
+        # the lab's own way, so the daemon comes back as the lab configured it
+        subprocess.run([str(LAB_SCRIPT), "up"], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120,
+                       check=True)
     wait_until(libvirtd_answers, 60, f"libvirtd to answer on {URI}")
 
 
