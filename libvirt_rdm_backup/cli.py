@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -266,6 +267,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_receive(args: argparse.Namespace) -> int:
+    """Serve a backup volume over NBD (the backup-server side of NBD targets)."""
+    from libvirt_rdm_backup.targets import receive
+
+    address = receive.parse_listen(args.listen, args.socket, args.export,
+                                   tls=args.tls_creds is not None)
+    config = receive.ReceiveConfig(volume=os.path.abspath(args.volume), address=address,
+                                   size=args.size, tls_dir=args.tls_creds,
+                                   allow_plain_remote=args.allow_plain_remote)
+    receive.qemu_nbd_argv(config)  # refuses unsafe listeners before anything starts
+    document = {"uri": address.uri, "volume": config.volume}
+    # one line, printed before serving: a supervisor reads it to know the address
+    sys.stdout.write(json.dumps(document) + "\n" if args.json
+                     else f"serving {config.volume} as {address.uri}\n")
+    sys.stdout.flush()
+    return receive.serve(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``rdm-backup``."""
     parser = _Parser(prog="rdm-backup", parents=[_common_options(argparse.SUPPRESS)],
@@ -359,6 +378,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the old data of disk areas the guest overwrites is kept while "
                         "the export runs (default: /var/tmp)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("receive", parents=[common],
+                       help="serve a backup volume over NBD for backup --target nbd://...")
+    p.add_argument("--volume", required=True, metavar="FILE",
+                   help="the volume file (created sparse when missing)")
+    p.add_argument("--size", type=int, default=1 << 40, metavar="BYTES",
+                   help="size of a new volume (default: 1 TiB, sparse)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="TCP address to serve on")
+    p.add_argument("--socket", metavar="PATH", help="unix socket to serve on")
+    p.add_argument("--export", default="backups", metavar="NAME")
+    p.add_argument("--tls-creds", metavar="DIR",
+                   help="x509 directory (ca-cert.pem, server-cert.pem, server-key.pem)")
+    p.add_argument("--allow-plain-remote", action="store_true",
+                   help="allow serving without TLS on a non-loopback address")
+    p.set_defaults(func=cmd_receive)
 
     p = sub.add_parser("list", parents=[common], help="list backups in a repository")
     p.add_argument("domain", nargs="?")

@@ -30,7 +30,7 @@ def free_port() -> int:
 
 
 class NbdServer:
-    """qemu-nbd serving a sparse volume file on loopback; stopped by pid."""
+    """``rdm-backup receive`` serving a volume file on loopback; stopped by pid."""
 
     def __init__(self, path: Path, port: int) -> None:
         self.path, self.port = path, port
@@ -41,10 +41,14 @@ class NbdServer:
         return f"nbd://127.0.0.1:{self.port}/rdmb-vol"
 
     def start(self) -> None:
+        exe = Path(sys.executable).parent / "rdm-backup"
         self.proc = subprocess.Popen(
-            ["qemu-nbd", "-f", "raw", "--persistent", "--shared=0", "-b", "127.0.0.1",
-             "-p", str(self.port), "-x", "rdmb-vol", "--cache=none", str(self.path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [str(exe), "receive", "--volume", str(self.path), "--listen",
+             f"127.0.0.1:{self.port}", "--export", "rdmb-vol", "--size", str(16 << 30),
+             "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        announced = json.loads(self.proc.stdout.readline())
+        assert announced["uri"] == self.uri
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -55,6 +59,9 @@ class NbdServer:
                 time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        if sig == signal.SIGKILL and self.proc is not None:  # the server itself dies
+            subprocess.run(["pkill", "-KILL", "-P", str(self.proc.pid), "qemu-nbd"],
+                           check=False)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -68,10 +75,7 @@ class NbdServer:
 @pytest.fixture
 def server() -> Iterator[NbdServer]:
     with rdmb_tmpdir() as work:
-        volume = work / "volume.img"
-        with open(volume, "wb") as stream:
-            stream.truncate(16 * 1024 * MiB)
-        nbd_server = NbdServer(volume, free_port())
+        nbd_server = NbdServer(work / "volume.img", free_port())
         nbd_server.start()
         try:
             yield nbd_server
@@ -157,6 +161,25 @@ def test_nbd_server_dying_mid_backup(server: NbdServer) -> None:
         again = api.backup(vm.name, server.uri, disks=["vdb"], level="incremental")
         assert again.manifest.disk("vdb").parent == first.manifest.backup_id  # type: ignore[union-attr]
         restore_compare(vm, server.uri, again.manifest.backup_id, {"vdb": refs["vdb"]})
+
+
+def test_receive_serves_the_same_backups_again(server: NbdServer) -> None:
+    with lab_vm(loop_size=64 * MiB) as vm:
+        guest_write(vm.dom, "vdb", 0x51, 0, MiB)
+        done = api.backup(vm.name, server.uri, disks=["vdb"])
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+        server.start()
+        assert [m.backup_id for m in api.list_backups(server.uri)] == [done.manifest.backup_id]
+        assert api.verify(server.uri).ok
+    assert stat_mode(server.path) == 0o600
+    proc = rdm_backup("receive", "--volume", str(server.path), "--listen", "0.0.0.0:10999")
+    assert proc.returncode == 2 and "without TLS" in proc.stderr
+
+
+def stat_mode(path: Path) -> int:
+    return os.stat(path).st_mode & 0o777
 
 
 def test_plain_nbd_to_a_remote_address_is_refused() -> None:

@@ -1,0 +1,109 @@
+"""The backup-server side of NBD targets: serve a backup volume with ``qemu-nbd``.
+
+``rdm-backup receive`` keeps one sparse volume file and serves it as one NBD
+export; backups pushed into it (``backup --target nbd://...``) are complete
+repositories that ``list``, ``verify`` and ``restore`` read from the same address.
+No listener on a non-loopback address without TLS unless explicitly allowed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from types import FrameType
+
+from libvirt_rdm_backup.errors import OperationError, UsageError
+from libvirt_rdm_backup.process import require_tool
+from libvirt_rdm_backup.targets.uri import DEFAULT_NBD_PORT, NbdAddress, parse_target
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZE = 1 << 40  # a sparse TiB: only what backups write takes space
+
+
+@dataclass(frozen=True)
+class ReceiveConfig:
+    """What ``receive`` serves, and where."""
+
+    volume: str
+    address: NbdAddress
+    size: int = DEFAULT_SIZE
+    tls_dir: str | None = None
+    allow_plain_remote: bool = False
+
+
+def parse_listen(listen: str | None, socket_path: str | None, export: str,
+                 tls: bool) -> NbdAddress:
+    """The address to serve on: ``HOST:PORT`` or a unix socket path."""
+    if (listen is None) == (socket_path is None):
+        raise UsageError("give exactly one of --listen HOST:PORT and --socket PATH")
+    if socket_path is not None:
+        return NbdAddress(export=export, socket=os.path.abspath(socket_path))
+    host, _, port = str(listen).rpartition(":")
+    if not host:
+        host, port = str(listen), str(DEFAULT_NBD_PORT)
+    scheme = "nbds" if tls else "nbd"
+    parsed = parse_target(f"{scheme}://{host}:{port}/{export}", allow_remote_plain=True)
+    assert isinstance(parsed, NbdAddress)
+    return parsed
+
+
+def qemu_nbd_argv(config: ReceiveConfig) -> list[str]:
+    """The ``qemu-nbd`` command line serving the volume (argv list, no shell)."""
+    address = config.address
+    if not address.is_loopback and config.tls_dir is None and not config.allow_plain_remote:
+        raise UsageError(f"serving NBD on {address.host} without TLS would expose backups "
+                         "unencrypted; give --tls-creds DIR, or --allow-plain-remote")
+    argv = [require_tool("qemu-nbd"), "--format=raw", "--persistent", "--shared=0",
+            "--export-name", address.export, "--cache=writeback", "--discard=unmap",
+            "--detect-zeroes=unmap"]
+    if address.socket is not None:
+        argv += ["--socket", address.socket]
+    else:
+        argv += ["--bind", str(address.host), "--port", str(address.port)]
+    if config.tls_dir is not None:
+        argv += ["--object",
+                 f"tls-creds-x509,id=rdmb-tls,endpoint=server,dir={config.tls_dir}",
+                 "--tls-creds", "rdmb-tls"]
+    return [*argv, config.volume]
+
+
+def ensure_volume(path: str, size: int) -> None:
+    """Create the sparse volume file (0600) unless it exists."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError as err:
+        raise OperationError(f"cannot create volume {path}: {err.strerror}") from err
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def serve(config: ReceiveConfig) -> int:
+    """Serve until SIGINT/SIGTERM; returns qemu-nbd's exit status (0 after a signal)."""
+    ensure_volume(config.volume, config.size)
+    argv = qemu_nbd_argv(config)
+    log.info("serving %s as %s", config.volume, config.address.uri)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    stopping: list[int] = []
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        stopping.append(signum)
+        proc.terminate()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return 0 if stopping else code
