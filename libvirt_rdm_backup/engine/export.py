@@ -213,7 +213,7 @@ def _dirty_sources(repo: Repository, domain_uuid: str, chain_name: str,
         else:
             found[disk.target] = (point.record.bitmap, point.backup_id)
     for target, note in notes.items():
-        log.warning("disk %s: no dirty bitmap: %s", target, note)
+        log.info("disk %s: no dirty bitmap: %s", target, note)
     return found, notes
 
 
@@ -363,6 +363,7 @@ def _start(monitor: Monitor, name: str, uuid: str, selected: list[RawDisk],
                 monitor.execute, "block-dirty-bitmap-remove",
                 {"node": fleece.scratch_node, "name": temp_bitmap}))
 
+    path: str | None = None
     if address is not None:
         listener = _tcp_listener(*address)
         bound = listener.getsockname()
@@ -403,5 +404,5 @@ def _start(monitor: Monitor, name: str, uuid: str, selected: list[RawDisk],
     log.info("exporting %s of %s at %s", ", ".join(d.disk for d in exported), name,
              point_in_time)
     return Export(domain_name=name, domain_uuid=uuid, point_in_time=point_in_time,
-                  disks=exported, socket=None if address else socket_path,
+                  disks=exported, socket=path,
                   address=host_port, _fleeces=fleeces)

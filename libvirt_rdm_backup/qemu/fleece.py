@@ -168,36 +168,18 @@ class FleecingExport:
 
     def export(self) -> str:
         """Start QEMU's NBD server on our socket and export the scratch node read-only."""
-        try:
-            os.makedirs(self.socket_root, mode=0o700, exist_ok=True)
-            self._socket_dir = tempfile.mkdtemp(prefix="rdmb-nbd-", dir=self.socket_root)
-        except OSError as err:
-            raise OperationError(
-                f"cannot create a socket directory in {self.socket_root}: {err.strerror}"
-            ) from err
+        self._socket_dir = private_socket_dir(self.socket_root)
         path = os.path.join(self._socket_dir, "nbd.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listener.bind(path)
-            listener.listen(16)
-            self.monitor.execute("getfd", {"fdname": self._fd_name}, files=[listener.fileno()])
-        except OSError as err:
-            raise OperationError(f"cannot listen on {path}: {err.strerror}") from err
+            try:
+                listener.bind(path)
+                listener.listen(16)
+            except OSError as err:
+                raise OperationError(f"cannot listen on {path}: {err.strerror}") from err
+            start_nbd_server(self.monitor, listener, self._fd_name)
         finally:
             listener.close()
-        try:
-            self.monitor.execute(
-                "nbd-server-start", {"addr": {"type": "fd", "data": {"str": self._fd_name}}}
-            )
-        except QmpError as err:
-            with suppress(RdmBackupError):
-                self.monitor.execute("closefd", {"fdname": self._fd_name})
-            if "already running" in err.desc:
-                raise OperationError(
-                    "QEMU already runs an NBD server for this domain (another backup, or a "
-                    "libvirt pull-mode backup); it is not ours to use or stop"
-                ) from err
-            raise
         self._server_started = True
         self.monitor.execute(
             "block-export-add",
@@ -315,6 +297,42 @@ class FleecingExport:
         assert self._socket_dir is not None
         shutil.rmtree(self._socket_dir)
         self._socket_dir = None
+
+
+def private_socket_dir(root: str = SOCKET_ROOT) -> str:
+    """A fresh 0700 directory under ``root`` (created 0700 too) for an NBD socket."""
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        return tempfile.mkdtemp(prefix="rdmb-nbd-", dir=root)
+    except OSError as err:
+        raise OperationError(
+            f"cannot create a socket directory in {root}: {err.strerror}"
+        ) from err
+
+
+def start_nbd_server(monitor: Monitor, listener: socket.socket, fd_name: str) -> None:
+    """Start QEMU's NBD server on ``listener``, a bound, listening socket of ours.
+
+    The socket (unix or TCP) goes to QEMU with ``getfd`` as ``fd_name`` and
+    ``nbd-server-start`` listens on it (``addr`` of type ``fd``); the caller
+    closes its own copy. QEMU runs one NBD server per process: one already
+    running (another backup, a libvirt pull-mode backup) is an OperationError.
+    """
+    try:
+        monitor.execute("getfd", {"fdname": fd_name}, files=[listener.fileno()])
+    except OSError as err:
+        raise OperationError(f"cannot pass the NBD socket to QEMU: {err.strerror}") from err
+    try:
+        monitor.execute("nbd-server-start", {"addr": {"type": "fd", "data": {"str": fd_name}}})
+    except QmpError as err:
+        with suppress(RdmBackupError):
+            monitor.execute("closefd", {"fdname": fd_name})
+        if "already running" in err.desc:
+            raise OperationError(
+                "QEMU already runs an NBD server for this domain (another backup, or a "
+                "libvirt pull-mode backup); it is not ours to use or stop"
+            ) from err
+        raise
 
 
 @contextmanager
