@@ -84,6 +84,7 @@ def backup(
     chain: str = DEFAULT_CHAIN,
     quiesce: str | None = None,
     allow_plain_nbd: bool = False,
+    tls_dir: str | None = None,
 ) -> BackupResult:
     """A point-in-time backup of the domain's raw disks into repository ``target``.
 
@@ -101,7 +102,7 @@ def backup(
     """
     with connection(uri) as conn:
         return _backup.backup(conn, domain, target, disks, level, chain, progress, quiesce,
-                              allow_plain_nbd)
+                              allow_plain_nbd, tls_dir)
 
 
 def restore(
@@ -112,6 +113,7 @@ def restore(
     backup_id: str | None = None,
     force: bool = False,
     uri: str | None = None,
+    tls_dir: str | None = None,
 ) -> RestoreResult:
     """Write ``disk`` as of a backup (newest by default) to the file or device ``to``.
 
@@ -122,27 +124,29 @@ def restore(
         conn = open_connection(uri)
     except LibvirtError as err:
         log.warning("%s: cannot check whether %s is in use by a domain", err, to)
-        return _restore.restore(domain, target, disk, to, backup_id, force, None)
+        return _restore.restore(domain, target, disk, to, backup_id, force, None, tls_dir)
     try:
-        return _restore.restore(domain, target, disk, to, backup_id, force, conn)
+        return _restore.restore(domain, target, disk, to, backup_id, force, conn, tls_dir)
     finally:
         with contextlib.suppress(Exception):
             conn.close()
 
 
 def verify(
-    target: str, domain: str | None = None, backup_id: str | None = None
+    target: str, domain: str | None = None, backup_id: str | None = None,
+    tls_dir: str | None = None,
 ) -> VerifyReport:
     """Recompute the digests of stored data (all backups, one domain's, or one).
 
     ``target`` is a repository directory or an NBD volume URI.
     """
-    return _verify.verify(target, domain, backup_id)
+    return _verify.verify(target, domain, backup_id, tls_dir)
 
 
-def list_backups(target: str, domain: str | None = None) -> list[Manifest]:
+def list_backups(target: str, domain: str | None = None,
+                 tls_dir: str | None = None) -> list[Manifest]:
     """Published backups at ``target`` (directory or NBD volume URI), oldest first."""
-    with open_store(target) as store:
+    with open_store(target, tls_dir=tls_dir) as store:
         if domain is None:
             return store.all_backups()
         return find_domain_backups(store, domain)

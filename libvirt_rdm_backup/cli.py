@@ -116,7 +116,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     result = api.backup(args.domain, args.target, args.disk or None, args.connect,
                         None if args.json else _progress_printer(), level=args.level,
                         chain=args.chain, quiesce=args.quiesce,
-                        allow_plain_nbd=args.allow_plain_nbd)
+                        allow_plain_nbd=args.allow_plain_nbd, tls_dir=args.tls_creds)
     document = result.to_dict()
 
     def text() -> str:
@@ -141,7 +141,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     """Restore one disk."""
     result = api.restore(args.domain, args.target, args.disk, args.to,
-                         backup_id=args.backup, force=args.force, uri=args.connect)
+                         backup_id=args.backup, force=args.force, uri=args.connect,
+                         tls_dir=args.tls_creds)
     _emit(args, result.to_dict(), lambda: (
         f"restored {result.disk} of backup {result.backup_id} to {result.path} "
         f"({_human_size(result.size)}, {_human_size(result.data_bytes)} data)\n"))
@@ -150,7 +151,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify stored digests."""
-    report = api.verify(args.target, args.domain, args.backup)
+    report = api.verify(args.target, args.domain, args.backup, tls_dir=args.tls_creds)
 
     def text() -> str:
         lines = [f"{c.backup_id} {c.disk}: " + ("ok" if c.ok else f"FAILED: {c.problem}")
@@ -168,7 +169,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """List published backups."""
-    manifests = api.list_backups(args.target, args.domain)
+    manifests = api.list_backups(args.target, args.domain, tls_dir=args.tls_creds)
     document = [
         {
             "backup_id": m.backup_id,
@@ -285,6 +286,10 @@ def cmd_receive(args: argparse.Namespace) -> int:
     return receive.serve(config)
 
 
+TLS_HELP = ("for nbds:// targets: x509 directory with ca-cert.pem, client-cert.pem, "
+            "client-key.pem (readable by QEMU's user on the hypervisor)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``rdm-backup``."""
     parser = _Parser(prog="rdm-backup", parents=[_common_options(argparse.SUPPRESS)],
@@ -311,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "nbds://... (TLS), nbd+unix:///EXPORT?socket=PATH")
     p.add_argument("--allow-plain-nbd", action="store_true",
                    help="allow unencrypted nbd:// to a non-loopback address")
+    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
     p.add_argument("--disk", action="append", metavar="DEV", help="only this disk (repeatable)")
     p.add_argument("--level", choices=LEVELS, default="auto",
                    help="full, incremental (since the chain's previous backup), differential "
@@ -329,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain")
     p.add_argument("--target", required=True, metavar="DIR|URI",
                    help="repository directory or NBD volume URI")
+    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
     p.add_argument("--disk", required=True, metavar="DEV")
     p.add_argument("--to", required=True, metavar="PATH")
     p.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
@@ -340,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain", nargs="?")
     p.add_argument("--target", required=True, metavar="DIR|URI",
                    help="repository directory or NBD volume URI")
+    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
     p.add_argument("--backup", metavar="ID")
     p.set_defaults(func=cmd_verify)
 
@@ -398,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain", nargs="?")
     p.add_argument("--target", required=True, metavar="DIR|URI",
                    help="repository directory or NBD volume URI")
+    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
     p.set_defaults(func=cmd_list)
     return parser
 

@@ -165,6 +165,7 @@ def backup(
     progress: ProgressCallback | None = None,
     quiesce: str | None = None,
     allow_plain_nbd: bool = False,
+    tls_dir: str | None = None,
 ) -> BackupResult:
     """Take a point-in-time backup of a domain's raw disks into the repository ``target``.
 
@@ -181,7 +182,7 @@ def backup(
     parse_target(target, allow_remote_plain=allow_plain_nbd)  # bad targets fail first
     ctx = open_domain(conn, domain)
     selected = select_disks(ctx.inventory, disks)
-    store = open_store(target, create=True, allow_plain_nbd=allow_plain_nbd)
+    store = open_store(target, create=True, allow_plain_nbd=allow_plain_nbd, tls_dir=tls_dir)
     with store, domain_lock(ctx.uuid), store.lock(ctx.uuid):
         chain = chain_of(store.backups(ctx.uuid), chain_name)
         monitor = _prepare_qemu(ctx, store.repo_id, chain)

@@ -256,13 +256,14 @@ def restore(
     backup_id: str | None = None,
     force: bool = False,
     conn: libvirt.virConnect | None = None,
+    tls_dir: str | None = None,
 ) -> RestoreResult:
     """Restore disk ``disk`` of ``domain`` from the repository at ``target`` into ``to``.
 
     The stored data is verified before anything is written. Refuses a target
     smaller than the disk or used by a running domain unless ``force``.
     """
-    with open_store(target) as store:
+    with open_store(target, tls_dir=tls_dir) as store:
         manifest = choose_backup(store, domain, backup_id)
         record = manifest.disk(disk)
         if record is None:

@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, Protocol
 
 from libvirt_rdm_backup.engine.plan import DiskPlan
-from libvirt_rdm_backup.errors import RdmBackupError
+from libvirt_rdm_backup.errors import QmpError, RdmBackupError
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.blockdev import attached_image
 from libvirt_rdm_backup.qemu.monitor import Monitor
@@ -123,16 +123,31 @@ class NbdSink:
         return "json:" + json.dumps(self.node(plan))
 
     def attach(self, monitor: Monitor, plan: DiskPlan) -> AbstractContextManager[str]:
-        return _nbd_node(monitor, self.node(plan), plan)
+        return _nbd_node(monitor, self.node(plan), plan, self.volume.tls_object())
 
 
 @contextmanager
-def _nbd_node(monitor: Monitor, options: dict[str, Any], plan: DiskPlan) -> Iterator[str]:
+def _nbd_node(monitor: Monitor, options: dict[str, Any], plan: DiskPlan,
+              tls: dict[str, Any] | None) -> Iterator[str]:
+    """The layer's node in QEMU (with the TLS credentials object its NBD client needs)."""
+    created = False
+    if tls is not None:
+        try:
+            monitor.execute("object-add", tls)
+            created = True
+        except QmpError as err:
+            if "duplicate" not in err.desc.lower() and "exists" not in err.desc.lower():
+                raise
     name = object_name("target", plan.disk.target)
     node = {**options, "node-name": name, "discard": "unmap", "detect-zeroes": "unmap"}
-    monitor.execute("blockdev-add", node)
     try:
-        yield name
+        monitor.execute("blockdev-add", node)
+        try:
+            yield name
+        finally:
+            with suppress(RdmBackupError):
+                monitor.execute("blockdev-del", {"node-name": name})
     finally:
-        with suppress(RdmBackupError):
-            monitor.execute("blockdev-del", {"node-name": name})
+        if created and tls is not None:
+            with suppress(RdmBackupError):
+                monitor.execute("object-del", {"id": tls["id"]})

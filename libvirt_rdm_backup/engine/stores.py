@@ -7,7 +7,6 @@ manifest. Chosen by the target's form: a directory, or an ``nbd://`` URI.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -20,8 +19,7 @@ from typing import Any, Protocol
 from libvirt_rdm_backup.engine.capture import Capture
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, FileSink, NbdSink, Sink
-from libvirt_rdm_backup.errors import RdmBackupError
-from libvirt_rdm_backup.process import run
+from libvirt_rdm_backup.errors import RdmBackupError, UsageError
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap, chunkmap_of_layer
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
@@ -69,11 +67,22 @@ class Store(Protocol):
                    lower: list[DiskRecord]) -> dict[str, Any]: ...
 
 
-def open_store(target: str, create: bool = False, allow_plain_nbd: bool = True) -> Store:
-    """The store named by ``target`` (a directory or an NBD URI)."""
+def open_store(target: str, create: bool = False, allow_plain_nbd: bool = True,
+               tls_dir: str | None = None) -> Store:
+    """The store named by ``target`` (a directory or an NBD URI).
+
+    ``nbds://`` targets need ``tls_dir``: a directory with ``ca-cert.pem``,
+    ``client-cert.pem`` and ``client-key.pem`` (QEMU's and libnbd's names).
+    """
     parsed = parse_target(target, allow_remote_plain=allow_plain_nbd)
     if isinstance(parsed, NbdAddress):
-        return VolumeStore(NbdVolume.open(parsed, create=create))
+        if parsed.tls and tls_dir is None:
+            raise UsageError(f"{target} is TLS: give --tls-creds DIR")
+        if tls_dir is not None and not parsed.tls:
+            raise UsageError(f"--tls-creds needs an nbds:// target, not {target}")
+        return VolumeStore(NbdVolume.open(parsed, create=create, tls_dir=tls_dir))
+    if tls_dir is not None:
+        raise UsageError("--tls-creds applies to nbds:// targets only")
     return FileStore(Repository.open(parsed, create=create))
 
 
@@ -163,11 +172,14 @@ class VolumeStore:
     def __init__(self, volume: NbdVolume) -> None:
         self.volume = volume
         self.repo_id = volume.repo_id
+        self._objects = img.objects(*volume.qemu_img_objects())
 
     def __enter__(self) -> VolumeStore:
+        self._objects.__enter__()  # qemu-img calls of this store get the TLS object
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._objects.__exit__(None, None, None)
         self.volume.close()
 
     def lock(self, domain_uuid: str) -> ContextManager[None]:
@@ -246,12 +258,8 @@ def _file_problem(path: str, what: str, expected: Digest) -> str | None:
 
 
 def _image_end(image: str) -> int:
-    """The end of a qcow2 image's used area (``qemu-img check``)."""
-    proc = run(["qemu-img", "check", "--output=json", "-f", DATA_FORMAT, image], check=False)
-    try:
-        return int(json.loads(proc.stdout)["image-end-offset"])
-    except (ValueError, KeyError) as err:
-        raise RdmBackupError(f"cannot check the new layer: {proc.stderr.strip()}") from err
+    """The end of a qcow2 image's used area."""
+    return img.check_end(image, DATA_FORMAT)
 
 
 def _parent_maps(repo: Repository, plans: list[DiskPlan]) -> dict[str, ChunkMap]:

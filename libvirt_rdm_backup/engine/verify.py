@@ -68,12 +68,12 @@ def verify_manifests(store: Store, manifests: list[Manifest]) -> VerifyReport:
     return report
 
 
-def verify(target: str, domain: str | None = None, backup_id: str | None = None
-           ) -> VerifyReport:
+def verify(target: str, domain: str | None = None, backup_id: str | None = None,
+           tls_dir: str | None = None) -> VerifyReport:
     """Verify backups at ``target`` (all, one domain's, or one backup)."""
     from libvirt_rdm_backup.engine.restore import choose_backup, find_domain_backups
 
-    with open_store(target) as store:
+    with open_store(target, tls_dir=tls_dir) as store:
         if domain is not None and backup_id is not None:
             manifests = [choose_backup(store, domain, backup_id)]
         elif domain is not None:

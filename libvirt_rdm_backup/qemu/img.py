@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from libvirt_rdm_backup.errors import OperationError
 from libvirt_rdm_backup.process import run
 
 
@@ -27,9 +31,39 @@ class MapExtent:
         return self.start + self.length
 
 
+# ``--object`` definitions every qemu-img call gets (TLS credentials of NBD nodes)
+_OBJECTS: ContextVar[tuple[str, ...]] = ContextVar("qemu_img_objects", default=())
+
+
+@contextmanager
+def objects(*definitions: str) -> Iterator[None]:
+    """Pass ``--object`` definitions to every qemu-img call made inside the block."""
+    token = _OBJECTS.set(_OBJECTS.get() + definitions)
+    try:
+        yield
+    finally:
+        _OBJECTS.reset(token)
+
+
+def _qemu_img(command: str) -> list[str]:
+    argv = ["qemu-img", command]
+    for definition in _OBJECTS.get():
+        argv += ["--object", definition]
+    return argv
+
+
+def check_end(path: str, fmt: str) -> int:
+    """End offset of a qcow2 image's used area (``qemu-img check``)."""
+    proc = run([*_qemu_img("check"), "--output=json", "-f", fmt, path], check=False)
+    try:
+        return int(json.loads(proc.stdout)["image-end-offset"])
+    except (ValueError, KeyError) as err:
+        raise OperationError(f"cannot check {fmt} image: {proc.stderr.strip()}") from err
+
+
 def create(path: str, fmt: str, size: int, backing: str | None = None) -> None:
     """Create an image (qcow2 with 64 KiB clusters by default)."""
-    argv = ["qemu-img", "create", "-q", "-f", fmt]
+    argv = [*_qemu_img("create"), "-q", "-f", fmt]
     if backing is not None:
         argv += ["-b", backing, "-F", "qcow2"]
     argv += [path, str(size)]
@@ -38,7 +72,7 @@ def create(path: str, fmt: str, size: int, backing: str | None = None) -> None:
 
 def info(path: str, fmt: str | None = None, backing_chain: bool = False) -> Any:
     """``qemu-img info --output=json`` (a list of dicts with ``backing_chain``)."""
-    argv = ["qemu-img", "info", "--output=json", "-U"]
+    argv = [*_qemu_img("info"), "--output=json", "-U"]
     if fmt:
         argv += ["-f", fmt]
     if backing_chain:
@@ -54,7 +88,7 @@ def virtual_size(path: str, fmt: str | None = None) -> int:
 
 def map_extents(path: str, fmt: str | None = None, image_opts: bool = False) -> list[MapExtent]:
     """Allocation map of an image (its backing chain included)."""
-    argv = ["qemu-img", "map", "--output=json"]
+    argv = [*_qemu_img("map"), "--output=json"]
     if image_opts:
         argv.append("--image-opts")
     elif fmt:
@@ -97,7 +131,7 @@ def convert(
     ``source`` may be a path, an ``iscsi://`` URL or (with ``source_image_opts``)
     an options string.
     """
-    argv = ["qemu-img", "convert", "-q", "-W", "-m", "8"]
+    argv = [*_qemu_img("convert"), "-q", "-W", "-m", "8"]
     if source_image_opts:
         argv.append("--image-opts")
     elif source_fmt:
@@ -115,7 +149,7 @@ def convert(
 
 def compare(first: str, second: str, first_fmt: str | None, second_fmt: str | None) -> bool:
     """True when both images read identically (``qemu-img compare``)."""
-    argv = ["qemu-img", "compare", "-q"]
+    argv = [*_qemu_img("compare"), "-q"]
     if first_fmt:
         argv += ["-f", first_fmt]
     if second_fmt:

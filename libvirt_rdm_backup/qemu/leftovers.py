@@ -50,6 +50,9 @@ def remove_leftovers(monitor: Monitor) -> list[str]:
             with suppress(RdmBackupError):
                 monitor.execute("remove-fd", {"fdset-id": fdset["fdset-id"]})
                 removed.append(f"fdset {fdset['fdset-id']}")
+    with suppress(RdmBackupError):
+        monitor.execute("object-del", {"id": "rdmb-tls-client"})
+        removed.append("tls object rdmb-tls-client")
     for item in removed:
         log.info("removed leftover %s of an earlier run", item)
     return removed

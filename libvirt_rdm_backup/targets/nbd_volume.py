@@ -41,6 +41,7 @@ ALIGN = 1 << 20
 FORMAT = "libvirt-rdm-backup/nbd-volume"
 VERSION = 1
 _HEAD = struct.Struct(">8sQQ32s")
+TLS_ID = "rdmb-tls-client"  # the TLS credentials object, in QEMU and in qemu-img
 
 
 def region_size(disk_size: int) -> int:
@@ -91,8 +92,9 @@ class NbdVolume:
     """A backup repository kept inside an NBD export."""
 
     def __init__(self, address: NbdAddress, handle: Any, superblock: Superblock,
-                 size: int) -> None:
+                 size: int, tls_dir: str | None = None) -> None:
         self.address = address
+        self.tls_dir = tls_dir
         self.handle = handle
         self.superblock = superblock
         self.size = size
@@ -117,7 +119,7 @@ class NbdVolume:
             raise OperationError(f"cannot open NBD target {address.uri}: {err}") from err
         valid = [s for s in slots if s is not None]
         if valid:
-            return cls(address, handle, max(valid, key=lambda s: s.generation), size)
+            return cls(address, handle, max(valid, key=lambda s: s.generation), size, tls_dir)
         if not create:
             handle.shutdown()
             raise NotFoundError(f"NBD target {address.uri} holds no backup volume")
@@ -125,7 +127,7 @@ class NbdVolume:
             handle.shutdown()
             raise RepositoryError(f"NBD target {address.uri} holds other data; refusing to "
                                   "format it")
-        volume = cls(address, handle, Superblock(uuidlib.uuid4().hex[:6]), size)
+        volume = cls(address, handle, Superblock(uuidlib.uuid4().hex[:6]), size, tls_dir)
         volume._write_superblock(volume.superblock)
         return volume
 
@@ -221,7 +223,22 @@ class NbdVolume:
         """Blockdev options of the export itself."""
         node: dict[str, Any] = {"driver": "nbd", "server": self.address.qemu_server(),
                                 "export": self.address.export}
+        if self.tls_dir is not None:
+            node["tls-creds"] = TLS_ID
         return node
+
+    def tls_object(self) -> dict[str, Any] | None:
+        """QMP ``object-add`` arguments of the client TLS credentials (None without TLS)."""
+        if self.tls_dir is None:
+            return None
+        return {"qom-type": "tls-creds-x509", "id": TLS_ID, "dir": self.tls_dir,
+                "endpoint": "client", "verify-peer": True}
+
+    def qemu_img_objects(self) -> tuple[str, ...]:
+        """``--object`` definitions qemu-img needs to open this volume's nodes."""
+        if self.tls_dir is None:
+            return ()
+        return (f"tls-creds-x509,id={TLS_ID},endpoint=client,dir={self.tls_dir}",)
 
     def layer_node(self, record: DiskRecord, lower: list[DiskRecord]) -> dict[str, Any]:
         """Blockdev options of a disk's point: its qcow2 region over the lower layers."""

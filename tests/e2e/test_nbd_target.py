@@ -213,3 +213,54 @@ def test_backup_requested_through_a_remote_uri_by_uuid(server: NbdServer) -> Non
         restore_compare(vm, server.uri, second.manifest.backup_id, {"vdb": refs2["vdb"]})
         listed = rdm_backup("--connect", REMOTE_URI, "disks", vm.uuid, "--json")
         assert listed.returncode == 0 and json.loads(listed.stdout)["domain_uuid"] == vm.uuid
+
+
+def test_nbd_over_tls_end_to_end() -> None:
+    from tests.lab.tls import make_certificates
+
+    with lab_vm(loop_size=64 * MiB) as vm, rdmb_tmpdir() as work:
+        server_dir, client_dir = make_certificates(work / "pki")
+        port = free_port()
+        exe = Path(sys.executable).parent / "rdm-backup"
+        receiver = subprocess.Popen(
+            [str(exe), "receive", "--volume", str(work / "vol.img"), "--listen",
+             f"127.0.0.1:{port}", "--export", "rdmb-tls", "--tls-creds", str(server_dir),
+             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert receiver.stdout is not None
+            uri = json.loads(receiver.stdout.readline())["uri"]
+            assert uri == f"nbds://127.0.0.1:{port}/rdmb-tls"
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            guest_write(vm.dom, "vdb", 0x71, MiB, 2 * MiB)
+            refs = reference(vm, "tls")
+            # without credentials: refused before anything is sent
+            proc = rdm_backup("backup", vm.name, "--target", uri, "--disk", "vdb")
+            assert proc.returncode == 2 and "--tls-creds" in proc.stderr
+            proc = rdm_backup("backup", vm.name, "--target", uri, "--disk", "vdb",
+                              "--tls-creds", str(client_dir), "--json")
+            assert proc.returncode == 0, proc.stderr
+            backup_id = json.loads(proc.stdout)["backup_id"]
+            guest_write(vm.dom, "vdb", 0x72, 9 * MiB, MiB)
+            refs2 = reference(vm, "tls2")
+            inc = api.backup(vm.name, uri, disks=["vdb"], tls_dir=str(client_dir))
+            assert inc.manifest.level == "incremental"
+            assert api.verify(uri, tls_dir=str(client_dir)).ok
+            for point, ref in ((backup_id, refs["vdb"]), (inc.manifest.backup_id, refs2["vdb"])):
+                out = work / f"{point}.raw"
+                api.restore(vm.name, uri, "vdb", str(out), backup_id=point,
+                            tls_dir=str(client_dir))
+                assert same_bytes(out, ref)
+            # a plain client cannot talk to the TLS server
+            plain = rdm_backup("list", "--target", f"nbd://127.0.0.1:{port}/rdmb-tls")
+            assert plain.returncode == 4 and plain.stderr.count("\n") == 1
+            assert qemu_leftovers(vm.dom) == []
+        finally:
+            receiver.send_signal(signal.SIGTERM)
+            receiver.wait(30)
