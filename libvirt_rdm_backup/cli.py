@@ -100,12 +100,24 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 
 def _progress_printer() -> Callable[[str, int, int], None] | None:
+    """A one-line progress bar on a terminal: done/total over all jobs, rate and ETA."""
     if not sys.stderr.isatty():
         return None
+    started = time.monotonic()
+    jobs: dict[str, tuple[int, int]] = {}
 
     def show(job: str, done: int, total: int) -> None:
-        pct = 100.0 * done / total if total else 0.0
-        sys.stderr.write(f"\r{job}: {_human_size(done)} / {_human_size(total)} ({pct:.0f}%)")
+        jobs[job] = (done, total)
+        all_done = sum(d for d, _ in jobs.values())
+        all_total = sum(t for _, t in jobs.values()) or 1
+        elapsed = max(time.monotonic() - started, 1e-3)
+        rate = all_done / elapsed
+        eta = (all_total - all_done) / rate if rate > 0 else 0.0
+        width = 30
+        filled = int(width * all_done / all_total)
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {_human_size(all_done)} / "
+            f"{_human_size(all_total)}  {_human_size(int(rate))}/s  ETA {eta:4.0f} s ")
         sys.stderr.flush()
 
     return show

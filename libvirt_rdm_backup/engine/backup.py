@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import libvirt
@@ -64,6 +65,8 @@ class BackupResult:
             "created": m.created,
             "completed": m.completed,
             "consistency": m.consistency,
+            "elapsed_s": round(_elapsed(m.created, m.completed), 3),
+            "bytes_transferred": sum(d.bytes_transferred for d in m.disks),
             "path": self.path,
             "disks": [
                 {
@@ -81,6 +84,16 @@ class BackupResult:
                 for d in m.disks
             ],
         }
+
+
+def _elapsed(start: str, end: str) -> float:
+    """Seconds between two of our ISO timestamps (0 when unparsable)."""
+    try:
+        parse = datetime.fromisoformat
+        return (parse(end.replace("Z", "+00:00")) - parse(start.replace("Z", "+00:00"))
+                ).total_seconds()
+    except ValueError:
+        return 0.0
 
 
 def _mapping_of(disk: Any) -> tuple[RawDiskMapping | None, str | None]:
