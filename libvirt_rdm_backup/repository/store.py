@@ -14,8 +14,6 @@ which happens only after the manifest (with digests) was written and synced.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -29,10 +27,10 @@ from datetime import UTC, datetime
 
 from libvirt_rdm_backup.errors import (
     NotFoundError,
-    OperationError,
     RepositoryError,
     UsageError,
 )
+from libvirt_rdm_backup.fslock import exclusive
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 
 log = logging.getLogger(__name__)
@@ -189,20 +187,10 @@ class Repository:
         """Exclusive per-domain lock: one backup of a domain at a time."""
         directory = self.domain_dir(domain_uuid)
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise OperationError(
-                        f"another backup of domain {domain_uuid} is running in this repository"
-                    ) from err
-                raise
+        busy = f"another backup of domain {domain_uuid} is running in this repository"
+        with exclusive(os.path.join(directory, ".lock"), busy):
             self._remove_partials(directory)
             yield
-        finally:
-            os.close(fd)
 
     def _remove_partials(self, directory: str) -> None:
         """Remove what killed runs left behind (only called under the lock)."""
