@@ -3,7 +3,7 @@
 The public API (imported on first use, so that the libvirt hook starts fast)::
 
     from libvirt_rdm_backup import backup, restore, verify, list_backups
-    from libvirt_rdm_backup import discover, describe, map_disks
+    from libvirt_rdm_backup import discover, describe, map_disks, export
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
         backup,
         describe,
         discover,
+        export,
         list_backups,
         map_disks,
         restore,
@@ -31,6 +32,7 @@ __all__ = [
     "backup",
     "describe",
     "discover",
+    "export",
     "list_backups",
     "map_disks",
     "restore",
