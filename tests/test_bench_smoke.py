@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,18 @@ INCREMENTAL_KEYS = (
     "incremental_stored_bytes",
     "incremental_stored_ratio_to_dirty",
     "incremental_cli_s",
+)
+NBD_KEYS = (
+    "file_target_s",
+    "nbd_push_s",
+    "qemu_img_convert_nbd_s",
+    "ratio_nbd_push_vs_file_target",
+    "ratio_nbd_push_vs_convert_nbd",
+    "nbd_volume_stored_bytes",
+    "nbd_volume_stored_ratio_to_data",
+    "file_target_stored_bytes",
+    "qemu_img_convert_nbd_stored_bytes",
+    "nbd_push_bytes_transferred",
 )
 PEER_KEYS = (
     "virtnbdbackup_full_s",
@@ -74,10 +87,27 @@ def _tgt_targets() -> str:
     return shown.stdout
 
 
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of running processes that contain ``text``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as stream:
+                cmdline = stream.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry}: {cmdline}")
+    return found
+
+
 def test_bench_small_lun_reports_all_numbers() -> None:
     # the peer section needs Debian's virtnbdbackup (tools/lab.sh installs it)
     peer = shutil.which("virtnbdbackup") is not None
-    sections = "full,incremental,peer,resync,lun" if peer else "full,incremental,resync,lun"
+    sections = ("full,nbd,incremental,peer,resync,lun" if peer
+                else "full,nbd,incremental,resync,lun")
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "bench.py"),
          "--size-mib", "64", "--repeat", "1", "--sections", sections, "--json"],
@@ -87,12 +117,23 @@ def test_bench_small_lun_reports_all_numbers() -> None:
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout  # --json: only the JSON line on stdout
     doc = json.loads(lines[0])
-    _positive_numbers(doc, KEYS + INCREMENTAL_KEYS + LUN_KEYS + (PEER_KEYS if peer else ()))
+    _positive_numbers(doc, KEYS + NBD_KEYS + INCREMENTAL_KEYS + LUN_KEYS
+                      + (PEER_KEYS if peer else ()))
     assert doc["lun_bytes"] == 64 * MiB
     assert doc["data_bytes"] == 16 * MiB  # --fill 0.25 by default
     # zeros take no space: the stored backup is about the size of the data, not of the LUN
     assert 0.9 <= doc["stored_ratio_to_data"] <= 1.5, doc
     assert all(doc["verified_identical"].values()), doc["verified_identical"]
+
+    # nbd: the same LUN pushed into a volume served by `rdm-backup receive`, to a file
+    # repository and by qemu-img convert into a plain qemu-nbd export; all three copies are
+    # the LUN, and the volume file stores the data, not the zeros
+    assert doc["nbd_verified_identical"] == {
+        "file_target_s": True, "nbd_push_s": True, "qemu_img_convert_nbd_s": True}, doc
+    assert doc["nbd_push_bytes_transferred"] <= doc["lun_bytes"], doc
+    assert 0.9 <= doc["nbd_volume_stored_ratio_to_data"] <= 1.5, doc
+    assert doc["nbd_server_problems"] == [] and doc["nbd_qemu_leftovers"] == [], doc
+    assert len(doc["nbd_server_pids"]) >= 3, doc  # receive, its qemu-nbd, the plain qemu-nbd
 
     # incremental: 1% of 64 MiB is 10 writes of 64 KiB; each rewritten cluster is copied
     # once, and the layer is far smaller than the full backup
@@ -134,6 +175,7 @@ def test_bench_small_lun_reports_all_numbers() -> None:
     assert "rdmb" in doc["lun_backing_dir"] and not Path(doc["lun_backing_dir"]).exists()
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True)
     assert doc["workdir"] not in loops.stdout
+    assert _processes_mentioning(doc["workdir"]) == []  # no NBD server still serves a file
     assert doc["lun_backing_dir"] not in loops.stdout
     targets = _tgt_targets()
     for iqn in doc["lun_iqns"].values():

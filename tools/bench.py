@@ -22,6 +22,27 @@ of the backup / bytes of data in the LUN.
 The sections (``--sections``, default all of them, run in this order in one process):
 
 * ``full``: the comparison above.
+* ``nbd``: the same full backup of vdb pushed to an NBD volume, against the same to a file
+  repository and against a bare ``qemu-img convert`` into an NBD export. ``--repeat``
+  rounds in a rotated order, each measured after the page-cache drop, of:
+
+  - ``file_target_s``: :func:`api.backup` of vdb into a fresh repository directory (as
+    ``rdm-backup`` of ``full``);
+  - ``nbd_push_s``: :func:`api.backup` of vdb with ``target="nbd://127.0.0.1:PORT/EXPORT"``
+    into a fresh volume file served by ``rdm-backup receive --volume FILE --listen
+    127.0.0.1:PORT --export EXPORT --json`` (the VM's QEMU writes the qcow2 layer over NBD);
+  - ``qemu_img_convert_nbd_s``: ``qemu-img convert -f raw -O raw /dev/loopX
+    nbd://127.0.0.1:PORT2/EXPORT2`` into a plain ``qemu-nbd -f raw --persistent
+    --shared=0 -b 127.0.0.1 -p PORT2 -x EXPORT2 FILE`` export of a fresh sparse raw file of
+    the LUN's size (raw only: an NBD export is raw), timed as the whole command (it flushes
+    the export when it closes it).
+
+  The servers are started (and found listening) before the page-cache drop and stopped by
+  pid afterwards (``receive`` with SIGTERM, then its ``qemu-nbd`` by pid if it outlived
+  it); the time they take is not measured. Reported: push time / file-target time and
+  push time / convert time (no goals: context), and the bytes each result takes on disk
+  (``st_blocks``): the volume file after the push / the data in the LUN. It runs right
+  after ``full``, before anything rewrites the LUN.
 * ``incremental``: ``--repeat`` rounds, in one repository, of: a full backup of vdb
   (``level="full"``), then ``--dirty`` of the LUN (1%) rewritten by the guest side (HMP
   ``qemu-io`` writes of 64 KiB at scattered 64 KiB-aligned offsets, one monitor command
@@ -62,12 +83,12 @@ The sections (``--sections``, default all of them, run in this order in one proc
 
 Goals are printed beside the ratios; nothing is asserted against a threshold.
 Everything made (domains, loop devices, iSCSI targets, files, storage snapshots,
-checkpoints) has "rdmb" in its name (the peer's checkpoints are named by it, on an rdmb
-domain) and is removed in ``finally`` blocks.
+checkpoints, NBD exports) has "rdmb" in its name (the peer's checkpoints are named by it,
+on an rdmb domain) and is removed in ``finally`` blocks; NBD servers are stopped by pid.
 Needs root and the lab (``make lab-up``); the peer section needs ``virtnbdbackup``.
 
 Usage: ``.venv/bin/python tools/bench.py [--size-mib N] [--fill F] [--repeat N]
-[--sections full,incremental,peer,resync,lun] [--dirty F] [--json]``
+[--sections full,nbd,incremental,peer,resync,lun] [--dirty F] [--json]``
 """
 
 from __future__ import annotations
@@ -79,6 +100,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -114,6 +136,7 @@ from tests.lab.domains import (  # noqa: E402
     guest_write,
     iscsi_disk,
     qcow2_disk,
+    qemu_leftovers,
     test_domain,
 )
 from tests.lab.storage_lab import (  # noqa: E402
@@ -129,7 +152,7 @@ MiB = 1024 * 1024
 KiB = 1024
 DISK = "vdb"
 POLL = 0.02  # seconds between job polls of backup-begin
-SECTIONS = ("full", "incremental", "peer", "resync", "lun")
+SECTIONS = ("full", "nbd", "incremental", "peer", "resync", "lun")
 LUNS = ("sda", "sdb")  # the lun section's passthrough LUNs; sda is the one measured alone
 LUN_BLOCK = "vdb"  # the lun section's block-layer disk
 WRITE = 64 * KiB  # size and alignment of each simulated guest write
@@ -205,8 +228,11 @@ def remove_tree(path: Path) -> None:
         path.unlink()
 
 
-def same_content(source: str, image: Path, fmt: str) -> bool:
-    """``qemu-img compare`` of the LUN with a copy (shared lock: QEMU has the LUN open)."""
+def same_content(source: str, image: Path | str, fmt: str) -> bool:
+    """``qemu-img compare`` of the LUN with a copy (shared lock: QEMU has the LUN open).
+
+    ``image`` is a file or a ``json:`` filename (a qcow2 layer inside an NBD volume file).
+    """
     proc = subprocess.run(
         ["qemu-img", "compare", "-q", "-U", "-f", "raw", "-F", fmt, source, str(image)],
         capture_output=True,
@@ -411,7 +437,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             lab.peer_image = work / "rdmb-peer.qcow2"
             subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2",
                             str(lun_file), str(lab.peer_image)], check=True)
-        if set(args.sections) & {"full", "incremental", "resync"}:
+        if set(args.sections) & {"full", "nbd", "incremental", "resync"}:
             lab.device = stack.enter_context(loop_device(lun_file))
             lab.name = unique_name("rdmb-bench")
             say(f"starting domain {lab.name} ({domain_type()}) with {DISK} = {lab.device}")
@@ -423,6 +449,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                    domain_type=domain_type(), settle_s=args.settle, repeat=args.repeat)
         if "full" in args.sections:
             doc.update(section_full(lab))
+        if "nbd" in args.sections:
+            doc.update(section_nbd(lab))
         if "incremental" in args.sections:
             doc.update(section_incremental(lab))
         if "peer" in args.sections:
@@ -519,6 +547,327 @@ def report_doc(args: argparse.Namespace, size: int, data_bytes: int, device: str
     return doc
 
 
+# -- section: nbd ---------------------------------------------------------------------
+
+
+NBD_EXPORT = "rdmb-bench-vol"  # the export of `rdm-backup receive` (an NBD volume)
+NBD_PLAIN_EXPORT = "rdmb-bench-raw"  # the plain qemu-nbd export qemu-img convert writes into
+NBD_METHODS = ("file_target_s", "nbd_push_s", "qemu_img_convert_nbd_s")
+SERVER_WAIT = 20.0  # seconds a server gets to listen
+SERVER_STOP = 10.0  # seconds a server gets to exit after SIGTERM
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process (``/proc/PID/task/*/children``)."""
+    found: set[int] = set()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as stream:
+                found.update(int(value) for value in stream.read().split())
+        except OSError:
+            pass
+    return sorted(found)
+
+
+def alive_as(pid: int, comm: str) -> bool:
+    """Whether ``pid`` is a live (not zombie) process named ``comm``."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stream:
+            stat = stream.read()
+    except OSError:
+        return False
+    name = stat[stat.index("(") + 1:stat.rindex(")")]
+    state = stat[stat.rindex(")") + 2:].split()[0]
+    return name == comm and state not in ("Z", "X")
+
+
+def log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+@dataclass
+class NbdServer:
+    """A server on 127.0.0.1 (``rdm-backup receive`` or ``qemu-nbd``), known by its pids."""
+
+    what: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+    children: list[int] = field(default_factory=list)  # receive's qemu-nbd
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *self.children]
+
+
+def wait_listening(server: NbdServer) -> None:
+    """Until something accepts connections on the server's port (or it exits)."""
+    deadline = time.monotonic() + SERVER_WAIT
+    while True:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.what} exited ({server.proc.returncode}) before "
+                               f"listening on 127.0.0.1:{server.port}: {log_tail(server.log)}")
+        try:
+            socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{server.what} did not listen on 127.0.0.1:{server.port} "
+                                   f"within {SERVER_WAIT:g} s: {log_tail(server.log)}") from None
+            time.sleep(0.05)
+
+
+def stop_server(server: NbdServer) -> None:
+    """SIGTERM to the server's pid (SIGKILL after 10 s); then any child that outlived it."""
+    proc = server.proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(SERVER_STOP)
+        except subprocess.TimeoutExpired:
+            server.problems.append(f"{server.what} (pid {proc.pid}) ignored SIGTERM: killed")
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+    if proc.returncode != 0:
+        server.problems.append(f"{server.what} (pid {proc.pid}) exited with "
+                               f"{proc.returncode}: {log_tail(server.log)}")
+    for pid in server.children:
+        deadline = time.monotonic() + SERVER_STOP
+        while alive_as(pid, "qemu-nbd") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if alive_as(pid, "qemu-nbd"):
+            server.problems.append(f"qemu-nbd (pid {pid}) outlived {server.what}: killed")
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for problem in server.problems:
+        say(f"nbd: {problem}")
+
+
+@contextmanager
+def nbd_server(what: str, argv: list[str], port: int, log: Path,
+               announced: str | None = None) -> Iterator[NbdServer]:
+    """A server process listening on 127.0.0.1:``port``; stopped by pid on exit.
+
+    ``announced``: the URI it prints first as one JSON line (``receive --json``).
+    """
+    with log.open("wb") as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=err,
+                                stdout=subprocess.PIPE if announced else subprocess.DEVNULL)
+    server = NbdServer(what, proc, port, log)
+    try:
+        if announced is not None:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            try:
+                uri = json.loads(line)["uri"]
+            except (ValueError, KeyError, TypeError):
+                raise RuntimeError(f"{what} announced {line!r}: {log_tail(log)}") from None
+            if uri != announced:
+                raise RuntimeError(f"{what} serves {uri}, not {announced}")
+        wait_listening(server)
+        server.children = child_pids(proc.pid)
+        yield server
+    finally:
+        stop_server(server)
+
+
+def run_nbd_push(domain: str, uri: str, volume: Path) -> tuple[Run, dict[str, Any]]:
+    """The library's full backup of vdb pushed to an NBD volume; the run and its location."""
+    last_progress: list[float] = []
+
+    def progress(_job: str, _done: int, _total: int) -> None:
+        last_progress[:] = [time.monotonic()]
+
+    started = time.monotonic()
+    result = api.backup(domain, uri, disks=[DISK], progress=progress)
+    seconds = time.monotonic() - started
+    record = result.manifest.disks[0]
+    if record.level != "full":
+        raise RuntimeError(f"a backup into a fresh NBD volume was a {record.level}: "
+                           f"{record.reason}")
+    extra = {
+        "manifest_stored_bytes": float(record.stored_bytes),
+        "bytes_transferred": float(record.bytes_transferred),
+    }
+    if last_progress:
+        extra["copy_s"] = last_progress[0] - started
+    return Run(seconds, volume, extra), dict(record.location or {})
+
+
+def volume_layer(volume: Path, location: dict[str, Any]) -> str:
+    """A ``json:`` filename of a disk's qcow2 layer inside a volume file (for ``-F qcow2``)."""
+    return "json:" + json.dumps({"file": {
+        "driver": "raw", "offset": int(location["offset"]), "size": int(location["region"]),
+        "file": {"driver": "file", "filename": str(volume)}}})
+
+
+@dataclass
+class NbdRound:
+    """What one measured run of the nbd section leaves for the report."""
+
+    run: Run
+    verified: bool | None = None
+    servers: list[NbdServer] = field(default_factory=list)
+
+
+def nbd_file_target(lab: Lab, round_no: int, verify: bool) -> NbdRound:
+    """:func:`api.backup` of vdb into a fresh repository directory."""
+    repo = lab.work / f"rdmb-nbd-file-repo-{round_no}"
+    try:
+        settle(lab.args)
+        run = run_rdm_backup(lab.name, repo)
+        same = same_content(lab.device, run.image, "qcow2") if verify else None
+    finally:
+        remove_tree(repo)
+    return NbdRound(run, same)
+
+
+def nbd_push(lab: Lab, round_no: int, verify: bool) -> NbdRound:
+    """:func:`api.backup` of vdb into a fresh volume served by ``rdm-backup receive``."""
+    volume = lab.work / f"rdmb-nbd-volume-{round_no}.img"
+    log = lab.work / f"rdmb-nbd-receive-{round_no}.log"
+    port = free_port()
+    uri = f"nbd://127.0.0.1:{port}/{NBD_EXPORT}"
+    argv = [*rdm_backup_argv(), "receive", "--volume", str(volume), "--listen",
+            f"127.0.0.1:{port}", "--export", NBD_EXPORT, "--json"]
+    servers: list[NbdServer] = []
+    try:
+        with nbd_server("rdm-backup receive", argv, port, log, announced=uri) as server:
+            servers.append(server)
+            settle(lab.args)
+            run, location = run_nbd_push(lab.name, uri, volume)
+        # the server is gone: the volume file holds everything that was pushed
+        run.extra["volume_stored_bytes"] = float(allocated_bytes(volume))
+        run.extra["volume_size_bytes"] = float(volume.stat().st_size)
+        same = (same_content(lab.device, volume_layer(volume, location), "qcow2")
+                if verify else None)
+    finally:
+        remove_tree(volume)
+        remove_tree(log)
+    return NbdRound(run, same, servers)
+
+
+def nbd_convert(lab: Lab, round_no: int, verify: bool) -> NbdRound:
+    """``qemu-img convert`` of the LUN into a plain qemu-nbd export of a fresh sparse file."""
+    image = lab.work / f"rdmb-nbd-plain-{round_no}.raw"
+    log = lab.work / f"rdmb-nbd-qemu-nbd-{round_no}.log"
+    port = free_port()
+    url = f"nbd://127.0.0.1:{port}/{NBD_PLAIN_EXPORT}"
+    argv = ["qemu-nbd", "-f", "raw", "--persistent", "--shared=0", "-b", "127.0.0.1",
+            "-p", str(port), "-x", NBD_PLAIN_EXPORT, str(image)]
+    servers: list[NbdServer] = []
+    try:
+        fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, lab.size)
+        finally:
+            os.close(fd)
+        with nbd_server("qemu-nbd", argv, port, log) as server:
+            servers.append(server)
+            settle(lab.args)
+            seconds = run_convert(lab.device, url, "raw")
+        run = Run(seconds, image, {"stored_bytes": float(allocated_bytes(image))})
+        same = same_content(lab.device, image, "raw") if verify else None
+    finally:
+        remove_tree(image)
+        remove_tree(log)
+    return NbdRound(run, same, servers)
+
+
+def section_nbd(lab: Lab) -> dict[str, Any]:
+    """NBD SECTION: push to an NBD volume vs a file repository vs qemu-img convert into NBD."""
+    args = lab.args
+    assert lab.dom is not None
+    measure = {"file_target_s": nbd_file_target, "nbd_push_s": nbd_push,
+               "qemu_img_convert_nbd_s": nbd_convert}
+    labels = {"file_target_s": "rdm-backup -> file repository",
+              "nbd_push_s": "rdm-backup -> NBD volume (receive)",
+              "qemu_img_convert_nbd_s": "qemu-img convert -O raw -> qemu-nbd"}
+    runs: dict[str, list[Run]] = {key: [] for key in NBD_METHODS}
+    verified: dict[str, bool] = {}
+    pids: list[int] = []
+    problems: list[str] = []
+    for round_no in range(args.repeat):
+        shift = round_no % len(NBD_METHODS)
+        for key in NBD_METHODS[shift:] + NBD_METHODS[:shift]:
+            done = measure[key](lab, round_no, round_no == 0 and not args.no_verify)
+            for server in done.servers:
+                pids += server.pids
+                problems += server.problems
+            if done.verified is not None:
+                verified[key] = done.verified
+            runs[key].append(done.run)
+            say(f"nbd round {round_no + 1}/{args.repeat}: {labels[key]}: "
+                f"{done.run.seconds:.2f} s")
+
+    def med(key: str, extra: str | None = None) -> float:
+        if extra is None:
+            return median([r.seconds for r in runs[key]])
+        return median([r.extra[extra] for r in runs[key] if extra in r.extra])
+
+    file_s, push_s = med("file_target_s"), med("nbd_push_s")
+    convert_s = med("qemu_img_convert_nbd_s")
+    data = lab.data_bytes
+    volume_stored = med("nbd_push_s", "volume_stored_bytes")
+    file_stored = med("file_target_s", "stored_bytes")
+    convert_stored = med("qemu_img_convert_nbd_s", "stored_bytes")
+
+    def to_data(value: float) -> float | None:
+        return round(value / data, 4) if data else None
+
+    runs_s: dict[str, list[float]] = {key: [round(r.seconds, 3) for r in values]
+                                      for key, values in runs.items()}
+    for key in ("file_target_s", "nbd_push_s"):
+        runs_s[f"{key.removesuffix('_s')}_copy_s"] = [
+            round(r.extra["copy_s"], 3) for r in runs[key] if "copy_s" in r.extra]
+    return {
+        "nbd_export": NBD_EXPORT,
+        "nbd_plain_export": NBD_PLAIN_EXPORT,
+        "file_target_s": round(file_s, 3),
+        "nbd_push_s": round(push_s, 3),
+        "qemu_img_convert_nbd_s": round(convert_s, 3),
+        "file_target_copy_s": round(med("file_target_s", "copy_s"), 3),
+        "nbd_push_copy_s": round(med("nbd_push_s", "copy_s"), 3),
+        "ratio_nbd_push_vs_file_target": round(push_s / file_s, 3),
+        "ratio_nbd_push_vs_convert_nbd": round(push_s / convert_s, 3),
+        "nbd_volume_stored_bytes": int(volume_stored),
+        "nbd_volume_stored_ratio_to_data": to_data(volume_stored),
+        "nbd_volume_stored_ratio_to_file_target":
+            round(volume_stored / file_stored, 4) if file_stored else None,
+        "nbd_volume_size_bytes": int(med("nbd_push_s", "volume_size_bytes")),
+        "nbd_push_manifest_stored_bytes": int(med("nbd_push_s", "manifest_stored_bytes")),
+        "nbd_push_bytes_transferred": int(med("nbd_push_s", "bytes_transferred")),
+        "file_target_stored_bytes": int(file_stored),
+        "file_target_stored_ratio_to_data": to_data(file_stored),
+        "qemu_img_convert_nbd_stored_bytes": int(convert_stored),
+        "qemu_img_convert_nbd_stored_ratio_to_data": to_data(convert_stored),
+        "nbd_verified_identical": verified,
+        "nbd_runs_s": runs_s,
+        "nbd_server_pids": sorted(set(pids)),
+        "nbd_server_problems": problems,
+        "nbd_qemu_leftovers": qemu_leftovers(lab.dom),
+    }
+
+
 # -- sections: incremental, peer, resync ---------------------------------------------
 
 
@@ -564,10 +913,15 @@ def timed_backup(domain: str, repo: Path, level: str) -> Taken:
                  record.bytes_transferred, backup_dir / record.data_file)
 
 
+def rdm_backup_argv() -> list[str]:
+    """How to run the ``rdm-backup`` command: the venv's script, else the module."""
+    exe = REPO_ROOT / ".venv" / "bin" / "rdm-backup"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "libvirt_rdm_backup.cli"]
+
+
 def cli_backup(domain: str, repo: Path, level: str) -> float:
     """The ``rdm-backup`` command (a whole process) backing up vdb at ``level``."""
-    exe = REPO_ROOT / ".venv" / "bin" / "rdm-backup"
-    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "libvirt_rdm_backup.cli"]
+    argv = rdm_backup_argv()
     argv += ["--json", "backup", domain, "--target", str(repo), "--disk", DISK,
              "--level", level]
     started = time.monotonic()
@@ -836,8 +1190,9 @@ def timed_api_backup(domain: str, repo: Path, disks: list[str] | None,
     return time.monotonic() - started, result
 
 
-def run_convert(url: str, out: Path, fmt: str) -> float:
-    """``qemu-img convert -f raw -O FMT URL FILE`` of a LUN, timed as the whole command."""
+def run_convert(url: str, out: Path | str, fmt: str) -> float:
+    """``qemu-img convert -f raw -O FMT URL OUT`` of a LUN (``out``: a file or an NBD URL),
+    timed as the whole command."""
     argv = ["qemu-img", "convert", "-f", "raw", "-O", fmt, url, str(out)]
     started = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -1093,6 +1448,8 @@ def print_table(doc: dict[str, Any], methods_order: list[tuple[str, str]]) -> No
     print()
     if "rdm_backup_s" in doc:
         print_full(doc, methods_order)
+    if "nbd_push_s" in doc:
+        print_nbd(doc)
     if "incremental_s" in doc:
         print_incremental(doc)
     if "virtnbdbackup_inc_s" in doc:
@@ -1145,6 +1502,48 @@ def print_full(doc: dict[str, Any], methods_order: list[tuple[str, str]]) -> Non
         checks = ", ".join(f"{k.removesuffix('_s')}={'identical' if v else 'DIFFERENT'}"
                            for k, v in doc["verified_identical"].items())
         print(f"first-round copies vs the LUN (qemu-img compare): {checks}")
+    print()
+
+
+def print_nbd(doc: dict[str, Any]) -> None:
+    lun = doc["lun_bytes"]
+    runs = doc["nbd_runs_s"]
+    print("== nbd: full backup of vdb pushed to an NBD volume (`rdm-backup receive` on "
+          "127.0.0.1) vs to a file repository vs `qemu-img convert -f raw -O raw` into a "
+          "plain qemu-nbd export (rotated order per round)")
+    header = f"  {'method':<44} {'median s':>9} {'MiB/s':>8}  runs (s)"
+    print(header)
+    for key, label in (("file_target_s", "rdm-backup -> file repository (api.backup)"),
+                       ("nbd_push_s", "rdm-backup -> NBD volume (api.backup)"),
+                       ("qemu_img_convert_nbd_s", "qemu-img convert -> qemu-nbd export")):
+        seconds = doc[key]
+        rate = lun / MiB / seconds if seconds else 0.0
+        print(f"  {label:<44} {seconds:>9.3f} {rate:>8.0f}  "
+              f"{', '.join(f'{v:.2f}' for v in runs[key])}")
+    print(f"  until the copy job ended: file repository {doc['file_target_copy_s']:.3f} s, "
+          f"NBD volume {doc['nbd_push_copy_s']:.3f} s")
+    print("  ratio = push time / other time (below 1: the push is faster; no goal, context)")
+    print(f"    vs the file repository:              {doc['ratio_nbd_push_vs_file_target']:.3f}")
+    print(f"    vs qemu-img convert into NBD:        {doc['ratio_nbd_push_vs_convert_nbd']:.3f}")
+    data = doc["data_bytes"]
+    print(f"  on disk (st_blocks) for {data / MiB:.0f} MiB of data: volume file "
+          f"{doc['nbd_volume_stored_bytes'] / MiB:.2f} MiB (ratio to data "
+          f"{doc['nbd_volume_stored_ratio_to_data']}; its apparent size "
+          f"{doc['nbd_volume_size_bytes'] / MiB:.0f} MiB, sparse), file repository's backup "
+          f"{doc['file_target_stored_bytes'] / MiB:.2f} MiB "
+          f"({doc['file_target_stored_ratio_to_data']}), convert's raw file "
+          f"{doc['qemu_img_convert_nbd_stored_bytes'] / MiB:.2f} MiB "
+          f"({doc['qemu_img_convert_nbd_stored_ratio_to_data']})")
+    print(f"  push manifest: stored {doc['nbd_push_manifest_stored_bytes'] / MiB:.2f} MiB, "
+          f"copied {doc['nbd_push_bytes_transferred'] / MiB:.2f} MiB")
+    if doc["nbd_verified_identical"]:
+        checks = ", ".join(f"{k.removesuffix('_s')}={'identical' if v else 'DIFFERENT'}"
+                           for k, v in doc["nbd_verified_identical"].items())
+        print(f"  first-round copies vs the LUN (qemu-img compare): {checks}")
+    for problem in doc["nbd_server_problems"]:
+        print(f"  SERVER: {problem}")
+    if doc["nbd_qemu_leftovers"]:
+        print(f"  LEFT IN QEMU by the backups: {', '.join(doc['nbd_qemu_leftovers'])}")
     print()
 
 
