@@ -298,6 +298,13 @@ def cmd_receive(args: argparse.Namespace) -> int:
     return receive.serve(config)
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    """The hypervisor side of remote backups: one JSON request on stdin, one answer line."""
+    from libvirt_rdm_backup import agent
+
+    return agent.main()
+
+
 TLS_HELP = ("for nbds:// targets: x509 directory with ca-cert.pem, client-cert.pem, "
             "client-key.pem (readable by QEMU's user on the hypervisor)")
 
@@ -413,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-plain-remote", action="store_true",
                    help="allow serving without TLS on a non-loopback address")
     p.set_defaults(func=cmd_receive)
+
+    p = sub.add_parser("agent", parents=[common],
+                       help="answer one JSON request of a backup server (run by sshd with a "
+                            "forced command; see docs/remote-backups.md)")
+    p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("list", parents=[common], help="list backups in a repository")
     p.add_argument("domain", nargs="?")

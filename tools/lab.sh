@@ -25,6 +25,8 @@ DEB_PACKAGES=(
     libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
     tgt libiscsi-bin libiscsi7 fdisk xfsprogs
     python3 python3-venv python3-dev python3-libnbd libnbd-bin
+    # Remote agent tests: a private sshd on loopback (tests/lab/sshd.py) and the ssh client.
+    openssh-server openssh-client
     gcc make
     # The Vagrant box definition (vagrant/Vagrantfile) is validated by the tests.
     vagrant vagrant-libvirt rsync
