@@ -30,6 +30,7 @@ from libvirt_rdm_backup.engine.restore import RestoreResult, find_domain_backups
 from libvirt_rdm_backup.engine.stores import open_store
 from libvirt_rdm_backup.engine.verify import VerifyReport
 from libvirt_rdm_backup.errors import LibvirtError, RdmBackupError
+from libvirt_rdm_backup.remote import SshAgent
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.storage import map_disk
@@ -85,6 +86,9 @@ def backup(
     quiesce: str | None = None,
     allow_plain_nbd: bool = False,
     tls_dir: str | None = None,
+    agent: str | None = None,
+    agent_identity: str | None = None,
+    agent_known_hosts: str | None = None,
 ) -> BackupResult:
     """A point-in-time backup of the domain's raw disks into repository ``target``.
 
@@ -100,9 +104,11 @@ def backup(
     pause the guest instead: crash-consistent, with a note in the manifest's
     ``consistency``) or ``required`` (fail without a working agent).
     """
+    remote = (SshAgent(agent, identity=agent_identity, known_hosts=agent_known_hosts)
+              if agent else None)  # a bad address or key file fails before anything starts
     with connection(uri) as conn:
         return _backup.backup(conn, domain, target, disks, level, chain, progress, quiesce,
-                              allow_plain_nbd, tls_dir)
+                              allow_plain_nbd, tls_dir, remote)
 
 
 def restore(

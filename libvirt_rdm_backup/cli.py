@@ -128,7 +128,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
     result = api.backup(args.domain, args.target, args.disk or None, args.connect,
                         None if args.json else _progress_printer(), level=args.level,
                         chain=args.chain, quiesce=args.quiesce,
-                        allow_plain_nbd=args.allow_plain_nbd, tls_dir=args.tls_creds)
+                        allow_plain_nbd=args.allow_plain_nbd, tls_dir=args.tls_creds,
+                        agent=args.agent, agent_identity=args.agent_identity,
+                        agent_known_hosts=args.agent_known_hosts)
     document = result.to_dict()
 
     def text() -> str:
@@ -335,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "nbds://... (TLS), nbd+unix:///EXPORT?socket=PATH")
     p.add_argument("--allow-plain-nbd", action="store_true",
                    help="allow unencrypted nbd:// to a non-loopback address")
+    p.add_argument("--agent", metavar="ssh://USER@HOST[:PORT]",
+                   help="the hypervisor's rdm-backup agent, when --connect names another "
+                        "machine: asked over SSH for the raw disk mappings")
+    p.add_argument("--agent-identity", metavar="FILE", help="SSH key for --agent")
+    p.add_argument("--agent-known-hosts", metavar="FILE", help="known_hosts for --agent")
     p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
     p.add_argument("--disk", action="append", metavar="DEV", help="only this disk (repeatable)")
     p.add_argument("--level", choices=LEVELS, default="auto",

@@ -18,13 +18,14 @@ from libvirt_rdm_backup.engine.capture import (
 )
 from libvirt_rdm_backup.engine.discover import DomainContext, open_domain, select_disks
 from libvirt_rdm_backup.engine.locks import domain_lock
-from libvirt_rdm_backup.engine.plan import Facts, overall_level, plan_backup
+from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan, Facts, overall_level, plan_backup
 from libvirt_rdm_backup.engine.stores import open_store
-from libvirt_rdm_backup.errors import RdmBackupError
+from libvirt_rdm_backup.errors import RdmBackupError, UsageError
 from libvirt_rdm_backup.events import describe_restart
 from libvirt_rdm_backup.qemu import bitmaps
 from libvirt_rdm_backup.qemu.leftovers import remove_leftovers
 from libvirt_rdm_backup.qemu.monitor import Monitor
+from libvirt_rdm_backup.remote import SshAgent
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN, Chain, chain_of
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.store import (
@@ -96,12 +97,24 @@ def _elapsed(start: str, end: str) -> float:
         return 0.0
 
 
-def _mapping_of(disk: Any) -> tuple[RawDiskMapping | None, str | None]:
+def _mapping_of(disk: RawDisk, remote: SshAgent | None
+                ) -> tuple[RawDiskMapping | None, str | None]:
+    """The disk's raw disk mapping, asked of the hypervisor's agent when remote."""
     try:
-        return map_disk(disk), None
+        return (remote.map_disk(disk) if remote else map_disk(disk)), None
     except RdmBackupError as err:
         log.warning("disk %s: no raw disk mapping: %s", disk.target, err)
         return None, str(err)
+
+
+def _refuse_local_reads(plans: list[DiskPlan]) -> None:
+    """A remote hypervisor's devices cannot be read from here: refuse such copies."""
+    for plan in plans:
+        if plan.path is DataPath.STORAGE and plan.disk.iscsi is None:
+            raise UsageError(
+                f"disk {plan.disk.target} must be read from {plan.disk.source} on the "
+                "hypervisor itself (a shut-off domain, or a LUN without snapshot storage); "
+                "run the backup on the hypervisor for it, or leave it out with --disk")
 
 
 def _live_bitmaps(monitor: Monitor | None) -> dict[str, set[str]]:
@@ -179,11 +192,14 @@ def backup(
     quiesce: str | None = None,
     allow_plain_nbd: bool = False,
     tls_dir: str | None = None,
+    agent: SshAgent | None = None,
 ) -> BackupResult:
     """Take a point-in-time backup of a domain's raw disks into the repository ``target``.
 
     ``target`` is a repository directory or an NBD export (``nbd://``, ``nbds://``,
-    ``nbd+unix://``) that holds a backup volume.
+    ``nbd+unix://``) that holds a backup volume. ``agent``: the hypervisor's agent
+    (over SSH) for what only the hypervisor can answer, when it is another machine:
+    then nothing of this machine's storage is used for the disks.
 
     ``level`` is ``full``, ``incremental`` (writes since the chain's previous
     backup), ``differential`` (since the chain's last full) or ``auto``
@@ -200,12 +216,14 @@ def backup(
         chain = chain_of(store.backups(ctx.uuid), chain_name)
         monitor = _prepare_qemu(ctx, store.repo_id, chain)
         restart = describe_restart(ctx.uuid, chain.last.created) if chain.last else None
-        agents, live_snapshots = _snapshot_facts(selected, chain)
+        agents, live_snapshots = _snapshot_facts(selected, chain) if agent is None else ({}, set())
         facts = Facts(ctx.inventory.running, chain, _live_bitmaps(monitor), restart,
                       agents, live_snapshots, local_layers=store.local_layers)
         plans = plan_backup(selected, level, facts)
         parent_maps = store.parent_maps(plans)
-        mappings = {disk.target: _mapping_of(disk) for disk in selected}
+        if agent is not None:
+            _refuse_local_reads(plans)
+        mappings = {disk.target: _mapping_of(disk, agent) for disk in selected}
         backup_id = new_backup_id()
         created = now_iso()
         with store.session(ctx.uuid, backup_id) as sink:

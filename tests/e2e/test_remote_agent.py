@@ -110,3 +110,42 @@ def test_the_key_runs_the_agent_and_nothing_else(sshd: SshdInfo) -> None:
          "-N", *base[split:]], input="", capture_output=True, text=True, timeout=60,
         check=False)
     assert forward.returncode == 255 and "forwarding failed" in forward.stderr
+
+
+def test_backup_server_drives_the_hypervisor_by_uuid(sshd: SshdInfo) -> None:
+    """The whole remote flow: libvirt remote URI, SSH agent for mappings, NBD volume."""
+    from tests.e2e.test_nbd_target import NbdServer, free_port, reference, restore_compare
+    from tests.lab.domains import guest_write
+    from tests.lab.storage_lab import rdmb_tmpdir
+
+    with lab_vm(loop_size=128 * MiB) as vm, rdmb_tmpdir() as work:
+        server = NbdServer(work / "volume.img", free_port())
+        server.start()
+        try:
+            guest_write(vm.dom, "vdb", 0x61, 3 * MiB, MiB)
+            refs0 = reference(vm, "agent0")
+            argv = ["--connect", "qemu+tcp://127.0.0.1/system", "backup", vm.uuid,
+                    "--target", server.uri, "--disk", "vdb", "--disk", "sda",
+                    "--agent", sshd.uri, "--agent-identity", str(sshd.identity),
+                    "--agent-known-hosts", str(sshd.known_hosts), "--json"]
+            proc = subprocess.run([RDM_BACKUP, *argv], capture_output=True, text=True,
+                                  check=False, timeout=300)
+            assert proc.returncode == 0, proc.stderr
+            first = json.loads(proc.stdout)
+            guest_write(vm.dom, "vdb", 0x62, 60 * MiB, MiB)
+            refs1 = reference(vm, "agent1")
+            proc = subprocess.run([RDM_BACKUP, *argv], capture_output=True, text=True,
+                                  check=False, timeout=300)
+            assert proc.returncode == 0, proc.stderr
+            second = json.loads(proc.stdout)
+            assert second["level"] == "incremental" and second["domain_uuid"] == vm.uuid
+            restore_compare(vm, server.uri, first["backup_id"], refs0)
+            restore_compare(vm, server.uri, second["backup_id"], refs1)
+            # the mapping reached the target side and equals the hypervisor's own
+            manifest = api.list_backups(server.uri, vm.uuid)[-1]
+            local = {m.disk: m.to_dict() for m in api.map_disks(vm.name)}
+            for record in manifest.disks:
+                assert record.mapping is not None and record.mapping_error is None
+                assert record.mapping.to_dict() == local[record.disk.target]
+        finally:
+            server.stop()
