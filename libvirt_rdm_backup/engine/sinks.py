@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, Protocol
 
 from libvirt_rdm_backup.engine.plan import DiskPlan
-from libvirt_rdm_backup.errors import QmpError, RdmBackupError
+from libvirt_rdm_backup.errors import OperationError, QmpError, RdmBackupError
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.blockdev import attached_image
 from libvirt_rdm_backup.qemu.monitor import Monitor
@@ -123,13 +124,37 @@ class NbdSink:
         return "json:" + json.dumps(self.node(plan))
 
     def attach(self, monitor: Monitor, plan: DiskPlan) -> AbstractContextManager[str]:
-        return _nbd_node(monitor, self.node(plan), plan, self.volume.tls_object())
+        return _nbd_node(monitor, self.node(plan), plan, self.volume.tls_object(),
+                         self.volume.address.socket)
+
+
+def _pass_connection(monitor: Monitor, socket_path: str, name: str) -> dict[str, Any]:
+    """Connect to a unix-socket NBD server here and hand the connection to QEMU.
+
+    QEMU runs as its own user and may not open the server's socket; a connection
+    made by this process and passed with ``getfd`` needs no access for it.
+    """
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(socket_path)
+        monitor.execute("getfd", {"fdname": name}, files=[conn.fileno()])
+    except OSError as err:
+        raise OperationError(f"cannot connect to NBD socket {socket_path}: {err.strerror}"
+                             ) from err
+    finally:
+        conn.close()
+    return {"type": "fd", "str": name}
 
 
 @contextmanager
 def _nbd_node(monitor: Monitor, options: dict[str, Any], plan: DiskPlan,
-              tls: dict[str, Any] | None) -> Iterator[str]:
+              tls: dict[str, Any] | None, socket_path: str | None) -> Iterator[str]:
     """The layer's node in QEMU (with the TLS credentials object its NBD client needs)."""
+    if socket_path is not None:
+        fdname = object_name("nbdconn", plan.disk.target)
+        server = _pass_connection(monitor, socket_path, fdname)
+        options = {**options, "file": {**options["file"],
+                                       "file": {**options["file"]["file"], "server": server}}}
     created = False
     if tls is not None:
         try:

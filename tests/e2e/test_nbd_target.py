@@ -264,3 +264,30 @@ def test_nbd_over_tls_end_to_end() -> None:
         finally:
             receiver.send_signal(signal.SIGTERM)
             receiver.wait(30)
+
+
+def test_nbd_unix_socket_target() -> None:
+    with lab_vm(loop_size=64 * MiB) as vm, rdmb_tmpdir() as work:
+        sock = work / "sock" / "nbd.sock"
+        sock.parent.mkdir()
+        exe = Path(sys.executable).parent / "rdm-backup"
+        receiver = subprocess.Popen(
+            [str(exe), "receive", "--volume", str(work / "vol.img"), "--socket", str(sock),
+             "--export", "rdmb-unix", "--json"], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        try:
+            assert receiver.stdout is not None
+            uri = json.loads(receiver.stdout.readline())["uri"]
+            assert uri == f"nbd+unix:///rdmb-unix?socket={sock}"
+            deadline = time.monotonic() + 20
+            while not sock.exists():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            guest_write(vm.dom, "vdb", 0x33, 2 * MiB, MiB)
+            refs = reference(vm, "unix")
+            result = api.backup(vm.name, uri, disks=["vdb"])
+            assert result.manifest.disk("vdb").data_path == "qemu"  # type: ignore[union-attr]
+            restore_compare(vm, uri, result.manifest.backup_id, {"vdb": refs["vdb"]})
+        finally:
+            receiver.send_signal(signal.SIGTERM)
+            receiver.wait(30)
