@@ -7,19 +7,22 @@ manifest. Chosen by the target's form: a directory, or an ``nbd://`` URI.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager as ContextManager
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from libvirt_rdm_backup.engine.capture import Capture
+from libvirt_rdm_backup.engine.locks import LOCK_DIR
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, FileSink, NbdSink, Sink
 from libvirt_rdm_backup.errors import RdmBackupError, UsageError
+from libvirt_rdm_backup.fslock import exclusive
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap, chunkmap_of_layer
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
@@ -183,7 +186,11 @@ class VolumeStore:
         self.volume.close()
 
     def lock(self, domain_uuid: str) -> ContextManager[None]:
-        return nullcontext()  # one writer per volume; the domain lock is held around it
+        """One writer per volume (on this host; NBD itself has no locks)."""
+        os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
+        key = hashlib.sha256(self.volume.address.uri.encode()).hexdigest()[:16]
+        return exclusive(os.path.join(LOCK_DIR, f"volume-{key}.lock"),
+                         f"another backup is writing to {self.volume.address.uri}")
 
     def backups(self, domain_uuid: str) -> list[Manifest]:
         return self.volume.backups(domain_uuid)
