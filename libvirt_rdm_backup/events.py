@@ -27,7 +27,6 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import time
 import uuid as uuidlib
 from collections.abc import Iterable
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from libvirt_rdm_backup.errors import OperationError, UsageError
+from libvirt_rdm_backup.fileutil import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -144,14 +144,6 @@ def _clean_field(value: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in str(value)[:MAX_FIELD_CHARS])
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _open_locked(path: str) -> int:
     """Open (create) ``path`` for appending, locked, and still the file the name points to.
 
@@ -190,20 +182,7 @@ def _rotate(path: str, max_lines: int) -> None:
         lines = stream.read().splitlines(keepends=True)
     if len(lines) <= max_lines:
         return
-    directory = os.path.dirname(path)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{secrets.token_hex(3)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(b"".join(lines[-max_lines:]))
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
+    write_atomic(path, b"".join(lines[-max_lines:]))
 
 
 def record_event(
@@ -238,7 +217,7 @@ def record_event(
             os.write(fd, record.to_line())
             os.fsync(fd)
             if created_file:
-                _fsync_dir(directory)
+                fsync_dir(directory)
             _rotate(path, max(1, max_lines))
         finally:
             os.close(fd)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shlex
 import stat
 import sys
@@ -30,6 +29,7 @@ from lxml import etree
 
 from libvirt_rdm_backup import events
 from libvirt_rdm_backup.errors import UsageError
+from libvirt_rdm_backup.fileutil import fsync_dir, write_atomic
 
 HOOKS_DIR = "/etc/libvirt/hooks"
 HOOK_NAME = "50-libvirt-rdm-backup"
@@ -211,14 +211,6 @@ def hook_script(python: str, state_dir: str | None = None) -> str:
     )
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def install(
     hooks_dir: str = HOOKS_DIR, python: str = sys.executable, state_dir: str | None = None
 ) -> str:
@@ -236,20 +228,7 @@ def install(
     directory = os.path.dirname(target)
     os.makedirs(directory, mode=0o755, exist_ok=True)
     # Not inside qemu.d: libvirtd runs every executable there, a temporary file included.
-    tmp = os.path.join(hooks_dir, f".{HOOK_NAME}.tmp-{secrets.token_hex(3)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o700)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fchmod(stream.fileno(), 0o755)
-            os.fsync(stream.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
+    write_atomic(target, text.encode("utf-8"), 0o755, tmp_dir=hooks_dir)
     return (
         f"installed the libvirt hook {target}; libvirtd looks for hooks only when it starts: "
         "restart libvirtd (or send it SIGHUP) before relying on it"
@@ -281,7 +260,7 @@ def uninstall(hooks_dir: str = HOOKS_DIR) -> bool:
     if MARKER not in head:
         raise UsageError(f"{path} was not installed by libvirt-rdm-backup; not removing it")
     os.unlink(path)
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
     return True
 
 

@@ -30,12 +30,12 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from libvirt_rdm_backup.errors import OperationError, RepositoryError
+from libvirt_rdm_backup.fileutil import write_atomic
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.img import MapExtent
 
@@ -160,29 +160,9 @@ class ChunkMap:
             "body": hashlib.blake2b(self.digests, digest_size=32).hexdigest(),
         }
         head = json.dumps(header, sort_keys=True).encode()
-        directory = os.path.dirname(os.path.abspath(path))
         try:
-            fd, tmp = tempfile.mkstemp(
-                prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
-            )
+            write_atomic(path, MAGIC + _HEADER_LEN.pack(len(head)) + head + bytes(self.digests))
         except OSError as err:
-            raise RepositoryError(f"cannot write chunk map {path}: {err.strerror}") from err
-        try:
-            with os.fdopen(fd, "wb") as stream:
-                stream.write(MAGIC + _HEADER_LEN.pack(len(head)) + head)
-                stream.write(self.digests)
-                stream.flush()
-                os.fchmod(stream.fileno(), 0o600)
-                os.fsync(stream.fileno())
-            os.replace(tmp, path)
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as err:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
             raise RepositoryError(f"cannot write chunk map {path}: {err.strerror}") from err
 
     @classmethod

@@ -30,6 +30,7 @@ from libvirt_rdm_backup.errors import (
     RepositoryError,
     UsageError,
 )
+from libvirt_rdm_backup.fileutil import fsync_dir, write_atomic
 from libvirt_rdm_backup.fslock import exclusive
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 
@@ -75,29 +76,9 @@ def _check_uuid(domain_uuid: str) -> str:
         raise UsageError(f"malformed domain UUID {domain_uuid!r}") from err
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_file_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a synced temporary file and a rename."""
-    tmp = f"{path}.tmp-{secrets.token_hex(3)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(os.path.dirname(path) or ".")
+    write_atomic(path, text.encode("utf-8"))
 
 
 class Staging:
@@ -226,7 +207,7 @@ class Repository:
             write_file_atomic(os.path.join(staging.path, MANIFEST), manifest.dumps())
             final = self.backup_dir(manifest.domain_uuid, manifest.backup_id)
             os.rename(staging.path, final)
-            _fsync_dir(os.path.dirname(final))
+            fsync_dir(os.path.dirname(final))
         except OSError as err:
             raise RepositoryError(f"cannot publish backup {manifest.backup_id}: {err}") from err
         return final
