@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -39,6 +40,7 @@ from libvirt_rdm_backup.storage.snapshots import (
     StorageSnapshot,
     agent_by_name,
     find_snapshot_agent,
+    scoped_prefix,
 )
 from libvirt_rdm_backup.targets.uri import parse_target
 
@@ -105,6 +107,19 @@ def _mapping_of(disk: RawDisk, remote: SshAgent | None
     except RdmBackupError as err:
         log.warning("disk %s: no raw disk mapping: %s", disk.target, err)
         return None, str(err)
+
+
+def _prune_snapshots(plans: list[DiskPlan], scope: Callable[[DiskPlan], str],
+                     keep: set[str]) -> None:
+    """Delete storage snapshots of this chain that no manifest refers to (killed runs)."""
+    for plan in plans:
+        if plan.agent is None:
+            continue
+        try:
+            for name in agent_by_name(plan.agent).prune(plan.disk, scope(plan), keep):
+                log.info("removed storage snapshot %s left by an earlier run", name)
+        except RdmBackupError as err:
+            log.warning("could not look for leftover snapshots of %s: %s", plan.disk.target, err)
 
 
 def _refuse_local_reads(plans: list[DiskPlan]) -> None:
@@ -220,6 +235,11 @@ def backup(
         facts = Facts(ctx.inventory.running, chain, _live_bitmaps(monitor), restart,
                       agents, live_snapshots, local_layers=store.local_layers)
         plans = plan_backup(selected, level, facts)
+
+        def scope(plan: DiskPlan) -> str:
+            return scoped_prefix(store.repo_id, chain_name, plan.disk.target)
+
+        _prune_snapshots(plans, scope, chain.needed_snapshots())
         parent_maps = store.parent_maps(plans)
         if agent is not None:
             _refuse_local_reads(plans)
@@ -230,7 +250,7 @@ def backup(
             captured = capture(
                 ctx.dom, ctx.inventory.running, plans, sink,
                 bitmaps.bitmap_name(store.repo_id, chain_name, backup_id), parent_maps,
-                progress, quiesce)
+                progress, quiesce, scope)
             try:
                 records = [store.record(p, sink, captured, mappings[p.disk.target], parent_maps)
                            for p in plans]

@@ -136,12 +136,12 @@ def _copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
         agent.withdraw(snap)
 
 
-def _take_snapshots(plans: list[DiskPlan], name: str, result: Capture) -> None:
+def _take_snapshots(plans: list[DiskPlan], scope: Callable[[DiskPlan], str], token: str,
+                    result: Capture) -> None:
     for plan in plans:
         assert plan.agent is not None
-        snap = agent_by_name(plan.agent).snapshot(plan.disk, object_name("snap", plan.disk.target,
-                                                                          name[-6:]))
-        result.snapshots[plan.disk.target] = snap
+        name = scope(plan) + token
+        result.snapshots[plan.disk.target] = agent_by_name(plan.agent).snapshot(plan.disk, name)
 
 
 def capture(
@@ -153,6 +153,7 @@ def capture(
     parent_maps: dict[str, ChunkMap],
     progress: ProgressCallback | None = None,
     quiesce: str | None = None,
+    snapshot_scope: Callable[[DiskPlan], str] | None = None,
 ) -> Capture:
     """Fix one point in time for all planned disks and copy them into ``staging``.
 
@@ -201,7 +202,9 @@ def capture(
             with consistency_window(dom if running else None, quiesce=quiesce,
                                     pause=bool(storage_plans) or hold_for_snapshots) as window:
                 result.window = window
-                _take_snapshots(snapshot_plans, new_bitmap, result)
+                _take_snapshots(snapshot_plans,
+                                snapshot_scope or (lambda p: f"rdmb-snap-{p.disk.target}-"),
+                                new_bitmap[-6:], result)
                 if actions:
                     assert monitor is not None
                     transaction(monitor, actions)

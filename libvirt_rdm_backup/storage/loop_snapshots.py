@@ -28,10 +28,12 @@ from libvirt_rdm_backup.storage.snapshots import (
     Presented,
     StorageSnapshot,
     check_name,
+    clone_path,
     handle_int,
     handle_str,
     make_clone,
     remove_clone,
+    stale_clones,
     utc_now,
 )
 from libvirt_rdm_backup.storage.sysfs import SysfsAgent
@@ -134,6 +136,14 @@ class LoopReflinkAgent:
     def exists(self, snap: StorageSnapshot) -> bool:
         """True while the clone exists."""
         return os.path.isfile(handle_str(snap, "clone"))
+
+    def prune(self, disk: RawDisk, prefix: str, keep: set[str]) -> list[str]:
+        """Delete unkept clones of this loop device's backing file."""
+        _node, backing = self._loop(disk)
+        stale = stale_clones(backing, prefix, keep)
+        for name in stale:
+            remove_clone(clone_path(backing, name))
+        return stale
 
     def delete(self, snap: StorageSnapshot) -> None:
         """Remove the clone."""

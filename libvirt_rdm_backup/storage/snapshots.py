@@ -122,6 +122,14 @@ class SnapshotAgent(Protocol):
         """True while the snapshot's data exists."""
         ...
 
+    def prune(self, disk: RawDisk, prefix: str, keep: set[str]) -> list[str]:
+        """Delete this disk's snapshots named ``prefix...`` that are not in ``keep``.
+
+        Removes what killed runs left (snapshots no manifest refers to); returns
+        the names deleted.
+        """
+        ...
+
     def delete(self, snap: StorageSnapshot) -> None:
         """Withdraw and delete the snapshot (idempotent)."""
         ...
@@ -146,6 +154,27 @@ def agent_by_name(name: str) -> SnapshotAgent:
         if agent.name == name:
             return agent
     raise StorageError(f"unknown snapshot agent {name!r}")
+
+
+def scoped_prefix(repo_id: str, chain: str, disk: str) -> str:
+    """Prefix of the snapshots one chain of one repository takes of one disk."""
+    def tag(text: str) -> str:
+        return _UNSAFE_RE.sub("-", text.lower()).strip("-")[:16] or "x"
+
+    return f"{NAME_PREFIX}{tag(repo_id)}-{tag(chain)}-{tag(disk)}-"
+
+
+def stale_clones(backing: str, prefix: str, keep: set[str]) -> list[str]:
+    """Names of the clones beside ``backing`` that start with ``prefix`` and are not kept."""
+    directory = os.path.dirname(clone_path(backing, "x"))
+    try:
+        files = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        raise StorageError(f"cannot list {directory}: {err.strerror}") from err
+    names = [f[: -len(".img")] for f in files if f.endswith(".img")]
+    return sorted(n for n in names if n.startswith(prefix) and n not in keep)
 
 
 def new_snapshot_name(disk: str) -> str:

@@ -30,10 +30,12 @@ from libvirt_rdm_backup.storage.snapshots import (
     Presented,
     StorageSnapshot,
     check_name,
+    clone_path,
     handle_int,
     handle_str,
     make_clone,
     remove_clone,
+    stale_clones,
     utc_now,
 )
 
@@ -196,6 +198,17 @@ class TgtReflinkAgent:
     def exists(self, snap: StorageSnapshot) -> bool:
         """True while the clone exists."""
         return os.path.isfile(handle_str(snap, "clone"))
+
+    def prune(self, disk: RawDisk, prefix: str, keep: set[str]) -> list[str]:
+        """Delete unkept clones of this LUN, and the targets presenting them."""
+        source, backing = self._backing(disk)
+        stale = stale_clones(backing, prefix, keep)
+        for name in stale:
+            target = tgt.find_target(f"{source.iqn}:{name}")
+            if target is not None:
+                _tgtadm("--op", "delete", "--mode", "target", "--tid", str(target.tid), "--force")
+            remove_clone(clone_path(backing, name))
+        return stale
 
     def delete(self, snap: StorageSnapshot) -> None:
         """Withdraw, then remove the clone."""

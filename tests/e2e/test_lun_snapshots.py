@@ -183,3 +183,39 @@ def test_shut_off_disk_on_snapshot_storage_gets_ranged_incrementals() -> None:
         out = vm.workdir / "vdb.raw"
         api.restore(vm.name, repo, "vdb", str(out))
         assert same_bytes(out, refs["vdb"])
+
+
+def test_snapshots_left_by_a_killed_run_are_pruned() -> None:
+    import subprocess
+
+    from libvirt_rdm_backup.repository.store import Repository
+    from libvirt_rdm_backup.storage.snapshots import agent_by_name, scoped_prefix
+    from tests.lab.storage_lab import is_root  # noqa: F401 - the lab marker covers root
+
+    with lab_vm(loop_size=64 * MiB, lun_size=LUN_SIZE, reflink=True) as vm:
+        repo = str(vm.workdir / "repo")
+        scattered(vm, "sda", LUN_SIZE, 20, seed=8)
+        first, _ = point(vm, repo, "p1", disks=["sda"])
+        kept = first.manifest.disk("sda").storage_snapshot["name"]  # type: ignore[index,union-attr]
+        # what a run killed between snapshot and publish leaves: a clone and its target
+        disk = api.discover(vm.name).find("sda")
+        agent = agent_by_name("tgt-reflink")
+        prefix = scoped_prefix(Repository.open(repo).repo_id, "default", "sda")
+        orphan = agent.snapshot(disk, prefix + "dead01")  # type: ignore[arg-type]
+        agent.present(orphan)
+        other_chain = agent.snapshot(disk, scoped_prefix("abcdef", "other", "sda") + "keep01")  # type: ignore[arg-type]
+        try:
+            assert orphan.name + ".img" in snapshot_files(vm)
+            second, refs = point(vm, repo, "p2", disks=["sda"])
+            names = snapshot_files(vm)
+            assert orphan.name + ".img" not in names  # pruned
+            assert other_chain.name + ".img" in names  # another chain's: untouched
+            assert kept + ".img" in names  # the last full of this chain: kept
+            targets = subprocess.run(["tgtadm", "--lld", "iscsi", "--op", "show", "--mode",
+                                      "target"], capture_output=True, text=True).stdout
+            assert orphan.name not in targets
+            assert second.manifest.disk("sda").level == "incremental"  # type: ignore[union-attr]
+            restore_all(vm, repo, second, {"sda": refs["sda"]})
+        finally:
+            agent.delete(other_chain)
+            agent.delete(orphan)
