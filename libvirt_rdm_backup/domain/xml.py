@@ -48,7 +48,12 @@ class XMLProperty(Generic[T]):
         if text is None:
             return None
         text = str(text).strip()
-        return self.convert(text) if self.convert else text
+        if self.convert is None:
+            return text
+        try:
+            return self.convert(text)
+        except ValueError as err:
+            raise UsageError(f"malformed domain XML: {self.xpath} is {text[:64]!r}") from err
 
 
 class XMLFlag:

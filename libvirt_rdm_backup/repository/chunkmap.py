@@ -190,7 +190,7 @@ class ChunkMap:
             raise bad("bad header length")
         try:
             header = json.loads(data[fixed : fixed + head_len].decode())
-        except (UnicodeDecodeError, ValueError) as err:
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:
             raise bad("header is not JSON") from err
         if not isinstance(header, dict):
             raise bad("header is not an object")

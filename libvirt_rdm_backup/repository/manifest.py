@@ -171,7 +171,8 @@ class Manifest:
                 domain_xml=str(data.get("domain_xml", "")),
                 disks=[DiskRecord.from_dict(d) for d in data["disks"]],
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError,
+                RecursionError) as err:
             raise RepositoryError(f"malformed manifest: {err}") from err
 
     def dumps(self) -> str:

@@ -126,14 +126,17 @@ class RawDiskMapping:
         """Parse a mapping document (raises KeyError/TypeError/ValueError when malformed)."""
         if data.get("format") != MAPPING_FORMAT:
             raise ValueError("not a raw disk mapping document")
-        if int(data.get("version", 0)) > MAPPING_VERSION:
-            raise ValueError(f"mapping version {data.get('version')} is newer than this tool")
-        return cls(
-            disk=str(data["disk"]),
-            agent=str(data["agent"]),
-            root=StorageNode.from_dict(data["storage"]),
-            identifiers=dict(data.get("identifiers") or {}),
-        )
+        try:
+            if int(data.get("version", 0)) > MAPPING_VERSION:
+                raise ValueError(f"mapping version {data.get('version')} is newer than this tool")
+            return cls(
+                disk=str(data["disk"]),
+                agent=str(data["agent"]),
+                root=StorageNode.from_dict(data["storage"]),
+                identifiers=dict(data.get("identifiers") or {}),
+            )
+        except OverflowError as err:  # a JSON number like 1e400 is float infinity
+            raise ValueError(f"malformed mapping: {err}") from err
 
 
 @runtime_checkable

@@ -72,6 +72,8 @@ class Superblock:
     @classmethod
     def from_bytes(cls, data: bytes) -> Superblock | None:
         """Parse one slot; None when it holds no valid superblock."""
+        if len(data) < _HEAD.size:
+            return None
         magic, generation, length, digest = _HEAD.unpack_from(data)
         if magic != MAGIC or length > SLOT - _HEAD.size:
             return None
@@ -84,7 +86,7 @@ class Superblock:
                 return None
             return cls(str(doc["id"]), generation, int(doc["next_free"]),
                        list(doc["entries"]))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
             return None
 
 

@@ -67,7 +67,10 @@ def parse_target(text: str, allow_remote_plain: bool = False) -> str | NbdAddres
         raise UsageError(f"malformed target {text!r}")
     if "://" not in text:
         return text
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as err:  # "Invalid IPv6 URL", netloc characters under NFKC
+        raise UsageError(f"malformed target {text!r}: {err}") from err
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost") or not parts.path:
             raise UsageError(f"malformed file target {text!r}")
