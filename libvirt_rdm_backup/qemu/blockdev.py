@@ -121,10 +121,19 @@ def attached_image(
         raise
     try:
         yield AttachedImage(node_name=node_name, fdset_id=fdset_id)
-    finally:
-        try:
-            monitor.execute("blockdev-del", {"node-name": node_name})
-        except RdmBackupError as err:
-            log.warning("could not remove block node %s: %s", node_name, err)
-        with suppress(RdmBackupError):
-            monitor.execute("remove-fd", {"fdset-id": fdset_id})
+    except BaseException:
+        _detach(monitor, node_name, fdset_id, after_error=True)
+        raise
+    _detach(monitor, node_name, fdset_id, after_error=False)
+
+
+def _detach(monitor: Monitor, node_name: str, fdset_id: int, after_error: bool) -> None:
+    """Remove the node and its fd set; a failure is only worth a warning on success
+    (after an error the run reports that error, and the next run removes leftovers)."""
+    try:
+        monitor.execute("blockdev-del", {"node-name": node_name})
+    except RdmBackupError as err:
+        (log.info if after_error else log.warning)(
+            "could not remove block node %s: %s", node_name, err)
+    with suppress(RdmBackupError):
+        monitor.execute("remove-fd", {"fdset-id": fdset_id})

@@ -1,0 +1,94 @@
+"""Faults: backups started at once, libvirtd restarted under a running backup job."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from libvirt_rdm_backup import api
+from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
+from tests.lab.domains import guest_write, qemu_leftovers
+
+pytestmark = pytest.mark.lab
+EXE = Path(sys.executable).parent / "rdm-backup"
+LAB = Path(__file__).resolve().parents[2] / "tools" / "lab.sh"
+
+
+def fill(vm: LabVM, pieces: int) -> None:
+    for index in range(pieces):
+        guest_write(vm.dom, "vdb", 0x20 + index % 200, index * 16 * MiB, 8 * MiB)
+
+
+def start(vm: LabVM, repo: str, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([str(EXE), "backup", vm.name, "--target", repo, "--disk", "vdb",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_job(vm: LabVM, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 60
+    while not any(item.startswith("job ") for item in qemu_leftovers(vm.dom)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no backup job started"
+        time.sleep(0.005)
+
+
+def test_two_backups_of_one_vm_and_of_two_vms_at_once() -> None:
+    with lab_vm(loop_size=1024 * MiB) as vm, lab_vm(loop_size=256 * MiB) as other:
+        fill(vm, 50)
+        repo = str(vm.workdir / "repo")
+        first = start(vm, repo)
+        wait_for_job(vm, first)
+        second = start(vm, str(vm.workdir / "repo2"))  # another repository, same VM
+        _out, err = second.communicate(timeout=120)
+        assert second.returncode == 4 and "another backup of domain" in err
+        assert err.count("\n") == 1
+        third = start(other, str(other.workdir / "repo"))  # another VM: both succeed
+        assert third.wait(120) == 0, third.communicate()
+        assert first.wait(120) == 0, first.communicate()
+        assert len(api.list_backups(repo)) == 1
+
+
+def test_libvirtd_restarted_during_a_backup_job() -> None:
+    with lab_vm(loop_size=1024 * MiB) as vm:
+        fill(vm, 50)
+        repo = str(vm.workdir / "repo")
+        first = api.backup(vm.name, repo, disks=["vdb"])
+        fill(vm, 40)  # changes that the next backups must carry
+        proc = start(vm, repo, "--level", "incremental")
+        wait_for_job(vm, proc)
+        subprocess.run(["pkill", "-TERM", "-x", "libvirtd"], check=False)
+        try:
+            _out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 4, err
+            assert err.count("\n") == 1 and "Traceback" not in err
+        finally:
+            deadline = time.monotonic() + 60
+            while subprocess.run(["pgrep", "-x", "libvirtd"], check=False).returncode == 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            subprocess.run([str(LAB), "up"], check=True, capture_output=True, timeout=120)
+        # the VM survived; the next run cleans what the interrupted one left in QEMU
+        import libvirt
+
+        conn = libvirt.open("qemu:///system")
+        try:
+            dom = conn.lookupByUUIDString(vm.uuid)
+            assert dom.isActive()
+            dom.suspend()
+            try:
+                refs = snapshot_source(vm, vm.workdir / "ref")
+            finally:
+                dom.resume()
+            again = api.backup(vm.name, repo, disks=["vdb"], level="incremental")
+            assert again.manifest.disk("vdb").parent == first.manifest.backup_id  # type: ignore[union-attr]
+            out = vm.workdir / "vdb.raw"
+            api.restore(vm.name, repo, "vdb", str(out))
+            assert same_bytes(out, refs["vdb"])
+            assert [m.backup_id for m in api.list_backups(repo)] == [
+                first.manifest.backup_id, again.manifest.backup_id]
+        finally:
+            conn.close()
