@@ -20,6 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# property tests explore at random while developing; CI runs the same examples every time
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
+    settings.load_profile("ci")
 
 LIBVIRT_URI = "qemu:///system"
 TMP_BASE = Path("/var/tmp")

@@ -78,7 +78,7 @@ def parse_target(text: str, allow_remote_plain: bool = False) -> str | NbdAddres
     if parts.scheme not in ("nbd", "nbds", "nbd+unix"):
         raise UsageError(f"unsupported target scheme {parts.scheme!r} in {text!r}")
     export = unquote(parts.path.lstrip("/"))
-    if not _EXPORT_RE.fullmatch(export):
+    if not _EXPORT_RE.fullmatch(export) or ".." in export:
         raise UsageError(f"malformed NBD export name {export!r} in {text!r}")
     if parts.scheme == "nbd+unix":
         sockets = parse_qs(parts.query).get("socket", [])
