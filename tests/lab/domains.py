@@ -102,6 +102,24 @@ def test_domain(
             dom.create()
         yield dom
     finally:
+        remove_domain(dom.UUIDString())
+        try:
+            conn.close()
+        except libvirt.libvirtError:
+            pass
+
+
+def remove_domain(uuid: str) -> None:
+    """Destroy and undefine a domain through a fresh connection.
+
+    A fresh one, because the test's own connection may be dead: tests restart libvirtd.
+    """
+    conn = libvirt.open(URI)
+    try:
+        try:
+            dom = conn.lookupByUUIDString(uuid)
+        except libvirt.libvirtError:
+            return
         try:
             if dom.isActive():
                 dom.destroy()
@@ -111,6 +129,7 @@ def test_domain(
             dom.undefine()
         except libvirt.libvirtError:
             pass
+    finally:
         conn.close()
 
 

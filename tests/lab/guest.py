@@ -37,7 +37,7 @@ from xml.sax.saxutils import escape, quoteattr
 import libvirt
 import libvirt_qemu
 
-from tests.lab.domains import URI, DiskSpec
+from tests.lab.domains import URI, DiskSpec, remove_domain
 from tests.lab.storage_lab import rdmb_tmpdir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -356,7 +356,7 @@ def guest_vm(
         conn = libvirt.open(URI)
         stack.callback(conn.close)
         dom = conn.defineXML(guest_domain_xml(name, disks, built, channel_dir))
-        stack.callback(_remove_domain, dom)
+        stack.callback(remove_domain, dom.UUIDString())
         guest = Guest(dom, channel_dir)
         stack.callback(guest.close)
         started = time.monotonic()
@@ -366,13 +366,3 @@ def guest_vm(
         yield guest
 
 
-def _remove_domain(dom: libvirt.virDomain) -> None:
-    try:
-        if dom.isActive():
-            dom.destroy()
-    except libvirt.libvirtError:
-        pass
-    try:
-        dom.undefine()
-    except libvirt.libvirtError:
-        pass
