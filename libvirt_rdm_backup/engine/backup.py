@@ -171,8 +171,8 @@ def _snapshot_facts(selected: list[RawDisk], chain: Chain) -> tuple[dict[str, st
             agents[disk.target] = agent.name
     live: set[str] = set()
     for disk in selected:
-        for point in (chain.last_point(disk.target), chain.last_full_point(disk.target)):
-            data = point.record.storage_snapshot if point else None
+        for point in chain.kept_points(disk.target):
+            data = point.record.storage_snapshot
             if not data:
                 continue
             try:
@@ -279,8 +279,7 @@ def backup(
                             bitmaps.remove(monitor, str(plan.disk.node_name), name)
                 raise
         superseded = [point.record.storage_snapshot for d in selected
-                      for point in (chain.last_point(d.target), chain.last_full_point(d.target))
-                      if point is not None and point.record.storage_snapshot]
+                      for point in chain.kept_points(d.target) if point.record.storage_snapshot]
         chain.backups.append(manifest)
         _finish_tracking(monitor, store.repo_id, chain, superseded)
     return BackupResult(manifest=manifest, path=path)

@@ -80,15 +80,17 @@ def copy_from_storage(plan: DiskPlan, sink: Sink) -> None:
 
 def _convert_into(sink: Sink, plan: DiskPlan, source: str, image_opts: bool,
                   extra: list[str] | None = None) -> None:
-    """``qemu-img convert`` of a raw source into the disk's layer (sparse)."""
-    if sink.local_files:
-        img.convert(source, sink.target(plan), source_fmt=None if image_opts else "raw",
-                    source_image_opts=image_opts, target_fmt=DATA_FORMAT, extra=extra)
-        return
-    sink.create(plan)
+    """``qemu-img convert`` of a raw source into the disk's layer (sparse).
+
+    A local file is created by qemu-img itself; a region of an NBD volume is
+    created empty first and written as an existing, all-zero target.
+    """
+    existing = not sink.local_files
+    if existing:
+        sink.create(plan)
     img.convert(source, sink.target(plan), source_fmt=None if image_opts else "raw",
-                source_image_opts=image_opts, target_fmt=DATA_FORMAT, existing_target=True,
-                target_is_zero=True, extra=extra)
+                source_image_opts=image_opts, target_fmt=DATA_FORMAT,
+                existing_target=existing, target_is_zero=existing, extra=extra)
 
 
 def _job_for(plan: DiskPlan, node: str, job_id: str) -> dict[str, Any]:

@@ -55,25 +55,23 @@ class Chain:
                 return DiskPoint(manifest, record)
         return None
 
+    def kept_points(self, disk: str) -> list[DiskPoint]:
+        """The points later backups of ``disk`` build on: the newest and the newest full."""
+        points = [self.last_point(disk), self.last_full_point(disk)]
+        return [p for p in points if p is not None]
+
+    def _kept_records(self) -> list[DiskRecord]:
+        disks = {d.disk.target for m in self.backups for d in m.disks}
+        return [p.record for disk in disks for p in self.kept_points(disk)]
+
     def needed_snapshots(self) -> set[str]:
         """Storage snapshots later backups may still compare with (last and last full)."""
-        needed: set[str] = set()
-        disks = {d.disk.target for m in self.backups for d in m.disks}
-        for disk in disks:
-            for point in (self.last_point(disk), self.last_full_point(disk)):
-                if point is not None and point.record.storage_snapshot:
-                    needed.add(str(point.record.storage_snapshot.get("name")))
-        return needed
+        return {str(r.storage_snapshot.get("name"))
+                for r in self._kept_records() if r.storage_snapshot}
 
     def needed_bitmaps(self) -> set[str]:
         """Bitmaps that later backups of the chain may still use (last and last full)."""
-        needed: set[str] = set()
-        disks = {d.disk.target for m in self.backups for d in m.disks}
-        for disk in disks:
-            for point in (self.last_point(disk), self.last_full_point(disk)):
-                if point is not None and point.record.bitmap:
-                    needed.add(point.record.bitmap)
-        return needed
+        return {r.bitmap for r in self._kept_records() if r.bitmap}
 
 
 def chain_of(backups: list[Manifest], name: str) -> Chain:
