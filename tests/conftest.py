@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+pytest_plugins = ["tests.suite_report", "pytester"]
+
 # property tests explore at random while developing; CI runs the same examples every time
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:

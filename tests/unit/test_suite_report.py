@@ -1,0 +1,58 @@
+"""The fault suite's summary counts what ran, what passed and names what did not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MINI_SUITE = """
+import pytest
+
+@pytest.mark.fault
+def test_survived():
+    pass
+
+@pytest.mark.fault
+def test_not_survived():
+    assert False
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("text", ["a", "b", "c"])
+def test_refused(text):
+    assert text != "c"
+
+@pytest.mark.bad_input
+def test_skipped():
+    pytest.skip("not here")
+
+def test_unmarked():
+    pass
+"""
+
+
+def test_summary_counts_faults_and_inputs(pytester: pytest.Pytester,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    pytester.makeconftest('pytest_plugins = ["tests.suite_report"]\n')
+    pytester.makepyfile(test_mini=MINI_SUITE)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4, failed=2, skipped=1)
+    result.stdout.fnmatch_lines([
+        "*fault and bad-input suite*",
+        "faults survived: 1/2",
+        "  not survived: test_mini.py::test_not_survived",
+        "bad inputs refused: 2/3",
+        "  not refused: test_mini.py::test_refused?c?",
+    ])
+
+
+def test_no_summary_without_marked_tests(pytester: pytest.Pytester,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    pytester.makeconftest('pytest_plugins = ["tests.suite_report"]\n')
+    pytester.makepyfile(test_plain="def test_plain():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert "fault and bad-input suite" not in result.stdout.str()
