@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from libvirt_rdm_backup.errors import OperationError
-from libvirt_rdm_backup.process import run
+from libvirt_rdm_backup.process import run, stall_timeout
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def convert(
     if extra:
         argv += extra
     argv += [source, target]
-    run(argv)
+    run(argv, stall=stall_timeout())
 
 
 def compare(first: str, second: str, first_fmt: str | None, second_fmt: str | None) -> bool:

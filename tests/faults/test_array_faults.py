@@ -1,0 +1,168 @@
+"""The iSCSI array (tgtd) stopped in the middle of a LUN copy and brought back.
+
+The array is a tgtd of this test's own (its own portal port and control port), so
+stopping it touches no other test's LUNs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from libvirt_rdm_backup import api
+from tests.e2e.lab_vm import MiB, same_bytes
+from tests.lab import domains
+from tests.lab.storage_lab import rdmb_tmpdir, unique_name
+
+pytestmark = [pytest.mark.lab, pytest.mark.fault]
+EXE = Path(sys.executable).parent / "rdm-backup"
+LUN_SIZE = 512 * MiB
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def free_control_port() -> int:
+    for port in range(4000, 5000):
+        if not Path(f"/var/run/tgtd/socket.{port}").exists():
+            return port
+    raise RuntimeError("no free tgtd control port")
+
+
+@dataclass
+class PrivateArray:
+    """A tgtd serving one LUN on 127.0.0.1:<port>; it can be stopped and brought back."""
+
+    backing: Path
+    iqn: str
+    port: int
+    control: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    def tgtadm(self, *args: str) -> None:
+        subprocess.run(["tgtadm", "-C", str(self.control), "--lld", "iscsi", *args],
+                       check=True, capture_output=True, timeout=30)
+
+    def start(self) -> None:
+        """Start tgtd and present the LUN again (what an array does when it comes back)."""
+        self.proc = subprocess.Popen(
+            ["tgtd", "-f", "-C", str(self.control), "--iscsi", f"portal=127.0.0.1:{self.port}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                self.tgtadm("--op", "show", "--mode", "target")
+                break
+            except subprocess.CalledProcessError:
+                assert time.monotonic() < deadline, "tgtd did not come up"
+                time.sleep(0.1)
+        self.tgtadm("--op", "new", "--mode", "target", "--tid", "1", "-T", self.iqn)
+        self.tgtadm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
+                    "-b", str(self.backing))
+        self.tgtadm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
+
+    def stop(self) -> None:
+        """Kill tgtd outright (an array losing power), by its pid."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"iscsi://127.0.0.1:{self.port}/{self.iqn}/1"
+
+
+@contextmanager
+def private_array(backing: Path) -> Iterator[PrivateArray]:
+    array = PrivateArray(backing, f"iqn.2026-11.org.rdmb:{unique_name('array')}",
+                         free_port(), free_control_port())
+    array.start()
+    try:
+        yield array
+    finally:
+        array.stop()
+
+
+def fill_lun(path: Path) -> None:
+    """Distinct non-zero data in most of the LUN, written before the array presents it."""
+    argv = ["qemu-io", "-f", "raw"]
+    for index in range(0, LUN_SIZE // (32 * MiB)):
+        argv += ["-c", f"write -P {0x30 + index} {index * 32 * MiB} {24 * MiB}"]
+    subprocess.run([*argv, str(path)], check=True, capture_output=True)
+
+
+def wait_until_copying(dom: libvirt.virDomain, proc: subprocess.Popen[str]) -> None:
+    """The LUN is copied from storage while the guest is held: wait for that pause."""
+    deadline = time.monotonic() + 60
+    while dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the LUN copy did not start"
+        time.sleep(0.005)
+    time.sleep(0.3)
+
+
+STALL_LIMIT = 4  # seconds without I/O before the tool gives a copy up (RDM_BACKUP_STALL_TIMEOUT)
+
+
+@pytest.mark.parametrize("outage", ["short", "long"])
+def test_array_stopped_mid_copy_and_brought_back(outage: str) -> None:
+    """Short: back within the copy, which carries on. Long: the copy is given up in one
+    line (exit 4, guest resumed, nothing published), and the next backup works."""
+    with rdmb_tmpdir() as work:
+        backing = work / "lun.img"
+        with open(backing, "wb") as stream:
+            stream.truncate(LUN_SIZE)
+        fill_lun(backing)
+        reference = work / "ref.raw"
+        subprocess.run(["cp", "--sparse=always", str(backing), str(reference)], check=True)
+        name = unique_name("rdmb-vm")
+        with private_array(backing) as array, domains.test_domain(
+                name, [domains.iscsi_disk("sda", array.iqn, 1, port=array.port)]) as dom:
+            repo = str(work / "repo")
+            env = {**os.environ, "RDM_BACKUP_STALL_TIMEOUT": str(STALL_LIMIT)}
+            proc = subprocess.Popen([str(EXE), "backup", name, "--target", repo], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            wait_until_copying(dom, proc)
+            array.stop()
+            if outage == "short":
+                time.sleep(1)
+                array.start()
+                _out, err = proc.communicate(timeout=300)
+                assert proc.returncode == 0, err
+                assert len(api.list_backups(repo)) == 1
+            else:
+                _out, err = proc.communicate(timeout=120)
+                array.start()
+                assert proc.returncode == 4, err
+                assert err.count("\n") == 1 and "Traceback" not in err
+                assert f"made no progress for {STALL_LIMIT} s" in err
+                assert api.list_backups(repo) == []
+                assert not [p for p in Path(repo).rglob("*") if p.is_file() and
+                            p.name not in {"rdm-backup-repository.json", ".lock"}]
+            assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING  # never left paused
+            # the next backup runs normally, and every published point restores exactly
+            api.backup(name, repo)
+            out = work / "restored.raw"
+            points = api.list_backups(repo)
+            assert len(points) == (2 if outage == "short" else 1)
+            for manifest in points:
+                api.restore(name, repo, "sda", str(out), backup_id=manifest.backup_id)
+                assert same_bytes(out, reference), manifest.backup_id
+                out.unlink()
+            assert api.verify(repo).ok
+            assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING

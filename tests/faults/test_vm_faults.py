@@ -1,0 +1,105 @@
+"""Faults of the VM itself: QEMU killed under a running backup, the VM reset between backups."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from libvirt_rdm_backup import api
+from tests.e2e.lab_vm import LabVM, MiB, lab_vm
+from tests.faults.points import Points
+from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers
+
+pytestmark = [pytest.mark.lab, pytest.mark.fault]
+EXE = Path(sys.executable).parent / "rdm-backup"
+
+
+def fill(vm: LabVM, pieces: int, first: int = 0) -> None:
+    """``pieces`` writes of 8 MiB spread over the loop LUN, patterns from ``first``."""
+    for index in range(pieces):
+        guest_write(vm.dom, "vdb", 0x20 + (first + index) % 200, index * 16 * MiB, 8 * MiB)
+
+
+def qemu_pid(vm: LabVM) -> int:
+    return int(Path(f"/run/libvirt/qemu/{vm.name}.pid").read_text().strip())
+
+
+def start_backup(vm: LabVM, repo: str, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([str(EXE), "backup", vm.name, "--target", repo, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_job(vm: LabVM, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 60
+    while not any(item.startswith("job ") for item in qemu_leftovers(vm.dom)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no backup job started"
+        time.sleep(0.005)
+
+
+def repo_temp_files(repo: str) -> list[Path]:
+    """Files in the repository that no published backup accounts for (partial layers)."""
+    return [p for p in Path(repo).rglob("*") if p.is_file() and ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("level", ["full", "incremental"])
+def test_qemu_killed_during_a_backup(level: str) -> None:
+    with lab_vm(loop_size=1024 * MiB) as vm:
+        repo = str(vm.workdir / "repo")
+        points = Points(vm, repo)
+        fill(vm, 40)
+        if level == "incremental":
+            points.backup()
+            fill(vm, 30, first=100)
+        proc = start_backup(vm, repo, "--level", level, "--disk", "vdb")
+        wait_for_job(vm, proc)
+        os.kill(qemu_pid(vm), signal.SIGKILL)
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 4, err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert [m.backup_id for m in api.list_backups(repo)] == list(points.refs)
+        # the VM died with its QEMU; it starts again, and the next backup recovers:
+        # bitmaps died with QEMU, so auto re-reads and stores only what changed
+        assert not vm.dom.isActive()
+        vm.dom.create()
+        after = points.backup()
+        vdb = after.manifest.disk("vdb")
+        assert vdb is not None
+        if level == "full":
+            assert vdb.level == "full"
+        else:
+            assert vdb.level == "resync" and "tracking was lost" in vdb.reason
+        fill(vm, 4, first=50)
+        again = points.backup(level="incremental")
+        assert again.manifest.disk("vdb").parent == after.manifest.backup_id  # type: ignore[union-attr]
+        assert points.restore_every_point() == 2 * len(points.refs)
+        assert repo_temp_files(repo) == []
+        assert qemu_leftovers(vm.dom) == []
+        assert vm.dom.isActive()
+
+
+def test_vm_reset_between_backups_keeps_tracking() -> None:
+    """A reset (the guest reboots, QEMU stays) keeps the dirty bitmaps: incrementals go on."""
+    with lab_vm(loop_size=256 * MiB, lun_size=32 * MiB) as vm:
+        repo = str(vm.workdir / "repo")
+        points = Points(vm, repo)
+        fill(vm, 10)
+        first = points.backup()
+        bitmaps = dirty_bitmaps(vm.dom)
+        assert bitmaps
+        fill(vm, 3, first=60)
+        vm.dom.reset()
+        fill(vm, 2, first=90)  # writes after the reboot are tracked too
+        second = points.backup(level="incremental")
+        vdb = second.manifest.disk("vdb")
+        assert vdb is not None and vdb.level == "incremental"
+        assert vdb.parent == first.manifest.backup_id
+        assert vdb.bytes_transferred <= 5 * 8 * MiB + MiB  # only what changed
+        assert points.restore_every_point() == 4
+        assert vm.dom.isActive()
