@@ -16,6 +16,7 @@ from libvirt_rdm_backup import api
 from libvirt_rdm_backup.consistency import QUIESCE_MODES
 from libvirt_rdm_backup.engine.plan import LEVELS
 from libvirt_rdm_backup.errors import RdmBackupError, UsageError
+from libvirt_rdm_backup.redact import redact
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
 
 EXIT_OK = 0
@@ -443,8 +444,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(text: str) -> str:
-    """Errors are one line: tools and parsers sometimes put newlines into messages."""
-    return " ".join(text.split())
+    """Errors are one line (messages of tools may hold newlines) and show no URI passwords."""
+    return redact(" ".join(text.split()))
+
+
+class _RedactingFormatter(logging.Formatter):
+    """Log lines show no passwords of URIs (libvirt URIs, tool output, QMP traffic)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def _terminate(signum: int, _frame: object) -> None:
@@ -460,9 +468,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         verbose = args.verbose
+        handler = logging.StreamHandler()
+        handler.setFormatter(_RedactingFormatter("rdm-backup: %(levelname)s: %(message)s"))
         logging.basicConfig(
             level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
-            format="rdm-backup: %(levelname)s: %(message)s",
+            handlers=[handler],
         )
         code: int = args.func(args)
         return code

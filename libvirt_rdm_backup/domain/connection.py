@@ -8,10 +8,12 @@ import uuid as uuidlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import libvirt
 
 from libvirt_rdm_backup.errors import LibvirtError, NotFoundError, UsageError
+from libvirt_rdm_backup.redact import redact
 
 DEFAULT_URI = "qemu:///system"
 _NAME_RE = re.compile(r"^[^\x00-\x1f/]{1,255}$")
@@ -35,7 +37,23 @@ def open_connection(uri: str | None = None) -> libvirt.virConnect:
     try:
         return libvirt.open(target)
     except libvirt.libvirtError as err:
-        raise LibvirtError(f"cannot connect to {target}: {err.get_error_message()}") from err
+        raise LibvirtError(
+            f"cannot connect to {redact(target)}: {redact(str(err.get_error_message()))}"
+        ) from err
+
+
+def connection_uri(conn: libvirt.virConnect) -> str:
+    """The URI of an open connection, password removed (raises LibvirtError)."""
+    try:
+        return redact(str(conn.getURI()))
+    except libvirt.libvirtError as err:
+        raise LibvirtError(f"cannot read the connection URI: {err}") from err
+
+
+def is_remote(conn: libvirt.virConnect) -> bool:
+    """True when libvirt is reached over the network: its QEMU gets no local file descriptors."""
+    parts = urlsplit(connection_uri(conn))
+    return bool(parts.netloc) or parts.scheme.partition("+")[2] not in ("", "unix")
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from typing import Any
 import libvirt
 
 from libvirt_rdm_backup.consistency import recover_window
+from libvirt_rdm_backup.domain.connection import connection_uri, is_remote
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.capture import (
     ProgressCallback,
@@ -223,7 +224,12 @@ def backup(
     through its agent while the point in time is fixed.
     """
     check_safe_name(chain_name, "chain name")
-    parse_target(target, allow_remote_plain=allow_plain_nbd)  # bad targets fail first
+    parsed = parse_target(target, allow_remote_plain=allow_plain_nbd)  # bad targets fail first
+    if isinstance(parsed, str) and is_remote(conn):
+        raise UsageError(
+            f"a directory target needs a local libvirt connection: through "
+            f"{connection_uri(conn)} QEMU runs on another host and cannot write into "
+            f"{target}; use an NBD target (nbds://, nbd://) there")
     ctx = open_domain(conn, domain)
     selected = select_disks(ctx.inventory, disks)
     store = open_store(target, create=True, allow_plain_nbd=allow_plain_nbd, tls_dir=tls_dir)

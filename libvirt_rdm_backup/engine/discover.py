@@ -20,6 +20,7 @@ from libvirt_rdm_backup.errors import (
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.blockdev import qdev_alias, query_block_devices
 from libvirt_rdm_backup.qemu.monitor import Monitor
+from libvirt_rdm_backup.repository.store import check_safe_name
 
 
 @dataclass
@@ -96,8 +97,11 @@ def select_disks(inventory: DiskInventory, names: list[str] | None) -> list[RawD
     """The raw disks named by ``names`` (all raw disks when empty).
 
     Raises NotRawDiskError for a named disk that is not raw, NotFoundError for
-    an unknown one, UsageError when the domain has no raw disk at all.
+    an unknown one, UsageError for a malformed name or when the domain has no raw
+    disk at all.
     """
+    for name in names or ():
+        check_safe_name(name, "disk name")
     if not names:
         if not inventory.raw:
             raise UsageError(f"domain {inventory.domain_name} has no raw disks")

@@ -29,7 +29,7 @@ from libvirt_rdm_backup.errors import (
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.repository.store import check_backup_id
+from libvirt_rdm_backup.repository.store import check_backup_id, check_safe_name
 from libvirt_rdm_backup.storage import tgt
 from libvirt_rdm_backup.storage.base import StorageNode
 from libvirt_rdm_backup.storage.sysfs import SysfsAgent
@@ -37,6 +37,7 @@ from libvirt_rdm_backup.storage.sysfs import SysfsAgent
 log = logging.getLogger(__name__)
 
 BLKZEROOUT = 0x127F
+BLKROGET = 0x125E
 CHUNK = 4 * 1024 * 1024
 _ZERO = bytes(CHUNK)
 
@@ -76,10 +77,11 @@ def find_domain_backups(store: Store, domain: str) -> list[Manifest]:
 
 def choose_backup(store: Store, domain: str, backup_id: str | None) -> Manifest:
     """The requested backup of a domain (the newest when ``backup_id`` is None)."""
+    if backup_id is not None:
+        check_backup_id(backup_id)
     manifests = find_domain_backups(store, domain)
     if backup_id is None:
         return manifests[-1]
-    check_backup_id(backup_id)
     for manifest in manifests:
         if manifest.backup_id == backup_id:
             return manifest
@@ -147,11 +149,15 @@ def check_target(
     path: str, size: int, force: bool, conn: libvirt.virConnect | None
 ) -> tuple[bool, bool]:
     """Refuse unusable targets; return ``(exists, is_block_device)``."""
+    if not path:
+        raise UsageError("restore target path is empty")
     real = os.path.realpath(path)
     if not os.path.exists(real):
         parent = os.path.dirname(real) or "."
         if not os.path.isdir(parent):
             raise UsageError(f"restore target directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise UsageError(f"restore target directory {parent} is not writable")
         return False, False
     mode = os.stat(real).st_mode
     if stat.S_ISDIR(mode):
@@ -159,7 +165,7 @@ def check_target(
     is_block = stat.S_ISBLK(mode)
     if not (is_block or stat.S_ISREG(mode)):
         raise UsageError(f"restore target {path} is neither a file nor a block device")
-    if not os.access(real, os.W_OK):
+    if not os.access(real, os.W_OK) or (is_block and read_only_device(real)):
         raise UsageError(f"restore target {path} is not writable")
     if conn is not None and not force:
         used = paths_in_use(conn)
@@ -176,6 +182,23 @@ def check_target(
             "use --force to write what fits"
         )
     return True, is_block
+
+
+def read_only_device(path: str) -> bool:
+    """True for a block device set read-only (``BLKROGET``), which even root cannot write."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        flag: int = struct.unpack("i", fcntl.ioctl(fd, BLKROGET, bytes(4)))[0]
+    finally:
+        os.close(fd)
+    return flag != 0
+
+
+def refuse_store_paths(store: Store, path: str) -> None:
+    """Refuse a target that is, or lies on, a file of the store being read."""
+    if any(store.holds(p) for p in sorted(storage_paths(path))):
+        raise UsageError(f"restore target {path} is inside the backup repository "
+                         f"{store.name}; writing it would destroy backups")
 
 
 def zero_nonzero_ranges(path: str, length: int) -> int:
@@ -261,15 +284,19 @@ def restore(
     """Restore disk ``disk`` of ``domain`` from the repository at ``target`` into ``to``.
 
     The stored data is verified before anything is written. Refuses a target
-    smaller than the disk or used by a running domain unless ``force``.
+    smaller than the disk or used by a running domain unless ``force``, and
+    always one inside the repository.
     """
+    check_safe_name(disk, "disk name")
     with open_store(target, tls_dir=tls_dir) as store:
         manifest = choose_backup(store, domain, backup_id)
         record = manifest.disk(disk)
         if record is None:
             raise NotFoundError(f"backup {manifest.backup_id} has no disk {disk!r}")
-        points = verify_lineage(store, manifest, disk)
+        if to:
+            refuse_store_paths(store, to)
         exists, is_block = check_target(to, record.size, force, conn)
+        points = verify_lineage(store, manifest, disk)
         node = store.image_node(manifest, record, [p.record for p in points[1:]])
         try:
             zeroed = write_disk(node, record, to, exists, is_block)

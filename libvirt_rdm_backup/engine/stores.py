@@ -69,6 +69,8 @@ class Store(Protocol):
     def image_node(self, manifest: Manifest, record: DiskRecord,
                    lower: list[DiskRecord]) -> dict[str, Any]: ...
 
+    def holds(self, path: str) -> bool: ...
+
 
 def open_store(target: str, create: bool = False, allow_plain_nbd: bool = True,
                tls_dir: str | None = None) -> Store:
@@ -166,6 +168,10 @@ class FileStore:
         path = self.repo.data_file(manifest, record)
         return {"driver": DATA_FORMAT, "file": {"driver": "file", "filename": path}}
 
+    def holds(self, path: str) -> bool:
+        """True when writing the local ``path`` would write into the repository."""
+        return self.repo.holds(path)
+
 
 class VolumeStore:
     """Backups inside an NBD export (:class:`NbdVolume`)."""
@@ -250,6 +256,10 @@ class VolumeStore:
                    lower: list[DiskRecord]) -> dict[str, Any]:
         """The point's qcow2 region with the lower layers as explicit backing nodes."""
         return self.volume.layer_node(record, lower)
+
+    def holds(self, path: str) -> bool:
+        """False: the volume's file is on the backup server, not a local path of this store."""
+        return False
 
 
 def _file_problem(path: str, what: str, expected: Digest) -> str | None:

@@ -161,6 +161,31 @@ class Repository:
         name = check_safe_name(record.data_file, "data file name")
         return os.path.join(self.backup_dir(manifest.domain_uuid, manifest.backup_id), name)
 
+    def holds(self, path: str) -> bool:
+        """True when writing ``path`` would write into the repository.
+
+        ``path`` (or, when it does not exist, its directory) is inside the root,
+        or is one of its files or directories under another name (a hard link,
+        a bind mount).
+        """
+        root, real = os.path.realpath(self.root), os.path.realpath(path)
+        if os.path.commonpath([root, real]) == root:
+            return True
+        try:
+            probe = os.stat(real if os.path.lexists(real) else os.path.dirname(real))
+        except OSError:
+            return False
+        key = (probe.st_dev, probe.st_ino)
+        for directory, _dirs, files in os.walk(root):
+            for name in (directory, *(os.path.join(directory, f) for f in files)):
+                try:
+                    found = os.stat(name, follow_symlinks=False)
+                except OSError:
+                    continue
+                if (found.st_dev, found.st_ino) == key:
+                    return True
+        return False
+
     # -- writing ---------------------------------------------------------------
 
     @contextmanager

@@ -1,0 +1,13 @@
+"""Passwords in URIs are never shown: ``qemu+tcp://user:secret@host/`` reads ``user:***@host``."""
+
+from __future__ import annotations
+
+import re
+
+# scheme://user:password@ — the password runs to the authority's last '@'
+_USERINFO_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*):[^/?#\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` replaced by ``***``."""
+    return _USERINFO_RE.sub(r"\1:***@", text)
