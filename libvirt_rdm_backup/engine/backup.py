@@ -18,7 +18,12 @@ from libvirt_rdm_backup.engine.capture import (
     capture,
     drop_new_snapshots,
 )
-from libvirt_rdm_backup.engine.discover import DomainContext, open_domain, select_disks
+from libvirt_rdm_backup.engine.discover import (
+    DomainContext,
+    fill_live_facts,
+    open_domain,
+    select_disks,
+)
 from libvirt_rdm_backup.engine.locks import domain_lock
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan, Facts, overall_level, plan_backup
 from libvirt_rdm_backup.engine.stores import open_store
@@ -191,7 +196,8 @@ def _prepare_qemu(ctx: DomainContext, repo_id: str, chain: Chain) -> Monitor | N
         return None
     recover_window(ctx.dom)
     monitor = Monitor(ctx.dom)
-    remove_leftovers(monitor)
+    if remove_leftovers(monitor):
+        fill_live_facts(ctx.dom, ctx.inventory)  # a removed filter node changes node names
     bitmaps.remove_unneeded(monitor, bitmaps.chain_prefix(repo_id, chain.name),
                             chain.needed_bitmaps())
     return monitor

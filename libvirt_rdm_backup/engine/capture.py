@@ -245,7 +245,7 @@ def _undo(monitor: Monitor | None, jobs: list[str], plans: list[DiskPlan],
         for disk, name in result.new_bitmaps.items():
             bitmaps.remove(monitor, nodes[disk], name)
     except RdmBackupError as err:
-        log.warning("cleanup after a failed capture was incomplete: %s", err)
+        log.info("cleanup after a failed capture was incomplete: %s", err)
 
 
 def drop_new_snapshots(plans: list[DiskPlan], result: Capture) -> None:

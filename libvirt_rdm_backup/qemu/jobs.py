@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from libvirt_rdm_backup.errors import OperationError, RdmBackupError
+from libvirt_rdm_backup.process import stall_timeout
 from libvirt_rdm_backup.qemu.monitor import Monitor
 
 log = logging.getLogger(__name__)
@@ -65,16 +66,27 @@ def wait_jobs(
     job_ids: Iterable[str],
     progress: ProgressCallback | None = None,
     poll: float = 0.1,
+    stall: float | None = None,
 ) -> list[JobResult]:
     """Wait until every job concluded, dismiss them, and return their results.
 
-    Raises OperationError naming the first failed job (after dismissing all).
+    Raises OperationError naming the first failed job (after dismissing all), or
+    when no job made progress for ``stall`` seconds (default: the stall limit of
+    the data movers); the caller cancels what is left.
     """
     pending = set(job_ids)
     results: dict[str, JobResult] = {}
     delay = 0.005
+    stall = stall_timeout() if stall is None else stall
+    moved, last_move = -1, time.monotonic()
     while pending:
         states = _job_states(monitor)
+        done = sum(int(states.get(j, {}).get("current-progress", 0)) for j in pending)
+        if done != moved:
+            moved, last_move = done, time.monotonic()
+        elif time.monotonic() - last_move > stall:
+            raise OperationError(f"QEMU job {min(pending)} made no progress for {stall:g} s "
+                                 "(is the storage answering?)")
         for job_id in sorted(pending):
             state = states.get(job_id)
             if state is None:
@@ -121,4 +133,4 @@ def cancel_jobs(monitor: Monitor, job_ids: Iterable[str]) -> None:
         if not [j for j in remaining if states[j]["status"] not in ("concluded", "null")]:
             return
         time.sleep(0.1)
-    log.warning("jobs %s did not stop within 30 s", ", ".join(ids))
+    log.info("jobs %s did not stop within 30 s (the next run removes them)", ", ".join(ids))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import suppress
 
-from libvirt_rdm_backup.errors import RdmBackupError
+from libvirt_rdm_backup.errors import OperationError, RdmBackupError
 from libvirt_rdm_backup.qemu.jobs import cancel_jobs
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import is_ours
@@ -23,6 +23,10 @@ def remove_leftovers(monitor: Monitor) -> list[str]:
     jobs = [str(j["id"]) for j in monitor.execute("query-jobs") or [] if is_ours(str(j["id"]))]
     if jobs:
         cancel_jobs(monitor, jobs)
+        stuck = sorted(set(jobs) & {str(j["id"]) for j in monitor.execute("query-jobs") or []})
+        if stuck:
+            raise OperationError(f"QEMU job {stuck[0]} of an earlier run is still stopping "
+                                 "(its storage is not answering); try again later")
         removed += [f"job {j}" for j in jobs]
     exports = monitor.execute("query-block-exports") or []
     for export in exports:

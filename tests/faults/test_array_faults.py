@@ -106,10 +106,17 @@ def fill_lun(path: Path) -> None:
     subprocess.run([*argv, str(path)], check=True, capture_output=True)
 
 
-def wait_until_copying(dom: libvirt.virDomain, proc: subprocess.Popen[str]) -> None:
-    """The LUN is copied from storage while the guest is held: wait for that pause."""
+def wait_until_copying(dom: libvirt.virDomain, proc: subprocess.Popen[str], device: str) -> None:
+    """A LUN is copied from storage while the guest is held: wait for that pause; a
+    virtual disk is copied by a QEMU job: wait for the job."""
+
+    def copying() -> bool:
+        if device == "lun":
+            return bool(dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED)
+        return any(item.startswith("job ") for item in domains.qemu_leftovers(dom))
+
     deadline = time.monotonic() + 60
-    while dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
+    while not copying():
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the LUN copy did not start"
         time.sleep(0.005)
@@ -119,10 +126,15 @@ def wait_until_copying(dom: libvirt.virDomain, proc: subprocess.Popen[str]) -> N
 STALL_LIMIT = 4  # seconds without I/O before the tool gives a copy up (RDM_BACKUP_STALL_TIMEOUT)
 
 
-@pytest.mark.parametrize("outage", ["short", "long"])
-def test_array_stopped_mid_copy_and_brought_back(outage: str) -> None:
+@pytest.mark.parametrize(("device", "outage"), [("lun", "short"), ("lun", "long"),
+                                               ("disk", "long")])
+def test_array_stopped_mid_copy_and_brought_back(device: str, outage: str) -> None:
     """Short: back within the copy, which carries on. Long: the copy is given up in one
-    line (exit 4, guest resumed, nothing published), and the next backup works."""
+    line (exit 4, guest resumed, nothing published), and the next backup works.
+
+    ``lun``: a passthrough LUN, copied from the array while the guest is held;
+    ``disk``: an iSCSI virtual disk, copied by a QEMU backup job.
+    """
     with rdmb_tmpdir() as work:
         backing = work / "lun.img"
         with open(backing, "wb") as stream:
@@ -132,12 +144,13 @@ def test_array_stopped_mid_copy_and_brought_back(outage: str) -> None:
         subprocess.run(["cp", "--sparse=always", str(backing), str(reference)], check=True)
         name = unique_name("rdmb-vm")
         with private_array(backing) as array, domains.test_domain(
-                name, [domains.iscsi_disk("sda", array.iqn, 1, port=array.port)]) as dom:
+                name, [domains.iscsi_disk("sda", array.iqn, 1, device=device,
+                                          port=array.port)]) as dom:
             repo = str(work / "repo")
             env = {**os.environ, "RDM_BACKUP_STALL_TIMEOUT": str(STALL_LIMIT)}
             proc = subprocess.Popen([str(EXE), "backup", name, "--target", repo], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            wait_until_copying(dom, proc)
+            wait_until_copying(dom, proc, device)
             array.stop()
             if outage == "short":
                 time.sleep(1)
@@ -150,7 +163,7 @@ def test_array_stopped_mid_copy_and_brought_back(outage: str) -> None:
                 array.start()
                 assert proc.returncode == 4, err
                 assert err.count("\n") == 1 and "Traceback" not in err
-                assert f"made no progress for {STALL_LIMIT} s" in err
+                assert f"made no progress for {STALL_LIMIT} s" in err, err
                 assert api.list_backups(repo) == []
                 assert not [p for p in Path(repo).rglob("*") if p.is_file() and
                             p.name not in {"rdm-backup-repository.json", ".lock"}]

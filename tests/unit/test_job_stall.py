@@ -1,0 +1,45 @@
+"""Waiting for QEMU jobs: progress ends the wait normally, a stuck job is given up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from libvirt_rdm_backup.errors import OperationError
+from libvirt_rdm_backup.qemu.jobs import wait_jobs
+
+
+class ScriptedMonitor:
+    """Answers query-jobs from a script of progress values, one per poll."""
+
+    def __init__(self, progress: list[int], total: int = 100) -> None:
+        self.progress = progress
+        self.total = total
+        self.polls = 0
+        self.dismissed: list[str] = []
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        if command == "job-dismiss":
+            assert arguments is not None
+            self.dismissed.append(arguments["id"])
+            return {}
+        assert command == "query-jobs"
+        current = self.progress[min(self.polls, len(self.progress) - 1)]
+        self.polls += 1
+        status = "concluded" if current >= self.total else "running"
+        return [{"id": "job0", "status": status, "current-progress": current,
+                 "total-progress": self.total}]
+
+
+def test_a_progressing_job_is_waited_for() -> None:
+    monitor = ScriptedMonitor([0, 10, 20, 50, 100])
+    results = wait_jobs(monitor, ["job0"], poll=0.001, stall=0.5)  # type: ignore[arg-type]
+    assert [r.status for r in results] == ["concluded"] and monitor.dismissed == ["job0"]
+
+
+def test_a_stuck_job_is_given_up() -> None:
+    monitor = ScriptedMonitor([0, 10, 10])  # stays at 10 forever
+    with pytest.raises(OperationError, match="job0 made no progress for 0.2 s"):
+        wait_jobs(monitor, ["job0"], poll=0.01, stall=0.2)  # type: ignore[arg-type]
+    assert monitor.polls > 3
