@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LAB := tools/lab.sh
 
-.PHONY: help install lab-up lab-down lint test demo bench clean distclean
+.PHONY: help install lab-up lab-down lint test faults demo bench clean distclean
 
 help:
 	@echo "make demo       install everything, bring up the lab, run a real backup and restore"
@@ -18,6 +18,7 @@ help:
 	@echo "make lab-up     start virtlogd+libvirtd, tgtd on 127.0.0.1:3260 (idempotent)"
 	@echo "make lab-down   stop the lab, remove leftover rdmb* domains, targets, loop devices"
 	@echo "make lint       ruff + mypy"
+	@echo "make faults     only the fault and bad-input suite (make test runs it too)"
 	@echo "make bench      run tools/bench.py against the lab"
 	@echo "make clean      remove caches and build artefacts (distclean: also the venv)"
 
@@ -39,6 +40,11 @@ test: install lab-up
 	@lint=0; $(MAKE) --no-print-directory lint || lint=$$?; \
 	$(VENV)/bin/pytest -q tests || exit $$?; \
 	if [ "$$lint" != 0 ]; then echo "make test: the tests passed but lint failed" >&2; exit 1; fi
+
+# The fault and bad-input suite alone; its summary (faults survived / tried, bad inputs
+# refused / tried) ends the output of this target and of `make test`.
+faults: install lab-up
+	$(VENV)/bin/pytest -q -m "fault or bad_input" tests
 
 demo: install lab-up
 	$(PY) tools/demo.py

@@ -20,6 +20,7 @@ from tests.lab.domains import guest_write, rdm_backup
 pytestmark = pytest.mark.lab
 
 
+@pytest.mark.fault
 def test_quiesce_without_a_guest_agent() -> None:
     with lab_vm(loop_size=64 * MiB, lun_size=16 * MiB) as vm:
         repo = str(vm.workdir / "repo")
@@ -46,6 +47,7 @@ def test_quiesce_without_a_guest_agent() -> None:
             assert same_bytes(out, ref)
 
 
+@pytest.mark.fault
 def test_a_killed_run_leaves_no_paused_guest_behind() -> None:
     # the LUN has no snapshot-capable storage (plain tgt file), so it is copied while the
     # guest is paused: kill the tool inside that window

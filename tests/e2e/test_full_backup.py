@@ -121,6 +121,7 @@ def test_zeros_take_no_space() -> None:
         assert disk["bytes_transferred"] == 10 * MiB
 
 
+@pytest.mark.fault
 def test_list_verify_and_flipped_byte(vm: LabVM) -> None:
     with rdmb_tmpdir() as work:
         repo = str(work / "repo")
@@ -157,6 +158,7 @@ def test_list_verify_and_flipped_byte(vm: LabVM) -> None:
         assert refused.returncode == 5 and not out.exists()
 
 
+@pytest.mark.bad_input
 def test_bad_input_exit_codes(vm: LabVM) -> None:
     with rdmb_tmpdir() as work:
         repo = str(work / "repo")

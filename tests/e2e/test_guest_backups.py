@@ -172,6 +172,7 @@ def test_quiesce_freezes_and_thaws(lab: GuestLab) -> None:
     g.check("echo after > /mnt/fs/after && sync")
 
 
+@pytest.mark.fault
 def test_thaw_and_resume_when_the_tool_is_interrupted(lab: GuestLab) -> None:
     g = lab.guest
     g.wait_agent(30)
@@ -202,6 +203,7 @@ def test_thaw_and_resume_when_the_tool_is_interrupted(lab: GuestLab) -> None:
     assert api.list_backups(repo)[-1].disks[0].disk.target == "vda"
 
 
+@pytest.mark.fault
 def test_hung_agent(lab: GuestLab, monkeypatch: pytest.MonkeyPatch) -> None:
     g = lab.guest
     g.wait_agent(30)
@@ -223,6 +225,7 @@ def test_hung_agent(lab: GuestLab, monkeypatch: pytest.MonkeyPatch) -> None:
     assert g.agent("guest-fsfreeze-status") == "thawed"
 
 
+@pytest.mark.fault
 def test_missing_agent(lab: GuestLab, monkeypatch: pytest.MonkeyPatch) -> None:
     g = lab.guest
     monkeypatch.setenv("RDM_BACKUP_AGENT_TIMEOUT", "3")

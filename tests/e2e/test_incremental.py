@@ -145,6 +145,7 @@ def test_independent_chains(small_vm: LabVM) -> None:
     restore_and_compare(vm, repo_a, work, a2.manifest.backup_id, {"vdb": refs_a2["vdb"]})
 
 
+@pytest.mark.fault
 def test_restart_loses_tracking_and_auto_resyncs(small_vm: LabVM) -> None:
     vm, work = small_vm, small_vm.workdir
     repo = str(work / "repo")
@@ -179,6 +180,7 @@ def test_restart_loses_tracking_and_auto_resyncs(small_vm: LabVM) -> None:
     assert qemu_leftovers(vm.dom) == []
 
 
+@pytest.mark.fault
 def test_resync_of_a_shut_off_domain_and_explicit_resync() -> None:
     with lab_vm(loop_size=LOOP_SIZE, lun_size=LUN_SIZE) as vm:
         work, repo = vm.workdir, str(vm.workdir / "repo")
@@ -224,6 +226,7 @@ def _kill_when_copying(proc: subprocess.Popen[str], vm: LabVM) -> None:
     pytest.fail("the backup job never started")
 
 
+@pytest.mark.fault
 def test_killed_backups_lose_no_tracking() -> None:
     with lab_vm(loop_size=1024 * MiB, lun_size=LUN_SIZE) as vm:
         work, repo = vm.workdir, str(vm.workdir / "repo")
@@ -260,6 +263,7 @@ def test_killed_backups_lose_no_tracking() -> None:
         assert [b["level"] for b in listed] == ["full", "incremental"]
 
 
+@pytest.mark.fault
 def test_cancelled_job_and_resized_disk(small_vm: LabVM) -> None:
     vm, work = small_vm, small_vm.workdir
     repo = str(work / "repo")
@@ -289,6 +293,7 @@ def test_cancelled_job_and_resized_disk(small_vm: LabVM) -> None:
     restore_and_compare(vm, repo, work, result.manifest.backup_id, {"vdb": refs["vdb"]})
 
 
+@pytest.mark.fault
 def test_resized_disk_gets_a_full_copy() -> None:
     with lab_vm(loop_size=LOOP_SIZE, lun_size=LUN_SIZE, sizelimit=False) as vm:
         work, repo = vm.workdir, str(vm.workdir / "repo")

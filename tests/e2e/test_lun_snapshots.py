@@ -96,6 +96,7 @@ def test_lun_full_and_incremental_from_storage_snapshots() -> None:
         assert api.verify(repo).ok
 
 
+@pytest.mark.fault
 def test_lost_snapshot_falls_back_to_a_resync() -> None:
     with lab_vm(loop_size=64 * MiB, lun_size=LUN_SIZE, reflink=True) as vm:
         repo = str(vm.workdir / "repo")
@@ -185,6 +186,7 @@ def test_shut_off_disk_on_snapshot_storage_gets_ranged_incrementals() -> None:
         assert same_bytes(out, refs["vdb"])
 
 
+@pytest.mark.fault
 def test_snapshots_left_by_a_killed_run_are_pruned() -> None:
     import subprocess
 

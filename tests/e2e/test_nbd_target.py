@@ -134,6 +134,7 @@ def test_full_and_incremental_into_an_nbd_volume(server: NbdServer) -> None:
             vm.name, ["vdb"])[0].to_dict()
 
 
+@pytest.mark.fault
 def test_nbd_server_dying_mid_backup(server: NbdServer) -> None:
     with lab_vm(loop_size=1024 * MiB) as vm:
         guest_write(vm.dom, "vdb", 0x21, 0, MiB)
@@ -182,6 +183,7 @@ def stat_mode(path: Path) -> int:
     return os.stat(path).st_mode & 0o777
 
 
+@pytest.mark.bad_input
 def test_plain_nbd_to_a_remote_address_is_refused() -> None:
     with pytest.raises(Exception) as err:
         api.backup("rdmb-none", "nbd://192.0.2.1/x")

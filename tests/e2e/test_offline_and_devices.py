@@ -106,6 +106,7 @@ def test_restore_force_into_smaller_and_existing_files() -> None:
         assert same_bytes(small, vm.loop)
 
 
+@pytest.mark.fault
 def test_failed_backup_publishes_nothing(rdmb_tmp: Path) -> None:
     mount = rdmb_tmp / "tiny"
     mount.mkdir()

@@ -54,6 +54,7 @@ def test_mappings_from_the_agent_equal_the_local_ones(sshd: SshdInfo) -> None:
         assert kinds == {"vdb": "sysfs", "sda": "iscsi"}
 
 
+@pytest.mark.bad_input
 def test_version_and_clean_errors(sshd: SshdInfo) -> None:
     agent = agent_of(sshd)
     answer = agent.version()
@@ -76,6 +77,7 @@ def test_version_and_clean_errors(sshd: SshdInfo) -> None:
         assert "\n" not in str(err) and "Traceback" not in str(err)
 
 
+@pytest.mark.bad_input
 def test_a_wrong_key_is_refused(sshd: SshdInfo) -> None:
     other = sshd.new_key("unauthorized_key")
     with pytest.raises(OperationError) as refused:
@@ -85,6 +87,7 @@ def test_a_wrong_key_is_refused(sshd: SshdInfo) -> None:
     assert "\n" not in message
 
 
+@pytest.mark.bad_input
 def test_an_unknown_host_key_is_refused(sshd: SshdInfo) -> None:
     empty = sshd.workdir / "empty_known_hosts"
     empty.write_text("")
@@ -92,6 +95,7 @@ def test_an_unknown_host_key_is_refused(sshd: SshdInfo) -> None:
         SshAgent(sshd.uri, identity=str(sshd.identity), known_hosts=str(empty)).version()
 
 
+@pytest.mark.bad_input
 def test_the_key_runs_the_agent_and_nothing_else(sshd: SshdInfo) -> None:
     """The client's own command is ignored: the forced command answers, on stdin's request."""
     proc = subprocess.run(sshd.ssh_argv("cat", "/etc/hostname"), input='{"op": "version"}',

@@ -76,6 +76,7 @@ def test_state_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.parametrize("uuid", ["", "nope", "../../etc/passwd", UUID + "0", "x" * 500])
+@pytest.mark.bad_input
 def test_malformed_uuid_is_refused(tmp_path: Path, uuid: str) -> None:
     with pytest.raises(UsageError):
         events.record_event(uuid, "started", "started", "begin", str(tmp_path))
@@ -84,6 +85,7 @@ def test_malformed_uuid_is_refused(tmp_path: Path, uuid: str) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.bad_input
 def test_unknown_event_and_bad_pid_are_refused(tmp_path: Path) -> None:
     with pytest.raises(UsageError):
         events.record_event(UUID, "exploded", "x", "y", str(tmp_path))
@@ -142,6 +144,7 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
     assert len(text.splitlines()) == 25 and len(recorded(other)) == 25
 
 
+@pytest.mark.bad_input
 def test_symlinked_event_file_is_not_followed(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
@@ -154,6 +157,7 @@ def test_symlinked_event_file_is_not_followed(tmp_path: Path) -> None:
     assert recorded(state) == []
 
 
+@pytest.mark.bad_input
 def test_malformed_lines_are_skipped(tmp_path: Path) -> None:
     good = [line("2026-11-25T14:00:00.000Z", "started", 7), line("2026-11-25T15:00:00Z", "stopped")]
     write_lines(
@@ -284,6 +288,7 @@ def test_main_accepts_text_stdin(tmp_path: Path, capsys: pytest.CaptureFixture[s
     "../../../../etc/passwd", "a/../../b", "$(touch /tmp/rdmb-pwned)", "`id`", "a\nb", "",
     "-", ".", "..", "x" * 100_000, "\x00", "vm1.pid", "\udcff", "--help",
 ])
+@pytest.mark.bad_input
 def test_hostile_names(tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]) -> None:
     state, run_dir = tmp_path / "events", tmp_path / "run"
     run_dir.mkdir()
@@ -333,6 +338,7 @@ XXE = b"""<?xml version="1.0"?><!DOCTYPE d [<!ENTITY x SYSTEM "file:///etc/hostn
     # Deeper than libxml2 accepts without huge_tree (256 levels).
     b"<domain><uuid>" + UUID.encode() + b"</uuid>" + b"<a>" * 300 + b"</a>" * 300 + b"</domain>",
 ])
+@pytest.mark.bad_input
 def test_hostile_xml_never_fails(tmp_path: Path, stdin: bytes,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     err = run_hook(["vm1", "started", "begin", "-"], io.BytesIO(stdin), tmp_path, tmp_path, capsys)
@@ -340,6 +346,7 @@ def test_hostile_xml_never_fails(tmp_path: Path, stdin: bytes,
     assert recorded(tmp_path) == []
 
 
+@pytest.mark.bad_input
 def test_huge_xml_is_drained_and_ignored(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     body = domain_xml() + b"<!--" + b"x" * (hook.MAX_XML_BYTES + 10) + b"-->"
@@ -351,6 +358,7 @@ def test_huge_xml_is_drained_and_ignored(tmp_path: Path,
 
 
 @pytest.mark.parametrize("argv", [[], ["vm1"], ["vm1", "started"]])
+@pytest.mark.bad_input
 def test_short_argv(tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     run_hook(argv, io.BytesIO(domain_xml()), tmp_path, tmp_path, capsys)
     assert recorded(tmp_path) == []
@@ -394,6 +402,7 @@ def test_uuid_from_xml_canonical() -> None:
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(argv=st.lists(st.text(max_size=40), max_size=6), data=st.binary(max_size=300))
+@pytest.mark.bad_input
 def test_fuzzed_calls_never_fail(tmp_path: Path, argv: list[str], data: bytes) -> None:
     assert hook.main(argv, io.BytesIO(data), state_dir=str(tmp_path / "s"),
                      run_dir=str(tmp_path)) == 0
@@ -423,6 +432,7 @@ def test_install_uninstall(tmp_path: Path) -> None:
     assert hook.uninstall(str(hooks)) is False
 
 
+@pytest.mark.bad_input
 def test_install_refusals(tmp_path: Path) -> None:
     with pytest.raises(UsageError):
         hook.install(str(tmp_path), python="python3")

@@ -149,6 +149,7 @@ def check_target(text: str) -> None:
 @example("nbd://\uff03host/disk")
 @example("nbd+unix:///../../etc?socket=/tmp/s")
 @example("nbd://localhost/%2e%2e%2fetc")
+@pytest.mark.bad_input
 def test_parse_target_raises_only_usage_errors(text: str) -> None:
     check_target(text)
 
@@ -156,6 +157,7 @@ def test_parse_target_raises_only_usage_errors(text: str) -> None:
 @FUZZ
 @given(st.sampled_from(["nbd", "nbds", "nbd+unix"]), st.lists(piece, max_size=3),
        st.integers(min_value=-10, max_value=10**6) | st.none())
+@pytest.mark.bad_input
 def test_parse_target_hostile_export_names(scheme: str, export: list[str],
                                            port: int | None) -> None:
     name = "".join(export)
@@ -270,6 +272,7 @@ SYSFS = "/nonexistent-rdmb-sysfs"
          "<address bus='x' target='0' unit='0'/></source></hostdev></devices></domain>")
 @example("<domain><devices><disk type='network'><source protocol='iscsi' name='iqn/'>"
          "<host name='h'/></source></disk></devices></domain>")
+@pytest.mark.bad_input
 def test_domain_xml_grammar(text: str) -> None:
     check_domain_xml(text, SYSFS)
 
@@ -278,6 +281,7 @@ def test_domain_xml_grammar(text: str) -> None:
 @given(st.binary(max_size=300) | st.binary(max_size=200).map(lambda b: b"<domain>" + b))
 @example(b"\xff\xfe<\x00d\x00")
 @example(b"<?xml version='1.0' encoding='latin-1'?><domain/>")
+@pytest.mark.bad_input
 def test_domain_xml_raw_bytes(data: bytes) -> None:
     check_domain_xml(data.decode("latin-1"), SYSFS)
 
@@ -285,6 +289,7 @@ def test_domain_xml_raw_bytes(data: bytes) -> None:
 @FUZZ
 @given(st.text(max_size=200))
 @example(nested(5000).replace("[", "<a>").replace("]", "</a>"))
+@pytest.mark.bad_input
 def test_domain_xml_random_text(text: str) -> None:
     check_domain_xml(text, SYSFS)
 
@@ -333,6 +338,7 @@ def test_real_manifest_round_trips() -> None:
 
 @FUZZ
 @given(json_trees)
+@pytest.mark.bad_input
 def test_manifest_random_json(tree: Any) -> None:
     check_manifest_text(json.dumps(tree))
 
@@ -344,12 +350,14 @@ def test_manifest_random_json(tree: Any) -> None:
 @example({**REAL_MANIFEST, "disks": [{**REAL_MANIFEST["disks"][0],
                                       "mapping": {**REAL_MANIFEST["disks"][0]["mapping"],
                                                   "version": float("inf")}}]})
+@pytest.mark.bad_input
 def test_manifest_mutations(document: Any) -> None:
     check_manifest_text(json.dumps(document))
 
 
 @FUZZ
 @given(st.text(max_size=200) | st.sampled_from([nested(100000), "Infinity", "NaN", "{" * 3]))
+@pytest.mark.bad_input
 def test_manifest_random_text(text: str) -> None:
     check_manifest_text(text)
 
@@ -363,6 +371,7 @@ def test_manifest_random_text(text: str) -> None:
           "storage": {"kind": "disk", "name": "x", "size": 1,
                       "extents": [{"start": float("inf"), "length": 1, "offset": 0,
                                    "target": {"kind": "file", "name": "y"}}]}})
+@pytest.mark.bad_input
 def test_raw_disk_mapping_documented_errors(document: Any) -> None:
     try:
         mapping = RawDiskMapping.from_dict(document)
@@ -407,6 +416,7 @@ def test_valid_chunkmap_parses() -> None:
 @given(st.binary(max_size=400) | st.binary(max_size=300).map(lambda b: b"RDMBCMAP" + b))
 @example(with_header(nested(10000).encode()))
 @example(with_header(b'{"format": 1e999}'))
+@pytest.mark.bad_input
 def test_chunkmap_random_bytes(data: bytes) -> None:
     check_chunkmap(data)
 
@@ -415,6 +425,7 @@ def test_chunkmap_random_bytes(data: bytes) -> None:
 @given(st.lists(st.tuples(st.integers(0, len(VALID_CHUNKMAP) - 1), st.integers(0, 255)),
                 min_size=1, max_size=6),
        st.integers(0, len(VALID_CHUNKMAP)))
+@pytest.mark.bad_input
 def test_chunkmap_mutated_bytes(flips: list[tuple[int, int]], cut: int) -> None:
     data = bytearray(VALID_CHUNKMAP)
     for position, value in flips:
@@ -425,6 +436,7 @@ def test_chunkmap_mutated_bytes(flips: list[tuple[int, int]], cut: int) -> None:
 
 @FUZZ
 @given(mutations(json.loads(VALID_CHUNKMAP[12:12 + struct.unpack(">I", VALID_CHUNKMAP[8:12])[0]])))
+@pytest.mark.bad_input
 def test_chunkmap_mutated_header(header: Any) -> None:
     body = VALID_CHUNKMAP[12 + struct.unpack(">I", VALID_CHUNKMAP[8:12])[0]:]
     check_chunkmap(with_header(json.dumps(header).encode()) + body)
@@ -455,6 +467,7 @@ def test_superblock_round_trips() -> None:
 
 @FUZZ
 @given(st.binary(max_size=200) | st.binary(max_size=200).map(lambda b: b"RDMBVOL1" + b))
+@pytest.mark.bad_input
 def test_superblock_random_bytes(data: bytes) -> None:
     check_superblock(data)
 
@@ -465,11 +478,13 @@ def test_superblock_random_bytes(data: bytes) -> None:
 @example([])
 @example({"format": "libvirt-rdm-backup/nbd-volume", "version": 1, "id": "x",
           "next_free": float("inf"), "entries": []})
+@pytest.mark.bad_input
 def test_superblock_checksummed_hostile_body(doc: Any) -> None:
     check_superblock(superblock_bytes(json.dumps(doc).encode()))
     check_superblock(superblock_bytes(json.dumps(doc).encode())[:HEAD.size - 1])
 
 
+@pytest.mark.bad_input
 def test_superblock_deep_json_body() -> None:
     check_superblock(superblock_bytes(nested(200000).encode()))
 
@@ -497,12 +512,14 @@ def check_answer(request: Any) -> None:
                                                         "lun": float("inf")}}})
 @example({"op": "map", "disk": {**VALID_DISK, "size": 10**400}})
 @example({"op": ["version"]})
+@pytest.mark.bad_input
 def test_agent_handle_random_requests(request: Any) -> None:
     check_answer(request)
 
 
 @FUZZ
 @given(mutations(VALID_DISK) | json_trees)
+@pytest.mark.bad_input
 def test_disk_from_request_only_usage_errors(data: Any) -> None:
     try:
         disk = disk_from_request(data)
@@ -524,6 +541,7 @@ def test_disk_from_request_only_usage_errors(data: Any) -> None:
 @example("ssh://host:99999")
 @example("ssh://-oProxyCommand=x")
 @example("ssh://host\n")
+@pytest.mark.bad_input
 def test_parse_agent_uri_only_usage_errors(text: Any) -> None:
     try:
         address = parse_agent_uri(text)
@@ -556,6 +574,7 @@ FORBIDDEN = ["/", "$", "`", ";", "|", "&", "\x00", " ", "\t", "\n", "\r", "\x0b"
 @example("vdb\n")
 @example("vdb\x00")
 @example("$(reboot)")
+@pytest.mark.bad_input
 def test_names_refuse_traversal_and_shell_metacharacters(name: str) -> None:
     for check in (check_backup_id, lambda n: check_safe_name(n, "chain name")):
         try:
@@ -632,6 +651,7 @@ def repository_argv(draw: st.DrawFn) -> list[str]:
 
 @LIGHT
 @given(argv=repository_argv())
+@pytest.mark.bad_input
 def test_cli_repository_commands(argv: list[str], cli_sandbox: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     (cli_sandbox / "repo").mkdir(exist_ok=True)
@@ -665,6 +685,7 @@ def backup_argv(draw: st.DrawFn) -> list[str]:
 
 @LIGHT
 @given(argv=backup_argv())
+@pytest.mark.bad_input
 def test_cli_backup_refuses_bad_input(argv: list[str], cli_sandbox: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     code, err = run_cli(argv, capsys)
@@ -681,6 +702,7 @@ COMMANDS = {"disks", "map", "backup", "restore", "verify", "hook", "export", "re
     ["disks", "map", "backup", "restore", "verify", "hook", "export", "receive", "list",
      "--target", "--backup", "--level", "--chain", "--size", "--timeout", "--listen",
      "--socket", "--json", "--disk", "--to", "-c"]), max_size=6))
+@pytest.mark.bad_input
 def test_cli_random_argv_without_a_command(argv: list[str], cli_sandbox: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     # argv without a command word: argparse refuses it, with one line; nothing can act on
