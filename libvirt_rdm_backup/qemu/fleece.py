@@ -48,7 +48,7 @@ from libvirt_rdm_backup.errors import (
     RepositoryError,
     StorageError,
 )
-from libvirt_rdm_backup.process import require_tool
+from libvirt_rdm_backup.process import die_with_parent, require_tool
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.blockdev import _free_fdset_id
 from libvirt_rdm_backup.qemu.jobs import backup_action, transaction
@@ -388,7 +388,8 @@ def qemu_nbd_server(
         with tempfile.TemporaryFile() as stderr:
             try:
                 proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                    preexec_fn=die_with_parent,
                 )
             except OSError as err:
                 raise OperationError(f"cannot run qemu-nbd: {err.strerror}") from err

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 import subprocess
 from dataclasses import dataclass
 from types import FrameType
 
 from libvirt_rdm_backup.errors import OperationError, UsageError
-from libvirt_rdm_backup.process import require_tool
+from libvirt_rdm_backup.process import die_with_parent, require_tool
 from libvirt_rdm_backup.targets.uri import DEFAULT_NBD_PORT, NbdAddress, parse_target
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,14 @@ def qemu_nbd_argv(config: ReceiveConfig) -> list[str]:
 
 
 def ensure_volume(path: str, size: int) -> None:
-    """Create the sparse volume file (0600) unless it exists."""
+    """Create the sparse volume file (0600), or grow an existing one to ``size``.
+
+    A volume never shrinks: a smaller ``size`` leaves an existing one as it is.
+    """
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
+        _grow(path, size)
         return
     except OSError as err:
         raise OperationError(f"cannot create volume {path}: {err.strerror}") from err
@@ -85,12 +90,29 @@ def ensure_volume(path: str, size: int) -> None:
         os.close(fd)
 
 
+def _grow(path: str, size: int) -> None:
+    """Make an existing regular volume file at least ``size`` bytes long."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except OSError as err:
+        raise OperationError(f"cannot open volume {path}: {err.strerror}") from err
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_size < size:
+            log.info("growing volume %s from %d to %d bytes", path, info.st_size, size)
+            os.ftruncate(fd, size)
+    except OSError as err:
+        raise OperationError(f"cannot grow volume {path}: {err.strerror}") from err
+    finally:
+        os.close(fd)
+
+
 def serve(config: ReceiveConfig) -> int:
     """Serve until SIGINT/SIGTERM; returns qemu-nbd's exit status (0 after a signal)."""
     ensure_volume(config.volume, config.size)
     argv = qemu_nbd_argv(config)
     log.info("serving %s as %s", config.volume, config.address.uri)
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
     stopping: list[int] = []
 
     def stop(signum: int, _frame: FrameType | None) -> None:

@@ -1,0 +1,93 @@
+"""An NBD volume target runs full, and is served again with more room."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from libvirt_rdm_backup import api
+from libvirt_rdm_backup.targets.nbd_volume import region_size
+from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes
+from tests.e2e.test_nbd_target import free_port
+from tests.faults.points import Points
+from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers
+
+pytestmark = [pytest.mark.lab, pytest.mark.fault]
+EXE = Path(sys.executable).parent / "rdm-backup"
+LOOP = 128 * MiB
+
+
+class Receiver:
+    """``rdm-backup receive`` of a volume of a given size, on loopback; stopped by pid."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.port = path, free_port()
+        self.proc: subprocess.Popen[str] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/vol"
+
+    def start(self, size: int) -> None:
+        self.proc = subprocess.Popen(
+            [str(EXE), "receive", "--volume", str(self.path), "--listen",
+             f"127.0.0.1:{self.port}", "--export", "vol", "--size", str(size), "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout is not None
+        assert json.loads(self.proc.stdout.readline())["uri"] == self.uri
+        deadline = time.monotonic() + 20
+        while subprocess.run(["qemu-img", "info", self.uri], capture_output=True,
+                             check=False).returncode != 0:
+            assert time.monotonic() < deadline, "the volume is not served"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+        self.proc = None
+
+
+def backup_cli(vm: LabVM, target: str, level: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(EXE), "backup", vm.name, "--target", target, "--disk", "vdb",
+                           "--level", level], capture_output=True, text=True)
+
+
+def test_nbd_volume_runs_full_and_grows() -> None:
+    with lab_vm(loop_size=LOOP, lun_size=16 * MiB) as vm:
+        receiver = Receiver(vm.workdir / "volume.img")
+        # room for one backup of vdb and its manifest, not for a second one
+        receiver.start(4 * MiB + region_size(LOOP) + 2 * MiB)
+        try:
+            points = Points(vm, receiver.uri)
+            guest_write(vm.dom, "vdb", 0x41, 0, 4 * MiB)
+            refs = points.reference("first")
+            first = api.backup(vm.name, receiver.uri, disks=["vdb"])
+            tracked = dirty_bitmaps(vm.dom)
+            guest_write(vm.dom, "vdb", 0x42, 32 * MiB, 4 * MiB)
+            for level in ("incremental", "full"):
+                proc = backup_cli(vm, receiver.uri, level)
+                assert proc.returncode == 4, proc.stderr
+                assert proc.stderr.count("\n") == 1 and "is full" in proc.stderr
+                assert [m.backup_id for m in api.list_backups(receiver.uri)] == [
+                    first.manifest.backup_id]
+                assert qemu_leftovers(vm.dom) == [] and dirty_bitmaps(vm.dom) == tracked
+            # served again with more room: the next incremental has every change
+            receiver.stop()
+            receiver.start(4 * MiB + 3 * region_size(LOOP))
+            later = points.reference("second")
+            again = api.backup(vm.name, receiver.uri, disks=["vdb"], level="incremental")
+            assert again.manifest.disk("vdb").parent == first.manifest.backup_id  # type: ignore[union-attr]
+            out = vm.workdir / "out.raw"
+            for manifest, ref in ((first.manifest, refs), (again.manifest, later)):
+                api.restore(vm.name, receiver.uri, "vdb", str(out), backup_id=manifest.backup_id)
+                assert same_bytes(out, ref["vdb"]), manifest.backup_id
+                out.unlink()
+            assert api.verify(receiver.uri).ok
+        finally:
+            receiver.stop()
