@@ -91,20 +91,14 @@ def ensure_volume(path: str, size: int) -> None:
 
 
 def _grow(path: str, size: int) -> None:
-    """Make an existing regular volume file at least ``size`` bytes long."""
+    """Make an existing regular volume file at least ``size`` bytes (devices stay as they are)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
-    except OSError as err:
-        raise OperationError(f"cannot open volume {path}: {err.strerror}") from err
-    try:
-        info = os.fstat(fd)
+        info = os.stat(path)
         if stat.S_ISREG(info.st_mode) and info.st_size < size:
             log.info("growing volume %s from %d to %d bytes", path, info.st_size, size)
-            os.ftruncate(fd, size)
+            os.truncate(path, size)
     except OSError as err:
         raise OperationError(f"cannot grow volume {path}: {err.strerror}") from err
-    finally:
-        os.close(fd)
 
 
 def serve(config: ReceiveConfig) -> int:

@@ -25,11 +25,13 @@ def test_created_grown_never_shrunk(tmp_path: Path) -> None:
     assert path.read_bytes()[:4] == b"keep"
 
 
-def test_symlinked_volume_is_not_followed(tmp_path: Path) -> None:
-    real = tmp_path / "real"
-    real.write_bytes(b"x")
-    link = tmp_path / "link"
-    os.symlink(real, link)
-    with pytest.raises(OperationError, match="cannot open volume"):
-        ensure_volume(str(link), 1 << 20)
-    assert real.stat().st_size == 1
+def test_devices_are_left_as_they_are(tmp_path: Path) -> None:
+    link = tmp_path / "by-id"
+    os.symlink("/dev/null", link)  # e.g. /dev/disk/by-id/... naming a block device
+    ensure_volume(str(link), 1 << 20)
+    assert link.is_symlink() and Path("/dev/null").stat().st_size == 0
+
+
+def test_unreachable_volume_is_one_error(tmp_path: Path) -> None:
+    with pytest.raises(OperationError, match="cannot create volume"):
+        ensure_volume(str(tmp_path / "missing" / "vol.img"), 1 << 20)
