@@ -26,13 +26,14 @@ from libvirt_rdm_backup.engine.backup import BackupResult
 from libvirt_rdm_backup.engine.capture import ProgressCallback
 from libvirt_rdm_backup.engine.discover import open_domain, select_disks
 from libvirt_rdm_backup.engine.export import Export
-from libvirt_rdm_backup.engine.restore import RestoreResult, find_domain_backups
+from libvirt_rdm_backup.engine.restore import RestoreResult, domain_damage, find_domain_backups
 from libvirt_rdm_backup.engine.stores import open_store
 from libvirt_rdm_backup.engine.verify import VerifyReport
 from libvirt_rdm_backup.errors import LibvirtError, RdmBackupError
 from libvirt_rdm_backup.remote import SshAgent
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
 from libvirt_rdm_backup.repository.manifest import Manifest
+from libvirt_rdm_backup.repository.store import Damage
 from libvirt_rdm_backup.storage import map_disk
 from libvirt_rdm_backup.storage.base import RawDiskMapping
 
@@ -156,6 +157,20 @@ def list_backups(target: str, domain: str | None = None,
         if domain is None:
             return store.all_backups()
         return find_domain_backups(store, domain)
+
+
+def damaged_backups(target: str, domain: str | None = None,
+                    tls_dir: str | None = None) -> list[Damage]:
+    """Published backups at ``target`` whose manifest cannot be read (of all, or of ``domain``).
+
+    :func:`list_backups` leaves them out; restoring or verifying them fails with
+    :class:`~libvirt_rdm_backup.errors.DamagedBackupError`.
+    """
+    with open_store(target, tls_dir=tls_dir) as store:
+        if domain is None:
+            return store.damaged()
+        readable = [m for m in store.all_backups() if domain in (m.domain_uuid, m.domain_name)]
+        return domain_damage(store, domain, readable)
 
 
 @contextlib.contextmanager

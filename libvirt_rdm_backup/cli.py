@@ -15,7 +15,7 @@ from typing import Any
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.consistency import QUIESCE_MODES
 from libvirt_rdm_backup.engine.plan import LEVELS
-from libvirt_rdm_backup.errors import RdmBackupError, UsageError
+from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError, UsageError
 from libvirt_rdm_backup.redact import redact
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
 
@@ -169,22 +169,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
     report = api.verify(args.target, args.domain, args.backup, tls_dir=args.tls_creds)
 
     def text() -> str:
-        lines = [f"{c.backup_id} {c.disk}: " + ("ok" if c.ok else f"FAILED: {c.problem}")
+        lines = [f"{c.backup_id} {c.disk or '-'}: " + ("ok" if c.ok else f"FAILED: {c.problem}")
                  for c in report.checks]
         return "\n".join(lines) + "\n"
 
     _emit(args, report.to_dict(), text)
     if not report.ok:
         bad = next(c for c in report.checks if not c.ok)
-        sys.stderr.write(f"rdm-backup: verification failed: backup {bad.backup_id} disk "
-                         f"{bad.disk}: {bad.problem}\n")
+        where = f"backup {bad.backup_id}" + (f" disk {bad.disk}" if bad.disk else "")
+        failed = sum(1 for c in report.checks if not c.ok)
+        more = f" (and {failed - 1} more failed)" if failed > 1 else ""
+        sys.stderr.write(f"rdm-backup: verification failed: {where}: "
+                         f"{_one_line(str(bad.problem))}{more}\n")
         return EXIT_VERIFY
     return EXIT_OK
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """List published backups."""
-    manifests = api.list_backups(args.target, args.domain, tls_dir=args.tls_creds)
+    """List published backups; a damaged one is named on stderr (exit 5), the rest listed."""
+    damaged = api.damaged_backups(args.target, args.domain, tls_dir=args.tls_creds)
+    try:
+        manifests = api.list_backups(args.target, args.domain, tls_dir=args.tls_creds)
+    except DamagedBackupError:
+        if not damaged:
+            raise
+        manifests = []  # every backup of the domain is damaged
     document = [
         {
             "backup_id": m.backup_id,
@@ -203,6 +212,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     _emit(args, document, lambda: "".join(
         f"{m.backup_id}  {m.domain_name:20} {m.level:12} {m.created}  "
         f"{','.join(d.disk.target for d in m.disks)}\n" for m in manifests))
+    if damaged:
+        first = damaged[0]
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        sys.stderr.write(f"rdm-backup: error: backup {first.backup_id} of domain "
+                         f"{first.domain_uuid} is damaged and not listed{more}: "
+                         f"{_one_line(first.problem)}\n")
+        return EXIT_VERIFY
     return EXIT_OK
 
 

@@ -11,10 +11,11 @@ carries the CLI exit code that reports it::
      │    ├── LibvirtError      exit 4  (libvirt refused or failed)
      │    ├── QmpError          exit 4  (QEMU refused a QMP command)
      │    ├── CommandError      exit 4  (an external tool failed)
- │    ├── TrackingLostError exit 4  (the level asked for needs tracking that was lost)
+     │    ├── TrackingLostError exit 4  (the level asked for needs tracking that was lost)
      │    ├── StorageError      exit 4  (a storage agent could not map or copy)
      │    └── RepositoryError   exit 4  (the repository is unusable)
      └── VerificationError      exit 5  (stored data does not match its digest)
+          └── DamagedBackupError exit 5 (a published backup is damaged: naming it)
 """
 
 from __future__ import annotations
@@ -110,3 +111,18 @@ class VerificationError(RdmBackupError):
     """Stored data does not match its recorded digest (exit 5)."""
 
     exit_code = 5
+
+
+class DamagedBackupError(VerificationError):
+    """A published backup is damaged or builds on one that is (exit 5).
+
+    Its manifest is unreadable, or a layer is missing, has the wrong size or does
+    not match its digest. ``disk`` is None when the whole backup is affected.
+    """
+
+    def __init__(self, backup_id: str, problem: str, disk: str | None = None) -> None:
+        where = f"backup {backup_id}" + (f" disk {disk}" if disk else "")
+        super().__init__(f"{where}: {problem}")
+        self.backup_id = backup_id
+        self.disk = disk
+        self.problem = problem

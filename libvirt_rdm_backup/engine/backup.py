@@ -26,14 +26,14 @@ from libvirt_rdm_backup.engine.discover import (
 )
 from libvirt_rdm_backup.engine.locks import domain_lock
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan, Facts, overall_level, plan_backup
-from libvirt_rdm_backup.engine.stores import open_store
+from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.errors import RdmBackupError, UsageError
 from libvirt_rdm_backup.events import describe_restart
 from libvirt_rdm_backup.qemu import bitmaps
 from libvirt_rdm_backup.qemu.leftovers import remove_leftovers
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.remote import SshAgent
-from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN, Chain, chain_of
+from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN, Chain, chain_of, unusable_points
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.store import (
     check_safe_name,
@@ -190,6 +190,21 @@ def _snapshot_facts(selected: list[RawDisk], chain: Chain) -> tuple[dict[str, st
     return agents, live
 
 
+def _damage_facts(store: Store, domain_uuid: str, chain: Chain, selected: list[RawDisk]
+                  ) -> tuple[dict[str, dict[str, str]], tuple[str, str] | None]:
+    """Which points of the chain cannot be built on, and a damaged backup newer than all.
+
+    Cheap: manifests readable, layers present with their recorded sizes, no damage
+    recorded by a verify or restore; the digests themselves are for verify and restore.
+    """
+    damaged = {d.backup_id: d.problem for d in store.damaged(domain_uuid)}
+    unusable = {disk.target: unusable_points(
+        chain.backups, disk.target, lambda p: store.layer_problem(p.manifest, p.record), damaged)
+        for disk in selected}
+    newer = [i for i in damaged if chain.last is None or i > chain.last.backup_id]
+    return unusable, ((max(newer), damaged[max(newer)]) if newer else None)
+
+
 def _prepare_qemu(ctx: DomainContext, repo_id: str, chain: Chain) -> Monitor | None:
     """Remove leftovers of killed runs; return the monitor of a running domain."""
     if not ctx.inventory.running:
@@ -244,8 +259,10 @@ def backup(
         monitor = _prepare_qemu(ctx, store.repo_id, chain)
         restart = describe_restart(ctx.uuid, chain.last.created) if chain.last else None
         agents, live_snapshots = _snapshot_facts(selected, chain) if agent is None else ({}, set())
+        unusable, damaged_newer = _damage_facts(store, ctx.uuid, chain, selected)
         facts = Facts(ctx.inventory.running, chain, _live_bitmaps(monitor), restart,
-                      agents, live_snapshots, local_layers=store.local_layers)
+                      agents, live_snapshots, local_layers=store.local_layers,
+                      unusable=unusable, damaged_newer=damaged_newer)
         plans = plan_backup(selected, level, facts)
 
         def scope(plan: DiskPlan) -> str:

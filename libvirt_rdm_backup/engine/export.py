@@ -195,7 +195,7 @@ def _dirty_sources(repo: Repository, domain_uuid: str, chain_name: str,
                    selected: list[RawDisk], monitor: Monitor
                    ) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
     """Per disk, (chain bitmap, backup id) to export as dirty bitmap, or why there is none."""
-    chain = chain_of(repo.backups(domain_uuid), chain_name)
+    chain = chain_of(repo.scan(domain_uuid)[0], chain_name)  # readable backups only
     live = bitmaps.node_bitmaps(monitor)
     found: dict[str, tuple[str, str]] = {}
     notes: dict[str, str] = {}

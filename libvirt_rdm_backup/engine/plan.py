@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from libvirt_rdm_backup.domain.disks import RawDisk
-from libvirt_rdm_backup.errors import TrackingLostError, UsageError
+from libvirt_rdm_backup.errors import DamagedBackupError, TrackingLostError, UsageError
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
 
 LEVELS = ("full", "incremental", "differential", "resync", "auto")
@@ -52,6 +52,10 @@ class Facts:
     snapshot_agents: dict[str, str] = field(default_factory=dict)  # disk -> agent name
     live_snapshots: set[str] = field(default_factory=set)  # storage snapshots that still exist
     local_layers: bool = True  # the target keeps layers as local files (resync needs that)
+    # disk -> {backup id: why its point cannot be built on} (damaged, or builds on damage)
+    unusable: dict[str, dict[str, str]] = field(default_factory=dict)
+    # a backup of the domain newer than the chain's last one whose manifest is unreadable
+    damaged_newer: tuple[str, str] | None = None  # (backup id, problem)
 
 
 def _resync_problem(disk: RawDisk, point: DiskPoint | None) -> str | None:
@@ -106,6 +110,36 @@ def _tracking_problem(disk: RawDisk, point: DiskPoint | None, facts: Facts,
     return None
 
 
+def _damage_note(disk: str, facts: Facts) -> str | None:
+    """Why the chain's newest points of ``disk`` are passed over (None: they are not)."""
+    notes = []
+    if facts.damaged_newer is not None:
+        backup_id, problem = facts.damaged_newer
+        notes.append(f"backup {backup_id} is damaged: {problem}")
+    newest = facts.chain.last_point(disk)
+    broken = facts.unusable.get(disk, {})
+    if newest is not None and newest.backup_id in broken:
+        notes.append(f"backup {newest.backup_id} of {disk} is unusable: "
+                     f"{broken[newest.backup_id]}")
+    return "; ".join(notes) or None
+
+
+def _refuse_damaged(disk: str, level: str, point: DiskPoint | None, facts: Facts) -> None:
+    """An explicit level never builds on a damaged point (nor past a damaged newer backup)."""
+    if point is None:
+        return
+    broken = facts.unusable.get(disk, {})
+    if point.backup_id in broken:
+        raise DamagedBackupError(
+            point.backup_id, f"unusable ({broken[point.backup_id]}), so no {level} backup "
+            "can build on it; --level auto builds on the last usable backup", disk)
+    if facts.damaged_newer is not None:
+        backup_id, problem = facts.damaged_newer
+        raise DamagedBackupError(
+            backup_id, f"{problem}; no {level} backup of {disk} is taken past it; "
+            "--level auto builds on the last usable backup")
+
+
 def _data_path(disk: RawDisk, facts: Facts) -> DataPath:
     """Where a disk's point in time comes from; decided once, from facts."""
     if disk.target in facts.snapshot_agents and (disk.is_passthrough_lun or not facts.running):
@@ -135,25 +169,37 @@ def plan_disk(disk: RawDisk, level: str, facts: Facts) -> DiskPlan:
         return DiskPlan(disk, path, "full", _join("full copy requested", origin), track=track,
                         agent=agent)
     chain = facts.chain
-    last = chain.last_point(disk.target)
+    broken = facts.unusable.get(disk.target, {})
+    damage = _damage_note(disk.target, facts)
+    last = chain.last_point(disk.target, skip=broken)  # the newest usable point
     if level in ("incremental", "differential", "auto"):
         wanted = "differential" if level == "differential" else "incremental"
-        point = chain.last_full_point(disk.target) if wanted == "differential" else last
-        problem = _tracking_problem(disk, point, facts, path)
-        if problem is None and path is DataPath.SNAPSHOT and not facts.local_layers:
-            problem = "this target cannot take layers of ranges copied from storage"
+        if level != "auto":
+            _refuse_damaged(disk.target, level, chain.last_full_point(disk.target)
+                            if wanted == "differential" else chain.last_point(disk.target),
+                            facts)
+        point = chain.last_full_point(disk.target, skip=broken) if wanted == "differential" \
+            else last
+        problem = _build_problem(disk, point, facts, path)
+        if problem is not None and damage is not None:
+            # newer points are damaged: the last usable full may still have its tracking
+            full = chain.last_full_point(disk.target, skip=broken)
+            if full is not None and _build_problem(disk, full, facts, path) is None:
+                point, wanted, problem = full, "differential", None
         if problem is None:
             assert point is not None
-            since = "last full" if wanted == "differential" else "previous"
+            usable = " usable" if damage is not None else ""
+            since = f"last{usable} full" if wanted == "differential" else f"previous{usable}"
             how = ("ranges the storage reports as changed" if path is DataPath.SNAPSHOT
                    else "writes")
             return DiskPlan(disk, path, wanted,
-                            f"{how} since the {since} backup {point.backup_id}",
+                            _join(f"{how} since the {since} backup {point.backup_id}", damage),
                             parent=point, source_bitmap=point.record.bitmap, track=True,
                             agent=agent)
         if level != "auto":
             raise TrackingLostError(disk.target, level, problem)
     else:
+        _refuse_damaged(disk.target, level, chain.last_point(disk.target), facts)
         problem = "resync requested"
     why_not = _resync_problem(disk, last) if facts.local_layers else (
         "this target cannot take chunk-compared layers")
@@ -162,15 +208,27 @@ def plan_disk(disk: RawDisk, level: str, facts: Facts) -> DiskPlan:
         how = "reading the disk once" + {DataPath.QEMU: "", DataPath.STORAGE: " from storage",
                                          DataPath.SNAPSHOT: " from a storage snapshot"}[path]
         return DiskPlan(disk, path, "resync",
-                        f"resync: {problem}; {how}, storing the chunks that differ from "
-                        f"backup {last.backup_id}", parent=last, track=track, agent=agent)
+                        _join(f"resync: {problem}; {how}, storing the chunks that differ from "
+                              f"backup {last.backup_id}", damage),
+                        parent=last, track=track, agent=agent)
     if level == "resync":
         raise TrackingLostError(disk.target, level, why_not)
-    return DiskPlan(disk, path, "full", _join(f"full copy: {problem}", origin), track=track,
-                    agent=agent)
+    return DiskPlan(disk, path, "full", _join(f"full copy: {problem}", damage, origin),
+                    track=track, agent=agent)
 
 
-def _join(*parts: str) -> str:
+def _build_problem(disk: RawDisk, point: DiskPoint | None, facts: Facts,
+                   path: DataPath) -> str | None:
+    """Why a layer of the writes since ``point`` cannot be taken (None: it can)."""
+    if point is None and facts.unusable.get(disk.target):
+        return f"chain {facts.chain.name} has no usable backup of {disk.target}"
+    problem = _tracking_problem(disk, point, facts, path)
+    if problem is None and path is DataPath.SNAPSHOT and not facts.local_layers:
+        problem = "this target cannot take layers of ranges copied from storage"
+    return problem
+
+
+def _join(*parts: str | None) -> str:
     return "; ".join(p for p in parts if p)
 
 

@@ -18,18 +18,18 @@ from libvirt_rdm_backup.domain.discovery import inventory_from_xml
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.domain.xml import DomainXML
 from libvirt_rdm_backup.engine.stores import Store, open_store
-from libvirt_rdm_backup.engine.verify import check_disk
+from libvirt_rdm_backup.engine.verify import cached_checker, lineage_problem
 from libvirt_rdm_backup.errors import (
+    DamagedBackupError,
     NotFoundError,
     OperationError,
     RdmBackupError,
     UsageError,
-    VerificationError,
 )
 from libvirt_rdm_backup.qemu import img
-from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
+from libvirt_rdm_backup.repository.chain import DiskPoint
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.repository.store import check_backup_id, check_safe_name
+from libvirt_rdm_backup.repository.store import Damage, check_backup_id, check_safe_name
 from libvirt_rdm_backup.storage import tgt
 from libvirt_rdm_backup.storage.base import StorageNode
 from libvirt_rdm_backup.storage.sysfs import SysfsAgent
@@ -71,8 +71,17 @@ def find_domain_backups(store: Store, domain: str) -> list[Manifest]:
         m for m in store.all_backups() if domain in (m.domain_uuid, m.domain_name)
     ]
     if not manifests:
+        damaged = domain_damage(store, domain, manifests)
+        if damaged:
+            raise DamagedBackupError(damaged[-1].backup_id, damaged[-1].problem)
         raise NotFoundError(f"no backups of domain {domain!r} in {store.name}")
     return manifests
+
+
+def domain_damage(store: Store, domain: str, manifests: list[Manifest]) -> list[Damage]:
+    """Unreadable backups of a domain named by UUID or by a name its ``manifests`` carry."""
+    uuids = {m.domain_uuid for m in manifests} | {domain}
+    return [d for d in store.damaged() if d.domain_uuid in uuids]
 
 
 def choose_backup(store: Store, domain: str, backup_id: str | None) -> Manifest:
@@ -80,11 +89,18 @@ def choose_backup(store: Store, domain: str, backup_id: str | None) -> Manifest:
     if backup_id is not None:
         check_backup_id(backup_id)
     manifests = find_domain_backups(store, domain)
+    damaged = {d.backup_id: d.problem for d in domain_damage(store, domain, manifests)}
     if backup_id is None:
+        newer = [i for i in damaged if i > manifests[-1].backup_id]
+        if newer:  # never fall back to an older point unasked
+            raise DamagedBackupError(max(newer), f"{damaged[max(newer)]}; it is the newest "
+                                     f"backup of {domain}: name an older backup to use it")
         return manifests[-1]
     for manifest in manifests:
         if manifest.backup_id == backup_id:
             return manifest
+    if backup_id in damaged:
+        raise DamagedBackupError(backup_id, damaged[backup_id])
     raise NotFoundError(f"backup {backup_id} of domain {domain!r} not found")
 
 
@@ -257,17 +273,12 @@ def write_disk(node: dict[str, Any], record: DiskRecord, to: str, exists: bool,
 
 
 def verify_lineage(store: Store, manifest: Manifest, disk: str) -> list[DiskPoint]:
-    """Check every layer a disk's point is built from (raises VerificationError)."""
-    points, missing = lineage(store.backups(manifest.domain_uuid), manifest, disk)
-    if missing is not None:
-        raise VerificationError(
-            f"backup {manifest.backup_id} disk {disk}: the chain is broken, backup "
-            f"{missing} it builds on is missing; nothing was written")
-    for point in points:
-        check = check_disk(store, point.manifest, point.record)
-        if not check.ok:
-            raise VerificationError(
-                f"backup {point.backup_id} disk {disk}: {check.problem}; nothing was written")
+    """Check every layer a disk's point is built from (raises DamagedBackupError)."""
+    damaged = {d.backup_id: d.problem for d in store.damaged(manifest.domain_uuid)}
+    points, problem = lineage_problem(store.backups(manifest.domain_uuid), damaged, manifest,
+                                      disk, cached_checker(store))
+    if problem is not None:
+        raise DamagedBackupError(manifest.backup_id, f"{problem}; nothing was written", disk)
     return points
 
 

@@ -27,7 +27,7 @@ from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap, chunkmap_of_layer
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.repository.store import Repository, check_safe_name
+from libvirt_rdm_backup.repository.store import Damage, Repository, check_safe_name
 from libvirt_rdm_backup.storage.base import RawDiskMapping
 from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
 from libvirt_rdm_backup.targets.uri import NbdAddress, parse_target
@@ -64,7 +64,11 @@ class Store(Protocol):
 
     def all_backups(self) -> list[Manifest]: ...
 
+    def damaged(self, domain_uuid: str | None = None) -> list[Damage]: ...
+
     def check(self, manifest: Manifest, record: DiskRecord) -> str | None: ...
+
+    def layer_problem(self, manifest: Manifest, record: DiskRecord) -> str | None: ...
 
     def image_node(self, manifest: Manifest, record: DiskRecord,
                    lower: list[DiskRecord]) -> dict[str, Any]: ...
@@ -126,7 +130,8 @@ class FileStore:
         return self.repo.lock(domain_uuid)
 
     def backups(self, domain_uuid: str) -> list[Manifest]:
-        return self.repo.backups(domain_uuid)
+        """The readable backups of a domain (:meth:`damaged` names the others)."""
+        return self.repo.scan(domain_uuid)[0]
 
     def parent_maps(self, plans: list[DiskPlan]) -> dict[str, ChunkMap]:
         return _parent_maps(self.repo, plans)
@@ -149,18 +154,43 @@ class FileStore:
         return self.repo.root
 
     def all_backups(self) -> list[Manifest]:
-        return self.repo.backups()
+        return self.repo.scan()[0]
+
+    def damaged(self, domain_uuid: str | None = None) -> list[Damage]:
+        """Published backups whose manifest cannot be read."""
+        return self.repo.scan(domain_uuid)[1]
 
     def check(self, manifest: Manifest, record: DiskRecord) -> str | None:
-        """What is wrong with a disk's stored data (digests of data file and chunk map)."""
+        """What is wrong with a disk's stored data (digests of data file and chunk map).
+
+        A mismatch is recorded beside the data, for :meth:`layer_problem` of later
+        backups; a match clears such a record (the data was repaired).
+        """
         path = self.repo.data_file(manifest, record)
-        problem = _file_problem(path, record.data_file, record.digest)
+        problem, lasting = _file_problem(path, record.data_file, record.digest)
         if problem is None and record.chunk_map and record.chunk_map_digest:
             chunk_path = os.path.join(os.path.dirname(path),
                                       check_safe_name(record.chunk_map, "chunk map"))
-            problem = _file_problem(chunk_path, f"chunk map {record.chunk_map}",
-                                    record.chunk_map_digest)
+            problem, lasting = _file_problem(chunk_path, f"chunk map {record.chunk_map}",
+                                             record.chunk_map_digest)
+        if problem is None or lasting:
+            self.repo.set_damage_mark(manifest, record.disk.target, problem)
         return problem
+
+    def layer_problem(self, manifest: Manifest, record: DiskRecord) -> str | None:
+        """A cheap check that a layer can be built on: recorded damage, presence, size."""
+        mark = self.repo.damage_mark(manifest, record.disk.target)
+        if mark is not None:
+            return mark
+        try:
+            size = os.stat(self.repo.data_file(manifest, record)).st_size
+        except FileNotFoundError:
+            return f"{record.data_file} is missing"
+        except OSError as err:
+            return f"{record.data_file} unreadable: {err.strerror}"
+        if record.file_size is not None and size != record.file_size:
+            return f"{record.data_file} has {size} bytes, not {record.file_size}"
+        return None
 
     def image_node(self, manifest: Manifest, record: DiskRecord,
                    lower: list[DiskRecord]) -> dict[str, Any]:
@@ -237,6 +267,10 @@ class VolumeStore:
     def all_backups(self) -> list[Manifest]:
         return self.volume.backups()
 
+    def damaged(self, domain_uuid: str | None = None) -> list[Damage]:
+        """None listed: an unreadable manifest in a volume fails the listing itself."""
+        return []
+
     def check(self, manifest: Manifest, record: DiskRecord) -> str | None:
         """What is wrong with a disk's stored region (its digest)."""
         location = record.location
@@ -252,6 +286,10 @@ class VolumeStore:
             return f"{record.data_file}: {digest.algorithm} mismatch"
         return None
 
+    def layer_problem(self, manifest: Manifest, record: DiskRecord) -> str | None:
+        """A cheap check that a layer can be built on: it has a location."""
+        return None if record.location else f"{record.data_file} has no location in the volume"
+
     def image_node(self, manifest: Manifest, record: DiskRecord,
                    lower: list[DiskRecord]) -> dict[str, Any]:
         """The point's qcow2 region with the lower layers as explicit backing nodes."""
@@ -262,16 +300,17 @@ class VolumeStore:
         return False
 
 
-def _file_problem(path: str, what: str, expected: Digest) -> str | None:
+def _file_problem(path: str, what: str, expected: Digest) -> tuple[str | None, bool]:
+    """What is wrong with a stored file, and whether it lasts (not a read error)."""
     if not os.path.exists(path):
-        return f"{what} is missing"
+        return f"{what} is missing", True
     try:
         digest = file_digest(path, expected.algorithm)
     except OSError as err:
-        return f"{what} unreadable: {err.strerror}"
+        return f"{what} unreadable: {err.strerror}", False
     if digest.value != expected.value:
-        return f"{what}: {digest.algorithm} mismatch"
-    return None
+        return f"{what}: {digest.algorithm} mismatch", True
+    return None, False
 
 
 def _image_end(image: str) -> int:
@@ -328,6 +367,7 @@ def _record(plan: DiskPlan, path: str, captured: Capture, mapping: Mapping,
         digest=digest,
         bytes_transferred=img.data_bytes(path, own_only=True, extents=extents),
         stored_bytes=os.stat(path).st_blocks * 512,
+        file_size=os.path.getsize(path),
         backing_file=plan.parent.relative_data_file() if plan.parent else None,
         chunk_map=chunk_file,
         chunk_map_digest=file_digest(os.path.join(os.path.dirname(path), chunk_file))

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.errors import NotFoundError
-from libvirt_rdm_backup.repository.chain import lineage
+from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.repository.store import check_backup_id
+from libvirt_rdm_backup.repository.store import Damage, check_backup_id
+
+Checker = Callable[[DiskPoint], str | None]
 
 
 @dataclass
 class DiskCheck:
-    """The verdict on one stored disk."""
+    """The verdict on one stored disk (``disk`` None: the whole backup is unreadable)."""
 
     backup_id: str
-    disk: str
+    disk: str | None
     ok: bool
     problem: str | None = None
 
@@ -51,38 +54,88 @@ def check_disk(store: Store, manifest: Manifest, record: DiskRecord) -> DiskChec
     return DiskCheck(manifest.backup_id, record.disk.target, problem is None, problem)
 
 
-def verify_manifests(store: Store, manifests: list[Manifest]) -> VerifyReport:
-    """Check every disk of every given backup, and that the layers it builds on exist."""
+def cached_checker(store: Store) -> Checker:
+    """:meth:`Store.check` of a point, computed once per layer."""
+    cache: dict[tuple[str, str], str | None] = {}
+
+    def check(point: DiskPoint) -> str | None:
+        key = (point.backup_id, point.record.disk.target)
+        if key not in cache:
+            cache[key] = store.check(point.manifest, point.record)
+        return cache[key]
+
+    return check
+
+
+def lineage_problem(backups: list[Manifest], damaged: Mapping[str, str], manifest: Manifest,
+                    disk: str, check: Checker) -> tuple[list[DiskPoint], str | None]:
+    """The layers of a disk's point (itself first) and why it cannot be restored, or None.
+
+    ``damaged``: backup id -> problem of the domain's backups with unreadable manifests.
+    """
+    points, missing = lineage(backups, manifest, disk)
+    if missing is not None:
+        if missing in damaged:
+            return points, f"builds on backup {missing}, which is damaged: {damaged[missing]}"
+        return points, f"the chain is broken: backup {missing} it builds on is missing"
+    for index, point in enumerate(points):
+        problem = check(point)
+        if problem is not None:
+            return points, problem if index == 0 else (
+                f"builds on backup {point.backup_id}, which is damaged: {problem}")
+    return points, None
+
+
+def verify_manifests(store: Store, manifests: list[Manifest],
+                     damaged: list[Damage] | None = None) -> VerifyReport:
+    """Check every disk of every given backup and every layer it builds on.
+
+    ``damaged`` backups (unreadable manifests) are reported as failed, in order.
+    """
     report = VerifyReport()
-    known: dict[str, list[Manifest]] = {}
-    for manifest in manifests:
-        backups = known.setdefault(manifest.domain_uuid, store.backups(manifest.domain_uuid))
-        for record in manifest.disks:
-            check = check_disk(store, manifest, record)
-            if check.ok:
-                _points, missing = lineage(backups, manifest, record.disk.target)
-                if missing is not None:
-                    check = DiskCheck(manifest.backup_id, record.disk.target, False,
-                                      f"builds on backup {missing}, which is missing")
-            report.checks.append(check)
+    check = cached_checker(store)
+    known: dict[str, tuple[list[Manifest], dict[str, str]]] = {}
+    items: list[Manifest | Damage] = [*manifests, *(damaged or [])]
+    for item in sorted(items, key=lambda i: i.backup_id):
+        if isinstance(item, Damage):
+            report.checks.append(DiskCheck(item.backup_id, None, False, item.problem))
+            continue
+        uuid = item.domain_uuid
+        if uuid not in known:
+            known[uuid] = (store.backups(uuid),
+                           {d.backup_id: d.problem for d in store.damaged(uuid)})
+        backups, unreadable = known[uuid]
+        for record in item.disks:
+            _points, problem = lineage_problem(backups, unreadable, item, record.disk.target,
+                                               check)
+            report.checks.append(DiskCheck(item.backup_id, record.disk.target,
+                                           problem is None, problem))
     return report
 
 
 def verify(target: str, domain: str | None = None, backup_id: str | None = None,
            tls_dir: str | None = None) -> VerifyReport:
     """Verify backups at ``target`` (all, one domain's, or one backup)."""
-    from libvirt_rdm_backup.engine.restore import choose_backup, find_domain_backups
+    from libvirt_rdm_backup.engine.restore import (
+        choose_backup,
+        domain_damage,
+        find_domain_backups,
+    )
 
     with open_store(target, tls_dir=tls_dir) as store:
+        damaged: list[Damage] = []
         if domain is not None and backup_id is not None:
             manifests = [choose_backup(store, domain, backup_id)]
         elif domain is not None:
             manifests = find_domain_backups(store, domain)
+            damaged = domain_damage(store, domain, manifests)
         else:
             manifests = store.all_backups()
+            damaged = store.damaged()
             if backup_id is not None:
                 check_backup_id(backup_id)
                 manifests = [m for m in manifests if m.backup_id == backup_id]
-        if not manifests:
+                damaged = [d for d in damaged if d.backup_id == backup_id]
+        if not manifests and not damaged:
             raise NotFoundError(f"backup {backup_id} not found" if backup_id else "no backups")
-        return verify_manifests(store, manifests)
+        return verify_manifests(store, manifests, damaged)

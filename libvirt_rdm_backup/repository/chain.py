@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
@@ -39,19 +40,20 @@ class Chain:
         """The newest backup of the chain."""
         return self.backups[-1] if self.backups else None
 
-    def last_point(self, disk: str) -> DiskPoint | None:
-        """The newest point of ``disk`` in the chain."""
+    def last_point(self, disk: str, skip: Container[str] = ()) -> DiskPoint | None:
+        """The newest point of ``disk`` in the chain (not one of the backups in ``skip``)."""
         for manifest in reversed(self.backups):
             record = manifest.disk(disk)
-            if record is not None:
+            if record is not None and manifest.backup_id not in skip:
                 return DiskPoint(manifest, record)
         return None
 
-    def last_full_point(self, disk: str) -> DiskPoint | None:
+    def last_full_point(self, disk: str, skip: Container[str] = ()) -> DiskPoint | None:
         """The newest point of ``disk`` that is a full copy (the base of differentials)."""
         for manifest in reversed(self.backups):
             record = manifest.disk(disk)
-            if record is not None and record.level == "full":
+            if (record is not None and record.level == "full"
+                    and manifest.backup_id not in skip):
                 return DiskPoint(manifest, record)
         return None
 
@@ -101,3 +103,36 @@ def lineage(backups: list[Manifest], manifest: Manifest, disk: str
         if current is None:
             return points, record.parent
     return points, None
+
+
+def unusable_points(backups: list[Manifest], disk: str,
+                    problem_of: Callable[[DiskPoint], str | None],
+                    damaged: Mapping[str, str]) -> dict[str, str]:
+    """Why points of ``disk`` cannot be restored or built on, by backup id.
+
+    A point is unusable when ``problem_of`` finds something wrong with its own
+    layer, or when a layer it builds on is unusable, missing, or in a backup
+    whose manifest is unreadable (``damaged``: backup id -> problem). The reason
+    of a point that builds on an unusable one names the root cause.
+    """
+    seen: set[str] = set()
+    why: dict[str, str] = {}
+    for manifest in backups:  # oldest first: a parent is decided before its children
+        record = manifest.disk(disk)
+        if record is None:
+            continue
+        point = DiskPoint(manifest, record)
+        problem = problem_of(point)
+        parent = record.parent
+        if problem is None and parent is not None:
+            if parent in damaged:
+                problem = f"builds on backup {parent}, which is damaged: {damaged[parent]}"
+            elif parent not in seen:
+                problem = f"builds on backup {parent}, which is missing"
+            elif parent in why:
+                problem = why[parent] if why[parent].startswith("builds on") else (
+                    f"builds on backup {parent}, which is damaged: {why[parent]}")
+        seen.add(manifest.backup_id)
+        if problem is not None:
+            why[manifest.backup_id] = problem
+    return why

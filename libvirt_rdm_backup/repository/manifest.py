@@ -23,6 +23,14 @@ def _optional_str(value: Any) -> str | None:
     return value
 
 
+def _optional_int(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"expected a size in bytes, got {value!r}")
+    return value
+
+
 def _optional_dict(value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
@@ -54,6 +62,7 @@ class DiskRecord:
     chunk_map_digest: Digest | None = None
     storage_snapshot: dict[str, Any] | None = None  # kept for the next incremental
     location: dict[str, Any] | None = None  # NBD volumes: offset, region size, length
+    file_size: int | None = None  # file repositories: the data file's length in bytes
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -75,6 +84,7 @@ class DiskRecord:
             "chunk_map": self.chunk_map,
             "storage_snapshot": self.storage_snapshot,
             "location": self.location,
+            "file_size": self.file_size,
             "chunk_map_digest": self.chunk_map_digest.to_dict() if self.chunk_map_digest
             else None,
             "mapping": self.mapping.to_dict() if self.mapping else None,
@@ -104,6 +114,7 @@ class DiskRecord:
             chunk_map=_optional_str(data.get("chunk_map")),
             storage_snapshot=_optional_dict(data.get("storage_snapshot")),
             location=_optional_dict(data.get("location")),
+            file_size=_optional_int(data.get("file_size")),
             chunk_map_digest=Digest.from_dict(data["chunk_map_digest"])
             if data.get("chunk_map_digest") else None,
         )

@@ -7,9 +7,12 @@ Layout (all directories 0700, files 0600)::
     ROOT/<domain-uuid>/.partial-<backup-id>/  a backup being written (never listed)
     ROOT/<domain-uuid>/<backup-id>/manifest.json
     ROOT/<domain-uuid>/<backup-id>/<disk>.qcow2
+    ROOT/<domain-uuid>/<backup-id>/<disk>.damaged  a verify or restore found its data wrong
 
 A backup exists once its directory is renamed from ``.partial-*`` to its id,
 which happens only after the manifest (with digests) was written and synced.
+A published backup whose manifest cannot be read is damaged: :meth:`Repository.scan`
+lists it apart, so that the readable backups stay usable.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import shutil
 import uuid as uuidlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from libvirt_rdm_backup.errors import (
@@ -40,6 +44,7 @@ MARKER = "rdm-backup-repository.json"
 REPOSITORY_FORMAT = "libvirt-rdm-backup/repository"
 REPOSITORY_VERSION = 1
 MANIFEST = "manifest.json"
+DAMAGED_SUFFIX = ".damaged"
 PARTIAL_PREFIX = ".partial-"
 BACKUP_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}$")
 SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -79,6 +84,15 @@ def _check_uuid(domain_uuid: str) -> str:
 def write_file_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a synced temporary file and a rename."""
     write_atomic(path, text.encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A published backup whose manifest cannot be read (missing or malformed)."""
+
+    domain_uuid: str
+    backup_id: str
+    problem: str
 
 
 class Staging:
@@ -264,21 +278,66 @@ class Repository:
             raise RepositoryError(f"manifest of backup {backup_id} names another backup")
         return manifest
 
-    def backups(self, domain_uuid: str | None = None) -> list[Manifest]:
-        """Published backups, oldest first (of one domain, or of all)."""
+    def scan(self, domain_uuid: str | None = None) -> tuple[list[Manifest], list[Damage]]:
+        """Published backups, oldest first, and those whose manifest cannot be read."""
         uuids = [_check_uuid(domain_uuid)] if domain_uuid else self.domain_uuids()
         found: list[Manifest] = []
+        damaged: list[Damage] = []
         for uuid in uuids:
             directory = os.path.join(self.root, uuid)
             if not os.path.isdir(directory):
                 continue
             for name in sorted(os.listdir(directory)):
-                if BACKUP_ID_RE.fullmatch(name) and os.path.exists(
-                    os.path.join(directory, name, MANIFEST)
-                ):
+                if not (BACKUP_ID_RE.fullmatch(name)
+                        and os.path.isdir(os.path.join(directory, name))):
+                    continue
+                try:
                     found.append(self.load(uuid, name))
+                except NotFoundError:
+                    damaged.append(Damage(uuid, name, f"its {MANIFEST} is missing"))
+                except RepositoryError as err:
+                    damaged.append(Damage(uuid, name, str(err)))
         found.sort(key=lambda m: (m.created, m.backup_id))
+        return found, damaged
+
+    def backups(self, domain_uuid: str | None = None) -> list[Manifest]:
+        """Published backups, oldest first (of one domain, or of all).
+
+        Raises RepositoryError when a manifest cannot be read (:meth:`scan` lists
+        around it).
+        """
+        found, damaged = self.scan(domain_uuid)
+        if damaged:
+            raise RepositoryError(f"backup {damaged[0].backup_id}: {damaged[0].problem}")
         return found
+
+    # -- damage found by verify and restore -----------------------------------------
+
+    def _damage_path(self, manifest: Manifest, disk: str) -> str:
+        name = check_safe_name(disk, "disk name") + DAMAGED_SUFFIX
+        return os.path.join(self.backup_dir(manifest.domain_uuid, manifest.backup_id), name)
+
+    def damage_mark(self, manifest: Manifest, disk: str) -> str | None:
+        """What an earlier verify or restore found wrong with a disk's stored data, or None."""
+        try:
+            with open(self._damage_path(manifest, disk), encoding="utf-8") as stream:
+                return stream.read(4096).strip() or "damaged"
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            return f"damage record unreadable: {err.strerror}"
+
+    def set_damage_mark(self, manifest: Manifest, disk: str, problem: str | None) -> None:
+        """Record (``problem``) or clear (None) a disk's damage; best effort."""
+        path = self._damage_path(manifest, disk)
+        try:
+            if problem is not None:
+                write_file_atomic(path, f"{problem} (found {now_iso()})\n")
+            elif os.path.exists(path):
+                os.unlink(path)
+        except OSError as err:
+            log.info("cannot record the state of backup %s disk %s: %s",
+                     manifest.backup_id, disk, err.strerror)
 
     def find_backup(self, backup_id: str, domain_uuid: str | None = None) -> Manifest:
         """A backup by id (any domain unless ``domain_uuid``)."""
