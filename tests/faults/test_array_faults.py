@@ -179,3 +179,4 @@ def test_array_stopped_mid_copy_and_brought_back(device: str, outage: str) -> No
                 out.unlink()
             assert api.verify(repo).ok
             assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+            assert domains.qemu_leftovers(dom) == []  # the next run removed what was left
