@@ -11,9 +11,9 @@ import pytest
 
 from libvirt_rdm_backup import api
 from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
-from tests.lab.domains import guest_write, qemu_leftovers
+from tests.lab.domains import guest_write, wait_for_job
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"
 LAB = Path(__file__).resolve().parents[2] / "tools" / "lab.sh"
 
@@ -28,20 +28,12 @@ def start(vm: LabVM, repo: str, *extra: str) -> subprocess.Popen[str]:
                              *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_job(vm: LabVM, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 60
-    while not any(item.startswith("job ") for item in qemu_leftovers(vm.dom)):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no backup job started"
-        time.sleep(0.005)
-
-
 def test_two_backups_of_one_vm_and_of_two_vms_at_once() -> None:
     with lab_vm(loop_size=1024 * MiB) as vm, lab_vm(loop_size=256 * MiB) as other:
         fill(vm, 50)
         repo = str(vm.workdir / "repo")
         first = start(vm, repo)
-        wait_for_job(vm, first)
+        wait_for_job(vm.dom, first)
         second = start(vm, str(vm.workdir / "repo2"))  # another repository, same VM
         _out, err = second.communicate(timeout=120)
         assert second.returncode == 4 and "another backup of domain" in err
@@ -59,7 +51,7 @@ def test_libvirtd_restarted_during_a_backup_job() -> None:
         first = api.backup(vm.name, repo, disks=["vdb"])
         fill(vm, 40)  # changes that the next backups must carry
         proc = start(vm, repo, "--level", "incremental")
-        wait_for_job(vm, proc)
+        wait_for_job(vm.dom, proc)
         subprocess.run(["pkill", "-TERM", "-x", "libvirtd"], check=False)
         try:
             _out, err = proc.communicate(timeout=120)

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from libvirt_rdm_backup import api
 from tests.e2e.lab_vm import LabVM, MiB, lab_vm
 from tests.faults.points import Points
-from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers
+from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers, wait_for_job
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"
@@ -35,14 +34,6 @@ def start_backup(vm: LabVM, repo: str, *extra: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_job(vm: LabVM, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 60
-    while not any(item.startswith("job ") for item in qemu_leftovers(vm.dom)):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no backup job started"
-        time.sleep(0.005)
-
-
 def repo_temp_files(repo: str) -> list[Path]:
     """Files in the repository that no published backup accounts for (partial layers)."""
     return [p for p in Path(repo).rglob("*") if p.is_file() and ".tmp" in p.name]
@@ -50,15 +41,15 @@ def repo_temp_files(repo: str) -> list[Path]:
 
 @pytest.mark.parametrize("level", ["full", "incremental"])
 def test_qemu_killed_during_a_backup(level: str) -> None:
-    with lab_vm(loop_size=1024 * MiB) as vm:
+    with lab_vm(loop_size=512 * MiB, lun_size=16 * MiB) as vm:
         repo = str(vm.workdir / "repo")
         points = Points(vm, repo)
-        fill(vm, 40)
+        fill(vm, 24)
         if level == "incremental":
             points.backup()
-            fill(vm, 30, first=100)
+            fill(vm, 20, first=100)
         proc = start_backup(vm, repo, "--level", level, "--disk", "vdb")
-        wait_for_job(vm, proc)
+        wait_for_job(vm.dom, proc)
         os.kill(qemu_pid(vm), signal.SIGKILL)
         _out, err = proc.communicate(timeout=120)
         assert proc.returncode == 4, err

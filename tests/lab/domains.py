@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -192,6 +193,15 @@ def qemu_leftovers(dom: libvirt.virDomain) -> list[str]:
     found += [f"export {e['id']}" for e in qmp(dom, "query-block-exports")  # type: ignore[attr-defined]
               if str(e["id"]).startswith("rdmb-")]
     return found
+
+
+def wait_for_job(dom: libvirt.virDomain, proc: subprocess.Popen[str], timeout: float = 60) -> None:
+    """Wait until a backup run by ``proc`` has a job of this tool in the domain's QEMU."""
+    deadline = time.monotonic() + timeout
+    while not any(item.startswith("job ") for item in qemu_leftovers(dom)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no backup job started"
+        time.sleep(0.005)
 
 
 def dirty_bitmaps(dom: libvirt.virDomain) -> set[str]:
