@@ -65,12 +65,12 @@ def run(
     input_text: str | None = None,
     stall: float | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` and capture its text output; the tool dies with us.
+    """Run ``argv`` and capture its text output.
 
-    ``stall``: kill the tool when it does no I/O at all for that many seconds
-    (a data mover whose storage stopped answering). Raises CommandError when the
-    tool exits non-zero (and ``check`` is set), times out or stalls;
-    OperationError when it cannot be started at all.
+    ``stall``: for data movers; the tool dies with us, and is killed when it does
+    no I/O at all for that many seconds (its storage stopped answering). Raises
+    CommandError when the tool exits non-zero (and ``check`` is set), times out or
+    stalls; OperationError when it cannot be started at all.
     """
     log.debug("run: %s", " ".join(argv))
     try:
@@ -80,12 +80,12 @@ def run(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            preexec_fn=die_with_parent,
+            # long-running data movers die with the tool; short commands skip the cost
+            preexec_fn=die_with_parent if stall is not None else None,
         )
     except FileNotFoundError as err:
         raise OperationError(f"required tool {argv[0]!r} is not installed") from err
-    with proc:
-        stdout, stderr = _wait(proc, argv, input_text, timeout, stall)
+    stdout, stderr = _wait(proc, argv, input_text, timeout, stall)
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, stderr or stdout)
     return subprocess.CompletedProcess(list(argv), proc.returncode, stdout, stderr)
@@ -106,8 +106,7 @@ def _wait(proc: subprocess.Popen[str], argv: Sequence[str], input_text: str | No
         except subprocess.TimeoutExpired:
             input_text = None  # already handed over
         except BaseException:
-            proc.kill()
-            proc.wait()
+            _give_up(proc)
             raise
         now = time.monotonic()
         if timeout is not None and now - start >= timeout:
@@ -122,7 +121,17 @@ def _wait(proc: subprocess.Popen[str], argv: Sequence[str], input_text: str | No
             why = f"made no progress for {stall:g} s (is the storage answering?)"
         else:
             continue
-        proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):  # a grandchild may hold the pipes
-            proc.communicate(timeout=10)
+        _give_up(proc)
         raise CommandError(argv, -1, why)
+
+
+def _give_up(proc: subprocess.Popen[str]) -> None:
+    """Kill ``proc`` and wait a little, never forever: a process stuck in the kernel on
+    dead storage may not die at once, and a grandchild may hold its pipes."""
+    proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.communicate(timeout=10)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()

@@ -201,12 +201,18 @@ def check_target(
 
 
 def read_only_device(path: str) -> bool:
-    """True for a block device set read-only (``BLKROGET``), which even root cannot write."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """True for a block device set read-only (``BLKROGET``), which even root cannot write.
+
+    A device that cannot even be opened or asked (no medium, gone) is a bad target too.
+    """
     try:
-        flag: int = struct.unpack("i", fcntl.ioctl(fd, BLKROGET, bytes(4)))[0]
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            flag: int = struct.unpack("i", fcntl.ioctl(fd, BLKROGET, bytes(4)))[0]
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise UsageError(f"restore target {path} cannot be used: {err.strerror}") from err
     return flag != 0
 
 

@@ -190,6 +190,11 @@ class FileStore:
             return f"{record.data_file} unreadable: {err.strerror}"
         if record.file_size is not None and size != record.file_size:
             return f"{record.data_file} has {size} bytes, not {record.file_size}"
+        if record.chunk_map:  # a resync compares with it; verify counts it as stored data
+            directory = self.repo.backup_dir(manifest.domain_uuid, manifest.backup_id)
+            if not os.path.isfile(os.path.join(
+                    directory, check_safe_name(record.chunk_map, "chunk map"))):
+                return f"chunk map {record.chunk_map} is missing"
         return None
 
     def image_node(self, manifest: Manifest, record: DiskRecord,

@@ -23,7 +23,8 @@ def remove_leftovers(monitor: Monitor) -> list[str]:
     jobs = [str(j["id"]) for j in monitor.execute("query-jobs") or [] if is_ours(str(j["id"]))]
     if jobs:
         cancel_jobs(monitor, jobs)
-        stuck = sorted(set(jobs) & {str(j["id"]) for j in monitor.execute("query-jobs") or []})
+        stuck = sorted(set(jobs) & {str(j["id"]) for j in monitor.execute("query-jobs") or []
+                                    if j.get("status") not in ("concluded", "null")})
         if stuck:
             raise OperationError(f"QEMU job {stuck[0]} of an earlier run is still stopping "
                                  "(its storage is not answering); try again later")

@@ -273,6 +273,8 @@ class Repository:
             raise NotFoundError(f"backup {backup_id} not found") from err
         except OSError as err:
             raise RepositoryError(f"cannot read {path}: {err}") from err
+        except UnicodeDecodeError as err:
+            raise RepositoryError(f"manifest of backup {backup_id} is not UTF-8 text") from err
         manifest = Manifest.loads(text)
         if manifest.backup_id != backup_id or manifest.domain_uuid != domain_uuid:
             raise RepositoryError(f"manifest of backup {backup_id} names another backup")
@@ -320,7 +322,8 @@ class Repository:
     def damage_mark(self, manifest: Manifest, disk: str) -> str | None:
         """What an earlier verify or restore found wrong with a disk's stored data, or None."""
         try:
-            with open(self._damage_path(manifest, disk), encoding="utf-8") as stream:
+            with open(self._damage_path(manifest, disk), encoding="utf-8",
+                      errors="replace") as stream:
                 return stream.read(4096).strip() or "damaged"
         except FileNotFoundError:
             return None

@@ -58,7 +58,7 @@ def test_children_die_with_the_tool(tmp_path: Path) -> None:
     script = (
         "import subprocess, sys\n"
         "from libvirt_rdm_backup import process\n"
-        f"process.run(['sh', '-c', 'echo $$ > {pidfile}; exec sleep 60'])\n"
+        f"process.run(['sh', '-c', 'echo $$ > {pidfile}; exec sleep 60'], stall=600)\n"
     )
     tool = subprocess.Popen([sys.executable, "-c", script])
     try:

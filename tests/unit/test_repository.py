@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import stat
+import uuid as uuidlib
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
@@ -124,6 +125,29 @@ def test_truncated_manifest_is_a_repository_error(tmp_path: Path) -> None:
     path.write_text(path.read_text()[:200])
     with pytest.raises(RepositoryError):
         repo.backups()
+
+
+@pytest.mark.bad_input
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), min_size=1,
+                      max_size=4),
+       cut=st.none() | st.integers(0, 10_000))
+def test_damaged_manifest_files_are_listed_apart(tmp_path: Path, flips: list[tuple[int, int]],
+                                                 cut: int | None) -> None:
+    """Bytes flipped or cut anywhere in a stored manifest: only the project's errors, and
+    the backup is listed as damaged (or still loads when the damage changed nothing)."""
+    repo = Repository.open(str(tmp_path / f"repo-{uuidlib.uuid4().hex}"), create=True)
+    manifest = publish_one(repo)
+    path = Path(repo.backup_dir(UUID, manifest.backup_id)) / "manifest.json"
+    data = bytearray(path.read_bytes())
+    for offset, xor in flips:
+        data[offset % len(data)] ^= xor
+    path.write_bytes(bytes(data[:cut]) if cut is not None else bytes(data))
+    found, damaged = repo.scan()
+    assert len(found) + len(damaged) == 1
+    if damaged:
+        assert damaged[0].backup_id == manifest.backup_id
 
 
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),

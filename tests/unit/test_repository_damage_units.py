@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -203,3 +204,14 @@ def test_list_shows_the_readable_backups_and_names_the_damaged_one(
     assert cli.main(["verify", "--target", repo.root]) == 5
     _out, err = capsys.readouterr()
     assert err.count("\n") == 1 and f"backup {IDS[1]}:" in err
+
+
+def test_a_missing_chunk_map_makes_a_layer_unusable(chain: tuple[Repository, list[Manifest]]
+                                                    ) -> None:
+    repo, manifests = chain
+    store = FileStore(repo)
+    second = manifests[1]
+    record = dataclasses.replace(second.disks[0], chunk_map="vdb.chunks")
+    assert store.layer_problem(second, record) == "chunk map vdb.chunks is missing"
+    (Path(repo.backup_dir(UUID, IDS[1])) / "vdb.chunks").write_bytes(b"")
+    assert store.layer_problem(second, record) is None
