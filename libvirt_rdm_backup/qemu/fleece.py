@@ -48,7 +48,7 @@ from libvirt_rdm_backup.errors import (
     RepositoryError,
     StorageError,
 )
-from libvirt_rdm_backup.process import die_with_parent, require_tool
+from libvirt_rdm_backup.process import die_with_parent, require_tool, stall_timeout
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.blockdev import _free_fdset_id
 from libvirt_rdm_backup.qemu.jobs import backup_action, transaction
@@ -553,10 +553,21 @@ def _stream(handle: Any, segments: Iterator[tuple[int, int, bool]]
         if buf is None:
             yield offset, length, None
             continue
-        while not handle.aio_command_completed(cookie):
-            handle.poll(-1)
+        _wait_for(handle, cookie, offset)
         yield offset, length, memoryview(buf)[:length]
         free.append(buf)
+
+
+def _wait_for(handle: Any, cookie: int, offset: int) -> None:
+    """Wait for one read; give up when the export answers nothing for the stall limit."""
+    limit = stall_timeout()
+    last = time.monotonic()
+    while not handle.aio_command_completed(cookie):
+        if handle.poll(1000):
+            last = time.monotonic()
+        elif time.monotonic() - last > limit:
+            raise OperationError(f"read at offset {offset} made no progress for {limit:g} s "
+                                 "(is the storage answering?)")
 
 
 class _LayerWriter:

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from libvirt_rdm_backup.errors import OperationError
+from libvirt_rdm_backup.qemu.fleece import _wait_for
 from libvirt_rdm_backup.qemu.jobs import wait_jobs
 
 
@@ -43,3 +44,25 @@ def test_a_stuck_job_is_given_up() -> None:
     with pytest.raises(OperationError, match="job0 made no progress for 0.2 s"):
         wait_jobs(monitor, ["job0"], poll=0.01, stall=0.2)  # type: ignore[arg-type]
     assert monitor.polls > 3
+
+
+class SilentExport:
+    """An NBD handle whose reads complete after ``polls`` polls (never, for None)."""
+
+    def __init__(self, polls: int | None) -> None:
+        self.polls = polls
+        self.seen = 0
+
+    def aio_command_completed(self, _cookie: int) -> bool:
+        return self.polls is not None and self.seen >= self.polls
+
+    def poll(self, _timeout_ms: int) -> int:
+        self.seen += 1
+        return 0  # nothing happened within the timeout
+
+
+def test_export_reads_give_up_when_nothing_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RDM_BACKUP_STALL_TIMEOUT", "0.05")
+    _wait_for(SilentExport(polls=3), 1, 0)  # answered after three quiet polls, within the limit
+    with pytest.raises(OperationError, match="offset 4096 made no progress for 0.05 s"):
+        _wait_for(SilentExport(polls=None), 1, 4096)
