@@ -21,11 +21,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
-import re
 import threading
 from typing import Any
 
 from libvirt_rdm_backup.errors import StorageError
+from libvirt_rdm_backup.redact import redact
 
 INITIATOR_NAME = "iqn.2026-11.org.libvirt-rdm-backup:inquirer"
 LIBRARY_NAMES = ("libiscsi.so.7",)
@@ -37,9 +37,6 @@ SCSI_STATUS_GOOD = 0
 _MAX_STRING_SIZE = 255
 _SHORT_ALLOCATION = 255  # what SPC-2 era devices accept
 _MAX_ALLOCATION = 0xFFFF  # INQUIRY's ALLOCATION LENGTH is 16 bits
-_PASSWORD_RE = re.compile(r"^(iscsi://[^/@%]*)%[^/@]*@")
-
-
 class _IscsiUrl(ctypes.Structure):
     """``struct iscsi_url`` from ``iscsi/iscsi.h`` (only portal and lun are read)."""
 
@@ -83,11 +80,6 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
 }
 
 
-def redact_url(url: str) -> str:
-    """``url`` without the password of ``iscsi://user%password@host/...``."""
-    return _PASSWORD_RE.sub(r"\1%***@", url)
-
-
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -123,7 +115,7 @@ class Libiscsi:
         page's full length if it is longer), logs out. Any failure is a
         :class:`StorageError` with one line naming the URL (without password).
         """
-        shown = redact_url(url)
+        shown = redact(url)
         context = self._call("iscsi_create_context", self.initiator_name.encode())
         if not context:
             raise StorageError(f"libiscsi: cannot create an iSCSI context for {shown}")

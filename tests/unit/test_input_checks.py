@@ -29,6 +29,7 @@ from tests.unit.test_repository import UUID, publish_one
     ("qemu+tcp://user@host/system", "qemu+tcp://user@host/system"),
     ("nbd://127.0.0.1:10809/x", "nbd://127.0.0.1:10809/x"),
     ("no scheme: user:password@host", "no scheme: user:password@host"),
+    ("cannot open iscsi://alice%s3cr%40t@10.0.0.1/iqn.x/1", "cannot open iscsi://alice%***@10.0.0.1/iqn.x/1"),
 ])
 def test_redact(text: str, shown: str) -> None:
     assert redact(text) == shown

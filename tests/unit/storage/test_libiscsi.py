@@ -11,6 +11,7 @@ import pytest
 
 from libvirt_rdm_backup.domain.disks import IscsiSource, RawDisk, SourceKind
 from libvirt_rdm_backup.errors import StorageError
+from libvirt_rdm_backup.redact import redact
 from libvirt_rdm_backup.storage import iscsi, libiscsi
 from libvirt_rdm_backup.storage.iscsi import Designator, IscsiAgent, parse_vpd83_page
 
@@ -103,7 +104,7 @@ def test_not_a_vpd83_page() -> None:
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:
-    assert libiscsi.redact_url(url) == shown
+    assert redact(url) == shown
 
 
 def test_library_without_a_function_is_rejected() -> None:
