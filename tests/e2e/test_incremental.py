@@ -271,7 +271,7 @@ def test_cancelled_job_and_resized_disk(small_vm: LabVM) -> None:
     writer.write("vdb", 20)
     first, _ = backup_point(vm, repo, work, writer, 0, disks=["vdb"])
     writer.write("vdb", 10)
-    guest_write(vm.dom, "vdb", 0x77, 64 * MiB, 128 * MiB)  # enough to copy for a while
+    guest_write(vm.dom, "vdb", 0x77, 64 * MiB, 192 * MiB)  # enough to copy for a while
 
     # someone cancels our QEMU job: the backup fails, publishes nothing, keeps tracking
     cancelled: list[str] = []
