@@ -10,7 +10,7 @@ from pathlib import Path
 
 import libvirt
 
-from tests.lab.domains import block_disk, iscsi_disk, qcow2_disk, test_domain
+from tests.lab.domains import block_disk, guest_write, iscsi_disk, qcow2_disk, test_domain
 from tests.lab.storage_lab import (
     IscsiLun,
     iscsi_target,
@@ -86,3 +86,9 @@ def snapshot_source(vm: LabVM, dest: Path) -> dict[str, Path]:
 def same_bytes(first: Path | str, second: Path | str) -> bool:
     """Byte-for-byte comparison of two raw images (``cmp`` reads them in large blocks)."""
     return subprocess.run(["cmp", "-s", str(first), str(second)], check=False).returncode == 0
+
+
+def fill(vm: LabVM, pieces: int, first: int = 0) -> None:
+    """``pieces`` guest writes of 8 MiB spread over vdb (every 16 MiB), patterns from ``first``."""
+    for index in range(pieces):
+        guest_write(vm.dom, "vdb", 0x20 + (first + index) % 200, index * 16 * MiB, 8 * MiB)

@@ -18,15 +18,9 @@ from libvirt_rdm_backup import api
 from libvirt_rdm_backup.errors import OperationError
 from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
 from tests.lab.domains import guest_write, qemu_leftovers, rdm_backup
-from tests.lab.storage_lab import rdmb_tmpdir
+from tests.lab.storage_lab import free_port, rdmb_tmpdir
 
 pytestmark = pytest.mark.lab
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class NbdServer:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,17 +23,11 @@ import pytest
 from libvirt_rdm_backup import api
 from tests.e2e.lab_vm import MiB, same_bytes
 from tests.lab import domains
-from tests.lab.storage_lab import rdmb_tmpdir, unique_name
+from tests.lab.storage_lab import free_port, rdmb_tmpdir, unique_name
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"
 LUN_SIZE = 512 * MiB
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def free_control_port() -> int:

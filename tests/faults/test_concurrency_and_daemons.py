@@ -10,17 +10,12 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
-from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
-from tests.lab.domains import guest_write, wait_for_job
+from tests.e2e.lab_vm import LabVM, MiB, fill, lab_vm, same_bytes, snapshot_source
+from tests.lab.domains import wait_for_job
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"
 LAB = Path(__file__).resolve().parents[2] / "tools" / "lab.sh"
-
-
-def fill(vm: LabVM, pieces: int) -> None:
-    for index in range(pieces):
-        guest_write(vm.dom, "vdb", 0x20 + index % 200, index * 16 * MiB, 8 * MiB)
 
 
 def start(vm: LabVM, repo: str, *extra: str) -> subprocess.Popen[str]:

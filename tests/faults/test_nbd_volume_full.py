@@ -13,9 +13,9 @@ import pytest
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.targets.nbd_volume import region_size
 from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes
-from tests.e2e.test_nbd_target import free_port
 from tests.faults.points import Points
 from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers
+from tests.lab.storage_lab import free_port
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"

@@ -30,6 +30,7 @@ from tests.lab import domains
 from tests.lab.domains import DiskSpec, block_disk, guest_write, iscsi_disk
 from tests.lab.storage_lab import (
     RUN_TOKEN,
+    free_port,
     iscsi_target,
     loop_device,
     rdmb_tmpdir,
@@ -49,12 +50,6 @@ SHIM = """#!/bin/sh
     >> "$RDMB_ARGV_LOG"
 PATH="$RDMB_REAL_PATH" exec "${0##*/}" "$@"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

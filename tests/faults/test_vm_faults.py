@@ -11,18 +11,12 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
-from tests.e2e.lab_vm import LabVM, MiB, lab_vm
+from tests.e2e.lab_vm import LabVM, MiB, fill, lab_vm
 from tests.faults.points import Points
-from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers, wait_for_job
+from tests.lab.domains import dirty_bitmaps, qemu_leftovers, wait_for_job
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"
-
-
-def fill(vm: LabVM, pieces: int, first: int = 0) -> None:
-    """``pieces`` writes of 8 MiB spread over the loop LUN, patterns from ``first``."""
-    for index in range(pieces):
-        guest_write(vm.dom, "vdb", 0x20 + (first + index) % 200, index * 16 * MiB, 8 * MiB)
 
 
 def qemu_pid(vm: LabVM) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -36,6 +37,13 @@ _counter = iter(range(1, 1_000_000))
 def unique_name(prefix: str = "rdmb") -> str:
     """A name with ``rdmb``, the run token and a per-run counter."""
     return f"{prefix}-{RUN_TOKEN}-{next(_counter)}"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((PORTAL_HOST, 0))
+        return int(sock.getsockname()[1])
 
 
 def is_root() -> bool:
