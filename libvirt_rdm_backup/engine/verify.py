@@ -86,6 +86,16 @@ def lineage_problem(backups: list[Manifest], damaged: Mapping[str, str], manifes
     return points, None
 
 
+def _age(item: Manifest | Damage) -> tuple[str, str, str]:
+    """Oldest first, so that a damaged layer is reported before the points built on it.
+
+    Backup ids sort by their second only; within one second the creation time
+    (milliseconds) decides. An unreadable manifest has only its id and sorts first.
+    """
+    created = item.created if isinstance(item, Manifest) else ""
+    return item.backup_id.partition("-")[0], created, item.backup_id
+
+
 def verify_manifests(store: Store, manifests: list[Manifest],
                      damaged: list[Damage] | None = None) -> VerifyReport:
     """Check every disk of every given backup and every layer it builds on.
@@ -96,7 +106,7 @@ def verify_manifests(store: Store, manifests: list[Manifest],
     check = cached_checker(store)
     known: dict[str, tuple[list[Manifest], dict[str, str]]] = {}
     items: list[Manifest | Damage] = [*manifests, *(damaged or [])]
-    for item in sorted(items, key=lambda i: i.backup_id):
+    for item in sorted(items, key=_age):
         if isinstance(item, Damage):
             report.checks.append(DiskCheck(item.backup_id, None, False, item.problem))
             continue

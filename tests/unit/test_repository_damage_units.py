@@ -30,7 +30,8 @@ def vdb() -> RawDisk:
                    source_path="/dev/loop9", size=SIZE, node_name="libvirt-vdb-format")
 
 
-def publish(repo: Repository, backup_id: str, parent: str | None, payload: bytes) -> Manifest:
+def publish(repo: Repository, backup_id: str, parent: str | None, payload: bytes,
+            created: str | None = None) -> Manifest:
     """A backup of one disk whose layer holds ``payload``."""
     with repo.lock(UUID), repo.staging(UUID, backup_id) as staging:
         data = Path(staging.file("vdb.qcow2"))
@@ -41,7 +42,8 @@ def publish(repo: Repository, backup_id: str, parent: str | None, payload: bytes
                             bytes_transferred=len(payload), stored_bytes=4096, parent=parent,
                             bitmap=f"bm-{backup_id[-1]}", file_size=len(payload))
         manifest = Manifest(backup_id=backup_id, domain_uuid=UUID, domain_name="vm",
-                            level=level, created=backup_id, completed=backup_id,
+                            level=level, created=created or backup_id,
+                            completed=created or backup_id,
                             consistency={}, domain_xml="<domain/>", disks=[record],
                             parent=parent)
         repo.publish(staging, manifest)
@@ -191,6 +193,20 @@ def test_verify_and_restore_name_the_damaged_backup(chain: tuple[Repository, lis
     with pytest.raises(DamagedBackupError, match="newest"):
         choose_backup(store, "vm", None)  # never an older point unasked
     assert choose_backup(store, UUID, IDS[0]).backup_id == IDS[0]
+
+
+def test_verify_reports_a_chain_made_within_one_second_oldest_first(tmp_path: Path) -> None:
+    """Ids of one second sort by their random part; the report follows creation instead."""
+    repo = Repository.open(str(tmp_path / "repo"), create=True)
+    first, second = "20260101T000000Z-ffffff", "20260101T000000Z-000000"
+    publish(repo, first, None, b"full" * 1000, created="2026-01-01T00:00:00.100Z")
+    publish(repo, second, first, b"inc1" * 100, created="2026-01-01T00:00:00.900Z")
+    layer(repo, first).unlink()
+    store = FileStore(repo)
+    report = verify_manifests(store, store.all_backups(), store.damaged())
+    assert [(c.backup_id, c.ok) for c in report.checks] == [(first, False), (second, False)]
+    assert "vdb.qcow2 is missing" in str(report.checks[0].problem)
+    assert f"builds on backup {first}" in str(report.checks[1].problem)
 
 
 def test_list_shows_the_readable_backups_and_names_the_damaged_one(
