@@ -38,6 +38,7 @@ from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.store import (
     check_safe_name,
     new_backup_id,
+    newest_damage,
     now_iso,
 )
 from libvirt_rdm_backup.storage import map_disk
@@ -201,8 +202,8 @@ def _damage_facts(store: Store, domain_uuid: str, chain: Chain, selected: list[R
     unusable = {disk.target: unusable_points(
         chain.backups, disk.target, lambda p: store.layer_problem(p.manifest, p.record), damaged)
         for disk in selected}
-    newer = [i for i in damaged if chain.last is None or i > chain.last.backup_id]
-    return unusable, ((max(newer), damaged[max(newer)]) if newer else None)
+    newer = newest_damage(damaged, chain.backups)
+    return unusable, ((newer, damaged[newer]) if newer else None)
 
 
 def _prepare_qemu(ctx: DomainContext, repo_id: str, chain: Chain) -> Monitor | None:

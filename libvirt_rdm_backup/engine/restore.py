@@ -29,7 +29,12 @@ from libvirt_rdm_backup.errors import (
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.repository.chain import DiskPoint
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.repository.store import Damage, check_backup_id, check_safe_name
+from libvirt_rdm_backup.repository.store import (
+    Damage,
+    check_backup_id,
+    check_safe_name,
+    newest_damage,
+)
 from libvirt_rdm_backup.storage import tgt
 from libvirt_rdm_backup.storage.base import StorageNode
 from libvirt_rdm_backup.storage.sysfs import SysfsAgent
@@ -91,9 +96,9 @@ def choose_backup(store: Store, domain: str, backup_id: str | None) -> Manifest:
     manifests = find_domain_backups(store, domain)
     damaged = {d.backup_id: d.problem for d in domain_damage(store, domain, manifests)}
     if backup_id is None:
-        newer = [i for i in damaged if i > manifests[-1].backup_id]
+        newer = newest_damage(damaged, manifests)
         if newer:  # never fall back to an older point unasked
-            raise DamagedBackupError(max(newer), f"{damaged[max(newer)]}; it is the newest "
+            raise DamagedBackupError(newer, f"{damaged[newer]}; it is the newest "
                                      f"backup of {domain}: name an older backup to use it")
         return manifests[-1]
     for manifest in manifests:

@@ -24,7 +24,7 @@ import re
 import secrets
 import shutil
 import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -93,6 +93,23 @@ class Damage:
     domain_uuid: str
     backup_id: str
     problem: str
+
+
+def newest_damage(damaged: Iterable[str], readable: Sequence[Manifest]) -> str | None:
+    """The damaged backup id that may be newer than every ``readable`` one (oldest first).
+
+    Ids order by their second only. Within the newest readable backup's second, a
+    damaged backup that some readable backup builds on is older; any other one may
+    be newer, and is taken as newer so that nothing falls back to an older point.
+    """
+    if not readable:
+        return max(damaged, default=None)
+    second = readable[-1].backup_id.partition("-")[0]
+    built_on = {m.parent for m in readable} | {r.parent for m in readable for r in m.disks}
+    newer = [i for i in damaged
+             if i.partition("-")[0] > second
+             or (i.partition("-")[0] == second and i not in built_on)]
+    return max(newer, default=None)
 
 
 class Staging:

@@ -18,7 +18,7 @@ from libvirt_rdm_backup.errors import DamagedBackupError, RepositoryError
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint, unusable_points
 from libvirt_rdm_backup.repository.digest import file_digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.repository.store import Repository
+from libvirt_rdm_backup.repository.store import Repository, newest_damage
 
 UUID = "0b1f1c1e-4c39-4a4e-9d1c-2a6b3c4d5e6f"
 IDS = ["20260101T000000Z-000001", "20260102T000000Z-000002", "20260103T000000Z-000003"]
@@ -231,3 +231,19 @@ def test_a_missing_chunk_map_makes_a_layer_unusable(chain: tuple[Repository, lis
     assert store.layer_problem(second, record) == "chunk map vdb.chunks is missing"
     (Path(repo.backup_dir(UUID, IDS[1])) / "vdb.chunks").write_bytes(b"")
     assert store.layer_problem(second, record) is None
+
+
+def test_a_damaged_backup_of_the_same_second_counts_as_newer_unless_built_on(
+        tmp_path: Path) -> None:
+    repo = Repository.open(str(tmp_path / "repo"), create=True)
+    full, inc = "20260101T000000Z-ffffff", "20260101T000000Z-000000"
+    publish(repo, full, None, b"full" * 1000, created="2026-01-01T00:00:00.100Z")
+    publish(repo, inc, full, b"inc1" * 100, created="2026-01-01T00:00:00.900Z")
+    truncate_manifest(repo, full)  # older, though its id sorts after the readable one
+    store = FileStore(repo)
+    assert newest_damage({full}, store.all_backups()) is None
+    assert choose_backup(store, "vm", None).backup_id == inc
+    assert newest_damage({"20260101T000000Z-000001"}, store.all_backups()) is not None
+    assert newest_damage({"20251231T235959Z-ffffff"}, store.all_backups()) is None
+    assert newest_damage({"20260101T000001Z-000000"}, store.all_backups()) is not None
+    assert newest_damage({"x"}, []) == "x"
