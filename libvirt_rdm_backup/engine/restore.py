@@ -26,6 +26,7 @@ from libvirt_rdm_backup.errors import (
     RdmBackupError,
     UsageError,
 )
+from libvirt_rdm_backup.fileutil import new_file_whole
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.repository.chain import DiskPoint
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
@@ -266,8 +267,15 @@ def write_disk(node: dict[str, Any], record: DiskRecord, to: str, exists: bool,
                is_block: bool) -> int:
     """Write the disk image ``node`` (blockdev options) to ``to``; returns bytes zeroed."""
     source = "json:" + json.dumps(node)
-    if not exists:
-        img.convert(source, to, target_fmt="raw")
+    if not exists:  # a new file appears whole or not at all
+        try:
+            with new_file_whole(os.path.realpath(to)) as partial:
+                img.convert(source, partial, target_fmt="raw")
+        except FileExistsError as err:
+            raise OperationError(f"{to} was created by someone else during the restore; "
+                                 "it was left as it is") from err
+        except OSError as err:
+            raise OperationError(f"cannot write {to}: {err.strerror or err}") from err
         return 0
     room = device_size(to)
     length = min(room, record.size)

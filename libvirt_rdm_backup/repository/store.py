@@ -144,11 +144,13 @@ class Repository:
         if not create:
             if not os.path.isdir(repo.root):
                 raise NotFoundError(f"no repository at {repo.root}")
-            raise RepositoryError(f"{repo.root} is not a backup repository")
+            raise UsageError(f"{repo.root} is not a backup repository")
+        if os.path.lexists(repo.root) and not os.path.isdir(repo.root):
+            raise UsageError(f"{repo.root} is not a directory; a repository is a directory")
         try:
             os.makedirs(repo.root, mode=0o700, exist_ok=True)
             if os.listdir(repo.root):
-                raise RepositoryError(
+                raise UsageError(
                     f"{repo.root} is not empty and not a backup repository; refusing to use it"
                 )
             os.chmod(repo.root, 0o700)

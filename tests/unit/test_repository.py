@@ -100,10 +100,14 @@ def test_opening_non_repositories(tmp_path: Path) -> None:
         Repository.open(str(tmp_path / "missing"))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file").write_text("mine")
-    with pytest.raises(RepositoryError):
+    with pytest.raises(UsageError, match="not empty and not a backup repository"):
         Repository.open(str(tmp_path / "busy"), create=True)
-    with pytest.raises(RepositoryError):
+    with pytest.raises(UsageError, match="is not a backup repository"):
         Repository.open(str(tmp_path / "busy"))
+    with pytest.raises(UsageError, match="is not a directory"):
+        Repository.open(str(tmp_path / "busy" / "file"), create=True)
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["file"]
+    assert (tmp_path / "busy" / "file").read_text() == "mine"
 
 
 @pytest.mark.parametrize("bad", ["", "../x", "20261125T143742Z-307edc/../..", "latest",
