@@ -234,7 +234,8 @@ class VolumeStore:
                          f"another backup is writing to {self.volume.address.uri}")
 
     def backups(self, domain_uuid: str) -> list[Manifest]:
-        return self.volume.backups(domain_uuid)
+        """The readable backups of a domain (:meth:`damaged` names the others)."""
+        return self.volume.scan(domain_uuid)[0]
 
     def parent_maps(self, plans: list[DiskPlan]) -> dict[str, ChunkMap]:
         return {}
@@ -270,14 +271,18 @@ class VolumeStore:
         return self.volume.address.uri
 
     def all_backups(self) -> list[Manifest]:
-        return self.volume.backups()
+        return self.volume.scan()[0]
 
     def damaged(self, domain_uuid: str | None = None) -> list[Damage]:
-        """None listed: an unreadable manifest in a volume fails the listing itself."""
-        return []
+        """Published backups whose manifest cannot be read."""
+        return self.volume.scan(domain_uuid)[1]
 
     def check(self, manifest: Manifest, record: DiskRecord) -> str | None:
-        """What is wrong with a disk's stored region (its digest)."""
+        """What is wrong with a disk's stored region (its digest).
+
+        A mismatch is recorded in the volume's table of contents, for
+        :meth:`layer_problem` of later backups; a match clears such a record.
+        """
         location = record.location
         if not location:
             return f"{record.data_file} has no location in the volume"
@@ -287,12 +292,32 @@ class VolumeStore:
             return f"{record.data_file}: malformed location: {err}"
         except RdmBackupError as err:
             return f"{record.data_file} unreadable: {err}"
+        problem = None
         if digest.value != record.digest.value:
-            return f"{record.data_file}: {digest.algorithm} mismatch"
-        return None
+            problem = f"{record.data_file}: {digest.algorithm} mismatch"
+        self._mark(manifest, record.disk.target, problem)
+        return problem
+
+    def _mark(self, manifest: Manifest, disk: str, problem: str | None) -> None:
+        """Record or clear a disk's damage; best effort (skipped while a writer is at work)."""
+        if (self.volume.damage_mark(manifest.backup_id, disk) is None) == (problem is None):
+            return  # nothing to change (a known damage keeps the date it was found)
+        try:
+            with self.lock(manifest.domain_uuid):
+                recorded = self.volume.set_damage_mark(manifest.backup_id, disk, problem)
+        except RdmBackupError as err:
+            recorded, why = False, str(err)
+        else:
+            why = "the export is read-only"
+        if not recorded:
+            log.info("cannot record the state of backup %s disk %s in %s: %s",
+                     manifest.backup_id, disk, self.name, why)
 
     def layer_problem(self, manifest: Manifest, record: DiskRecord) -> str | None:
-        """A cheap check that a layer can be built on: it has a location."""
+        """A cheap check that a layer can be built on: recorded damage, a location."""
+        mark = self.volume.damage_mark(manifest.backup_id, record.disk.target)
+        if mark is not None:
+            return mark
         return None if record.location else f"{record.data_file} has no location in the volume"
 
     def image_node(self, manifest: Manifest, record: DiskRecord,

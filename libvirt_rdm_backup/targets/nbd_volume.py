@@ -29,7 +29,7 @@ import nbd
 from libvirt_rdm_backup.errors import NotFoundError, OperationError, RepositoryError
 from libvirt_rdm_backup.repository.digest import BUFFER, Digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.repository.store import now_iso
+from libvirt_rdm_backup.repository.store import Damage, now_iso
 from libvirt_rdm_backup.targets.uri import NbdAddress
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,13 @@ def region_size(disk_size: int) -> int:
 
 def _align(value: int) -> int:
     return -(-value // ALIGN) * ALIGN
+
+
+def _newest_superblock(handle: Any) -> Superblock | None:
+    """The valid slot with the higher generation, or None (raises nbd.Error)."""
+    slots = [Superblock.from_bytes(bytes(handle.pread(SLOT, offset))) for offset in (0, SLOT)]
+    valid = [s for s in slots if s is not None]
+    return max(valid, key=lambda s: s.generation) if valid else None
 
 
 @dataclass
@@ -115,13 +122,11 @@ class NbdVolume:
                 handle.set_tls_certificates(tls_dir)
             handle.connect_uri(address.uri)
             size = int(handle.get_size())
-            slots = [Superblock.from_bytes(bytes(handle.pread(SLOT, offset)))
-                     for offset in (0, SLOT)]
+            newest = _newest_superblock(handle)
         except nbd.Error as err:
             raise OperationError(f"cannot open NBD target {address.uri}: {err}") from err
-        valid = [s for s in slots if s is not None]
-        if valid:
-            return cls(address, handle, max(valid, key=lambda s: s.generation), size, tls_dir)
+        if newest is not None:
+            return cls(address, handle, newest, size, tls_dir)
         if not create:
             handle.shutdown()
             raise NotFoundError(f"NBD target {address.uri} holds no backup volume")
@@ -203,21 +208,80 @@ class NbdVolume:
         self._write_superblock(new)
         self.superblock = new
 
-    def backups(self, domain_uuid: str | None = None) -> list[Manifest]:
-        """Published backups, oldest first."""
-        found = []
+    def scan(self, domain_uuid: str | None = None) -> tuple[list[Manifest], list[Damage]]:
+        """Published backups, oldest first, and apart those whose manifest is malformed.
+
+        Raises OperationError when the server fails a read.
+        """
+        found: list[Manifest] = []
+        damaged: list[Damage] = []
         for entry in self.superblock.entries:
-            if domain_uuid is not None and entry.get("domain_uuid") != domain_uuid:
+            uuid, backup_id = str(entry.get("domain_uuid")), str(entry.get("backup_id"))
+            if domain_uuid is not None and uuid != domain_uuid:
                 continue
             offset, length = entry["manifest"]
             try:
-                text = bytes(self.handle.pread(int(length), int(offset))).decode()
-            except (nbd.Error, UnicodeDecodeError) as err:
-                raise RepositoryError(f"manifest of {entry.get('backup_id')} unreadable: "
-                                      f"{err}") from err
-            found.append(Manifest.loads(text))
+                raw = bytes(self.handle.pread(int(length), int(offset)))
+            except nbd.Error as err:
+                raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
+            try:
+                manifest = Manifest.loads(raw.decode())
+                if (manifest.backup_id, manifest.domain_uuid) != (backup_id, uuid):
+                    raise RepositoryError(f"manifest names backup {manifest.backup_id} of "
+                                          f"{manifest.domain_uuid}")
+            except UnicodeDecodeError as err:
+                damaged.append(Damage(uuid, backup_id, f"manifest is not UTF-8: {err.reason}"))
+            except RepositoryError as err:
+                damaged.append(Damage(uuid, backup_id, str(err)))
+            else:
+                found.append(manifest)
         found.sort(key=lambda m: (m.created, m.backup_id))
+        return found, damaged
+
+    def backups(self, domain_uuid: str | None = None) -> list[Manifest]:
+        """Published backups, oldest first (RepositoryError when one cannot be read)."""
+        found, damaged = self.scan(domain_uuid)
+        if damaged:
+            raise RepositoryError(f"backup {damaged[0].backup_id}: {damaged[0].problem}")
         return found
+
+    # -- damage found by verify or restore ---------------------------------------------------
+
+    def damage_mark(self, backup_id: str, disk: str) -> str | None:
+        """What an earlier verify or restore found wrong with a disk's region, or None."""
+        for entry in self.superblock.entries:
+            if entry.get("backup_id") == backup_id:
+                mark = (entry.get("damage") or {}).get(disk)
+                return None if mark is None else str(mark)
+        return None
+
+    def set_damage_mark(self, backup_id: str, disk: str, problem: str | None) -> bool:
+        """Record (``problem``) or clear (None) a disk's damage in a new table of contents.
+
+        The caller holds the writer's lock. The newest table is read again first,
+        so nothing published meanwhile is lost. False when the export is read-only.
+        """
+        try:
+            if self.handle.is_read_only():
+                return False
+            newest = _newest_superblock(self.handle) or self.superblock
+        except nbd.Error as err:
+            raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
+        entries = []
+        for entry in newest.entries:
+            if entry.get("backup_id") == backup_id:
+                damage = {k: v for k, v in (entry.get("damage") or {}).items() if k != disk}
+                if problem is not None:
+                    damage[disk] = f"{problem} (found {now_iso()})"
+                entry = {k: v for k, v in entry.items() if k != "damage"}
+                if damage:
+                    entry["damage"] = damage
+            entries.append(entry)
+        new = Superblock(newest.volume_id, newest.generation + 1, newest.next_free, entries)
+        self._write_superblock(new)
+        self.superblock = new
+        self.next_free = max(self.next_free, new.next_free)
+        return True
 
     # -- QEMU views of regions -------------------------------------------------------------
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,58 +17,16 @@ from libvirt_rdm_backup import api
 from libvirt_rdm_backup.errors import OperationError
 from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
 from tests.lab.domains import guest_write, qemu_leftovers, rdm_backup
-from tests.lab.storage_lab import free_port, rdmb_tmpdir
+from tests.lab.storage_lab import rdmb_tmpdir
+from tests.lab.volume_server import VolumeServer
 
 pytestmark = pytest.mark.lab
 
 
-class NbdServer:
-    """``rdm-backup receive`` serving a volume file on loopback; stopped by pid."""
-
-    def __init__(self, path: Path, port: int) -> None:
-        self.path, self.port = path, port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"nbd://127.0.0.1:{self.port}/rdmb-vol"
-
-    def start(self) -> None:
-        exe = Path(sys.executable).parent / "rdm-backup"
-        self.proc = subprocess.Popen(
-            [str(exe), "receive", "--volume", str(self.path), "--listen",
-             f"127.0.0.1:{self.port}", "--export", "rdmb-vol", "--size", str(16 << 30),
-             "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        assert self.proc.stdout is not None
-        announced = json.loads(self.proc.stdout.readline())
-        assert announced["uri"] == self.uri
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "qemu-nbd did not listen"
-                time.sleep(0.05)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if sig == signal.SIGKILL and self.proc is not None:  # the server itself dies
-            subprocess.run(["pkill", "-KILL", "-P", str(self.proc.pid), "qemu-nbd"],
-                           check=False)
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-
 @pytest.fixture
-def server() -> Iterator[NbdServer]:
+def server() -> Iterator[VolumeServer]:
     with rdmb_tmpdir() as work:
-        nbd_server = NbdServer(work / "volume.img", free_port())
+        nbd_server = VolumeServer(work / "volume.img")
         nbd_server.start()
         try:
             yield nbd_server
@@ -95,7 +52,7 @@ def restore_compare(vm: LabVM, target: str, backup_id: str, refs: dict[str, Path
         out.unlink()
 
 
-def test_full_and_incremental_into_an_nbd_volume(server: NbdServer) -> None:
+def test_full_and_incremental_into_an_nbd_volume(server: VolumeServer) -> None:
     with lab_vm(loop_size=256 * MiB) as vm:
         for index in range(16):
             guest_write(vm.dom, "vdb", 0x10 + index, index * 16 * MiB, MiB)
@@ -129,7 +86,7 @@ def test_full_and_incremental_into_an_nbd_volume(server: NbdServer) -> None:
 
 
 @pytest.mark.fault
-def test_nbd_server_dying_mid_backup(server: NbdServer) -> None:
+def test_nbd_server_dying_mid_backup(server: VolumeServer) -> None:
     with lab_vm(loop_size=1024 * MiB) as vm:
         guest_write(vm.dom, "vdb", 0x21, 0, MiB)
         first = api.backup(vm.name, server.uri, disks=["vdb"])
@@ -158,7 +115,7 @@ def test_nbd_server_dying_mid_backup(server: NbdServer) -> None:
         restore_compare(vm, server.uri, again.manifest.backup_id, {"vdb": refs["vdb"]})
 
 
-def test_receive_serves_the_same_backups_again(server: NbdServer) -> None:
+def test_receive_serves_the_same_backups_again(server: VolumeServer) -> None:
     with lab_vm(loop_size=64 * MiB) as vm:
         guest_write(vm.dom, "vdb", 0x51, 0, MiB)
         done = api.backup(vm.name, server.uri, disks=["vdb"])
@@ -191,7 +148,7 @@ def test_plain_nbd_to_a_remote_address_is_refused() -> None:
 REMOTE_URI = "qemu+tcp://127.0.0.1/system"
 
 
-def test_backup_requested_through_a_remote_uri_by_uuid(server: NbdServer) -> None:
+def test_backup_requested_through_a_remote_uri_by_uuid(server: VolumeServer) -> None:
     """A backup server drives the hypervisor through libvirt's remote protocol, VM by UUID."""
     with lab_vm(loop_size=128 * MiB) as vm:
         guest_write(vm.dom, "vdb", 0x41, 5 * MiB, 2 * MiB)
@@ -216,24 +173,11 @@ def test_nbd_over_tls_end_to_end() -> None:
 
     with lab_vm(loop_size=64 * MiB) as vm, rdmb_tmpdir() as work:
         server_dir, client_dir = make_certificates(work / "pki")
-        port = free_port()
-        exe = Path(sys.executable).parent / "rdm-backup"
-        receiver = subprocess.Popen(
-            [str(exe), "receive", "--volume", str(work / "vol.img"), "--listen",
-             f"127.0.0.1:{port}", "--export", "rdmb-tls", "--tls-creds", str(server_dir),
-             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        receiver = VolumeServer(work / "vol.img", export="rdmb-tls", tls_dir=server_dir)
+        receiver.start()
         try:
-            assert receiver.stdout is not None
-            uri = json.loads(receiver.stdout.readline())["uri"]
+            uri, port = receiver.uri, receiver.port
             assert uri == f"nbds://127.0.0.1:{port}/rdmb-tls"
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
             guest_write(vm.dom, "vdb", 0x71, MiB, 2 * MiB)
             refs = reference(vm, "tls")
             # without credentials: refused before anything is sent
@@ -258,8 +202,7 @@ def test_nbd_over_tls_end_to_end() -> None:
             assert plain.returncode == 4 and plain.stderr.count("\n") == 1
             assert qemu_leftovers(vm.dom) == []
         finally:
-            receiver.send_signal(signal.SIGTERM)
-            receiver.wait(30)
+            receiver.stop()
 
 
 def test_nbd_unix_socket_target() -> None:

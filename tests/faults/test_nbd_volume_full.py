@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,42 +13,11 @@ from libvirt_rdm_backup.targets.nbd_volume import region_size
 from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes
 from tests.faults.points import Points
 from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers
-from tests.lab.storage_lab import free_port
+from tests.lab.volume_server import VolumeServer
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"
 LOOP = 128 * MiB
-
-
-class Receiver:
-    """``rdm-backup receive`` of a volume of a given size, on loopback; stopped by pid."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.port = path, free_port()
-        self.proc: subprocess.Popen[str] | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"nbd://127.0.0.1:{self.port}/vol"
-
-    def start(self, size: int) -> None:
-        self.proc = subprocess.Popen(
-            [str(EXE), "receive", "--volume", str(self.path), "--listen",
-             f"127.0.0.1:{self.port}", "--export", "vol", "--size", str(size), "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        assert self.proc.stdout is not None
-        assert json.loads(self.proc.stdout.readline())["uri"] == self.uri
-        deadline = time.monotonic() + 20
-        while subprocess.run(["qemu-img", "info", self.uri], capture_output=True,
-                             check=False).returncode != 0:
-            assert time.monotonic() < deadline, "the volume is not served"
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(20)
-        self.proc = None
 
 
 def backup_cli(vm: LabVM, target: str, level: str) -> subprocess.CompletedProcess[str]:
@@ -60,7 +27,7 @@ def backup_cli(vm: LabVM, target: str, level: str) -> subprocess.CompletedProces
 
 def test_nbd_volume_runs_full_and_grows() -> None:
     with lab_vm(loop_size=LOOP, lun_size=16 * MiB) as vm:
-        receiver = Receiver(vm.workdir / "volume.img")
+        receiver = VolumeServer(vm.workdir / "volume.img", export="vol")
         # room for one backup of vdb and its manifest, not for a second one
         receiver.start(4 * MiB + region_size(LOOP) + 2 * MiB)
         try:

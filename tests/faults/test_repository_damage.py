@@ -27,9 +27,11 @@ from typing import Any
 import pytest
 
 from libvirt_rdm_backup import api
+from libvirt_rdm_backup.targets.nbd_volume import SLOT, Superblock
 from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
 from tests.lab.domains import guest_write
 from tests.lab.storage_lab import loop_device
+from tests.lab.volume_server import VolumeServer
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"
@@ -213,14 +215,21 @@ def test_data_file_deleted_in_the_middle_of_a_chain() -> None:
                 unusable={(second.backup_id, "vdb"), (third.backup_id, "vdb")})
 
 
-def flip_data_byte(layer: Path) -> None:
-    """Flip one byte of guest data stored in a qcow2 layer (not of its metadata)."""
+def flip_data_byte(layer: Path, region: tuple[int, int] | None = None) -> None:
+    """Flip one byte of guest data stored in a qcow2 layer (not of its metadata).
+
+    ``region``: the layer is the ``(offset, length)`` region of the file ``layer``.
+    """
+    base, length = region or (0, layer.stat().st_size)
+    node = {"driver": "qcow2", "backing": None,
+            "file": {"driver": "raw", "offset": base, "size": length,
+                     "file": {"driver": "file", "filename": str(layer)}}}
     extents = json.loads(subprocess.run(
-        ["qemu-img", "map", "--output=json", "-f", "qcow2", str(layer)],
+        ["qemu-img", "map", "-U", "--output=json", "json:" + json.dumps(node)],
         capture_output=True, text=True, check=True).stdout)
     own = next(e for e in extents if e["data"] and e["depth"] == 0 and "offset" in e)
     with open(layer, "r+b") as stream:
-        stream.seek(own["offset"] + 4097)
+        stream.seek(base + own["offset"] + 4097)
         byte = stream.read(1)
         stream.seek(-1, os.SEEK_CUR)
         stream.write(bytes([byte[0] ^ 0x01]))
@@ -242,6 +251,51 @@ def test_flipped_byte_in_an_incremental() -> None:
         # the full, whose bitmap holds every write since
         recover(vm, repo, points, broken=third.backup_id, parent=first.backup_id,
                 unusable={(third.backup_id, "vdb")})
+
+
+def volume_entry(volume: Path, backup_id: str) -> dict[str, Any]:
+    """The table-of-contents entry of a backup in a volume file (newest valid superblock)."""
+    with open(volume, "rb") as stream:
+        slots = [Superblock.from_bytes(stream.read(SLOT)) for _ in range(2)]
+    newest = max((s for s in slots if s is not None), key=lambda s: s.generation)
+    return next(e for e in newest.entries if e["backup_id"] == backup_id)
+
+
+def test_flipped_byte_and_malformed_manifest_in_an_nbd_volume() -> None:
+    """The same damage in a volume: found, remembered for the next backup, refused by name."""
+    with lab_vm(loop_size=DISK_SIZE, lun_size=LUN_SIZE) as vm:
+        server = VolumeServer(vm.workdir / "volume.img")
+        server.start()
+        try:
+            repo = server.uri
+            first, second, third = points = make_chain(vm, repo)
+            manifest = next(m for m in api.list_backups(repo) if m.backup_id == third.backup_id)
+            location = manifest.disk("vdb").location  # type: ignore[union-attr]
+            assert location is not None
+            flip_data_byte(server.path, (int(location["offset"]), int(location["region"])))
+
+            refused(cli("verify", "--target", repo), f"backup {third.backup_id} disk vdb")
+            assert "damage" in volume_entry(server.path, third.backup_id)  # remembered
+            restore_refused(vm, repo, "vdb", third.backup_id, third.backup_id, "vdb")
+            for disk in DISKS:
+                restores_identically(vm, repo, second, disk)
+            recover(vm, repo, points, broken=third.backup_id, parent=first.backup_id,
+                    unusable={(third.backup_id, "vdb")})
+
+            # a manifest overwritten in the volume: named, exit 5; the rest still restores
+            offset, _length = volume_entry(server.path, second.backup_id)["manifest"]
+            with open(server.path, "r+b") as stream:
+                stream.seek(offset)
+                stream.write(b"#")
+            proc = cli("list", vm.name, "--target", repo)
+            refused(proc, second.backup_id)
+            assert second.backup_id not in proc.stdout and first.backup_id in proc.stdout
+            refused(cli("verify", "--target", repo), second.backup_id)
+            restore_refused(vm, repo, "vdb", second.backup_id, second.backup_id)
+            for disk in DISKS:
+                restores_identically(vm, repo, first, disk)
+        finally:
+            server.stop()
 
 
 # -- SIGKILL during a restore ---------------------------------------------------------------

@@ -13,10 +13,8 @@ import ast
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -37,6 +35,7 @@ from tests.lab.storage_lab import (
     unique_name,
 )
 from tests.lab.tls import make_certificates
+from tests.lab.volume_server import wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EXE = ROOT / ".venv" / "bin" / "rdm-backup"
@@ -186,17 +185,6 @@ def kill_leftover(pids: list[str], name: str) -> None:
                 os.kill(int(pid), signal.SIGKILL)
         except (FileNotFoundError, ProcessLookupError):
             pass
-
-
-def wait_for_port(port: int) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, "the NBD server did not listen"
-            time.sleep(0.05)
 
 
 def leaked(secrets: list[str], data: bytes) -> list[str]:
