@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import fcntl
+import hashlib
 import os
+import re
 import secrets
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -46,25 +49,38 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600, tmp_dir: str | None 
 
 
 PARTIAL_SUFFIX = ".partial"
+# tells the partial files of this host apart from those of others on shared storage
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _partial_stem(name: str) -> str:
+    """The part of a partial file's name that stands for ``name`` (kept short enough)."""
+    if len(name) <= 160:
+        return name
+    return name[:120] + "~" + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
 @contextmanager
 def new_file_whole(path: str) -> Iterator[str]:
-    """Create ``path`` only whole: yield a locked temporary name beside it to write into.
+    """Create ``path`` only whole: yield a temporary name beside it to write into.
 
-    When the block ends without error the file is synced and linked to ``path``
-    (never over a file that appeared meanwhile: FileExistsError); on any error it
-    is removed. One left by a killed writer (its lock gone with it) is removed by
-    the next writer of the same ``path``. Raises OSError.
+    The temporary name (``.NAME.PID@HOST.XXXXXX.partial``) says which process writes
+    it. When the block ends without error the file is synced and linked to ``path``
+    (never over a file that appeared meanwhile: FileExistsError); on any error it is
+    removed. One left by a killed writer is removed by the next writer of ``path``
+    on the same host. Raises OSError.
     """
     directory, name = os.path.split(os.path.abspath(path))
     remove_stale_partials(directory, name)
-    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(3)}{PARTIAL_SUFFIX}")
+    tmp = os.path.join(directory, f".{_partial_stem(name)}.{os.getpid()}@{HOST_TAG}."
+                                  f"{secrets.token_hex(3)}{PARTIAL_SUFFIX}")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield tmp
+        mine, now = os.fstat(fd), os.lstat(tmp)
+        if (mine.st_dev, mine.st_ino) != (now.st_dev, now.st_ino):
+            raise OSError(errno.ESTALE, "the temporary file was replaced", tmp)
         os.fsync(fd)
         try:
             os.link(tmp, path)
@@ -74,11 +90,11 @@ def new_file_whole(path: str) -> Iterator[str]:
             if os.path.lexists(path):
                 raise FileExistsError(errno.EEXIST, "file exists", path) from err
             os.rename(tmp, path)
-        if os.path.lexists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         fsync_dir(directory)
     except BaseException:
-        if os.path.lexists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     finally:
@@ -86,24 +102,29 @@ def new_file_whole(path: str) -> Iterator[str]:
 
 
 def remove_stale_partials(directory: str, name: str) -> list[str]:
-    """Remove the temporary files of :func:`new_file_whole` for ``name`` no writer holds."""
+    """Remove the temporary files of :func:`new_file_whole` for ``name`` whose writer is gone.
+
+    Only files of writers on this host are considered; a live writer's file stays.
+    """
+    pattern = re.compile(re.escape(f".{_partial_stem(name)}.") + r"(\d+)@"
+                         + re.escape(HOST_TAG) + r"\.[0-9a-f]{6}" + re.escape(PARTIAL_SUFFIX))
     removed = []
-    prefix = f".{name}."
     for entry in os.listdir(directory):
-        if not (entry.startswith(prefix) and entry.endswith(PARTIAL_SUFFIX)):
+        found = pattern.fullmatch(entry)
+        if found is None or _alive(int(found.group(1))):
             continue
         stale = os.path.join(directory, entry)
-        try:
-            fd = os.open(stale, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # a live writer holds it
-        else:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(stale)
             removed.append(stale)
-        finally:
-            os.close(fd)
     return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

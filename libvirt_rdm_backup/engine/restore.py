@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -26,7 +27,7 @@ from libvirt_rdm_backup.errors import (
     RdmBackupError,
     UsageError,
 )
-from libvirt_rdm_backup.fileutil import new_file_whole
+from libvirt_rdm_backup.fileutil import new_file_whole, remove_stale_partials
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.repository.chain import DiskPoint
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
@@ -277,6 +278,9 @@ def write_disk(node: dict[str, Any], record: DiskRecord, to: str, exists: bool,
         except OSError as err:
             raise OperationError(f"cannot write {to}: {err.strerror or err}") from err
         return 0
+    if not is_block:  # what a restore killed while creating this file left beside it
+        with contextlib.suppress(OSError):
+            remove_stale_partials(*os.path.split(os.path.realpath(to)))
     room = device_size(to)
     length = min(room, record.size)
     zeroed = 0

@@ -228,10 +228,12 @@ class VolumeStore:
 
     def lock(self, domain_uuid: str) -> ContextManager[None]:
         """One writer per volume (on this host; NBD itself has no locks)."""
+        return self._lock("", f"another backup is writing to {self.volume.address.uri}")
+
+    def _lock(self, kind: str, busy: str) -> ContextManager[None]:
         os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
         key = hashlib.sha256(self.volume.address.uri.encode()).hexdigest()[:16]
-        return exclusive(os.path.join(LOCK_DIR, f"volume-{key}.lock"),
-                         f"another backup is writing to {self.volume.address.uri}")
+        return exclusive(os.path.join(LOCK_DIR, f"volume-{key}{kind}.lock"), busy)
 
     def backups(self, domain_uuid: str) -> list[Manifest]:
         """The readable backups of a domain (:meth:`damaged` names the others)."""
@@ -280,7 +282,7 @@ class VolumeStore:
     def check(self, manifest: Manifest, record: DiskRecord) -> str | None:
         """What is wrong with a disk's stored region (its digest).
 
-        A mismatch is recorded in the volume's table of contents, for
+        A mismatch is recorded in the volume's damage record, for
         :meth:`layer_problem` of later backups; a match clears such a record.
         """
         location = record.location
@@ -299,16 +301,18 @@ class VolumeStore:
         return problem
 
     def _mark(self, manifest: Manifest, disk: str, problem: str | None) -> None:
-        """Record or clear a disk's damage; best effort (skipped while a writer is at work)."""
+        """Record or clear a disk's damage in the volume's damage record; best effort."""
         if (self.volume.damage_mark(manifest.backup_id, disk) is None) == (problem is None):
             return  # nothing to change (a known damage keeps the date it was found)
         try:
-            with self.lock(manifest.domain_uuid):
+            with self._lock(".damage", "another run is recording damage in this volume"):
                 recorded = self.volume.set_damage_mark(manifest.backup_id, disk, problem)
         except RdmBackupError as err:
             recorded, why = False, str(err)
+        except OSError as err:
+            recorded, why = False, f"no lock: {err.strerror or err}"
         else:
-            why = "the export is read-only"
+            why = "the export is read-only or its damage record is full"
         if not recorded:
             log.info("cannot record the state of backup %s disk %s in %s: %s",
                      manifest.backup_id, disk, self.name, why)

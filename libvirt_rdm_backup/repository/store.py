@@ -141,12 +141,12 @@ class Repository:
         if os.path.exists(marker):
             repo.repo_id = repo._check_marker(marker)
             return repo
+        if os.path.lexists(repo.root) and not os.path.isdir(repo.root):
+            raise UsageError(f"{repo.root} is not a directory; a repository is a directory")
         if not create:
             if not os.path.isdir(repo.root):
                 raise NotFoundError(f"no repository at {repo.root}")
             raise UsageError(f"{repo.root} is not a backup repository")
-        if os.path.lexists(repo.root) and not os.path.isdir(repo.root):
-            raise UsageError(f"{repo.root} is not a directory; a repository is a directory")
         try:
             os.makedirs(repo.root, mode=0o700, exist_ok=True)
             if os.listdir(repo.root):

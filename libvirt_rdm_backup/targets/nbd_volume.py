@@ -3,15 +3,20 @@
 The export (any NBD server; ``rdm-backup receive`` serves one from a sparse
 file) is laid out as::
 
-    [0, 1 MiB)        superblock slot A     MAGIC, generation, length, sha256, JSON
-    [1 MiB, 2 MiB)    superblock slot B     (the valid slot with the higher generation wins)
-    [2 MiB, ...)      regions, 1 MiB aligned: qcow2 images of disks, manifest JSON
+    [0, 960 KiB)          superblock slot A   MAGIC, generation, length, sha256, JSON
+    [960 KiB, 1 MiB)      damage record       DMG_MAGIC, 0, length, sha256, JSON
+    [1 MiB, 1984 KiB)     superblock slot B   (the valid slot with the higher generation wins)
+    [2 MiB, ...)          regions, 1 MiB aligned: qcow2 images of disks, manifest JSON
 
 Each disk of each backup is a qcow2 image in a region of its own, written by the
 VM's QEMU through ``raw`` (offset/size) over an ``nbd`` node: no data passes
 through this tool. A backup exists once a new superblock generation lists its
 manifest; a failed backup's regions are simply reused, because the allocation
 pointer is only stored with the next good superblock. One writer at a time.
+
+The damage record holds what ``verify`` or ``restore`` found wrong with stored
+layers. Backups never write it and readers never write the superblocks, so a
+reader on another host cannot undo a backup being published.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ ALIGN = 1 << 20
 FORMAT = "libvirt-rdm-backup/nbd-volume"
 VERSION = 1
 _HEAD = struct.Struct(">8sQQ32s")
+DAMAGE_AREA = 64 << 10
+DAMAGE_OFFSET = SLOT - DAMAGE_AREA  # in slot A, past the largest superblock
+DAMAGE_MAGIC = b"RDMBDMG1"
 TLS_ID = "rdmb-tls-client"  # the TLS credentials object, in QEMU and in qemu-img
 
 
@@ -72,7 +80,7 @@ class Superblock:
     def to_bytes(self) -> bytes:
         body = json.dumps({"format": FORMAT, "version": VERSION, "id": self.volume_id,
                            "next_free": self.next_free, "entries": self.entries}).encode()
-        if _HEAD.size + len(body) > SLOT:
+        if _HEAD.size + len(body) > DAMAGE_OFFSET:
             raise RepositoryError("NBD volume table of contents is full")
         return _HEAD.pack(MAGIC, self.generation, len(body), hashlib.sha256(body).digest()) + body
 
@@ -108,6 +116,7 @@ class NbdVolume:
         self.superblock = superblock
         self.size = size
         self.next_free = superblock.next_free
+        self._damage: dict[str, dict[str, str]] | None = None  # read on first use
 
     # -- opening -------------------------------------------------------------------------
 
@@ -249,39 +258,56 @@ class NbdVolume:
 
     def damage_mark(self, backup_id: str, disk: str) -> str | None:
         """What an earlier verify or restore found wrong with a disk's region, or None."""
-        for entry in self.superblock.entries:
-            if entry.get("backup_id") == backup_id:
-                mark = (entry.get("damage") or {}).get(disk)
-                return None if mark is None else str(mark)
-        return None
+        if self._damage is None:
+            self._damage = self._read_damage()
+        mark = self._damage.get(backup_id, {}).get(disk)
+        return None if mark is None else str(mark)
 
     def set_damage_mark(self, backup_id: str, disk: str, problem: str | None) -> bool:
-        """Record (``problem``) or clear (None) a disk's damage in a new table of contents.
+        """Record (``problem``) or clear (None) a disk's damage in the damage record.
 
-        The caller holds the writer's lock. The newest table is read again first,
-        so nothing published meanwhile is lost. False when the export is read-only.
+        Read again and rewritten whole; entries of backups no longer listed are
+        dropped. False when it cannot be written (read-only export, no room).
         """
         try:
             if self.handle.is_read_only():
                 return False
-            newest = _newest_superblock(self.handle) or self.superblock
+            head = _HEAD.unpack_from(bytes(self.handle.pread(_HEAD.size, 0)))
         except nbd.Error as err:
             raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
-        entries = []
-        for entry in newest.entries:
-            if entry.get("backup_id") == backup_id:
-                damage = {k: v for k, v in (entry.get("damage") or {}).items() if k != disk}
-                if problem is not None:
-                    damage[disk] = f"{problem} (found {now_iso()})"
-                entry = {k: v for k, v in entry.items() if k != "damage"}
-                if damage:
-                    entry["damage"] = damage
-            entries.append(entry)
-        new = Superblock(newest.volume_id, newest.generation + 1, newest.next_free, entries)
-        self._write_superblock(new)
-        self.superblock = new
-        self.next_free = max(self.next_free, new.next_free)
+        if head[0] == MAGIC and _HEAD.size + head[2] > DAMAGE_OFFSET:
+            return False  # a table of contents written before the record had its place
+        damage = self._read_damage()
+        marks = {k: v for k, v in damage.get(backup_id, {}).items() if k != disk}
+        if problem is not None:
+            marks[disk] = f"{problem} (found {now_iso()})"
+        damage[backup_id] = marks
+        listed = {str(e.get("backup_id")) for e in self.superblock.entries}
+        damage = {k: v for k, v in damage.items() if v and k in listed}
+        body = json.dumps(damage).encode()
+        if _HEAD.size + len(body) > DAMAGE_AREA:
+            return False
+        data = _HEAD.pack(DAMAGE_MAGIC, 0, len(body), hashlib.sha256(body).digest()) + body
+        self.write(DAMAGE_OFFSET, data + bytes(DAMAGE_AREA - len(data)))
+        self.flush()
+        self._damage = damage
         return True
+
+    def _read_damage(self) -> dict[str, dict[str, str]]:
+        """The damage record as ``{backup id: {disk: problem}}`` ({} when absent or unreadable)."""
+        try:
+            data = bytes(self.handle.pread(DAMAGE_AREA, DAMAGE_OFFSET))
+        except nbd.Error as err:
+            raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
+        magic, _generation, length, digest = _HEAD.unpack_from(data)
+        body = data[_HEAD.size:_HEAD.size + length]
+        if magic != DAMAGE_MAGIC or hashlib.sha256(body).digest() != digest:
+            return {}
+        try:
+            doc = json.loads(body)
+            return {str(k): {str(d): str(p) for d, p in v.items()} for k, v in doc.items()}
+        except (ValueError, AttributeError, RecursionError):
+            return {}
 
     # -- QEMU views of regions -------------------------------------------------------------
 

@@ -188,8 +188,9 @@ def test_backup_into_a_directory_that_is_not_a_repository(lab: Lab) -> None:
         refused(lab, 2, "not empty and not a backup repository", "backup", lab.vm.name,
                 "--target", str(other), "--disk", "vdb")
         refused(lab, 2, "is not a backup repository", "verify", "--target", str(other))
-        refused(lab, 2, "is not a directory", "backup", lab.vm.name,
-                "--target", str(other / "precious.txt"), "--disk", "vdb")
+        for command in (["backup", lab.vm.name, "--disk", "vdb"], ["verify"], ["list"]):
+            refused(lab, 2, "is not a directory", *command,
+                    "--target", str(other / "precious.txt"))
         assert [p.name for p in other.iterdir()] == ["precious.txt"]
         assert (other / "precious.txt").read_text() == "not a backup"
     finally:

@@ -27,7 +27,12 @@ from typing import Any
 import pytest
 
 from libvirt_rdm_backup import api
-from libvirt_rdm_backup.targets.nbd_volume import SLOT, Superblock
+from libvirt_rdm_backup.targets.nbd_volume import (
+    DAMAGE_MAGIC,
+    DAMAGE_OFFSET,
+    SLOT,
+    Superblock,
+)
 from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
 from tests.lab.domains import guest_write
 from tests.lab.storage_lab import loop_device
@@ -261,6 +266,17 @@ def volume_entry(volume: Path, backup_id: str) -> dict[str, Any]:
     return next(e for e in newest.entries if e["backup_id"] == backup_id)
 
 
+def volume_damage(volume: Path) -> dict[str, Any]:
+    """The damage record of a volume file (``{backup id: {disk: problem}}``)."""
+    with open(volume, "rb") as stream:
+        stream.seek(DAMAGE_OFFSET)
+        head = stream.read(64)
+        assert head.startswith(DAMAGE_MAGIC), head
+        length = int.from_bytes(head[16:24], "big")
+        stream.seek(DAMAGE_OFFSET + 56)
+        return dict(json.loads(stream.read(length)))
+
+
 def test_flipped_byte_and_malformed_manifest_in_an_nbd_volume() -> None:
     """The same damage in a volume: found, remembered for the next backup, refused by name."""
     with lab_vm(loop_size=DISK_SIZE, lun_size=LUN_SIZE) as vm:
@@ -275,7 +291,7 @@ def test_flipped_byte_and_malformed_manifest_in_an_nbd_volume() -> None:
             flip_data_byte(server.path, (int(location["offset"]), int(location["region"])))
 
             refused(cli("verify", "--target", repo), f"backup {third.backup_id} disk vdb")
-            assert "damage" in volume_entry(server.path, third.backup_id)  # remembered
+            assert "vdb" in volume_damage(server.path)[third.backup_id]  # remembered
             restore_refused(vm, repo, "vdb", third.backup_id, third.backup_id, "vdb")
             for disk in DISKS:
                 restores_identically(vm, repo, second, disk)

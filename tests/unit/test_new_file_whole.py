@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from libvirt_rdm_backup.fileutil import new_file_whole, remove_stale_partials
+from libvirt_rdm_backup.fileutil import HOST_TAG, new_file_whole, remove_stale_partials
 
 
 def names(directory: Path) -> list[str]:
@@ -43,19 +43,44 @@ def test_a_file_that_appeared_meanwhile_is_not_replaced(tmp_path: Path) -> None:
     assert names(tmp_path) == ["disk.img"]
 
 
-def test_partials_of_killed_writers_go_and_live_ones_stay(tmp_path: Path) -> None:
-    stale = tmp_path / ".disk.img.aaaaaa.partial"
-    live = tmp_path / ".disk.img.bbbbbb.partial"
-    other = tmp_path / ".other.img.cccccc.partial"
-    for path in (stale, live, other):
-        path.write_bytes(b"half")
-    fd = os.open(live, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # a writer still at work
-        with new_file_whole(str(tmp_path / "disk.img")) as partial:
-            Path(partial).write_bytes(b"whole")
-        assert names(tmp_path) == sorted([live.name, other.name, "disk.img"])
-    finally:
-        os.close(fd)
-    assert remove_stale_partials(str(tmp_path), "disk.img") == [str(live)]
-    assert names(tmp_path) == sorted([other.name, "disk.img"])
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def partial_name(name: str, pid: int, host: str = HOST_TAG, token: str = "a1b2c3") -> str:
+    return f".{name}.{pid}@{host}.{token}.partial"
+
+
+def test_partials_of_dead_writers_go_and_others_stay(tmp_path: Path) -> None:
+    dead = dead_pid()
+    stale = partial_name("disk.img", dead)
+    live = partial_name("disk.img", os.getpid(), token="d4e5f6")
+    other_host = partial_name("disk.img", dead, host="0badf00d")
+    other_name = partial_name("disk.img.bak", dead)
+    longer = partial_name("disk", dead)  # of "disk", not of "disk.img"
+    for name in (stale, live, other_host, other_name, longer):
+        (tmp_path / name).write_bytes(b"half")
+    with new_file_whole(str(tmp_path / "disk.img")) as partial:
+        assert Path(partial).name.startswith(f".disk.img.{os.getpid()}@{HOST_TAG}.")
+        Path(partial).write_bytes(b"whole")
+    assert names(tmp_path) == sorted([live, other_host, other_name, longer, "disk.img"])
+    assert remove_stale_partials(str(tmp_path), "disk") == [str(tmp_path / longer)]
+
+
+def test_a_temporary_file_replaced_under_the_writer_is_not_published(tmp_path: Path) -> None:
+    target = tmp_path / "disk.img"
+    with pytest.raises(OSError, match="replaced"), new_file_whole(str(target)) as partial:
+        Path(partial).unlink()
+        Path(partial).write_bytes(b"someone else's")
+    assert names(tmp_path) == []
+
+
+def test_long_names_get_a_short_partial_name(tmp_path: Path) -> None:
+    target = tmp_path / ("d" * 250)
+    with new_file_whole(str(target)) as partial:
+        assert len(Path(partial).name) < 255
+        Path(partial).write_bytes(b"whole")
+    assert target.read_bytes() == b"whole" and names(tmp_path) == [target.name]

@@ -104,8 +104,9 @@ def test_opening_non_repositories(tmp_path: Path) -> None:
         Repository.open(str(tmp_path / "busy"), create=True)
     with pytest.raises(UsageError, match="is not a backup repository"):
         Repository.open(str(tmp_path / "busy"))
-    with pytest.raises(UsageError, match="is not a directory"):
-        Repository.open(str(tmp_path / "busy" / "file"), create=True)
+    for create in (True, False):
+        with pytest.raises(UsageError, match="is not a directory"):
+            Repository.open(str(tmp_path / "busy" / "file"), create=create)
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["file"]
     assert (tmp_path / "busy" / "file").read_text() == "mine"
 
