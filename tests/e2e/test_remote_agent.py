@@ -118,12 +118,13 @@ def test_the_key_runs_the_agent_and_nothing_else(sshd: SshdInfo) -> None:
 
 def test_backup_server_drives_the_hypervisor_by_uuid(sshd: SshdInfo) -> None:
     """The whole remote flow: libvirt remote URI, SSH agent for mappings, NBD volume."""
-    from tests.e2e.test_nbd_target import NbdServer, free_port, reference, restore_compare
+    from tests.e2e.test_nbd_target import reference, restore_compare
     from tests.lab.domains import guest_write
     from tests.lab.storage_lab import rdmb_tmpdir
+    from tests.lab.volume_server import VolumeServer
 
     with lab_vm(loop_size=128 * MiB) as vm, rdmb_tmpdir() as work:
-        server = NbdServer(work / "volume.img", free_port())
+        server = VolumeServer(work / "volume.img")
         server.start()
         try:
             guest_write(vm.dom, "vdb", 0x61, 3 * MiB, MiB)
