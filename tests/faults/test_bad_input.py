@@ -13,7 +13,7 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +88,7 @@ def content(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def state(lab: Lab, watch: list[str | Path]) -> dict[str, Any]:
+def state(lab: Lab, watch: Sequence[str | Path]) -> dict[str, Any]:
     return {
         "files": tree(lab.repo) | tree(lab.scratch) | tree(lab.cwd),
         "backups": sorted(p.name for p in lab.repo.rglob("manifest.json")),
@@ -99,7 +99,7 @@ def state(lab: Lab, watch: list[str | Path]) -> dict[str, Any]:
 
 
 def refused(lab: Lab, code: int, words: str, *args: str,
-            watch: list[str | Path] | None = None) -> str:
+            watch: Sequence[str | Path] | None = None) -> str:
     """Run the CLI and check that it refused: exit ``code``, one line holding ``words``."""
     before = state(lab, watch or [])
     proc = rdm_backup(lab, *args)

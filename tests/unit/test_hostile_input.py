@@ -95,7 +95,7 @@ def mutations(document: Any) -> st.SearchStrategy[Any]:
                 yield from paths(item, (*prefix, index))
 
     all_paths = list(paths(document))
-    replacement = (json_trees | st.sampled_from(
+    replacement: st.SearchStrategy[Any] = (json_trees | st.sampled_from(
         [float("inf"), float("-inf"), float("nan"), 10**400, -1, 2**64, "", "../x", [], {},
          True, None, "Infinity", nested(50)]))
     edit = st.tuples(st.sampled_from(all_paths), st.sampled_from(["drop", "set"]), replacement)
@@ -193,7 +193,7 @@ def xml_element(draw: st.DrawFn, depth: int = 0) -> str:
     return f"<{tag}{attr_text}>{text}{''.join(children)}</{tag}>"
 
 
-def attrs_text(attrs: dict[str, str]) -> str:
+def attrs_text(attrs: dict[str, str | None]) -> str:
     return "".join(f" {k}='{v}'" for k, v in attrs.items() if v is not None)
 
 
@@ -315,7 +315,7 @@ def real_manifest() -> dict[str, Any]:
                         level="full", created="2026-01-01T00:00:00Z",
                         completed="2026-01-01T00:00:01Z", consistency={"method": "offline"},
                         domain_xml="<domain/>", disks=[record])
-    return json.loads(manifest.dumps())
+    return dict(json.loads(manifest.dumps()))
 
 
 REAL_MANIFEST = real_manifest()
