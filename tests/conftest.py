@@ -6,6 +6,9 @@
 * ``run_token``: 8 hex digits, unique per test run; put it into names of domains, targets, files.
 * ``rdmb_tmp``: a fresh directory under /var/tmp whose path contains "rdmb" and the token
   (mode 0755 so that QEMU, running as libvirt-qemu, can reach files in it); removed afterwards.
+* The tool's lock files and guest-hold records go to a directory of this run (set in the
+  environment before the library is imported, so the CLI runs of the tests share it), which is
+  removed when the run ends.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings
+
+_RUN_STATE = tempfile.mkdtemp(prefix="rdmb-state-")
+os.environ["RDM_BACKUP_LOCK_DIR"] = os.path.join(_RUN_STATE, "locks")
+os.environ["RDM_BACKUP_WINDOW_DIR"] = os.path.join(_RUN_STATE, "windows")
 
 pytest_plugins = ["tests.suite_report", "pytester"]
 
@@ -98,3 +105,8 @@ def rdmb_tmp(run_token: str, request: pytest.FixtureRequest) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove this run's lock files and guest-hold records."""
+    shutil.rmtree(_RUN_STATE, ignore_errors=True)
