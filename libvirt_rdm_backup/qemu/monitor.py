@@ -3,21 +3,68 @@
 libvirt owns the QEMU monitor socket; ``qemuMonitorCommand`` forwards a QMP
 command, and ``qemuMonitorCommandWithFiles`` also passes open file
 descriptors (used with ``add-fd`` so QEMU never needs to open our paths).
+
+libvirt waits for QEMU's answer without a limit, and a QEMU whose monitor is
+held (storage that stopped answering, a stopped process) never answers; so each
+command runs in a worker thread and is given up after ``RDM_BACKUP_QMP_TIMEOUT``
+seconds (default: the stall limit of data movers).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
-from typing import Any
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import libvirt
 import libvirt_qemu
 
-from libvirt_rdm_backup.errors import LibvirtError, QmpError
+from libvirt_rdm_backup.errors import LibvirtError, OperationError, QmpError
+from libvirt_rdm_backup.process import stall_timeout
 
 log = logging.getLogger(__name__)
+
+QMP_TIMEOUT_ENV = "RDM_BACKUP_QMP_TIMEOUT"
+T = TypeVar("T")
+
+
+def qmp_timeout() -> float:
+    """Seconds to wait for QEMU's answer to one monitor command."""
+    try:
+        value = float(os.environ.get(QMP_TIMEOUT_ENV, ""))
+    except ValueError:
+        return stall_timeout()
+    return value if value > 0 else stall_timeout()
+
+
+def bounded(call: Callable[[], T], what: str, timeout: float | None = None) -> T:
+    """Run a blocking libvirt ``call`` in a worker thread; OperationError after ``timeout``.
+
+    The worker is left behind blocked (a daemon thread: it does not keep the tool
+    alive); libvirt fails later calls on the domain once its own job wait ends.
+    """
+    limit = qmp_timeout() if timeout is None else timeout
+    outcome: list[Any] = []
+
+    def work() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as err:  # handed to the waiting thread
+            outcome.append((False, err))
+
+    worker = threading.Thread(target=work, name=f"qmp {what}", daemon=True)
+    worker.start()
+    worker.join(limit)
+    if not outcome:
+        raise OperationError(f"QEMU did not answer {what} within {limit:g} s (its monitor is "
+                             "held, e.g. by storage that stopped answering); giving up")
+    ok, value = outcome[0]
+    if ok:
+        return value  # type: ignore[no-any-return]
+    raise value
 
 
 class Monitor:
@@ -39,13 +86,14 @@ class Monitor:
             message["arguments"] = arguments
         text = json.dumps(message)
         log.debug("qmp> %s", text)
-        try:
+        def call() -> str:
             if files:
-                reply_text = libvirt_qemu.qemuMonitorCommandWithFiles(
-                    self.dom, text, list(files), 0
-                )[0]
-            else:
-                reply_text = libvirt_qemu.qemuMonitorCommand(self.dom, text, 0)
+                return str(libvirt_qemu.qemuMonitorCommandWithFiles(
+                    self.dom, text, list(files), 0)[0])
+            return str(libvirt_qemu.qemuMonitorCommand(self.dom, text, 0))
+
+        try:
+            reply_text = bounded(call, command)
         except libvirt.libvirtError as err:
             raise LibvirtError(f"QMP {command} failed: {err.get_error_message()}") from err
         reply = json.loads(reply_text)
@@ -58,10 +106,8 @@ class Monitor:
     def hmp(self, command: str) -> str:
         """Run a human-monitor command and return its output text."""
         try:
-            return str(
-                libvirt_qemu.qemuMonitorCommand(
-                    self.dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
-                )
-            )
+            return bounded(lambda: str(libvirt_qemu.qemuMonitorCommand(
+                self.dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)),
+                command.split()[0] if command.split() else "HMP")
         except libvirt.libvirtError as err:
             raise LibvirtError(f"HMP {command.split()[0]} failed: {err}") from err

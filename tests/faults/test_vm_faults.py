@@ -1,4 +1,4 @@
-"""Faults of the VM itself: QEMU killed under a running backup, the VM reset between backups."""
+"""Faults of the VM itself: QEMU killed or stopped under a backup, the VM reset between backups."""
 
 from __future__ import annotations
 
@@ -88,3 +88,50 @@ def test_vm_reset_between_backups_keeps_tracking() -> None:
         assert vdb.bytes_transferred <= 5 * 8 * MiB + MiB  # only what changed
         assert points.restore_every_point() == 4
         assert vm.dom.isActive()
+
+
+def test_qemu_stopped_before_and_during_a_backup() -> None:
+    """A QEMU that stops answering (SIGSTOP): the tool gives up in one line, then recovers."""
+    with lab_vm(loop_size=512 * MiB, lun_size=16 * MiB) as vm:
+        repo = str(vm.workdir / "repo")
+        points = Points(vm, repo)
+        fill(vm, 4)
+        points.backup()
+        fill(vm, 24, first=30)
+        env = {**os.environ, "RDM_BACKUP_QMP_TIMEOUT": "5"}
+        pid = qemu_pid(vm)
+        try:
+            # stopped before the backup: its first monitor command goes unanswered
+            os.kill(pid, signal.SIGSTOP)
+            proc = subprocess.run([str(EXE), "backup", vm.name, "--target", repo, "--disk",
+                                   "vdb"], capture_output=True, text=True, timeout=300,
+                                  env=env, check=False)
+            assert proc.returncode == 4, proc.stderr
+            assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+            assert "QEMU did not answer" in proc.stderr, proc.stderr
+            os.kill(pid, signal.SIGCONT)
+            assert [m.backup_id for m in api.list_backups(repo)] == list(points.refs)
+
+            # stopped under a running copy job
+            started = subprocess.Popen([str(EXE), "backup", vm.name, "--target", repo,
+                                        "--disk", "vdb", "--level", "full"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True, env=env)
+            wait_for_job(vm.dom, started)
+            os.kill(pid, signal.SIGSTOP)
+            _out, err = started.communicate(timeout=300)
+            assert started.returncode == 4, err
+            assert err.count("\n") == 1 and "Traceback" not in err
+            assert "QEMU did not answer" in err, err
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert [m.backup_id for m in api.list_backups(repo)] == list(points.refs)
+        assert vm.dom.isActive()
+
+        # QEMU answers again: the next run cleans up, and nothing written was lost
+        after = points.backup()
+        vdb = after.manifest.disk("vdb")
+        assert vdb is not None and vdb.level == "incremental", vdb
+        assert points.restore_every_point() == 2 * len(points.refs)
+        assert repo_temp_files(repo) == []
+        assert qemu_leftovers(vm.dom) == []

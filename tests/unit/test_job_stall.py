@@ -66,3 +66,51 @@ def test_export_reads_give_up_when_nothing_answers(monkeypatch: pytest.MonkeyPat
     _wait_for(SilentExport(polls=3), 1, 0)  # answered after three quiet polls, within the limit
     with pytest.raises(OperationError, match="offset 4096 made no progress for 0.05 s"):
         _wait_for(SilentExport(polls=None), 1, 4096)
+
+
+def test_a_monitor_command_without_an_answer_is_given_up(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    import threading
+
+    import libvirt_qemu
+
+    from libvirt_rdm_backup.qemu.monitor import Monitor, qmp_timeout
+
+    held = threading.Event()
+    calls: list[str] = []
+
+    def never_answers(dom: object, text: str, flags: int) -> str:
+        calls.append(text)
+        held.wait(30)  # released at the end of the test
+        return '{"return": {}}'
+
+    monkeypatch.setattr(libvirt_qemu, "qemuMonitorCommand", never_answers)
+    monkeypatch.setenv("RDM_BACKUP_QMP_TIMEOUT", "0.2")
+    try:
+        with pytest.raises(OperationError, match="QEMU did not answer query-jobs within 0.2 s"):
+            Monitor(object()).execute("query-jobs")  # type: ignore[arg-type]
+        assert calls and "query-jobs" in calls[0]
+    finally:
+        held.set()
+    monkeypatch.setattr(libvirt_qemu, "qemuMonitorCommand",
+                        lambda dom, text, flags: '{"return": {"ok": 1}}')
+    assert Monitor(object()).execute("query-status") == {"ok": 1}  # type: ignore[arg-type]
+    monkeypatch.setenv("RDM_BACKUP_QMP_TIMEOUT", "nonsense")
+    monkeypatch.setenv("RDM_BACKUP_STALL_TIMEOUT", "7")
+    assert qmp_timeout() == 7
+
+
+def test_a_libvirt_failure_in_the_worker_reaches_the_caller(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    import libvirt
+    import libvirt_qemu
+
+    from libvirt_rdm_backup.errors import LibvirtError
+    from libvirt_rdm_backup.qemu.monitor import Monitor
+
+    def refuses(dom: object, text: str, flags: int) -> str:
+        raise libvirt.libvirtError("domain is not running")
+
+    monkeypatch.setattr(libvirt_qemu, "qemuMonitorCommand", refuses)
+    with pytest.raises(LibvirtError, match="QMP query-block failed"):
+        Monitor(object()).execute("query-block")  # type: ignore[arg-type]
