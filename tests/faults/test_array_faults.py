@@ -154,9 +154,9 @@ def test_array_stopped_mid_copy_and_brought_back(device: str, outage: str) -> No
                 assert proc.returncode == 0, err
                 assert len(api.list_backups(repo)) == 1
             else:
-                # the array comes back long after the stall limit, whatever happens: QEMU's
-                # own iSCSI reconnect may hold its monitor until then, and the tool waits
-                # for QEMU's answers (it cannot time out a call that QEMU never answers)
+                # the array comes back a minute later, or once the tool has given up:
+                # QEMU's own iSCSI reconnect may hold its monitor meanwhile, and then the
+                # tool gives up on the unanswered monitor command after the same limit
                 back = threading.Timer(BACK_AFTER, array.start)
                 back.start()
                 try:
@@ -171,7 +171,8 @@ def test_array_stopped_mid_copy_and_brought_back(device: str, outage: str) -> No
                 else:
                     assert proc.returncode == 4, err
                     assert err.count("\n") == 1 and "Traceback" not in err
-                    assert f"made no progress for {STALL_LIMIT} s" in err, err
+                    assert (f"made no progress for {STALL_LIMIT} s" in err
+                            or f"did not answer query-jobs within {STALL_LIMIT} s" in err), err
                     assert api.list_backups(repo) == []
                     assert not [p for p in Path(repo).rglob("*") if p.is_file() and
                                 p.name not in {"rdm-backup-repository.json", ".lock"}]
