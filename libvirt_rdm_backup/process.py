@@ -22,13 +22,18 @@ _PR_SET_PDEATHSIG = 1
 _POLL = 1.0
 
 
+def env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from environment variable ``name``, else ``default``."""
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
 def stall_timeout() -> float:
     """Seconds a data mover may go without any I/O (``RDM_BACKUP_STALL_TIMEOUT``)."""
-    try:
-        value = float(os.environ.get(STALL_TIMEOUT_ENV, DEFAULT_STALL_TIMEOUT))
-    except ValueError:
-        return DEFAULT_STALL_TIMEOUT
-    return value if value > 0 else DEFAULT_STALL_TIMEOUT
+    return env_seconds(STALL_TIMEOUT_ENV, DEFAULT_STALL_TIMEOUT)
 
 
 _prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the forked child

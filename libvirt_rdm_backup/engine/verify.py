@@ -10,7 +10,7 @@ from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.errors import NotFoundError
 from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.repository.store import Damage, check_backup_id
+from libvirt_rdm_backup.repository.store import Damage, check_backup_id, id_second
 
 Checker = Callable[[DiskPoint], str | None]
 
@@ -93,7 +93,7 @@ def _age(item: Manifest | Damage) -> tuple[str, str, str]:
     (milliseconds) decides. An unreadable manifest has only its id and sorts first.
     """
     created = item.created if isinstance(item, Manifest) else ""
-    return item.backup_id.partition("-")[0], created, item.backup_id
+    return id_second(item.backup_id), created, item.backup_id
 
 
 def verify_manifests(store: Store, manifests: list[Manifest],

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -23,7 +22,7 @@ import libvirt
 import libvirt_qemu
 
 from libvirt_rdm_backup.errors import LibvirtError, OperationError, QmpError
-from libvirt_rdm_backup.process import stall_timeout
+from libvirt_rdm_backup.process import env_seconds, stall_timeout
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +32,16 @@ T = TypeVar("T")
 
 def qmp_timeout() -> float:
     """Seconds to wait for QEMU's answer to one monitor command."""
-    try:
-        value = float(os.environ.get(QMP_TIMEOUT_ENV, ""))
-    except ValueError:
-        return stall_timeout()
-    return value if value > 0 else stall_timeout()
+    return env_seconds(QMP_TIMEOUT_ENV, stall_timeout())
 
 
-def bounded(call: Callable[[], T], what: str, timeout: float | None = None) -> T:
-    """Run a blocking libvirt ``call`` in a worker thread; OperationError after ``timeout``.
+def bounded(call: Callable[[], T], what: str) -> T:
+    """Run a blocking libvirt ``call`` in a worker thread; OperationError after :func:`qmp_timeout`.
 
     The worker is left behind blocked (a daemon thread: it does not keep the tool
     alive); libvirt fails later calls on the domain once its own job wait ends.
     """
-    limit = qmp_timeout() if timeout is None else timeout
+    limit = qmp_timeout()
     outcome: list[Any] = []
 
     def work() -> None:
@@ -105,9 +100,9 @@ class Monitor:
 
     def hmp(self, command: str) -> str:
         """Run a human-monitor command and return its output text."""
+        name = command.split()[0] if command.split() else "HMP"
         try:
             return bounded(lambda: str(libvirt_qemu.qemuMonitorCommand(
-                self.dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)),
-                command.split()[0] if command.split() else "HMP")
+                self.dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)), name)
         except libvirt.libvirtError as err:
-            raise LibvirtError(f"HMP {command.split()[0]} failed: {err}") from err
+            raise LibvirtError(f"HMP {name} failed: {err}") from err

@@ -60,6 +60,11 @@ def new_backup_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
+def id_second(backup_id: str) -> str:
+    """The second a backup id was made in (``20261125T143000Z``): ids sort only by it."""
+    return backup_id.partition("-")[0]
+
+
 def check_backup_id(backup_id: str) -> str:
     """Validate a backup id given by a user (raises UsageError)."""
     if not BACKUP_ID_RE.fullmatch(backup_id):
@@ -104,11 +109,10 @@ def newest_damage(damaged: Iterable[str], readable: Sequence[Manifest]) -> str |
     """
     if not readable:
         return max(damaged, default=None)
-    second = readable[-1].backup_id.partition("-")[0]
+    second = id_second(readable[-1].backup_id)
     built_on = {m.parent for m in readable} | {r.parent for m in readable for r in m.disks}
     newer = [i for i in damaged
-             if i.partition("-")[0] > second
-             or (i.partition("-")[0] == second and i not in built_on)]
+             if id_second(i) > second or (id_second(i) == second and i not in built_on)]
     return max(newer, default=None)
 
 

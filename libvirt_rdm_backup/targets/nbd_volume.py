@@ -247,21 +247,13 @@ class NbdVolume:
         found.sort(key=lambda m: (m.created, m.backup_id))
         return found, damaged
 
-    def backups(self, domain_uuid: str | None = None) -> list[Manifest]:
-        """Published backups, oldest first (RepositoryError when one cannot be read)."""
-        found, damaged = self.scan(domain_uuid)
-        if damaged:
-            raise RepositoryError(f"backup {damaged[0].backup_id}: {damaged[0].problem}")
-        return found
-
     # -- damage found by verify or restore ---------------------------------------------------
 
     def damage_mark(self, backup_id: str, disk: str) -> str | None:
         """What an earlier verify or restore found wrong with a disk's region, or None."""
         if self._damage is None:
             self._damage = self._read_damage()
-        mark = self._damage.get(backup_id, {}).get(disk)
-        return None if mark is None else str(mark)
+        return self._damage.get(backup_id, {}).get(disk)
 
     def set_damage_mark(self, backup_id: str, disk: str, problem: str | None) -> bool:
         """Record (``problem``) or clear (None) a disk's damage in the damage record.
