@@ -61,13 +61,6 @@ def _align(value: int) -> int:
     return -(-value // ALIGN) * ALIGN
 
 
-def _newest_superblock(handle: Any) -> Superblock | None:
-    """The valid slot with the higher generation, or None (raises nbd.Error)."""
-    slots = [Superblock.from_bytes(bytes(handle.pread(SLOT, offset))) for offset in (0, SLOT)]
-    valid = [s for s in slots if s is not None]
-    return max(valid, key=lambda s: s.generation) if valid else None
-
-
 @dataclass
 class Superblock:
     """The volume's table of contents."""
@@ -105,6 +98,25 @@ class Superblock:
             return None
 
 
+def newest_superblock(slot_a: bytes, slot_b: bytes) -> Superblock | None:
+    """The valid one of the two slots with the higher generation, or None."""
+    valid = [s for s in map(Superblock.from_bytes, (slot_a, slot_b)) if s is not None]
+    return max(valid, key=lambda s: s.generation) if valid else None
+
+
+def damage_from_bytes(data: bytes) -> dict[str, dict[str, str]]:
+    """A damage record as ``{backup id: {disk: problem}}`` ({} when absent or corrupt)."""
+    magic, _generation, length, digest = _HEAD.unpack_from(data)
+    body = data[_HEAD.size:_HEAD.size + length]
+    if magic != DAMAGE_MAGIC or hashlib.sha256(body).digest() != digest:
+        return {}
+    try:
+        doc = json.loads(body)
+        return {str(k): {str(d): str(p) for d, p in v.items()} for k, v in doc.items()}
+    except (ValueError, AttributeError, RecursionError):
+        return {}
+
+
 class NbdVolume:
     """A backup repository kept inside an NBD export."""
 
@@ -131,7 +143,8 @@ class NbdVolume:
                 handle.set_tls_certificates(tls_dir)
             handle.connect_uri(address.uri)
             size = int(handle.get_size())
-            newest = _newest_superblock(handle)
+            newest = newest_superblock(*(bytes(handle.pread(SLOT, offset))
+                                         for offset in (0, SLOT)))
         except nbd.Error as err:
             raise OperationError(f"cannot open NBD target {address.uri}: {err}") from err
         if newest is not None:
@@ -286,20 +299,11 @@ class NbdVolume:
         return True
 
     def _read_damage(self) -> dict[str, dict[str, str]]:
-        """The damage record as ``{backup id: {disk: problem}}`` ({} when absent or unreadable)."""
+        """The volume's damage record (see :func:`damage_from_bytes`)."""
         try:
-            data = bytes(self.handle.pread(DAMAGE_AREA, DAMAGE_OFFSET))
+            return damage_from_bytes(bytes(self.handle.pread(DAMAGE_AREA, DAMAGE_OFFSET)))
         except nbd.Error as err:
             raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
-        magic, _generation, length, digest = _HEAD.unpack_from(data)
-        body = data[_HEAD.size:_HEAD.size + length]
-        if magic != DAMAGE_MAGIC or hashlib.sha256(body).digest() != digest:
-            return {}
-        try:
-            doc = json.loads(body)
-            return {str(k): {str(d): str(p) for d, p in v.items()} for k, v in doc.items()}
-        except (ValueError, AttributeError, RecursionError):
-            return {}
 
     # -- QEMU views of regions -------------------------------------------------------------
 

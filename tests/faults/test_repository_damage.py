@@ -28,10 +28,12 @@ import pytest
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.targets.nbd_volume import (
+    DAMAGE_AREA,
     DAMAGE_MAGIC,
     DAMAGE_OFFSET,
     SLOT,
-    Superblock,
+    damage_from_bytes,
+    newest_superblock,
 )
 from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
 from tests.lab.domains import guest_write
@@ -261,20 +263,18 @@ def test_flipped_byte_in_an_incremental() -> None:
 def volume_entry(volume: Path, backup_id: str) -> dict[str, Any]:
     """The table-of-contents entry of a backup in a volume file (newest valid superblock)."""
     with open(volume, "rb") as stream:
-        slots = [Superblock.from_bytes(stream.read(SLOT)) for _ in range(2)]
-    newest = max((s for s in slots if s is not None), key=lambda s: s.generation)
+        newest = newest_superblock(stream.read(SLOT), stream.read(SLOT))
+    assert newest is not None
     return next(e for e in newest.entries if e["backup_id"] == backup_id)
 
 
-def volume_damage(volume: Path) -> dict[str, Any]:
+def volume_damage(volume: Path) -> dict[str, dict[str, str]]:
     """The damage record of a volume file (``{backup id: {disk: problem}}``)."""
     with open(volume, "rb") as stream:
         stream.seek(DAMAGE_OFFSET)
-        head = stream.read(64)
-        assert head.startswith(DAMAGE_MAGIC), head
-        length = int.from_bytes(head[16:24], "big")
-        stream.seek(DAMAGE_OFFSET + 56)
-        return dict(json.loads(stream.read(length)))
+        data = stream.read(DAMAGE_AREA)
+    assert data.startswith(DAMAGE_MAGIC), data[:64]
+    return damage_from_bytes(data)
 
 
 def test_flipped_byte_and_malformed_manifest_in_an_nbd_volume() -> None:

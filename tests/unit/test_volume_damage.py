@@ -9,6 +9,7 @@ from libvirt_rdm_backup.targets.nbd_volume import (
     SLOT,
     NbdVolume,
     Superblock,
+    newest_superblock,
 )
 from libvirt_rdm_backup.targets.uri import NbdAddress, parse_target
 from tests.unit.test_repository_damage_units import UUID, vdb
@@ -44,10 +45,8 @@ def volume(export: MemoryExport) -> NbdVolume:
     """The volume in ``export`` (formatted when empty), as :meth:`NbdVolume.open` reads it."""
     address = parse_target("nbd://127.0.0.1/vol")
     assert isinstance(address, NbdAddress)
-    slots = [Superblock.from_bytes(export.pread(SLOT, offset)) for offset in (0, SLOT)]
-    valid = [s for s in slots if s is not None]
-    newest = max(valid, key=lambda s: s.generation) if valid else Superblock("abc123")
-    return NbdVolume(address, export, newest, SIZE)
+    newest = newest_superblock(export.pread(SLOT, 0), export.pread(SLOT, SLOT))
+    return NbdVolume(address, export, newest or Superblock("abc123"), SIZE)
 
 
 def publish_to(vol: NbdVolume, count: int) -> list[Manifest]:
