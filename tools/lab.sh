@@ -212,6 +212,36 @@ stop_reflink_fs() {
     fi
 }
 
+# QEMU runs as libvirt-qemu (group kvm). Without udev, /dev/kvm may be 0600 root:root: do what
+# Debian's udev rule does (group kvm, mode 0660). Where KVM still cannot be used by that user,
+# domains fall back to TCG (type qemu), with a notice.
+prepare_kvm() {
+    local type=qemu
+    if [ -c /dev/kvm ]; then
+        if getent group kvm >/dev/null; then
+            chgrp kvm /dev/kvm 2>/dev/null || true
+            chmod 0660 /dev/kvm 2>/dev/null || true
+        fi
+        if kvm_usable_by_qemu_user; then
+            type=kvm
+        else
+            log "notice: /dev/kvm is not usable by the QEMU user; domains use TCG (slower)"
+        fi
+    else
+        log "notice: no /dev/kvm; domains use TCG (slower)"
+    fi
+    echo "$type" >"$STATE/domain-type"
+}
+
+# True when the user QEMU runs as (libvirt-qemu, else root) can open /dev/kvm read-write.
+kvm_usable_by_qemu_user() {
+    local user=libvirt-qemu
+    id "$user" >/dev/null 2>&1 || user=root
+    [ "$user" = root ] && return 0
+    setpriv --reuid="$user" --regid="$(id -g "$user")" --init-groups \
+        sh -c ': <>/dev/kvm' 2>/dev/null
+}
+
 do_up() {
     need_root
     mkdir -p "$STATE"
@@ -220,7 +250,7 @@ do_up() {
     start_libvirt
     start_tgtd
     start_reflink_fs
-    if [ -e /dev/kvm ]; then echo kvm >"$STATE/domain-type"; else echo qemu >"$STATE/domain-type"; fi
+    prepare_kvm
     log "lab is up (libvirt $URI, iSCSI portal $PORTAL, domain type $(cat "$STATE/domain-type")," \
         "reflink XFS at $REFLINK_DIR)"
 }

@@ -67,8 +67,19 @@ def qcow2_disk(target: str, path: str) -> DiskSpec:
     )
 
 
+LAB_DOMAIN_TYPE = "/run/rdmb-lab/domain-type"
+
+
 def domain_type() -> str:
-    """``kvm`` where /dev/kvm exists, else ``qemu`` (TCG)."""
+    """What the lab decided (``tools/lab.sh up``): ``kvm`` where the QEMU user can use /dev/kvm,
+    else ``qemu`` (TCG); without that record, ``kvm`` where /dev/kvm exists."""
+    try:
+        with open(LAB_DOMAIN_TYPE, encoding="ascii") as f:
+            decided = f.read().strip()
+    except OSError:
+        decided = ""
+    if decided in ("kvm", "qemu"):
+        return decided
     return "kvm" if os.path.exists("/dev/kvm") else "qemu"
 
 
