@@ -37,7 +37,9 @@ def kvm_as_without_udev() -> Iterator[os.stat_result]:
         os.chmod(KVM, stat.S_IMODE(before.st_mode))
 
 
-def test_lab_up_makes_kvm_usable_by_qemu(kvm_as_without_udev: os.stat_result, run_token: str) -> None:
+def test_lab_up_makes_kvm_usable_by_qemu(
+    kvm_as_without_udev: os.stat_result, run_token: str
+) -> None:
     proc = subprocess.run([str(REPO / "tools" / "lab.sh"), "up"], stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
