@@ -124,13 +124,14 @@ def restore(
 ) -> RestoreResult:
     """Write ``disk`` as of a backup (newest by default) to the file or device ``to``.
 
-    Without a libvirt connection the in-use check is skipped (with a warning):
-    a restore must work on a host where the domain no longer exists.
+    Without a libvirt connection (libvirtd down) the target is still checked
+    against the kernel and the QEMU processes of this host: a restore must work on
+    a host where the domain no longer exists.
     """
     try:
         conn = open_connection(uri)
     except LibvirtError as err:
-        log.warning("%s: cannot check whether %s is in use by a domain", err, to)
+        log.debug("%s: checking %s without libvirt", err, to)
         return _restore.restore(domain, target, disk, to, backup_id, force, None, tls_dir)
     try:
         return _restore.restore(domain, target, disk, to, backup_id, force, conn, tls_dir)

@@ -69,13 +69,15 @@ def run(
     timeout: float | None = None,
     input_text: str | None = None,
     stall: float | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` and capture its text output.
 
     ``stall``: for data movers; the tool dies with us, and is killed when it does
     no I/O at all for that many seconds (its storage stopped answering). Raises
     CommandError when the tool exits non-zero (and ``check`` is set), times out or
-    stalls; OperationError when it cannot be started at all.
+    stalls; OperationError when it cannot be started at all. ``pass_fds``: open file
+    descriptors the tool inherits (named to it as ``/dev/fd/N``).
     """
     log.debug("run: %s", " ".join(argv))
     try:
@@ -87,6 +89,7 @@ def run(
             text=True,
             # long-running data movers die with the tool; short commands skip the cost
             preexec_fn=die_with_parent if stall is not None else None,
+            pass_fds=tuple(pass_fds),
         )
     except FileNotFoundError as err:
         raise OperationError(f"required tool {argv[0]!r} is not installed") from err

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import stat
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import libvirt
 
+from libvirt_rdm_backup import device_use
 from libvirt_rdm_backup.domain.connection import active_domains, domain_xml
 from libvirt_rdm_backup.domain.discovery import inventory_from_xml
 from libvirt_rdm_backup.domain.disks import RawDisk
@@ -111,15 +114,6 @@ def choose_backup(store: Store, domain: str, backup_id: str | None) -> Manifest:
     raise NotFoundError(f"backup {backup_id} of domain {domain!r} not found")
 
 
-def device_size(path: str) -> int:
-    """Size in bytes of a file or block device."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-
-
 def storage_paths(path: str, sysfs: SysfsAgent | None = None) -> set[str]:
     """``path`` and every device or file below it in its storage tree (real paths)."""
     found = {os.path.realpath(path)}
@@ -168,56 +162,142 @@ def paths_in_use(conn: libvirt.virConnect) -> dict[str, str]:
     return used
 
 
-def check_target(
+@dataclass
+class Target:
+    """A restore target, resolved once; an existing one is written only through ``fd``.
+
+    ``fd`` was opened (``O_EXCL`` for a block device, which the kernel refuses while
+    the device is mounted, swap or stacked on, and which keeps it so) and checked;
+    tools get it as :attr:`fd_path`.
+    """
+
+    path: str
+    real: str
+    exists: bool
+    is_block: bool
+    fd: int = -1
+
+    @property
+    def fd_path(self) -> str:
+        """The open target as a path a child process that inherits ``fd`` can open."""
+        return f"/dev/fd/{self.fd}"
+
+    def size(self) -> int:
+        """Bytes in the open target."""
+        return os.lseek(self.fd, 0, os.SEEK_END)
+
+
+@contextlib.contextmanager
+def open_target(
     path: str, size: int, force: bool, conn: libvirt.virConnect | None
-) -> tuple[bool, bool]:
-    """Refuse unusable targets; return ``(exists, is_block_device)``."""
+) -> Iterator[Target]:
+    """Resolve, open and check the restore target; refuse one that is unusable or in use.
+
+    A new file is only checked (it is made whole elsewhere). An existing file or
+    device is opened once and refused (UsageError) when it is mounted, active swap,
+    has stacked devices, cannot be opened exclusively, is open in a QEMU process
+    of this host (found from ``/proc``, so also while libvirtd is down) or is the
+    disk of a running domain (the last two unless ``force``), or is too small
+    (unless ``force``).
+    """
     if not path:
         raise UsageError("restore target path is empty")
     real = os.path.realpath(path)
-    if not os.path.exists(real):
+    if not os.path.lexists(real):
         parent = os.path.dirname(real) or "."
         if not os.path.isdir(parent):
             raise UsageError(f"restore target directory {parent} does not exist")
         if not os.access(parent, os.W_OK):
             raise UsageError(f"restore target directory {parent} is not writable")
-        return False, False
-    mode = os.stat(real).st_mode
+        yield Target(path, real, exists=False, is_block=False)
+        return
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as err:
+        raise UsageError(f"restore target {path} cannot be used: {err.strerror}") from err
     if stat.S_ISDIR(mode):
         raise UsageError(f"restore target {path} is a directory")
     is_block = stat.S_ISBLK(mode)
     if not (is_block or stat.S_ISREG(mode)):
         raise UsageError(f"restore target {path} is neither a file nor a block device")
-    if not os.access(real, os.W_OK) or (is_block and read_only_device(real)):
-        raise UsageError(f"restore target {path} is not writable")
-    if conn is not None and not force:
+    fd = _open_existing(path, real, is_block)
+    try:
+        target = Target(path, real, exists=True, is_block=is_block, fd=fd)
+        _check_open_target(target, force, conn)
+        have = target.size()
+        if have < size and not force:
+            raise UsageError(
+                f"restore target {path} is too small ({have} bytes, the disk has {size}); "
+                "use --force to write what fits"
+            )
+        yield target
+    finally:
+        os.close(fd)
+
+
+def _open_existing(path: str, real: str, is_block: bool) -> int:
+    """Open an existing target for writing, exclusively when it is a block device."""
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_EXCL if is_block else 0)
+    try:
+        fd = os.open(real, flags)
+    except OSError as err:
+        if err.errno == errno.EBUSY:
+            ident = device_use.identity_of_path(real)
+            why = device_use.holders(ident) if ident is not None else []
+            raise UsageError(
+                f"restore target {path} is in use: "
+                f"{'; '.join(why) or 'the kernel holds it exclusively'}"
+            ) from err
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise UsageError(f"restore target {path} is not writable") from err
+        raise UsageError(f"restore target {path} cannot be used: {err.strerror}") from err
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISBLK(st.st_mode) != is_block or not (
+                stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise UsageError(f"restore target {path} changed while it was opened")
+        if is_block and read_only_device(fd, path):
+            raise UsageError(f"restore target {path} is not writable")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_open_target(target: Target, force: bool, conn: libvirt.virConnect | None) -> None:
+    """Refuse an opened target that the kernel, a QEMU process or a running domain uses."""
+    ident = device_use.Identity.of(os.fstat(target.fd))
+    assert ident is not None  # _open_existing accepted only a file or a block device
+    if target.is_block:
+        held = device_use.holders(ident)
+        if held:
+            raise UsageError(f"restore target {target.path} is in use: {'; '.join(held)}")
+    if force:
+        return
+    below = storage_paths(target.real)
+    identities = {ident, *(device_use.partitions(ident) if target.is_block else [])}
+    identities |= {i for i in map(device_use.identity_of_path, below) if i is not None}
+    users = device_use.qemu_users(identities)
+    if users:
+        raise UsageError(f"restore target {target.path} is in use by {'; '.join(users)}; "
+                         "use --force to overwrite it")
+    if conn is not None:
         used = paths_in_use(conn)
-        owner = next((used[p] for p in sorted(storage_paths(real)) if p in used), None)
+        owner = next((used[p] for p in sorted(below) if p in used), None)
         if owner is not None:
             raise UsageError(
-                f"restore target {path} is in use by running domain {owner}; "
+                f"restore target {target.path} is in use by running domain {owner}; "
                 "use --force to overwrite it"
             )
-    have = device_size(real)
-    if have < size and not force:
-        raise UsageError(
-            f"restore target {path} is too small ({have} bytes, the disk has {size}); "
-            "use --force to write what fits"
-        )
-    return True, is_block
 
 
-def read_only_device(path: str) -> bool:
+def read_only_device(fd: int, path: str) -> bool:
     """True for a block device set read-only (``BLKROGET``), which even root cannot write.
 
-    A device that cannot even be opened or asked (no medium, gone) is a bad target too.
+    A device that cannot even be asked (no medium, gone) is a bad target too.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            flag: int = struct.unpack("i", fcntl.ioctl(fd, BLKROGET, bytes(4)))[0]
-        finally:
-            os.close(fd)
+        flag: int = struct.unpack("i", fcntl.ioctl(fd, BLKROGET, bytes(4)))[0]
     except OSError as err:
         raise UsageError(f"restore target {path} cannot be used: {err.strerror}") from err
     return flag != 0
@@ -230,68 +310,71 @@ def refuse_store_paths(store: Store, path: str) -> None:
                          f"{store.name}; writing it would destroy backups")
 
 
-def zero_nonzero_ranges(path: str, length: int) -> int:
-    """Make ``[0, length)`` of a block device read as zero, writing only where it does not.
-
-    Returns the number of bytes zeroed.
-    """
+def zero_nonzero_ranges(fd: int, length: int) -> int:
+    """Make ``[0, length)`` of the block device open as ``fd`` read as zero, writing only
+    where it does not; returns the number of bytes zeroed."""
     zeroed = 0
     buf = bytearray(CHUNK)
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        offset = 0
-        while offset < length:
-            count = min(CHUNK, length - offset)
-            view = memoryview(buf)[:count]
-            got = os.preadv(fd, [view], offset)
-            if got <= 0:
-                break
-            if view[:got] != _ZERO[:got]:
-                fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, got))
-                zeroed += got
-            offset += got
-    finally:
-        os.close(fd)
+    offset = 0
+    while offset < length:
+        count = min(CHUNK, length - offset)
+        view = memoryview(buf)[:count]
+        got = os.preadv(fd, [view], offset)
+        if got <= 0:
+            break
+        if view[:got] != _ZERO[:got]:
+            fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, got))
+            zeroed += got
+        offset += got
     return zeroed
 
 
-def _punch_file(path: str, length: int) -> None:
-    """Make ``[0, length)`` of a regular file read as zero without writing (hole punch)."""
+def _punch_file(target: Target, length: int) -> None:
+    """Make ``[0, length)`` of the open regular file read as zero without writing."""
     from libvirt_rdm_backup.process import run
 
-    if os.path.getsize(path) < length:
-        os.truncate(path, length)
-    run(["fallocate", "--punch-hole", "--offset", "0", "--length", str(length), path])
+    if target.size() < length:
+        os.ftruncate(target.fd, length)
+    run(["fallocate", "--punch-hole", "--offset", "0", "--length", str(length),
+         target.fd_path], pass_fds=(target.fd,))
 
 
-def write_disk(node: dict[str, Any], record: DiskRecord, to: str, exists: bool,
-               is_block: bool) -> int:
-    """Write the disk image ``node`` (blockdev options) to ``to``; returns bytes zeroed."""
+def write_disk(node: dict[str, Any], record: DiskRecord, target: Target) -> int:
+    """Write the disk image ``node`` (blockdev options) to ``target``; returns bytes zeroed.
+
+    An existing target is written through its open descriptor only. When the copy
+    fails there, the error names the range that may have been changed.
+    """
     source = "json:" + json.dumps(node)
-    if not exists:  # a new file appears whole or not at all
+    if not target.exists:  # a new file appears whole or not at all
         try:
-            with new_file_whole(os.path.realpath(to)) as partial:
+            with new_file_whole(target.real) as partial:
                 img.convert(source, partial, target_fmt="raw")
         except FileExistsError as err:
-            raise OperationError(f"{to} was created by someone else during the restore; "
-                                 "it was left as it is") from err
+            raise OperationError(f"{target.path} was created by someone else during the "
+                                 "restore; it was left as it is") from err
         except OSError as err:
-            raise OperationError(f"cannot write {to}: {err.strerror or err}") from err
+            raise OperationError(f"cannot write {target.path}: {err.strerror or err}") from err
         return 0
-    if not is_block:  # what a restore killed while creating this file left beside it
+    if not target.is_block:  # what a restore killed while creating this file left beside it
         with contextlib.suppress(OSError):
-            remove_stale_partials(*os.path.split(os.path.realpath(to)))
-    room = device_size(to)
-    length = min(room, record.size)
+            remove_stale_partials(*os.path.split(target.real))
+    length = min(target.size(), record.size) if target.is_block else record.size
     zeroed = 0
-    if is_block:
-        zeroed = zero_nonzero_ranges(to, length)
-    else:
-        _punch_file(to, max(length, record.size))
-        length = record.size
-    if length < record.size:
-        source = "json:" + json.dumps({"driver": "raw", "size": length, "file": node})
-    img.convert(source, to, target_fmt="raw", existing_target=True, target_is_zero=True)
+    try:
+        if target.is_block:
+            zeroed = zero_nonzero_ranges(target.fd, length)
+        else:
+            _punch_file(target, length)
+        if length < record.size:
+            source = "json:" + json.dumps({"driver": "raw", "size": length, "file": node})
+        img.convert(source, target.fd_path, target_fmt="raw", existing_target=True,
+                    target_is_zero=True, pass_fds=(target.fd,))
+        os.fsync(target.fd)  # durable, and a failed write-back is this restore's failure
+    except (RdmBackupError, OSError) as err:
+        detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise OperationError(f"{detail}; bytes 0-{length} of {target.path} may have been "
+                             "changed") from err
     return zeroed
 
 
@@ -317,9 +400,10 @@ def restore(
 ) -> RestoreResult:
     """Restore disk ``disk`` of ``domain`` from the repository at ``target`` into ``to``.
 
-    The stored data is verified before anything is written. Refuses a target
-    smaller than the disk or used by a running domain unless ``force``, and
-    always one inside the repository.
+    The stored data is verified, and the whole chain opened, before anything is
+    written. Refuses a target the kernel uses (mounted, swap, stacked devices)
+    always, one smaller than the disk or used by a QEMU process or a running
+    domain unless ``force``, and always one inside the repository.
     """
     check_safe_name(disk, "disk name")
     with open_store(target, tls_dir=tls_dir) as store:
@@ -329,14 +413,18 @@ def restore(
             raise NotFoundError(f"backup {manifest.backup_id} has no disk {disk!r}")
         if to:
             refuse_store_paths(store, to)
-        exists, is_block = check_target(to, record.size, force, conn)
-        points = verify_lineage(store, manifest, disk)
-        node = store.image_node(manifest, record, [p.record for p in points[1:]])
-        try:
-            zeroed = write_disk(node, record, to, exists, is_block)
-            data = img.data_bytes("json:" + json.dumps(node))
-        except RdmBackupError as err:
-            raise OperationError(f"restore of {disk} to {to} failed: {err}") from err
+        with open_target(to, record.size, force, conn) as dest:
+            if conn is None and dest.exists and not force:
+                log.warning("libvirt did not answer: %s was checked against this host's "
+                            "mounts, swap and QEMU processes only, not against the iSCSI "
+                            "LUNs of running domains", to)
+            points = verify_lineage(store, manifest, disk)
+            node = store.image_node(manifest, record, [p.record for p in points[1:]])
+            try:
+                data = img.data_bytes("json:" + json.dumps(node))  # opens the whole chain
+                zeroed = write_disk(node, record, dest)
+            except RdmBackupError as err:
+                raise OperationError(f"restore of {disk} to {to} failed: {err}") from err
     return RestoreResult(
         backup_id=manifest.backup_id,
         disk=disk,

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
@@ -362,6 +363,65 @@ def other_loop_over_running_domain_disk(lab: Lab, stack: ExitStack) -> Target:
     return device, [], 2, "in use by running domain"
 
 
+def _loop_with_data(lab: Lab, stack: ExitStack) -> str:
+    path = _file(lab, LOOP_SIZE)  # data on it: zeroing it first would show
+    stack.callback(path.unlink)
+    return stack.enter_context(loop_device(path))
+
+
+def mounted_loop(lab: Lab, stack: ExitStack) -> Target:
+    device = _loop_with_data(lab, stack)
+    subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True)
+    mount = lab.scratch / unique_name("mnt")
+    mount.mkdir()
+    stack.callback(mount.rmdir)
+    subprocess.run(["mount", device, str(mount)], check=True)
+    stack.callback(subprocess.run, ["umount", str(mount)], check=True)
+    return device, ["--force"], 2, f"mounted at {mount}"
+
+
+def swap_loop(lab: Lab, stack: ExitStack) -> Target:
+    device = _loop_with_data(lab, stack)
+    subprocess.run(["mkswap", "-q", device], check=True, capture_output=True)
+    subprocess.run(["swapon", device], check=True)
+    stack.callback(subprocess.run, ["swapoff", device], check=True)
+    return device, ["--force"], 2, f"active swap {device}"
+
+
+def exclusively_opened_loop(lab: Lab, stack: ExitStack) -> Target:
+    """A program (not QEMU) holds the device open with O_EXCL, as a filesystem would."""
+    device = _loop_with_data(lab, stack)
+    holder = subprocess.Popen(
+        ["python3", "-c", "import os, sys; os.open(sys.argv[1], os.O_RDONLY | os.O_EXCL); "
+         "print('held', flush=True); sys.stdin.read()", device],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    stack.callback(holder.wait, 10)
+    stack.callback(holder.stdin.close)  # type: ignore[union-attr]
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    return device, ["--force"], 2, "the kernel holds it exclusively"
+
+
+def loop_served_by_qemu_nbd(lab: Lab, stack: ExitStack) -> Target:
+    """A QEMU program that is no domain (qemu-nbd) has the device open."""
+    device = _loop_with_data(lab, stack)
+    sock = lab.scratch / unique_name("nbd.sock")
+    server = subprocess.Popen(["qemu-nbd", "-r", "-f", "raw", "-k", str(sock), "--persistent",
+                               device], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stack.callback(server.wait, 10)
+    stack.callback(server.terminate)
+    stack.callback(lambda: sock.unlink(missing_ok=True))
+    deadline = time.monotonic() + 10
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return device, [], 2, f"qemu-nbd process {server.pid}"
+
+
+def running_domain_disk_with_libvirtd_unreachable(lab: Lab, stack: ExitStack) -> Target:
+    """The tool cannot ask libvirtd (as when it is down): /proc still names the domain."""
+    return lab.vm.loop, ["-c", f"qemu+unix:///system?socket=/nonexistent-{RUN_TOKEN}.sock"], \
+        2, f"in use by running domain {lab.vm.name}"
+
+
 def _in_repository(name: str) -> Callable[[Lab, ExitStack], Target]:
     def target(lab: Lab, stack: ExitStack) -> Target:
         return str(lab.backup_dir / name), ["--force"], 2, "inside the backup repository"
@@ -418,7 +478,9 @@ def character_device(lab: Lab, stack: ExitStack) -> Target:
 @pytest.mark.parametrize("make", [
     too_small, read_only_loop, immutable_file, file_on_read_only_mount,
     new_file_on_read_only_mount, running_domain_disk, symlink_to_running_domain_disk,
-    other_loop_over_running_domain_disk, _in_repository("vdb.qcow2"),
+    other_loop_over_running_domain_disk, mounted_loop, swap_loop, exclusively_opened_loop,
+    loop_served_by_qemu_nbd, running_domain_disk_with_libvirtd_unreachable,
+    _in_repository("vdb.qcow2"),
     _in_repository("manifest.json"), _in_repository("vdb.chunks"), new_file_in_repository,
     hard_link_to_data_file, repository_through_a_bind_mount, loop_over_data_file, directory,
     missing_directory, empty_path, character_device,

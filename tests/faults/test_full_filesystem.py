@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
-from tests.e2e.lab_vm import MiB, lab_vm
+from tests.e2e.lab_vm import MiB, lab_vm, same_bytes
 from tests.faults.points import Points
 from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers
 
@@ -84,3 +84,34 @@ def test_repository_filesystem_runs_full_then_grows() -> None:
             vdb = result.manifest.disk("vdb")
             assert vdb is not None and vdb.level == "incremental"
             assert points.restore_every_point() == 4
+
+
+def test_restore_target_storage_runs_full() -> None:
+    """A block device whose storage fills up under a restore: exit 4 naming the range that
+    may have been changed; once there is room again, the same restore is byte-identical."""
+    with lab_vm(loop_size=64 * MiB) as vm:
+        guest_write(vm.dom, "vdb", 0x3C, 0, 8 * MiB)
+        repo = str(vm.workdir / "repo")
+        points = Points(vm, repo)
+        backup_id = points.backup().manifest.backup_id
+        with small_filesystem(vm.workdir / "target-fs.img", vm.workdir / "mnt", 32 * MiB):
+            ballast = leave_free(vm.workdir / "mnt", 2 * MiB)
+            sparse = vm.workdir / "mnt" / "device.raw"
+            with open(sparse, "wb") as stream:
+                stream.truncate(64 * MiB)
+            device = subprocess.run(["losetup", "-f", "--show", str(sparse)], check=True,
+                                    capture_output=True, text=True).stdout.strip()
+            try:
+                argv = [str(EXE), "restore", vm.name, "--target", repo, "--disk", "vdb",
+                        "--to", device]
+                proc = subprocess.run(argv, capture_output=True, text=True)
+                assert proc.returncode == 4, proc.stderr
+                assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+                assert f"bytes 0-{64 * MiB} of {device} may have been changed" in proc.stderr
+                ballast.unlink()
+                proc = subprocess.run(argv, capture_output=True, text=True)
+                assert proc.returncode == 0, proc.stderr
+                assert same_bytes(device, points.refs[backup_id]["vdb"])
+            finally:
+                subprocess.run(["losetup", "-d", device], check=False)
+        assert points.restore_every_point() == 2  # vdb and sda

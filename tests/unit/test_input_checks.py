@@ -12,7 +12,7 @@ from libvirt_rdm_backup.cli import main
 from libvirt_rdm_backup.domain.connection import is_remote
 from libvirt_rdm_backup.domain.disks import DiskInventory, RawDisk, SourceKind
 from libvirt_rdm_backup.engine.discover import select_disks
-from libvirt_rdm_backup.engine.restore import check_target, read_only_device, restore
+from libvirt_rdm_backup.engine.restore import open_target, read_only_device, restore
 from libvirt_rdm_backup.engine.verify import verify
 from libvirt_rdm_backup.errors import NotFoundError, UsageError
 from libvirt_rdm_backup.redact import redact
@@ -125,12 +125,10 @@ def test_restore_checks_its_input_first(tmp_path: Path) -> None:
         restore("vm", repo.root, "../vdb", str(tmp_path / "out.raw"))
     with pytest.raises(UsageError, match="malformed backup id"):
         verify(repo.root, "no-such-vm", "../x")
-    with pytest.raises(UsageError, match="path is empty"):
-        check_target("", 1024, False, None)
+    with pytest.raises(UsageError, match="path is empty"), open_target("", 1024, False, None):
+        pass
 
 
 def test_a_device_that_cannot_be_asked_is_a_bad_target(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="cannot be used"):
-        read_only_device(str(tmp_path / "gone"))
-    with pytest.raises(UsageError, match="cannot be used"):
-        read_only_device(str(tmp_path))  # not a block device: the ioctl fails
+    with open(tmp_path / "file", "wb") as stream, pytest.raises(UsageError, match="cannot be used"):
+        read_only_device(stream.fileno(), "file")  # not a block device: the ioctl fails
