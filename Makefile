@@ -41,10 +41,10 @@ test: install lab-up
 	$(VENV)/bin/pytest -q tests || exit $$?; \
 	if [ "$$lint" != 0 ]; then echo "make test: the tests passed but lint failed" >&2; exit 1; fi
 
-# The fault and bad-input suite alone; its summary (faults survived / tried, bad inputs
+# The fault, bad-input and hostile-input suite alone; its summary (faults survived / tried, bad inputs
 # refused / tried) ends the output of this target and of `make test`.
 faults: install lab-up
-	$(VENV)/bin/pytest -q -m "fault or bad_input" tests
+	$(VENV)/bin/pytest -q -m "fault or bad_input or hostile" tests
 
 demo: install lab-up
 	$(PY) tools/demo.py

@@ -1,8 +1,11 @@
-"""The fault suite's summary: faults survived / tried and bad inputs refused / tried.
+"""The fault suite's summary: faults survived, bad inputs refused, hostile inputs contained.
 
 A test marked ``fault`` injects one fault and checks that the tool survived it (one clear
 line, the right exit code, nothing bad published, every point restoring byte-identical);
-a test marked ``bad_input`` feeds one kind of bad input and checks that it was refused.
+a test marked ``bad_input`` feeds one kind of bad input and checks that it was refused; a
+test marked ``hostile`` plants data the tool reads back (a manifest, a layer's header, an
+agent request or answer, a volume's superblock) and checks that nothing outside what the
+command names was touched.
 Parametrized tests count once per parameter set. The counts are printed at the end of
 every run that collected such tests (``make test`` and ``make faults``).
 """
@@ -13,7 +16,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-KINDS = {"fault": "faults survived", "bad_input": "bad inputs refused"}
+KINDS = {
+    "fault": "faults survived",
+    "bad_input": "bad inputs refused",
+    "hostile": "hostile inputs contained",
+}
 
 
 @dataclass
@@ -31,6 +38,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "fault: injects one fault; passing means the tool survived it")
     config.addinivalue_line(
         "markers", "bad_input: feeds one kind of bad input; passing means it was refused")
+    config.addinivalue_line(
+        "markers", "hostile: data read back from a repository, volume, agent or server is "
+        "hostile; passing means nothing outside what the command names was touched")
 
 
 @pytest.hookimpl(trylast=True)

@@ -27,6 +27,10 @@ def test_refused(text):
 def test_skipped():
     pytest.skip("not here")
 
+@pytest.mark.hostile
+def test_contained():
+    pass
+
 def test_unmarked():
     pass
 """
@@ -38,13 +42,14 @@ def test_summary_counts_faults_and_inputs(pytester: pytest.Pytester,
     pytester.makeconftest('pytest_plugins = ["tests.suite_report"]\n')
     pytester.makepyfile(test_mini=MINI_SUITE)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=4, failed=2, skipped=1)
+    result.assert_outcomes(passed=5, failed=2, skipped=1)
     result.stdout.fnmatch_lines([
         "*fault and bad-input suite*",
         "faults survived: 1/2",
         "  not survived: test_mini.py::test_not_survived",
         "bad inputs refused: 2/3",
         "  not refused: test_mini.py::test_refused?c?",
+        "hostile inputs contained: 1/1",
     ])
 
 
