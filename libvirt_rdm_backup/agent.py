@@ -23,26 +23,33 @@ Requests and answers (see docs/remote-backups.md)::
     any failure                    -> {"ok": false, "error": "one line",
                                        "error_class": "StorageError", "exit_code": 4}
 
-The request is untrusted: at most :data:`MAX_REQUEST` bytes, strict JSON, every
-field of the disk checked for its type and length. The answer is always one
-JSON line, never a traceback; the exit status is 0 unless the request could not
-be parsed at all (2).
+The request is untrusted: at most :data:`MAX_REQUEST` bytes, read within
+``RDM_BACKUP_AGENT_TIMEOUT`` seconds (default 30), strict JSON, every field of
+the disk checked for its type and length, and only a block device or an iSCSI LUN
+of a domain on this host is looked up (:mod:`.agent_admission`). The answer is
+always one JSON line, never a traceback; the exit status is the answer's
+``exit_code`` (0 when ``ok``; 2 for a request that is malformed or refused).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import re
+import select
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import IO, Any
 
 from libvirt_rdm_backup import __version__
+from libvirt_rdm_backup.agent_admission import IscsiSources, admit, domain_iscsi_sources
 from libvirt_rdm_backup.domain.disks import IscsiSource, RawDisk, SourceKind
 from libvirt_rdm_backup.errors import RdmBackupError, UsageError
+from libvirt_rdm_backup.process import env_seconds
 from libvirt_rdm_backup.storage import map_disk
 from libvirt_rdm_backup.storage.base import StorageAgent
 
@@ -51,9 +58,10 @@ log = logging.getLogger(__name__)
 PROTOCOL = 1
 MAX_REQUEST = 1 << 20  # bytes of JSON read from stdin, at most
 MAX_STRING = 4096  # characters of any string field of a disk
+TIMEOUT_ENV = "RDM_BACKUP_AGENT_TIMEOUT"
+DEFAULT_TIMEOUT = 30.0  # seconds the whole request may take to arrive
 OPS = ("map", "version")
 EXIT_OK = 0
-EXIT_UNPARSABLE = 2
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_.:+-]{1,256}$")
@@ -166,10 +174,12 @@ def disk_from_request(data: Any) -> RawDisk:
 # -- requests -------------------------------------------------------------------------
 
 
-def handle(request: Any, agents: Sequence[StorageAgent] | None = None) -> dict[str, Any]:
+def handle(request: Any, agents: Sequence[StorageAgent] | None = None,
+           sources: IscsiSources = domain_iscsi_sources) -> dict[str, Any]:
     """The answer to one request (a parsed JSON value); never raises for bad requests.
 
-    ``agents``: the mapping agents to try (default: :func:`storage.default_agents`).
+    ``agents``: the mapping agents to try (default: :func:`storage.default_agents`);
+    ``sources``: the iSCSI sources of this host's domains (default: asked of libvirt).
     """
     try:
         if not isinstance(request, dict):
@@ -183,6 +193,7 @@ def handle(request: Any, agents: Sequence[StorageAgent] | None = None) -> dict[s
             if "disk" not in request:
                 raise UsageError("map: the request has no disk")
             disk = disk_from_request(request["disk"])
+            admit(disk, sources)
             log.info("map: disk %s (%s)", disk.target, disk.source or "no source")
             return {"ok": True, "mapping": map_disk(disk, agents).to_dict()}
         raise UsageError(f"unknown op {op[:64]!r} (one of {', '.join(OPS)})")
@@ -214,8 +225,39 @@ def parse_request(raw: bytes | str) -> Any:
     return value
 
 
-def _read_request(stdin: IO[bytes] | IO[str]) -> bytes | str:
-    """At most MAX_REQUEST + 1 bytes (or characters) up to end of input."""
+def _fileno(stream: IO[Any]) -> int | None:
+    try:
+        return stream.fileno()
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError
+        return None
+
+
+def _read_fd(fd: int, timeout: float) -> bytes:
+    """At most MAX_REQUEST + 1 bytes up to end of input, all within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_REQUEST:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise _Unparsable(f"no complete request within {timeout:g} s")
+        chunk = os.read(fd, min(1 << 16, MAX_REQUEST + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _read_request(stdin: IO[bytes] | IO[str], timeout: float) -> bytes | str:
+    """At most MAX_REQUEST + 1 bytes (or characters) up to end of input.
+
+    A binary stream with a file descriptor is read within ``timeout`` seconds;
+    other streams (in memory) as they come.
+    """
+    fd = _fileno(stdin)
+    if fd is not None and not isinstance(stdin, io.TextIOBase):
+        return _read_fd(fd, timeout)
     chunks: list[Any] = []
     size = 0
     while size <= MAX_REQUEST:
@@ -252,22 +294,26 @@ def _protected_stdout() -> Iterator[IO[str]]:
 
 
 def serve(stdin: IO[bytes] | IO[str], stdout: IO[str],
-          agents: Sequence[StorageAgent] | None = None) -> int:
-    """Read one request from ``stdin``, write one JSON line to ``stdout``; the exit status."""
+          agents: Sequence[StorageAgent] | None = None,
+          sources: IscsiSources = domain_iscsi_sources) -> int:
+    """Read one request from ``stdin``, write one JSON line to ``stdout``; the exit status.
+
+    The exit status is the answer's ``exit_code`` (0 when it is ``ok``).
+    """
     if "SSH_ORIGINAL_COMMAND" in os.environ:  # a forced command: the request is on stdin
         log.debug("ignoring the client's command (SSH_ORIGINAL_COMMAND)")
-    code = EXIT_OK
     try:
-        request = parse_request(_read_request(stdin))
+        request = parse_request(_read_request(stdin, env_seconds(TIMEOUT_ENV,
+                                                                 DEFAULT_TIMEOUT)))
     except (RdmBackupError, OSError) as err:
         answer = _error(err if isinstance(err, RdmBackupError)
                         else _Unparsable(f"cannot read the request: {err}"))
-        code = EXIT_UNPARSABLE
     else:
-        answer = handle(request, agents)
+        answer = handle(request, agents, sources)
     stdout.write(json.dumps(answer, separators=(",", ":")) + "\n")
     stdout.flush()
-    return code
+    code = answer.get("exit_code", EXIT_OK)
+    return code if isinstance(code, int) else EXIT_OK
 
 
 def main(stdin: IO[bytes] | IO[str] | None = None, stdout: IO[str] | None = None) -> int:
