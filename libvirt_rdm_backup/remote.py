@@ -132,6 +132,7 @@ def _exchange(argv: list[str], data: bytes, timeout: float, where: str) -> _Exch
     ``timeout`` seconds, or writes more than MAX_ANSWER bytes to stdout (it is
     killed then, its output not read further).
     """
+    log.debug("run: %s", " ".join(argv))
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)

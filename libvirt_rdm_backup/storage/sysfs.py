@@ -198,7 +198,7 @@ class SysfsAgent:
         return self._sysdir_for_name(names[0])
 
     def _sysdir_for_devnum(self, devnum: str) -> Path:
-        if not _DEVNUM_RE.match(devnum):
+        if not _DEVNUM_RE.fullmatch(devnum):
             raise StorageError(f"{devnum[:64]!r} is not a device number MAJ:MIN")
         sysdir = self.sysfs_root / "dev/block" / devnum
         if not sysdir.is_dir():
