@@ -40,15 +40,16 @@ import os
 import re
 import select
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import IO, Any
 
 from libvirt_rdm_backup import __version__
 from libvirt_rdm_backup.agent_admission import IscsiSources, admit, domain_iscsi_sources
 from libvirt_rdm_backup.domain.disks import IscsiSource, RawDisk, SourceKind
-from libvirt_rdm_backup.errors import RdmBackupError, UsageError
+from libvirt_rdm_backup.errors import OperationError, RdmBackupError, UsageError
 from libvirt_rdm_backup.process import env_seconds
 from libvirt_rdm_backup.storage import map_disk
 from libvirt_rdm_backup.storage.base import StorageAgent
@@ -60,6 +61,7 @@ MAX_REQUEST = 1 << 20  # bytes of JSON read from stdin, at most
 MAX_STRING = 4096  # characters of any string field of a disk
 TIMEOUT_ENV = "RDM_BACKUP_AGENT_TIMEOUT"
 DEFAULT_TIMEOUT = 30.0  # seconds the whole request may take to arrive
+ANSWER_FACTOR = 10  # the answer is due within this many times that
 OPS = ("map", "version")
 EXIT_OK = 0
 
@@ -293,25 +295,69 @@ def _protected_stdout() -> Iterator[IO[str]]:
         os.close(saved)
 
 
+class _AnswerLine:
+    """The one answer line, written once: by the request, or by the watchdog."""
+
+    def __init__(self, stdout: IO[str]) -> None:
+        self._stdout = stdout
+        self._lock = threading.Lock()
+        self._sent = False
+
+    def send(self, answer: dict[str, Any]) -> bool:
+        """Write ``answer`` unless an answer was written already."""
+        with self._lock:
+            if self._sent:
+                return False
+            self._sent = True
+            self._stdout.write(json.dumps(answer, separators=(",", ":")) + "\n")
+            self._stdout.flush()
+            return True
+
+
+@contextmanager
+def _watchdog(line: _AnswerLine, seconds: float) -> Iterator[None]:
+    """End the process with a one-line failure when the request overruns ``seconds``.
+
+    A storage tool or libvirt that never answers cannot hold the agent forever; its
+    children have timeouts of their own.
+    """
+    def expire() -> None:
+        failure = OperationError(f"the request was not answered within {seconds:g} s")
+        if line.send(_error(failure)):
+            os._exit(failure.exit_code)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def serve(stdin: IO[bytes] | IO[str], stdout: IO[str],
           agents: Sequence[StorageAgent] | None = None,
-          sources: IscsiSources = domain_iscsi_sources) -> int:
+          sources: IscsiSources = domain_iscsi_sources, *, watchdog: bool = False) -> int:
     """Read one request from ``stdin``, write one JSON line to ``stdout``; the exit status.
 
-    The exit status is the answer's ``exit_code`` (0 when it is ``ok``).
+    The exit status is the answer's ``exit_code`` (0 when it is ``ok``). The request
+    must arrive within ``RDM_BACKUP_AGENT_TIMEOUT`` seconds; with ``watchdog`` (the
+    agent process) the process ends with a failure answer when the answer is not
+    ready within ANSWER_FACTOR times that.
     """
     if "SSH_ORIGINAL_COMMAND" in os.environ:  # a forced command: the request is on stdin
         log.debug("ignoring the client's command (SSH_ORIGINAL_COMMAND)")
-    try:
-        request = parse_request(_read_request(stdin, env_seconds(TIMEOUT_ENV,
-                                                                 DEFAULT_TIMEOUT)))
-    except (RdmBackupError, OSError) as err:
-        answer = _error(err if isinstance(err, RdmBackupError)
-                        else _Unparsable(f"cannot read the request: {err}"))
-    else:
-        answer = handle(request, agents, sources)
-    stdout.write(json.dumps(answer, separators=(",", ":")) + "\n")
-    stdout.flush()
+    timeout = env_seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT)
+    line = _AnswerLine(stdout)
+    with _watchdog(line, timeout * ANSWER_FACTOR) if watchdog else nullcontext():
+        try:
+            request = parse_request(_read_request(stdin, timeout))
+        except (RdmBackupError, OSError) as err:
+            answer = _error(err if isinstance(err, RdmBackupError)
+                            else _Unparsable(f"cannot read the request: {err}"))
+        else:
+            answer = handle(request, agents, sources)
+        line.send(answer)
     code = answer.get("exit_code", EXIT_OK)
     return code if isinstance(code, int) else EXIT_OK
 
@@ -327,7 +373,7 @@ def main(stdin: IO[bytes] | IO[str] | None = None, stdout: IO[str] | None = None
     if stdout is not None:
         return serve(stdin, stdout)
     with _protected_stdout() as answer:
-        return serve(stdin, answer)
+        return serve(stdin, answer, watchdog=True)
 
 
 if __name__ == "__main__":

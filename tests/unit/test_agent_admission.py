@@ -267,6 +267,21 @@ def _wait_open(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
 
 
 @pytest.mark.bad_input
+def test_an_answer_that_never_comes_is_given_up(tmp_path: Path) -> None:
+    """libvirt that accepts the connection and never answers: one line, exit 4."""
+    with socket.socket(socket.AF_UNIX) as hung:
+        hung.bind(str(tmp_path / "libvirt-sock"))
+        hung.listen(1)
+        uri = f"qemu+unix:///system?socket={tmp_path / 'libvirt-sock'}"
+        source = {"host": "127.0.0.1", "port": 3260, "iqn": IQN, "lun": 1}
+        code, answer, _ = run_agent(map_request(source_kind="iscsi", device="lun",
+                                                iscsi=source),
+                                    env={"LIBVIRT_DEFAULT_URI": uri, agent.TIMEOUT_ENV: "0.2"})
+    assert code == 4 and answer["ok"] is False and answer["exit_code"] == 4
+    assert answer["error"] == "the request was not answered within 2 s"
+
+
+@pytest.mark.bad_input
 @pytest.mark.parametrize("raw", [b"\xff\xfe" + b'{"op": "version"}',
                                  b'{"op": "version", "pad": "' + b"x" * agent.MAX_REQUEST
                                  + b'"}'])
