@@ -23,26 +23,34 @@ Requests and answers (see docs/remote-backups.md)::
     any failure                    -> {"ok": false, "error": "one line",
                                        "error_class": "StorageError", "exit_code": 4}
 
-The request is untrusted: at most :data:`MAX_REQUEST` bytes, strict JSON, every
-field of the disk checked for its type and length. The answer is always one
-JSON line, never a traceback; the exit status is 0 unless the request could not
-be parsed at all (2).
+The request is untrusted: at most :data:`MAX_REQUEST` bytes, read within
+``RDM_BACKUP_AGENT_TIMEOUT`` seconds (default 30), strict JSON, every field of
+the disk checked for its type and length, and only a block device or an iSCSI LUN
+of a domain on this host is looked up (:mod:`.agent_admission`). The answer is
+always one JSON line, never a traceback; the exit status is the answer's
+``exit_code`` (0 when ``ok``; 2 for a request that is malformed or refused).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import re
+import select
 import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import IO, Any
 
 from libvirt_rdm_backup import __version__
+from libvirt_rdm_backup.agent_admission import IscsiSources, admit, domain_iscsi_sources
 from libvirt_rdm_backup.domain.disks import IscsiSource, RawDisk, SourceKind
-from libvirt_rdm_backup.errors import RdmBackupError, UsageError
+from libvirt_rdm_backup.errors import OperationError, RdmBackupError, UsageError
+from libvirt_rdm_backup.process import env_seconds
 from libvirt_rdm_backup.storage import map_disk
 from libvirt_rdm_backup.storage.base import StorageAgent
 
@@ -51,9 +59,11 @@ log = logging.getLogger(__name__)
 PROTOCOL = 1
 MAX_REQUEST = 1 << 20  # bytes of JSON read from stdin, at most
 MAX_STRING = 4096  # characters of any string field of a disk
+TIMEOUT_ENV = "RDM_BACKUP_AGENT_TIMEOUT"
+DEFAULT_TIMEOUT = 30.0  # seconds the whole request may take to arrive
+ANSWER_FACTOR = 10  # the answer is due within this many times that
 OPS = ("map", "version")
 EXIT_OK = 0
-EXIT_UNPARSABLE = 2
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_.:+-]{1,256}$")
@@ -166,10 +176,12 @@ def disk_from_request(data: Any) -> RawDisk:
 # -- requests -------------------------------------------------------------------------
 
 
-def handle(request: Any, agents: Sequence[StorageAgent] | None = None) -> dict[str, Any]:
+def handle(request: Any, agents: Sequence[StorageAgent] | None = None,
+           sources: IscsiSources = domain_iscsi_sources) -> dict[str, Any]:
     """The answer to one request (a parsed JSON value); never raises for bad requests.
 
-    ``agents``: the mapping agents to try (default: :func:`storage.default_agents`).
+    ``agents``: the mapping agents to try (default: :func:`storage.default_agents`);
+    ``sources``: the iSCSI sources of this host's domains (default: asked of libvirt).
     """
     try:
         if not isinstance(request, dict):
@@ -183,6 +195,7 @@ def handle(request: Any, agents: Sequence[StorageAgent] | None = None) -> dict[s
             if "disk" not in request:
                 raise UsageError("map: the request has no disk")
             disk = disk_from_request(request["disk"])
+            admit(disk, sources)
             log.info("map: disk %s (%s)", disk.target, disk.source or "no source")
             return {"ok": True, "mapping": map_disk(disk, agents).to_dict()}
         raise UsageError(f"unknown op {op[:64]!r} (one of {', '.join(OPS)})")
@@ -214,8 +227,39 @@ def parse_request(raw: bytes | str) -> Any:
     return value
 
 
-def _read_request(stdin: IO[bytes] | IO[str]) -> bytes | str:
-    """At most MAX_REQUEST + 1 bytes (or characters) up to end of input."""
+def _fileno(stream: IO[Any]) -> int | None:
+    try:
+        return stream.fileno()
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError
+        return None
+
+
+def _read_fd(fd: int, timeout: float) -> bytes:
+    """At most MAX_REQUEST + 1 bytes up to end of input, all within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_REQUEST:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise _Unparsable(f"no complete request within {timeout:g} s")
+        chunk = os.read(fd, min(1 << 16, MAX_REQUEST + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _read_request(stdin: IO[bytes] | IO[str], timeout: float) -> bytes | str:
+    """At most MAX_REQUEST + 1 bytes (or characters) up to end of input.
+
+    A binary stream with a file descriptor is read within ``timeout`` seconds;
+    other streams (in memory) as they come.
+    """
+    fd = _fileno(stdin)
+    if fd is not None and not isinstance(stdin, io.TextIOBase):
+        return _read_fd(fd, timeout)
     chunks: list[Any] = []
     size = 0
     while size <= MAX_REQUEST:
@@ -251,23 +295,71 @@ def _protected_stdout() -> Iterator[IO[str]]:
         os.close(saved)
 
 
+class _AnswerLine:
+    """The one answer line, written once: by the request, or by the watchdog."""
+
+    def __init__(self, stdout: IO[str]) -> None:
+        self._stdout = stdout
+        self._lock = threading.Lock()
+        self._sent = False
+
+    def send(self, answer: dict[str, Any]) -> bool:
+        """Write ``answer`` unless an answer was written already."""
+        with self._lock:
+            if self._sent:
+                return False
+            self._sent = True
+            self._stdout.write(json.dumps(answer, separators=(",", ":")) + "\n")
+            self._stdout.flush()
+            return True
+
+
+@contextmanager
+def _watchdog(line: _AnswerLine, seconds: float) -> Iterator[None]:
+    """End the process with a one-line failure when the request overruns ``seconds``.
+
+    A storage tool or libvirt that never answers cannot hold the agent forever; its
+    children have timeouts of their own.
+    """
+    def expire() -> None:
+        failure = OperationError(f"the request was not answered within {seconds:g} s")
+        if line.send(_error(failure)):
+            os._exit(failure.exit_code)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def serve(stdin: IO[bytes] | IO[str], stdout: IO[str],
-          agents: Sequence[StorageAgent] | None = None) -> int:
-    """Read one request from ``stdin``, write one JSON line to ``stdout``; the exit status."""
+          agents: Sequence[StorageAgent] | None = None,
+          sources: IscsiSources = domain_iscsi_sources, *, watchdog: bool = False) -> int:
+    """Read one request from ``stdin``, write one JSON line to ``stdout``; the exit status.
+
+    The exit status is the answer's ``exit_code`` (0 when it is ``ok``). The request
+    must arrive within ``RDM_BACKUP_AGENT_TIMEOUT`` seconds; with ``watchdog`` (the
+    agent process) the process ends with a failure answer when the answer is not
+    ready within ANSWER_FACTOR times that.
+    """
     if "SSH_ORIGINAL_COMMAND" in os.environ:  # a forced command: the request is on stdin
         log.debug("ignoring the client's command (SSH_ORIGINAL_COMMAND)")
-    code = EXIT_OK
-    try:
-        request = parse_request(_read_request(stdin))
-    except (RdmBackupError, OSError) as err:
-        answer = _error(err if isinstance(err, RdmBackupError)
-                        else _Unparsable(f"cannot read the request: {err}"))
-        code = EXIT_UNPARSABLE
-    else:
-        answer = handle(request, agents)
-    stdout.write(json.dumps(answer, separators=(",", ":")) + "\n")
-    stdout.flush()
-    return code
+    timeout = env_seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT)
+    line = _AnswerLine(stdout)
+    with _watchdog(line, timeout * ANSWER_FACTOR) if watchdog else nullcontext():
+        try:
+            request = parse_request(_read_request(stdin, timeout))
+        except (RdmBackupError, OSError) as err:
+            answer = _error(err if isinstance(err, RdmBackupError)
+                            else _Unparsable(f"cannot read the request: {err}"))
+        else:
+            answer = handle(request, agents, sources)
+        line.send(answer)
+    code = answer.get("exit_code", EXIT_OK)
+    return code if isinstance(code, int) else EXIT_OK
 
 
 def main(stdin: IO[bytes] | IO[str] | None = None, stdout: IO[str] | None = None) -> int:
@@ -281,7 +373,7 @@ def main(stdin: IO[bytes] | IO[str] | None = None, stdout: IO[str] | None = None
     if stdout is not None:
         return serve(stdin, stdout)
     with _protected_stdout() as answer:
-        return serve(stdin, answer)
+        return serve(stdin, answer, watchdog=True)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,16 @@ import json
 import logging
 import os
 import re
+import selectors
 import shutil
+import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.errors import (
-    CommandError,
     LibvirtError,
     NotFoundError,
     OperationError,
@@ -37,13 +39,14 @@ from libvirt_rdm_backup.errors import (
     UsageError,
     VerificationError,
 )
-from libvirt_rdm_backup.process import run
 from libvirt_rdm_backup.storage.base import RawDiskMapping
 
 log = logging.getLogger(__name__)
 
 DEFAULT_COMMAND = ("rdm-backup", "agent")
-MAX_ANSWER = 16 << 20  # bytes of stdout accepted from the agent
+MAX_ANSWER = 4 << 20  # bytes of stdout accepted from the agent (a mapping is a few KiB)
+MAX_STDERR = 64 << 10  # bytes of ssh's stderr kept (the last ones)
+_CHUNK = 1 << 16
 _URI_RE = re.compile(
     r"^ssh://(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9._-]{0,31})@)?"
     r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(?P<port>[0-9]{1,5}))?/?$")
@@ -113,6 +116,78 @@ def _last_line(text: str) -> str:
     return " ".join(lines[-1].split())[:500] if lines else ""
 
 
+@dataclass(frozen=True)
+class _Exchange:
+    """What one ssh run gave: its exit status, stdout (at most MAX_ANSWER bytes), stderr."""
+
+    returncode: int
+    stdout: bytes
+    stderr: str
+
+
+def _exchange(argv: list[str], data: bytes, timeout: float, where: str) -> _Exchange:
+    """Run ``argv`` with ``data`` on stdin; its output read as it comes, bounded.
+
+    Raises OperationError when the tool cannot start, does not finish within
+    ``timeout`` seconds, or writes more than MAX_ANSWER bytes to stdout (it is
+    killed then, its output not read further).
+    """
+    log.debug("run: %s", " ".join(argv))
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    except FileNotFoundError as err:
+        raise OperationError(f"required tool {argv[0]!r} is not installed") from err
+    except OSError as err:
+        raise OperationError(f"cannot run {argv[0]}: {err.strerror}") from err
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    out, diag = bytearray(), bytearray()
+    pending = memoryview(data)
+    with selectors.DefaultSelector() as selector:
+        try:
+            os.set_blocking(proc.stdin.fileno(), False)
+            selector.register(proc.stdin, selectors.EVENT_WRITE)
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            selector.register(proc.stderr, selectors.EVENT_READ)
+            while selector.get_map():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise OperationError(f"{where} did not answer within {timeout:g} s")
+                for key, _events in selector.select(left):
+                    if key.fileobj is proc.stdin:
+                        try:
+                            pending = pending[os.write(key.fd, pending[:_CHUNK]):]
+                        except BlockingIOError:
+                            continue
+                        except BrokenPipeError:
+                            pending = pending[:0]
+                        if not pending:
+                            selector.unregister(proc.stdin)
+                            proc.stdin.close()
+                        continue
+                    chunk = os.read(key.fd, _CHUNK)
+                    if not chunk:
+                        selector.unregister(key.fileobj)
+                    elif key.fileobj is proc.stdout:
+                        out += chunk
+                        if len(out) > MAX_ANSWER:
+                            raise OperationError(f"{where} sent an answer larger than "
+                                                 f"{MAX_ANSWER} bytes")
+                    else:
+                        diag = (diag + chunk)[-MAX_STDERR:]
+            returncode = proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired as timed_out:
+            raise OperationError(f"{where} did not answer within {timeout:g} s") from timed_out
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                stream.close()
+    return _Exchange(returncode, bytes(out), diag.decode("utf-8", "replace"))
+
+
 class SshAgent:
     """The agent of one hypervisor, asked through ``ssh`` (one connection per request).
 
@@ -174,18 +249,14 @@ class SshAgent:
         its exit code, else OperationError, with the agent's message.
         """
         where = f"agent {self.uri}"
-        try:
-            proc = run(self.argv(), check=False, timeout=self.timeout,
-                       input_text=json.dumps(payload))
-        except CommandError as err:  # run() raises it for a timeout only (check=False)
-            raise OperationError(f"{where} did not answer within {self.timeout:g} s") from err
+        proc = _exchange(self.argv(), json.dumps(payload).encode(), self.timeout, where)
         if proc.returncode == 255:  # ssh itself: connection, host key, authentication
             detail = _last_line(proc.stderr) or "exit 255"
             raise OperationError(f"ssh to {self.uri} failed: {detail}")
-        answer = self._parse(proc.stdout)
-        if answer is None:
+        if not proc.stdout.strip():
             detail = _last_line(proc.stderr) or f"exit {proc.returncode}"
             raise OperationError(f"{where} gave no answer: {detail}")
+        answer = _parse_answer(proc.stdout, where)
         if answer.get("ok") is True:
             return answer
         message = answer.get("error")
@@ -195,20 +266,6 @@ class SshAgent:
         if cls is None:
             cls = _BY_EXIT.get(code, OperationError) if isinstance(code, int) else OperationError
         raise cls(f"{where}: {message}")
-
-    @staticmethod
-    def _parse(stdout: str) -> dict[str, Any] | None:
-        """The answer: the last line of stdout, a JSON object with a boolean ``ok``."""
-        if len(stdout) > MAX_ANSWER:
-            return None
-        line = _last_line_raw(stdout)
-        try:
-            answer = json.loads(line)
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
-            return None
-        return answer
 
     def version(self) -> dict[str, Any]:
         """The agent's version answer (``version``, ``protocol``, ``ops``)."""
@@ -233,6 +290,24 @@ class SshAgent:
         return mapping
 
 
-def _last_line_raw(text: str) -> str:
+def _parse_answer(stdout: bytes, where: str) -> dict[str, Any]:
+    """The answer: the last line of stdout, a JSON object with a boolean ``ok``.
+
+    Raises OperationError (one line) for anything else: bytes that are not UTF-8,
+    a line that is not JSON, JSON that is not an answer.
+    """
+    try:
+        text = stdout.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise OperationError(f"{where} sent an answer that is not UTF-8 "
+                             f"(byte {err.start})") from err
     lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    try:
+        answer = json.loads(lines[-1] if lines else "")
+    except (ValueError, RecursionError) as err:
+        raise OperationError(f"{where} sent an answer that is not JSON: "
+                             f"{' '.join(str(err).split())[:200]}") from err
+    if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
+        raise OperationError(f"{where} sent an answer that is not a JSON object with "
+                             "a boolean 'ok'")
+    return answer

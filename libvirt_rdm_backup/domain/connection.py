@@ -31,11 +31,11 @@ def default_uri() -> str:
     return os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
 
 
-def open_connection(uri: str | None = None) -> libvirt.virConnect:
-    """Open a read-write libvirt connection (raises LibvirtError)."""
+def open_connection(uri: str | None = None, read_only: bool = False) -> libvirt.virConnect:
+    """Open a read-write (or read-only) libvirt connection (raises LibvirtError)."""
     target = uri or default_uri()
     try:
-        return libvirt.open(target)
+        return libvirt.openReadOnly(target) if read_only else libvirt.open(target)
     except libvirt.libvirtError as err:
         raise LibvirtError(
             f"cannot connect to {redact(target)}: {redact(str(err.get_error_message()))}"
@@ -57,9 +57,10 @@ def is_remote(conn: libvirt.virConnect) -> bool:
 
 
 @contextmanager
-def connection(uri: str | None = None) -> Iterator[libvirt.virConnect]:
+def connection(uri: str | None = None, read_only: bool = False
+               ) -> Iterator[libvirt.virConnect]:
     """A libvirt connection closed on exit."""
-    conn = open_connection(uri)
+    conn = open_connection(uri, read_only)
     try:
         yield conn
     finally:

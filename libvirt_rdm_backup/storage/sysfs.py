@@ -15,9 +15,11 @@
   levels with unknown segments;
 * anything else: a leaf ``disk`` with its SCSI/NVMe/virtio identity.
 
-Both roots are parameters so that tests can point the agent at fixture trees. In
-such trees a dev node may be a regular file holding ``MAJ:MIN``, and a dm device
-may carry a ``dm/table`` file (not in real sysfs) with ``dmsetup table`` output.
+A source is only ever looked at, never opened for reading: its device number comes
+from ``fstat`` of an ``O_PATH`` descriptor (:func:`device_node`), and anything but a
+block device (or a SCSI generic node whose SCSI device has one) is refused. Both
+roots are parameters so that tests can point the agent at fixture trees; a dm
+device may carry a ``dm/table`` file (not in real sysfs) with ``dmsetup table`` output.
 """
 
 from __future__ import annotations
@@ -57,6 +59,21 @@ def dmsetup_table(name: str) -> str | None:
 def parse_dm_table(text: str) -> list[list[str]]:
     """Split ``dmsetup table`` output into per-segment word lists (blank lines dropped)."""
     return [line.split() for line in text.splitlines() if line.strip()]
+
+
+def device_node(path: str) -> os.stat_result:
+    """``fstat`` of ``path`` itself, opened with ``O_PATH | O_NOFOLLOW``.
+
+    An ``O_PATH`` descriptor does not open the device (no driver is called, nothing
+    can be read through it), a symlink is not followed, and the mode and device
+    number come from the object the descriptor holds, not from a second lookup of
+    the name. Raises OSError (ENOENT, ELOOP, ...).
+    """
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 def _read(path: Path) -> str | None:
@@ -155,29 +172,19 @@ class SysfsAgent:
         if hctl:
             address = ":".join(hctl.groups())
             return self._block_under(self.sysfs_root / "bus/scsi/devices" / address, source)
-        dev = self._resolve(source)
+        return self._sysdir_for_node(self._resolve(source), source)
+
+    def _sysdir_for_node(self, dev: Path, source: str) -> Path:
+        """The sysfs directory of device node ``dev`` (``source`` names it in errors)."""
         try:
-            st = os.stat(dev)
+            st = device_node(str(dev))
         except OSError as err:
             raise StorageError(f"cannot open {source}: {err.strerror}") from err
+        devnum = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
         if stat.S_ISBLK(st.st_mode):
-            return self._sysdir_for_devnum(f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
+            return self._sysdir_for_devnum(devnum)
         if stat.S_ISCHR(st.st_mode):
-            chardir = self.sysfs_root / f"dev/char/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-            return self._block_under(chardir / "device", source)
-        return self._sysdir_for_fixture_node(dev, source)
-
-    def _sysdir_for_fixture_node(self, dev: Path, source: str) -> Path:
-        """Fixture trees: a regular file holding ``MAJ:MIN``, or a name under class/block."""
-        content = _read(dev) if dev.is_file() and dev.stat().st_size < 64 else None
-        if content and _DEVNUM_RE.match(content):
-            return self._sysdir_for_devnum(content)
-        generic = self.sysfs_root / "class/scsi_generic" / dev.name / "device"
-        if generic.is_dir():
-            return self._block_under(generic, source)
-        byname = self.sysfs_root / "class/block" / dev.name
-        if byname.is_dir():
-            return byname.resolve()
+            return self._block_under(self.sysfs_root / "dev/char" / devnum / "device", source)
         raise StorageError(f"{source} is not a block device")
 
     def _block_under(self, device_dir: Path, source: str) -> Path:
@@ -191,6 +198,8 @@ class SysfsAgent:
         return self._sysdir_for_name(names[0])
 
     def _sysdir_for_devnum(self, devnum: str) -> Path:
+        if not _DEVNUM_RE.fullmatch(devnum):
+            raise StorageError(f"{devnum[:64]!r} is not a device number MAJ:MIN")
         sysdir = self.sysfs_root / "dev/block" / devnum
         if not sysdir.is_dir():
             raise StorageError(f"block device {devnum} is not in {self.sysfs_root}")

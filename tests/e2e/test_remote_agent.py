@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
-from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
+from libvirt_rdm_backup.domain.disks import IscsiSource, RawDisk, SourceKind
 from libvirt_rdm_backup.errors import OperationError, StorageError, UsageError
 from libvirt_rdm_backup.remote import SshAgent
 from tests.e2e.lab_vm import MiB, lab_vm
-from tests.lab.sshd import SshdInfo, loopback_sshd
+from tests.lab.sshd import SshdInfo, agent_command, loopback_sshd
+from tests.unit.test_agent_admission import PATTERN, listener, nobody_connected, untouched
 
 pytestmark = pytest.mark.lab
 
@@ -31,7 +32,7 @@ RDM_BACKUP = Path(sys.executable).parent / "rdm-backup"
 @pytest.fixture(scope="module")
 def sshd() -> Iterator[SshdInfo]:
     assert RDM_BACKUP.is_absolute() and RDM_BACKUP.exists()
-    with loopback_sshd(command=f"{RDM_BACKUP} agent") as info:
+    with loopback_sshd(command=agent_command()) as info:
         yield info
 
 
@@ -75,6 +76,34 @@ def test_version_and_clean_errors(sshd: SshdInfo) -> None:
     assert "no storage agent can map disk vdz" in str(unmappable.value)
     for err in (unknown.value, malformed.value, unmappable.value):
         assert "\n" not in str(err) and "Traceback" not in str(err)
+
+
+@pytest.mark.bad_input
+def test_only_block_devices_and_the_domains_luns_are_looked_up(sshd: SshdInfo,
+                                                               tmp_path: Path) -> None:
+    """A file, a link to the VM's loop device, a portal no domain uses: refused, untouched."""
+    agent = agent_of(sshd)
+    victim = tmp_path / "sacrificial"
+    victim.write_bytes(PATTERN)
+    with lab_vm(loop_size=64 * MiB) as vm, listener() as sock:
+        loop = next(d for d in api.discover(vm.name).raw if d.target == "vdb")
+        assert loop.source_path is not None
+        link = tmp_path / "link-to-loop"
+        link.symlink_to(loop.source_path)
+        agent.map_disk(loop)  # the VM's own block device is mapped
+        lun = next(d for d in api.discover(vm.name).raw if d.iscsi is not None)
+        agent.map_disk(lun)  # and its LUN, which a domain here uses
+        port = sock.getsockname()[1]
+        foreign = RawDisk(target="sdz", source_kind=SourceKind.ISCSI, device="lun",
+                          iscsi=IscsiSource("127.0.0.1", port, "iqn.2024-01.lab.rdmb:no", 1))
+        for disk in (RawDisk(target="vdz", source_kind=SourceKind.BLOCK, device="disk",
+                             source_path=str(path)) for path in (victim, link)):
+            with untouched(victim), pytest.raises(UsageError) as refused:
+                agent.map_disk(disk)
+            assert "refused" in str(refused.value) and "\n" not in str(refused.value)
+        with pytest.raises(UsageError, match="not a disk of any domain on this host"):
+            agent.map_disk(foreign)
+        assert nobody_connected(sock)
 
 
 @pytest.mark.bad_input

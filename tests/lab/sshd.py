@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,8 +22,26 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import libvirt_rdm_backup
+
 SSHD = "/usr/sbin/sshd"
 PRIVSEP_DIR = "/run/sshd"
+_PLAIN_PATH_RE = re.compile(r"^/[A-Za-z0-9_./+-]+$")
+
+
+def agent_command() -> str:
+    """The forced command that runs ``rdm-backup agent`` of the tree under test.
+
+    sshd gives a session an environment of its own (no ``PYTHONPATH``), so the
+    command names the tree this process imports; on a clean checkout that is the
+    one the venv's editable install points at anyway.
+    """
+    tree = Path(libvirt_rdm_backup.__file__).resolve().parent.parent
+    script = Path(sys.executable).parent / "rdm-backup"
+    for path in (tree, script):
+        if not _PLAIN_PATH_RE.fullmatch(str(path)):
+            raise ValueError(f"path {path} is unsafe in a forced command")
+    return f"env PYTHONPATH={tree} {script} agent"
 
 
 @dataclass(frozen=True)

@@ -163,9 +163,12 @@ def test_one_json_line_and_exit_zero() -> None:
     assert text.endswith("\n") and text.count("\n") == 1
 
 
-def test_failed_operations_still_exit_zero() -> None:
+def test_the_exit_status_is_the_answers_exit_code() -> None:
     code, answer, _ = serve(b'{"op": "frobnicate"}')
-    assert code == 0 and answer["ok"] is False and answer["exit_code"] == 2
+    assert code == 2 and answer["ok"] is False and answer["exit_code"] == 2
+    code, answer, _ = serve(json.dumps({"op": "map", "disk": block_disk()}).encode(),
+                            [BrokenAgent()])
+    assert code == 4 and answer["ok"] is False and answer["exit_code"] == 4
 
 
 @pytest.mark.parametrize("raw", [
@@ -364,8 +367,8 @@ def test_mapping_answers_are_checked(tmp_path: Path) -> None:
       "exit_code": 4}, 0, OperationError, "iscsi-inq failed"),
     ({"ok": False, "error": "line one\nline two", "exit_code": "x"}, 2, OperationError,
      "line one line two"),
-    ("garbage", 0, OperationError, "gave no answer"),
-    ('{"ok": "yes"}', 0, OperationError, "gave no answer"),
+    ("garbage", 0, OperationError, "sent an answer that is not JSON"),
+    ('{"ok": "yes"}', 0, OperationError, "not a JSON object with a boolean 'ok'"),
     ("", 127, OperationError, "gave no answer: exit 127"),
 ])
 def test_failed_answers(tmp_path: Path, answer: dict[str, Any] | str, code: int,

@@ -496,7 +496,7 @@ VALID_DISK = RawDisk(target="vdb", source_kind=SourceKind.BLOCK, device="disk",
 
 
 def check_answer(request: Any) -> None:
-    answer = handle(request, agents=[])  # no agent: nothing of this machine is probed
+    answer = handle(request, agents=[], sources=lambda: ())  # nothing of this machine probed
     assert isinstance(answer, dict) and isinstance(answer.get("ok"), bool)
     json.dumps(answer)
     if not answer["ok"]:

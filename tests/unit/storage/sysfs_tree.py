@@ -2,17 +2,37 @@
 
 Devices live under ``sys/devices/...``; ``sys/class/block/NAME`` and
 ``sys/dev/block/MAJ:MIN`` are relative symlinks to them, as in real sysfs. A dev
-node ``dev/NAME`` is a regular file holding ``MAJ:MIN`` (the agent's fixture fallback).
+node ``dev/NAME`` is a regular file holding ``MAJ:MIN`` (or empty, for a SCSI
+generic node): only :class:`FixtureSysfsAgent` takes such files for device nodes,
+the production agent never does.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
+from libvirt_rdm_backup.errors import StorageError
 from libvirt_rdm_backup.storage.sysfs import SysfsAgent
 
 SCSI_HOST = "devices/pci0000:00/0000:00:05.0/host0"
+_DEVNUM_RE = re.compile(r"^\d+:\d+$")
+
+
+class FixtureSysfsAgent(SysfsAgent):
+    """A SysfsAgent that also reads the fixture tree's regular-file dev nodes."""
+
+    def _sysdir_for_node(self, dev: Path, source: str) -> Path:
+        if not dev.is_file():
+            return super()._sysdir_for_node(dev, source)
+        content = dev.read_text().strip()
+        if _DEVNUM_RE.match(content):
+            return self._sysdir_for_devnum(content)
+        generic = self.sysfs_root / "class/scsi_generic" / dev.name / "device"
+        if generic.is_dir():
+            return self._block_under(generic, source)
+        raise StorageError(f"{source} is not a block device")
 
 
 class SysfsTree:
@@ -26,7 +46,7 @@ class SysfsTree:
 
     def agent(self) -> SysfsAgent:
         """A SysfsAgent reading this tree (no dmsetup fallback)."""
-        return SysfsAgent(sysfs_root=str(self.sys), dev_root=str(self.dev))
+        return FixtureSysfsAgent(sysfs_root=str(self.sys), dev_root=str(self.dev))
 
     def write(self, directory: Path, attrs: dict[str, str | int]) -> None:
         """Write attribute files (relative paths, values as text)."""

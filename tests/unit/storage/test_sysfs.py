@@ -9,9 +9,9 @@ import pytest
 from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
 from libvirt_rdm_backup.errors import StorageError
 from libvirt_rdm_backup.storage.base import StorageNode
-from libvirt_rdm_backup.storage.sysfs import SysfsAgent, parse_dm_table
+from libvirt_rdm_backup.storage.sysfs import parse_dm_table
 
-from .sysfs_tree import SysfsTree
+from .sysfs_tree import FixtureSysfsAgent, SysfsTree
 
 MiB = 1024 * 1024
 WWID = "naa.600140512345678901234567890abcde"
@@ -179,7 +179,7 @@ def test_dm_table_reader_is_used_when_sysfs_has_no_table(tree: SysfsTree) -> Non
         asked.append(name)
         return "0 4096 linear 8:16 8\n"
 
-    agent = SysfsAgent(str(tree.sys), str(tree.dev), dm_table=table)
+    agent = FixtureSysfsAgent(str(tree.sys), str(tree.dev), dm_table=table)
     node = agent.map_path("/dev/dm-1")
     assert asked == ["lv"]
     assert node.kind == "dm-linear"
