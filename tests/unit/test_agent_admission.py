@@ -82,7 +82,7 @@ def sacrificial(tmp_path: Path) -> Path:
 # -- source_path: a block device node, nothing else ------------------------------------
 
 
-@pytest.mark.bad_input
+@pytest.mark.hostile
 @pytest.mark.parametrize("kind", ["regular-file", "devnum-file", "directory", "fifo",
                                   "dev-null", "symlink-to-file", "symlink-to-block"])
 def test_a_source_that_is_no_block_device_is_refused_unread(tmp_path: Path, kind: str) -> None:
@@ -117,7 +117,7 @@ def test_a_source_that_is_no_block_device_is_refused_unread(tmp_path: Path, kind
     assert PATTERN.decode().strip() not in answer["error"]
 
 
-@pytest.mark.bad_input
+@pytest.mark.hostile
 def test_a_path_with_a_nul_is_refused() -> None:
     code, answer, _ = run_agent(map_request(source_path="/dev/loop0\x00/etc/shadow"))
     assert code == 2 and answer["exit_code"] == 2 and "control characters" in answer["error"]
@@ -170,7 +170,7 @@ def nobody_connected(sock: socket.socket) -> bool:
     return not select.select([sock], [], [], 0)[0]
 
 
-@pytest.mark.bad_input
+@pytest.mark.hostile
 @pytest.mark.parametrize("kind", ["iscsi", "scsi-hostdev"])
 def test_an_iscsi_portal_of_no_domain_is_refused_uncontacted(kind: str) -> None:
     with listener() as sock:
@@ -238,7 +238,7 @@ def test_only_the_luns_of_this_hosts_domains_are_asked(tmp_path: Path) -> None:
 # -- the request: bounded in size and time ----------------------------------------------
 
 
-@pytest.mark.bad_input
+@pytest.mark.hostile
 def test_a_request_that_never_ends_is_given_up() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "libvirt_rdm_backup.agent"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -266,7 +266,7 @@ def _wait_open(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
     return proc.stdout.read(), proc.stderr.read()
 
 
-@pytest.mark.bad_input
+@pytest.mark.hostile
 def test_an_answer_that_never_comes_is_given_up(tmp_path: Path) -> None:
     """libvirt that accepts the connection and never answers: one line, exit 4."""
     with socket.socket(socket.AF_UNIX) as hung:
@@ -281,7 +281,7 @@ def test_an_answer_that_never_comes_is_given_up(tmp_path: Path) -> None:
     assert answer["error"] == "the request was not answered within 2 s"
 
 
-@pytest.mark.bad_input
+@pytest.mark.hostile
 @pytest.mark.parametrize("raw", [b"\xff\xfe" + b'{"op": "version"}',
                                  b'{"op": "version", "pad": "' + b"x" * agent.MAX_REQUEST
                                  + b'"}'])
@@ -300,7 +300,7 @@ def fake_ssh(tmp_path: Path, body: str) -> str:
     return str(path)
 
 
-@pytest.mark.bad_input
+@pytest.mark.hostile
 @pytest.mark.parametrize("body, fragment", [
     (f"head -c {64 << 20} /dev/zero | tr '\\000' x\ntouch \"$0.done\"",
      f"sent an answer larger than {MAX_ANSWER} bytes"),
