@@ -24,7 +24,7 @@ from libvirt_rdm_backup import api
 from libvirt_rdm_backup.repository.store import Repository
 from libvirt_rdm_backup.storage import tgt
 from libvirt_rdm_backup.storage.snapshots import clone_path, scoped_prefix
-from tests.e2e.lab_vm import MiB, LabVM, lab_vm
+from tests.e2e.lab_vm import LabVM, MiB, lab_vm
 from tests.faults.points import Points
 from tests.lab.domains import guest_write
 from tests.lab.storage_lab import iscsi_target
