@@ -193,6 +193,11 @@ def legacy_prefix(repo_id: str, chain: str, disk: str) -> str:
     return f"{NAME_PREFIX}{_tag(repo_id)}-{_tag(chain)}-{_tag(disk)}-"
 
 
+def _unscoped_prefix(_repo_id: str, _chain: str, disk: str) -> str:
+    """The prefix the first versions gave every snapshot of a disk, whatever the chain."""
+    return f"{NAME_PREFIX}snap-{disk}-"
+
+
 def in_scope(name: str, prefix: str) -> bool:
     """True when ``name`` is exactly ``prefix`` and a 6 hex digit token."""
     return name.startswith(prefix) and bool(_TOKEN_RE.fullmatch(name[len(prefix):]))
@@ -204,7 +209,8 @@ def scope_problem(name: str, repo_id: str, chain: str, disk: str) -> str | None:
     Older names are recognised here, for snapshots a manifest of the chain
     names; :func:`stale_clones` deletes by the unambiguous prefix only.
     """
-    if any(in_scope(name, p(repo_id, chain, disk)) for p in (scoped_prefix, legacy_prefix)):
+    prefixes = (scoped_prefix, legacy_prefix, _unscoped_prefix)
+    if any(in_scope(name, p(repo_id, chain, disk)) for p in prefixes):
         return None
     return (f"snapshot name {name!r} is not one of chain {chain!r}'s names for "
             f"{disk} ({scoped_prefix(repo_id, chain, disk)}XXXXXX)")

@@ -1,12 +1,12 @@
 """Trust boundary: storage snapshot handles a repository's manifests name are checked first.
 
-A manifest is rewritten so that the snapshot it keeps of the LUN ``sda`` names, as its
-clone, a file outside ``.rdmb-snapshots``; then a symlink inside ``.rdmb-snapshots`` that
-points outside; then, as the target presenting it, another live tgt target. The next
-backup touches none of them (nothing deleted, nothing presented, nothing compared),
-warns naming the manifest and the disk, falls back to a resync or full copy of ``sda``,
-and the backup after it is an incremental again. Every point restores byte for byte,
-and restore and verify leave the victims alone too.
+A manifest is rewritten so that the snapshot it keeps of the LUN ``sda`` (or of the loop
+LUN ``vdb`` of a shut-off VM) names, as its clone, a file outside ``.rdmb-snapshots``; then
+a symlink inside ``.rdmb-snapshots`` that points outside; then, as the target presenting
+it, another live tgt target. The next backup touches none of them (nothing deleted,
+nothing presented, nothing compared), warns naming the manifest and the disk, falls back
+to a resync or full copy of the disk, and the backup after it is an incremental again.
+Every point restores byte for byte, and restore and verify leave the victims alone too.
 """
 
 from __future__ import annotations
@@ -34,14 +34,15 @@ pytestmark = [pytest.mark.lab, pytest.mark.fault]
 Handle = dict[str, Any]
 
 
-def rewrite_sda_snapshots(vm: LabVM, repo: str, change: Callable[[Handle], None]) -> list[str]:
-    """Apply ``change`` to the ``sda`` storage snapshot of every manifest; their backup ids."""
+def rewrite_sda_snapshots(vm: LabVM, repo: str, change: Callable[[Handle], None],
+                          disk: str = "sda") -> list[str]:
+    """Apply ``change`` to the ``disk`` storage snapshot of every manifest; their backup ids."""
     rewritten = []
     for manifest in api.list_backups(repo):
         path = Path(repo) / vm.uuid / manifest.backup_id / "manifest.json"
         data = json.loads(path.read_text())
         for record in data["disks"]:
-            if record["disk"] == "sda" and record.get("storage_snapshot"):
+            if record["disk"] == disk and record.get("storage_snapshot"):
                 change(record["storage_snapshot"])
                 rewritten.append(manifest.backup_id)
         path.write_text(json.dumps(data))
@@ -113,3 +114,43 @@ def test_hostile_snapshot_handles_touch_nothing(tmp_path: Path,
         assert points.restore_every_point() == 2 * 5
         untouched()
         symlink.unlink()
+
+
+def test_hostile_loop_clone_of_a_shut_off_vm_is_left_alone(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="libvirt_rdm_backup")
+    victim = tmp_path / "victim.img"
+    victim.write_bytes(b"precious" * 4096)
+    with lab_vm(loop_size=32 * MiB, lun_size=16 * MiB, reflink=True, start=False) as vm:
+        points = Points(vm, str(vm.workdir / "repo"))
+
+        def host_write(pattern: int, offset: int) -> None:
+            with open(vm.loop, "r+b") as stream:
+                stream.seek(offset)
+                stream.write(bytes([pattern]) * MiB)
+                stream.flush()
+                os.fsync(stream.fileno())
+
+        host_write(0x21, 0)
+        first = points.backup()
+        vdb = first.manifest.disk("vdb")
+        assert vdb is not None and vdb.storage_snapshot is not None
+        assert vdb.storage_snapshot["agent"] == "loop-reflink"
+
+        def outside(snap: Handle) -> None:
+            snap["handle"]["clone"] = str(victim)
+
+        rewritten = rewrite_sda_snapshots(vm, points.repo, outside, disk="vdb")
+        host_write(0x22, 4 * MiB)
+        second = points.backup()
+        assert victim.read_bytes() == b"precious" * 4096
+        vdb = second.manifest.disk("vdb")
+        assert vdb is not None and vdb.level in ("full", "resync"), vdb
+        assert any(rewritten[0] in r.getMessage() and "vdb" in r.getMessage()
+                   for r in caplog.records if r.levelno >= logging.WARNING)
+        host_write(0x23, 8 * MiB)
+        third = points.backup()
+        vdb = third.manifest.disk("vdb")
+        assert vdb is not None and vdb.level == "incremental" and vdb.bytes_transferred == MiB
+        assert points.restore_every_point() == 2 * 3
+        assert victim.read_bytes() == b"precious" * 4096

@@ -73,9 +73,13 @@ def test_older_snapshot_names_are_recognised_for_their_chain_only() -> None:
     assert old == f"rdmb-{REPO}-daily-sda-0a1b2c"  # what older versions wrote
     assert scope_problem(old, REPO, "daily", "sda") is None
     assert scope_problem(old, REPO, "daily-offsite", "sda") is not None
+    first = "rdmb-snap-sda-0a1b2c"  # what the first versions wrote, for any chain
+    assert scope_problem(first, REPO, "daily", "sda") is None
+    assert scope_problem(first, REPO, "daily", "sdb") is not None
     # the new prefix never matches an old name, so pruning never deletes one
     for chain in CHAINS:
         assert not in_scope(old, scoped_prefix(REPO, chain, "sda"))
+        assert not in_scope(first, scoped_prefix(REPO, chain, "sda"))
 
 
 def _disk() -> RawDisk:
