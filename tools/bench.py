@@ -1224,7 +1224,7 @@ def drop_storage_snapshots(repo: Path) -> int:
             count += 1
             try:
                 snap = StorageSnapshot.from_dict(data)
-                agent_by_name(snap.agent).delete(snap)
+                agent_by_name(snap.agent).delete(record.disk, snap)
             except (RdmBackupError, KeyError, TypeError, ValueError) as err:
                 say(f"could not delete storage snapshot {data.get('name')}: {err}")
     return count

@@ -33,7 +33,13 @@ from libvirt_rdm_backup.qemu import bitmaps
 from libvirt_rdm_backup.qemu.leftovers import remove_leftovers
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.remote import SshAgent
-from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN, Chain, chain_of, unusable_points
+from libvirt_rdm_backup.repository.chain import (
+    DEFAULT_CHAIN,
+    Chain,
+    DiskPoint,
+    chain_of,
+    unusable_points,
+)
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.store import (
     check_safe_name,
@@ -44,9 +50,9 @@ from libvirt_rdm_backup.repository.store import (
 from libvirt_rdm_backup.storage import map_disk
 from libvirt_rdm_backup.storage.base import RawDiskMapping
 from libvirt_rdm_backup.storage.snapshots import (
-    StorageSnapshot,
     agent_by_name,
     find_snapshot_agent,
+    manifest_snapshot,
     scoped_prefix,
 )
 from libvirt_rdm_backup.targets.uri import parse_target
@@ -146,12 +152,13 @@ def _live_bitmaps(monitor: Monitor | None) -> dict[str, set[str]]:
 
 
 def _finish_tracking(monitor: Monitor | None, repo_id: str, chain: Chain,
-                     superseded: list[dict[str, Any]]) -> None:
+                     superseded: list[tuple[RawDisk, DiskPoint]]) -> None:
     """After publishing: drop the bitmaps and storage snapshots no later backup can use."""
     needed = chain.needed_snapshots()
-    for data in superseded:
+    for disk, point in superseded:
+        data = point.record.storage_snapshot or {}
         if str(data.get("name")) not in needed:
-            _delete_snapshot(data)
+            _delete_snapshot(data, disk, repo_id, chain.name, point.backup_id)
     if monitor is None:
         return
     try:
@@ -161,15 +168,19 @@ def _finish_tracking(monitor: Monitor | None, repo_id: str, chain: Chain,
         log.warning("could not drop old dirty bitmaps (the next run will): %s", err)
 
 
-def _delete_snapshot(data: dict[str, Any]) -> None:
+def _delete_snapshot(data: dict[str, Any], disk: RawDisk, repo_id: str, chain: str,
+                     backup_id: str) -> None:
+    found = manifest_snapshot(data, disk, repo_id, chain, backup_id)
+    if found is None:
+        return
     try:
-        snap = StorageSnapshot.from_dict(data)
-        agent_by_name(snap.agent).delete(snap)
-    except (RdmBackupError, KeyError, TypeError, ValueError) as err:
+        found[0].delete(disk, found[1])
+    except RdmBackupError as err:
         log.warning("could not delete storage snapshot %s: %s", data.get("name"), err)
 
 
-def _snapshot_facts(selected: list[RawDisk], chain: Chain) -> tuple[dict[str, str], set[str]]:
+def _snapshot_facts(selected: list[RawDisk], chain: Chain, repo_id: str
+                    ) -> tuple[dict[str, str], set[str]]:
     """Which disks a storage agent can snapshot, and which kept snapshots still exist."""
     agents: dict[str, str] = {}
     for disk in selected:
@@ -180,14 +191,14 @@ def _snapshot_facts(selected: list[RawDisk], chain: Chain) -> tuple[dict[str, st
     for disk in selected:
         for point in chain.kept_points(disk.target):
             data = point.record.storage_snapshot
-            if not data:
+            found = data and manifest_snapshot(data, disk, repo_id, chain.name, point.backup_id)
+            if not found:
                 continue
             try:
-                snap = StorageSnapshot.from_dict(data)
-                if agent_by_name(snap.agent).exists(snap):
-                    live.add(snap.name)
-            except (RdmBackupError, KeyError, TypeError, ValueError) as err:
-                log.warning("storage snapshot %s unusable: %s", data.get("name"), err)
+                if found[0].exists(disk, found[1]):
+                    live.add(found[1].name)
+            except RdmBackupError as err:
+                log.warning("storage snapshot %s unusable: %s", found[1].name, err)
     return agents, live
 
 
@@ -259,7 +270,8 @@ def backup(
         chain = chain_of(store.backups(ctx.uuid), chain_name)
         monitor = _prepare_qemu(ctx, store.repo_id, chain)
         restart = describe_restart(ctx.uuid, chain.last.created) if chain.last else None
-        agents, live_snapshots = _snapshot_facts(selected, chain) if agent is None else ({}, set())
+        agents, live_snapshots = (_snapshot_facts(selected, chain, store.repo_id)
+                                  if agent is None else ({}, set()))
         unusable, damaged_newer = _damage_facts(store, ctx.uuid, chain, selected)
         facts = Facts(ctx.inventory.running, chain, _live_bitmaps(monitor), restart,
                       agents, live_snapshots, local_layers=store.local_layers,
@@ -308,7 +320,7 @@ def backup(
                         if name:
                             bitmaps.remove(monitor, str(plan.disk.node_name), name)
                 raise
-        superseded = [point.record.storage_snapshot for d in selected
+        superseded = [(d, point) for d in selected
                       for point in chain.kept_points(d.target) if point.record.storage_snapshot]
         chain.backups.append(manifest)
         _finish_tracking(monitor, store.repo_id, chain, superseded)

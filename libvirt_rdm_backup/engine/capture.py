@@ -116,7 +116,7 @@ def _copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
     agent = agent_by_name(plan.agent)
     size = plan.disk.size
     try:
-        presented = agent.present(snap)
+        presented = agent.present(plan.disk, snap)
         opts = _raw_source_opts(presented, size)
         if plan.parent is None:
             _convert_into(sink, plan, opts, image_opts=True)
@@ -125,7 +125,7 @@ def _copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
         if plan.level != "resync":
             older = plan.parent.record.storage_snapshot
             assert older is not None
-            only = agent.changed_ranges(StorageSnapshot.from_dict(older), snap)
+            only = agent.changed_ranges(plan.disk, StorageSnapshot.from_dict(older), snap)
             if only is None:
                 log.info("disk %s: the storage cannot tell what changed; comparing digests",
                          plan.disk.target)
@@ -135,7 +135,7 @@ def _copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
         with qemu_nbd_server(opts, None, readonly=True, extra=["--image-opts"]) as uri:
             _resync(plan, uri, sink.target(plan), parent_maps, result, only)
     finally:
-        agent.withdraw(snap)
+        agent.withdraw(plan.disk, snap)
 
 
 def _take_snapshots(plans: list[DiskPlan], scope: Callable[[DiskPlan], str], token: str,
@@ -250,10 +250,10 @@ def _undo(monitor: Monitor | None, jobs: list[str], plans: list[DiskPlan],
 
 def drop_new_snapshots(plans: list[DiskPlan], result: Capture) -> None:
     """Delete the storage snapshots a failed backup took."""
-    agents = {p.disk.target: p.agent for p in plans}
+    by_disk = {p.disk.target: p for p in plans}
     for disk, snap in result.snapshots.items():
-        name = agents.get(disk)
-        if name is None:
+        plan = by_disk.get(disk)
+        if plan is None or plan.agent is None:
             continue
         with suppress(RdmBackupError):
-            agent_by_name(name).delete(snap)
+            agent_by_name(plan.agent).delete(plan.disk, snap)

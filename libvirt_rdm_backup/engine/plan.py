@@ -92,8 +92,8 @@ def _tracking_problem(disk: RawDisk, point: DiskPoint | None, facts: Facts,
             return (f"{disk.target} now has source {disk.source} instead of "
                     f"{record.disk.source}")
         if snap.get("name") not in facts.live_snapshots:
-            return (f"storage snapshot {snap.get('name')} of backup {point.backup_id} is gone, "
-                    "so the storage cannot tell what changed")
+            return (f"storage snapshot {snap.get('name')} of backup {point.backup_id} is gone "
+                    "or not provably this disk's, so the storage cannot tell what changed")
         return None
     if not facts.running:
         return "the domain is not running, so QEMU tracks no writes"

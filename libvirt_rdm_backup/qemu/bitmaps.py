@@ -3,6 +3,10 @@
 A bitmap named ``rdmb-<repo>-<chain>-<backup-id>`` records every guest write
 to a disk since the point in time of that backup. Bitmaps are not persistent:
 they vanish with the QEMU process, which is how a restart is noticed.
+
+A chain's bitmaps are the ones whose name is its prefix followed by exactly one
+backup id (fixed form): chain ``daily`` never claims ``daily-offsite``'s, as a
+plain prefix match would.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 from libvirt_rdm_backup.errors import RdmBackupError
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import PREFIX
+from libvirt_rdm_backup.repository.store import BACKUP_ID_RE
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +33,11 @@ def chain_prefix(repo_id: str, chain: str) -> str:
 def bitmap_name(repo_id: str, chain: str, backup_id: str) -> str:
     """The bitmap that tracks changes since backup ``backup_id``."""
     return chain_prefix(repo_id, chain) + backup_id
+
+
+def in_chain(name: str, prefix: str) -> bool:
+    """True when bitmap ``name`` is :func:`chain_prefix` ``prefix`` and one backup id."""
+    return name.startswith(prefix) and bool(BACKUP_ID_RE.fullmatch(name[len(prefix):]))
 
 
 def add_action(node: str, name: str) -> dict[str, Any]:
@@ -55,11 +65,11 @@ def remove(monitor: Monitor, node: str, name: str) -> None:
 
 
 def remove_unneeded(monitor: Monitor, prefix: str, keep: set[str]) -> list[str]:
-    """Remove this chain's bitmaps that are not in ``keep`` (leftovers of failed runs)."""
+    """Remove the bitmaps of chain ``prefix`` not in ``keep`` (leftovers of failed runs)."""
     removed = []
     for node, bitmaps in node_bitmaps(monitor).items():
         for name in bitmaps:
-            if name.startswith(prefix) and name not in keep:
+            if in_chain(name, prefix) and name not in keep:
                 log.info("removing stale dirty bitmap %s on %s", name, node)
                 remove(monitor, node, name)
                 removed.append(name)

@@ -19,19 +19,24 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import Any
 
 from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
-from libvirt_rdm_backup.errors import OperationError, StorageError
+from libvirt_rdm_backup.errors import OperationError, RdmBackupError, StorageError
 from libvirt_rdm_backup.storage import reflink
 from libvirt_rdm_backup.storage.base import StorageNode
 from libvirt_rdm_backup.storage.snapshots import (
     Presented,
     StorageSnapshot,
     check_name,
+    clone_exists,
     clone_path,
+    clone_problem,
     handle_int,
+    handle_problem,
     handle_str,
     make_clone,
+    refuse_foreign,
     remove_clone,
     stale_clones,
     utc_now,
@@ -108,43 +113,59 @@ class LoopReflinkAgent:
             },
         )
 
-    def present(self, snap: StorageSnapshot) -> Presented:
-        """The clone file, read from the loop offset."""
-        clone = handle_str(snap, "clone")
-        if not os.path.isfile(clone):
-            raise StorageError(f"snapshot {snap.name} of {snap.disk} is gone ({clone})")
-        return Presented(clone, handle_int(snap, "offset"))
+    def _expected(self, disk: RawDisk, name: str) -> tuple[str, dict[str, Any]]:
+        """The backing file of ``disk`` and the handle entries of its snapshot ``name``."""
+        node, backing = self._loop(disk)
+        offset = int(node.identity.get("offset") or 0)
+        return backing, {"backing": backing, "clone": clone_path(backing, name), "offset": offset}
 
-    def withdraw(self, snap: StorageSnapshot) -> None:
+    def owns(self, disk: RawDisk, snap: StorageSnapshot) -> str | None:
+        """None when ``snap`` is a clone of this loop device's backing file, in its snapshot
+        directory, under the snapshot's own name; else why not."""
+        try:
+            backing, expected = self._expected(disk, snap.name)
+        except RdmBackupError as err:
+            return err.message
+        return handle_problem(self.name, disk, snap, expected) or clone_problem(backing, snap.name)
+
+    def present(self, disk: RawDisk, snap: StorageSnapshot) -> Presented:
+        """The clone file, read from the loop offset."""
+        refuse_foreign(self, disk, snap)
+        if not self.exists(disk, snap):
+            raise StorageError(f"snapshot {snap.name} of {snap.disk} is gone")
+        return Presented(handle_str(snap, "clone"), handle_int(snap, "offset"))
+
+    def withdraw(self, disk: RawDisk, snap: StorageSnapshot) -> None:
         """Nothing to do: the clone is read in place."""
+        refuse_foreign(self, disk, snap)
 
     def changed_ranges(
-        self, older: StorageSnapshot, newer: StorageSnapshot
+        self, disk: RawDisk, older: StorageSnapshot, newer: StorageSnapshot
     ) -> list[tuple[int, int]] | None:
         """Disk ranges whose blocks differ between the clones; None when not comparable."""
-        if older.agent != self.name or newer.agent != self.name or older.size != newer.size:
+        if self.owns(disk, older) or self.owns(disk, newer) or older.size != newer.size:
             return None
-        if any(older.handle.get(k) != newer.handle.get(k) for k in ("backing", "offset")):
-            return None
-        if not (self.exists(older) and self.exists(newer)):
+        if not (self.exists(disk, older) and self.exists(disk, newer)):
             return None
         return reflink.changed_between(
             handle_str(older, "clone"), handle_str(newer, "clone"),
             handle_int(newer, "offset"), newer.size,
         )  # fmt: skip
 
-    def exists(self, snap: StorageSnapshot) -> bool:
-        """True while the clone exists."""
-        return os.path.isfile(handle_str(snap, "clone"))
+    def exists(self, disk: RawDisk, snap: StorageSnapshot) -> bool:
+        """True while the clone exists (a regular file)."""
+        refuse_foreign(self, disk, snap)
+        return clone_exists(handle_str(snap, "backing"), snap.name)
 
     def prune(self, disk: RawDisk, prefix: str, keep: set[str]) -> list[str]:
         """Delete unkept clones of this loop device's backing file."""
         _node, backing = self._loop(disk)
         stale = stale_clones(backing, prefix, keep)
         for name in stale:
-            remove_clone(clone_path(backing, name))
+            remove_clone(backing, name)
         return stale
 
-    def delete(self, snap: StorageSnapshot) -> None:
+    def delete(self, disk: RawDisk, snap: StorageSnapshot) -> None:
         """Remove the clone."""
-        remove_clone(handle_str(snap, "clone"))
+        refuse_foreign(self, disk, snap)
+        remove_clone(handle_str(snap, "backing"), snap.name)

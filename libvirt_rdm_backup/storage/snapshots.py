@@ -14,21 +14,28 @@ again; :func:`find_snapshot_agent` picks one for a disk.
 
 The reflink agents keep their clones in :data:`SNAPSHOT_DIR` beside the file
 they clone (:func:`clone_path`, :func:`remove_clone`).
+
+A handle read back from a manifest is data the tool does not fully control: an
+agent acts on a snapshot only when :meth:`SnapshotAgent.owns` proves it is the
+one the agent would have made of *this* disk under that name, and
+:func:`manifest_snapshot` also checks that the name is one of this chain's.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import re
 import secrets
+import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
 from libvirt_rdm_backup.domain.disks import RawDisk
-from libvirt_rdm_backup.errors import StorageError
+from libvirt_rdm_backup.errors import RdmBackupError, StorageError
 from libvirt_rdm_backup.storage import reflink
 
 log = logging.getLogger(__name__)
@@ -37,6 +44,7 @@ NAME_PREFIX = "rdmb-"
 SNAPSHOT_DIR = ".rdmb-snapshots"
 _NAME_RE = re.compile(r"^rdmb-[a-z0-9][a-z0-9.-]{0,58}$")
 _UNSAFE_RE = re.compile(r"[^a-z0-9]+")
+_TOKEN_RE = re.compile(r"[0-9a-f]{6}")  # the random part of the backup id
 
 
 @dataclass
@@ -104,33 +112,40 @@ class SnapshotAgent(Protocol):
         """Take snapshot ``name`` of ``disk`` now; fast, it runs inside the consistency window."""
         ...
 
-    def present(self, snap: StorageSnapshot) -> Presented:
+    def owns(self, disk: RawDisk, snap: StorageSnapshot) -> str | None:
+        """None when ``snap`` is what this agent makes of ``disk`` under its name, else why not.
+
+        Every other method that takes a snapshot refuses one it does not own.
+        """
+        ...
+
+    def present(self, disk: RawDisk, snap: StorageSnapshot) -> Presented:
         """Make the snapshot readable (idempotent); may take longer, after the window."""
         ...
 
-    def withdraw(self, snap: StorageSnapshot) -> None:
+    def withdraw(self, disk: RawDisk, snap: StorageSnapshot) -> None:
         """Stop presenting the snapshot (idempotent)."""
         ...
 
     def changed_ranges(
-        self, older: StorageSnapshot, newer: StorageSnapshot
+        self, disk: RawDisk, older: StorageSnapshot, newer: StorageSnapshot
     ) -> list[tuple[int, int]] | None:
         """``(offset, length)`` disk ranges that may differ, sorted and merged; None: unknown."""
         ...
 
-    def exists(self, snap: StorageSnapshot) -> bool:
+    def exists(self, disk: RawDisk, snap: StorageSnapshot) -> bool:
         """True while the snapshot's data exists."""
         ...
 
     def prune(self, disk: RawDisk, prefix: str, keep: set[str]) -> list[str]:
-        """Delete this disk's snapshots named ``prefix...`` that are not in ``keep``.
+        """Delete this disk's snapshots named ``prefix`` + token that are not in ``keep``.
 
         Removes what killed runs left (snapshots no manifest refers to); returns
         the names deleted.
         """
         ...
 
-    def delete(self, snap: StorageSnapshot) -> None:
+    def delete(self, disk: RawDisk, snap: StorageSnapshot) -> None:
         """Withdraw and delete the snapshot (idempotent)."""
         ...
 
@@ -156,25 +171,77 @@ def agent_by_name(name: str) -> SnapshotAgent:
     raise StorageError(f"unknown snapshot agent {name!r}")
 
 
-def scoped_prefix(repo_id: str, chain: str, disk: str) -> str:
-    """Prefix of the snapshots one chain of one repository takes of one disk."""
-    def tag(text: str) -> str:
-        return _UNSAFE_RE.sub("-", text.lower()).strip("-")[:16] or "x"
+def _tag(text: str) -> str:
+    return _UNSAFE_RE.sub("-", text.lower()).strip("-")[:16] or "x"
 
-    return f"{NAME_PREFIX}{tag(repo_id)}-{tag(chain)}-{tag(disk)}-"
+
+def scoped_prefix(repo_id: str, chain: str, disk: str) -> str:
+    """Prefix of the snapshots one chain of one repository takes of one disk.
+
+    ``rdmb-<repo>-<chain>-<disk>.<hash>-``: the readable tags are lowercased and
+    cut to 16 characters, so the hash of the exact repository id, chain and disk
+    keeps ``daily``, ``Daily`` and long names apart; the ``.`` (which older
+    names never hold) tells these names from the older ones
+    (:func:`legacy_prefix`). A name of the scope is the prefix and 6 hex digits.
+    """
+    digest = hashlib.sha256(f"{repo_id}\0{chain}\0{disk}".encode()).hexdigest()[:8]
+    return f"{NAME_PREFIX}{_tag(repo_id)}-{_tag(chain)}-{_tag(disk)}.{digest}-"
+
+
+def legacy_prefix(repo_id: str, chain: str, disk: str) -> str:
+    """The prefix older versions gave a scope's snapshots (shared by colliding chains)."""
+    return f"{NAME_PREFIX}{_tag(repo_id)}-{_tag(chain)}-{_tag(disk)}-"
+
+
+def _unscoped_prefix(_repo_id: str, _chain: str, disk: str) -> str:
+    """The prefix the first versions gave every snapshot of a disk, whatever the chain."""
+    return f"{NAME_PREFIX}snap-{disk}-"
+
+
+def in_scope(name: str, prefix: str) -> bool:
+    """True when ``name`` is exactly ``prefix`` and a 6 hex digit token."""
+    return name.startswith(prefix) and bool(_TOKEN_RE.fullmatch(name[len(prefix):]))
+
+
+def scope_problem(name: str, repo_id: str, chain: str, disk: str) -> str | None:
+    """None when ``name`` is a snapshot name of this scope (older names too), else why not.
+
+    Older names are recognised here, for snapshots a manifest of the chain
+    names; :func:`stale_clones` deletes by the unambiguous prefix only.
+    """
+    prefixes = (scoped_prefix, legacy_prefix, _unscoped_prefix)
+    if any(in_scope(name, p(repo_id, chain, disk)) for p in prefixes):
+        return None
+    return (f"snapshot name {name!r} is not one of chain {chain!r}'s names for "
+            f"{disk} ({scoped_prefix(repo_id, chain, disk)}XXXXXX)")
 
 
 def stale_clones(backing: str, prefix: str, keep: set[str]) -> list[str]:
-    """Names of the clones beside ``backing`` that start with ``prefix`` and are not kept."""
+    """Names of the clones beside ``backing`` in the scope ``prefix`` that are not kept.
+
+    Only regular files count: a symlink or anything else in the directory is
+    never followed nor reported (and so never deleted).
+    """
     directory = os.path.dirname(clone_path(backing, "x"))
     try:
-        files = os.listdir(directory)
+        fd = _open_snapshot_dir(directory)
     except FileNotFoundError:
         return []
+    try:
+        names = []
+        for entry in os.listdir(fd):
+            name = entry[: -len(".img")]
+            if not entry.endswith(".img") or not in_scope(name, prefix) or name in keep:
+                continue
+            if stat.S_ISREG(os.lstat(entry, dir_fd=fd).st_mode):
+                names.append(name)
+            else:
+                log.warning("leaving %s alone: not a regular file", os.path.join(directory, entry))
+        return sorted(names)
     except OSError as err:
         raise StorageError(f"cannot list {directory}: {err.strerror}") from err
-    names = [f[: -len(".img")] for f in files if f.endswith(".img")]
-    return sorted(n for n in names if n.startswith(prefix) and n not in keep)
+    finally:
+        os.close(fd)
 
 
 def new_snapshot_name(disk: str) -> str:
@@ -222,19 +289,130 @@ def make_clone(source: str, name: str) -> str:
     return path
 
 
-def remove_clone(path: str) -> None:
-    """Delete a clone (idempotent) and its snapshot directory once that is empty."""
+def _open_snapshot_dir(directory: str) -> int:
+    """A descriptor of the snapshot directory itself, never of what a symlink names.
+
+    Raises FileNotFoundError when it is missing, StorageError when it is not a directory.
+    """
     try:
-        os.unlink(path)
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise StorageError(f"{directory} is not a snapshot directory: {err.strerror}") from err
+
+
+def _clone_mode(backing: str, name: str) -> int | None:
+    """``lstat`` mode of clone ``name`` of ``backing`` (no symlink followed); None: missing."""
+    path = clone_path(backing, name)
+    try:
+        fd = _open_snapshot_dir(os.path.dirname(path))
+    except FileNotFoundError:
+        return None
+    try:
+        return os.lstat(os.path.basename(path), dir_fd=fd).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise StorageError(f"cannot look at {path}: {err.strerror}") from err
+    finally:
+        os.close(fd)
+
+
+def clone_problem(backing: str, name: str) -> str | None:
+    """Why clone ``name`` of ``backing`` must not be touched (None: a regular file, or none)."""
+    try:
+        mode = _clone_mode(backing, name)
+    except StorageError as err:
+        return err.message
+    if mode is not None and not stat.S_ISREG(mode):
+        return f"{clone_path(backing, name)} is not a regular file"
+    return None
+
+
+def clone_exists(backing: str, name: str) -> bool:
+    """True when clone ``name`` of ``backing`` is a regular file (no symlink followed)."""
+    mode = _clone_mode(backing, name)
+    return mode is not None and stat.S_ISREG(mode)
+
+
+def remove_clone(backing: str, name: str) -> None:
+    """Delete clone ``name`` of ``backing`` (idempotent), and its directory once empty.
+
+    Only a regular file in the real snapshot directory is deleted (no symlink followed).
+    """
+    path = clone_path(backing, name)
+    directory, entry = os.path.split(path)
+    try:
+        fd = _open_snapshot_dir(directory)
+    except FileNotFoundError:
+        return
+    try:
+        if not stat.S_ISREG(os.lstat(entry, dir_fd=fd).st_mode):
+            raise StorageError(f"refusing to delete {path}: not a regular file")
+        os.unlink(entry, dir_fd=fd)
     except FileNotFoundError:
         pass
     except OSError as err:
         raise StorageError(f"cannot delete snapshot file {path}: {err.strerror}") from err
+    finally:
+        os.close(fd)
     try:
-        os.rmdir(os.path.dirname(path))
+        os.rmdir(directory)
     except OSError as err:
         if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
-            log.debug("keeping %s: %s", os.path.dirname(path), err)
+            log.debug("keeping %s: %s", directory, err)
+
+
+def handle_problem(agent: str, disk: RawDisk, snap: StorageSnapshot,
+                   expected: dict[str, Any]) -> str | None:
+    """Why ``snap`` is not what agent ``agent`` makes of ``disk`` (None: it is).
+
+    ``expected`` holds the handle entries the agent derives for this disk and
+    the snapshot's name; each must be there, equal and of the same type.
+    """
+    if snap.agent != agent:
+        return f"it was made by agent {snap.agent!r}, not {agent}"
+    if snap.disk != disk.target:
+        return f"it is a snapshot of {snap.disk!r}, not of {disk.target}"
+    if not _NAME_RE.match(snap.name):
+        return f"{snap.name!r} is not a snapshot name"
+    for key, want in expected.items():
+        got = snap.handle.get(key)
+        if got != want or type(got) is not type(want):
+            return f"its {key} {got!r} is not {want!r}"
+    return None
+
+
+def refuse_foreign(agent: SnapshotAgent, disk: RawDisk, snap: StorageSnapshot) -> None:
+    """Raise StorageError unless ``agent`` owns ``snap`` of ``disk``."""
+    problem = agent.owns(disk, snap)
+    if problem:
+        raise StorageError(f"snapshot {snap.name!r} of {disk.target} is not one "
+                           f"{agent.name} made of it, left untouched: {problem}")
+
+
+def manifest_snapshot(data: dict[str, Any], disk: RawDisk, repo_id: str, chain: str,
+                      backup_id: str) -> tuple[SnapshotAgent, StorageSnapshot] | None:
+    """The storage snapshot manifest ``backup_id`` keeps of ``disk``, once proven ours.
+
+    Its name must be one of this repository's chain's names for the disk, and
+    its agent must own it (:meth:`SnapshotAgent.owns`). Otherwise a warning
+    names the manifest and the disk, and None says: touch nothing, build nothing on it.
+    """
+    try:
+        snap = StorageSnapshot.from_dict(data)
+        agent = agent_by_name(snap.agent)
+        problem = scope_problem(snap.name, repo_id, chain, disk.target) or agent.owns(disk, snap)
+    except RdmBackupError as err:
+        problem = err.message
+    except (KeyError, TypeError, ValueError) as err:
+        problem = f"malformed handle ({err})"
+    if problem:
+        log.warning("backup %s: the storage snapshot it names for %s is refused and left "
+                    "untouched: %s", backup_id, disk.target, problem)
+        return None
+    return agent, snap
 
 
 def handle_str(snap: StorageSnapshot, key: str) -> str:

@@ -20,9 +20,15 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from typing import Any
 
 from libvirt_rdm_backup.domain.disks import IscsiSource, RawDisk
-from libvirt_rdm_backup.errors import CommandError, OperationError, StorageError
+from libvirt_rdm_backup.errors import (
+    CommandError,
+    OperationError,
+    RdmBackupError,
+    StorageError,
+)
 from libvirt_rdm_backup.process import run
 from libvirt_rdm_backup.storage import reflink, tgt
 from libvirt_rdm_backup.storage.iscsi import is_loopback_host
@@ -30,10 +36,14 @@ from libvirt_rdm_backup.storage.snapshots import (
     Presented,
     StorageSnapshot,
     check_name,
+    clone_exists,
     clone_path,
+    clone_problem,
     handle_int,
+    handle_problem,
     handle_str,
     make_clone,
+    refuse_foreign,
     remove_clone,
     stale_clones,
     utc_now,
@@ -122,17 +132,36 @@ class TgtReflinkAgent:
             },
         )
 
+    def _expected(self, disk: RawDisk, name: str) -> tuple[str, dict[str, Any]]:
+        """The LUN's backing file and the handle entries of its snapshot ``name``."""
+        source, backing = self._backing(disk)
+        return backing, {
+            "host": source.host, "port": source.port, "iqn": source.iqn, "lun": source.lun,
+            "backing": backing, "clone": clone_path(backing, name),
+            "target_iqn": f"{source.iqn}:{name}",
+        }  # fmt: skip
+
+    def owns(self, disk: RawDisk, snap: StorageSnapshot) -> str | None:
+        """None when ``snap`` is a clone of this LUN's backing file in its snapshot directory,
+        presented (if at all) as the target this agent names after the LUN and the snapshot."""
+        try:
+            backing, expected = self._expected(disk, snap.name)
+        except RdmBackupError as err:
+            return err.message
+        return handle_problem(self.name, disk, snap, expected) or clone_problem(backing, snap.name)
+
     def _url(self, snap: StorageSnapshot) -> str:
         source = IscsiSource(
             handle_str(snap, "host"), handle_int(snap, "port"), handle_str(snap, "target_iqn"), 1
         )
         return source.url
 
-    def present(self, snap: StorageSnapshot) -> Presented:
+    def present(self, disk: RawDisk, snap: StorageSnapshot) -> Presented:
         """Serve the clone read-only as LUN 1 of target ``<iqn>:<name>``, to loopback only."""
+        refuse_foreign(self, disk, snap)
         clone = handle_str(snap, "clone")
         target_iqn = handle_str(snap, "target_iqn")
-        if not os.path.isfile(clone):
+        if not self.exists(disk, snap):
             raise StorageError(f"snapshot {snap.name} of {snap.disk} is gone ({clone})")
         existing = tgt.find_target(target_iqn)
         if existing is not None:
@@ -169,49 +198,43 @@ class TgtReflinkAgent:
             return tid
         raise StorageError(f"cannot create tgt target {iqn}: {error}")
 
-    def withdraw(self, snap: StorageSnapshot) -> None:
+    def withdraw(self, disk: RawDisk, snap: StorageSnapshot) -> None:
         """Delete the target that presents the snapshot, if any."""
-        target = tgt.find_target(handle_str(snap, "target_iqn"))
+        refuse_foreign(self, disk, snap)
+        self._remove_target(handle_str(snap, "target_iqn"))
+
+    def _remove_target(self, iqn: str) -> None:
+        target = tgt.find_target(iqn)
         if target is not None:
             _tgtadm("--op", "delete", "--mode", "target", "--tid", str(target.tid), "--force")
 
     def changed_ranges(
-        self, older: StorageSnapshot, newer: StorageSnapshot
+        self, disk: RawDisk, older: StorageSnapshot, newer: StorageSnapshot
     ) -> list[tuple[int, int]] | None:
         """Ranges whose blocks differ between the two clones; None for different LUNs or sizes."""
-        if not self._comparable(older, newer):
+        if self.owns(disk, older) or self.owns(disk, newer) or older.size != newer.size:
+            return None
+        if not (self.exists(disk, older) and self.exists(disk, newer)):
             return None
         return reflink.changed_between(
             handle_str(older, "clone"), handle_str(newer, "clone"), 0, newer.size
         )
 
-    def _comparable(self, older: StorageSnapshot, newer: StorageSnapshot) -> bool:
-        keys = ("iqn", "lun", "backing")
-        if older.agent != self.name or newer.agent != self.name:
-            return False
-        if any(older.handle.get(k) != newer.handle.get(k) for k in keys):
-            return False
-        if older.size != newer.size:
-            return False
-        return self.exists(older) and self.exists(newer)
-
-    def exists(self, snap: StorageSnapshot) -> bool:
-        """True while the clone exists."""
-        return os.path.isfile(handle_str(snap, "clone"))
+    def exists(self, disk: RawDisk, snap: StorageSnapshot) -> bool:
+        """True while the clone exists (a regular file)."""
+        refuse_foreign(self, disk, snap)
+        return clone_exists(handle_str(snap, "backing"), snap.name)
 
     def prune(self, disk: RawDisk, prefix: str, keep: set[str]) -> list[str]:
         """Delete unkept clones of this LUN, and the targets presenting them."""
         source, backing = self._backing(disk)
         stale = stale_clones(backing, prefix, keep)
         for name in stale:
-            target = tgt.find_target(f"{source.iqn}:{name}")
-            if target is not None:
-                _tgtadm("--op", "delete", "--mode", "target", "--tid", str(target.tid), "--force")
-            remove_clone(clone_path(backing, name))
+            self._remove_target(f"{source.iqn}:{name}")
+            remove_clone(backing, name)
         return stale
 
-    def delete(self, snap: StorageSnapshot) -> None:
+    def delete(self, disk: RawDisk, snap: StorageSnapshot) -> None:
         """Withdraw, then remove the clone."""
-        if tgt.tgtadm_available():
-            self.withdraw(snap)
-        remove_clone(handle_str(snap, "clone"))
+        self.withdraw(disk, snap)
+        remove_clone(handle_str(snap, "backing"), snap.name)

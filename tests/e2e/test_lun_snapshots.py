@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
+from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.backup import BackupResult
 from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
 from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers
@@ -202,11 +203,12 @@ def test_snapshots_left_by_a_killed_run_are_pruned() -> None:
         kept = first.manifest.disk("sda").storage_snapshot["name"]  # type: ignore[index,union-attr]
         # what a run killed between snapshot and publish leaves: a clone and its target
         disk = api.discover(vm.name).find("sda")
+        assert isinstance(disk, RawDisk)
         agent = agent_by_name("tgt-reflink")
         prefix = scoped_prefix(Repository.open(repo).repo_id, "default", "sda")
-        orphan = agent.snapshot(disk, prefix + "dead01")  # type: ignore[arg-type]
-        agent.present(orphan)
-        other_chain = agent.snapshot(disk, scoped_prefix("abcdef", "other", "sda") + "keep01")  # type: ignore[arg-type]
+        orphan = agent.snapshot(disk, prefix + "dead01")
+        agent.present(disk, orphan)
+        other_chain = agent.snapshot(disk, scoped_prefix("abcdef", "other", "sda") + "keep01")
         try:
             assert orphan.name + ".img" in snapshot_files(vm)
             second, refs = point(vm, repo, "p2", disks=["sda"])
@@ -220,5 +222,5 @@ def test_snapshots_left_by_a_killed_run_are_pruned() -> None:
             assert second.manifest.disk("sda").level == "incremental"  # type: ignore[union-attr]
             restore_all(vm, repo, second, {"sda": refs["sda"]})
         finally:
-            agent.delete(other_chain)
-            agent.delete(orphan)
+            agent.delete(disk, other_chain)
+            agent.delete(disk, orphan)

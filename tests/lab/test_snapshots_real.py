@@ -105,7 +105,7 @@ def _timed_snapshot(agent: SnapshotAgent, disk: RawDisk, stack: ExitStack,
     started = time.perf_counter()
     snap = agent.snapshot(disk, name)
     times.append(time.perf_counter() - started)
-    stack.callback(agent.delete, snap)
+    stack.callback(agent.delete, disk, snap)
     return snap
 
 
@@ -113,7 +113,7 @@ def _check_snapshot(snap: StorageSnapshot, agent: SnapshotAgent, disk: RawDisk) 
     assert (snap.agent, snap.disk) == (agent.name, disk.target)
     assert snap.name.startswith("rdmb-") and snap.created.endswith("Z")
     assert StorageSnapshot.from_dict(json.loads(json.dumps(snap.to_dict()))) == snap
-    assert agent.exists(snap)
+    assert agent.exists(disk, snap)
     clone = Path(snap.handle["clone"])
     assert clone.parent.name == SNAPSHOT_DIR and clone.parent.stat().st_mode & 0o777 == 0o700
 
@@ -178,9 +178,9 @@ def test_tgt_reflink_snapshots(dirs: tuple[Path, Path], request: pytest.FixtureR
                 _check_snapshot(snap, agent, disk)
                 assert snap.size == size
 
-            presented_a = agent.present(snap_a)
-            presented_b = agent.present(snap_b)
-            assert agent.present(snap_a) == presented_a  # idempotent
+            presented_a = agent.present(disk, snap_a)
+            presented_b = agent.present(disk, snap_b)
+            assert agent.present(disk, snap_a) == presented_a  # idempotent
             for snap, presented in ((snap_a, presented_a), (snap_b, presented_b)):
                 assert presented.source == (
                     f"iscsi://127.0.0.1:3260/{lun.iqn}:{snap.name}/1"
@@ -194,20 +194,20 @@ def test_tgt_reflink_snapshots(dirs: tuple[Path, Path], request: pytest.FixtureR
             with pytest.raises(CommandError, match="write protected"):
                 _iscsi_write(presented_b.source, [(0, 512, 0x77)])
 
-            changed = agent.changed_ranges(snap_a, snap_b)
+            changed = agent.changed_ranges(disk, snap_a, snap_b)
             assert changed == _expected_ranges([(o, n) for o, n, _ in second])
-            assert agent.changed_ranges(snap_b, snap_b) == []
+            assert agent.changed_ranges(disk, snap_b, snap_b) == []
 
-            agent.withdraw(snap_a)
-            agent.withdraw(snap_a)
+            agent.withdraw(disk, snap_a)
+            agent.withdraw(disk, snap_a)
             assert tgt.find_target(f"{lun.iqn}:{snap_a.name}") is None
             for snap in (snap_a, snap_b):
-                agent.delete(snap)
-                agent.delete(snap)
-                assert not agent.exists(snap)
+                agent.delete(disk, snap)
+                agent.delete(disk, snap)
+                assert not agent.exists(disk, snap)
             with pytest.raises(StorageError, match="is gone"):
-                agent.present(snap_a)
-            assert agent.changed_ranges(snap_a, snap_b) is None
+                agent.present(disk, snap_a)
+            assert agent.changed_ranges(disk, snap_a, snap_b) is None
         assert not snapshot_dir.exists()
     assert not any(t.iqn.startswith(lun.iqn) for t in tgt.show_targets())
     _report(request, agent.name, times,
@@ -280,19 +280,19 @@ def test_loop_reflink_snapshots(dirs: tuple[Path, Path], request: pytest.Fixture
                     assert snap.size == size
                     assert snap.handle["offset"] == loop_offset
 
-                presented_a, presented_b = agent.present(snap_a), agent.present(snap_b)
+                presented_a, presented_b = agent.present(disk, snap_a), agent.present(disk, snap_b)
                 assert presented_a == Presented(snap_a.handle["clone"], loop_offset)
                 assert _read_presented(presented_a, size, scratch / "a.raw") == model_a
                 assert _read_presented(presented_b, size, scratch / "b.raw") == bytes(model)
 
-                changed = agent.changed_ranges(snap_a, snap_b)
+                changed = agent.changed_ranges(disk, snap_a, snap_b)
                 assert changed == _expected_ranges([(o, n) for o, n, _ in second])
 
                 for snap in (snap_a, snap_b):
-                    agent.withdraw(snap)
-                    agent.delete(snap)
-                    agent.delete(snap)
-                    assert not agent.exists(snap)
+                    agent.withdraw(disk, snap)
+                    agent.delete(disk, snap)
+                    agent.delete(disk, snap)
+                    assert not agent.exists(disk, snap)
             assert not snapshot_dir.exists()
         finally:
             os.close(writer)
@@ -311,7 +311,7 @@ def test_snapshot_names_are_checked(dirs: tuple[Path, Path]) -> None:
                 LoopReflinkAgent().snapshot(disk, bad)
         snap = LoopReflinkAgent().snapshot(disk, new_snapshot_name("Disk_0/x"))
         assert snap.name.startswith("rdmb-disk-0-x-")
-        LoopReflinkAgent().delete(snap)
+        LoopReflinkAgent().delete(disk, snap)
     assert not (xfs / SNAPSHOT_DIR).exists()
     with pytest.raises(StorageError, match="unknown snapshot agent"):
         agent_by_name("nope")
