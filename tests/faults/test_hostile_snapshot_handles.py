@@ -29,7 +29,7 @@ from tests.faults.points import Points
 from tests.lab.domains import guest_write
 from tests.lab.storage_lab import iscsi_target
 
-pytestmark = [pytest.mark.lab, pytest.mark.fault]
+pytestmark = [pytest.mark.lab, pytest.mark.hostile]
 
 Handle = dict[str, Any]
 
