@@ -277,7 +277,7 @@ class Repository:
         """
         try:
             lock = os.open(os.path.join(self.root, SEQUENCE_LOCK),
-                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                           os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as err:
             raise RepositoryError(f"cannot publish backup {manifest.backup_id}: {err}") from err
         try:

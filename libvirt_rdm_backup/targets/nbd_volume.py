@@ -107,9 +107,9 @@ def newest_superblock(slot_a: bytes, slot_b: bytes) -> Superblock | None:
 
 def _entry_sequence(entry: dict[str, Any]) -> int | None:
     """The sequence a table of contents entry records (None: written before sequences)."""
-    value = entry.get("sequence")
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
-        else None
+    value = entry.get("sequence") if isinstance(entry, dict) else None
+    valid = isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1 << 62
+    return value if valid else None
 
 
 def damage_from_bytes(data: bytes) -> dict[str, dict[str, str]]:
