@@ -202,6 +202,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             "level": m.level,
             "chain": m.chain,
             "parent": m.parent,
+            "sequence": m.sequence,
             "created": m.created,
             "completed": m.completed,
             "disks": [{"disk": d.disk.target, "size": d.size, "level": d.level,

@@ -32,6 +32,8 @@ DEB_PACKAGES=(
     vagrant vagrant-libvirt rsync
     # The peer that tools/bench.py races on qcow2 disks.
     virtnbdbackup
+    # The skewed-clock fault test moves the tool's clock only (LD_PRELOAD).
+    faketime
 )
 
 log() { printf 'lab: %s\n' "$*" >&2; }

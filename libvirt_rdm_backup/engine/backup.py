@@ -41,10 +41,11 @@ from libvirt_rdm_backup.repository.chain import (
     unusable_points,
 )
 from libvirt_rdm_backup.repository.manifest import Manifest
+from libvirt_rdm_backup.repository.order import newest_damage
 from libvirt_rdm_backup.repository.store import (
+    Damage,
     check_safe_name,
     new_backup_id,
-    newest_damage,
     now_iso,
 )
 from libvirt_rdm_backup.storage import map_disk
@@ -202,18 +203,19 @@ def _snapshot_facts(selected: list[RawDisk], chain: Chain, repo_id: str
     return agents, live
 
 
-def _damage_facts(store: Store, domain_uuid: str, chain: Chain, selected: list[RawDisk]
+def _damage_facts(store: Store, listed: list[Damage], chain: Chain, selected: list[RawDisk]
                   ) -> tuple[dict[str, dict[str, str]], tuple[str, str] | None]:
     """Which points of the chain cannot be built on, and a damaged backup newer than all.
 
     Cheap: manifests readable, layers present with their recorded sizes, no damage
     recorded by a verify or restore; the digests themselves are for verify and restore.
+    ``listed``: the domain's backups whose manifests cannot be read.
     """
-    damaged = {d.backup_id: d.problem for d in store.damaged(domain_uuid)}
+    damaged = {d.backup_id: d.problem for d in listed}
     unusable = {disk.target: unusable_points(
         chain.backups, disk.target, lambda p: store.layer_problem(p.manifest, p.record), damaged)
         for disk in selected}
-    newer = newest_damage(damaged, chain.backups)
+    newer = newest_damage(listed, chain.backups)
     return unusable, ((newer, damaged[newer]) if newer else None)
 
 
@@ -267,12 +269,14 @@ def backup(
     selected = select_disks(ctx.inventory, disks)
     store = open_store(target, create=True, allow_plain_nbd=allow_plain_nbd, tls_dir=tls_dir)
     with store, domain_lock(ctx.uuid), store.lock(ctx.uuid):
-        chain = chain_of(store.backups(ctx.uuid), chain_name)
+        published = store.backups(ctx.uuid)
+        unreadable = store.damaged(ctx.uuid)
+        chain = chain_of(published, chain_name)
         monitor = _prepare_qemu(ctx, store.repo_id, chain)
         restart = describe_restart(ctx.uuid, chain.last.created) if chain.last else None
         agents, live_snapshots = (_snapshot_facts(selected, chain, store.repo_id)
                                   if agent is None else ({}, set()))
-        unusable, damaged_newer = _damage_facts(store, ctx.uuid, chain, selected)
+        unusable, damaged_newer = _damage_facts(store, unreadable, chain, selected)
         facts = Facts(ctx.inventory.running, chain, _live_bitmaps(monitor), restart,
                       agents, live_snapshots, local_layers=store.local_layers,
                       unusable=unusable, damaged_newer=damaged_newer)
@@ -286,7 +290,8 @@ def backup(
         if agent is not None:
             _refuse_local_reads(plans)
         mappings = {disk.target: _mapping_of(disk, agent) for disk in selected}
-        backup_id = new_backup_id()
+        backup_id = new_backup_id({m.backup_id for m in published}
+                                  | {d.backup_id for d in unreadable})
         created = now_iso()
         with store.session(ctx.uuid, backup_id) as sink:
             captured = capture(

@@ -34,11 +34,11 @@ from libvirt_rdm_backup.fileutil import new_file_whole, remove_stale_partials
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.repository.chain import DiskPoint
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.order import newest, newest_damage
 from libvirt_rdm_backup.repository.store import (
     Damage,
     check_backup_id,
     check_safe_name,
-    newest_damage,
 )
 from libvirt_rdm_backup.storage import tgt
 from libvirt_rdm_backup.storage.base import StorageNode
@@ -81,9 +81,10 @@ def find_domain_backups(store: Store, domain: str) -> list[Manifest]:
         m for m in store.all_backups() if domain in (m.domain_uuid, m.domain_name)
     ]
     if not manifests:
-        damaged = domain_damage(store, domain, manifests)
-        if damaged:
-            raise DamagedBackupError(damaged[-1].backup_id, damaged[-1].problem)
+        damaged = {d.backup_id: d for d in domain_damage(store, domain, manifests)}
+        last = newest_damage(damaged.values(), [])
+        if last is not None:
+            raise DamagedBackupError(last, damaged[last].problem)
         raise NotFoundError(f"no backups of domain {domain!r} in {store.name}")
     return manifests
 
@@ -99,18 +100,20 @@ def choose_backup(store: Store, domain: str, backup_id: str | None) -> Manifest:
     if backup_id is not None:
         check_backup_id(backup_id)
     manifests = find_domain_backups(store, domain)
-    damaged = {d.backup_id: d.problem for d in domain_damage(store, domain, manifests)}
+    damaged = {d.backup_id: d for d in domain_damage(store, domain, manifests)}
     if backup_id is None:
-        newer = newest_damage(damaged, manifests)
+        newer = newest_damage(damaged.values(), manifests)
         if newer:  # never fall back to an older point unasked
-            raise DamagedBackupError(newer, f"{damaged[newer]}; it is the newest "
+            raise DamagedBackupError(newer, f"{damaged[newer].problem}; it is the newest "
                                      f"backup of {domain}: name an older backup to use it")
-        return manifests[-1]
+        last = newest(manifests)
+        assert last is not None  # find_domain_backups found some
+        return last
     for manifest in manifests:
         if manifest.backup_id == backup_id:
             return manifest
     if backup_id in damaged:
-        raise DamagedBackupError(backup_id, damaged[backup_id])
+        raise DamagedBackupError(backup_id, damaged[backup_id].problem)
     raise NotFoundError(f"backup {backup_id} of domain {domain!r} not found")
 
 

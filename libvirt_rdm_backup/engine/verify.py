@@ -10,7 +10,8 @@ from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.errors import NotFoundError
 from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.repository.store import Damage, check_backup_id, id_second
+from libvirt_rdm_backup.repository.order import in_order
+from libvirt_rdm_backup.repository.store import Damage, check_backup_id
 
 Checker = Callable[[DiskPoint], str | None]
 
@@ -86,27 +87,19 @@ def lineage_problem(backups: list[Manifest], damaged: Mapping[str, str], manifes
     return points, None
 
 
-def _age(item: Manifest | Damage) -> tuple[str, str, str]:
-    """Oldest first, so that a damaged layer is reported before the points built on it.
-
-    Backup ids sort by their second only; within one second the creation time
-    (milliseconds) decides. An unreadable manifest has only its id and sorts first.
-    """
-    created = item.created if isinstance(item, Manifest) else ""
-    return id_second(item.backup_id), created, item.backup_id
-
-
 def verify_manifests(store: Store, manifests: list[Manifest],
                      damaged: list[Damage] | None = None) -> VerifyReport:
     """Check every disk of every given backup and every layer it builds on.
 
-    ``damaged`` backups (unreadable manifests) are reported as failed, in order.
+    ``damaged`` backups (unreadable manifests) are reported as failed. The report
+    is oldest first (:func:`.order.in_order`), so that a damaged layer is reported
+    before the points built on it.
     """
     report = VerifyReport()
     check = cached_checker(store)
     known: dict[str, tuple[list[Manifest], dict[str, str]]] = {}
     items: list[Manifest | Damage] = [*manifests, *(damaged or [])]
-    for item in sorted(items, key=_age):
+    for item in in_order(items):
         if isinstance(item, Damage):
             report.checks.append(DiskCheck(item.backup_id, None, False, item.problem))
             continue

@@ -7,6 +7,7 @@ from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.order import in_order
 
 DEFAULT_CHAIN = "default"
 
@@ -30,7 +31,11 @@ class DiskPoint:
 
 @dataclass
 class Chain:
-    """The published backups of one chain of one domain, oldest first."""
+    """The published backups of one chain of one domain, oldest first.
+
+    Oldest first by parent links and sequence (:func:`.order.in_order`): ``last``
+    and the last points are the newest whatever the clocks said.
+    """
 
     name: str
     backups: list[Manifest]
@@ -77,8 +82,8 @@ class Chain:
 
 
 def chain_of(backups: list[Manifest], name: str) -> Chain:
-    """The chain ``name`` out of all backups of a domain (oldest first)."""
-    return Chain(name, [m for m in backups if m.chain == name])
+    """The chain ``name`` out of all backups of a domain, oldest first (:func:`.order.in_order`)."""
+    return Chain(name, in_order(m for m in backups if m.chain == name))
 
 
 def lineage(backups: list[Manifest], manifest: Manifest, disk: str

@@ -31,6 +31,14 @@ def _optional_int(value: Any) -> int | None:
     return value
 
 
+def _optional_sequence(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 63:
+        raise ValueError(f"expected a sequence number, got {value!r}")
+    return value
+
+
 def _optional_dict(value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
@@ -136,6 +144,7 @@ class Manifest:
     chain: str = "default"
     parent: str | None = None  # the previous backup of the chain
     reason: str = ""
+    sequence: int | None = None  # publish order in the repository (None: written before it)
 
     def disk(self, target: str) -> DiskRecord | None:
         """The record of disk ``target``, or None."""
@@ -147,6 +156,7 @@ class Manifest:
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
             "backup_id": self.backup_id,
+            "sequence": self.sequence,
             "domain_uuid": self.domain_uuid,
             "domain_name": self.domain_name,
             "level": self.level,
@@ -170,6 +180,7 @@ class Manifest:
                 raise ValueError(f"manifest version {data['version']} is newer than this tool")
             return cls(
                 backup_id=str(data["backup_id"]),
+                sequence=_optional_sequence(data.get("sequence")),
                 domain_uuid=str(data["domain_uuid"]),
                 domain_name=str(data["domain_name"]),
                 level=str(data["level"]),

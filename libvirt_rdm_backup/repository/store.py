@@ -8,23 +8,30 @@ Layout (all directories 0700, files 0600)::
     ROOT/<domain-uuid>/<backup-id>/manifest.json
     ROOT/<domain-uuid>/<backup-id>/<disk>.qcow2
     ROOT/<domain-uuid>/<backup-id>/<disk>.damaged  a verify or restore found its data wrong
+    ROOT/<domain-uuid>/<backup-id>/sequence   the manifest's sequence, for when it is unreadable
+    ROOT/sequence                             the highest sequence given to a backup so far
 
 A backup exists once its directory is renamed from ``.partial-*`` to its id,
 which happens only after the manifest (with digests) was written and synced.
 A published backup whose manifest cannot be read is damaged: :meth:`Repository.scan`
 lists it apart, so that the readable backups stay usable.
+
+Backups are ordered by their sequence and parent links (:mod:`.order`), never by
+the clock that named them.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import re
 import secrets
 import shutil
+import stat
 import uuid as uuidlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +44,7 @@ from libvirt_rdm_backup.errors import (
 from libvirt_rdm_backup.fileutil import fsync_dir, write_atomic
 from libvirt_rdm_backup.fslock import exclusive
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.order import in_order, newest, next_sequence
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,8 @@ REPOSITORY_VERSION = 1
 MANIFEST = "manifest.json"
 DAMAGED_SUFFIX = ".damaged"
 PARTIAL_PREFIX = ".partial-"
+SEQUENCE = "sequence"
+SEQUENCE_LOCK = ".sequence.lock"
 BACKUP_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}$")
 SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -55,14 +65,16 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def new_backup_id() -> str:
-    """A sortable, unique, path-safe backup id (``20261125T143000Z-1a2b3c``)."""
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+def new_backup_id(taken: Container[str] = ()) -> str:
+    """A unique, path-safe backup id (``20261125T143000Z-1a2b3c``), none of ``taken``.
 
-
-def id_second(backup_id: str) -> str:
-    """The second a backup id was made in (``20261125T143000Z``): ids sort only by it."""
-    return backup_id.partition("-")[0]
+    The time is the clock's, which may have been set back: ids say when, by that
+    clock, not in which order (:mod:`.order` does).
+    """
+    while True:
+        backup_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+        if backup_id not in taken:
+            return backup_id
 
 
 def check_backup_id(backup_id: str) -> str:
@@ -98,22 +110,24 @@ class Damage:
     domain_uuid: str
     backup_id: str
     problem: str
+    sequence: int | None = None  # where it was published, when the repository still tells
 
 
-def newest_damage(damaged: Iterable[str], readable: Sequence[Manifest]) -> str | None:
-    """The damaged backup id that may be newer than every ``readable`` one (oldest first).
-
-    Ids order by their second only. Within the newest readable backup's second, a
-    damaged backup that some readable backup builds on is older; any other one may
-    be newer, and is taken as newer so that nothing falls back to an older point.
-    """
-    if not readable:
-        return max(damaged, default=None)
-    second = id_second(readable[-1].backup_id)
-    built_on = {m.parent for m in readable} | {r.parent for m in readable for r in m.disks}
-    newer = [i for i in damaged
-             if id_second(i) > second or (id_second(i) == second and i not in built_on)]
-    return max(newer, default=None)
+def read_sequence(path: str) -> int | None:
+    """A sequence number kept in a small regular file (None when absent or not a number)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        text = os.read(fd, 32).strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return int(text) if text.isdigit() and 0 < len(text) < 19 else None
 
 
 class Staging:
@@ -257,8 +271,37 @@ class Repository:
                 shutil.rmtree(path, ignore_errors=True)
 
     def publish(self, staging: Staging, manifest: Manifest) -> str:
-        """Write the manifest and atomically make the backup visible; returns its path."""
+        """Write the manifest and atomically make the backup visible; returns its path.
+
+        The manifest gets the repository's next sequence number (see :meth:`_sequence`).
+        """
         try:
+            lock = os.open(os.path.join(self.root, SEQUENCE_LOCK),
+                           os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise RepositoryError(f"cannot publish backup {manifest.backup_id}: {err}") from err
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # held for a moment: other domains wait
+            manifest.sequence = self._sequence(manifest.domain_uuid)
+            return self._publish(staging, manifest)
+        finally:
+            os.close(lock)
+
+    def _sequence(self, domain_uuid: str) -> int:
+        """One more than the highest sequence of the repository (and of the domain's backups)."""
+        found, damaged = self.scan(domain_uuid)
+        used = [read_sequence(os.path.join(self.root, SEQUENCE)),
+                *(m.sequence for m in found), *(d.sequence for d in damaged)]
+        sequence = next_sequence(used)
+        try:
+            write_file_atomic(os.path.join(self.root, SEQUENCE), f"{sequence}\n")
+        except OSError as err:
+            raise RepositoryError(f"cannot record sequence {sequence}: {err}") from err
+        return sequence
+
+    def _publish(self, staging: Staging, manifest: Manifest) -> str:
+        try:
+            write_file_atomic(os.path.join(staging.path, SEQUENCE), f"{manifest.sequence}\n")
             for name in os.listdir(staging.path):
                 fd = os.open(os.path.join(staging.path, name), os.O_RDONLY)
                 try:
@@ -304,7 +347,10 @@ class Repository:
         return manifest
 
     def scan(self, domain_uuid: str | None = None) -> tuple[list[Manifest], list[Damage]]:
-        """Published backups, oldest first, and those whose manifest cannot be read."""
+        """Published backups, oldest first, and those whose manifest cannot be read.
+
+        Oldest first as :func:`.order.in_order` says.
+        """
         uuids = [_check_uuid(domain_uuid)] if domain_uuid else self.domain_uuids()
         found: list[Manifest] = []
         damaged: list[Damage] = []
@@ -319,14 +365,17 @@ class Repository:
                 try:
                     found.append(self.load(uuid, name))
                 except NotFoundError:
-                    damaged.append(Damage(uuid, name, f"its {MANIFEST} is missing"))
+                    problem = f"its {MANIFEST} is missing"
                 except RepositoryError as err:
-                    damaged.append(Damage(uuid, name, str(err)))
-        found.sort(key=lambda m: (m.created, m.backup_id))
-        return found, damaged
+                    problem = str(err)
+                else:
+                    continue
+                sequence = read_sequence(os.path.join(directory, name, SEQUENCE))
+                damaged.append(Damage(uuid, name, problem, sequence))
+        return in_order(found), damaged
 
     def backups(self, domain_uuid: str | None = None) -> list[Manifest]:
-        """Published backups, oldest first (of one domain, or of all).
+        """Published backups, oldest first (:func:`.order.in_order`; of one domain, or of all).
 
         Raises RepositoryError when a manifest cannot be read (:meth:`scan` lists
         around it).
@@ -376,7 +425,7 @@ class Repository:
 
     def latest(self, domain_uuid: str) -> Manifest:
         """The newest backup of a domain."""
-        backups = self.backups(domain_uuid)
-        if not backups:
+        last = newest(self.backups(domain_uuid))
+        if last is None:
             raise NotFoundError(f"no backups of domain {domain_uuid}")
-        return backups[-1]
+        return last

@@ -34,6 +34,7 @@ import nbd
 from libvirt_rdm_backup.errors import NotFoundError, OperationError, RepositoryError
 from libvirt_rdm_backup.repository.digest import BUFFER, Digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.order import in_order, next_sequence
 from libvirt_rdm_backup.repository.store import Damage, now_iso
 from libvirt_rdm_backup.targets.uri import NbdAddress
 
@@ -102,6 +103,13 @@ def newest_superblock(slot_a: bytes, slot_b: bytes) -> Superblock | None:
     """The valid one of the two slots with the higher generation, or None."""
     valid = [s for s in map(Superblock.from_bytes, (slot_a, slot_b)) if s is not None]
     return max(valid, key=lambda s: s.generation) if valid else None
+
+
+def _entry_sequence(entry: dict[str, Any]) -> int | None:
+    """The sequence a table of contents entry records (None: written before sequences)."""
+    value = entry.get("sequence") if isinstance(entry, dict) else None
+    valid = isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1 << 62
+    return value if valid else None
 
 
 def damage_from_bytes(data: bytes) -> dict[str, dict[str, str]]:
@@ -218,13 +226,18 @@ class NbdVolume:
         self.flush()
 
     def publish(self, manifest: Manifest) -> None:
-        """Store the manifest, then a new superblock listing it (the backup now exists)."""
+        """Store the manifest, then a new superblock listing it (the backup now exists).
+
+        The manifest gets the volume's next sequence number (its publish order).
+        """
+        manifest.sequence = next_sequence(map(_entry_sequence, self.superblock.entries))
         text = manifest.dumps().encode()
         offset = self.allocate(len(text))
         self.write(offset, text)
         self.flush()  # data and manifest are durable before the table points at them
         entry = {"backup_id": manifest.backup_id, "domain_uuid": manifest.domain_uuid,
-                 "manifest": [offset, len(text)], "published": now_iso()}
+                 "manifest": [offset, len(text)], "published": now_iso(),
+                 "sequence": manifest.sequence}
         new = Superblock(self.superblock.volume_id, self.superblock.generation + 1,
                          self.next_free, [*self.superblock.entries, entry])
         self._write_superblock(new)
@@ -246,19 +259,23 @@ class NbdVolume:
                 raw = bytes(self.handle.pread(int(length), int(offset)))
             except nbd.Error as err:
                 raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
+            sequence = _entry_sequence(entry)
             try:
                 manifest = Manifest.loads(raw.decode())
                 if (manifest.backup_id, manifest.domain_uuid) != (backup_id, uuid):
                     raise RepositoryError(f"manifest names backup {manifest.backup_id} of "
                                           f"{manifest.domain_uuid}")
+                if manifest.sequence != sequence:
+                    raise RepositoryError(f"manifest has sequence {manifest.sequence}, the "
+                                          f"table of contents {sequence}")
             except UnicodeDecodeError as err:
-                damaged.append(Damage(uuid, backup_id, f"manifest is not UTF-8: {err.reason}"))
+                damaged.append(Damage(uuid, backup_id, f"manifest is not UTF-8: {err.reason}",
+                                      sequence))
             except RepositoryError as err:
-                damaged.append(Damage(uuid, backup_id, str(err)))
+                damaged.append(Damage(uuid, backup_id, str(err), sequence))
             else:
                 found.append(manifest)
-        found.sort(key=lambda m: (m.created, m.backup_id))
-        return found, damaged
+        return in_order(found), damaged
 
     # -- damage found by verify or restore ---------------------------------------------------
 

@@ -18,7 +18,8 @@ from libvirt_rdm_backup.errors import DamagedBackupError, RepositoryError
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint, unusable_points
 from libvirt_rdm_backup.repository.digest import file_digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.repository.store import Repository, newest_damage
+from libvirt_rdm_backup.repository.order import newest_damage
+from libvirt_rdm_backup.repository.store import Repository
 
 UUID = "0b1f1c1e-4c39-4a4e-9d1c-2a6b3c4d5e6f"
 IDS = ["20260101T000000Z-000001", "20260102T000000Z-000002", "20260103T000000Z-000003"]
