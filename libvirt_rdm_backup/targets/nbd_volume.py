@@ -440,7 +440,7 @@ class NbdVolume:
                 try:
                     self.renew_lease()
                 except RdmBackupError as err:
-                    log.warning("%s", err)
+                    log.info("heartbeat stopped: %s", err)  # the publication reports it
                     return
 
         threading.Thread(target=beat, name="rdmb-volume-lease", daemon=True).start()
