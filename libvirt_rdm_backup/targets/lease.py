@@ -4,7 +4,8 @@ NBD has no locks and no atomic compare-and-swap, and one volume can be reached
 by many names (``localhost``, ``127.0.0.1``, a host name) from many hosts, so
 the exclusion lives in the volume itself (see :mod:`nbd_volume`). A lease names
 its holder (a random token, the host, the process) and when the holder last
-renewed it; the holder renews it every third of its ``ttl`` while it writes.
+renewed it, and how far the regions it may write into reach; the holder renews
+it every third of its ``ttl`` while it writes, and with every region it takes.
 
 A lease whose holder is gone can be taken over: at once when the holder ran on
 this host and its process no longer exists, otherwise once it has not been
@@ -18,7 +19,7 @@ import os
 import re
 import secrets
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -71,18 +72,19 @@ class Lease:
     started: str
     renewed: str
     ttl: float
+    reserved: int = 0  # the end of the regions the holder may write into
 
     @classmethod
-    def mine(cls, ttl: float | None = None) -> Lease:
+    def mine(cls, ttl: float | None = None, reserved: int = 0) -> Lease:
         """A new lease for this process, renewed now."""
         pid = os.getpid()
         return cls(secrets.token_hex(16), socket.gethostname()[:255], _node(), pid,
-                   _start_time(pid), now_iso(), lease_ttl() if ttl is None else ttl)
+                   _start_time(pid), now_iso(), lease_ttl() if ttl is None else ttl, reserved)
 
-    def renew(self) -> Lease:
-        """The same lease, renewed now."""
-        return Lease(self.token, self.host, self.node, self.pid, self.started, now_iso(),
-                     self.ttl)
+    def renew(self, reserved: int | None = None) -> Lease:
+        """The same lease, renewed now (and reaching to ``reserved`` when given)."""
+        return replace(self, renewed=now_iso(),
+                       reserved=self.reserved if reserved is None else reserved)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,7 +96,7 @@ class Lease:
             raise ValueError("lease is not an object")
         token, host, node, started, renewed = (doc.get(k) for k in (
             "token", "host", "node", "started", "renewed"))
-        pid, ttl = doc.get("pid"), doc.get("ttl")
+        pid, ttl, reserved = doc.get("pid"), doc.get("ttl"), doc.get("reserved", 0)
         if not (isinstance(token, str) and _TOKEN_RE.fullmatch(token)):
             raise ValueError("malformed lease token")
         for value in (host, node, started, renewed):
@@ -104,9 +106,12 @@ class Lease:
             raise ValueError("malformed lease pid")
         if not isinstance(ttl, int | float) or isinstance(ttl, bool) or not 0 < ttl <= 86400:
             raise ValueError("malformed lease ttl")
+        if not isinstance(reserved, int) or isinstance(reserved, bool) or not (
+                0 <= reserved < 1 << 62):
+            raise ValueError("malformed lease reservation")
         _parse_time(str(renewed))
         return cls(str(token), str(host), str(node), pid, str(started), str(renewed),
-                   float(ttl))
+                   float(ttl), reserved)
 
     def describe(self) -> str:
         """The holder, for messages."""

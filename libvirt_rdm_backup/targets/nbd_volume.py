@@ -300,13 +300,21 @@ class NbdVolume:
     # -- regions -------------------------------------------------------------------------
 
     def allocate(self, length: int) -> int:
-        """Reserve a region; it becomes permanent with the next :meth:`publish`."""
-        offset = self.next_free
-        if offset + length > self.size:
-            raise OperationError(f"NBD target {self.address.uri} is full "
-                                 f"({self.size} bytes, {offset + length} needed)")
-        self.next_free = _align(offset + length)
-        return offset
+        """Reserve a region; it becomes permanent with the next :meth:`publish`.
+
+        A lease holder records the region in its lease before anything is written
+        there, so whoever takes a lease over from a stalled or killed holder (whose
+        QEMU may still be writing) allocates past it.
+        """
+        with self._mutex:
+            offset = self.next_free
+            if offset + length > self.size:
+                raise OperationError(f"NBD target {self.address.uri} is full "
+                                     f"({self.size} bytes, {offset + length} needed)")
+            self.next_free = _align(offset + length)
+            if self._lease is not None:
+                self.renew_lease()
+            return offset
 
     def write(self, offset: int, data: bytes) -> None:
         """Write bytes at ``offset`` (small metadata only)."""
@@ -374,7 +382,8 @@ class NbdVolume:
                 if held is not None:
                     log.warning("NBD volume %s: taking over the writer lease of %s: its "
                                 "holder is gone", uri, held.describe())
-                claim = Lease.mine()
+                start = max(current.next_free, held.reserved if held is not None else 0)
+                claim = Lease.mine(reserved=start)  # past what a lost holder may still write
                 new = replace(current, generation=current.generation + 1, lease=claim)
                 if time.monotonic() - began > CLAIM_WINDOW:
                     continue  # too slow since the read: read again
@@ -386,7 +395,7 @@ class NbdVolume:
                     raise OperationError(f"NBD volume {uri}: another backup took the writer "
                                          f"lease first ({holder})")
                 HELD.add(claim.token)
-                self._lease, self.superblock, self.next_free = claim, check, check.next_free
+                self._lease, self.superblock, self.next_free = claim, check, start
                 self._start_heartbeat()
                 return
         raise OperationError(f"NBD volume {uri}: cannot take the writer lease: its table of "
@@ -409,7 +418,7 @@ class NbdVolume:
             if self._lease is None:
                 return
             current = self._held_table()
-            lease = self._lease.renew()
+            lease = self._lease.renew(reserved=self.next_free)
             new = replace(current, generation=current.generation + 1, lease=lease)
             self._write_superblock(new)
             self._lease, self.superblock = lease, new

@@ -247,3 +247,24 @@ def test_hostile_layer_locations_are_damage(location: object) -> None:
         vol.layer_node(record, [])
     assert err.value.exit_code == 5
     assert export.largest <= SLOT
+
+
+def test_a_taker_allocates_past_what_a_lost_holder_may_still_write() -> None:
+    """The killed holder's QEMU may still write into the regions it took: they are skipped."""
+    export = MemoryExport(SIZE)
+    kept = publish_to(volume(export), 1)
+    lost = volume(export)
+    lost.take_lease()
+    regions = [lost.allocate(4 << 20) for _ in range(2)]  # each recorded in the lease first
+    table = read_table(export, "mem")
+    assert table is not None and table.lease is not None
+    assert table.lease.reserved == regions[-1] + (4 << 20) > table.next_free
+    held_by(export, replace(table.lease, pid=999999999 % (1 << 31), started="1",
+                            host="killed"))  # as left by the killed holder
+    taker = volume(export)
+    taker.take_lease()
+    assert taker.allocate(1 << 20) >= regions[-1] + (4 << 20)
+    theirs = publish_to(taker, 1)
+    listed = [e["backup_id"] for e in volume(export).superblock.entries]
+    assert listed == [kept[0].backup_id, theirs[0].backup_id]
+    assert volume(export).superblock.next_free > regions[-1]
