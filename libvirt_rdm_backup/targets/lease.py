@@ -28,13 +28,14 @@ from libvirt_rdm_backup.repository.store import now_iso
 
 LEASE_ENV = "RDM_BACKUP_VOLUME_LEASE"
 DEFAULT_TTL = 60.0
+MAX_TTL = 3600.0  # a takeover watches a lease for half its ttl: bounded by this
 _TOKEN_RE = re.compile(r"^[0-9a-f]{32}$")
 HELD: set[str] = set()  # tokens of the leases this process holds now
 
 
 def lease_ttl() -> float:
     """Seconds a lease lasts without renewal (``RDM_BACKUP_VOLUME_LEASE``, default 60)."""
-    return env_seconds(LEASE_ENV, DEFAULT_TTL)
+    return min(env_seconds(LEASE_ENV, DEFAULT_TTL), MAX_TTL)
 
 
 def _read(path: str) -> str:
@@ -104,7 +105,7 @@ class Lease:
                 raise ValueError("malformed lease holder")
         if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 31:
             raise ValueError("malformed lease pid")
-        if not isinstance(ttl, int | float) or isinstance(ttl, bool) or not 0 < ttl <= 86400:
+        if not isinstance(ttl, int | float) or isinstance(ttl, bool) or not 0 < ttl <= MAX_TTL:
             raise ValueError("malformed lease ttl")
         if not isinstance(reserved, int) or isinstance(reserved, bool) or not (
                 0 <= reserved < 1 << 62):

@@ -391,7 +391,8 @@ class NbdVolume:
                 time.sleep(self.settle)
                 check = self._read_table()
                 if check.generation != new.generation or check.lease != claim:
-                    holder = check.lease.describe() if check.lease else "it published"
+                    holder = (check.lease.describe() if check.lease
+                              else f"generation {check.generation}")
                     raise OperationError(f"NBD volume {uri}: another backup took the writer "
                                          f"lease first ({holder})")
                 HELD.add(claim.token)
