@@ -100,8 +100,8 @@ class Lease:
         pid, ttl, reserved = doc.get("pid"), doc.get("ttl"), doc.get("reserved", 0)
         if not (isinstance(token, str) and _TOKEN_RE.fullmatch(token)):
             raise ValueError("malformed lease token")
-        for value in (host, node, started, renewed):
-            if not isinstance(value, str) or len(value) > 255:
+        for value in (host, node, started, renewed):  # shown in messages: printable only
+            if not isinstance(value, str) or len(value) > 255 or not value.isprintable():
                 raise ValueError("malformed lease holder")
         if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 31:
             raise ValueError("malformed lease pid")

@@ -193,9 +193,11 @@ GOOD = {"format": "libvirt-rdm-backup/nbd-volume", "version": 1, "id": "abc123",
     slot_with({**GOOD, "id": "../../x"}),
     slot_with({**GOOD, "version": 10 ** 100}),
     slot_with({**GOOD, "lease": {"token": "x"}}),
+    slot_with({**GOOD, "lease": {**Lease.mine().to_dict(), "host": "h\nrdm-backup: ok"}}),
     MAGIC + bytes(100),
 ], ids=["huge-length", "huge-generation", "huge-pointer", "unaligned-pointer", "entries-object",
-        "entries-not-objects", "bad-id", "huge-version", "bad-lease", "bad-checksum"])
+        "entries-not-objects", "bad-id", "huge-version", "bad-lease", "lease-host-with-newline",
+        "bad-checksum"])
 def test_hostile_table_of_contents_is_damage(slot: bytes) -> None:
     export = CountingExport(SIZE)
     export.pwrite(slot, 0)
