@@ -175,7 +175,11 @@ def read_table(handle: Any, uri: str) -> Superblock | None:
     problems: list[str] = []
     for name, offset in (("A", 0), ("B", SLOT)):
         try:
-            block = Superblock.parse(bytes(handle.pread(SLOT, offset)))
+            data = bytes(handle.pread(_HEAD.size, offset))
+            magic, _generation, length, _digest = _HEAD.unpack_from(data)
+            if magic == MAGIC and length <= SLOT - _HEAD.size:  # the body only, never more
+                data += bytes(handle.pread(length, offset + _HEAD.size)) if length else b""
+            block = Superblock.parse(data)
         except nbd.Error as err:
             raise OperationError(f"NBD read of {uri} failed: {err}") from err
         except ValueError as err:
@@ -400,7 +404,7 @@ class NbdVolume:
                 self._start_heartbeat()
                 return
         raise OperationError(f"NBD volume {uri}: cannot take the writer lease: its table of "
-                             "contents keeps changing")
+                             "contents keeps changing, or the server answers too slowly")
 
     def _held_table(self) -> Superblock:
         """The newest table of contents, which must still be the one of this writer's lease."""
