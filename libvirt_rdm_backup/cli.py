@@ -311,11 +311,13 @@ def cmd_receive(args: argparse.Namespace) -> int:
                                    allow_plain_remote=args.allow_plain_remote)
     receive.qemu_nbd_argv(config)  # refuses unsafe listeners before anything starts
     document = {"uri": address.uri, "volume": config.volume}
-    # one line, printed before serving: a supervisor reads it to know the address
-    sys.stdout.write(json.dumps(document) + "\n" if args.json
-                     else f"serving {config.volume} as {address.uri}\n")
-    sys.stdout.flush()
-    return receive.serve(config)
+
+    def ready() -> None:  # one line before serving: a supervisor reads it to know the address
+        sys.stdout.write(json.dumps(document) + "\n" if args.json
+                         else f"serving {config.volume} as {address.uri}\n")
+        sys.stdout.flush()
+
+    return receive.serve(config, ready)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from libvirt_rdm_backup.repository.digest import Digest, file_digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.store import Damage, Repository, check_safe_name
 from libvirt_rdm_backup.storage.base import RawDiskMapping
-from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
+from libvirt_rdm_backup.targets.nbd_volume import NbdVolume, location_problem
 from libvirt_rdm_backup.targets.uri import NbdAddress, parse_target
 
 log = logging.getLogger(__name__)
@@ -226,9 +226,15 @@ class VolumeStore:
         self._objects.__exit__(None, None, None)
         self.volume.close()
 
-    def lock(self, domain_uuid: str) -> ContextManager[None]:
-        """One writer per volume (on this host; NBD itself has no locks)."""
-        return self._lock("", f"another backup is writing to {self.volume.address.uri}")
+    @contextmanager
+    def lock(self, domain_uuid: str) -> Iterator[None]:
+        """One writer per volume, from any host: the lease kept in the volume itself."""
+        self.volume.take_lease()
+        self.repo_id = self.volume.repo_id  # as read back with the lease
+        try:
+            yield
+        finally:
+            self.volume.release_lease()
 
     def _lock(self, kind: str, busy: str) -> ContextManager[None]:
         os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
@@ -286,12 +292,12 @@ class VolumeStore:
         :meth:`layer_problem` of later backups; a match clears such a record.
         """
         location = record.location
-        if not location:
-            return f"{record.data_file} has no location in the volume"
+        problem = location_problem(location, self.volume.size)
+        if problem is not None:
+            return f"{record.data_file}: {problem}"
+        assert location is not None
         try:
             digest = self.volume.digest(int(location["offset"]), int(location["length"]))
-        except (KeyError, TypeError, ValueError) as err:
-            return f"{record.data_file}: malformed location: {err}"
         except RdmBackupError as err:
             return f"{record.data_file} unreadable: {err}"
         problem = None
@@ -322,7 +328,8 @@ class VolumeStore:
         mark = self.volume.damage_mark(manifest.backup_id, record.disk.target)
         if mark is not None:
             return mark
-        return None if record.location else f"{record.data_file} has no location in the volume"
+        problem = location_problem(record.location, self.volume.size)
+        return None if problem is None else f"{record.data_file}: {problem}"
 
     def image_node(self, manifest: Manifest, record: DiskRecord,
                    lower: list[DiskRecord]) -> dict[str, Any]:

@@ -12,7 +12,21 @@ Each disk of each backup is a qcow2 image in a region of its own, written by the
 VM's QEMU through ``raw`` (offset/size) over an ``nbd`` node: no data passes
 through this tool. A backup exists once a new superblock generation lists its
 manifest; a failed backup's regions are simply reused, because the allocation
-pointer is only stored with the next good superblock. One writer at a time.
+pointer is only stored with the next good superblock.
+
+One writer at a time, whatever address it reaches the export by: a writer first
+takes the volume's lease (:mod:`lease`) by writing the next generation, with
+its lease, into the older slot; it flushes, waits ``SETTLE`` seconds and reads
+both slots back. A writer that read the table before another's claim landed
+writes its own within ``CLAIM_WINDOW`` seconds of that read, so one of the two
+claims is always the one both read back, and the other fails. The holder
+renews the lease while it writes, and publishes only when the newest
+generation is still its own (read again right before the new superblock is
+written), releasing the lease with the publication.
+
+Everything read from the volume is checked before it is used: a superblock's
+header, length, checksum and fields, each listed manifest's place and size, each
+layer's region; what fails is damage (:class:`VerificationError`, exit 5).
 
 The damage record holds what ``verify`` or ``restore`` found wrong with stored
 layers. Backups never write it and readers never write the superblocks, so a
@@ -24,18 +38,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import struct
+import threading
+import time
 import uuid as uuidlib
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeGuard
 
 import nbd
 
-from libvirt_rdm_backup.errors import NotFoundError, OperationError, RepositoryError
+from libvirt_rdm_backup.errors import (
+    NotFoundError,
+    OperationError,
+    RdmBackupError,
+    RepositoryError,
+    VerificationError,
+)
 from libvirt_rdm_backup.repository.digest import BUFFER, Digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.order import in_order, next_sequence
 from libvirt_rdm_backup.repository.store import Damage, now_iso
+from libvirt_rdm_backup.targets.lease import HELD, Lease
 from libvirt_rdm_backup.targets.uri import NbdAddress
 
 log = logging.getLogger(__name__)
@@ -51,6 +75,12 @@ DAMAGE_AREA = 64 << 10
 DAMAGE_OFFSET = SLOT - DAMAGE_AREA  # in slot A, past the largest superblock
 DAMAGE_MAGIC = b"RDMBDMG1"
 TLS_ID = "rdmb-tls-client"  # the TLS credentials object, in QEMU and in qemu-img
+MAX_BODY = DAMAGE_OFFSET - _HEAD.size  # the largest table of contents (both slots)
+MAX_MANIFEST = 16 << 20  # the largest manifest read from a volume
+MAX_OFFSET = 1 << 62
+SETTLE = 1.0  # seconds between writing a lease claim and reading it back
+CLAIM_WINDOW = 0.5  # a claim is written at most this long after the table it builds on was read
+_ID_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
 
 
 def region_size(disk_size: int) -> int:
@@ -70,33 +100,64 @@ class Superblock:
     generation: int = 0
     next_free: int = DATA_START
     entries: list[dict[str, Any]] = field(default_factory=list)
+    lease: Lease | None = None  # the writer's, while one writes
 
     def to_bytes(self) -> bytes:
-        body = json.dumps({"format": FORMAT, "version": VERSION, "id": self.volume_id,
-                           "next_free": self.next_free, "entries": self.entries}).encode()
-        if _HEAD.size + len(body) > DAMAGE_OFFSET:
+        doc = {"format": FORMAT, "version": VERSION, "id": self.volume_id,
+               "next_free": self.next_free, "entries": self.entries}
+        if self.lease is not None:
+            doc["lease"] = self.lease.to_dict()
+        body = json.dumps(doc).encode()
+        if len(body) > MAX_BODY:
             raise RepositoryError("NBD volume table of contents is full")
         return _HEAD.pack(MAGIC, self.generation, len(body), hashlib.sha256(body).digest()) + body
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Superblock | None:
-        """Parse one slot; None when it holds no valid superblock."""
+    def parse(cls, data: bytes) -> Superblock | None:
+        """Parse one slot: None when it holds no superblock, ValueError when it is damaged."""
         if len(data) < _HEAD.size:
             return None
         magic, generation, length, digest = _HEAD.unpack_from(data)
-        if magic != MAGIC or length > SLOT - _HEAD.size:
+        if magic != MAGIC:
             return None
+        if length > SLOT - _HEAD.size or _HEAD.size + length > len(data):
+            raise ValueError(f"table of contents of {length} bytes does not fit its slot")
+        if generation >= 1 << 63:
+            raise ValueError(f"generation {generation} out of range")
         body = data[_HEAD.size:_HEAD.size + length]
         if hashlib.sha256(body).digest() != digest:
-            return None
+            raise ValueError("checksum mismatch")
         try:
             doc = json.loads(body)
-            if doc.get("format") != FORMAT or int(doc.get("version", 0)) > VERSION:
-                return None
-            return cls(str(doc["id"]), generation, int(doc["next_free"]),
-                       list(doc["entries"]))
-        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
+        except (ValueError, RecursionError) as err:
+            raise ValueError("table of contents is not JSON") from err
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValueError("not a volume's table of contents")
+        version, volume_id = doc.get("version"), doc.get("id")
+        next_free, entries = doc.get("next_free"), doc.get("entries")
+        if not _is_int(version) or not 0 < version <= VERSION:
+            raise ValueError(f"unknown version {version!r}")
+        if not isinstance(volume_id, str) or not _ID_RE.fullmatch(volume_id):
+            raise ValueError("malformed volume id")
+        if (not _is_int(next_free) or not DATA_START <= next_free < MAX_OFFSET
+                or next_free % ALIGN):
+            raise ValueError(f"allocation pointer {next_free!r} out of range")
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ValueError("malformed list of backups")
+        lease = Lease.from_dict(doc["lease"]) if doc.get("lease") is not None else None
+        return cls(volume_id, generation, next_free, entries, lease)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Superblock | None:
+        """Parse one slot; None when it holds no valid superblock."""
+        try:
+            return cls.parse(data)
+        except ValueError:
             return None
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def newest_superblock(slot_a: bytes, slot_b: bytes) -> Superblock | None:
@@ -112,11 +173,71 @@ def _entry_sequence(entry: dict[str, Any]) -> int | None:
     return value if valid else None
 
 
+def read_table(handle: Any, uri: str) -> Superblock | None:
+    """The newest valid superblock of an export; None when neither slot holds one.
+
+    Raises VerificationError when no slot is valid but one is damaged, and
+    OperationError when the server fails a read.
+    """
+    found: list[Superblock] = []
+    problems: list[str] = []
+    for name, offset in (("A", 0), ("B", SLOT)):
+        try:
+            data = bytes(handle.pread(_HEAD.size, offset))
+            magic, _generation, length, _digest = _HEAD.unpack_from(data)
+            if magic == MAGIC and length <= SLOT - _HEAD.size:  # the body only, never more
+                data += bytes(handle.pread(length, offset + _HEAD.size)) if length else b""
+            block = Superblock.parse(data)
+        except nbd.Error as err:
+            raise OperationError(f"NBD read of {uri} failed: {err}") from err
+        except ValueError as err:
+            problems.append(f"slot {name}: {err}")
+            continue
+        if block is not None:
+            found.append(block)
+    if found:
+        return max(found, key=lambda s: s.generation)
+    if problems:
+        raise VerificationError(f"NBD volume {uri}: table of contents is damaged "
+                                f"({'; '.join(problems)})")
+    return None
+
+
+def entry_problem(entry: dict[str, Any], size: int) -> str | None:
+    """What is wrong with a table-of-contents entry read from a volume of ``size`` bytes."""
+    place = entry.get("manifest")
+    if not isinstance(entry.get("backup_id"), str) or not isinstance(entry.get("domain_uuid"),
+                                                                      str):
+        return "malformed table of contents entry"
+    offset, length = place if isinstance(place, list) and len(place) == 2 else (None, None)
+    if (not _is_int(offset) or not _is_int(length) or not DATA_START <= offset <= size
+            or not 0 < length <= MAX_MANIFEST or offset + length > size):
+        return f"manifest place {place!r} is outside the volume or too large"
+    return None
+
+
+def location_problem(location: Any, size: int) -> str | None:
+    """What is wrong with a layer's ``location`` in a volume of ``size`` bytes (None: fine)."""
+    if not isinstance(location, dict):
+        return "no location in the volume"
+    offset, region, length = (location.get(k) for k in ("offset", "region", "length"))
+    if not _is_int(offset) or not _is_int(region) or not _is_int(length):
+        return "malformed location"
+    if (offset < DATA_START or offset % ALIGN or region <= 0 or offset + region > size
+            or not 0 <= length <= region):
+        return f"location {offset}+{region} (used {length}) is outside the volume"
+    return None
+
+
 def damage_from_bytes(data: bytes) -> dict[str, dict[str, str]]:
     """A damage record as ``{backup id: {disk: problem}}`` ({} when absent or corrupt)."""
+    if len(data) < _HEAD.size:
+        return {}
     magic, _generation, length, digest = _HEAD.unpack_from(data)
+    if magic != DAMAGE_MAGIC or _HEAD.size + length > min(len(data), DAMAGE_AREA):
+        return {}
     body = data[_HEAD.size:_HEAD.size + length]
-    if magic != DAMAGE_MAGIC or hashlib.sha256(body).digest() != digest:
+    if hashlib.sha256(body).digest() != digest:
         return {}
     try:
         doc = json.loads(body)
@@ -137,6 +258,10 @@ class NbdVolume:
         self.size = size
         self.next_free = superblock.next_free
         self._damage: dict[str, dict[str, str]] | None = None  # read on first use
+        self.settle = SETTLE
+        self._lease: Lease | None = None  # held by this writer
+        self._mutex = threading.RLock()  # the table of contents: writer and heartbeat
+        self._beat: threading.Event | None = None
 
     # -- opening -------------------------------------------------------------------------
 
@@ -151,10 +276,13 @@ class NbdVolume:
                 handle.set_tls_certificates(tls_dir)
             handle.connect_uri(address.uri)
             size = int(handle.get_size())
-            newest = newest_superblock(*(bytes(handle.pread(SLOT, offset))
-                                         for offset in (0, SLOT)))
         except nbd.Error as err:
             raise OperationError(f"cannot open NBD target {address.uri}: {err}") from err
+        try:
+            newest = read_table(handle, address.uri)
+        except RdmBackupError:
+            handle.shutdown()
+            raise
         if newest is not None:
             return cls(address, handle, newest, size, tls_dir)
         if not create:
@@ -174,7 +302,8 @@ class NbdVolume:
         return self.superblock.volume_id
 
     def close(self) -> None:
-        """Disconnect."""
+        """Release the lease if still held, and disconnect."""
+        self.release_lease()
         try:
             self.handle.shutdown()
         except nbd.Error:
@@ -183,13 +312,21 @@ class NbdVolume:
     # -- regions -------------------------------------------------------------------------
 
     def allocate(self, length: int) -> int:
-        """Reserve a region; it becomes permanent with the next :meth:`publish`."""
-        offset = self.next_free
-        if offset + length > self.size:
-            raise OperationError(f"NBD target {self.address.uri} is full "
-                                 f"({self.size} bytes, {offset + length} needed)")
-        self.next_free = _align(offset + length)
-        return offset
+        """Reserve a region; it becomes permanent with the next :meth:`publish`.
+
+        A lease holder records the region in its lease before anything is written
+        there, so whoever takes a lease over from a stalled or killed holder (whose
+        QEMU may still be writing) allocates past it.
+        """
+        with self._mutex:
+            offset = self.next_free
+            if offset + length > self.size:
+                raise OperationError(f"NBD target {self.address.uri} is full "
+                                     f"({self.size} bytes, {offset + length} needed)")
+            self.next_free = _align(offset + length)
+            if self._lease is not None:
+                self.renew_lease()
+            return offset
 
     def write(self, offset: int, data: bytes) -> None:
         """Write bytes at ``offset`` (small metadata only)."""
@@ -225,23 +362,143 @@ class NbdVolume:
         self.write(slot, superblock.to_bytes())
         self.flush()
 
+    def _read_table(self) -> Superblock:
+        newest = read_table(self.handle, self.address.uri)
+        if newest is None:
+            raise VerificationError(f"NBD volume {self.address.uri}: table of contents is gone")
+        return newest
+
+    # -- the writer lease ------------------------------------------------------------------
+
+    def take_lease(self) -> None:
+        """Become the volume's one writer, or fail (OperationError, exit 4) naming the holder.
+
+        On success the table of contents is the one read back with the lease, and
+        a heartbeat renews the lease until :meth:`publish` or :meth:`release_lease`.
+        """
+        uri = self.address.uri
+        watched: tuple[int, str] | None = None
+        with self._mutex:
+            for _attempt in range(4):
+                began = time.monotonic()
+                current = self._read_table()
+                held = current.lease
+                if held is not None and not held.holder_gone():
+                    if not held.expired():
+                        raise OperationError(f"NBD volume {uri} is being written by another "
+                                             f"backup ({held.describe()})")
+                    if watched != (current.generation, held.token):
+                        watched = (current.generation, held.token)
+                        time.sleep(held.ttl / 2)  # longer than its renewal interval
+                        continue
+                if held is not None:
+                    log.warning("NBD volume %s: taking over the writer lease of %s: its "
+                                "holder is gone", uri, held.describe())
+                start = max(current.next_free, held.reserved if held is not None else 0)
+                claim = Lease.mine(reserved=start)  # past what a lost holder may still write
+                new = replace(current, generation=current.generation + 1, lease=claim)
+                if time.monotonic() - began > CLAIM_WINDOW:
+                    continue  # too slow since the read: read again
+                self._write_superblock(new)
+                time.sleep(self.settle)
+                check = self._read_table()
+                if check.generation != new.generation or check.lease != claim:
+                    holder = (check.lease.describe() if check.lease
+                              else f"generation {check.generation}")
+                    raise OperationError(f"NBD volume {uri}: another backup took the writer "
+                                         f"lease first ({holder})")
+                HELD.add(claim.token)
+                self._lease, self.superblock, self.next_free = claim, check, start
+                self._start_heartbeat()
+                return
+        raise OperationError(f"NBD volume {uri}: cannot take the writer lease: its table of "
+                             "contents keeps changing, or the server answers too slowly")
+
+    def _held_table(self) -> Superblock:
+        """The newest table of contents, which must still be the one of this writer's lease."""
+        current = self._read_table()
+        if (self._lease is None or current.generation != self.superblock.generation
+                or current.lease is None or current.lease.token != self._lease.token):
+            other = current.lease.describe() if current.lease else "no lease"
+            raise OperationError(f"NBD volume {self.address.uri}: this backup lost its writer "
+                                 f"lease (generation {current.generation}, {other}); "
+                                 "nothing was published")
+        return current
+
+    def renew_lease(self) -> None:
+        """Write the next generation with the lease renewed (raises when the lease was lost)."""
+        with self._mutex:
+            if self._lease is None:
+                return
+            current = self._held_table()
+            lease = self._lease.renew(reserved=self.next_free)
+            new = replace(current, generation=current.generation + 1, lease=lease)
+            self._write_superblock(new)
+            self._lease, self.superblock = lease, new
+
+    def release_lease(self) -> None:
+        """Give the lease back if still held (best effort: the holder may be gone already)."""
+        with self._mutex:
+            self._stop_heartbeat()
+            if self._lease is None:
+                return
+            try:
+                current = self._held_table()
+                self._write_superblock(replace(current, generation=current.generation + 1,
+                                               lease=None))
+                HELD.discard(self._lease.token)
+            except RdmBackupError as err:
+                log.info("NBD volume %s: writer lease not released: %s", self.address.uri, err)
+                HELD.discard(self._lease.token)
+            self._lease = None
+
+    def _start_heartbeat(self) -> None:
+        assert self._lease is not None
+        stop = self._beat = threading.Event()
+        interval = self._lease.ttl / 3
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.renew_lease()
+                except RdmBackupError as err:
+                    log.info("heartbeat stopped: %s", err)  # the publication reports it
+                    return
+
+        threading.Thread(target=beat, name="rdmb-volume-lease", daemon=True).start()
+
+    def _stop_heartbeat(self) -> None:
+        if self._beat is not None:
+            self._beat.set()
+            self._beat = None
+
     def publish(self, manifest: Manifest) -> None:
         """Store the manifest, then a new superblock listing it (the backup now exists).
 
         The manifest gets the volume's next sequence number (its publish order).
+        Takes the writer lease first when not held; fails (OperationError) when the
+        lease was lost, checked right before the superblock is written, which also
+        releases the lease.
         """
-        manifest.sequence = next_sequence(map(_entry_sequence, self.superblock.entries))
-        text = manifest.dumps().encode()
-        offset = self.allocate(len(text))
-        self.write(offset, text)
-        self.flush()  # data and manifest are durable before the table points at them
-        entry = {"backup_id": manifest.backup_id, "domain_uuid": manifest.domain_uuid,
-                 "manifest": [offset, len(text)], "published": now_iso(),
-                 "sequence": manifest.sequence}
-        new = Superblock(self.superblock.volume_id, self.superblock.generation + 1,
-                         self.next_free, [*self.superblock.entries, entry])
-        self._write_superblock(new)
-        self.superblock = new
+        with self._mutex:
+            if self._lease is None:
+                self.take_lease()
+            manifest.sequence = next_sequence(map(_entry_sequence, self._held_table().entries))
+            text = manifest.dumps().encode()
+            offset = self.allocate(len(text))
+            self.write(offset, text)
+            self.flush()  # data and manifest are durable before the table points at them
+            entry = {"backup_id": manifest.backup_id, "domain_uuid": manifest.domain_uuid,
+                     "manifest": [offset, len(text)], "published": now_iso(),
+                     "sequence": manifest.sequence}
+            current = self._held_table()
+            new = Superblock(current.volume_id, current.generation + 1, self.next_free,
+                             [*current.entries, entry])
+            self._stop_heartbeat()
+            self._write_superblock(new)
+            assert self._lease is not None
+            HELD.discard(self._lease.token)
+            self._lease, self.superblock = None, new
 
     def scan(self, domain_uuid: str | None = None) -> tuple[list[Manifest], list[Damage]]:
         """Published backups, oldest first, and apart those whose manifest is malformed.
@@ -253,6 +510,10 @@ class NbdVolume:
         for entry in self.superblock.entries:
             uuid, backup_id = str(entry.get("domain_uuid")), str(entry.get("backup_id"))
             if domain_uuid is not None and uuid != domain_uuid:
+                continue
+            problem = entry_problem(entry, self.size)
+            if problem is not None:
+                damaged.append(Damage(uuid, backup_id, problem))
                 continue
             offset, length = entry["manifest"]
             try:
@@ -348,6 +609,9 @@ class NbdVolume:
     def layer_node(self, record: DiskRecord, lower: list[DiskRecord]) -> dict[str, Any]:
         """Blockdev options of a disk's point: its qcow2 region over the lower layers."""
         location = record.location or {}
+        problem = location_problem(location, self.size)
+        if problem is not None:
+            raise VerificationError(f"{record.data_file} in {self.address.uri}: {problem}")
         node: dict[str, Any] = {
             "driver": "qcow2",
             "file": {"driver": "raw", "offset": int(location["offset"]),

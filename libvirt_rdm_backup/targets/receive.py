@@ -3,6 +3,8 @@
 ``rdm-backup receive`` keeps one sparse volume file and serves it as one NBD
 export; backups pushed into it (``backup --target nbd://...``) are complete
 repositories that ``list``, ``verify`` and ``restore`` read from the same address.
+One writer at a time: backups take the writer lease kept in the volume itself
+(:mod:`nbd_volume`), and one ``receive`` at a time serves a volume file.
 No listener on a non-loopback address without TLS unless explicitly allowed.
 """
 
@@ -13,10 +15,12 @@ import os
 import signal
 import stat
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
 from libvirt_rdm_backup.errors import OperationError, UsageError
+from libvirt_rdm_backup.fslock import exclusive
 from libvirt_rdm_backup.process import die_with_parent, require_tool
 from libvirt_rdm_backup.targets.uri import DEFAULT_NBD_PORT, NbdAddress, parse_target
 
@@ -101,9 +105,24 @@ def _grow(path: str, size: int) -> None:
         raise OperationError(f"cannot grow volume {path}: {err.strerror}") from err
 
 
-def serve(config: ReceiveConfig) -> int:
-    """Serve until SIGINT/SIGTERM; returns qemu-nbd's exit status (0 after a signal)."""
+def serve(config: ReceiveConfig, ready: Callable[[], None] | None = None) -> int:
+    """Serve until SIGINT/SIGTERM; returns qemu-nbd's exit status (0 after a signal).
+
+    The volume file is locked (``flock``) while served: a second ``receive`` of
+    it fails (OperationError) instead of serving it beside the first. ``ready``
+    is called once the volume is locked, before serving starts.
+    """
     ensure_volume(config.volume, config.size)
+    try:
+        with exclusive(config.volume, f"volume {config.volume} is already being served"):
+            if ready is not None:
+                ready()
+            return _serve(config)
+    except OSError as err:
+        raise OperationError(f"cannot lock volume {config.volume}: {err.strerror}") from err
+
+
+def _serve(config: ReceiveConfig) -> int:
     argv = qemu_nbd_argv(config)
     log.info("serving %s as %s", config.volume, config.address.uri)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)

@@ -230,3 +230,108 @@ def test_nbd_unix_socket_target() -> None:
         finally:
             receiver.send_signal(signal.SIGTERM)
             receiver.wait(30)
+
+
+HOLD_LEASE = """
+import sys, time
+from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
+from libvirt_rdm_backup.targets.uri import parse_target
+volume = NbdVolume.open(parse_target(sys.argv[1]))
+volume.take_lease()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.fault
+def test_two_writers_by_two_addresses_are_excluded(server: VolumeServer) -> None:
+    """Backups reaching one served volume as 127.0.0.1 and as localhost: one writer at a time."""
+    by_ip, by_name = server.uri, server.uri.replace("127.0.0.1", "localhost")
+    with lab_vm(loop_size=1024 * MiB) as big, lab_vm(loop_size=64 * MiB) as small:
+        guest_write(small.dom, "vdb", 0x41, 0, MiB)
+        small_ref = reference(small, "0")["vdb"]
+        first = rdm_backup("backup", small.name, "--target", by_name, "--disk", "vdb", "--json")
+        assert first.returncode == 0, first.stderr
+        for index in range(48):  # enough to copy for a while
+            guest_write(big.dom, "vdb", 0x30 + index, index * 20 * MiB, 8 * MiB)
+        big_ref = reference(big, "0")["vdb"]
+        exe = Path(sys.executable).parent / "rdm-backup"
+        writer = subprocess.Popen([str(exe), "backup", big.name, "--target", by_ip, "--disk",
+                                   "vdb", "--json"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not any(item.startswith("job ") for item in qemu_leftovers(big.dom)):
+            assert writer.poll() is None, writer.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        os.kill(writer.pid, signal.SIGSTOP)  # the first writer holds the volume, mid-copy
+        try:
+            second = rdm_backup("backup", small.name, "--target", by_name, "--disk", "vdb")
+        finally:
+            os.kill(writer.pid, signal.SIGCONT)
+        out, err = writer.communicate(timeout=300)
+        assert writer.returncode == 0, err
+        assert second.returncode == 4, second.stderr
+        assert second.stderr.count("\n") == 1 and "being written by another backup" in second.stderr
+
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_LEASE, by_name],
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        blocked = rdm_backup("backup", small.name, "--target", by_ip, "--disk", "vdb")
+        assert blocked.returncode == 4 and "being written by another backup" in blocked.stderr
+        holder.kill()  # a writer killed while holding the lease does not block the next
+        holder.wait()
+        third = rdm_backup("backup", small.name, "--target", by_ip, "--disk", "vdb", "--json")
+        assert third.returncode == 0, third.stderr
+
+        ids = [json.loads(p)["backup_id"] for p in (first.stdout, out, third.stdout)]
+        listed = json.loads(rdm_backup("list", "--target", by_name, "--json").stdout)
+        assert [b["backup_id"] for b in listed] == ids
+        assert rdm_backup("verify", "--target", by_ip).returncode == 0
+        restore_compare(small, by_ip, ids[0], {"vdb": small_ref})
+        restore_compare(big, by_name, ids[1], {"vdb": big_ref})
+        restore_compare(small, by_name, ids[2], {"vdb": small_ref})
+
+
+@pytest.mark.fault
+def test_a_stalled_writer_taken_over_publishes_nothing(server: VolumeServer) -> None:
+    """A writer that stops renewing its lease mid-copy is taken over; its publish then fails."""
+    env = {**os.environ, "RDM_BACKUP_VOLUME_LEASE": "2"}
+    by_ip, by_name = server.uri, server.uri.replace("127.0.0.1", "localhost")
+    exe = Path(sys.executable).parent / "rdm-backup"
+    with lab_vm(loop_size=1024 * MiB) as big, lab_vm(loop_size=64 * MiB) as small:
+        guest_write(big.dom, "vdb", 0x22, 0, MiB)
+        kept_ref = reference(big, "kept")["vdb"]
+        kept = api.backup(big.name, by_ip, disks=["vdb"])
+        for index in range(48):
+            guest_write(big.dom, "vdb", 0x50 + index, index * 20 * MiB, 8 * MiB)
+        guest_write(small.dom, "vdb", 0x43, 0, MiB)
+        small_ref = reference(small, "0")["vdb"]
+        writer = subprocess.Popen([str(exe), "backup", big.name, "--target", by_ip, "--disk",
+                                   "vdb"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env)
+        deadline = time.monotonic() + 60
+        while not any(item.startswith("job ") for item in qemu_leftovers(big.dom)):
+            assert writer.poll() is None, writer.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        os.kill(writer.pid, signal.SIGSTOP)  # stalled: its lease is no longer renewed
+        try:
+            time.sleep(2.5)  # past the lease's ttl
+            taker = subprocess.run([str(exe), "backup", small.name, "--target", by_name,
+                                    "--disk", "vdb", "--json"], capture_output=True, text=True,
+                                   env=env, timeout=300, check=False)
+        finally:
+            os.kill(writer.pid, signal.SIGCONT)
+        _out, err = writer.communicate(timeout=300)
+        assert taker.returncode == 0, taker.stderr
+        assert writer.returncode == 4, err
+        assert err.count("\n") == 1 and "lost its writer lease" in err
+        assert qemu_leftovers(big.dom) == []
+
+        ids = [kept.manifest.backup_id, json.loads(taker.stdout)["backup_id"]]
+        listed = json.loads(rdm_backup("list", "--target", by_ip, "--json").stdout)
+        assert [b["backup_id"] for b in listed] == ids
+        assert rdm_backup("verify", "--target", by_name).returncode == 0
+        restore_compare(small, by_ip, ids[1], {"vdb": small_ref})
+        restore_compare(big, by_name, ids[0], {"vdb": kept_ref})

@@ -224,7 +224,6 @@ def test_repository_and_locks_are_private_after_full_and_incremental(runs: Runs)
                      "sda.qcow2", "vdb.chunks"):
         assert expected in names, expected
     assert names.count("manifest.json") == 2 and names.count("vdb.qcow2") == 2
-    assert any(name.startswith("volume-") for name in names)  # the NBD volume's lock
     assert any(name.endswith(".lock") and name != ".lock" for name in names)  # domain lock
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from libvirt_rdm_backup.errors import OperationError
+from libvirt_rdm_backup.fslock import exclusive
 from libvirt_rdm_backup.targets.receive import ensure_volume
 
 
@@ -35,3 +38,17 @@ def test_devices_are_left_as_they_are(tmp_path: Path) -> None:
 def test_unreachable_volume_is_one_error(tmp_path: Path) -> None:
     with pytest.raises(OperationError, match="cannot create volume"):
         ensure_volume(str(tmp_path / "missing" / "vol.img"), 1 << 20)
+
+
+@pytest.mark.bad_input
+def test_a_volume_file_is_served_by_one_receive_at_a_time(tmp_path: Path) -> None:
+    volume = tmp_path / "vol.img"
+    ensure_volume(str(volume), 4 << 20)
+    with exclusive(str(volume), "held"):  # as a first receive serving it holds it
+        proc = subprocess.run(
+            [str(Path(sys.executable).parent / "rdm-backup"), "receive", "--volume", str(volume),
+             "--socket", str(tmp_path / "nbd.sock")],
+            capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 4 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "already being served" in proc.stderr
+    assert not (tmp_path / "nbd.sock").exists()

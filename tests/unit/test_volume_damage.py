@@ -46,7 +46,12 @@ def volume(export: MemoryExport) -> NbdVolume:
     address = parse_target("nbd://127.0.0.1/vol")
     assert isinstance(address, NbdAddress)
     newest = newest_superblock(export.pread(SLOT, 0), export.pread(SLOT, SLOT))
-    return NbdVolume(address, export, newest or Superblock("abc123"), SIZE)
+    if newest is None:  # formatted as a first backup does
+        newest = Superblock("abc123")
+        export.pwrite(newest.to_bytes(), 0)
+    vol = NbdVolume(address, export, newest, SIZE)
+    vol.settle = 0.0  # one writer here: no claim to wait for
+    return vol
 
 
 def publish_to(vol: NbdVolume, count: int) -> list[Manifest]:
