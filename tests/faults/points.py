@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ class Points:
     vm: LabVM
     repo: str
     refs: dict[str, dict[str, Path]] = field(default_factory=dict)  # backup id -> disk -> copy
+    extra: dict[str, str] = field(default_factory=dict)  # more disks: target -> host device
 
     def reference(self, tag: str) -> dict[str, Path]:
         """Copies of the raw disks as they are now (the guest is held still meanwhile)."""
@@ -24,7 +26,13 @@ class Points:
         if active:
             self.vm.dom.suspend()
         try:
-            return snapshot_source(self.vm, self.vm.workdir / f"ref-{tag}")
+            dest = self.vm.workdir / f"ref-{tag}"
+            refs = snapshot_source(self.vm, dest)
+            for disk, device in self.extra.items():
+                refs[disk] = dest / f"{disk}.raw"
+                subprocess.run(["qemu-img", "convert", "-U", "-f", "raw", "-O", "raw", device,
+                                str(refs[disk])], check=True)
+            return refs
         finally:
             if active:
                 self.vm.dom.resume()
@@ -33,8 +41,14 @@ class Points:
         """Back up (the guest is still for the whole run) and keep the reference."""
         refs = self.reference(str(len(self.refs)))
         result = api.backup(self.vm.name, self.repo, **kwargs)  # type: ignore[arg-type]
-        self.refs[result.manifest.backup_id] = refs
+        self.keep(result.manifest.backup_id, refs)
         return result
+
+    def keep(self, backup_id: str, refs: dict[str, Path]) -> None:
+        """Record the reference copies of a point published by a run of the CLI."""
+        manifest = next(m for m in api.list_backups(self.repo) if m.backup_id == backup_id)
+        self.refs[backup_id] = {disk: ref for disk, ref in refs.items()
+                                if manifest.disk(disk) is not None}
 
     def restore_every_point(self) -> int:
         """Restore each published point of each disk and compare; returns how many."""

@@ -230,3 +230,18 @@ def iscsi_hostdev(iqn: str, lun: int, host: str = "127.0.0.1", port: int = 3260)
         f"<source protocol='iscsi' name={quoteattr(f'{iqn}/{lun}')}>"
         f"<host name='{host}' port='{port}'/></source></hostdev>"
     ))
+
+
+_STATES = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
+           libvirt.VIR_DOMAIN_SHUTOFF: "shut off", libvirt.VIR_DOMAIN_CRASHED: "crashed",
+           libvirt.VIR_DOMAIN_BLOCKED: "blocked", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
+           libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended"}
+
+
+def run_state(dom: libvirt.virDomain) -> str:
+    """``running`` while the guest runs; else the state and libvirt's reason code, e.g.
+    ``paused (reason 2)`` (2: an I/O error), so that a paused guest never reads as alive."""
+    state, reason = dom.state()
+    if state == libvirt.VIR_DOMAIN_RUNNING:
+        return "running"
+    return f"{_STATES.get(state, str(state))} (reason {reason})"
