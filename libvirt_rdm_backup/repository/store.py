@@ -34,7 +34,7 @@ from libvirt_rdm_backup.errors import (
     RepositoryError,
     UsageError,
 )
-from libvirt_rdm_backup.fileutil import fsync_dir, write_atomic
+from libvirt_rdm_backup.fileutil import STAGING_PREFIX, fsync_dir, write_atomic
 from libvirt_rdm_backup.fslock import exclusive
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 
@@ -45,7 +45,7 @@ REPOSITORY_FORMAT = "libvirt-rdm-backup/repository"
 REPOSITORY_VERSION = 1
 MANIFEST = "manifest.json"
 DAMAGED_SUFFIX = ".damaged"
-PARTIAL_PREFIX = ".partial-"
+PARTIAL_PREFIX = STAGING_PREFIX
 BACKUP_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}$")
 SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

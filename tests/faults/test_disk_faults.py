@@ -11,13 +11,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import libvirt
-import libvirt_qemu
 import pytest
 
 from libvirt_rdm_backup import api
 from tests.e2e.lab_vm import LabVM, MiB, fill, lab_vm
 from tests.faults.points import Points
-from tests.lab.domains import block_disk, dirty_bitmaps, guest_write, qemu_leftovers, qmp, run_state
+from tests.lab.domains import (
+    block_disk,
+    dirty_bitmaps,
+    guest_write,
+    qemu_leftovers,
+    qmp,
+    run_state,
+    slow_down_job,
+)
 from tests.lab.storage_lab import loop_device
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
@@ -43,19 +50,6 @@ def scsi_disk(vm: LabVM, size: int) -> Iterator[tuple[str, str]]:
         finally:
             if "dev='sdb'" in vm.dom.XMLDesc(0):
                 vm.dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-
-
-def slow_down_job(dom: libvirt.virDomain, disk: str, proc: subprocess.Popen[str]) -> None:
-    """Wait for the backup job of ``disk`` and throttle it to 1 MiB/s, so it runs for a while."""
-    while True:
-        assert proc.poll() is None, proc.communicate()
-        reply = json.loads(libvirt_qemu.qemuMonitorCommand(
-            dom, '{"execute": "query-block-jobs"}', 0))["return"]
-        job = next((j for j in reply if j["device"].startswith(f"rdmb-job-{disk}-")), None)
-        if job is not None:
-            assert job["offset"] < job["len"], "the job ended before it could be slowed"
-            qmp(dom, "block-job-set-speed", {"device": job["device"], "speed": MiB})
-            return
 
 
 def nodes_on(dom: libvirt.virDomain, device: str) -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
+from libvirt_rdm_backup.fileutil import unfinished_under
 from tests.e2e.lab_vm import MiB, lab_vm
 from tests.faults.points import Points
 from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers
@@ -74,9 +75,7 @@ def test_repository_filesystem_runs_full_then_grows() -> None:
                 assert [m.backup_id for m in api.list_backups(repo)] == list(points.refs)
                 assert qemu_leftovers(vm.dom) == []
                 assert dirty_bitmaps(vm.dom) == tracked  # tracking kept, nothing new
-                partial = [p for p in Path(repo).rglob("*")
-                           if p.is_file() and ".partial" in str(p)]
-                assert partial == []
+                assert unfinished_under(repo) == []
             assert vm.dom.isActive()
             # room again: the next incremental holds every change since the last good point
             ballast.unlink()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
+from libvirt_rdm_backup.fileutil import unfinished_under
 from tests.e2e.lab_vm import LabVM, MiB, fill, lab_vm
 from tests.faults.points import Points
 from tests.lab.domains import dirty_bitmaps, qemu_leftovers, wait_for_job
@@ -28,9 +29,9 @@ def start_backup(vm: LabVM, repo: str, *extra: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def repo_temp_files(repo: str) -> list[Path]:
-    """Files in the repository that no published backup accounts for (partial layers)."""
-    return [p for p in Path(repo).rglob("*") if p.is_file() and ".tmp" in p.name]
+def repo_temp_files(repo: str) -> list[str]:
+    """What unfinished runs left in the repository (staging directories, temporary files)."""
+    return unfinished_under(repo)
 
 
 @pytest.mark.parametrize("level", ["full", "incremental"])

@@ -215,6 +215,19 @@ def wait_for_job(dom: libvirt.virDomain, proc: subprocess.Popen[str], timeout: f
         time.sleep(0.005)
 
 
+def slow_down_job(dom: libvirt.virDomain, disk: str, proc: subprocess.Popen[str]) -> None:
+    """Wait for the backup job of ``disk`` and throttle it to 1 MiB/s, so it runs for a while."""
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        jobs = qmp(dom, "query-block-jobs")
+        job = next((j for j in jobs  # type: ignore[attr-defined]
+                    if j["device"].startswith(f"rdmb-job-{disk}-")), None)
+        if job is not None:
+            assert job["offset"] < job["len"], "the job ended before it could be slowed"
+            qmp(dom, "block-job-set-speed", {"device": job["device"], "speed": 1 << 20})
+            return
+
+
 def dirty_bitmaps(dom: libvirt.virDomain) -> set[str]:
     """Names of every dirty bitmap on every block node of the domain."""
     names: set[str] = set()
