@@ -9,6 +9,7 @@ from pathlib import Path
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.engine.backup import BackupResult
 from tests.e2e.lab_vm import LabVM, same_bytes, snapshot_source
+from tests.lab.domains import run_state
 
 
 @dataclass
@@ -22,7 +23,7 @@ class Points:
 
     def reference(self, tag: str) -> dict[str, Path]:
         """Copies of the raw disks as they are now (the guest is held still meanwhile)."""
-        active = self.vm.dom.isActive()
+        active = run_state(self.vm.dom) == "running"
         if active:
             self.vm.dom.suspend()
         try:
