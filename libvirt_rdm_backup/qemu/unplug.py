@@ -26,7 +26,9 @@ def unplugged(monitor: Monitor, disks: Iterable[RawDisk]) -> list[RawDisk]:
     devices = {qdev_alias(d.qdev): d.node_name for d in query_block_devices(monitor)}
     gone = []
     for disk in disks:
-        node = devices.get(disk.alias or "")
+        if disk.alias is None:
+            continue  # not found by its alias in the first place
+        node = devices.get(disk.alias)
         if node is None or (node not in (disk.node_name, "") and not node.startswith("#")
                             and not is_ours(node)):
             gone.append(disk)
