@@ -35,8 +35,8 @@ def crash(server: VolumeServer, fs: CrashFs) -> None:
 
 @pytest.mark.parametrize("fault", ["filesystem_full", "receive_killed", "unflushed_lost"])
 def test_backup_server_fault_mid_push(fault: str) -> None:
-    with rdmb_tmpdir() as work, crash_fs(work, 160 * MiB) as fs, \
-            lab_vm(loop_size=32 * MiB, lun_size=16 * MiB) as vm:
+    with rdmb_tmpdir() as work, crash_fs(work, 256 * MiB) as fs, \
+            lab_vm(loop_size=64 * MiB, lun_size=16 * MiB) as vm:
         server = VolumeServer(fs.mount / "volume.img", export="vol")
         server.start()
         try:
@@ -49,7 +49,7 @@ def test_backup_server_fault_mid_push(fault: str) -> None:
                 crash(server, fs)
                 assert [m.backup_id for m in api.list_backups(server.uri)] == list(points.refs)
 
-            guest_write(vm.dom, "vdb", 0x71, 0, 32 * MiB)  # all of it to push again
+            guest_write(vm.dom, "vdb", 0x71, 0, 64 * MiB)  # all of it to push again
             proc = subprocess.Popen([str(EXE), "backup", vm.name, "--target", server.uri,
                                      "--disk", "vdb", "--level", "full"],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
