@@ -100,12 +100,6 @@ do_install() {
         apt_install $missing
     fi
     # Debian's Python 3.11 with system site-packages: it sees python3-libnbd ("import nbd").
-    # A .venv that is a link (to another checkout's venv) is replaced by a venv of our own,
-    # never cleared through the link.
-    if [ -L "$VENV" ]; then
-        log "replacing the link $VENV by a venv of this checkout"
-        rm -f "$VENV"
-    fi
     if ! venv_is_ours; then
         log "creating venv at $VENV"
         rm -f "$VENV/.installed"
