@@ -223,12 +223,12 @@ def capture(
             for plan in snapshot_plans:
                 _copy_snapshot(plan, result.snapshots[plan.disk.target], sink, parent_maps,
                                result)
-            if started:
-                assert monitor is not None
-                still_plugged = unplug_check(monitor, [p.disk for p in qemu_plans])
-                wait_jobs(monitor, started, progress, check=still_plugged)
-                started = []
-                still_plugged()  # unplugged just as its job ended
+            if monitor is not None and (started or fleeces):
+                still_plugged = unplug_check(monitor, [p.disk for p in qemu_plans + fleece_plans])
+                if started:
+                    wait_jobs(monitor, started, progress, check=still_plugged)
+                    started = []
+                still_plugged()  # unplugged just as its job or its resync ended
         except BaseException:
             _undo(monitor, started, plans, result)
             raise

@@ -9,11 +9,16 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
 
 from libvirt_rdm_backup import api
+from libvirt_rdm_backup.engine import capture
+from libvirt_rdm_backup.errors import OperationError
+from libvirt_rdm_backup.fileutil import unfinished_under
+from libvirt_rdm_backup.qemu.fleece import resync_layer
 from tests.e2e.lab_vm import LabVM, MiB, fill, lab_vm
 from tests.faults.points import Points
 from tests.lab.domains import (
@@ -23,7 +28,6 @@ from tests.lab.domains import (
     qemu_leftovers,
     qmp,
     run_state,
-    slow_down_job,
 )
 from tests.lab.storage_lab import loop_device
 
@@ -70,9 +74,8 @@ def test_disk_unplugged_during_its_backup_job() -> None:
         assert sdb is not None and sdb.data_path == "qemu"
         guest_write(vm.dom, "sdb", 0x52, 0, 64 * MiB)  # every chunk to copy again
 
-        proc = subprocess.Popen([str(EXE), "backup", vm.name, "--target", repo],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        slow_down_job(vm.dom, "sdb", proc)
+        proc = points.start_slowed(
+            "sdb", lambda: guest_write(vm.dom, "sdb", 0x52, 0, 64 * MiB))
         vm.dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
         _out, err = proc.communicate(timeout=300)
         assert proc.returncode == 4, err
@@ -93,9 +96,41 @@ def test_disk_unplugged_during_its_backup_job() -> None:
         assert sdb is not None and sdb.level in ("resync", "full"), sdb
         assert "tracking was lost" in sdb.reason, sdb.reason
         assert vdb is not None and vdb.level == "incremental", vdb  # the others kept theirs
-        assert points.restore_every_point() == 6
+        assert points.restore_every_point() == 3 * len(points.refs)
         assert qemu_leftovers(vm.dom) == []
         assert run_state(vm.dom) == "running"
+
+
+def test_disk_unplugged_while_it_is_resynced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tracking lost, the disk is read once through a fleecing export, and unplugged then."""
+    with lab_vm(loop_size=32 * MiB, lun_size=16 * MiB) as vm, \
+            scsi_disk(vm, 32 * MiB) as (device, xml):
+        repo = str(vm.workdir / "repo")
+        points = Points(vm, repo, extra={"sdb": device})
+        guest_write(vm.dom, "sdb", 0x54, 0, 8 * MiB)
+        points.backup(disks=["sdb"])
+        vm.dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        vm.dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)  # its bitmap is gone
+        guest_write(vm.dom, "sdb", 0x55, 16 * MiB, 4 * MiB)
+
+        def unplug_first(*args: Any, **kwargs: Any) -> Any:
+            vm.dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            return resync_layer(*args, **kwargs)
+
+        monkeypatch.setattr(capture, "resync_layer", unplug_first)
+        with pytest.raises(OperationError, match="disk sdb was unplugged"):
+            api.backup(vm.name, repo, disks=["sdb"])
+        monkeypatch.undo()
+        assert [m.backup_id for m in api.list_backups(repo)] == list(points.refs)
+        assert unfinished_under(repo) == []
+        assert qemu_leftovers(vm.dom) == [] and nodes_on(vm.dom, device) == []
+        assert run_state(vm.dom) == "running"
+
+        vm.dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        again = points.backup(disks=["sdb"])
+        sdb = again.manifest.disk("sdb")
+        assert sdb is not None and sdb.level == "resync" and "tracking was lost" in sdb.reason
+        assert points.restore_every_point() == 2
 
 
 def test_lun_resized_between_two_backups() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -215,17 +216,27 @@ def wait_for_job(dom: libvirt.virDomain, proc: subprocess.Popen[str], timeout: f
         time.sleep(0.005)
 
 
-def slow_down_job(dom: libvirt.virDomain, disk: str, proc: subprocess.Popen[str]) -> None:
-    """Wait for the backup job of ``disk`` and throttle it to 1 MiB/s, so it runs for a while."""
-    while True:
-        assert proc.poll() is None, proc.communicate()
+def slow_down_job(dom: libvirt.virDomain, disk: str, proc: subprocess.Popen[str]) -> bool:
+    """Wait for the backup job of ``disk`` and throttle it to 1 MiB/s, so it runs for a while.
+
+    False when the job ended before it could be slowed (the backup then runs to its end).
+    """
+    while proc.poll() is None:
         jobs = qmp(dom, "query-block-jobs")
         job = next((j for j in jobs  # type: ignore[attr-defined]
                     if j["device"].startswith(f"rdmb-job-{disk}-")), None)
-        if job is not None:
-            assert job["offset"] < job["len"], "the job ended before it could be slowed"
-            qmp(dom, "block-job-set-speed", {"device": job["device"], "speed": 1 << 20})
-            return
+        if job is None:
+            continue
+        if job["status"] != "running":
+            return False
+        reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(
+            {"execute": "block-job-set-speed",
+             "arguments": {"device": job["device"], "speed": 1 << 20}}), 0))
+        if "error" not in reply:
+            return True
+        assert "concluded" in reply["error"]["desc"], reply
+        return False
+    return False
 
 
 def dirty_bitmaps(dom: libvirt.virDomain) -> set[str]:
