@@ -22,6 +22,29 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+ATOMIC_TAG = ".tmp-"  # write_atomic's temporary files: .NAME.tmp-XXXXXX
+PARTIAL_SUFFIX = ".partial"  # new_file_whole's: .NAME.PID@HOST.XXXXXX.partial
+STAGING_PREFIX = ".partial-"  # a repository's backups being written: .partial-<backup id>/
+_UNFINISHED = re.compile(r"\..+(" + re.escape(ATOMIC_TAG) + r"[0-9a-f]{6}|\.[0-9]+@[0-9a-f]{8}"
+                         r"\.[0-9a-f]{6}" + re.escape(PARTIAL_SUFFIX) + ")|"
+                         + re.escape(STAGING_PREFIX) + r".+")
+
+
+def is_unfinished(name: str) -> bool:
+    """True for a name this tool gives what it is still writing (a temporary file of
+    :func:`write_atomic` or :func:`new_file_whole`, a repository's staging directory)."""
+    return _UNFINISHED.fullmatch(name) is not None
+
+
+def unfinished_under(root: str) -> list[str]:
+    """Every path under ``root`` with a name of :func:`is_unfinished` (left by a killed run,
+    or by one still going), sorted."""
+    found = []
+    for directory, dirs, files in os.walk(root):
+        found += [os.path.join(directory, n) for n in (*dirs, *files) if is_unfinished(n)]
+    return sorted(found)
+
+
 def write_atomic(path: str, data: bytes, mode: int = 0o600, tmp_dir: str | None = None) -> None:
     """Replace ``path`` with ``data``: readers see the old file or the new one, never a mix.
 
@@ -31,7 +54,7 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600, tmp_dir: str | None 
     """
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(tmp_dir or directory,
-                       f".{os.path.basename(path)}.tmp-{secrets.token_hex(3)}")
+                       f".{os.path.basename(path)}{ATOMIC_TAG}{secrets.token_hex(3)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     try:
@@ -48,7 +71,6 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600, tmp_dir: str | None 
     fsync_dir(directory)
 
 
-PARTIAL_SUFFIX = ".partial"
 # tells the partial files of this host apart from those of others on shared storage
 HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 

@@ -36,6 +36,7 @@ from libvirt_rdm_backup.qemu.fleece import (
 from libvirt_rdm_backup.qemu.jobs import backup_action, cancel_jobs, transaction, wait_jobs
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
+from libvirt_rdm_backup.qemu.unplug import release_unplugged, unplug_check
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap
 from libvirt_rdm_backup.storage.snapshots import (
     Presented,
@@ -222,10 +223,12 @@ def capture(
             for plan in snapshot_plans:
                 _copy_snapshot(plan, result.snapshots[plan.disk.target], sink, parent_maps,
                                result)
-            if started:
-                assert monitor is not None
-                wait_jobs(monitor, started, progress)
-                started = []
+            if monitor is not None and (started or fleeces):
+                still_plugged = unplug_check(monitor, [p.disk for p in qemu_plans + fleece_plans])
+                if started:
+                    wait_jobs(monitor, started, progress, check=still_plugged)
+                    started = []
+                still_plugged()  # unplugged just as its job or its resync ended
         except BaseException:
             _undo(monitor, started, plans, result)
             raise
@@ -244,6 +247,7 @@ def _undo(monitor: Monitor | None, jobs: list[str], plans: list[DiskPlan],
         nodes = {p.disk.target: str(p.disk.node_name) for p in plans}
         for disk, name in result.new_bitmaps.items():
             bitmaps.remove(monitor, nodes[disk], name)
+        release_unplugged(monitor, [p.disk for p in plans if p.path is DataPath.QEMU])
     except RdmBackupError as err:
         log.info("cleanup after a failed capture was incomplete: %s", err)
 

@@ -67,12 +67,14 @@ def wait_jobs(
     progress: ProgressCallback | None = None,
     poll: float = 0.1,
     stall: float | None = None,
+    check: Callable[[], None] | None = None,
 ) -> list[JobResult]:
     """Wait until every job concluded, dismiss them, and return their results.
 
     Raises OperationError naming the first failed job (after dismissing all), or
     when no job made progress for ``stall`` seconds (default: the stall limit of
-    the data movers); the caller cancels what is left.
+    the data movers); the caller cancels what is left. ``check`` runs at every poll
+    and may raise to give up.
     """
     pending = set(job_ids)
     results: dict[str, JobResult] = {}
@@ -80,6 +82,8 @@ def wait_jobs(
     stall = stall_timeout() if stall is None else stall
     moved, last_move = -1, time.monotonic()
     while pending:
+        if check is not None:
+            check()
         states = _job_states(monitor)
         done = sum(int(states.get(j, {}).get("current-progress", 0)) for j in pending)
         if done != moved:

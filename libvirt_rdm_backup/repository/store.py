@@ -41,7 +41,7 @@ from libvirt_rdm_backup.errors import (
     RepositoryError,
     UsageError,
 )
-from libvirt_rdm_backup.fileutil import fsync_dir, write_atomic
+from libvirt_rdm_backup.fileutil import STAGING_PREFIX, fsync_dir, write_atomic
 from libvirt_rdm_backup.fslock import exclusive
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.order import in_order, newest, next_sequence
@@ -53,7 +53,7 @@ REPOSITORY_FORMAT = "libvirt-rdm-backup/repository"
 REPOSITORY_VERSION = 1
 MANIFEST = "manifest.json"
 DAMAGED_SUFFIX = ".damaged"
-PARTIAL_PREFIX = ".partial-"
+PARTIAL_PREFIX = STAGING_PREFIX
 SEQUENCE = "sequence"
 SEQUENCE_LOCK = ".sequence.lock"
 BACKUP_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}$")

@@ -16,6 +16,7 @@ import pytest
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.engine.backup import BackupResult
 from libvirt_rdm_backup.errors import OperationError
+from libvirt_rdm_backup.fileutil import unfinished_under
 from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
 from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers, qmp, rdm_backup
 
@@ -256,7 +257,7 @@ def test_killed_backups_lose_no_tracking() -> None:
         assert qemu_leftovers(vm.dom) == []
         ours = {b for b in dirty_bitmaps(vm.dom) if b.startswith("rdmb-")}
         assert ours == {first.manifest.disk("vdb").bitmap, vdb.bitmap}  # type: ignore[union-attr]
-        assert not [p for p in os.listdir(Path(repo) / vm.uuid) if p.startswith(".partial")]
+        assert unfinished_under(repo) == []
         restore_and_compare(vm, repo, work, result.manifest.backup_id, {"vdb": refs["vdb"]})
         restore_and_compare(vm, repo, work, first.manifest.backup_id, {"vdb": refs0["vdb"]})
         listed = json.loads(rdm_backup("list", "--target", repo, "--json").stdout)

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
+from libvirt_rdm_backup.fileutil import unfinished_under
 from tests.e2e.lab_vm import MiB, lab_vm, same_bytes
 from tests.faults.points import Points
-from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers
+from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers, run_state
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"
@@ -74,10 +75,8 @@ def test_repository_filesystem_runs_full_then_grows() -> None:
                 assert [m.backup_id for m in api.list_backups(repo)] == list(points.refs)
                 assert qemu_leftovers(vm.dom) == []
                 assert dirty_bitmaps(vm.dom) == tracked  # tracking kept, nothing new
-                partial = [p for p in Path(repo).rglob("*")
-                           if p.is_file() and ".partial" in str(p)]
-                assert partial == []
-            assert vm.dom.isActive()
+                assert unfinished_under(repo) == []
+            assert run_state(vm.dom) == "running"
             # room again: the next incremental holds every change since the last good point
             ballast.unlink()
             result = points.backup(level="incremental")

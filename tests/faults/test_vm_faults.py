@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
+from libvirt_rdm_backup.fileutil import unfinished_under
 from tests.e2e.lab_vm import LabVM, MiB, fill, lab_vm
 from tests.faults.points import Points
-from tests.lab.domains import dirty_bitmaps, qemu_leftovers, wait_for_job
+from tests.lab.domains import dirty_bitmaps, qemu_leftovers, run_state, wait_for_job
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"
@@ -28,9 +29,9 @@ def start_backup(vm: LabVM, repo: str, *extra: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def repo_temp_files(repo: str) -> list[Path]:
-    """Files in the repository that no published backup accounts for (partial layers)."""
-    return [p for p in Path(repo).rglob("*") if p.is_file() and ".tmp" in p.name]
+def repo_temp_files(repo: str) -> list[str]:
+    """What unfinished runs left in the repository (staging directories, temporary files)."""
+    return unfinished_under(repo)
 
 
 @pytest.mark.parametrize("level", ["full", "incremental"])
@@ -51,7 +52,7 @@ def test_qemu_killed_during_a_backup(level: str) -> None:
         assert [m.backup_id for m in api.list_backups(repo)] == list(points.refs)
         # the VM died with its QEMU; it starts again, and the next backup recovers:
         # bitmaps died with QEMU, so auto re-reads and stores only what changed
-        assert not vm.dom.isActive()
+        assert run_state(vm.dom).startswith("shut off"), run_state(vm.dom)
         vm.dom.create()
         after = points.backup()
         vdb = after.manifest.disk("vdb")
@@ -66,7 +67,7 @@ def test_qemu_killed_during_a_backup(level: str) -> None:
         assert points.restore_every_point() == 2 * len(points.refs)
         assert repo_temp_files(repo) == []
         assert qemu_leftovers(vm.dom) == []
-        assert vm.dom.isActive()
+        assert run_state(vm.dom) == "running"
 
 
 def test_vm_reset_between_backups_keeps_tracking() -> None:
@@ -87,7 +88,7 @@ def test_vm_reset_between_backups_keeps_tracking() -> None:
         assert vdb.parent == first.manifest.backup_id
         assert vdb.bytes_transferred <= 5 * 8 * MiB + MiB  # only what changed
         assert points.restore_every_point() == 4
-        assert vm.dom.isActive()
+        assert run_state(vm.dom) == "running"
 
 
 def test_qemu_stopped_before_and_during_a_backup() -> None:
@@ -126,7 +127,7 @@ def test_qemu_stopped_before_and_during_a_backup() -> None:
         finally:
             os.kill(pid, signal.SIGCONT)
         assert [m.backup_id for m in api.list_backups(repo)] == list(points.refs)
-        assert vm.dom.isActive()
+        assert run_state(vm.dom) == "running"
 
         # QEMU answers again: the next run cleans up, and nothing written was lost
         after = points.backup()

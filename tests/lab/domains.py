@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -215,6 +216,29 @@ def wait_for_job(dom: libvirt.virDomain, proc: subprocess.Popen[str], timeout: f
         time.sleep(0.005)
 
 
+def slow_down_job(dom: libvirt.virDomain, disk: str, proc: subprocess.Popen[str]) -> bool:
+    """Wait for the backup job of ``disk`` and throttle it to 1 MiB/s, so it runs for a while.
+
+    False when the job ended before it could be slowed (the backup then runs to its end).
+    """
+    while proc.poll() is None:
+        jobs = qmp(dom, "query-block-jobs")
+        job = next((j for j in jobs  # type: ignore[attr-defined]
+                    if j["device"].startswith(f"rdmb-job-{disk}-")), None)
+        if job is None:
+            continue
+        if job["status"] != "running":
+            return False
+        reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(
+            {"execute": "block-job-set-speed",
+             "arguments": {"device": job["device"], "speed": 1 << 20}}), 0))
+        if "error" not in reply:
+            return True
+        assert "concluded" in reply["error"]["desc"], reply
+        return False
+    return False
+
+
 def dirty_bitmaps(dom: libvirt.virDomain) -> set[str]:
     """Names of every dirty bitmap on every block node of the domain."""
     names: set[str] = set()
@@ -230,3 +254,18 @@ def iscsi_hostdev(iqn: str, lun: int, host: str = "127.0.0.1", port: int = 3260)
         f"<source protocol='iscsi' name={quoteattr(f'{iqn}/{lun}')}>"
         f"<host name='{host}' port='{port}'/></source></hostdev>"
     ))
+
+
+_STATES = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
+           libvirt.VIR_DOMAIN_SHUTOFF: "shut off", libvirt.VIR_DOMAIN_CRASHED: "crashed",
+           libvirt.VIR_DOMAIN_BLOCKED: "blocked", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
+           libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended"}
+
+
+def run_state(dom: libvirt.virDomain) -> str:
+    """``running`` while the guest runs; else the state and libvirt's reason code, e.g.
+    ``paused (reason 2)`` (2: an I/O error), so that a paused guest never reads as alive."""
+    state, reason = dom.state()
+    if state == libvirt.VIR_DOMAIN_RUNNING:
+        return "running"
+    return f"{_STATES.get(state, str(state))} (reason {reason})"

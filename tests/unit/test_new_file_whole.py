@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from libvirt_rdm_backup.fileutil import HOST_TAG, new_file_whole, remove_stale_partials
+from libvirt_rdm_backup.fileutil import (
+    HOST_TAG,
+    is_unfinished,
+    new_file_whole,
+    remove_stale_partials,
+    unfinished_under,
+    write_atomic,
+)
+from libvirt_rdm_backup.repository.store import Repository
 
 
 def names(directory: Path) -> list[str]:
@@ -84,3 +92,26 @@ def test_long_names_get_a_short_partial_name(tmp_path: Path) -> None:
         assert len(Path(partial).name) < 255
         Path(partial).write_bytes(b"whole")
     assert target.read_bytes() == b"whole" and names(tmp_path) == [target.name]
+
+
+def test_what_the_tool_writes_unfinished_is_found_by_one_helper(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The names the writers really give their temporary files and staging directories are
+    the ones :func:`unfinished_under` finds (the fault tests look for leftovers with it)."""
+    repo = Repository.open(str(tmp_path / "repo"), create=True)
+    with repo.staging("0b1f1c1e-4c39-4a4e-9d1c-2a6b3c4d5e6f", "20260101T000000Z-abcdef") as st, \
+            new_file_whole(str(tmp_path / "disk.img")) as partial:
+        Path(st.path, "vdb.qcow2").write_bytes(b"x")
+        seen: list[str] = []
+
+        def keep_tmp(src: str, _dst: str) -> None:
+            seen.append(src)
+            raise OSError("stop here")
+
+        monkeypatch.setattr(os, "replace", keep_tmp)
+        monkeypatch.setattr(os, "unlink", lambda _path: None)  # left as by a killed writer
+        with pytest.raises(OSError, match="stop here"):
+            write_atomic(str(tmp_path / "manifest.json"), b"{}")
+        monkeypatch.undo()
+        assert unfinished_under(str(tmp_path)) == sorted([st.path, partial, *seen])
+        assert not is_unfinished("manifest.json") and not is_unfinished("disk.img")
