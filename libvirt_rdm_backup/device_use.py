@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 PROC = "/proc"
 SYS_DEV_BLOCK = "/sys/dev/block"
+SYS_BLOCK = "/sys/block"
 _QEMU_PROGRAMS = ("qemu-system-", "qemu-storage-daemon", "qemu-nbd", "qemu-kvm")
 _MAX_LINE = 64 * 1024  # the longest /proc line read, and the longest name shown
 
@@ -74,6 +75,43 @@ def _read_dev(directory: str) -> int | None:
         return os.makedev(int(major), int(minor))
     except (OSError, ValueError, UnicodeDecodeError):
         return None
+
+
+def loops_over(target: Identity) -> list[Identity]:
+    """Loop devices whose backing file or device is ``target``, and those over them in turn.
+
+    A write to ``target`` changes what they show, so their users are ``target``'s too.
+    """
+    found: list[Identity] = []
+    wanted = {target}
+    while True:
+        more = [loop for loop, backing in _loop_backings() if backing in wanted
+                and loop not in found and loop != target]
+        if not more:
+            return found
+        found += more
+        wanted |= set(more)
+
+
+def _loop_backings() -> list[tuple[Identity, Identity]]:
+    """``(loop device, what backs it)`` for every bound loop device, from sysfs."""
+    pairs = []
+    try:
+        names = [n for n in os.listdir(SYS_BLOCK) if n.startswith("loop")]
+    except OSError:
+        return []
+    for name in names:
+        number = _read_dev(os.path.join(SYS_BLOCK, name))
+        try:
+            with open(os.path.join(SYS_BLOCK, name, "loop", "backing_file"),
+                      encoding="utf-8", errors="surrogateescape") as stream:
+                backing = stream.read(4097).rstrip("\n")
+        except OSError:
+            continue  # not bound
+        ident = identity_of_path(backing) if backing.startswith("/") else None
+        if number is not None and ident is not None:
+            pairs.append((Identity("b", number), ident))
+    return pairs
 
 
 def holders(device: Identity) -> list[str]:

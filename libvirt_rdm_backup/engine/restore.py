@@ -268,17 +268,22 @@ def _open_existing(path: str, real: str, is_block: bool) -> int:
 
 
 def _check_open_target(target: Target, force: bool, conn: libvirt.virConnect | None) -> None:
-    """Refuse an opened target that the kernel, a QEMU process or a running domain uses."""
+    """Refuse an opened target that the kernel, a QEMU process or a running domain uses,
+    directly, through a partition, or through a loop device over it."""
     ident = device_use.Identity.of(os.fstat(target.fd))
     assert ident is not None  # _open_existing accepted only a file or a block device
-    if target.is_block:
-        held = device_use.holders(ident)
-        if held:
-            raise UsageError(f"restore target {target.path} is in use: {'; '.join(held)}")
+    devices = [ident] if target.is_block else []
+    for loop in device_use.loops_over(ident):
+        devices.append(loop)
+    held = [why for device in devices for why in device_use.holders(device)]
+    if held:
+        raise UsageError(f"restore target {target.path} is in use: {'; '.join(held)}")
     if force:
         return
     below = storage_paths(target.real)
-    identities = {ident, *(device_use.partitions(ident) if target.is_block else [])}
+    identities = {ident, *devices}
+    for device in devices:
+        identities.update(device_use.partitions(device))
     identities |= {i for i in map(device_use.identity_of_path, below) if i is not None}
     users = device_use.qemu_users(identities)
     if users:

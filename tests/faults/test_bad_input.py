@@ -422,6 +422,28 @@ def running_domain_disk_with_libvirtd_unreachable(lab: Lab, stack: ExitStack) ->
         2, f"in use by running domain {lab.vm.name}"
 
 
+def file_behind_a_mounted_loop(lab: Lab, stack: ExitStack) -> Target:
+    """The target is a regular file that a mounted loop device shows."""
+    path = _file(lab, LOOP_SIZE)
+    stack.callback(path.unlink)
+    device = stack.enter_context(loop_device(path))
+    subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True)
+    mount = lab.scratch / unique_name("mnt")
+    mount.mkdir()
+    stack.callback(mount.rmdir)
+    subprocess.run(["mount", device, str(mount)], check=True)
+    stack.callback(subprocess.run, ["umount", str(mount)], check=True)
+    return str(path), ["--force"], 2, f"mounted at {mount}"
+
+
+def file_behind_running_domain_disk_with_libvirtd_unreachable(lab: Lab, stack: ExitStack
+                                                              ) -> Target:
+    """The file under the loop device a running domain uses, and libvirt cannot be asked."""
+    return str(lab.vm.loop_file), \
+        ["-c", f"qemu+unix:///system?socket=/nonexistent-{RUN_TOKEN}.sock"], \
+        2, f"in use by running domain {lab.vm.name}"
+
+
 def _in_repository(name: str) -> Callable[[Lab, ExitStack], Target]:
     def target(lab: Lab, stack: ExitStack) -> Target:
         return str(lab.backup_dir / name), ["--force"], 2, "inside the backup repository"
@@ -480,6 +502,7 @@ def character_device(lab: Lab, stack: ExitStack) -> Target:
     new_file_on_read_only_mount, running_domain_disk, symlink_to_running_domain_disk,
     other_loop_over_running_domain_disk, mounted_loop, swap_loop, exclusively_opened_loop,
     loop_served_by_qemu_nbd, running_domain_disk_with_libvirtd_unreachable,
+    file_behind_a_mounted_loop, file_behind_running_domain_disk_with_libvirtd_unreachable,
     _in_repository("vdb.qcow2"),
     _in_repository("manifest.json"), _in_repository("vdb.chunks"), new_file_in_repository,
     hard_link_to_data_file, repository_through_a_bind_mount, loop_over_data_file, directory,

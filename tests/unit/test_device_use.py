@@ -32,6 +32,7 @@ def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "22 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw\n")
     (proc / "swaps").write_text("Filename\tType\tSize\tUsed\tPriority\n")
     monkeypatch.setattr(device_use, "SYS_DEV_BLOCK", str(sys_block))
+    monkeypatch.setattr(device_use, "SYS_BLOCK", str(tmp_path / "sys" / "block"))
     monkeypatch.setattr(device_use, "PROC", str(proc))
     return tmp_path
 
@@ -69,3 +70,18 @@ def test_the_identity_of_a_path_is_what_the_kernel_opens(tmp_path: Path) -> None
     assert device_use.identity_of_path(str(link)) == device_use.identity_of_path(str(path))
     assert device_use.identity_of_path(str(tmp_path)) is None  # a directory is neither
     assert device_use.identity_of_path(str(tmp_path / "gone")) is None
+
+
+def test_loop_devices_over_a_file_and_over_them_are_found(tree: Path) -> None:
+    image = tree / "disk.raw"
+    image.write_bytes(b"x")
+    sys_block = tree / "sys" / "block"
+    for name, number, backing in (("loop4", "7:4", str(image)), ("loop5", "7:5", "/dev/null"),
+                                  ("loop6", "7:6", None)):
+        (sys_block / name / "loop").mkdir(parents=True)
+        (sys_block / name / "dev").write_text(number + "\n")
+        if backing is not None:
+            (sys_block / name / "loop" / "backing_file").write_text(backing + "\n")
+    ident = device_use.identity_of_path(str(image))
+    assert ident is not None
+    assert device_use.loops_over(ident) == [Identity("b", os.makedev(7, 4))]
