@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.errors import RepositoryError
@@ -31,10 +31,18 @@ def _optional_int(value: Any) -> int | None:
     return value
 
 
+MAX_SEQUENCE = (1 << 53) - 1  # a backup a second for 285 million years; exact in any JSON reader
+
+
+def valid_sequence(value: Any) -> TypeGuard[int]:
+    """True for a sequence number this tool could have written (1 .. MAX_SEQUENCE)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SEQUENCE
+
+
 def _optional_sequence(value: Any) -> int | None:
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 63:
+    if not valid_sequence(value):
         raise ValueError(f"expected a sequence number, got {value!r}")
     return value
 
@@ -206,6 +214,6 @@ class Manifest:
         """Parse serialised form (raises RepositoryError)."""
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as err:
+        except (ValueError, RecursionError) as err:  # ValueError: also a number too long
             raise RepositoryError(f"malformed manifest: {err}") from err
         return cls.from_dict(data)

@@ -16,7 +16,8 @@ import heapq
 from collections.abc import Iterable, Sequence
 from typing import Protocol, TypeVar
 
-from libvirt_rdm_backup.repository.manifest import Manifest
+from libvirt_rdm_backup.errors import VerificationError
+from libvirt_rdm_backup.repository.manifest import MAX_SEQUENCE, Manifest
 
 
 class Listed(Protocol):
@@ -94,8 +95,16 @@ def newest(items: Iterable[T]) -> T | None:
 
 
 def next_sequence(sequences: Iterable[int | None]) -> int:
-    """The sequence of the next backup: one more than the highest one in use."""
-    return 1 + max((s for s in sequences if s is not None), default=0)
+    """The sequence of the next backup: one more than the highest one in use.
+
+    Raises VerificationError when that would pass :data:`MAX_SEQUENCE`: only a
+    repository someone wrote by hand gets there.
+    """
+    highest = max((s for s in sequences if s is not None), default=0)
+    if highest >= MAX_SEQUENCE:
+        raise VerificationError(f"sequence number {highest} is beyond what this tool writes: "
+                                "the repository was altered; back up to another one")
+    return highest + 1
 
 
 def newest_damage(damaged: Iterable[str | Listed], readable: Sequence[Manifest]) -> str | None:

@@ -43,7 +43,7 @@ from libvirt_rdm_backup.errors import (
 )
 from libvirt_rdm_backup.fileutil import STAGING_PREFIX, fsync_dir, write_atomic
 from libvirt_rdm_backup.fslock import exclusive
-from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest, valid_sequence
 from libvirt_rdm_backup.repository.order import in_order, newest, next_sequence
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,8 @@ def read_sequence(path: str) -> int | None:
         return None
     finally:
         os.close(fd)
-    return int(text) if text.isdigit() and 0 < len(text) < 19 else None
+    number = int(text) if text.isdigit() and 0 < len(text) < 19 else None
+    return number if valid_sequence(number) else None
 
 
 class Staging:
@@ -190,7 +191,10 @@ class Repository:
             raise RepositoryError(f"unreadable repository marker {marker}: {err}") from err
         if not isinstance(data, dict) or data.get("format") != REPOSITORY_FORMAT:
             raise RepositoryError(f"{self.root} is not a backup repository")
-        if int(data.get("version", 0)) > REPOSITORY_VERSION:
+        version = data.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise RepositoryError(f"repository marker has a malformed version in {self.root}")
+        if version > REPOSITORY_VERSION:
             raise RepositoryError(f"repository version {data.get('version')} is too new")
         repo_id = str(data.get("id", ""))
         if not re.fullmatch(r"[0-9a-f]{6}", repo_id):

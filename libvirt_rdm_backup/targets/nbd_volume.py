@@ -56,7 +56,7 @@ from libvirt_rdm_backup.errors import (
     VerificationError,
 )
 from libvirt_rdm_backup.repository.digest import BUFFER, Digest
-from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest, valid_sequence
 from libvirt_rdm_backup.repository.order import in_order, next_sequence
 from libvirt_rdm_backup.repository.store import Damage, now_iso
 from libvirt_rdm_backup.targets.lease import HELD, Lease
@@ -169,8 +169,7 @@ def newest_superblock(slot_a: bytes, slot_b: bytes) -> Superblock | None:
 def _entry_sequence(entry: dict[str, Any]) -> int | None:
     """The sequence a table of contents entry records (None: written before sequences)."""
     value = entry.get("sequence") if isinstance(entry, dict) else None
-    valid = isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1 << 62
-    return value if valid else None
+    return value if valid_sequence(value) else None
 
 
 def read_table(handle: Any, uri: str) -> Superblock | None:

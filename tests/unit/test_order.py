@@ -12,11 +12,11 @@ import pytest
 from libvirt_rdm_backup.engine.restore import choose_backup
 from libvirt_rdm_backup.engine.stores import FileStore, VolumeStore
 from libvirt_rdm_backup.engine.verify import verify_manifests
-from libvirt_rdm_backup.errors import DamagedBackupError, RepositoryError
+from libvirt_rdm_backup.errors import DamagedBackupError, RepositoryError, VerificationError
 from libvirt_rdm_backup.repository.chain import chain_of
 from libvirt_rdm_backup.repository.digest import Digest
-from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.repository.order import in_order, newest, newest_damage
+from libvirt_rdm_backup.repository.manifest import MAX_SEQUENCE, DiskRecord, Manifest
+from libvirt_rdm_backup.repository.order import in_order, newest, newest_damage, next_sequence
 from libvirt_rdm_backup.repository.store import Damage, Repository, new_backup_id
 from tests.unit.test_repository_damage_units import UUID, layer, publish, truncate_manifest, vdb
 from tests.unit.test_volume_damage import MemoryExport, volume
@@ -113,7 +113,7 @@ def test_damage_newer_than_the_newest_readable_comes_from_sequence() -> None:
 def test_a_manifest_with_a_bad_sequence_is_malformed() -> None:
     document = manifest(AHEAD, None, 1).to_dict()
     assert Manifest.from_dict(document).sequence == 1
-    for bad in ("1", 0, -1, True, 1.5, 1 << 63):
+    for bad in ("1", 0, -1, True, 1.5, 1 << 63, MAX_SEQUENCE + 1):
         with pytest.raises(RepositoryError, match="sequence"):
             Manifest.from_dict({**document, "sequence": bad})
     del document["sequence"]
@@ -206,3 +206,17 @@ def test_new_ids_avoid_the_ids_already_taken(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr("secrets.token_hex", lambda _n: next(suffixes))
     # a clock set back may name the second of an existing backup again
     assert new_backup_id(_EndsWith("-000001")).endswith("-000002")
+
+
+def test_a_planted_highest_sequence_is_refused_not_overflowed() -> None:
+    assert next_sequence([None, 3, 1]) == 4
+    assert next_sequence([MAX_SEQUENCE - 1]) == MAX_SEQUENCE
+    with pytest.raises(VerificationError, match="altered"):
+        next_sequence([MAX_SEQUENCE])
+
+
+def test_a_number_too_long_to_parse_is_a_malformed_manifest() -> None:
+    text = manifest(AHEAD, None, 1).dumps().replace('"sequence": 1', '"sequence": ' + "9" * 5000)
+    assert "9" * 5000 in text
+    with pytest.raises(RepositoryError, match="malformed manifest"):
+        Manifest.loads(text)
