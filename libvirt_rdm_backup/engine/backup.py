@@ -279,7 +279,7 @@ def backup(
         unusable, damaged_newer = _damage_facts(store, unreadable, chain, selected)
         facts = Facts(ctx.inventory.running, chain, _live_bitmaps(monitor), restart,
                       agents, live_snapshots, local_layers=store.local_layers,
-                      unusable=unusable, damaged_newer=damaged_newer)
+                      unusable=unusable, damaged_newer=damaged_newer, repo_id=store.repo_id)
         plans = plan_backup(selected, level, facts)
 
         def scope(plan: DiskPlan) -> str:

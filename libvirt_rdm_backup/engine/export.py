@@ -205,6 +205,11 @@ def _dirty_sources(repo: Repository, domain_uuid: str, chain_name: str,
             notes[disk.target] = f"chain {chain_name} has no backup of {disk.target}"
         elif not point.record.bitmap:
             notes[disk.target] = f"backup {point.backup_id} started no dirty bitmap"
+        elif not bitmaps.made_for(point.record.bitmap, repo.repo_id, chain_name,
+                                  point.backup_id):
+            notes[disk.target] = (f"backup {point.backup_id} names dirty bitmap "
+                                  f"{point.record.bitmap!r}, not the one chain {chain_name} "
+                                  "made for it")
         elif point.record.bitmap not in live.get(str(disk.node_name), {}):
             notes[disk.target] = (f"dirty bitmap {point.record.bitmap} of backup "
                                   f"{point.backup_id} is gone (the domain was restarted?)")

@@ -7,6 +7,7 @@ from enum import StrEnum
 
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.errors import DamagedBackupError, TrackingLostError, UsageError
+from libvirt_rdm_backup.qemu import bitmaps
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
 
 LEVELS = ("full", "incremental", "differential", "resync", "auto")
@@ -56,6 +57,8 @@ class Facts:
     unusable: dict[str, dict[str, str]] = field(default_factory=dict)
     # a backup of the domain newer than the chain's last one whose manifest is unreadable
     damaged_newer: tuple[str, str] | None = None  # (backup id, problem)
+    # the repository's id: a point's bitmap must be the one made for it in this chain
+    repo_id: str | None = None
 
 
 def _resync_problem(disk: RawDisk, point: DiskPoint | None) -> str | None:
@@ -103,6 +106,10 @@ def _tracking_problem(disk: RawDisk, point: DiskPoint | None, facts: Facts,
         return f"{disk.target} was resized from {record.size} to {disk.size} bytes"
     if record.disk.source != disk.source:
         return f"{disk.target} now has source {disk.source} instead of {record.disk.source}"
+    if facts.repo_id is not None and not bitmaps.made_for(record.bitmap, facts.repo_id,
+                                                           facts.chain.name, point.backup_id):
+        return (f"backup {point.backup_id} names dirty bitmap {record.bitmap!r}, not the one "
+                f"chain {facts.chain.name} made for it")
     if record.bitmap not in facts.live_bitmaps.get(disk.node_name or "", set()):
         why = facts.restart or "QEMU was restarted, or the disk replaced, since then"
         return (f"dirty bitmap {record.bitmap} of backup {point.backup_id} is gone "

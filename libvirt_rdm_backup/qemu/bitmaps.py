@@ -40,6 +40,12 @@ def in_chain(name: str, prefix: str) -> bool:
     return name.startswith(prefix) and bool(BACKUP_ID_RE.fullmatch(name[len(prefix):]))
 
 
+def made_for(name: str | None, repo_id: str, chain: str, backup_id: str) -> bool:
+    """True when ``name`` (read from a manifest) is the bitmap this tool made for that
+    backup of that chain: any other would hand a later backup the wrong writes."""
+    return name == bitmap_name(repo_id, chain, backup_id)
+
+
 def add_action(node: str, name: str) -> dict[str, Any]:
     """A ``block-dirty-bitmap-add`` transaction action (non-persistent, 64 KiB)."""
     return {

@@ -7,6 +7,7 @@ import pytest
 from libvirt_rdm_backup.domain.disks import IscsiSource, RawDisk, SourceKind
 from libvirt_rdm_backup.engine.plan import DataPath, Facts, overall_level, plan_backup, plan_disk
 from libvirt_rdm_backup.errors import TrackingLostError, UsageError
+from libvirt_rdm_backup.qemu import bitmaps as qemu_bitmaps
 from libvirt_rdm_backup.repository.chain import Chain, lineage
 from libvirt_rdm_backup.repository.digest import Digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
@@ -130,3 +131,20 @@ def test_resync_needs_a_map_and_the_same_disk() -> None:
         plan_disk(disk(size=2 * SIZE), "resync", facts(chain=MAPPED))
     assert plan_disk(disk(size=2 * SIZE), "auto", facts(chain=MAPPED)).level == "full"
     assert overall_level(plan_backup([disk(), disk("vdc")], "auto", facts(chain=MAPPED))) == "full"
+
+
+def test_a_point_naming_a_bitmap_not_made_for_it_is_not_built_on() -> None:
+    """A manifest may name another chain's or a later point's bitmap: that would miss writes."""
+    own = qemu_bitmaps.bitmap_name("abc123", CHAIN.name, "20260101T000100Z-bbbbbb")
+    other = qemu_bitmaps.bitmap_name("abc123", "offsite", "20260101T000100Z-bbbbbb")
+    for named, ok in ((own, True), (other, False), ("bm-inc", False)):
+        chain = Chain(CHAIN.name, [
+            manifest("20260101T000000Z-aaaaaa", "full", None, "bm-full"),
+            manifest("20260101T000100Z-bbbbbb", "incremental", "20260101T000000Z-aaaaaa", named),
+        ])
+        live = Facts(True, chain, {"libvirt-vdb-format": {own, other, "bm-inc"}},
+                     repo_id="abc123")
+        plan = plan_disk(disk(), "auto", live)
+        assert (plan.level == "incremental") is ok, plan.reason
+        if not ok:
+            assert "not the one chain" in plan.reason
