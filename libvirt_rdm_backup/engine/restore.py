@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import stat
@@ -29,6 +28,7 @@ from libvirt_rdm_backup.errors import (
 )
 from libvirt_rdm_backup.fileutil import new_file_whole, remove_stale_partials
 from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.qemu.layers import json_filename
 from libvirt_rdm_backup.repository.chain import DiskPoint
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.store import (
@@ -267,7 +267,7 @@ def _punch_file(path: str, length: int) -> None:
 def write_disk(node: dict[str, Any], record: DiskRecord, to: str, exists: bool,
                is_block: bool) -> int:
     """Write the disk image ``node`` (blockdev options) to ``to``; returns bytes zeroed."""
-    source = "json:" + json.dumps(node)
+    source = json_filename(node)
     if not exists:  # a new file appears whole or not at all
         try:
             with new_file_whole(os.path.realpath(to)) as partial:
@@ -290,7 +290,7 @@ def write_disk(node: dict[str, Any], record: DiskRecord, to: str, exists: bool,
         _punch_file(to, max(length, record.size))
         length = record.size
     if length < record.size:
-        source = "json:" + json.dumps({"driver": "raw", "size": length, "file": node})
+        source = json_filename({"driver": "raw", "size": length, "file": node})
     img.convert(source, to, target_fmt="raw", existing_target=True, target_is_zero=True)
     return zeroed
 
@@ -331,10 +331,10 @@ def restore(
             refuse_store_paths(store, to)
         exists, is_block = check_target(to, record.size, force, conn)
         points = verify_lineage(store, manifest, disk)
-        node = store.image_node(manifest, record, [p.record for p in points[1:]])
+        node = store.image_node(points)
         try:
             zeroed = write_disk(node, record, to, exists, is_block)
-            data = img.data_bytes("json:" + json.dumps(node))
+            data = img.data_bytes(json_filename(node))
         except RdmBackupError as err:
             raise OperationError(f"restore of {disk} to {to} failed: {err}") from err
     return RestoreResult(

@@ -32,8 +32,9 @@ from typing import Any
 import nbd
 
 from libvirt_rdm_backup.errors import NotFoundError, OperationError, RepositoryError
+from libvirt_rdm_backup.qemu.layers import option_value
 from libvirt_rdm_backup.repository.digest import BUFFER, Digest
-from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.manifest import MAX_MANIFEST, DiskRecord, Manifest
 from libvirt_rdm_backup.repository.store import Damage, now_iso
 from libvirt_rdm_backup.targets.uri import NbdAddress
 
@@ -197,6 +198,16 @@ class NbdVolume:
         except nbd.Error as err:
             raise OperationError(f"NBD flush of {self.address.uri} failed: {err}") from err
 
+    def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` (small metadata only; bounds checked)."""
+        if offset < DATA_START or length < 0 or offset + length > self.size:
+            raise RepositoryError(f"bytes {offset}..{offset + length} lie outside the data "
+                                  f"area of {self.address.uri}")
+        try:
+            return bytes(self.handle.pread(length, offset))
+        except nbd.Error as err:
+            raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
+
     def digest(self, offset: int, length: int) -> Digest:
         """sha256 of a region's first ``length`` bytes, read in large requests."""
         hasher = hashlib.sha256()
@@ -242,6 +253,9 @@ class NbdVolume:
             if domain_uuid is not None and uuid != domain_uuid:
                 continue
             offset, length = entry["manifest"]
+            if not 0 < int(length) <= MAX_MANIFEST:
+                damaged.append(Damage(uuid, backup_id, f"manifest of {length} bytes"))
+                continue
             try:
                 raw = bytes(self.handle.pread(int(length), int(offset)))
             except nbd.Error as err:
@@ -326,7 +340,7 @@ class NbdVolume:
         """``--object`` definitions qemu-img needs to open this volume's nodes."""
         if self.tls_dir is None:
             return ()
-        return (f"tls-creds-x509,id={TLS_ID},endpoint=client,dir={self.tls_dir}",)
+        return (f"tls-creds-x509,id={TLS_ID},endpoint=client,dir={option_value(self.tls_dir)}",)
 
     def layer_node(self, record: DiskRecord, lower: list[DiskRecord]) -> dict[str, Any]:
         """Blockdev options of a disk's point: its qcow2 region over the lower layers."""
