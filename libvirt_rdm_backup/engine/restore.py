@@ -291,7 +291,9 @@ def write_disk(node: dict[str, Any], record: DiskRecord, to: str, exists: bool,
         length = record.size
     if length < record.size:
         source = json_filename({"driver": "raw", "size": length, "file": node})
-    img.convert(source, to, target_fmt="raw", existing_target=True, target_is_zero=True)
+    # an absolute path: qemu-img never takes a ``name:`` prefix of it for a protocol
+    img.convert(source, os.path.realpath(to), target_fmt="raw", existing_target=True,
+                target_is_zero=True)
     return zeroed
 
 

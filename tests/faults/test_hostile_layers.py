@@ -32,6 +32,7 @@ from tests.faults.test_repository_damage import (
     DISKS,
     LUN_SIZE,
     Point,
+    back_up,
     cli,
     make_chain,
     refused,
@@ -234,3 +235,30 @@ def test_a_data_file_named_in_an_nbd_volume_layer_is_refused() -> None:
             assert watch.events() == 0
         finally:
             server.stop()
+
+
+@pytest.mark.bad_input
+def test_paths_with_commas_and_colons_are_never_misparsed() -> None:
+    """A repository under ``a,b:c`` and a restore target named ``x:y,z`` work as paths:
+    full, incremental and resync layers, their chain, and the restore compare equal."""
+    with lab_vm(loop_size=DISK_SIZE, lun_size=LUN_SIZE) as vm:
+        base = vm.workdir / "odd,dir=x:y"
+        base.mkdir()
+        repo = str(base / "repo,driver=raw")
+        first, second, third = make_chain(vm, repo)
+        fourth, disks = back_up(vm, repo, vm.workdir, 3, level="resync")
+        assert disks["vdb"]["level"] == "resync", disks["vdb"]
+        for point in (first, second, third, fourth):
+            restores_identically(vm, repo, point, "vdb")
+        os.chdir(base)
+        try:
+            target = Path("x:y,z.raw")
+            target.write_bytes(b"")
+            os.truncate(target, LUN_SIZE)
+            proc = cli("restore", vm.name, "--target", repo, "--disk", "sda", "--to",
+                       str(target), "--backup", third.backup_id)
+            assert proc.returncode == 0, proc.stderr
+            assert target.read_bytes() == third.refs["sda"].read_bytes()
+        finally:
+            os.chdir("/")
+        assert api.verify(repo).ok
