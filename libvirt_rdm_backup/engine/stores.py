@@ -230,7 +230,10 @@ class FileStore:
 
         Its backing file must be exactly the one the manifest's parent link implies.
         """
-        expected = _expected_backing(record)
+        try:
+            expected = _expected_backing(record)
+        except UsageError as err:  # a malformed parent id or disk name in the manifest
+            return f"{record.data_file}: {err}"
         if record.backing_file is not None and record.backing_file != expected:
             return (f"{record.data_file}: the manifest names backing file "
                     f"{record.backing_file!r}, its parent link implies {expected!r}")

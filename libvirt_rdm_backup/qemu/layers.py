@@ -4,7 +4,7 @@ A layer's header is untrusted: it could name a backing file anywhere on the host
 an external data file, encryption, or be another format altogether. QEMU would
 follow each of them when it opens the image by name. So:
 
-* :func:`header_problem` parses the first cluster of a layer with strict bounds and
+* :func:`header_problem` parses the first 4 KiB of a layer with strict bounds and
   accepts only what this tool writes: qcow2 version 3, 64 KiB clusters, no
   encryption, no external data file, no internal snapshots, no unknown feature or
   header extension, the virtual size the manifest records, and exactly the backing
@@ -28,7 +28,9 @@ FORMAT = "qcow2"
 MAGIC = b"QFI\xfb"
 VERSION = 3
 CLUSTER_BITS = 16  # the 64 KiB clusters of every layer this tool creates
-HEADER_READ = 1 << CLUSTER_BITS  # header, extensions and backing file name lie in cluster 0
+# bytes read of a layer: its header, extensions and backing file name (under 2 KiB as QEMU
+# writes them; anything reaching further is refused)
+HEADER_READ = 4096
 MAX_BACKING_NAME = 1023  # QEMU's own limit
 
 _HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQII")  # the version 3 header up to header_length
@@ -100,7 +102,7 @@ def _extensions(data: bytes, start: int) -> tuple[dict[int, bytes], str | None]:
     pos = start
     while True:
         if pos + _EXTENSION.size > len(data):
-            return found, "has header extensions past its first cluster"
+            return found, "has header extensions past its first 4 KiB"
         kind, length = _EXTENSION.unpack_from(data, pos)
         pos += _EXTENSION.size
         if kind == EXT_END:
@@ -114,7 +116,7 @@ def _extensions(data: bytes, start: int) -> tuple[dict[int, bytes], str | None]:
         if kind in found:
             return found, f"has header extension {kind:#010x} twice"
         if pos + length > len(data):
-            return found, "has header extensions past its first cluster"
+            return found, "has header extensions past its first 4 KiB"
         found[kind] = data[pos:pos + length]
         pos += -(-length // 8) * 8
 

@@ -200,8 +200,8 @@ def test_crafted_headers(full: Path, layer: Path) -> None:
     endless = _extensions_at(good, [(EXT_BACKING_FORMAT, b"")])[:HEADER_READ]
     (header_length,) = struct.unpack_from(">I", good, 100)
     endless = _put(endless, header_length + 4, ">I", 1 << 31)
-    assert "past its first cluster" in str(header_problem(endless, None))
-    assert "past its first cluster" in str(header_problem(good[:header_length], None))
+    assert "past its first 4 KiB" in str(header_problem(endless, None))
+    assert "past its first 4 KiB" in str(header_problem(good[:header_length], None))
 
 
 @FUZZ
