@@ -119,9 +119,14 @@ def hostile(kind: str, layer: Path, outside: Path, size: int) -> None:
             assert struct.unpack(">Q", stream.read(80)[72:80])[0] & (1 << 2)
     elif kind == "luks":
         layer.unlink()
-        qemu_img("create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=x",
-                 "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-                 str(layer), str(size))
+        for _attempt in range(3):  # the key derivation's timing probe can fail under load
+            proc = subprocess.run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=x",
+                 "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100",
+                 str(layer), str(size)], capture_output=True, text=True, check=False)
+            if proc.returncode == 0:
+                break
+        assert proc.returncode == 0, proc.stderr
     elif kind == "raw":  # not an image at all: the outside pattern itself
         layer.unlink()
         shutil.copyfile(outside, layer)
