@@ -41,7 +41,7 @@ from tests.faults.test_repository_damage import (
 )
 from tests.lab.volume_server import VolumeServer
 
-pytestmark = [pytest.mark.lab, pytest.mark.fault]
+pytestmark = pytest.mark.lab
 PATTERN = b"OUTSIDE!" * 8192  # 64 KiB of a recognisable pattern
 IN_OPEN, IN_ACCESS, IN_NONBLOCK = 0x20, 0x01, 0o4000
 
@@ -140,6 +140,7 @@ def watched_refusal(watch: OpenWatch, proc: subprocess.CompletedProcess[str],
     assert watch.events() == 0, "a process opened or read the file outside the repository"
 
 
+@pytest.mark.fault
 def test_hostile_layer_headers_are_refused_before_anything_is_read() -> None:
     with lab_vm(loop_size=DISK_SIZE, lun_size=LUN_SIZE) as vm:
         repo = str(vm.workdir / "repo")
@@ -208,6 +209,7 @@ def with_data_file(head: bytes, name: bytes) -> bytes:
     return bytes(out[:len(head)])
 
 
+@pytest.mark.fault
 def test_a_data_file_named_in_an_nbd_volume_layer_is_refused() -> None:
     """The same attack from a backup server: a layer in the volume names a data file."""
     with lab_vm(loop_size=DISK_SIZE, lun_size=LUN_SIZE) as vm, \
