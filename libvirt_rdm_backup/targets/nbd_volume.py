@@ -32,7 +32,7 @@ from typing import Any
 import nbd
 
 from libvirt_rdm_backup.errors import NotFoundError, OperationError, RepositoryError
-from libvirt_rdm_backup.qemu.layers import option_value
+from libvirt_rdm_backup.qemu.layers import chain_node, option_value
 from libvirt_rdm_backup.repository.digest import BUFFER, Digest
 from libvirt_rdm_backup.repository.manifest import MAX_MANIFEST, DiskRecord, Manifest
 from libvirt_rdm_backup.repository.store import Damage, now_iso
@@ -342,13 +342,12 @@ class NbdVolume:
             return ()
         return (f"tls-creds-x509,id={TLS_ID},endpoint=client,dir={option_value(self.tls_dir)}",)
 
+    def region_node(self, offset: int, size: int) -> dict[str, Any]:
+        """Blockdev options of a region of the export (the protocol node of a layer)."""
+        return {"driver": "raw", "offset": offset, "size": size, "file": self.nbd_node()}
+
     def layer_node(self, record: DiskRecord, lower: list[DiskRecord]) -> dict[str, Any]:
         """Blockdev options of a disk's point: its qcow2 region over the lower layers."""
-        location = record.location or {}
-        node: dict[str, Any] = {
-            "driver": "qcow2",
-            "file": {"driver": "raw", "offset": int(location["offset"]),
-                     "size": int(location["region"]), "file": self.nbd_node()},
-        }
-        node["backing"] = self.layer_node(lower[0], lower[1:]) if lower else None
-        return node
+        return chain_node([self.region_node(int((r.location or {})["offset"]),
+                                            int((r.location or {})["region"]))
+                           for r in [record, *lower]])
