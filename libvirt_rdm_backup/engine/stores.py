@@ -263,6 +263,8 @@ class VolumeStore:
         self.volume = volume
         self.repo_id = volume.repo_id
         self._objects = img.objects(*volume.qemu_img_objects())
+        self._checked: dict[int, bytes] = {}  # region offset -> the header bytes checked
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
 
     def __enter__(self) -> VolumeStore:
         self._objects.__enter__()  # qemu-img calls of this store get the TLS object
@@ -271,6 +273,8 @@ class VolumeStore:
     def __exit__(self, *exc: object) -> None:
         self._objects.__exit__(None, None, None)
         self.volume.close()
+        if self._scratch is not None:
+            self._scratch.cleanup()
 
     def lock(self, domain_uuid: str) -> ContextManager[None]:
         """One writer per volume (on this host; NBD itself has no locks)."""
@@ -388,11 +392,33 @@ class VolumeStore:
         offset, length = int(location["offset"]), int(location["length"])
         data = self.volume.read(offset, min(length, layers.HEADER_READ))
         problem = layers.header_problem(data, None, record.size)
-        return None if problem is None else f"{record.data_file} {problem}"
+        if problem is not None:
+            return f"{record.data_file} {problem}"
+        self._checked[offset] = data
+        return None
 
     def image_node(self, points: list[DiskPoint]) -> dict[str, Any]:
-        """The point's qcow2 region with the lower layers as explicit backing nodes."""
-        return self.volume.layer_node(points[0].record, [p.record for p in points[1:]])
+        """The point's qcow2 regions, each one's backing explicit and its header pinned.
+
+        QEMU reads each layer's header from a local copy of the bytes that were checked
+        (:func:`~libvirt_rdm_backup.qemu.layers.pinned_head`), the rest from the export:
+        a server cannot show QEMU another header than it showed the check.
+        """
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="rdmb-headers-")
+        files = []
+        for point in points:
+            record = point.record
+            location = record.location or {}
+            offset, region = int(location["offset"]), int(location["region"])
+            if offset not in self._checked:
+                problem = self.header_problem(record)
+                if problem is not None:
+                    raise DamagedBackupError(point.backup_id, problem, record.disk.target)
+            files.append(layers.pinned_head(
+                self._checked[offset], self.volume.region_node(offset, region), region,
+                os.path.join(self._scratch.name, f"{offset}.qcow2")))
+        return layers.chain_node(files)
 
     def holds(self, path: str) -> bool:
         """False: the volume's file is on the backup server, not a local path of this store."""

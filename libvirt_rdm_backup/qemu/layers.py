@@ -193,6 +193,25 @@ def json_filename(node: dict[str, Any]) -> str:
     return "json:" + json.dumps(node, separators=(",", ":"))
 
 
+def pinned_head(head: bytes, rest: dict[str, Any], size: int, path: str) -> dict[str, Any]:
+    """A protocol node that reads ``head`` (checked bytes) at offset 0 and ``rest`` elsewhere.
+
+    For layers QEMU would otherwise read again from a place that may answer differently
+    (an NBD server): ``path`` becomes a small local qcow2 overlay of ``size`` bytes whose
+    first cluster holds ``head``, backed by ``rest``; so QEMU opens exactly the header that
+    was checked. ``path`` must be in a private directory; the caller removes it.
+    """
+    from libvirt_rdm_backup.process import run
+    from libvirt_rdm_backup.qemu import img
+
+    with open(path + ".head", "wb") as stream:
+        stream.write(head)
+    img.create(path, FORMAT, size)
+    run(["qemu-io", "-f", FORMAT, "-c", f"write -q -s {path}.head 0 {len(head)}", path])
+    os.unlink(path + ".head")
+    return {"driver": FORMAT, "file": file_node(path), "backing": rest, "read-only": True}
+
+
 def option_value(value: str) -> str:
     """``value`` for a QEMU option string (``key=value,...``): commas doubled."""
     return value.replace(",", ",,")

@@ -32,9 +32,9 @@ from typing import Any
 import nbd
 
 from libvirt_rdm_backup.errors import NotFoundError, OperationError, RepositoryError
-from libvirt_rdm_backup.qemu.layers import chain_node, option_value
+from libvirt_rdm_backup.qemu.layers import option_value
 from libvirt_rdm_backup.repository.digest import BUFFER, Digest
-from libvirt_rdm_backup.repository.manifest import MAX_MANIFEST, DiskRecord, Manifest
+from libvirt_rdm_backup.repository.manifest import MAX_MANIFEST, Manifest
 from libvirt_rdm_backup.repository.store import Damage, now_iso
 from libvirt_rdm_backup.targets.uri import NbdAddress
 
@@ -345,9 +345,3 @@ class NbdVolume:
     def region_node(self, offset: int, size: int) -> dict[str, Any]:
         """Blockdev options of a region of the export (the protocol node of a layer)."""
         return {"driver": "raw", "offset": offset, "size": size, "file": self.nbd_node()}
-
-    def layer_node(self, record: DiskRecord, lower: list[DiskRecord]) -> dict[str, Any]:
-        """Blockdev options of a disk's point: its qcow2 region over the lower layers."""
-        return chain_node([self.region_node(int((r.location or {})["offset"]),
-                                            int((r.location or {})["region"]))
-                           for r in [record, *lower]])

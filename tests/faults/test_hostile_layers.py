@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
+from libvirt_rdm_backup.engine.restore import verify_lineage, write_disk
+from libvirt_rdm_backup.engine.stores import open_store
 from libvirt_rdm_backup.qemu.layers import HEADER_READ
 from libvirt_rdm_backup.repository.digest import file_digest
 from tests.e2e.lab_vm import LabVM, lab_vm
@@ -269,3 +271,35 @@ def test_paths_with_commas_and_colons_are_never_misparsed() -> None:
         finally:
             os.chdir("/")
         assert api.verify(repo).ok
+
+
+@pytest.mark.fault
+def test_a_volume_cannot_show_qemu_another_header_than_it_showed_the_check() -> None:
+    """The server answers the check with the good header, then changes it before QEMU
+    opens the layer: QEMU still reads the header that was checked (a local copy)."""
+    with lab_vm(loop_size=DISK_SIZE, lun_size=LUN_SIZE) as vm, \
+            outside_file(vm.workdir) as (outside, watch):
+        server = VolumeServer(vm.workdir / "volume.img")
+        server.start()
+        try:
+            repo = server.uri
+            _first, _second, third = make_chain(vm, repo)
+            out = vm.workdir / "swapped.raw"
+            with open_store(repo) as store:
+                manifest = next(m for m in store.all_backups()
+                                if m.backup_id == third.backup_id)
+                points = verify_lineage(store, manifest, "sda")  # headers checked here
+                for point in points:  # ... and changed on the server right after
+                    offset = int((point.record.location or {})["offset"])
+                    with open(server.path, "r+b") as stream:
+                        stream.seek(offset)
+                        head = stream.read(HEADER_READ)
+                        stream.seek(offset)
+                        stream.write(with_data_file(head, str(outside).encode()))
+                watch.events()
+                write_disk(store.image_node(points), points[0].record, str(out),
+                           exists=False, is_block=False)
+            assert watch.events() == 0, "QEMU opened the data file the server named late"
+            assert out.read_bytes() == third.refs["sda"].read_bytes()
+        finally:
+            server.stop()
