@@ -34,6 +34,7 @@ from libvirt_rdm_backup.qemu.fleece import (
     resync_layer,
 )
 from libvirt_rdm_backup.qemu.jobs import backup_action, cancel_jobs, transaction, wait_jobs
+from libvirt_rdm_backup.qemu.layers import option_value
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
 from libvirt_rdm_backup.qemu.unplug import release_unplugged, unplug_check
@@ -68,9 +69,9 @@ def _raw_source_opts(presented: Presented, size: int) -> str:
         inner = (f"file.driver=iscsi,file.transport=tcp,file.portal={portal},"
                  f"file.target={target},file.lun={lun}")
     elif presented.source.startswith("/dev/"):
-        inner = f"file.driver=host_device,file.filename={presented.source}"
+        inner = f"file.driver=host_device,file.filename={option_value(presented.source)}"
     else:
-        inner = f"file.driver=file,file.filename={presented.source}"
+        inner = f"file.driver=file,file.filename={option_value(presented.source)}"
     return f"driver=raw,offset={presented.offset},size={size},{inner}"
 
 

@@ -44,7 +44,9 @@ from libvirt_rdm_backup.consistency import recover_window
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.discover import fill_live_facts, open_domain, select_disks
 from libvirt_rdm_backup.engine.locks import domain_lock
+from libvirt_rdm_backup.engine.stores import FileStore
 from libvirt_rdm_backup.errors import (
+    DamagedBackupError,
     NotFoundError,
     NotRawDiskError,
     OperationError,
@@ -64,7 +66,8 @@ from libvirt_rdm_backup.qemu.jobs import transaction
 from libvirt_rdm_backup.qemu.leftovers import remove_leftovers
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import PREFIX, object_name
-from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN, chain_of
+from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN, DiskPoint, chain_of, lineage
+from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.store import Repository, check_safe_name, now_iso
 
 log = logging.getLogger(__name__)
@@ -195,12 +198,15 @@ def _dirty_sources(repo: Repository, domain_uuid: str, chain_name: str,
                    selected: list[RawDisk], monitor: Monitor
                    ) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
     """Per disk, (chain bitmap, backup id) to export as dirty bitmap, or why there is none."""
-    chain = chain_of(repo.scan(domain_uuid)[0], chain_name)  # readable backups only
+    backups = repo.scan(domain_uuid)[0]  # readable backups only
+    chain = chain_of(backups, chain_name)
     live = bitmaps.node_bitmaps(monitor)
     found: dict[str, tuple[str, str]] = {}
     notes: dict[str, str] = {}
     for disk in selected:
         point = chain.last_point(disk.target)
+        if point is not None:
+            _refuse_foreign_layers(repo, backups, point)
         if point is None:
             notes[disk.target] = f"chain {chain_name} has no backup of {disk.target}"
         elif not point.record.bitmap:
@@ -220,6 +226,17 @@ def _dirty_sources(repo: Repository, domain_uuid: str, chain_name: str,
     for target, note in notes.items():
         log.info("disk %s: no dirty bitmap: %s", target, note)
     return found, notes
+
+
+def _refuse_foreign_layers(repo: Repository, backups: list[Manifest], point: DiskPoint
+                           ) -> None:
+    """Raise DamagedBackupError when a layer of ``point`` has a header this tool did not
+    write (a reader is told the writes since it: the point must be one of ours)."""
+    store = FileStore(repo)
+    for layer in lineage(backups, point.manifest, point.record.disk.target)[0]:
+        problem = store.header_problem(layer.manifest, layer.record)
+        if problem is not None:
+            raise DamagedBackupError(layer.backup_id, problem, layer.record.disk.target)
 
 
 class _Teardown:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import stat
@@ -32,6 +31,7 @@ from libvirt_rdm_backup.errors import (
 )
 from libvirt_rdm_backup.fileutil import new_file_whole, remove_stale_partials
 from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.qemu.layers import json_filename
 from libvirt_rdm_backup.repository.chain import DiskPoint
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.order import newest, newest_damage
@@ -353,7 +353,7 @@ def write_disk(node: dict[str, Any], record: DiskRecord, target: Target) -> int:
     An existing target is written through its open descriptor only. When the copy
     fails there, the error names the range that may have been changed.
     """
-    source = "json:" + json.dumps(node)
+    source = json_filename(node)
     if not target.exists:  # a new file appears whole or not at all
         try:
             with new_file_whole(target.real) as partial:
@@ -375,7 +375,7 @@ def write_disk(node: dict[str, Any], record: DiskRecord, target: Target) -> int:
         else:
             _punch_file(target, length)
         if length < record.size:
-            source = "json:" + json.dumps({"driver": "raw", "size": length, "file": node})
+            source = json_filename({"driver": "raw", "size": length, "file": node})
         img.convert(source, target.fd_path, target_fmt="raw", existing_target=True,
                     target_is_zero=True, pass_fds=(target.fd,))
         os.fsync(target.fd)  # durable, and a failed write-back is this restore's failure
@@ -427,9 +427,9 @@ def restore(
                             "mounts, swap and QEMU processes only, not against the iSCSI "
                             "LUNs of running domains", to)
             points = verify_lineage(store, manifest, disk)
-            node = store.image_node(manifest, record, [p.record for p in points[1:]])
+            node = store.image_node(points)
             try:
-                data = img.data_bytes("json:" + json.dumps(node))  # opens the whole chain
+                data = img.data_bytes(json_filename(node))  # opens the whole chain
                 zeroed = write_disk(node, record, dest)
             except RdmBackupError as err:
                 raise OperationError(f"restore of {disk} to {to} failed: {err}") from err

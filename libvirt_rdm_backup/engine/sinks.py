@@ -7,7 +7,6 @@ it to the running QEMU as a writable node (for block jobs), and name it as a
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import tempfile
@@ -19,6 +18,7 @@ from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.errors import OperationError, QmpError, RdmBackupError
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.blockdev import attached_image
+from libvirt_rdm_backup.qemu.layers import chain_node, json_filename
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
 from libvirt_rdm_backup.repository.store import Staging
@@ -113,15 +113,10 @@ class NbdSink:
     def node(self, plan: DiskPlan) -> dict[str, Any]:
         """Blockdev options of the disk's layer (qcow2 on its region of the export)."""
         location = self.locations[plan.disk.target]
-        return {
-            "driver": DATA_FORMAT,
-            "file": {"driver": "raw", "offset": location["offset"], "size": location["region"],
-                     "file": self.volume.nbd_node()},
-            "backing": None,
-        }
+        return chain_node([self.volume.region_node(location["offset"], location["region"])])
 
     def target(self, plan: DiskPlan) -> str:
-        return "json:" + json.dumps(self.node(plan))
+        return json_filename(self.node(plan))
 
     def attach(self, monitor: Monitor, plan: DiskPlan) -> AbstractContextManager[str]:
         return _nbd_node(monitor, self.node(plan), plan, self.volume.tls_object(),

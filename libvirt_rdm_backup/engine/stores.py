@@ -21,13 +21,19 @@ from libvirt_rdm_backup.engine.capture import Capture
 from libvirt_rdm_backup.engine.locks import LOCK_DIR
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, FileSink, NbdSink, Sink
-from libvirt_rdm_backup.errors import RdmBackupError, UsageError
+from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError, UsageError
 from libvirt_rdm_backup.fslock import exclusive
-from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.qemu import img, layers
+from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap, chunkmap_of_layer
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.repository.store import Damage, Repository, check_safe_name
+from libvirt_rdm_backup.repository.store import (
+    Damage,
+    Repository,
+    check_backup_id,
+    check_safe_name,
+)
 from libvirt_rdm_backup.storage.base import RawDiskMapping
 from libvirt_rdm_backup.targets.nbd_volume import NbdVolume, location_problem
 from libvirt_rdm_backup.targets.uri import NbdAddress, parse_target
@@ -70,8 +76,7 @@ class Store(Protocol):
 
     def layer_problem(self, manifest: Manifest, record: DiskRecord) -> str | None: ...
 
-    def image_node(self, manifest: Manifest, record: DiskRecord,
-                   lower: list[DiskRecord]) -> dict[str, Any]: ...
+    def image_node(self, points: list[DiskPoint]) -> dict[str, Any]: ...
 
     def holds(self, path: str) -> bool: ...
 
@@ -144,7 +149,24 @@ class FileStore:
 
     def record(self, plan: DiskPlan, sink: Sink, captured: Capture, mapping: Mapping,
                parent_maps: dict[str, ChunkMap]) -> DiskRecord:
-        return _record(plan, sink.target(plan), captured, mapping, parent_maps)
+        return _record(plan, sink.target(plan), captured, mapping, parent_maps,
+                       self._lower_paths(plan))
+
+    def _lower_paths(self, plan: DiskPlan) -> list[str]:
+        """The layers a new layer builds on, top first, from the manifests' parent links."""
+        if plan.parent is None:
+            return []
+        point = plan.parent
+        points, missing = lineage(self.backups(point.manifest.domain_uuid), point.manifest,
+                                  point.record.disk.target)
+        if missing is not None:
+            raise DamagedBackupError(point.backup_id, f"builds on backup {missing}, which is "
+                                     "missing or damaged", point.record.disk.target)
+        for lower in points:  # QEMU may read them: only layers this tool wrote
+            problem = self.header_problem(lower.manifest, lower.record)
+            if problem is not None:
+                raise DamagedBackupError(lower.backup_id, problem, lower.record.disk.target)
+        return self.layer_paths(points)
 
     def publish(self, sink: Sink, manifest: Manifest) -> str:
         return self.repo.publish(self._staging, manifest)
@@ -164,10 +186,13 @@ class FileStore:
         """What is wrong with a disk's stored data (digests of data file and chunk map).
 
         A mismatch is recorded beside the data, for :meth:`layer_problem` of later
-        backups; a match clears such a record (the data was repaired).
+        backups; a match clears such a record (the data was repaired). The layer's
+        header is checked first (:meth:`header_problem`).
         """
         path = self.repo.data_file(manifest, record)
-        problem, lasting = _file_problem(path, record.data_file, record.digest)
+        problem, lasting = self.header_problem(manifest, record), True
+        if problem is None:
+            problem, lasting = _file_problem(path, record.data_file, record.digest)
         if problem is None and record.chunk_map and record.chunk_map_digest:
             chunk_path = os.path.join(os.path.dirname(path),
                                       check_safe_name(record.chunk_map, "chunk map"))
@@ -190,6 +215,9 @@ class FileStore:
             return f"{record.data_file} unreadable: {err.strerror}"
         if record.file_size is not None and size != record.file_size:
             return f"{record.data_file} has {size} bytes, not {record.file_size}"
+        header = self.header_problem(manifest, record)
+        if header is not None:
+            return header
         if record.chunk_map:  # a resync compares with it; verify counts it as stored data
             directory = self.repo.backup_dir(manifest.domain_uuid, manifest.backup_id)
             if not os.path.isfile(os.path.join(
@@ -197,11 +225,29 @@ class FileStore:
                 return f"chunk map {record.chunk_map} is missing"
         return None
 
-    def image_node(self, manifest: Manifest, record: DiskRecord,
-                   lower: list[DiskRecord]) -> dict[str, Any]:
-        """The point's qcow2 file; its header names the lower layers (relative paths)."""
-        path = self.repo.data_file(manifest, record)
-        return {"driver": DATA_FORMAT, "file": {"driver": "file", "filename": path}}
+    def header_problem(self, manifest: Manifest, record: DiskRecord) -> str | None:
+        """What in a layer's header this tool did not write (read before any of its data).
+
+        Its backing file must be exactly the one the manifest's parent link implies.
+        """
+        try:
+            expected = _expected_backing(record)
+        except UsageError as err:  # a malformed parent id or disk name in the manifest
+            return f"{record.data_file}: {err}"
+        if record.backing_file is not None and record.backing_file != expected:
+            return (f"{record.data_file}: the manifest names backing file "
+                    f"{record.backing_file!r}, its parent link implies {expected!r}")
+        problem = layers.file_problem(self.repo.data_file(manifest, record), expected,
+                                      record.size)
+        return None if problem is None else f"{record.data_file} {problem}"
+
+    def layer_paths(self, points: list[DiskPoint]) -> list[str]:
+        """The data files of a point's layers (itself first), as the layout places them."""
+        return [self.repo.data_file(p.manifest, p.record) for p in points]
+
+    def image_node(self, points: list[DiskPoint]) -> dict[str, Any]:
+        """The point's layers (itself first), each one's backing given explicitly."""
+        return layers.file_chain(self.layer_paths(points))
 
     def holds(self, path: str) -> bool:
         """True when writing the local ``path`` would write into the repository."""
@@ -217,6 +263,8 @@ class VolumeStore:
         self.volume = volume
         self.repo_id = volume.repo_id
         self._objects = img.objects(*volume.qemu_img_objects())
+        self._checked: dict[int, bytes] = {}  # region offset -> the header bytes checked
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
 
     def __enter__(self) -> VolumeStore:
         self._objects.__enter__()  # qemu-img calls of this store get the TLS object
@@ -225,6 +273,8 @@ class VolumeStore:
     def __exit__(self, *exc: object) -> None:
         self._objects.__exit__(None, None, None)
         self.volume.close()
+        if self._scratch is not None:
+            self._scratch.cleanup()
 
     @contextmanager
     def lock(self, domain_uuid: str) -> Iterator[None]:
@@ -297,6 +347,10 @@ class VolumeStore:
             return f"{record.data_file}: {problem}"
         assert location is not None
         try:
+            problem = self.header_problem(record)
+            if problem is not None:
+                self._mark(manifest, record.disk.target, problem)
+                return problem
             digest = self.volume.digest(int(location["offset"]), int(location["length"]))
         except RdmBackupError as err:
             return f"{record.data_file} unreadable: {err}"
@@ -329,12 +383,53 @@ class VolumeStore:
         if mark is not None:
             return mark
         problem = location_problem(record.location, self.volume.size)
-        return None if problem is None else f"{record.data_file}: {problem}"
+        if problem is not None:
+            return f"{record.data_file}: {problem}"
+        try:
+            return self.header_problem(record)
+        except (KeyError, TypeError, ValueError) as err:
+            return f"{record.data_file}: malformed location: {err}"
+        except RdmBackupError as err:
+            return f"{record.data_file} unreadable: {err}"
 
-    def image_node(self, manifest: Manifest, record: DiskRecord,
-                   lower: list[DiskRecord]) -> dict[str, Any]:
-        """The point's qcow2 region with the lower layers as explicit backing nodes."""
-        return self.volume.layer_node(record, lower)
+    def header_problem(self, record: DiskRecord) -> str | None:
+        """What in a layer's header this tool did not write (a region never has a backing
+        file: the lower layers are given explicitly)."""
+        location = record.location or {}
+        offset, length = int(location["offset"]), int(location["length"])
+        data = self.volume.read(offset, min(length, layers.HEADER_READ))
+        problem = layers.header_problem(data, None, record.size)
+        if problem is not None:
+            return f"{record.data_file} {problem}"
+        self._checked[offset] = data
+        return None
+
+    def image_node(self, points: list[DiskPoint]) -> dict[str, Any]:
+        """The point's qcow2 regions, each one's backing explicit and its header pinned.
+
+        QEMU reads each layer's header from a local copy of the bytes that were checked
+        (:func:`~libvirt_rdm_backup.qemu.layers.pinned_head`), the rest from the export:
+        a server cannot show QEMU another header than it showed the check.
+        """
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="rdmb-headers-")
+        files = []
+        for point in points:
+            record = point.record
+            problem = location_problem(record.location, self.volume.size)
+            if problem is not None:
+                raise DamagedBackupError(point.backup_id, f"{record.data_file}: {problem}",
+                                         record.disk.target)
+            location = record.location or {}
+            offset, region = int(location["offset"]), int(location["region"])
+            if offset not in self._checked:
+                problem = self.header_problem(record)
+                if problem is not None:
+                    raise DamagedBackupError(point.backup_id, problem, record.disk.target)
+            files.append(layers.pinned_head(
+                self._checked[offset], self.volume.region_node(offset, region), region,
+                os.path.join(self._scratch.name, f"{offset}.qcow2")))
+        return layers.chain_node(files)
 
     def holds(self, path: str) -> bool:
         """False: the volume's file is on the backup server, not a local path of this store."""
@@ -354,6 +449,16 @@ def _file_problem(path: str, what: str, expected: Digest) -> tuple[str | None, b
     return None, False
 
 
+def _expected_backing(record: DiskRecord) -> str | None:
+    """The backing file name a file repository's layer has: its parent's layer, as the
+    layout places it (``../<parent id>/<disk>.qcow2``), or none for a full copy."""
+    if record.parent is None:
+        return None
+    parent = check_backup_id(record.parent)
+    return os.path.join("..", parent, f"{check_safe_name(record.disk.target, 'disk name')}"
+                                      f".{DATA_FORMAT}")
+
+
 def _image_end(image: str) -> int:
     """The end of a qcow2 image's used area."""
     return img.check_end(image, DATA_FORMAT)
@@ -369,17 +474,17 @@ def _parent_maps(repo: Repository, plans: list[DiskPlan]) -> dict[str, ChunkMap]
         directory = repo.backup_dir(point.manifest.domain_uuid, point.backup_id)
         path = os.path.join(directory, check_safe_name(point.record.chunk_map, "chunk map"))
         try:
-            maps[plan.disk.target] = ChunkMap.load(path)
+            maps[plan.disk.target] = ChunkMap.load(path, point.record.size)
         except RdmBackupError as err:
             if plan.level == "resync":
-                raise
+                raise DamagedBackupError(point.backup_id, str(err), plan.disk.target) from err
             log.warning("disk %s: %s; the new point gets no chunk map", plan.disk.target, err)
     return maps
 
 
 def _chunk_map(plan: DiskPlan, path: str, captured: Capture,
-               parent_maps: dict[str, ChunkMap], extents: list[img.MapExtent]
-               ) -> ChunkMap | None:
+               parent_maps: dict[str, ChunkMap], extents: list[img.MapExtent],
+               lower: list[str]) -> ChunkMap | None:
     """The new point's chunk map: from the resync, or from the layer's own clusters."""
     target = plan.disk.target
     if target in captured.chunk_maps:
@@ -387,15 +492,17 @@ def _chunk_map(plan: DiskPlan, path: str, captured: Capture,
     parent = parent_maps.get(target)
     if plan.parent is not None and parent is None:
         return None  # the point below has no map: nothing to build on
-    return chunkmap_of_layer(path, parent, int(plan.disk.size or 0), extents)
+    return chunkmap_of_layer(path, parent, int(plan.disk.size or 0), extents, lower)
 
 
 def _record(plan: DiskPlan, path: str, captured: Capture, mapping: Mapping,
-            parent_maps: dict[str, ChunkMap]) -> DiskRecord:
-    extents = img.map_extents(path, DATA_FORMAT)
+            parent_maps: dict[str, ChunkMap], lower: list[str]) -> DiskRecord:
+    """The record of a new layer ``path`` over the layers ``lower`` (top first)."""
+    layer = layers.json_filename(layers.file_chain([path]))  # its own clusters only
+    extents = img.map_extents(layer)
     with ThreadPoolExecutor(1) as pool:  # both read the new data: hash it side by side
         data_digest = pool.submit(file_digest, path)
-        chunk_map = _chunk_map(plan, path, captured, parent_maps, extents)
+        chunk_map = _chunk_map(plan, path, captured, parent_maps, extents, lower)
         digest = data_digest.result()
     chunk_file = None
     if chunk_map is not None:
@@ -403,7 +510,7 @@ def _record(plan: DiskPlan, path: str, captured: Capture, mapping: Mapping,
         chunk_map.save(os.path.join(os.path.dirname(path), chunk_file))
     return DiskRecord(
         **_common_fields(plan, captured, mapping),
-        size=int(plan.disk.size or img.virtual_size(path, DATA_FORMAT)),
+        size=int(plan.disk.size or img.virtual_size(layer)),
         data_file=os.path.basename(path),
         digest=digest,
         bytes_transferred=img.data_bytes(path, own_only=True, extents=extents),

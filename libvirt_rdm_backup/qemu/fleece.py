@@ -49,7 +49,7 @@ from libvirt_rdm_backup.errors import (
     StorageError,
 )
 from libvirt_rdm_backup.process import die_with_parent, require_tool, stall_timeout
-from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.qemu.blockdev import _free_fdset_id
 from libvirt_rdm_backup.qemu.jobs import backup_action, transaction
 from libvirt_rdm_backup.qemu.monitor import Monitor
@@ -746,7 +746,10 @@ def resync_layer(
             raise StorageError(f"{nbd_uri} has {exported} bytes, expected {size}")
         create_layer(layer_path, backing_relpath, size)
         created = True
-        with qemu_nbd_server(layer_path, "qcow2", readonly=False) as layer_uri:
+        # the layer alone, its backing file not opened: only whole clusters are
+        # written (the last one up to the disk's end), so nothing is copied up
+        layer_only = layers.json_filename(layers.file_chain([layer_path]))
+        with qemu_nbd_server(layer_only, None, readonly=False) as layer_uri:
             target = connect_nbd(layer_uri)
             try:
                 writer = _LayerWriter(target)

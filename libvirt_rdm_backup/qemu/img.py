@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from libvirt_rdm_backup.errors import OperationError
-from libvirt_rdm_backup.process import run, stall_timeout
+from libvirt_rdm_backup.errors import CommandError, OperationError
+from libvirt_rdm_backup.process import die_with_parent, run, stall_timeout
+
+MAX_MAP_LINE = 4096  # one extent of ``qemu-img map --output=json`` is about 120 bytes
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,14 @@ def check_end(path: str, fmt: str) -> int:
 
 
 def create(path: str, fmt: str, size: int, backing: str | None = None) -> None:
-    """Create an image (qcow2 with 64 KiB clusters by default)."""
+    """Create an image (qcow2 with 64 KiB clusters by default).
+
+    A ``backing`` name is only written into the header (``-u``): the backing file,
+    which comes from a repository, is not opened.
+    """
     argv = [*_qemu_img("create"), "-q", "-f", fmt]
     if backing is not None:
-        argv += ["-b", backing, "-F", "qcow2"]
+        argv += ["-u", "-b", backing, "-F", "qcow2"]
     argv += [path, str(size)]
     run(argv)
 
@@ -86,32 +94,61 @@ def virtual_size(path: str, fmt: str | None = None) -> int:
     return int(info(path, fmt)["virtual-size"])
 
 
-def map_extents(path: str, fmt: str | None = None, image_opts: bool = False) -> list[MapExtent]:
-    """Allocation map of an image (its backing chain included)."""
+def _extent(line: str) -> MapExtent:
+    """One extent line of ``qemu-img map --output=json`` (``[{...},``, ``{...},``, ``{...}]``)."""
+    e = json.loads(line.strip().removeprefix("[").removesuffix(",").removesuffix("]"))
+    return MapExtent(
+        start=int(e["start"]),
+        length=int(e["length"]),
+        data=bool(e["data"]),
+        zero=bool(e["zero"]),
+        depth=int(e.get("depth", 0)),
+        present=bool(e.get("present", True)),
+        offset=int(e["offset"]) if "offset" in e else None,
+    )
+
+
+def iter_map(path: str, fmt: str | None = None, image_opts: bool = False
+             ) -> Iterator[MapExtent]:
+    """Allocation map of an image, streamed: one extent at a time, lines of bounded length.
+
+    ``path`` may be a ``json:`` filename (see :mod:`libvirt_rdm_backup.qemu.layers`).
+    Raises CommandError when qemu-img fails, ValueError on output it cannot parse.
+    """
     argv = [*_qemu_img("map"), "--output=json"]
     if image_opts:
         argv.append("--image-opts")
     elif fmt:
         argv += ["-f", fmt]
     argv.append(path)
-    return [
-        MapExtent(
-            start=int(e["start"]),
-            length=int(e["length"]),
-            data=bool(e["data"]),
-            zero=bool(e["zero"]),
-            depth=int(e.get("depth", 0)),
-            present=bool(e.get("present", True)),
-            offset=int(e["offset"]) if "offset" in e else None,
-        )
-        for e in json.loads(run(argv).stdout)
-    ]
+    with tempfile.TemporaryFile() as stderr, subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+            preexec_fn=die_with_parent) as proc:
+        assert proc.stdout is not None
+        try:
+            while line := proc.stdout.readline(MAX_MAP_LINE):
+                if len(line) >= MAX_MAP_LINE and not line.endswith(b"\n"):
+                    raise ValueError("qemu-img map printed an overlong line")
+                if line.strip() in (b"", b"[", b"]", b"[]"):
+                    continue
+                yield _extent(line.decode("ascii"))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        if proc.wait() != 0:
+            stderr.seek(0)
+            raise CommandError(argv, proc.returncode, stderr.read(65536).decode(errors="replace"))
+
+
+def map_extents(path: str, fmt: str | None = None, image_opts: bool = False) -> list[MapExtent]:
+    """Allocation map of an image (its backing chain included), read as a stream."""
+    return list(iter_map(path, fmt, image_opts))
 
 
 def data_bytes(path: str, fmt: str | None = None, own_only: bool = False,
                extents: list[MapExtent] | None = None) -> int:
     """Bytes of an image that hold data (``own_only``: not counting its backing files)."""
-    return sum(e.length for e in (extents if extents is not None else map_extents(path, fmt))
+    return sum(e.length for e in (extents if extents is not None else iter_map(path, fmt))
                if e.data and not e.zero and (e.depth == 0 or not own_only))
 
 

@@ -30,13 +30,13 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from libvirt_rdm_backup.errors import OperationError, RepositoryError
 from libvirt_rdm_backup.fileutil import write_atomic
-from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.qemu.img import MapExtent
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ FORMAT = "libvirt-rdm-backup/chunkmap"
 VERSION = 1
 MAGIC = b"RDMBCMAP"
 MAX_HEADER = 64 * 1024
+MAX_DIGEST_BYTES = 1 << 32  # the map of a 16 TiB disk: the most read without a known size
 READ_SIZE = 8 * 1024 * 1024
 COMPARE_BLOCK = 4096  # digests compared at once before looking at single chunks
 
@@ -166,13 +167,20 @@ class ChunkMap:
             raise RepositoryError(f"cannot write chunk map {path}: {err.strerror}") from err
 
     @classmethod
-    def load(cls, path: str) -> ChunkMap:
-        """Read a map written by :meth:`save`; RepositoryError on anything malformed."""
+    def load(cls, path: str, size: int | None = None) -> ChunkMap:
+        """Read a map written by :meth:`save`; RepositoryError on anything malformed.
+
+        ``size``: the disk's size; at most the bytes a map of it has are read.
+        """
+        limit = len(MAGIC) + _HEADER_LEN.size + MAX_HEADER + (
+            chunk_count(size) * DIGEST_SIZE if size is not None else MAX_DIGEST_BYTES)
         try:
             with open(path, "rb") as stream:
-                data = stream.read()
+                data = stream.read(limit + 1)
         except OSError as err:
             raise RepositoryError(f"cannot read chunk map {path}: {err.strerror}") from err
+        if len(data) > limit:
+            raise RepositoryError(f"chunk map {path} is malformed: over {limit} bytes")
         return cls.from_bytes(data, path)
 
     @classmethod
@@ -268,19 +276,25 @@ def set_zero_range(digests: bytearray, size: int, start: int, stop: int) -> None
 LayerExtent = MapExtent  # one extent of ``qemu-img map`` of a layer and its chain
 
 
-def layer_map(path: str) -> list[LayerExtent]:
-    """The allocation map of a qcow2 layer with its backing chain (depth 0 = the layer)."""
+def layer_map(path: str, lower: Sequence[str] = ()) -> list[LayerExtent]:
+    """The allocation map of a qcow2 layer over the layers ``lower`` (depth 0 = the layer).
+
+    The chain is exactly ``[path, *lower]``: no backing file named in a header is opened.
+    """
     try:
-        return img.map_extents(path, "qcow2")
+        return img.map_extents(layers.json_filename(layers.file_chain([path, *lower])))
     except (ValueError, KeyError, TypeError) as err:
         raise OperationError(f"cannot parse qemu-img map output of {path}: {err}") from err
 
 
 def chunkmap_of_layer(path: str, parent: ChunkMap | None, size: int,
-                      extents: list[LayerExtent] | None = None) -> ChunkMap:
-    """The chunk map of the disk as read through the qcow2 layer ``path`` and its chain.
+                      extents: list[LayerExtent] | None = None,
+                      lower: Sequence[str] = ()) -> ChunkMap:
+    """The chunk map of the disk as read through the qcow2 layer ``path`` over ``lower``.
 
-    Only the layer's own clusters (depth 0 in ``qemu-img map``) are looked at:
+    ``lower``: the layers below, top first, opened as given (their headers' backing
+    file names are never followed); ``extents`` may map the layer alone.
+    Only the layer's own clusters (depth 0 and present in ``qemu-img map``) are looked at:
     zero clusters get the zero digest, data clusters are read straight from the
     layer file at their host offset in reads of up to 8 MiB; every other chunk
     keeps ``parent``'s digest. With ``parent`` None (a full backup) a chunk that
@@ -298,7 +312,7 @@ def chunkmap_of_layer(path: str, parent: ChunkMap | None, size: int,
     else:
         digests = bytearray(ChunkMap.zero(size).digests)
     if extents is None:
-        extents = layer_map(path)
+        extents = layer_map(path, lower)
     end = extents[-1].end if extents else 0
     if end != size:
         raise RepositoryError(f"layer {path} has {end} bytes, expected {size}")
@@ -311,7 +325,7 @@ def chunkmap_of_layer(path: str, parent: ChunkMap | None, size: int,
         partial = {ext.start // CHUNK, max(ext.end - 1, ext.start) // CHUNK} - set(
             range(first, stop)
         )
-        if ext.depth != 0:
+        if ext.depth != 0 or not ext.present:
             if parent is None and ext.present:
                 raise RepositoryError(
                     f"layer {path} has no parent map, but bytes {ext.start}..{ext.end} "
@@ -333,7 +347,7 @@ def chunkmap_of_layer(path: str, parent: ChunkMap | None, size: int,
     _hash_layer_data(path, size, reads, digests)
     if fallback:
         log.info("reading %d chunks of %s through its chain", len(fallback), path)
-        _hash_through_chain(path, size, sorted(fallback), digests)
+        _hash_through_chain([path, *lower], size, sorted(fallback), digests)
     return ChunkMap(size, CHUNK, ALGORITHM, digests)
 
 
@@ -375,13 +389,16 @@ def _pread_full(fd: int, view: memoryview, offset: int, path: str) -> None:
         got += n
 
 
-def _hash_through_chain(path: str, size: int, chunks: list[int], digests: bytearray) -> None:
-    """Hash chunks read through the layer's whole chain (qemu-nbd, read-only)."""
+def _hash_through_chain(chain: list[str], size: int, chunks: list[int],
+                        digests: bytearray) -> None:
+    """Hash chunks read through the layers ``chain`` (top first; qemu-nbd, read-only)."""
     import nbd
 
     from libvirt_rdm_backup.qemu.fleece import connect_nbd, disconnect_nbd, qemu_nbd_server
 
-    with qemu_nbd_server(path, "qcow2", readonly=True) as uri:
+    path = chain[0]
+    node = layers.json_filename(layers.file_chain(chain))
+    with qemu_nbd_server(node, None, readonly=True) as uri:
         try:
             handle = connect_nbd(uri)
         except nbd.Error as err:

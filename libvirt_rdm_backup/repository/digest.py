@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
 ALGORITHM = "sha256"
+# what a manifest may name: sha256 and stronger (never md5, sha1 or an unknown name)
+ACCEPTED = frozenset({"sha256", "sha384", "sha512", "sha3_256", "sha3_384", "sha3_512"})
+_HEX = re.compile(r"[0-9a-f]+")
 BUFFER = 8 * 1024 * 1024
 
 
@@ -25,8 +29,11 @@ class Digest:
     def from_dict(cls, data: dict[str, Any]) -> Digest:
         """Inverse of :meth:`to_dict`."""
         algorithm, value = str(data["algorithm"]), str(data["value"])
-        if algorithm not in hashlib.algorithms_guaranteed:
-            raise ValueError(f"unknown digest algorithm {algorithm!r}")
+        if algorithm not in ACCEPTED:
+            raise ValueError(f"digest algorithm {algorithm[:20]!r} is not accepted "
+                             f"(only {', '.join(sorted(ACCEPTED))})")
+        if len(value) != 2 * hashlib.new(algorithm).digest_size or not _HEX.fullmatch(value):
+            raise ValueError(f"malformed {algorithm} digest")
         return cls(algorithm, value)
 
 

@@ -13,6 +13,7 @@ from libvirt_rdm_backup.storage.base import RawDiskMapping
 
 MANIFEST_FORMAT = "libvirt-rdm-backup/manifest"
 MANIFEST_VERSION = 1
+MAX_MANIFEST = 4 << 20  # bytes read of a manifest at most; a longer one is damaged
 
 
 def _optional_str(value: Any) -> str | None:

@@ -43,7 +43,12 @@ from libvirt_rdm_backup.errors import (
 )
 from libvirt_rdm_backup.fileutil import STAGING_PREFIX, fsync_dir, write_atomic
 from libvirt_rdm_backup.fslock import exclusive
-from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest, valid_sequence
+from libvirt_rdm_backup.repository.manifest import (
+    MAX_MANIFEST,
+    DiskRecord,
+    Manifest,
+    valid_sequence,
+)
 from libvirt_rdm_backup.repository.order import in_order, newest, next_sequence
 
 log = logging.getLogger(__name__)
@@ -337,8 +342,12 @@ class Repository:
         """The manifest of one backup (NotFoundError when absent)."""
         path = os.path.join(self.backup_dir(domain_uuid, backup_id), MANIFEST)
         try:
-            with open(path, encoding="utf-8") as stream:
-                text = stream.read()
+            with open(path, "rb") as stream:
+                data = stream.read(MAX_MANIFEST + 1)
+            if len(data) > MAX_MANIFEST:
+                raise RepositoryError(f"manifest of backup {backup_id} is over "
+                                      f"{MAX_MANIFEST} bytes")
+            text = data.decode("utf-8")
         except FileNotFoundError as err:
             raise NotFoundError(f"backup {backup_id} not found") from err
         except OSError as err:

@@ -55,8 +55,9 @@ from libvirt_rdm_backup.errors import (
     RepositoryError,
     VerificationError,
 )
+from libvirt_rdm_backup.qemu.layers import option_value
 from libvirt_rdm_backup.repository.digest import BUFFER, Digest
-from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest, valid_sequence
+from libvirt_rdm_backup.repository.manifest import MAX_MANIFEST, Manifest, valid_sequence
 from libvirt_rdm_backup.repository.order import in_order, next_sequence
 from libvirt_rdm_backup.repository.store import Damage, now_iso
 from libvirt_rdm_backup.targets.lease import HELD, Lease
@@ -76,8 +77,8 @@ DAMAGE_OFFSET = SLOT - DAMAGE_AREA  # in slot A, past the largest superblock
 DAMAGE_MAGIC = b"RDMBDMG1"
 TLS_ID = "rdmb-tls-client"  # the TLS credentials object, in QEMU and in qemu-img
 MAX_BODY = DAMAGE_OFFSET - _HEAD.size  # the largest table of contents (both slots)
-MAX_MANIFEST = 16 << 20  # the largest manifest read from a volume
 MAX_OFFSET = 1 << 62
+MAX_LISTING = 512 << 20  # manifest bytes one listing of a volume reads at most
 SETTLE = 1.0  # seconds between writing a lease claim and reading it back
 CLAIM_WINDOW = 0.5  # a claim is written at most this long after the table it builds on was read
 _ID_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
@@ -341,6 +342,16 @@ class NbdVolume:
         except nbd.Error as err:
             raise OperationError(f"NBD flush of {self.address.uri} failed: {err}") from err
 
+    def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` (small metadata only; bounds checked)."""
+        if offset < DATA_START or length < 0 or offset + length > self.size:
+            raise RepositoryError(f"bytes {offset}..{offset + length} lie outside the data "
+                                  f"area of {self.address.uri}")
+        try:
+            return bytes(self.handle.pread(length, offset))
+        except nbd.Error as err:
+            raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
+
     def digest(self, offset: int, length: int) -> Digest:
         """sha256 of a region's first ``length`` bytes, read in large requests."""
         hasher = hashlib.sha256()
@@ -506,6 +517,7 @@ class NbdVolume:
         """
         found: list[Manifest] = []
         damaged: list[Damage] = []
+        budget = MAX_LISTING
         for entry in self.superblock.entries:
             uuid, backup_id = str(entry.get("domain_uuid")), str(entry.get("backup_id"))
             if domain_uuid is not None and uuid != domain_uuid:
@@ -515,6 +527,11 @@ class NbdVolume:
                 damaged.append(Damage(uuid, backup_id, problem))
                 continue
             offset, length = entry["manifest"]
+            budget -= int(length)
+            if budget < 0:
+                damaged.append(Damage(uuid, backup_id, "beyond the manifest bytes one listing "
+                                      f"reads ({MAX_LISTING >> 20} MiB)"))
+                continue
             try:
                 raw = bytes(self.handle.pread(int(length), int(offset)))
             except nbd.Error as err:
@@ -603,18 +620,8 @@ class NbdVolume:
         """``--object`` definitions qemu-img needs to open this volume's nodes."""
         if self.tls_dir is None:
             return ()
-        return (f"tls-creds-x509,id={TLS_ID},endpoint=client,dir={self.tls_dir}",)
+        return (f"tls-creds-x509,id={TLS_ID},endpoint=client,dir={option_value(self.tls_dir)}",)
 
-    def layer_node(self, record: DiskRecord, lower: list[DiskRecord]) -> dict[str, Any]:
-        """Blockdev options of a disk's point: its qcow2 region over the lower layers."""
-        location = record.location or {}
-        problem = location_problem(location, self.size)
-        if problem is not None:
-            raise VerificationError(f"{record.data_file} in {self.address.uri}: {problem}")
-        node: dict[str, Any] = {
-            "driver": "qcow2",
-            "file": {"driver": "raw", "offset": int(location["offset"]),
-                     "size": int(location["region"]), "file": self.nbd_node()},
-        }
-        node["backing"] = self.layer_node(lower[0], lower[1:]) if lower else None
-        return node
+    def region_node(self, offset: int, size: int) -> dict[str, Any]:
+        """Blockdev options of a region of the export (the protocol node of a layer)."""
+        return {"driver": "raw", "offset": offset, "size": size, "file": self.nbd_node()}

@@ -22,6 +22,7 @@ from types import FrameType
 from libvirt_rdm_backup.errors import OperationError, UsageError
 from libvirt_rdm_backup.fslock import exclusive
 from libvirt_rdm_backup.process import die_with_parent, require_tool
+from libvirt_rdm_backup.qemu.layers import option_value
 from libvirt_rdm_backup.targets.uri import DEFAULT_NBD_PORT, NbdAddress, parse_target
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def qemu_nbd_argv(config: ReceiveConfig) -> list[str]:
         argv += ["--bind", str(address.host), "--port", str(address.port)]
     if config.tls_dir is not None:
         argv += ["--object",
-                 f"tls-creds-x509,id=rdmb-tls,endpoint=server,dir={config.tls_dir}",
+                 f"tls-creds-x509,id=rdmb-tls,endpoint=server,dir={option_value(config.tls_dir)}",
                  "--tls-creds", "rdmb-tls"]
     return [*argv, config.volume]
 

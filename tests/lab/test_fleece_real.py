@@ -159,7 +159,7 @@ def test_fleecing_resync_writes_only_changed_chunks(lab: Lab) -> None:
 
     nonzero = [i for i in changed if not point.is_zero(i)]
     assert written == len(nonzero) * CHUNK
-    in_layer = {e.start // CHUNK + k for e in layer_map(str(layer)) if e.depth == 0
+    in_layer = {e.start // CHUNK + k for e in layer_map(str(layer)) if e.present
                 for k in range(e.length // CHUNK)}
     assert in_layer == set(changed)
     allocated = layer.stat().st_blocks * 512

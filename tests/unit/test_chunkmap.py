@@ -140,14 +140,15 @@ def test_layer_without_parent_map_is_refused(work: Path, full: Path) -> None:
     layer = make_image(work / "rdmb-layer.qcow2", backing=full)
     qemu_io(layer, "write -P 0xcd 64k 64k")
     with pytest.raises(RepositoryError, match="backing chain"):
-        chunkmap_of_layer(str(layer), None, SIZE)
+        chunkmap_of_layer(str(layer), None, SIZE, lower=[str(full)])
 
 
 def test_layer_over_an_empty_base_needs_no_parent(work: Path) -> None:
     base = make_image(work / "rdmb-base.qcow2")
     layer = make_image(work / "rdmb-layer.qcow2", backing=base)
     qemu_io(layer, "write -P 0x44 128k 64k")
-    assert chunkmap_of_layer(str(layer), None, SIZE) == reference_map(layer, work)
+    assert chunkmap_of_layer(str(layer), None, SIZE, lower=[str(base)]) == reference_map(
+        layer, work)
 
 
 def test_parent_of_another_size_is_refused(work: Path, full: Path) -> None:
@@ -167,9 +168,26 @@ def test_small_clusters_split_chunks(work: Path, full: Path) -> None:
     parent = chunkmap_of_layer(str(full), None, SIZE)
     layer = make_image(work / "rdmb-small.qcow2", backing=full, cluster_size=4096)
     qemu_io(layer, "write -P 0x55 68k 4k", "write -z 8k 4k", "write -P 0x66 2M 64k")
-    got = chunkmap_of_layer(str(layer), parent, SIZE)
+    got = chunkmap_of_layer(str(layer), parent, SIZE, lower=[str(full)])
     assert got == reference_map(layer, work)
     assert got.changed_chunks(parent) == [0, 1, 32]
+
+
+def test_the_chain_is_the_one_given_not_the_one_the_header_names(work: Path, full: Path
+                                                                 ) -> None:
+    """Chunks read through the chain come from the layers given, never from the file the
+    layer's header names (here a file that must not be read)."""
+    parent = chunkmap_of_layer(str(full), None, SIZE)
+    layer = make_image(work / "rdmb-small.qcow2", backing=full, cluster_size=4096)
+    qemu_io(layer, "write -P 0x55 68k 4k")
+    expected = chunkmap_of_layer(str(layer), parent, SIZE, lower=[str(full)])
+    decoy = work / "rdmb-decoy.raw"
+    decoy.write_bytes(b"\x77" * SIZE)
+    qemu_img("rebase", "-u", "-f", "qcow2", "-b", str(decoy), "-F", "raw", str(layer))
+    os.chmod(decoy, 0)
+    before = os.stat(decoy).st_atime_ns
+    assert chunkmap_of_layer(str(layer), parent, SIZE, lower=[str(full)]) == expected
+    assert os.stat(decoy).st_atime_ns == before
 
 
 def test_save_load_round_trip(work: Path, full: Path) -> None:

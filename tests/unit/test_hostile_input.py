@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import signal
 import struct
 from collections.abc import Iterator
@@ -33,8 +34,9 @@ from libvirt_rdm_backup.errors import RepositoryError, UsageError
 from libvirt_rdm_backup.remote import AgentAddress, parse_agent_uri
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap, chunk_digest
 from libvirt_rdm_backup.repository.digest import Digest
-from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.manifest import MAX_MANIFEST, DiskRecord, Manifest
 from libvirt_rdm_backup.repository.store import (
+    Repository,
     check_backup_id,
     check_safe_name,
     new_backup_id,
@@ -360,6 +362,53 @@ def test_manifest_mutations(document: Any) -> None:
 @pytest.mark.bad_input
 def test_manifest_random_text(text: str) -> None:
     check_manifest_text(text)
+
+
+@pytest.mark.parametrize(("digest", "why"), [
+    ({"algorithm": "md5", "value": "00" * 16}, "not accepted"),
+    ({"algorithm": "sha1", "value": "00" * 20}, "not accepted"),
+    ({"algorithm": "crc32", "value": "00" * 4}, "not accepted"),
+    ({"algorithm": "sha256", "value": "00" * 31}, "malformed sha256"),
+    ({"algorithm": "sha256", "value": "zz" * 32}, "malformed sha256"),
+])
+@pytest.mark.bad_input
+def test_manifests_with_weak_or_malformed_digests_are_damaged(digest: dict[str, str],
+                                                              why: str) -> None:
+    for key in ("digest", "chunk_map_digest"):
+        document = copy.deepcopy(REAL_MANIFEST)
+        document["disks"][0][key] = digest
+        with pytest.raises(RepositoryError, match=why):
+            Manifest.loads(json.dumps(document))
+    strong = copy.deepcopy(REAL_MANIFEST)
+    strong["disks"][0]["digest"] = {"algorithm": "sha512", "value": "ab" * 64}
+    assert Manifest.loads(json.dumps(strong)).disks[0].digest.algorithm == "sha512"
+
+
+@pytest.mark.bad_input
+def test_oversized_or_non_utf8_manifests_are_damaged(tmp_path: Path) -> None:
+    """Listed as damaged backups (exit 5 for their users), read with a size cap."""
+    repo = Repository.open(str(tmp_path / "repo"), create=True)
+    good = Manifest.loads(json.dumps(REAL_MANIFEST))
+    for text, why in ((b"\xff\xfe" + bytes(100), "not UTF-8"),
+                      (b" " * (MAX_MANIFEST + 10), f"over {MAX_MANIFEST} bytes")):
+        backup = Path(repo.backup_dir(UUID, new_backup_id()))
+        backup.mkdir(parents=True)
+        (backup / "manifest.json").write_bytes(text)
+        readable, damaged = repo.scan(UUID)
+        assert readable == [] and why in damaged[-1].problem, damaged
+        shutil.rmtree(backup)
+    assert good.disks[0].digest.algorithm == "sha256"
+
+
+@pytest.mark.bad_input
+def test_chunk_maps_longer_than_the_disk_needs_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "vdb.chunks"
+    ChunkMap.zero(1 << 20).save(str(path))
+    assert ChunkMap.load(str(path), 1 << 20) == ChunkMap.zero(1 << 20)
+    with open(path, "ab") as stream:
+        stream.write(bytes(1 << 20))
+    with pytest.raises(RepositoryError, match="over"):
+        ChunkMap.load(str(path), 1 << 20)
 
 
 @FUZZ

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -36,12 +37,16 @@ def publish(repo: Repository, backup_id: str, parent: str | None, payload: bytes
     """A backup of one disk whose layer holds ``payload``."""
     with repo.lock(UUID), repo.staging(UUID, backup_id) as staging:
         data = Path(staging.file("vdb.qcow2"))
-        data.write_bytes(payload)
+        backing = ["-u", "-b", f"../{parent}/vdb.qcow2", "-F", "qcow2"] if parent else []
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *backing, str(data),
+                        str(SIZE)], check=True)  # the header a layer of this tool has
+        with open(data, "ab") as stream:
+            stream.write(payload)
         level = "incremental" if parent else "full"
         record = DiskRecord(disk=vdb(), size=SIZE, data_file=data.name, format="qcow2",
                             digest=file_digest(str(data)), level=level, data_path="qemu",
                             bytes_transferred=len(payload), stored_bytes=4096, parent=parent,
-                            bitmap=f"bm-{backup_id[-1]}", file_size=len(payload))
+                            bitmap=f"bm-{backup_id[-1]}", file_size=data.stat().st_size)
         manifest = Manifest(backup_id=backup_id, domain_uuid=UUID, domain_name="vm",
                             level=level, created=created or backup_id,
                             completed=created or backup_id,
@@ -95,12 +100,14 @@ def test_cheap_layer_checks_and_recorded_damage(chain: tuple[Repository, list[Ma
     assert "bytes, not" in str(store.layer_problem(second, record))
     os.truncate(layer(repo, IDS[1]), record.file_size or 0)
     with open(layer(repo, IDS[1]), "r+b") as stream:  # same size, one byte flipped
+        stream.seek(-1, os.SEEK_END)
         stream.write(b"J")
     assert store.layer_problem(second, record) is None  # a digest is not cheap
     assert "mismatch" in str(store.check(second, record))
     assert "mismatch" in str(store.layer_problem(second, record))  # recorded by the check
     with open(layer(repo, IDS[1]), "r+b") as stream:  # repaired
-        stream.write(b"i")
+        stream.seek(-1, os.SEEK_END)
+        stream.write(b"1")
     assert store.check(second, record) is None
     assert store.layer_problem(second, record) is None
     layer(repo, IDS[1]).unlink()
@@ -248,3 +255,28 @@ def test_a_damaged_backup_of_the_same_second_counts_as_newer_unless_built_on(
     assert newest_damage({"20251231T235959Z-ffffff"}, store.all_backups()) is None
     assert newest_damage({"20260101T000001Z-000000"}, store.all_backups()) is not None
     assert newest_damage({"x"}, []) == "x"
+
+
+def test_a_layer_whose_header_names_another_file_is_damage(
+        chain: tuple[Repository, list[Manifest]], tmp_path: Path) -> None:
+    """Even with a manifest digest that matches the hostile layer, the header decides."""
+    repo, manifests = chain
+    outside = tmp_path / "outside.raw"
+    outside.write_bytes(b"\x5a" * 65536)
+    path = layer(repo, IDS[1])
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", str(outside), "-F", "raw",
+                    str(path)], check=True)
+    record = dataclasses.replace(manifests[1].disks[0], digest=file_digest(str(path)),
+                                 file_size=path.stat().st_size)
+    second = dataclasses.replace(manifests[1], disks=[record])
+    store = FileStore(repo)
+    problem = store.check(second, record)
+    assert problem == (f"vdb.qcow2 names backing file '{outside}', the manifest implies "
+                       f"'../{IDS[0]}/vdb.qcow2'")
+    assert str(store.layer_problem(second, record)).startswith(problem)  # and recorded
+    with pytest.raises(DamagedBackupError) as caught:
+        verify_lineage(store, manifests[2], "vdb")
+    assert str(outside) in str(caught.value) and IDS[2] in str(caught.value)
+    forged = dataclasses.replace(record, backing_file="/etc/shadow")
+    assert "the manifest names backing file '/etc/shadow'" in str(
+        store.check(second, forged))

@@ -16,11 +16,12 @@ from dataclasses import replace
 import pytest
 
 from libvirt_rdm_backup.errors import OperationError, RdmBackupError, VerificationError
+from libvirt_rdm_backup.repository.chain import DiskPoint
+from libvirt_rdm_backup.repository.manifest import MAX_MANIFEST
 from libvirt_rdm_backup.targets.lease import Lease
 from libvirt_rdm_backup.targets.nbd_volume import (
     _HEAD,
     MAGIC,
-    MAX_MANIFEST,
     SLOT,
     NbdVolume,
     Superblock,
@@ -246,7 +247,7 @@ def test_hostile_layer_locations_are_damage(location: object) -> None:
     assert "location" in str(store.layer_problem(manifest, record))
     assert "location" in str(store.check(manifest, record))
     with pytest.raises(RdmBackupError) as err:
-        vol.layer_node(record, [])
+        store.image_node([DiskPoint(manifest, record)])
     assert err.value.exit_code == 5
     assert export.largest <= SLOT
 
@@ -270,3 +271,20 @@ def test_a_taker_allocates_past_what_a_lost_holder_may_still_write() -> None:
     listed = [e["backup_id"] for e in volume(export).superblock.entries]
     assert listed == [kept[0].backup_id, theirs[0].backup_id]
     assert volume(export).superblock.next_free > regions[-1]
+
+
+@pytest.mark.hostile
+def test_one_listing_reads_a_bounded_number_of_manifest_bytes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many large manifests (a hostile server's cheap answer) are not all read and held."""
+    from libvirt_rdm_backup.targets import nbd_volume
+
+    export = MemoryExport(SIZE)
+    vol = volume(export)
+    first, second = publish_to(vol, 2)
+    entry = vol.superblock.entries[0]
+    monkeypatch.setattr(nbd_volume, "MAX_LISTING", entry["manifest"][1])
+    listed, damaged = vol.scan()
+    assert [m.backup_id for m in listed] == [first.backup_id]
+    assert [d.backup_id for d in damaged] == [second.backup_id]
+    assert "beyond the manifest bytes one listing reads" in damaged[0].problem

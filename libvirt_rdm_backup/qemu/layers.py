@@ -1,0 +1,217 @@
+"""qcow2 layers read back from a repository or a volume: checked headers, explicit chains.
+
+A layer's header is untrusted: it could name a backing file anywhere on the host,
+an external data file, encryption, or be another format altogether. QEMU would
+follow each of them when it opens the image by name. So:
+
+* :func:`header_problem` parses the first 4 KiB of a layer with strict bounds and
+  accepts only what this tool writes: qcow2 version 3, 64 KiB clusters, no
+  encryption, no external data file, no internal snapshots, no unknown feature or
+  header extension, the virtual size the manifest records, and exactly the backing
+  file name the repository layout implies (none for a full copy or a volume region).
+* :func:`chain_node` builds the blockdev options of a point with the ``backing`` of
+  every layer set explicitly (``null`` below the last), so that no name in a header
+  is ever opened; :func:`json_filename` makes them a ``qemu-img``/``qemu-nbd`` filename.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+FORMAT = "qcow2"
+MAGIC = b"QFI\xfb"
+VERSION = 3
+CLUSTER_BITS = 16  # the 64 KiB clusters of every layer this tool creates
+# bytes read of a layer: its header, extensions and backing file name (under 2 KiB as QEMU
+# writes them; anything reaching further is refused)
+HEADER_READ = 4096
+MAX_BACKING_NAME = 1023  # QEMU's own limit
+
+_HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQII")  # the version 3 header up to header_length
+_EXTENSION = struct.Struct(">II")
+EXT_END = 0x00000000
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_TABLE = 0x6803F857
+EXT_BITMAPS = 0x23852875
+EXT_ENCRYPTION = 0x0537BE77
+EXT_DATA_FILE = 0x44415441
+_KNOWN_EXTENSIONS = {EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, EXT_BITMAPS}
+
+INCOMPAT_DIRTY = 1 << 0
+_INCOMPAT_NAMES = {1: "is marked corrupt", 2: "has an external data file",
+                   3: "uses a compression type this tool does not write",
+                   4: "uses extended L2 entries"}
+AUTOCLEAR_RAW_DATA = 1 << 1
+
+
+def _name(raw: bytes) -> str:
+    """A name from a header, quoted and shortened for a one-line message."""
+    text = raw.decode("utf-8", errors="replace")
+    return repr(text if len(text) <= 255 else text[:252] + "...")
+
+
+def header_problem(data: bytes, backing: str | None, size: int | None = None) -> str | None:
+    """What in a layer's first bytes this tool did not write, or None.
+
+    ``data``: the layer's first :data:`HEADER_READ` bytes (fewer for a short file).
+    ``backing``: the backing file name the repository layout implies (None: none).
+    ``size``: the disk size the manifest records (None: not checked).
+    """
+    if len(data) < 4 or data[:4] != MAGIC:
+        return "is not a qcow2 image"
+    if len(data) < _HEADER.size:
+        return "has a truncated qcow2 header"
+    (_magic, version, backing_offset, backing_size, cluster_bits, virtual_size, crypt_method,
+     _l1_size, _l1_offset, _rc_offset, _rc_clusters, snapshots, _snap_offset, incompatible,
+     _compatible, autoclear, _refcount_order, header_length) = _HEADER.unpack_from(data)
+    if version != VERSION:
+        return f"is a version {version} qcow2 image, not one this tool writes"
+    if cluster_bits != CLUSTER_BITS:
+        return f"has {1 << min(cluster_bits, 63)}-byte clusters, not the 64 KiB this tool writes"
+    if crypt_method != 0:
+        return "is encrypted"
+    for bit, what in _INCOMPAT_NAMES.items():
+        if incompatible & (1 << bit):
+            return what
+    if incompatible & ~(INCOMPAT_DIRTY | sum(1 << b for b in _INCOMPAT_NAMES)):
+        return f"has unknown incompatible features {incompatible:#x}"
+    if autoclear & AUTOCLEAR_RAW_DATA:
+        return "has an external raw data file"
+    if snapshots:
+        return "holds internal snapshots"
+    if size is not None and virtual_size != size:
+        return f"is a {virtual_size}-byte image, the manifest says {size}"
+    if not _HEADER.size <= header_length <= min(len(data), HEADER_READ) or header_length % 8:
+        return f"has a malformed header length {header_length}"
+    extensions, problem = _extensions(data, header_length)
+    if problem is not None:
+        return problem
+    return _backing_problem(data, backing_offset, backing_size, backing,
+                            extensions.get(EXT_BACKING_FORMAT))
+
+
+def _extensions(data: bytes, start: int) -> tuple[dict[int, bytes], str | None]:
+    """The header extensions (type -> data) from ``start``; or why they are refused."""
+    found: dict[int, bytes] = {}
+    pos = start
+    while True:
+        if pos + _EXTENSION.size > len(data):
+            return found, "has header extensions past its first 4 KiB"
+        kind, length = _EXTENSION.unpack_from(data, pos)
+        pos += _EXTENSION.size
+        if kind == EXT_END:
+            return found, None
+        if kind == EXT_ENCRYPTION:
+            return found, "is encrypted"
+        if kind == EXT_DATA_FILE:
+            return found, "names an external data file"
+        if kind not in _KNOWN_EXTENSIONS:
+            return found, f"has an unknown header extension {kind:#010x}"
+        if kind in found:
+            return found, f"has header extension {kind:#010x} twice"
+        if pos + length > len(data):
+            return found, "has header extensions past its first 4 KiB"
+        found[kind] = data[pos:pos + length]
+        pos += -(-length // 8) * 8
+
+
+def _backing_problem(data: bytes, offset: int, length: int, expected: str | None,
+                     backing_format: bytes | None) -> str | None:
+    if length == 0:
+        if expected is not None:
+            return f"names no backing file, the manifest implies {expected!r}"
+        return None if backing_format is None else "names a backing format but no backing file"
+    if length > MAX_BACKING_NAME or offset + length > len(data) or offset < _HEADER.size:
+        return "has a malformed backing file name"
+    raw = data[offset:offset + length]
+    if expected is None:
+        return f"names backing file {_name(raw)}, the manifest implies none"
+    if raw != expected.encode():
+        return f"names backing file {_name(raw)}, the manifest implies {expected!r}"
+    if backing_format != FORMAT.encode():
+        shown = "none" if backing_format is None else _name(backing_format)
+        return f"names backing format {shown}, not {FORMAT}"
+    return None
+
+
+def read_head(path: str) -> bytes:
+    """The first :data:`HEADER_READ` bytes of a regular file (symlinks are not followed).
+
+    Raises OSError; ``EINVAL`` when ``path`` is not a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return os.pread(fd, HEADER_READ, 0)
+    finally:
+        os.close(fd)
+
+
+def file_problem(path: str, backing: str | None, size: int | None = None) -> str | None:
+    """:func:`header_problem` of a layer file (None: this tool could have written it)."""
+    try:
+        data = read_head(path)
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.EINVAL):
+            return "is not a regular file"
+        return f"is unreadable: {err.strerror}"
+    return header_problem(data, backing, size)
+
+
+def file_node(path: str) -> dict[str, Any]:
+    """Blockdev options of a local file (protocol ``file``; the path needs no escaping)."""
+    return {"driver": "file", "filename": path}
+
+
+def chain_node(files: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """qcow2 layers over ``files`` (protocol nodes, top first), each backing explicit."""
+    if not files:
+        raise ValueError("a chain needs at least one layer")
+    node: dict[str, Any] | None = None
+    for file in reversed(files):
+        node = {"driver": FORMAT, "file": file, "backing": node}
+    assert node is not None
+    return node
+
+
+def file_chain(paths: Sequence[str]) -> dict[str, Any]:
+    """:func:`chain_node` of local layer files, top first."""
+    return chain_node([file_node(p) for p in paths])
+
+
+def json_filename(node: dict[str, Any]) -> str:
+    """A ``json:`` filename that qemu-img and qemu-nbd open as exactly ``node``."""
+    return "json:" + json.dumps(node, separators=(",", ":"))
+
+
+def pinned_head(head: bytes, rest: dict[str, Any], size: int, path: str) -> dict[str, Any]:
+    """A protocol node that reads ``head`` (checked bytes) at offset 0 and ``rest`` elsewhere.
+
+    For layers QEMU would otherwise read again from a place that may answer differently
+    (an NBD server): ``path`` becomes a small local qcow2 overlay of ``size`` bytes whose
+    first cluster holds ``head``, backed by ``rest``; so QEMU opens exactly the header that
+    was checked. ``path`` must be in a private directory; the caller removes it.
+    """
+    from libvirt_rdm_backup.process import run
+    from libvirt_rdm_backup.qemu import img
+
+    with open(path + ".head", "wb") as stream:
+        stream.write(head)
+    img.create(path, FORMAT, size)
+    run(["qemu-io", "-f", FORMAT, "-c", f"write -q -s {path}.head 0 {len(head)}", path])
+    os.unlink(path + ".head")
+    return {"driver": FORMAT, "file": file_node(path), "backing": rest, "read-only": True}
+
+
+def option_value(value: str) -> str:
+    """``value`` for a QEMU option string (``key=value,...``): commas doubled."""
+    return value.replace(",", ",,")
