@@ -13,7 +13,7 @@ import pytest
 from libvirt_rdm_backup import api
 from tests.e2e.lab_vm import MiB, lab_vm
 from tests.faults.points import Points
-from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers
+from tests.lab.domains import assert_running, dirty_bitmaps, guest_write, qemu_leftovers
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"
@@ -77,7 +77,7 @@ def test_repository_filesystem_runs_full_then_grows() -> None:
                 partial = [p for p in Path(repo).rglob("*")
                            if p.is_file() and ".partial" in str(p)]
                 assert partial == []
-            assert vm.dom.isActive()
+            assert_running(vm.dom)
             # room again: the next incremental holds every change since the last good point
             ballast.unlink()
             result = points.backup(level="incremental")

@@ -13,7 +13,7 @@ import pytest
 from libvirt_rdm_backup import api
 from tests.e2e.lab_vm import LabVM, MiB, fill, lab_vm
 from tests.faults.points import Points
-from tests.lab.domains import dirty_bitmaps, qemu_leftovers, wait_for_job
+from tests.lab.domains import assert_running, dirty_bitmaps, qemu_leftovers, wait_for_job
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"
@@ -66,7 +66,7 @@ def test_qemu_killed_during_a_backup(level: str) -> None:
         assert points.restore_every_point() == 2 * len(points.refs)
         assert repo_temp_files(repo) == []
         assert qemu_leftovers(vm.dom) == []
-        assert vm.dom.isActive()
+        assert_running(vm.dom)
 
 
 def test_vm_reset_between_backups_keeps_tracking() -> None:
@@ -87,7 +87,7 @@ def test_vm_reset_between_backups_keeps_tracking() -> None:
         assert vdb.parent == first.manifest.backup_id
         assert vdb.bytes_transferred <= 5 * 8 * MiB + MiB  # only what changed
         assert points.restore_every_point() == 4
-        assert vm.dom.isActive()
+        assert_running(vm.dom)
 
 
 def test_qemu_stopped_before_and_during_a_backup() -> None:
@@ -126,7 +126,7 @@ def test_qemu_stopped_before_and_during_a_backup() -> None:
         finally:
             os.kill(pid, signal.SIGCONT)
         assert [m.backup_id for m in api.list_backups(repo)] == list(points.refs)
-        assert vm.dom.isActive()
+        assert_running(vm.dom)
 
         # QEMU answers again: the next run cleans up, and nothing written was lost
         after = points.backup()
