@@ -31,6 +31,7 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 from libvirt_rdm_backup.errors import OperationError, RdmBackupError
+from libvirt_rdm_backup.process import env_seconds
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.blockdev import _free_fdset_id
 from libvirt_rdm_backup.qemu.monitor import Monitor
@@ -39,7 +40,8 @@ from libvirt_rdm_backup.qemu.names import PREFIX, object_name
 log = logging.getLogger(__name__)
 
 FLEECE_ROOT_ENV = "RDM_BACKUP_SCRATCH_DIR"
-CBW_TIMEOUT = 10  # seconds a guest write may wait for its copy into the fleecing image
+CBW_TIMEOUT_ENV = "RDM_BACKUP_CBW_TIMEOUT"
+DEFAULT_CBW_TIMEOUT = 30.0  # seconds a guest write may wait for its copy into the fleecing image
 ACTIVE_JOB = ("created", "running", "paused", "ready", "standby", "waiting", "pending",
               "aborting")
 
@@ -47,6 +49,11 @@ ACTIVE_JOB = ("created", "running", "paused", "ready", "standby", "waiting", "pe
 def fleece_root() -> str:
     """Local directory of fleecing images (``RDM_BACKUP_SCRATCH_DIR``, else /var/tmp)."""
     return os.environ.get(FLEECE_ROOT_ENV, "/var/tmp")
+
+
+def cbw_timeout() -> int:
+    """Whole seconds a guest write may wait for its copy (``RDM_BACKUP_CBW_TIMEOUT``)."""
+    return max(1, round(env_seconds(CBW_TIMEOUT_ENV, DEFAULT_CBW_TIMEOUT)))
 
 
 class GuardedSource:
@@ -94,7 +101,7 @@ class GuardedSource:
                    "backing": None})
         self._add({"driver": "copy-before-write", "node-name": self.filter_node,
                    "file": self.node_name, "target": self.fleece_node,
-                   "on-cbw-error": "break-snapshot", "cbw-timeout": CBW_TIMEOUT})
+                   "on-cbw-error": "break-snapshot", "cbw-timeout": cbw_timeout()})
 
     def _add(self, node: dict[str, Any]) -> None:
         self.monitor.execute("blockdev-add", node)

@@ -16,6 +16,7 @@ class Points:
 
     vm: LabVM
     repo: str
+    disks: list[str] | None = None  # the disks backed up (None: all)
     refs: dict[str, dict[str, Path]] = field(default_factory=dict)  # backup id -> disk -> copy
 
     def reference(self, tag: str) -> dict[str, Path]:
@@ -32,6 +33,9 @@ class Points:
     def backup(self, **kwargs: object) -> BackupResult:
         """Back up (the guest is still for the whole run) and keep the reference."""
         refs = self.reference(str(len(self.refs)))
+        if self.disks is not None:
+            kwargs.setdefault("disks", self.disks)
+            refs = {disk: path for disk, path in refs.items() if disk in self.disks}
         result = api.backup(self.vm.name, self.repo, **kwargs)  # type: ignore[arg-type]
         self.refs[result.manifest.backup_id] = refs
         return result
