@@ -32,7 +32,7 @@ import libvirt
 from libvirt_rdm_backup.consistency import Window, consistency_window
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, Sink
-from libvirt_rdm_backup.errors import RdmBackupError
+from libvirt_rdm_backup.errors import OperationError, RdmBackupError
 from libvirt_rdm_backup.qemu import bitmaps, img
 from libvirt_rdm_backup.qemu.fleece import (
     FleecingExport,
@@ -40,7 +40,7 @@ from libvirt_rdm_backup.qemu.fleece import (
     qemu_nbd_server,
     resync_layer,
 )
-from libvirt_rdm_backup.qemu.guard import GuardedSource, guarded_source
+from libvirt_rdm_backup.qemu.guard import GuardedSource, explain, guarded_source
 from libvirt_rdm_backup.qemu.jobs import backup_action, cancel_jobs, transaction, wait_jobs
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
@@ -244,7 +244,10 @@ def capture(
                                result)
             if started:
                 assert monitor is not None
-                wait_jobs(monitor, started, progress)
+                try:
+                    wait_jobs(monitor, started, progress)
+                except OperationError as err:
+                    raise explain(err) from err
                 started = []
         except BaseException:
             _undo(monitor, started, plans, result)

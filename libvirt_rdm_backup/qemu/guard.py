@@ -175,6 +175,16 @@ class GuardedSource:
             errors.append(err)
 
 
+def explain(err: OperationError) -> OperationError:
+    """A job's failure reading a broken point, said as such (the reads fail with EACCES)."""
+    if "Permission denied" not in str(err):
+        return err
+    return OperationError(
+        f"{err}: the point in time was given up because copying old data into the local "
+        f"fleecing image (in {fleece_root()}) failed or took over {cbw_timeout()} s; "
+        "the guest's writes went on")
+
+
 def _device_of(monitor: Monitor, node_name: str) -> str:
     """The qdev path of the guest device whose drive is ``node_name``."""
     for entry in monitor.execute("query-block") or []:

@@ -165,3 +165,30 @@ def test_stalled_nbd_server_fails_the_backup_not_the_guest() -> None:
             assert points.restore_every_point() == 2
         finally:
             server.stop()
+
+
+def test_full_fleecing_image_breaks_the_point_not_the_guest() -> None:
+    with lab_vm(loop_size=LOOP, lun_size=16 * MiB) as vm:
+        repo = str(vm.workdir / "repo")
+        points = Points(vm, repo, disks=["vdb"])
+        guest_write(vm.dom, "vdb", 0x41, 0, 4 * MiB)
+        points.backup()
+        tracked = dirty_bitmaps(vm.dom)
+        for index in range(6):
+            guest_write(vm.dom, "vdb", 0x50 + index, index * 8 * MiB, 8 * MiB)
+        scratch = vm.workdir / "scratch"
+        with small_filesystem(vm.workdir / "scratch-fs.img", scratch, 32 * MiB):
+            leave_free(scratch, 3 * MiB)  # the fleecing image runs full
+            slow_reads(vm)
+            proc = start_backup(vm, repo, "incremental", RDM_BACKUP_SCRATCH_DIR=str(scratch))
+            results = write_meanwhile(vm, 48 * MiB, 12, 0x60)
+            _out, err = proc.communicate(timeout=300)
+        assert [r for r in results if r is not None] == [], results
+        assert_running(vm.dom)
+        assert proc.returncode == 4, err
+        assert err.count("\n") == 1 and "point in time was given up" in err, err
+        assert [m.backup_id for m in api.list_backups(repo)] == list(points.refs)
+        assert qemu_leftovers(vm.dom) == [] and dirty_bitmaps(vm.dom) == tracked
+        again = points.backup(level="incremental")
+        assert again.manifest.disk("vdb").level == "incremental"  # type: ignore[union-attr]
+        assert points.restore_every_point() == 2
