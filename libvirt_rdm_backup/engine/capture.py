@@ -30,6 +30,7 @@ from typing import Any
 import libvirt
 
 from libvirt_rdm_backup.consistency import Window, consistency_window
+from libvirt_rdm_backup.domain.connection import is_remote
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, Sink
 from libvirt_rdm_backup.errors import OperationError, RdmBackupError
@@ -101,9 +102,17 @@ def _convert_into(sink: Sink, plan: DiskPlan, source: str, image_opts: bool,
                 existing_target=existing, target_is_zero=existing, extra=extra)
 
 
-def _job_for(plan: DiskPlan, guard: GuardedSource, node: str, job_id: str) -> dict[str, Any]:
-    """The backup job of a disk: from its point (behind the filter) into its layer."""
-    source, bitmap = guard.source(plan.source_bitmap if plan.parent is not None else None)
+def _job_for(plan: DiskPlan, guard: GuardedSource | None, node: str, job_id: str
+             ) -> dict[str, Any]:
+    """The backup job of a disk: from its point (behind the filter) into its layer.
+
+    Without a filter (``guard`` None) the job reads the disk's node itself and its
+    own copy-before-write puts the target in the guest's write path.
+    """
+    bitmap = plan.source_bitmap if plan.parent is not None else None
+    source = str(plan.disk.node_name)
+    if guard is not None:
+        source, bitmap = guard.source(bitmap)
     if bitmap is None:
         return backup_action(job_id, source, node, sync="full")
     return backup_action(job_id, source, node, sync="bitmap", bitmap=bitmap)
@@ -187,16 +196,23 @@ def capture(
     with ExitStack() as stack:
         actions: list[dict[str, Any]] = []
         guards: list[tuple[DiskPlan, GuardedSource, str, str]] = []
+        direct_jobs: list[str] = []
+        # QEMU on another host gets no descriptor of a local fleecing image
+        fleecing = running and not is_remote(dom.connect())
         for plan in qemu_plans:
             assert monitor is not None and plan.disk.size is not None
             sink.create(plan)
             node = stack.enter_context(sink.attach(monitor, plan))
             job_id = object_name("job", plan.disk.target)
-            guard = stack.enter_context(guarded_source(
-                monitor, str(plan.disk.node_name), plan.disk.target, plan.disk.size, job_id))
             if plan.track:  # added before the point: it misses no write after it
                 actions.append(bitmaps.add_action(str(plan.disk.node_name), new_bitmap))
                 result.new_bitmaps[plan.disk.target] = new_bitmap
+            if not fleecing:
+                actions.append(_job_for(plan, None, node, job_id))
+                direct_jobs.append(job_id)
+                continue
+            guard = stack.enter_context(guarded_source(
+                monitor, str(plan.disk.node_name), plan.disk.target, plan.disk.size, job_id))
             guards.append((plan, guard, node, job_id))
         fleeces: list[tuple[DiskPlan, FleecingExport]] = []
         for plan in fleece_plans:
@@ -224,6 +240,7 @@ def capture(
                 if actions:
                     assert monitor is not None
                     transaction(monitor, actions)
+                    started = list(direct_jobs)
                 for _plan, guard, _node, _job in guards:
                     guard.insert()
                 for plan in storage_plans:
@@ -232,7 +249,7 @@ def capture(
                 assert monitor is not None
                 transaction(monitor, [_job_for(plan, guard, node, job_id)
                                       for plan, guard, node, job_id in guards])
-                started = [job_id for _plan, _guard, _node, job_id in guards]
+                started += [job_id for _plan, _guard, _node, job_id in guards]
             for plan, fleece in fleeces:
                 _resync(plan, fleece.export(), sink.target(plan), parent_maps, result)
                 fleece.close()
