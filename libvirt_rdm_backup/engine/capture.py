@@ -219,7 +219,8 @@ def capture(
             assert monitor is not None and plan.disk.size is not None
             fleece = stack.enter_context(fleecing_export(
                 monitor, str(plan.disk.node_name), plan.disk.target,
-                sink.scratch(f"{plan.disk.target}.fleece"), plan.disk.size))
+                sink.scratch(f"{plan.disk.target}.fleece"), plan.disk.size,
+                break_snapshot=fleecing))
             if plan.track:
                 actions.append(bitmaps.add_action(str(plan.disk.node_name), new_bitmap))
                 result.new_bitmaps[plan.disk.target] = new_bitmap
@@ -227,7 +228,7 @@ def capture(
             fleeces.append((plan, fleece))
         hold_for_snapshots = bool(snapshot_plans) and quiesce is None
         # filters go in one by one: several disks share their point only with the guest held
-        hold_for_filters = bool(guards) and quiesce is None and len(guards) + len(fleeces) > 1
+        hold_for_filters = fleecing and quiesce is None and len(guards) + len(fleeces) > 1
         try:
             with consistency_window(
                     dom if running else None, quiesce=quiesce,
@@ -243,6 +244,8 @@ def capture(
                     started = list(direct_jobs)
                 for _plan, guard, _node, _job in guards:
                     guard.insert()
+                for _plan, fleece in fleeces:
+                    fleece.insert()
                 for plan in storage_plans:
                     copy_from_storage(plan, sink)
             if guards:

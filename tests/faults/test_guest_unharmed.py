@@ -29,7 +29,6 @@ from tests.lab.domains import (
     guest_write,
     qemu_leftovers,
     try_guest_write,
-    wait_for_job,
 )
 from tests.lab.volume_server import VolumeServer
 
@@ -56,11 +55,16 @@ def slow_reads(vm: LabVM) -> None:
 
 
 def start_backup(vm: LabVM, target: str, level: str, **env: str) -> subprocess.Popen[str]:
-    """The CLI backing up vdb; returns once its job runs."""
+    """The CLI backing up vdb; returns once the point is fixed and being read."""
     proc = subprocess.Popen([str(EXE), "backup", vm.name, "--target", target, "--disk", "vdb",
                              "--level", level], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
-    wait_for_job(vm.dom, proc)
+    deadline = time.monotonic() + 60
+    while not any(item.startswith(("node rdmb-access-", "job rdmb-"))
+                  for item in qemu_leftovers(vm.dom)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the backup never read its point"
+        time.sleep(0.005)
     return proc
 
 
@@ -91,7 +95,8 @@ def _write_into(vm: LabVM, pattern: int, offset: int, got: list[str | None]) -> 
     got.append(try_guest_write(vm.dom, "vdb", pattern, offset, MiB))
 
 
-def test_full_repository_fails_the_backup_not_the_guest() -> None:
+@pytest.mark.parametrize("level", ["incremental", "resync"])
+def test_full_repository_fails_the_backup_not_the_guest(level: str) -> None:
     with lab_vm(loop_size=LOOP, lun_size=16 * MiB) as vm:
         with small_filesystem(vm.workdir / "repo-fs.img", vm.workdir / "mnt", 384 * MiB):
             repo = str(vm.workdir / "mnt" / "repo")
@@ -103,7 +108,7 @@ def test_full_repository_fails_the_backup_not_the_guest() -> None:
                 guest_write(vm.dom, "vdb", 0x50 + index, index * 8 * MiB, 8 * MiB)
             ballast = leave_free(vm.workdir / "mnt", 6 * MiB)
             slow_reads(vm)
-            proc = start_backup(vm, repo, "incremental")
+            proc = start_backup(vm, repo, level)
             results = write_meanwhile(vm, 48 * MiB, 12, 0x60)
             _out, err = proc.communicate(timeout=300)
             assert [r for r in results if r is not None] == [], results
