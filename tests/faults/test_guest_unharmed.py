@@ -24,10 +24,12 @@ from tests.e2e.lab_vm import LabVM, MiB, lab_vm
 from tests.faults.points import Points
 from tests.faults.test_full_filesystem import leave_free, small_filesystem
 from tests.lab.domains import (
+    alias_of,
     assert_running,
     dirty_bitmaps,
     guest_write,
     qemu_leftovers,
+    qmp,
     try_guest_write,
 )
 from tests.lab.volume_server import VolumeServer
@@ -196,4 +198,36 @@ def test_full_fleecing_image_breaks_the_point_not_the_guest() -> None:
         assert qemu_leftovers(vm.dom) == [] and dirty_bitmaps(vm.dom) == tracked
         again = points.backup(level="incremental")
         assert again.manifest.disk("vdb").level == "incremental"  # type: ignore[union-attr]
+        assert points.restore_every_point() == 2
+
+
+def drive_of(vm: LabVM, disk: str) -> str:
+    """The block node the guest device of ``disk`` uses now."""
+    alias = alias_of(vm.dom, disk)[0]
+    for entry in qmp(vm.dom, "query-block"):  # type: ignore[attr-defined]
+        if f"/{alias}/" in f"{entry.get('qdev')}/":
+            return str(entry["inserted"]["node-name"])
+    raise KeyError(disk)
+
+
+def test_filter_left_by_a_killed_run_is_removed_by_the_next() -> None:
+    with lab_vm(loop_size=LOOP, lun_size=16 * MiB) as vm:
+        repo = str(vm.workdir / "repo")
+        points = Points(vm, repo, disks=["vdb"])
+        own = drive_of(vm, "vdb")
+        guest_write(vm.dom, "vdb", 0x41, 0, 4 * MiB)
+        points.backup()
+        for index in range(6):
+            guest_write(vm.dom, "vdb", 0x50 + index, index * 8 * MiB, 8 * MiB)
+        slow_reads(vm)
+        proc = start_backup(vm, repo, "incremental")
+        proc.kill()
+        proc.communicate()
+        # the guest writes through the filter the killed run left in front of its device
+        assert drive_of(vm, "vdb").startswith("rdmb-cbw-")
+        assert write_meanwhile(vm, 48 * MiB, 4, 0x60) == [None] * 4
+        assert_running(vm.dom)
+        again = points.backup(level="incremental")
+        assert again.manifest.disk("vdb").level == "incremental"  # type: ignore[union-attr]
+        assert drive_of(vm, "vdb") == own and qemu_leftovers(vm.dom) == []
         assert points.restore_every_point() == 2
