@@ -187,6 +187,22 @@ def test_bench_small_lun_reports_all_numbers() -> None:
         assert "rdmb" in doc["peer_domain"] and doc["peer_domain"] not in names
 
 
+def test_bench_guestio_section_reports_guest_write_latency() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench.py"),
+         "--size-mib", "64", "--repeat", "1", "--sections", "guestio", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout.strip())
+    runs = ("no_backup", "direct", "fleecing")
+    _positive_numbers(doc, tuple(f"guestio_{run}_{what}" for run in runs
+                                 for what in ("median_ms", "worst_ms", "ratio")))
+    # every write of the no-backup and fleecing runs reached the disk
+    assert doc["guestio_no_backup_failed"] == 0 and doc["guestio_fleecing_failed"] == 0, doc
+    assert not Path(doc["workdir"]).exists() and doc["domain"] not in _virsh_names()
+
+
 def test_bench_rejects_unknown_section() -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "bench.py"), "--sections", "full,bogus"],

@@ -81,6 +81,10 @@ The sections (``--sections``, default all of them, run in this order in one proc
   The storage snapshots the repositories keep (clones in ``.rdmb-snapshots`` beside the
   backing files, tgt targets presenting them) are deleted before the repositories.
 
+* ``guestio``: guest write latency during a backup to a throttled NBD target, with a
+  plain ``blockdev-backup`` job (as before) and with the tool's break-snapshot filter and
+  local fleecing image, as ratios to no backup running (see ``tools/bench_guestio.py``).
+
 Goals are printed beside the ratios; nothing is asserted against a threshold.
 Everything made (domains, loop devices, iSCSI targets, files, storage snapshots,
 checkpoints, NBD exports) has "rdmb" in its name (the peer's checkpoints are named by it,
@@ -88,7 +92,7 @@ on an rdmb domain) and is removed in ``finally`` blocks; NBD servers are stopped
 Needs root and the lab (``make lab-up``); the peer section needs ``virtnbdbackup``.
 
 Usage: ``.venv/bin/python tools/bench.py [--size-mib N] [--fill F] [--repeat N]
-[--sections full,nbd,incremental,peer,resync,lun] [--dirty F] [--json]``
+[--sections full,nbd,incremental,peer,resync,lun,guestio] [--dirty F] [--json]``
 """
 
 from __future__ import annotations
@@ -118,6 +122,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import libvirt  # noqa: E402
+from bench_guestio import print_guestio, section_guestio  # noqa: E402
 
 from libvirt_rdm_backup import api  # noqa: E402
 from libvirt_rdm_backup.engine import plan as engine_plan  # noqa: E402
@@ -152,7 +157,7 @@ MiB = 1024 * 1024
 KiB = 1024
 DISK = "vdb"
 POLL = 0.02  # seconds between job polls of backup-begin
-SECTIONS = ("full", "nbd", "incremental", "peer", "resync", "lun")
+SECTIONS = ("full", "nbd", "incremental", "peer", "resync", "lun", "guestio")
 LUNS = ("sda", "sdb")  # the lun section's passthrough LUNs; sda is the one measured alone
 LUN_BLOCK = "vdb"  # the lun section's block-layer disk
 WRITE = 64 * KiB  # size and alignment of each simulated guest write
@@ -437,7 +442,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             lab.peer_image = work / "rdmb-peer.qcow2"
             subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2",
                             str(lun_file), str(lab.peer_image)], check=True)
-        if set(args.sections) & {"full", "nbd", "incremental", "resync"}:
+        if set(args.sections) & {"full", "nbd", "incremental", "resync", "guestio"}:
             lab.device = stack.enter_context(loop_device(lun_file))
             lab.name = unique_name("rdmb-bench")
             say(f"starting domain {lab.name} ({domain_type()}) with {DISK} = {lab.device}")
@@ -461,6 +466,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             doc.update(section_lun(lab))
             if not data_bytes:  # the same --fill and --seed as the shared LUN's
                 doc["data_bytes"] = doc["lun_data_bytes"]
+        if "guestio" in args.sections:
+            assert lab.dom is not None
+            doc.update(section_guestio(lab.dom, DISK, size, work))
         doc["goals"] = {k: v for k, v in GOALS.items() if k in doc}
         doc["workdir"] = str(work)
         return doc
@@ -1458,6 +1466,8 @@ def print_table(doc: dict[str, Any], methods_order: list[tuple[str, str]]) -> No
         print_resync(doc)
     if "lun_paused_ms" in doc:
         print_lun(doc)
+    if "guestio_direct_median_ms" in doc:
+        print_guestio(doc)
 
 
 def goal(doc: dict[str, Any], key: str) -> str:

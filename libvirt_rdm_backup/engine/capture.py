@@ -2,14 +2,21 @@
 
 The sequence for a running domain:
 
-1. prepare: target images attached to QEMU, fleecing scratch nodes added;
+1. prepare: target images attached to QEMU, fleecing scratch nodes added, and
+   for each disk copied by a QEMU job a break-snapshot copy-before-write filter
+   with a local fleecing image (:mod:`libvirt_rdm_backup.qemu.guard`), not yet
+   in front of the guest device;
 2. open the consistency window (guest agent freeze when asked, else a vCPU pause,
-   and only when something needs it: storage snapshots or raw LUN copies);
+   and only when something needs it: storage snapshots, raw LUN copies, or more
+   than one disk whose point QEMU fixes);
 3. inside it: storage snapshots of LUNs (milliseconds each), then one QMP
-   transaction that adds the new dirty bitmaps and starts every block job;
-   LUNs without a snapshot-capable agent are copied here, the guest held;
-4. close the window; then read the fleecing exports and the storage snapshots
-   while the guest runs, and wait for the QEMU jobs.
+   transaction that adds the new dirty bitmaps and starts the fleecing jobs of
+   resyncs, then the filters go in front of their devices (the point in time of
+   those disks); LUNs without a snapshot-capable agent are copied here, the
+   guest held;
+4. close the window; start the backup jobs (each reads its disk's point from
+   the filter, never in the guest's write path), read the fleecing exports and
+   the storage snapshots while the guest runs, and wait for the QEMU jobs.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ from typing import Any
 import libvirt
 
 from libvirt_rdm_backup.consistency import Window, consistency_window
+from libvirt_rdm_backup.domain.connection import is_remote
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, Sink
-from libvirt_rdm_backup.errors import RdmBackupError
+from libvirt_rdm_backup.errors import OperationError, RdmBackupError
 from libvirt_rdm_backup.qemu import bitmaps, img
 from libvirt_rdm_backup.qemu.fleece import (
     FleecingExport,
@@ -33,6 +41,7 @@ from libvirt_rdm_backup.qemu.fleece import (
     qemu_nbd_server,
     resync_layer,
 )
+from libvirt_rdm_backup.qemu.guard import GuardedSource, explain, guarded_source
 from libvirt_rdm_backup.qemu.jobs import backup_action, cancel_jobs, transaction, wait_jobs
 from libvirt_rdm_backup.qemu.layers import option_value
 from libvirt_rdm_backup.qemu.monitor import Monitor
@@ -95,11 +104,20 @@ def _convert_into(sink: Sink, plan: DiskPlan, source: str, image_opts: bool,
                 existing_target=existing, target_is_zero=existing, extra=extra)
 
 
-def _job_for(plan: DiskPlan, node: str, job_id: str) -> dict[str, Any]:
-    device = str(plan.disk.node_name)
-    if plan.parent is None:
-        return backup_action(job_id, device, node, sync="full")
-    return backup_action(job_id, device, node, sync="bitmap", bitmap=plan.source_bitmap)
+def _job_for(plan: DiskPlan, guard: GuardedSource | None, node: str, job_id: str
+             ) -> dict[str, Any]:
+    """The backup job of a disk: from its point (behind the filter) into its layer.
+
+    Without a filter (``guard`` None) the job reads the disk's node itself and its
+    own copy-before-write puts the target in the guest's write path.
+    """
+    bitmap = plan.source_bitmap if plan.parent is not None else None
+    source = str(plan.disk.node_name)
+    if guard is not None:
+        source, bitmap = guard.source(bitmap)
+    if bitmap is None:
+        return backup_action(job_id, source, node, sync="full")
+    return backup_action(job_id, source, node, sync="bitmap", bitmap=bitmap)
 
 
 def _resync(plan: DiskPlan, uri: str, target: str, parent_maps: dict[str, ChunkMap],
@@ -179,32 +197,45 @@ def capture(
     started: list[str] = []
     with ExitStack() as stack:
         actions: list[dict[str, Any]] = []
-        job_ids = []
+        guards: list[tuple[DiskPlan, GuardedSource, str, str]] = []
+        direct_jobs: list[str] = []
+        # QEMU on another host gets no descriptor of a local fleecing image
+        fleecing = running and not is_remote(dom.connect())
         for plan in qemu_plans:
             assert monitor is not None and plan.disk.size is not None
             sink.create(plan)
             node = stack.enter_context(sink.attach(monitor, plan))
             job_id = object_name("job", plan.disk.target)
-            if plan.track:
+            if plan.track:  # added before the point: it misses no write after it
                 actions.append(bitmaps.add_action(str(plan.disk.node_name), new_bitmap))
                 result.new_bitmaps[plan.disk.target] = new_bitmap
-            actions.append(_job_for(plan, node, job_id))
-            job_ids.append(job_id)
+            if not fleecing:
+                actions.append(_job_for(plan, None, node, job_id))
+                direct_jobs.append(job_id)
+                continue
+            guard = stack.enter_context(guarded_source(
+                monitor, str(plan.disk.node_name), plan.disk.target, plan.disk.size, job_id))
+            guards.append((plan, guard, node, job_id))
         fleeces: list[tuple[DiskPlan, FleecingExport]] = []
         for plan in fleece_plans:
             assert monitor is not None and plan.disk.size is not None
             fleece = stack.enter_context(fleecing_export(
                 monitor, str(plan.disk.node_name), plan.disk.target,
-                sink.scratch(f"{plan.disk.target}.fleece"), plan.disk.size))
+                sink.scratch(f"{plan.disk.target}.fleece"), plan.disk.size,
+                break_snapshot=fleecing))
             if plan.track:
                 actions.append(bitmaps.add_action(str(plan.disk.node_name), new_bitmap))
                 result.new_bitmaps[plan.disk.target] = new_bitmap
             actions += fleece.actions()
             fleeces.append((plan, fleece))
         hold_for_snapshots = bool(snapshot_plans) and quiesce is None
+        # filters go in one by one: several disks share their point only with the guest held
+        hold_for_filters = fleecing and quiesce is None and len(guards) + len(fleeces) > 1
         try:
-            with consistency_window(dom if running else None, quiesce=quiesce,
-                                    pause=bool(storage_plans) or hold_for_snapshots) as window:
+            with consistency_window(
+                    dom if running else None, quiesce=quiesce,
+                    pause=bool(storage_plans) or hold_for_snapshots or hold_for_filters
+            ) as window:
                 result.window = window
                 _take_snapshots(snapshot_plans,
                                 snapshot_scope or (lambda p: f"rdmb-snap-{p.disk.target}-"),
@@ -212,9 +243,18 @@ def capture(
                 if actions:
                     assert monitor is not None
                     transaction(monitor, actions)
-                    started = job_ids
+                    started = list(direct_jobs)
+                for _plan, guard, _node, _job in guards:
+                    guard.insert()
+                for _plan, fleece in fleeces:
+                    fleece.insert()
                 for plan in storage_plans:
                     copy_from_storage(plan, sink)
+            if guards:
+                assert monitor is not None
+                transaction(monitor, [_job_for(plan, guard, node, job_id)
+                                      for plan, guard, node, job_id in guards])
+                started += [job_id for _plan, _guard, _node, job_id in guards]
             for plan, fleece in fleeces:
                 _resync(plan, fleece.export(), sink.target(plan), parent_maps, result)
                 fleece.close()
@@ -227,7 +267,10 @@ def capture(
             if monitor is not None and (started or fleeces):
                 still_plugged = unplug_check(monitor, [p.disk for p in qemu_plans + fleece_plans])
                 if started:
-                    wait_jobs(monitor, started, progress, check=still_plugged)
+                    try:
+                        wait_jobs(monitor, started, progress, check=still_plugged)
+                    except OperationError as err:
+                        raise explain(err) from err
                     started = []
                 still_plugged()  # unplugged just as its job or its resync ended
         except BaseException:

@@ -9,6 +9,12 @@ did not write fall through to the live disk. Because the source is in the
 scratch node's backing chain, QEMU makes these copies serialising with reads of
 the scratch node: a reader never sees a guest write that came after the point.
 QEMU's own NBD server exports the scratch node read-only.
+With ``break_snapshot`` (what backups use on a local connection) the point is read
+instead through the break-snapshot copy-before-write filter of
+:mod:`libvirt_rdm_backup.qemu.guard`, whose ``snapshot-access`` node is exported: no
+scratch file in the repository, and a failing copy breaks the point, never the guest's
+write. The filter goes in front of the device by :meth:`FleecingExport.insert`, right
+after the transaction that adds the new dirty bitmap.
 
 The NBD socket: QEMU runs as ``libvirt-qemu`` and could not create a socket in
 a directory only root can use. We create and bind the listening unix socket
@@ -51,6 +57,7 @@ from libvirt_rdm_backup.errors import (
 from libvirt_rdm_backup.process import die_with_parent, require_tool, stall_timeout
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.qemu.blockdev import _free_fdset_id
+from libvirt_rdm_backup.qemu.guard import GuardedSource
 from libvirt_rdm_backup.qemu.jobs import backup_action, transaction
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
@@ -91,6 +98,7 @@ class FleecingExport:
         scratch_path: str,
         size: int,
         socket_root: str = SOCKET_ROOT,
+        break_snapshot: bool = False,
     ) -> None:
         self.monitor = monitor
         self.node_name = node_name
@@ -110,6 +118,8 @@ class FleecingExport:
         self._export_added = False
         self._socket_dir: str | None = None
         self._uri: str | None = None
+        # the point read through a break-snapshot filter (local fleecing image) instead
+        self._guard = GuardedSource(monitor, node_name, disk, size) if break_snapshot else None
 
     @property
     def uri(self) -> str:
@@ -120,6 +130,10 @@ class FleecingExport:
 
     def attach(self) -> None:
         """Create the scratch image and add it to QEMU as a node backed by the disk."""
+        if self._guard is not None:
+            self._node_added = True  # what attach leaves on failure goes with close()
+            self._guard.attach()
+            return
         try:
             fd = os.open(
                 self.scratch_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
@@ -159,11 +173,19 @@ class FleecingExport:
         Put them into the same QMP ``transaction`` as the dirty-bitmap-add of the
         next incremental backup, then call :meth:`export`.
         """
+        if self._guard is not None:
+            return []
         return [backup_action(self.job_id, self.node_name, self.scratch_node, sync="none")]
+
+    def insert(self) -> None:
+        """Right after :meth:`actions` ran: fix the point of a break-snapshot filter."""
+        if self._guard is not None:
+            self._guard.insert()
 
     def start(self) -> str:
         """Run :meth:`actions` in a transaction of their own, then :meth:`export`."""
         transaction(self.monitor, self.actions())
+        self.insert()
         return self.export()
 
     def export(self) -> str:
@@ -186,7 +208,8 @@ class FleecingExport:
             {
                 "type": "nbd",
                 "id": self.export_name,
-                "node-name": self.scratch_node,
+                "node-name": (self.scratch_node if self._guard is None
+                              else self._guard.source(None)[0]),
                 "name": self.export_name,
                 "writable": False,
             },
@@ -197,6 +220,8 @@ class FleecingExport:
 
     def check(self) -> None:
         """Raise OperationError unless the fleecing job still runs (the point is intact)."""
+        if self._guard is not None:
+            return  # a broken point is seen by its reads, which fail
         jobs = {str(j["id"]): j for j in self.monitor.execute("query-jobs") or []}
         state = jobs.get(self.job_id)
         if state is None:
@@ -225,7 +250,9 @@ class FleecingExport:
             step("remove NBD export", self._remove_export)
         if self._server_started:
             step("stop NBD server", self._stop_server)
-        if self._node_added:
+        if self._node_added and self._guard is not None:
+            step("remove copy-before-write filter", self._remove_guard)
+        elif self._node_added:
             step("stop fleecing job", self._stop_job)
             step("remove scratch node", self._remove_node)
         if self._fdset_id is not None:
@@ -279,6 +306,11 @@ class FleecingExport:
             if time.monotonic() > deadline:
                 raise OperationError(f"fleecing job {self.job_id} did not stop")
             time.sleep(0.05)
+
+    def _remove_guard(self) -> None:
+        assert self._guard is not None
+        self._guard.close(None)
+        self._node_added = False
 
     def _remove_node(self) -> None:
         self.monitor.execute("blockdev-del", {"node-name": self.scratch_node})
@@ -343,6 +375,7 @@ def fleecing_export(
     scratch_path: str,
     size: int,
     socket_root: str = SOCKET_ROOT,
+    break_snapshot: bool = False,
 ) -> Iterator[FleecingExport]:
     """Prepare a point-in-time export of block node ``node_name`` of a running domain.
 
@@ -354,7 +387,8 @@ def fleecing_export(
     fd set, scratch image and socket directory; a teardown failure never hides
     the body's exception (it is logged), else the first one is raised.
     """
-    fleece = FleecingExport(monitor, node_name, disk, scratch_path, size, socket_root)
+    fleece = FleecingExport(monitor, node_name, disk, scratch_path, size, socket_root,
+                            break_snapshot)
     try:
         fleece.attach()
         yield fleece

@@ -6,6 +6,7 @@ import logging
 from contextlib import suppress
 
 from libvirt_rdm_backup.errors import OperationError, RdmBackupError
+from libvirt_rdm_backup.qemu.guard import restore_drives
 from libvirt_rdm_backup.qemu.jobs import cancel_jobs
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import is_ours
@@ -40,15 +41,7 @@ def remove_leftovers(monitor: Monitor) -> list[str]:
         with suppress(RdmBackupError):
             monitor.execute("nbd-server-stop")
             removed.append("nbd server")
-    nodes = monitor.execute("query-named-block-nodes", {"flat": True}) or []
-    for node in nodes:
-        name = str(node.get("node-name", ""))
-        if is_ours(name):
-            try:
-                monitor.execute("blockdev-del", {"node-name": name})
-                removed.append(f"node {name}")
-            except RdmBackupError as err:
-                log.warning("could not remove leftover node %s: %s", name, err)
+    removed += _remove_nodes(monitor)
     for fdset in monitor.execute("query-fdsets") or []:
         opaques = [str(fd.get("opaque", "")) for fd in fdset.get("fds") or []]
         if opaques and all(is_ours(o) for o in opaques):
@@ -60,4 +53,33 @@ def remove_leftovers(monitor: Monitor) -> list[str]:
         removed.append("tls object rdmb-tls-client")
     for item in removed:
         log.info("removed leftover %s of an earlier run", item)
+    return removed
+
+
+def _remove_nodes(monitor: Monitor) -> list[str]:
+    """Delete our block nodes, users before what they use; a guest device left behind our
+    copy-before-write filter gets its own node back once nothing else uses the filter."""
+    removed: list[str] = []
+    drives_restored = False
+    while True:
+        failures: dict[str, RdmBackupError] = {}
+        deleted = False
+        for node in monitor.execute("query-named-block-nodes", {"flat": True}) or []:
+            name = str(node.get("node-name", ""))
+            if not is_ours(name):
+                continue
+            try:
+                monitor.execute("blockdev-del", {"node-name": name})
+                removed.append(f"node {name}")
+                deleted = True
+            except RdmBackupError as err:
+                failures[name] = err
+        if failures and not deleted and not drives_restored:
+            removed += restore_drives(monitor)
+            drives_restored = True
+            continue
+        if not failures or not deleted:
+            break
+    for name, failure in failures.items():
+        log.warning("could not remove leftover node %s: %s", name, failure)
     return removed

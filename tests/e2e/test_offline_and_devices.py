@@ -13,7 +13,7 @@ from libvirt_rdm_backup import api
 from libvirt_rdm_backup.engine.restore import CHUNK as ZERO_CHECK_CHUNK
 from libvirt_rdm_backup.errors import OperationError
 from tests.e2e.lab_vm import MiB, lab_vm, same_bytes, snapshot_source
-from tests.lab.domains import guest_write, rdm_backup, run_state
+from tests.lab.domains import assert_running, guest_write, rdm_backup
 from tests.lab.storage_lab import loop_device
 
 pytestmark = pytest.mark.lab
@@ -134,6 +134,6 @@ def test_failed_backup_publishes_nothing(rdmb_tmp: Path) -> None:
             # and the CLI reports it in one line with exit 4
             proc = rdm_backup("backup", vm.name, "--target", str(repo), "--disk", "vdb")
             assert proc.returncode == 4 and proc.stderr.count("\n") == 1
-            assert run_state(vm.dom) == "running"
+            assert_running(vm.dom)
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -9,10 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import libvirt
+
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.engine.backup import BackupResult
 from tests.e2e.lab_vm import LabVM, same_bytes, snapshot_source
-from tests.lab.domains import run_state, slow_down_job
+from tests.lab.domains import running_state, slow_down_job
 
 EXE = Path(sys.executable).parent / "rdm-backup"
 
@@ -23,12 +25,13 @@ class Points:
 
     vm: LabVM
     repo: str
+    disks: list[str] | None = None  # the disks backed up (None: all)
     refs: dict[str, dict[str, Path]] = field(default_factory=dict)  # backup id -> disk -> copy
     extra: dict[str, str] = field(default_factory=dict)  # more disks: target -> host device
 
     def reference(self, tag: str) -> dict[str, Path]:
         """Copies of the raw disks as they are now (the guest is held still meanwhile)."""
-        active = run_state(self.vm.dom) == "running"
+        active = running_state(self.vm.dom)[0] == libvirt.VIR_DOMAIN_RUNNING
         if active:
             self.vm.dom.suspend()
         try:
@@ -46,6 +49,9 @@ class Points:
     def backup(self, **kwargs: object) -> BackupResult:
         """Back up (the guest is still for the whole run) and keep the reference."""
         refs = self.reference(str(len(self.refs)))
+        if self.disks is not None:
+            kwargs.setdefault("disks", self.disks)
+            refs = {disk: path for disk, path in refs.items() if disk in self.disks}
         result = api.backup(self.vm.name, self.repo, **kwargs)  # type: ignore[arg-type]
         self.keep(result.manifest.backup_id, refs)
         return result

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.lab_vm import LOOP_OFFSET, LabVM, MiB, lab_vm, same_bytes
-from tests.lab.domains import guest_write, run_state
+from tests.lab.domains import assert_running, guest_write, running_state
 from tests.lab.storage_lab import RUN_TOKEN, loop_device, make_file, unique_name
 
 pytestmark = pytest.mark.lab
@@ -95,7 +95,7 @@ def state(lab: Lab, watch: Sequence[str | Path]) -> dict[str, Any]:
         "backups": sorted(p.name for p in lab.repo.rglob("manifest.json")),
         "watched": {str(p): content(p) for p in watch},
         "pwned": PWNED.exists(),
-        "running": run_state(lab.vm.dom),
+        "running": running_state(lab.vm.dom),
     }
 
 
@@ -111,7 +111,7 @@ def refused(lab: Lab, code: int, words: str, *args: str,
     assert words in proc.stderr, proc.stderr
     assert state(lab, watch or []) == before
     assert not PWNED.exists()
-    assert run_state(lab.vm.dom) == "running"
+    assert_running(lab.vm.dom)
     return proc.stderr
 
 

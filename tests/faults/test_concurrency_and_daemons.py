@@ -11,7 +11,7 @@ import pytest
 
 from libvirt_rdm_backup import api
 from tests.e2e.lab_vm import LabVM, MiB, fill, lab_vm, same_bytes, snapshot_source
-from tests.lab.domains import run_state, wait_for_job
+from tests.lab.domains import assert_running, wait_for_job
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"
@@ -64,7 +64,7 @@ def test_libvirtd_restarted_during_a_backup_job() -> None:
         conn = libvirt.open("qemu:///system")
         try:
             dom = conn.lookupByUUIDString(vm.uuid)
-            assert run_state(dom) == "running"
+            assert_running(dom)
             dom.suspend()
             try:
                 refs = snapshot_source(vm, vm.workdir / "ref")

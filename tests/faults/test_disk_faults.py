@@ -22,12 +22,12 @@ from libvirt_rdm_backup.qemu.fleece import resync_layer
 from tests.e2e.lab_vm import LabVM, MiB, fill, lab_vm
 from tests.faults.points import Points
 from tests.lab.domains import (
+    assert_running,
     block_disk,
     dirty_bitmaps,
     guest_write,
     qemu_leftovers,
     qmp,
-    run_state,
 )
 from tests.lab.storage_lab import loop_device
 
@@ -85,7 +85,7 @@ def test_disk_unplugged_during_its_backup_job() -> None:
         assert not [p for p in Path(repo, vm.uuid).iterdir() if p.name.startswith(".partial")]
         assert qemu_leftovers(vm.dom) == []
         assert nodes_on(vm.dom, device) == []  # QEMU let go of the unplugged LUN
-        assert run_state(vm.dom) == "running"
+        assert_running(vm.dom)
 
         # plugged in again: its tracking died with its nodes, so it is read once (resync)
         vm.dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
@@ -98,7 +98,7 @@ def test_disk_unplugged_during_its_backup_job() -> None:
         assert vdb is not None and vdb.level == "incremental", vdb  # the others kept theirs
         assert points.restore_every_point() == 3 * len(points.refs)
         assert qemu_leftovers(vm.dom) == []
-        assert run_state(vm.dom) == "running"
+        assert_running(vm.dom)
 
 
 def test_disk_unplugged_while_it_is_resynced(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,7 +124,7 @@ def test_disk_unplugged_while_it_is_resynced(monkeypatch: pytest.MonkeyPatch) ->
         assert [m.backup_id for m in api.list_backups(repo)] == list(points.refs)
         assert unfinished_under(repo) == []
         assert qemu_leftovers(vm.dom) == [] and nodes_on(vm.dom, device) == []
-        assert run_state(vm.dom) == "running"
+        assert_running(vm.dom)
 
         vm.dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
         again = points.backup(disks=["sdb"])
@@ -183,4 +183,4 @@ def test_lun_resized_between_two_backups() -> None:
         out = vm.workdir / "old.raw"
         api.restore(vm.name, repo, "vdb", str(out), backup_id=first.manifest.backup_id)
         assert out.stat().st_size == old
-        assert run_state(vm.dom) == "running"
+        assert_running(vm.dom)

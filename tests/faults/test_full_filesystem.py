@@ -14,7 +14,7 @@ from libvirt_rdm_backup import api
 from libvirt_rdm_backup.fileutil import unfinished_under
 from tests.e2e.lab_vm import MiB, lab_vm, same_bytes
 from tests.faults.points import Points
-from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers, run_state
+from tests.lab.domains import assert_running, dirty_bitmaps, guest_write, qemu_leftovers
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"
@@ -76,7 +76,7 @@ def test_repository_filesystem_runs_full_then_grows() -> None:
                 assert qemu_leftovers(vm.dom) == []
                 assert dirty_bitmaps(vm.dom) == tracked  # tracking kept, nothing new
                 assert unfinished_under(repo) == []
-            assert run_state(vm.dom) == "running"
+            assert_running(vm.dom)
             # room again: the next incremental holds every change since the last good point
             ballast.unlink()
             result = points.backup(level="incremental")

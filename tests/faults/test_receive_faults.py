@@ -11,7 +11,7 @@ from libvirt_rdm_backup import api
 from tests.e2e.lab_vm import MiB, fill, lab_vm
 from tests.faults.points import Points
 from tests.lab.crash_fs import CrashFs, crash_fs
-from tests.lab.domains import guest_write, qemu_leftovers, run_state
+from tests.lab.domains import assert_running, guest_write, qemu_leftovers
 from tests.lab.storage_lab import rdmb_tmpdir
 from tests.lab.volume_server import VolumeServer
 
@@ -67,7 +67,7 @@ def test_backup_server_fault_mid_push(fault: str) -> None:
             report = api.verify(server.uri)
             assert report.ok and len(report.checks) == len(points.refs)
             assert qemu_leftovers(vm.dom) == []
-            assert run_state(vm.dom) == "running"
+            assert_running(vm.dom)
 
             # room again / served again: the next backup holds every change
             if ballast is not None:

@@ -8,13 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.fileutil import unfinished_under
 from tests.e2e.lab_vm import LabVM, MiB, fill, lab_vm
 from tests.faults.points import Points
-from tests.lab.domains import dirty_bitmaps, qemu_leftovers, run_state, wait_for_job
+from tests.lab.domains import (
+    assert_running,
+    dirty_bitmaps,
+    qemu_leftovers,
+    running_state,
+    wait_for_job,
+)
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"
@@ -52,7 +59,7 @@ def test_qemu_killed_during_a_backup(level: str) -> None:
         assert [m.backup_id for m in api.list_backups(repo)] == list(points.refs)
         # the VM died with its QEMU; it starts again, and the next backup recovers:
         # bitmaps died with QEMU, so auto re-reads and stores only what changed
-        assert run_state(vm.dom).startswith("shut off"), run_state(vm.dom)
+        assert running_state(vm.dom)[0] == libvirt.VIR_DOMAIN_SHUTOFF, running_state(vm.dom)
         vm.dom.create()
         after = points.backup()
         vdb = after.manifest.disk("vdb")
@@ -67,7 +74,7 @@ def test_qemu_killed_during_a_backup(level: str) -> None:
         assert points.restore_every_point() == 2 * len(points.refs)
         assert repo_temp_files(repo) == []
         assert qemu_leftovers(vm.dom) == []
-        assert run_state(vm.dom) == "running"
+        assert_running(vm.dom)
 
 
 def test_vm_reset_between_backups_keeps_tracking() -> None:
@@ -88,7 +95,7 @@ def test_vm_reset_between_backups_keeps_tracking() -> None:
         assert vdb.parent == first.manifest.backup_id
         assert vdb.bytes_transferred <= 5 * 8 * MiB + MiB  # only what changed
         assert points.restore_every_point() == 4
-        assert run_state(vm.dom) == "running"
+        assert_running(vm.dom)
 
 
 def test_qemu_stopped_before_and_during_a_backup() -> None:
@@ -127,7 +134,7 @@ def test_qemu_stopped_before_and_during_a_backup() -> None:
         finally:
             os.kill(pid, signal.SIGCONT)
         assert [m.backup_id for m in api.list_backups(repo)] == list(points.refs)
-        assert run_state(vm.dom) == "running"
+        assert_running(vm.dom)
 
         # QEMU answers again: the next run cleans up, and nothing written was lost
         after = points.backup()

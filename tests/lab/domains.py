@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -160,18 +161,73 @@ def alias_of(dom: libvirt.virDomain, target: str) -> tuple[str, str]:
     raise KeyError(target)
 
 
-def guest_write(
+QEMU_LOG_DIR = "/var/log/libvirt/qemu"
+QEMU_IO_WAIT = 60.0  # seconds for a qemu-io result to reach the domain's log
+
+
+class GuestWriteError(AssertionError):
+    """A simulated guest write failed (as the domain's QEMU log says)."""
+
+
+def qemu_log(dom: libvirt.virDomain) -> str:
+    """The domain's QEMU log, where HMP ``qemu-io`` prints its results."""
+    return os.path.join(QEMU_LOG_DIR, f"{dom.name()}.log")
+
+
+def try_guest_write(
     dom: libvirt.virDomain, target: str, pattern: int, offset: int, length: int
-) -> None:
-    """Write like the guest would: HMP ``qemu-io`` on the device's qdev path."""
+) -> str | None:
+    """Write like the guest would (HMP ``qemu-io`` on the device's qdev path).
+
+    Returns None when QEMU wrote every byte, else its error line. HMP replies with
+    an empty string either way: the result is read from the domain's QEMU log.
+    """
     alias, bus = alias_of(dom, target)
     qdev = f"/machine/peripheral/{alias}" + ("/virtio-backend" if bus == "virtio" else "")
-    out = libvirt_qemu.qemuMonitorCommand(
+    log = qemu_log(dom)
+    start = os.path.getsize(log)
+    libvirt_qemu.qemuMonitorCommand(
         dom,
         f'qemu-io -d {qdev} "write -P {pattern:#x} {offset} {length}"',
         libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP,
     )
-    assert "error" not in out.lower() and "fail" not in out.lower(), out
+    done = re.compile(rf"^wrote {length}/{length} bytes at offset {offset}$", re.M)
+    deadline = time.monotonic() + QEMU_IO_WAIT
+    while True:
+        with open(log, "rb") as stream:
+            stream.seek(start)
+            text = stream.read().decode(errors="replace")
+        failed = re.search(r"^write failed: .*$", text, re.M)
+        if failed:
+            return failed.group(0)
+        if done.search(text):
+            return None
+        if time.monotonic() > deadline:
+            return f"no result of the write in {log} after {QEMU_IO_WAIT:g} s"
+        time.sleep(0.01)
+
+
+def guest_write(
+    dom: libvirt.virDomain, target: str, pattern: int, offset: int, length: int
+) -> None:
+    """:func:`try_guest_write`, raising GuestWriteError when the write failed."""
+    error = try_guest_write(dom, target, pattern, offset, length)
+    if error is not None:
+        raise GuestWriteError(f"guest write of {length} bytes at {offset} to {target}: {error}")
+
+
+def running_state(dom: libvirt.virDomain) -> tuple[int, int]:
+    """(state, reason) of the domain, as ``virsh domstate --reason`` shows them."""
+    state, reason = dom.state()
+    return int(state), int(reason)
+
+
+def assert_running(dom: libvirt.virDomain) -> None:
+    """The guest runs (not paused for an I/O error, not shut off): state and reason."""
+    state, reason = running_state(dom)
+    assert state == libvirt.VIR_DOMAIN_RUNNING, (state, reason)
+    assert reason in (libvirt.VIR_DOMAIN_RUNNING_BOOTED, libvirt.VIR_DOMAIN_RUNNING_UNPAUSED,
+                      libvirt.VIR_DOMAIN_RUNNING_UNKNOWN), (state, reason)
 
 
 def rdm_backup(*args: str) -> subprocess.CompletedProcess[str]:
@@ -254,18 +310,3 @@ def iscsi_hostdev(iqn: str, lun: int, host: str = "127.0.0.1", port: int = 3260)
         f"<source protocol='iscsi' name={quoteattr(f'{iqn}/{lun}')}>"
         f"<host name='{host}' port='{port}'/></source></hostdev>"
     ))
-
-
-_STATES = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
-           libvirt.VIR_DOMAIN_SHUTOFF: "shut off", libvirt.VIR_DOMAIN_CRASHED: "crashed",
-           libvirt.VIR_DOMAIN_BLOCKED: "blocked", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
-           libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended"}
-
-
-def run_state(dom: libvirt.virDomain) -> str:
-    """``running`` while the guest runs; else the state and libvirt's reason code, e.g.
-    ``paused (reason 2)`` (2: an I/O error), so that a paused guest never reads as alive."""
-    state, reason = dom.state()
-    if state == libvirt.VIR_DOMAIN_RUNNING:
-        return "running"
-    return f"{_STATES.get(state, str(state))} (reason {reason})"

@@ -22,7 +22,7 @@ import libvirt
 import pytest
 
 from libvirt_rdm_backup import events, hook
-from tests.lab.domains import URI, domain_xml, run_state
+from tests.lab.domains import URI, assert_running, domain_xml
 from tests.lab.domains import test_domain as lab_domain
 
 pytestmark = pytest.mark.lab
@@ -186,7 +186,7 @@ def test_save_and_restore_are_recorded(state_dir: Path, run_token: str, rdmb_tmp
         saved = rdmb_tmp / "saved.img"
         dom.save(str(saved))
         dom.connect().restore(str(saved))
-        assert run_state(dom) == "running"
+        assert_running(dom)
         second = wait_event(uuid, "started", state_dir, after=since)
         assert second.pid is not None and second.pid != first.pid
         recorded = [e.event for e in events.events_since(uuid, since, str(state_dir))]
