@@ -47,10 +47,20 @@ def test_quiesce_without_a_guest_agent() -> None:
             assert same_bytes(out, ref)
 
 
+def wait_running(dom: libvirt.virDomain, within: float) -> tuple[int, int]:
+    """Poll the domain's state and reason until it runs again, at most ``within`` seconds."""
+    deadline = time.monotonic() + within
+    state = dom.state()
+    while state[0] != libvirt.VIR_DOMAIN_RUNNING and time.monotonic() < deadline:
+        time.sleep(0.05)
+        state = dom.state()
+    return state[0], state[1]
+
+
 @pytest.mark.fault
 def test_a_killed_run_leaves_no_paused_guest_behind() -> None:
     # the LUN has no snapshot-capable storage (plain tgt file), so it is copied while the
-    # guest is paused: kill the tool inside that window
+    # guest is paused: kill the tool inside that window; its watchdog resumes the guest
     with lab_vm(loop_size=64 * MiB, lun_size=1024 * MiB) as vm:
         repo = str(vm.workdir / "repo")
         for index in range(64):
@@ -65,9 +75,13 @@ def test_a_killed_run_leaves_no_paused_guest_behind() -> None:
             time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert vm.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED  # left behind by the kill
+        assert wait_running(vm.dom, 5.0) == (libvirt.VIR_DOMAIN_RUNNING,
+                                             libvirt.VIR_DOMAIN_RUNNING_UNPAUSED)
+        _out, err = proc.communicate()
+        assert "resumed the guest" in err, err
+        assert api.list_backups(repo) == []
         result = api.backup(vm.name, repo, disks=["vdb"])
-        assert vm.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING  # the next run resumed it
+        assert vm.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
         assert [m.backup_id for m in api.list_backups(repo)] == [result.manifest.backup_id]
 
 
