@@ -236,7 +236,8 @@ def consistency_window(
                 try:
                     undo(dom)
                 except LibvirtError as err:
-                    log.error("%s", err)
+                    if errors or not raise_errors:  # the first one is raised: said once
+                        log.error("%s", err)
                     errors.append(err)
                     failed.append(kind)
         if "maybe-frozen" in held:

@@ -8,6 +8,8 @@ storage (tgt over a reflink file) and a LUN ``sdb`` on plain storage (copied whi
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,17 +192,125 @@ def test_thaw_and_resume_when_the_tool_is_interrupted(lab: GuestLab) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.002)
         proc.send_signal(sig)
-        out, err = proc.communicate()
+        killed = time.monotonic()
         if sig == signal.SIGTERM:  # cleaned up by the tool itself
+            out, err = proc.communicate()
             assert proc.returncode == 4 and "interrupted" in err
             assert g.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
             assert g.agent("guest-fsfreeze-status") == "thawed"
-    # after SIGKILL the guest is still paused and frozen; the next run repairs that
-    assert g.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+    # after SIGKILL the tool's watchdog resumes and thaws the guest within seconds
+    assert _running_again(g, killed + 5.0) == (libvirt.VIR_DOMAIN_RUNNING,
+                                               libvirt.VIR_DOMAIN_RUNNING_UNPAUSED)
+    assert _freeze_status(g, killed + 5.0) == "thawed"
+    out, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and "resumed the guest" in err, err
     api.backup(g.name, repo, disks=["vda"])
     assert g.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     assert g.agent("guest-fsfreeze-status") == "thawed"
     assert api.list_backups(repo)[-1].disks[0].disk.target == "vda"
+
+
+def _running_again(g: Guest, deadline: float) -> tuple[int, int]:
+    """The domain's state and reason once it runs, or as it is at ``deadline``."""
+    state = g.dom.state()
+    while state[0] != libvirt.VIR_DOMAIN_RUNNING and time.monotonic() < deadline:
+        time.sleep(0.05)
+        state = g.dom.state()
+    return state[0], state[1]
+
+
+def _freeze_status(g: Guest, deadline: float) -> object:
+    """``guest-fsfreeze-status`` once it says thawed, or the last answer at ``deadline``."""
+    status: object = None
+    while True:
+        try:
+            status = g.agent("guest-fsfreeze-status", timeout=2)
+        except libvirt.libvirtError as err:
+            status = str(err)
+        if status == "thawed" or time.monotonic() >= deadline:
+            return status
+        time.sleep(0.2)
+
+
+def _window_holder(work: Path, marker: Path) -> tuple[Path, Path, Path]:
+    """A ``tgtadm`` first on PATH that blocks while the consistency window is open (its record
+    exists) until the file ``go`` appears: a snapshot inside the window that takes its time.
+    Returns (directory for PATH, ``holding`` file it creates when it blocks, ``go``)."""
+    bindir, holding, go = work / "slow-bin", work / "holding", work / "go"
+    bindir.mkdir(exist_ok=True)
+    real = shutil.which("tgtadm")
+    assert real is not None
+    script = bindir / "tgtadm"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"if [ -e '{marker}' ] && [ ! -e '{go}' ]; then\n"
+        f"  touch '{holding}'\n"
+        f"  while [ ! -e '{go}' ]; do sleep 0.05; done\n"
+        "fi\n"
+        f"exec '{real}' \"$@\"\n")
+    script.chmod(0o755)
+    return bindir, holding, go
+
+
+@pytest.mark.fault
+def test_agent_hangs_after_fsfreeze_and_the_thaw_fails(lab: GuestLab) -> None:
+    """qemu-ga stops answering between a successful freeze and the thaw: the tool gives up
+    the thaw within its limit, fails in one line (exit 4), the guest keeps running, and the
+    watchdog thaws it once the agent answers again; the next backup restores byte for byte."""
+    g = lab.guest
+    g.wait_agent(30)
+    repo = str(lab.work / "repo-thaw")
+    marker = Path(os.environ["RDM_BACKUP_WINDOW_DIR"]) / f"{g.dom.UUIDString()}.json"
+    bindir, holding, go = _window_holder(lab.work, marker)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}",
+           "RDM_BACKUP_AGENT_TIMEOUT": "3", "RDM_BACKUP_WATCHDOG_LINGER": "300"}
+    exe = Path(sys.executable).parent / "rdm-backup"
+    # vda through QEMU, sda through a storage snapshot: the guest is frozen, not paused
+    proc = subprocess.Popen([str(exe), "backup", g.name, "--target", repo, "--quiesce",
+                             "--disk", "vda", "--disk", "sda", "--json"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stopped = False
+    try:
+        deadline = time.monotonic() + 120
+        while not holding.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the window was never held"
+            time.sleep(0.05)
+        assert g.agent("guest-fsfreeze-status") == "frozen"
+        g.check("killall -STOP qemu-ga")
+        stopped = True
+        go.touch()
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 4, (out, err)
+        assert err.count("\n") == 1 and "cannot thaw" in err and "watchdog" in err, err
+        assert g.dom.state()[:2] == [libvirt.VIR_DOMAIN_RUNNING,
+                                     libvirt.VIR_DOMAIN_RUNNING_UNPAUSED]
+        assert marker.exists()  # kept for the watchdog (and the next run)
+        assert api.list_backups(repo) == []
+    finally:
+        go.touch()
+        if stopped:
+            g.check("killall -CONT qemu-ga")
+    g.wait_agent(60)
+    assert _freeze_status(g, time.monotonic() + 60) == "thawed"
+    deadline = time.monotonic() + 30
+    while marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not marker.exists()
+    g.check("echo after > /mnt/fs/after-thaw && sync")
+    g.dom.suspend()
+    try:
+        ref = lab.work / "ref-thaw-vda.raw"
+        subprocess.run(["qemu-img", "convert", "-U", "-f", "raw", "-O", "raw", lab.vda,
+                        str(ref)], check=True)
+    finally:
+        g.dom.resume()
+    result = api.backup(g.name, repo, disks=["vda"], quiesce="required")
+    assert result.manifest.consistency["method"].startswith("fsfreeze")
+    out_file = lab.work / "out-thaw-vda.raw"
+    api.restore(g.name, repo, "vda", str(out_file))
+    assert same_bytes(out_file, ref)
+    assert g.agent("guest-fsfreeze-status") == "thawed"
 
 
 @pytest.mark.fault
