@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -206,7 +206,8 @@ def _resume(dom: libvirt.virDomain) -> None:
 
 @contextmanager
 def consistency_window(
-    dom: libvirt.virDomain | None, *, quiesce: str | None = None, pause: bool = False
+    dom: libvirt.virDomain | None, *, quiesce: str | None = None, pause: bool = False,
+    before: Callable[[], None] | None = None,
 ) -> Iterator[Window]:
     """Hold the guest still for the block: filesystems frozen and/or vCPUs paused.
 
@@ -215,8 +216,12 @@ def consistency_window(
     enough (raw LUN copies) or did not happen. Both are undone on exit, always:
     each undo is registered before its action, so an interrupt arriving in between
     (SIGTERM) still thaws and resumes. ``dom`` None (a shut-off domain) holds nothing.
+    ``before`` runs just before the guest is held (the storage's writeback, so that
+    the little that gets dirty until the hold is all a snapshot inside it waits for).
     """
     if dom is None:
+        if before is not None:
+            before()
         yield Window(method="offline")
         return
     if quiesce is not None and quiesce not in QUIESCE_MODES:
@@ -226,6 +231,13 @@ def consistency_window(
     held: list[str] = []  # what was (or may have been) done, in order
     guard = _start_watchdog(dom) if quiesce is not None or (pause and not is_paused(dom)) \
         else None
+    if before is not None:
+        try:
+            before()
+        except BaseException:
+            if guard is not None:
+                guard.stop()
+            raise
     started = time.monotonic()
 
     def release(raise_errors: bool) -> None:

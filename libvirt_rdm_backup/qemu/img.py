@@ -125,11 +125,12 @@ def convert(
     existing_target: bool = False,
     target_is_zero: bool = False,
     extra: list[str] | None = None,
+    timeout: float | None = None,
 ) -> None:
     """``qemu-img convert`` with parallel coroutines and sparse output.
 
     ``source`` may be a path, an ``iscsi://`` URL or (with ``source_image_opts``)
-    an options string.
+    an options string. ``timeout``: seconds after which the copy is killed.
     """
     argv = [*_qemu_img("convert"), "-q", "-W", "-m", "8"]
     if source_image_opts:
@@ -144,7 +145,7 @@ def convert(
     if extra:
         argv += extra
     argv += [source, target]
-    run(argv, stall=stall_timeout())
+    run(argv, stall=stall_timeout(), timeout=timeout)
 
 
 def compare(first: str, second: str, first_fmt: str | None, second_fmt: str | None) -> bool:

@@ -97,3 +97,29 @@ def test_a_paused_domain_stays_paused() -> None:
         doc = json.loads(rdm_backup("list", "--target", str(vm.workdir / "repo"),
                                     "--json").stdout)
         assert len(doc) == 1
+
+
+@pytest.mark.fault
+def test_max_pause_refuses_a_paused_copy_up_front() -> None:
+    # the LUN is on plain storage (no snapshots): `disks` says it needs a paused copy, and a
+    # bound its measured read rate cannot meet is refused before the guest is ever paused
+    with lab_vm(loop_size=64 * MiB, lun_size=1024 * MiB) as vm:
+        repo = str(vm.workdir / "repo")
+        doc = json.loads(rdm_backup("disks", vm.name, "--json").stdout)
+        paused = {d["target"]: d["paused_copy"] for d in doc["raw_disks"]}
+        assert paused["vdb"] is None and "paused" in paused["sda"], paused
+        text = rdm_backup("disks", vm.name).stdout
+        assert text.count("copied while the guest is paused") == 1, text
+        proc = rdm_backup("backup", vm.name, "--target", repo, "--max-pause", "0.05")
+        assert proc.returncode == 4, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "--max-pause 0.05 s" in proc.stderr
+        assert "disk sda" in proc.stderr and "nothing was paused" in proc.stderr
+        # never paused: a domain resumed after a pause says so in its running reason
+        assert vm.dom.state()[:2] == [libvirt.VIR_DOMAIN_RUNNING,
+                                      libvirt.VIR_DOMAIN_RUNNING_BOOTED]
+        assert api.list_backups(repo) == []
+        bad = rdm_backup("backup", vm.name, "--target", repo, "--max-pause", "0")
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+        result = api.backup(vm.name, repo)  # the default bound: 30 s
+        assert result.manifest.disk("sda").data_path == "storage"  # type: ignore[union-attr]
+        assert vm.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING

@@ -190,3 +190,44 @@ def test_array_stopped_mid_copy_and_brought_back(device: str, outage: str) -> No
             assert api.verify(repo).ok
             assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
             assert domains.qemu_leftovers(dom) == []  # the next run removed what was left
+
+
+def test_paused_copy_reaching_max_pause_is_cancelled() -> None:
+    """The array stops answering while a passthrough LUN is copied with the guest paused:
+    at ``--max-pause`` the copy is cancelled, the guest resumed, the backup fails in one
+    line (exit 4) and publishes nothing; the next backup restores byte for byte."""
+    with rdmb_tmpdir() as work:
+        backing = work / "lun.img"
+        with open(backing, "wb") as stream:
+            stream.truncate(LUN_SIZE)
+        fill_lun(backing)
+        reference = work / "ref.raw"
+        subprocess.run(["cp", "--sparse=always", str(backing), str(reference)], check=True)
+        name = unique_name("rdmb-vm")
+        with private_array(backing) as array, domains.test_domain(
+                name, [domains.iscsi_disk("sda", array.iqn, 1, device="lun",
+                                          port=array.port)]) as dom:
+            repo = str(work / "repo")
+            env = {**os.environ, "RDM_BACKUP_STALL_TIMEOUT": "300"}
+            proc = subprocess.Popen([str(EXE), "backup", name, "--target", repo,
+                                     "--max-pause", "10"], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            wait_until_copying(dom, proc, "lun")
+            array.stop()
+            try:
+                _out, err = proc.communicate(timeout=120)
+            finally:
+                array.start()
+            assert proc.returncode == 4, err
+            assert err.count("\n") == 1 and "--max-pause 10 s" in err, err
+            assert "cancelled, the guest resumed" in err, err
+            assert dom.state()[:2] == [libvirt.VIR_DOMAIN_RUNNING,
+                                       libvirt.VIR_DOMAIN_RUNNING_UNPAUSED]
+            assert api.list_backups(repo) == []
+            assert not [p for p in Path(repo).rglob("*") if p.is_file() and
+                        p.name not in {"rdm-backup-repository.json", ".lock"}]
+            api.backup(name, repo)
+            out = work / "restored.raw"
+            api.restore(name, repo, "sda", str(out))
+            assert same_bytes(out, reference)
+            assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
