@@ -305,11 +305,39 @@ def consistency_window(
     release(raise_errors=True)
 
 
+_EARLY: dict[str, watchdog.Watchdog] = {}  # domain uuid -> watchdog started ahead
+
+
 def _start_watchdog(dom: libvirt.virDomain) -> watchdog.Watchdog | None:
-    """A watchdog that undoes the window should the tool die inside it."""
+    """A watchdog (up and connected) that undoes the window should the tool die inside it."""
+    guard = _EARLY.pop(dom.UUIDString(), None) or _spawn_watchdog(dom)
+    return guard if guard is not None and guard.wait_ready() else None
+
+
+def _spawn_watchdog(dom: libvirt.virDomain) -> watchdog.Watchdog | None:
     try:
         uri = str(dom.connect().getURI())
     except libvirt.libvirtError as err:
         log.warning("no watchdog for the consistency window: %s", err)
         return None
     return watchdog.start(uri, dom.UUIDString(), MARKER_DIR, locks.LOCK_DIR)
+
+
+@contextmanager
+def watchdog_ahead(dom: libvirt.virDomain | None) -> Iterator[None]:
+    """Start the watchdog of a window opened inside this block now, so that it comes up
+    while the backup prepares (a Python process and a libvirt connection take a while);
+    one left unused is let go on exit. ``dom`` None: nothing."""
+    if dom is None:
+        yield
+        return
+    uuid = dom.UUIDString()
+    guard = _spawn_watchdog(dom)
+    if guard is not None:
+        _EARLY[uuid] = guard
+    try:
+        yield
+    finally:
+        unused = _EARLY.pop(uuid, None)
+        if unused is not None:
+            unused.stop()

@@ -53,6 +53,26 @@ class Watchdog:
     """The tool's end of a running watchdog."""
 
     proc: subprocess.Popen[bytes]
+    ready: bool = False
+
+    def wait_ready(self) -> bool:
+        """Wait until the watchdog holds its libvirt connection; False (and a warning, the
+        watchdog stopped) when it does not come up."""
+        if self.ready:
+            return True
+        assert self.proc.stdout is not None
+        try:
+            ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT)
+            answer = os.read(self.proc.stdout.fileno(), len(READY)) if ready else b""
+        except OSError:
+            answer = b""
+        self.proc.stdout.close()
+        self.ready = answer == READY
+        if not self.ready:
+            log.warning("no watchdog for the consistency window: it did not start")
+            self.proc.kill()
+            self.proc.wait()
+        return self.ready
 
     def stop(self) -> None:
         """The window is closed (its record dropped, or kept for a failed undo): let go."""
@@ -68,7 +88,8 @@ class Watchdog:
 
 
 def start(uri: str, domain_uuid: str, marker_dir: str, lock_dir: str) -> Watchdog | None:
-    """Start a watchdog for the domain's next window; None (and a warning) when it cannot."""
+    """Start a watchdog for the domain's next window (it comes up in the background: see
+    :meth:`Watchdog.wait_ready`); None (and a warning) when it cannot be started."""
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "libvirt_rdm_backup.watchdog"],
@@ -77,21 +98,13 @@ def start(uri: str, domain_uuid: str, marker_dir: str, lock_dir: str) -> Watchdo
     except OSError as err:
         log.warning("no watchdog for the consistency window: %s", err)
         return None
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdin is not None
     config = {"uri": uri, "uuid": domain_uuid, "marker_dir": marker_dir, "lock_dir": lock_dir}
     try:
         proc.stdin.write(json.dumps(config).encode() + b"\n")
         proc.stdin.flush()
-        ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
-        answer = os.read(proc.stdout.fileno(), len(READY)) if ready else b""
     except OSError:
-        answer = b""
-    proc.stdout.close()
-    if answer != READY:
-        log.warning("no watchdog for the consistency window: it did not start")
-        proc.kill()
-        proc.wait()
-        return None
+        pass  # wait_ready says so
     return Watchdog(proc)
 
 

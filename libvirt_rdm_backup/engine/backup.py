@@ -10,7 +10,7 @@ from typing import Any
 
 import libvirt
 
-from libvirt_rdm_backup.consistency import recover_window
+from libvirt_rdm_backup.consistency import recover_window, watchdog_ahead
 from libvirt_rdm_backup.domain.connection import connection_uri, is_remote
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.capture import (
@@ -265,7 +265,10 @@ def backup(
     ctx = open_domain(conn, domain)
     selected = select_disks(ctx.inventory, disks)
     store = open_store(target, create=True, allow_plain_nbd=allow_plain_nbd, tls_dir=tls_dir)
-    with store, domain_lock(ctx.uuid), store.lock(ctx.uuid):
+    holds = ctx.inventory.running and (quiesce is not None
+                                       or any(d.is_passthrough_lun for d in selected))
+    with store, domain_lock(ctx.uuid), store.lock(ctx.uuid), \
+            watchdog_ahead(ctx.dom if holds else None):
         chain = chain_of(store.backups(ctx.uuid), chain_name)
         monitor = _prepare_qemu(ctx, store.repo_id, chain)
         restart = describe_restart(ctx.uuid, chain.last.created) if chain.last else None
