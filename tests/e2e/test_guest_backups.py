@@ -8,8 +8,6 @@ storage (tgt over a reflink file) and a LUN ``sdb`` on plain storage (copied whi
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +20,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from libvirt_rdm_backup import api
+from libvirt_rdm_backup import api, consistency
+from libvirt_rdm_backup.errors import RdmBackupError
 from tests.e2e.lab_vm import same_bytes
 from tests.lab.domains import block_disk, iscsi_disk, rdm_backup
 from tests.lab.guest import Guest, guest_vm
@@ -232,63 +231,33 @@ def _freeze_status(g: Guest, deadline: float) -> object:
         time.sleep(0.2)
 
 
-def _window_holder(work: Path, marker: Path) -> tuple[Path, Path, Path]:
-    """A ``tgtadm`` first on PATH that blocks while the consistency window is open (its record
-    exists) until the file ``go`` appears: a snapshot inside the window that takes its time.
-    Returns (directory for PATH, ``holding`` file it creates when it blocks, ``go``)."""
-    bindir, holding, go = work / "slow-bin", work / "holding", work / "go"
-    bindir.mkdir(exist_ok=True)
-    real = shutil.which("tgtadm")
-    assert real is not None
-    script = bindir / "tgtadm"
-    script.write_text(
-        "#!/bin/sh\n"
-        f"if [ -e '{marker}' ] && [ ! -e '{go}' ]; then\n"
-        f"  touch '{holding}'\n"
-        f"  while [ ! -e '{go}' ]; do sleep 0.05; done\n"
-        "fi\n"
-        f"exec '{real}' \"$@\"\n")
-    script.chmod(0o755)
-    return bindir, holding, go
-
-
 @pytest.mark.fault
-def test_agent_hangs_after_fsfreeze_and_the_thaw_fails(lab: GuestLab) -> None:
-    """qemu-ga stops answering between a successful freeze and the thaw: the tool gives up
-    the thaw within its limit, fails in one line (exit 4), the guest keeps running, and the
-    watchdog thaws it once the agent answers again; the next backup restores byte for byte."""
+def test_agent_hangs_after_fsfreeze_and_the_thaw_fails(lab: GuestLab,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu-ga stops answering between a successful freeze and the thaw: the window gives up
+    the thaw within its limit and fails in one line (exit 4), the guest keeps running, and
+    the watchdog thaws it once the agent answers again; the next backup restores exactly."""
     g = lab.guest
     g.wait_agent(30)
-    repo = str(lab.work / "repo-thaw")
-    marker = Path(os.environ["RDM_BACKUP_WINDOW_DIR"]) / f"{g.dom.UUIDString()}.json"
-    bindir, holding, go = _window_holder(lab.work, marker)
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}",
-           "RDM_BACKUP_AGENT_TIMEOUT": "3", "RDM_BACKUP_WATCHDOG_LINGER": "300"}
-    exe = Path(sys.executable).parent / "rdm-backup"
-    # vda through QEMU, sda through a storage snapshot: the guest is frozen, not paused
-    proc = subprocess.Popen([str(exe), "backup", g.name, "--target", repo, "--quiesce",
-                             "--disk", "vda", "--disk", "sda", "--json"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    monkeypatch.setattr(consistency, "AGENT_TIMEOUT", 3)
+    monkeypatch.setenv("RDM_BACKUP_AGENT_TIMEOUT", "3")  # the watchdog's
+    monkeypatch.setenv("RDM_BACKUP_WATCHDOG_LINGER", "300")
+    marker = Path(consistency.MARKER_DIR) / f"{g.dom.UUIDString()}.json"
     stopped = False
     try:
-        deadline = time.monotonic() + 120
-        while not holding.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the window was never held"
-            time.sleep(0.05)
-        assert g.agent("guest-fsfreeze-status") == "frozen"
-        g.check("killall -STOP qemu-ga")
-        stopped = True
-        go.touch()
-        out, err = proc.communicate(timeout=180)
-        assert proc.returncode == 4, (out, err)
-        assert err.count("\n") == 1 and "cannot thaw" in err and "watchdog" in err, err
+        with pytest.raises(RdmBackupError) as failed:  # noqa: PT012 - the window's body
+            with consistency.consistency_window(g.dom, quiesce="required") as window:
+                assert window.method == "fsfreeze"
+                assert g.agent("guest-fsfreeze-status") == "frozen"
+                g.check("killall -STOP qemu-ga")  # the guest runs: its shell answers
+                stopped = True
+        message = str(failed.value)
+        assert failed.value.exit_code == 4 and "\n" not in message
+        assert "cannot thaw" in message and "watchdog" in message, message
         assert g.dom.state()[:2] == [libvirt.VIR_DOMAIN_RUNNING,
                                      libvirt.VIR_DOMAIN_RUNNING_UNPAUSED]
         assert marker.exists()  # kept for the watchdog (and the next run)
-        assert api.list_backups(repo) == []
     finally:
-        go.touch()
         if stopped:
             g.check("killall -CONT qemu-ga")
     g.wait_agent(60)
@@ -305,6 +274,7 @@ def test_agent_hangs_after_fsfreeze_and_the_thaw_fails(lab: GuestLab) -> None:
                         str(ref)], check=True)
     finally:
         g.dom.resume()
+    repo = str(lab.work / "repo-thaw")
     result = api.backup(g.name, repo, disks=["vda"], quiesce="required")
     assert result.manifest.consistency["method"].startswith("fsfreeze")
     out_file = lab.work / "out-thaw-vda.raw"
