@@ -184,15 +184,12 @@ def _thaw(dom: libvirt.virDomain) -> None:
             f"{watchdog.linger():g} s, and the next backup of the domain thaws them") from err
 
 
-def _pause(dom: libvirt.virDomain) -> bool:
-    """Pause the vCPUs; False when the domain was already paused (then it stays so)."""
-    if is_paused(dom):
-        return False
+def _pause(dom: libvirt.virDomain) -> None:
+    """Pause the vCPUs (the caller saw them running)."""
     try:
         dom.suspend()
     except libvirt.libvirtError as err:
         raise LibvirtError(f"cannot pause domain: {err.get_error_message()}") from err
-    return True
 
 
 def _resume(dom: libvirt.virDomain) -> None:

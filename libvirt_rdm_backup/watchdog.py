@@ -76,11 +76,12 @@ class Watchdog:
 
     def stop(self) -> None:
         """The window is closed (its record dropped, or kept for a failed undo): let go."""
-        if self.proc.stdin is not None:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -123,22 +124,21 @@ def _detach_output() -> None:
     os.close(null)
 
 
-def _repair_once(conn: libvirt.virConnect, config: dict[str, str]) -> tuple[bool, list[str]]:
-    """One attempt under the domain's lock: (window record gone, what was done)."""
+def _repair_once(conn: libvirt.virConnect, config: dict[str, str]) -> bool:
+    """One attempt under the domain's lock; True once the window's record is gone."""
     from libvirt_rdm_backup import consistency
     from libvirt_rdm_backup.engine.locks import domain_lock
     from libvirt_rdm_backup.errors import RdmBackupError
 
     marker_dir, uuid = config["marker_dir"], config["uuid"]
     if not os.path.exists(os.path.join(marker_dir, f"{uuid}.json")):
-        return True, []
+        return True
     try:
         with domain_lock(uuid, config["lock_dir"]):
-            dom = conn.lookupByUUIDString(uuid)
-            done = consistency.recover_window(dom, marker_dir)
-            return not consistency.window_open(uuid, marker_dir), done
+            consistency.recover_window(conn.lookupByUUIDString(uuid), marker_dir)
+            return not consistency.window_open(uuid, marker_dir)
     except (RdmBackupError, libvirt.libvirtError):
-        return False, []  # a run holds the lock (and repairs itself), or libvirt hiccups
+        return False  # a run holds the lock (and repairs itself), or libvirt hiccups
 
 
 def _wait_for_eof() -> None:
@@ -155,6 +155,7 @@ def main() -> int:
     for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(signum, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="rdm-backup watchdog: %(message)s")
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised instead
     line = b""
     while not line.endswith(b"\n"):
         chunk = os.read(0, 4096)
@@ -175,9 +176,7 @@ def main() -> int:
     deadline = time.monotonic() + linger()
     attempts = 0
     while True:
-        closed, done = _repair_once(conn, config)
-        for item in done:
-            _say(f"the backup ended inside the consistency window: {item}")
+        closed = _repair_once(conn, config)  # recover_window says what it did
         if closed:
             return 0
         if time.monotonic() >= deadline:
