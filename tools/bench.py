@@ -70,8 +70,8 @@ The sections (``--sections``, default all of them, run in this order in one proc
   - the pause window: ``--repeat`` full backups of all three disks (:func:`api.backup`);
     ``manifest.consistency["paused_ms"]`` (median; goal <= 100 ms) and its method;
   - the window under load: 20 backups of all three (a full, then incrementals) while a
-    ``dd`` keeps rewriting ``sdb``'s backing file through the page cache: p50 and worst of
-    ``paused_ms`` (goal: worst <= 100 ms);
+    ``dd`` keeps rewriting ``sdb``'s backing file through the page cache (16 MiB, a pause
+    of 0.25 s, again): p50 and worst of ``paused_ms`` (goal: worst <= 100 ms);
   - ``--repeat`` rounds, each in a fresh repository, of a full backup of ``sda`` alone and
     ``qemu-img convert -f raw -O raw iscsi://127.0.0.1:3260/IQN/1 FILE`` and ``-O qcow2``
     of the same LUN (rotated order): backup time / convert time; then ``--dirty`` of
@@ -1301,15 +1301,19 @@ LOADED_WINDOWS = 20  # backups whose windows are measured while a dd loads the s
 
 @contextmanager
 def dd_load(path: Path, size: int) -> Iterator[str]:
-    """A ``dd`` rewriting ``path`` in a loop (buffered: dirty pages pile up); its command."""
-    count = max(1, size // MiB)
-    command = (f"while :; do dd if=/dev/zero of={path} bs=1M count={count} conv=notrunc "
-               "status=none; done")
+    """A ``dd`` rewriting ``path`` in a loop, 16 MiB every quarter second or so (buffered:
+    dirty pages pile up as fast as a busy guest's would); its description."""
+    count = min(16, max(1, size // MiB))  # MiB per dd, within the LUN
+    chunks = max(1, size // (count * MiB))
+    command = (f"i=0; while :; do dd if=/dev/zero of={path} bs=1M count={count} "
+               f"seek=$(( (i % {chunks}) * {count} )) conv=notrunc status=none; "
+               "i=$((i+1)); sleep 0.25; done")
     proc = subprocess.Popen(["sh", "-c", command], start_new_session=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        yield f"dd if=/dev/zero of={path.name} bs=1M count={count} conv=notrunc, in a loop"
+        yield (f"dd if=/dev/zero of={path.name} bs=1M count={count} conv=notrunc "
+               "(buffered), then sleep 0.25, in a loop")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the loop and its dd: a group of our own
         proc.wait()
