@@ -104,6 +104,8 @@ class TgtReflinkAgent:
         The LUN's backing file found here is kept for the snapshot that follows
         within the window, which then asks tgtd nothing.
         """
+        if disk.iscsi is not None:
+            _FLUSHED.pop((disk.iscsi.iqn, disk.iscsi.lun), None)  # never an older run's
         source, backing = self._backing(disk)
         sync_file(backing)
         _FLUSHED[(source.iqn, source.lun)] = (source, backing)
