@@ -93,6 +93,7 @@ def test_a_paused_domain_stays_paused() -> None:
         assert vm.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
         with pytest.raises(OperationError, match="guest agent"):
             api.backup(vm.name, str(vm.workdir / "repo"), quiesce="required")
+        time.sleep(1)  # what the watchdogs of both runs did is done by now
         assert vm.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
         doc = json.loads(rdm_backup("list", "--target", str(vm.workdir / "repo"),
                                     "--json").stdout)
