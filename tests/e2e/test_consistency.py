@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -67,13 +68,14 @@ def test_a_killed_run_leaves_no_paused_guest_behind() -> None:
             guest_write(vm.dom, "sda", 0x40 + index, index * 16 * MiB, 8 * MiB)
         exe = Path(sys.executable).parent / "rdm-backup"
         proc = subprocess.Popen([str(exe), "backup", vm.name, "--target", repo, "--json"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         deadline = time.monotonic() + 60
         while vm.dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the guest was never paused"
             time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # the tool and its whole process group
         proc.wait()
         assert wait_running(vm.dom, 5.0) == (libvirt.VIR_DOMAIN_RUNNING,
                                              libvirt.VIR_DOMAIN_RUNNING_UNPAUSED)
