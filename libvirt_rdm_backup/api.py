@@ -26,6 +26,7 @@ from libvirt_rdm_backup.engine.backup import BackupResult
 from libvirt_rdm_backup.engine.capture import ProgressCallback
 from libvirt_rdm_backup.engine.discover import open_domain, select_disks
 from libvirt_rdm_backup.engine.export import Export
+from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, paused_copy_reason
 from libvirt_rdm_backup.engine.restore import RestoreResult, domain_damage, find_domain_backups
 from libvirt_rdm_backup.engine.stores import open_store
 from libvirt_rdm_backup.engine.verify import VerifyReport
@@ -53,6 +54,8 @@ class DiskReport:
     inventory: DiskInventory
     mappings: dict[str, RawDiskMapping] = field(default_factory=dict)
     mapping_errors: dict[str, str] = field(default_factory=dict)
+    # disk -> why a backup of the running domain copies it with the guest paused
+    paused_copies: dict[str, str] = field(default_factory=dict)
 
 
 def describe(domain: str, uri: str | None = None) -> DiskReport:
@@ -64,6 +67,9 @@ def describe(domain: str, uri: str | None = None) -> DiskReport:
             report.mappings[disk.target] = map_disk(disk)
         except RdmBackupError as err:
             report.mapping_errors[disk.target] = str(err)
+        reason = paused_copy_reason(disk)
+        if reason is not None:
+            report.paused_copies[disk.target] = reason
     return report
 
 
@@ -90,6 +96,7 @@ def backup(
     agent: str | None = None,
     agent_identity: str | None = None,
     agent_known_hosts: str | None = None,
+    max_pause: float = DEFAULT_MAX_PAUSE,
 ) -> BackupResult:
     """A point-in-time backup of the domain's raw disks into repository ``target``.
 
@@ -104,12 +111,14 @@ def backup(
     the point in time is fixed; when the agent does not answer or cannot freeze,
     pause the guest instead: crash-consistent, with a note in the manifest's
     ``consistency``) or ``required`` (fail without a working agent).
+    ``max_pause``: seconds a passthrough LUN without storage snapshots may keep the
+    guest paused while it is copied (refused up front, or cancelled, beyond that).
     """
     remote = (SshAgent(agent, identity=agent_identity, known_hosts=agent_known_hosts)
               if agent else None)  # a bad address or key file fails before anything starts
     with connection(uri) as conn:
         return _backup.backup(conn, domain, target, disks, level, chain, progress, quiesce,
-                              allow_plain_nbd, tls_dir, remote)
+                              allow_plain_nbd, tls_dir, remote, max_pause)
 
 
 def restore(

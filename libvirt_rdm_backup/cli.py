@@ -14,6 +14,7 @@ from typing import Any
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.consistency import QUIESCE_MODES
+from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, check_max_pause
 from libvirt_rdm_backup.engine.plan import LEVELS
 from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError, UsageError
 from libvirt_rdm_backup.redact import redact
@@ -31,6 +32,14 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
         command = self.prog.removeprefix("rdm-backup").strip()
         raise UsageError(f"{command}: {message}" if command else message)
+
+
+def _seconds(text: str) -> float:
+    """A positive number of seconds (argparse type)."""
+    try:
+        return check_max_pause(float(text))
+    except (ValueError, UsageError) as err:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}") from err
 
 
 def _human_size(value: int | None) -> str:
@@ -63,7 +72,8 @@ def cmd_disks(args: argparse.Namespace) -> int:
         "raw_disks": [
             {**d.to_dict(),
              "mapping": m.to_dict() if (m := mappings.get(d.target)) else None,
-             "mapping_error": report.mapping_errors.get(d.target)}
+             "mapping_error": report.mapping_errors.get(d.target),
+             "paused_copy": report.paused_copies.get(d.target)}
             for d in inventory.raw
         ],
         "other_disks": [d.to_dict() for d in inventory.other],
@@ -80,6 +90,9 @@ def cmd_disks(args: argparse.Namespace) -> int:
             mapping = mappings.get(d.target)
             if d.target in report.mapping_errors:
                 lines.append(f"           -> no mapping: {report.mapping_errors[d.target]}")
+            if d.target in report.paused_copies:
+                lines.append(f"           -> copied while the guest is paused: "
+                             f"{report.paused_copies[d.target]}")
             if mapping is not None:
                 for node, offset, length in mapping.root.leaves():
                     lines.append(f"           -> {node.kind} {node.path or node.name} "
@@ -131,7 +144,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
                         chain=args.chain, quiesce=args.quiesce,
                         allow_plain_nbd=args.allow_plain_nbd, tls_dir=args.tls_creds,
                         agent=args.agent, agent_identity=args.agent_identity,
-                        agent_known_hosts=args.agent_known_hosts)
+                        agent_known_hosts=args.agent_known_hosts,
+                        max_pause=args.max_pause)
     document = result.to_dict()
 
     def text() -> str:
@@ -375,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "crash-consistent, or fails with --quiesce=required")
     p.add_argument("--chain", default=DEFAULT_CHAIN, metavar="NAME",
                    help="independent chain with its own dirty tracking (default: %(default)s)")
+    p.add_argument("--max-pause", type=_seconds, default=DEFAULT_MAX_PAUSE, metavar="SECONDS",
+                   help="longest the guest may stay paused while a passthrough LUN without "
+                        "storage snapshots is copied: refused up front when its measured read "
+                        "rate says longer, cancelled (guest resumed, exit 4) when reached "
+                        "(default: %(default)g)")
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("restore", parents=[common], help="restore one disk to a file or device")

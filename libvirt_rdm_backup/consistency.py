@@ -3,8 +3,9 @@
 A window is opened around the instant a backup's point in time is fixed (QMP
 transaction, storage snapshots) and closed as soon as possible. It is always
 closed: on errors, on SIGTERM (the CLI turns it into an exception) and, for a
-run killed outright, by the next run, which finds the marker file a window
-leaves while it is open and thaws or resumes the guest.
+run killed outright, by a watchdog process (:mod:`libvirt_rdm_backup.watchdog`)
+within a second, or else by the next run: both find the record a window leaves
+while it is open (and after an undo that failed) and thaw or resume the guest.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import libvirt
 import libvirt_qemu
 
+from libvirt_rdm_backup import watchdog
 from libvirt_rdm_backup.domain.connection import is_paused
+from libvirt_rdm_backup.engine import locks
 from libvirt_rdm_backup.errors import LibvirtError, OperationError, RdmBackupError
 
 log = logging.getLogger(__name__)
@@ -50,29 +53,46 @@ class Window:
         return data
 
 
-def _marker(domain_uuid: str) -> str:
-    return os.path.join(MARKER_DIR, f"{domain_uuid}.json")
+def _marker(domain_uuid: str, marker_dir: str | None = None) -> str:
+    return os.path.join(marker_dir or MARKER_DIR, f"{domain_uuid}.json")
+
+
+def window_open(domain_uuid: str, marker_dir: str | None = None) -> bool:
+    """True while the domain's window record exists (open, or left by a failed undo)."""
+    return os.path.exists(_marker(domain_uuid, marker_dir))
 
 
 def _write_marker(domain_uuid: str, kinds: list[str]) -> None:
     os.makedirs(MARKER_DIR, mode=0o700, exist_ok=True)
-    with open(_marker(domain_uuid), "w", encoding="utf-8") as stream:
-        json.dump({"kinds": kinds, "pid": os.getpid()}, stream)
+    named = sorted({"freeze" if kind == "maybe-frozen" else kind for kind in kinds})
+    path = _marker(domain_uuid)
+    with open(f"{path}.{os.getpid()}", "w", encoding="utf-8") as stream:
+        json.dump({"kinds": named, "pid": os.getpid()}, stream)
+    os.replace(f"{path}.{os.getpid()}", path)  # whole or absent, for a reader after a kill
 
 
-def _drop_marker(domain_uuid: str) -> None:
+def _drop_marker(domain_uuid: str, marker_dir: str | None = None) -> None:
     try:
-        os.unlink(_marker(domain_uuid))
+        os.unlink(_marker(domain_uuid, marker_dir))
     except FileNotFoundError:
         pass
 
 
-def recover_window(dom: libvirt.virDomain) -> list[str]:
+def _paused_by_suspend(dom: libvirt.virDomain) -> bool:
+    """True when the vCPUs are paused by a suspend (not by an I/O error, a migration...)."""
+    state, reason = dom.state()
+    return bool(state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_USER)
+
+
+def recover_window(dom: libvirt.virDomain, marker_dir: str | None = None) -> list[str]:
     """Thaw or resume a guest that a killed run left frozen or paused; returns what was done.
 
     Call it only while holding the domain's lock (so no live run owns the window).
+    The record only names what the run itself did: a guest paused before it stays
+    paused. The record stays when a thaw fails (the next attempt retries).
     """
-    path = _marker(dom.UUIDString())
+    uuid = dom.UUIDString()
+    path = _marker(uuid, marker_dir)
     try:
         with open(path, encoding="utf-8") as stream:
             kinds = list(json.load(stream).get("kinds", []))
@@ -81,19 +101,25 @@ def recover_window(dom: libvirt.virDomain) -> list[str]:
     except (OSError, ValueError, AttributeError):
         kinds = ["freeze", "pause"]
     done = []
-    if "pause" in kinds and is_paused(dom):  # first: the agent needs running vCPUs
-        try:
+    failed = False
+    try:
+        if "pause" in kinds and _paused_by_suspend(dom):  # first: the agent needs vCPUs
             dom.resume()
             done.append("resumed the guest")
-        except libvirt.libvirtError as err:
-            log.warning("could not resume the guest left paused by a killed run: %s", err)
-    if "freeze" in kinds:
+    except libvirt.libvirtError as err:
+        log.warning("could not resume the guest left paused by a killed run: %s", err)
+        failed = True
+    if "freeze" in kinds and not failed:
         try:
-            dom.fsThaw()
+            _set_agent_timeout(dom)
+            dom.fsThaw(None, 0)
             done.append("thawed the guest's filesystems")
         except libvirt.libvirtError as err:
-            log.warning("could not thaw the guest left frozen by a killed run: %s", err)
-    _drop_marker(dom.UUIDString())
+            log.warning("could not thaw the guest left frozen by a killed run: %s",
+                        err.get_error_message())
+            failed = True
+    if not failed:
+        _drop_marker(uuid, marker_dir)
     for item in done:
         log.warning("a killed backup had left the window open: %s", item)
     return done
@@ -111,8 +137,12 @@ class _AgentSilent(Exception):
     """The guest agent did not answer a ping."""
 
 
-def _freeze(dom: libvirt.virDomain, quiesce: str, window: Window) -> bool:
-    """Freeze the guest's filesystems through the guest agent; False when it cannot."""
+def _freeze(dom: libvirt.virDomain, quiesce: str, window: Window) -> bool | None:
+    """Freeze the guest's filesystems through the guest agent.
+
+    True: frozen; None: not frozen, nothing sent (the agent does not answer);
+    False: the freeze failed or timed out, and may still happen later.
+    """
     try:
         _agent_answers(dom)
     except _AgentSilent as err:
@@ -121,12 +151,9 @@ def _freeze(dom: libvirt.virDomain, quiesce: str, window: Window) -> bool:
             raise OperationError(f"{reason} (--quiesce=required)") from err
         log.warning("%s; the backup is crash-consistent", reason)
         window.notes.append(f"{reason}; crash-consistent instead")
-        return False
+        return None
     try:
-        try:
-            dom.agentSetResponseTimeout(AGENT_TIMEOUT, 0)
-        except (libvirt.libvirtError, AttributeError):
-            pass
+        _set_agent_timeout(dom)
         window.frozen_filesystems = int(dom.fsFreeze(None, 0))
         return True
     except libvirt.libvirtError as err:
@@ -138,23 +165,31 @@ def _freeze(dom: libvirt.virDomain, quiesce: str, window: Window) -> bool:
         return False
 
 
+def _set_agent_timeout(dom: libvirt.virDomain) -> None:
+    """Bound every later guest agent call of the domain (libvirt's default waits forever)."""
+    try:
+        dom.agentSetResponseTimeout(AGENT_TIMEOUT, 0)
+    except (libvirt.libvirtError, AttributeError):
+        pass
+
+
 def _thaw(dom: libvirt.virDomain) -> None:
     try:
+        _set_agent_timeout(dom)
         dom.fsThaw(None, 0)
     except libvirt.libvirtError as err:
-        raise LibvirtError(f"cannot thaw the guest's filesystems: {err.get_error_message()}"
-                           ) from err
+        raise LibvirtError(
+            f"cannot thaw the guest's filesystems: {err.get_error_message()}; they stay "
+            "frozen until the guest agent answers again: a watchdog retries the thaw for "
+            f"{watchdog.linger():g} s, and the next backup of the domain thaws them") from err
 
 
-def _pause(dom: libvirt.virDomain) -> bool:
-    """Pause the vCPUs; False when the domain was already paused (then it stays so)."""
-    if is_paused(dom):
-        return False
+def _pause(dom: libvirt.virDomain) -> None:
+    """Pause the vCPUs (the caller saw them running)."""
     try:
         dom.suspend()
     except libvirt.libvirtError as err:
         raise LibvirtError(f"cannot pause domain: {err.get_error_message()}") from err
-    return True
 
 
 def _resume(dom: libvirt.virDomain) -> None:
@@ -168,7 +203,8 @@ def _resume(dom: libvirt.virDomain) -> None:
 
 @contextmanager
 def consistency_window(
-    dom: libvirt.virDomain | None, *, quiesce: str | None = None, pause: bool = False
+    dom: libvirt.virDomain | None, *, quiesce: str | None = None, pause: bool = False,
+    before: Callable[[], None] | None = None,
 ) -> Iterator[Window]:
     """Hold the guest still for the block: filesystems frozen and/or vCPUs paused.
 
@@ -177,8 +213,12 @@ def consistency_window(
     enough (raw LUN copies) or did not happen. Both are undone on exit, always:
     each undo is registered before its action, so an interrupt arriving in between
     (SIGTERM) still thaws and resumes. ``dom`` None (a shut-off domain) holds nothing.
+    ``before`` runs just before the guest is held (the storage's writeback, so that
+    the little that gets dirty until the hold is all a snapshot inside it waits for).
     """
     if dom is None:
+        if before is not None:
+            before()
         yield Window(method="offline")
         return
     if quiesce is not None and quiesce not in QUIESCE_MODES:
@@ -186,27 +226,45 @@ def consistency_window(
     window = Window(method="qmp-transaction")
     uuid = dom.UUIDString()
     held: list[str] = []  # what was (or may have been) done, in order
+    guard = _start_watchdog(dom) if quiesce is not None or (pause and not is_paused(dom)) \
+        else None
+    if before is not None:
+        try:
+            before()
+        except BaseException:
+            if guard is not None:
+                guard.stop()
+            raise
     started = time.monotonic()
 
     def release(raise_errors: bool) -> None:
         errors: list[BaseException] = []
+        failed: list[str] = []
         for kind, undo in (("pause", _resume), ("freeze", _thaw)):
             if kind in held:
                 try:
                     undo(dom)
                 except LibvirtError as err:
-                    log.error("%s", err)
+                    if errors or not raise_errors:  # the first one is raised: said once
+                        log.error("%s", err)
                     errors.append(err)
+                    failed.append(kind)
         if "maybe-frozen" in held:
-            # a freeze that timed out may still run once the agent wakes up; a thaw
-            # queued behind it undoes it (the agent works through commands in order)
+            # a freeze that timed out may still run once the agent wakes up: thaw, and
+            # when that fails too, leave the thaw to the watchdog and the next run
             try:
                 _thaw(dom)
             except LibvirtError as err:
-                log.debug("thaw after a failed freeze: %s", err)
+                log.info("thaw after a failed freeze: %s", err)
+                failed.append("freeze")
         if held:
             window.paused_ms = (time.monotonic() - started) * 1000.0
-        _drop_marker(uuid)
+        if failed:
+            _write_marker(uuid, failed)  # the watchdog and the next run retry
+        else:
+            _drop_marker(uuid)
+        if guard is not None:
+            guard.stop()
         if errors and raise_errors:
             raise errors[0]
 
@@ -221,10 +279,13 @@ def consistency_window(
                 raise
             if frozen:
                 window.method = "fsfreeze"
+            elif frozen is False:
+                held[held.index("freeze")] = "maybe-frozen"
             else:
-                held.remove("freeze")
-                held.append("maybe-frozen")
-        if pause or "maybe-frozen" in held:
+                held.remove("freeze")  # nothing was sent to the agent
+                _drop_marker(uuid)
+            pause = pause or not frozen  # crash-consistent instead: pause the vCPUs
+        if pause:
             if is_paused(dom):
                 window.method = "already-paused"
             else:
@@ -239,3 +300,41 @@ def consistency_window(
         release(raise_errors=False)  # never hide the error that ended the window
         raise
     release(raise_errors=True)
+
+
+_EARLY: dict[str, watchdog.Watchdog] = {}  # domain uuid -> watchdog started ahead
+
+
+def _start_watchdog(dom: libvirt.virDomain) -> watchdog.Watchdog | None:
+    """A watchdog (up and connected) that undoes the window should the tool die inside it."""
+    guard = _EARLY.pop(dom.UUIDString(), None) or _spawn_watchdog(dom)
+    return guard if guard is not None and guard.wait_ready() else None
+
+
+def _spawn_watchdog(dom: libvirt.virDomain) -> watchdog.Watchdog | None:
+    try:
+        uri = str(dom.connect().getURI())
+    except libvirt.libvirtError as err:
+        log.warning("no watchdog for the consistency window: %s", err)
+        return None
+    return watchdog.start(uri, dom.UUIDString(), MARKER_DIR, locks.LOCK_DIR)
+
+
+@contextmanager
+def watchdog_ahead(dom: libvirt.virDomain | None) -> Iterator[None]:
+    """Start the watchdog of a window opened inside this block now, so that it comes up
+    while the backup prepares (a Python process and a libvirt connection take a while);
+    one left unused is let go on exit. ``dom`` None: nothing."""
+    if dom is None:
+        yield
+        return
+    uuid = dom.UUIDString()
+    guard = _spawn_watchdog(dom)
+    if guard is not None:
+        _EARLY[uuid] = guard
+    try:
+        yield
+    finally:
+        unused = _EARLY.pop(uuid, None)
+        if unused is not None:
+            unused.stop()

@@ -65,6 +65,8 @@ LUN_KEYS = (
     "lun_inc_stored_bytes",
     "lun_dirty_bytes",
     "lun_inc_stored_ratio_to_dirty",
+    "lun_loaded_paused_p50_ms",
+    "lun_loaded_paused_worst_ms",
 )
 
 
@@ -166,7 +168,9 @@ def test_bench_small_lun_reports_all_numbers() -> None:
     assert doc["lun_inc_stored_bytes"] < doc["lun_full_stored_bytes"] / 4, doc
     assert all(doc["lun_verified_identical"].values()), doc["lun_verified_identical"]
     assert set(doc["goals"]) >= {"lun_paused_ms", "lun_full_ratio_vs_convert_raw",
-                                 "lun_inc_ratio_to_full"}
+                                 "lun_inc_ratio_to_full", "lun_loaded_paused_worst_ms"}
+    # the window under load: 20 backups while a dd rewrites a LUN's backing file
+    assert len(doc["lun_loaded_runs_ms"]) == 20 and "dd" in doc["lun_loaded_load"], doc
 
     # nothing the bench made is left behind: its directories, loop devices, iSCSI targets
     # (the LUNs' and those presenting their snapshots), snapshot clones and domains are gone

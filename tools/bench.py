@@ -69,6 +69,9 @@ The sections (``--sections``, default all of them, run in this order in one proc
 
   - the pause window: ``--repeat`` full backups of all three disks (:func:`api.backup`);
     ``manifest.consistency["paused_ms"]`` (median; goal <= 100 ms) and its method;
+  - the window under load: 20 backups of all three (a full, then incrementals) while a
+    ``dd`` keeps rewriting ``sdb``'s backing file through the page cache (16 MiB, a pause
+    of 0.25 s, again): p50 and worst of ``paused_ms`` (goal: worst <= 100 ms);
   - ``--repeat`` rounds, each in a fresh repository, of a full backup of ``sda`` alone and
     ``qemu-img convert -f raw -O raw iscsi://127.0.0.1:3260/IQN/1 FILE`` and ``-O qcow2``
     of the same LUN (rotated order): backup time / convert time; then ``--dirty`` of
@@ -169,6 +172,7 @@ GOALS = {
     # lun section: the guest held at most 100 ms; a full backup of a LUN from a storage
     # snapshot about as fast as a bare qemu-img convert of it; the incremental as above
     "lun_paused_ms": 100.0,
+    "lun_loaded_paused_worst_ms": 100.0,
     "lun_full_ratio_vs_convert_raw": 1.25,
     "lun_full_ratio_vs_convert_qcow2": 1.1,
     "lun_inc_ratio_to_full": 0.05,
@@ -1300,6 +1304,54 @@ def lun_pause_window(lab: Lab, name: str) -> dict[str, Any]:
     }
 
 
+LOADED_WINDOWS = 20  # backups whose windows are measured while a dd loads the storage
+
+
+@contextmanager
+def dd_load(path: Path, size: int) -> Iterator[str]:
+    """A ``dd`` rewriting ``path`` in a loop, 16 MiB every quarter second or so (buffered:
+    dirty pages pile up as fast as a busy guest's would); its description."""
+    count = min(16, max(1, size // MiB))  # MiB per dd, within the LUN
+    chunks = max(1, size // (count * MiB))
+    command = (f"i=0; while :; do dd if=/dev/zero of={path} bs=1M count={count} "
+               f"seek=$(( (i % {chunks}) * {count} )) conv=notrunc status=none; "
+               "i=$((i+1)); sleep 0.25; done")
+    proc = subprocess.Popen(["sh", "-c", command], start_new_session=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        yield (f"dd if=/dev/zero of={path.name} bs=1M count={count} conv=notrunc "
+               "(buffered), then sleep 0.25, in a loop")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the loop and its dd: a group of our own
+        proc.wait()
+
+
+def lun_loaded_windows(lab: Lab, name: str, load_file: Path) -> dict[str, Any]:
+    """:data:`LOADED_WINDOWS` backups of every disk (``auto``: a full, then incrementals)
+    while a ``dd`` keeps rewriting ``load_file``, a LUN's backing file: how long the guest
+    is held when the storage has writeback to do (p50 and worst; goal worst <= 100 ms)."""
+    repo = lab.work / "rdmb-lun-loaded-repo"
+    paused: list[float] = []
+    try:
+        with dd_load(load_file, lab.size) as load:
+            time.sleep(1)  # let dirty pages pile up
+            for round_no in range(LOADED_WINDOWS):
+                _taken, result = timed_api_backup(name, repo, None, "auto")
+                paused.append(float(result.manifest.consistency["paused_ms"]))  # type: ignore[arg-type]
+                say(f"lun loaded window {round_no + 1}/{LOADED_WINDOWS}: guest held "
+                    f"{paused[-1]:.1f} ms")
+    finally:
+        drop_storage_snapshots(repo)
+        remove_tree(repo)
+    return {
+        "lun_loaded_paused_p50_ms": round(statistics.median(paused), 1),
+        "lun_loaded_paused_worst_ms": round(max(paused), 1),
+        "lun_loaded_runs_ms": [round(v, 1) for v in paused],
+        "lun_loaded_load": load,
+    }
+
+
 LUN_METHODS = ("lun_full_s", "qemu_img_convert_raw_s", "qemu_img_convert_qcow2_s")
 
 
@@ -1439,6 +1491,7 @@ def section_lun(lab: Lab) -> dict[str, Any]:
         }
         result.update(lun_pause_window(lab, name))
         result.update(lun_full_and_incremental(lab, name, dom, luns[LUNS[0]]))
+        result.update(lun_loaded_windows(lab, name, backing / f"rdmb-lun-{LUNS[1]}.img"))
     result["lun_leftovers_removed"] = leftovers
     return result
 
@@ -1641,6 +1694,10 @@ def print_lun(doc: dict[str, Any]) -> None:
           f"{', '.join(f'{v:.1f}' for v in window['paused_ms'])}")
     print(f"    those backups took {doc['lun_window_backup_s']:.3f} s; "
           f"{_paths(doc['lun_window_disks'])}")
+    print(f"  guest held with a dd loading the storage ({doc['lun_loaded_load']}), "
+          f"{len(doc['lun_loaded_runs_ms'])} backups, ms: p50 "
+          f"{doc['lun_loaded_paused_p50_ms']:.1f}, worst {goal(doc, 'lun_loaded_paused_worst_ms')}")
+    print(f"    runs {', '.join(f'{v:.1f}' for v in doc['lun_loaded_runs_ms'])}")
     header = f"  {'full copy of sda':<40} {'median s':>9} {'MiB/s':>8}  runs (s)"
     print(header)
     for key, label in (("lun_full_s", "rdm-backup (api.backup, sda only)"),

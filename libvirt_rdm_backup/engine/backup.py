@@ -10,7 +10,7 @@ from typing import Any
 
 import libvirt
 
-from libvirt_rdm_backup.consistency import recover_window
+from libvirt_rdm_backup.consistency import recover_window, watchdog_ahead
 from libvirt_rdm_backup.domain.connection import connection_uri, is_remote
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.capture import (
@@ -25,6 +25,11 @@ from libvirt_rdm_backup.engine.discover import (
     select_disks,
 )
 from libvirt_rdm_backup.engine.locks import domain_lock
+from libvirt_rdm_backup.engine.paused_copy import (
+    DEFAULT_MAX_PAUSE,
+    check_max_pause,
+    refuse_long_pauses,
+)
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan, Facts, overall_level, plan_backup
 from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.errors import RdmBackupError, UsageError
@@ -244,6 +249,7 @@ def backup(
     allow_plain_nbd: bool = False,
     tls_dir: str | None = None,
     agent: SshAgent | None = None,
+    max_pause: float = DEFAULT_MAX_PAUSE,
 ) -> BackupResult:
     """Take a point-in-time backup of a domain's raw disks into the repository ``target``.
 
@@ -256,8 +262,12 @@ def backup(
     backup), ``differential`` (since the chain's last full) or ``auto``
     (incremental where tracking is intact, else a resync or a full copy, with the
     reason). ``quiesce`` (``try``/``required``) freezes the guest's filesystems
-    through its agent while the point in time is fixed.
+    through its agent while the point in time is fixed. ``max_pause``: seconds a
+    passthrough LUN without storage snapshots may keep the guest paused while it is
+    copied; a copy the LUN's measured read rate says would take longer is refused
+    before anything is paused, and one that reaches the bound is cancelled.
     """
+    check_max_pause(max_pause)
     check_safe_name(chain_name, "chain name")
     parsed = parse_target(target, allow_remote_plain=allow_plain_nbd)  # bad targets fail first
     if isinstance(parsed, str) and is_remote(conn):
@@ -268,7 +278,10 @@ def backup(
     ctx = open_domain(conn, domain)
     selected = select_disks(ctx.inventory, disks)
     store = open_store(target, create=True, allow_plain_nbd=allow_plain_nbd, tls_dir=tls_dir)
-    with store, domain_lock(ctx.uuid), store.lock(ctx.uuid):
+    holds = ctx.inventory.running and (quiesce is not None
+                                       or any(d.is_passthrough_lun for d in selected))
+    with store, domain_lock(ctx.uuid), store.lock(ctx.uuid), \
+            watchdog_ahead(ctx.dom if holds else None):
         published = store.backups(ctx.uuid)
         unreadable = store.damaged(ctx.uuid)
         chain = chain_of(published, chain_name)
@@ -290,6 +303,7 @@ def backup(
         if agent is not None:
             _refuse_local_reads(plans)
         mappings = {disk.target: _mapping_of(disk, agent) for disk in selected}
+        refuse_long_pauses(plans, ctx.inventory.running, max_pause)
         backup_id = new_backup_id({m.backup_id for m in published}
                                   | {d.backup_id for d in unreadable})
         created = now_iso()
@@ -297,7 +311,7 @@ def backup(
             captured = capture(
                 ctx.dom, ctx.inventory.running, plans, sink,
                 bitmaps.bitmap_name(store.repo_id, chain_name, backup_id), parent_maps,
-                progress, quiesce, scope)
+                progress, quiesce, scope, max_pause)
             try:
                 records = [store.record(p, sink, captured, mappings[p.disk.target], parent_maps)
                            for p in plans]

@@ -22,6 +22,7 @@ The sequence for a running domain:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
@@ -31,9 +32,10 @@ import libvirt
 
 from libvirt_rdm_backup.consistency import Window, consistency_window
 from libvirt_rdm_backup.domain.connection import is_remote
+from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, needs_paused_copy, over_bound
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, Sink
-from libvirt_rdm_backup.errors import OperationError, RdmBackupError
+from libvirt_rdm_backup.errors import CommandError, OperationError, RdmBackupError
 from libvirt_rdm_backup.qemu import bitmaps, img
 from libvirt_rdm_backup.qemu.fleece import (
     FleecingExport,
@@ -84,13 +86,24 @@ def _raw_source_opts(presented: Presented, size: int) -> str:
     return f"driver=raw,offset={presented.offset},size={size},{inner}"
 
 
-def copy_from_storage(plan: DiskPlan, sink: Sink) -> None:
+def copy_from_storage(plan: DiskPlan, sink: Sink, timeout: float | None = None) -> None:
     """Copy a disk from its storage (host device or iSCSI LUN) into its new layer."""
-    _convert_into(sink, plan, plan.disk.source, image_opts=False, extra=["-U"])
+    _convert_into(sink, plan, plan.disk.source, image_opts=False, extra=["-U"],
+                  timeout=timeout)
+
+
+def _copy_paused(plan: DiskPlan, sink: Sink, deadline: float, max_pause: float) -> None:
+    """Copy a LUN while the guest is paused; given up when ``deadline`` is reached."""
+    try:
+        copy_from_storage(plan, sink, timeout=max(deadline - time.monotonic(), 0.001))
+    except CommandError as err:
+        if time.monotonic() >= deadline:
+            raise over_bound(plan, max_pause, err) from err
+        raise
 
 
 def _convert_into(sink: Sink, plan: DiskPlan, source: str, image_opts: bool,
-                  extra: list[str] | None = None) -> None:
+                  extra: list[str] | None = None, timeout: float | None = None) -> None:
     """``qemu-img convert`` of a raw source into the disk's layer (sparse).
 
     A local file is created by qemu-img itself; a region of an NBD volume is
@@ -101,7 +114,8 @@ def _convert_into(sink: Sink, plan: DiskPlan, source: str, image_opts: bool,
         sink.create(plan)
     img.convert(source, sink.target(plan), source_fmt=None if image_opts else "raw",
                 source_image_opts=image_opts, target_fmt=DATA_FORMAT,
-                existing_target=existing, target_is_zero=existing, extra=extra)
+                existing_target=existing, target_is_zero=existing, extra=extra,
+                timeout=timeout)
 
 
 def _job_for(plan: DiskPlan, guard: GuardedSource | None, node: str, job_id: str
@@ -158,6 +172,17 @@ def _copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
         agent.withdraw(plan.disk, snap)
 
 
+def _flush_storage(plans: list[DiskPlan]) -> None:
+    """Before the window: write back what the storage of each snapshot holds dirty, so
+    that the snapshots inside the window do not wait for writeback (a loaded host)."""
+    for plan in plans:
+        assert plan.agent is not None
+        try:
+            agent_by_name(plan.agent).flush(plan.disk)
+        except RdmBackupError as err:
+            log.info("disk %s: no flush before the window: %s", plan.disk.target, err)
+
+
 def _take_snapshots(plans: list[DiskPlan], scope: Callable[[DiskPlan], str], token: str,
                     result: Capture) -> None:
     for plan in plans:
@@ -176,13 +201,15 @@ def capture(
     progress: ProgressCallback | None = None,
     quiesce: str | None = None,
     snapshot_scope: Callable[[DiskPlan], str] | None = None,
+    max_pause: float = DEFAULT_MAX_PAUSE,
 ) -> Capture:
     """Fix one point in time for all planned disks and copy them into ``staging``.
 
     On failure the new bitmaps and storage snapshots are removed again;
     existing ones are never touched, so the next backup still sees every write
     since the last good one. ``new_bitmap`` names the bitmaps (one per tracked
-    disk) and storage snapshots this backup starts.
+    disk) and storage snapshots this backup starts. ``max_pause``: seconds a LUN
+    copied with the guest paused may hold it (then the backup fails, guest resumed).
     """
     files = {p.disk.target: sink.target(p) for p in plans if sink.local_files}
 
@@ -234,9 +261,10 @@ def capture(
         try:
             with consistency_window(
                     dom if running else None, quiesce=quiesce,
-                    pause=bool(storage_plans) or hold_for_snapshots or hold_for_filters
-            ) as window:
+                    pause=bool(storage_plans) or hold_for_snapshots or hold_for_filters,
+                    before=lambda: _flush_storage(snapshot_plans)) as window:
                 result.window = window
+                pause_deadline = time.monotonic() + max_pause
                 _take_snapshots(snapshot_plans,
                                 snapshot_scope or (lambda p: f"rdmb-snap-{p.disk.target}-"),
                                 new_bitmap[-6:], result)
@@ -249,7 +277,10 @@ def capture(
                 for _plan, fleece in fleeces:
                     fleece.insert()
                 for plan in storage_plans:
-                    copy_from_storage(plan, sink)
+                    if needs_paused_copy(plan, running):
+                        _copy_paused(plan, sink, pause_deadline, max_pause)
+                    else:
+                        copy_from_storage(plan, sink)
             if guards:
                 assert monitor is not None
                 transaction(monitor, [_job_for(plan, guard, node, job_id)

@@ -163,11 +163,13 @@ def convert(
     target_is_zero: bool = False,
     extra: list[str] | None = None,
     pass_fds: tuple[int, ...] = (),
+    timeout: float | None = None,
 ) -> None:
     """``qemu-img convert`` with parallel coroutines and sparse output.
 
     ``source`` may be a path, an ``iscsi://`` URL or (with ``source_image_opts``)
     an options string; ``pass_fds`` are inherited (a target named ``/dev/fd/N``).
+    ``timeout``: seconds after which the copy is killed.
     """
     argv = [*_qemu_img("convert"), "-q", "-W", "-m", "8"]
     if source_image_opts:
@@ -182,7 +184,7 @@ def convert(
     if extra:
         argv += extra
     argv += [source, target]
-    run(argv, stall=stall_timeout(), pass_fds=pass_fds)
+    run(argv, stall=stall_timeout(), timeout=timeout, pass_fds=pass_fds)
 
 
 def compare(first: str, second: str, first_fmt: str | None, second_fmt: str | None) -> bool:

@@ -39,6 +39,7 @@ from libvirt_rdm_backup.storage.snapshots import (
     refuse_foreign,
     remove_clone,
     stale_clones,
+    sync_file,
     utc_now,
 )
 from libvirt_rdm_backup.storage.sysfs import SysfsAgent
@@ -87,6 +88,12 @@ class LoopReflinkAgent:
             return stat.S_ISREG(os.stat(backing).st_mode) and reflink.supports_reflink(backing)
         except (OperationError, OSError):
             return False
+
+    def flush(self, disk: RawDisk) -> None:
+        """Write back the loop device's page cache, then the backing file's dirty pages."""
+        node, backing = self._loop(disk)
+        flush_block_device(node.path or str(disk.source_path))
+        sync_file(backing)
 
     def snapshot(self, disk: RawDisk, name: str) -> StorageSnapshot:
         """Flush the loop device and clone its backing file."""

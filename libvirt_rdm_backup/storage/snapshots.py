@@ -108,6 +108,11 @@ class SnapshotAgent(Protocol):
         """True when this agent can snapshot ``disk`` (never raises)."""
         ...
 
+    def flush(self, disk: RawDisk) -> None:
+        """Write back what the storage holds dirty for ``disk``, before the window opens, so
+        that the snapshot inside it does not wait for writeback."""
+        ...
+
     def snapshot(self, disk: RawDisk, name: str) -> StorageSnapshot:
         """Take snapshot ``name`` of ``disk`` now; fast, it runs inside the consistency window."""
         ...
@@ -287,6 +292,20 @@ def make_clone(source: str, name: str) -> str:
             raise StorageError(f"cannot create {os.path.dirname(path)}: {err.strerror}") from err
         reflink.reflink_clone(source, path)
     return path
+
+
+def sync_file(path: str) -> None:
+    """``fdatasync`` a file: its dirty pages written back (raises StorageError)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as err:
+        raise StorageError(f"cannot open {path}: {err.strerror}") from err
+    try:
+        os.fdatasync(fd)
+    except OSError as err:
+        raise StorageError(f"cannot flush {path}: {err.strerror}") from err
+    finally:
+        os.close(fd)
 
 
 def _open_snapshot_dir(directory: str) -> int:

@@ -46,6 +46,7 @@ from libvirt_rdm_backup.storage.snapshots import (
     refuse_foreign,
     remove_clone,
     stale_clones,
+    sync_file,
     utc_now,
 )
 
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 FILE_BACKING_STORES = ("rdwr", "aio")
 TID_ATTEMPTS = 20
 TIMEOUT = 30.0
+# (iqn, lun) -> the LUN's source and backing file, found by the flush before a window
+_FLUSHED: dict[tuple[str, int], tuple[IscsiSource, str]] = {}
 
 
 def _tgtadm(*args: str) -> None:
@@ -105,10 +108,23 @@ class TgtReflinkAgent:
         except (OperationError, OSError):
             return False
 
+    def flush(self, disk: RawDisk) -> None:
+        """Write back tgtd's dirty pages of the LUN's backing file (tgtadm has no flush).
+
+        The LUN's backing file found here is kept for the snapshot that follows
+        within the window, which then asks tgtd nothing.
+        """
+        if disk.iscsi is not None:
+            _FLUSHED.pop((disk.iscsi.iqn, disk.iscsi.lun), None)  # never an older run's
+        source, backing = self._backing(disk)
+        sync_file(backing)
+        _FLUSHED[(source.iqn, source.lun)] = (source, backing)
+
     def snapshot(self, disk: RawDisk, name: str) -> StorageSnapshot:
         """Clone the LUN's backing file (one ``tgtadm show`` and one FICLONE)."""
         check_name(name)
-        source, backing = self._backing(disk)
+        known = _FLUSHED.pop((disk.iscsi.iqn, disk.iscsi.lun), None) if disk.iscsi else None
+        source, backing = known if known and known[0] == disk.iscsi else self._backing(disk)
         clone = make_clone(backing, name)
         created = utc_now()
         try:

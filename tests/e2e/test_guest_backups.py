@@ -20,7 +20,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from libvirt_rdm_backup import api
+from libvirt_rdm_backup import api, consistency
+from libvirt_rdm_backup.errors import RdmBackupError
 from tests.e2e.lab_vm import same_bytes
 from tests.lab.domains import block_disk, iscsi_disk, rdm_backup
 from tests.lab.guest import Guest, guest_vm
@@ -190,17 +191,96 @@ def test_thaw_and_resume_when_the_tool_is_interrupted(lab: GuestLab) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.002)
         proc.send_signal(sig)
-        out, err = proc.communicate()
+        killed = time.monotonic()
         if sig == signal.SIGTERM:  # cleaned up by the tool itself
+            out, err = proc.communicate()
             assert proc.returncode == 4 and "interrupted" in err
             assert g.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
             assert g.agent("guest-fsfreeze-status") == "thawed"
-    # after SIGKILL the guest is still paused and frozen; the next run repairs that
-    assert g.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+    # after SIGKILL the tool's watchdog resumes and thaws the guest within seconds
+    assert _running_again(g, killed + 5.0) == (libvirt.VIR_DOMAIN_RUNNING,
+                                               libvirt.VIR_DOMAIN_RUNNING_UNPAUSED)
+    assert _freeze_status(g, killed + 5.0) == "thawed"
+    out, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and "resumed the guest" in err, err
     api.backup(g.name, repo, disks=["vda"])
     assert g.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     assert g.agent("guest-fsfreeze-status") == "thawed"
     assert api.list_backups(repo)[-1].disks[0].disk.target == "vda"
+
+
+def _running_again(g: Guest, deadline: float) -> tuple[int, int]:
+    """The domain's state and reason once it runs, or as it is at ``deadline``."""
+    state = g.dom.state()
+    while state[0] != libvirt.VIR_DOMAIN_RUNNING and time.monotonic() < deadline:
+        time.sleep(0.05)
+        state = g.dom.state()
+    return state[0], state[1]
+
+
+def _freeze_status(g: Guest, deadline: float) -> object:
+    """``guest-fsfreeze-status`` once it says thawed, or the last answer at ``deadline``."""
+    status: object = None
+    while True:
+        try:
+            status = g.agent("guest-fsfreeze-status", timeout=2)
+        except libvirt.libvirtError as err:
+            status = str(err)
+        if status == "thawed" or time.monotonic() >= deadline:
+            return status
+        time.sleep(0.2)
+
+
+@pytest.mark.fault
+def test_agent_hangs_after_fsfreeze_and_the_thaw_fails(lab: GuestLab,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu-ga stops answering between a successful freeze and the thaw: the window gives up
+    the thaw within its limit and fails in one line (exit 4), the guest keeps running, and
+    the watchdog thaws it once the agent answers again; the next backup restores exactly."""
+    g = lab.guest
+    g.wait_agent(30)
+    monkeypatch.setattr(consistency, "AGENT_TIMEOUT", 3)
+    monkeypatch.setenv("RDM_BACKUP_AGENT_TIMEOUT", "3")  # the watchdog's
+    monkeypatch.setenv("RDM_BACKUP_WATCHDOG_LINGER", "300")
+    marker = Path(consistency.MARKER_DIR) / f"{g.dom.UUIDString()}.json"
+    stopped = False
+    try:
+        with pytest.raises(RdmBackupError) as failed:  # noqa: PT012 - the window's body
+            with consistency.consistency_window(g.dom, quiesce="required") as window:
+                assert window.method == "fsfreeze"
+                assert g.agent("guest-fsfreeze-status") == "frozen"
+                g.check("killall -STOP qemu-ga")  # the guest runs: its shell answers
+                stopped = True
+        message = str(failed.value)
+        assert failed.value.exit_code == 4 and "\n" not in message
+        assert "cannot thaw" in message and "watchdog" in message, message
+        assert g.dom.state()[:2] == [libvirt.VIR_DOMAIN_RUNNING,
+                                     libvirt.VIR_DOMAIN_RUNNING_UNPAUSED]
+        assert marker.exists()  # kept for the watchdog (and the next run)
+    finally:
+        if stopped:
+            g.check("killall -CONT qemu-ga")
+    g.wait_agent(60)
+    assert _freeze_status(g, time.monotonic() + 60) == "thawed"
+    deadline = time.monotonic() + 30
+    while marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not marker.exists()
+    g.check("echo after > /mnt/fs/after-thaw && sync")
+    g.dom.suspend()
+    try:
+        ref = lab.work / "ref-thaw-vda.raw"
+        subprocess.run(["qemu-img", "convert", "-U", "-f", "raw", "-O", "raw", lab.vda,
+                        str(ref)], check=True)
+    finally:
+        g.dom.resume()
+    repo = str(lab.work / "repo-thaw")
+    result = api.backup(g.name, repo, disks=["vda"], quiesce="required")
+    assert result.manifest.consistency["method"].startswith("fsfreeze")
+    out_file = lab.work / "out-thaw-vda.raw"
+    api.restore(g.name, repo, "vda", str(out_file))
+    assert same_bytes(out_file, ref)
+    assert g.agent("guest-fsfreeze-status") == "thawed"
 
 
 @pytest.mark.fault

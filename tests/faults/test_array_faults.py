@@ -23,7 +23,7 @@ import pytest
 from libvirt_rdm_backup import api
 from tests.e2e.lab_vm import MiB, same_bytes
 from tests.lab import domains
-from tests.lab.storage_lab import free_port, rdmb_tmpdir, unique_name
+from tests.lab.storage_lab import free_port, loop_device, rdmb_tmpdir, unique_name
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"
@@ -190,3 +190,59 @@ def test_array_stopped_mid_copy_and_brought_back(device: str, outage: str) -> No
             assert api.verify(repo).ok
             assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
             assert domains.qemu_leftovers(dom) == []  # the next run removed what was left
+
+
+def test_paused_copy_reaching_max_pause_is_cancelled() -> None:
+    """The array stops answering while a passthrough LUN is copied with the guest paused:
+    at ``--max-pause`` the copy is cancelled, the guest resumed, the backup fails in one
+    line (exit 4), publishes nothing and loses no tracking (the block-layer disk's next
+    backup is incremental); every published point restores byte for byte."""
+    with rdmb_tmpdir() as work:
+        backing = work / "lun.img"
+        with open(backing, "wb") as stream:
+            stream.truncate(LUN_SIZE)
+        fill_lun(backing)
+        reference = work / "ref.raw"
+        subprocess.run(["cp", "--sparse=always", str(backing), str(reference)], check=True)
+        vdb_file = work / "vdb.img"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(vdb_file), "32M"],
+                       check=True)
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x61 1M 4M", str(vdb_file)],
+                       check=True, capture_output=True)
+        name = unique_name("rdmb-vm")
+        with private_array(backing) as array, loop_device(vdb_file) as loop, \
+                domains.test_domain(name, [
+                    domains.iscsi_disk("sda", array.iqn, 1, device="lun", port=array.port),
+                    domains.block_disk("vdb", loop)]) as dom:
+            repo = str(work / "repo")
+            first = api.backup(name, repo)
+            vdb_ref = work / "vdb-ref.raw"
+            subprocess.run(["cp", "--sparse=always", str(vdb_file), str(vdb_ref)], check=True)
+            env = {**os.environ, "RDM_BACKUP_STALL_TIMEOUT": "300"}
+            proc = subprocess.Popen([str(EXE), "backup", name, "--target", repo,
+                                     "--max-pause", "10"], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            wait_until_copying(dom, proc, "lun")
+            array.stop()
+            try:
+                _out, err = proc.communicate(timeout=120)
+            finally:
+                array.start()
+            assert proc.returncode == 4, err
+            assert err.count("\n") == 1 and "--max-pause 10 s" in err, err
+            assert "cancelled, the guest resumed" in err, err
+            assert dom.state()[:2] == [libvirt.VIR_DOMAIN_RUNNING,
+                                       libvirt.VIR_DOMAIN_RUNNING_UNPAUSED]
+            assert [m.backup_id for m in api.list_backups(repo)] == [first.manifest.backup_id]
+            assert not [p for p in Path(repo).rglob("*.partial*")]
+            second = api.backup(name, repo)
+            vdb = second.manifest.disk("vdb")
+            assert vdb is not None and vdb.level == "incremental", vdb
+            out = work / "restored.raw"
+            for result in (first, second):
+                for disk, ref in (("sda", reference), ("vdb", vdb_ref)):
+                    api.restore(name, repo, disk, str(out),
+                                backup_id=result.manifest.backup_id)
+                    assert same_bytes(out, ref), (disk, result.manifest.backup_id)
+                    out.unlink()
+            assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
