@@ -93,9 +93,11 @@ def start(uri: str, domain_uuid: str, marker_dir: str, lock_dir: str) -> Watchdo
     :meth:`Watchdog.wait_ready`); None (and a warning) when it cannot be started."""
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "libvirt_rdm_backup.watchdog"],
+            # -P and cwd /: the module comes from the installed package, never from a
+            # directory another user can write to (the tool may be run from /tmp)
+            [sys.executable, "-P", "-m", "libvirt_rdm_backup.watchdog"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
-            start_new_session=True, close_fds=True)
+            start_new_session=True, close_fds=True, cwd="/")
     except OSError as err:
         log.warning("no watchdog for the consistency window: %s", err)
         return None

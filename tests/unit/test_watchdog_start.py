@@ -1,0 +1,32 @@
+"""The watchdog runs as root: its code comes from the installed package, never from the
+directory the tool was started in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from libvirt_rdm_backup import watchdog
+
+
+@pytest.mark.hostile
+def test_a_planted_module_in_the_working_directory_is_not_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    planted = tmp_path / "libvirt_rdm_backup"
+    planted.mkdir()
+    (planted / "__init__.py").write_text("")
+    ran = tmp_path / "planted-code-ran"
+    (planted / "watchdog.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    dog = watchdog.start("test:///default", "00000000-0000-0000-0000-000000000000",
+                         str(tmp_path / "windows"), str(tmp_path / "locks"))
+    assert dog is not None
+    try:
+        dog.wait_ready()  # the real watchdog answers (or gives up) once it has started
+    finally:
+        dog.stop()
+        if dog.proc.poll() is None:
+            dog.proc.kill()
+        dog.proc.wait()
+    assert not ran.exists(), "the watchdog ran code from the working directory"
