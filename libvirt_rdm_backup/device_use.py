@@ -78,12 +78,13 @@ def _read_dev(directory: str) -> int | None:
 
 
 def loops_over(target: Identity) -> list[Identity]:
-    """Loop devices whose backing file or device is ``target``, and those over them in turn.
+    """Loop devices whose backing file or device is ``target`` or one of its partitions,
+    and those over them in turn.
 
     A write to ``target`` changes what they show, so their users are ``target``'s too.
     """
     found: list[Identity] = []
-    wanted = {target}
+    wanted = {target, *(partitions(target) if target.kind == "b" else [])}
     while True:
         more = [loop for loop, backing in _loop_backings() if backing in wanted
                 and loop not in found and loop != target]

@@ -272,9 +272,8 @@ def _check_open_target(target: Target, force: bool, conn: libvirt.virConnect | N
     directly, through a partition, or through a loop device over it."""
     ident = device_use.Identity.of(os.fstat(target.fd))
     assert ident is not None  # _open_existing accepted only a file or a block device
-    devices = [ident] if target.is_block else []
-    for loop in device_use.loops_over(ident):
-        devices.append(loop)
+    devices = [ident, *device_use.loops_over(ident)] if target.is_block \
+        else device_use.loops_over(ident)
     held = [why for device in devices for why in device_use.holders(device)]
     if held:
         raise UsageError(f"restore target {target.path} is in use: {'; '.join(held)}")

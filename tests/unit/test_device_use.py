@@ -85,3 +85,11 @@ def test_loop_devices_over_a_file_and_over_them_are_found(tree: Path) -> None:
     ident = device_use.identity_of_path(str(image))
     assert ident is not None
     assert device_use.loops_over(ident) == [Identity("b", os.makedev(7, 4))]
+
+
+def test_a_loop_device_over_a_partition_of_the_disk_is_found(
+        tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = Identity("b", os.makedev(7, 0))
+    monkeypatch.setattr(device_use, "_loop_backings", lambda: [(loop, PART)])
+    assert device_use.loops_over(DISK) == [loop]
+    assert device_use.loops_over(PART) == [loop]
