@@ -86,16 +86,19 @@ def _raw_source_opts(presented: Presented, size: int) -> str:
     return f"driver=raw,offset={presented.offset},size={size},{inner}"
 
 
-def copy_from_storage(plan: DiskPlan, sink: Sink, timeout: float | None = None) -> None:
-    """Copy a disk from its storage (host device or iSCSI LUN) into its new layer."""
+def copy_from_storage(plan: DiskPlan, sink: Sink, timeout: float | None = None,
+                      created: bool = False) -> None:
+    """Copy a disk from its storage (host device or iSCSI LUN) into its new layer
+    (``created``: the layer was made beforehand, see :func:`_convert_into`)."""
     _convert_into(sink, plan, plan.disk.source, image_opts=False, extra=["-U"],
-                  timeout=timeout)
+                  timeout=timeout, created=created)
 
 
 def _copy_paused(plan: DiskPlan, sink: Sink, deadline: float, max_pause: float) -> None:
     """Copy a LUN while the guest is paused; given up when ``deadline`` is reached."""
     try:
-        copy_from_storage(plan, sink, timeout=max(deadline - time.monotonic(), 0.001))
+        copy_from_storage(plan, sink, timeout=max(deadline - time.monotonic(), 0.001),
+                          created=True)
     except CommandError as err:
         if time.monotonic() >= deadline:
             raise over_bound(plan, max_pause, err) from err
@@ -103,14 +106,17 @@ def _copy_paused(plan: DiskPlan, sink: Sink, deadline: float, max_pause: float) 
 
 
 def _convert_into(sink: Sink, plan: DiskPlan, source: str, image_opts: bool,
-                  extra: list[str] | None = None, timeout: float | None = None) -> None:
+                  extra: list[str] | None = None, timeout: float | None = None,
+                  created: bool = False) -> None:
     """``qemu-img convert`` of a raw source into the disk's layer (sparse).
 
     A local file is created by qemu-img itself; a region of an NBD volume is
-    created empty first and written as an existing, all-zero target.
+    created empty first (unless ``created``: made before the guest was held, so
+    that a slow server never lengthens a pause) and written as an existing,
+    all-zero target.
     """
     existing = not sink.local_files
-    if existing:
+    if existing and not created:
         sink.create(plan)
     img.convert(source, sink.target(plan), source_fmt=None if image_opts else "raw",
                 source_image_opts=image_opts, target_fmt=DATA_FORMAT,
@@ -259,6 +265,9 @@ def capture(
         # filters go in one by one: several disks share their point only with the guest held
         hold_for_filters = fleecing and quiesce is None and len(guards) + len(fleeces) > 1
         try:
+            if not sink.local_files:  # no server round trips while the guest is held
+                for plan in storage_plans:
+                    sink.create(plan)
             with consistency_window(
                     dom if running else None, quiesce=quiesce,
                     pause=bool(storage_plans) or hold_for_snapshots or hold_for_filters,
@@ -280,7 +289,7 @@ def capture(
                     if needs_paused_copy(plan, running):
                         _copy_paused(plan, sink, pause_deadline, max_pause)
                     else:
-                        copy_from_storage(plan, sink)
+                        copy_from_storage(plan, sink, created=True)
             if guards:
                 assert monitor is not None
                 transaction(monitor, [_job_for(plan, guard, node, job_id)
