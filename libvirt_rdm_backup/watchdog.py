@@ -164,13 +164,19 @@ def main() -> int:
         if not chunk:
             return 0
         line += chunk
-    config = json.loads(line)
     try:
-        conn = libvirt.open(config["uri"])
+        config = json.loads(line)
+        conn = libvirt.open(str(config["uri"]))
+    except (ValueError, TypeError, KeyError) as err:
+        _say(f"malformed configuration from the tool: {err}")
+        return 1
     except libvirt.libvirtError as err:
         _say(f"cannot connect to libvirt: {err.get_error_message()}")
         return 1
-    os.write(1, READY)
+    try:
+        os.write(1, READY)
+    except OSError:
+        pass  # the tool stopped waiting (it gave up, or ended before any window): watch anyway
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 1)
     os.close(null)

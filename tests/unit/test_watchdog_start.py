@@ -3,6 +3,10 @@ directory the tool was started in."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,3 +34,18 @@ def test_a_planted_module_in_the_working_directory_is_not_run(
             dog.proc.kill()
         dog.proc.wait()
     assert not ran.exists(), "the watchdog ran code from the working directory"
+
+
+def test_a_tool_gone_before_the_watchdog_is_ready_gets_no_traceback(tmp_path: Path) -> None:
+    """A backup refused before any window ends while its watchdog still starts: the
+    watchdog's "ready" goes to a closed pipe, and nothing but quiet follows."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the tool is gone
+    config = {"uri": "test:///default", "uuid": "00000000-0000-0000-0000-000000000000",
+              "marker_dir": str(tmp_path / "windows"), "lock_dir": str(tmp_path / "locks")}
+    proc = subprocess.run([sys.executable, "-P", "-m", "libvirt_rdm_backup.watchdog"],
+                          input=(json.dumps(config) + "\n").encode(), stdout=write_end,
+                          stderr=subprocess.PIPE, timeout=60, check=False)
+    os.close(write_end)
+    assert proc.returncode == 0, proc.stderr
+    assert b"Traceback" not in proc.stderr and proc.stderr == b""
