@@ -229,6 +229,9 @@ def capture(
     monitor = Monitor(dom) if running else None
     started: list[str] = []
     with ExitStack() as stack:
+        if monitor is not None:  # last, once filters and targets let go of their nodes
+            stack.callback(release_unplugged, monitor,
+                           [p.disk for p in plans if p.path is DataPath.QEMU])
         actions: list[dict[str, Any]] = []
         guards: list[tuple[DiskPlan, GuardedSource, str, str]] = []
         direct_jobs: list[str] = []
@@ -331,7 +334,6 @@ def _undo(monitor: Monitor | None, jobs: list[str], plans: list[DiskPlan],
         nodes = {p.disk.target: str(p.disk.node_name) for p in plans}
         for disk, name in result.new_bitmaps.items():
             bitmaps.remove(monitor, nodes[disk], name)
-        release_unplugged(monitor, [p.disk for p in plans if p.path is DataPath.QEMU])
     except RdmBackupError as err:
         log.info("cleanup after a failed capture was incomplete: %s", err)
 

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from libvirt_rdm_backup.errors import OperationError, RdmBackupError
+from libvirt_rdm_backup.errors import OperationError, QmpError, RdmBackupError
 from libvirt_rdm_backup.process import env_seconds
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.blockdev import _free_fdset_id
@@ -155,6 +155,11 @@ class GuardedSource:
                 self.monitor.execute("qom-set", {"path": self.qdev, "property": "drive",
                                                  "value": self.node_name})
                 self._inserted = False
+            except QmpError as err:
+                if err.error_class == "DeviceNotFound":  # unplugged: nothing uses the filter
+                    self._inserted = False
+                else:
+                    errors.append(err)
             except RdmBackupError as err:
                 errors.append(err)
         if not self._inserted:
