@@ -45,20 +45,6 @@ from libvirt_rdm_backup.storage.snapshots import (
 from libvirt_rdm_backup.storage.sysfs import SysfsAgent
 
 
-def flush_block_device(path: str) -> None:
-    """Write back the page cache of block device ``path`` and flush it (``fsync``)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        raise StorageError(f"cannot open {path}: {err.strerror}") from err
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        raise StorageError(f"cannot flush {path}: {err.strerror}") from err
-    finally:
-        os.close(fd)
-
-
 class LoopReflinkAgent:
     """Reflink snapshots of loop devices over files, read from the clone at the loop offset."""
 
@@ -92,7 +78,7 @@ class LoopReflinkAgent:
     def flush(self, disk: RawDisk) -> None:
         """Write back the loop device's page cache, then the backing file's dirty pages."""
         node, backing = self._loop(disk)
-        flush_block_device(node.path or str(disk.source_path))
+        sync_file(node.path or str(disk.source_path), follow_links=True)
         sync_file(backing)
 
     def snapshot(self, disk: RawDisk, name: str) -> StorageSnapshot:
@@ -100,7 +86,7 @@ class LoopReflinkAgent:
         check_name(name)
         node, backing = self._loop(disk)
         device = node.path or str(disk.source_path)
-        flush_block_device(device)
+        sync_file(device, follow_links=True)
         clone = make_clone(backing, name)
         created = utc_now()
         offset = int(node.identity.get("offset") or 0)

@@ -294,10 +294,11 @@ def make_clone(source: str, name: str) -> str:
     return path
 
 
-def sync_file(path: str) -> None:
-    """``fdatasync`` a file: its dirty pages written back (raises StorageError)."""
+def sync_file(path: str, follow_links: bool = False) -> None:
+    """``fdatasync`` a file or block device: its dirty pages written back and flushed
+    (raises StorageError). A link is followed only when ``follow_links``."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW))
     except OSError as err:
         raise StorageError(f"cannot open {path}: {err.strerror}") from err
     try:

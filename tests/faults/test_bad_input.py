@@ -369,15 +369,20 @@ def _loop_with_data(lab: Lab, stack: ExitStack) -> str:
     return stack.enter_context(loop_device(path))
 
 
-def mounted_loop(lab: Lab, stack: ExitStack) -> Target:
-    device = _loop_with_data(lab, stack)
+def _mount_ext4(lab: Lab, stack: ExitStack, device: str) -> Path:
+    """An ext4 made on ``device`` and mounted in the scratch directory until the test ends."""
     subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True)
     mount = lab.scratch / unique_name("mnt")
     mount.mkdir()
     stack.callback(mount.rmdir)
     subprocess.run(["mount", device, str(mount)], check=True)
     stack.callback(subprocess.run, ["umount", str(mount)], check=True)
-    return device, ["--force"], 2, f"mounted at {mount}"
+    return mount
+
+
+def mounted_loop(lab: Lab, stack: ExitStack) -> Target:
+    device = _loop_with_data(lab, stack)
+    return device, ["--force"], 2, f"mounted at {_mount_ext4(lab, stack, device)}"
 
 
 def swap_loop(lab: Lab, stack: ExitStack) -> Target:
@@ -427,13 +432,7 @@ def file_behind_a_mounted_loop(lab: Lab, stack: ExitStack) -> Target:
     path = _file(lab, LOOP_SIZE)
     stack.callback(path.unlink)
     device = stack.enter_context(loop_device(path))
-    subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True)
-    mount = lab.scratch / unique_name("mnt")
-    mount.mkdir()
-    stack.callback(mount.rmdir)
-    subprocess.run(["mount", device, str(mount)], check=True)
-    stack.callback(subprocess.run, ["umount", str(mount)], check=True)
-    return str(path), ["--force"], 2, f"mounted at {mount}"
+    return str(path), ["--force"], 2, f"mounted at {_mount_ext4(lab, stack, device)}"
 
 
 def file_behind_running_domain_disk_with_libvirtd_unreachable(lab: Lab, stack: ExitStack
