@@ -17,7 +17,7 @@ from libvirt_rdm_backup.consistency import QUIESCE_MODES
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, check_max_pause
 from libvirt_rdm_backup.engine.plan import LEVELS
 from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError, UsageError
-from libvirt_rdm_backup.redact import redact
+from libvirt_rdm_backup.redact import printable, redact
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
 
 EXIT_OK = 0
@@ -57,8 +57,8 @@ def _emit(args: argparse.Namespace, document: Any, text: Callable[[], str]) -> N
     if args.json:
         json.dump(document, sys.stdout, indent=2)
         sys.stdout.write("\n")
-    else:
-        sys.stdout.write(text())
+    else:  # names read back (domains, disks, backups) reach the terminal as text only
+        sys.stdout.write(printable(text()))
 
 
 def cmd_disks(args: argparse.Namespace) -> int:
@@ -193,8 +193,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         where = f"backup {bad.backup_id}" + (f" disk {bad.disk}" if bad.disk else "")
         failed = sum(1 for c in report.checks if not c.ok)
         more = f" (and {failed - 1} more failed)" if failed > 1 else ""
-        sys.stderr.write(f"rdm-backup: verification failed: {where}: "
-                         f"{_one_line(str(bad.problem))}{more}\n")
+        sys.stderr.write("rdm-backup: verification failed: "
+                         + _one_line(f"{where}: {bad.problem}{more}") + "\n")
         return EXIT_VERIFY
     return EXIT_OK
 
@@ -230,9 +230,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     if damaged:
         first = damaged[0]
         more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
-        sys.stderr.write(f"rdm-backup: error: backup {first.backup_id} of domain "
-                         f"{first.domain_uuid} is damaged and not listed{more}: "
-                         f"{_one_line(first.problem)}\n")
+        sys.stderr.write("rdm-backup: error: " + _one_line(
+            f"backup {first.backup_id} of domain {first.domain_uuid} is damaged and not "
+            f"listed{more}: {first.problem}") + "\n")
         return EXIT_VERIFY
     return EXIT_OK
 
@@ -482,15 +482,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(text: str) -> str:
-    """Errors are one line (messages of tools may hold newlines) and show no URI passwords."""
-    return redact(" ".join(text.split()))
+    """Errors are one line (messages of tools may hold newlines) and show no URI passwords
+    and no control characters."""
+    return printable(redact(" ".join(text.split())))
 
 
 class _RedactingFormatter(logging.Formatter):
     """Log lines show no passwords of URIs (libvirt URIs, tool output, QMP traffic)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        return printable(redact(super().format(record)))
 
 
 def _terminate(signum: int, _frame: object) -> None:

@@ -14,6 +14,8 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from libvirt_rdm_backup.redact import printable
+
 PROC = "/proc"
 SYS_DEV_BLOCK = "/sys/dev/block"
 SYS_BLOCK = "/sys/block"
@@ -257,5 +259,5 @@ def _unescape(field: str) -> str:
 
 def _printable(text: str) -> str:
     """``text`` safe for one line of output (control characters escaped, bounded)."""
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:256])
+    shown = printable(text[:256]).replace("\n", "\\n").replace("\t", "\\t")
     return shown + ("..." if len(text) > 256 else "")

@@ -45,3 +45,28 @@ def test_json_flag_accepted_before_and_after_command() -> None:
     parser = build_parser()
     assert parser.parse_args(["--json", "list", "--target", "d"]).json
     assert parser.parse_args(["list", "--target", "d", "--json"]).json
+
+
+@pytest.mark.hostile
+def test_control_characters_read_back_reach_the_terminal_escaped(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A manifest naming its domain with terminal escapes, and a damaged one whose problem
+    holds them: list shows both as text."""
+    import json as jsonlib
+
+    from libvirt_rdm_backup.repository.store import Repository
+    from tests.unit.test_repository_damage_units import UUID, publish
+
+    repo = Repository.open(str(tmp_path / "repo"), create=True)
+    good = publish(repo, "20261125T143000Z-aaaaaa", None, b"x" * 100)
+    path = tmp_path / "repo" / UUID / good.backup_id / "manifest.json"
+    document = jsonlib.loads(path.read_text())
+    document["domain_name"] = "vm\x1b]0;owned\x07\x1b[2J"
+    path.write_text(jsonlib.dumps(document))
+    broken = publish(repo, "20261125T143100Z-bbbbbb", None, b"y" * 100)
+    (tmp_path / "repo" / UUID / broken.backup_id / "manifest.json").write_bytes(
+        b'{"format": "\x1b[31m')
+    assert main(["list", "--target", str(tmp_path / "repo")]) == 5
+    out, err = capsys.readouterr()
+    assert "\x1b" not in out and "\x07" not in out and "vm\\x1b]0;owned\\x07" in out
+    assert "\x1b" not in err and err.count("\n") == 1
