@@ -21,7 +21,12 @@ from libvirt_rdm_backup.engine.capture import Capture
 from libvirt_rdm_backup.engine.locks import LOCK_DIR
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, FileSink, NbdSink, Sink
-from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError, UsageError
+from libvirt_rdm_backup.errors import (
+    DamagedBackupError,
+    RdmBackupError,
+    UsageError,
+    VerificationError,
+)
 from libvirt_rdm_backup.fslock import exclusive
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
@@ -306,7 +311,7 @@ class VolumeStore:
     def record(self, plan: DiskPlan, sink: Sink, captured: Capture, mapping: Mapping,
                parent_maps: dict[str, ChunkMap]) -> DiskRecord:
         assert isinstance(sink, NbdSink)
-        target = sink.target(plan)
+        target = self._read_back(plan, sink)
         length = _image_end(target)
         location = {**sink.locations[plan.disk.target], "length": length}
         extents = img.map_extents(target, DATA_FORMAT)
@@ -319,6 +324,23 @@ class VolumeStore:
             stored_bytes=length,
             location=location,
         )
+
+    def _read_back(self, plan: DiskPlan, sink: NbdSink) -> str:
+        """The new layer for the checks after its copy: its header read from the server and
+        checked, then pinned (the server cannot show the checks another header)."""
+        location = sink.locations[plan.disk.target]
+        offset, region = int(location["offset"]), int(location["region"])
+        head = self.volume.read(offset, layers.HEADER_READ)
+        problem = layers.header_problem(head, None, int(plan.disk.size or 0))
+        if problem is not None:
+            raise VerificationError(f"the new layer of {plan.disk.target} in "
+                                    f"{self.volume.address.uri} {problem} after it was written; "
+                                    "nothing was published")
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="rdmb-headers-")
+        node = layers.pinned_head(head, self.volume.region_node(offset, region), region,
+                                  os.path.join(self._scratch.name, f"new-{offset}.qcow2"))
+        return layers.json_filename(layers.chain_node([node]))
 
     def publish(self, sink: Sink, manifest: Manifest) -> str:
         self.volume.publish(manifest)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from libvirt_rdm_backup.repository.digest import Digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.targets.nbd_volume import (
@@ -119,3 +123,30 @@ def test_unreadable_manifests_are_listed_apart() -> None:
     assert "malformed manifest" in damaged[0].problem
     export.data[offset] = 0xFF
     assert "not UTF-8" in vol.scan()[1][0].problem
+
+
+@pytest.mark.hostile
+def test_a_new_layer_is_read_back_only_through_the_header_that_was_checked(
+        tmp_path: Path) -> None:
+    """After the copy, the checks read the new layer's header from the server once, check
+    it and pin it: a server that swaps in a header naming a data file fails the backup."""
+    import struct
+    from dataclasses import replace
+
+    from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
+    from libvirt_rdm_backup.engine.sinks import NbdSink
+    from libvirt_rdm_backup.engine.stores import VolumeStore
+    from libvirt_rdm_backup.errors import VerificationError
+
+    export = MemoryExport(SIZE)
+    vol = volume(export)
+    store = VolumeStore(vol)
+    sink = NbdSink(vol, str(tmp_path))
+    plan = DiskPlan(replace(vdb(), size=4 << 20), DataPath.QEMU, "full", "test")
+    sink.create(plan)
+    offset = int(sink.locations["vdb"]["offset"])
+    assert store._read_back(plan, sink).startswith("json:")  # the header this tool wrote
+    features = struct.unpack(">Q", export.pread(8, offset + 72))[0]
+    export.pwrite(struct.pack(">Q", features | 1 << 2), offset + 72)  # "external data file"
+    with pytest.raises(VerificationError, match="data file"):
+        store._read_back(plan, sink)
