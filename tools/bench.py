@@ -378,6 +378,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help="comma-separated sections to run, of "
                              f"{','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--windows", type=int, default=LOADED_WINDOWS,
+                        help="lun: windows measured under a dd load (default %(default)s)")
     parser.add_argument("--dirty", type=float, default=0.01,
                         help="fraction of the LUN rewritten before an incremental "
                              "(default 0.01)")
@@ -399,6 +401,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--settle must be >= 0")
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
+    if args.windows < 1:
+        parser.error("--windows must be >= 1")
     return args
 
 
@@ -1328,18 +1332,19 @@ def dd_load(path: Path, size: int) -> Iterator[str]:
 
 
 def lun_loaded_windows(lab: Lab, name: str, load_file: Path) -> dict[str, Any]:
-    """:data:`LOADED_WINDOWS` backups of every disk (``auto``: a full, then incrementals)
-    while a ``dd`` keeps rewriting ``load_file``, a LUN's backing file: how long the guest
-    is held when the storage has writeback to do (p50 and worst; goal worst <= 100 ms)."""
+    """``--windows`` (:data:`LOADED_WINDOWS`) backups of every disk (``auto``: a full, then
+    incrementals) while a ``dd`` keeps rewriting ``load_file``, a LUN's backing file: how long
+    the guest is held when the storage has writeback to do (p50 and worst; goal worst <= 100
+    ms)."""
     repo = lab.work / "rdmb-lun-loaded-repo"
     paused: list[float] = []
     try:
         with dd_load(load_file, lab.size) as load:
             time.sleep(1)  # let dirty pages pile up
-            for round_no in range(LOADED_WINDOWS):
+            for round_no in range(lab.args.windows):
                 _taken, result = timed_api_backup(name, repo, None, "auto")
                 paused.append(float(result.manifest.consistency["paused_ms"]))  # type: ignore[arg-type]
-                say(f"lun loaded window {round_no + 1}/{LOADED_WINDOWS}: guest held "
+                say(f"lun loaded window {round_no + 1}/{lab.args.windows}: guest held "
                     f"{paused[-1]:.1f} ms")
     finally:
         drop_storage_snapshots(repo)
