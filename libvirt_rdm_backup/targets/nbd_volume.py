@@ -35,6 +35,7 @@ reader on another host cannot undo a backup being published.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -55,6 +56,7 @@ from libvirt_rdm_backup.errors import (
     RepositoryError,
     VerificationError,
 )
+from libvirt_rdm_backup.process import stall_timeout
 from libvirt_rdm_backup.qemu.layers import option_value
 from libvirt_rdm_backup.repository.digest import BUFFER, Digest
 from libvirt_rdm_backup.repository.manifest import MAX_MANIFEST, Manifest, valid_sequence
@@ -302,12 +304,17 @@ class NbdVolume:
         return self.superblock.volume_id
 
     def close(self) -> None:
-        """Release the lease if still held, and disconnect."""
+        """Release the lease if still held, and disconnect; a server that does not answer
+        is given up after the stall limit (the connection goes with the process)."""
         self.release_lease()
-        try:
-            self.handle.shutdown()
-        except nbd.Error:
-            pass
+
+        def disconnect() -> None:
+            with contextlib.suppress(nbd.Error):
+                self.handle.shutdown()
+
+        worker = threading.Thread(target=disconnect, name="rdmb-volume-close", daemon=True)
+        worker.start()
+        worker.join(stall_timeout())
 
     # -- regions -------------------------------------------------------------------------
 
@@ -447,9 +454,18 @@ class NbdVolume:
             self._lease, self.superblock = lease, new
 
     def release_lease(self) -> None:
-        """Give the lease back if still held (best effort: the holder may be gone already)."""
-        with self._mutex:
-            self._stop_heartbeat()
+        """Give the lease back if still held (best effort: the holder may be gone already).
+
+        A server that stopped answering holds the heartbeat in its read: after the stall
+        limit the lease is left to expire (``ttl``) rather than waited for forever.
+        """
+        self._stop_heartbeat()
+        if not self._mutex.acquire(timeout=stall_timeout()):
+            log.info("NBD volume %s does not answer: its writer lease is left to expire",
+                        self.address.uri)
+            return
+        with contextlib.ExitStack() as held:
+            held.callback(self._mutex.release)
             if self._lease is None:
                 return
             try:

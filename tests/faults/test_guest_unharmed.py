@@ -152,23 +152,24 @@ def test_stalled_nbd_server_fails_the_backup_not_the_guest() -> None:
                                 RDM_BACKUP_STALL_TIMEOUT=str(stall))
             nbd_pid = serving_pid(server)
             os.kill(nbd_pid, signal.SIGSTOP)
-            try:
-                stopped_at = time.monotonic()
+            try:  # the server never answers again while the backup runs
                 results = write_meanwhile(vm, 32 * MiB, 8, 0x60)
                 assert_running(vm.dom)
-                # stopped past the backup's stall limit: the backup gives up on its target
-                time.sleep(max(0.0, stall + 3 - (time.monotonic() - stopped_at)))
+                _out, err = proc.communicate(timeout=stall + 120)
             finally:
                 os.kill(nbd_pid, signal.SIGCONT)
-            _out, err = proc.communicate(timeout=300)
             assert [r for r in results if r is not None] == [], results
             assert_running(vm.dom)
             assert proc.returncode == 4, err
-            assert err.count("\n") == 1 and "no progress" in err, err
+            # the error, after a warning that the stuck job's filter stays for the next run
+            assert err.count("\n") <= 2 and "Traceback" not in err, err
+            assert "no progress" in err.splitlines()[-1], err
             assert [m.backup_id for m in api.list_backups(server.uri)] == list(points.refs)
-            assert qemu_leftovers(vm.dom) == [] and dirty_bitmaps(vm.dom) == tracked
+            assert tracked <= dirty_bitmaps(vm.dom)  # the last point's tracking is kept
+            # the job stuck on the server, and its filter, go with the next run
             again = points.backup(level="incremental")
             assert again.manifest.disk("vdb").level == "incremental"  # type: ignore[union-attr]
+            assert qemu_leftovers(vm.dom) == []
             assert points.restore_every_point() == 2
         finally:
             server.stop()

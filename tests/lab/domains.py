@@ -298,7 +298,8 @@ def dirty_bitmaps(dom: libvirt.virDomain) -> set[str]:
     """Names of every dirty bitmap on every block node of the domain."""
     names: set[str] = set()
     for node in qmp(dom, "query-named-block-nodes", {"flat": True}):  # type: ignore[attr-defined]
-        names |= {b["name"] for b in node.get("dirty-bitmaps") or []}
+        # a job's own bitmap has no name
+        names |= {b["name"] for b in node.get("dirty-bitmaps") or [] if "name" in b}
     return names
 
 
