@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -43,6 +44,22 @@ def unfinished_under(root: str) -> list[str]:
     for directory, dirs, files in os.walk(root):
         found += [os.path.join(directory, n) for n in (*dirs, *files) if is_unfinished(n)]
     return sorted(found)
+
+
+def read_regular(path: str, limit: int) -> bytes:
+    """At most ``limit`` bytes from the start of the regular file ``path``.
+
+    For files read back from places the tool does not control: a symlink is not
+    followed (``ELOOP``), a FIFO or device never blocks or is read (``EINVAL``).
+    Raises OSError.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        return os.pread(fd, limit, 0)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o600, tmp_dir: str | None = None) -> None:

@@ -19,10 +19,11 @@ from __future__ import annotations
 import errno
 import json
 import os
-import stat
 import struct
 from collections.abc import Sequence
 from typing import Any
+
+from libvirt_rdm_backup.fileutil import read_regular
 
 FORMAT = "qcow2"
 MAGIC = b"QFI\xfb"
@@ -145,13 +146,7 @@ def read_head(path: str) -> bytes:
 
     Raises OSError; ``EINVAL`` when ``path`` is not a regular file.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        return os.pread(fd, HEADER_READ, 0)
-    finally:
-        os.close(fd)
+    return read_regular(path, HEADER_READ)
 
 
 def file_problem(path: str, backing: str | None, size: int | None = None) -> str | None:

@@ -29,7 +29,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import uuid as uuidlib
 from collections.abc import Container, Iterator
 from contextlib import contextmanager
@@ -41,7 +40,7 @@ from libvirt_rdm_backup.errors import (
     RepositoryError,
     UsageError,
 )
-from libvirt_rdm_backup.fileutil import STAGING_PREFIX, fsync_dir, write_atomic
+from libvirt_rdm_backup.fileutil import STAGING_PREFIX, fsync_dir, read_regular, write_atomic
 from libvirt_rdm_backup.fslock import exclusive
 from libvirt_rdm_backup.repository.manifest import (
     MAX_MANIFEST,
@@ -121,17 +120,9 @@ class Damage:
 def read_sequence(path: str) -> int | None:
     """A sequence number kept in a small regular file (None when absent or not a number)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        text = read_regular(path, 32).strip()
     except OSError:
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        text = os.read(fd, 32).strip()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
     number = int(text) if text.isdigit() and 0 < len(text) < 19 else None
     return number if valid_sequence(number) else None
 
@@ -342,8 +333,7 @@ class Repository:
         """The manifest of one backup (NotFoundError when absent)."""
         path = os.path.join(self.backup_dir(domain_uuid, backup_id), MANIFEST)
         try:
-            with open(path, "rb") as stream:
-                data = stream.read(MAX_MANIFEST + 1)
+            data = read_regular(path, MAX_MANIFEST + 1)
             if len(data) > MAX_MANIFEST:
                 raise RepositoryError(f"manifest of backup {backup_id} is over "
                                       f"{MAX_MANIFEST} bytes")

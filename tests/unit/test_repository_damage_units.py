@@ -280,3 +280,25 @@ def test_a_layer_whose_header_names_another_file_is_damage(
     forged = dataclasses.replace(record, backing_file="/etc/shadow")
     assert "the manifest names backing file '/etc/shadow'" in str(
         store.check(second, forged))
+
+
+@pytest.mark.hostile
+def test_a_manifest_that_is_a_fifo_or_a_symlink_is_damage_never_opened(tmp_path: Path) -> None:
+    """A FIFO would block a listing forever, a symlink would show another file's bytes."""
+    repo = Repository.open(str(tmp_path / "repo"), create=True)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"not": "a manifest"}')
+    ids = ["20261125T143000Z-aaaaaa", "20261125T143100Z-bbbbbb", "20261125T143200Z-cccccc"]
+    for backup_id in ids:
+        publish(repo, backup_id, None, b"x" * 100)
+    fifo = Path(repo.root) / UUID / ids[1] / "manifest.json"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    link = Path(repo.root) / UUID / ids[2] / "manifest.json"
+    link.unlink()
+    link.symlink_to(secret)
+    listed, damaged = repo.scan(UUID)
+    assert [m.backup_id for m in listed] == ids[:1]
+    assert sorted(d.backup_id for d in damaged) == ids[1:]
+    assert all("not a regular file" in d.problem or "Too many levels" in d.problem
+               for d in damaged), damaged
