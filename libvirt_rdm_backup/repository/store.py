@@ -397,9 +397,8 @@ class Repository:
     def damage_mark(self, manifest: Manifest, disk: str) -> str | None:
         """What an earlier verify or restore found wrong with a disk's stored data, or None."""
         try:
-            with open(self._damage_path(manifest, disk), encoding="utf-8",
-                      errors="replace") as stream:
-                return stream.read(4096).strip() or "damaged"
+            data = read_regular(self._damage_path(manifest, disk), 4096)
+            return data.decode("utf-8", "replace").strip() or "damaged"
         except FileNotFoundError:
             return None
         except OSError as err:

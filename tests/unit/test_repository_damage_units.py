@@ -302,3 +302,14 @@ def test_a_manifest_that_is_a_fifo_or_a_symlink_is_damage_never_opened(tmp_path:
     assert sorted(d.backup_id for d in damaged) == ids[1:]
     assert all("not a regular file" in d.problem or "Too many levels" in d.problem
                for d in damaged), damaged
+
+
+@pytest.mark.hostile
+def test_a_damage_record_that_is_a_symlink_shows_nothing_of_its_target(tmp_path: Path) -> None:
+    repo = Repository.open(str(tmp_path / "repo"), create=True)
+    secret = tmp_path / "secret"
+    secret.write_text("root:$6$hash")
+    manifest = publish(repo, "20261125T143000Z-aaaaaa", None, b"x" * 100)
+    (Path(repo.root) / UUID / manifest.backup_id / "vdb.damaged").symlink_to(secret)
+    mark = repo.damage_mark(manifest, "vdb")
+    assert mark is not None and "hash" not in mark and "unreadable" in mark
