@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LAB := tools/lab.sh
 
-.PHONY: help install lab-up lab-down lint test faults demo bench clean distclean
+.PHONY: help install lab-up lab-down lint test faults demo bench man clean distclean
 
 help:
 	@echo "make demo       install everything, bring up the lab, run a real backup and restore"
@@ -20,6 +20,7 @@ help:
 	@echo "make lint       ruff + mypy"
 	@echo "make faults     only the fault and bad-input suite (make test runs it too)"
 	@echo "make bench      run tools/bench.py against the lab"
+	@echo "make man        regenerate the man page docs/rdm-backup.1 from the argument parser"
 	@echo "make clean      remove caches and build artefacts (distclean: also the venv)"
 
 install:
@@ -51,6 +52,14 @@ demo: install lab-up
 
 bench: install lab-up
 	$(PY) tools/bench.py
+
+# The man page rdm-backup(1), generated from the argument parser; a unit test checks that the
+# committed page is current. Needs only the venv (made by `make install` when it is missing).
+man: | $(PY)
+	$(PY) tools/manpage.py --output docs/rdm-backup.1
+
+$(PY):
+	$(LAB) install
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -360,12 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_disks)
 
     p = sub.add_parser("map", parents=[common], help="print the raw disk mapping")
-    p.add_argument("domain")
-    p.add_argument("--disk", action="append", metavar="DEV")
+    p.add_argument("domain", help="domain name or UUID")
+    p.add_argument("--disk", action="append", metavar="DEV", help="only this disk (repeatable)")
     p.set_defaults(func=cmd_map)
 
     p = sub.add_parser("backup", parents=[common], help="back up a domain's raw disks")
-    p.add_argument("domain")
+    p.add_argument("domain", help="domain name or UUID")
     p.add_argument("--target", required=True, metavar="DIR|URI",
                    help="repository directory, or an NBD volume: nbd://HOST:PORT/EXPORT, "
                         "nbds://... (TLS), nbd+unix:///EXPORT?socket=PATH")
@@ -397,29 +397,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("restore", parents=[common], help="restore one disk to a file or device")
-    p.add_argument("domain")
+    p.add_argument("domain", help="domain UUID, or its name at backup time")
     p.add_argument("--target", required=True, metavar="DIR|URI",
                    help="repository directory or NBD volume URI")
     p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
-    p.add_argument("--disk", required=True, metavar="DEV")
-    p.add_argument("--to", required=True, metavar="PATH")
+    p.add_argument("--disk", required=True, metavar="DEV", help="the disk to restore (e.g. vdb)")
+    p.add_argument("--to", required=True, metavar="PATH",
+                   help="new file, existing file or block device to write the disk to")
     p.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
     p.add_argument("--force", action="store_true",
                    help="write even to a smaller target or one used by a running domain")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("verify", parents=[common], help="recompute and check stored digests")
-    p.add_argument("domain", nargs="?")
+    p.add_argument("domain", nargs="?",
+                   help="only this domain's backups: its UUID, or its name at backup time")
     p.add_argument("--target", required=True, metavar="DIR|URI",
                    help="repository directory or NBD volume URI")
     p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
-    p.add_argument("--backup", metavar="ID")
+    p.add_argument("--backup", metavar="ID",
+                   help="only this backup, with the layers it builds on")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("hook", parents=[common],
                        help="install or remove the libvirt hook that records VM restarts")
-    p.add_argument("action", choices=("install", "uninstall"))
-    p.add_argument("--hooks-dir", default="/etc/libvirt/hooks", metavar="DIR")
+    p.add_argument("action", choices=("install", "uninstall"), help="install or remove the hook")
+    p.add_argument("--hooks-dir", default="/etc/libvirt/hooks", metavar="DIR",
+                   help="libvirt's hook directory (default: %(default)s)")
     p.add_argument("--state-dir", default=None, metavar="DIR",
                    help="where the hook records events (default: "
                         "/var/lib/libvirt-rdm-backup/events)")
@@ -427,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", parents=[common],
                        help="serve a point in time of raw disks over NBD, read-only (pull mode)")
-    p.add_argument("domain")
+    p.add_argument("domain", help="domain name or UUID")
     p.add_argument("--disk", action="append", required=True, metavar="DEV",
                    help="disk to export (repeatable); its NBD export is named after it")
     where = p.add_mutually_exclusive_group()
@@ -473,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("list", parents=[common], help="list backups in a repository")
-    p.add_argument("domain", nargs="?")
+    p.add_argument("domain", nargs="?",
+                   help="only this domain's backups: its UUID, or its name at backup time")
     p.add_argument("--target", required=True, metavar="DIR|URI",
                    help="repository directory or NBD volume URI")
     p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
