@@ -33,7 +33,7 @@ lab-down:
 	$(LAB) down
 
 lint: install
-	$(VENV)/bin/ruff check libvirt_rdm_backup tests
+	$(VENV)/bin/ruff check libvirt_rdm_backup tests tools
 	$(VENV)/bin/mypy
 
 # Lint and tests both run; the target fails if either fails (or if no test ran).
