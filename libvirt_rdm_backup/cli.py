@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from libvirt_rdm_backup import api
+from libvirt_rdm_backup import api, retry
 from libvirt_rdm_backup.consistency import QUIESCE_MODES
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, check_max_pause
 from libvirt_rdm_backup.engine.plan import LEVELS
@@ -298,13 +298,16 @@ def cmd_export(args: argparse.Namespace) -> int:
                         lines.append(f"           no dirty bitmap: {d.bitmap_note}")
                 sys.stdout.write("\n".join(lines) + "\n")
             sys.stdout.flush()
-            deadline = None if args.timeout is None else time.monotonic() + args.timeout
             next_check = time.monotonic() + 1.0
-            while not stop and (deadline is None or time.monotonic() < deadline):
-                if time.monotonic() >= next_check:
+
+            def stopped() -> bool:
+                nonlocal next_check
+                if not stop and time.monotonic() >= next_check:
                     handle.check()  # a failed fleecing job: the point in time is gone
                     next_check = time.monotonic() + 1.0
-                time.sleep(0.1)
+                return bool(stop)
+
+            retry.serve_until_stopped(args.timeout)(stopped)
             reason = stop[0] if stop else f"timeout after {args.timeout:g} s"
     finally:
         for signum, handler in previous.items():

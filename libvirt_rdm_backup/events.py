@@ -22,17 +22,16 @@ arguments as given; ``pid`` (QEMU's pid) is present when it was known. A file ke
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
 import os
-import time
 import uuid as uuidlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.errors import OperationError, UsageError
 from libvirt_rdm_backup.fileutil import fsync_dir, write_atomic
 
@@ -149,31 +148,30 @@ def _open_locked(path: str) -> int:
 
     A rotation replaces the file by a rename; a writer that locked the old file retries.
     """
-    deadline = time.monotonic() + LOCK_TIMEOUT
-    while True:
-        fd = os.open(
-            path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as err:
-                    if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        raise
-                    if time.monotonic() > deadline:
-                        raise OperationError(f"{path} stays locked by another process") from err
-                    time.sleep(0.01)
-            opened, named = os.fstat(fd), os.stat(path, follow_symlinks=False)
-            if (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino):
-                return fd
-        except FileNotFoundError:
-            pass  # renamed away between open and stat: open again
-        except BaseException:
-            os.close(fd)
-            raise
+    fd = retry.flock_wait(path, LOCK_TIMEOUT)(_try_open_locked, path)
+    if fd is None:  # retried by the policy, never returned
+        raise OperationError(f"cannot open {path}")
+    return fd
+
+
+def _try_open_locked(path: str) -> int | None:
+    """One attempt of :func:`_open_locked`: the locked descriptor; None when the file was
+    renamed away meanwhile; BlockingIOError when another process holds the lock."""
+    fd = os.open(
+        path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        opened, named = os.fstat(fd), os.stat(path, follow_symlinks=False)
+        if (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino):
+            return fd
+    except FileNotFoundError:
+        pass  # renamed away between open and stat: open again
+    except BaseException:
         os.close(fd)
+        raise
+    os.close(fd)
+    return None
 
 
 def _rotate(path: str, max_lines: int) -> None:

@@ -26,11 +26,11 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 import libvirt
 
+from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.process import env_seconds
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,6 @@ READY = b"ready\n"
 START_TIMEOUT = 20.0  # seconds to wait for the watchdog's libvirt connection
 LINGER_ENV = "RDM_BACKUP_WATCHDOG_LINGER"
 DEFAULT_LINGER = 600.0  # seconds a watchdog keeps retrying an undo that failed
-RETRY_EVERY = 3.0
-QUICK_RETRIES = 10  # first attempts 0.2 s apart: the dead tool's lock is freed at once
 
 
 def linger() -> float:
@@ -181,28 +179,41 @@ def main() -> int:
     os.dup2(null, 1)
     os.close(null)
     _wait_for_eof()
-    deadline = time.monotonic() + linger()
-    attempts = 0
-    while True:
-        closed = _repair_once(conn, config)  # recover_window says what it did
-        if closed:
-            return 0
-        if time.monotonic() >= deadline:
-            _say("gave up: the guest may still be held; the next backup of the domain "
-                 "repairs it")
-            return 1
-        attempts += 1
-        if attempts < QUICK_RETRIES:
-            time.sleep(0.2)
-            continue
-        if attempts == QUICK_RETRIES:
+    repair = _Repair(conn, config)
+    if retry.window_repair(linger())(repair):
+        return 0
+    _say("gave up: the guest may still be held; the next backup of the domain repairs it")
+    return 1
+
+
+class _Repair:
+    """Attempts at undoing the window, for :func:`~.retry.window_repair`.
+
+    After the quick attempts the tool's stderr is let go (nothing more is said, but
+    a final giving up), and the libvirt connection is opened again when it broke (a
+    restarted libvirtd).
+    """
+
+    def __init__(self, conn: libvirt.virConnect, config: dict[str, str]) -> None:
+        self.conn = conn
+        self.config = config
+        self.attempts = 0
+
+    def __call__(self) -> bool:
+        self.attempts += 1
+        if self.attempts > retry.WINDOW_QUICK:
+            self._reconnect()
+        closed = _repair_once(self.conn, self.config)  # recover_window says what it did
+        if not closed and self.attempts == retry.WINDOW_QUICK:
             _detach_output()
-        time.sleep(RETRY_EVERY)
+        return closed
+
+    def _reconnect(self) -> None:
         try:
-            conn.getLibVersion()
+            self.conn.getLibVersion()
         except libvirt.libvirtError:
             try:
-                conn = libvirt.open(config["uri"])
+                self.conn = libvirt.open(self.config["uri"])
             except libvirt.libvirtError:
                 pass
 

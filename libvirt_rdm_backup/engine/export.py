@@ -31,7 +31,6 @@ import secrets
 import shutil
 import socket
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from typing import Any
 
 import libvirt
 
+from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.consistency import recover_window
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.discover import fill_live_facts, open_domain, select_disks
@@ -56,7 +56,6 @@ from libvirt_rdm_backup.errors import (
 )
 from libvirt_rdm_backup.qemu import bitmaps
 from libvirt_rdm_backup.qemu.fleece import (
-    QMP_TIMEOUT,
     SOCKET_ROOT,
     FleecingExport,
     private_socket_dir,
@@ -64,7 +63,7 @@ from libvirt_rdm_backup.qemu.fleece import (
 )
 from libvirt_rdm_backup.qemu.jobs import transaction
 from libvirt_rdm_backup.qemu.leftovers import remove_leftovers
-from libvirt_rdm_backup.qemu.monitor import Monitor
+from libvirt_rdm_backup.qemu.monitor import Monitor, qmp_timeout
 from libvirt_rdm_backup.qemu.names import PREFIX, object_name
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN, DiskPoint, chain_of, lineage
 from libvirt_rdm_backup.repository.manifest import Manifest
@@ -268,11 +267,8 @@ def _remove_export(monitor: Monitor, export_id: str) -> None:
         monitor.execute("block-export-del", {"id": export_id})
     except QmpError:
         monitor.execute("block-export-del", {"id": export_id, "mode": "hard"})
-    deadline = time.monotonic() + QMP_TIMEOUT
-    while any(e.get("id") == export_id for e in monitor.execute("query-block-exports") or []):
-        if time.monotonic() > deadline:
-            raise OperationError(f"NBD export {export_id} did not go away")
-        time.sleep(0.05)
+    retry.wait_export_removed(export_id, qmp_timeout())(lambda: not any(
+        e.get("id") == export_id for e in monitor.execute("query-block-exports") or []))
 
 
 def _unlink(path: str) -> None:

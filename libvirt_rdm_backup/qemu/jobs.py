@@ -9,9 +9,10 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
+from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.errors import OperationError, RdmBackupError
 from libvirt_rdm_backup.process import stall_timeout
-from libvirt_rdm_backup.qemu.monitor import Monitor
+from libvirt_rdm_backup.qemu.monitor import Monitor, qmp_timeout
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,12 @@ def wait_jobs(
     """
     pending = set(job_ids)
     results: dict[str, JobResult] = {}
-    delay = 0.005
     stall = stall_timeout() if stall is None else stall
     moved, last_move = -1, time.monotonic()
-    while pending:
+
+    def attempt() -> bool:
+        """One look at the jobs; True once none is pending."""
+        nonlocal moved, last_move
         if check is not None:
             check()
         states = _job_states(monitor)
@@ -108,9 +111,10 @@ def wait_jobs(
                 pending.discard(job_id)
                 with suppress(RdmBackupError):
                     monitor.execute("job-dismiss", {"id": job_id})
-        if pending:
-            time.sleep(delay)
-            delay = min(poll, delay * 2)  # short jobs end fast, long ones cost few polls
+        return not pending
+
+    if pending:
+        retry.job_wait(poll)(attempt)
     failed = [r for r in results.values() if r.error]
     if failed:
         raise OperationError(f"QEMU job {failed[0].job_id} failed: {failed[0].error}")
@@ -118,23 +122,25 @@ def wait_jobs(
 
 
 def cancel_jobs(monitor: Monitor, job_ids: Iterable[str]) -> None:
-    """Cancel and dismiss jobs, ignoring the ones already gone (cleanup path)."""
+    """Cancel and dismiss jobs, ignoring the ones already gone (cleanup path).
+
+    Waits for them to stop at most :func:`~.monitor.qmp_timeout` seconds.
+    """
     ids = list(job_ids)
     for job_id in ids:
         with suppress(RdmBackupError):
             monitor.execute("job-cancel", {"id": job_id})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def stopped() -> bool:
         try:
             states = _job_states(monitor)
         except RdmBackupError:
-            return
+            return True  # QEMU is gone, and its jobs with it
         remaining = [j for j in ids if j in states]
         for job_id in remaining:
             if states[job_id]["status"] in ("concluded", "null"):
                 with suppress(RdmBackupError):
                     monitor.execute("job-dismiss", {"id": job_id})
-        if not [j for j in remaining if states[j]["status"] not in ("concluded", "null")]:
-            return
-        time.sleep(0.1)
-    log.info("jobs %s did not stop within 30 s (the next run removes them)", ", ".join(ids))
+        return not [j for j in remaining if states[j]["status"] not in ("concluded", "null")]
+
+    retry.job_cancel(ids, qmp_timeout())(stopped)

@@ -7,7 +7,8 @@ descriptors (used with ``add-fd`` so QEMU never needs to open our paths).
 libvirt waits for QEMU's answer without a limit, and a QEMU whose monitor is
 held (storage that stopped answering, a stopped process) never answers; so each
 command runs in a worker thread and is given up after ``RDM_BACKUP_QMP_TIMEOUT``
-seconds (default: the stall limit of data movers).
+seconds (default: the stall limit of data movers). The same limit bounds the wait
+for a change QEMU was asked for (a cancelled job, a removed export).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ T = TypeVar("T")
 
 
 def qmp_timeout() -> float:
-    """Seconds to wait for QEMU's answer to one monitor command."""
+    """Seconds to wait for QEMU: its answer to one monitor command, or a change it was asked
+    for (cancelled jobs gone, a removed NBD export no longer listed)."""
     return env_seconds(QMP_TIMEOUT_ENV, stall_timeout())
 
 

@@ -22,6 +22,7 @@ import os
 import stat
 from typing import Any
 
+from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.domain.disks import IscsiSource, RawDisk
 from libvirt_rdm_backup.errors import (
     CommandError,
@@ -203,16 +204,17 @@ class TgtReflinkAgent:
 
     def _new_target(self, iqn: str) -> int:
         """Create target ``iqn`` on the lowest unused tid above the used ones."""
-        error: StorageError | None = None
-        for _attempt in range(TID_ATTEMPTS):
+
+        def attempt() -> int:
             tid = max((t.tid for t in tgt.show_targets()), default=0) + 1
             try:
                 _tgtadm("--op", "new", "--mode", "target", "--tid", str(tid), "-T", iqn)
             except StorageError as err:  # taken meanwhile by someone else: try the next
-                error = err
-                continue
+                raise retry.Again() from err
             return tid
-        raise StorageError(f"cannot create tgt target {iqn}: {error}")
+
+        tid: int = retry.tgt_tid_allocation(iqn, TID_ATTEMPTS)(attempt)
+        return tid
 
     def withdraw(self, disk: RawDisk, snap: StorageSnapshot) -> None:
         """Delete the target that presents the snapshot, if any."""

@@ -49,6 +49,7 @@ from typing import Any, TypeGuard
 
 import nbd
 
+from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.errors import (
     NotFoundError,
     OperationError,
@@ -83,6 +84,7 @@ MAX_OFFSET = 1 << 62
 MAX_LISTING = 512 << 20  # manifest bytes one listing of a volume reads at most
 SETTLE = 1.0  # seconds between writing a lease claim and reading it back
 CLAIM_WINDOW = 0.5  # a claim is written at most this long after the table it builds on was read
+CLAIM_ATTEMPTS = 4  # reads of the table of contents to take the writer lease on
 _ID_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
 
 
@@ -393,43 +395,46 @@ class NbdVolume:
         On success the table of contents is the one read back with the lease, and
         a heartbeat renews the lease until :meth:`publish` or :meth:`release_lease`.
         """
-        uri = self.address.uri
-        watched: tuple[int, str] | None = None
         with self._mutex:
-            for _attempt in range(4):
-                began = time.monotonic()
-                current = self._read_table()
-                held = current.lease
-                if held is not None and not held.holder_gone():
-                    if not held.expired():
-                        raise OperationError(f"NBD volume {uri} is being written by another "
-                                             f"backup ({held.describe()})")
-                    if watched != (current.generation, held.token):
-                        watched = (current.generation, held.token)
-                        time.sleep(held.ttl / 2)  # longer than its renewal interval
-                        continue
-                if held is not None:
-                    log.warning("NBD volume %s: taking over the writer lease of %s: its "
-                                "holder is gone", uri, held.describe())
-                start = max(current.next_free, held.reserved if held is not None else 0)
-                claim = Lease.mine(reserved=start)  # past what a lost holder may still write
-                new = replace(current, generation=current.generation + 1, lease=claim)
-                if time.monotonic() - began > CLAIM_WINDOW:
-                    continue  # too slow since the read: read again
-                self._write_superblock(new)
-                time.sleep(self.settle)
-                check = self._read_table()
-                if check.generation != new.generation or check.lease != claim:
-                    holder = (check.lease.describe() if check.lease
-                              else f"generation {check.generation}")
-                    raise OperationError(f"NBD volume {uri}: another backup took the writer "
-                                         f"lease first ({holder})")
-                HELD.add(claim.token)
-                self._lease, self.superblock, self.next_free = claim, check, start
-                self._start_heartbeat()
-                return
-        raise OperationError(f"NBD volume {uri}: cannot take the writer lease: its table of "
-                             "contents keeps changing, or the server answers too slowly")
+            retry.lease_claim(self.address.uri, CLAIM_ATTEMPTS)(self._claim_lease, set())
+
+    def _claim_lease(self, watched: set[tuple[int, str]]) -> None:
+        """One attempt of :meth:`take_lease` (``watched``: expired leases already watched).
+
+        Raises :class:`~.retry.Again` to look again: after half the ``ttl`` of an expired
+        lease first seen (longer than its renewal interval), or at once after a read that
+        was too slow to build a claim on.
+        """
+        uri = self.address.uri
+        began = time.monotonic()
+        current = self._read_table()
+        held = current.lease
+        if held is not None and not held.holder_gone():
+            if not held.expired():
+                raise OperationError(f"NBD volume {uri} is being written by another "
+                                     f"backup ({held.describe()})")
+            if (current.generation, held.token) not in watched:
+                watched.add((current.generation, held.token))
+                raise retry.Again(held.ttl / 2)
+        if held is not None:
+            log.warning("NBD volume %s: taking over the writer lease of %s: its "
+                        "holder is gone", uri, held.describe())
+        start = max(current.next_free, held.reserved if held is not None else 0)
+        claim = Lease.mine(reserved=start)  # past what a lost holder may still write
+        new = replace(current, generation=current.generation + 1, lease=claim)
+        if time.monotonic() - began > CLAIM_WINDOW:
+            raise retry.Again()  # too slow since the read: read again
+        self._write_superblock(new)
+        time.sleep(self.settle)  # a deliberate pause: a rival's claim lands meanwhile
+        check = self._read_table()
+        if check.generation != new.generation or check.lease != claim:
+            holder = (check.lease.describe() if check.lease
+                      else f"generation {check.generation}")
+            raise OperationError(f"NBD volume {uri}: another backup took the writer "
+                                 f"lease first ({holder})")
+        HELD.add(claim.token)
+        self._lease, self.superblock, self.next_free = claim, check, start
+        self._start_heartbeat()
 
     def _held_table(self) -> Superblock:
         """The newest table of contents, which must still be the one of this writer's lease."""
