@@ -34,20 +34,17 @@ from libvirt_rdm_backup.consistency import Window, consistency_window
 from libvirt_rdm_backup.domain.connection import is_remote
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, needs_paused_copy, over_bound
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
+from libvirt_rdm_backup.engine.resync import resync_layer
 from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, Sink
 from libvirt_rdm_backup.errors import CommandError, OperationError, RdmBackupError
 from libvirt_rdm_backup.qemu import bitmaps, img
-from libvirt_rdm_backup.qemu.fleece import (
-    FleecingExport,
-    fleecing_export,
-    qemu_nbd_server,
-    resync_layer,
-)
+from libvirt_rdm_backup.qemu.fleece import FleecingExport, fleecing_export
 from libvirt_rdm_backup.qemu.guard import GuardedSource, explain, guarded_source
 from libvirt_rdm_backup.qemu.jobs import backup_action, cancel_jobs, transaction, wait_jobs
 from libvirt_rdm_backup.qemu.layers import option_value
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
+from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
 from libvirt_rdm_backup.qemu.unplug import release_unplugged, unplug_check
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap
 from libvirt_rdm_backup.storage.snapshots import (

@@ -16,12 +16,14 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from libvirt_rdm_backup.engine.resync import resync_layer
 from libvirt_rdm_backup.errors import OperationError
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.blockdev import find_device
-from libvirt_rdm_backup.qemu.fleece import SOCKET_ROOT, fleecing_export, resync_layer
+from libvirt_rdm_backup.qemu.fleece import fleecing_export
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import is_ours
+from libvirt_rdm_backup.qemu.nbd_server import SOCKET_ROOT
 from libvirt_rdm_backup.repository.chunkmap import (
     ALGORITHM,
     CHUNK,

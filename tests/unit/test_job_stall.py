@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from libvirt_rdm_backup.errors import OperationError
-from libvirt_rdm_backup.qemu.fleece import _wait_for
 from libvirt_rdm_backup.qemu.jobs import wait_jobs
+from libvirt_rdm_backup.qemu.nbd_io import _wait_for
 
 
 class ScriptedMonitor:
