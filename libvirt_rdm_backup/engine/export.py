@@ -58,7 +58,7 @@ from libvirt_rdm_backup.qemu import bitmaps
 from libvirt_rdm_backup.qemu.fleece import QMP_TIMEOUT, FleecingExport, start_nbd_server
 from libvirt_rdm_backup.qemu.jobs import transaction
 from libvirt_rdm_backup.qemu.leftovers import remove_leftovers
-from libvirt_rdm_backup.qemu.monitor import Monitor
+from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor, Monitor
 from libvirt_rdm_backup.qemu.names import PREFIX, object_name
 from libvirt_rdm_backup.qemu.nbd_server import SOCKET_ROOT, private_socket_dir
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN, DiskPoint, chain_of, lineage
@@ -318,7 +318,7 @@ def export(
         _check_exportable(disk, ctx.name)
     with domain_lock(ctx.uuid):
         recover_window(ctx.dom)
-        monitor = Monitor(ctx.dom)
+        monitor = LibvirtMonitor(ctx.dom)
         if remove_leftovers(monitor):
             fill_live_facts(ctx.dom, ctx.inventory)  # node names may have changed
         nodes = {d.target: _check_exportable(d, ctx.name) for d in selected}
