@@ -31,7 +31,7 @@ from libvirt_rdm_backup.errors import RdmBackupError
 from libvirt_rdm_backup.qemu.blockdev import find_device
 from libvirt_rdm_backup.qemu.guard import guarded_source
 from libvirt_rdm_backup.qemu.jobs import backup_action, cancel_jobs, transaction
-from libvirt_rdm_backup.qemu.monitor import Monitor
+from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor
 from tests.lab.domains import alias_of, try_guest_write
 from tests.lab.storage_lab import free_port
 from tests.lab.volume_server import wait_for_port
@@ -85,7 +85,7 @@ def write_latencies(dom: libvirt.virDomain, disk: str, size: int, pattern: int
 def during_backup(dom: libvirt.virDomain, disk: str, size: int, port: int, fleecing: bool,
                   pattern: int) -> tuple[list[float], int]:
     """Guest write latencies while a full backup of ``disk`` pushes to the target."""
-    monitor = Monitor(dom)
+    monitor = LibvirtMonitor(dom)
     node = find_device(monitor, alias_of(dom, disk)[0]).node_name
     monitor.execute("blockdev-add", {
         "driver": "raw", "node-name": TARGET_NODE,

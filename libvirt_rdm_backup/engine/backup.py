@@ -36,7 +36,7 @@ from libvirt_rdm_backup.errors import RdmBackupError, UsageError
 from libvirt_rdm_backup.events import describe_restart
 from libvirt_rdm_backup.qemu import bitmaps
 from libvirt_rdm_backup.qemu.leftovers import remove_leftovers
-from libvirt_rdm_backup.qemu.monitor import Monitor
+from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor, Monitor
 from libvirt_rdm_backup.remote import SshAgent
 from libvirt_rdm_backup.repository.chain import (
     DEFAULT_CHAIN,
@@ -229,7 +229,7 @@ def _prepare_qemu(ctx: DomainContext, repo_id: str, chain: Chain) -> Monitor | N
     if not ctx.inventory.running:
         return None
     recover_window(ctx.dom)
-    monitor = Monitor(ctx.dom)
+    monitor = LibvirtMonitor(ctx.dom)
     if remove_leftovers(monitor):
         fill_live_facts(ctx.dom, ctx.inventory)  # a removed filter node changes node names
     bitmaps.remove_unneeded(monitor, bitmaps.chain_prefix(repo_id, chain.name),
@@ -311,7 +311,7 @@ def backup(
             captured = capture(
                 ctx.dom, ctx.inventory.running, plans, sink,
                 bitmaps.bitmap_name(store.repo_id, chain_name, backup_id), parent_maps,
-                progress, quiesce, scope, max_pause)
+                progress, quiesce, scope, max_pause, monitor=monitor)
             try:
                 records = [store.record(p, sink, captured, mappings[p.disk.target], parent_maps)
                            for p in plans]

@@ -34,20 +34,17 @@ from libvirt_rdm_backup.consistency import Window, consistency_window
 from libvirt_rdm_backup.domain.connection import is_remote
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, needs_paused_copy, over_bound
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
+from libvirt_rdm_backup.engine.resync import resync_layer
 from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, Sink
 from libvirt_rdm_backup.errors import CommandError, OperationError, RdmBackupError
 from libvirt_rdm_backup.qemu import bitmaps, img
-from libvirt_rdm_backup.qemu.fleece import (
-    FleecingExport,
-    fleecing_export,
-    qemu_nbd_server,
-    resync_layer,
-)
+from libvirt_rdm_backup.qemu.fleece import FleecingExport, fleecing_export
 from libvirt_rdm_backup.qemu.guard import GuardedSource, explain, guarded_source
 from libvirt_rdm_backup.qemu.jobs import backup_action, cancel_jobs, transaction, wait_jobs
 from libvirt_rdm_backup.qemu.layers import option_value
-from libvirt_rdm_backup.qemu.monitor import Monitor
+from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor, Monitor
 from libvirt_rdm_backup.qemu.names import object_name
+from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
 from libvirt_rdm_backup.qemu.unplug import release_unplugged, unplug_check
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap
 from libvirt_rdm_backup.storage.snapshots import (
@@ -208,6 +205,7 @@ def capture(
     quiesce: str | None = None,
     snapshot_scope: Callable[[DiskPlan], str] | None = None,
     max_pause: float = DEFAULT_MAX_PAUSE,
+    monitor: Monitor | None = None,
 ) -> Capture:
     """Fix one point in time for all planned disks and copy them into ``staging``.
 
@@ -216,6 +214,7 @@ def capture(
     since the last good one. ``new_bitmap`` names the bitmaps (one per tracked
     disk) and storage snapshots this backup starts. ``max_pause``: seconds a LUN
     copied with the guest paused may hold it (then the backup fails, guest resumed).
+    ``monitor``: the running domain's QMP channel (default: through libvirt).
     """
     files = {p.disk.target: sink.target(p) for p in plans if sink.local_files}
 
@@ -226,7 +225,10 @@ def capture(
     storage_plans, offline_resyncs = kind(DataPath.STORAGE, False), kind(DataPath.STORAGE, True)
     snapshot_plans = [p for p in plans if p.path is DataPath.SNAPSHOT]
     result = Capture(files=files, window=Window(method="offline"))
-    monitor = Monitor(dom) if running else None
+    if not running:
+        monitor = None
+    elif monitor is None:
+        monitor = LibvirtMonitor(dom)
     started: list[str] = []
     with ExitStack() as stack:
         if monitor is not None:  # last, once filters and targets let go of their nodes

@@ -19,7 +19,7 @@ from libvirt_rdm_backup.errors import (
 )
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.blockdev import qdev_alias, query_block_devices
-from libvirt_rdm_backup.qemu.monitor import Monitor
+from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor
 from libvirt_rdm_backup.repository.store import check_safe_name
 
 
@@ -68,7 +68,7 @@ def offline_size(disk: RawDisk) -> int:
 def fill_live_facts(dom: libvirt.virDomain, inventory: DiskInventory) -> None:
     """Set each raw disk's QEMU node name and size (fresh from ``query-block``)."""
     if inventory.running:
-        devices = {qdev_alias(d.qdev): d for d in query_block_devices(Monitor(dom))}
+        devices = {qdev_alias(d.qdev): d for d in query_block_devices(LibvirtMonitor(dom))}
         for disk in inventory.raw:
             device = devices.get(disk.alias or "")
             if device is not None:

@@ -55,16 +55,12 @@ from libvirt_rdm_backup.errors import (
     UsageError,
 )
 from libvirt_rdm_backup.qemu import bitmaps
-from libvirt_rdm_backup.qemu.fleece import (
-    SOCKET_ROOT,
-    FleecingExport,
-    private_socket_dir,
-    start_nbd_server,
-)
+from libvirt_rdm_backup.qemu.fleece import FleecingExport, start_nbd_server
 from libvirt_rdm_backup.qemu.jobs import transaction
 from libvirt_rdm_backup.qemu.leftovers import remove_leftovers
-from libvirt_rdm_backup.qemu.monitor import Monitor, qmp_timeout
+from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor, Monitor, qmp_timeout
 from libvirt_rdm_backup.qemu.names import PREFIX, object_name
+from libvirt_rdm_backup.qemu.nbd_server import SOCKET_ROOT, private_socket_dir
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN, DiskPoint, chain_of, lineage
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.store import Repository, check_safe_name, now_iso
@@ -319,7 +315,7 @@ def export(
         _check_exportable(disk, ctx.name)
     with domain_lock(ctx.uuid):
         recover_window(ctx.dom)
-        monitor = Monitor(ctx.dom)
+        monitor = LibvirtMonitor(ctx.dom)
         if remove_leftovers(monitor):
             fill_live_facts(ctx.dom, ctx.inventory)  # node names may have changed
         nodes = {d.target: _check_exportable(d, ctx.name) for d in selected}

@@ -1,4 +1,5 @@
-"""The QMP channel to a running domain's QEMU, through libvirt-qemu.
+"""The QMP channel to a running QEMU: what the engine's flows need (:class:`Monitor`),
+and its implementation through libvirt-qemu (:class:`LibvirtMonitor`).
 
 libvirt owns the QEMU monitor socket; ``qemuMonitorCommand`` forwards a QMP
 command, and ``qemuMonitorCommandWithFiles`` also passes open file
@@ -17,7 +18,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import libvirt
 import libvirt_qemu
@@ -64,8 +65,24 @@ def bounded(call: Callable[[], T], what: str) -> T:
     raise value
 
 
-class Monitor:
-    """Synchronous QMP (and HMP) access to one domain."""
+class Monitor(Protocol):
+    """Synchronous QMP access to one QEMU process (a domain's, or a storage daemon's)."""
+
+    def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, files: Sequence[int] = ()
+    ) -> Any:
+        """Run a QMP command and return its ``return`` value.
+
+        ``files`` are open descriptors passed along with the command (``add-fd``,
+        ``getfd``); QEMU gets its own copies. Raises QmpError when QEMU answers with
+        an error, another RdmBackupError when the monitor cannot be reached or does
+        not answer in time.
+        """
+        ...
+
+
+class LibvirtMonitor:
+    """:class:`Monitor` of a libvirt domain's QEMU, through libvirt-qemu (QMP passthrough)."""
 
     def __init__(self, dom: libvirt.virDomain) -> None:
         self.dom = dom

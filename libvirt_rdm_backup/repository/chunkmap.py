@@ -392,22 +392,21 @@ def _pread_full(fd: int, view: memoryview, offset: int, path: str) -> None:
 def _hash_through_chain(chain: list[str], size: int, chunks: list[int],
                         digests: bytearray) -> None:
     """Hash chunks read through the layers ``chain`` (top first; qemu-nbd, read-only)."""
-    import nbd
-
-    from libvirt_rdm_backup.qemu.fleece import connect_nbd, disconnect_nbd, qemu_nbd_server
+    from libvirt_rdm_backup.qemu.nbd_io import NbdError, connect_nbd, disconnect_nbd
+    from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
 
     path = chain[0]
     node = layers.json_filename(layers.file_chain(chain))
     with qemu_nbd_server(node, None, readonly=True) as uri:
         try:
             handle = connect_nbd(uri)
-        except nbd.Error as err:
+        except NbdError as err:
             raise OperationError(f"cannot read {path} through qemu-nbd: {err}") from err
         try:
             for index in chunks:
                 data = handle.pread(chunk_length(size, index), index * CHUNK)
                 digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = chunk_digest(data)
-        except nbd.Error as err:
+        except NbdError as err:
             raise OperationError(f"cannot read {path} through qemu-nbd: {err}") from err
         finally:
             disconnect_nbd(handle)

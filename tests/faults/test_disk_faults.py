@@ -16,9 +16,9 @@ import pytest
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.engine import capture
+from libvirt_rdm_backup.engine.resync import resync_layer
 from libvirt_rdm_backup.errors import OperationError
 from libvirt_rdm_backup.fileutil import unfinished_under
-from libvirt_rdm_backup.qemu.fleece import resync_layer
 from tests.e2e.lab_vm import LabVM, MiB, fill, lab_vm
 from tests.faults.points import Points
 from tests.lab.domains import (

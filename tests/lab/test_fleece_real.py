@@ -16,12 +16,14 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from libvirt_rdm_backup.engine.resync import resync_layer
 from libvirt_rdm_backup.errors import OperationError
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.blockdev import find_device
-from libvirt_rdm_backup.qemu.fleece import SOCKET_ROOT, fleecing_export, resync_layer
-from libvirt_rdm_backup.qemu.monitor import Monitor
+from libvirt_rdm_backup.qemu.fleece import fleecing_export
+from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor, Monitor
 from libvirt_rdm_backup.qemu.names import is_ours
+from libvirt_rdm_backup.qemu.nbd_server import SOCKET_ROOT
 from libvirt_rdm_backup.repository.chunkmap import (
     ALGORITHM,
     CHUNK,
@@ -57,7 +59,7 @@ def lab(rdmb_tmp: Path) -> Iterator[Lab]:
         loop = stack.enter_context(loop_device(disk))
         name = unique_name("rdmb-fleece")
         dom = stack.enter_context(domains.test_domain(name, [block_disk("vdb", loop)]))
-        monitor = Monitor(dom)
+        monitor = LibvirtMonitor(dom)
         node = find_device(monitor, alias_of(dom, "vdb")[0]).node_name
         yield Lab(dom, monitor, node, loop, rdmb_tmp)
 

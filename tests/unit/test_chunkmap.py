@@ -283,8 +283,9 @@ def test_saving_into_a_missing_directory_fails_cleanly(work: Path) -> None:
 def test_resync_layer_from_a_sparse_export(work: Path, full: Path) -> None:
     """A resync over NBD writes exactly the changed chunks; holes are not read."""
     pytest.importorskip("nbd")
+    from libvirt_rdm_backup.engine.resync import resync_layer
     from libvirt_rdm_backup.errors import StorageError
-    from libvirt_rdm_backup.qemu.fleece import qemu_nbd_server, resync_layer
+    from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
 
     parent = chunkmap_of_layer(str(full), None, SIZE)
     source = work / "rdmb-source.raw"

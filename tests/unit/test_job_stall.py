@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from libvirt_rdm_backup.errors import OperationError
-from libvirt_rdm_backup.qemu.fleece import _wait_for
 from libvirt_rdm_backup.qemu.jobs import wait_jobs
+from libvirt_rdm_backup.qemu.nbd_io import _wait_for
 
 
 class ScriptedMonitor:
@@ -74,7 +74,7 @@ def test_a_monitor_command_without_an_answer_is_given_up(monkeypatch: pytest.Mon
 
     import libvirt_qemu
 
-    from libvirt_rdm_backup.qemu.monitor import Monitor, qmp_timeout
+    from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor, qmp_timeout
 
     held = threading.Event()
     calls: list[str] = []
@@ -88,13 +88,13 @@ def test_a_monitor_command_without_an_answer_is_given_up(monkeypatch: pytest.Mon
     monkeypatch.setenv("RDM_BACKUP_QMP_TIMEOUT", "0.2")
     try:
         with pytest.raises(OperationError, match="QEMU did not answer query-jobs within 0.2 s"):
-            Monitor(object()).execute("query-jobs")  # type: ignore[arg-type]
+            LibvirtMonitor(object()).execute("query-jobs")  # type: ignore[arg-type]
         assert calls and "query-jobs" in calls[0]
     finally:
         held.set()
     monkeypatch.setattr(libvirt_qemu, "qemuMonitorCommand",
                         lambda dom, text, flags: '{"return": {"ok": 1}}')
-    assert Monitor(object()).execute("query-status") == {"ok": 1}  # type: ignore[arg-type]
+    assert LibvirtMonitor(object()).execute("query-status") == {"ok": 1}  # type: ignore[arg-type]
     monkeypatch.setenv("RDM_BACKUP_QMP_TIMEOUT", "nonsense")
     monkeypatch.setenv("RDM_BACKUP_STALL_TIMEOUT", "7")
     assert qmp_timeout() == 7
@@ -106,11 +106,11 @@ def test_a_libvirt_failure_in_the_worker_reaches_the_caller(monkeypatch: pytest.
     import libvirt_qemu
 
     from libvirt_rdm_backup.errors import LibvirtError
-    from libvirt_rdm_backup.qemu.monitor import Monitor
+    from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor
 
     def refuses(dom: object, text: str, flags: int) -> str:
         raise libvirt.libvirtError("domain is not running")
 
     monkeypatch.setattr(libvirt_qemu, "qemuMonitorCommand", refuses)
     with pytest.raises(LibvirtError, match="QMP query-block failed"):
-        Monitor(object()).execute("query-block")  # type: ignore[arg-type]
+        LibvirtMonitor(object()).execute("query-block")  # type: ignore[arg-type]

@@ -1,0 +1,105 @@
+"""NBD servers on private unix sockets: ``qemu-nbd`` processes, and socket directories.
+
+A socket lives in a fresh 0700 directory (root only). :func:`qemu_nbd_server`
+serves an image with ``qemu-nbd``; QEMU's own NBD server gets its listening
+socket from us (see :func:`libvirt_rdm_backup.qemu.fleece.start_nbd_server`)
+in a directory from :func:`private_socket_dir`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import IO
+
+from libvirt_rdm_backup.errors import CommandError, OperationError
+from libvirt_rdm_backup.process import die_with_parent, require_tool
+from libvirt_rdm_backup.qemu.names import object_name
+
+SOCKET_ROOT = "/run/libvirt-rdm-backup"
+SERVER_TIMEOUT = 30.0
+
+
+def private_socket_dir(root: str = SOCKET_ROOT) -> str:
+    """A fresh 0700 directory under ``root`` (created 0700 too) for an NBD socket."""
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        return tempfile.mkdtemp(prefix="rdmb-nbd-", dir=root)
+    except OSError as err:
+        raise OperationError(
+            f"cannot create a socket directory in {root}: {err.strerror}"
+        ) from err
+
+
+@contextmanager
+def qemu_nbd_server(
+    path: str, fmt: str | None, *, readonly: bool, extra: Sequence[str] = ()
+) -> Iterator[str]:
+    """Serve an image with ``qemu-nbd`` on a private unix socket; yields its NBD URI.
+
+    Writable exports turn zero writes into zero clusters (``--detect-zeroes=unmap``).
+    The server is always stopped by its pid (SIGTERM, then SIGKILL). ``fmt`` None
+    leaves the format to ``extra`` (e.g. ``--image-opts`` with ``driver=`` in ``path``).
+    """
+    exe = require_tool("qemu-nbd")
+    sock_dir = tempfile.mkdtemp(prefix="rdmb-qemu-nbd-")
+    sock = os.path.join(sock_dir, "nbd.sock")
+    name = object_name("nbd", "image")
+    argv = [exe, "--persistent", *(["-f", fmt] if fmt else []), "-k", sock, "-x", name]
+    argv += ["--read-only"] if readonly else ["--discard=unmap", "--detect-zeroes=unmap"]
+    argv += [*extra, path]
+    try:
+        with tempfile.TemporaryFile() as stderr:
+            try:
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                    preexec_fn=die_with_parent,
+                )
+            except OSError as err:
+                raise OperationError(f"cannot run qemu-nbd: {err.strerror}") from err
+            try:
+                _wait_for_socket(proc, sock, argv, stderr)
+                yield f"nbd+unix:///{name}?socket={sock}"
+            finally:
+                _stop_process(proc)
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def _wait_for_socket(
+    proc: subprocess.Popen[bytes], sock: str, argv: list[str], stderr: IO[bytes]
+) -> None:
+    deadline = time.monotonic() + SERVER_TIMEOUT
+    while True:
+        code = proc.poll()
+        if code is not None:
+            stderr.seek(0)
+            raise CommandError(argv, code, stderr.read().decode(errors="replace"))
+        if os.path.exists(sock):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(sock)
+                return
+            except OSError:
+                pass
+            finally:
+                probe.close()
+        if time.monotonic() > deadline:
+            raise CommandError(argv, -1, f"no socket {sock} after {SERVER_TIMEOUT:.0f} s")
+        time.sleep(0.02)
+
+
+def _stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
