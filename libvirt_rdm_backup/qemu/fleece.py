@@ -33,23 +33,22 @@ import os
 import secrets
 import shutil
 import socket
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
+from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.errors import OperationError, QmpError, RdmBackupError
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.blockdev import _free_fdset_id
 from libvirt_rdm_backup.qemu.guard import GuardedSource
 from libvirt_rdm_backup.qemu.jobs import backup_action, transaction
-from libvirt_rdm_backup.qemu.monitor import Monitor
+from libvirt_rdm_backup.qemu.monitor import Monitor, qmp_timeout
 from libvirt_rdm_backup.qemu.names import object_name
 from libvirt_rdm_backup.qemu.nbd_server import SOCKET_ROOT, private_socket_dir
 
 log = logging.getLogger(__name__)
 
-QMP_TIMEOUT = 30.0
 
 
 class FleecingExport:
@@ -235,14 +234,9 @@ class FleecingExport:
             self.monitor.execute("block-export-del", {"id": self.export_name})
         except QmpError:
             self.monitor.execute("block-export-del", {"id": self.export_name, "mode": "hard"})
-        deadline = time.monotonic() + QMP_TIMEOUT
-        while any(
-            e.get("id") == self.export_name
-            for e in self.monitor.execute("query-block-exports") or []
-        ):
-            if time.monotonic() > deadline:
-                raise OperationError(f"NBD export {self.export_name} did not go away")
-            time.sleep(0.05)
+        retry.wait_export_removed(self.export_name, qmp_timeout())(
+            lambda: not any(e.get("id") == self.export_name
+                            for e in self.monitor.execute("query-block-exports") or []))
         self._export_added = False
 
     def _stop_server(self) -> None:
@@ -250,13 +244,14 @@ class FleecingExport:
         self._server_started = False
 
     def _stop_job(self) -> None:
-        deadline = time.monotonic() + QMP_TIMEOUT
         cancelled = False
-        while True:
+
+        def gone() -> bool:
+            nonlocal cancelled
             jobs = {str(j["id"]): j for j in self.monitor.execute("query-jobs") or []}
             state = jobs.get(self.job_id)
             if state is None:
-                return
+                return True
             status = state.get("status")
             if status in ("concluded", "null"):
                 self.monitor.execute("job-dismiss", {"id": self.job_id})
@@ -264,13 +259,13 @@ class FleecingExport:
                     raise OperationError(
                         f"fleecing job {self.job_id} failed: {state.get('error')}"
                     )
-                return
+                return True
             if not cancelled and status != "aborting":
                 self.monitor.execute("job-cancel", {"id": self.job_id})
                 cancelled = True
-            if time.monotonic() > deadline:
-                raise OperationError(f"fleecing job {self.job_id} did not stop")
-            time.sleep(0.05)
+            return False
+
+        retry.job_stop(self.job_id, qmp_timeout())(gone)
 
     def _remove_guard(self) -> None:
         assert self._guard is not None

@@ -13,11 +13,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import IO
 
+from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.errors import CommandError, OperationError
 from libvirt_rdm_backup.process import die_with_parent, require_tool
 from libvirt_rdm_backup.qemu.names import object_name
@@ -75,24 +75,23 @@ def qemu_nbd_server(
 def _wait_for_socket(
     proc: subprocess.Popen[bytes], sock: str, argv: list[str], stderr: IO[bytes]
 ) -> None:
-    deadline = time.monotonic() + SERVER_TIMEOUT
-    while True:
+    def accepting() -> bool:
         code = proc.poll()
         if code is not None:
             stderr.seek(0)
             raise CommandError(argv, code, stderr.read().decode(errors="replace"))
-        if os.path.exists(sock):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(sock)
-                return
-            except OSError:
-                pass
-            finally:
-                probe.close()
-        if time.monotonic() > deadline:
-            raise CommandError(argv, -1, f"no socket {sock} after {SERVER_TIMEOUT:.0f} s")
-        time.sleep(0.02)
+        if not os.path.exists(sock):
+            return False
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(sock)
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
+
+    retry.socket_wait(argv, sock, SERVER_TIMEOUT)(accepting)
 
 
 def _stop_process(proc: subprocess.Popen[bytes]) -> None:
