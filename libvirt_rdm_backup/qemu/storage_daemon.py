@@ -4,8 +4,9 @@ One daemon per operation: it runs the block layer (nodes, exports, jobs) outside
 any guest. We listen on a unix socket in a private 0700 directory and the daemon
 connects to it (``--chardev socket,server=off``), so there is no waiting for a
 socket to appear: the session starts when the daemon is up, or the start fails
-when it exits first. The directory is removed once connected. Its argv holds the socket path only; everything else
-(credentials objects included) is created over QMP.
+when it exits first; the directory is removed once connected. The daemon's argv
+holds the socket path only: everything else (credentials objects included) is
+created over QMP.
 
 The daemon dies with the tool (``PR_SET_PDEATHSIG``, even when the tool is
 killed by SIGKILL) and is stopped with ``quit`` when the tool is done with it.
