@@ -325,11 +325,11 @@ def cmd_receive(args: argparse.Namespace) -> int:
                                    tls=args.tls_creds is not None)
     config = receive.ReceiveConfig(volume=os.path.abspath(args.volume), address=address,
                                    size=args.size, tls_dir=args.tls_creds,
-                                   allow_plain_remote=args.allow_plain_remote)
-    receive.qemu_nbd_argv(config)  # refuses unsafe listeners before anything starts
+                                   allow_plain_remote=args.allow_plain_remote,
+                                   client_dns=tuple(args.allow_client_dn or ()))
     document = {"uri": address.uri, "volume": config.volume}
 
-    def ready() -> None:  # one line before serving: a supervisor reads it to know the address
+    def ready() -> None:  # one line once the export exists: clients may connect at once
         sys.stdout.write(json.dumps(document) + "\n" if args.json
                          else f"serving {config.volume} as {address.uri}\n")
         sys.stdout.flush()
@@ -470,6 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", default="backups", metavar="NAME")
     p.add_argument("--tls-creds", metavar="DIR",
                    help="x509 directory (ca-cert.pem, server-cert.pem, server-key.pem)")
+    p.add_argument("--allow-client-dn", action="append", metavar="DN",
+                   help="with --tls-creds: allow clients whose certificate has this subject, "
+                        "as QEMU writes it (in the certificate's order, RFC 4514 escaping, "
+                        "e.g. 'C=GB,O=Example,CN=hv1'); repeatable; default: the subject of "
+                        "DIR/client-cert.pem when there is one")
     p.add_argument("--allow-plain-remote", action="store_true",
                    help="allow serving without TLS on a non-loopback address")
     p.set_defaults(func=cmd_receive)
@@ -521,6 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
             handlers=[handler],
         )
+        # qemu.qmp's own lines only at -vv: its failures reach the user as our one-line errors
+        logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if verbose > 1 else logging.CRITICAL)
         code: int = args.func(args)
         return code
     except RdmBackupError as err:

@@ -1,44 +1,56 @@
-"""The backup-server side of NBD targets: serve a backup volume with ``qemu-nbd``.
+"""The backup-server side of NBD targets: serve a backup volume with qemu-storage-daemon.
 
 ``rdm-backup receive`` keeps one sparse volume file and serves it as one NBD
-export; backups pushed into it (``backup --target nbd://...``) are complete
-repositories that ``list``, ``verify`` and ``restore`` read from the same address.
+export of a private ``qemu-storage-daemon`` (:mod:`~libvirt_rdm_backup.qemu.storage_daemon`);
+backups pushed into it (``backup --target nbd://...``) are complete repositories
+that ``list``, ``verify`` and ``restore`` read from the same address. The address
+is announced only once the export exists: a client may connect at once.
 One writer at a time: backups take the writer lease kept in the volume itself
 (:mod:`nbd_volume`), and one ``receive`` at a time serves a volume file.
-No listener on a non-loopback address without TLS unless explicitly allowed.
+No listener on a non-loopback address without TLS unless explicitly allowed;
+with TLS, only clients whose certificate has an allowed distinguished name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import stat
-import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
-from libvirt_rdm_backup.errors import OperationError, UsageError
+from libvirt_rdm_backup.errors import CommandError, OperationError, UsageError
 from libvirt_rdm_backup.fslock import exclusive
-from libvirt_rdm_backup.process import die_with_parent, require_tool
-from libvirt_rdm_backup.qemu.layers import option_value
+from libvirt_rdm_backup.process import require_tool, run
+from libvirt_rdm_backup.qemu.storage_daemon import StorageDaemon
 from libvirt_rdm_backup.targets.uri import DEFAULT_NBD_PORT, NbdAddress, parse_target
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = 1 << 40  # a sparse TiB: only what backups write takes space
+CLIENT_CERT = "client-cert.pem"  # in --tls-creds DIR: the client allowed by default
+NODE = "rdmb-volume"
+EXPORT_ID = "rdmb-export"
+TLS_ID = "rdmb-tls"
+AUTHZ_ID = "rdmb-authz"
+STOP_TIMEOUT = 30.0  # seconds the export gets to let its clients go when stopping
 
 
 @dataclass(frozen=True)
 class ReceiveConfig:
-    """What ``receive`` serves, and where."""
+    """What ``receive`` serves, and where; ``client_dns``: the distinguished names of the
+    client certificates allowed (TLS only; empty: the default of :func:`allowed_clients`)."""
 
     volume: str
     address: NbdAddress
     size: int = DEFAULT_SIZE
     tls_dir: str | None = None
     allow_plain_remote: bool = False
+    client_dns: tuple[str, ...] = ()
 
 
 def parse_listen(listen: str | None, socket_path: str | None, export: str,
@@ -57,24 +69,105 @@ def parse_listen(listen: str | None, socket_path: str | None, export: str,
     return parsed
 
 
-def qemu_nbd_argv(config: ReceiveConfig) -> list[str]:
-    """The ``qemu-nbd`` command line serving the volume (argv list, no shell)."""
+def check_listener(config: ReceiveConfig) -> None:
+    """Refuse (UsageError) what must not be served: plain NBD off loopback unless allowed,
+    client names without TLS."""
     address = config.address
     if not address.is_loopback and config.tls_dir is None and not config.allow_plain_remote:
         raise UsageError(f"serving NBD on {address.host} without TLS would expose backups "
                          "unencrypted; give --tls-creds DIR, or --allow-plain-remote")
-    argv = [require_tool("qemu-nbd"), "--format=raw", "--persistent", "--shared=0",
-            "--export-name", address.export, "--cache=writeback", "--discard=unmap",
-            "--detect-zeroes=unmap"]
+    if config.client_dns and config.tls_dir is None:
+        raise UsageError("--allow-client-dn needs --tls-creds: without TLS clients are not "
+                         "identified")
+    for name in config.client_dns:
+        if not name.strip() or any(ord(char) < 32 for char in name):
+            raise UsageError(f"not a distinguished name: {name!r}")
+
+
+def allowed_clients(config: ReceiveConfig) -> tuple[str, ...]:
+    """The client certificate names (DNs) allowed with TLS: ``config.client_dns``, else the
+    DN of ``client-cert.pem`` in the credentials directory. Empty: any client whose
+    certificate the CA signed (no such file there), or no TLS at all."""
+    if config.tls_dir is None:
+        return ()
+    if config.client_dns:
+        return config.client_dns
+    path = os.path.join(config.tls_dir, CLIENT_CERT)
+    if not os.path.isfile(path):
+        log.info("no %s in %s: every client certificate signed by the CA is allowed",
+                 CLIENT_CERT, config.tls_dir)
+        return ()
+    return (certificate_dn(path),)
+
+
+def certificate_dn(path: str) -> str:
+    """The subject of the PEM certificate at ``path`` as QEMU names a TLS client: RFC 4514
+    escaping, in the certificate's order (``C=GB,O=Example,CN=backup1``), UTF-8 as is.
+    Read with ``openssl``; UsageError when unreadable."""
+    try:
+        out = run([require_tool("openssl"), "x509", "-noout", "-subject", "-nameopt",
+                   "RFC2253,-dn_rev,-esc_msb", "-in", path], timeout=30).stdout.strip()
+    except CommandError as err:
+        raise UsageError(f"cannot read the certificate {path}: {err}") from err
+    subject = out.removeprefix("subject=").strip()
+    if not subject or "\n" in subject:
+        raise UsageError(f"cannot read the subject of the certificate {path}")
+    return subject
+
+
+def nbd_server_arguments(config: ReceiveConfig, authz: bool) -> dict[str, Any]:
+    """``nbd-server-start`` arguments: the address, TLS, any number of clients (the writer
+    lease in the volume keeps writers to one at a time; readers are served alongside)."""
+    address = config.address
     if address.socket is not None:
-        argv += ["--socket", address.socket]
+        addr: dict[str, Any] = {"type": "unix", "data": {"path": address.socket}}
     else:
-        argv += ["--bind", str(address.host), "--port", str(address.port)]
+        addr = {"type": "inet", "data": {"host": str(address.host), "port": str(address.port)}}
+    arguments: dict[str, Any] = {"addr": addr, "max-connections": 0}
     if config.tls_dir is not None:
-        argv += ["--object",
-                 f"tls-creds-x509,id=rdmb-tls,endpoint=server,dir={option_value(config.tls_dir)}",
-                 "--tls-creds", "rdmb-tls"]
-    return [*argv, config.volume]
+        arguments["tls-creds"] = TLS_ID
+        if authz:
+            arguments["tls-authz"] = AUTHZ_ID
+    return arguments
+
+
+def volume_node(path: str) -> dict[str, Any]:
+    """``blockdev-add`` of the volume: raw, through the host page cache with flushes
+    honoured (what a client's flush has made durable survives a crash of the server),
+    discards and zero writes punching holes."""
+    try:
+        is_device = stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError as err:
+        raise OperationError(f"cannot open volume {path}: {err.strerror}") from err
+    cache = {"direct": False, "no-flush": False}
+    return {"driver": "raw", "node-name": NODE, "discard": "unmap", "detect-zeroes": "unmap",
+            "cache": cache,
+            "file": {"driver": "host_device" if is_device else "file", "filename": path,
+                     "discard": "unmap", "cache": cache}}
+
+
+def export(daemon: StorageDaemon, config: ReceiveConfig, clients: tuple[str, ...]) -> None:
+    """Serve the volume from ``daemon``: credentials, the NBD server, the node, the export."""
+    if config.tls_dir is not None:
+        daemon.execute("object-add", {"qom-type": "tls-creds-x509", "id": TLS_ID,
+                                      "endpoint": "server", "verify-peer": True,
+                                      "dir": os.path.abspath(config.tls_dir)})
+        if clients:
+            daemon.execute("object-add", {
+                "qom-type": "authz-list", "id": AUTHZ_ID, "policy": "deny",
+                "rules": [{"match": name, "policy": "allow", "format": "exact"}
+                          for name in clients]})
+    daemon.execute("nbd-server-start", nbd_server_arguments(config, bool(clients)))
+    daemon.execute("blockdev-add", volume_node(config.volume))
+    daemon.execute("block-export-add", {"type": "nbd", "id": EXPORT_ID, "node-name": NODE,
+                                        "name": config.address.export, "writable": True})
+
+
+def unexport(daemon: StorageDaemon) -> None:
+    """Stop serving: the export (its clients disconnected) and the NBD server."""
+    daemon.execute("block-export-del", {"id": EXPORT_ID, "mode": "hard"})
+    daemon.wait_export_deleted(EXPORT_ID, STOP_TIMEOUT)
+    daemon.execute("nbd-server-stop")
 
 
 def ensure_volume(path: str, size: int) -> None:
@@ -107,39 +200,74 @@ def _grow(path: str, size: int) -> None:
 
 
 def serve(config: ReceiveConfig, ready: Callable[[], None] | None = None) -> int:
-    """Serve until SIGINT/SIGTERM; returns qemu-nbd's exit status (0 after a signal).
+    """Serve until SIGINT/SIGTERM, then return 0.
 
     The volume file is locked (``flock``) while served: a second ``receive`` of
     it fails (OperationError) instead of serving it beside the first. ``ready``
-    is called once the volume is locked, before serving starts.
+    is called once the export exists (clients can connect). OperationError when
+    the daemon cannot serve, or stops serving on its own.
     """
+    check_listener(config)
+    clients = allowed_clients(config)
     ensure_volume(config.volume, config.size)
-    try:
-        with exclusive(config.volume, f"volume {config.volume} is already being served"):
-            if ready is not None:
-                ready()
-            return _serve(config)
-    except OSError as err:
-        raise OperationError(f"cannot lock volume {config.volume}: {err.strerror}") from err
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(exclusive(config.volume,
+                                          f"volume {config.volume} is already being served"))
+        except OSError as err:
+            raise OperationError(f"cannot lock volume {config.volume}: {err.strerror}") from err
+        with contextlib.suppress(_Stopped), _stop_signals():
+            _serve(config, clients, ready)
+    return 0
 
 
-def _serve(config: ReceiveConfig) -> int:
-    argv = qemu_nbd_argv(config)
-    log.info("serving %s as %s", config.volume, config.address.uri)
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
-    stopping: list[int] = []
+class _Stopped(BaseException):
+    """SIGINT or SIGTERM arrived: stop serving (unwinds like KeyboardInterrupt)."""
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise _Stopped, the first one only (cleanup is not interrupted)."""
+    raised: list[int] = []
 
     def stop(signum: int, _frame: FrameType | None) -> None:
-        stopping.append(signum)
-        proc.terminate()
+        if not raised:
+            raised.append(signum)
+            raise _Stopped(signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = proc.wait()
+        yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return 0 if stopping else code
+
+
+def _serve(config: ReceiveConfig, clients: tuple[str, ...],
+           ready: Callable[[], None] | None) -> None:
+    """Serve until a signal (_Stopped); OperationError when the daemon stops on its own."""
+    with StorageDaemon("receive") as daemon:
+        try:
+            export(daemon, config, clients)
+            log.info("serving %s as %s%s", config.volume, config.address.uri,
+                     f" to {'; '.join(clients)}" if clients else "")
+            if ready is not None:
+                ready()
+            code = daemon.wait()
+        except _Stopped:
+            with contextlib.suppress(OperationError):
+                unexport(daemon)
+            raise
+        finally:
+            _remove_socket(config.address.socket)
+    why = daemon.last_error()
+    raise OperationError(f"qemu-storage-daemon stopped serving {config.volume} "
+                         f"(exit status {code}){': ' + why if why else ''}")
+
+
+def _remove_socket(path: str | None) -> None:
+    """The unix socket the NBD server listened on (the daemon leaves it behind)."""
+    if path is not None:
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)

@@ -32,7 +32,7 @@ from tests.lab.domains import (
     qmp,
     try_guest_write,
 )
-from tests.lab.volume_server import VolumeServer
+from tests.lab.volume_server import SERVING, VolumeServer
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"
@@ -127,9 +127,9 @@ def test_full_repository_fails_the_backup_not_the_guest(level: str) -> None:
 
 
 def serving_pid(server: VolumeServer) -> int:
-    """The qemu-nbd process that serves the volume (the receive command's child)."""
+    """The qemu-storage-daemon that serves the volume (the receive command's child)."""
     assert server.proc is not None
-    found = subprocess.run(["pgrep", "-P", str(server.proc.pid), "qemu-nbd"],
+    found = subprocess.run(["pgrep", "-P", str(server.proc.pid), SERVING],
                            capture_output=True, text=True, check=True).stdout.split()
     assert len(found) == 1, found
     return int(found[0])

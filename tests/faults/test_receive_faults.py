@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.fault]
 
 
 def crash(server: VolumeServer, fs: CrashFs) -> None:
-    """The server host loses power: ``receive`` and ``qemu-nbd`` die, every write the volume
+    """The server host loses power: ``receive`` and its daemon die, every write the volume
     file's filesystem did not sync is lost; then it is served again."""
     server.stop(signal.SIGKILL)
     unsynced = fs.mount / "unsynced"

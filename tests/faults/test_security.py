@@ -132,7 +132,7 @@ def runs() -> Iterator[Runs]:
         result.server_argv = " ".join(
             Path(f"/proc/{pid}/cmdline").read_bytes().decode().replace("\0", " ")
             for pid in children)
-        stack.callback(kill_leftover, children, "qemu-nbd")
+        stack.callback(kill_leftover, children, "qemu-storage-daemon")
 
         name = dom.name()
         guest_write(dom, "vdb", 0x31, MiB, 2 * MiB)
@@ -275,11 +275,13 @@ def test_stored_backups_hold_no_secrets(runs: Runs) -> None:
 
 @pytest.mark.lab
 def test_argv_of_the_tools_holds_no_secrets(runs: Runs) -> None:
-    """The TLS key goes to qemu-img and qemu-nbd as a directory path, never inline."""
+    """The TLS key goes to qemu-img as a directory path, never inline; the server's
+    qemu-storage-daemon gets its credentials over QMP (a directory path too), none in argv."""
     argv = runs.argv_log.read_text()
     assert "qemu-img convert" in argv and "tls-creds-x509" in argv
     assert f"dir={runs.client_dir}" in argv
-    assert "tls-creds-x509" in runs.server_argv and "dir=" in runs.server_argv
+    assert "qemu-storage-daemon" in runs.server_argv and "tls-creds" not in runs.server_argv
+    assert "tls-creds-x509" in runs.outputs["receive"]  # object-add, in the -vv log
     assert leaked(runs.secrets, argv.encode()) == []
     assert leaked(runs.secrets, runs.server_argv.encode()) == []
 

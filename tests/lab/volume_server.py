@@ -27,8 +27,12 @@ def wait_for_port(port: int, timeout: float = 20) -> None:
             time.sleep(0.05)
 
 
+SERVING = "^qemu-storage-d"  # pgrep/pkill pattern of receive's serving child (15-char name)
+
+
 class VolumeServer:
-    """A volume file served by ``rdm-backup receive`` (its qemu-nbd child does the serving)."""
+    """A volume file served by ``rdm-backup receive`` (its qemu-storage-daemon child does
+    the serving)."""
 
     def __init__(self, path: Path, size: int = 16 << 30, export: str = "rdmb-vol",
                  tls_dir: Path | None = None) -> None:
@@ -42,7 +46,8 @@ class VolumeServer:
         return f"{scheme}://127.0.0.1:{self.port}/{self.export}"
 
     def start(self, size: int | None = None) -> None:
-        """Serve the volume (grown to ``size`` when given) and wait until it listens."""
+        """Serve the volume (grown to ``size`` when given); it is served once ``receive``
+        printed its address (no waiting for the port)."""
         if size is not None:
             self.size = size
         self.proc = subprocess.Popen(
@@ -52,13 +57,11 @@ class VolumeServer:
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert self.proc.stdout is not None
         assert json.loads(self.proc.stdout.readline())["uri"] == self.uri
-        wait_for_port(self.port)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Stop serving; with SIGKILL the server dies as in a crash (qemu-nbd first)."""
+        """Stop serving; with SIGKILL the server dies as in a crash (its daemon first)."""
         if sig == signal.SIGKILL and self.proc is not None:
-            subprocess.run(["pkill", "-KILL", "-P", str(self.proc.pid), "qemu-nbd"],
-                           check=False)
+            subprocess.run(["pkill", "-KILL", "-P", str(self.proc.pid), SERVING], check=False)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
