@@ -27,7 +27,8 @@ from libvirt_rdm_backup.engine.capture import ProgressCallback
 from libvirt_rdm_backup.engine.discover import open_domain, select_disks
 from libvirt_rdm_backup.engine.export import Export
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, paused_copy_reason
-from libvirt_rdm_backup.engine.restore import RestoreResult, domain_damage, find_domain_backups
+from libvirt_rdm_backup.engine.restore import RestoreResult
+from libvirt_rdm_backup.engine.selection import domain_damage, find_domain_backups
 from libvirt_rdm_backup.engine.stores import open_store
 from libvirt_rdm_backup.engine.verify import VerifyReport
 from libvirt_rdm_backup.errors import LibvirtError, RdmBackupError

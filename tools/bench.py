@@ -132,11 +132,8 @@ from libvirt_rdm_backup.engine import plan as engine_plan  # noqa: E402
 from libvirt_rdm_backup.engine.backup import BackupResult  # noqa: E402
 from libvirt_rdm_backup.errors import RdmBackupError  # noqa: E402
 from libvirt_rdm_backup.storage import tgt  # noqa: E402
-from libvirt_rdm_backup.storage.snapshots import (  # noqa: E402
-    SNAPSHOT_DIR,
-    StorageSnapshot,
-    agent_by_name,
-)
+from libvirt_rdm_backup.storage.snapshot_agents import agent_by_name  # noqa: E402
+from libvirt_rdm_backup.storage.snapshots import SNAPSHOT_DIR, StorageSnapshot  # noqa: E402
 from tests.lab.domains import (  # noqa: E402
     URI,
     block_disk,

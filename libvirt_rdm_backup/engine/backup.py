@@ -10,7 +10,7 @@ from typing import Any
 
 import libvirt
 
-from libvirt_rdm_backup.consistency import recover_window, watchdog_ahead
+from libvirt_rdm_backup.consistency import watchdog_ahead
 from libvirt_rdm_backup.domain.connection import connection_uri, is_remote
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.capture import (
@@ -24,7 +24,6 @@ from libvirt_rdm_backup.engine.discover import (
     open_domain,
     select_disks,
 )
-from libvirt_rdm_backup.engine.locks import domain_lock
 from libvirt_rdm_backup.engine.paused_copy import (
     DEFAULT_MAX_PAUSE,
     check_max_pause,
@@ -34,6 +33,7 @@ from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan, Facts, overall_le
 from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.errors import RdmBackupError, UsageError
 from libvirt_rdm_backup.events import describe_restart
+from libvirt_rdm_backup.locks import domain_lock
 from libvirt_rdm_backup.qemu import bitmaps
 from libvirt_rdm_backup.qemu.leftovers import remove_leftovers
 from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor, Monitor
@@ -55,13 +55,14 @@ from libvirt_rdm_backup.repository.store import (
 )
 from libvirt_rdm_backup.storage import map_disk
 from libvirt_rdm_backup.storage.base import RawDiskMapping
-from libvirt_rdm_backup.storage.snapshots import (
+from libvirt_rdm_backup.storage.snapshot_agents import (
     agent_by_name,
     find_snapshot_agent,
     manifest_snapshot,
-    scoped_prefix,
 )
+from libvirt_rdm_backup.storage.snapshots import scoped_prefix
 from libvirt_rdm_backup.targets.uri import parse_target
+from libvirt_rdm_backup.window_record import recover_window
 
 log = logging.getLogger(__name__)
 

@@ -47,11 +47,8 @@ from libvirt_rdm_backup.qemu.names import object_name
 from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
 from libvirt_rdm_backup.qemu.unplug import release_unplugged, unplug_check
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap
-from libvirt_rdm_backup.storage.snapshots import (
-    Presented,
-    StorageSnapshot,
-    agent_by_name,
-)
+from libvirt_rdm_backup.storage.snapshot_agents import agent_by_name
+from libvirt_rdm_backup.storage.snapshots import Presented, StorageSnapshot
 
 log = logging.getLogger(__name__)
 

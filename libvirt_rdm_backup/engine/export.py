@@ -40,10 +40,8 @@ from typing import Any
 import libvirt
 
 from libvirt_rdm_backup import retry
-from libvirt_rdm_backup.consistency import recover_window
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.discover import fill_live_facts, open_domain, select_disks
-from libvirt_rdm_backup.engine.locks import domain_lock
 from libvirt_rdm_backup.engine.stores import FileStore
 from libvirt_rdm_backup.errors import (
     DamagedBackupError,
@@ -54,6 +52,7 @@ from libvirt_rdm_backup.errors import (
     RdmBackupError,
     UsageError,
 )
+from libvirt_rdm_backup.locks import domain_lock
 from libvirt_rdm_backup.qemu import bitmaps
 from libvirt_rdm_backup.qemu.fleece import FleecingExport, start_nbd_server
 from libvirt_rdm_backup.qemu.jobs import transaction
@@ -64,10 +63,12 @@ from libvirt_rdm_backup.qemu.nbd_server import SOCKET_ROOT, private_socket_dir
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN, DiskPoint, chain_of, lineage
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.store import Repository, check_safe_name, now_iso
+from libvirt_rdm_backup.window_record import recover_window
 
 log = logging.getLogger(__name__)
 
-SCRATCH_ROOT = os.environ.get("RDM_BACKUP_SCRATCH_DIR", "/var/tmp")
+SCRATCH_DIR_ENV = "RDM_BACKUP_SCRATCH_DIR"
+DEFAULT_SCRATCH_DIR = "/var/tmp"
 BITMAP_CONTEXT_PREFIX = "qemu:dirty-bitmap:"
 
 
@@ -345,11 +346,12 @@ def _start(monitor: Monitor, name: str, uuid: str, selected: list[RawDisk],
            address: tuple[str, int] | None, scratch_dir: str | None, undo: _Teardown
            ) -> Export:
     """Set everything up, pushing each undo step as soon as there is something to undo."""
+    parent = scratch_dir or os.environ.get(SCRATCH_DIR_ENV) or DEFAULT_SCRATCH_DIR
     try:
-        scratch = tempfile.mkdtemp(prefix="rdmb-export-", dir=scratch_dir or SCRATCH_ROOT)
+        scratch = tempfile.mkdtemp(prefix="rdmb-export-", dir=parent)
     except OSError as err:
-        raise OperationError(f"cannot create a scratch directory in "
-                             f"{scratch_dir or SCRATCH_ROOT}: {err.strerror}") from err
+        raise OperationError(f"cannot create a scratch directory in {parent}: "
+                             f"{err.strerror}") from err
     undo.push("delete scratch directory", lambda: shutil.rmtree(scratch))
     fleeces: list[FleecingExport] = []
     actions: list[dict[str, Any]] = []

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from libvirt_rdm_backup.engine.capture import Capture
-from libvirt_rdm_backup.engine.locks import LOCK_DIR
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, FileSink, NbdSink, Sink
 from libvirt_rdm_backup.errors import (
@@ -28,6 +27,7 @@ from libvirt_rdm_backup.errors import (
     VerificationError,
 )
 from libvirt_rdm_backup.fslock import exclusive
+from libvirt_rdm_backup.locks import lock_dir
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap, chunkmap_of_layer
@@ -292,9 +292,10 @@ class VolumeStore:
             self.volume.release_lease()
 
     def _lock(self, kind: str, busy: str) -> ContextManager[None]:
-        os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
+        directory = lock_dir()
+        os.makedirs(directory, mode=0o700, exist_ok=True)
         key = hashlib.sha256(self.volume.address.uri.encode()).hexdigest()[:16]
-        return exclusive(os.path.join(LOCK_DIR, f"volume-{key}{kind}.lock"), busy)
+        return exclusive(os.path.join(directory, f"volume-{key}{kind}.lock"), busy)
 
     def backups(self, domain_uuid: str) -> list[Manifest]:
         """The readable backups of a domain (:meth:`damaged` names the others)."""

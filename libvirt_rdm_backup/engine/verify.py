@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from libvirt_rdm_backup.engine.selection import choose_backup, domain_damage, find_domain_backups
 from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.errors import NotFoundError
 from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
@@ -119,12 +120,6 @@ def verify_manifests(store: Store, manifests: list[Manifest],
 def verify(target: str, domain: str | None = None, backup_id: str | None = None,
            tls_dir: str | None = None) -> VerifyReport:
     """Verify backups at ``target`` (all, one domain's, or one backup)."""
-    from libvirt_rdm_backup.engine.restore import (
-        choose_backup,
-        domain_damage,
-        find_domain_backups,
-    )
-
     with open_store(target, tls_dir=tls_dir) as store:
         damaged: list[Damage] = []
         if domain is not None and backup_id is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from libvirt_rdm_backup.engine.restore import choose_backup
+from libvirt_rdm_backup.engine.selection import choose_backup
 from libvirt_rdm_backup.engine.stores import FileStore, VolumeStore
 from libvirt_rdm_backup.engine.verify import verify_manifests
 from libvirt_rdm_backup.errors import DamagedBackupError, RepositoryError, VerificationError

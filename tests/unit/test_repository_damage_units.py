@@ -12,7 +12,8 @@ import pytest
 from libvirt_rdm_backup import cli
 from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
 from libvirt_rdm_backup.engine.plan import Facts, plan_disk
-from libvirt_rdm_backup.engine.restore import choose_backup, verify_lineage
+from libvirt_rdm_backup.engine.restore import verify_lineage
+from libvirt_rdm_backup.engine.selection import choose_backup
 from libvirt_rdm_backup.engine.stores import FileStore
 from libvirt_rdm_backup.engine.verify import verify_manifests
 from libvirt_rdm_backup.errors import DamagedBackupError, RepositoryError
