@@ -23,6 +23,7 @@ from libvirt_rdm_backup import watchdog
 from libvirt_rdm_backup.domain.connection import is_paused
 from libvirt_rdm_backup.errors import LibvirtError, OperationError, RdmBackupError
 from libvirt_rdm_backup.locks import lock_dir
+from libvirt_rdm_backup.modes import Quiesce, WindowMethod, parse_choice
 from libvirt_rdm_backup.window_record import (
     agent_timeout,
     drop_marker,
@@ -33,14 +34,13 @@ from libvirt_rdm_backup.window_record import (
 
 log = logging.getLogger(__name__)
 
-QUIESCE_MODES = ("try", "required")
 
 
 @dataclass
 class Window:
     """How the point in time was fixed and how long the guest was held."""
 
-    method: str
+    method: WindowMethod
     paused_ms: float = 0.0
     frozen_filesystems: int = 0
     notes: list[str] = field(default_factory=list)
@@ -67,7 +67,7 @@ class _AgentSilent(Exception):
     """The guest agent did not answer a ping."""
 
 
-def _freeze(dom: libvirt.virDomain, quiesce: str, window: Window) -> bool | None:
+def _freeze(dom: libvirt.virDomain, quiesce: Quiesce, window: Window) -> bool | None:
     """Freeze the guest's filesystems through the guest agent.
 
     True: frozen; None: not frozen, nothing sent (the agent does not answer);
@@ -77,7 +77,7 @@ def _freeze(dom: libvirt.virDomain, quiesce: str, window: Window) -> bool | None
         _agent_answers(dom)
     except _AgentSilent as err:
         reason = f"guest agent does not answer: {err}"
-        if quiesce == "required":
+        if quiesce is Quiesce.REQUIRED:
             raise OperationError(f"{reason} (--quiesce=required)") from err
         log.warning("%s; the backup is crash-consistent", reason)
         window.notes.append(f"{reason}; crash-consistent instead")
@@ -88,7 +88,7 @@ def _freeze(dom: libvirt.virDomain, quiesce: str, window: Window) -> bool | None
         return True
     except libvirt.libvirtError as err:
         reason = f"guest agent could not freeze the filesystems: {err.get_error_message()}"
-        if quiesce == "required":
+        if quiesce is Quiesce.REQUIRED:
             raise OperationError(f"{reason} (--quiesce=required)") from err
         log.warning("%s; the backup is crash-consistent", reason)
         window.notes.append(f"{reason}; crash-consistent instead")
@@ -125,7 +125,7 @@ def _resume(dom: libvirt.virDomain) -> None:
 
 @contextmanager
 def consistency_window(
-    dom: libvirt.virDomain | None, *, quiesce: str | None = None, pause: bool = False,
+    dom: libvirt.virDomain | None, *, quiesce: Quiesce | str | None = None, pause: bool = False,
     before: Callable[[], None] | None = None,
 ) -> Iterator[Window]:
     """Hold the guest still for the block: filesystems frozen and/or vCPUs paused.
@@ -141,11 +141,10 @@ def consistency_window(
     if dom is None:
         if before is not None:
             before()
-        yield Window(method="offline")
+        yield Window(method=WindowMethod.OFFLINE)
         return
-    if quiesce is not None and quiesce not in QUIESCE_MODES:
-        raise OperationError(f"unknown quiesce mode {quiesce!r}")
-    window = Window(method="qmp-transaction")
+    mode = parse_choice(Quiesce, quiesce, "quiesce mode") if quiesce is not None else None
+    window = Window(method=WindowMethod.QMP_TRANSACTION)
     uuid = dom.UUIDString()
     held: list[str] = []  # what was (or may have been) done, in order
     guard = _start_watchdog(dom) if quiesce is not None or (pause and not is_paused(dom)) \
@@ -191,16 +190,16 @@ def consistency_window(
             raise errors[0]
 
     try:
-        if quiesce is not None:
+        if mode is not None:
             write_marker(uuid, ["freeze"])
             held.append("freeze")  # an interrupted freeze may still freeze: thaw then
             try:
-                frozen = _freeze(dom, quiesce, window)
+                frozen = _freeze(dom, mode, window)
             except RdmBackupError:
                 held.remove("freeze")  # the agent refused: nothing to thaw
                 raise
             if frozen:
-                window.method = "fsfreeze"
+                window.method = WindowMethod.FSFREEZE
             elif frozen is False:
                 held[held.index("freeze")] = "maybe-frozen"
             else:
@@ -209,12 +208,13 @@ def consistency_window(
             pause = pause or not frozen  # crash-consistent instead: pause the vCPUs
         if pause:
             if is_paused(dom):
-                window.method = "already-paused"
+                window.method = WindowMethod.ALREADY_PAUSED
             else:
                 write_marker(uuid, [*held, "pause"])
                 held.append("pause")
                 _pause(dom)
-                window.method = "fsfreeze+pause" if "freeze" in held else "pause"
+                window.method = (WindowMethod.FSFREEZE_PAUSE if "freeze" in held
+                                 else WindowMethod.PAUSE)
         if not held:
             drop_marker(uuid)
         yield window

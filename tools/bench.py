@@ -58,7 +58,7 @@ The sections (``--sections``, default all of them, run in this order in one proc
   deleted between rounds and at the end, before the domain is undefined.
 * ``resync``: a resync after a domain restart (QEMU's dirty bitmaps gone) with 1% changed:
   time / full time and bytes stored. Measured only when the library offers the level
-  ``resync`` (:data:`libvirt_rdm_backup.engine.plan.LEVELS`); otherwise reported as not
+  ``resync`` (:class:`libvirt_rdm_backup.modes.Level`); otherwise reported as not
   measured.
 * ``lun``: SCSI passthrough LUNs backed up through storage snapshots. Two iSCSI LUNs of
   ``--size-mib`` each (the same ``--fill`` of random data), served by the lab's tgtd from
@@ -127,8 +127,7 @@ if str(REPO_ROOT) not in sys.path:
 import libvirt  # noqa: E402
 from bench_guestio import print_guestio, section_guestio  # noqa: E402
 
-from libvirt_rdm_backup import api  # noqa: E402
-from libvirt_rdm_backup.engine import plan as engine_plan  # noqa: E402
+from libvirt_rdm_backup import api, modes  # noqa: E402
 from libvirt_rdm_backup.engine.backup import BackupResult  # noqa: E402
 from libvirt_rdm_backup.errors import RdmBackupError  # noqa: E402
 from libvirt_rdm_backup.storage import tgt  # noqa: E402
@@ -1131,12 +1130,12 @@ def section_resync(lab: Lab) -> dict[str, Any]:
     """RESYNC SECTION: resync after a restart with 1% changed: time / full time, bytes stored.
 
     Measured only when the library offers ``level="resync"``
-    (:data:`libvirt_rdm_backup.engine.plan.LEVELS`): a full backup into a fresh repository,
+    (:class:`libvirt_rdm_backup.modes.Level`): a full backup into a fresh repository,
     the domain destroyed and started again (QEMU's dirty bitmaps are gone), ``--dirty`` of
     the LUN rewritten, then a ``resync`` backup, each after the page-cache drop. Reported:
     resync time / that full's time and the bytes the resync backup takes / rewritten bytes.
     """
-    if "resync" not in engine_plan.LEVELS:
+    if "resync" not in {level.value for level in modes.Level}:
         print(f"resync: {RESYNC_UNAVAILABLE}", file=sys.stderr, flush=True)
         return {"resync": RESYNC_UNAVAILABLE}
     args = lab.args

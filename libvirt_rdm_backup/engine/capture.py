@@ -37,6 +37,7 @@ from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.engine.resync import resync_layer
 from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, Sink
 from libvirt_rdm_backup.errors import CommandError, OperationError, RdmBackupError
+from libvirt_rdm_backup.modes import WindowMethod
 from libvirt_rdm_backup.qemu import bitmaps, img
 from libvirt_rdm_backup.qemu.fleece import FleecingExport, fleecing_export
 from libvirt_rdm_backup.qemu.guard import GuardedSource, explain, guarded_source
@@ -221,7 +222,7 @@ def capture(
     qemu_plans, fleece_plans = kind(DataPath.QEMU, False), kind(DataPath.QEMU, True)
     storage_plans, offline_resyncs = kind(DataPath.STORAGE, False), kind(DataPath.STORAGE, True)
     snapshot_plans = [p for p in plans if p.path is DataPath.SNAPSHOT]
-    result = Capture(files=files, window=Window(method="offline"))
+    result = Capture(files=files, window=Window(method=WindowMethod.OFFLINE))
     if not running:
         monitor = None
     elif monitor is None:

@@ -343,9 +343,10 @@ def write_disk(node: dict[str, Any], record: DiskRecord, target: Target) -> int:
 
 def verify_lineage(store: Store, manifest: Manifest, disk: str) -> list[DiskPoint]:
     """Check every layer a disk's point is built from (raises DamagedBackupError)."""
-    damaged = {d.backup_id: d.problem for d in store.damaged(manifest.domain_uuid)}
-    points, problem = lineage_problem(store.backups(manifest.domain_uuid), damaged, manifest,
-                                      disk, cached_checker(store))
+    listed = store.scan(manifest.domain_uuid)
+    damaged = {d.backup_id: d.problem for d in listed.damaged}
+    points, problem = lineage_problem(listed.backups, damaged, manifest, disk,
+                                      cached_checker(store))
     if problem is not None:
         raise DamagedBackupError(manifest.backup_id, f"{problem}; nothing was written", disk)
     return points

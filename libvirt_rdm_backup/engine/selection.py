@@ -12,7 +12,7 @@ from libvirt_rdm_backup.repository.store import Damage, check_backup_id
 def find_domain_backups(store: Store, domain: str) -> list[Manifest]:
     """Backups of a domain named by UUID or by the name recorded at backup time."""
     manifests = [
-        m for m in store.all_backups() if domain in (m.domain_uuid, m.domain_name)
+        m for m in store.scan().backups if domain in (m.domain_uuid, m.domain_name)
     ]
     if not manifests:
         damaged = {d.backup_id: d for d in domain_damage(store, domain, manifests)}
@@ -26,7 +26,7 @@ def find_domain_backups(store: Store, domain: str) -> list[Manifest]:
 def domain_damage(store: Store, domain: str, manifests: list[Manifest]) -> list[Damage]:
     """Unreadable backups of a domain named by UUID or by a name its ``manifests`` carry."""
     uuids = {m.domain_uuid for m in manifests} | {domain}
-    return [d for d in store.damaged() if d.domain_uuid in uuids]
+    return [d for d in store.scan().damaged if d.domain_uuid in uuids]
 
 
 def choose_backup(store: Store, domain: str, backup_id: str | None) -> Manifest:

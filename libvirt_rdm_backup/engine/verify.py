@@ -52,18 +52,18 @@ class VerifyReport:
 
 def check_disk(store: Store, manifest: Manifest, record: DiskRecord) -> DiskCheck:
     """Recompute the digests of one disk's stored data."""
-    problem = store.check(manifest, record)
+    problem = store.damage(DiskPoint(manifest, record), digests=True)
     return DiskCheck(manifest.backup_id, record.disk.target, problem is None, problem)
 
 
 def cached_checker(store: Store) -> Checker:
-    """:meth:`Store.check` of a point, computed once per layer."""
+    """:meth:`Store.damage` of a point (digests read), computed once per layer."""
     cache: dict[tuple[str, str], str | None] = {}
 
     def check(point: DiskPoint) -> str | None:
         key = (point.backup_id, point.record.disk.target)
         if key not in cache:
-            cache[key] = store.check(point.manifest, point.record)
+            cache[key] = store.damage(point, digests=True)
         return cache[key]
 
     return check
@@ -106,8 +106,8 @@ def verify_manifests(store: Store, manifests: list[Manifest],
             continue
         uuid = item.domain_uuid
         if uuid not in known:
-            known[uuid] = (store.backups(uuid),
-                           {d.backup_id: d.problem for d in store.damaged(uuid)})
+            listed = store.scan(uuid)
+            known[uuid] = (listed.backups, {d.backup_id: d.problem for d in listed.damaged})
         backups, unreadable = known[uuid]
         for record in item.disks:
             _points, problem = lineage_problem(backups, unreadable, item, record.disk.target,
@@ -128,8 +128,7 @@ def verify(target: str, domain: str | None = None, backup_id: str | None = None,
             manifests = find_domain_backups(store, domain)
             damaged = domain_damage(store, domain, manifests)
         else:
-            manifests = store.all_backups()
-            damaged = store.damaged()
+            manifests, damaged = store.scan()
             if backup_id is not None:
                 check_backup_id(backup_id)
                 manifests = [m for m in manifests if m.backup_id == backup_id]

@@ -62,7 +62,7 @@ from libvirt_rdm_backup.qemu.layers import option_value
 from libvirt_rdm_backup.repository.digest import BUFFER, Digest
 from libvirt_rdm_backup.repository.manifest import MAX_MANIFEST, Manifest, valid_sequence
 from libvirt_rdm_backup.repository.order import in_order, next_sequence
-from libvirt_rdm_backup.repository.store import Damage, now_iso
+from libvirt_rdm_backup.repository.store import Damage, Scan, now_iso
 from libvirt_rdm_backup.targets.lease import HELD, Lease
 from libvirt_rdm_backup.targets.uri import NbdAddress
 
@@ -531,7 +531,7 @@ class NbdVolume:
             HELD.discard(self._lease.token)
             self._lease, self.superblock = None, new
 
-    def scan(self, domain_uuid: str | None = None) -> tuple[list[Manifest], list[Damage]]:
+    def scan(self, domain_uuid: str | None = None) -> Scan:
         """Published backups, oldest first, and apart those whose manifest is malformed.
 
         Raises OperationError when the server fails a read.
@@ -573,17 +573,17 @@ class NbdVolume:
                 damaged.append(Damage(uuid, backup_id, str(err), sequence))
             else:
                 found.append(manifest)
-        return in_order(found), damaged
+        return Scan(in_order(found), damaged)
 
     # -- damage found by verify or restore ---------------------------------------------------
 
-    def damage_mark(self, backup_id: str, disk: str) -> str | None:
+    def damage_mark(self, manifest: Manifest, disk: str) -> str | None:
         """What an earlier verify or restore found wrong with a disk's region, or None."""
         if self._damage is None:
             self._damage = self._read_damage()
-        return self._damage.get(backup_id, {}).get(disk)
+        return self._damage.get(manifest.backup_id, {}).get(disk)
 
-    def set_damage_mark(self, backup_id: str, disk: str, problem: str | None) -> bool:
+    def set_damage_mark(self, manifest: Manifest, disk: str, problem: str | None) -> bool:
         """Record (``problem``) or clear (None) a disk's damage in the damage record.
 
         Read again and rewritten whole; entries of backups no longer listed are
@@ -598,6 +598,7 @@ class NbdVolume:
         if head[0] == MAGIC and _HEAD.size + head[2] > DAMAGE_OFFSET:
             return False  # a table of contents written before the record had its place
         damage = self._read_damage()
+        backup_id = manifest.backup_id
         marks = {k: v for k, v in damage.get(backup_id, {}).items() if k != disk}
         if problem is not None:
             marks[disk] = f"{problem} (found {now_iso()})"
