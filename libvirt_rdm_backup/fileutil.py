@@ -26,26 +26,6 @@ def fsync_dir(path: str) -> None:
 ATOMIC_TAG = ".tmp-"  # write_atomic's temporary files: .NAME.tmp-XXXXXX
 PARTIAL_SUFFIX = ".partial"  # new_file_whole's: .NAME.PID@HOST.XXXXXX.partial
 STAGING_PREFIX = ".partial-"  # a repository's backups being written: .partial-<backup id>/
-_UNFINISHED = re.compile(r"\..+(" + re.escape(ATOMIC_TAG) + r"[0-9a-f]{6}|\.[0-9]+@[0-9a-f]{8}"
-                         r"\.[0-9a-f]{6}" + re.escape(PARTIAL_SUFFIX) + ")|"
-                         + re.escape(STAGING_PREFIX) + r".+")
-
-
-def is_unfinished(name: str) -> bool:
-    """True for a name this tool gives what it is still writing (a temporary file of
-    :func:`write_atomic` or :func:`new_file_whole`, a repository's staging directory)."""
-    return _UNFINISHED.fullmatch(name) is not None
-
-
-def unfinished_under(root: str) -> list[str]:
-    """Every path under ``root`` with a name of :func:`is_unfinished` (left by a killed run,
-    or by one still going), sorted."""
-    found = []
-    for directory, dirs, files in os.walk(root):
-        found += [os.path.join(directory, n) for n in (*dirs, *files) if is_unfinished(n)]
-    return sorted(found)
-
-
 def read_regular(path: str, limit: int) -> bytes:
     """At most ``limit`` bytes from the start of the regular file ``path``.
 

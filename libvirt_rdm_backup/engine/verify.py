@@ -10,7 +10,7 @@ from libvirt_rdm_backup.engine.selection import choose_backup, domain_damage, fi
 from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.errors import NotFoundError
 from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
-from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.order import in_order
 from libvirt_rdm_backup.repository.store import Damage, check_backup_id
 
@@ -48,12 +48,6 @@ class VerifyReport:
         return {"ok": self.ok, "checked": len(self.checks),
                 "failed": sum(1 for c in self.checks if not c.ok),
                 "disks": [c.to_dict() for c in self.checks]}
-
-
-def check_disk(store: Store, manifest: Manifest, record: DiskRecord) -> DiskCheck:
-    """Recompute the digests of one disk's stored data."""
-    problem = store.damage(DiskPoint(manifest, record), digests=True)
-    return DiskCheck(manifest.backup_id, record.disk.target, problem is None, problem)
 
 
 def cached_checker(store: Store) -> Checker:

@@ -122,27 +122,6 @@ class ChunkMap:
         """Length of chunk ``index``."""
         return chunk_length(self.size, index, self.chunk_size)
 
-    def is_zero(self, index: int) -> bool:
-        """True when chunk ``index`` reads as zeros."""
-        return self.digest(index) == zero_digest(self.chunk_length(index))
-
-    def check_compatible(self, other: ChunkMap) -> None:
-        """Raise RepositoryError unless both maps describe the same geometry."""
-        if (self.size, self.chunk_size, self.algorithm) != (
-            other.size,
-            other.chunk_size,
-            other.algorithm,
-        ):
-            raise RepositoryError(
-                f"chunk maps differ in geometry: {self.size}/{self.chunk_size}/{self.algorithm}"
-                f" against {other.size}/{other.chunk_size}/{other.algorithm}"
-            )
-
-    def changed_chunks(self, other: ChunkMap) -> list[int]:
-        """Indices of the chunks whose digest differs between ``self`` and ``other``."""
-        self.check_compatible(other)
-        return list(differing(self.digests, other.digests, 0, self.count))
-
     def save(self, path: str) -> None:
         """Write the map to ``path`` atomically (temporary file, fsync, rename), mode 0600.
 

@@ -165,12 +165,6 @@ def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def newest_superblock(slot_a: bytes, slot_b: bytes) -> Superblock | None:
-    """The valid one of the two slots with the higher generation, or None."""
-    valid = [s for s in map(Superblock.from_bytes, (slot_a, slot_b)) if s is not None]
-    return max(valid, key=lambda s: s.generation) if valid else None
-
-
 def _entry_sequence(entry: dict[str, Any]) -> int | None:
     """The sequence a table of contents entry records (None: written before sequences)."""
     value = entry.get("sequence") if isinstance(entry, dict) else None

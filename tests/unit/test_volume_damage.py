@@ -13,9 +13,9 @@ from libvirt_rdm_backup.targets.nbd_volume import (
     SLOT,
     NbdVolume,
     Superblock,
-    newest_superblock,
 )
 from libvirt_rdm_backup.targets.uri import NbdAddress, parse_target
+from tests.oracles import newest_superblock
 from tests.unit.test_repository_damage_units import UUID, vdb
 
 SIZE = 64 << 20
