@@ -30,7 +30,7 @@ from libvirt_rdm_backup.engine.paused_copy import (
     refuse_long_pauses,
 )
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan, Facts, overall_level, plan_backup
-from libvirt_rdm_backup.engine.records import Mapping, record_disk
+from libvirt_rdm_backup.engine.records import MappingResult, record_disk
 from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError, UsageError
 from libvirt_rdm_backup.events import describe_restart
@@ -154,7 +154,7 @@ def _elapsed(start: str, end: str) -> float:
         return 0.0
 
 
-def _mapping_of(disk: RawDisk, remote: SshAgent | None) -> Mapping:
+def _mapping_of(disk: RawDisk, remote: SshAgent | None) -> MappingResult:
     """The disk's raw disk mapping, asked of the hypervisor's agent when remote."""
     try:
         return (remote.map_disk(disk) if remote else map_disk(disk)), None

@@ -19,7 +19,7 @@ from libvirt_rdm_backup.repository.digest import file_digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord
 from libvirt_rdm_backup.storage.base import RawDiskMapping
 
-Mapping = tuple[RawDiskMapping | None, str | None]
+MappingResult = tuple[RawDiskMapping | None, str | None]  # the mapping, or why there is none
 
 
 def _chunk_map(plan: DiskPlan, local: LocalLayer, captured: Capture,
@@ -34,7 +34,7 @@ def _chunk_map(plan: DiskPlan, local: LocalLayer, captured: Capture,
                              local.lower)
 
 
-def record_disk(plan: DiskPlan, session: Session, captured: Capture, mapping: Mapping,
+def record_disk(plan: DiskPlan, session: Session, captured: Capture, mapping: MappingResult,
                 parent_map: ChunkMap | None) -> DiskRecord:
     """The record of the disk's new layer (``parent_map``: the chunk map of its parent)."""
     written = session.written(plan)
