@@ -47,8 +47,6 @@ import uuid as uuidlib
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeGuard
 
-import nbd
-
 from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.errors import (
     NotFoundError,
@@ -59,6 +57,7 @@ from libvirt_rdm_backup.errors import (
 )
 from libvirt_rdm_backup.process import stall_timeout
 from libvirt_rdm_backup.qemu.layers import option_value
+from libvirt_rdm_backup.qemu.nbd_io import NbdError, connect_nbd
 from libvirt_rdm_backup.repository.digest import BUFFER, Digest
 from libvirt_rdm_backup.repository.manifest import MAX_MANIFEST, Manifest, valid_sequence
 from libvirt_rdm_backup.repository.order import in_order, next_sequence
@@ -186,7 +185,7 @@ def read_table(handle: Any, uri: str) -> Superblock | None:
             if magic == MAGIC and length <= SLOT - _HEAD.size:  # the body only, never more
                 data += bytes(handle.pread(length, offset + _HEAD.size)) if length else b""
             block = Superblock.parse(data)
-        except nbd.Error as err:
+        except NbdError as err:
             raise OperationError(f"NBD read of {uri} failed: {err}") from err
         except ValueError as err:
             problems.append(f"slot {name}: {err}")
@@ -267,14 +266,10 @@ class NbdVolume:
     def open(cls, address: NbdAddress, create: bool = False,
              tls_dir: str | None = None) -> NbdVolume:
         """Connect and read the table of contents (``create``: format an empty export)."""
-        handle = nbd.NBD()
         try:
-            if tls_dir is not None:
-                handle.set_tls(nbd.TLS_REQUIRE)
-                handle.set_tls_certificates(tls_dir)
-            handle.connect_uri(address.uri)
+            handle = connect_nbd(address.uri, tls_dir=tls_dir)
             size = int(handle.get_size())
-        except nbd.Error as err:
+        except NbdError as err:
             raise OperationError(f"cannot open NBD target {address.uri}: {err}") from err
         try:
             newest = read_table(handle, address.uri)
@@ -305,7 +300,7 @@ class NbdVolume:
         self.release_lease()
 
         def disconnect() -> None:
-            with contextlib.suppress(nbd.Error):
+            with contextlib.suppress(NbdError):
                 self.handle.shutdown()
 
         worker = threading.Thread(target=disconnect, name="rdmb-volume-close", daemon=True)
@@ -335,14 +330,14 @@ class NbdVolume:
         """Write bytes at ``offset`` (small metadata only)."""
         try:
             self.handle.pwrite(data, offset)
-        except nbd.Error as err:
+        except NbdError as err:
             raise OperationError(f"NBD write to {self.address.uri} failed: {err}") from err
 
     def flush(self) -> None:
         """Make written data durable on the server."""
         try:
             self.handle.flush()
-        except nbd.Error as err:
+        except NbdError as err:
             raise OperationError(f"NBD flush of {self.address.uri} failed: {err}") from err
 
     def read(self, offset: int, length: int) -> bytes:
@@ -352,7 +347,7 @@ class NbdVolume:
                                   f"area of {self.address.uri}")
         try:
             return bytes(self.handle.pread(length, offset))
-        except nbd.Error as err:
+        except NbdError as err:
             raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
 
     def digest(self, offset: int, length: int) -> Digest:
@@ -364,7 +359,7 @@ class NbdVolume:
                 count = min(BUFFER, length - pos)
                 hasher.update(self.handle.pread(count, offset + pos))
                 pos += count
-        except nbd.Error as err:
+        except NbdError as err:
             raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
         return Digest("sha256", hasher.hexdigest())
 
@@ -549,7 +544,7 @@ class NbdVolume:
                 continue
             try:
                 raw = bytes(self.handle.pread(int(length), int(offset)))
-            except nbd.Error as err:
+            except NbdError as err:
                 raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
             sequence = _entry_sequence(entry)
             try:
@@ -587,7 +582,7 @@ class NbdVolume:
             if self.handle.is_read_only():
                 return False
             head = _HEAD.unpack_from(bytes(self.handle.pread(_HEAD.size, 0)))
-        except nbd.Error as err:
+        except NbdError as err:
             raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
         if head[0] == MAGIC and _HEAD.size + head[2] > DAMAGE_OFFSET:
             return False  # a table of contents written before the record had its place
@@ -612,7 +607,7 @@ class NbdVolume:
         """The volume's damage record (see :func:`damage_from_bytes`)."""
         try:
             return damage_from_bytes(bytes(self.handle.pread(DAMAGE_AREA, DAMAGE_OFFSET)))
-        except nbd.Error as err:
+        except NbdError as err:
             raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
 
     # -- QEMU views of regions -------------------------------------------------------------

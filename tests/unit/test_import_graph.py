@@ -119,3 +119,15 @@ def test_lower_layers_never_import_higher_ones() -> None:
             if any(_in(other, top) for top in HIGHER if top not in allowed):
                 wrong.append(f"{module} imports {other}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_libnbd_is_used_in_one_module() -> None:
+    """The libnbd binding (``import nbd``, Debian's python3-libnbd) is imported in one module."""
+    users = set()
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import) and any(a.name == "nbd" for a in node.names):
+                users.add(name)
+            if isinstance(node, ast.ImportFrom) and node.module == "nbd":
+                users.add(name)
+    assert users == {f"{PACKAGE}.qemu.nbd_io"}
