@@ -172,7 +172,8 @@ JSON_CONTRACTS: dict[str, list[tuple[str, set[str] | None]]] = {
         ("repository/chunkmap.py", None),
     ],
     "consistency.md": [("consistency.py", {"to_dict"})],
-    "network.md": [("targets/nbd_volume.py", {"to_bytes", "publish"})],
+    "network.md": [("targets/volume_format.py", {"to_bytes"}),
+                   ("targets/nbd_volume.py", {"publish"})],
 }
 
 
