@@ -1,0 +1,177 @@
+"""A store of backups as directories of qcow2 files: a file repository (:mod:`stores`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import contextmanager
+from typing import Any
+
+from libvirt_rdm_backup.engine.plan import DiskPlan
+from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, FileSink, Session
+from libvirt_rdm_backup.errors import DamagedBackupError, UsageError
+from libvirt_rdm_backup.qemu import layers
+from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
+from libvirt_rdm_backup.repository.chunkmap import ChunkMap
+from libvirt_rdm_backup.repository.digest import Digest, file_digest
+from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.store import (
+    Repository,
+    Scan,
+    check_backup_id,
+    check_safe_name,
+)
+
+log = logging.getLogger("libvirt_rdm_backup.engine.stores")
+
+
+class FileStore:
+    """Backups as directories of qcow2 files (:class:`Repository`)."""
+
+    local_layers = True
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.name = repo.root
+        self.repo_id = repo.repo_id
+
+    def __enter__(self) -> FileStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def lock(self, domain_uuid: str) -> ContextManager[None]:
+        return self.repo.lock(domain_uuid)
+
+    def scan(self, domain_uuid: str | None = None) -> Scan:
+        return self.repo.scan(domain_uuid)
+
+    @contextmanager
+    def session(self, domain_uuid: str, backup_id: str) -> Iterator[Session]:
+        with self.repo.staging(domain_uuid, backup_id) as staging:
+            yield FileSink(self.repo, staging, self._lower_paths)
+
+    def _lower_paths(self, plan: DiskPlan) -> list[str]:
+        """The layers a new layer builds on, top first, from the manifests' parent links."""
+        if plan.parent is None:
+            return []
+        point = plan.parent
+        points, missing = lineage(self.scan(point.manifest.domain_uuid).backups,
+                                  point.manifest, point.record.disk.target)
+        if missing is not None:
+            raise DamagedBackupError(point.backup_id, f"builds on backup {missing}, which is "
+                                     "missing or damaged", point.record.disk.target)
+        for lower in points:  # QEMU may read them: only layers this tool wrote
+            problem = self.header_problem(lower.manifest, lower.record)
+            if problem is not None:
+                raise DamagedBackupError(lower.backup_id, problem, lower.record.disk.target)
+        return self._layer_paths(points)
+
+    def chunk_map(self, point: DiskPoint) -> ChunkMap | None:
+        if point.record.chunk_map is None:
+            return None
+        directory = self.repo.backup_dir(point.manifest.domain_uuid, point.backup_id)
+        path = os.path.join(directory, check_safe_name(point.record.chunk_map, "chunk map"))
+        return ChunkMap.load(path, point.record.size)
+
+    def damage(self, point: DiskPoint, digests: bool = False) -> str | None:
+        if digests:
+            return self._check(point.manifest, point.record)
+        return self._layer_problem(point.manifest, point.record)
+
+    def _check(self, manifest: Manifest, record: DiskRecord) -> str | None:
+        """What is wrong with a disk's stored data (digests of data file and chunk map).
+
+        A mismatch is recorded beside the data, for the cheap checks of later
+        backups; a match clears such a record (the data was repaired). The layer's
+        header is checked first (:meth:`header_problem`).
+        """
+        path = self.repo.data_file(manifest, record)
+        problem, lasting = self.header_problem(manifest, record), True
+        if problem is None:
+            problem, lasting = _file_problem(path, record.data_file, record.digest)
+        if problem is None and record.chunk_map and record.chunk_map_digest:
+            chunk_path = os.path.join(os.path.dirname(path),
+                                      check_safe_name(record.chunk_map, "chunk map"))
+            problem, lasting = _file_problem(chunk_path, f"chunk map {record.chunk_map}",
+                                             record.chunk_map_digest)
+        if (problem is None or lasting) and \
+                not self.repo.set_damage_mark(manifest, record.disk.target, problem):
+            log.info("cannot record the state of backup %s disk %s in %s",
+                     manifest.backup_id, record.disk.target, self.name)
+        return problem
+
+    def _layer_problem(self, manifest: Manifest, record: DiskRecord) -> str | None:
+        """A cheap check that a layer can be built on: recorded damage, presence, size."""
+        mark = self.repo.damage_mark(manifest, record.disk.target)
+        if mark is not None:
+            return mark
+        try:
+            size = os.stat(self.repo.data_file(manifest, record)).st_size
+        except FileNotFoundError:
+            return f"{record.data_file} is missing"
+        except OSError as err:
+            return f"{record.data_file} unreadable: {err.strerror}"
+        if record.file_size is not None and size != record.file_size:
+            return f"{record.data_file} has {size} bytes, not {record.file_size}"
+        header = self.header_problem(manifest, record)
+        if header is not None:
+            return header
+        if record.chunk_map:  # a resync compares with it; verify counts it as stored data
+            directory = self.repo.backup_dir(manifest.domain_uuid, manifest.backup_id)
+            if not os.path.isfile(os.path.join(
+                    directory, check_safe_name(record.chunk_map, "chunk map"))):
+                return f"chunk map {record.chunk_map} is missing"
+        return None
+
+    def header_problem(self, manifest: Manifest, record: DiskRecord) -> str | None:
+        """What in a layer's header this tool did not write (read before any of its data).
+
+        Its backing file must be exactly the one the manifest's parent link implies.
+        """
+        try:
+            expected = _expected_backing(record)
+        except UsageError as err:  # a malformed parent id or disk name in the manifest
+            return f"{record.data_file}: {err}"
+        if record.backing_file is not None and record.backing_file != expected:
+            return (f"{record.data_file}: the manifest names backing file "
+                    f"{record.backing_file!r}, its parent link implies {expected!r}")
+        problem = layers.file_problem(self.repo.data_file(manifest, record), expected,
+                                      record.size)
+        return None if problem is None else f"{record.data_file} {problem}"
+
+    def _layer_paths(self, points: list[DiskPoint]) -> list[str]:
+        """The data files of a point's layers (itself first), as the layout places them."""
+        return [self.repo.data_file(p.manifest, p.record) for p in points]
+
+    def image_node(self, points: list[DiskPoint]) -> dict[str, Any]:
+        return layers.file_chain(self._layer_paths(points))
+
+    def holds(self, path: str) -> bool:
+        return self.repo.holds(path)
+
+
+def _file_problem(path: str, what: str, expected: Digest) -> tuple[str | None, bool]:
+    """What is wrong with a stored file, and whether it lasts (not a read error)."""
+    if not os.path.exists(path):
+        return f"{what} is missing", True
+    try:
+        digest = file_digest(path, expected.algorithm)
+    except OSError as err:
+        return f"{what} unreadable: {err.strerror}", False
+    if digest.value != expected.value:
+        return f"{what}: {digest.algorithm} mismatch", True
+    return None, False
+
+
+def _expected_backing(record: DiskRecord) -> str | None:
+    """The backing file name a file repository's layer has: its parent's layer, as the
+    layout places it (``../<parent id>/<disk>.qcow2``), or none for a full copy."""
+    if record.parent is None:
+        return None
+    parent = check_backup_id(record.parent)
+    return os.path.join("..", parent, f"{check_safe_name(record.disk.target, 'disk name')}"
+                                      f".{DATA_FORMAT}")

@@ -1,0 +1,182 @@
+"""A store of backups inside an NBD export: an NBD volume (:mod:`stores`)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import contextmanager
+from typing import Any
+
+from libvirt_rdm_backup.engine.sinks import NbdSink, Session
+from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError
+from libvirt_rdm_backup.fslock import exclusive
+from libvirt_rdm_backup.locks import lock_dir
+from libvirt_rdm_backup.qemu import img, layers
+from libvirt_rdm_backup.repository.chain import DiskPoint
+from libvirt_rdm_backup.repository.chunkmap import ChunkMap
+from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.store import Scan
+from libvirt_rdm_backup.targets.nbd_volume import NbdVolume, location_problem
+
+log = logging.getLogger("libvirt_rdm_backup.engine.stores")
+
+
+class VolumeStore:
+    """Backups inside an NBD export (:class:`NbdVolume`)."""
+
+    local_layers = False
+
+    def __init__(self, volume: NbdVolume) -> None:
+        self.volume = volume
+        self.name = volume.address.uri
+        self.repo_id = volume.repo_id
+        self._objects = img.objects(*volume.qemu_img_objects())
+        self._checked: dict[int, bytes] = {}  # region offset -> the header bytes checked
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+
+    def __enter__(self) -> VolumeStore:
+        self._objects.__enter__()  # qemu-img calls of this store get the TLS object
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._objects.__exit__(None, None, None)
+        self.volume.close()
+        if self._scratch is not None:
+            self._scratch.cleanup()
+
+    @contextmanager
+    def lock(self, domain_uuid: str) -> Iterator[None]:
+        """One writer per volume, from any host: the lease kept in the volume itself."""
+        self.volume.take_lease()
+        self.repo_id = self.volume.repo_id  # as read back with the lease
+        try:
+            yield
+        finally:
+            self.volume.release_lease()
+
+    def _lock(self, kind: str, busy: str) -> ContextManager[None]:
+        directory = lock_dir()
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        key = hashlib.sha256(self.volume.address.uri.encode()).hexdigest()[:16]
+        return exclusive(os.path.join(directory, f"volume-{key}{kind}.lock"), busy)
+
+    def scan(self, domain_uuid: str | None = None) -> Scan:
+        return self.volume.scan(domain_uuid)
+
+    @contextmanager
+    def session(self, domain_uuid: str, backup_id: str) -> Iterator[Session]:
+        with tempfile.TemporaryDirectory(prefix="rdmb-session-") as scratch:
+            yield NbdSink(self.volume, scratch)
+
+    def chunk_map(self, point: DiskPoint) -> ChunkMap | None:
+        """None: a volume keeps no chunk maps (its layers are not local files)."""
+        return None
+
+    def damage(self, point: DiskPoint, digests: bool = False) -> str | None:
+        if digests:
+            return self._check(point.manifest, point.record)
+        return self._layer_problem(point.manifest, point.record)
+
+    def _check(self, manifest: Manifest, record: DiskRecord) -> str | None:
+        """What is wrong with a disk's stored region (its digest).
+
+        A mismatch is recorded in the volume's damage record, for the cheap checks
+        of later backups; a match clears such a record.
+        """
+        location = record.location
+        problem = location_problem(location, self.volume.size)
+        if problem is not None:
+            return f"{record.data_file}: {problem}"
+        assert location is not None
+        try:
+            problem = self._header_problem(record)
+            if problem is not None:
+                self._mark(manifest, record.disk.target, problem)
+                return problem
+            digest = self.volume.digest(int(location["offset"]), int(location["length"]))
+        except RdmBackupError as err:
+            return f"{record.data_file} unreadable: {err}"
+        problem = None
+        if digest.value != record.digest.value:
+            problem = f"{record.data_file}: {digest.algorithm} mismatch"
+        self._mark(manifest, record.disk.target, problem)
+        return problem
+
+    def _mark(self, manifest: Manifest, disk: str, problem: str | None) -> None:
+        """Record or clear a disk's damage in the volume's damage record; best effort."""
+        if (self.volume.damage_mark(manifest, disk) is None) == (problem is None):
+            return  # nothing to change (a known damage keeps the date it was found)
+        try:
+            with self._lock(".damage", "another run is recording damage in this volume"):
+                recorded = self.volume.set_damage_mark(manifest, disk, problem)
+        except RdmBackupError as err:
+            recorded, why = False, str(err)
+        except OSError as err:
+            recorded, why = False, f"no lock: {err.strerror or err}"
+        else:
+            why = "the export is read-only or its damage record is full"
+        if not recorded:
+            log.info("cannot record the state of backup %s disk %s in %s: %s",
+                     manifest.backup_id, disk, self.name, why)
+
+    def _layer_problem(self, manifest: Manifest, record: DiskRecord) -> str | None:
+        """A cheap check that a layer can be built on: recorded damage, a location."""
+        mark = self.volume.damage_mark(manifest, record.disk.target)
+        if mark is not None:
+            return mark
+        problem = location_problem(record.location, self.volume.size)
+        if problem is not None:
+            return f"{record.data_file}: {problem}"
+        try:
+            return self._header_problem(record)
+        except (KeyError, TypeError, ValueError) as err:
+            return f"{record.data_file}: malformed location: {err}"
+        except RdmBackupError as err:
+            return f"{record.data_file} unreadable: {err}"
+
+    def _header_problem(self, record: DiskRecord) -> str | None:
+        """What in a layer's header this tool did not write (a region never has a backing
+        file: the lower layers are given explicitly)."""
+        location = record.location or {}
+        offset, length = int(location["offset"]), int(location["length"])
+        data = self.volume.read(offset, min(length, layers.HEADER_READ))
+        problem = layers.header_problem(data, None, record.size)
+        if problem is not None:
+            return f"{record.data_file} {problem}"
+        self._checked[offset] = data
+        return None
+
+    def image_node(self, points: list[DiskPoint]) -> dict[str, Any]:
+        """The point's qcow2 regions, each one's backing explicit and its header pinned.
+
+        QEMU reads each layer's header from a local copy of the bytes that were checked
+        (:func:`~libvirt_rdm_backup.qemu.layers.pinned_head`), the rest from the export:
+        a server cannot show QEMU another header than it showed the check.
+        """
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="rdmb-headers-")
+        files = []
+        for point in points:
+            record = point.record
+            problem = location_problem(record.location, self.volume.size)
+            if problem is not None:
+                raise DamagedBackupError(point.backup_id, f"{record.data_file}: {problem}",
+                                         record.disk.target)
+            location = record.location or {}
+            offset, region = int(location["offset"]), int(location["region"])
+            if offset not in self._checked:
+                problem = self._header_problem(record)
+                if problem is not None:
+                    raise DamagedBackupError(point.backup_id, problem, record.disk.target)
+            files.append(layers.pinned_head(
+                self._checked[offset], self.volume.region_node(offset, region), region,
+                os.path.join(self._scratch.name, f"{offset}.qcow2")))
+        return layers.chain_node(files)
+
+    def holds(self, path: str) -> bool:
+        """False: the volume's file is on the backup server, not a local path of this store."""
+        return False
