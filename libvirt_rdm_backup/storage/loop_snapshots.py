@@ -25,19 +25,21 @@ from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
 from libvirt_rdm_backup.errors import OperationError, RdmBackupError, StorageError
 from libvirt_rdm_backup.storage import reflink
 from libvirt_rdm_backup.storage.base import StorageNode
+from libvirt_rdm_backup.storage.clones import (
+    clone_exists,
+    clone_path,
+    clone_problem,
+    make_clone,
+    remove_clone,
+)
 from libvirt_rdm_backup.storage.snapshots import (
     Presented,
     StorageSnapshot,
     check_name,
-    clone_exists,
-    clone_path,
-    clone_problem,
     handle_int,
     handle_problem,
     handle_str,
-    make_clone,
     refuse_foreign,
-    remove_clone,
     stale_clones,
     sync_file,
     utc_now,

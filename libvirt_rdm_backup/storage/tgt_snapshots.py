@@ -32,20 +32,22 @@ from libvirt_rdm_backup.errors import (
 )
 from libvirt_rdm_backup.process import run
 from libvirt_rdm_backup.storage import reflink, tgt
+from libvirt_rdm_backup.storage.clones import (
+    clone_exists,
+    clone_path,
+    clone_problem,
+    make_clone,
+    remove_clone,
+)
 from libvirt_rdm_backup.storage.iscsi import is_loopback_host
 from libvirt_rdm_backup.storage.snapshots import (
     Presented,
     StorageSnapshot,
     check_name,
-    clone_exists,
-    clone_path,
-    clone_problem,
     handle_int,
     handle_problem,
     handle_str,
-    make_clone,
     refuse_foreign,
-    remove_clone,
     stale_clones,
     sync_file,
     utc_now,
