@@ -4,7 +4,7 @@ The backup server is not trusted with the hypervisor. Before the agent looks up
 anything for a disk of a ``map`` request (:func:`admit`):
 
 * ``source_path`` must be a block device node. Its mode comes from ``fstat`` of
-  an ``O_PATH | O_NOFOLLOW`` descriptor (:func:`~.storage.sysfs.device_node`),
+  an ``O_PATH | O_NOFOLLOW`` descriptor (:func:`~.storage.devnodes.device_node`),
   which opens no device and reads nothing; a symbolic link is followed only where
   it lies in ``/dev`` (udev's ``/dev/disk/by-id/...``, ``/dev/mapper/...``) and
   not in a directory anyone may write to. A regular file, a directory, a FIFO, a
@@ -32,7 +32,7 @@ from libvirt_rdm_backup.domain.discovery import inventory_from_xml
 from libvirt_rdm_backup.domain.disks import IscsiSource, RawDisk
 from libvirt_rdm_backup.domain.xml import DomainXML
 from libvirt_rdm_backup.errors import LibvirtError, RdmBackupError, UsageError
-from libvirt_rdm_backup.storage.sysfs import device_node
+from libvirt_rdm_backup.storage.devnodes import device_node
 
 log = logging.getLogger(__name__)
 

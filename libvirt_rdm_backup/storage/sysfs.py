@@ -16,7 +16,7 @@
 * anything else: a leaf ``disk`` with its SCSI/NVMe/virtio identity.
 
 A source is only ever looked at, never opened for reading: its device number comes
-from ``fstat`` of an ``O_PATH`` descriptor (:func:`device_node`), and anything but a
+from ``fstat`` of an ``O_PATH`` descriptor (:func:`~.devnodes.device_node`), and anything but a
 block device (or a SCSI generic node whose SCSI device has one) is refused. Both
 roots and the reader of device-mapper tables are parameters (another tree, another
 source of ``dmsetup table`` output).
@@ -26,16 +26,23 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
-from libvirt_rdm_backup.errors import OperationError, StorageError
-from libvirt_rdm_backup.process import run
+from libvirt_rdm_backup.errors import StorageError
 from libvirt_rdm_backup.storage.base import Extent, StorageNode
+from libvirt_rdm_backup.storage.devnodes import (
+    device_node,
+    dm_kind,
+    dmsetup_table,
+    put,
+    read_attr,
+    read_int,
+)
+from libvirt_rdm_backup.storage.devnodes import parse_dm_table as parse_dm_table
 
 SECTOR = 512
 MAX_DEPTH = 32
@@ -44,58 +51,6 @@ _HCTL_RE = re.compile(r"^(?:scsi_host)?(\d+):(\d+):(\d+):(\d+)$")
 _DELETED = " (deleted)"
 
 DmTableReader = Callable[[str], str | None]
-
-
-def dmsetup_table(name: str) -> str | None:
-    """``dmsetup table NAME`` output, or None when dmsetup is missing or fails."""
-    if shutil.which("dmsetup") is None:
-        return None
-    try:
-        return run(["dmsetup", "table", name], timeout=30).stdout
-    except OperationError:
-        return None
-
-
-def parse_dm_table(text: str) -> list[list[str]]:
-    """Split ``dmsetup table`` output into per-segment word lists (blank lines dropped)."""
-    return [line.split() for line in text.splitlines() if line.strip()]
-
-
-def device_node(path: str) -> os.stat_result:
-    """``fstat`` of ``path`` itself, opened with ``O_PATH | O_NOFOLLOW``.
-
-    An ``O_PATH`` descriptor does not open the device (no driver is called, nothing
-    can be read through it), a symlink is not followed, and the mode and device
-    number come from the object the descriptor holds, not from a second lookup of
-    the name. Raises OSError (ENOENT, ELOOP, ...).
-    """
-    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        return os.fstat(fd)
-    finally:
-        os.close(fd)
-
-
-def _read(path: Path) -> str | None:
-    """Stripped content of a sysfs attribute, or None when missing or unreadable."""
-    try:
-        return path.read_text(errors="replace").strip()
-    except OSError:
-        return None
-
-
-def _read_int(path: Path) -> int | None:
-    value = _read(path)
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _put(identity: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``identity[key]`` unless the value is missing or empty."""
-    if value is not None and value != "" and value != []:
-        identity[key] = value
 
 
 class SysfsAgent:
@@ -228,22 +183,22 @@ class SysfsAgent:
         return StorageNode(kind=kind, name=sysdir.name, path=path, size=size, identity=identity)
 
     def _size(self, sysdir: Path) -> int | None:
-        sectors = _read_int(sysdir / "size")
+        sectors = read_int(sysdir / "size")
         return None if sectors is None else sectors * SECTOR
 
     def _common_identity(self, sysdir: Path, size: int | None) -> dict[str, Any]:
         identity: dict[str, Any] = {}
-        _put(identity, "dev", _read(sysdir / "dev"))
-        _put(identity, "size", size)
+        put(identity, "dev", read_attr(sysdir / "dev"))
+        put(identity, "size", size)
         queue = sysdir / "queue"
         if not queue.is_dir() and (sysdir / "partition").exists():
             queue = sysdir.parent / "queue"
-        _put(identity, "logical_block_size", _read_int(queue / "logical_block_size"))
-        _put(identity, "physical_block_size", _read_int(queue / "physical_block_size"))
-        ro = _read_int(sysdir / "ro")
+        put(identity, "logical_block_size", read_int(queue / "logical_block_size"))
+        put(identity, "physical_block_size", read_int(queue / "physical_block_size"))
+        ro = read_int(sysdir / "ro")
         if ro is not None:
             identity["read_only"] = bool(ro)
-        _put(identity, "by_id", self._by_id(sysdir.name))
+        put(identity, "by_id", self._by_id(sysdir.name))
         return identity
 
     def _by_id(self, name: str) -> list[str]:
@@ -266,12 +221,12 @@ class SysfsAgent:
     def _disk_identity(self, sysdir: Path) -> dict[str, Any]:
         device = sysdir / "device"
         identity: dict[str, Any] = {}
-        _put(identity, "wwid", _read(device / "wwid") or _read(sysdir / "wwid"))
-        _put(identity, "vendor", _read(device / "vendor"))
-        _put(identity, "model", _read(device / "model") or _read(sysdir / "model"))
-        _put(identity, "rev", _read(device / "rev"))
-        _put(identity, "serial", _read(device / "serial") or _read(sysdir / "serial"))
-        rotational = _read_int(sysdir / "queue/rotational")
+        put(identity, "wwid", read_attr(device / "wwid") or read_attr(sysdir / "wwid"))
+        put(identity, "vendor", read_attr(device / "vendor"))
+        put(identity, "model", read_attr(device / "model") or read_attr(sysdir / "model"))
+        put(identity, "rev", read_attr(device / "rev"))
+        put(identity, "serial", read_attr(device / "serial") or read_attr(sysdir / "serial"))
+        rotational = read_int(sysdir / "queue/rotational")
         if rotational is not None:
             identity["rotational"] = bool(rotational)
         if device.exists():
@@ -284,17 +239,17 @@ class SysfsAgent:
 
     def _loop_node(self, sysdir: Path, depth: int) -> StorageNode:
         loop = sysdir / "loop"
-        offset = _read_int(loop / "offset") or 0
-        backing = _read(loop / "backing_file")
+        offset = read_int(loop / "offset") or 0
+        backing = read_attr(loop / "backing_file")
         extra: dict[str, Any] = {"offset": offset}
-        _put(extra, "sizelimit", _read_int(loop / "sizelimit"))
-        dio = _read_int(loop / "dio")
+        put(extra, "sizelimit", read_int(loop / "sizelimit"))
+        dio = read_int(loop / "dio")
         if dio is not None:
             extra["direct_io"] = bool(dio)
         if backing and backing.endswith(_DELETED):
             backing = backing[: -len(_DELETED)]
             extra["backing_file_deleted"] = True
-        _put(extra, "backing_file", backing)
+        put(extra, "backing_file", backing)
         node = self._node(sysdir, "loop", extra)
         if backing:
             target = self._map_backing(backing, depth + 1)
@@ -323,9 +278,9 @@ class SysfsAgent:
     # -- partition -----------------------------------------------------------------
 
     def _partition_node(self, sysdir: Path, depth: int) -> StorageNode:
-        start = (_read_int(sysdir / "start") or 0) * SECTOR
+        start = (read_int(sysdir / "start") or 0) * SECTOR
         extra: dict[str, Any] = {"start": start, "parent": sysdir.parent.name}
-        _put(extra, "partition", _read_int(sysdir / "partition"))
+        put(extra, "partition", read_int(sysdir / "partition"))
         node = self._node(sysdir, "partition", extra)
         parent = self._map_sysdir(sysdir.parent, depth + 1)
         node.extents.append(Extent(0, node.size or 0, start, parent))
@@ -351,7 +306,7 @@ class SysfsAgent:
         for slave_dir in self._slave_dirs(sysdir):
             slave = self._map_sysdir(slave_dir, depth + 1)
             slave.identity[mark] = True
-            offset = (_read_int(sysdir / f"md/dev-{slave_dir.name}/offset") or 0) * SECTOR
+            offset = (read_int(sysdir / f"md/dev-{slave_dir.name}/offset") or 0) * SECTOR
             node.extents.append(Extent(0, node.size or 0, offset, slave))
 
     # -- device-mapper -------------------------------------------------------------
@@ -361,18 +316,18 @@ class SysfsAgent:
         return None if text is None else parse_dm_table(text)
 
     def _dm_node(self, sysdir: Path, depth: int) -> StorageNode:
-        dm_name = _read(sysdir / "dm/name") or ""
-        uuid = _read(sysdir / "dm/uuid") or ""
+        dm_name = read_attr(sysdir / "dm/name") or ""
+        uuid = read_attr(sysdir / "dm/uuid") or ""
         extra: dict[str, Any] = {}
-        _put(extra, "dm_name", dm_name)
-        _put(extra, "dm_uuid", uuid)
+        put(extra, "dm_name", dm_name)
+        put(extra, "dm_uuid", uuid)
         if "-" in uuid:
             extra["dm_subsystem"] = uuid.split("-", 1)[0]
         table = self._dm_table_lines(dm_name)
         types = sorted({seg[2] for seg in table or [] if len(seg) > 2})
         if types:
             extra["dm_target_types"] = types
-        kind = _dm_kind(uuid, types)
+        kind = dm_kind(uuid, types)
         node = self._node(sysdir, kind, extra)
         node.path = str(self.dev_root / "mapper" / dm_name) if dm_name else node.path
         if kind == "dm-multipath":
@@ -402,23 +357,14 @@ class SysfsAgent:
     def _md_node(self, sysdir: Path, depth: int) -> StorageNode:
         md = sysdir / "md"
         extra: dict[str, Any] = {}
-        level = _read(md / "level")
-        _put(extra, "md_level", level)
-        _put(extra, "md_raid_disks", _read_int(md / "raid_disks"))
-        _put(extra, "md_uuid", _read(md / "uuid"))
-        _put(extra, "md_metadata_version", _read(md / "metadata_version"))
+        level = read_attr(md / "level")
+        put(extra, "md_level", level)
+        put(extra, "md_raid_disks", read_int(md / "raid_disks"))
+        put(extra, "md_uuid", read_attr(md / "uuid"))
+        put(extra, "md_metadata_version", read_attr(md / "metadata_version"))
         node = self._node(sysdir, "md", extra)
         if level == "raid1":
             self._whole_members(node, sysdir, depth, "mirror")
         else:
             self._unknown_segments(node, sysdir, depth)
         return node
-
-
-def _dm_kind(uuid: str, types: list[str]) -> str:
-    """``dm-multipath``, ``dm-linear`` or plain ``dm`` from the uuid prefix and table."""
-    if uuid.startswith("mpath-") or types == ["multipath"]:
-        return "dm-multipath"
-    if types == ["linear"]:
-        return "dm-linear"
-    return "dm"
