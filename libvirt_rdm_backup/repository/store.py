@@ -30,10 +30,9 @@ import re
 import secrets
 import shutil
 import uuid as uuidlib
-from collections.abc import Container, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import NamedTuple
 
 from libvirt_rdm_backup.errors import (
@@ -43,6 +42,13 @@ from libvirt_rdm_backup.errors import (
 )
 from libvirt_rdm_backup.fileutil import STAGING_PREFIX, fsync_dir, read_regular, write_atomic
 from libvirt_rdm_backup.fslock import exclusive
+from libvirt_rdm_backup.repository.ids import BACKUP_ID_RE as BACKUP_ID_RE
+from libvirt_rdm_backup.repository.ids import SAFE_NAME_RE as SAFE_NAME_RE
+from libvirt_rdm_backup.repository.ids import check_backup_id as check_backup_id
+from libvirt_rdm_backup.repository.ids import check_safe_name as check_safe_name
+from libvirt_rdm_backup.repository.ids import check_uuid
+from libvirt_rdm_backup.repository.ids import new_backup_id as new_backup_id
+from libvirt_rdm_backup.repository.ids import now_iso as now_iso
 from libvirt_rdm_backup.repository.manifest import (
     MAX_MANIFEST,
     DiskRecord,
@@ -61,46 +67,6 @@ DAMAGED_SUFFIX = ".damaged"
 PARTIAL_PREFIX = STAGING_PREFIX
 SEQUENCE = "sequence"
 SEQUENCE_LOCK = ".sequence.lock"
-BACKUP_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}$")
-SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-def now_iso() -> str:
-    """Current UTC time, ISO 8601 with seconds."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def new_backup_id(taken: Container[str] = ()) -> str:
-    """A unique, path-safe backup id (``20261125T143000Z-1a2b3c``), none of ``taken``.
-
-    The time is the clock's, which may have been set back: ids say when, by that
-    clock, not in which order (:mod:`.order` does).
-    """
-    while True:
-        backup_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
-        if backup_id not in taken:
-            return backup_id
-
-
-def check_backup_id(backup_id: str) -> str:
-    """Validate a backup id given by a user (raises UsageError)."""
-    if not BACKUP_ID_RE.fullmatch(backup_id):
-        raise UsageError(f"malformed backup id {backup_id!r}")
-    return backup_id
-
-
-def check_safe_name(name: str, what: str) -> str:
-    """Validate a name used inside the repository (disk, chain)."""
-    if not SAFE_NAME_RE.fullmatch(name):
-        raise UsageError(f"malformed {what} {name!r}")
-    return name
-
-
-def _check_uuid(domain_uuid: str) -> str:
-    try:
-        return str(uuidlib.UUID(domain_uuid))
-    except ValueError as err:
-        raise UsageError(f"malformed domain UUID {domain_uuid!r}") from err
 
 
 def write_file_atomic(path: str, text: str) -> None:
@@ -209,7 +175,7 @@ class Repository:
 
     def domain_dir(self, domain_uuid: str) -> str:
         """Directory holding one domain's backups."""
-        return os.path.join(self.root, _check_uuid(domain_uuid))
+        return os.path.join(self.root, check_uuid(domain_uuid))
 
     def backup_dir(self, domain_uuid: str, backup_id: str) -> str:
         """Directory of one published backup."""
@@ -362,7 +328,7 @@ class Repository:
 
         Oldest first as :func:`.order.in_order` says.
         """
-        uuids = [_check_uuid(domain_uuid)] if domain_uuid else self.domain_uuids()
+        uuids = [check_uuid(domain_uuid)] if domain_uuid else self.domain_uuids()
         found: list[Manifest] = []
         damaged: list[Damage] = []
         for uuid in uuids:
