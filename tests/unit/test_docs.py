@@ -169,7 +169,7 @@ JSON_CONTRACTS: dict[str, list[tuple[str, set[str] | None]]] = {
     "repository-format.md": [
         ("repository/manifest.py", {"to_dict"}), ("storage/base.py", {"to_dict"}),
         ("storage/snapshots.py", {"to_dict"}), ("repository/digest.py", {"to_dict"}),
-        ("repository/chunkmap.py", None),
+        ("repository/chunkmap.py", None), ("repository/chunks.py", None),
     ],
     "consistency.md": [("consistency.py", {"to_dict"})],
     "network.md": [("targets/volume_format.py", {"to_bytes"}),
