@@ -42,6 +42,7 @@ import libvirt
 from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.discover import fill_live_facts, open_domain, select_disks
+from libvirt_rdm_backup.engine.listeners import host_port, parse_listen, tcp_listener, unix_listener
 from libvirt_rdm_backup.engine.stores import FileStore
 from libvirt_rdm_backup.errors import (
     DamagedBackupError,
@@ -125,59 +126,6 @@ class Export:
                 "bitmap_context": self.bitmap_context, "chain": self.chain,
                 "socket": self.socket, "listen": self.address,
                 "disks": [d.to_dict() for d in self.disks]}
-
-
-def parse_listen(text: str, allow_remote: bool = False) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` (an IP address; port 0: any free port).
-
-    Raises UsageError for a malformed address and, unless ``allow_remote``, for
-    one that is not loopback (the export has neither TLS nor authentication).
-    """
-    host, sep, port_text = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        address = ipaddress.ip_address(host) if sep else None
-        port = int(port_text)
-    except ValueError:
-        address = None
-        port = -1
-    if address is None or not 0 <= port <= 65535:
-        raise UsageError(f"--listen wants ADDRESS:PORT with an IP address, not {text!r}")
-    if not address.is_loopback and not allow_remote:
-        raise UsageError(f"refusing to listen on {address}: not a loopback address, and NBD "
-                         "here has no TLS and no authentication (--allow-remote allows it)")
-    return str(address), port
-
-
-def _tcp_listener(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((host, port))
-        listener.listen(16)
-    except OSError as err:
-        listener.close()
-        raise OperationError(f"cannot listen on {_host_port(host, port)}: "
-                             f"{err.strerror}") from err
-    return listener
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _unix_listener(path: str) -> socket.socket:
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(path)
-        os.chmod(path, 0o600)
-        listener.listen(16)
-    except OSError as err:
-        listener.close()
-        raise OperationError(f"cannot listen on {path}: {err.strerror}") from err
-    return listener
 
 
 def _check_exportable(disk: RawDisk, domain: str) -> str:
@@ -329,7 +277,7 @@ def export(conn: libvirt.virConnect, domain: str, disks: list[str],
     if address is not None and not ipaddress.ip_address(address[0]).is_loopback:
         log.warning("NBD without TLS is plaintext: anyone who can reach %s can read the "
                     "exported disks, and their data crosses the network unencrypted",
-                    _host_port(*address))
+                    host_port(*address))
     check_safe_name(chain, "chain name")
     repo = Repository.open(target) if target is not None else None
     ctx = open_domain(conn, domain)
@@ -366,9 +314,28 @@ def export(conn: libvirt.virConnect, domain: str, disks: list[str],
 
 def _start(monitor: Monitor, setup: _Setup, undo: _Teardown) -> Export:
     """Set everything up, pushing each undo step as soon as there is something to undo."""
+    fleeces, point_in_time = _fleece(monitor, setup, undo)
+    listener, base, suffix, address, path = _listen(setup, undo)
+    try:
+        start_nbd_server(monitor, listener, object_name("nbdsock", "export", setup.token))
+    finally:
+        listener.close()
+    undo.push("stop NBD server", lambda: monitor.execute("nbd-server-stop"))
+    exported = [_add_export(monitor, setup, undo, fleece, f"{base}{fleece.disk}{suffix}")
+                for fleece in fleeces]
+    log.info("exporting %s of %s at %s", ", ".join(d.disk for d in exported), setup.name,
+             point_in_time)
+    return Export(domain_name=setup.name, domain_uuid=setup.uuid, point_in_time=point_in_time,
+                  disks=exported, socket=path,
+                  address=address, _fleeces=fleeces)
+
+
+def _fleece(monitor: Monitor, setup: _Setup, undo: _Teardown
+            ) -> tuple[list[FleecingExport], str]:
+    """One fleecing job per disk, and the temporary bitmaps, in one transaction: the
+    jobs and the point in time they show."""
     nodes, sources, temp_bitmap = setup.nodes, setup.sources, setup.temp_bitmap
-    socket_path, address, scratch_dir = setup.socket_path, setup.address, setup.scratch_dir
-    parent = scratch_dir or os.environ.get(SCRATCH_DIR_ENV) or DEFAULT_SCRATCH_DIR
+    parent = setup.scratch_dir or os.environ.get(SCRATCH_DIR_ENV) or DEFAULT_SCRATCH_DIR
     try:
         scratch = tempfile.mkdtemp(prefix="rdmb-export-", dir=parent)
     except OSError as err:
@@ -400,48 +367,45 @@ def _start(monitor: Monitor, setup: _Setup, undo: _Teardown) -> Export:
             undo.push(f"remove temporary bitmap of {fleece.disk}", partial(
                 monitor.execute, "block-dirty-bitmap-remove",
                 {"node": fleece.scratch_node, "name": temp_bitmap}))
+    return fleeces, point_in_time
 
-    path: str | None = None
+
+def _listen(setup: _Setup, undo: _Teardown
+            ) -> tuple[socket.socket, str, str, str | None, str | None]:
+    """The socket QEMU's NBD server gets: the listener, the URI's start and end, the TCP
+    address and the unix socket's path (one of the two is None)."""
+    address, socket_path = setup.address, setup.socket_path
     if address is not None:
-        listener = _tcp_listener(*address)
+        listener = tcp_listener(*address)
         bound = listener.getsockname()
-        host_port = _host_port(address[0], int(bound[1]))
-        base = f"nbd://{host_port}/"
-        suffix = ""
-    else:
-        if socket_path is None:
-            directory = private_socket_dir(SOCKET_ROOT)
-            undo.push("delete socket directory", lambda: shutil.rmtree(directory))
-            socket_path = os.path.join(directory, "nbd.sock")
-        path = os.path.abspath(socket_path)
-        listener = _unix_listener(path)
-        undo.push("delete socket", lambda: _unlink(path))
-        base, suffix, host_port = "nbd+unix:///", f"?socket={path}", None
-    try:
-        start_nbd_server(monitor, listener, object_name("nbdsock", "export", setup.token))
-    finally:
-        listener.close()
-    undo.push("stop NBD server", lambda: monitor.execute("nbd-server-stop"))
+        at = host_port(address[0], int(bound[1]))
+        return listener, f"nbd://{at}/", "", at, None
+    if socket_path is None:
+        directory = private_socket_dir(SOCKET_ROOT)
+        undo.push("delete socket directory", lambda: shutil.rmtree(directory))
+        socket_path = os.path.join(directory, "nbd.sock")
+    path = os.path.abspath(socket_path)
+    listener = unix_listener(path)
+    undo.push("delete socket", lambda: _unlink(path))
+    return listener, "nbd+unix:///", f"?socket={path}", None, path
 
-    exported: list[ExportedDisk] = []
-    for fleece in fleeces:
-        options: dict[str, Any] = {"type": "nbd",
-                                   "id": object_name("export", fleece.disk, setup.token),
-                                   "node-name": fleece.scratch_node, "name": fleece.disk,
-                                   "writable": False}
-        if fleece.disk in sources:
-            options["bitmaps"] = [temp_bitmap]
-        monitor.execute("block-export-add", options)
-        undo.push(f"remove NBD export {fleece.disk}",
-                  partial(_remove_export, monitor, options["id"]))
-        since = sources.get(fleece.disk)
-        exported.append(ExportedDisk(
-            disk=fleece.disk, size=fleece.size, uri=f"{base}{fleece.disk}{suffix}",
-            dirty_since=since[1] if since else None,
-            bitmap_context=BITMAP_CONTEXT_PREFIX + temp_bitmap if since else None,
-            bitmap_note=setup.notes.get(fleece.disk)))
-    log.info("exporting %s of %s at %s", ", ".join(d.disk for d in exported), setup.name,
-             point_in_time)
-    return Export(domain_name=setup.name, domain_uuid=setup.uuid, point_in_time=point_in_time,
-                  disks=exported, socket=path,
-                  address=host_port, _fleeces=fleeces)
+
+def _add_export(monitor: Monitor, setup: _Setup, undo: _Teardown, fleece: FleecingExport,
+                uri: str) -> ExportedDisk:
+    """The read-only NBD export of a disk's fleecing node (with its dirty bitmap)."""
+    sources, temp_bitmap = setup.sources, setup.temp_bitmap
+    options: dict[str, Any] = {"type": "nbd",
+                               "id": object_name("export", fleece.disk, setup.token),
+                               "node-name": fleece.scratch_node, "name": fleece.disk,
+                               "writable": False}
+    if fleece.disk in sources:
+        options["bitmaps"] = [temp_bitmap]
+    monitor.execute("block-export-add", options)
+    undo.push(f"remove NBD export {fleece.disk}",
+              partial(_remove_export, monitor, options["id"]))
+    since = sources.get(fleece.disk)
+    return ExportedDisk(
+        disk=fleece.disk, size=fleece.size, uri=uri,
+        dirty_since=since[1] if since else None,
+        bitmap_context=BITMAP_CONTEXT_PREFIX + temp_bitmap if since else None,
+        bitmap_note=setup.notes.get(fleece.disk))
