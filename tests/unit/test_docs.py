@@ -161,7 +161,8 @@ def _dict_keys(path: Path, functions: set[str] | None) -> set[str]:
 JSON_CONTRACTS: dict[str, list[tuple[str, set[str] | None]]] = {
     # page: the code that writes the documents it describes
     "cli.md": [
-        ("cli.py", {"cmd_disks", "cmd_list", "cmd_hook", "cmd_receive"}),
+        ("cli/disks.py", {"cmd_disks"}), ("cli/backups.py", {"cmd_list"}),
+        ("cli/host.py", {"cmd_hook"}), ("cli/serving.py", {"cmd_receive"}),
         ("engine/backup.py", {"to_dict"}), ("engine/restore.py", {"to_dict"}),
         ("engine/verify.py", {"to_dict"}), ("engine/export.py", {"to_dict"}),
         ("domain/disks.py", {"to_dict"}),

@@ -1,0 +1,233 @@
+"""The argument parser of ``rdm-backup``: its commands, options and help texts."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from libvirt_rdm_backup.cli.backups import cmd_backup, cmd_list, cmd_restore, cmd_verify
+from libvirt_rdm_backup.cli.disks import cmd_disks, cmd_map
+from libvirt_rdm_backup.cli.host import cmd_agent, cmd_hook
+from libvirt_rdm_backup.cli.serving import cmd_export, cmd_receive
+from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, check_max_pause
+from libvirt_rdm_backup.errors import UsageError
+from libvirt_rdm_backup.modes import Level, Quiesce
+from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and exit code 2."""
+
+    def error(self, message: str) -> Any:
+        command = self.prog.removeprefix("rdm-backup").strip()
+        raise UsageError(f"{command}: {message}" if command else message)
+
+
+def seconds(text: str) -> float:
+    """A positive number of seconds (argparse type)."""
+    try:
+        return check_max_pause(float(text))
+    except (ValueError, UsageError) as err:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}") from err
+
+
+def common_options(default: Any) -> Parser:
+    common = Parser(add_help=False)
+    common.add_argument("--json", action="store_true", default=default,
+                        help="print one JSON document on stdout")
+    common.add_argument("-c", "--connect", metavar="URI", default=default,
+                        help="libvirt URI (default: $LIBVIRT_DEFAULT_URI or qemu:///system)")
+    common.add_argument("-v", "--verbose", action="count", default=default,
+                        help="more log output")
+    return common
+
+
+TLS_HELP = ("for nbds:// targets: x509 directory with ca-cert.pem, client-cert.pem, "
+            "client-key.pem (readable by QEMU's user on the hypervisor)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``rdm-backup``."""
+    parser = Parser(prog="rdm-backup", parents=[common_options(argparse.SUPPRESS)],
+                    description="Backup and restore of raw disks of libvirt/QEMU domains.")
+    parser.set_defaults(json=False, connect=None, verbose=0)
+    # the options work before and after the command; the command's copy must not
+    # reset what was given before it, hence SUPPRESS defaults on both copies
+    common = common_options(argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    _add_disks(sub, common)
+    _add_map(sub, common)
+    _add_backup(sub, common)
+    _add_restore(sub, common)
+    _add_verify(sub, common)
+    _add_hook(sub, common)
+    _add_export(sub, common)
+    _add_receive(sub, common)
+    _add_agent(sub, common)
+    _add_list(sub, common)
+    return parser
+
+
+def _add_disks(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """The ``disks`` command."""
+    p = sub.add_parser("disks", parents=[common], help="list a domain's disks and raw disks")
+    p.add_argument("domain", help="domain name or UUID")
+    p.set_defaults(func=cmd_disks)
+
+
+def _add_map(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """The ``map`` command."""
+    p = sub.add_parser("map", parents=[common], help="print the raw disk mapping")
+    p.add_argument("domain", help="domain name or UUID")
+    p.add_argument("--disk", action="append", metavar="DEV", help="only this disk (repeatable)")
+    p.set_defaults(func=cmd_map)
+
+
+def _add_backup(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """The ``backup`` command."""
+    p = sub.add_parser("backup", parents=[common], help="back up a domain's raw disks")
+    p.add_argument("domain", help="domain name or UUID")
+    p.add_argument("--target", required=True, metavar="DIR|URI",
+                   help="repository directory, or an NBD volume: nbd://HOST:PORT/EXPORT, "
+                        "nbds://... (TLS), nbd+unix:///EXPORT?socket=PATH")
+    p.add_argument("--allow-plain-nbd", action="store_true",
+                   help="allow unencrypted nbd:// to a non-loopback address")
+    p.add_argument("--agent", metavar="ssh://USER@HOST[:PORT]",
+                   help="the hypervisor's rdm-backup agent, when --connect names another "
+                        "machine: asked over SSH for the raw disk mappings")
+    p.add_argument("--agent-identity", metavar="FILE", help="SSH key for --agent")
+    p.add_argument("--agent-known-hosts", metavar="FILE", help="known_hosts for --agent")
+    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
+    p.add_argument("--disk", action="append", metavar="DEV", help="only this disk (repeatable)")
+    p.add_argument("--level", choices=[m.value for m in Level], default="auto",
+                   help="full, incremental (since the chain's previous backup), differential "
+                        "(since its last full), resync (read once, store the chunks that "
+                        "differ from the last backup) or auto (default: incremental where "
+                        "tracking is intact, else a resync or a full copy, with the reason)")
+    p.add_argument("--quiesce", nargs="?", const="try", choices=[m.value for m in Quiesce],
+                   default=None,
+                   help="freeze the guest's filesystems through the QEMU guest agent while "
+                        "the point in time is fixed; without the agent the backup is "
+                        "crash-consistent, or fails with --quiesce=required")
+    p.add_argument("--chain", default=DEFAULT_CHAIN, metavar="NAME",
+                   help="independent chain with its own dirty tracking (default: %(default)s)")
+    p.add_argument("--max-pause", type=seconds, default=DEFAULT_MAX_PAUSE, metavar="SECONDS",
+                   help="longest the guest may stay paused while a passthrough LUN without "
+                        "storage snapshots is copied: refused up front when its measured read "
+                        "rate says longer, cancelled (guest resumed, exit 4) when reached "
+                        "(default: %(default)g)")
+    p.set_defaults(func=cmd_backup)
+
+
+def _add_restore(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """The ``restore`` command."""
+    p = sub.add_parser("restore", parents=[common], help="restore one disk to a file or device")
+    p.add_argument("domain", help="domain UUID, or its name at backup time")
+    p.add_argument("--target", required=True, metavar="DIR|URI",
+                   help="repository directory or NBD volume URI")
+    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
+    p.add_argument("--disk", required=True, metavar="DEV", help="the disk to restore (e.g. vdb)")
+    p.add_argument("--to", required=True, metavar="PATH",
+                   help="new file, existing file or block device to write the disk to")
+    p.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
+    p.add_argument("--force", action="store_true",
+                   help="write even to a smaller target or one used by a running domain")
+    p.set_defaults(func=cmd_restore)
+
+
+def _add_verify(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """The ``verify`` command."""
+    p = sub.add_parser("verify", parents=[common], help="recompute and check stored digests")
+    p.add_argument("domain", nargs="?",
+                   help="only this domain's backups: its UUID, or its name at backup time")
+    p.add_argument("--target", required=True, metavar="DIR|URI",
+                   help="repository directory or NBD volume URI")
+    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
+    p.add_argument("--backup", metavar="ID",
+                   help="only this backup, with the layers it builds on")
+    p.set_defaults(func=cmd_verify)
+
+
+def _add_hook(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """The ``hook`` command."""
+    p = sub.add_parser("hook", parents=[common],
+                       help="install or remove the libvirt hook that records VM restarts")
+    p.add_argument("action", choices=("install", "uninstall"), help="install or remove the hook")
+    p.add_argument("--hooks-dir", default="/etc/libvirt/hooks", metavar="DIR",
+                   help="libvirt's hook directory (default: %(default)s)")
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="where the hook records events (default: "
+                        "/var/lib/libvirt-rdm-backup/events)")
+    p.set_defaults(func=cmd_hook)
+
+
+def _add_export(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """The ``export`` command."""
+    p = sub.add_parser("export", parents=[common],
+                       help="serve a point in time of raw disks over NBD, read-only (pull mode)")
+    p.add_argument("domain", help="domain name or UUID")
+    p.add_argument("--disk", action="append", required=True, metavar="DEV",
+                   help="disk to export (repeatable); its NBD export is named after it")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH",
+                       help="unix socket to listen on, mode 0600 (default: a new one in a "
+                            "0700 directory under /run/libvirt-rdm-backup)")
+    where.add_argument("--listen", metavar="ADDRESS:PORT",
+                       help="listen on TCP instead (an IP address, loopback unless "
+                            "--allow-remote; port 0: any free port); any local user can connect")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a --listen address that is not loopback (NBD without TLS: "
+                        "plaintext, no authentication)")
+    p.add_argument("--target", metavar="DIR",
+                   help="repository: also export the writes since the chain's last backup "
+                        "as the NBD metadata context qemu:dirty-bitmap:NAME")
+    p.add_argument("--chain", default=None, metavar="NAME",
+                   help=f"chain of --target (default: {DEFAULT_CHAIN})")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="stop after this long (default: at SIGINT or SIGTERM)")
+    p.add_argument("--scratch-dir", metavar="DIR",
+                   help="where the old data of disk areas the guest overwrites is kept while "
+                        "the export runs (default: /var/tmp)")
+    p.set_defaults(func=cmd_export)
+
+
+def _add_receive(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """The ``receive`` command."""
+    p = sub.add_parser("receive", parents=[common],
+                       help="serve a backup volume over NBD for backup --target nbd://...")
+    p.add_argument("--volume", required=True, metavar="FILE",
+                   help="the volume file (created sparse when missing)")
+    p.add_argument("--size", type=int, default=1 << 40, metavar="BYTES",
+                   help="size of a new volume (default: 1 TiB, sparse)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="TCP address to serve on")
+    p.add_argument("--socket", metavar="PATH", help="unix socket to serve on")
+    p.add_argument("--export", default="backups", metavar="NAME")
+    p.add_argument("--tls-creds", metavar="DIR",
+                   help="x509 directory (ca-cert.pem, server-cert.pem, server-key.pem)")
+    p.add_argument("--allow-client-dn", action="append", metavar="DN",
+                   help="with --tls-creds: allow clients whose certificate has this subject, "
+                        "as QEMU writes it (in the certificate's order, RFC 4514 escaping, "
+                        "e.g. 'C=GB,O=Example,CN=hv1'); repeatable; default: the subject of "
+                        "DIR/client-cert.pem when there is one")
+    p.add_argument("--allow-plain-remote", action="store_true",
+                   help="allow serving without TLS on a non-loopback address")
+    p.set_defaults(func=cmd_receive)
+
+
+def _add_agent(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """The ``agent`` command."""
+    p = sub.add_parser("agent", parents=[common],
+                       help="answer one JSON request of a backup server (run by sshd with a "
+                            "forced command; see docs/remote-backups.md)")
+    p.set_defaults(func=cmd_agent)
+
+
+def _add_list(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """The ``list`` command."""
+    p = sub.add_parser("list", parents=[common], help="list backups in a repository")
+    p.add_argument("domain", nargs="?",
+                   help="only this domain's backups: its UUID, or its name at backup time")
+    p.add_argument("--target", required=True, metavar="DIR|URI",
+                   help="repository directory or NBD volume URI")
+    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
+    p.set_defaults(func=cmd_list)
