@@ -82,7 +82,8 @@ The sections (``--sections``, default all of them, run in this order in one proc
     of 0.25 s, again): p50 and worst of ``paused_ms`` (goal: worst <= 100 ms);
   - ``--repeat`` rounds, each in a fresh repository, of a full backup of ``sda`` alone and
     ``qemu-img convert -f raw -O raw iscsi://127.0.0.1:3260/IQN/1 FILE`` and ``-O qcow2``
-    of the same LUN (rotated order): backup time / convert time (goal <= 1.0 for raw);
+    of the same LUN (rotated order): backup time / convert time (goal <= 1.0 for raw;
+    beside it, as context, the ratio to the raw convert followed by an fsync of its file);
     then ``--dirty`` of ``sda`` rewritten by the guest side (as in ``incremental``, on the
     LUN's qdev) and an incremental backup of ``sda``: time / full time and bytes it takes on disk /
     rewritten bytes; the data path and level of every disk are reported (``snapshot``,

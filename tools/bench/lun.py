@@ -75,6 +75,15 @@ def timed_api_backup(domain: str, repo: Path, disks: list[str] | None,
     return time.monotonic() - started, result
 
 
+def fsync_file(path: Path) -> None:
+    """Write a file's dirty pages to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def drop_storage_snapshots(repo: Path) -> int:
     """Delete the storage snapshots a repository's backups keep; the number recorded.
 
@@ -222,6 +231,7 @@ def lun_full_and_incremental(lab: Lab, name: str, dom: libvirt.virDomain,
     disk = LUNS[0]
     url = lun.url
     runs: dict[str, list[float]] = {key: [] for key in (*LUN_METHODS, "lun_inc_s")}
+    synced: dict[str, list[float]] = {key: [] for key in LUN_METHODS[1:]}
     stored: dict[str, list[float]] = {key: [] for key in (*LUN_METHODS, "lun_inc_s")}
     inc_manifest: list[float] = []
     inc_transferred: list[float] = []
@@ -247,7 +257,10 @@ def lun_full_and_incremental(lab: Lab, name: str, dom: libvirt.virDomain,
                     label = f"qemu-img convert -O {fmt}"
                     try:
                         settle(args)
+                        started = time.monotonic()
                         seconds = run_convert(url, image, fmt)
+                        fsync_file(image)  # the backup's layer is on disk when it returns
+                        synced[key].append(time.monotonic() - started)
                         stored[key].append(float(allocated_bytes(image)))
                         if round_no == 0 and not args.no_verify:
                             verified[key] = same_content(url, image, fmt)
@@ -292,6 +305,9 @@ def lun_full_and_incremental(lab: Lab, name: str, dom: libvirt.virDomain,
         "qemu_img_convert_qcow2_s": round(qcow2_s, 3),
         "lun_full_ratio_vs_convert_raw": round(full_s / raw_s, 3),
         "lun_full_ratio_vs_convert_qcow2": round(full_s / qcow2_s, 3),
+        "qemu_img_convert_raw_synced_s": round(median(synced["qemu_img_convert_raw_s"]), 3),
+        "lun_full_ratio_vs_convert_raw_synced":
+            round(full_s / median(synced["qemu_img_convert_raw_s"]), 3),
         "lun_full_stored_bytes": int(full_stored),
         "qemu_img_convert_raw_stored_bytes": int(median(stored["qemu_img_convert_raw_s"])),
         "qemu_img_convert_qcow2_stored_bytes":
@@ -393,6 +409,9 @@ def print_lun(doc: dict[str, Any]) -> None:
     print(f"    vs convert -O raw:                   {goal(doc, 'lun_full_ratio_vs_convert_raw')}")
     print(f"    vs convert -O qcow2:                 "
           f"{goal(doc, 'lun_full_ratio_vs_convert_qcow2')}")
+    print(f"    vs convert -O raw + fsync of its file: "
+          f"{doc['lun_full_ratio_vs_convert_raw_synced']:.3f}   (context: the backup fsyncs "
+          f"its layer; convert with fsync {doc['qemu_img_convert_raw_synced_s']:.3f} s)")
     print(f"  stored: rdm-backup {doc['lun_full_stored_bytes'] / MiB:.2f} MiB, convert raw "
           f"{doc['qemu_img_convert_raw_stored_bytes'] / MiB:.2f} MiB, qcow2 "
           f"{doc['qemu_img_convert_qcow2_stored_bytes'] / MiB:.2f} MiB")
