@@ -70,6 +70,7 @@ LUN_KEYS = (
     "qemu_img_convert_qcow2_s",
     "lun_full_ratio_vs_convert_raw",
     "lun_full_ratio_vs_convert_qcow2",
+    "lun_full_ratio_vs_convert_raw_synced",
     "lun_inc_s",
     "lun_inc_ratio_to_full",
     "lun_inc_stored_bytes",
