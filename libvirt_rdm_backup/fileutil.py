@@ -42,8 +42,10 @@ def read_regular(path: str, limit: int) -> bytes:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o600, tmp_dir: str | None = None) -> None:
-    """Replace ``path`` with ``data``: readers see the old file or the new one, never a mix.
+def write_atomic(path: str, data: bytes | bytearray | tuple[bytes | bytearray, ...],
+                 mode: int = 0o600, tmp_dir: str | None = None) -> None:
+    """Replace ``path`` with ``data`` (or its parts, one after the other, never joined in
+    memory): readers see the old file or the new one, never a mix.
 
     The temporary file is created beside ``path`` (or in ``tmp_dir``, on the same
     filesystem) without following links; it is removed again on any failure.
@@ -56,7 +58,8 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600, tmp_dir: str | None 
                  0o600)
     try:
         with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
+            for part in data if isinstance(data, tuple) else (data,):
+                stream.write(part)
             stream.flush()
             os.fchmod(stream.fileno(), mode)
             os.fsync(stream.fileno())

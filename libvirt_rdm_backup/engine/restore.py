@@ -285,7 +285,8 @@ def zero_nonzero_ranges(fd: int, length: int) -> int:
         got = os.preadv(fd, [view], offset)
         if got <= 0:
             break
-        if view[:got] != _ZERO[:got]:
+        # compared as bytes (memcmp); memoryviews compare item by item, 20 times slower
+        if (buf if got == CHUNK else buf[:got]) != _ZERO[:got]:
             fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, got))
             zeroed += got
         offset += got
