@@ -100,12 +100,12 @@ def test_vm_reset_between_backups_keeps_tracking() -> None:
 
 def test_qemu_stopped_before_and_during_a_backup() -> None:
     """A QEMU that stops answering (SIGSTOP): the tool gives up in one line, then recovers."""
-    with lab_vm(loop_size=512 * MiB, lun_size=16 * MiB) as vm:
+    with lab_vm(loop_size=256 * MiB, lun_size=16 * MiB) as vm:
         repo = str(vm.workdir / "repo")
         points = Points(vm, repo)
         fill(vm, 4)
         points.backup()
-        fill(vm, 24, first=30)
+        fill(vm, 16, first=30)
         # each monitor command is given up after the QMP limit, and the cleanup after the
         # first one goes unanswered tries several: the limit sets how long a run takes here.
         # Before the backup everything is unanswered; under a job the setup must still get
