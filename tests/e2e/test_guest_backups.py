@@ -102,7 +102,7 @@ def test_lun_io_never_fails_during_backups(lab: GuestLab) -> None:
     g.check(f"({WRITER}) >/dev/null 2>&1 &")
     repo = str(lab.work / "repo-io")
     try:
-        time.sleep(2)
+        g.wait_path("/run/count", 20)  # the writer is under way
         before = _count(g)
         full = api.backup(g.name, repo)
         middle = _count(g)

@@ -21,6 +21,10 @@ from tests.lab.storage_lab import rdmb_tmpdir
 from tests.lab.volume_server import VolumeServer
 
 pytestmark = pytest.mark.lab
+# a disk whose copy still runs when a fault hits it right after its job started: PIECES
+# writes of 8 MiB, one every 20 MiB (192 MiB to copy; the fault comes milliseconds in)
+BIG_DISK = 512 * MiB
+PIECES = 24
 
 
 @pytest.fixture
@@ -87,10 +91,10 @@ def test_full_and_incremental_into_an_nbd_volume(server: VolumeServer) -> None:
 
 @pytest.mark.fault
 def test_nbd_server_dying_mid_backup(server: VolumeServer) -> None:
-    with lab_vm(loop_size=1024 * MiB) as vm:
+    with lab_vm(loop_size=BIG_DISK) as vm:
         guest_write(vm.dom, "vdb", 0x21, 0, MiB)
         first = api.backup(vm.name, server.uri, disks=["vdb"])
-        for index in range(48):  # enough changed data to copy for a while
+        for index in range(PIECES):  # enough changed data to copy for a while
             guest_write(vm.dom, "vdb", 0x30 + index, index * 20 * MiB, 8 * MiB)
         exe = Path(sys.executable).parent / "rdm-backup"
         proc = subprocess.Popen([str(exe), "backup", vm.name, "--target", server.uri,
@@ -247,12 +251,12 @@ time.sleep(600)
 def test_two_writers_by_two_addresses_are_excluded(server: VolumeServer) -> None:
     """Backups reaching one served volume as 127.0.0.1 and as localhost: one writer at a time."""
     by_ip, by_name = server.uri, server.uri.replace("127.0.0.1", "localhost")
-    with lab_vm(loop_size=1024 * MiB) as big, lab_vm(loop_size=64 * MiB) as small:
+    with lab_vm(loop_size=BIG_DISK) as big, lab_vm(loop_size=64 * MiB) as small:
         guest_write(small.dom, "vdb", 0x41, 0, MiB)
         small_ref = reference(small, "0")["vdb"]
         first = rdm_backup("backup", small.name, "--target", by_name, "--disk", "vdb", "--json")
         assert first.returncode == 0, first.stderr
-        for index in range(48):  # enough to copy for a while
+        for index in range(PIECES):  # enough to copy for a while
             guest_write(big.dom, "vdb", 0x30 + index, index * 20 * MiB, 8 * MiB)
         big_ref = reference(big, "0")["vdb"]
         exe = Path(sys.executable).parent / "rdm-backup"
@@ -299,11 +303,11 @@ def test_a_stalled_writer_taken_over_publishes_nothing(server: VolumeServer) -> 
     env = {**os.environ, "RDM_BACKUP_VOLUME_LEASE": "2"}
     by_ip, by_name = server.uri, server.uri.replace("127.0.0.1", "localhost")
     exe = Path(sys.executable).parent / "rdm-backup"
-    with lab_vm(loop_size=1024 * MiB) as big, lab_vm(loop_size=64 * MiB) as small:
+    with lab_vm(loop_size=BIG_DISK) as big, lab_vm(loop_size=64 * MiB) as small:
         guest_write(big.dom, "vdb", 0x22, 0, MiB)
         kept_ref = reference(big, "kept")["vdb"]
         kept = api.backup(big.name, by_ip, disks=["vdb"])
-        for index in range(48):
+        for index in range(PIECES):
             guest_write(big.dom, "vdb", 0x50 + index, index * 20 * MiB, 8 * MiB)
         guest_write(small.dom, "vdb", 0x43, 0, MiB)
         small_ref = reference(small, "0")["vdb"]

@@ -119,6 +119,9 @@ def wait_until_copying(dom: libvirt.virDomain, proc: subprocess.Popen[str], devi
 
 
 STALL_LIMIT = 4  # seconds without I/O before the tool gives a copy up (RDM_BACKUP_STALL_TIMEOUT)
+# seconds before an unanswered monitor command is given up (RDM_BACKUP_QMP_TIMEOUT; by default
+# the stall limit): the cleanup after the first one tries several, each waiting this long
+QMP_LIMIT = 3
 BACK_AFTER = 60  # seconds the array stays down in the long outage
 
 
@@ -143,7 +146,8 @@ def test_array_stopped_mid_copy_and_brought_back(device: str, outage: str) -> No
                 name, [domains.iscsi_disk("sda", array.iqn, 1, device=device,
                                           port=array.port)]) as dom:
             repo = str(work / "repo")
-            env = {**os.environ, "RDM_BACKUP_STALL_TIMEOUT": str(STALL_LIMIT)}
+            env = {**os.environ, "RDM_BACKUP_STALL_TIMEOUT": str(STALL_LIMIT),
+                   "RDM_BACKUP_QMP_TIMEOUT": str(QMP_LIMIT)}
             proc = subprocess.Popen([str(EXE), "backup", name, "--target", repo], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             wait_until_copying(dom, proc, device)
@@ -174,7 +178,7 @@ def test_array_stopped_mid_copy_and_brought_back(device: str, outage: str) -> No
                     assert err.count("\n") == 1 and "Traceback" not in err
                     # the monitor command given up is the job poll or the unplug check
                     assert (f"made no progress for {STALL_LIMIT} s" in err or re.search(
-                        rf"did not answer query-(jobs|block) within {STALL_LIMIT} s", err)), err
+                        rf"did not answer query-(jobs|block) within {QMP_LIMIT} s", err)), err
                     assert api.list_backups(repo) == []
                     assert not [p for p in Path(repo).rglob("*") if p.is_file() and
                                 p.name not in {"rdm-backup-repository.json", ".lock"}]

@@ -41,17 +41,21 @@ SLOW = 2 * MiB  # bytes/s QEMU may read from vdb's LUN during the backup
 WRITE_WAIT = 60.0  # seconds a guest write may take before it counts as hung
 
 
-def slow_reads(vm: LabVM) -> None:
+def slow_reads(vm: LabVM, limit: int = SLOW) -> None:
     """Throttle QEMU's reads of vdb's LUN (the domain's blkio cgroup): a backup copies
-    for seconds, so the guest writes while it runs; the guest's own writes stay fast."""
+    for seconds, so the guest writes while it runs; the guest's own writes stay fast.
+    ``limit`` 0 lifts the throttle (the backups after the fault need not crawl)."""
     pid = Path(f"/run/libvirt/qemu/{vm.name}.pid").read_text(encoding="ascii").strip()
     for line in Path(f"/proc/{pid}/cgroup").read_text(encoding="ascii").splitlines():
         _id, controllers, path = line.split(":", 2)
         if "blkio" in controllers.split(","):
             rdev = os.stat(vm.loop).st_rdev
-            limit = Path("/sys/fs/cgroup/blkio", path.lstrip("/"),
-                         "blkio.throttle.read_bps_device")
-            limit.write_text(f"{os.major(rdev)}:{os.minor(rdev)} {SLOW}\n", encoding="ascii")
+            throttle = Path("/sys/fs/cgroup/blkio", path.lstrip("/"),
+                            "blkio.throttle.read_bps_device")
+            throttle.write_text(f"{os.major(rdev)}:{os.minor(rdev)} {limit}\n",
+                                encoding="ascii")
+            rule = f"{os.major(rdev)}:{os.minor(rdev)} "
+            assert (rule in throttle.read_text(encoding="ascii")) == (limit > 0), limit
             return
     pytest.skip("no blkio cgroup for the domain's QEMU")
 
@@ -119,6 +123,7 @@ def test_full_repository_fails_the_backup_not_the_guest(level: str) -> None:
             assert err.count("\n") == 1 and "no space left" in err.lower(), err
             assert [m.backup_id for m in api.list_backups(repo)] == list(points.refs)
             assert qemu_leftovers(vm.dom) == [] and dirty_bitmaps(vm.dom) == tracked
+            slow_reads(vm, 0)
             # room again: the next incremental holds the writes made before and during it
             ballast.unlink()
             again = points.backup(level="incremental")
@@ -136,7 +141,7 @@ def serving_pid(server: VolumeServer) -> int:
 
 
 def test_stalled_nbd_server_fails_the_backup_not_the_guest() -> None:
-    stall = 5
+    stall = 3  # seconds; the run waits it out more than once while the server stays stopped
     with lab_vm(loop_size=LOOP, lun_size=16 * MiB) as vm:
         server = VolumeServer(vm.workdir / "volume.img", export="vol")
         server.start(8 * LOOP)
@@ -166,6 +171,7 @@ def test_stalled_nbd_server_fails_the_backup_not_the_guest() -> None:
             assert "no progress" in err.splitlines()[-1], err
             assert [m.backup_id for m in api.list_backups(server.uri)] == list(points.refs)
             assert tracked <= dirty_bitmaps(vm.dom)  # the last point's tracking is kept
+            slow_reads(vm, 0)
             # the job stuck on the server, and its filter, go with the next run
             again = points.backup(level="incremental")
             assert again.manifest.disk("vdb").level == "incremental"  # type: ignore[union-attr]
@@ -197,6 +203,7 @@ def test_full_fleecing_image_breaks_the_point_not_the_guest() -> None:
         assert err.count("\n") == 1 and "point in time was given up" in err, err
         assert [m.backup_id for m in api.list_backups(repo)] == list(points.refs)
         assert qemu_leftovers(vm.dom) == [] and dirty_bitmaps(vm.dom) == tracked
+        slow_reads(vm, 0)
         again = points.backup(level="incremental")
         assert again.manifest.disk("vdb").level == "incremental"  # type: ignore[union-attr]
         assert points.restore_every_point() == 2
@@ -228,6 +235,7 @@ def test_filter_left_by_a_killed_run_is_removed_by_the_next() -> None:
         assert drive_of(vm, "vdb").startswith("rdmb-cbw-")
         assert write_meanwhile(vm, 48 * MiB, 4, 0x60) == [None] * 4
         assert_running(vm.dom)
+        slow_reads(vm, 0)
         again = points.backup(level="incremental")
         assert again.manifest.disk("vdb").level == "incremental"  # type: ignore[union-attr]
         assert drive_of(vm, "vdb") == own and qemu_leftovers(vm.dom) == []

@@ -19,6 +19,7 @@ import struct
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -71,9 +72,10 @@ class OpenWatch:
 
 
 @contextmanager
-def outside_file(workdir: Path) -> Iterator[tuple[Path, OpenWatch]]:
-    """A file outside the repository holding :data:`PATTERN`, alone in a watched directory."""
-    directory = workdir / "outside"
+def outside_file(workdir: Path, name: str = "outside") -> Iterator[tuple[Path, OpenWatch]]:
+    """A file outside the repository holding :data:`PATTERN`, alone in a watched directory
+    ``name`` (new) under ``workdir``."""
+    directory = workdir / name
     directory.mkdir()
     path = directory / "secret.raw"
     with open(path, "wb") as stream:
@@ -202,39 +204,73 @@ def with_data_file(head: bytes, name: bytes) -> bytes:
     return bytes(out[:len(head)])
 
 
-@pytest.mark.hostile
-def test_a_data_file_named_in_an_nbd_volume_layer_is_refused() -> None:
-    """The same attack from a backup server: a layer in the volume names a data file."""
-    with lab_vm(loop_size=DISK_SIZE, lun_size=LUN_SIZE) as vm, \
-            outside_file(vm.workdir) as (outside, watch):
+@dataclass
+class VolumeChain:
+    """A VM and a volume file holding a chain of its disks (full and two incrementals)."""
+
+    vm: LabVM
+    volume: Path
+    points: list[Point]
+
+
+@pytest.fixture(scope="module")
+def volume_chain() -> Iterator[VolumeChain]:
+    """The chain is made once for the volume tests of this module; each test damages a
+    copy of the volume of its own (:func:`served_copy`)."""
+    with lab_vm(loop_size=DISK_SIZE, lun_size=LUN_SIZE) as vm:
         server = VolumeServer(vm.workdir / "volume.img")
         server.start()
         try:
-            repo = server.uri
-            first, second, third = make_chain(vm, repo)
-            manifest = next(m for m in api.list_backups(repo) if m.backup_id == third.backup_id)
-            location = manifest.disk("sda").location  # type: ignore[union-attr]
-            assert location is not None
-            offset = int(location["offset"])
-            with open(server.path, "r+b") as stream:
-                stream.seek(offset)
-                head = stream.read(HEADER_READ)
-                stream.seek(offset)
-                stream.write(with_data_file(head, str(outside).encode()))
-            watch.events()
-
-            watched_refusal(watch, cli("verify", "--target", repo),
-                            f"backup {third.backup_id} disk sda", "external data file")
-            restore_refused(vm, repo, "sda", third.backup_id, third.backup_id, "sda",
-                            "external data file")
-            assert watch.events() == 0
-            for point in (first, second, third):
-                for disk in DISKS:
-                    if (point.backup_id, disk) != (third.backup_id, "sda"):
-                        restores_identically(vm, repo, point, disk)
-            assert watch.events() == 0
+            points = make_chain(vm, server.uri)
         finally:
             server.stop()
+        yield VolumeChain(vm, server.path, points)
+
+
+@contextmanager
+def served_copy(chain: VolumeChain, name: str) -> Iterator[VolumeServer]:
+    """A copy of the chain's volume, served on a port of its own; removed afterwards."""
+    path = chain.vm.workdir / f"{name}.img"
+    subprocess.run(["cp", "--sparse=always", str(chain.volume), str(path)], check=True)
+    server = VolumeServer(path)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        path.unlink()
+
+
+@pytest.mark.hostile
+def test_a_data_file_named_in_an_nbd_volume_layer_is_refused(
+        volume_chain: VolumeChain) -> None:
+    """The same attack from a backup server: a layer in the volume names a data file."""
+    vm = volume_chain.vm
+    with outside_file(vm.workdir, "outside-data-file") as (outside, watch), \
+            served_copy(volume_chain, "data-file") as server:
+        repo = server.uri
+        first, second, third = volume_chain.points
+        manifest = next(m for m in api.list_backups(repo) if m.backup_id == third.backup_id)
+        location = manifest.disk("sda").location  # type: ignore[union-attr]
+        assert location is not None
+        offset = int(location["offset"])
+        with open(server.path, "r+b") as stream:
+            stream.seek(offset)
+            head = stream.read(HEADER_READ)
+            stream.seek(offset)
+            stream.write(with_data_file(head, str(outside).encode()))
+        watch.events()
+
+        watched_refusal(watch, cli("verify", "--target", repo),
+                        f"backup {third.backup_id} disk sda", "external data file")
+        restore_refused(vm, repo, "sda", third.backup_id, third.backup_id, "sda",
+                        "external data file")
+        assert watch.events() == 0
+        for point in (first, second, third):
+            for disk in DISKS:
+                if (point.backup_id, disk) != (third.backup_id, "sda"):
+                    restores_identically(vm, repo, point, disk)
+        assert watch.events() == 0
 
 
 @pytest.mark.bad_input
@@ -265,32 +301,29 @@ def test_paths_with_commas_and_colons_are_never_misparsed() -> None:
 
 
 @pytest.mark.hostile
-def test_a_volume_cannot_show_qemu_another_header_than_it_showed_the_check() -> None:
+def test_a_volume_cannot_show_qemu_another_header_than_it_showed_the_check(
+        volume_chain: VolumeChain) -> None:
     """The server answers the check with the good header, then changes it before QEMU
     opens the layer: QEMU still reads the header that was checked (a local copy)."""
-    with lab_vm(loop_size=DISK_SIZE, lun_size=LUN_SIZE) as vm, \
-            outside_file(vm.workdir) as (outside, watch):
-        server = VolumeServer(vm.workdir / "volume.img")
-        server.start()
-        try:
-            repo = server.uri
-            _first, _second, third = make_chain(vm, repo)
-            out = vm.workdir / "swapped.raw"
-            with open_store(repo) as store:
-                manifest = next(m for m in store.scan().backups
-                                if m.backup_id == third.backup_id)
-                points = verify_lineage(store, manifest, "sda")  # headers checked here
-                for point in points:  # ... and changed on the server right after
-                    offset = int((point.record.location or {})["offset"])
-                    with open(server.path, "r+b") as stream:
-                        stream.seek(offset)
-                        head = stream.read(HEADER_READ)
-                        stream.seek(offset)
-                        stream.write(with_data_file(head, str(outside).encode()))
-                watch.events()
-                with open_target(str(out), points[0].record.size, False, None) as target:
-                    write_disk(store.image_node(points), points[0].record, target)
-            assert watch.events() == 0, "QEMU opened the data file the server named late"
-            assert out.read_bytes() == third.refs["sda"].read_bytes()
-        finally:
-            server.stop()
+    vm = volume_chain.vm
+    with outside_file(vm.workdir, "outside-swapped") as (outside, watch), \
+            served_copy(volume_chain, "swapped") as server:
+        repo = server.uri
+        third = volume_chain.points[2]
+        out = vm.workdir / "swapped.raw"
+        with open_store(repo) as store:
+            manifest = next(m for m in store.scan().backups
+                            if m.backup_id == third.backup_id)
+            points = verify_lineage(store, manifest, "sda")  # headers checked here
+            for point in points:  # ... and changed on the server right after
+                offset = int((point.record.location or {})["offset"])
+                with open(server.path, "r+b") as stream:
+                    stream.seek(offset)
+                    head = stream.read(HEADER_READ)
+                    stream.seek(offset)
+                    stream.write(with_data_file(head, str(outside).encode()))
+            watch.events()
+            with open_target(str(out), points[0].record.size, False, None) as target:
+                write_disk(store.image_node(points), points[0].record, target)
+        assert watch.events() == 0, "QEMU opened the data file the server named late"
+        assert out.read_bytes() == third.refs["sda"].read_bytes()

@@ -100,20 +100,25 @@ def test_vm_reset_between_backups_keeps_tracking() -> None:
 
 def test_qemu_stopped_before_and_during_a_backup() -> None:
     """A QEMU that stops answering (SIGSTOP): the tool gives up in one line, then recovers."""
-    with lab_vm(loop_size=512 * MiB, lun_size=16 * MiB) as vm:
+    with lab_vm(loop_size=256 * MiB, lun_size=16 * MiB) as vm:
         repo = str(vm.workdir / "repo")
         points = Points(vm, repo)
         fill(vm, 4)
         points.backup()
-        fill(vm, 24, first=30)
-        env = {**os.environ, "RDM_BACKUP_QMP_TIMEOUT": "5"}
+        fill(vm, 16, first=30)
+        # each monitor command is given up after the QMP limit, and the cleanup after the
+        # first one goes unanswered tries several: the limit sets how long a run takes here.
+        # Before the backup everything is unanswered; under a job the setup must still get
+        # its answers, so that limit keeps a margin for a loaded host.
+        stopped_env = {**os.environ, "RDM_BACKUP_QMP_TIMEOUT": "2"}
+        env = {**os.environ, "RDM_BACKUP_QMP_TIMEOUT": "3"}
         pid = qemu_pid(vm)
         try:
             # stopped before the backup: its first monitor command goes unanswered
             os.kill(pid, signal.SIGSTOP)
             proc = subprocess.run([str(EXE), "backup", vm.name, "--target", repo, "--disk",
                                    "vdb"], capture_output=True, text=True, timeout=300,
-                                  env=env, check=False)
+                                  env=stopped_env, check=False)
             assert proc.returncode == 4, proc.stderr
             assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
             assert "QEMU did not answer" in proc.stderr, proc.stderr
