@@ -35,6 +35,7 @@ from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.errors import RdmBackupError, UsageError
 from libvirt_rdm_backup.events import describe_restart
 from libvirt_rdm_backup.qemu import bitmaps
+from libvirt_rdm_backup.qemu.block_copy import bwlimit_speed
 from libvirt_rdm_backup.qemu.leftovers import remove_leftovers
 from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor, Monitor
 from libvirt_rdm_backup.remote import SshAgent
@@ -250,6 +251,7 @@ def backup(
     tls_dir: str | None = None,
     agent: SshAgent | None = None,
     max_pause: float = DEFAULT_MAX_PAUSE,
+    bwlimit: float | None = None,
 ) -> BackupResult:
     """Take a point-in-time backup of a domain's raw disks into the repository ``target``.
 
@@ -266,8 +268,11 @@ def backup(
     passthrough LUN without storage snapshots may keep the guest paused while it is
     copied; a copy the LUN's measured read rate says would take longer is refused
     before anything is paused, and one that reaches the bound is cancelled.
+    ``bwlimit``: MiB/s each disk's copy may move (QEMU's backup jobs and the copies
+    from storage alike; None: no limit).
     """
     check_max_pause(max_pause)
+    speed = bwlimit_speed(bwlimit)
     check_safe_name(chain_name, "chain name")
     parsed = parse_target(target, allow_remote_plain=allow_plain_nbd)  # bad targets fail first
     if isinstance(parsed, str) and is_remote(conn):
@@ -303,7 +308,7 @@ def backup(
         if agent is not None:
             _refuse_local_reads(plans)
         mappings = {disk.target: _mapping_of(disk, agent) for disk in selected}
-        refuse_long_pauses(plans, ctx.inventory.running, max_pause)
+        refuse_long_pauses(plans, ctx.inventory.running, max_pause, speed)
         backup_id = new_backup_id({m.backup_id for m in published}
                                   | {d.backup_id for d in unreadable})
         created = now_iso()
@@ -311,7 +316,7 @@ def backup(
             captured = capture(
                 ctx.dom, ctx.inventory.running, plans, sink,
                 bitmaps.bitmap_name(store.repo_id, chain_name, backup_id), parent_maps,
-                progress, quiesce, scope, max_pause, monitor=monitor)
+                progress, quiesce, scope, max_pause, monitor=monitor, speed=speed)
             try:
                 records = [store.record(p, sink, captured, mappings[p.disk.target], parent_maps)
                            for p in plans]

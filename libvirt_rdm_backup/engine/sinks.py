@@ -1,8 +1,9 @@
 """Where a capture writes each disk's new layer: a file in staging, or a region of an NBD volume.
 
-A sink answers three things for a planned disk: create the empty layer, attach
-it to the running QEMU as a writable node (for block jobs), and name it as a
-``qemu-img convert`` target (for copies from storage).
+A sink answers four things for a planned disk: create the empty layer, attach
+it to the running QEMU as a writable node (for the guest's block jobs), give it as
+the target of a copy from storage (a block job of a private storage daemon), and
+name it as a ``qemu-img`` filename (for the checks after the copy).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.errors import OperationError, QmpError, RdmBackupError
 from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.qemu.block_copy import Endpoint
 from libvirt_rdm_backup.qemu.blockdev import attached_image
 from libvirt_rdm_backup.qemu.layers import chain_node, json_filename
 from libvirt_rdm_backup.qemu.monitor import Monitor
@@ -41,7 +43,11 @@ class Sink(Protocol):
         ...
 
     def target(self, plan: DiskPlan) -> str:
-        """The layer as a ``qemu-img`` target (a path, or a ``json:`` filename)."""
+        """The layer as a ``qemu-img`` filename (a path, or a ``json:`` filename)."""
+        ...
+
+    def copy_target(self, plan: DiskPlan) -> Endpoint:
+        """The created layer as the target of a copy (:mod:`~..qemu.block_copy`)."""
         ...
 
     def scratch(self, name: str) -> str:
@@ -70,7 +76,14 @@ class FileSink:
 
     def create(self, plan: DiskPlan) -> None:
         backing = plan.parent.relative_data_file() if plan.parent else None
+        # qemu-img create: a header written in one step, no block node to open
         img.create(self.target(plan), DATA_FORMAT, int(plan.disk.size or 0), backing=backing)
+
+    def copy_target(self, plan: DiskPlan) -> Endpoint:
+        # the staging file is this run's own: opened by name; any backing named in the
+        # header is not opened (a copy writes every byte of the disk)
+        return Endpoint({"driver": DATA_FORMAT, "backing": None,
+                         "file": {"driver": "file", "filename": self.target(plan)}})
 
     def attach(self, monitor: Monitor, plan: DiskPlan) -> AbstractContextManager[str]:
         return _file_node(monitor, self.target(plan), plan)
@@ -117,6 +130,10 @@ class NbdSink:
 
     def target(self, plan: DiskPlan) -> str:
         return json_filename(self.node(plan))
+
+    def copy_target(self, plan: DiskPlan) -> Endpoint:
+        tls = self.volume.tls_object()
+        return Endpoint(self.node(plan), objects=(tls,) if tls is not None else ())
 
     def attach(self, monitor: Monitor, plan: DiskPlan) -> AbstractContextManager[str]:
         return _nbd_node(monitor, self.node(plan), plan, self.volume.tls_object(),

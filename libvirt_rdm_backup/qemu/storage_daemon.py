@@ -238,6 +238,28 @@ class StorageDaemon:
             if error:
                 raise OperationError(f"job {job_id} failed: {error}")
 
+    def watch_job(self, job_id: str, timeout: float) -> dict[str, Any] | None:
+        """Job ``job_id``'s ``query-jobs`` entry once its status changes (``JOB_STATUS_CHANGE``)
+        or ``timeout`` seconds passed, whichever comes first; at once when it has already
+        ended. None when there is no such job."""
+        return self._call(self._watch_job(job_id, timeout), timeout + qmp_timeout(),
+                          f"job {job_id}")
+
+    async def _watch_job(self, job_id: str, timeout: float) -> dict[str, Any] | None:
+        qmp = self._session()
+        with qmp.listener("JOB_STATUS_CHANGE",
+                          lambda event: _data(event).get("id") == job_id) as listener:
+            job = await self._job(job_id)
+            if job is not None and job.get("status") not in JOB_ENDED:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(listener.get(), timeout)
+                job = await self._job(job_id)
+            self._forget_events()
+        return job
+
+    async def _job(self, job_id: str) -> dict[str, Any] | None:
+        return next((job for job in await self._jobs() if job.get("id") == job_id), None)
+
     async def _jobs(self) -> list[dict[str, Any]]:
         jobs = await self._execute("query-jobs", None, ())
         return [job for job in jobs if isinstance(job, dict)] if isinstance(jobs, list) else []

@@ -21,6 +21,7 @@ from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.errors import OperationError
 from libvirt_rdm_backup.qemu import fleece as fleece_mod
 from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.qemu.block_copy import Endpoint
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.repository.chain import DiskPoint
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap
@@ -70,6 +71,10 @@ class FakeSink:
 
     def target(self, plan: DiskPlan) -> str:
         return str(self.root / f"{plan.disk.target}.qcow2")
+
+    def copy_target(self, plan: DiskPlan) -> Endpoint:
+        return Endpoint({"driver": "qcow2", "file": {"driver": "file",
+                                                     "filename": self.target(plan)}})
 
     def scratch(self, name: str) -> str:
         return str(self.root / name)
