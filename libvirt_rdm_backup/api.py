@@ -97,6 +97,7 @@ def backup(
     agent_identity: str | None = None,
     agent_known_hosts: str | None = None,
     max_pause: float = DEFAULT_MAX_PAUSE,
+    bwlimit: float | None = None,
 ) -> BackupResult:
     """A point-in-time backup of the domain's raw disks into repository ``target``.
 
@@ -113,12 +114,14 @@ def backup(
     ``consistency``) or ``required`` (fail without a working agent).
     ``max_pause``: seconds a passthrough LUN without storage snapshots may keep the
     guest paused while it is copied (refused up front, or cancelled, beyond that).
+    ``bwlimit``: MiB/s each disk's copy may move (QEMU's backup jobs of the guest and the
+    copies from storage alike; None: no limit; UsageError unless positive).
     """
     remote = (SshAgent(agent, identity=agent_identity, known_hosts=agent_known_hosts)
               if agent else None)  # a bad address or key file fails before anything starts
     with connection(uri) as conn:
         return _backup.backup(conn, domain, target, disks, level, chain, progress, quiesce,
-                              allow_plain_nbd, tls_dir, remote, max_pause)
+                              allow_plain_nbd, tls_dir, remote, max_pause, bwlimit)
 
 
 def restore(
@@ -130,8 +133,13 @@ def restore(
     force: bool = False,
     uri: str | None = None,
     tls_dir: str | None = None,
+    bwlimit: float | None = None,
+    progress: ProgressCallback | None = None,
 ) -> RestoreResult:
     """Write ``disk`` as of a backup (newest by default) to the file or device ``to``.
+
+    ``bwlimit``: MiB/s the copy may write (None: no limit); ``progress`` is called with
+    (copy, bytes done, bytes in all) as the copy advances.
 
     Without a libvirt connection (libvirtd down) the target is still checked
     against the kernel and the QEMU processes of this host: a restore must work on
@@ -141,9 +149,11 @@ def restore(
         conn = open_connection(uri)
     except LibvirtError as err:
         log.debug("%s: checking %s without libvirt", err, to)
-        return _restore.restore(domain, target, disk, to, backup_id, force, None, tls_dir)
+        return _restore.restore(domain, target, disk, to, backup_id, force, None, tls_dir,
+                                bwlimit, progress)
     try:
-        return _restore.restore(domain, target, disk, to, backup_id, force, conn, tls_dir)
+        return _restore.restore(domain, target, disk, to, backup_id, force, conn, tls_dir,
+                                bwlimit, progress)
     finally:
         with contextlib.suppress(Exception):
             conn.close()

@@ -360,7 +360,7 @@ def write_disk(node: dict[str, Any], record: DiskRecord, target: Target,
     needs) to ``target``; returns bytes zeroed.
 
     The copy is a block job of a private storage daemon (``speed``: bytes/s, 0: no
-    limit), which gets the target as an open descriptor, never by name. An existing
+    limit), which inherits the target's open descriptor and opens it as ``/dev/fd/N``. An existing
     target is written through its checked descriptor only. When the copy fails there,
     the error names the range that may have been changed.
     """
@@ -372,7 +372,7 @@ def write_disk(node: dict[str, Any], record: DiskRecord, target: Target,
                 fd = os.open(partial, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
                 try:
                     os.ftruncate(fd, record.size)
-                    copy_image(source, Endpoint(fd_target(False, record.size), fd=fd), label,
+                    copy_image(source, fd_target(fd, False, record.size), label,
                                speed=speed, progress=progress)
                 finally:
                     os.close(fd)
@@ -394,7 +394,7 @@ def write_disk(node: dict[str, Any], record: DiskRecord, target: Target,
             _punch_file(target, length)
         if length < record.size:
             source = Endpoint({"driver": "raw", "size": length, "file": node}, objects)
-        copy_image(source, Endpoint(fd_target(target.is_block, length), fd=target.fd), label,
+        copy_image(source, fd_target(target.fd, target.is_block, length), label,
                    speed=speed, progress=progress)
         os.fsync(target.fd)  # durable, and a failed write-back is this restore's failure
     except (RdmBackupError, OSError) as err:

@@ -36,8 +36,6 @@ ProgressCallback = Callable[[str, int, int], None]
 LOOK_EVERY = 1.0  # seconds between looks at a running copy's progress (events end a wait early)
 MIN_WAIT = 0.01
 ENDED = ("concluded", "null")
-TARGET_FDSET = 1  # the fd set of a target handed over as a descriptor
-FDSET_PATH = f"/dev/fdset/{TARGET_FDSET}"
 MiB = 1 << 20
 
 
@@ -64,8 +62,9 @@ class Endpoint:
     """One side of a copy: blockdev options (without a node name) and what they need.
 
     ``objects``: ``object-add`` arguments the node refers to (TLS credentials).
-    ``fd``: an open descriptor handed to the daemon with ``add-fd`` (targets only);
-    the node names it as :data:`FDSET_PATH`, so the daemon never opens a path of its own.
+    ``fd``: an open descriptor the daemon inherits (targets only); the node names it
+    ``/dev/fd/N`` (:func:`fd_target`): the daemon opens the very file that was checked,
+    never a path of its own. (``add-fd`` is not a command of qemu-storage-daemon 7.2.)
     """
 
     node: dict[str, Any]
@@ -104,21 +103,26 @@ def raw_source(source: str, offset: int = 0, size: int | None = None) -> dict[st
     return node
 
 
-def fd_target(is_block: bool, size: int) -> dict[str, Any]:
-    """Blockdev options of ``size`` raw bytes of a file or block device handed over as the
-    descriptor of an :class:`Endpoint` (it may be larger: the rest is not touched)."""
-    return {"driver": "raw", "size": size,
-            "file": {"driver": "host_device" if is_block else "file", "filename": FDSET_PATH}}
+def fd_target(fd: int, is_block: bool, size: int) -> Endpoint:
+    """The first ``size`` bytes of the file or block device open as ``fd``, as a raw target
+    (it may be larger: the rest is not touched)."""
+    return Endpoint({"driver": "raw", "size": size,
+                     "file": {"driver": "host_device" if is_block else "file",
+                              "filename": f"/dev/fd/{fd}"}}, fd=fd)
 
 
 def copy_image(source: Endpoint, target: Endpoint, label: str, *, speed: int = 0,
                progress: ProgressCallback | None = None, deadline: float | None = None,
                stall: float | None = None) -> None:
     """Copy ``source`` onto ``target`` in a private ``qemu-storage-daemon`` (see
-    :func:`block_copy`); the daemon quits when the copy ends, however it ends."""
+    :func:`block_copy`), which inherits the target's descriptor, if any; the daemon
+    quits when the copy ends, however it ends."""
     from libvirt_rdm_backup.qemu.storage_daemon import StorageDaemon
 
-    with StorageDaemon(f"copy {label}") as daemon:
+    if source.fd is not None:
+        raise OperationError(f"copy of {label}: a source is never handed over as a descriptor")
+    fds = () if target.fd is None else (target.fd,)
+    with StorageDaemon(f"copy {label}", pass_fds=fds) as daemon:
         block_copy(daemon, source, target, label, speed=speed, progress=progress,
                    deadline=deadline, stall=stall)
 
@@ -140,11 +144,6 @@ def block_copy(host: JobHost, source: Endpoint, target: Endpoint, label: str, *,
             if obj["id"] not in added:
                 stack.enter_context(_object(host, obj))
                 added.add(obj["id"])
-        if source.fd is not None:
-            raise OperationError(f"copy of {label}: a source is never handed over as a "
-                                 "descriptor")
-        if target.fd is not None:
-            stack.enter_context(_fdset(host, target.fd, label))
         src = stack.enter_context(_node(host, {**source.node, "read-only": True},
                                         object_name("src", label)))
         dst = stack.enter_context(_node(host, {**target.node, "discard": "unmap",
@@ -240,16 +239,6 @@ def _object(host: JobHost, arguments: dict[str, Any]) -> Iterator[None]:
         yield
     finally:
         _undo(host, "object-del", {"id": arguments["id"]})
-
-
-@contextmanager
-def _fdset(host: JobHost, fd: int, label: str) -> Iterator[None]:
-    host.execute("add-fd", {"fdset-id": TARGET_FDSET, "opaque": object_name("fd", label)},
-                 files=[fd])
-    try:
-        yield
-    finally:
-        _undo(host, "remove-fd", {"fdset-id": TARGET_FDSET})
 
 
 @contextmanager

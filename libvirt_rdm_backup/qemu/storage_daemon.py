@@ -56,8 +56,9 @@ class StorageDaemon:
             daemon.execute("blockdev-add", {...})
     """
 
-    def __init__(self, name: str = "rdmb") -> None:
+    def __init__(self, name: str = "rdmb", pass_fds: Sequence[int] = ()) -> None:
         self.name = name
+        self.pass_fds = tuple(pass_fds)  # inherited by the daemon (opened as /dev/fd/N)
         self._dir: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -109,7 +110,7 @@ class StorageDaemon:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=self._stderr, preexec_fn=die_with_parent)
+                stderr=self._stderr, preexec_fn=die_with_parent, pass_fds=self.pass_fds)
         except OSError as err:
             raise OperationError(f"cannot start {DAEMON}: {err.strerror}") from err
         self._exited = asyncio.ensure_future(self._proc.wait())
