@@ -157,15 +157,18 @@ def block_copy(host: JobHost, source: Endpoint, target: Endpoint, label: str, *,
             arguments["speed"] = speed
         host.execute("blockdev-mirror", arguments)
         try:
-            _follow(host, job_id, label, progress, stall, deadline)
+            error = _follow(host, job_id, label, progress, stall, deadline)
         except BaseException:
             cancel(host, job_id)
             raise
+        if error:
+            raise OperationError(f"copy of {label} failed: {error}")
 
 
 def _follow(host: JobHost, job_id: str, label: str, progress: ProgressCallback | None,
-            stall: float, deadline: float | None) -> None:
-    """Follow the job until it ended well; raise when it failed, stalled or ran late."""
+            stall: float, deadline: float | None) -> str | None:
+    """Follow the job until it ended (dismissed; returns its error, None when it succeeded);
+    raise when it stalled, ran late or vanished, or the progress callback raised."""
     moved, last_move = -1, time.monotonic()
     completing = False
     while True:  # each look waits on the job's events: no pause of its own
@@ -181,11 +184,8 @@ def _follow(host: JobHost, job_id: str, label: str, progress: ProgressCallback |
             progress(job_id, current, total)
         status = str(job.get("status"))
         if status in ENDED:
-            error = job.get("error")
             host.execute("job-dismiss", {"id": job_id})
-            if error:
-                raise OperationError(f"copy of {label} failed: {error}")
-            return
+            return str(job["error"]) if job.get("error") else None
         now = time.monotonic()
         if status == "ready" and not completing:  # everything copied: end the mirror
             host.execute("job-complete", {"id": job_id})
