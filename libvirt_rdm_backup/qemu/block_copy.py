@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[str, int, int], None]
 LOOK_EVERY = 1.0  # seconds between looks at a running copy's progress (events end a wait early)
 MIN_WAIT = 0.01
+CANCEL_WAIT = 5.0  # seconds a cancelled copy gets to stop before its daemon is killed
+GIVE_UP_GRACE = 2.0  # seconds a daemon gets to quit after a failed copy
 ENDED = ("concluded", "null")
 MiB = 1 << 20
 
@@ -122,9 +124,15 @@ def copy_image(source: Endpoint, target: Endpoint, label: str, *, speed: int = 0
     if source.fd is not None:
         raise OperationError(f"copy of {label}: a source is never handed over as a descriptor")
     fds = () if target.fd is None else (target.fd,)
-    with StorageDaemon(f"copy {label}", pass_fds=fds) as daemon:
+    daemon = StorageDaemon(f"copy {label}", pass_fds=fds).start()
+    try:
         block_copy(daemon, source, target, label, speed=speed, progress=progress,
                    deadline=deadline, stall=stall)
+    except BaseException:
+        # the target is given up: a daemon held by dead storage is not waited for long
+        daemon.close(grace=GIVE_UP_GRACE)
+        raise
+    daemon.close()
 
 
 def block_copy(host: JobHost, source: Endpoint, target: Endpoint, label: str, *,
@@ -200,7 +208,8 @@ def _follow(host: JobHost, job_id: str, label: str, progress: ProgressCallback |
 
 
 def cancel(host: JobHost, job_id: str) -> None:
-    """Cancel the job and wait (at most :func:`qmp_timeout`) until it ended; dismiss it."""
+    """Cancel the job and wait until it ended (at most :data:`CANCEL_WAIT` s, or
+    :func:`qmp_timeout` when shorter: then the daemon's quit ends it); dismiss it."""
     try:
         host.execute("job-cancel", {"id": job_id})
     except RdmBackupError as err:
@@ -221,7 +230,7 @@ def cancel(host: JobHost, job_id: str) -> None:
             log.debug("job-dismiss %s: %s", job_id, err)
         return True
 
-    retry.job_cancel([job_id], qmp_timeout())(ended)
+    retry.job_cancel([job_id], min(CANCEL_WAIT, qmp_timeout()))(ended)
 
 
 def _undo(host: JobHost, command: str, arguments: dict[str, Any]) -> None:

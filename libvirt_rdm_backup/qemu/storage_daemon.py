@@ -127,16 +127,17 @@ class StorageDaemon:
         shutil.rmtree(self._dir, ignore_errors=True)
         log.debug("%s %s runs as pid %d", DAEMON, self.name, self._proc.pid)
 
-    def close(self) -> None:
-        """Stop the daemon: ``quit`` (it flushes and closes every node), killed after a grace
-        period when it does not exit; then the loop, its thread and the private directory."""
+    def close(self, grace: float = QUIT_GRACE) -> None:
+        """Stop the daemon: ``quit`` (it flushes and closes every node), killed when it does
+        not exit within ``grace`` seconds; then the loop, its thread and the private
+        directory."""
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
         try:
             if thread.is_alive():
                 with contextlib.suppress(OperationError, concurrent.futures.TimeoutError):
-                    self._call(self._quit(), QUIT_GRACE + 10, "quit")
+                    self._call(self._quit(grace), 2 * grace + 10, "quit")
         finally:
             if thread.is_alive():
                 loop.call_soon_threadsafe(loop.stop)
@@ -151,20 +152,20 @@ class StorageDaemon:
                 shutil.rmtree(self._dir, ignore_errors=True)
                 self._dir = None
 
-    async def _quit(self) -> None:
+    async def _quit(self, grace: float) -> None:
         qmp, proc, exited = self._qmp, self._proc, self._exited
         if proc is not None and exited is not None and not exited.done():
             if qmp is not None and qmp.runstate == Runstate.RUNNING:
                 with contextlib.suppress(QMPError, OSError, EOFError, asyncio.TimeoutError):
-                    await asyncio.wait_for(qmp.execute("quit"), QUIT_GRACE)
+                    await asyncio.wait_for(qmp.execute("quit"), grace)
             else:  # no session: SIGTERM quits it as cleanly
                 with contextlib.suppress(ProcessLookupError):
                     proc.terminate()
             try:
-                await asyncio.wait_for(asyncio.shield(exited), QUIT_GRACE)
+                await asyncio.wait_for(asyncio.shield(exited), grace)
             except TimeoutError:
                 log.warning("%s %s did not quit within %g s; killing it", DAEMON, self.name,
-                            QUIT_GRACE)
+                            grace)
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await exited
