@@ -87,7 +87,10 @@ class StorageDaemon:
         # thread: it lives until close() (or until the process dies)
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name=f"{DAEMON} {self.name}")
+        running = threading.Event()
+        self._loop.call_soon(running.set)  # the loop is not running yet: no race
         self._thread.start()
+        running.wait()  # else a busy host could see the loop not yet running, and give up
         try:
             self._call(self._start(), qmp_timeout(), "start")
         except BaseException:
