@@ -167,8 +167,9 @@ class StorageDaemon:
             try:
                 await asyncio.wait_for(asyncio.shield(exited), grace)
             except TimeoutError:
-                log.warning("%s %s did not quit within %g s; killing it", DAEMON, self.name,
-                            grace)
+                # a short grace is a daemon given up after a failure, which is reported
+                (log.warning if grace >= QUIT_GRACE else log.info)(
+                    "%s %s did not quit within %g s; killing it", DAEMON, self.name, grace)
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await exited
@@ -248,7 +249,7 @@ class StorageDaemon:
         or ``timeout`` seconds passed, whichever comes first; at once when it has already
         ended. None when there is no such job."""
         return self._call(self._watch_job(job_id, timeout), timeout + qmp_timeout(),
-                          f"job {job_id}")
+                          f"the state of job {job_id}")
 
     async def _watch_job(self, job_id: str, timeout: float) -> dict[str, Any] | None:
         qmp = self._session()
