@@ -118,13 +118,13 @@ def copy_image(source: Endpoint, target: Endpoint, label: str, *, speed: int = 0
                stall: float | None = None) -> None:
     """Copy ``source`` onto ``target`` in a private ``qemu-storage-daemon`` (see
     :func:`block_copy`), which inherits the target's descriptor, if any; the daemon
-    quits when the copy ends, however it ends."""
+    quits when the copy ends, however it ends, and is killed (SIGKILL) when the tool dies."""
     from libvirt_rdm_backup.qemu.storage_daemon import StorageDaemon
 
     if source.fd is not None:
         raise OperationError(f"copy of {label}: a source is never handed over as a descriptor")
     fds = () if target.fd is None else (target.fd,)
-    daemon = StorageDaemon(f"copy {label}", pass_fds=fds).start()
+    daemon = StorageDaemon(f"copy {label}", pass_fds=fds, killed_with_tool=True).start()
     try:
         block_copy(daemon, source, target, label, speed=speed, progress=progress,
                    deadline=deadline, stall=stall)

@@ -9,7 +9,8 @@ holds the socket path only: everything else (credentials objects included) is
 created over QMP.
 
 The daemon dies with the tool (``PR_SET_PDEATHSIG``, even when the tool is
-killed by SIGKILL) and is stopped with ``quit`` when the tool is done with it.
+killed by SIGKILL: SIGTERM, a clean quit, or SIGKILL for a copy that must stop at
+once) and is stopped with ``quit`` when the tool is done with it.
 ``qemu.qmp`` is asynchronous: a private event loop runs in a thread, and the
 methods here are synchronous. :meth:`StorageDaemon.execute` has the shape of
 :meth:`~libvirt_rdm_backup.qemu.monitor.Monitor.execute`; jobs and exports are
@@ -35,7 +36,7 @@ from typing import IO, Any, TypeVar
 from qemu.qmp import ExecuteError, Message, QMPClient, QMPError, Runstate
 
 from libvirt_rdm_backup.errors import OperationError, QmpError
-from libvirt_rdm_backup.process import die_with_parent, require_tool
+from libvirt_rdm_backup.process import die_with_parent, killed_with_parent, require_tool
 from libvirt_rdm_backup.qemu.layers import option_value
 from libvirt_rdm_backup.qemu.monitor import qmp_timeout
 
@@ -56,9 +57,12 @@ class StorageDaemon:
             daemon.execute("blockdev-add", {...})
     """
 
-    def __init__(self, name: str = "rdmb", pass_fds: Sequence[int] = ()) -> None:
+    def __init__(self, name: str = "rdmb", pass_fds: Sequence[int] = (),
+                 killed_with_tool: bool = False) -> None:
         self.name = name
         self.pass_fds = tuple(pass_fds)  # inherited by the daemon (opened as /dev/fd/N)
+        # SIGKILL instead of SIGTERM (a clean quit) when the tool dies
+        self.killed_with_tool = killed_with_tool
         self._dir: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -113,7 +117,8 @@ class StorageDaemon:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=self._stderr, preexec_fn=die_with_parent, pass_fds=self.pass_fds)
+                stderr=self._stderr, pass_fds=self.pass_fds,
+                preexec_fn=killed_with_parent if self.killed_with_tool else die_with_parent)
         except OSError as err:
             raise OperationError(f"cannot start {DAEMON}: {err.strerror}") from err
         self._exited = asyncio.ensure_future(self._proc.wait())
