@@ -116,7 +116,7 @@ class NbdSink:
         offset = self.volume.allocate(region)
         with tempfile.TemporaryDirectory(prefix="rdmb-layer-") as tmp:
             empty = os.path.join(tmp, "empty.qcow2")
-            img.create(empty, DATA_FORMAT, size)
+            img.create(empty, DATA_FORMAT, size)  # qemu-img create: just the header bytes
             with open(empty, "rb") as stream:
                 header = stream.read()
         self.volume.write(offset, header)

@@ -320,6 +320,7 @@ class VolumeStore:
         target = self._read_back(plan, sink)
         length = _image_end(target)
         location = {**sink.locations[plan.disk.target], "length": length}
+        # qemu-img map: the layer's allocation, read (a report of the copy, not a copy)
         extents = img.map_extents(target, DATA_FORMAT)
         return DiskRecord(
             **_common_fields(plan, captured, mapping),
@@ -494,7 +495,7 @@ def _expected_backing(record: DiskRecord) -> str | None:
 
 def _image_end(image: str) -> int:
     """The end of a qcow2 image's used area."""
-    return img.check_end(image, DATA_FORMAT)
+    return img.check_end(image, DATA_FORMAT)  # qemu-img check: a read-only report
 
 
 def _parent_maps(repo: Repository, plans: list[DiskPlan]) -> dict[str, ChunkMap]:
@@ -532,7 +533,7 @@ def _record(plan: DiskPlan, path: str, captured: Capture, mapping: Mapping,
             parent_maps: dict[str, ChunkMap], lower: list[str]) -> DiskRecord:
     """The record of a new layer ``path`` over the layers ``lower`` (top first)."""
     layer = layers.json_filename(layers.file_chain([path]))  # its own clusters only
-    extents = img.map_extents(layer)
+    extents = img.map_extents(layer)  # qemu-img map: the allocation, read (no data moved)
     with ThreadPoolExecutor(1) as pool:  # both read the new data: hash it side by side
         data_digest = pool.submit(file_digest, path)
         chunk_map = _chunk_map(plan, path, captured, parent_maps, extents, lower)
