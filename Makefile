@@ -19,7 +19,7 @@ help:
 	@echo "make lab-down   stop the lab, remove leftover rdmb* domains, targets, loop devices"
 	@echo "make lint       ruff + mypy"
 	@echo "make faults     only the fault and bad-input suite (make test runs it too)"
-	@echo "make bench      run tools/bench.py against the lab"
+	@echo "make bench      run tools/bench (python -m tools.bench) against the lab"
 	@echo "make man        regenerate the man page docs/rdm-backup.1 from the argument parser"
 	@echo "make clean      remove caches and build artefacts (distclean: also the venv)"
 
@@ -51,7 +51,7 @@ demo: install lab-up
 	$(PY) tools/demo.py
 
 bench: install lab-up
-	$(PY) tools/bench.py
+	$(PY) -m tools.bench
 
 # The man page rdm-backup(1), generated from the argument parser; a unit test checks that the
 # committed page is current. Needs only the venv (made by `make install` when it is missing).

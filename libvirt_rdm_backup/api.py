@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any, TypedDict, Unpack
 
 from libvirt_rdm_backup.domain.connection import connection, open_connection
 from libvirt_rdm_backup.domain.disks import DiskInventory
@@ -22,15 +23,17 @@ from libvirt_rdm_backup.engine import backup as _backup
 from libvirt_rdm_backup.engine import export as _export
 from libvirt_rdm_backup.engine import restore as _restore
 from libvirt_rdm_backup.engine import verify as _verify
-from libvirt_rdm_backup.engine.backup import BackupResult
+from libvirt_rdm_backup.engine.backup import BackupOptions, BackupResult
 from libvirt_rdm_backup.engine.capture import ProgressCallback
 from libvirt_rdm_backup.engine.discover import open_domain, select_disks
 from libvirt_rdm_backup.engine.export import Export
-from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, paused_copy_reason
-from libvirt_rdm_backup.engine.restore import RestoreResult, domain_damage, find_domain_backups
+from libvirt_rdm_backup.engine.paused_copy import paused_copy_reason
+from libvirt_rdm_backup.engine.restore import RestoreResult
+from libvirt_rdm_backup.engine.selection import domain_damage, find_domain_backups
 from libvirt_rdm_backup.engine.stores import open_store
 from libvirt_rdm_backup.engine.verify import VerifyReport
 from libvirt_rdm_backup.errors import LibvirtError, RdmBackupError
+from libvirt_rdm_backup.modes import Level, Quiesce
 from libvirt_rdm_backup.remote import SshAgent
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
 from libvirt_rdm_backup.repository.manifest import Manifest
@@ -82,25 +85,35 @@ def map_disks(
         return [map_disk(disk) for disk in select_disks(ctx.inventory, disks)]
 
 
+class BackupSettings(TypedDict, total=False):
+    """The fields of :class:`BackupOptions`, as keyword arguments of :func:`backup`."""
+
+    level: Level | str
+    chain: str
+    quiesce: Quiesce | str | None
+    allow_plain_nbd: bool
+    tls_dir: str | None
+    max_pause: float
+    bwlimit: float | None
+
+
 def backup(
     domain: str,
     target: str,
     disks: list[str] | None = None,
     uri: str | None = None,
     progress: ProgressCallback | None = None,
-    level: str = "auto",
-    chain: str = DEFAULT_CHAIN,
-    quiesce: str | None = None,
-    allow_plain_nbd: bool = False,
-    tls_dir: str | None = None,
+    *,
+    options: BackupOptions | None = None,
     agent: str | None = None,
     agent_identity: str | None = None,
     agent_known_hosts: str | None = None,
-    max_pause: float = DEFAULT_MAX_PAUSE,
-    bwlimit: float | None = None,
+    **settings: Unpack[BackupSettings],
 ) -> BackupResult:
     """A point-in-time backup of the domain's raw disks into repository ``target``.
 
+    How it is taken is ``options`` (:class:`BackupOptions`); ``disks``,
+    ``progress`` and the keyword ``settings`` (its field names) override its fields.
     ``level``: ``full``, ``incremental``, ``differential``, ``resync`` (read each
     disk once and store the chunks that differ from its previous backup, for when
     the writes were not tracked) or ``auto`` (incremental where the chain's
@@ -116,12 +129,19 @@ def backup(
     guest paused while it is copied (refused up front, or cancelled, beyond that).
     ``bwlimit``: MiB/s each disk's copy may move (QEMU's backup jobs of the guest and the
     copies from storage alike; None: no limit; UsageError unless positive).
+    ``agent`` (with ``agent_identity``, ``agent_known_hosts``): the hypervisor's
+    rdm-backup agent over SSH, when ``uri`` names another machine.
     """
+    given: dict[str, Any] = dict(settings)
+    if disks is not None:
+        given["disks"] = disks
+    if progress is not None:
+        given["progress"] = progress
+    options = replace(options or BackupOptions(), **given)
     remote = (SshAgent(agent, identity=agent_identity, known_hosts=agent_known_hosts)
               if agent else None)  # a bad address or key file fails before anything starts
     with connection(uri) as conn:
-        return _backup.backup(conn, domain, target, disks, level, chain, progress, quiesce,
-                              allow_plain_nbd, tls_dir, remote, max_pause, bwlimit)
+        return _backup.backup(conn, domain, target, options, remote)
 
 
 def restore(
@@ -175,7 +195,7 @@ def list_backups(target: str, domain: str | None = None,
     """Published backups at ``target`` (directory or NBD volume URI), oldest first."""
     with open_store(target, tls_dir=tls_dir) as store:
         if domain is None:
-            return store.all_backups()
+            return store.scan().backups
         return find_domain_backups(store, domain)
 
 
@@ -187,9 +207,10 @@ def damaged_backups(target: str, domain: str | None = None,
     :class:`~libvirt_rdm_backup.errors.DamagedBackupError`.
     """
     with open_store(target, tls_dir=tls_dir) as store:
+        listed = store.scan()
         if domain is None:
-            return store.damaged()
-        readable = [m for m in store.all_backups() if domain in (m.domain_uuid, m.domain_name)]
+            return listed.damaged
+        readable = [m for m in listed.backups if domain in (m.domain_uuid, m.domain_name)]
         return domain_damage(store, domain, readable)
 
 
@@ -216,7 +237,6 @@ def export(
     images of overwritten data go to ``scratch_dir`` (default /var/tmp). On exit
     everything is removed from QEMU and the host; the chain's bitmaps stay.
     """
-    with connection(uri) as conn, _export.export(
-        conn, domain, disks, socket, listen, target, chain, allow_remote, scratch_dir
-    ) as handle:
+    options = _export.ExportOptions(socket, listen, target, chain, allow_remote, scratch_dir)
+    with connection(uri) as conn, _export.export(conn, domain, disks, options) as handle:
         yield handle

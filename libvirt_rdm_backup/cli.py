@@ -13,10 +13,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from libvirt_rdm_backup import api, retry
-from libvirt_rdm_backup.consistency import QUIESCE_MODES
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, check_max_pause
-from libvirt_rdm_backup.engine.plan import LEVELS
 from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError, UsageError
+from libvirt_rdm_backup.modes import Level, Quiesce
 from libvirt_rdm_backup.qemu.block_copy import bwlimit_speed
 from libvirt_rdm_backup.redact import printable, redact
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
@@ -397,12 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent-known-hosts", metavar="FILE", help="known_hosts for --agent")
     p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
     p.add_argument("--disk", action="append", metavar="DEV", help="only this disk (repeatable)")
-    p.add_argument("--level", choices=LEVELS, default="auto",
+    p.add_argument("--level", choices=[m.value for m in Level], default="auto",
                    help="full, incremental (since the chain's previous backup), differential "
                         "(since its last full), resync (read once, store the chunks that "
                         "differ from the last backup) or auto (default: incremental where "
                         "tracking is intact, else a resync or a full copy, with the reason)")
-    p.add_argument("--quiesce", nargs="?", const="try", choices=QUIESCE_MODES, default=None,
+    p.add_argument("--quiesce", nargs="?", const="try", choices=[m.value for m in Quiesce],
+                   default=None,
                    help="freeze the guest's filesystems through the QEMU guest agent while "
                         "the point in time is fixed; without the agent the backup is "
                         "crash-consistent, or fails with --quiesce=required")

@@ -10,9 +10,7 @@ while it is open (and after an undo that failed) and thaw or resume the guest.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,22 +21,26 @@ import libvirt_qemu
 
 from libvirt_rdm_backup import watchdog
 from libvirt_rdm_backup.domain.connection import is_paused
-from libvirt_rdm_backup.engine import locks
 from libvirt_rdm_backup.errors import LibvirtError, OperationError, RdmBackupError
+from libvirt_rdm_backup.locks import lock_dir
+from libvirt_rdm_backup.modes import Quiesce, WindowMethod, parse_choice
+from libvirt_rdm_backup.window_record import (
+    agent_timeout,
+    drop_marker,
+    marker_dir,
+    set_agent_timeout,
+    write_marker,
+)
 
 log = logging.getLogger(__name__)
 
-MARKER_DIR = os.environ.get("RDM_BACKUP_WINDOW_DIR", "/run/libvirt-rdm-backup/windows")
-# seconds libvirt waits for the guest agent before giving up
-AGENT_TIMEOUT = int(os.environ.get("RDM_BACKUP_AGENT_TIMEOUT", "10"))
-QUIESCE_MODES = ("try", "required")
 
 
 @dataclass
 class Window:
     """How the point in time was fixed and how long the guest was held."""
 
-    method: str
+    method: WindowMethod
     paused_ms: float = 0.0
     frozen_filesystems: int = 0
     notes: list[str] = field(default_factory=list)
@@ -53,82 +55,10 @@ class Window:
         return data
 
 
-def _marker(domain_uuid: str, marker_dir: str | None = None) -> str:
-    return os.path.join(marker_dir or MARKER_DIR, f"{domain_uuid}.json")
-
-
-def window_open(domain_uuid: str, marker_dir: str | None = None) -> bool:
-    """True while the domain's window record exists (open, or left by a failed undo)."""
-    return os.path.exists(_marker(domain_uuid, marker_dir))
-
-
-def _write_marker(domain_uuid: str, kinds: list[str]) -> None:
-    os.makedirs(MARKER_DIR, mode=0o700, exist_ok=True)
-    named = sorted({"freeze" if kind == "maybe-frozen" else kind for kind in kinds})
-    path = _marker(domain_uuid)
-    with open(f"{path}.{os.getpid()}", "w", encoding="utf-8") as stream:
-        json.dump({"kinds": named, "pid": os.getpid()}, stream)
-    os.replace(f"{path}.{os.getpid()}", path)  # whole or absent, for a reader after a kill
-
-
-def _drop_marker(domain_uuid: str, marker_dir: str | None = None) -> None:
-    try:
-        os.unlink(_marker(domain_uuid, marker_dir))
-    except FileNotFoundError:
-        pass
-
-
-def _paused_by_suspend(dom: libvirt.virDomain) -> bool:
-    """True when the vCPUs are paused by a suspend (not by an I/O error, a migration...)."""
-    state, reason = dom.state()
-    return bool(state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_USER)
-
-
-def recover_window(dom: libvirt.virDomain, marker_dir: str | None = None) -> list[str]:
-    """Thaw or resume a guest that a killed run left frozen or paused; returns what was done.
-
-    Call it only while holding the domain's lock (so no live run owns the window).
-    The record only names what the run itself did: a guest paused before it stays
-    paused. The record stays when a thaw fails (the next attempt retries).
-    """
-    uuid = dom.UUIDString()
-    path = _marker(uuid, marker_dir)
-    try:
-        with open(path, encoding="utf-8") as stream:
-            kinds = list(json.load(stream).get("kinds", []))
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError, AttributeError):
-        kinds = ["freeze", "pause"]
-    done = []
-    failed = False
-    try:
-        if "pause" in kinds and _paused_by_suspend(dom):  # first: the agent needs vCPUs
-            dom.resume()
-            done.append("resumed the guest")
-    except libvirt.libvirtError as err:
-        log.warning("could not resume the guest left paused by a killed run: %s", err)
-        failed = True
-    if "freeze" in kinds and not failed:
-        try:
-            _set_agent_timeout(dom)
-            dom.fsThaw(None, 0)
-            done.append("thawed the guest's filesystems")
-        except libvirt.libvirtError as err:
-            log.warning("could not thaw the guest left frozen by a killed run: %s",
-                        err.get_error_message())
-            failed = True
-    if not failed:
-        _drop_marker(uuid, marker_dir)
-    for item in done:
-        log.warning("a killed backup had left the window open: %s", item)
-    return done
-
-
 def _agent_answers(dom: libvirt.virDomain) -> None:
     """Ping the guest agent first: a freeze sent to a hung agent could run much later."""
     try:
-        libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-ping"}', AGENT_TIMEOUT, 0)
+        libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-ping"}', agent_timeout(), 0)
     except libvirt.libvirtError as err:
         raise _AgentSilent(err.get_error_message()) from err
 
@@ -137,7 +67,7 @@ class _AgentSilent(Exception):
     """The guest agent did not answer a ping."""
 
 
-def _freeze(dom: libvirt.virDomain, quiesce: str, window: Window) -> bool | None:
+def _freeze(dom: libvirt.virDomain, quiesce: Quiesce, window: Window) -> bool | None:
     """Freeze the guest's filesystems through the guest agent.
 
     True: frozen; None: not frozen, nothing sent (the agent does not answer);
@@ -147,35 +77,27 @@ def _freeze(dom: libvirt.virDomain, quiesce: str, window: Window) -> bool | None
         _agent_answers(dom)
     except _AgentSilent as err:
         reason = f"guest agent does not answer: {err}"
-        if quiesce == "required":
+        if quiesce is Quiesce.REQUIRED:
             raise OperationError(f"{reason} (--quiesce=required)") from err
         log.warning("%s; the backup is crash-consistent", reason)
         window.notes.append(f"{reason}; crash-consistent instead")
         return None
     try:
-        _set_agent_timeout(dom)
+        set_agent_timeout(dom)
         window.frozen_filesystems = int(dom.fsFreeze(None, 0))
         return True
     except libvirt.libvirtError as err:
         reason = f"guest agent could not freeze the filesystems: {err.get_error_message()}"
-        if quiesce == "required":
+        if quiesce is Quiesce.REQUIRED:
             raise OperationError(f"{reason} (--quiesce=required)") from err
         log.warning("%s; the backup is crash-consistent", reason)
         window.notes.append(f"{reason}; crash-consistent instead")
         return False
 
 
-def _set_agent_timeout(dom: libvirt.virDomain) -> None:
-    """Bound every later guest agent call of the domain (libvirt's default waits forever)."""
-    try:
-        dom.agentSetResponseTimeout(AGENT_TIMEOUT, 0)
-    except (libvirt.libvirtError, AttributeError):
-        pass
-
-
 def _thaw(dom: libvirt.virDomain) -> None:
     try:
-        _set_agent_timeout(dom)
+        set_agent_timeout(dom)
         dom.fsThaw(None, 0)
     except libvirt.libvirtError as err:
         raise LibvirtError(
@@ -203,7 +125,7 @@ def _resume(dom: libvirt.virDomain) -> None:
 
 @contextmanager
 def consistency_window(
-    dom: libvirt.virDomain | None, *, quiesce: str | None = None, pause: bool = False,
+    dom: libvirt.virDomain | None, *, quiesce: Quiesce | str | None = None, pause: bool = False,
     before: Callable[[], None] | None = None,
 ) -> Iterator[Window]:
     """Hold the guest still for the block: filesystems frozen and/or vCPUs paused.
@@ -219,11 +141,10 @@ def consistency_window(
     if dom is None:
         if before is not None:
             before()
-        yield Window(method="offline")
+        yield Window(method=WindowMethod.OFFLINE)
         return
-    if quiesce is not None and quiesce not in QUIESCE_MODES:
-        raise OperationError(f"unknown quiesce mode {quiesce!r}")
-    window = Window(method="qmp-transaction")
+    mode = parse_choice(Quiesce, quiesce, "quiesce mode") if quiesce is not None else None
+    window = Window(method=WindowMethod.QMP_TRANSACTION)
     uuid = dom.UUIDString()
     held: list[str] = []  # what was (or may have been) done, in order
     guard = _start_watchdog(dom) if quiesce is not None or (pause and not is_paused(dom)) \
@@ -260,41 +181,42 @@ def consistency_window(
         if held:
             window.paused_ms = (time.monotonic() - started) * 1000.0
         if failed:
-            _write_marker(uuid, failed)  # the watchdog and the next run retry
+            write_marker(uuid, failed)  # the watchdog and the next run retry
         else:
-            _drop_marker(uuid)
+            drop_marker(uuid)
         if guard is not None:
             guard.stop()
         if errors and raise_errors:
             raise errors[0]
 
     try:
-        if quiesce is not None:
-            _write_marker(uuid, ["freeze"])
+        if mode is not None:
+            write_marker(uuid, ["freeze"])
             held.append("freeze")  # an interrupted freeze may still freeze: thaw then
             try:
-                frozen = _freeze(dom, quiesce, window)
+                frozen = _freeze(dom, mode, window)
             except RdmBackupError:
                 held.remove("freeze")  # the agent refused: nothing to thaw
                 raise
             if frozen:
-                window.method = "fsfreeze"
+                window.method = WindowMethod.FSFREEZE
             elif frozen is False:
                 held[held.index("freeze")] = "maybe-frozen"
             else:
                 held.remove("freeze")  # nothing was sent to the agent
-                _drop_marker(uuid)
+                drop_marker(uuid)
             pause = pause or not frozen  # crash-consistent instead: pause the vCPUs
         if pause:
             if is_paused(dom):
-                window.method = "already-paused"
+                window.method = WindowMethod.ALREADY_PAUSED
             else:
-                _write_marker(uuid, [*held, "pause"])
+                write_marker(uuid, [*held, "pause"])
                 held.append("pause")
                 _pause(dom)
-                window.method = "fsfreeze+pause" if "freeze" in held else "pause"
+                window.method = (WindowMethod.FSFREEZE_PAUSE if "freeze" in held
+                                 else WindowMethod.PAUSE)
         if not held:
-            _drop_marker(uuid)
+            drop_marker(uuid)
         yield window
     except BaseException:
         release(raise_errors=False)  # never hide the error that ended the window
@@ -317,7 +239,7 @@ def _spawn_watchdog(dom: libvirt.virDomain) -> watchdog.Watchdog | None:
     except libvirt.libvirtError as err:
         log.warning("no watchdog for the consistency window: %s", err)
         return None
-    return watchdog.start(uri, dom.UUIDString(), MARKER_DIR, locks.LOCK_DIR)
+    return watchdog.start(uri, dom.UUIDString(), marker_dir(), lock_dir())
 
 
 @contextmanager

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import uuid as uuidlib
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -261,17 +260,6 @@ def events_since(uuid: str, since_iso: str, state_dir: str | None = None) -> lis
     """
     since = _since(since_iso)
     return [e for e in read_events(uuid, state_dir) if e.when >= since]
-
-
-def last_event(
-    uuid: str, kinds: Iterable[str] = EVENT_KINDS, state_dir: str | None = None
-) -> Event | None:
-    """The domain's most recent event of one of ``kinds``, or None."""
-    wanted = set(kinds)
-    for recorded in reversed(read_events(uuid, state_dir)):
-        if recorded.event in wanted:
-            return recorded
-    return None
 
 
 def _happened(event: Event) -> str:

@@ -26,26 +26,6 @@ def fsync_dir(path: str) -> None:
 ATOMIC_TAG = ".tmp-"  # write_atomic's temporary files: .NAME.tmp-XXXXXX
 PARTIAL_SUFFIX = ".partial"  # new_file_whole's: .NAME.PID@HOST.XXXXXX.partial
 STAGING_PREFIX = ".partial-"  # a repository's backups being written: .partial-<backup id>/
-_UNFINISHED = re.compile(r"\..+(" + re.escape(ATOMIC_TAG) + r"[0-9a-f]{6}|\.[0-9]+@[0-9a-f]{8}"
-                         r"\.[0-9a-f]{6}" + re.escape(PARTIAL_SUFFIX) + ")|"
-                         + re.escape(STAGING_PREFIX) + r".+")
-
-
-def is_unfinished(name: str) -> bool:
-    """True for a name this tool gives what it is still writing (a temporary file of
-    :func:`write_atomic` or :func:`new_file_whole`, a repository's staging directory)."""
-    return _UNFINISHED.fullmatch(name) is not None
-
-
-def unfinished_under(root: str) -> list[str]:
-    """Every path under ``root`` with a name of :func:`is_unfinished` (left by a killed run,
-    or by one still going), sorted."""
-    found = []
-    for directory, dirs, files in os.walk(root):
-        found += [os.path.join(directory, n) for n in (*dirs, *files) if is_unfinished(n)]
-    return sorted(found)
-
-
 def read_regular(path: str, limit: int) -> bytes:
     """At most ``limit`` bytes from the start of the regular file ``path``.
 
@@ -62,8 +42,10 @@ def read_regular(path: str, limit: int) -> bytes:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o600, tmp_dir: str | None = None) -> None:
-    """Replace ``path`` with ``data``: readers see the old file or the new one, never a mix.
+def write_atomic(path: str, data: bytes | bytearray | tuple[bytes | bytearray, ...],
+                 mode: int = 0o600, tmp_dir: str | None = None) -> None:
+    """Replace ``path`` with ``data`` (or its parts, one after the other, never joined in
+    memory): readers see the old file or the new one, never a mix.
 
     The temporary file is created beside ``path`` (or in ``tmp_dir``, on the same
     filesystem) without following links; it is removed again on any failure.
@@ -76,7 +58,8 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600, tmp_dir: str | None 
                  0o600)
     try:
         with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
+            for part in data if isinstance(data, tuple) else (data,):
+                stream.write(part)
             stream.flush()
             os.fchmod(stream.fileno(), mode)
             os.fsync(stream.fileno())

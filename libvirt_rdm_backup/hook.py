@@ -235,17 +235,6 @@ def install(
     )
 
 
-def is_installed(hooks_dir: str = HOOKS_DIR) -> bool:
-    """Whether our hook script is in place and executable."""
-    path = hook_path(hooks_dir)
-    try:
-        with open(path, encoding="utf-8", errors="replace") as stream:
-            head = stream.read(4096)
-    except OSError:
-        return False
-    return MARKER in head and os.access(path, os.X_OK)
-
-
 def uninstall(hooks_dir: str = HOOKS_DIR) -> bool:
     """Remove our hook script; False when it was not installed.
 

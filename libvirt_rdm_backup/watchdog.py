@@ -31,7 +31,10 @@ from dataclasses import dataclass
 import libvirt
 
 from libvirt_rdm_backup import retry
+from libvirt_rdm_backup.errors import RdmBackupError
+from libvirt_rdm_backup.locks import domain_lock
 from libvirt_rdm_backup.process import env_seconds
+from libvirt_rdm_backup.window_record import recover_window, window_open
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +129,13 @@ def _detach_output() -> None:
 
 def _repair_once(conn: libvirt.virConnect, config: dict[str, str]) -> bool:
     """One attempt under the domain's lock; True once the window's record is gone."""
-    from libvirt_rdm_backup import consistency
-    from libvirt_rdm_backup.engine.locks import domain_lock
-    from libvirt_rdm_backup.errors import RdmBackupError
-
     marker_dir, uuid = config["marker_dir"], config["uuid"]
     if not os.path.exists(os.path.join(marker_dir, f"{uuid}.json")):
         return True
     try:
         with domain_lock(uuid, config["lock_dir"]):
-            consistency.recover_window(conn.lookupByUUIDString(uuid), marker_dir)
-            return not consistency.window_open(uuid, marker_dir)
+            recover_window(conn.lookupByUUIDString(uuid), marker_dir)
+            return not window_open(uuid, marker_dir)
     except (RdmBackupError, libvirt.libvirtError):
         return False  # a run holds the lock (and repairs itself), or libvirt hiccups
 

@@ -1,4 +1,5 @@
-"""Smoke test of tools/bench.py on a small LUN: it runs, cleans up and reports sane numbers."""
+"""Smoke test of the bench (``python -m tools.bench``) on small LUNs: it runs, cleans up and
+reports sane numbers. One run of every section serves all the tests of this module."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ INCREMENTAL_KEYS = (
     "incremental_stored_bytes",
     "incremental_stored_ratio_to_dirty",
     "incremental_cli_s",
+    "ratio_inc_cli_vs_api",
 )
 NBD_KEYS = (
     "file_target_s",
@@ -53,6 +55,14 @@ PEER_KEYS = (
     "virtnbdbackup_inc_s",
     "ratio_inc_vs_virtnbdbackup_inc",
 )
+RESTORE_KEYS = (
+    "restore_s",
+    "restore_dd_s",
+    "restore_mib_s",
+    "restore_dd_mib_s",
+    "restore_throughput_ratio_vs_dd",
+)
+RSS_KEYS = ("rss_max_mib",)
 LUN_KEYS = (
     "lun_paused_ms",
     "lun_full_s",
@@ -60,6 +70,7 @@ LUN_KEYS = (
     "qemu_img_convert_qcow2_s",
     "lun_full_ratio_vs_convert_raw",
     "lun_full_ratio_vs_convert_qcow2",
+    "lun_full_ratio_vs_convert_raw_synced",
     "lun_inc_s",
     "lun_inc_ratio_to_full",
     "lun_inc_stored_bytes",
@@ -105,23 +116,35 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def test_bench_small_lun_reports_all_numbers() -> None:
+def _bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tools.bench", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def bench_run() -> tuple[subprocess.CompletedProcess[str], bool]:
+    """Every section once on 64 MiB LUNs (the rss section on a 2 GiB sparse one), without
+    the pause after each cache drop; whether the peer section ran."""
     # the peer section needs Debian's virtnbdbackup (tools/lab.sh installs it)
     peer = shutil.which("virtnbdbackup") is not None
-    sections = ("full,nbd,incremental,peer,resync,lun" if peer
-                else "full,nbd,incremental,resync,lun")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench.py"),
-         "--size-mib", "64", "--repeat", "1", "--windows", "3", "--sections", sections,
-         "--json"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    sections = "full,nbd,incremental,peer,resync,restore,lun,guestio,rss"
+    if not peer:
+        sections = sections.replace("peer,", "")
+    proc = _bench("--size-mib", "64", "--repeat", "1", "--windows", "3", "--settle", "0",
+                  "--rss-size-gib", "2", "--sections", sections, "--json", timeout=400)
+    return proc, peer
+
+
+def test_bench_small_lun_reports_all_numbers(
+    bench_run: tuple[subprocess.CompletedProcess[str], bool]
+) -> None:
+    proc, peer = bench_run
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout  # --json: only the JSON line on stdout
     doc = json.loads(lines[0])
-    _positive_numbers(doc, KEYS + NBD_KEYS + INCREMENTAL_KEYS + LUN_KEYS
-                      + (PEER_KEYS if peer else ()))
+    _positive_numbers(doc, KEYS + NBD_KEYS + INCREMENTAL_KEYS + LUN_KEYS + RESTORE_KEYS
+                      + RSS_KEYS + (PEER_KEYS if peer else ()))
     assert doc["lun_bytes"] == 64 * MiB
     assert doc["data_bytes"] == 16 * MiB  # --fill 0.25 by default
     # zeros take no space: the stored backup is about the size of the data, not of the LUN
@@ -153,6 +176,20 @@ def test_bench_small_lun_reports_all_numbers() -> None:
     else:
         assert doc["resync"] == "not measured (level not available)", doc["resync"]
         assert "resync: not measured (level not available)" in proc.stderr
+
+    # restore: both the restored device and dd's copy are the LUN
+    assert doc["restore_verified_identical"] == {"restore_s": True, "restore_dd_s": True}, doc
+    # rss: each rdm-backup process measured on the sparse LUN
+    assert doc["rss_lun_bytes"] == 2 * 1024 * MiB, doc
+    assert set(doc["rss_peak_mib"]) == {"backup_full", "backup_incremental", "restore"}, doc
+    assert all(value > 0 for value in doc["rss_peak_mib"].values()), doc
+    assert "rdmb" in doc["rss_domain"] and doc["rss_domain"] not in _virsh_names()
+    # every ratio with a goal is reported with it and whether it was met
+    assert set(doc["goals"]) >= {"ratio_nbd_push_vs_file_target", "ratio_inc_cli_vs_api",
+                                 "restore_throughput_ratio_vs_dd", "rss_max_mib",
+                                 "lun_full_ratio_vs_convert_raw", "incremental_ratio_to_full"}
+    assert set(doc["goals_met"]) == set(doc["goals"]), doc
+    assert doc["goals_at_least"] == ["restore_throughput_ratio_vs_dd"], doc
 
     # lun: two passthrough LUNs snapshotted by the storage, the guest held briefly; the
     # incremental reads only what the storage reports as changed
@@ -192,12 +229,10 @@ def test_bench_small_lun_reports_all_numbers() -> None:
         assert "rdmb" in doc["peer_domain"] and doc["peer_domain"] not in names
 
 
-def test_bench_guestio_section_reports_guest_write_latency() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench.py"),
-         "--size-mib", "64", "--repeat", "1", "--sections", "guestio", "--json"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+def test_bench_guestio_section_reports_guest_write_latency(
+    bench_run: tuple[subprocess.CompletedProcess[str], bool]
+) -> None:
+    proc, _peer = bench_run
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout.strip())
     runs = ("no_backup", "direct", "fleecing")
@@ -209,9 +244,6 @@ def test_bench_guestio_section_reports_guest_write_latency() -> None:
 
 
 def test_bench_rejects_unknown_section() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench.py"), "--sections", "full,bogus"],
-        cwd=REPO, capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
+    proc = _bench("--sections", "full,bogus", timeout=30)
     assert proc.returncode == 2
     assert "bogus" in proc.stderr

@@ -37,24 +37,24 @@ import libvirt  # noqa: E402
 from libvirt_rdm_backup.errors import RdmBackupError  # noqa: E402
 from libvirt_rdm_backup.process import run  # noqa: E402
 from libvirt_rdm_backup.storage import tgt  # noqa: E402
-from tests.e2e.lab_vm import LabVM, same_bytes, snapshot_source  # noqa: E402
-from tests.lab.domains import (  # noqa: E402
+from tools.labkit import (  # noqa: E402
+    RUN_TOKEN,
     URI,
+    LabVM,
     alias_of,
     block_disk,
     domain_type,
     guest_write,
-    iscsi_disk,
-    qcow2_disk,
-    rdm_backup,
-    test_domain,
-)
-from tests.lab.storage_lab import (  # noqa: E402
-    RUN_TOKEN,
     is_root,
+    iscsi_disk,
     iscsi_target,
     loop_device,
+    qcow2_disk,
+    rdm_backup,
     rdmb_tmpdir,
+    same_bytes,
+    snapshot_source,
+    test_domain,
 )
 
 KiB = 1024

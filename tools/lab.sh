@@ -30,7 +30,7 @@ DEB_PACKAGES=(
     gcc make
     # The Vagrant box definition (vagrant/Vagrantfile) is validated by the tests.
     vagrant vagrant-libvirt rsync
-    # The peer that tools/bench.py races on qcow2 disks.
+    # The peer that the bench (tools/bench/) races on qcow2 disks.
     virtnbdbackup
     # The skewed-clock fault test moves the tool's clock only (LD_PRELOAD).
     faketime

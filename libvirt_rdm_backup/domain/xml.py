@@ -158,7 +158,3 @@ class DomainXML(XMLObject):
     def hostdevs(self) -> list[HostdevXML]:
         """Every ``<hostdev>`` in document order."""
         return [HostdevXML(e) for e in self.children("./devices/hostdev")]
-
-    def to_string(self) -> str:
-        """The XML as text."""
-        return etree.tostring(self.element, encoding="unicode")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import libvirt
 
-from libvirt_rdm_backup.consistency import recover_window, watchdog_ahead
+from libvirt_rdm_backup.consistency import watchdog_ahead
 from libvirt_rdm_backup.domain.connection import connection_uri, is_remote
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.capture import (
@@ -24,16 +24,18 @@ from libvirt_rdm_backup.engine.discover import (
     open_domain,
     select_disks,
 )
-from libvirt_rdm_backup.engine.locks import domain_lock
 from libvirt_rdm_backup.engine.paused_copy import (
     DEFAULT_MAX_PAUSE,
     check_max_pause,
     refuse_long_pauses,
 )
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan, Facts, overall_level, plan_backup
+from libvirt_rdm_backup.engine.records import MappingResult, record_disk
 from libvirt_rdm_backup.engine.stores import Store, open_store
-from libvirt_rdm_backup.errors import RdmBackupError, UsageError
+from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError, UsageError
 from libvirt_rdm_backup.events import describe_restart
+from libvirt_rdm_backup.locks import domain_lock
+from libvirt_rdm_backup.modes import Level, Quiesce, parse_choice
 from libvirt_rdm_backup.qemu import bitmaps
 from libvirt_rdm_backup.qemu.block_copy import bwlimit_speed
 from libvirt_rdm_backup.qemu.leftovers import remove_leftovers
@@ -46,6 +48,7 @@ from libvirt_rdm_backup.repository.chain import (
     chain_of,
     unusable_points,
 )
+from libvirt_rdm_backup.repository.chunkmap import ChunkMap
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.order import newest_damage
 from libvirt_rdm_backup.repository.store import (
@@ -55,16 +58,52 @@ from libvirt_rdm_backup.repository.store import (
     now_iso,
 )
 from libvirt_rdm_backup.storage import map_disk
-from libvirt_rdm_backup.storage.base import RawDiskMapping
-from libvirt_rdm_backup.storage.snapshots import (
+from libvirt_rdm_backup.storage.snapshot_agents import (
     agent_by_name,
     find_snapshot_agent,
     manifest_snapshot,
-    scoped_prefix,
 )
+from libvirt_rdm_backup.storage.snapshots import scoped_prefix
 from libvirt_rdm_backup.targets.uri import parse_target
+from libvirt_rdm_backup.window_record import recover_window
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackupOptions:
+    """How a backup is taken: everything but the domain, the target and the connection.
+
+    ``disks``: the raw disks to back up (all by default). ``level``: see :class:`Level`.
+    ``chain`` names an independent chain with its own bitmaps and snapshots.
+    ``quiesce``: freeze the guest's filesystems through its agent while the point in
+    time is fixed (:class:`Quiesce`). ``allow_plain_nbd``: an ``nbd://`` target on
+    another host without TLS. ``tls_dir``: the client credentials of an ``nbds://``
+    target. ``max_pause``: seconds a passthrough LUN without storage snapshots may
+    keep the guest paused while it is copied. ``bwlimit``: MiB/s each disk's copy may
+    move (None: no limit). ``progress(job, done, total)`` is
+    called while QEMU jobs run. Strings are accepted for the enums; a bad value
+    raises UsageError.
+    """
+
+    disks: list[str] | None = None
+    level: Level = Level.AUTO
+    chain: str = DEFAULT_CHAIN
+    quiesce: Quiesce | None = None
+    allow_plain_nbd: bool = False
+    tls_dir: str | None = None
+    max_pause: float = DEFAULT_MAX_PAUSE
+    bwlimit: float | None = None
+    progress: ProgressCallback | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "level", parse_choice(Level, self.level, "level"))
+        if self.quiesce is not None:
+            object.__setattr__(self, "quiesce",
+                               parse_choice(Quiesce, self.quiesce, "quiesce mode"))
+        check_safe_name(self.chain, "chain name")
+        check_max_pause(self.max_pause)
+        bwlimit_speed(self.bwlimit)
 
 
 @dataclass
@@ -119,8 +158,7 @@ def _elapsed(start: str, end: str) -> float:
         return 0.0
 
 
-def _mapping_of(disk: RawDisk, remote: SshAgent | None
-                ) -> tuple[RawDiskMapping | None, str | None]:
+def _mapping_of(disk: RawDisk, remote: SshAgent | None) -> MappingResult:
     """The disk's raw disk mapping, asked of the hypervisor's agent when remote."""
     try:
         return (remote.map_disk(disk) if remote else map_disk(disk)), None
@@ -218,11 +256,29 @@ def _damage_facts(store: Store, listed: list[Damage], chain: Chain, selected: li
     ``listed``: the domain's backups whose manifests cannot be read.
     """
     damaged = {d.backup_id: d.problem for d in listed}
-    unusable = {disk.target: unusable_points(
-        chain.backups, disk.target, lambda p: store.layer_problem(p.manifest, p.record), damaged)
-        for disk in selected}
+    unusable = {disk.target: unusable_points(chain.backups, disk.target, store.damage, damaged)
+                for disk in selected}
     newer = newest_damage(listed, chain.backups)
     return unusable, ((newer, damaged[newer]) if newer else None)
+
+
+def _parent_maps(store: Store, plans: list[DiskPlan]) -> dict[str, ChunkMap]:
+    """The chunk maps of the points the planned layers build on (where kept)."""
+    maps: dict[str, ChunkMap] = {}
+    for plan in plans:
+        if plan.parent is None:
+            continue
+        try:
+            found = store.chunk_map(plan.parent)
+        except RdmBackupError as err:
+            if plan.level is Level.RESYNC:
+                raise DamagedBackupError(plan.parent.backup_id, str(err),
+                                         plan.disk.target) from err
+            log.warning("disk %s: %s; the new point gets no chunk map", plan.disk.target, err)
+            continue
+        if found is not None:
+            maps[plan.disk.target] = found
+    return maps
 
 
 def _prepare_qemu(ctx: DomainContext, repo_id: str, chain: Chain) -> Monitor | None:
@@ -238,21 +294,9 @@ def _prepare_qemu(ctx: DomainContext, repo_id: str, chain: Chain) -> Monitor | N
     return monitor
 
 
-def backup(
-    conn: libvirt.virConnect,
-    domain: str,
-    target: str,
-    disks: list[str] | None = None,
-    level: str = "auto",
-    chain_name: str = DEFAULT_CHAIN,
-    progress: ProgressCallback | None = None,
-    quiesce: str | None = None,
-    allow_plain_nbd: bool = False,
-    tls_dir: str | None = None,
-    agent: SshAgent | None = None,
-    max_pause: float = DEFAULT_MAX_PAUSE,
-    bwlimit: float | None = None,
-) -> BackupResult:
+def backup(conn: libvirt.virConnect, domain: str, target: str,
+           options: BackupOptions | None = None, agent: SshAgent | None = None
+           ) -> BackupResult:
     """Take a point-in-time backup of a domain's raw disks into the repository ``target``.
 
     ``target`` is a repository directory or an NBD export (``nbd://``, ``nbds://``,
@@ -260,35 +304,32 @@ def backup(
     (over SSH) for what only the hypervisor can answer, when it is another machine:
     then nothing of this machine's storage is used for the disks.
 
-    ``level`` is ``full``, ``incremental`` (writes since the chain's previous
-    backup), ``differential`` (since the chain's last full) or ``auto``
+    ``options.level`` is ``full``, ``incremental`` (writes since the chain's previous
+    backup), ``differential`` (since the chain's last full), ``resync`` or ``auto``
     (incremental where tracking is intact, else a resync or a full copy, with the
-    reason). ``quiesce`` (``try``/``required``) freezes the guest's filesystems
-    through its agent while the point in time is fixed. ``max_pause``: seconds a
-    passthrough LUN without storage snapshots may keep the guest paused while it is
-    copied; a copy the LUN's measured read rate says would take longer is refused
-    before anything is paused, and one that reaches the bound is cancelled.
-    ``bwlimit``: MiB/s each disk's copy may move (QEMU's backup jobs and the copies
-    from storage alike; None: no limit).
+    reason). A copy of a passthrough LUN the LUN's measured read rate says would keep
+    the guest paused longer than ``options.max_pause`` is refused before anything is
+    paused, and one that reaches the bound is cancelled. ``options.bwlimit``: MiB/s each
+    disk's copy may move (QEMU's backup jobs and the copies from storage alike).
     """
-    check_max_pause(max_pause)
-    speed = bwlimit_speed(bwlimit)
-    check_safe_name(chain_name, "chain name")
-    parsed = parse_target(target, allow_remote_plain=allow_plain_nbd)  # bad targets fail first
+    options = options or BackupOptions()
+    speed = bwlimit_speed(options.bwlimit)
+    chain_name = options.chain
+    parsed = parse_target(target, allow_remote_plain=options.allow_plain_nbd)  # fails first
     if isinstance(parsed, str) and is_remote(conn):
         raise UsageError(
             f"a directory target needs a local libvirt connection: through "
             f"{connection_uri(conn)} QEMU runs on another host and cannot write into "
             f"{target}; use an NBD target (nbds://, nbd://) there")
     ctx = open_domain(conn, domain)
-    selected = select_disks(ctx.inventory, disks)
-    store = open_store(target, create=True, allow_plain_nbd=allow_plain_nbd, tls_dir=tls_dir)
-    holds = ctx.inventory.running and (quiesce is not None
+    selected = select_disks(ctx.inventory, options.disks)
+    store = open_store(target, create=True, allow_plain_nbd=options.allow_plain_nbd,
+                       tls_dir=options.tls_dir)
+    holds = ctx.inventory.running and (options.quiesce is not None
                                        or any(d.is_passthrough_lun for d in selected))
     with store, domain_lock(ctx.uuid), store.lock(ctx.uuid), \
             watchdog_ahead(ctx.dom if holds else None):
-        published = store.backups(ctx.uuid)
-        unreadable = store.damaged(ctx.uuid)
+        published, unreadable = store.scan(ctx.uuid)
         chain = chain_of(published, chain_name)
         monitor = _prepare_qemu(ctx, store.repo_id, chain)
         restart = describe_restart(ctx.uuid, chain.last.created) if chain.last else None
@@ -298,28 +339,29 @@ def backup(
         facts = Facts(ctx.inventory.running, chain, _live_bitmaps(monitor), restart,
                       agents, live_snapshots, local_layers=store.local_layers,
                       unusable=unusable, damaged_newer=damaged_newer, repo_id=store.repo_id)
-        plans = plan_backup(selected, level, facts)
+        plans = plan_backup(selected, options.level, facts)
 
         def scope(plan: DiskPlan) -> str:
             return scoped_prefix(store.repo_id, chain_name, plan.disk.target)
 
         _prune_snapshots(plans, scope, chain.needed_snapshots())
-        parent_maps = store.parent_maps(plans)
+        parent_maps = _parent_maps(store, plans)
         if agent is not None:
             _refuse_local_reads(plans)
         mappings = {disk.target: _mapping_of(disk, agent) for disk in selected}
-        refuse_long_pauses(plans, ctx.inventory.running, max_pause, speed)
+        refuse_long_pauses(plans, ctx.inventory.running, options.max_pause, speed)
         backup_id = new_backup_id({m.backup_id for m in published}
                                   | {d.backup_id for d in unreadable})
         created = now_iso()
-        with store.session(ctx.uuid, backup_id) as sink:
+        with store.session(ctx.uuid, backup_id) as session:
             captured = capture(
-                ctx.dom, ctx.inventory.running, plans, sink,
+                ctx.dom, ctx.inventory.running, plans, session,
                 bitmaps.bitmap_name(store.repo_id, chain_name, backup_id), parent_maps,
-                progress, quiesce, scope, max_pause, monitor=monitor, speed=speed)
+                options.progress, options.quiesce, scope, options.max_pause, monitor=monitor,
+                speed=speed)
             try:
-                records = [store.record(p, sink, captured, mappings[p.disk.target], parent_maps)
-                           for p in plans]
+                records = [record_disk(p, session, captured, mappings[p.disk.target],
+                                       parent_maps.get(p.disk.target)) for p in plans]
                 resolved = overall_level(plans)
                 manifest = Manifest(
                     backup_id=backup_id,
@@ -335,7 +377,7 @@ def backup(
                     domain_xml=ctx.xml_text,
                     disks=records,
                 )
-                path = store.publish(sink, manifest)
+                path = session.publish(manifest)
             except BaseException:
                 drop_new_snapshots(plans, captured)
                 if monitor is not None:

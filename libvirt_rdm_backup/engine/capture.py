@@ -37,6 +37,7 @@ from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.engine.resync import resync_layer
 from libvirt_rdm_backup.engine.sinks import Sink
 from libvirt_rdm_backup.errors import OperationError, RdmBackupError
+from libvirt_rdm_backup.modes import WindowMethod
 from libvirt_rdm_backup.qemu import bitmaps
 from libvirt_rdm_backup.qemu.block_copy import CopyDeadlineError, Endpoint, copy_image, raw_source
 from libvirt_rdm_backup.qemu.fleece import FleecingExport, fleecing_export
@@ -48,11 +49,8 @@ from libvirt_rdm_backup.qemu.names import object_name
 from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
 from libvirt_rdm_backup.qemu.unplug import release_unplugged, unplug_check
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap
-from libvirt_rdm_backup.storage.snapshots import (
-    Presented,
-    StorageSnapshot,
-    agent_by_name,
-)
+from libvirt_rdm_backup.storage.snapshot_agents import agent_by_name
+from libvirt_rdm_backup.storage.snapshots import Presented, StorageSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +222,7 @@ def capture(
     qemu_plans, fleece_plans = kind(DataPath.QEMU, False), kind(DataPath.QEMU, True)
     storage_plans, offline_resyncs = kind(DataPath.STORAGE, False), kind(DataPath.STORAGE, True)
     snapshot_plans = [p for p in plans if p.path is DataPath.SNAPSHOT]
-    result = Capture(files=files, window=Window(method="offline"))
+    result = Capture(files=files, window=Window(method=WindowMethod.OFFLINE))
     if not running:
         monitor = None
     elif monitor is None:

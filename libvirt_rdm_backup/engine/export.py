@@ -40,10 +40,8 @@ from typing import Any
 import libvirt
 
 from libvirt_rdm_backup import retry
-from libvirt_rdm_backup.consistency import recover_window
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.discover import fill_live_facts, open_domain, select_disks
-from libvirt_rdm_backup.engine.locks import domain_lock
 from libvirt_rdm_backup.engine.stores import FileStore
 from libvirt_rdm_backup.errors import (
     DamagedBackupError,
@@ -54,6 +52,7 @@ from libvirt_rdm_backup.errors import (
     RdmBackupError,
     UsageError,
 )
+from libvirt_rdm_backup.locks import domain_lock
 from libvirt_rdm_backup.qemu import bitmaps
 from libvirt_rdm_backup.qemu.fleece import FleecingExport, start_nbd_server
 from libvirt_rdm_backup.qemu.jobs import transaction
@@ -64,10 +63,12 @@ from libvirt_rdm_backup.qemu.nbd_server import SOCKET_ROOT, private_socket_dir
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN, DiskPoint, chain_of, lineage
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.store import Repository, check_safe_name, now_iso
+from libvirt_rdm_backup.window_record import recover_window
 
 log = logging.getLogger(__name__)
 
-SCRATCH_ROOT = os.environ.get("RDM_BACKUP_SCRATCH_DIR", "/var/tmp")
+SCRATCH_DIR_ENV = "RDM_BACKUP_SCRATCH_DIR"
+DEFAULT_SCRATCH_DIR = "/var/tmp"
 BITMAP_CONTEXT_PREFIX = "qemu:dirty-bitmap:"
 
 
@@ -193,7 +194,7 @@ def _dirty_sources(repo: Repository, domain_uuid: str, chain_name: str,
                    selected: list[RawDisk], monitor: Monitor
                    ) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
     """Per disk, (chain bitmap, backup id) to export as dirty bitmap, or why there is none."""
-    backups = repo.scan(domain_uuid)[0]  # readable backups only
+    backups = repo.scan(domain_uuid).backups  # readable backups only
     chain = chain_of(backups, chain_name)
     live = bitmaps.node_bitmaps(monitor)
     found: dict[str, tuple[str, str]] = {}
@@ -274,28 +275,52 @@ def _unlink(path: str) -> None:
         pass
 
 
-@contextmanager
-def export(
-    conn: libvirt.virConnect,
-    domain: str,
-    disks: list[str],
-    socket_path: str | None = None,
-    listen: str | None = None,
-    target: str | None = None,
-    chain: str = DEFAULT_CHAIN,
-    allow_remote: bool = False,
-    scratch_dir: str | None = None,
-) -> Iterator[Export]:
-    """Export a point in time of ``disks`` of a running domain over NBD, read-only.
+@dataclass(frozen=True)
+class ExportOptions:
+    """Where an export listens and what it offers besides the disks.
 
-    Listens on a unix socket (``socket_path``, else one in a fresh 0700
-    directory under /run/libvirt-rdm-backup; mode 0600, root only) or on TCP
-    (``listen``, ``HOST:PORT``, loopback only unless ``allow_remote``). With a
-    repository ``target``, each disk whose last backup in ``chain`` has a live
-    dirty bitmap also gets the context ``qemu:dirty-bitmap:<name>`` with the
-    writes since that backup. Scratch images of the guest's overwritten data go
-    to ``scratch_dir`` (default /var/tmp). Everything is torn down on exit.
+    A unix socket (``socket_path``, else one in a fresh 0700 directory under
+    /run/libvirt-rdm-backup; mode 0600, root only) or TCP (``listen``,
+    ``HOST:PORT``, loopback only unless ``allow_remote``). With a repository
+    ``target``, each disk whose last backup in ``chain`` has a live dirty bitmap
+    also gets the context ``qemu:dirty-bitmap:<name>`` with the writes since that
+    backup. Scratch images of the guest's overwritten data go to ``scratch_dir``
+    (default ``$RDM_BACKUP_SCRATCH_DIR`` or /var/tmp).
     """
+
+    socket_path: str | None = None
+    listen: str | None = None
+    target: str | None = None
+    chain: str = DEFAULT_CHAIN
+    allow_remote: bool = False
+    scratch_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What :func:`_start` sets up: the disks, their dirty-bitmap sources, the listener."""
+
+    name: str
+    uuid: str
+    selected: list[RawDisk]
+    nodes: dict[str, str]  # disk -> its QEMU node
+    sources: dict[str, tuple[str, str]]  # disk -> (chain bitmap, backup id)
+    notes: dict[str, str]  # disk -> why it has no dirty bitmap
+    token: str
+    temp_bitmap: str
+    socket_path: str | None
+    address: tuple[str, int] | None
+    scratch_dir: str | None
+
+
+@contextmanager
+def export(conn: libvirt.virConnect, domain: str, disks: list[str],
+           options: ExportOptions | None = None) -> Iterator[Export]:
+    """Export a point in time of ``disks`` of a running domain over NBD, read-only
+    (:class:`ExportOptions`). Everything is torn down on exit."""
+    options = options or ExportOptions()
+    socket_path, listen, chain = options.socket_path, options.listen, options.chain
+    allow_remote, target = options.allow_remote, options.target
     if not disks:
         raise UsageError("name at least one disk to export")
     if socket_path is not None and listen is not None:
@@ -322,11 +347,11 @@ def export(
         sources, notes = ({}, {}) if repo is None else _dirty_sources(
             repo, ctx.uuid, chain, selected, monitor)
         token = secrets.token_hex(3)
-        temp_bitmap = f"{PREFIX}-dirty-{token}"
+        setup = _Setup(ctx.name, ctx.uuid, selected, nodes, sources, notes, token,
+                       f"{PREFIX}-dirty-{token}", socket_path, address, options.scratch_dir)
         undo = _Teardown()
         try:
-            handle = _start(monitor, ctx.name, ctx.uuid, selected, nodes, sources, notes,
-                            token, temp_bitmap, socket_path, address, scratch_dir, undo)
+            handle = _start(monitor, setup, undo)
             handle.chain = chain if repo is not None else None
             yield handle
         except BaseException:
@@ -339,21 +364,20 @@ def export(
             raise failed
 
 
-def _start(monitor: Monitor, name: str, uuid: str, selected: list[RawDisk],
-           nodes: dict[str, str], sources: dict[str, tuple[str, str]], notes: dict[str, str],
-           token: str, temp_bitmap: str, socket_path: str | None,
-           address: tuple[str, int] | None, scratch_dir: str | None, undo: _Teardown
-           ) -> Export:
+def _start(monitor: Monitor, setup: _Setup, undo: _Teardown) -> Export:
     """Set everything up, pushing each undo step as soon as there is something to undo."""
+    nodes, sources, temp_bitmap = setup.nodes, setup.sources, setup.temp_bitmap
+    socket_path, address, scratch_dir = setup.socket_path, setup.address, setup.scratch_dir
+    parent = scratch_dir or os.environ.get(SCRATCH_DIR_ENV) or DEFAULT_SCRATCH_DIR
     try:
-        scratch = tempfile.mkdtemp(prefix="rdmb-export-", dir=scratch_dir or SCRATCH_ROOT)
+        scratch = tempfile.mkdtemp(prefix="rdmb-export-", dir=parent)
     except OSError as err:
-        raise OperationError(f"cannot create a scratch directory in "
-                             f"{scratch_dir or SCRATCH_ROOT}: {err.strerror}") from err
+        raise OperationError(f"cannot create a scratch directory in {parent}: "
+                             f"{err.strerror}") from err
     undo.push("delete scratch directory", lambda: shutil.rmtree(scratch))
     fleeces: list[FleecingExport] = []
     actions: list[dict[str, Any]] = []
-    for disk in selected:
+    for disk in setup.selected:
         assert disk.size is not None
         fleece = FleecingExport(monitor, nodes[disk.target], disk.target,
                                 os.path.join(scratch, f"{disk.target}.qcow2"), disk.size)
@@ -394,14 +418,15 @@ def _start(monitor: Monitor, name: str, uuid: str, selected: list[RawDisk],
         undo.push("delete socket", lambda: _unlink(path))
         base, suffix, host_port = "nbd+unix:///", f"?socket={path}", None
     try:
-        start_nbd_server(monitor, listener, object_name("nbdsock", "export", token))
+        start_nbd_server(monitor, listener, object_name("nbdsock", "export", setup.token))
     finally:
         listener.close()
     undo.push("stop NBD server", lambda: monitor.execute("nbd-server-stop"))
 
     exported: list[ExportedDisk] = []
     for fleece in fleeces:
-        options: dict[str, Any] = {"type": "nbd", "id": object_name("export", fleece.disk, token),
+        options: dict[str, Any] = {"type": "nbd",
+                                   "id": object_name("export", fleece.disk, setup.token),
                                    "node-name": fleece.scratch_node, "name": fleece.disk,
                                    "writable": False}
         if fleece.disk in sources:
@@ -414,9 +439,9 @@ def _start(monitor: Monitor, name: str, uuid: str, selected: list[RawDisk],
             disk=fleece.disk, size=fleece.size, uri=f"{base}{fleece.disk}{suffix}",
             dirty_since=since[1] if since else None,
             bitmap_context=BITMAP_CONTEXT_PREFIX + temp_bitmap if since else None,
-            bitmap_note=notes.get(fleece.disk)))
-    log.info("exporting %s of %s at %s", ", ".join(d.disk for d in exported), name,
+            bitmap_note=setup.notes.get(fleece.disk)))
+    log.info("exporting %s of %s at %s", ", ".join(d.disk for d in exported), setup.name,
              point_in_time)
-    return Export(domain_name=name, domain_uuid=uuid, point_in_time=point_in_time,
+    return Export(domain_name=setup.name, domain_uuid=setup.uuid, point_in_time=point_in_time,
                   disks=exported, socket=path,
                   address=host_port, _fleeces=fleeces)

@@ -17,7 +17,7 @@ from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.errors import OperationError, RdmBackupError, UsageError
 from libvirt_rdm_backup.process import require_tool, run
-from libvirt_rdm_backup.storage.snapshots import find_snapshot_agent
+from libvirt_rdm_backup.storage.snapshot_agents import find_snapshot_agent
 
 DEFAULT_MAX_PAUSE = 30.0  # seconds
 MiB = 1 << 20

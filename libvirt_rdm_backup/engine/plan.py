@@ -7,12 +7,12 @@ from enum import StrEnum
 
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.errors import DamagedBackupError, TrackingLostError, UsageError
+from libvirt_rdm_backup.modes import Level, parse_choice
 from libvirt_rdm_backup.qemu import bitmaps
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
 
-LEVELS = ("full", "incremental", "differential", "resync", "auto")
 # the level a mixed backup reports is its most costly one
-_COST = {"full": 3, "resync": 2, "differential": 1, "incremental": 0}
+_COST = {Level.FULL: 3, Level.RESYNC: 2, Level.DIFFERENTIAL: 1, Level.INCREMENTAL: 0}
 
 
 class DataPath(StrEnum):
@@ -34,7 +34,7 @@ class DiskPlan:
 
     disk: RawDisk
     path: DataPath
-    level: str
+    level: Level
     reason: str
     parent: DiskPoint | None = None
     source_bitmap: str | None = None
@@ -156,15 +156,14 @@ def _data_path(disk: RawDisk, facts: Facts) -> DataPath:
     return DataPath.QEMU
 
 
-def plan_disk(disk: RawDisk, level: str, facts: Facts) -> DiskPlan:
+def plan_disk(disk: RawDisk, requested: Level | str, facts: Facts) -> DiskPlan:
     """Choose data path, level and parent of one disk."""
-    if level not in LEVELS:
-        raise UsageError(f"unknown level {level!r} (one of {', '.join(LEVELS)})")
+    level = parse_choice(Level, requested, "level")
     path = _data_path(disk, facts)
     agent = facts.snapshot_agents.get(disk.target) if path is DataPath.SNAPSHOT else None
     if path is DataPath.STORAGE and disk.is_passthrough_lun:
         return DiskPlan(
-            disk, DataPath.STORAGE, "full",
+            disk, DataPath.STORAGE, Level.FULL,
             "SCSI passthrough LUN without a snapshot-capable storage agent: guest I/O "
             "bypasses QEMU's block layer, so no dirty tracking; copied in full from storage"
             + (" while the guest is paused" if facts.running else ""))
@@ -172,38 +171,39 @@ def plan_disk(disk: RawDisk, level: str, facts: Facts) -> DiskPlan:
         raise UsageError(f"disk {disk.target}: QEMU has no block node for it")
     track = path is not DataPath.STORAGE  # a bitmap or a storage snapshot starts here
     origin = (f"storage snapshot by agent {agent}" if agent else "")
-    if level == "full":
-        return DiskPlan(disk, path, "full", _join("full copy requested", origin), track=track,
+    if level is Level.FULL:
+        return DiskPlan(disk, path, Level.FULL, _join("full copy requested", origin), track=track,
                         agent=agent)
     chain = facts.chain
     broken = facts.unusable.get(disk.target, {})
     damage = _damage_note(disk.target, facts)
     last = chain.last_point(disk.target, skip=broken)  # the newest usable point
-    if level in ("incremental", "differential", "auto"):
-        wanted = "differential" if level == "differential" else "incremental"
-        if level != "auto":
+    if level in (Level.INCREMENTAL, Level.DIFFERENTIAL, Level.AUTO):
+        wanted = Level.DIFFERENTIAL if level is Level.DIFFERENTIAL else Level.INCREMENTAL
+        if level is not Level.AUTO:
             _refuse_damaged(disk.target, level, chain.last_full_point(disk.target)
-                            if wanted == "differential" else chain.last_point(disk.target),
+                            if wanted is Level.DIFFERENTIAL else chain.last_point(disk.target),
                             facts)
-        point = chain.last_full_point(disk.target, skip=broken) if wanted == "differential" \
-            else last
+        point = chain.last_full_point(disk.target, skip=broken) \
+            if wanted is Level.DIFFERENTIAL else last
         problem = _build_problem(disk, point, facts, path)
         if problem is not None and damage is not None:
             # newer points are damaged: the last usable full may still have its tracking
             full = chain.last_full_point(disk.target, skip=broken)
             if full is not None and _build_problem(disk, full, facts, path) is None:
-                point, wanted, problem = full, "differential", None
+                point, wanted, problem = full, Level.DIFFERENTIAL, None
         if problem is None:
             assert point is not None
             usable = " usable" if damage is not None else ""
-            since = f"last{usable} full" if wanted == "differential" else f"previous{usable}"
+            since = f"last{usable} full" if wanted is Level.DIFFERENTIAL \
+                else f"previous{usable}"
             how = ("ranges the storage reports as changed" if path is DataPath.SNAPSHOT
                    else "writes")
             return DiskPlan(disk, path, wanted,
                             _join(f"{how} since the {since} backup {point.backup_id}", damage),
                             parent=point, source_bitmap=point.record.bitmap, track=True,
                             agent=agent)
-        if level != "auto":
+        if level is not Level.AUTO:
             raise TrackingLostError(disk.target, level, problem)
     else:
         _refuse_damaged(disk.target, level, chain.last_point(disk.target), facts)
@@ -214,13 +214,13 @@ def plan_disk(disk: RawDisk, level: str, facts: Facts) -> DiskPlan:
         assert last is not None
         how = "reading the disk once" + {DataPath.QEMU: "", DataPath.STORAGE: " from storage",
                                          DataPath.SNAPSHOT: " from a storage snapshot"}[path]
-        return DiskPlan(disk, path, "resync",
+        return DiskPlan(disk, path, Level.RESYNC,
                         _join(f"resync: {problem}; {how}, storing the chunks that differ from "
                               f"backup {last.backup_id}", damage),
                         parent=last, track=track, agent=agent)
-    if level == "resync":
+    if level is Level.RESYNC:
         raise TrackingLostError(disk.target, level, why_not)
-    return DiskPlan(disk, path, "full", _join(f"full copy: {problem}", damage, origin),
+    return DiskPlan(disk, path, Level.FULL, _join(f"full copy: {problem}", damage, origin),
                     track=track, agent=agent)
 
 
@@ -239,12 +239,12 @@ def _join(*parts: str | None) -> str:
     return "; ".join(p for p in parts if p)
 
 
-def plan_backup(disks: list[RawDisk], level: str, facts: Facts) -> list[DiskPlan]:
+def plan_backup(disks: list[RawDisk], level: Level | str, facts: Facts) -> list[DiskPlan]:
     """Plans for every selected disk."""
     return [plan_disk(disk, level, facts) for disk in disks]
 
 
-def overall_level(plans: list[DiskPlan]) -> str:
+def overall_level(plans: list[DiskPlan]) -> Level:
     """The level a backup reports: that of its block-layer disks, the most costly one."""
     considered = [p for p in plans if not p.disk.is_passthrough_lun] or plans
     return max((p.level for p in considered), key=lambda lvl: _COST.get(lvl, 3))

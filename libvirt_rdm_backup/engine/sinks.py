@@ -1,9 +1,12 @@
-"""Where a capture writes each disk's new layer: a file in staging, or a region of an NBD volume.
+"""Where a backup writes each disk's new layer: a file in staging, or a region of an NBD volume.
 
-A sink answers four things for a planned disk: create the empty layer, attach
-it to the running QEMU as a writable node (for the guest's block jobs), give it as
-the target of a copy from storage (a block job of a private storage daemon), and
-name it as a ``qemu-img`` filename (for the checks after the copy).
+Each store opens its own kind of session (:meth:`.stores.Store.session`). What a
+capture asks of it (:class:`Sink`): create a disk's empty layer, attach it to the
+running QEMU as a writable node (for the guest's block jobs), give it as the
+target of a copy from storage (a block job of a private storage daemon), and name it
+as a ``qemu-img`` filename (for the checks after the copy). What the backup asks afterwards
+(:class:`Session`): the written layer, checked and described; its digest; and,
+last, to publish the manifest.
 """
 
 from __future__ import annotations
@@ -11,26 +14,28 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from libvirt_rdm_backup.engine.plan import DiskPlan
-from libvirt_rdm_backup.errors import OperationError, QmpError, RdmBackupError
-from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.errors import OperationError, QmpError, RdmBackupError, VerificationError
+from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.qemu.block_copy import Endpoint
 from libvirt_rdm_backup.qemu.blockdev import attached_image
-from libvirt_rdm_backup.qemu.layers import chain_node, json_filename
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
-from libvirt_rdm_backup.repository.store import Staging
+from libvirt_rdm_backup.repository.digest import Digest, file_digest
+from libvirt_rdm_backup.repository.manifest import Manifest
+from libvirt_rdm_backup.repository.store import Repository, Staging
 from libvirt_rdm_backup.targets.nbd_volume import NbdVolume, region_size
 
 DATA_FORMAT = "qcow2"
 
 
 class Sink(Protocol):
-    """Destination of the new layers of one backup."""
+    """Destination of the new layers of one backup, as a capture writes them."""
 
     local_files: bool  # layers are local files (resyncs and ranged copies need that)
 
@@ -55,6 +60,44 @@ class Sink(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class LocalLayer:
+    """A new layer that is a local file: a chunk map is computed from it and kept beside it."""
+
+    path: str
+    lower: list[str]  # the layers it builds on, top first, checked
+    chunk_map_path: str
+
+
+@dataclass(frozen=True)
+class Written:
+    """A disk's new layer once written, checked: what its record says of it."""
+
+    image: str  # the layer alone (its own clusters) as a ``qemu-img`` filename
+    data_file: str
+    stored_bytes: int
+    file_size: int | None = None
+    backing_file: str | None = None
+    location: dict[str, Any] | None = None
+    local: LocalLayer | None = None
+
+
+class Session(Sink, Protocol):
+    """The sink of one backup in one store, which also publishes it."""
+
+    def written(self, plan: DiskPlan) -> Written:
+        """The disk's layer after its copy, checked (raises VerificationError)."""
+        ...
+
+    def digest(self, plan: DiskPlan) -> Digest:
+        """The digest of the disk's stored layer (after :meth:`written`)."""
+        ...
+
+    def publish(self, manifest: Manifest) -> str:
+        """Make the backup visible; returns where it is."""
+        ...
+
+
 def data_file_name(plan: DiskPlan) -> str:
     """File name of a disk's data inside a backup."""
     return f"{plan.disk.target}.{DATA_FORMAT}"
@@ -65,8 +108,11 @@ class FileSink:
 
     local_files = True
 
-    def __init__(self, staging: Staging) -> None:
+    def __init__(self, repo: Repository, staging: Staging,
+                 lower: Callable[[DiskPlan], list[str]]) -> None:
+        self.repo = repo
         self.staging = staging
+        self._lower = lower
 
     def target(self, plan: DiskPlan) -> str:
         return self.staging.file(data_file_name(plan))
@@ -87,6 +133,25 @@ class FileSink:
 
     def attach(self, monitor: Monitor, plan: DiskPlan) -> AbstractContextManager[str]:
         return _file_node(monitor, self.target(plan), plan)
+
+    def written(self, plan: DiskPlan) -> Written:
+        path = self.target(plan)
+        stat = os.stat(path)
+        return Written(
+            image=layers.json_filename(layers.file_chain([path])),
+            data_file=os.path.basename(path),
+            stored_bytes=stat.st_blocks * 512,
+            file_size=stat.st_size,
+            backing_file=plan.parent.relative_data_file() if plan.parent else None,
+            local=LocalLayer(path, self._lower(plan),
+                             self.staging.file(f"{plan.disk.target}.chunks")),
+        )
+
+    def digest(self, plan: DiskPlan) -> Digest:
+        return file_digest(self.target(plan))
+
+    def publish(self, manifest: Manifest) -> str:
+        return self.repo.publish(self.staging, manifest)
 
 
 @contextmanager
@@ -126,10 +191,11 @@ class NbdSink:
     def node(self, plan: DiskPlan) -> dict[str, Any]:
         """Blockdev options of the disk's layer (qcow2 on its region of the export)."""
         location = self.locations[plan.disk.target]
-        return chain_node([self.volume.region_node(location["offset"], location["region"])])
+        return layers.chain_node([self.volume.region_node(location["offset"],
+                                                          location["region"])])
 
     def target(self, plan: DiskPlan) -> str:
-        return json_filename(self.node(plan))
+        return layers.json_filename(self.node(plan))
 
     def copy_target(self, plan: DiskPlan) -> Endpoint:
         tls = self.volume.tls_object()
@@ -138,6 +204,36 @@ class NbdSink:
     def attach(self, monitor: Monitor, plan: DiskPlan) -> AbstractContextManager[str]:
         return _nbd_node(monitor, self.node(plan), plan, self.volume.tls_object(),
                          self.volume.address.socket)
+
+    def written(self, plan: DiskPlan) -> Written:
+        image = self.read_back(plan)
+        location = self.locations[plan.disk.target]
+        location["length"] = img.check_end(image, DATA_FORMAT)
+        return Written(image=image, data_file=data_file_name(plan),
+                       stored_bytes=location["length"], location=dict(location))
+
+    def read_back(self, plan: DiskPlan) -> str:
+        """The new layer as a ``qemu-img`` filename: its header read from the server and
+        checked, then pinned (the server cannot show the later reads another header)."""
+        location = self.locations[plan.disk.target]
+        offset, region = int(location["offset"]), int(location["region"])
+        head = self.volume.read(offset, layers.HEADER_READ)
+        problem = layers.header_problem(head, None, int(plan.disk.size or 0))
+        if problem is not None:
+            raise VerificationError(f"the new layer of {plan.disk.target} in "
+                                    f"{self.volume.address.uri} {problem} after it was written; "
+                                    "nothing was published")
+        node = layers.pinned_head(head, self.volume.region_node(offset, region), region,
+                                  self.scratch(f"new-{offset}.qcow2"))
+        return layers.json_filename(layers.chain_node([node]))
+
+    def digest(self, plan: DiskPlan) -> Digest:
+        location = self.locations[plan.disk.target]
+        return self.volume.digest(int(location["offset"]), int(location["length"]))
+
+    def publish(self, manifest: Manifest) -> str:
+        self.volume.publish(manifest)
+        return f"{self.volume.address.uri}#{manifest.backup_id}"
 
 
 def _pass_connection(monitor: Monitor, socket_path: str, name: str) -> dict[str, Any]:

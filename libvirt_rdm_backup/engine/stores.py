@@ -1,8 +1,10 @@
 """Where backups are kept: a file repository or an NBD volume, behind one small interface.
 
-The backup engine asks a store for the chain's history, a session (a sink for
-the new layers), the record of each written disk and, last, to publish the
-manifest. Chosen by the target's form: a directory, or an ``nbd://`` URI.
+A store lists its backups and the damaged ones (:meth:`Store.scan`), opens the
+session a new backup is written through (its own kind of sink, which publishes
+the manifest), tells what is wrong with a stored layer (:meth:`Store.damage`),
+and gives QEMU a point's layers (:meth:`Store.image_node`). Chosen by the
+target's form: a directory, or an ``nbd://`` URI.
 """
 
 from __future__ import annotations
@@ -12,80 +14,83 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from libvirt_rdm_backup.engine.capture import Capture
-from libvirt_rdm_backup.engine.locks import LOCK_DIR
 from libvirt_rdm_backup.engine.plan import DiskPlan
-from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, FileSink, NbdSink, Sink
+from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, FileSink, NbdSink, Session
 from libvirt_rdm_backup.errors import (
     DamagedBackupError,
     RdmBackupError,
     UsageError,
-    VerificationError,
 )
 from libvirt_rdm_backup.fslock import exclusive
+from libvirt_rdm_backup.locks import lock_dir
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
-from libvirt_rdm_backup.repository.chunkmap import ChunkMap, chunkmap_of_layer
+from libvirt_rdm_backup.repository.chunkmap import ChunkMap
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.store import (
-    Damage,
     Repository,
+    Scan,
     check_backup_id,
     check_safe_name,
 )
-from libvirt_rdm_backup.storage.base import RawDiskMapping
 from libvirt_rdm_backup.targets.nbd_volume import NbdVolume, location_problem
 from libvirt_rdm_backup.targets.uri import NbdAddress, parse_target
 
 log = logging.getLogger(__name__)
-Mapping = tuple[RawDiskMapping | None, str | None]
 
 
 class Store(Protocol):
     """A place that keeps backups."""
 
-    repo_id: str
-    local_layers: bool
+    name: str  # the directory or the URI, for messages
+    repo_id: str  # short id, part of the names of QEMU bitmaps of this store
+    local_layers: bool  # layers are local files (resyncs and chunk maps need that)
 
     def __enter__(self) -> Store: ...
 
     def __exit__(self, *exc: object) -> None: ...
 
-    def lock(self, domain_uuid: str) -> ContextManager[None]: ...
+    def lock(self, domain_uuid: str) -> ContextManager[None]:
+        """Be the one writer of the domain's backups (fails at once when taken)."""
+        ...
 
-    def backups(self, domain_uuid: str) -> list[Manifest]: ...
+    def scan(self, domain_uuid: str | None = None) -> Scan:
+        """Readable backups (of all domains, or of one), oldest first, and damaged ones."""
+        ...
 
-    def parent_maps(self, plans: list[DiskPlan]) -> dict[str, ChunkMap]: ...
+    def session(self, domain_uuid: str, backup_id: str) -> ContextManager[Session]:
+        """Where a new backup is written; nothing of it is visible until it is published."""
+        ...
 
-    def session(self, domain_uuid: str, backup_id: str) -> ContextManager[Sink]: ...
+    def chunk_map(self, point: DiskPoint) -> ChunkMap | None:
+        """The chunk map kept of a point (None: none kept; raises RdmBackupError)."""
+        ...
 
-    def record(self, plan: DiskPlan, sink: Sink, captured: Capture, mapping: Mapping,
-               parent_maps: dict[str, ChunkMap]) -> DiskRecord: ...
+    def damage(self, point: DiskPoint, digests: bool = False) -> str | None:
+        """What is wrong with a point's stored layer, or None.
 
-    def publish(self, sink: Sink, manifest: Manifest) -> str: ...
+        Cheap by default (recorded damage, presence, size, header: can it be built
+        on); with ``digests`` the stored data is read and compared with its digests,
+        and the verdict recorded for later cheap checks.
+        """
+        ...
 
-    @property
-    def name(self) -> str: ...
+    def image_node(self, points: list[DiskPoint]) -> dict[str, Any]:
+        """Blockdev options of a point's layers (itself first), each backing explicit."""
+        ...
 
-    def all_backups(self) -> list[Manifest]: ...
+    def qemu_objects(self) -> tuple[dict[str, Any], ...]:
+        """``object-add`` arguments the nodes of :meth:`image_node` need (TLS credentials)."""
+        ...
 
-    def damaged(self, domain_uuid: str | None = None) -> list[Damage]: ...
-
-    def check(self, manifest: Manifest, record: DiskRecord) -> str | None: ...
-
-    def layer_problem(self, manifest: Manifest, record: DiskRecord) -> str | None: ...
-
-    def image_node(self, points: list[DiskPoint]) -> dict[str, Any]: ...
-
-    def qemu_objects(self) -> tuple[dict[str, Any], ...]: ...
-
-    def holds(self, path: str) -> bool: ...
+    def holds(self, path: str) -> bool:
+        """True when writing the local ``path`` would write into the store."""
+        ...
 
 
 def open_store(target: str, create: bool = False, allow_plain_nbd: bool = True,
@@ -107,22 +112,6 @@ def open_store(target: str, create: bool = False, allow_plain_nbd: bool = True,
     return FileStore(Repository.open(parsed, create=create))
 
 
-def _common_fields(plan: DiskPlan, captured: Capture, mapping: Mapping) -> dict[str, Any]:
-    return {
-        "disk": plan.disk,
-        "format": DATA_FORMAT,
-        "level": plan.level,
-        "reason": plan.reason,
-        "data_path": str(plan.path),
-        "mapping": mapping[0],
-        "mapping_error": mapping[1],
-        "parent": plan.parent.backup_id if plan.parent else None,
-        "bitmap": captured.new_bitmaps.get(plan.disk.target),
-        "storage_snapshot": captured.snapshots[plan.disk.target].to_dict()
-        if plan.disk.target in captured.snapshots else None,
-    }
-
-
 class FileStore:
     """Backups as directories of qcow2 files (:class:`Repository`)."""
 
@@ -130,6 +119,7 @@ class FileStore:
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
+        self.name = repo.root
         self.repo_id = repo.repo_id
 
     def __enter__(self) -> FileStore:
@@ -141,31 +131,21 @@ class FileStore:
     def lock(self, domain_uuid: str) -> ContextManager[None]:
         return self.repo.lock(domain_uuid)
 
-    def backups(self, domain_uuid: str) -> list[Manifest]:
-        """The readable backups of a domain (:meth:`damaged` names the others)."""
-        return self.repo.scan(domain_uuid)[0]
-
-    def parent_maps(self, plans: list[DiskPlan]) -> dict[str, ChunkMap]:
-        return _parent_maps(self.repo, plans)
+    def scan(self, domain_uuid: str | None = None) -> Scan:
+        return self.repo.scan(domain_uuid)
 
     @contextmanager
-    def session(self, domain_uuid: str, backup_id: str) -> Iterator[Sink]:
+    def session(self, domain_uuid: str, backup_id: str) -> Iterator[Session]:
         with self.repo.staging(domain_uuid, backup_id) as staging:
-            self._staging = staging
-            yield FileSink(staging)
-
-    def record(self, plan: DiskPlan, sink: Sink, captured: Capture, mapping: Mapping,
-               parent_maps: dict[str, ChunkMap]) -> DiskRecord:
-        return _record(plan, sink.target(plan), captured, mapping, parent_maps,
-                       self._lower_paths(plan))
+            yield FileSink(self.repo, staging, self._lower_paths)
 
     def _lower_paths(self, plan: DiskPlan) -> list[str]:
         """The layers a new layer builds on, top first, from the manifests' parent links."""
         if plan.parent is None:
             return []
         point = plan.parent
-        points, missing = lineage(self.backups(point.manifest.domain_uuid), point.manifest,
-                                  point.record.disk.target)
+        points, missing = lineage(self.scan(point.manifest.domain_uuid).backups,
+                                  point.manifest, point.record.disk.target)
         if missing is not None:
             raise DamagedBackupError(point.backup_id, f"builds on backup {missing}, which is "
                                      "missing or damaged", point.record.disk.target)
@@ -173,26 +153,24 @@ class FileStore:
             problem = self.header_problem(lower.manifest, lower.record)
             if problem is not None:
                 raise DamagedBackupError(lower.backup_id, problem, lower.record.disk.target)
-        return self.layer_paths(points)
+        return self._layer_paths(points)
 
-    def publish(self, sink: Sink, manifest: Manifest) -> str:
-        return self.repo.publish(self._staging, manifest)
+    def chunk_map(self, point: DiskPoint) -> ChunkMap | None:
+        if point.record.chunk_map is None:
+            return None
+        directory = self.repo.backup_dir(point.manifest.domain_uuid, point.backup_id)
+        path = os.path.join(directory, check_safe_name(point.record.chunk_map, "chunk map"))
+        return ChunkMap.load(path, point.record.size)
 
-    @property
-    def name(self) -> str:
-        return self.repo.root
+    def damage(self, point: DiskPoint, digests: bool = False) -> str | None:
+        if digests:
+            return self._check(point.manifest, point.record)
+        return self._layer_problem(point.manifest, point.record)
 
-    def all_backups(self) -> list[Manifest]:
-        return self.repo.scan()[0]
-
-    def damaged(self, domain_uuid: str | None = None) -> list[Damage]:
-        """Published backups whose manifest cannot be read."""
-        return self.repo.scan(domain_uuid)[1]
-
-    def check(self, manifest: Manifest, record: DiskRecord) -> str | None:
+    def _check(self, manifest: Manifest, record: DiskRecord) -> str | None:
         """What is wrong with a disk's stored data (digests of data file and chunk map).
 
-        A mismatch is recorded beside the data, for :meth:`layer_problem` of later
+        A mismatch is recorded beside the data, for the cheap checks of later
         backups; a match clears such a record (the data was repaired). The layer's
         header is checked first (:meth:`header_problem`).
         """
@@ -205,11 +183,13 @@ class FileStore:
                                       check_safe_name(record.chunk_map, "chunk map"))
             problem, lasting = _file_problem(chunk_path, f"chunk map {record.chunk_map}",
                                              record.chunk_map_digest)
-        if problem is None or lasting:
-            self.repo.set_damage_mark(manifest, record.disk.target, problem)
+        if (problem is None or lasting) and \
+                not self.repo.set_damage_mark(manifest, record.disk.target, problem):
+            log.info("cannot record the state of backup %s disk %s in %s",
+                     manifest.backup_id, record.disk.target, self.name)
         return problem
 
-    def layer_problem(self, manifest: Manifest, record: DiskRecord) -> str | None:
+    def _layer_problem(self, manifest: Manifest, record: DiskRecord) -> str | None:
         """A cheap check that a layer can be built on: recorded damage, presence, size."""
         mark = self.repo.damage_mark(manifest, record.disk.target)
         if mark is not None:
@@ -248,20 +228,18 @@ class FileStore:
                                       record.size)
         return None if problem is None else f"{record.data_file} {problem}"
 
-    def layer_paths(self, points: list[DiskPoint]) -> list[str]:
+    def _layer_paths(self, points: list[DiskPoint]) -> list[str]:
         """The data files of a point's layers (itself first), as the layout places them."""
         return [self.repo.data_file(p.manifest, p.record) for p in points]
 
     def image_node(self, points: list[DiskPoint]) -> dict[str, Any]:
-        """The point's layers (itself first), each one's backing given explicitly."""
-        return layers.file_chain(self.layer_paths(points))
+        return layers.file_chain(self._layer_paths(points))
 
     def qemu_objects(self) -> tuple[dict[str, Any], ...]:
         """``object-add`` arguments the nodes of :meth:`image_node` need: none."""
         return ()
 
     def holds(self, path: str) -> bool:
-        """True when writing the local ``path`` would write into the repository."""
         return self.repo.holds(path)
 
 
@@ -272,6 +250,7 @@ class VolumeStore:
 
     def __init__(self, volume: NbdVolume) -> None:
         self.volume = volume
+        self.name = volume.address.uri
         self.repo_id = volume.repo_id
         self._objects = img.objects(*volume.qemu_img_objects())
         self._checked: dict[int, bytes] = {}  # region offset -> the header bytes checked
@@ -298,77 +277,33 @@ class VolumeStore:
             self.volume.release_lease()
 
     def _lock(self, kind: str, busy: str) -> ContextManager[None]:
-        os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
+        directory = lock_dir()
+        os.makedirs(directory, mode=0o700, exist_ok=True)
         key = hashlib.sha256(self.volume.address.uri.encode()).hexdigest()[:16]
-        return exclusive(os.path.join(LOCK_DIR, f"volume-{key}{kind}.lock"), busy)
+        return exclusive(os.path.join(directory, f"volume-{key}{kind}.lock"), busy)
 
-    def backups(self, domain_uuid: str) -> list[Manifest]:
-        """The readable backups of a domain (:meth:`damaged` names the others)."""
-        return self.volume.scan(domain_uuid)[0]
-
-    def parent_maps(self, plans: list[DiskPlan]) -> dict[str, ChunkMap]:
-        return {}
+    def scan(self, domain_uuid: str | None = None) -> Scan:
+        return self.volume.scan(domain_uuid)
 
     @contextmanager
-    def session(self, domain_uuid: str, backup_id: str) -> Iterator[Sink]:
+    def session(self, domain_uuid: str, backup_id: str) -> Iterator[Session]:
         with tempfile.TemporaryDirectory(prefix="rdmb-session-") as scratch:
             yield NbdSink(self.volume, scratch)
 
-    def record(self, plan: DiskPlan, sink: Sink, captured: Capture, mapping: Mapping,
-               parent_maps: dict[str, ChunkMap]) -> DiskRecord:
-        assert isinstance(sink, NbdSink)
-        target = self._read_back(plan, sink)
-        length = _image_end(target)
-        location = {**sink.locations[plan.disk.target], "length": length}
-        # qemu-img map: the layer's allocation, read (a report of the copy, not a copy)
-        extents = img.map_extents(target, DATA_FORMAT)
-        return DiskRecord(
-            **_common_fields(plan, captured, mapping),
-            size=int(plan.disk.size or 0),
-            data_file=f"{plan.disk.target}.{DATA_FORMAT}",
-            digest=self.volume.digest(location["offset"], length),
-            bytes_transferred=img.data_bytes(target, own_only=True, extents=extents),
-            stored_bytes=length,
-            location=location,
-        )
+    def chunk_map(self, point: DiskPoint) -> ChunkMap | None:
+        """None: a volume keeps no chunk maps (its layers are not local files)."""
+        return None
 
-    def _read_back(self, plan: DiskPlan, sink: NbdSink) -> str:
-        """The new layer for the checks after its copy: its header read from the server and
-        checked, then pinned (the server cannot show the checks another header)."""
-        location = sink.locations[plan.disk.target]
-        offset, region = int(location["offset"]), int(location["region"])
-        head = self.volume.read(offset, layers.HEADER_READ)
-        problem = layers.header_problem(head, None, int(plan.disk.size or 0))
-        if problem is not None:
-            raise VerificationError(f"the new layer of {plan.disk.target} in "
-                                    f"{self.volume.address.uri} {problem} after it was written; "
-                                    "nothing was published")
-        if self._scratch is None:
-            self._scratch = tempfile.TemporaryDirectory(prefix="rdmb-headers-")
-        node = layers.pinned_head(head, self.volume.region_node(offset, region), region,
-                                  os.path.join(self._scratch.name, f"new-{offset}.qcow2"))
-        return layers.json_filename(layers.chain_node([node]))
+    def damage(self, point: DiskPoint, digests: bool = False) -> str | None:
+        if digests:
+            return self._check(point.manifest, point.record)
+        return self._layer_problem(point.manifest, point.record)
 
-    def publish(self, sink: Sink, manifest: Manifest) -> str:
-        self.volume.publish(manifest)
-        return f"{self.volume.address.uri}#{manifest.backup_id}"
-
-    @property
-    def name(self) -> str:
-        return self.volume.address.uri
-
-    def all_backups(self) -> list[Manifest]:
-        return self.volume.scan()[0]
-
-    def damaged(self, domain_uuid: str | None = None) -> list[Damage]:
-        """Published backups whose manifest cannot be read."""
-        return self.volume.scan(domain_uuid)[1]
-
-    def check(self, manifest: Manifest, record: DiskRecord) -> str | None:
+    def _check(self, manifest: Manifest, record: DiskRecord) -> str | None:
         """What is wrong with a disk's stored region (its digest).
 
-        A mismatch is recorded in the volume's damage record, for
-        :meth:`layer_problem` of later backups; a match clears such a record.
+        A mismatch is recorded in the volume's damage record, for the cheap checks
+        of later backups; a match clears such a record.
         """
         location = record.location
         problem = location_problem(location, self.volume.size)
@@ -376,7 +311,7 @@ class VolumeStore:
             return f"{record.data_file}: {problem}"
         assert location is not None
         try:
-            problem = self.header_problem(record)
+            problem = self._header_problem(record)
             if problem is not None:
                 self._mark(manifest, record.disk.target, problem)
                 return problem
@@ -391,11 +326,11 @@ class VolumeStore:
 
     def _mark(self, manifest: Manifest, disk: str, problem: str | None) -> None:
         """Record or clear a disk's damage in the volume's damage record; best effort."""
-        if (self.volume.damage_mark(manifest.backup_id, disk) is None) == (problem is None):
+        if (self.volume.damage_mark(manifest, disk) is None) == (problem is None):
             return  # nothing to change (a known damage keeps the date it was found)
         try:
             with self._lock(".damage", "another run is recording damage in this volume"):
-                recorded = self.volume.set_damage_mark(manifest.backup_id, disk, problem)
+                recorded = self.volume.set_damage_mark(manifest, disk, problem)
         except RdmBackupError as err:
             recorded, why = False, str(err)
         except OSError as err:
@@ -406,22 +341,22 @@ class VolumeStore:
             log.info("cannot record the state of backup %s disk %s in %s: %s",
                      manifest.backup_id, disk, self.name, why)
 
-    def layer_problem(self, manifest: Manifest, record: DiskRecord) -> str | None:
+    def _layer_problem(self, manifest: Manifest, record: DiskRecord) -> str | None:
         """A cheap check that a layer can be built on: recorded damage, a location."""
-        mark = self.volume.damage_mark(manifest.backup_id, record.disk.target)
+        mark = self.volume.damage_mark(manifest, record.disk.target)
         if mark is not None:
             return mark
         problem = location_problem(record.location, self.volume.size)
         if problem is not None:
             return f"{record.data_file}: {problem}"
         try:
-            return self.header_problem(record)
+            return self._header_problem(record)
         except (KeyError, TypeError, ValueError) as err:
             return f"{record.data_file}: malformed location: {err}"
         except RdmBackupError as err:
             return f"{record.data_file} unreadable: {err}"
 
-    def header_problem(self, record: DiskRecord) -> str | None:
+    def _header_problem(self, record: DiskRecord) -> str | None:
         """What in a layer's header this tool did not write (a region never has a backing
         file: the lower layers are given explicitly)."""
         location = record.location or {}
@@ -452,7 +387,7 @@ class VolumeStore:
             location = record.location or {}
             offset, region = int(location["offset"]), int(location["region"])
             if offset not in self._checked:
-                problem = self.header_problem(record)
+                problem = self._header_problem(record)
                 if problem is not None:
                     raise DamagedBackupError(point.backup_id, problem, record.disk.target)
             files.append(layers.pinned_head(
@@ -491,69 +426,3 @@ def _expected_backing(record: DiskRecord) -> str | None:
     parent = check_backup_id(record.parent)
     return os.path.join("..", parent, f"{check_safe_name(record.disk.target, 'disk name')}"
                                       f".{DATA_FORMAT}")
-
-
-def _image_end(image: str) -> int:
-    """The end of a qcow2 image's used area."""
-    return img.check_end(image, DATA_FORMAT)  # qemu-img check: a read-only report
-
-
-def _parent_maps(repo: Repository, plans: list[DiskPlan]) -> dict[str, ChunkMap]:
-    """The chunk maps of the points the planned layers build on (where recorded)."""
-    maps: dict[str, ChunkMap] = {}
-    for plan in plans:
-        point = plan.parent
-        if point is None or point.record.chunk_map is None:
-            continue
-        directory = repo.backup_dir(point.manifest.domain_uuid, point.backup_id)
-        path = os.path.join(directory, check_safe_name(point.record.chunk_map, "chunk map"))
-        try:
-            maps[plan.disk.target] = ChunkMap.load(path, point.record.size)
-        except RdmBackupError as err:
-            if plan.level == "resync":
-                raise DamagedBackupError(point.backup_id, str(err), plan.disk.target) from err
-            log.warning("disk %s: %s; the new point gets no chunk map", plan.disk.target, err)
-    return maps
-
-
-def _chunk_map(plan: DiskPlan, path: str, captured: Capture,
-               parent_maps: dict[str, ChunkMap], extents: list[img.MapExtent],
-               lower: list[str]) -> ChunkMap | None:
-    """The new point's chunk map: from the resync, or from the layer's own clusters."""
-    target = plan.disk.target
-    if target in captured.chunk_maps:
-        return captured.chunk_maps[target]
-    parent = parent_maps.get(target)
-    if plan.parent is not None and parent is None:
-        return None  # the point below has no map: nothing to build on
-    return chunkmap_of_layer(path, parent, int(plan.disk.size or 0), extents, lower)
-
-
-def _record(plan: DiskPlan, path: str, captured: Capture, mapping: Mapping,
-            parent_maps: dict[str, ChunkMap], lower: list[str]) -> DiskRecord:
-    """The record of a new layer ``path`` over the layers ``lower`` (top first)."""
-    layer = layers.json_filename(layers.file_chain([path]))  # its own clusters only
-    extents = img.map_extents(layer)  # qemu-img map: the allocation, read (no data moved)
-    with ThreadPoolExecutor(1) as pool:  # both read the new data: hash it side by side
-        data_digest = pool.submit(file_digest, path)
-        chunk_map = _chunk_map(plan, path, captured, parent_maps, extents, lower)
-        digest = data_digest.result()
-    chunk_file = None
-    if chunk_map is not None:
-        chunk_file = f"{plan.disk.target}.chunks"
-        chunk_map.save(os.path.join(os.path.dirname(path), chunk_file))
-    return DiskRecord(
-        **_common_fields(plan, captured, mapping),
-        size=int(plan.disk.size or img.virtual_size(layer)),
-        data_file=os.path.basename(path),
-        digest=digest,
-        bytes_transferred=img.data_bytes(path, own_only=True, extents=extents),
-        stored_bytes=os.stat(path).st_blocks * 512,
-        file_size=os.path.getsize(path),
-        backing_file=plan.parent.relative_data_file() if plan.parent else None,
-        chunk_map=chunk_file,
-        chunk_map_digest=file_digest(os.path.join(os.path.dirname(path), chunk_file))
-        if chunk_file else None,
-    )
-
-

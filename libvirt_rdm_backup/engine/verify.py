@@ -6,10 +6,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from libvirt_rdm_backup.engine.selection import choose_backup, domain_damage, find_domain_backups
 from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.errors import NotFoundError
 from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
-from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.order import in_order
 from libvirt_rdm_backup.repository.store import Damage, check_backup_id
 
@@ -49,20 +50,14 @@ class VerifyReport:
                 "disks": [c.to_dict() for c in self.checks]}
 
 
-def check_disk(store: Store, manifest: Manifest, record: DiskRecord) -> DiskCheck:
-    """Recompute the digests of one disk's stored data."""
-    problem = store.check(manifest, record)
-    return DiskCheck(manifest.backup_id, record.disk.target, problem is None, problem)
-
-
 def cached_checker(store: Store) -> Checker:
-    """:meth:`Store.check` of a point, computed once per layer."""
+    """:meth:`Store.damage` of a point (digests read), computed once per layer."""
     cache: dict[tuple[str, str], str | None] = {}
 
     def check(point: DiskPoint) -> str | None:
         key = (point.backup_id, point.record.disk.target)
         if key not in cache:
-            cache[key] = store.check(point.manifest, point.record)
+            cache[key] = store.damage(point, digests=True)
         return cache[key]
 
     return check
@@ -105,8 +100,8 @@ def verify_manifests(store: Store, manifests: list[Manifest],
             continue
         uuid = item.domain_uuid
         if uuid not in known:
-            known[uuid] = (store.backups(uuid),
-                           {d.backup_id: d.problem for d in store.damaged(uuid)})
+            listed = store.scan(uuid)
+            known[uuid] = (listed.backups, {d.backup_id: d.problem for d in listed.damaged})
         backups, unreadable = known[uuid]
         for record in item.disks:
             _points, problem = lineage_problem(backups, unreadable, item, record.disk.target,
@@ -119,12 +114,6 @@ def verify_manifests(store: Store, manifests: list[Manifest],
 def verify(target: str, domain: str | None = None, backup_id: str | None = None,
            tls_dir: str | None = None) -> VerifyReport:
     """Verify backups at ``target`` (all, one domain's, or one backup)."""
-    from libvirt_rdm_backup.engine.restore import (
-        choose_backup,
-        domain_damage,
-        find_domain_backups,
-    )
-
     with open_store(target, tls_dir=tls_dir) as store:
         damaged: list[Damage] = []
         if domain is not None and backup_id is not None:
@@ -133,8 +122,7 @@ def verify(target: str, domain: str | None = None, backup_id: str | None = None,
             manifests = find_domain_backups(store, domain)
             damaged = domain_damage(store, domain, manifests)
         else:
-            manifests = store.all_backups()
-            damaged = store.damaged()
+            manifests, damaged = store.scan()
             if backup_id is not None:
                 check_backup_id(backup_id)
                 manifests = [m for m in manifests if m.backup_id == backup_id]

@@ -63,13 +63,6 @@ def find_device(monitor: Monitor, alias: str) -> BlockDevice:
     raise NotFoundError(f"QEMU has no block device for disk alias {alias!r}")
 
 
-def qdev_path(alias: str, bus: str | None) -> str:
-    """The qdev path that HMP ``qemu-io -d`` and QOM use for a disk."""
-    if bus == "virtio":
-        return f"/machine/peripheral/{alias}/virtio-backend"
-    return f"/machine/peripheral/{alias}"
-
-
 @dataclass
 class AttachedImage:
     """A backup target image attached to QEMU as a block node."""

@@ -185,17 +185,3 @@ def convert(
         argv += extra
     argv += [source, target]
     run(argv, stall=stall_timeout(), timeout=timeout, pass_fds=pass_fds)
-
-
-def compare(first: str, second: str, first_fmt: str | None, second_fmt: str | None) -> bool:
-    """True when both images read identically (``qemu-img compare``)."""
-    argv = [*_qemu_img("compare"), "-q"]
-    if first_fmt:
-        argv += ["-f", first_fmt]
-    if second_fmt:
-        argv += ["-F", second_fmt]
-    proc = run([*argv, first, second], check=False)
-    if proc.returncode in (0, 1):
-        return proc.returncode == 0
-    run([*argv, first, second])  # raises CommandError with the tool's message
-    return False

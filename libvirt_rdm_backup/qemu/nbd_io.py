@@ -30,9 +30,13 @@ NbdError = nbd.Error  # what libnbd raises when a command or the connection fail
 Segment = tuple[int, int, bool]  # (offset, length, reads as zero)
 
 
-def connect_nbd(uri: str, allocation: bool = False) -> Any:
-    """A libnbd handle connected to ``uri`` (asking for ``base:allocation`` if wanted)."""
+def connect_nbd(uri: str, allocation: bool = False, tls_dir: str | None = None) -> Any:
+    """A libnbd handle connected to ``uri`` (asking for ``base:allocation`` if wanted;
+    with ``tls_dir``, TLS required and the x509 credentials of that directory)."""
     handle = nbd.NBD()
+    if tls_dir is not None:
+        handle.set_tls(nbd.TLS_REQUIRE)
+        handle.set_tls_certificates(tls_dir)
     if allocation:
         handle.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
     handle.connect_uri(uri)

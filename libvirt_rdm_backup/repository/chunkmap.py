@@ -122,27 +122,6 @@ class ChunkMap:
         """Length of chunk ``index``."""
         return chunk_length(self.size, index, self.chunk_size)
 
-    def is_zero(self, index: int) -> bool:
-        """True when chunk ``index`` reads as zeros."""
-        return self.digest(index) == zero_digest(self.chunk_length(index))
-
-    def check_compatible(self, other: ChunkMap) -> None:
-        """Raise RepositoryError unless both maps describe the same geometry."""
-        if (self.size, self.chunk_size, self.algorithm) != (
-            other.size,
-            other.chunk_size,
-            other.algorithm,
-        ):
-            raise RepositoryError(
-                f"chunk maps differ in geometry: {self.size}/{self.chunk_size}/{self.algorithm}"
-                f" against {other.size}/{other.chunk_size}/{other.algorithm}"
-            )
-
-    def changed_chunks(self, other: ChunkMap) -> list[int]:
-        """Indices of the chunks whose digest differs between ``self`` and ``other``."""
-        self.check_compatible(other)
-        return list(differing(self.digests, other.digests, 0, self.count))
-
     def save(self, path: str) -> None:
         """Write the map to ``path`` atomically (temporary file, fsync, rename), mode 0600.
 
@@ -161,8 +140,8 @@ class ChunkMap:
             "body": hashlib.blake2b(self.digests, digest_size=32).hexdigest(),
         }
         head = json.dumps(header, sort_keys=True).encode()
-        try:
-            write_atomic(path, MAGIC + _HEADER_LEN.pack(len(head)) + head + bytes(self.digests))
+        try:  # the digests (16 MiB for a 64 GiB disk) written as they are, not copied
+            write_atomic(path, (MAGIC + _HEADER_LEN.pack(len(head)) + head, self.digests))
         except OSError as err:
             raise RepositoryError(f"cannot write chunk map {path}: {err.strerror}") from err
 
@@ -213,7 +192,7 @@ class ChunkMap:
             raise bad("bad size, chunk_size or count")
         if count != chunk_count(size, chunk_size):
             raise bad(f"count {count} does not match size {size}")
-        body = data[fixed + head_len :]
+        body = memoryview(data)[fixed + head_len :]  # no copy before the map's own
         if len(body) != count * DIGEST_SIZE:
             raise bad(f"{len(body)} digest bytes, expected {count * DIGEST_SIZE}")
         if hashlib.blake2b(body, digest_size=32).hexdigest() != header.get("body"):

@@ -34,6 +34,7 @@ from collections.abc import Container, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from libvirt_rdm_backup.errors import (
     NotFoundError,
@@ -48,7 +49,7 @@ from libvirt_rdm_backup.repository.manifest import (
     Manifest,
     valid_sequence,
 )
-from libvirt_rdm_backup.repository.order import in_order, newest, next_sequence
+from libvirt_rdm_backup.repository.order import in_order, next_sequence
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,13 @@ class Damage:
     backup_id: str
     problem: str
     sequence: int | None = None  # where it was published, when the repository still tells
+
+
+class Scan(NamedTuple):
+    """What a listing of a store found: readable backups (oldest first) and damaged ones."""
+
+    backups: list[Manifest]
+    damaged: list[Damage]
 
 
 def read_sequence(path: str) -> int | None:
@@ -349,7 +357,7 @@ class Repository:
             raise RepositoryError(f"manifest of backup {backup_id} names another backup")
         return manifest
 
-    def scan(self, domain_uuid: str | None = None) -> tuple[list[Manifest], list[Damage]]:
+    def scan(self, domain_uuid: str | None = None) -> Scan:
         """Published backups, oldest first, and those whose manifest cannot be read.
 
         Oldest first as :func:`.order.in_order` says.
@@ -375,18 +383,7 @@ class Repository:
                     continue
                 sequence = read_sequence(os.path.join(directory, name, SEQUENCE))
                 damaged.append(Damage(uuid, name, problem, sequence))
-        return in_order(found), damaged
-
-    def backups(self, domain_uuid: str | None = None) -> list[Manifest]:
-        """Published backups, oldest first (:func:`.order.in_order`; of one domain, or of all).
-
-        Raises RepositoryError when a manifest cannot be read (:meth:`scan` lists
-        around it).
-        """
-        found, damaged = self.scan(domain_uuid)
-        if damaged:
-            raise RepositoryError(f"backup {damaged[0].backup_id}: {damaged[0].problem}")
-        return found
+        return Scan(in_order(found), damaged)
 
     # -- damage found by verify and restore -----------------------------------------
 
@@ -404,8 +401,9 @@ class Repository:
         except OSError as err:
             return f"damage record unreadable: {err.strerror}"
 
-    def set_damage_mark(self, manifest: Manifest, disk: str, problem: str | None) -> None:
-        """Record (``problem``) or clear (None) a disk's damage; best effort."""
+    def set_damage_mark(self, manifest: Manifest, disk: str, problem: str | None) -> bool:
+        """Record (``problem``) or clear (None) a disk's damage; False when it cannot be
+        written (a read-only or full filesystem)."""
         path = self._damage_path(manifest, disk)
         try:
             if problem is not None:
@@ -413,21 +411,6 @@ class Repository:
             elif os.path.exists(path):
                 os.unlink(path)
         except OSError as err:
-            log.info("cannot record the state of backup %s disk %s: %s",
-                     manifest.backup_id, disk, err.strerror)
-
-    def find_backup(self, backup_id: str, domain_uuid: str | None = None) -> Manifest:
-        """A backup by id (any domain unless ``domain_uuid``)."""
-        check_backup_id(backup_id)
-        uuids = [_check_uuid(domain_uuid)] if domain_uuid else self.domain_uuids()
-        for uuid in uuids:
-            if os.path.isdir(os.path.join(self.root, uuid, backup_id)):
-                return self.load(uuid, backup_id)
-        raise NotFoundError(f"backup {backup_id} not found")
-
-    def latest(self, domain_uuid: str) -> Manifest:
-        """The newest backup of a domain."""
-        last = newest(self.backups(domain_uuid))
-        if last is None:
-            raise NotFoundError(f"no backups of domain {domain_uuid}")
-        return last
+            log.debug("damage record %s not written: %s", path, err.strerror)
+            return False
+        return True

@@ -9,8 +9,8 @@ tells which ranges changed between two snapshots of one disk
 (:meth:`~SnapshotAgent.changed_ranges`) and deletes it.
 
 A :class:`StorageSnapshot` is plain data (stored in manifests); its ``handle``
-is private to the agent that made it. :func:`agent_by_name` finds that agent
-again; :func:`find_snapshot_agent` picks one for a disk.
+is private to the agent that made it. The registry of agents
+(:mod:`.snapshot_agents`) finds that agent again, or picks one for a disk.
 
 The reflink agents keep their clones in :data:`SNAPSHOT_DIR` beside the file
 they clone (:func:`clone_path`, :func:`remove_clone`).
@@ -18,7 +18,8 @@ they clone (:func:`clone_path`, :func:`remove_clone`).
 A handle read back from a manifest is data the tool does not fully control: an
 agent acts on a snapshot only when :meth:`SnapshotAgent.owns` proves it is the
 one the agent would have made of *this* disk under that name, and
-:func:`manifest_snapshot` also checks that the name is one of this chain's.
+:func:`~.snapshot_agents.manifest_snapshot` also checks that the name is one of this
+chain's.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
 from libvirt_rdm_backup.domain.disks import RawDisk
-from libvirt_rdm_backup.errors import RdmBackupError, StorageError
+from libvirt_rdm_backup.errors import StorageError
 from libvirt_rdm_backup.storage import reflink
 
 log = logging.getLogger(__name__)
@@ -153,27 +154,6 @@ class SnapshotAgent(Protocol):
     def delete(self, disk: RawDisk, snap: StorageSnapshot) -> None:
         """Withdraw and delete the snapshot (idempotent)."""
         ...
-
-
-def snapshot_agents() -> list[SnapshotAgent]:
-    """Every snapshot agent, in the order :func:`find_snapshot_agent` tries them."""
-    from libvirt_rdm_backup.storage.loop_snapshots import LoopReflinkAgent
-    from libvirt_rdm_backup.storage.tgt_snapshots import TgtReflinkAgent
-
-    return [TgtReflinkAgent(), LoopReflinkAgent()]
-
-
-def find_snapshot_agent(disk: RawDisk) -> SnapshotAgent | None:
-    """The first agent that can snapshot ``disk``, or None."""
-    return next((agent for agent in snapshot_agents() if agent.can_snapshot(disk)), None)
-
-
-def agent_by_name(name: str) -> SnapshotAgent:
-    """The agent called ``name`` (raises StorageError for an unknown one)."""
-    for agent in snapshot_agents():
-        if agent.name == name:
-            return agent
-    raise StorageError(f"unknown snapshot agent {name!r}")
 
 
 def _tag(text: str) -> str:
@@ -410,29 +390,6 @@ def refuse_foreign(agent: SnapshotAgent, disk: RawDisk, snap: StorageSnapshot) -
     if problem:
         raise StorageError(f"snapshot {snap.name!r} of {disk.target} is not one "
                            f"{agent.name} made of it, left untouched: {problem}")
-
-
-def manifest_snapshot(data: dict[str, Any], disk: RawDisk, repo_id: str, chain: str,
-                      backup_id: str) -> tuple[SnapshotAgent, StorageSnapshot] | None:
-    """The storage snapshot manifest ``backup_id`` keeps of ``disk``, once proven ours.
-
-    Its name must be one of this repository's chain's names for the disk, and
-    its agent must own it (:meth:`SnapshotAgent.owns`). Otherwise a warning
-    names the manifest and the disk, and None says: touch nothing, build nothing on it.
-    """
-    try:
-        snap = StorageSnapshot.from_dict(data)
-        agent = agent_by_name(snap.agent)
-        problem = scope_problem(snap.name, repo_id, chain, disk.target) or agent.owns(disk, snap)
-    except RdmBackupError as err:
-        problem = err.message
-    except (KeyError, TypeError, ValueError) as err:
-        problem = f"malformed handle ({err})"
-    if problem:
-        log.warning("backup %s: the storage snapshot it names for %s is refused and left "
-                    "untouched: %s", backup_id, disk.target, problem)
-        return None
-    return agent, snap
 
 
 def handle_str(snap: StorageSnapshot, key: str) -> str:

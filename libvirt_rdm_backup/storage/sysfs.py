@@ -18,8 +18,8 @@
 A source is only ever looked at, never opened for reading: its device number comes
 from ``fstat`` of an ``O_PATH`` descriptor (:func:`device_node`), and anything but a
 block device (or a SCSI generic node whose SCSI device has one) is refused. Both
-roots are parameters so that tests can point the agent at fixture trees; a dm
-device may carry a ``dm/table`` file (not in real sysfs) with ``dmsetup table`` output.
+roots and the reader of device-mapper tables are parameters (another tree, another
+source of ``dmsetup table`` output).
 """
 
 from __future__ import annotations
@@ -107,12 +107,10 @@ class SysfsAgent:
         self,
         sysfs_root: str = "/sys",
         dev_root: str = "/dev",
-        dm_table: DmTableReader | None = None,
+        dm_table: DmTableReader = dmsetup_table,
     ) -> None:
         self.sysfs_root = Path(sysfs_root)
         self.dev_root = Path(dev_root)
-        if dm_table is None and sysfs_root == "/sys":
-            dm_table = dmsetup_table
         self._dm_table = dm_table
 
     # -- the StorageAgent protocol --------------------------------------------
@@ -138,10 +136,6 @@ class SysfsAgent:
     def map_path(self, path: str) -> StorageNode:
         """The storage tree behind a block device path (or a SCSI generic / H:B:T:L source)."""
         return self._map_sysdir(self._sysdir_for_source(path), 0)
-
-    def map_devnum(self, devnum: str) -> StorageNode:
-        """The storage tree behind block device ``MAJ:MIN``."""
-        return self._map_sysdir(self._sysdir_for_devnum(devnum), 0)
 
     def map_backing(self, path: str) -> StorageNode:
         """A backing store: a block device is mapped, anything else becomes a ``file`` node."""
@@ -362,10 +356,8 @@ class SysfsAgent:
 
     # -- device-mapper -------------------------------------------------------------
 
-    def _dm_table_lines(self, sysdir: Path, dm_name: str) -> list[list[str]] | None:
-        text = _read(sysdir / "dm/table")
-        if text is None and self._dm_table is not None and dm_name:
-            text = self._dm_table(dm_name)
+    def _dm_table_lines(self, dm_name: str) -> list[list[str]] | None:
+        text = self._dm_table(dm_name) if dm_name else None
         return None if text is None else parse_dm_table(text)
 
     def _dm_node(self, sysdir: Path, depth: int) -> StorageNode:
@@ -376,7 +368,7 @@ class SysfsAgent:
         _put(extra, "dm_uuid", uuid)
         if "-" in uuid:
             extra["dm_subsystem"] = uuid.split("-", 1)[0]
-        table = self._dm_table_lines(sysdir, dm_name)
+        table = self._dm_table_lines(dm_name)
         types = sorted({seg[2] for seg in table or [] if len(seg) > 2})
         if types:
             extra["dm_target_types"] = types

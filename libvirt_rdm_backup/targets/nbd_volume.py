@@ -47,8 +47,6 @@ import uuid as uuidlib
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeGuard
 
-import nbd
-
 from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.errors import (
     NotFoundError,
@@ -59,10 +57,11 @@ from libvirt_rdm_backup.errors import (
 )
 from libvirt_rdm_backup.process import stall_timeout
 from libvirt_rdm_backup.qemu.layers import option_value
+from libvirt_rdm_backup.qemu.nbd_io import NbdError, connect_nbd
 from libvirt_rdm_backup.repository.digest import BUFFER, Digest
 from libvirt_rdm_backup.repository.manifest import MAX_MANIFEST, Manifest, valid_sequence
 from libvirt_rdm_backup.repository.order import in_order, next_sequence
-from libvirt_rdm_backup.repository.store import Damage, now_iso
+from libvirt_rdm_backup.repository.store import Damage, Scan, now_iso
 from libvirt_rdm_backup.targets.lease import HELD, Lease
 from libvirt_rdm_backup.targets.uri import NbdAddress
 
@@ -165,12 +164,6 @@ def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def newest_superblock(slot_a: bytes, slot_b: bytes) -> Superblock | None:
-    """The valid one of the two slots with the higher generation, or None."""
-    valid = [s for s in map(Superblock.from_bytes, (slot_a, slot_b)) if s is not None]
-    return max(valid, key=lambda s: s.generation) if valid else None
-
-
 def _entry_sequence(entry: dict[str, Any]) -> int | None:
     """The sequence a table of contents entry records (None: written before sequences)."""
     value = entry.get("sequence") if isinstance(entry, dict) else None
@@ -192,7 +185,7 @@ def read_table(handle: Any, uri: str) -> Superblock | None:
             if magic == MAGIC and length <= SLOT - _HEAD.size:  # the body only, never more
                 data += bytes(handle.pread(length, offset + _HEAD.size)) if length else b""
             block = Superblock.parse(data)
-        except nbd.Error as err:
+        except NbdError as err:
             raise OperationError(f"NBD read of {uri} failed: {err}") from err
         except ValueError as err:
             problems.append(f"slot {name}: {err}")
@@ -273,14 +266,10 @@ class NbdVolume:
     def open(cls, address: NbdAddress, create: bool = False,
              tls_dir: str | None = None) -> NbdVolume:
         """Connect and read the table of contents (``create``: format an empty export)."""
-        handle = nbd.NBD()
         try:
-            if tls_dir is not None:
-                handle.set_tls(nbd.TLS_REQUIRE)
-                handle.set_tls_certificates(tls_dir)
-            handle.connect_uri(address.uri)
+            handle = connect_nbd(address.uri, tls_dir=tls_dir)
             size = int(handle.get_size())
-        except nbd.Error as err:
+        except NbdError as err:
             raise OperationError(f"cannot open NBD target {address.uri}: {err}") from err
         try:
             newest = read_table(handle, address.uri)
@@ -311,7 +300,7 @@ class NbdVolume:
         self.release_lease()
 
         def disconnect() -> None:
-            with contextlib.suppress(nbd.Error):
+            with contextlib.suppress(NbdError):
                 self.handle.shutdown()
 
         worker = threading.Thread(target=disconnect, name="rdmb-volume-close", daemon=True)
@@ -341,14 +330,14 @@ class NbdVolume:
         """Write bytes at ``offset`` (small metadata only)."""
         try:
             self.handle.pwrite(data, offset)
-        except nbd.Error as err:
+        except NbdError as err:
             raise OperationError(f"NBD write to {self.address.uri} failed: {err}") from err
 
     def flush(self) -> None:
         """Make written data durable on the server."""
         try:
             self.handle.flush()
-        except nbd.Error as err:
+        except NbdError as err:
             raise OperationError(f"NBD flush of {self.address.uri} failed: {err}") from err
 
     def read(self, offset: int, length: int) -> bytes:
@@ -358,7 +347,7 @@ class NbdVolume:
                                   f"area of {self.address.uri}")
         try:
             return bytes(self.handle.pread(length, offset))
-        except nbd.Error as err:
+        except NbdError as err:
             raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
 
     def digest(self, offset: int, length: int) -> Digest:
@@ -370,7 +359,7 @@ class NbdVolume:
                 count = min(BUFFER, length - pos)
                 hasher.update(self.handle.pread(count, offset + pos))
                 pos += count
-        except nbd.Error as err:
+        except NbdError as err:
             raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
         return Digest("sha256", hasher.hexdigest())
 
@@ -531,7 +520,7 @@ class NbdVolume:
             HELD.discard(self._lease.token)
             self._lease, self.superblock = None, new
 
-    def scan(self, domain_uuid: str | None = None) -> tuple[list[Manifest], list[Damage]]:
+    def scan(self, domain_uuid: str | None = None) -> Scan:
         """Published backups, oldest first, and apart those whose manifest is malformed.
 
         Raises OperationError when the server fails a read.
@@ -555,7 +544,7 @@ class NbdVolume:
                 continue
             try:
                 raw = bytes(self.handle.pread(int(length), int(offset)))
-            except nbd.Error as err:
+            except NbdError as err:
                 raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
             sequence = _entry_sequence(entry)
             try:
@@ -573,17 +562,17 @@ class NbdVolume:
                 damaged.append(Damage(uuid, backup_id, str(err), sequence))
             else:
                 found.append(manifest)
-        return in_order(found), damaged
+        return Scan(in_order(found), damaged)
 
     # -- damage found by verify or restore ---------------------------------------------------
 
-    def damage_mark(self, backup_id: str, disk: str) -> str | None:
+    def damage_mark(self, manifest: Manifest, disk: str) -> str | None:
         """What an earlier verify or restore found wrong with a disk's region, or None."""
         if self._damage is None:
             self._damage = self._read_damage()
-        return self._damage.get(backup_id, {}).get(disk)
+        return self._damage.get(manifest.backup_id, {}).get(disk)
 
-    def set_damage_mark(self, backup_id: str, disk: str, problem: str | None) -> bool:
+    def set_damage_mark(self, manifest: Manifest, disk: str, problem: str | None) -> bool:
         """Record (``problem``) or clear (None) a disk's damage in the damage record.
 
         Read again and rewritten whole; entries of backups no longer listed are
@@ -593,11 +582,12 @@ class NbdVolume:
             if self.handle.is_read_only():
                 return False
             head = _HEAD.unpack_from(bytes(self.handle.pread(_HEAD.size, 0)))
-        except nbd.Error as err:
+        except NbdError as err:
             raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
         if head[0] == MAGIC and _HEAD.size + head[2] > DAMAGE_OFFSET:
             return False  # a table of contents written before the record had its place
         damage = self._read_damage()
+        backup_id = manifest.backup_id
         marks = {k: v for k, v in damage.get(backup_id, {}).items() if k != disk}
         if problem is not None:
             marks[disk] = f"{problem} (found {now_iso()})"
@@ -617,7 +607,7 @@ class NbdVolume:
         """The volume's damage record (see :func:`damage_from_bytes`)."""
         try:
             return damage_from_bytes(bytes(self.handle.pread(DAMAGE_AREA, DAMAGE_OFFSET)))
-        except nbd.Error as err:
+        except NbdError as err:
             raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
 
     # -- QEMU views of regions -------------------------------------------------------------

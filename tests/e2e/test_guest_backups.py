@@ -20,7 +20,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from libvirt_rdm_backup import api, consistency
+from libvirt_rdm_backup import api, consistency, window_record
 from libvirt_rdm_backup.errors import RdmBackupError
 from tests.e2e.lab_vm import same_bytes
 from tests.lab.domains import block_disk, iscsi_disk, rdm_backup
@@ -239,10 +239,9 @@ def test_agent_hangs_after_fsfreeze_and_the_thaw_fails(lab: GuestLab,
     the watchdog thaws it once the agent answers again; the next backup restores exactly."""
     g = lab.guest
     g.wait_agent(30)
-    monkeypatch.setattr(consistency, "AGENT_TIMEOUT", 3)
-    monkeypatch.setenv("RDM_BACKUP_AGENT_TIMEOUT", "3")  # the watchdog's
+    monkeypatch.setenv("RDM_BACKUP_AGENT_TIMEOUT", "3")  # this process's and the watchdog's
     monkeypatch.setenv("RDM_BACKUP_WATCHDOG_LINGER", "300")
-    marker = Path(consistency.MARKER_DIR) / f"{g.dom.UUIDString()}.json"
+    marker = Path(window_record.marker_dir()) / f"{g.dom.UUIDString()}.json"
     stopped = False
     try:
         with pytest.raises(RdmBackupError) as failed:  # noqa: PT012 - the window's body

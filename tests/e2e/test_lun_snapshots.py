@@ -193,7 +193,8 @@ def test_snapshots_left_by_a_killed_run_are_pruned() -> None:
     import subprocess
 
     from libvirt_rdm_backup.repository.store import Repository
-    from libvirt_rdm_backup.storage.snapshots import agent_by_name, scoped_prefix
+    from libvirt_rdm_backup.storage.snapshot_agents import agent_by_name
+    from libvirt_rdm_backup.storage.snapshots import scoped_prefix
     from tests.lab.storage_lab import is_root  # noqa: F401 - the lab marker covers root
 
     with lab_vm(loop_size=64 * MiB, lun_size=LUN_SIZE, reflink=True) as vm:

@@ -18,7 +18,6 @@ from libvirt_rdm_backup import api
 from libvirt_rdm_backup.engine import capture
 from libvirt_rdm_backup.engine.resync import resync_layer
 from libvirt_rdm_backup.errors import OperationError
-from libvirt_rdm_backup.fileutil import unfinished_under
 from tests.e2e.lab_vm import LabVM, MiB, fill, lab_vm
 from tests.faults.points import Points
 from tests.lab.domains import (
@@ -30,6 +29,7 @@ from tests.lab.domains import (
     qmp,
 )
 from tests.lab.storage_lab import loop_device
+from tests.oracles import unfinished_under
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
-from libvirt_rdm_backup.fileutil import unfinished_under
 from tests.e2e.lab_vm import MiB, lab_vm, same_bytes
 from tests.faults.points import Points
 from tests.lab.domains import assert_running, dirty_bitmaps, guest_write, qemu_leftovers
+from tests.oracles import unfinished_under
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"

@@ -277,7 +277,7 @@ def test_a_volume_cannot_show_qemu_another_header_than_it_showed_the_check() -> 
             _first, _second, third = make_chain(vm, repo)
             out = vm.workdir / "swapped.raw"
             with open_store(repo) as store:
-                manifest = next(m for m in store.all_backups()
+                manifest = next(m for m in store.scan().backups
                                 if m.backup_id == third.backup_id)
                 points = verify_lineage(store, manifest, "sda")  # headers checked here
                 for point in points:  # ... and changed on the server right after

@@ -27,19 +27,18 @@ from typing import Any
 import pytest
 
 from libvirt_rdm_backup import api
-from libvirt_rdm_backup.fileutil import is_unfinished
 from libvirt_rdm_backup.targets.nbd_volume import (
     DAMAGE_AREA,
     DAMAGE_MAGIC,
     DAMAGE_OFFSET,
     SLOT,
     damage_from_bytes,
-    newest_superblock,
 )
 from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
 from tests.lab.domains import guest_write
 from tests.lab.storage_lab import loop_device
 from tests.lab.volume_server import VolumeServer
+from tests.oracles import is_unfinished, newest_superblock
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"

@@ -12,7 +12,6 @@ import libvirt
 import pytest
 
 from libvirt_rdm_backup import api
-from libvirt_rdm_backup.fileutil import unfinished_under
 from tests.e2e.lab_vm import LabVM, MiB, fill, lab_vm
 from tests.faults.points import Points
 from tests.lab.domains import (
@@ -22,6 +21,7 @@ from tests.lab.domains import (
     running_state,
     wait_for_job,
 )
+from tests.oracles import unfinished_under
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"

@@ -24,6 +24,7 @@ import pytest
 from libvirt_rdm_backup import events, hook
 from tests.lab.domains import URI, assert_running, domain_xml
 from tests.lab.domains import test_domain as lab_domain
+from tests.oracles import hook_installed
 
 pytestmark = pytest.mark.lab
 
@@ -109,7 +110,7 @@ def state_dir() -> Iterator[Path]:
         pytest.skip("needs root: installs a libvirt hook and restarts libvirtd")
     script = Path(hook.hook_path(HOOKS_DIR))
     previous = script.read_bytes() if script.exists() else None
-    if previous is not None and not hook.is_installed(HOOKS_DIR):
+    if previous is not None and not hook_installed(HOOKS_DIR):
         pytest.skip(f"{script} exists and was not written by libvirt-rdm-backup")
     had_qemu_d = script.parent.is_dir()
     tmp = Path(tempfile.mkdtemp(prefix="rdmb-hook-", dir="/var/tmp"))

@@ -26,13 +26,12 @@ from libvirt_rdm_backup.errors import CommandError, StorageError
 from libvirt_rdm_backup.process import run
 from libvirt_rdm_backup.storage import reflink, tgt
 from libvirt_rdm_backup.storage.loop_snapshots import LoopReflinkAgent
+from libvirt_rdm_backup.storage.snapshot_agents import agent_by_name, find_snapshot_agent
 from libvirt_rdm_backup.storage.snapshots import (
     SNAPSHOT_DIR,
     Presented,
     SnapshotAgent,
     StorageSnapshot,
-    agent_by_name,
-    find_snapshot_agent,
     new_snapshot_name,
 )
 from libvirt_rdm_backup.storage.tgt_snapshots import TgtReflinkAgent

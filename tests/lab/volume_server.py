@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tests.lab.storage_lab import free_port
+from tools.labkit import free_port, wait_for_port
+
+__all__ = ["VolumeServer", "wait_for_port"]
 
 EXE = Path(sys.executable).parent / "rdm-backup"
-
-
-def wait_for_port(port: int, timeout: float = 20) -> None:
-    """Return once something accepts connections on 127.0.0.1:``port``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"nothing listens on 127.0.0.1:{port}"
-            time.sleep(0.05)
 
 
 SERVING = "^qemu-storage-d"  # pgrep/pkill pattern of receive's serving child (15-char name)

@@ -19,6 +19,7 @@ from libvirt_rdm_backup.engine import capture as capture_mod
 from libvirt_rdm_backup.engine.capture import Capture, capture
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.errors import OperationError
+from libvirt_rdm_backup.modes import Level, WindowMethod
 from libvirt_rdm_backup.qemu import fleece as fleece_mod
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.block_copy import Endpoint
@@ -104,7 +105,7 @@ def qemu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeMonitor:
             before()
         monitor.note(f"window pause={pause}")
         try:
-            yield Window(method="pause" if pause else "qmp-transaction")
+            yield Window(method=WindowMethod.PAUSE if pause else WindowMethod.QMP_TRANSACTION)
         finally:
             monitor.note("window closed")
 
@@ -120,7 +121,7 @@ def disk_plan(target: str, node: str, alias: str, level: str = "full") -> DiskPl
     disk = RawDisk(target=target, source_kind=SourceKind.BLOCK, device="disk", bus="virtio",
                    alias=alias, source_path=f"/dev/rdmb-{target}", size=SIZE, node_name=node)
     parent = cast(DiskPoint, ParentPoint()) if level == "resync" else None
-    return DiskPlan(disk, DataPath.QEMU, level, "test", parent=parent, track=True)
+    return DiskPlan(disk, DataPath.QEMU, Level(level), "test", parent=parent, track=True)
 
 
 VDB = ("vdb", "libvirt-1-format", "virtio-disk1")

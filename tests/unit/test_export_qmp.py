@@ -13,7 +13,7 @@ import pytest
 
 from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
 from libvirt_rdm_backup.engine import export as export_mod
-from libvirt_rdm_backup.engine.export import Export, _start, _Teardown
+from libvirt_rdm_backup.engine.export import Export, _Setup, _start, _Teardown
 from libvirt_rdm_backup.errors import OperationError
 from libvirt_rdm_backup.qemu import img
 from tests.unit.fake_monitor import FakeMonitor
@@ -41,9 +41,10 @@ def disks() -> list[RawDisk]:
 
 def start(monitor: FakeMonitor, tmp_path: Path, undo: _Teardown) -> Export:
     """Export vdb (with the writes since backup B1) and vdc on a socket in ``tmp_path``."""
-    return _start(monitor, "dom", "uuid-1", disks(), NODES, {"vdb": (CHAIN_BITMAP, "B1")},
-                  {"vdc": "chain daily has no backup of vdc"}, TOKEN, TEMP_BITMAP,
-                  str(tmp_path / "nbd.sock"), None, str(tmp_path), undo)
+    setup = _Setup("dom", "uuid-1", disks(), NODES, {"vdb": (CHAIN_BITMAP, "B1")},
+                   {"vdc": "chain daily has no backup of vdc"}, TOKEN, TEMP_BITMAP,
+                   str(tmp_path / "nbd.sock"), None, str(tmp_path))
+    return _start(monitor, setup, undo)
 
 
 def test_one_transaction_fixes_the_point_of_every_exported_disk(tmp_path: Path) -> None:
@@ -142,8 +143,9 @@ def test_the_export_uses_the_socket_root_when_no_socket_is_named(
     monitor = FakeMonitor()
     monkeypatch.setattr(export_mod, "SOCKET_ROOT", str(tmp_path / "run"))
     undo = _Teardown()
-    handle = _start(monitor, "dom", "uuid-1", disks()[:1], NODES, {}, {}, TOKEN, TEMP_BITMAP,
-                    None, None, str(tmp_path), undo)
+    setup = _Setup("dom", "uuid-1", disks()[:1], NODES, {}, {}, TOKEN, TEMP_BITMAP, None, None,
+                   str(tmp_path))
+    handle = _start(monitor, setup, undo)
     assert handle.socket is not None
     assert os.path.dirname(os.path.dirname(handle.socket)) == str(tmp_path / "run")
     assert stat.S_IMODE(os.stat(os.path.dirname(handle.socket)).st_mode) == 0o700

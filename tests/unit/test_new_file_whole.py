@@ -10,13 +10,12 @@ import pytest
 
 from libvirt_rdm_backup.fileutil import (
     HOST_TAG,
-    is_unfinished,
     new_file_whole,
     remove_stale_partials,
-    unfinished_under,
     write_atomic,
 )
 from libvirt_rdm_backup.repository.store import Repository
+from tests.oracles import is_unfinished, unfinished_under
 
 
 def names(directory: Path) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from libvirt_rdm_backup.engine.restore import choose_backup
+from libvirt_rdm_backup.engine.selection import choose_backup
 from libvirt_rdm_backup.engine.stores import FileStore, VolumeStore
 from libvirt_rdm_backup.engine.verify import verify_manifests
 from libvirt_rdm_backup.errors import DamagedBackupError, RepositoryError, VerificationError
@@ -125,13 +125,12 @@ def test_the_repository_numbers_backups_in_publish_order(tmp_path: Path) -> None
     for backup_id, parent in ((AHEAD, None), (RIGHT, AHEAD), (BEHIND, RIGHT)):
         publish(repo, backup_id, parent, backup_id.encode() * 100, created=CREATED[backup_id])
     store = FileStore(repo)
-    listed = store.all_backups()
+    listed = store.scan().backups
     assert [(m.backup_id, m.sequence) for m in listed] == [(AHEAD, 1), (RIGHT, 2), (BEHIND, 3)]
     assert (Path(repo.root) / "sequence").read_text() == "3\n"
-    assert repo.latest(UUID).backup_id == BEHIND
     assert choose_backup(store, "vm", None).backup_id == BEHIND
     layer(repo, RIGHT).unlink()  # the report names the damaged layer before what builds on it
-    report = verify_manifests(store, store.all_backups(), store.damaged())
+    report = verify_manifests(store, store.scan().backups, store.scan().damaged)
     assert [(c.backup_id, c.ok) for c in report.checks] == [
         (AHEAD, True), (RIGHT, False), (BEHIND, False)]
 
@@ -142,7 +141,7 @@ def test_an_unreadable_newest_backup_keeps_its_place(tmp_path: Path) -> None:
         publish(repo, backup_id, parent, backup_id.encode() * 100, created=CREATED[backup_id])
     truncate_manifest(repo, BEHIND)  # its id is the oldest; it is the newest backup
     store = FileStore(repo)
-    assert [(d.backup_id, d.sequence) for d in store.damaged()] == [(BEHIND, 3)]
+    assert [(d.backup_id, d.sequence) for d in store.scan().damaged] == [(BEHIND, 3)]
     with pytest.raises(DamagedBackupError, match="newest"):
         choose_backup(store, "vm", None)  # never the older RIGHT unasked
     assert choose_backup(store, "vm", RIGHT).backup_id == RIGHT
@@ -163,8 +162,8 @@ def test_old_backups_without_sequence_come_before_new_ones(tmp_path: Path) -> No
     (Path(repo.root) / "sequence").unlink()
     new = publish(repo, RIGHT, None, b"new" * 100)
     assert new.sequence == 1
-    assert ids(repo.backups(UUID)) == [old, RIGHT]
-    assert repo.latest(UUID).backup_id == RIGHT
+    assert ids(repo.scan(UUID).backups) == [old, RIGHT]
+    assert choose_backup(FileStore(repo), "vm", None).backup_id == RIGHT
 
 
 def test_the_volume_numbers_backups_in_publish_order() -> None:

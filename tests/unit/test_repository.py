@@ -56,16 +56,15 @@ def publish_one(repo: Repository) -> Manifest:
 def test_publish_list_load(tmp_path: Path) -> None:
     repo = Repository.open(str(tmp_path / "repo"), create=True)
     first, second = publish_one(repo), publish_one(repo)
-    assert [m.backup_id for m in repo.backups()] == [first.backup_id, second.backup_id]
-    assert repo.latest(UUID).backup_id == second.backup_id
-    loaded = repo.find_backup(first.backup_id)
+    assert [m.backup_id for m in repo.scan().backups] == [first.backup_id, second.backup_id]
+    loaded = repo.load(UUID, first.backup_id)
     assert loaded.to_dict() == first.to_dict()
     assert stat.S_IMODE(os.stat(repo.root).st_mode) == 0o700
     manifest_file = Path(repo.backup_dir(UUID, first.backup_id)) / "manifest.json"
     assert stat.S_IMODE(manifest_file.stat().st_mode) == 0o600
     data_file = manifest_file.parent / "vdb.qcow2"
     assert stat.S_IMODE(data_file.stat().st_mode) == 0o600
-    assert Repository.open(repo.root).backups(UUID)[0].backup_id == first.backup_id
+    assert Repository.open(repo.root).scan(UUID).backups[0].backup_id == first.backup_id
 
 
 def test_failure_inside_staging_leaves_nothing(tmp_path: Path) -> None:
@@ -73,7 +72,7 @@ def test_failure_inside_staging_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), repo.lock(UUID), repo.staging(UUID, new_backup_id()) as s:
         Path(s.file("vdb.qcow2")).write_bytes(b"half")
         raise RuntimeError("copy failed")
-    assert repo.backups() == []
+    assert repo.scan() == ([], [])
     assert [p.name for p in Path(repo.domain_dir(UUID)).iterdir()] == [".lock"]
 
 
@@ -129,7 +128,8 @@ def test_truncated_manifest_is_a_repository_error(tmp_path: Path) -> None:
     path = Path(repo.backup_dir(UUID, manifest.backup_id)) / "manifest.json"
     path.write_text(path.read_text()[:200])
     with pytest.raises(RepositoryError):
-        repo.backups()
+        repo.load(UUID, manifest.backup_id)
+    assert [d.backup_id for d in repo.scan().damaged] == [manifest.backup_id]
 
 
 @pytest.mark.bad_input

@@ -12,10 +12,11 @@ import pytest
 from libvirt_rdm_backup import cli
 from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
 from libvirt_rdm_backup.engine.plan import Facts, plan_disk
-from libvirt_rdm_backup.engine.restore import choose_backup, verify_lineage
+from libvirt_rdm_backup.engine.restore import verify_lineage
+from libvirt_rdm_backup.engine.selection import choose_backup
 from libvirt_rdm_backup.engine.stores import FileStore
 from libvirt_rdm_backup.engine.verify import verify_manifests
-from libvirt_rdm_backup.errors import DamagedBackupError, RepositoryError
+from libvirt_rdm_backup.errors import DamagedBackupError
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint, unusable_points
 from libvirt_rdm_backup.repository.digest import file_digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
@@ -84,8 +85,6 @@ def test_scan_lists_unreadable_manifests_apart(chain: tuple[Repository, list[Man
     assert [m.backup_id for m in readable] == [IDS[0]]
     assert [(d.backup_id, d.domain_uuid) for d in damaged] == [(IDS[1], UUID), (IDS[2], UUID)]
     assert "malformed manifest" in damaged[0].problem and "missing" in damaged[1].problem
-    with pytest.raises(RepositoryError):
-        repo.backups()  # the strict listing still refuses
 
 
 def test_cheap_layer_checks_and_recorded_damage(chain: tuple[Repository, list[Manifest]]
@@ -94,24 +93,24 @@ def test_cheap_layer_checks_and_recorded_damage(chain: tuple[Repository, list[Ma
     store = FileStore(repo)
     second = manifests[1]
     record = second.disks[0]
-    assert store.layer_problem(second, record) is None
+    assert store.damage(DiskPoint(second, record)) is None
     with open(layer(repo, IDS[1]), "ab") as stream:
         stream.write(b"x")
-    assert "bytes, not" in str(store.layer_problem(second, record))
+    assert "bytes, not" in str(store.damage(DiskPoint(second, record)))
     os.truncate(layer(repo, IDS[1]), record.file_size or 0)
     with open(layer(repo, IDS[1]), "r+b") as stream:  # same size, one byte flipped
         stream.seek(-1, os.SEEK_END)
         stream.write(b"J")
-    assert store.layer_problem(second, record) is None  # a digest is not cheap
-    assert "mismatch" in str(store.check(second, record))
-    assert "mismatch" in str(store.layer_problem(second, record))  # recorded by the check
+    assert store.damage(DiskPoint(second, record)) is None  # a digest is not cheap
+    assert "mismatch" in str(store.damage(DiskPoint(second, record), digests=True))
+    assert "mismatch" in str(store.damage(DiskPoint(second, record)))  # recorded by the check
     with open(layer(repo, IDS[1]), "r+b") as stream:  # repaired
         stream.seek(-1, os.SEEK_END)
         stream.write(b"1")
-    assert store.check(second, record) is None
-    assert store.layer_problem(second, record) is None
+    assert store.damage(DiskPoint(second, record), digests=True) is None
+    assert store.damage(DiskPoint(second, record)) is None
     layer(repo, IDS[1]).unlink()
-    assert store.layer_problem(second, record) == "vdb.qcow2 is missing"
+    assert store.damage(DiskPoint(second, record)) == "vdb.qcow2 is missing"
 
 
 def test_unusable_points_name_the_root_cause(chain: tuple[Repository, list[Manifest]]
@@ -121,7 +120,7 @@ def test_unusable_points_name_the_root_cause(chain: tuple[Repository, list[Manif
     layer(repo, IDS[1]).unlink()
 
     def problem(point: DiskPoint) -> str | None:
-        return store.layer_problem(point.manifest, point.record)
+        return store.damage(DiskPoint(point.manifest, point.record))
 
     why = unusable_points(manifests, "vdb", problem, {})
     assert set(why) == {IDS[1], IDS[2]}
@@ -188,7 +187,7 @@ def test_verify_and_restore_name_the_damaged_backup(chain: tuple[Repository, lis
     repo, manifests = chain
     store = FileStore(repo)
     truncate_manifest(repo, IDS[1])
-    report = verify_manifests(store, store.all_backups(), store.damaged())
+    report = verify_manifests(store, store.scan().backups, store.scan().damaged)
     assert [(c.backup_id, c.disk, c.ok) for c in report.checks] == [
         (IDS[0], "vdb", True), (IDS[1], None, False), (IDS[2], "vdb", False)]
     assert f"builds on backup {IDS[1]}, which is damaged" in str(report.checks[2].problem)
@@ -211,7 +210,7 @@ def test_verify_reports_a_chain_made_within_one_second_oldest_first(tmp_path: Pa
     publish(repo, second, first, b"inc1" * 100, created="2026-01-01T00:00:00.900Z")
     layer(repo, first).unlink()
     store = FileStore(repo)
-    report = verify_manifests(store, store.all_backups(), store.damaged())
+    report = verify_manifests(store, store.scan().backups, store.scan().damaged)
     assert [(c.backup_id, c.ok) for c in report.checks] == [(first, False), (second, False)]
     assert "vdb.qcow2 is missing" in str(report.checks[0].problem)
     assert f"builds on backup {first}" in str(report.checks[1].problem)
@@ -236,9 +235,9 @@ def test_a_missing_chunk_map_makes_a_layer_unusable(chain: tuple[Repository, lis
     store = FileStore(repo)
     second = manifests[1]
     record = dataclasses.replace(second.disks[0], chunk_map="vdb.chunks")
-    assert store.layer_problem(second, record) == "chunk map vdb.chunks is missing"
+    assert store.damage(DiskPoint(second, record)) == "chunk map vdb.chunks is missing"
     (Path(repo.backup_dir(UUID, IDS[1])) / "vdb.chunks").write_bytes(b"")
-    assert store.layer_problem(second, record) is None
+    assert store.damage(DiskPoint(second, record)) is None
 
 
 def test_a_damaged_backup_of_the_same_second_counts_as_newer_unless_built_on(
@@ -249,11 +248,11 @@ def test_a_damaged_backup_of_the_same_second_counts_as_newer_unless_built_on(
     publish(repo, inc, full, b"inc1" * 100, created="2026-01-01T00:00:00.900Z")
     truncate_manifest(repo, full)  # older, though its id sorts after the readable one
     store = FileStore(repo)
-    assert newest_damage({full}, store.all_backups()) is None
+    assert newest_damage({full}, store.scan().backups) is None
     assert choose_backup(store, "vm", None).backup_id == inc
-    assert newest_damage({"20260101T000000Z-000001"}, store.all_backups()) is not None
-    assert newest_damage({"20251231T235959Z-ffffff"}, store.all_backups()) is None
-    assert newest_damage({"20260101T000001Z-000000"}, store.all_backups()) is not None
+    assert newest_damage({"20260101T000000Z-000001"}, store.scan().backups) is not None
+    assert newest_damage({"20251231T235959Z-ffffff"}, store.scan().backups) is None
+    assert newest_damage({"20260101T000001Z-000000"}, store.scan().backups) is not None
     assert newest_damage({"x"}, []) == "x"
 
 
@@ -270,16 +269,16 @@ def test_a_layer_whose_header_names_another_file_is_damage(
                                  file_size=path.stat().st_size)
     second = dataclasses.replace(manifests[1], disks=[record])
     store = FileStore(repo)
-    problem = store.check(second, record)
+    problem = store.damage(DiskPoint(second, record), digests=True)
     assert problem == (f"vdb.qcow2 names backing file '{outside}', the manifest implies "
                        f"'../{IDS[0]}/vdb.qcow2'")
-    assert str(store.layer_problem(second, record)).startswith(problem)  # and recorded
+    assert str(store.damage(DiskPoint(second, record))).startswith(problem)  # and recorded
     with pytest.raises(DamagedBackupError) as caught:
         verify_lineage(store, manifests[2], "vdb")
     assert str(outside) in str(caught.value) and IDS[2] in str(caught.value)
     forged = dataclasses.replace(record, backing_file="/etc/shadow")
     assert "the manifest names backing file '/etc/shadow'" in str(
-        store.check(second, forged))
+        store.damage(DiskPoint(second, forged), digests=True))
 
 
 @pytest.mark.hostile

@@ -13,9 +13,9 @@ from libvirt_rdm_backup.targets.nbd_volume import (
     SLOT,
     NbdVolume,
     Superblock,
-    newest_superblock,
 )
 from libvirt_rdm_backup.targets.uri import NbdAddress, parse_target
+from tests.oracles import newest_superblock
 from tests.unit.test_repository_damage_units import UUID, vdb
 
 SIZE = 64 << 20
@@ -82,7 +82,7 @@ def publish_to(vol: NbdVolume, count: int) -> list[Manifest]:
 def test_damage_is_kept_apart_from_the_table_of_contents() -> None:
     export = MemoryExport(SIZE)
     vol = volume(export)
-    ids = [m.backup_id for m in publish_to(vol, 3)]
+    ids = publish_to(vol, 3)
     slots = bytes(export.data[:DAMAGE_OFFSET]), bytes(export.data[SLOT:2 * SLOT])
     assert vol.set_damage_mark(ids[1], "vdb", "vdb.qcow2: sha256 mismatch")
     assert bytes(export.data[:DAMAGE_OFFSET]) == slots[0]  # no superblock written
@@ -97,7 +97,7 @@ def test_damage_is_kept_apart_from_the_table_of_contents() -> None:
 
 def test_a_read_only_export_keeps_no_record() -> None:
     export = MemoryExport(SIZE)
-    ids = [m.backup_id for m in publish_to(volume(export), 1)]
+    ids = publish_to(volume(export), 1)
     export.read_only = True
     assert not volume(export).set_damage_mark(ids[0], "vdb", "damaged")
 
@@ -105,7 +105,7 @@ def test_a_read_only_export_keeps_no_record() -> None:
 def test_a_corrupt_record_reads_as_none() -> None:
     export = MemoryExport(SIZE)
     vol = volume(export)
-    ids = [m.backup_id for m in publish_to(vol, 1)]
+    ids = publish_to(vol, 1)
     assert vol.set_damage_mark(ids[0], "vdb", "damaged")
     export.data[DAMAGE_OFFSET + 60] ^= 0xFF
     assert volume(export).damage_mark(ids[0], "vdb") is None
@@ -135,18 +135,17 @@ def test_a_new_layer_is_read_back_only_through_the_header_that_was_checked(
 
     from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
     from libvirt_rdm_backup.engine.sinks import NbdSink
-    from libvirt_rdm_backup.engine.stores import VolumeStore
     from libvirt_rdm_backup.errors import VerificationError
+    from libvirt_rdm_backup.modes import Level
 
     export = MemoryExport(SIZE)
     vol = volume(export)
-    store = VolumeStore(vol)
     sink = NbdSink(vol, str(tmp_path))
-    plan = DiskPlan(replace(vdb(), size=4 << 20), DataPath.QEMU, "full", "test")
+    plan = DiskPlan(replace(vdb(), size=4 << 20), DataPath.QEMU, Level.FULL, "test")
     sink.create(plan)
     offset = int(sink.locations["vdb"]["offset"])
-    assert store._read_back(plan, sink).startswith("json:")  # the header this tool wrote
+    assert sink.read_back(plan).startswith("json:")  # the header this tool wrote
     features = struct.unpack(">Q", export.pread(8, offset + 72))[0]
     export.pwrite(struct.pack(">Q", features | 1 << 2), offset + 72)  # "external data file"
     with pytest.raises(VerificationError, match="data file"):
-        store._read_back(plan, sink)
+        sink.read_back(plan)

@@ -244,8 +244,8 @@ def test_hostile_layer_locations_are_damage(location: object) -> None:
     record = replace(manifest.disks[0], location=location)  # type: ignore[arg-type]
     store = VolumeStore(vol)
     export.largest = 0
-    assert "location" in str(store.layer_problem(manifest, record))
-    assert "location" in str(store.check(manifest, record))
+    assert "location" in str(store.damage(DiskPoint(manifest, record)))
+    assert "location" in str(store.damage(DiskPoint(manifest, record), digests=True))
     with pytest.raises(RdmBackupError) as err:
         store.image_node([DiskPoint(manifest, record)])
     assert err.value.exit_code == 5

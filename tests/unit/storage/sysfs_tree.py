@@ -45,8 +45,18 @@ class SysfsTree:
         self.dev.mkdir(parents=True, exist_ok=True)
 
     def agent(self) -> SysfsAgent:
-        """A SysfsAgent reading this tree (no dmsetup fallback)."""
-        return FixtureSysfsAgent(sysfs_root=str(self.sys), dev_root=str(self.dev))
+        """A SysfsAgent reading this tree, its device-mapper tables from :meth:`dm_table`."""
+        return FixtureSysfsAgent(sysfs_root=str(self.sys), dev_root=str(self.dev),
+                                 dm_table=self.dm_table)
+
+    def dm_table(self, dm_name: str) -> str | None:
+        """The ``dmsetup table`` output of the tree's device ``dm_name``: the ``dm/table``
+        file beside its ``dm/name`` (a file real sysfs does not have), or None."""
+        for name_file in (self.sys / "devices/virtual/block").glob("*/dm/name"):
+            table = name_file.parent / "table"
+            if name_file.read_text().strip() == dm_name and table.is_file():
+                return table.read_text()
+        return None
 
     def write(self, directory: Path, attrs: dict[str, str | int]) -> None:
         """Write attribute files (relative paths, values as text)."""

@@ -161,7 +161,7 @@ def test_dm_without_table_lists_slaves_with_unknown_segments(tree: SysfsTree) ->
     sdb = scsi_disk(tree, "sdb", "8:16", "0:0:0:2", "B")
     dm1 = tree.block("dm-1", "253:1", 4096, attrs={"dm/name": "lv", "dm/uuid": "LVM-x"})
     tree.slaves(dm1, sdb)
-    node = tree.agent().map_devnum("253:1")
+    node = tree.agent().map_path("/dev/dm-1")
     assert node.kind == "dm"
     assert node.identity["segments"] == "unknown"
     [extent] = node.extents

@@ -1,4 +1,4 @@
-"""The bench's ``guestio`` section: guest write latency while a backup pushes to a slow target.
+"""Section ``guestio``: guest write latency while a backup pushes to a slow target.
 
 The target is a ``qemu-nbd`` export of a sparse raw file, its writes throttled to
 ``TARGET_BPS`` (a QEMU throttle group inside qemu-nbd). Three runs of ``WRITES``
@@ -32,9 +32,7 @@ from libvirt_rdm_backup.qemu.blockdev import find_device
 from libvirt_rdm_backup.qemu.guard import guarded_source
 from libvirt_rdm_backup.qemu.jobs import backup_action, cancel_jobs, transaction
 from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor
-from tests.lab.domains import alias_of, try_guest_write
-from tests.lab.storage_lab import free_port
-from tests.lab.volume_server import wait_for_port
+from tools.labkit import alias_of, free_port, try_guest_write, wait_for_port
 
 MiB = 1024 * 1024
 TARGET_BPS = 4 * MiB  # bytes/s the target accepts

@@ -1,0 +1,75 @@
+"""The record of each disk a backup wrote: its layer described, digested and chunk-mapped.
+
+The session describes and checks the written layer (:meth:`.sinks.Session.written`)
+and reads its digest; the chunk map of a local layer is computed here, side by
+side with the digest (both read the new data), and kept beside the layer.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from libvirt_rdm_backup.engine.capture import Capture
+from libvirt_rdm_backup.engine.plan import DiskPlan
+from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, LocalLayer, Session
+from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.repository.chunkmap import ChunkMap, chunkmap_of_layer
+from libvirt_rdm_backup.repository.digest import file_digest
+from libvirt_rdm_backup.repository.manifest import DiskRecord
+from libvirt_rdm_backup.storage.base import RawDiskMapping
+
+MappingResult = tuple[RawDiskMapping | None, str | None]  # the mapping, or why there is none
+
+
+def _chunk_map(plan: DiskPlan, local: LocalLayer, captured: Capture,
+               parent_map: ChunkMap | None, extents: list[img.MapExtent]) -> ChunkMap | None:
+    """The new point's chunk map: from the resync, or from the layer's own clusters."""
+    target = plan.disk.target
+    if target in captured.chunk_maps:
+        return captured.chunk_maps[target]
+    if plan.parent is not None and parent_map is None:
+        return None  # the point below has no map: nothing to build on
+    return chunkmap_of_layer(local.path, parent_map, int(plan.disk.size or 0), extents,
+                             local.lower)
+
+
+def record_disk(plan: DiskPlan, session: Session, captured: Capture, mapping: MappingResult,
+                parent_map: ChunkMap | None) -> DiskRecord:
+    """The record of the disk's new layer (``parent_map``: the chunk map of its parent)."""
+    written = session.written(plan)
+    extents = img.map_extents(written.image)  # its own clusters only
+    chunk_map = None
+    with ThreadPoolExecutor(1) as pool:  # both read the new data: hash it side by side
+        digest = pool.submit(session.digest, plan)
+        if written.local is not None:
+            chunk_map = _chunk_map(plan, written.local, captured, parent_map, extents)
+        data_digest = digest.result()
+    chunk_file = chunk_digest = None
+    if chunk_map is not None and written.local is not None:
+        chunk_map.save(written.local.chunk_map_path)
+        chunk_file = os.path.basename(written.local.chunk_map_path)
+        chunk_digest = file_digest(written.local.chunk_map_path)
+    return DiskRecord(
+        disk=plan.disk,
+        format=DATA_FORMAT,
+        level=plan.level,
+        reason=plan.reason,
+        data_path=str(plan.path),
+        mapping=mapping[0],
+        mapping_error=mapping[1],
+        parent=plan.parent.backup_id if plan.parent else None,
+        bitmap=captured.new_bitmaps.get(plan.disk.target),
+        storage_snapshot=captured.snapshots[plan.disk.target].to_dict()
+        if plan.disk.target in captured.snapshots else None,
+        size=int(plan.disk.size or img.virtual_size(written.image)),
+        data_file=written.data_file,
+        digest=data_digest,
+        bytes_transferred=img.data_bytes(written.image, own_only=True, extents=extents),
+        stored_bytes=written.stored_bytes,
+        file_size=written.file_size,
+        backing_file=written.backing_file,
+        location=written.location,
+        chunk_map=chunk_file,
+        chunk_map_digest=chunk_digest,
+    )
