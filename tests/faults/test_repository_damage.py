@@ -430,7 +430,8 @@ def test_restore_killed_while_writing(big_backup: BigBackup, kind: str) -> None:
                                              proc.communicate())
                 assert time.monotonic() < deadline, "the restore did not start writing"
                 writer = next((c for c in children(proc.pid)
-                               if cmdline(c)[0].endswith("qemu-storage-daemon")), None)
+                               if (cmdline(c) or [""])[0].endswith("qemu-storage-daemon")),
+                              None)
                 time.sleep(0.002)
             kids = children(proc.pid)
             os.kill(proc.pid, signal.SIGKILL)
