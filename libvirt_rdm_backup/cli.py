@@ -16,6 +16,7 @@ from libvirt_rdm_backup import api, retry
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, check_max_pause
 from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError, UsageError
 from libvirt_rdm_backup.modes import Level, Quiesce
+from libvirt_rdm_backup.qemu.block_copy import bwlimit_speed
 from libvirt_rdm_backup.redact import printable, redact
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
 
@@ -39,6 +40,20 @@ def _seconds(text: str) -> float:
         return check_max_pause(float(text))
     except (ValueError, UsageError) as err:
         raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}") from err
+
+
+def _mib_per_s(text: str) -> float:
+    """A positive number of MiB/s (argparse type)."""
+    try:
+        value = float(text)
+        bwlimit_speed(value)
+    except (ValueError, UsageError) as err:
+        raise argparse.ArgumentTypeError(f"not a positive number of MiB/s: {text!r}") from err
+    return value
+
+
+BWLIMIT_HELP = ("copy each disk at most this fast, in MiB/s (QEMU's block jobs: the guest's "
+                "and those of the private storage daemon; default: no limit)")
 
 
 def _human_size(value: int | None) -> str:
@@ -144,7 +159,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                         allow_plain_nbd=args.allow_plain_nbd, tls_dir=args.tls_creds,
                         agent=args.agent, agent_identity=args.agent_identity,
                         agent_known_hosts=args.agent_known_hosts,
-                        max_pause=args.max_pause)
+                        max_pause=args.max_pause, bwlimit=args.bwlimit)
     document = result.to_dict()
 
     def text() -> str:
@@ -170,7 +185,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     """Restore one disk."""
     result = api.restore(args.domain, args.target, args.disk, args.to,
                          backup_id=args.backup, force=args.force, uri=args.connect,
-                         tls_dir=args.tls_creds)
+                         tls_dir=args.tls_creds, bwlimit=args.bwlimit,
+                         progress=None if args.json else _progress_printer())
     _emit(args, result.to_dict(), lambda: (
         f"restored {result.disk} of backup {result.backup_id} to {result.path} "
         f"({_human_size(result.size)}, {_human_size(result.data_bytes)} data)\n"))
@@ -397,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "storage snapshots is copied: refused up front when its measured read "
                         "rate says longer, cancelled (guest resumed, exit 4) when reached "
                         "(default: %(default)g)")
+    p.add_argument("--bwlimit", type=_mib_per_s, metavar="MIB/S", help=BWLIMIT_HELP)
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("restore", parents=[common], help="restore one disk to a file or device")
@@ -410,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
     p.add_argument("--force", action="store_true",
                    help="write even to a smaller target or one used by a running domain")
+    p.add_argument("--bwlimit", type=_mib_per_s, metavar="MIB/S",
+                   help="write at most this fast, in MiB/s (default: no limit)")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("verify", parents=[common], help="recompute and check stored digests")

@@ -84,6 +84,10 @@ class Store(Protocol):
         """Blockdev options of a point's layers (itself first), each backing explicit."""
         ...
 
+    def qemu_objects(self) -> tuple[dict[str, Any], ...]:
+        """``object-add`` arguments the nodes of :meth:`image_node` need (TLS credentials)."""
+        ...
+
     def holds(self, path: str) -> bool:
         """True when writing the local ``path`` would write into the store."""
         ...
@@ -230,6 +234,10 @@ class FileStore:
 
     def image_node(self, points: list[DiskPoint]) -> dict[str, Any]:
         return layers.file_chain(self._layer_paths(points))
+
+    def qemu_objects(self) -> tuple[dict[str, Any], ...]:
+        """``object-add`` arguments the nodes of :meth:`image_node` need: none."""
+        return ()
 
     def holds(self, path: str) -> bool:
         return self.repo.holds(path)
@@ -386,6 +394,11 @@ class VolumeStore:
                 self._checked[offset], self.volume.region_node(offset, region), region,
                 os.path.join(self._scratch.name, f"{offset}.qcow2")))
         return layers.chain_node(files)
+
+    def qemu_objects(self) -> tuple[dict[str, Any], ...]:
+        """``object-add`` arguments the nodes of :meth:`image_node` need (TLS credentials)."""
+        tls = self.volume.tls_object()
+        return () if tls is None else (tls,)
 
     def holds(self, path: str) -> bool:
         """False: the volume's file is on the backup server, not a local path of this store."""
