@@ -94,6 +94,7 @@ class BackupSettings(TypedDict, total=False):
     allow_plain_nbd: bool
     tls_dir: str | None
     max_pause: float
+    bwlimit: float | None
 
 
 def backup(
@@ -126,6 +127,8 @@ def backup(
     ``consistency``) or ``required`` (fail without a working agent).
     ``max_pause``: seconds a passthrough LUN without storage snapshots may keep the
     guest paused while it is copied (refused up front, or cancelled, beyond that).
+    ``bwlimit``: MiB/s each disk's copy may move (QEMU's backup jobs of the guest and the
+    copies from storage alike; None: no limit; UsageError unless positive).
     ``agent`` (with ``agent_identity``, ``agent_known_hosts``): the hypervisor's
     rdm-backup agent over SSH, when ``uri`` names another machine.
     """
@@ -150,8 +153,13 @@ def restore(
     force: bool = False,
     uri: str | None = None,
     tls_dir: str | None = None,
+    bwlimit: float | None = None,
+    progress: ProgressCallback | None = None,
 ) -> RestoreResult:
     """Write ``disk`` as of a backup (newest by default) to the file or device ``to``.
+
+    ``bwlimit``: MiB/s the copy may write (None: no limit); ``progress`` is called with
+    (copy, bytes done, bytes in all) as the copy advances.
 
     Without a libvirt connection (libvirtd down) the target is still checked
     against the kernel and the QEMU processes of this host: a restore must work on
@@ -161,9 +169,11 @@ def restore(
         conn = open_connection(uri)
     except LibvirtError as err:
         log.debug("%s: checking %s without libvirt", err, to)
-        return _restore.restore(domain, target, disk, to, backup_id, force, None, tls_dir)
+        return _restore.restore(domain, target, disk, to, backup_id, force, None, tls_dir,
+                                bwlimit, progress)
     try:
-        return _restore.restore(domain, target, disk, to, backup_id, force, conn, tls_dir)
+        return _restore.restore(domain, target, disk, to, backup_id, force, conn, tls_dir,
+                                bwlimit, progress)
     finally:
         with contextlib.suppress(Exception):
             conn.close()

@@ -44,6 +44,12 @@ def die_with_parent() -> None:
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+def killed_with_parent() -> None:
+    """In a child before exec: get SIGKILL when the tool dies (a copy whose target is given
+    up must stop writing at once, not end cleanly)."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def io_counter(pid: int) -> int | None:
     """Bytes the process read and wrote so far, from /proc (None when unreadable)."""
     try:

@@ -25,7 +25,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                         allow_plain_nbd=args.allow_plain_nbd, tls_dir=args.tls_creds,
                         agent=args.agent, agent_identity=args.agent_identity,
                         agent_known_hosts=args.agent_known_hosts,
-                        max_pause=args.max_pause)
+                        max_pause=args.max_pause, bwlimit=args.bwlimit)
     document = result.to_dict()
 
     def text() -> str:
@@ -51,7 +51,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     """Restore one disk."""
     result = api.restore(args.domain, args.target, args.disk, args.to,
                          backup_id=args.backup, force=args.force, uri=args.connect,
-                         tls_dir=args.tls_creds)
+                         tls_dir=args.tls_creds, bwlimit=args.bwlimit,
+                         progress=None if args.json else progress_printer())
     emit(args, result.to_dict(), lambda: (
         f"restored {result.disk} of backup {result.backup_id} to {result.path} "
         f"({human_size(result.size)}, {human_size(result.data_bytes)} data)\n"))

@@ -12,6 +12,7 @@ from libvirt_rdm_backup.cli.serving import cmd_export, cmd_receive
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, check_max_pause
 from libvirt_rdm_backup.errors import UsageError
 from libvirt_rdm_backup.modes import Level, Quiesce
+from libvirt_rdm_backup.qemu.block_copy import bwlimit_speed
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
 
 
@@ -29,6 +30,20 @@ def seconds(text: str) -> float:
         return check_max_pause(float(text))
     except (ValueError, UsageError) as err:
         raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}") from err
+
+
+def mib_per_s(text: str) -> float:
+    """A positive number of MiB/s (argparse type)."""
+    try:
+        value = float(text)
+        bwlimit_speed(value)
+    except (ValueError, UsageError) as err:
+        raise argparse.ArgumentTypeError(f"not a positive number of MiB/s: {text!r}") from err
+    return value
+
+
+BWLIMIT_HELP = ("copy each disk at most this fast, in MiB/s (QEMU's block jobs: the guest's "
+                "and those of the private storage daemon; default: no limit)")
 
 
 def common_options(default: Any) -> Parser:
@@ -116,6 +131,7 @@ def _add_backup(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
                         "storage snapshots is copied: refused up front when its measured read "
                         "rate says longer, cancelled (guest resumed, exit 4) when reached "
                         "(default: %(default)g)")
+    p.add_argument("--bwlimit", type=mib_per_s, metavar="MIB/S", help=BWLIMIT_HELP)
     p.set_defaults(func=cmd_backup)
 
 
@@ -132,6 +148,8 @@ def _add_restore(sub: argparse._SubParsersAction[Parser], common: Parser) -> Non
     p.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
     p.add_argument("--force", action="store_true",
                    help="write even to a smaller target or one used by a running domain")
+    p.add_argument("--bwlimit", type=mib_per_s, metavar="MIB/S",
+                   help="write at most this fast, in MiB/s (default: no limit)")
     p.set_defaults(func=cmd_restore)
 
 

@@ -37,6 +37,7 @@ from libvirt_rdm_backup.events import describe_restart
 from libvirt_rdm_backup.locks import domain_lock
 from libvirt_rdm_backup.modes import Level, Quiesce, parse_choice
 from libvirt_rdm_backup.qemu import bitmaps
+from libvirt_rdm_backup.qemu.block_copy import bwlimit_speed
 from libvirt_rdm_backup.qemu.leftovers import remove_leftovers
 from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor, Monitor
 from libvirt_rdm_backup.remote import SshAgent
@@ -79,7 +80,8 @@ class BackupOptions:
     time is fixed (:class:`Quiesce`). ``allow_plain_nbd``: an ``nbd://`` target on
     another host without TLS. ``tls_dir``: the client credentials of an ``nbds://``
     target. ``max_pause``: seconds a passthrough LUN without storage snapshots may
-    keep the guest paused while it is copied. ``progress(job, done, total)`` is
+    keep the guest paused while it is copied. ``bwlimit``: MiB/s each disk's copy may
+    move (None: no limit). ``progress(job, done, total)`` is
     called while QEMU jobs run. Strings are accepted for the enums; a bad value
     raises UsageError.
     """
@@ -91,6 +93,7 @@ class BackupOptions:
     allow_plain_nbd: bool = False
     tls_dir: str | None = None
     max_pause: float = DEFAULT_MAX_PAUSE
+    bwlimit: float | None = None
     progress: ProgressCallback | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +103,7 @@ class BackupOptions:
                                parse_choice(Quiesce, self.quiesce, "quiesce mode"))
         check_safe_name(self.chain, "chain name")
         check_max_pause(self.max_pause)
+        bwlimit_speed(self.bwlimit)
 
 
 @dataclass
@@ -305,9 +309,11 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
     (incremental where tracking is intact, else a resync or a full copy, with the
     reason). A copy of a passthrough LUN the LUN's measured read rate says would keep
     the guest paused longer than ``options.max_pause`` is refused before anything is
-    paused, and one that reaches the bound is cancelled.
+    paused, and one that reaches the bound is cancelled. ``options.bwlimit``: MiB/s each
+    disk's copy may move (QEMU's backup jobs and the copies from storage alike).
     """
     options = options or BackupOptions()
+    speed = bwlimit_speed(options.bwlimit)
     chain_name = options.chain
     parsed = parse_target(target, allow_remote_plain=options.allow_plain_nbd)  # fails first
     if isinstance(parsed, str) and is_remote(conn):
@@ -343,7 +349,7 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
         if agent is not None:
             _refuse_local_reads(plans)
         mappings = {disk.target: _mapping_of(disk, agent) for disk in selected}
-        refuse_long_pauses(plans, ctx.inventory.running, options.max_pause)
+        refuse_long_pauses(plans, ctx.inventory.running, options.max_pause, speed)
         backup_id = new_backup_id({m.backup_id for m in published}
                                   | {d.backup_id for d in unreadable})
         created = now_iso()
@@ -351,7 +357,8 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
             captured = capture(
                 ctx.dom, ctx.inventory.running, plans, session,
                 bitmaps.bitmap_name(store.repo_id, chain_name, backup_id), parent_maps,
-                options.progress, options.quiesce, scope, options.max_pause, monitor=monitor)
+                options.progress, options.quiesce, scope, options.max_pause, monitor=monitor,
+                speed=speed)
             try:
                 records = [record_disk(p, session, captured, mappings[p.disk.target],
                                        parent_maps.get(p.disk.target)) for p in plans]

@@ -35,10 +35,11 @@ from libvirt_rdm_backup.domain.connection import is_remote
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, needs_paused_copy, over_bound
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.engine.resync import resync_layer
-from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, Sink
-from libvirt_rdm_backup.errors import CommandError, OperationError, RdmBackupError
+from libvirt_rdm_backup.engine.sinks import Sink
+from libvirt_rdm_backup.errors import OperationError, RdmBackupError
 from libvirt_rdm_backup.modes import WindowMethod
-from libvirt_rdm_backup.qemu import bitmaps, img
+from libvirt_rdm_backup.qemu import bitmaps
+from libvirt_rdm_backup.qemu.block_copy import CopyDeadlineError, Endpoint, copy_image, raw_source
 from libvirt_rdm_backup.qemu.fleece import FleecingExport, fleecing_export
 from libvirt_rdm_backup.qemu.guard import GuardedSource, explain, guarded_source
 from libvirt_rdm_backup.qemu.jobs import backup_action, cancel_jobs, transaction, wait_jobs
@@ -68,7 +69,8 @@ class Capture:
 
 
 def _raw_source_opts(presented: Presented, size: int) -> str:
-    """``--image-opts`` for reading ``size`` bytes at ``presented.offset`` of a raw source."""
+    """``--image-opts`` of ``qemu-nbd`` for reading ``size`` bytes at ``presented.offset`` of a
+    raw source (a resync reads it through NBD)."""
     if presented.source.startswith("iscsi://"):
         portal, _, rest = presented.source.removeprefix("iscsi://").partition("/")
         target, _, lun = rest.rpartition("/")
@@ -81,46 +83,38 @@ def _raw_source_opts(presented: Presented, size: int) -> str:
     return f"driver=raw,offset={presented.offset},size={size},{inner}"
 
 
-def copy_from_storage(plan: DiskPlan, sink: Sink, timeout: float | None = None,
-                      created: bool = False) -> None:
-    """Copy a disk from its storage (host device or iSCSI LUN) into its new layer
-    (``created``: the layer was made beforehand, see :func:`_convert_into`)."""
-    _convert_into(sink, plan, plan.disk.source, image_opts=False, extra=["-U"],
-                  timeout=timeout, created=created)
+def copy_from_storage(plan: DiskPlan, sink: Sink, speed: int = 0,
+                      progress: ProgressCallback | None = None,
+                      deadline: float | None = None) -> None:
+    """Copy a disk from its storage (host device or iSCSI LUN) into its new layer, which
+    the sink created beforehand (see :func:`_copy_into`)."""
+    assert plan.disk.size is not None
+    _copy_into(sink, plan, raw_source(plan.disk.source, size=plan.disk.size), speed, progress,
+               deadline)
 
 
-def _copy_paused(plan: DiskPlan, sink: Sink, deadline: float, max_pause: float) -> None:
-    """Copy a LUN while the guest is paused; given up when ``deadline`` is reached."""
+def _copy_paused(plan: DiskPlan, sink: Sink, deadline: float, max_pause: float,
+                 speed: int) -> None:
+    """Copy a LUN while the guest is paused; cancelled when ``deadline`` is reached (no
+    progress reports: whoever gets them must not find the guest held)."""
     try:
-        copy_from_storage(plan, sink, timeout=max(deadline - time.monotonic(), 0.001),
-                          created=True)
-    except CommandError as err:
-        if time.monotonic() >= deadline:
+        copy_from_storage(plan, sink, speed, deadline=deadline)
+    except RdmBackupError as err:
+        if isinstance(err, CopyDeadlineError) or time.monotonic() >= deadline:
             raise over_bound(plan, max_pause, err) from err
         raise
 
 
-def _convert_into(sink: Sink, plan: DiskPlan, source: str, image_opts: bool,
-                  extra: list[str] | None = None, timeout: float | None = None,
-                  created: bool = False) -> None:
-    """``qemu-img convert`` of a raw source into the disk's layer (sparse).
-
-    A local file is created by qemu-img itself; a region of an NBD volume is
-    created empty first (unless ``created``: made before the guest was held, so
-    that a slow server never lengthens a pause) and written as an existing,
-    all-zero target.
-    """
-    existing = not sink.local_files
-    if existing and not created:
-        sink.create(plan)
-    img.convert(source, sink.target(plan), source_fmt=None if image_opts else "raw",
-                source_image_opts=image_opts, target_fmt=DATA_FORMAT,
-                existing_target=existing, target_is_zero=existing, extra=extra,
-                timeout=timeout)
+def _copy_into(sink: Sink, plan: DiskPlan, source: dict[str, Any], speed: int,
+               progress: ProgressCallback | None, deadline: float | None = None) -> None:
+    """Copy the raw ``source`` (blockdev options) into the disk's created layer, as a QEMU
+    block job of a private storage daemon: sparse, rate-limited by ``speed`` (bytes/s)."""
+    copy_image(Endpoint(source), sink.copy_target(plan), plan.disk.target, speed=speed,
+               progress=progress, deadline=deadline)
 
 
-def _job_for(plan: DiskPlan, guard: GuardedSource | None, node: str, job_id: str
-             ) -> dict[str, Any]:
+def _job_for(plan: DiskPlan, guard: GuardedSource | None, node: str, job_id: str,
+             speed: int = 0) -> dict[str, Any]:
     """The backup job of a disk: from its point (behind the filter) into its layer.
 
     Without a filter (``guard`` None) the job reads the disk's node itself and its
@@ -131,8 +125,8 @@ def _job_for(plan: DiskPlan, guard: GuardedSource | None, node: str, job_id: str
     if guard is not None:
         source, bitmap = guard.source(bitmap)
     if bitmap is None:
-        return backup_action(job_id, source, node, sync="full")
-    return backup_action(job_id, source, node, sync="bitmap", bitmap=bitmap)
+        return backup_action(job_id, source, node, sync="full", speed=speed)
+    return backup_action(job_id, source, node, sync="bitmap", bitmap=bitmap, speed=speed)
 
 
 def _resync(plan: DiskPlan, uri: str, target: str, parent_maps: dict[str, ChunkMap],
@@ -145,17 +139,20 @@ def _resync(plan: DiskPlan, uri: str, target: str, parent_maps: dict[str, ChunkM
 
 
 def _copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
-                   parent_maps: dict[str, ChunkMap], result: Capture) -> None:
+                   parent_maps: dict[str, ChunkMap], result: Capture, speed: int = 0,
+                   progress: ProgressCallback | None = None) -> None:
     """Copy a disk from its storage snapshot: in full, the changed ranges, or a resync."""
     assert plan.agent is not None and plan.disk.size is not None
     agent = agent_by_name(plan.agent)
     size = plan.disk.size
     try:
         presented = agent.present(plan.disk, snap)
-        opts = _raw_source_opts(presented, size)
         if plan.parent is None:
-            _convert_into(sink, plan, opts, image_opts=True)
+            sink.create(plan)
+            _copy_into(sink, plan, raw_source(presented.source, presented.offset, size), speed,
+                       progress)
             return
+        opts = _raw_source_opts(presented, size)
         only = None
         if plan.level != "resync":
             older = plan.parent.record.storage_snapshot
@@ -204,6 +201,7 @@ def capture(
     snapshot_scope: Callable[[DiskPlan], str] | None = None,
     max_pause: float = DEFAULT_MAX_PAUSE,
     monitor: Monitor | None = None,
+    speed: int = 0,
 ) -> Capture:
     """Fix one point in time for all planned disks and copy them into ``staging``.
 
@@ -213,6 +211,8 @@ def capture(
     disk) and storage snapshots this backup starts. ``max_pause``: seconds a LUN
     copied with the guest paused may hold it (then the backup fails, guest resumed).
     ``monitor``: the running domain's QMP channel (default: through libvirt).
+    ``speed``: bytes per second each copy may move, QEMU's jobs and copies from storage
+    alike (0: no limit).
     """
     files = {p.disk.target: sink.target(p) for p in plans if sink.local_files}
 
@@ -246,7 +246,7 @@ def capture(
                 actions.append(bitmaps.add_action(str(plan.disk.node_name), new_bitmap))
                 result.new_bitmaps[plan.disk.target] = new_bitmap
             if not fleecing:
-                actions.append(_job_for(plan, None, node, job_id))
+                actions.append(_job_for(plan, None, node, job_id, speed))
                 direct_jobs.append(job_id)
                 continue
             guard = stack.enter_context(guarded_source(
@@ -268,9 +268,8 @@ def capture(
         # filters go in one by one: several disks share their point only with the guest held
         hold_for_filters = fleecing and quiesce is None and len(guards) + len(fleeces) > 1
         try:
-            if not sink.local_files:  # no server round trips while the guest is held
-                for plan in storage_plans:
-                    sink.create(plan)
+            for plan in storage_plans:  # no file or server work while the guest is held
+                sink.create(plan)
             with consistency_window(
                     dom if running else None, quiesce=quiesce,
                     pause=bool(storage_plans) or hold_for_snapshots or hold_for_filters,
@@ -290,12 +289,12 @@ def capture(
                     fleece.insert()
                 for plan in storage_plans:
                     if needs_paused_copy(plan, running):
-                        _copy_paused(plan, sink, pause_deadline, max_pause)
+                        _copy_paused(plan, sink, pause_deadline, max_pause, speed)
                     else:
-                        copy_from_storage(plan, sink, created=True)
+                        copy_from_storage(plan, sink, speed, progress)
             if guards:
                 assert monitor is not None
-                transaction(monitor, [_job_for(plan, guard, node, job_id)
+                transaction(monitor, [_job_for(plan, guard, node, job_id, speed)
                                       for plan, guard, node, job_id in guards])
                 started += [job_id for _plan, _guard, _node, job_id in guards]
             for plan, fleece in fleeces:
@@ -306,7 +305,7 @@ def capture(
                     _resync(plan, uri, sink.target(plan), parent_maps, result)
             for plan in snapshot_plans:
                 _copy_snapshot(plan, result.snapshots[plan.disk.target], sink, parent_maps,
-                               result)
+                               result, speed, progress)
             if monitor is not None and (started or fleeces):
                 still_plugged = unplug_check(monitor, [p.disk for p in qemu_plans + fleece_plans])
                 if started:

@@ -60,7 +60,7 @@ def offline_size(disk: RawDisk) -> int:
     if not source or (disk.iscsi is None and not source.startswith("/")):
         raise StorageError(f"disk {disk.target}: no readable source to size")
     try:
-        return img.virtual_size(source, "raw")
+        return img.virtual_size(source, "raw")  # qemu-img info: one size, nothing moved
     except RdmBackupError as err:
         raise StorageError(f"disk {disk.target}: cannot read size of {source}: {err}") from err
 

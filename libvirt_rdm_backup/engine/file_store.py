@@ -150,6 +150,10 @@ class FileStore:
     def image_node(self, points: list[DiskPoint]) -> dict[str, Any]:
         return layers.file_chain(self._layer_paths(points))
 
+    def qemu_objects(self) -> tuple[dict[str, Any], ...]:
+        """``object-add`` arguments the nodes of :meth:`image_node` need: none."""
+        return ()
+
     def holds(self, path: str) -> bool:
         return self.repo.holds(path)
 

@@ -15,7 +15,7 @@ import time
 
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
-from libvirt_rdm_backup.errors import CommandError, OperationError, UsageError
+from libvirt_rdm_backup.errors import OperationError, RdmBackupError, UsageError
 from libvirt_rdm_backup.process import require_tool, run
 from libvirt_rdm_backup.storage.snapshot_agents import find_snapshot_agent
 
@@ -55,7 +55,10 @@ def needs_paused_copy(plan: DiskPlan, running: bool) -> bool:
 
 def read_rate(source: str, size: int) -> float:
     """Bytes per second read from the raw ``source`` (path or ``iscsi://`` URL): a sample
-    of its first bytes read with ``qemu-img bench`` as the copy reads (8 requests at once)."""
+    of its first bytes read with ``qemu-img bench`` as the copy reads (8 requests at once).
+
+    ``qemu-img bench`` stays: a bounded read sample, timed, before any job exists.
+    """
     block = min(MiB, size)
     count = max(1, min(size, SAMPLE) // block)
     argv = [require_tool("qemu-img"), "bench", "-U", "-f", "raw", "-d", "8",
@@ -67,24 +70,29 @@ def read_rate(source: str, size: int) -> float:
     return count * block / max(seconds, 1e-3)
 
 
-def refuse_long_pauses(plans: list[DiskPlan], running: bool, max_pause: float) -> None:
-    """Refuse, before anything is paused, a paused copy that could not finish in time."""
+def refuse_long_pauses(plans: list[DiskPlan], running: bool, max_pause: float,
+                       speed: int = 0) -> None:
+    """Refuse, before anything is paused, a paused copy that could not finish in time
+    (at the measured read rate, or at ``speed`` bytes/s when that limit is lower)."""
     for plan in plans:
         if not needs_paused_copy(plan, running):
             continue
         size = plan.disk.size or 0
         rate = read_rate(plan.disk.source, size)
+        if speed:
+            rate = min(rate, float(speed))
         estimate = size / rate
+        limit = "--bwlimit" if speed and rate >= speed else "measured read rate"
         if estimate > max_pause:
             raise PauseBoundError(
                 f"disk {plan.disk.target}: copying it with the guest paused would take about "
-                f"{estimate:.1f} s ({size / MiB:.0f} MiB at the measured {rate / MiB:.0f} "
-                f"MiB/s), more than --max-pause {max_pause:g} s; nothing was paused (raise "
+                f"{estimate:.1f} s ({size / MiB:.0f} MiB at {rate / MiB:.0f} MiB/s, the "
+                f"{limit}), more than --max-pause {max_pause:g} s; nothing was paused (raise "
                 "--max-pause, put the LUN on snapshot-capable storage, or leave it out "
                 "with --disk)")
 
 
-def over_bound(plan: DiskPlan, max_pause: float, err: CommandError) -> PauseBoundError:
+def over_bound(plan: DiskPlan, max_pause: float, err: RdmBackupError) -> PauseBoundError:
     """The error of a paused copy given up at the bound."""
     return PauseBoundError(
         f"disk {plan.disk.target}: the copy with the guest paused did not finish within "

@@ -32,6 +32,13 @@ from libvirt_rdm_backup.errors import (
 )
 from libvirt_rdm_backup.fileutil import new_file_whole, remove_stale_partials
 from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.qemu.block_copy import (
+    Endpoint,
+    ProgressCallback,
+    bwlimit_speed,
+    copy_image,
+    fd_target,
+)
 from libvirt_rdm_backup.qemu.layers import json_filename
 from libvirt_rdm_backup.repository.chain import DiskPoint
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
@@ -303,17 +310,29 @@ def _punch_file(target: Target, length: int) -> None:
          target.fd_path], pass_fds=(target.fd,))
 
 
-def write_disk(node: dict[str, Any], record: DiskRecord, target: Target) -> int:
-    """Write the disk image ``node`` (blockdev options) to ``target``; returns bytes zeroed.
+def write_disk(node: dict[str, Any], record: DiskRecord, target: Target,
+               objects: tuple[dict[str, Any], ...] = (), speed: int = 0,
+               progress: ProgressCallback | None = None) -> int:
+    """Write the disk image ``node`` (blockdev options; ``objects``: the QEMU objects it
+    needs) to ``target``; returns bytes zeroed.
 
-    An existing target is written through its open descriptor only. When the copy
-    fails there, the error names the range that may have been changed.
+    The copy is a block job of a private storage daemon (``speed``: bytes/s, 0: no
+    limit), which inherits the target's open descriptor and opens it as ``/dev/fd/N``. An existing
+    target is written through its checked descriptor only. When the copy fails there,
+    the error names the range that may have been changed.
     """
-    source = json_filename(node)
+    source = Endpoint(node, objects)
+    label = record.disk.target
     if not target.exists:  # a new file appears whole or not at all
         try:
             with new_file_whole(target.real) as partial:
-                img.convert(source, partial, target_fmt="raw")
+                fd = os.open(partial, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+                try:
+                    os.ftruncate(fd, record.size)
+                    copy_image(source, fd_target(fd, False, record.size), label,
+                               speed=speed, progress=progress)
+                finally:
+                    os.close(fd)
         except FileExistsError as err:
             raise OperationError(f"{target.path} was created by someone else during the "
                                  "restore; it was left as it is") from err
@@ -331,9 +350,9 @@ def write_disk(node: dict[str, Any], record: DiskRecord, target: Target) -> int:
         else:
             _punch_file(target, length)
         if length < record.size:
-            source = json_filename({"driver": "raw", "size": length, "file": node})
-        img.convert(source, target.fd_path, target_fmt="raw", existing_target=True,
-                    target_is_zero=True, pass_fds=(target.fd,))
+            source = Endpoint({"driver": "raw", "size": length, "file": node}, objects)
+        copy_image(source, fd_target(target.fd, target.is_block, length), label,
+                   speed=speed, progress=progress)
         os.fsync(target.fd)  # durable, and a failed write-back is this restore's failure
     except (RdmBackupError, OSError) as err:
         detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
@@ -362,15 +381,19 @@ def restore(
     force: bool = False,
     conn: libvirt.virConnect | None = None,
     tls_dir: str | None = None,
+    bwlimit: float | None = None,
+    progress: ProgressCallback | None = None,
 ) -> RestoreResult:
     """Restore disk ``disk`` of ``domain`` from the repository at ``target`` into ``to``.
 
     The stored data is verified, and the whole chain opened, before anything is
     written. Refuses a target the kernel uses (mounted, swap, stacked devices)
     always, one smaller than the disk or used by a QEMU process or a running
-    domain unless ``force``, and always one inside the repository.
+    domain unless ``force``, and always one inside the repository. ``bwlimit``: MiB/s
+    the copy may move (None: no limit); ``progress`` gets (copy, done, total) bytes.
     """
     check_safe_name(disk, "disk name")
+    speed = bwlimit_speed(bwlimit)
     with open_store(target, tls_dir=tls_dir) as store:
         manifest = choose_backup(store, domain, backup_id)
         record = manifest.disk(disk)
@@ -386,8 +409,10 @@ def restore(
             points = verify_lineage(store, manifest, disk)
             node = store.image_node(points)
             try:
-                data = img.data_bytes(json_filename(node))  # opens the whole chain
-                zeroed = write_disk(node, record, dest)
+                # qemu-img map: opens the whole chain before anything is written, and
+                # counts its data (a report, not a copy)
+                data = img.data_bytes(json_filename(node))
+                zeroed = write_disk(node, record, dest, store.qemu_objects(), speed, progress)
             except RdmBackupError as err:
                 raise OperationError(f"restore of {disk} to {to} failed: {err}") from err
     return RestoreResult(

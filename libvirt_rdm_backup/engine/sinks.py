@@ -2,8 +2,9 @@
 
 Each store opens its own kind of session (:meth:`.stores.Store.session`). What a
 capture asks of it (:class:`Sink`): create a disk's empty layer, attach it to the
-running QEMU as a writable node (for block jobs), and name it as a ``qemu-img
-convert`` target (for copies from storage). What the backup asks afterwards
+running QEMU as a writable node (for the guest's block jobs), give it as the
+target of a copy from storage (a block job of a private storage daemon), and name it
+as a ``qemu-img`` filename (for the checks after the copy). What the backup asks afterwards
 (:class:`Session`): the written layer, checked and described; its digest; and,
 last, to publish the manifest.
 """
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.errors import OperationError, QmpError, RdmBackupError, VerificationError
 from libvirt_rdm_backup.qemu import img, layers
+from libvirt_rdm_backup.qemu.block_copy import Endpoint
 from libvirt_rdm_backup.qemu.blockdev import attached_image
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
@@ -46,7 +48,11 @@ class Sink(Protocol):
         ...
 
     def target(self, plan: DiskPlan) -> str:
-        """The layer as a ``qemu-img`` target (a path, or a ``json:`` filename)."""
+        """The layer as a ``qemu-img`` filename (a path, or a ``json:`` filename)."""
+        ...
+
+    def copy_target(self, plan: DiskPlan) -> Endpoint:
+        """The created layer as the target of a copy (:mod:`~..qemu.block_copy`)."""
         ...
 
     def scratch(self, name: str) -> str:
@@ -116,7 +122,14 @@ class FileSink:
 
     def create(self, plan: DiskPlan) -> None:
         backing = plan.parent.relative_data_file() if plan.parent else None
+        # qemu-img create: a header written in one step, no block node to open
         img.create(self.target(plan), DATA_FORMAT, int(plan.disk.size or 0), backing=backing)
+
+    def copy_target(self, plan: DiskPlan) -> Endpoint:
+        # the staging file is this run's own: opened by name; any backing named in the
+        # header is not opened (a copy writes every byte of the disk)
+        return Endpoint({"driver": DATA_FORMAT, "backing": None,
+                         "file": {"driver": "file", "filename": self.target(plan)}})
 
     def attach(self, monitor: Monitor, plan: DiskPlan) -> AbstractContextManager[str]:
         return _file_node(monitor, self.target(plan), plan)
@@ -168,7 +181,7 @@ class NbdSink:
         offset = self.volume.allocate(region)
         with tempfile.TemporaryDirectory(prefix="rdmb-layer-") as tmp:
             empty = os.path.join(tmp, "empty.qcow2")
-            img.create(empty, DATA_FORMAT, size)
+            img.create(empty, DATA_FORMAT, size)  # qemu-img create: just the header bytes
             with open(empty, "rb") as stream:
                 header = stream.read()
         self.volume.write(offset, header)
@@ -183,6 +196,10 @@ class NbdSink:
 
     def target(self, plan: DiskPlan) -> str:
         return layers.json_filename(self.node(plan))
+
+    def copy_target(self, plan: DiskPlan) -> Endpoint:
+        tls = self.volume.tls_object()
+        return Endpoint(self.node(plan), objects=(tls,) if tls is not None else ())
 
     def attach(self, monitor: Monitor, plan: DiskPlan) -> AbstractContextManager[str]:
         return _nbd_node(monitor, self.node(plan), plan, self.volume.tls_object(),

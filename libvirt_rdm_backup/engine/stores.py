@@ -65,6 +65,10 @@ class Store(Protocol):
         """Blockdev options of a point's layers (itself first), each backing explicit."""
         ...
 
+    def qemu_objects(self) -> tuple[dict[str, Any], ...]:
+        """``object-add`` arguments the nodes of :meth:`image_node` need (TLS credentials)."""
+        ...
+
     def holds(self, path: str) -> bool:
         """True when writing the local ``path`` would write into the store."""
         ...

@@ -177,6 +177,11 @@ class VolumeStore:
                 os.path.join(self._scratch.name, f"{offset}.qcow2")))
         return layers.chain_node(files)
 
+    def qemu_objects(self) -> tuple[dict[str, Any], ...]:
+        """``object-add`` arguments the nodes of :meth:`image_node` need (TLS credentials)."""
+        tls = self.volume.tls_object()
+        return () if tls is None else (tls,)
+
     def holds(self, path: str) -> bool:
         """False: the volume's file is on the backup server, not a local path of this store."""
         return False

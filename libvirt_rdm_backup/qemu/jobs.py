@@ -31,12 +31,14 @@ class JobResult:
 
 
 def backup_action(
-    job_id: str, device: str, target: str, sync: str = "full", bitmap: str | None = None
+    job_id: str, device: str, target: str, sync: str = "full", bitmap: str | None = None,
+    speed: int = 0,
 ) -> dict[str, Any]:
     """A ``blockdev-backup`` transaction action that stays visible until dismissed.
 
     With a bitmap (``sync=bitmap``) the bitmap is left as it is (``never``): it
-    is dropped only after the new backup was published.
+    is dropped only after the new backup was published. ``speed``: bytes per second
+    the job may copy (0: no limit).
     """
     data: dict[str, Any] = {
         "job-id": job_id,
@@ -47,6 +49,8 @@ def backup_action(
         "auto-dismiss": False,
         "x-perf": {"max-workers": 64, "max-chunk": 65536},
     }
+    if speed:
+        data["speed"] = speed
     if bitmap is not None:
         data["bitmap"] = bitmap
         data["bitmap-mode"] = "never"

@@ -9,7 +9,8 @@ holds the socket path only: everything else (credentials objects included) is
 created over QMP.
 
 The daemon dies with the tool (``PR_SET_PDEATHSIG``, even when the tool is
-killed by SIGKILL) and is stopped with ``quit`` when the tool is done with it.
+killed by SIGKILL: SIGTERM, a clean quit, or SIGKILL for a copy that must stop at
+once) and is stopped with ``quit`` when the tool is done with it.
 ``qemu.qmp`` is asynchronous: a private event loop runs in a thread, and the
 methods here are synchronous. :meth:`StorageDaemon.execute` has the shape of
 :meth:`~libvirt_rdm_backup.qemu.monitor.Monitor.execute`; jobs and exports are
@@ -35,7 +36,7 @@ from typing import IO, Any, TypeVar
 from qemu.qmp import ExecuteError, Message, QMPClient, QMPError, Runstate
 
 from libvirt_rdm_backup.errors import OperationError, QmpError
-from libvirt_rdm_backup.process import die_with_parent, require_tool
+from libvirt_rdm_backup.process import die_with_parent, killed_with_parent, require_tool
 from libvirt_rdm_backup.qemu.layers import option_value
 from libvirt_rdm_backup.qemu.monitor import qmp_timeout
 
@@ -56,8 +57,12 @@ class StorageDaemon:
             daemon.execute("blockdev-add", {...})
     """
 
-    def __init__(self, name: str = "rdmb") -> None:
+    def __init__(self, name: str = "rdmb", pass_fds: Sequence[int] = (),
+                 killed_with_tool: bool = False) -> None:
         self.name = name
+        self.pass_fds = tuple(pass_fds)  # inherited by the daemon (opened as /dev/fd/N)
+        # SIGKILL instead of SIGTERM (a clean quit) when the tool dies
+        self.killed_with_tool = killed_with_tool
         self._dir: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -86,7 +91,10 @@ class StorageDaemon:
         # thread: it lives until close() (or until the process dies)
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name=f"{DAEMON} {self.name}")
+        running = threading.Event()
+        self._loop.call_soon(running.set)  # the loop is not running yet: no race
         self._thread.start()
+        running.wait()  # else a busy host could see the loop not yet running, and give up
         try:
             self._call(self._start(), qmp_timeout(), "start")
         except BaseException:
@@ -109,7 +117,8 @@ class StorageDaemon:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=self._stderr, preexec_fn=die_with_parent)
+                stderr=self._stderr, pass_fds=self.pass_fds,
+                preexec_fn=killed_with_parent if self.killed_with_tool else die_with_parent)
         except OSError as err:
             raise OperationError(f"cannot start {DAEMON}: {err.strerror}") from err
         self._exited = asyncio.ensure_future(self._proc.wait())
@@ -126,16 +135,17 @@ class StorageDaemon:
         shutil.rmtree(self._dir, ignore_errors=True)
         log.debug("%s %s runs as pid %d", DAEMON, self.name, self._proc.pid)
 
-    def close(self) -> None:
-        """Stop the daemon: ``quit`` (it flushes and closes every node), killed after a grace
-        period when it does not exit; then the loop, its thread and the private directory."""
+    def close(self, grace: float = QUIT_GRACE) -> None:
+        """Stop the daemon: ``quit`` (it flushes and closes every node), killed when it does
+        not exit within ``grace`` seconds; then the loop, its thread and the private
+        directory."""
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
         try:
             if thread.is_alive():
                 with contextlib.suppress(OperationError, concurrent.futures.TimeoutError):
-                    self._call(self._quit(), QUIT_GRACE + 10, "quit")
+                    self._call(self._quit(grace), 2 * grace + 10, "quit")
         finally:
             if thread.is_alive():
                 loop.call_soon_threadsafe(loop.stop)
@@ -150,20 +160,21 @@ class StorageDaemon:
                 shutil.rmtree(self._dir, ignore_errors=True)
                 self._dir = None
 
-    async def _quit(self) -> None:
+    async def _quit(self, grace: float) -> None:
         qmp, proc, exited = self._qmp, self._proc, self._exited
         if proc is not None and exited is not None and not exited.done():
             if qmp is not None and qmp.runstate == Runstate.RUNNING:
                 with contextlib.suppress(QMPError, OSError, EOFError, asyncio.TimeoutError):
-                    await asyncio.wait_for(qmp.execute("quit"), QUIT_GRACE)
+                    await asyncio.wait_for(qmp.execute("quit"), grace)
             else:  # no session: SIGTERM quits it as cleanly
                 with contextlib.suppress(ProcessLookupError):
                     proc.terminate()
             try:
-                await asyncio.wait_for(asyncio.shield(exited), QUIT_GRACE)
+                await asyncio.wait_for(asyncio.shield(exited), grace)
             except TimeoutError:
-                log.warning("%s %s did not quit within %g s; killing it", DAEMON, self.name,
-                            QUIT_GRACE)
+                # a short grace is a daemon given up after a failure, which is reported
+                (log.warning if grace >= QUIT_GRACE else log.info)(
+                    "%s %s did not quit within %g s; killing it", DAEMON, self.name, grace)
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await exited
@@ -237,6 +248,28 @@ class StorageDaemon:
                           if job.get("id") == job_id), None)
             if error:
                 raise OperationError(f"job {job_id} failed: {error}")
+
+    def watch_job(self, job_id: str, timeout: float) -> dict[str, Any] | None:
+        """Job ``job_id``'s ``query-jobs`` entry once its status changes (``JOB_STATUS_CHANGE``)
+        or ``timeout`` seconds passed, whichever comes first; at once when it has already
+        ended. None when there is no such job."""
+        return self._call(self._watch_job(job_id, timeout), timeout + qmp_timeout(),
+                          f"the state of job {job_id}")
+
+    async def _watch_job(self, job_id: str, timeout: float) -> dict[str, Any] | None:
+        qmp = self._session()
+        with qmp.listener("JOB_STATUS_CHANGE",
+                          lambda event: _data(event).get("id") == job_id) as listener:
+            job = await self._job(job_id)
+            if job is not None and job.get("status") not in JOB_ENDED:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(listener.get(), timeout)
+                job = await self._job(job_id)
+            self._forget_events()
+        return job
+
+    async def _job(self, job_id: str) -> dict[str, Any] | None:
+        return next((job for job in await self._jobs() if job.get("id") == job_id), None)
 
     async def _jobs(self) -> list[dict[str, Any]]:
         jobs = await self._execute("query-jobs", None, ())

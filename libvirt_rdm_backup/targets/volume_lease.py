@@ -135,13 +135,20 @@ class WriterLease:
     def release_lease(self) -> None:
         """Give the lease back if still held (best effort: the holder may be gone already).
 
-        A server that stopped answering holds the heartbeat in its read: after the stall
-        limit the lease is left to expire (``ttl``) rather than waited for forever.
+        A server that stopped answering holds any read or write of the superblock: after
+        the stall limit the lease is left to expire (``ttl``) rather than waited for forever.
         """
         self._stop_heartbeat()
-        if not self._mutex.acquire(timeout=stall_timeout()):
+        worker = threading.Thread(target=self._release_now, name="rdmb-volume-release",
+                                  daemon=True)
+        worker.start()
+        worker.join(stall_timeout())
+        if worker.is_alive():
             log.info("NBD volume %s does not answer: its writer lease is left to expire",
-                        self.address.uri)
+                     self.address.uri)
+
+    def _release_now(self) -> None:
+        if not self._mutex.acquire(timeout=stall_timeout()):
             return
         with contextlib.ExitStack() as held:
             held.callback(self._mutex.release)

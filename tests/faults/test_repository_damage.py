@@ -422,14 +422,15 @@ def test_restore_killed_while_writing(big_backup: BigBackup, kind: str) -> None:
         kids: set[int] = set()
         ended: dict[int, int | None] = {}
         try:
-            # kill it once its qemu-img has written 64 MiB of the 384 MiB
+            # kill it once its copy (a qemu-storage-daemon) has written 64 MiB of the 384 MiB
             deadline = time.monotonic() + 60
             writer = None
             while writer is None or written(writer) < 64 * MiB:
                 assert proc.poll() is None, ("the restore ended before it was killed",
                                              proc.communicate())
                 assert time.monotonic() < deadline, "the restore did not start writing"
-                writer = next((c for c in children(proc.pid) if "convert" in cmdline(c)),
+                writer = next((c for c in children(proc.pid)
+                               if (cmdline(c) or [""])[0].endswith("qemu-storage-daemon")),
                               None)
                 time.sleep(0.002)
             kids = children(proc.pid)

@@ -22,6 +22,7 @@ from libvirt_rdm_backup.errors import OperationError
 from libvirt_rdm_backup.modes import Level, WindowMethod
 from libvirt_rdm_backup.qemu import fleece as fleece_mod
 from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.qemu.block_copy import Endpoint
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.repository.chain import DiskPoint
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap
@@ -71,6 +72,10 @@ class FakeSink:
 
     def target(self, plan: DiskPlan) -> str:
         return str(self.root / f"{plan.disk.target}.qcow2")
+
+    def copy_target(self, plan: DiskPlan) -> Endpoint:
+        return Endpoint({"driver": "qcow2", "file": {"driver": "file",
+                                                     "filename": self.target(plan)}})
 
     def scratch(self, name: str) -> str:
         return str(self.root / name)
