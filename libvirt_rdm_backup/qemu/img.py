@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from libvirt_rdm_backup.errors import CommandError, OperationError
-from libvirt_rdm_backup.process import die_with_parent, run, stall_timeout
+from libvirt_rdm_backup.process import die_with_parent, run
 
 MAX_MAP_LINE = 4096  # one extent of ``qemu-img map --output=json`` is about 120 bytes
 
@@ -150,38 +150,3 @@ def data_bytes(path: str, fmt: str | None = None, own_only: bool = False,
     """Bytes of an image that hold data (``own_only``: not counting its backing files)."""
     return sum(e.length for e in (extents if extents is not None else iter_map(path, fmt))
                if e.data and not e.zero and (e.depth == 0 or not own_only))
-
-
-def convert(
-    source: str,
-    target: str,
-    *,
-    source_fmt: str | None = None,
-    target_fmt: str = "qcow2",
-    source_image_opts: bool = False,
-    existing_target: bool = False,
-    target_is_zero: bool = False,
-    extra: list[str] | None = None,
-    pass_fds: tuple[int, ...] = (),
-    timeout: float | None = None,
-) -> None:
-    """``qemu-img convert`` with parallel coroutines and sparse output.
-
-    ``source`` may be a path, an ``iscsi://`` URL or (with ``source_image_opts``)
-    an options string; ``pass_fds`` are inherited (a target named ``/dev/fd/N``).
-    ``timeout``: seconds after which the copy is killed.
-    """
-    argv = [*_qemu_img("convert"), "-q", "-W", "-m", "8"]
-    if source_image_opts:
-        argv.append("--image-opts")
-    elif source_fmt:
-        argv += ["-f", source_fmt]
-    argv += ["-O", target_fmt]
-    if existing_target:
-        argv.append("-n")
-        if target_is_zero:
-            argv.append("--target-is-zero")
-    if extra:
-        argv += extra
-    argv += [source, target]
-    run(argv, stall=stall_timeout(), timeout=timeout, pass_fds=pass_fds)

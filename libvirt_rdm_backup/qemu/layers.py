@@ -53,8 +53,8 @@ AUTOCLEAR_RAW_DATA = 1 << 1
 
 def _name(raw: bytes) -> str:
     """A name from a header, quoted and shortened for a one-line message."""
-    text = raw.decode("utf-8", errors="replace")
-    return repr(text if len(text) <= 255 else text[:252] + "...")
+    shown = repr(raw.decode("utf-8", errors="replace")[:256])
+    return shown if len(shown) <= 200 else shown[:197] + "..."
 
 
 def header_problem(data: bytes, backing: str | None, size: int | None = None) -> str | None:

@@ -267,7 +267,7 @@ def test_a_chain_reads_the_layers_given_not_the_header_names(tmp_path: Path) -> 
     os.mkfifo(decoy)
     qemu_img("rebase", "-u", "-f", "qcow2", "-b", str(decoy), "-F", "raw", str(top))
     out = tmp_path / "out.raw"
-    img.convert(json_filename(file_chain([str(top), str(base)])), str(out), target_fmt="raw")
+    qemu_img("convert", "-O", "raw", json_filename(file_chain([str(top), str(base)])), str(out))
     data = out.read_bytes()
     assert data[:MiB] == b"\x11" * MiB and data[MiB:2 * MiB] == b"\x22" * MiB
     assert data[2 * MiB:] == bytes(SIZE - 2 * MiB)
