@@ -189,6 +189,131 @@ def _take_snapshots(plans: list[DiskPlan], scope: Callable[[DiskPlan], str], tok
         result.snapshots[plan.disk.target] = agent_by_name(plan.agent).snapshot(plan.disk, name)
 
 
+@dataclass
+class _Groups:
+    """The planned disks of one capture, by how each gets its point and its data."""
+
+    qemu: list[DiskPlan]  # backup jobs of QEMU
+    fleece: list[DiskPlan]  # resyncs read through a fleecing export of QEMU
+    storage: list[DiskPlan]  # copies from storage
+    offline_resyncs: list[DiskPlan]  # resyncs read from storage
+    snapshot: list[DiskPlan]  # copies from storage snapshots
+
+    @classmethod
+    def of(cls, plans: list[DiskPlan]) -> _Groups:
+        def kind(path: DataPath, resync: bool) -> list[DiskPlan]:
+            return [p for p in plans if p.path is path and (p.level == "resync") == resync]
+
+        return cls(qemu=kind(DataPath.QEMU, False), fleece=kind(DataPath.QEMU, True),
+                   storage=kind(DataPath.STORAGE, False),
+                   offline_resyncs=kind(DataPath.STORAGE, True),
+                   snapshot=[p for p in plans if p.path is DataPath.SNAPSHOT])
+
+
+@dataclass
+class _Run:
+    """What one capture of a domain works with, and what QEMU has been given so far."""
+
+    monitor: Monitor | None
+    sink: Sink
+    result: Capture
+    new_bitmap: str
+    speed: int
+    fleecing: bool  # filters with local fleecing images (QEMU on this host)
+    actions: list[dict[str, Any]] = field(default_factory=list)  # the one transaction
+    guards: list[tuple[DiskPlan, GuardedSource, str, str]] = field(default_factory=list)
+    direct_jobs: list[str] = field(default_factory=list)  # jobs without a filter
+    fleeces: list[tuple[DiskPlan, FleecingExport]] = field(default_factory=list)
+    started: list[str] = field(default_factory=list)  # jobs to cancel on failure
+
+    def track(self, plan: DiskPlan) -> None:
+        """Add the disk's new bitmap to the transaction, when the disk is tracked."""
+        if plan.track:  # added before the point: it misses no write after it
+            self.actions.append(bitmaps.add_action(str(plan.disk.node_name), self.new_bitmap))
+            self.result.new_bitmaps[plan.disk.target] = self.new_bitmap
+
+
+def _prepare_jobs(run: _Run, stack: ExitStack, plans: list[DiskPlan]) -> None:
+    """Targets attached and, with fleecing, filters prepared for the disks QEMU copies."""
+    for plan in plans:
+        assert run.monitor is not None and plan.disk.size is not None
+        run.sink.create(plan)
+        node = stack.enter_context(run.sink.attach(run.monitor, plan))
+        job_id = object_name("job", plan.disk.target)
+        run.track(plan)
+        if not run.fleecing:
+            run.actions.append(_job_for(plan, None, node, job_id, run.speed))
+            run.direct_jobs.append(job_id)
+            continue
+        guard = stack.enter_context(guarded_source(
+            run.monitor, str(plan.disk.node_name), plan.disk.target, plan.disk.size, job_id))
+        run.guards.append((plan, guard, node, job_id))
+
+
+def _prepare_fleeces(run: _Run, stack: ExitStack, plans: list[DiskPlan]) -> None:
+    """Fleecing exports prepared for the disks resynced from QEMU."""
+    for plan in plans:
+        assert run.monitor is not None and plan.disk.size is not None
+        fleece = stack.enter_context(fleecing_export(
+            run.monitor, str(plan.disk.node_name), plan.disk.target,
+            run.sink.scratch(f"{plan.disk.target}.fleece"), plan.disk.size,
+            break_snapshot=run.fleecing))
+        run.track(plan)
+        run.actions += fleece.actions()
+        run.fleeces.append((plan, fleece))
+
+
+def _in_window(run: _Run, groups: _Groups, running: bool, token: str,
+               scope: Callable[[DiskPlan], str], pause_deadline: float, max_pause: float,
+               progress: ProgressCallback | None) -> None:
+    """The point in time: snapshots, the transaction, the filters in front of their
+    devices, and the copies of LUNs that have no snapshot."""
+    _take_snapshots(groups.snapshot, scope, token, run.result)
+    if run.actions:
+        assert run.monitor is not None
+        transaction(run.monitor, run.actions)
+        run.started = list(run.direct_jobs)
+    for _plan, guard, _node, _job in run.guards:
+        guard.insert()
+    for _plan, fleece in run.fleeces:
+        fleece.insert()
+    for plan in groups.storage:
+        if needs_paused_copy(plan, running):
+            _copy_paused(plan, run.sink, pause_deadline, max_pause, run.speed)
+        else:
+            copy_from_storage(plan, run.sink, run.speed, progress)
+
+
+def _after_window(run: _Run, groups: _Groups, parent_maps: dict[str, ChunkMap],
+                  progress: ProgressCallback | None) -> None:
+    """The guest running again: start the filtered jobs, read the exports and the
+    snapshots, and wait for QEMU's jobs."""
+    sink, result = run.sink, run.result
+    if run.guards:
+        assert run.monitor is not None
+        transaction(run.monitor, [_job_for(plan, guard, node, job_id, run.speed)
+                                  for plan, guard, node, job_id in run.guards])
+        run.started += [job_id for _plan, _guard, _node, job_id in run.guards]
+    for plan, fleece in run.fleeces:
+        _resync(plan, fleece.export(), sink.target(plan), parent_maps, result)
+        fleece.close()
+    for plan in groups.offline_resyncs:
+        with qemu_nbd_server(plan.disk.source, "raw", readonly=True) as uri:
+            _resync(plan, uri, sink.target(plan), parent_maps, result)
+    for plan in groups.snapshot:
+        _copy_snapshot(plan, result.snapshots[plan.disk.target], sink, parent_maps,
+                       result, run.speed, progress)
+    if run.monitor is not None and (run.started or run.fleeces):
+        still_plugged = unplug_check(run.monitor, [p.disk for p in groups.qemu + groups.fleece])
+        if run.started:
+            try:
+                wait_jobs(run.monitor, run.started, progress, check=still_plugged)
+            except OperationError as err:
+                raise explain(err) from err
+            run.started = []
+        still_plugged()  # unplugged just as its job or its resync ended
+
+
 def capture(
     dom: libvirt.virDomain,
     running: bool,
@@ -215,108 +340,39 @@ def capture(
     alike (0: no limit).
     """
     files = {p.disk.target: sink.target(p) for p in plans if sink.local_files}
-
-    def kind(path: DataPath, resync: bool) -> list[DiskPlan]:
-        return [p for p in plans if p.path is path and (p.level == "resync") == resync]
-
-    qemu_plans, fleece_plans = kind(DataPath.QEMU, False), kind(DataPath.QEMU, True)
-    storage_plans, offline_resyncs = kind(DataPath.STORAGE, False), kind(DataPath.STORAGE, True)
-    snapshot_plans = [p for p in plans if p.path is DataPath.SNAPSHOT]
+    groups = _Groups.of(plans)
     result = Capture(files=files, window=Window(method=WindowMethod.OFFLINE))
     if not running:
         monitor = None
     elif monitor is None:
         monitor = LibvirtMonitor(dom)
-    started: list[str] = []
     with ExitStack() as stack:
         if monitor is not None:  # last, once filters and targets let go of their nodes
             stack.callback(release_unplugged, monitor,
                            [p.disk for p in plans if p.path is DataPath.QEMU])
-        actions: list[dict[str, Any]] = []
-        guards: list[tuple[DiskPlan, GuardedSource, str, str]] = []
-        direct_jobs: list[str] = []
         # QEMU on another host gets no descriptor of a local fleecing image
-        fleecing = running and not is_remote(dom.connect())
-        for plan in qemu_plans:
-            assert monitor is not None and plan.disk.size is not None
-            sink.create(plan)
-            node = stack.enter_context(sink.attach(monitor, plan))
-            job_id = object_name("job", plan.disk.target)
-            if plan.track:  # added before the point: it misses no write after it
-                actions.append(bitmaps.add_action(str(plan.disk.node_name), new_bitmap))
-                result.new_bitmaps[plan.disk.target] = new_bitmap
-            if not fleecing:
-                actions.append(_job_for(plan, None, node, job_id, speed))
-                direct_jobs.append(job_id)
-                continue
-            guard = stack.enter_context(guarded_source(
-                monitor, str(plan.disk.node_name), plan.disk.target, plan.disk.size, job_id))
-            guards.append((plan, guard, node, job_id))
-        fleeces: list[tuple[DiskPlan, FleecingExport]] = []
-        for plan in fleece_plans:
-            assert monitor is not None and plan.disk.size is not None
-            fleece = stack.enter_context(fleecing_export(
-                monitor, str(plan.disk.node_name), plan.disk.target,
-                sink.scratch(f"{plan.disk.target}.fleece"), plan.disk.size,
-                break_snapshot=fleecing))
-            if plan.track:
-                actions.append(bitmaps.add_action(str(plan.disk.node_name), new_bitmap))
-                result.new_bitmaps[plan.disk.target] = new_bitmap
-            actions += fleece.actions()
-            fleeces.append((plan, fleece))
-        hold_for_snapshots = bool(snapshot_plans) and quiesce is None
+        run = _Run(monitor=monitor, sink=sink, result=result, new_bitmap=new_bitmap,
+                   speed=speed, fleecing=running and not is_remote(dom.connect()))
+        _prepare_jobs(run, stack, groups.qemu)
+        _prepare_fleeces(run, stack, groups.fleece)
+        hold_for_snapshots = bool(groups.snapshot) and quiesce is None
         # filters go in one by one: several disks share their point only with the guest held
-        hold_for_filters = fleecing and quiesce is None and len(guards) + len(fleeces) > 1
+        hold_for_filters = (run.fleecing and quiesce is None
+                            and len(run.guards) + len(run.fleeces) > 1)
         try:
-            for plan in storage_plans:  # no file or server work while the guest is held
+            for plan in groups.storage:  # no file or server work while the guest is held
                 sink.create(plan)
             with consistency_window(
                     dom if running else None, quiesce=quiesce,
-                    pause=bool(storage_plans) or hold_for_snapshots or hold_for_filters,
-                    before=lambda: _flush_storage(snapshot_plans)) as window:
+                    pause=bool(groups.storage) or hold_for_snapshots or hold_for_filters,
+                    before=lambda: _flush_storage(groups.snapshot)) as window:
                 result.window = window
-                pause_deadline = time.monotonic() + max_pause
-                _take_snapshots(snapshot_plans,
-                                snapshot_scope or (lambda p: f"rdmb-snap-{p.disk.target}-"),
-                                new_bitmap[-6:], result)
-                if actions:
-                    assert monitor is not None
-                    transaction(monitor, actions)
-                    started = list(direct_jobs)
-                for _plan, guard, _node, _job in guards:
-                    guard.insert()
-                for _plan, fleece in fleeces:
-                    fleece.insert()
-                for plan in storage_plans:
-                    if needs_paused_copy(plan, running):
-                        _copy_paused(plan, sink, pause_deadline, max_pause, speed)
-                    else:
-                        copy_from_storage(plan, sink, speed, progress)
-            if guards:
-                assert monitor is not None
-                transaction(monitor, [_job_for(plan, guard, node, job_id, speed)
-                                      for plan, guard, node, job_id in guards])
-                started += [job_id for _plan, _guard, _node, job_id in guards]
-            for plan, fleece in fleeces:
-                _resync(plan, fleece.export(), sink.target(plan), parent_maps, result)
-                fleece.close()
-            for plan in offline_resyncs:
-                with qemu_nbd_server(plan.disk.source, "raw", readonly=True) as uri:
-                    _resync(plan, uri, sink.target(plan), parent_maps, result)
-            for plan in snapshot_plans:
-                _copy_snapshot(plan, result.snapshots[plan.disk.target], sink, parent_maps,
-                               result, speed, progress)
-            if monitor is not None and (started or fleeces):
-                still_plugged = unplug_check(monitor, [p.disk for p in qemu_plans + fleece_plans])
-                if started:
-                    try:
-                        wait_jobs(monitor, started, progress, check=still_plugged)
-                    except OperationError as err:
-                        raise explain(err) from err
-                    started = []
-                still_plugged()  # unplugged just as its job or its resync ended
+                _in_window(run, groups, running, new_bitmap[-6:],
+                           snapshot_scope or (lambda p: f"rdmb-snap-{p.disk.target}-"),
+                           time.monotonic() + max_pause, max_pause, progress)
+            _after_window(run, groups, parent_maps, progress)
         except BaseException:
-            _undo(monitor, started, plans, result)
+            _undo(monitor, run.started, plans, result)
             raise
     return result
 
