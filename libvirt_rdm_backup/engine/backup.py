@@ -14,6 +14,7 @@ from libvirt_rdm_backup.consistency import watchdog_ahead
 from libvirt_rdm_backup.domain.connection import connection_uri, is_remote
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.capture import (
+    Capture,
     ProgressCallback,
     capture,
     drop_new_snapshots,
@@ -31,6 +32,7 @@ from libvirt_rdm_backup.engine.paused_copy import (
 )
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan, Facts, overall_level, plan_backup
 from libvirt_rdm_backup.engine.records import MappingResult, record_disk
+from libvirt_rdm_backup.engine.sinks import Session
 from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError, UsageError
 from libvirt_rdm_backup.events import describe_restart
@@ -294,6 +296,82 @@ def _prepare_qemu(ctx: DomainContext, repo_id: str, chain: Chain) -> Monitor | N
     return monitor
 
 
+def _refuse_remote_directory(conn: libvirt.virConnect, target: str,
+                             options: BackupOptions) -> None:
+    """Parse the target (its errors come first); a directory needs QEMU on this host."""
+    parsed = parse_target(target, allow_remote_plain=options.allow_plain_nbd)
+    if isinstance(parsed, str) and is_remote(conn):
+        raise UsageError(
+            f"a directory target needs a local libvirt connection: through "
+            f"{connection_uri(conn)} QEMU runs on another host and cannot write into "
+            f"{target}; use an NBD target (nbds://, nbd://) there")
+
+
+def _plan(ctx: DomainContext, selected: list[RawDisk], store: Store, chain: Chain,
+          unreadable: list[Damage], monitor: Monitor | None, options: BackupOptions,
+          agent: SshAgent | None) -> list[DiskPlan]:
+    """Plan each selected disk's layer from what the chain, QEMU and the storage hold."""
+    restart = describe_restart(ctx.uuid, chain.last.created) if chain.last else None
+    agents, live_snapshots = (_snapshot_facts(selected, chain, store.repo_id)
+                              if agent is None else ({}, set()))
+    unusable, damaged_newer = _damage_facts(store, unreadable, chain, selected)
+    facts = Facts(ctx.inventory.running, chain, _live_bitmaps(monitor), restart,
+                  agents, live_snapshots, local_layers=store.local_layers,
+                  unusable=unusable, damaged_newer=damaged_newer, repo_id=store.repo_id)
+    return plan_backup(selected, options.level, facts)
+
+
+@dataclass
+class _Point:
+    """One captured point of a domain, before its manifest is published."""
+
+    ctx: DomainContext
+    chain: Chain
+    backup_id: str
+    created: str
+    plans: list[DiskPlan]
+    captured: Capture
+    mappings: dict[str, MappingResult]
+    parent_maps: dict[str, ChunkMap]
+
+
+def _manifest(point: _Point, session: Session) -> Manifest:
+    """The manifest of a captured point, its layers recorded from the session."""
+    plans, chain = point.plans, point.chain
+    records = [record_disk(p, session, point.captured, point.mappings[p.disk.target],
+                           point.parent_maps.get(p.disk.target)) for p in plans]
+    return Manifest(
+        backup_id=point.backup_id,
+        domain_uuid=point.ctx.uuid,
+        domain_name=point.ctx.name,
+        level=overall_level(plans),
+        reason="; ".join(f"{p.disk.target}: {p.reason}" for p in plans),
+        chain=chain.name,
+        parent=chain.last.backup_id if chain.last else None,
+        created=point.created,
+        completed=now_iso(),
+        consistency=point.captured.window.to_dict(),
+        domain_xml=point.ctx.xml_text,
+        disks=records,
+    )
+
+
+def _publish(point: _Point, session: Session, monitor: Monitor | None
+             ) -> tuple[Manifest, str]:
+    """Publish the point's manifest; on failure drop the snapshots and bitmaps it added."""
+    try:
+        manifest = _manifest(point, session)
+        return manifest, session.publish(manifest)
+    except BaseException:
+        drop_new_snapshots(point.plans, point.captured)
+        if monitor is not None:
+            for plan in point.plans:
+                name = point.captured.new_bitmaps.get(plan.disk.target)
+                if name:
+                    bitmaps.remove(monitor, str(plan.disk.node_name), name)
+        raise
+
+
 def backup(conn: libvirt.virConnect, domain: str, target: str,
            options: BackupOptions | None = None, agent: SshAgent | None = None
            ) -> BackupResult:
@@ -315,12 +393,7 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
     options = options or BackupOptions()
     speed = bwlimit_speed(options.bwlimit)
     chain_name = options.chain
-    parsed = parse_target(target, allow_remote_plain=options.allow_plain_nbd)  # fails first
-    if isinstance(parsed, str) and is_remote(conn):
-        raise UsageError(
-            f"a directory target needs a local libvirt connection: through "
-            f"{connection_uri(conn)} QEMU runs on another host and cannot write into "
-            f"{target}; use an NBD target (nbds://, nbd://) there")
+    _refuse_remote_directory(conn, target, options)  # fails first
     ctx = open_domain(conn, domain)
     selected = select_disks(ctx.inventory, options.disks)
     store = open_store(target, create=True, allow_plain_nbd=options.allow_plain_nbd,
@@ -332,14 +405,7 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
         published, unreadable = store.scan(ctx.uuid)
         chain = chain_of(published, chain_name)
         monitor = _prepare_qemu(ctx, store.repo_id, chain)
-        restart = describe_restart(ctx.uuid, chain.last.created) if chain.last else None
-        agents, live_snapshots = (_snapshot_facts(selected, chain, store.repo_id)
-                                  if agent is None else ({}, set()))
-        unusable, damaged_newer = _damage_facts(store, unreadable, chain, selected)
-        facts = Facts(ctx.inventory.running, chain, _live_bitmaps(monitor), restart,
-                      agents, live_snapshots, local_layers=store.local_layers,
-                      unusable=unusable, damaged_newer=damaged_newer, repo_id=store.repo_id)
-        plans = plan_backup(selected, options.level, facts)
+        plans = _plan(ctx, selected, store, chain, unreadable, monitor, options, agent)
 
         def scope(plan: DiskPlan) -> str:
             return scoped_prefix(store.repo_id, chain_name, plan.disk.target)
@@ -359,33 +425,9 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
                 bitmaps.bitmap_name(store.repo_id, chain_name, backup_id), parent_maps,
                 options.progress, options.quiesce, scope, options.max_pause, monitor=monitor,
                 speed=speed)
-            try:
-                records = [record_disk(p, session, captured, mappings[p.disk.target],
-                                       parent_maps.get(p.disk.target)) for p in plans]
-                resolved = overall_level(plans)
-                manifest = Manifest(
-                    backup_id=backup_id,
-                    domain_uuid=ctx.uuid,
-                    domain_name=ctx.name,
-                    level=resolved,
-                    reason="; ".join(f"{p.disk.target}: {p.reason}" for p in plans),
-                    chain=chain_name,
-                    parent=chain.last.backup_id if chain.last else None,
-                    created=created,
-                    completed=now_iso(),
-                    consistency=captured.window.to_dict(),
-                    domain_xml=ctx.xml_text,
-                    disks=records,
-                )
-                path = session.publish(manifest)
-            except BaseException:
-                drop_new_snapshots(plans, captured)
-                if monitor is not None:
-                    for plan in plans:
-                        name = captured.new_bitmaps.get(plan.disk.target)
-                        if name:
-                            bitmaps.remove(monitor, str(plan.disk.node_name), name)
-                raise
+            manifest, path = _publish(
+                _Point(ctx, chain, backup_id, created, plans, captured, mappings, parent_maps),
+                session, monitor)
         superseded = [(d, point) for d in selected
                       for point in chain.kept_points(d.target) if point.record.storage_snapshot]
         chain.backups.append(manifest)
