@@ -123,6 +123,100 @@ def _resume(dom: libvirt.virDomain) -> None:
         raise LibvirtError(f"cannot resume domain: {err.get_error_message()}") from err
 
 
+@dataclass
+class _Hold:
+    """What a window holds of a running guest, and how it lets go of it.
+
+    ``held`` lists what was (or may have been) done, in order: each entry goes in
+    (and the record the watchdog and the next run read is written) before its action.
+    """
+
+    dom: libvirt.virDomain
+    uuid: str
+    window: Window
+    guard: watchdog.Watchdog | None
+    started: float
+    held: list[str] = field(default_factory=list)
+
+    def freeze(self, mode: Quiesce) -> bool | None:
+        """Freeze the filesystems through the guest agent (see :func:`_freeze`)."""
+        write_marker(self.uuid, ["freeze"])
+        self.held.append("freeze")  # an interrupted freeze may still freeze: thaw then
+        try:
+            frozen = _freeze(self.dom, mode, self.window)
+        except RdmBackupError:
+            self.held.remove("freeze")  # the agent refused: nothing to thaw
+            raise
+        if frozen:
+            self.window.method = WindowMethod.FSFREEZE
+        elif frozen is False:
+            self.held[self.held.index("freeze")] = "maybe-frozen"
+        else:
+            self.held.remove("freeze")  # nothing was sent to the agent
+            drop_marker(self.uuid)
+        return frozen
+
+    def pause(self) -> None:
+        """Pause the vCPUs, unless something else already did."""
+        if is_paused(self.dom):
+            self.window.method = WindowMethod.ALREADY_PAUSED
+            return
+        write_marker(self.uuid, [*self.held, "pause"])
+        self.held.append("pause")
+        _pause(self.dom)
+        self.window.method = (WindowMethod.FSFREEZE_PAUSE if "freeze" in self.held
+                              else WindowMethod.PAUSE)
+
+    def _undo(self, raise_errors: bool) -> tuple[list[BaseException], list[str]]:
+        """Resume, then thaw; the errors met and the kinds of hold still in place."""
+        errors: list[BaseException] = []
+        failed: list[str] = []
+        for kind, undo in (("pause", _resume), ("freeze", _thaw)):
+            if kind in self.held:
+                try:
+                    undo(self.dom)
+                except LibvirtError as err:
+                    if errors or not raise_errors:  # the first one is raised: said once
+                        log.error("%s", err)
+                    errors.append(err)
+                    failed.append(kind)
+        if "maybe-frozen" in self.held:
+            # a freeze that timed out may still run once the agent wakes up: thaw, and
+            # when that fails too, leave the thaw to the watchdog and the next run
+            try:
+                _thaw(self.dom)
+            except LibvirtError as err:
+                log.info("thaw after a failed freeze: %s", err)
+                failed.append("freeze")
+        return errors, failed
+
+    def release(self, raise_errors: bool) -> None:
+        """Undo what is held, record what could not be undone, and stop the watchdog."""
+        errors, failed = self._undo(raise_errors)
+        if self.held:
+            self.window.paused_ms = (time.monotonic() - self.started) * 1000.0
+        if failed:
+            write_marker(self.uuid, failed)  # the watchdog and the next run retry
+        else:
+            drop_marker(self.uuid)
+        if self.guard is not None:
+            self.guard.stop()
+        if errors and raise_errors:
+            raise errors[0]
+
+
+def _run_before(before: Callable[[], None] | None, guard: watchdog.Watchdog | None) -> None:
+    """Run ``before``; when it fails, the watchdog started for the window stops."""
+    if before is None:
+        return
+    try:
+        before()
+    except BaseException:
+        if guard is not None:
+            guard.stop()
+        raise
+
+
 @contextmanager
 def consistency_window(
     dom: libvirt.virDomain | None, *, quiesce: Quiesce | str | None = None, pause: bool = False,
@@ -146,82 +240,23 @@ def consistency_window(
     mode = parse_choice(Quiesce, quiesce, "quiesce mode") if quiesce is not None else None
     window = Window(method=WindowMethod.QMP_TRANSACTION)
     uuid = dom.UUIDString()
-    held: list[str] = []  # what was (or may have been) done, in order
     guard = _start_watchdog(dom) if quiesce is not None or (pause and not is_paused(dom)) \
         else None
-    if before is not None:
-        try:
-            before()
-        except BaseException:
-            if guard is not None:
-                guard.stop()
-            raise
-    started = time.monotonic()
-
-    def release(raise_errors: bool) -> None:
-        errors: list[BaseException] = []
-        failed: list[str] = []
-        for kind, undo in (("pause", _resume), ("freeze", _thaw)):
-            if kind in held:
-                try:
-                    undo(dom)
-                except LibvirtError as err:
-                    if errors or not raise_errors:  # the first one is raised: said once
-                        log.error("%s", err)
-                    errors.append(err)
-                    failed.append(kind)
-        if "maybe-frozen" in held:
-            # a freeze that timed out may still run once the agent wakes up: thaw, and
-            # when that fails too, leave the thaw to the watchdog and the next run
-            try:
-                _thaw(dom)
-            except LibvirtError as err:
-                log.info("thaw after a failed freeze: %s", err)
-                failed.append("freeze")
-        if held:
-            window.paused_ms = (time.monotonic() - started) * 1000.0
-        if failed:
-            write_marker(uuid, failed)  # the watchdog and the next run retry
-        else:
-            drop_marker(uuid)
-        if guard is not None:
-            guard.stop()
-        if errors and raise_errors:
-            raise errors[0]
-
+    _run_before(before, guard)
+    hold = _Hold(dom, uuid, window, guard, started=time.monotonic())
     try:
         if mode is not None:
-            write_marker(uuid, ["freeze"])
-            held.append("freeze")  # an interrupted freeze may still freeze: thaw then
-            try:
-                frozen = _freeze(dom, mode, window)
-            except RdmBackupError:
-                held.remove("freeze")  # the agent refused: nothing to thaw
-                raise
-            if frozen:
-                window.method = WindowMethod.FSFREEZE
-            elif frozen is False:
-                held[held.index("freeze")] = "maybe-frozen"
-            else:
-                held.remove("freeze")  # nothing was sent to the agent
-                drop_marker(uuid)
+            frozen = hold.freeze(mode)
             pause = pause or not frozen  # crash-consistent instead: pause the vCPUs
         if pause:
-            if is_paused(dom):
-                window.method = WindowMethod.ALREADY_PAUSED
-            else:
-                write_marker(uuid, [*held, "pause"])
-                held.append("pause")
-                _pause(dom)
-                window.method = (WindowMethod.FSFREEZE_PAUSE if "freeze" in held
-                                 else WindowMethod.PAUSE)
-        if not held:
+            hold.pause()
+        if not hold.held:
             drop_marker(uuid)
         yield window
     except BaseException:
-        release(raise_errors=False)  # never hide the error that ended the window
+        hold.release(raise_errors=False)  # never hide the error that ended the window
         raise
-    release(raise_errors=True)
+    hold.release(raise_errors=True)
 
 
 _EARLY: dict[str, watchdog.Watchdog] = {}  # domain uuid -> watchdog started ahead
