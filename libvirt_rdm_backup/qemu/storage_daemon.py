@@ -58,9 +58,12 @@ class StorageDaemon:
     """
 
     def __init__(self, name: str = "rdmb", pass_fds: Sequence[int] = (),
-                 killed_with_tool: bool = False) -> None:
+                 killed_with_tool: bool = False, arguments: Sequence[str] = ()) -> None:
         self.name = name
         self.pass_fds = tuple(pass_fds)  # inherited by the daemon (opened as /dev/fd/N)
+        # more command-line options (``--object``, ``--nbd-server``: what QMP cannot do,
+        # such as listening on an inherited socket)
+        self.arguments = tuple(arguments)
         # SIGKILL instead of SIGTERM (a clean quit) when the tool dies
         self.killed_with_tool = killed_with_tool
         self._dir: str | None = None
@@ -112,7 +115,7 @@ class StorageDaemon:
         os.unlink(stderr_path)
         argv = [require_tool(DAEMON),
                 "--chardev", f"socket,id=rdmb-qmp,path={option_value(socket_path)},server=off",
-                "--monitor", "chardev=rdmb-qmp"]
+                "--monitor", "chardev=rdmb-qmp", *self.arguments]
         log.debug("run: %s", " ".join(argv))
         try:
             self._proc = await asyncio.create_subprocess_exec(
