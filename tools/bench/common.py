@@ -222,3 +222,21 @@ def rewrite(dom: libvirt.virDomain, offsets: list[int], pattern: int, disk: str 
     for offset in offsets:
         guest_write(dom, disk, pattern, offset, WRITE)
     return len(offsets) * WRITE
+
+
+def print_timings(title: str, rows: tuple[tuple[str, str], ...], doc: dict[str, Any],
+                  runs: dict[str, list[float]], size: int, width: int) -> None:
+    """A table of timed methods: median seconds, MiB/s of ``size`` bytes, and each run."""
+    print(f"  {title:<{width}} {'median s':>9} {'MiB/s':>8}  runs (s)")
+    for key, label in rows:
+        seconds = doc[key]
+        rate = size / MiB / seconds if seconds else 0.0
+        print(f"  {label:<{width}} {seconds:>9.3f} {rate:>8.0f}  "
+              f"{', '.join(f'{v:.2f}' for v in runs[key])}")
+
+
+def print_verified(doc: dict[str, Any], key: str, what: str) -> None:
+    """The line saying whether the first round's copy matched the LUN (when it was checked)."""
+    check = doc[key]
+    if check is not None:
+        print(f"  first-round {what} vs the LUN: {'identical' if check else 'DIFFERENT'}")

@@ -19,6 +19,7 @@ from tools.bench.common import (
     dirty_offsets,
     goal,
     median,
+    print_verified,
     remove_tree,
     rewrite,
     same_content,
@@ -127,8 +128,5 @@ def print_incremental(doc: dict[str, Any]) -> None:
           f"{doc['incremental_bytes_transferred'] / MiB:.3f} MiB)")
     print(f"  stored / rewritten bytes:              "
           f"{goal(doc, 'incremental_stored_ratio_to_dirty')}")
-    check = doc["incremental_verified_identical"]
-    if check is not None:
-        print(f"  first-round chain (full + incremental) vs the LUN: "
-              f"{'identical' if check else 'DIFFERENT'}")
+    print_verified(doc, "incremental_verified_identical", "chain (full + incremental)")
     print()

@@ -31,6 +31,7 @@ from tools.bench.common import (
     fill_lun,
     goal,
     median,
+    print_timings,
     remove_tree,
     rewrite,
     run_convert,
@@ -395,15 +396,11 @@ def print_lun(doc: dict[str, Any]) -> None:
           f"{len(doc['lun_loaded_runs_ms'])} backups, ms: p50 "
           f"{doc['lun_loaded_paused_p50_ms']:.1f}, worst {goal(doc, 'lun_loaded_paused_worst_ms')}")
     print(f"    runs {', '.join(f'{v:.1f}' for v in doc['lun_loaded_runs_ms'])}")
-    header = f"  {'full copy of sda':<40} {'median s':>9} {'MiB/s':>8}  runs (s)"
-    print(header)
-    for key, label in (("lun_full_s", "rdm-backup (api.backup, sda only)"),
-                       ("qemu_img_convert_raw_s", "qemu-img convert -f raw -O raw"),
-                       ("qemu_img_convert_qcow2_s", "qemu-img convert -f raw -O qcow2")):
-        seconds = doc[key]
-        rate = size / MiB / seconds if seconds else 0.0
-        print(f"  {label:<40} {seconds:>9.3f} {rate:>8.0f}  "
-              f"{', '.join(f'{v:.2f}' for v in runs[key])}")
+    print_timings("full copy of sda",
+                  (("lun_full_s", "rdm-backup (api.backup, sda only)"),
+                   ("qemu_img_convert_raw_s", "qemu-img convert -f raw -O raw"),
+                   ("qemu_img_convert_qcow2_s", "qemu-img convert -f raw -O qcow2")),
+                  doc, runs, size, 40)
     print(f"  ratio = rdm-backup time / convert time (below 1: rdm-backup is faster); "
           f"{_paths(doc['lun_full_disks'])}")
     print(f"    vs convert -O raw:                   {goal(doc, 'lun_full_ratio_vs_convert_raw')}")

@@ -25,6 +25,7 @@ from tools.bench.common import (
     allocated_bytes,
     goal,
     median,
+    print_timings,
     remove_tree,
     run_convert,
     same_content,
@@ -351,15 +352,11 @@ def print_nbd(doc: dict[str, Any]) -> None:
     print("== nbd: full backup of vdb pushed to an NBD volume (`rdm-backup receive` on "
           "127.0.0.1) vs to a file repository vs `qemu-img convert -f raw -O raw` into a "
           "plain qemu-nbd export (rotated order per round)")
-    header = f"  {'method':<44} {'median s':>9} {'MiB/s':>8}  runs (s)"
-    print(header)
-    for key, label in (("file_target_s", "rdm-backup -> file repository (api.backup)"),
-                       ("nbd_push_s", "rdm-backup -> NBD volume (api.backup)"),
-                       ("qemu_img_convert_nbd_s", "qemu-img convert -> qemu-nbd export")):
-        seconds = doc[key]
-        rate = lun / MiB / seconds if seconds else 0.0
-        print(f"  {label:<44} {seconds:>9.3f} {rate:>8.0f}  "
-              f"{', '.join(f'{v:.2f}' for v in runs[key])}")
+    print_timings("method",
+                  (("file_target_s", "rdm-backup -> file repository (api.backup)"),
+                   ("nbd_push_s", "rdm-backup -> NBD volume (api.backup)"),
+                   ("qemu_img_convert_nbd_s", "qemu-img convert -> qemu-nbd export")),
+                  doc, runs, lun, 44)
     print(f"  until the copy job ended: file repository {doc['file_target_copy_s']:.3f} s, "
           f"NBD volume {doc['nbd_push_copy_s']:.3f} s")
     print("  ratio = push time / other time (below 1: the push is faster)")

@@ -13,6 +13,7 @@ from tools.bench.common import (
     Taken,
     dirty_offsets,
     median,
+    print_verified,
     remove_tree,
     rewrite,
     same_content,
@@ -89,8 +90,5 @@ def print_resync(doc: dict[str, Any]) -> None:
           f"ratio {doc['resync_ratio_to_full']:.3f}")
     print(f"  stored {doc['resync_stored_bytes'] / MiB:.3f} MiB: ratio to rewritten bytes "
           f"{doc['resync_stored_ratio_to_dirty']:.3f}")
-    check = doc["resync_verified_identical"]
-    if check is not None:
-        print(f"  first-round chain (full + resync) vs the LUN: "
-              f"{'identical' if check else 'DIFFERENT'}")
+    print_verified(doc, "resync_verified_identical", "chain (full + resync)")
     print()
