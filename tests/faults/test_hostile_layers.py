@@ -204,6 +204,16 @@ def with_data_file(head: bytes, name: bytes) -> bytes:
     return bytes(out[:len(head)])
 
 
+def plant_data_file(volume: str | Path, offset: int, outside: Path) -> None:
+    """Rewrite, in a served volume file, the header of the layer at ``offset`` so that it
+    names ``outside`` as its external data file."""
+    with open(volume, "r+b") as stream:
+        stream.seek(offset)
+        head = stream.read(HEADER_READ)
+        stream.seek(offset)
+        stream.write(with_data_file(head, str(outside).encode()))
+
+
 @dataclass
 class VolumeChain:
     """A VM and a volume file holding a chain of its disks (full and two incrementals)."""
@@ -254,11 +264,7 @@ def test_a_data_file_named_in_an_nbd_volume_layer_is_refused(
         location = manifest.disk("sda").location  # type: ignore[union-attr]
         assert location is not None
         offset = int(location["offset"])
-        with open(server.path, "r+b") as stream:
-            stream.seek(offset)
-            head = stream.read(HEADER_READ)
-            stream.seek(offset)
-            stream.write(with_data_file(head, str(outside).encode()))
+        plant_data_file(server.path, offset, outside)
         watch.events()
 
         watched_refusal(watch, cli("verify", "--target", repo),
@@ -317,11 +323,7 @@ def test_a_volume_cannot_show_qemu_another_header_than_it_showed_the_check(
             points = verify_lineage(store, manifest, "sda")  # headers checked here
             for point in points:  # ... and changed on the server right after
                 offset = int((point.record.location or {})["offset"])
-                with open(server.path, "r+b") as stream:
-                    stream.seek(offset)
-                    head = stream.read(HEADER_READ)
-                    stream.seek(offset)
-                    stream.write(with_data_file(head, str(outside).encode()))
+                plant_data_file(server.path, offset, outside)
             watch.events()
             with open_target(str(out), points[0].record.size, False, None) as target:
                 write_disk(store.image_node(points), points[0].record, target)
