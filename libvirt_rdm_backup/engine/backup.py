@@ -339,7 +339,7 @@ def _manifest(point: _Point, session: Session) -> Manifest:
     """The manifest of a captured point, its layers recorded from the session."""
     plans, chain = point.plans, point.chain
     records = [record_disk(p, session, point.captured, point.mappings[p.disk.target],
-                           point.parent_maps.get(p.disk.target)) for p in plans]
+                           point.parent_maps.pop(p.disk.target, None)) for p in plans]
     return Manifest(
         backup_id=point.backup_id,
         domain_uuid=point.ctx.uuid,
