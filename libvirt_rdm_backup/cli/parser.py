@@ -267,8 +267,7 @@ def _add_prune(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     p.add_argument("--target", required=True, metavar="DIR|URI",
                    help="repository directory or NBD volume URI")
     p.add_argument("--chain", metavar="NAME", help="only this chain (default: every chain)")
-    add_keep_options(p, "(rules apply in this order; each counts only periods not kept "
-                        "by an earlier one; times in UTC)")
+    add_keep_options(p, "(in UTC; the rules apply in this order, see docs/retention.md)")
     p.add_argument("--dry-run", action="store_true",
                    help="print what would be kept and dropped, and why; change nothing")
     p.set_defaults(func=cmd_prune)
