@@ -92,7 +92,7 @@ def created_at(manifest: Manifest) -> datetime | None:
     """When a point was made, in UTC: its ``created``, else the second in its id, else None."""
     try:
         return utc(datetime.fromisoformat(manifest.created))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: out of range in UTC
         pass
     try:
         return utc(datetime.strptime(id_second(manifest.backup_id), "%Y%m%dT%H%M%SZ"))

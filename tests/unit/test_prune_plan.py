@@ -157,6 +157,10 @@ def test_an_unreadable_creation_time_falls_back_to_the_id_else_the_point_stays()
     store.add(3, {"vdb": "full"})
     store.backups[1].backup_id = "20261399T120000Z-000002"  # no such month either
     assert prune_plan.created_at(by_id) is not None
+    hostile = store.add(9, {"vdb": "full"}, created="0001-01-01T00:00:00+14:00")
+    assert prune_plan.created_at(hostile) == prune_plan.created_at(
+        store.add(9, {"vdb": "full"}))  # out of range in UTC: the id's time
+    del store.backups[-2:]
     plan = only(plan_prune(store, "vm", None,  # type: ignore[arg-type]
                            RetentionPolicy(keep_daily=2)))
     assert decisions(plan) == [
