@@ -1,7 +1,7 @@
 """``rdm-backup``: argparse → API → text or ``--json``. Nothing else lives here.
 
-One module per group of commands (:mod:`.disks`, :mod:`.backups`, :mod:`.prune`,
-:mod:`.serving`, :mod:`.host`), the argument parser (:mod:`.parser`) and what is printed
+One module per group of commands (:mod:`.disks`, :mod:`.backups`, :mod:`.serving`,
+:mod:`.host`), the argument parser (:mod:`.parser`) and what is printed
 (:mod:`.output`); :func:`main` runs one command.
 """
 
@@ -24,14 +24,13 @@ from libvirt_rdm_backup.cli.output import (
     one_line,
 )
 from libvirt_rdm_backup.cli.parser import TLS_HELP, build_parser
-from libvirt_rdm_backup.cli.prune import cmd_prune
 from libvirt_rdm_backup.cli.serving import cmd_export, cmd_receive
 from libvirt_rdm_backup.errors import RdmBackupError
 
 __all__ = [
     "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "EXIT_VERIFY", "TLS_HELP", "build_parser",
     "cmd_agent", "cmd_backup", "cmd_disks", "cmd_export", "cmd_hook", "cmd_list", "cmd_map",
-    "cmd_prune", "cmd_receive", "cmd_restore", "cmd_verify", "main",
+    "cmd_receive", "cmd_restore", "cmd_verify", "main",
 ]
 
 

@@ -21,10 +21,10 @@ from libvirt_rdm_backup.engine.selection import find_domain_backups
 from libvirt_rdm_backup.engine.stores import Store
 from libvirt_rdm_backup.errors import NotFoundError
 from libvirt_rdm_backup.repository.chain import Chain, chain_of, unusable_points
+from libvirt_rdm_backup.repository.ids import check_safe_name
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.order import id_second
 from libvirt_rdm_backup.repository.retention import RetentionPolicy, select, utc
-from libvirt_rdm_backup.repository.store import check_safe_name
 
 KEEP = "keep"
 DROP = "drop"

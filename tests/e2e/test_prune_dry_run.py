@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.lab_vm import LabVM, MiB, lab_vm
-from tests.lab.domains import guest_write
+from tools.labkit import LabVM, MiB, guest_write, lab_vm
 
 pytestmark = pytest.mark.lab
 EXE = Path(sys.executable).parent / "rdm-backup"
