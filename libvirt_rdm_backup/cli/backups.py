@@ -14,18 +14,20 @@ from libvirt_rdm_backup.cli.output import (
     one_line,
     progress_printer,
 )
+from libvirt_rdm_backup.cli.prune import backup_retention
 from libvirt_rdm_backup.errors import DamagedBackupError
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    """Take a full backup."""
+    """Take a backup (and prune its chain with ``--prune``)."""
+    retention = backup_retention(args)
     result = api.backup(args.domain, args.target, args.disk or None, args.connect,
                         None if args.json else progress_printer(), level=args.level,
                         chain=args.chain, quiesce=args.quiesce,
                         allow_plain_nbd=args.allow_plain_nbd, tls_dir=args.tls_creds,
                         agent=args.agent, agent_identity=args.agent_identity,
                         agent_known_hosts=args.agent_known_hosts,
-                        max_pause=args.max_pause, bwlimit=args.bwlimit)
+                        max_pause=args.max_pause, bwlimit=args.bwlimit, retention=retention)
     document = result.to_dict()
 
     def text() -> str:

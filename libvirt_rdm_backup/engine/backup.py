@@ -34,7 +34,7 @@ from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan, Facts, overall_le
 from libvirt_rdm_backup.engine.records import MappingResult, record_disk
 from libvirt_rdm_backup.engine.sinks import Session
 from libvirt_rdm_backup.engine.stores import Store, open_store
-from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError, UsageError
+from libvirt_rdm_backup.errors import DamagedBackupError, OperationError, RdmBackupError, UsageError
 from libvirt_rdm_backup.events import describe_restart
 from libvirt_rdm_backup.locks import domain_lock
 from libvirt_rdm_backup.modes import Level, Quiesce, parse_choice
@@ -53,6 +53,7 @@ from libvirt_rdm_backup.repository.chain import (
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.order import newest_damage
+from libvirt_rdm_backup.repository.retention import RetentionPolicy
 from libvirt_rdm_backup.repository.store import (
     Damage,
     check_safe_name,
@@ -83,7 +84,8 @@ class BackupOptions:
     another host without TLS. ``tls_dir``: the client credentials of an ``nbds://``
     target. ``max_pause``: seconds a passthrough LUN without storage snapshots may
     keep the guest paused while it is copied. ``bwlimit``: MiB/s each disk's copy may
-    move (None: no limit). ``progress(job, done, total)`` is
+    move (None: no limit). ``retention``: prune the chain with this policy after the
+    backup is published (None: no prune). ``progress(job, done, total)`` is
     called while QEMU jobs run. Strings are accepted for the enums; a bad value
     raises UsageError.
     """
@@ -96,6 +98,7 @@ class BackupOptions:
     tls_dir: str | None = None
     max_pause: float = DEFAULT_MAX_PAUSE
     bwlimit: float | None = None
+    retention: RetentionPolicy | None = None
     progress: ProgressCallback | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -391,6 +394,8 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
     disk's copy may move (QEMU's backup jobs and the copies from storage alike).
     """
     options = options or BackupOptions()
+    if options.retention is not None:  # refused before anything is copied
+        raise OperationError("backup --prune: removing points is not available in this build")
     speed = bwlimit_speed(options.bwlimit)
     chain_name = options.chain
     _refuse_remote_directory(conn, target, options)  # fails first
