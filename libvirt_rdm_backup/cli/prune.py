@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import re
+from typing import Any
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.cli.output import EXIT_OK, emit
+from libvirt_rdm_backup.engine.prune import PruneResult
 from libvirt_rdm_backup.engine.prune_plan import ChainPlan
-from libvirt_rdm_backup.errors import OperationError, UsageError
+from libvirt_rdm_backup.errors import UsageError
 from libvirt_rdm_backup.repository.retention import MAX_COUNT, RULES, RetentionPolicy
 
 KEEP_HELP = {
@@ -75,8 +77,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
     policy = retention_policy(args)
     if policy is None:
         raise UsageError("prune: give at least one --keep-* option")
-    plans = api.plan_prune(args.target, policy, args.domain, args.chain)
-    emit(args, [plan.to_dict() for plan in plans], lambda: _text(plans))
     if args.dry_run:
+        plans = api.plan_prune(args.target, policy, args.domain, args.chain)
+        emit(args, [plan.to_dict() for plan in plans], lambda: _text(plans))
         return EXIT_OK
-    raise OperationError("prune: removing points is not available in this build")
+    done = api.prune(args.target, policy, args.domain, args.chain)
+    emit(args, [pruned_dict(plan, result) for plan, result in done],
+         lambda: "".join(_text([plan]) + _summary(result) for plan, result in done))
+    return EXIT_OK
+
+
+def pruned_dict(plan: ChainPlan, result: PruneResult) -> dict[str, Any]:
+    """A chain of the ``prune --json`` document once pruned: the decisions, and what
+    the merges moved and the repository gave back."""
+    return {**plan.to_dict(), "dropped": result.dropped, "bytes_moved": result.bytes_moved,
+            "freed_bytes": result.freed_bytes,
+            "merges": [{"disk": m.merge.disk, "kept": m.merge.kept,
+                        "dropped": list(m.merge.dropped), "base": m.merge.base,
+                        "direction": m.merge.direction, "bytes_moved": m.bytes_moved}
+                       for m in result.merges]}
+
+
+def _summary(result: PruneResult) -> str:
+    return (f"dropped {len(result.dropped)}, merged {len(result.merges)} layer(s): "
+            f"{result.bytes_moved} bytes moved, {result.freed_bytes} bytes freed\n")

@@ -111,12 +111,12 @@ def _merged(repo: Repository, manifest: Manifest, merge: Merge, speed: int) -> D
         pass  # the kept layer reads its base already: only the manifest is left
     elif merge.direction == "up":
         _check_layers(paths, merge, record)
-        stream_into(paths.kept, paths.dropped, paths.base, final, label, speed)
+        stream_into(paths.kept, paths.dropped, paths.base, final, merge.disk, speed)
     else:
         _check_layers(paths, merge, record)
         bottom = paths.dropped[-1]
-        commit_into(paths.kept, paths.dropped[:-1], bottom, paths.base, paths.size, label,
-                    speed)
+        commit_into(paths.kept, paths.dropped[:-1], bottom, paths.base, paths.size,
+                    merge.disk, speed)
         _sync(bottom)
         os.rename(bottom, paths.kept)  # the merged layer takes the kept layer's place
         fsync_dir(os.path.dirname(paths.kept))

@@ -10,17 +10,19 @@ the kept layer down into the oldest dropped one, which then takes its place).
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from libvirt_rdm_backup.engine import consolidate
 from libvirt_rdm_backup.engine.file_store import GATE_TIMEOUT, FileStore
+from libvirt_rdm_backup.engine.prune_plan import ChainPlan, plan_chain, plan_prune, protections
 from libvirt_rdm_backup.errors import UsageError
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.repository.chain import Chain, chain_of
 from libvirt_rdm_backup.repository.ids import now_iso
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.prune_journal import Journal, Merge, write_journal
+from libvirt_rdm_backup.repository.retention import RetentionPolicy
 
 Ranges = list[tuple[int, int]]  # sorted, disjoint [start, end) byte ranges
 
@@ -67,15 +69,21 @@ def protected(chain: Chain) -> dict[str, str]:
     return why
 
 
-def prune_points(store: FileStore, domain_uuid: str, chain_name: str, drop: Collection[str],
-                 speed: int = 0) -> PruneResult:
-    """Drop the points ``drop`` of the chain; merge their data into the kept points."""
+Chooser = Callable[[Chain, dict[str, str]], Collection[str]]
+
+
+def prune_chain(store: FileStore, domain_uuid: str, chain_name: str, choose: Chooser,
+                speed: int = 0) -> PruneResult:
+    """Drop the points ``choose`` picks, given the chain and the domain's unreadable
+    backups (id -> problem) as they are under the domain's lock; merge their data into
+    the kept points that build on them. Waits for readers of the domain's backups."""
     repo = store.repo
     with store.lock(domain_uuid), repo.prune_gate(domain_uuid, True, GATE_TIMEOUT):
-        consolidate.finish(repo, domain_uuid, speed)
-        chain = chain_of(store.scan(domain_uuid).backups, chain_name)
+        listed = store.scan(domain_uuid)
+        chain = chain_of(listed.backups, chain_name)
+        drop = set(choose(chain, {d.backup_id: d.problem for d in listed.damaged}))
         ids = [m.backup_id for m in chain.backups]
-        unknown = sorted(set(drop) - set(ids))
+        unknown = sorted(drop - set(ids))
         if unknown:
             raise UsageError(f"no backup {unknown[0]} in chain {chain_name} of domain "
                              f"{domain_uuid}")
@@ -89,13 +97,39 @@ def prune_points(store: FileStore, domain_uuid: str, chain_name: str, drop: Coll
             return result
         directory = repo.domain_dir(domain_uuid)
         before = _allocated(directory)
-        result.merges = plan_merges(store, chain, set(drop))
+        result.merges = plan_merges(store, chain, drop)
         journal = Journal(domain_uuid, chain_name, now_iso(), tuple(result.dropped),
                           tuple(p.merge for p in result.merges))
         write_journal(directory, journal)
         consolidate.carry_out(repo, journal, speed)
         result.freed_bytes = max(0, before - _allocated(directory))
     return result
+
+
+def prune_by_policy(store: FileStore, policy: RetentionPolicy, domain: str | None,
+                    chain: str | None, speed: int = 0) -> list[tuple[ChainPlan, PruneResult]]:
+    """Prune every chain :func:`.prune_plan.plan_prune` names with ``policy``; each chain's
+    decisions are made again under its domain's lock, from what is there then."""
+    done = []
+    for listed in plan_prune(store, domain, chain, policy):
+        chooser = _PolicyChooser(store, policy, listed)
+        result = prune_chain(store, listed.domain_uuid, listed.chain, chooser, speed)
+        done.append((chooser.decided or listed, result))
+    return done
+
+
+class _PolicyChooser:
+    """Chooses the points to drop by the policy, and keeps the decisions it made."""
+
+    def __init__(self, store: FileStore, policy: RetentionPolicy, listed: ChainPlan) -> None:
+        self.store, self.policy, self.listed = store, policy, listed
+        self.decided: ChainPlan | None = None
+
+    def __call__(self, found: Chain, damaged: dict[str, str]) -> list[str]:
+        protected = protections(self.store, self.listed.domain_uuid, found, damaged)
+        self.decided = ChainPlan(self.listed.domain_uuid, self.listed.domain_name, found.name,
+                                 plan_chain(found, self.policy, protected))
+        return [d.backup_id for d in self.decided.dropped]
 
 
 def plan_merges(store: FileStore, chain: Chain, drop: set[str]) -> list[PlannedMerge]:

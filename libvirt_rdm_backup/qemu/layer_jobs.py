@@ -33,7 +33,8 @@ def stream_into(top: str, middle: Sequence[str], base: Sequence[str],
 
     ``base``: the layers that stay below (top first; empty: ``top`` becomes whole);
     ``backing_name``: the backing file name written into ``top``'s header (None without
-    a base). Runs on a private ``qemu-storage-daemon``.
+    a base); ``label``: a disk name (part of QEMU's node names). Runs on a private
+    ``qemu-storage-daemon``.
     """
     from libvirt_rdm_backup.qemu.storage_daemon import StorageDaemon
 

@@ -2,8 +2,7 @@
 
 Each backup runs the CLI under libfaketime with its own date, so the points' ``created``
 times span four days; the dry run keeps what the rules and the protections say, in text
-and JSON, and the repository is left exactly as it was (also by a prune without
-``--dry-run``, which this build refuses).
+and JSON, and the repository is left exactly as it was.
 """
 
 from __future__ import annotations
@@ -83,8 +82,4 @@ def test_a_dry_run_on_backups_of_four_days() -> None:
         assert lines[3].endswith("daily 2") and lines[5].endswith(
             "last 1, protected: newest of chain; next incremental of vdb builds on it")
 
-        proc = rdm_backup("prune", vm.name, "--target", str(repo), *rules)
-        assert proc.returncode == 4
-        assert proc.stderr == ("rdm-backup: error: prune: removing points is not available "
-                               "in this build\n")
         assert tree(repo) == before

@@ -256,12 +256,3 @@ def test_a_dry_run_in_json(repo: Path, capsys: pytest.CaptureFixture[str]) -> No
     plans = api.plan_prune(str(repo), RetentionPolicy(keep_last=1, keep_daily=2))
     assert [p.to_dict() for p in plans] == document
 
-
-def test_without_dry_run_this_build_refuses_to_remove(
-        repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    before = sorted(str(p) for p in repo.rglob("*"))
-    assert main(["prune", "vm", "--target", str(repo), "--keep-last", "1"]) == 4
-    out, err = capsys.readouterr()
-    assert out.startswith("chain default of vm")
-    assert err == "rdm-backup: error: prune: removing points is not available in this build\n"
-    assert sorted(str(p) for p in repo.rglob("*")) == before
