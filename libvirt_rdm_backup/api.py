@@ -28,14 +28,14 @@ from libvirt_rdm_backup.engine.capture import ProgressCallback
 from libvirt_rdm_backup.engine.discover import open_domain, select_disks
 from libvirt_rdm_backup.engine.export import Export
 from libvirt_rdm_backup.engine.paused_copy import paused_copy_reason
-from libvirt_rdm_backup.engine.prune import PruneResult, prune_by_policy
+from libvirt_rdm_backup.engine.prune import PruneResult, check_prunable, prune_by_policy
 from libvirt_rdm_backup.engine.prune_plan import ChainPlan
 from libvirt_rdm_backup.engine.prune_plan import plan_prune as _plan_prune
 from libvirt_rdm_backup.engine.restore import RestoreResult
 from libvirt_rdm_backup.engine.selection import domain_damage, find_domain_backups
-from libvirt_rdm_backup.engine.stores import FileStore, open_store
+from libvirt_rdm_backup.engine.stores import open_store
 from libvirt_rdm_backup.engine.verify import VerifyReport
-from libvirt_rdm_backup.errors import LibvirtError, RdmBackupError, UsageError
+from libvirt_rdm_backup.errors import LibvirtError, RdmBackupError
 from libvirt_rdm_backup.modes import Level, Quiesce
 from libvirt_rdm_backup.qemu.block_copy import bwlimit_speed
 from libvirt_rdm_backup.remote import SshAgent
@@ -225,10 +225,8 @@ def prune(target: str, policy: RetentionPolicy, domain: str | None = None,
     ``bwlimit``: MiB/s QEMU's merge jobs may move. File repositories only.
     """
     with open_store(target) as store:
-        if not isinstance(store, FileStore):
-            raise UsageError(f"prune: {target} is an NBD volume; points are pruned in "
-                             "file repositories")
-        return prune_by_policy(store, policy, domain, chain, bwlimit_speed(bwlimit))
+        return prune_by_policy(check_prunable(store), policy, domain, chain,
+                               bwlimit_speed(bwlimit))
 
 
 def damaged_backups(target: str, domain: str | None = None,

@@ -31,10 +31,11 @@ from libvirt_rdm_backup.engine.paused_copy import (
     refuse_long_pauses,
 )
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan, Facts, overall_level, plan_backup
+from libvirt_rdm_backup.engine.prune import PruneResult, check_prunable, prune_after_backup
 from libvirt_rdm_backup.engine.records import MappingResult, record_disk
 from libvirt_rdm_backup.engine.sinks import Session
 from libvirt_rdm_backup.engine.stores import Store, open_store
-from libvirt_rdm_backup.errors import DamagedBackupError, OperationError, RdmBackupError, UsageError
+from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError, UsageError
 from libvirt_rdm_backup.events import describe_restart
 from libvirt_rdm_backup.locks import domain_lock
 from libvirt_rdm_backup.modes import Level, Quiesce, parse_choice
@@ -117,6 +118,7 @@ class BackupResult:
 
     manifest: Manifest
     path: str
+    pruned: PruneResult | None = None  # what ``--prune`` did after the publish
 
     def to_dict(self) -> dict[str, Any]:
         """The ``backup --json`` document."""
@@ -150,6 +152,9 @@ class BackupResult:
                 }
                 for d in m.disks
             ],
+            "pruned": None if self.pruned is None else {
+                "dropped": self.pruned.dropped, "bytes_moved": self.pruned.bytes_moved,
+                "freed_bytes": self.pruned.freed_bytes},
         }
 
 
@@ -394,8 +399,6 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
     disk's copy may move (QEMU's backup jobs and the copies from storage alike).
     """
     options = options or BackupOptions()
-    if options.retention is not None:  # refused before anything is copied
-        raise OperationError("backup --prune: removing points is not available in this build")
     speed = bwlimit_speed(options.bwlimit)
     chain_name = options.chain
     _refuse_remote_directory(conn, target, options)  # fails first
@@ -403,6 +406,8 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
     selected = select_disks(ctx.inventory, options.disks)
     store = open_store(target, create=True, allow_plain_nbd=options.allow_plain_nbd,
                        tls_dir=options.tls_dir)
+    if options.retention is not None:
+        check_prunable(store)  # refused before anything is copied
     holds = ctx.inventory.running and (options.quiesce is not None
                                        or any(d.is_passthrough_lun for d in selected))
     with store, domain_lock(ctx.uuid), store.lock(ctx.uuid), \
@@ -437,4 +442,7 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
                       for point in chain.kept_points(d.target) if point.record.storage_snapshot]
         chain.backups.append(manifest)
         _finish_tracking(monitor, store.repo_id, chain, superseded)
-    return BackupResult(manifest=manifest, path=path)
+    pruned = None
+    if options.retention is not None:  # only after a successful publish
+        pruned = prune_after_backup(store, manifest, options.retention, speed)
+    return BackupResult(manifest=manifest, path=path, pruned=pruned)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from libvirt_rdm_backup.engine import consolidate
 from libvirt_rdm_backup.engine.file_store import GATE_TIMEOUT, FileStore
 from libvirt_rdm_backup.engine.prune_plan import ChainPlan, plan_chain, plan_prune, protections
-from libvirt_rdm_backup.errors import UsageError
+from libvirt_rdm_backup.engine.stores import Store
+from libvirt_rdm_backup.errors import RdmBackupError, UsageError
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.repository.chain import Chain, chain_of
 from libvirt_rdm_backup.repository.ids import now_iso
@@ -103,6 +104,27 @@ def prune_chain(store: FileStore, domain_uuid: str, chain_name: str, choose: Cho
         write_journal(directory, journal)
         consolidate.carry_out(repo, journal, speed)
         result.freed_bytes = max(0, before - _allocated(directory))
+    return result
+
+
+def check_prunable(store: Store) -> FileStore:
+    """The store as one prune works on (UsageError for an NBD volume)."""
+    if not isinstance(store, FileStore):
+        raise UsageError(f"prune: {store.name} is an NBD volume; points are pruned in file "
+                         "repositories")
+    return store
+
+
+def prune_after_backup(store: Store, manifest: Manifest, policy: RetentionPolicy,
+                       speed: int = 0) -> PruneResult:
+    """``backup --prune``: the chain of the backup just published, pruned by ``policy``."""
+    try:
+        [(_plan, result)] = prune_by_policy(check_prunable(store), policy,
+                                            manifest.domain_uuid, manifest.chain, speed)
+    except RdmBackupError as err:
+        err.args = (f"backup {manifest.backup_id} was published; pruning its chain failed: "
+                    f"{err}",)
+        raise
     return result
 
 

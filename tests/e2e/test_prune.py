@@ -10,6 +10,7 @@ same repository: every kept point still restores, and the next command finishes 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -125,7 +126,20 @@ def test_prune_keeps_what_the_rules_say_and_every_kept_point_restores() -> None:
         proc = rdm_backup("backup", vm.name, "--target", str(repo), "--disk", "vdb", "--json")
         assert proc.returncode == 0, proc.stderr
         document = json.loads(proc.stdout)
-        assert document["level"] == "incremental"
+        assert document["level"] == "incremental" and document["pruned"] is None
+        assert restored_digest(repo, vm.name, document["backup_id"], vm.workdir) == reference
+
+        guest_write(vm.dom, "vdb", 0x7F, 9 * MiB, MiB)
+        reference = sha256(vm.loop)
+        before_ids = listed(repo, vm.name)
+        proc = rdm_backup("backup", vm.name, "--target", str(repo), "--disk", "vdb", "--json",
+                          "--prune", "--keep-last", "1")
+        assert proc.returncode == 0, proc.stderr
+        document = json.loads(proc.stdout)
+        pruned = document["pruned"]["dropped"]
+        assert pruned and document["backup_id"] not in pruned
+        assert listed(repo, vm.name) == [i for i in [*before_ids, document["backup_id"]]
+                                         if i not in pruned]
         assert restored_digest(repo, vm.name, document["backup_id"], vm.workdir) == reference
 
 
@@ -169,7 +183,7 @@ def test_a_prune_killed_at_each_step_leaves_every_kept_point_restorable() -> Non
             shutil.copytree(pristine, repo)
             here = repo / vm.uuid
             argv = [str(EXE), "prune", vm.name, "--target", str(repo), *RULES]
-            killed += _kill_when(argv, lambda here=here, seen=seen: seen(here))
+            killed += _kill_when(argv, functools.partial(seen, here))
             for backup_id in kept:  # restore finishes the prune first
                 assert restored_digest(repo, vm.name, backup_id, vm.workdir) == \
                     made[backup_id], step
