@@ -244,3 +244,28 @@ def _manifest_changed(original: Path, copy: Path) -> bool:
         except OSError:
             continue
     return False
+
+
+@pytest.mark.skipif(not FAKETIME.exists(), reason="libfaketime is not installed")
+def test_a_backup_during_a_prune_fails_with_one_line_and_the_prune_completes() -> None:
+    with lab_vm(loop_size=32 * MiB, lun_size=16 * MiB) as vm:
+        repo = vm.workdir / "repo"
+        made = make_points(vm, repo)
+        decided = dry_run(repo, vm.name)
+        code = ("import sys; from libvirt_rdm_backup import api; "
+                "from libvirt_rdm_backup.repository.retention import RetentionPolicy; "
+                "api.prune(sys.argv[1], RetentionPolicy(keep_last=2, keep_daily=3), "
+                "sys.argv[2], bwlimit=1)")  # 1 MiB/s: the merges take seconds
+        prune = subprocess.Popen([sys.executable, "-c", code, str(repo), vm.name])
+        try:
+            journal = repo / vm.uuid / ".prune-journal.json"
+            deadline = time.monotonic() + 60
+            while not journal.exists() and prune.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert journal.exists()
+            proc = rdm_backup("backup", vm.name, "--target", str(repo), "--disk", "vdb")
+            assert proc.returncode == 4
+            assert proc.stderr.count("\n") == 1 and "prune" in proc.stderr, proc.stderr
+        finally:
+            assert prune.wait(timeout=120) == 0
+        assert listed(repo, vm.name) == [i for i in made if decided[i] == "keep"]
