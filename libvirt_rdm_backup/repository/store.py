@@ -226,6 +226,9 @@ class Repository:
                 "in this repository")
         with exclusive(os.path.join(directory, ".lock"), busy):
             self._remove_partials(directory)
+            gate = os.open(os.path.join(directory, PRUNE_LOCK),
+                           os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            os.close(gate)  # there for readers to wait on (they never create it)
             yield
 
     @contextmanager
@@ -237,12 +240,13 @@ class Repository:
         if exclusive_use:
             os.makedirs(directory, mode=0o700, exist_ok=True)
         path = os.path.join(directory, PRUNE_LOCK)
+        create = os.O_CREAT if exclusive_use else 0  # readers change nothing
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_RDWR | create | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as err:
             if exclusive_use or err.errno not in (errno.ENOENT, errno.EROFS, errno.EACCES):
                 raise RepositoryError(f"cannot open {path}: {err.strerror}") from err
-            yield  # no backups of the domain yet, or a repository nobody can change
+            yield  # no backup or prune of the domain made it, or nobody can change it
             return
         try:
             mode = fcntl.LOCK_EX if exclusive_use else fcntl.LOCK_SH
