@@ -1,10 +1,11 @@
-"""Exclusive, non-blocking file locks (``flock``): one holder at a time, or a clear refusal."""
+"""Exclusive file locks (``flock``): one holder at a time, a clear refusal or a bounded wait."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,6 +23,28 @@ def exclusive(path: str, busy: str) -> Iterator[None]:
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise OperationError(busy) from err
             raise
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def waiting(path: str, timeout: float, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created 0600), waiting up to ``timeout`` seconds
+    for another holder to let go; OperationError(``busy``) after that."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise OperationError(busy) from err
+                time.sleep(0.05)
         yield
     finally:
         os.close(fd)

@@ -7,6 +7,7 @@ from typing import Any
 
 from libvirt_rdm_backup.cli.backups import cmd_backup, cmd_list, cmd_restore, cmd_verify
 from libvirt_rdm_backup.cli.disks import cmd_disks, cmd_map
+from libvirt_rdm_backup.cli.fleet import jobs
 from libvirt_rdm_backup.cli.host import cmd_agent, cmd_hook
 from libvirt_rdm_backup.cli.serving import cmd_export, cmd_receive
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, check_max_pause
@@ -100,8 +101,9 @@ def _add_map(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
 
 def _add_backup(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     """The ``backup`` command."""
-    p = sub.add_parser("backup", parents=[common], help="back up a domain's raw disks")
-    p.add_argument("domain", help="domain name or UUID")
+    p = sub.add_parser("backup", parents=[common],
+                       help="back up a domain's raw disks (or those of every domain: --all)")
+    p.add_argument("domain", nargs="?", help="domain name or UUID (not with --all)")
     p.add_argument("--target", required=True, metavar="DIR|URI",
                    help="repository directory, or an NBD volume: nbd://HOST:PORT/EXPORT, "
                         "nbds://... (TLS), nbd+unix:///EXPORT?socket=PATH")
@@ -132,7 +134,17 @@ def _add_backup(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
                         "rate says longer, cancelled (guest resumed, exit 4) when reached "
                         "(default: %(default)g)")
     p.add_argument("--bwlimit", type=mib_per_s, metavar="MIB/S", help=BWLIMIT_HELP)
-    p.set_defaults(func=cmd_backup)
+    p.add_argument("--all", action="store_true",
+                   help="every domain of the connection (running or shut off) that has raw "
+                        "disks, each into the one repository; domains without raw disks are "
+                        "listed as skipped (no --disk)")
+    p.add_argument("--jobs", type=jobs, metavar="N",
+                   help="with --all: back up at most N domains at once (default: 1; one at a "
+                        "time to an NBD volume)")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="with --all: leave out the domains whose name or UUID matches this "
+                        "shell pattern (fnmatch: *, ?, [...]; repeatable)")
+    p.set_defaults(func=cmd_backup, backup_parser=p)
 
 
 def _add_restore(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
