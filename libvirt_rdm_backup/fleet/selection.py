@@ -27,10 +27,10 @@ class Candidate:
 def check_patterns(patterns: Sequence[str]) -> list[str]:
     """The ``--exclude`` patterns, checked (raises UsageError for an empty or odd one)."""
     if len(patterns) > MAX_PATTERNS:
-        raise UsageError(f"--exclude: at most {MAX_PATTERNS} patterns")
+        raise UsageError(f"backup: --exclude: at most {MAX_PATTERNS} patterns")
     for pattern in patterns:
         if not pattern or len(pattern) > MAX_PATTERN_LENGTH or not pattern.isprintable():
-            raise UsageError(f"--exclude: malformed pattern {pattern[:100]!r}")
+            raise UsageError(f"backup: --exclude: malformed pattern {pattern[:100]!r}")
     return list(patterns)
 
 

@@ -96,13 +96,14 @@ def install(name: str, target: str, options: list[str], on_calendar: str | None 
     check_unit_path(config_dir, "--config-dir")
     timer = f"rdm-backup@{name}.timer"
     change = Change(name, "install", timer)
+    env_text = env_file(target, options)  # every text is made (and checked) before any write
+    units = ((SERVICE, service_unit(rdm_backup_command(), config_dir)), (TIMER, packaged(TIMER)))
     try:
         os.makedirs(config_dir, mode=0o700, exist_ok=True)
         env_path = os.path.join(config_dir, f"{name}.env")
-        write_atomic(env_path, env_file(target, options).encode(), mode=0o600)
+        write_atomic(env_path, env_text.encode(), mode=0o600)
         os.makedirs(unit_dir, mode=0o755, exist_ok=True)
-        for unit, text in ((SERVICE, service_unit(rdm_backup_command(), config_dir)),
-                           (TIMER, packaged(TIMER))):
+        for unit, text in units:
             write_atomic(os.path.join(unit_dir, unit), text.encode(), mode=0o644)
             change.files.append(os.path.join(unit_dir, unit))
         dropin_dir = os.path.join(unit_dir, f"{timer}.d")
