@@ -5,10 +5,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.errors import OperationError
 
 
@@ -29,22 +29,18 @@ def exclusive(path: str, busy: str) -> Iterator[None]:
 
 
 @contextmanager
-def waiting(path: str, timeout: float, busy: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created 0600), waiting up to ``timeout`` seconds
-    for another holder to let go; OperationError(``busy``) after that."""
+def waiting(path: str, timeout: float) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created 0600, never through a symlink), waiting up
+    to ``timeout`` seconds for another holder to let go; OperationError after that."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as err:
-                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise OperationError(busy) from err
-                time.sleep(0.05)
+        retry.flock_wait(path, timeout)(_lock_now, fd)
         yield
     finally:
         os.close(fd)
+
+
+def _lock_now(fd: int) -> bool:
+    """One attempt: True, or BlockingIOError while another process holds the lock."""
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return True

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
+from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.errors import OperationError
 from libvirt_rdm_backup.fleet.selection import Candidate
 from libvirt_rdm_backup.fleet.severity import normalized
@@ -202,7 +203,9 @@ class Runner:
 
     def _loop(self, queue: list[Candidate], running: list[_Child], finish: Done) -> None:
         waiting = list(queue)
-        while waiting or running:
+
+        def step() -> bool:
+            """Start what may start, report what ended; True once everything has ended."""
             while waiting and len(running) < self.jobs:
                 candidate = waiting.pop(0)
                 signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
@@ -213,12 +216,10 @@ class Runner:
                                         exit_code=err.exit_code))
                 finally:
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-            ended = [child for child in running if child.proc.poll() is not None]
-            for child in ended:
-                running.remove(child)
-                finish(child.result(self.verbose))
-            if not ended:
-                time.sleep(POLL)
+            _reap(running, finish, self.verbose)
+            return not waiting and not running
+
+        retry.poll(None, POLL)(step)
 
     def _cancel(self, running: list[_Child], finish: Done) -> None:
         """Send each running backup one SIGTERM and wait for all of them to end."""
@@ -230,10 +231,14 @@ class Runner:
                 pass
         while running:
             try:
-                for child in list(running):
-                    if child.proc.poll() is not None:
-                        running.remove(child)
-                        finish(child.result(self.verbose))
-                time.sleep(POLL)
+                retry.poll(None, POLL)(lambda: not _reap(running, finish, self.verbose))
             except KeyboardInterrupt:  # another signal: the cancels are under way already
                 continue
+
+
+def _reap(running: list[_Child], finish: Done, verbose: bool) -> list[_Child]:
+    """Report the children that ended and take them out of ``running``; those left."""
+    for child in [c for c in running if c.proc.poll() is not None]:
+        running.remove(child)
+        finish(child.result(verbose))
+    return running

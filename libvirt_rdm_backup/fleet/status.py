@@ -164,7 +164,7 @@ class StatusFile:
             if not self._ready():
                 return
             lock = os.path.join(os.path.dirname(self.path), LOCK_NAME)
-            with waiting(lock, LOCK_WAIT, f"status file {self.path} stays locked"):
+            with waiting(lock, LOCK_WAIT):
                 entries = self.read()
                 entries.update((e.uuid, e) for e in self._pending)
                 self._write(entries)
