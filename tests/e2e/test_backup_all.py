@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +20,9 @@ from libvirt_rdm_backup.cli import main
 from libvirt_rdm_backup.domain.inventory import all_domains
 from libvirt_rdm_backup.fleet import selection
 from libvirt_rdm_backup.fleet.status import STATUS_NAME, parse_status
+from tests.lab.domains import assert_running, qemu_leftovers, wait_for_job
 from tools.labkit import (
+    REPO_ROOT,
     RUN_TOKEN,
     MiB,
     block_disk,
@@ -109,3 +115,53 @@ def test_backup_all_backs_up_skips_and_fails_each_domain_on_its_own(
         again = parse_status((repo / STATUS_NAME).read_bytes())
         assert again[doms["broken"].UUIDString()] == status[doms["broken"].UUIDString()]
         assert again[doms["running"].UUIDString()].when > status[doms["running"].UUIDString()].when
+
+
+# ``backup --all`` in a process of its own that sees only the domains named in the environment
+ONLY_THESE = """
+import os, sys
+from libvirt_rdm_backup.cli import main
+from libvirt_rdm_backup.domain.inventory import all_domains
+from libvirt_rdm_backup.fleet import selection
+mine = set(os.environ["RDMB_TEST_DOMAINS"].split(","))
+selection.all_domains = lambda conn: [d for d in all_domains(conn) if d.UUIDString() in mine]
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_cancels_the_running_backup_and_starts_no_more() -> None:
+    with rdmb_tmpdir() as workdir, contextlib.ExitStack() as stack:
+        loop = stack.enter_context(loop_device(make_file(workdir / "slow.img", 128 * MiB)))
+        other = stack.enter_context(loop_device(make_file(workdir / "next.img", 8 * MiB)))
+        slow = stack.enter_context(lab_domain(unique_name("rdmb-all-a-slow"),
+                                              [block_disk("vdb", loop)]))
+        later = stack.enter_context(lab_domain(unique_name("rdmb-all-b-next"),
+                                               [block_disk("vdb", other)], start=False))
+        repo = workdir / "repo"
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT),
+               "RDMB_TEST_DOMAINS": f"{slow.UUIDString()},{later.UUIDString()}"}
+        proc = subprocess.Popen(
+            [sys.executable, "-c", ONLY_THESE, "backup", "--all", "--target", str(repo),
+             "--bwlimit", "2", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=env)
+        try:
+            wait_for_job(slow, proc)
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 4, err
+        doc = json.loads(out)
+        assert doc["interrupted"] and doc["exit_code"] == 4
+        first, second = doc["domains"]
+        assert (first["uuid"], first["exit_code"], first["id"]) == (slow.UUIDString(), 4, None)
+        assert first["error"] == "interrupted, the operation did not complete"
+        assert second["error"] == "not started: the run was interrupted"
+        assert err.splitlines()[-1] == "rdm-backup: error: interrupted, the run did not complete"
+        assert_running(slow)
+        assert qemu_leftovers(slow) == []
+        assert api.list_backups(str(repo)) == []
+        status = parse_status((repo / STATUS_NAME).read_bytes())
+        assert set(status) == {slow.UUIDString()} and status[slow.UUIDString()].exit_code == 4
