@@ -66,6 +66,7 @@ def run_all(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     return code, out, err
 
 
+@pytest.mark.fault
 def test_backup_all_backs_up_skips_and_fails_each_domain_on_its_own(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     with rdmb_tmpdir() as workdir, four_domains(workdir) as doms:
@@ -129,6 +130,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.fault
 def test_sigterm_cancels_the_running_backup_and_starts_no_more() -> None:
     with rdmb_tmpdir() as workdir, contextlib.ExitStack() as stack:
         loop = stack.enter_context(loop_device(make_file(workdir / "slow.img", 128 * MiB)))

@@ -47,6 +47,7 @@ def test_exclusion_matches_names_and_uuids() -> None:
     assert exclusion("web", UUID1, []) is None
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("pattern", ["", "a\nb", "x" * 2000, "tab\there"])
 def test_malformed_patterns_are_refused(pattern: str) -> None:
     with pytest.raises(UsageError):
@@ -138,6 +139,7 @@ def test_status_replacement_is_atomic(tmp_path: Path, monkeypatch: pytest.Monkey
     assert not [n for n in os.listdir(root) if ".tmp-" in n]
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize("content", [
     b"not json", b"[]", b'{"format": "other", "version": 1, "domains": {}}',
     b'{"format": "libvirt-rdm-backup/status", "version": 2, "domains": {}}',
@@ -163,6 +165,7 @@ def test_a_status_file_not_ours_is_replaced_with_a_warning(
     assert set(parse_status((root / STATUS_NAME).read_bytes())) == {UUID2}
 
 
+@pytest.mark.hostile
 def test_a_status_file_that_is_a_symlink_is_not_followed(tmp_path: Path,
                                                          caplog: pytest.LogCaptureFixture
                                                          ) -> None:
@@ -195,6 +198,7 @@ def test_only_per_domain_options_are_passed_on() -> None:
     assert forwarded_options(required.backup_parser, required) == ["--quiesce=required"]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("argv", [
     ["backup", "--all", "--target", "/r", "--disk", "vdb"],
     ["backup", "vm", "--all", "--target", "/r"],
@@ -263,6 +267,7 @@ def test_runner_reports_each_domain_and_runs_them_side_by_side(tmp_path: Path) -
     assert most_severe(r.exit_code for r in results) == 5
 
 
+@pytest.mark.fault
 def test_runner_cancels_running_backups_and_starts_no_more(tmp_path: Path) -> None:
     done: list[DomainResult] = []
     runner = _runner(tmp_path, {"slow": "a", "ok": "b"}, 1, done)
@@ -282,3 +287,35 @@ def test_runner_cancels_running_backups_and_starts_no_more(tmp_path: Path) -> No
         4, "interrupted, the operation did not complete")
     assert (results[1].exit_code, results[1].started) == (4, False)
     assert [r.domain for r in done] == ["a"]  # never-started ones are not recorded
+
+
+def test_the_libvirt_uri_reaches_each_backup_in_its_environment_not_its_argv(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+        ) -> None:
+    """A password in ``-c`` would be visible in the process list on a child's command line."""
+    from contextlib import nullcontext
+
+    from libvirt_rdm_backup.cli import fleet as cli_fleet
+
+    seen: dict[str, object] = {}
+
+    class Recorder:
+        interrupted = False
+
+        def __init__(self, argv: object, jobs: int, done: object, env: dict[str, str],
+                     verbose: bool = False) -> None:
+            seen.update(argv=argv, env=env)
+
+        def run(self, found: list[Candidate]) -> list[DomainResult]:
+            return []
+
+    monkeypatch.setattr(cli_fleet, "connection", lambda *_a, **_k: nullcontext())
+    monkeypatch.setattr(cli_fleet, "candidates", lambda *_a: [])
+    monkeypatch.setattr(cli_fleet, "Runner", Recorder)
+    uri = "qemu+tcp://admin:s3cret@hv1/system"
+    assert main(["backup", "--all", "--target", str(tmp_path), "-c", uri, "--quiesce"]) == 0
+    argv = seen["argv"](Candidate("vm", UUID1))  # type: ignore[operator]
+    assert "s3cret" not in " ".join(argv) and argv[-2:] == ["--json", "--quiesce"]
+    assert argv[argv.index("backup") + 1] == UUID1
+    assert seen["env"]["LIBVIRT_DEFAULT_URI"] == uri  # type: ignore[index]
+    assert capsys.readouterr().out == "no domains to back up\n"

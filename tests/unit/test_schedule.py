@@ -34,6 +34,7 @@ def test_good_instance_names(name: str) -> None:
     assert check_instance(name) == name
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("name", ["", "../etc", "a/b", "a..b", "a b", "tab\t", ".hidden",
                                   "-flag", "a\\x2fb", "new\nline", "x" * 101, "a%i", "a$b",
                                   "é"])
@@ -125,6 +126,7 @@ def test_uninstall_keeps_the_units_while_another_instance_needs_them(
     assert capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("argv", [
     ["schedule", "install", "../x", "--target", "/r"],
     ["schedule", "install", "a b", "--target", "/r"],
