@@ -14,9 +14,9 @@ from libvirt_rdm_backup.fleet.runner import DomainResult, Runner, backup_argv
 from libvirt_rdm_backup.fleet.selection import candidates, check_patterns
 from libvirt_rdm_backup.fleet.severity import most_severe
 from libvirt_rdm_backup.fleet.status import Entry, StatusFile
+from libvirt_rdm_backup.fleet.target import create_repository, writers
 from libvirt_rdm_backup.redact import printable, redact
 from libvirt_rdm_backup.repository.ids import now_iso
-from libvirt_rdm_backup.targets.uri import parse_target
 
 MAX_JOBS = 64
 # options of ``backup`` that a run of many does not pass on to each domain's backup
@@ -83,22 +83,15 @@ def _text_line(result: DomainResult) -> str:
             f"{result.seconds:.1f} s\n")
 
 
-def _effective_jobs(args: argparse.Namespace) -> int:
-    wanted: int = args.jobs or 1
-    if wanted > 1 and not isinstance(parse_target(args.target, allow_remote_plain=True), str):
-        sys.stderr.write("rdm-backup: warning: an NBD volume takes one writer at a time: "
-                         "the domains are backed up one after the other\n")
-        return 1
-    return wanted
-
-
 def cmd_backup_all(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Back up every domain with raw disks; one line (or JSON entry) per domain."""
     patterns = check_patterns(args.exclude or [])
     status = StatusFile(args.target)
-    count = _effective_jobs(args)
+    count = writers(args.target, args.jobs or 1)
     with connection(args.connect, read_only=True) as conn:
         found = candidates(conn, patterns)
+    if any(c.skipped is None for c in found):
+        create_repository(args.target)
     options = forwarded_options(parser, args) + ["-v"] * args.verbose
     env = dict(os.environ)
     if args.connect:

@@ -20,6 +20,7 @@ from typing import Any
 
 from libvirt_rdm_backup.errors import RdmBackupError
 from libvirt_rdm_backup.fileutil import read_regular, write_atomic
+from libvirt_rdm_backup.fleet.target import is_directory
 from libvirt_rdm_backup.fslock import waiting
 from libvirt_rdm_backup.redact import redact
 from libvirt_rdm_backup.repository.ids import check_uuid, now_iso
@@ -130,7 +131,7 @@ class StatusFile:
     def __init__(self, target: str, status_dir: str = DEFAULT_STATUS_DIR) -> None:
         self.path = status_path(target, status_dir)
         self.target = redact(target)
-        self._directory_target = isinstance(parse_target(target, allow_remote_plain=True), str)
+        self._directory_target = is_directory(target)
         self._pending: list[Entry] = []
         self._warned = False
 

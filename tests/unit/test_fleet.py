@@ -319,3 +319,25 @@ def test_the_libvirt_uri_reaches_each_backup_in_its_environment_not_its_argv(
     assert argv[argv.index("backup") + 1] == UUID1
     assert seen["env"]["LIBVIRT_DEFAULT_URI"] == uri  # type: ignore[index]
     assert capsys.readouterr().out == "no domains to back up\n"
+
+
+def test_one_writer_at_a_time_to_an_nbd_volume(caplog: pytest.LogCaptureFixture) -> None:
+    from libvirt_rdm_backup.fleet.target import writers
+
+    assert writers("/srv/repo", 4) == 4
+    assert writers("nbd+unix:///backups?socket=/run/b.sock", 1) == 1 and not caplog.text
+    assert writers("nbds://backup.example/backups", 4) == 1
+    assert "one writer at a time" in caplog.text
+
+
+def test_the_repository_is_made_before_backups_start_side_by_side(tmp_path: Path) -> None:
+    from libvirt_rdm_backup.fleet.target import create_repository
+
+    create_repository(str(tmp_path / "new"))
+    assert (tmp_path / "new" / "rdm-backup-repository.json").exists()
+    create_repository(str(tmp_path / "new"))  # an existing one is fine
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "photo.jpg").write_bytes(b"x")
+    with pytest.raises(UsageError):
+        create_repository(str(tmp_path / "other"))
+    create_repository("nbds://backup.example/backups")  # a volume: nothing to make here
