@@ -111,9 +111,7 @@ def cmd_backup_all(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     runner = Runner(lambda c: backup_argv(c.uuid, args.target, options), count, done, env,
                     verbose=args.verbose > 0)
     results = runner.run(found)
-    if status.unwritten:
-        sys.stderr.write(f"rdm-backup: warning: status file {status.path} not written: "
-                         "the target is not a repository yet\n")
+    status.finish()
     code = most_severe([r.exit_code for r in results])
     if runner.interrupted:
         code = most_severe([code, OperationError.exit_code])

@@ -180,6 +180,13 @@ class StatusFile:
         """How many entries could not be written (yet)."""
         return len(self._pending)
 
+    def finish(self) -> None:
+        """At the end of a run: a warning when entries were never written and no warning
+        said why yet (a directory target that never became a repository)."""
+        if self._pending and not self._warned:
+            log.warning("status file %s not written: %s is not a repository", self.path,
+                        os.path.dirname(self.path))
+
     def _write(self, entries: dict[str, Entry]) -> None:
         doc = {"format": FORMAT, "version": VERSION, "target": self.target,
                "updated": now_iso(),

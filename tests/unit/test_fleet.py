@@ -341,3 +341,13 @@ def test_the_repository_is_made_before_backups_start_side_by_side(tmp_path: Path
     with pytest.raises(UsageError):
         create_repository(str(tmp_path / "other"))
     create_repository("nbds://backup.example/backups")  # a volume: nothing to make here
+
+
+def test_entries_never_written_are_named_once_at_the_end(tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture
+                                                         ) -> None:
+    status = StatusFile(str(tmp_path / "none"))
+    status.record(_entry())
+    assert not caplog.text
+    status.finish()
+    assert caplog.text.count("not written") == 1 and status.unwritten == 1
