@@ -9,6 +9,7 @@ from typing import Any
 
 from libvirt_rdm_backup.cli.output import EXIT_OK, emit, human_size, one_line
 from libvirt_rdm_backup.domain.connection import connection
+from libvirt_rdm_backup.engine.backup import BackupOptions
 from libvirt_rdm_backup.errors import OperationError, UsageError
 from libvirt_rdm_backup.fleet.runner import DomainResult, Runner, backup_argv
 from libvirt_rdm_backup.fleet.selection import candidates, check_patterns
@@ -16,6 +17,7 @@ from libvirt_rdm_backup.fleet.severity import most_severe
 from libvirt_rdm_backup.fleet.status import Entry, StatusFile
 from libvirt_rdm_backup.fleet.target import create_repository, writers
 from libvirt_rdm_backup.redact import printable, redact
+from libvirt_rdm_backup.remote import SshAgent
 from libvirt_rdm_backup.repository.ids import now_iso
 
 MAX_JOBS = 64
@@ -50,6 +52,12 @@ def check_usage(args: argparse.Namespace) -> None:
     if args.disk:
         raise UsageError("backup: --disk names disks of one domain; not with --all")
     check_patterns(args.exclude or [])
+    # what each domain's backup would refuse is refused once, here
+    BackupOptions(level=args.level, chain=args.chain, quiesce=args.quiesce,
+                  allow_plain_nbd=args.allow_plain_nbd, tls_dir=args.tls_creds,
+                  max_pause=args.max_pause, bwlimit=args.bwlimit)
+    if args.agent:
+        SshAgent(args.agent, identity=args.agent_identity, known_hosts=args.agent_known_hosts)
 
 
 def forwarded_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:

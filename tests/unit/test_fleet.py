@@ -208,11 +208,14 @@ def test_only_per_domain_options_are_passed_on() -> None:
     ["backup", "--all", "--target", "/r", "--jobs", "0"],
     ["backup", "--all", "--target", "/r", "--jobs", "many"],
     ["backup", "--all", "--target", "/r", "--exclude", ""],
+    ["backup", "--all", "--target", "/r", "--chain", "../x"],
+    ["backup", "--all", "--target", "/r", "--agent", "ssh://[::1"],
+    ["backup", "--all", "--target", "/r", "--agent", "ssh://h", "--agent-identity", "/none"],
 ])
 def test_usage_errors_of_all(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("rdm-backup: error: backup") and err.count("\n") == 1
+    assert err.startswith("rdm-backup: error: ") and err.count("\n") == 1
 
 
 # -- the runner ------------------------------------------------------------------------------
