@@ -28,15 +28,20 @@ from libvirt_rdm_backup.engine.capture import ProgressCallback
 from libvirt_rdm_backup.engine.discover import open_domain, select_disks
 from libvirt_rdm_backup.engine.export import Export
 from libvirt_rdm_backup.engine.paused_copy import paused_copy_reason
+from libvirt_rdm_backup.engine.prune import PruneResult, check_prunable, prune_by_policy
+from libvirt_rdm_backup.engine.prune_plan import ChainPlan
+from libvirt_rdm_backup.engine.prune_plan import plan_prune as _plan_prune
 from libvirt_rdm_backup.engine.restore import RestoreResult
 from libvirt_rdm_backup.engine.selection import domain_damage, find_domain_backups
 from libvirt_rdm_backup.engine.stores import open_store
 from libvirt_rdm_backup.engine.verify import VerifyReport
 from libvirt_rdm_backup.errors import LibvirtError, RdmBackupError
 from libvirt_rdm_backup.modes import Level, Quiesce
+from libvirt_rdm_backup.qemu.block_copy import bwlimit_speed
 from libvirt_rdm_backup.remote import SshAgent
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
 from libvirt_rdm_backup.repository.manifest import Manifest
+from libvirt_rdm_backup.repository.retention import RetentionPolicy
 from libvirt_rdm_backup.repository.store import Damage
 from libvirt_rdm_backup.storage import map_disk
 from libvirt_rdm_backup.storage.base import RawDiskMapping
@@ -95,6 +100,7 @@ class BackupSettings(TypedDict, total=False):
     tls_dir: str | None
     max_pause: float
     bwlimit: float | None
+    retention: RetentionPolicy | None
 
 
 def backup(
@@ -197,6 +203,30 @@ def list_backups(target: str, domain: str | None = None,
         if domain is None:
             return store.scan().backups
         return find_domain_backups(store, domain)
+
+
+def plan_prune(target: str, policy: RetentionPolicy, domain: str | None = None,
+               chain: str | None = None, tls_dir: str | None = None) -> list[ChainPlan]:
+    """Which points of each chain at ``target`` a prune with ``policy`` keeps, and why.
+
+    Every domain's chains, or ``domain``'s (UUID or name at backup time); only chain
+    ``chain`` when given. Nothing is changed. See :mod:`.engine.prune_plan`.
+    """
+    with open_store(target, tls_dir=tls_dir) as store:
+        return _plan_prune(store, domain, chain, policy)
+
+
+def prune(target: str, policy: RetentionPolicy, domain: str | None = None,
+          chain: str | None = None, bwlimit: float | None = None
+          ) -> list[tuple[ChainPlan, PruneResult]]:
+    """Prune the chains :func:`plan_prune` names: dropped points leave, their data merged
+    into the kept points that build on them (each kept point restores as before).
+
+    ``bwlimit``: MiB/s QEMU's merge jobs may move. File repositories only.
+    """
+    with open_store(target) as store:
+        return prune_by_policy(check_prunable(store), policy, domain, chain,
+                               bwlimit_speed(bwlimit))
 
 
 def damaged_backups(target: str, domain: str | None = None,

@@ -15,12 +15,14 @@ from libvirt_rdm_backup.cli.output import (
     one_line,
     progress_printer,
 )
+from libvirt_rdm_backup.cli.prune import backup_retention
 from libvirt_rdm_backup.errors import DamagedBackupError
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    """Back up one domain (or every domain: ``--all``)."""
+    """Back up one domain (or every domain: ``--all``); ``--prune`` then prunes its chain."""
     check_usage(args)
+    retention = backup_retention(args)
     if args.all:
         return cmd_backup_all(args, args.backup_parser)
     result = api.backup(args.domain, args.target, args.disk or None, args.connect,
@@ -29,7 +31,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                         allow_plain_nbd=args.allow_plain_nbd, tls_dir=args.tls_creds,
                         agent=args.agent, agent_identity=args.agent_identity,
                         agent_known_hosts=args.agent_known_hosts,
-                        max_pause=args.max_pause, bwlimit=args.bwlimit)
+                        max_pause=args.max_pause, bwlimit=args.bwlimit, retention=retention)
     document = result.to_dict()
 
     def text() -> str:

@@ -9,6 +9,7 @@ from libvirt_rdm_backup.cli.backups import cmd_backup, cmd_list, cmd_restore, cm
 from libvirt_rdm_backup.cli.disks import cmd_disks, cmd_map
 from libvirt_rdm_backup.cli.fleet import jobs
 from libvirt_rdm_backup.cli.host import cmd_agent, cmd_hook
+from libvirt_rdm_backup.cli.prune import add_keep_options, cmd_prune
 from libvirt_rdm_backup.cli.schedule import cmd_schedule
 from libvirt_rdm_backup.cli.serving import cmd_export, cmd_receive
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, check_max_pause
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_receive(sub, common)
     _add_agent(sub, common)
     _add_list(sub, common)
+    _add_prune(sub, common)
     _add_schedule(sub, common, backup)
     return parser
 
@@ -136,6 +138,10 @@ def _add_backup(sub: argparse._SubParsersAction[Parser], common: Parser) -> Pars
                         "rate says longer, cancelled (guest resumed, exit 4) when reached "
                         "(default: %(default)g)")
     p.add_argument("--bwlimit", type=mib_per_s, metavar="MIB/S", help=BWLIMIT_HELP)
+    p.add_argument("--prune", action="store_true",
+                   help="after the backup, prune its chain by the --keep-* options "
+                        "(see prune)")
+    add_keep_options(p, "(with --prune)")
     p.add_argument("--all", action="store_true",
                    help="every domain of the connection (running or shut off) that has raw "
                         "disks, each into the one repository; domains without raw disks are "
@@ -264,6 +270,22 @@ def _add_list(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
                    help="repository directory or NBD volume URI")
     p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
     p.set_defaults(func=cmd_list)
+
+
+def _add_prune(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """The ``prune`` command."""
+    p = sub.add_parser("prune", parents=[common],
+                       help="remove the points of chains that retention rules do not keep")
+    p.add_argument("domain", nargs="?",
+                   help="only this domain's chains: its UUID, or its name at backup time")
+    p.add_argument("--all", action="store_true", help="every domain's chains")
+    p.add_argument("--target", required=True, metavar="DIR|URI",
+                   help="repository directory or NBD volume URI")
+    p.add_argument("--chain", metavar="NAME", help="only this chain (default: every chain)")
+    add_keep_options(p, "(in UTC; the rules apply in this order, see docs/retention.md)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be kept and dropped, and why; change nothing")
+    p.set_defaults(func=cmd_prune)
 
 
 def _add_schedule(sub: argparse._SubParsersAction[Parser], common: Parser,

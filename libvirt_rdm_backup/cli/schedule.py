@@ -7,6 +7,7 @@ import shlex
 
 from libvirt_rdm_backup.cli.fleet import check_usage
 from libvirt_rdm_backup.cli.output import EXIT_OK, emit
+from libvirt_rdm_backup.cli.prune import backup_retention
 from libvirt_rdm_backup.errors import UsageError
 from libvirt_rdm_backup.schedule.install import install, uninstall
 from libvirt_rdm_backup.schedule.texts import check_calendar, check_instance
@@ -26,6 +27,7 @@ def checked_options(backup_parser: argparse.ArgumentParser, target: str, text: s
     try:
         parsed = backup_parser.parse_args(["--all", "--target", _PROBE_TARGET, *words])
         check_usage(parsed)
+        backup_retention(parsed)
     except UsageError as err:
         raise UsageError(f"schedule: --options: {str(err).removeprefix('backup: ')}") from err
     if parsed.target != _PROBE_TARGET:

@@ -31,6 +31,7 @@ from libvirt_rdm_backup.engine.paused_copy import (
     refuse_long_pauses,
 )
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan, Facts, overall_level, plan_backup
+from libvirt_rdm_backup.engine.prune import PruneResult, check_prunable, prune_after_backup
 from libvirt_rdm_backup.engine.records import MappingResult, record_disk
 from libvirt_rdm_backup.engine.sinks import Session
 from libvirt_rdm_backup.engine.stores import Store, open_store
@@ -53,6 +54,7 @@ from libvirt_rdm_backup.repository.chain import (
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.order import newest_damage
+from libvirt_rdm_backup.repository.retention import RetentionPolicy
 from libvirt_rdm_backup.repository.store import (
     Damage,
     check_safe_name,
@@ -83,7 +85,8 @@ class BackupOptions:
     another host without TLS. ``tls_dir``: the client credentials of an ``nbds://``
     target. ``max_pause``: seconds a passthrough LUN without storage snapshots may
     keep the guest paused while it is copied. ``bwlimit``: MiB/s each disk's copy may
-    move (None: no limit). ``progress(job, done, total)`` is
+    move (None: no limit). ``retention``: prune the chain with this policy after the
+    backup is published (None: no prune). ``progress(job, done, total)`` is
     called while QEMU jobs run. Strings are accepted for the enums; a bad value
     raises UsageError.
     """
@@ -96,6 +99,7 @@ class BackupOptions:
     tls_dir: str | None = None
     max_pause: float = DEFAULT_MAX_PAUSE
     bwlimit: float | None = None
+    retention: RetentionPolicy | None = None
     progress: ProgressCallback | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +118,7 @@ class BackupResult:
 
     manifest: Manifest
     path: str
+    pruned: PruneResult | None = None  # what ``--prune`` did after the publish
 
     def to_dict(self) -> dict[str, Any]:
         """The ``backup --json`` document."""
@@ -147,6 +152,9 @@ class BackupResult:
                 }
                 for d in m.disks
             ],
+            "pruned": None if self.pruned is None else {
+                "dropped": self.pruned.dropped, "bytes_moved": self.pruned.bytes_moved,
+                "freed_bytes": self.pruned.freed_bytes},
         }
 
 
@@ -339,7 +347,7 @@ def _manifest(point: _Point, session: Session) -> Manifest:
     """The manifest of a captured point, its layers recorded from the session."""
     plans, chain = point.plans, point.chain
     records = [record_disk(p, session, point.captured, point.mappings[p.disk.target],
-                           point.parent_maps.get(p.disk.target)) for p in plans]
+                           point.parent_maps.pop(p.disk.target, None)) for p in plans]
     return Manifest(
         backup_id=point.backup_id,
         domain_uuid=point.ctx.uuid,
@@ -398,6 +406,8 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
     selected = select_disks(ctx.inventory, options.disks)
     store = open_store(target, create=True, allow_plain_nbd=options.allow_plain_nbd,
                        tls_dir=options.tls_dir)
+    if options.retention is not None:
+        check_prunable(store)  # refused before anything is copied
     holds = ctx.inventory.running and (options.quiesce is not None
                                        or any(d.is_passthrough_lun for d in selected))
     with store, domain_lock(ctx.uuid), store.lock(ctx.uuid), \
@@ -432,4 +442,7 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
                       for point in chain.kept_points(d.target) if point.record.storage_snapshot]
         chain.backups.append(manifest)
         _finish_tracking(monitor, store.repo_id, chain, superseded)
-    return BackupResult(manifest=manifest, path=path)
+    pruned = None
+    if options.retention is not None:  # only after a successful publish
+        pruned = prune_after_backup(store, manifest, options.retention, speed)
+    return BackupResult(manifest=manifest, path=path, pruned=pruned)

@@ -5,26 +5,28 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from typing import Any
 
+from libvirt_rdm_backup.engine import consolidate
 from libvirt_rdm_backup.engine.plan import DiskPlan
-from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, FileSink, Session
-from libvirt_rdm_backup.errors import DamagedBackupError, UsageError
+from libvirt_rdm_backup.engine.sinks import FileSink, Session
+from libvirt_rdm_backup.errors import DamagedBackupError, OperationError, UsageError
 from libvirt_rdm_backup.qemu import layers
 from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.prune_journal import journal_path
 from libvirt_rdm_backup.repository.store import (
     Repository,
     Scan,
-    check_backup_id,
     check_safe_name,
 )
 
 log = logging.getLogger("libvirt_rdm_backup.engine.stores")
+
+GATE_TIMEOUT = 600.0  # seconds readers and prunes wait for each other
 
 
 class FileStore:
@@ -43,8 +45,33 @@ class FileStore:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def lock(self, domain_uuid: str) -> ContextManager[None]:
-        return self.repo.lock(domain_uuid)
+    @contextmanager
+    def lock(self, domain_uuid: str) -> Iterator[None]:
+        """The domain's lock; a prune cut short is finished first, its leftovers removed."""
+        with self.repo.lock(domain_uuid):
+            directory = self.repo.domain_dir(domain_uuid)
+            if os.path.lexists(journal_path(directory)):
+                with self.repo.prune_gate(domain_uuid, True, GATE_TIMEOUT):
+                    consolidate.finish(self.repo, domain_uuid)
+            consolidate.remove_pruned(directory)
+            yield
+
+    @contextmanager
+    def reading(self, domain_uuid: str) -> Iterator[None]:
+        """While the domain's backups are read, no prune changes them (one cut short is
+        finished first, when the repository can be written)."""
+        directory = self.repo.domain_dir(domain_uuid)
+        if os.path.lexists(journal_path(directory)):
+            try:
+                with self.lock(domain_uuid):
+                    pass
+            except OperationError as err:  # a backup or prune holds the lock: it finishes
+                log.info("%s", err)
+        with self.repo.prune_gate(domain_uuid, False, GATE_TIMEOUT):
+            if os.path.lexists(journal_path(directory)):
+                raise OperationError(f"a prune of domain {domain_uuid} was cut short and "
+                                     "could not be finished; run prune again")
+            yield
 
     def scan(self, domain_uuid: str | None = None) -> Scan:
         return self.repo.scan(domain_uuid)
@@ -172,10 +199,6 @@ def _file_problem(path: str, what: str, expected: Digest) -> tuple[str | None, b
 
 
 def _expected_backing(record: DiskRecord) -> str | None:
-    """The backing file name a file repository's layer has: its parent's layer, as the
-    layout places it (``../<parent id>/<disk>.qcow2``), or none for a full copy."""
-    if record.parent is None:
-        return None
-    parent = check_backup_id(record.parent)
-    return os.path.join("..", parent, f"{check_safe_name(record.disk.target, 'disk name')}"
-                                      f".{DATA_FORMAT}")
+    """The backing file name a file repository's layer has (see
+    :func:`.consolidate.backing_name`)."""
+    return consolidate.backing_name(record.parent, record.disk.target)

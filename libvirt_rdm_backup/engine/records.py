@@ -31,12 +31,13 @@ def _chunk_map(plan: DiskPlan, local: LocalLayer, captured: Capture,
     if plan.parent is not None and parent_map is None:
         return None  # the point below has no map: nothing to build on
     return chunkmap_of_layer(local.path, parent_map, int(plan.disk.size or 0), extents,
-                             local.lower)
+                             local.lower, take_parent=True)
 
 
 def record_disk(plan: DiskPlan, session: Session, captured: Capture, mapping: MappingResult,
                 parent_map: ChunkMap | None) -> DiskRecord:
-    """The record of the disk's new layer (``parent_map``: the chunk map of its parent)."""
+    """The record of the disk's new layer (``parent_map``: the chunk map of its parent,
+    used up: its buffer becomes the new point's map)."""
     written = session.written(plan)
     extents = img.map_extents(written.image)  # its own clusters only
     chunk_map = None

@@ -394,7 +394,10 @@ def restore(
     """
     check_safe_name(disk, "disk name")
     speed = bwlimit_speed(bwlimit)
-    with open_store(target, tls_dir=tls_dir) as store:
+    with open_store(target, tls_dir=tls_dir) as store, contextlib.ExitStack() as stack:
+        # no prune changes the domain's backups while they are read (one cut short is
+        # finished first: the backup is chosen again after it)
+        stack.enter_context(store.reading(choose_backup(store, domain, backup_id).domain_uuid))
         manifest = choose_backup(store, domain, backup_id)
         record = manifest.disk(disk)
         if record is None:

@@ -40,6 +40,11 @@ class Store(Protocol):
         """Be the one writer of the domain's backups (fails at once when taken)."""
         ...
 
+    def reading(self, domain_uuid: str) -> ContextManager[None]:
+        """While held, no prune changes the domain's backups (waits for a running one;
+        finishes one that was cut short first, where the store can be written)."""
+        ...
+
     def scan(self, domain_uuid: str | None = None) -> Scan:
         """Readable backups (of all domains, or of one), oldest first, and damaged ones."""
         ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,7 +115,11 @@ def verify_manifests(store: Store, manifests: list[Manifest],
 def verify(target: str, domain: str | None = None, backup_id: str | None = None,
            tls_dir: str | None = None) -> VerifyReport:
     """Verify backups at ``target`` (all, one domain's, or one backup)."""
-    with open_store(target, tls_dir=tls_dir) as store:
+    with open_store(target, tls_dir=tls_dir) as store, ExitStack() as stack:
+        listed = store.scan()
+        uuids = {m.domain_uuid for m in listed.backups} | {d.domain_uuid for d in listed.damaged}
+        for uuid in sorted(uuids):
+            stack.enter_context(store.reading(uuid))  # no prune changes what is checked
         damaged: list[Damage] = []
         if domain is not None and backup_id is not None:
             manifests = [choose_backup(store, domain, backup_id)]

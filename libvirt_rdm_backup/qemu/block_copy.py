@@ -165,7 +165,7 @@ def block_copy(host: JobHost, source: Endpoint, target: Endpoint, label: str, *,
             arguments["speed"] = speed
         host.execute("blockdev-mirror", arguments)
         try:
-            error = _follow(host, job_id, label, progress, stall, deadline)
+            error = follow_job(host, job_id, label, progress, stall, deadline)
         except BaseException:
             cancel(host, job_id)
             raise
@@ -173,7 +173,7 @@ def block_copy(host: JobHost, source: Endpoint, target: Endpoint, label: str, *,
             raise OperationError(f"copy of {label} failed: {error}")
 
 
-def _follow(host: JobHost, job_id: str, label: str, progress: ProgressCallback | None,
+def follow_job(host: JobHost, job_id: str, label: str, progress: ProgressCallback | None,
             stall: float, deadline: float | None) -> str | None:
     """Follow the job until it ended (dismissed; returns its error, None when it succeeded);
     raise when it stalled, ran late or vanished, or the progress callback raised."""

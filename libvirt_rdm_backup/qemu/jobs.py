@@ -30,15 +30,19 @@ class JobResult:
     error: str | None
 
 
+COPY_CHUNK = 64 << 10  # one qcow2 cluster: every all-zero cluster stays unstored
+
+
 def backup_action(
     job_id: str, device: str, target: str, sync: str = "full", bitmap: str | None = None,
-    speed: int = 0,
+    speed: int = 0, chunk: int = COPY_CHUNK,
 ) -> dict[str, Any]:
     """A ``blockdev-backup`` transaction action that stays visible until dismissed.
 
     With a bitmap (``sync=bitmap``) the bitmap is left as it is (``never``): it
     is dropped only after the new backup was published. ``speed``: bytes per second
-    the job may copy (0: no limit).
+    the job may copy (0: no limit). ``chunk``: the largest request the job writes; a
+    request that is all zeros is not stored, so smaller chunks keep more zeros out.
     """
     data: dict[str, Any] = {
         "job-id": job_id,
@@ -47,7 +51,7 @@ def backup_action(
         "sync": sync,
         "auto-finalize": True,
         "auto-dismiss": False,
-        "x-perf": {"max-workers": 64, "max-chunk": 65536},
+        "x-perf": {"max-workers": 64, "max-chunk": chunk},
     }
     if speed:
         data["speed"] = speed

@@ -74,7 +74,7 @@ def layer_map(path: str, lower: Sequence[str] = ()) -> list[LayerExtent]:
 
 def chunkmap_of_layer(path: str, parent: ChunkMap | None, size: int,
                       extents: list[LayerExtent] | None = None,
-                      lower: Sequence[str] = ()) -> ChunkMap:
+                      lower: Sequence[str] = (), take_parent: bool = False) -> ChunkMap:
     """The chunk map of the disk as read through the qcow2 layer ``path`` over ``lower``.
 
     ``lower``: the layers below, top first, opened as given (their headers' backing
@@ -86,6 +86,8 @@ def chunkmap_of_layer(path: str, parent: ChunkMap | None, size: int,
     is not in the layer must be unallocated in the whole chain (it reads as
     zeros). Chunks the layer file cannot give alone (compressed clusters, or
     clusters not aligned to chunks) are read through the chain with qemu-nbd.
+    ``take_parent``: update ``parent``'s digest buffer in place instead of a copy (the
+    parent map must not be used afterwards; one map in memory instead of two).
     """
     if parent is not None:
         if (parent.size, parent.chunk_size, parent.algorithm) != (size, CHUNK, ALGORITHM):
@@ -93,7 +95,8 @@ def chunkmap_of_layer(path: str, parent: ChunkMap | None, size: int,
                 f"parent chunk map ({parent.size} bytes, {parent.chunk_size}-byte chunks, "
                 f"{parent.algorithm}) does not fit a {size}-byte disk"
             )
-        digests = bytearray(parent.digests)
+        digests = (parent.digests if take_parent and isinstance(parent.digests, bytearray)
+                   else bytearray(parent.digests))
     else:
         digests = bytearray(ChunkMap.zero(size).digests)
     if extents is None:

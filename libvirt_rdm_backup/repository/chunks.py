@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -133,18 +134,23 @@ class ChunkMap:
         """
         limit = len(MAGIC) + _HEADER_LEN.size + MAX_HEADER + (
             chunk_count(size) * DIGEST_SIZE if size is not None else MAX_DIGEST_BYTES)
-        try:
+        try:  # read into one buffer that becomes the map's own: no second copy
             with open(path, "rb") as stream:
-                data = stream.read(limit + 1)
+                length = os.fstat(stream.fileno()).st_size
+                if length > limit:
+                    raise RepositoryError(f"chunk map {path} is malformed: over {limit} bytes")
+                data = bytearray(length)
+                got = stream.readinto(data)
+                if got != length or stream.read(1):
+                    raise RepositoryError(f"chunk map {path} changed while it was read")
         except OSError as err:
             raise RepositoryError(f"cannot read chunk map {path}: {err.strerror}") from err
-        if len(data) > limit:
-            raise RepositoryError(f"chunk map {path} is malformed: over {limit} bytes")
         return cls.from_bytes(data, path)
 
     @classmethod
-    def from_bytes(cls, data: bytes, name: str = "chunk map") -> ChunkMap:
-        """Parse the file format (see :meth:`load`)."""
+    def from_bytes(cls, data: bytes | bytearray, name: str = "chunk map") -> ChunkMap:
+        """Parse the file format (see :meth:`load`); a ``bytearray`` becomes the map's own
+        digest buffer (its header is cut off in place), so it must not be used after."""
 
         def bad(reason: str) -> RepositoryError:
             return RepositoryError(f"chunk map {name} is malformed: {reason}")
@@ -172,12 +178,15 @@ class ChunkMap:
             raise bad("bad size, chunk_size or count")
         if count != chunk_count(size, chunk_size):
             raise bad(f"count {count} does not match size {size}")
-        body = memoryview(data)[fixed + head_len :]  # no copy before the map's own
-        if len(body) != count * DIGEST_SIZE:
-            raise bad(f"{len(body)} digest bytes, expected {count * DIGEST_SIZE}")
-        if hashlib.blake2b(body, digest_size=32).hexdigest() != header.get("body"):
-            raise bad("digest bytes do not match the header's checksum")
-        return cls(size, chunk_size, ALGORITHM, bytearray(body))
+        with memoryview(data)[fixed + head_len :] as body:  # no copy while checking
+            if len(body) != count * DIGEST_SIZE:
+                raise bad(f"{len(body)} digest bytes, expected {count * DIGEST_SIZE}")
+            if hashlib.blake2b(body, digest_size=32).hexdigest() != header.get("body"):
+                raise bad("digest bytes do not match the header's checksum")
+        if isinstance(data, bytearray):
+            del data[: fixed + head_len]  # CPython moves the start, not the bytes
+            return cls(size, chunk_size, ALGORITHM, data)
+        return cls(size, chunk_size, ALGORITHM, bytearray(data[fixed + head_len :]))
 
 
 def _int(header: dict[str, Any], key: str) -> int | None:

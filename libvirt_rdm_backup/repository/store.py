@@ -22,6 +22,7 @@ the clock that named them.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -35,8 +36,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.errors import (
     NotFoundError,
+    OperationError,
     RepositoryError,
     UsageError,
 )
@@ -67,6 +70,7 @@ DAMAGED_SUFFIX = ".damaged"
 PARTIAL_PREFIX = STAGING_PREFIX
 SEQUENCE = "sequence"
 SEQUENCE_LOCK = ".sequence.lock"
+PRUNE_LOCK = ".prune.lock"
 
 
 def write_file_atomic(path: str, text: str) -> None:
@@ -222,6 +226,40 @@ class Repository:
         with exclusive(os.path.join(directory, ".lock"), busy):
             self._remove_partials(directory)
             yield
+
+    @contextmanager
+    def prune_gate(self, domain_uuid: str, exclusive_use: bool, timeout: float) -> Iterator[None]:
+        """The gate between a prune and the readers of a domain's backups (``flock`` on
+        ``.prune.lock``): many readers at once (shared), or one prune (exclusive), each
+        waiting up to ``timeout`` s for the other side (then OperationError)."""
+        directory = self.domain_dir(domain_uuid)
+        if exclusive_use:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        path = os.path.join(directory, PRUNE_LOCK)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            if exclusive_use or err.errno not in (errno.ENOENT, errno.EROFS, errno.EACCES):
+                raise RepositoryError(f"cannot open {path}: {err.strerror}") from err
+            yield  # no backups of the domain yet, or a repository nobody can change
+            return
+        try:
+            mode = fcntl.LOCK_EX if exclusive_use else fcntl.LOCK_SH
+            who = ("restores, verifies or exports are reading" if exclusive_use
+                   else "a prune is changing")
+
+            def attempt() -> int:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                return fd
+
+            try:
+                retry.flock_wait(path, timeout)(attempt)
+            except OperationError as err:
+                raise OperationError(f"{who} the backups of domain {domain_uuid}; "
+                                     f"gave up after {timeout:g} s") from err
+            yield
+        finally:
+            os.close(fd)
 
     def _remove_partials(self, directory: str) -> None:
         """Remove what killed runs left behind (only called under the lock)."""

@@ -223,6 +223,57 @@ def test_export_with_a_bad_chain_name(lab: Lab) -> None:
             "--target", str(lab.repo), "--chain", "../../x", "--timeout", "1")
 
 
+# -- retention: prune and backup --prune -----------------------------------------------------
+
+@bad_input
+@pytest.mark.parametrize(("args", "code", "words"), [
+    pytest.param([], 2, "give at least one --keep-* option", id="no-keep"),
+    pytest.param(["--keep-last", "0"], 2, "not a positive whole number: '0'", id="keep-0"),
+    pytest.param(["--keep-daily", "-3"], 2, "not a positive whole number: '-3'",
+                 id="keep-negative"),
+    pytest.param(["--keep-weekly", "two"], 2, "not a positive whole number: 'two'",
+                 id="keep-not-a-number"),
+    pytest.param(["--keep-monthly", "1.5"], 2, "not a positive whole number", id="keep-1.5"),
+    pytest.param(["--keep-yearly", "9" * 40], 2, "not a positive whole number",
+                 id="keep-huge"),
+    pytest.param(["--keep-hourly", "1;touch /tmp/pwned"], 2, "not a positive whole number",
+                 id="keep-semicolon"),
+    pytest.param(["--keep-last", "1", "--chain", "../../x"], 2, "malformed chain name",
+                 id="chain-dotdot"),
+    pytest.param(["--keep-last", "1", "--chain", "nosuchchain"], 3,
+                 "no backups in chain 'nosuchchain'", id="chain-without-backups"),
+])
+def test_prune_with_bad_retention_options(lab: Lab, args: list[str], code: int,
+                                          words: str) -> None:
+    # with and without --dry-run: nothing is planned, printed or removed
+    for dry_run in ([], ["--dry-run"]):
+        refused(lab, code, words, "prune", lab.vm.name, "--target", str(lab.repo), *args,
+                *dry_run)
+
+
+@bad_input
+@pytest.mark.parametrize(("args", "words"), [
+    pytest.param([], "give a DOMAIN or --all", id="neither-domain-nor-all"),
+    pytest.param(["{vm}", "--all"], "not both", id="domain-and-all"),
+])
+def test_prune_of_no_domain_or_two(lab: Lab, args: list[str], words: str) -> None:
+    args = [a.replace("{vm}", lab.vm.name) for a in args]
+    refused(lab, 2, words, "prune", *args, "--target", str(lab.repo), "--keep-last", "1")
+
+
+@bad_input
+@pytest.mark.parametrize(("args", "words"), [
+    pytest.param(["--prune"], "--prune needs at least one --keep-* option",
+                 id="prune-without-keep"),
+    pytest.param(["--keep-daily", "7"], "--keep-* options need --prune", id="keep-without-prune"),
+    pytest.param(["--prune", "--keep-last", "0"], "not a positive whole number",
+                 id="prune-keep-0"),
+])
+def test_backup_with_bad_retention_options(lab: Lab, args: list[str], words: str) -> None:
+    refused(lab, 2, words, "backup", lab.vm.name, "--target", str(lab.repo), "--disk", "vdb",
+            *args)
+
+
 # -- restore and verify: backup ids, disks, domains --------------------------------------
 
 BAD_IDS = [

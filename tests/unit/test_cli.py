@@ -17,6 +17,20 @@ from libvirt_rdm_backup.cli import build_parser, main
     ["restore", "vm", "--target", "/x", "--disk", "vdb"],
     ["list"],
     ["backup", "vm", "--target", "/x", "--bogus"],
+    ["prune", "vm", "--target", "/x"],
+    ["prune", "--target", "/x", "--keep-last", "1"],
+    ["prune", "vm", "--all", "--target", "/x", "--keep-last", "1"],
+    ["prune", "vm", "--keep-last", "1"],
+    ["prune", "vm", "--target", "/x", "--keep-last", "0"],
+    ["prune", "vm", "--target", "/x", "--keep-hourly", "-2"],
+    ["prune", "vm", "--target", "/x", "--keep-daily", "x"],
+    ["prune", "vm", "--target", "/x", "--keep-weekly", "1.5"],
+    ["prune", "vm", "--target", "/x", "--keep-monthly", ""],
+    ["prune", "vm", "--target", "/x", "--keep-yearly", "9" * 5000],
+    ["prune", "vm", "--target", "/x", "--keep-last"],
+    ["backup", "vm", "--target", "/x", "--prune"],
+    ["backup", "vm", "--target", "/x", "--keep-daily", "7"],
+    ["backup", "vm", "--target", "/x", "--prune", "--keep-daily", "0"],
 ])
 def test_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2

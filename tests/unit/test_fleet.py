@@ -196,6 +196,10 @@ def test_only_per_domain_options_are_passed_on() -> None:
         assert getattr(again, name) == getattr(args, name)
     required = parser.parse_args(["backup", "--all", "--target", "/r", "--quiesce=required"])
     assert forwarded_options(required.backup_parser, required) == ["--quiesce=required"]
+    pruned = parser.parse_args(["backup", "--all", "--target", "/r", "--prune",
+                                "--keep-daily", "7", "--keep-last", "2"])
+    assert forwarded_options(pruned.backup_parser, pruned) == [
+        "--prune", "--keep-last=2", "--keep-daily=7"]
 
 
 @pytest.mark.bad_input
@@ -209,6 +213,8 @@ def test_only_per_domain_options_are_passed_on() -> None:
     ["backup", "--all", "--target", "/r", "--jobs", "many"],
     ["backup", "--all", "--target", "/r", "--exclude", ""],
     ["backup", "--all", "--target", "/r", "--chain", "../x"],
+    ["backup", "--all", "--target", "/r", "--keep-daily", "7"],
+    ["backup", "--all", "--target", "/r", "--prune"],
     ["backup", "--all", "--target", "/r", "--agent", "ssh://[::1"],
     ["backup", "--all", "--target", "/r", "--agent", "ssh://h", "--agent-identity", "/none"],
 ])

@@ -77,7 +77,7 @@ def test_install_writes_the_units_and_a_private_env_file(tmp_path: Path,
                                                          ) -> None:
     units, config = tmp_path / "units", tmp_path / "etc"
     code = main(["schedule", "install", "nightly", "--target", "/srv/backup repo",
-                 "--options", "--jobs 2 --quiesce --exclude 'test-*' --level auto",
+                 "--options", "--jobs 2 --quiesce --exclude 'test-*' --prune --keep-daily 7",
                  "--on-calendar", "*-*-* 02:30", "--unit-dir", str(units),
                  "--config-dir", str(config), "--json"])
     assert code == 0
@@ -90,7 +90,7 @@ def test_install_writes_the_units_and_a_private_env_file(tmp_path: Path,
     assert stat.S_IMODE(config.stat().st_mode) == 0o700
     assert _env_of(env) == {"RDM_BACKUP_TARGET": "/srv/backup repo",
                             "RDM_BACKUP_OPTIONS": "--jobs 2 --quiesce --exclude test-* "
-                                                  "--level auto"}
+                                                  "--prune --keep-daily 7"}
     service = (units / SERVICE).read_text()
     assert f"EnvironmentFile={config}/%i.env" in service
     assert f"ConditionPathExists={config}/%i.env" in service
@@ -136,6 +136,7 @@ def test_uninstall_keeps_the_units_while_another_instance_needs_them(
     ["schedule", "install", "ok", "--target", "/r", "--options", "vm1"],
     ["schedule", "install", "ok", "--target", "/r", "--options", "--jobs many"],
     ["schedule", "install", "ok", "--target", "/r", "--options", "--bogus"],
+    ["schedule", "install", "ok", "--target", "/r", "--options", "--keep-daily 7"],
     ["schedule", "install", "ok", "--target", "/r", "--options", "--chain 'a b'"],
     ["schedule", "install", "ok", "--target", "/r", "--options", "'unclosed"],
     ["schedule", "install", "ok", "--target", "/r", "--on-calendar", "at\nnoon"],

@@ -1,0 +1,207 @@
+"""Consolidation in a file repository: dropped points' data merged into the points kept.
+
+A prune first writes its journal (:mod:`..repository.prune_journal`), then carries it
+out here, step by step, each step one that may be done again:
+
+1. each merge brings a kept point's layer to what it reads, without the dropped
+   layers below it (``up``: QEMU streams their data into it; ``down``: QEMU commits
+   it into the oldest dropped layer, which is then renamed onto it);
+2. the kept point's manifest is written again: parent, backing file, level, and
+   the layer's digest, size and stored bytes (what the disk reads, and so its chunk
+   map, does not change);
+3. the dropped points' directories are renamed out of the listing and removed;
+4. the journal goes.
+
+What a kept point reads never changes on the way, so a prune killed at any moment
+leaves every kept point's data in place; the next command that reads or writes the
+domain's backups finishes the journal (:func:`finish`) before it looks at them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from libvirt_rdm_backup.engine.sinks import DATA_FORMAT
+from libvirt_rdm_backup.errors import RepositoryError
+from libvirt_rdm_backup.fileutil import fsync_dir
+from libvirt_rdm_backup.qemu import layers
+from libvirt_rdm_backup.qemu.layer_jobs import commit_into, stream_into
+from libvirt_rdm_backup.repository.chain import lineage
+from libvirt_rdm_backup.repository.digest import file_digest
+from libvirt_rdm_backup.repository.ids import check_backup_id, check_safe_name
+from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.prune_journal import (
+    Journal,
+    Merge,
+    read_journal,
+    remove_journal,
+)
+from libvirt_rdm_backup.repository.store import MANIFEST, Repository, write_file_atomic
+
+log = logging.getLogger(__name__)
+
+LAYER_SUFFIX = f".{DATA_FORMAT}"
+PRUNED_PREFIX = ".pruned-"
+_LEVEL_COST = {"full": 3, "resync": 2, "differential": 1, "incremental": 0}
+
+
+def backing_name(parent: str | None, disk: str) -> str | None:
+    """The backing file name of a layer in a file repository: its parent's layer as the
+    layout places it (``../<parent id>/<disk>.qcow2``), or none for a full copy."""
+    if parent is None:
+        return None
+    return os.path.join("..", check_backup_id(parent),
+                        check_safe_name(disk, "disk name") + LAYER_SUFFIX)
+
+
+@dataclass(frozen=True)
+class _Paths:
+    """The files one merge works on."""
+
+    kept: str
+    dropped: list[str]  # newest first
+    base: list[str]  # the base point's layers, top first (empty: none)
+    size: int
+
+
+def finish(repo: Repository, domain_uuid: str, speed: int = 0) -> Journal | None:
+    """Carry out the domain's prune journal, if one was left; returns it (None: none).
+
+    The caller holds the domain's lock and the prune gate exclusively.
+    """
+    directory = repo.domain_dir(domain_uuid)
+    journal = read_journal(directory)
+    if journal is None:
+        return None
+    if journal.domain_uuid != domain_uuid:
+        raise RepositoryError(f"the prune journal in {directory} names another domain")
+    log.info("finishing the prune of domain %s begun %s", domain_uuid, journal.created)
+    carry_out(repo, journal, speed)
+    return journal
+
+
+def carry_out(repo: Repository, journal: Journal, speed: int = 0) -> None:
+    """Do every step of the journal that is not done yet (see the module)."""
+    uuid = journal.domain_uuid
+    for kept in dict.fromkeys(m.kept for m in journal.merges):
+        merges = [m for m in journal.merges if m.kept == kept]
+        manifest = repo.load(uuid, kept)
+        records = [_merged(repo, manifest, m, speed) for m in merges]
+        _republish(repo, manifest, records, journal)
+    for backup_id in journal.drop:
+        _remove_point(repo, uuid, backup_id)
+    remove_journal(repo.domain_dir(uuid))
+
+
+def _merged(repo: Repository, manifest: Manifest, merge: Merge, speed: int) -> DiskRecord:
+    """Bring the kept layer of one merge to its final state; its new record."""
+    record = manifest.disk(merge.disk)
+    if record is None:
+        raise RepositoryError(f"prune journal: backup {merge.kept} has no disk {merge.disk}")
+    final = backing_name(merge.base, merge.disk)
+    if record.parent == merge.base:
+        return record  # this merge was done and published
+    paths = _paths(repo, manifest, record, merge)
+    label = f"{merge.disk} of {merge.kept}"
+    if layers.file_problem(paths.kept, final, record.size) is None:
+        pass  # the kept layer reads its base already: only the manifest is left
+    elif merge.direction == "up":
+        _check_layers(paths, merge, record)
+        stream_into(paths.kept, paths.dropped, paths.base, final, merge.disk, speed)
+    else:
+        _check_layers(paths, merge, record)
+        bottom = paths.dropped[-1]
+        commit_into(paths.kept, paths.dropped[:-1], bottom, paths.base, paths.size,
+                    merge.disk, speed)
+        _sync(bottom)
+        os.rename(bottom, paths.kept)  # the merged layer takes the kept layer's place
+        fsync_dir(os.path.dirname(paths.kept))
+        fsync_dir(os.path.dirname(bottom))
+    problem = layers.file_problem(paths.kept, final, record.size)
+    if problem is not None:
+        raise RepositoryError(f"merging into {label}: the layer {problem}")
+    _sync(paths.kept)
+    stat = os.stat(paths.kept)
+    return replace(record, parent=merge.base, backing_file=final,
+                   level="full" if merge.base is None else record.level,
+                   digest=file_digest(paths.kept, record.digest.algorithm),
+                   file_size=stat.st_size, stored_bytes=stat.st_blocks * 512)
+
+
+def _paths(repo: Repository, manifest: Manifest, record: DiskRecord, merge: Merge) -> _Paths:
+    """The files of a merge, as the layout places them (ids and names checked)."""
+    directory = repo.domain_dir(manifest.domain_uuid)
+    layer = check_safe_name(merge.disk, "disk name") + LAYER_SUFFIX
+    dropped = [os.path.join(directory, check_backup_id(i), layer) for i in merge.dropped]
+    base: list[str] = []
+    if merge.base is not None:
+        backups = repo.scan(manifest.domain_uuid).backups
+        below = next((m for m in backups if m.backup_id == merge.base), None)
+        if below is None:
+            raise RepositoryError(f"prune journal: base backup {merge.base} is missing")
+        points, missing = lineage(backups, below, merge.disk)
+        if missing is not None:
+            raise RepositoryError(f"prune journal: backup {merge.base} builds on "
+                                  f"{missing}, which is missing")
+        base = [repo.data_file(p.manifest, p.record) for p in points]
+    return _Paths(repo.data_file(manifest, record), dropped, base, record.size)
+
+
+def _check_layers(paths: _Paths, merge: Merge, record: DiskRecord) -> None:
+    """Every layer QEMU opens for the merge names the backing file the chain implies."""
+    chain = [merge.kept, *merge.dropped]
+    below = [*merge.dropped, merge.base]
+    for path, above, parent in zip([paths.kept, *paths.dropped], chain, below, strict=True):
+        problem = layers.file_problem(path, backing_name(parent, merge.disk), record.size)
+        if problem is not None:
+            raise RepositoryError(f"cannot merge into {merge.disk} of {merge.kept}: the "
+                                  f"layer of {above} {problem}")
+
+
+def _republish(repo: Repository, manifest: Manifest, records: Sequence[DiskRecord],
+               journal: Journal) -> None:
+    """Write the kept point's manifest again with its merged disks (atomically)."""
+    new = {r.disk.target: r for r in records}
+    disks = [new.get(d.disk.target, d) for d in manifest.disks]
+    if disks == manifest.disks:
+        return
+    dropped = set(journal.drop)
+    parent = manifest.parent
+    chain = {m.backup_id: m for m in repo.scan(manifest.domain_uuid).backups}
+    while parent is not None and parent in dropped:  # the previous backup that stays
+        above = chain.get(parent)
+        parent = above.parent if above is not None else None
+    level = max((d.level for d in disks), key=lambda lvl: _LEVEL_COST.get(lvl, 3))
+    updated = replace(manifest, disks=disks, parent=parent, level=level)
+    path = os.path.join(repo.backup_dir(manifest.domain_uuid, manifest.backup_id), MANIFEST)
+    write_file_atomic(path, updated.dumps())
+
+
+def _remove_point(repo: Repository, domain_uuid: str, backup_id: str) -> None:
+    """A dropped point leaves the listing at once (renamed), then its files go."""
+    directory = repo.domain_dir(domain_uuid)
+    path = os.path.join(directory, check_backup_id(backup_id))
+    gone = os.path.join(directory, PRUNED_PREFIX + backup_id)
+    if os.path.isdir(path):
+        os.rename(path, gone)
+        fsync_dir(directory)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def remove_pruned(directory: str) -> None:
+    """Remove what killed prunes left of dropped points (under the domain's lock)."""
+    for name in os.listdir(directory):
+        if name.startswith(PRUNED_PREFIX):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _sync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,122 @@
+"""Merging qcow2 layers of a backup chain: QEMU's stream and commit jobs on a private daemon.
+
+Both keep what the top layer reads unchanged at every moment, so a chain stays
+readable through a merge that is cut short:
+
+- :func:`stream_into`: the top layer takes in the data of the layers between it and
+  ``base`` that it does not hide (``block-stream``), then its header names ``base``.
+- :func:`commit_into`: the data of every layer above ``bottom`` up to the top is
+  written into ``bottom`` (``block-commit``); ``bottom`` then reads as the top did.
+
+The chain is given as files, top first; every backing is explicit (no name in a
+header is followed), and each header is checked by the caller before.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+from libvirt_rdm_backup.errors import OperationError
+from libvirt_rdm_backup.process import stall_timeout
+from libvirt_rdm_backup.qemu import img, layers
+from libvirt_rdm_backup.qemu.block_copy import JobHost, cancel, follow_job
+from libvirt_rdm_backup.qemu.names import object_name
+
+
+def stream_into(top: str, middle: Sequence[str], base: Sequence[str],
+                backing_name: str | None, label: str, speed: int = 0) -> None:
+    """Copy into ``top`` what it reads from ``middle`` (top first), then back it by ``base``.
+
+    ``base``: the layers that stay below (top first; empty: ``top`` becomes whole);
+    ``backing_name``: the backing file name written into ``top``'s header (None without
+    a base); ``label``: a disk name (part of QEMU's node names). Runs on a private
+    ``qemu-storage-daemon``.
+    """
+    from libvirt_rdm_backup.qemu.storage_daemon import StorageDaemon
+
+    with StorageDaemon(f"stream {label}", killed_with_tool=True) as daemon, \
+            ExitStack() as stack:
+        names = _chain(daemon, stack, [top, *middle, *base], label, writable={0})
+        arguments: dict[str, Any] = {"job-id": object_name("stream", label),
+                                     "device": names[0], "auto-finalize": True,
+                                     "auto-dismiss": False}
+        if base:
+            arguments["base-node"] = names[1 + len(middle)]
+            arguments["backing-file"] = backing_name
+        if speed:
+            arguments["speed"] = speed
+        _run(daemon, "block-stream", arguments, label)
+
+
+def commit_into(top: str, middle: Sequence[str], bottom: str, base: Sequence[str], size: int,
+                label: str, speed: int = 0) -> None:
+    """Write into ``bottom`` the data of ``top`` and ``middle`` (top first, above
+    ``bottom``), so that ``bottom`` reads as ``top`` did; ``top`` and ``middle`` are left
+    as they are, ``base`` (``bottom``'s backing layers, top first) is only read.
+    ``size``: the disk's size."""
+    from libvirt_rdm_backup.qemu.storage_daemon import StorageDaemon
+
+    with tempfile.TemporaryDirectory(prefix="rdmb-commit-") as scratch, \
+            StorageDaemon(f"commit {label}", killed_with_tool=True) as daemon, \
+            ExitStack() as stack:
+        overlay = os.path.join(scratch, "active.qcow2")
+        img.create(overlay, layers.FORMAT, size)
+        # an active layer above ``top``: the commit is then one of the layers below it,
+        # which ends by itself (an active commit would wait for a completion)
+        names = _chain(daemon, stack, [overlay, top, *middle, bottom, *base], label,
+                       writable={0, 2 + len(middle)})
+        arguments: dict[str, Any] = {"job-id": object_name("commit", label),
+                                     "device": names[0], "top-node": names[1],
+                                     "base-node": names[2 + len(middle)],
+                                     "auto-finalize": True, "auto-dismiss": False}
+        if speed:
+            arguments["speed"] = speed
+        _run(daemon, "block-commit", arguments, label)
+
+
+def _chain(daemon: JobHost, stack: ExitStack, files: Sequence[str], label: str,
+           writable: set[int]) -> list[str]:
+    """Add the layers ``files`` (top first) as named nodes, each backed by the next, the
+    last by nothing; returns their node names, top first."""
+    names: list[str] = []
+    below: str | None = None
+    for index in range(len(files) - 1, -1, -1):
+        name = object_name(f"layer{index}", label)
+        stack.enter_context(_node(daemon, {
+            "driver": layers.FORMAT, "node-name": name,
+            "file": layers.file_node(files[index]),
+            "read-only": index not in writable,
+            "backing": below,
+        }))
+        names.insert(0, name)
+        below = name
+    return names
+
+
+@contextmanager
+def _node(daemon: JobHost, options: dict[str, Any]) -> Iterator[None]:
+    daemon.execute("blockdev-add", options)
+    try:
+        yield
+    finally:
+        try:
+            daemon.execute("blockdev-del", {"node-name": options["node-name"]})
+        except OperationError:
+            pass  # replaced in the graph by the job, or the daemon quits and drops it
+
+
+def _run(daemon: JobHost, command: str, arguments: dict[str, Any], label: str) -> None:
+    """Start the job and follow it to its end; cancel it when anything goes wrong."""
+    job_id = arguments["job-id"]
+    daemon.execute(command, arguments)
+    try:
+        error = follow_job(daemon, job_id, label, None, stall_timeout(), None)
+    except BaseException:
+        cancel(daemon, job_id)
+        raise
+    if error:
+        raise OperationError(f"merging layers of {label} failed: {error}")

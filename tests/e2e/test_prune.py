@@ -1,0 +1,211 @@
+"""``prune`` on a repository of real backups of every level, made on different days.
+
+Each backup runs the CLI under libfaketime with its own date. The prune keeps exactly
+what its dry run said; every kept point restores byte-identical to the disk as it was
+when the point was made (its sha256 taken then); ``verify`` is clean; the repository
+gave space back; the next incremental builds on the kept bitmap and restores.
+A second test kills the prune (SIGKILL) at each of its steps, on fresh copies of the
+same repository: every kept point still restores, and the next command finishes it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tools.labkit import LabVM, MiB, guest_write, lab_vm
+
+pytestmark = pytest.mark.lab
+EXE = Path(sys.executable).parent / "rdm-backup"
+FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+# (level, date): fulls, incrementals, a differential and a resync over six days
+POINTS = [("full", "2026-11-01 10:00:00"), ("incremental", "2026-11-01 11:00:00"),
+          ("incremental", "2026-11-02 10:00:00"), ("incremental", "2026-11-02 12:00:00"),
+          ("full", "2026-11-03 10:00:00"), ("differential", "2026-11-03 12:00:00"),
+          ("incremental", "2026-11-04 10:00:00"), ("resync", "2026-11-04 12:00:00"),
+          ("incremental", "2026-11-05 10:00:00")]
+RULES = ["--keep-last", "2", "--keep-daily", "3"]
+
+
+def rdm_backup(*args: str, date: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if date is not None:
+        env.update(LD_PRELOAD=str(FAKETIME), FAKETIME=f"@{date}")
+    return subprocess.run([str(EXE), *args], capture_output=True, text=True, timeout=600,
+                          env=env, check=False)
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(4 * MiB):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_points(vm: LabVM, repo: Path) -> dict[str, str]:
+    """The backups of POINTS, each after guest writes; backup id -> sha256 of vdb then."""
+    made: dict[str, str] = {}
+    for n, (level, date) in enumerate(POINTS):
+        guest_write(vm.dom, "vdb", 0x40 + n, (n % 5) * 3 * MiB + n * 64 * 1024, 2 * MiB)
+        reference = sha256(vm.loop)
+        proc = rdm_backup("backup", vm.name, "--target", str(repo), "--disk", "vdb",
+                          "--level", level, "--json", date=date)
+        assert proc.returncode == 0, proc.stderr
+        document = json.loads(proc.stdout)
+        assert document["level"] == level
+        made[document["backup_id"]] = reference
+    return made
+
+
+def dry_run(repo: Path, name: str) -> dict[str, str]:
+    proc = rdm_backup("prune", name, "--target", str(repo), *RULES, "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    [chain] = json.loads(proc.stdout)
+    return {p["backup_id"]: p["action"] for p in chain["points"]}
+
+
+def listed(repo: Path, name: str) -> list[str]:
+    proc = rdm_backup("list", name, "--target", str(repo), "--json")
+    assert proc.returncode == 0, proc.stderr
+    return [b["backup_id"] for b in json.loads(proc.stdout)]
+
+
+def restored_digest(repo: Path, name: str, backup_id: str, scratch: Path) -> str:
+    out = scratch / f"{backup_id}.raw"
+    proc = rdm_backup("restore", name, "--target", str(repo), "--disk", "vdb", "--backup",
+                      backup_id, "--to", str(out))
+    assert proc.returncode == 0, proc.stderr
+    try:
+        return sha256(out)
+    finally:
+        out.unlink()
+
+
+def allocated(root: Path) -> int:
+    return sum(p.lstat().st_blocks * 512 for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.skipif(not FAKETIME.exists(), reason="libfaketime is not installed")
+def test_prune_keeps_what_the_rules_say_and_every_kept_point_restores() -> None:
+    with lab_vm(loop_size=32 * MiB, lun_size=16 * MiB) as vm:
+        repo = vm.workdir / "repo"
+        made = make_points(vm, repo)
+        decided = dry_run(repo, vm.name)
+        kept = [i for i in made if decided[i] == "keep"]
+        dropped = [i for i in made if decided[i] == "drop"]
+        assert dropped and len(kept) >= 3
+        before = allocated(repo)
+
+        proc = rdm_backup("prune", vm.name, "--target", str(repo), *RULES, "--json")
+        assert proc.returncode == 0, proc.stderr
+        [chain] = json.loads(proc.stdout)
+        assert chain["dropped"] == dropped
+        assert chain["bytes_moved"] == sum(m["bytes_moved"] for m in chain["merges"])
+        assert listed(repo, vm.name) == kept
+        assert before - allocated(repo) >= chain["freed_bytes"] > 0
+
+        proc = rdm_backup("verify", vm.name, "--target", str(repo))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        for backup_id in kept:
+            assert restored_digest(repo, vm.name, backup_id, vm.workdir) == made[backup_id]
+
+        guest_write(vm.dom, "vdb", 0x7E, 5 * MiB, MiB)
+        reference = sha256(vm.loop)
+        proc = rdm_backup("backup", vm.name, "--target", str(repo), "--disk", "vdb", "--json")
+        assert proc.returncode == 0, proc.stderr
+        document = json.loads(proc.stdout)
+        assert document["level"] == "incremental" and document["pruned"] is None
+        assert restored_digest(repo, vm.name, document["backup_id"], vm.workdir) == reference
+
+        guest_write(vm.dom, "vdb", 0x7F, 9 * MiB, MiB)
+        reference = sha256(vm.loop)
+        before_ids = listed(repo, vm.name)
+        proc = rdm_backup("backup", vm.name, "--target", str(repo), "--disk", "vdb", "--json",
+                          "--prune", "--keep-last", "1")
+        assert proc.returncode == 0, proc.stderr
+        document = json.loads(proc.stdout)
+        pruned = document["pruned"]["dropped"]
+        assert pruned and document["backup_id"] not in pruned
+        assert listed(repo, vm.name) == [i for i in [*before_ids, document["backup_id"]]
+                                         if i not in pruned]
+        assert restored_digest(repo, vm.name, document["backup_id"], vm.workdir) == reference
+
+
+def _kill_when(argv: list[str], ready: Callable[[], bool], limit: float = 60.0) -> bool:
+    """Run ``argv`` and SIGKILL it once ``ready()`` holds; False when it ended first."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + limit
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if ready():
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(0.001)
+        return False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.skipif(not FAKETIME.exists(), reason="libfaketime is not installed")
+def test_a_prune_killed_at_each_step_leaves_every_kept_point_restorable() -> None:
+    with lab_vm(loop_size=16 * MiB, lun_size=16 * MiB) as vm:
+        pristine = vm.workdir / "pristine"
+        made = make_points(vm, pristine)
+        decided = dry_run(pristine, vm.name)
+        kept = [i for i in made if decided[i] == "keep"]
+        domain_dir = pristine / vm.uuid
+        steps: list[tuple[str, Callable[[Path], bool]]] = [
+            ("journal written", lambda d: (d / ".prune-journal.json").exists()),
+            ("a merge job running", lambda d: _daemon_running()),
+            ("a kept manifest written again", lambda d: _manifest_changed(domain_dir, d)),
+            ("a dropped point leaving", lambda d: any(d.glob(".pruned-*"))),
+            ("a dropped point gone", lambda d: len(list(d.glob("2*"))) < len(made)),
+        ]
+        killed = 0
+        for step, seen in steps:
+            repo = vm.workdir / "repo"
+            shutil.rmtree(repo, ignore_errors=True)
+            shutil.copytree(pristine, repo)
+            here = repo / vm.uuid
+            argv = [str(EXE), "prune", vm.name, "--target", str(repo), *RULES]
+            killed += _kill_when(argv, functools.partial(seen, here))
+            for backup_id in kept:  # restore finishes the prune first
+                assert restored_digest(repo, vm.name, backup_id, vm.workdir) == \
+                    made[backup_id], step
+            assert not (here / ".prune-journal.json").exists(), step
+            assert listed(repo, vm.name) == kept, step
+            proc = rdm_backup("verify", vm.name, "--target", str(repo))
+            assert proc.returncode == 0, (step, proc.stdout + proc.stderr)
+        assert killed >= 3  # most steps were caught while the prune ran
+
+
+def _daemon_running() -> bool:
+    found = subprocess.run(["pgrep", "-f", "qemu-storage-daemon.*(stream|commit)"],
+                           capture_output=True, check=False)
+    return found.returncode == 0
+
+
+def _manifest_changed(original: Path, copy: Path) -> bool:
+    for manifest in copy.glob("2*/manifest.json"):
+        source = original / manifest.parent.name / "manifest.json"
+        try:
+            if source.read_bytes() != manifest.read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
