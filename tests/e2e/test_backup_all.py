@@ -105,15 +105,21 @@ def test_backup_all_backs_up_skips_and_fails_each_domain_on_its_own(
         assert status[doms["broken"].UUIDString()].error == broken["error"]
         assert status[doms["running"].UUIDString()].id == by_key["running"]["id"]
 
-        # again, as text, the broken one excluded by its UUID: all good, its entry kept
+        # again, as text, the broken one excluded by its UUID, each chain pruned after its
+        # backup: all good, the broken one's entry kept
         code, out, err = run_all(["--target", str(repo), "--exclude",
-                                  doms["broken"].UUIDString().upper()], capsys)
+                                  doms["broken"].UUIDString().upper(), "--prune",
+                                  "--keep-last", "1"], capsys)
         assert code == 0 and err == ""
         lines = out.splitlines()
         assert lines[0] == f"{doms['no-raw'].name()}  skipped: {skipped['skipped']}"
         assert sorted(line.split()[:2] for line in lines[1:]) == sorted(
             [doms[key].name(), "ok"] for key in ("running", "shut-off"))
         again = parse_status((repo / STATUS_NAME).read_bytes())
+        for key in ("running", "shut-off"):  # the prune keeps the full the next
+            uuid = doms[key].UUIDString()     # differential builds on, and the newest
+            assert [m.backup_id for m in api.list_backups(str(repo), uuid)] == [
+                by_key[key]["id"], again[uuid].id]
         assert again[doms["broken"].UUIDString()] == status[doms["broken"].UUIDString()]
         assert again[doms["running"].UUIDString()].when > status[doms["running"].UUIDString()].when
 
