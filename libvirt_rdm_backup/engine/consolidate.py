@@ -29,8 +29,8 @@ from libvirt_rdm_backup.engine.sinks import DATA_FORMAT
 from libvirt_rdm_backup.errors import RepositoryError
 from libvirt_rdm_backup.fileutil import fsync_dir
 from libvirt_rdm_backup.qemu import layers
-from libvirt_rdm_backup.qemu.layer_jobs import commit_into, stream_into
-from libvirt_rdm_backup.repository.chain import lineage
+from libvirt_rdm_backup.qemu.layer_jobs import commit_into, rebase_onto, stream_into
+from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
 from libvirt_rdm_backup.repository.digest import file_digest
 from libvirt_rdm_backup.repository.ids import check_backup_id, check_safe_name
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
@@ -66,6 +66,7 @@ class _Paths:
     dropped: list[str]  # newest first
     base: list[str]  # the base point's layers, top first (empty: none)
     size: int
+    base_points: list[DiskPoint]  # the points of ``base``
 
 
 def finish(repo: Repository, domain_uuid: str, speed: int = 0) -> Journal | None:
@@ -110,10 +111,15 @@ def _merged(repo: Repository, manifest: Manifest, merge: Merge, speed: int) -> D
     if layers.file_problem(paths.kept, final, record.size) is None:
         pass  # the kept layer reads its base already: only the manifest is left
     elif merge.direction == "up":
-        _check_layers(paths, merge, record)
+        _check_layers(paths, merge, record, merge.base)
         stream_into(paths.kept, paths.dropped, paths.base, final, merge.disk, speed)
+    elif merge.direction == "rebase":
+        oldest = repo.load(manifest.domain_uuid, merge.dropped[-1]).disk(merge.disk)
+        _check_layers(paths, merge, record, oldest.parent if oldest else merge.base)
+        assert final is not None
+        rebase_onto(paths.kept, final)
     else:
-        _check_layers(paths, merge, record)
+        _check_layers(paths, merge, record, merge.base)
         bottom = paths.dropped[-1]
         commit_into(paths.kept, paths.dropped[:-1], bottom, paths.base, paths.size,
                     merge.disk, speed)
@@ -137,7 +143,7 @@ def _paths(repo: Repository, manifest: Manifest, record: DiskRecord, merge: Merg
     directory = repo.domain_dir(manifest.domain_uuid)
     layer = check_safe_name(merge.disk, "disk name") + LAYER_SUFFIX
     dropped = [os.path.join(directory, check_backup_id(i), layer) for i in merge.dropped]
-    base: list[str] = []
+    points: list[DiskPoint] = []
     if merge.base is not None:
         backups = repo.scan(manifest.domain_uuid).backups
         below = next((m for m in backups if m.backup_id == merge.base), None)
@@ -147,15 +153,18 @@ def _paths(repo: Repository, manifest: Manifest, record: DiskRecord, merge: Merg
         if missing is not None:
             raise RepositoryError(f"prune journal: backup {merge.base} builds on "
                                   f"{missing}, which is missing")
-        base = [repo.data_file(p.manifest, p.record) for p in points]
-    return _Paths(repo.data_file(manifest, record), dropped, base, record.size)
+    base = [repo.data_file(p.manifest, p.record) for p in points]
+    return _Paths(repo.data_file(manifest, record), dropped, base, record.size, points)
 
 
-def _check_layers(paths: _Paths, merge: Merge, record: DiskRecord) -> None:
-    """Every layer QEMU opens for the merge names the backing file the chain implies."""
-    chain = [merge.kept, *merge.dropped]
-    below = [*merge.dropped, merge.base]
-    for path, above, parent in zip([paths.kept, *paths.dropped], chain, below, strict=True):
+def _check_layers(paths: _Paths, merge: Merge, record: DiskRecord,
+                  lowest_parent: str | None) -> None:
+    """Every layer QEMU opens for the merge names the backing file the chain implies
+    (``lowest_parent``: that of the oldest dropped layer; for a rebase, its own)."""
+    chain = [merge.kept, *merge.dropped, *(p.backup_id for p in paths.base_points)]
+    below = [*merge.dropped, lowest_parent, *(p.record.parent for p in paths.base_points)]
+    files = [paths.kept, *paths.dropped, *paths.base]
+    for path, above, parent in zip(files, chain, below, strict=True):
         problem = layers.file_problem(path, backing_name(parent, merge.disk), record.size)
         if problem is not None:
             raise RepositoryError(f"cannot merge into {merge.disk} of {merge.kept}: the "

@@ -38,7 +38,8 @@ class PlannedMerge:
 
     @property
     def bytes_moved(self) -> int:
-        return self.bytes_up if self.merge.direction == "up" else int(self.bytes_down or 0)
+        """The bytes the chosen way copies (a rebase: at most those of its dropped layers)."""
+        return int(self.bytes_down or 0) if self.merge.direction == "down" else self.bytes_up
 
 
 @dataclass
@@ -173,9 +174,17 @@ def plan_merges(store: FileStore, chain: Chain, drop: set[str]) -> list[PlannedM
             found.append((Merge(record.disk.target, manifest.backup_id, tuple(dropped),
                                 below, "up"), manifest))
     shared = _shared(m for m, _ in found)
+    first: dict[tuple[str, str], str] = {}  # shared dropped layer -> the kept point taking it
     planned = []
     for merge, manifest in found:
         costs = _costs(store, chain, merge, manifest, shared)
+        taken = [first[(merge.disk, i)] for i in merge.dropped if (merge.disk, i) in first]
+        if taken:  # another kept point took the shared layers in: read them from it
+            planned.append(PlannedMerge(Merge(merge.disk, merge.kept, merge.dropped, taken[0],
+                                              "rebase"), costs[0], None))
+            continue
+        for backup_id in merge.dropped:
+            first.setdefault((merge.disk, backup_id), merge.kept)
         direction = "down" if costs[1] is not None and costs[1] < costs[0] else "up"
         planned.append(PlannedMerge(Merge(merge.disk, merge.kept, merge.dropped, merge.base,
                                           direction), *costs))

@@ -7,6 +7,9 @@ readable through a merge that is cut short:
   ``base`` that it does not hide (``block-stream``), then its header names ``base``.
 - :func:`commit_into`: the data of every layer above ``bottom`` up to the top is
   written into ``bottom`` (``block-commit``); ``bottom`` then reads as the top did.
+- :func:`rebase_onto`: the top layer takes in where it reads differently from another
+  chain, then its header names that chain (``qemu-img rebase``: QEMU has no job for
+  it; the chains are opened by the names in their headers, which the caller checked).
 
 The chain is given as files, top first; every backing is explicit (no name in a
 header is followed), and each header is checked by the caller before.
@@ -76,6 +79,18 @@ def commit_into(top: str, middle: Sequence[str], bottom: str, base: Sequence[str
         if speed:
             arguments["speed"] = speed
         _run(daemon, "block-commit", arguments, label)
+
+
+def rebase_onto(top: str, backing_name: str) -> None:
+    """Make ``top`` read as it does over the layer ``backing_name`` (relative to it).
+
+    Idempotent: the differences are written first (what ``top`` reads does not change),
+    the header names the new backing last.
+    """
+    from libvirt_rdm_backup.process import run
+
+    run(["qemu-img", "rebase", "-q", "-f", layers.FORMAT, "-F", layers.FORMAT, "-b",
+         backing_name, top])
 
 
 def _chain(daemon: JobHost, stack: ExitStack, files: Sequence[str], label: str,

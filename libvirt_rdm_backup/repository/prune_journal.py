@@ -12,7 +12,9 @@ anything, so that a prune cut short (killed, power lost) is finished by the next
 A merge moves the data of the ``dropped`` points of one disk (the kept point's parent
 and its parents, down to ``base``, the next point kept) into the ``kept`` point's layer:
 ``up`` streams it into the kept layer; ``down`` commits the kept layer and the newer
-dropped ones into the oldest dropped layer, which then replaces the kept layer.
+dropped ones into the oldest dropped layer, which then replaces the kept layer;
+``rebase`` (dropped layers another kept point took in already) writes into the kept
+layer where it reads differently from ``base``, an older kept point, and backs it by it.
 
 Read back as untrusted input: ids and names must be what the tool writes, and the
 caller checks the merges against the manifests before acting on any of it.
@@ -32,7 +34,7 @@ JOURNAL = ".prune-journal.json"
 FORMAT = "libvirt-rdm-backup/prune-journal"
 VERSION = 1
 MAX_JOURNAL = 4 << 20
-DIRECTIONS = ("up", "down")
+DIRECTIONS = ("up", "down", "rebase")
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,8 @@ class Merge:
     kept: str
     dropped: tuple[str, ...]  # the kept point's parent first, down to the one above ``base``
     base: str | None  # the kept point below them (None: the kept point becomes a full copy)
-    direction: str  # "up": streamed into the kept layer; "down": committed into the oldest
+    direction: str  # "up": streamed into the kept layer; "down": committed into the oldest;
+    # "rebase": onto ``base``, a kept point that took the dropped layers in
 
 
 @dataclass(frozen=True)

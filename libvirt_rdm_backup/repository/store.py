@@ -222,7 +222,8 @@ class Repository:
         """Exclusive per-domain lock: one backup of a domain at a time."""
         directory = self.domain_dir(domain_uuid)
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        busy = f"another backup of domain {domain_uuid} is running in this repository"
+        busy = (f"another backup of domain {domain_uuid} (or a prune of its backups) is running "
+                "in this repository")
         with exclusive(os.path.join(directory, ".lock"), busy):
             self._remove_partials(directory)
             yield

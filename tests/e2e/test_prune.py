@@ -29,12 +29,18 @@ from tools.labkit import LabVM, MiB, guest_write, lab_vm
 pytestmark = pytest.mark.lab
 EXE = Path(sys.executable).parent / "rdm-backup"
 FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
-# (level, date): fulls, incrementals, a differential and a resync over six days
+# (level, date): fulls, incrementals, a differential and a resync over five days
 POINTS = [("full", "2026-11-01 10:00:00"), ("incremental", "2026-11-01 11:00:00"),
           ("incremental", "2026-11-02 10:00:00"), ("incremental", "2026-11-02 12:00:00"),
           ("full", "2026-11-03 10:00:00"), ("differential", "2026-11-03 12:00:00"),
           ("incremental", "2026-11-04 10:00:00"), ("resync", "2026-11-04 12:00:00"),
           ("incremental", "2026-11-05 10:00:00")]
+# a dropped full under two kept branches (incrementals, and a differential's)
+BRANCHES = [("full", "2026-11-01 10:00:00"), ("incremental", "2026-11-01 11:00:00"),
+            ("incremental", "2026-11-02 10:00:00"), ("differential", "2026-11-03 10:00:00"),
+            ("incremental", "2026-11-03 12:00:00"), ("full", "2026-11-04 10:00:00"),
+            ("incremental", "2026-11-05 10:00:00"), ("resync", "2026-11-05 12:00:00"),
+            ("incremental", "2026-11-06 10:00:00")]
 RULES = ["--keep-last", "2", "--keep-daily", "3"]
 
 
@@ -54,11 +60,13 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def make_points(vm: LabVM, repo: Path) -> dict[str, str]:
-    """The backups of POINTS, each after guest writes; backup id -> sha256 of vdb then."""
+def make_points(vm: LabVM, repo: Path, points: list[tuple[str, str]] = POINTS
+                ) -> dict[str, str]:
+    """The backups of ``points``, each after guest writes; backup id -> sha256 of vdb then."""
     made: dict[str, str] = {}
-    for n, (level, date) in enumerate(POINTS):
-        guest_write(vm.dom, "vdb", 0x40 + n, (n % 5) * 3 * MiB + n * 64 * 1024, 2 * MiB)
+    for n, (level, date) in enumerate(points):
+        length = 8 * MiB if n == 0 else MiB  # a large first full: dropping it merges down
+        guest_write(vm.dom, "vdb", 0x40 + n, (n % 5) * 3 * MiB + n * 64 * 1024, length)
         reference = sha256(vm.loop)
         proc = rdm_backup("backup", vm.name, "--target", str(repo), "--disk", "vdb",
                           "--level", level, "--json", date=date)
@@ -98,6 +106,29 @@ def allocated(root: Path) -> int:
 
 
 @pytest.mark.skipif(not FAKETIME.exists(), reason="libfaketime is not installed")
+def test_a_full_under_two_kept_branches_is_kept_once() -> None:
+    """The dropped full goes into the older branch's kept point; the other branch's kept
+    point is rebased onto it, so the repository still shrinks."""
+    with lab_vm(loop_size=32 * MiB, lun_size=16 * MiB) as vm:
+        repo = vm.workdir / "repo"
+        made = make_points(vm, repo, BRANCHES)
+        decided = dry_run(repo, vm.name)
+        kept = [i for i in made if decided[i] == "keep"]
+        before = allocated(repo)
+        proc = rdm_backup("prune", vm.name, "--target", str(repo), *RULES, "--json")
+        assert proc.returncode == 0, proc.stderr
+        [chain] = json.loads(proc.stdout)
+        directions = [m["direction"] for m in chain["merges"]]
+        assert "rebase" in directions, chain["merges"]
+        assert listed(repo, vm.name) == kept
+        assert allocated(repo) < before
+        proc = rdm_backup("verify", vm.name, "--target", str(repo))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        for backup_id in kept:
+            assert restored_digest(repo, vm.name, backup_id, vm.workdir) == made[backup_id]
+
+
+@pytest.mark.skipif(not FAKETIME.exists(), reason="libfaketime is not installed")
 def test_prune_keeps_what_the_rules_say_and_every_kept_point_restores() -> None:
     with lab_vm(loop_size=32 * MiB, lun_size=16 * MiB) as vm:
         repo = vm.workdir / "repo"
@@ -112,6 +143,7 @@ def test_prune_keeps_what_the_rules_say_and_every_kept_point_restores() -> None:
         assert proc.returncode == 0, proc.stderr
         [chain] = json.loads(proc.stdout)
         assert chain["dropped"] == dropped
+        assert {m["direction"] for m in chain["merges"]} == {"up", "down"}
         assert chain["bytes_moved"] == sum(m["bytes_moved"] for m in chain["merges"])
         assert listed(repo, vm.name) == kept
         assert before - allocated(repo) >= chain["freed_bytes"] > 0
@@ -162,16 +194,18 @@ def _kill_when(argv: list[str], ready: Callable[[], bool], limit: float = 60.0) 
 
 
 @pytest.mark.skipif(not FAKETIME.exists(), reason="libfaketime is not installed")
-def test_a_prune_killed_at_each_step_leaves_every_kept_point_restorable() -> None:
+@pytest.mark.parametrize("points", [POINTS, BRANCHES], ids=["down-and-up", "rebase"])
+def test_a_prune_killed_at_each_step_leaves_every_kept_point_restorable(
+        points: list[tuple[str, str]]) -> None:
     with lab_vm(loop_size=16 * MiB, lun_size=16 * MiB) as vm:
         pristine = vm.workdir / "pristine"
-        made = make_points(vm, pristine)
+        made = make_points(vm, pristine, points)
         decided = dry_run(pristine, vm.name)
         kept = [i for i in made if decided[i] == "keep"]
         domain_dir = pristine / vm.uuid
         steps: list[tuple[str, Callable[[Path], bool]]] = [
             ("journal written", lambda d: (d / ".prune-journal.json").exists()),
-            ("a merge job running", lambda d: _daemon_running()),
+            ("a merge job running", lambda d: _merging()),
             ("a kept manifest written again", lambda d: _manifest_changed(domain_dir, d)),
             ("a dropped point leaving", lambda d: any(d.glob(".pruned-*"))),
             ("a dropped point gone", lambda d: len(list(d.glob("2*"))) < len(made)),
@@ -194,8 +228,9 @@ def test_a_prune_killed_at_each_step_leaves_every_kept_point_restorable() -> Non
         assert killed >= 3  # most steps were caught while the prune ran
 
 
-def _daemon_running() -> bool:
-    found = subprocess.run(["pgrep", "-f", "qemu-storage-daemon.*(stream|commit)"],
+def _merging() -> bool:
+    """A merge of this host's prunes runs (a QEMU stream or commit job, or a rebase)."""
+    found = subprocess.run(["pgrep", "-f", "qemu-storage-daemon.*(stream|commit)|qemu-img rebase"],
                            capture_output=True, check=False)
     return found.returncode == 0
 
@@ -209,3 +244,28 @@ def _manifest_changed(original: Path, copy: Path) -> bool:
         except OSError:
             continue
     return False
+
+
+@pytest.mark.skipif(not FAKETIME.exists(), reason="libfaketime is not installed")
+def test_a_backup_during_a_prune_fails_with_one_line_and_the_prune_completes() -> None:
+    with lab_vm(loop_size=32 * MiB, lun_size=16 * MiB) as vm:
+        repo = vm.workdir / "repo"
+        made = make_points(vm, repo)
+        decided = dry_run(repo, vm.name)
+        code = ("import sys; from libvirt_rdm_backup import api; "
+                "from libvirt_rdm_backup.repository.retention import RetentionPolicy; "
+                "api.prune(sys.argv[1], RetentionPolicy(keep_last=2, keep_daily=3), "
+                "sys.argv[2], bwlimit=1)")  # 1 MiB/s: the merges take seconds
+        prune = subprocess.Popen([sys.executable, "-c", code, str(repo), vm.name])
+        try:
+            journal = repo / vm.uuid / ".prune-journal.json"
+            deadline = time.monotonic() + 60
+            while not journal.exists() and prune.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert journal.exists()
+            proc = rdm_backup("backup", vm.name, "--target", str(repo), "--disk", "vdb")
+            assert proc.returncode == 4
+            assert proc.stderr.count("\n") == 1 and "prune" in proc.stderr, proc.stderr
+        finally:
+            assert prune.wait(timeout=120) == 0
+        assert listed(repo, vm.name) == [i for i in made if decided[i] == "keep"]

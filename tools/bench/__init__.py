@@ -68,6 +68,9 @@ The sections (``--sections``, default all of them, run in this order in one proc
   measured.
 * ``restore``: :func:`api.restore` of vdb's full backup onto a fresh loop device against
   ``dd`` of vdb onto one (``conv=fsync``): restore throughput / dd throughput (goal >= 0.9).
+* ``prune``: a full and 20 incrementals of vdb (``--dirty`` rewritten before each), then
+  ``api.prune`` with ``keep_last=1``: the time, and the bytes QEMU wrote into the kept layer
+  (its own data before and after, ``qemu-img map``) / the bytes that had to move (goal <= 1.1).
 * ``lun``: SCSI passthrough LUNs backed up through storage snapshots. Two iSCSI LUNs of
   ``--size-mib`` each (the same ``--fill`` of random data), served by the lab's tgtd from
   files on the lab's reflink XFS (so the ``tgt-reflink`` storage agent snapshots them),
@@ -107,6 +110,6 @@ on an rdmb domain) and is removed in ``finally`` blocks; NBD servers are stopped
 Needs root and the lab (``make lab-up``); the peer section needs ``virtnbdbackup``.
 
 Usage (``make bench``): ``.venv/bin/python -m tools.bench [--size-mib N] [--fill F]
-[--repeat N] [--sections full,nbd,incremental,peer,resync,restore,lun,guestio,rss]
+[--repeat N] [--sections full,nbd,incremental,peer,resync,restore,prune,lun,guestio,rss]
 [--dirty F] [--settle S] [--rss-size-gib N] [--json]``
 """

@@ -47,6 +47,8 @@ GOALS = {
     "lun_inc_stored_ratio_to_dirty": 1.2,
     # rss: the tool's peak resident memory on a large sparse LUN, MiB
     "rss_max_mib": 100.0,
+    # prune: the bytes a merge copies, at most 10% over those that must move
+    "prune_moved_ratio": 1.1,
 }
 AT_LEAST = frozenset({"restore_throughput_ratio_vs_dd"})
 

@@ -18,12 +18,14 @@ from types import FrameType
 from typing import Any
 
 from tools.bench import __doc__ as bench_doc
-from tools.bench import full, guestio, incremental, lun, nbd, peer, restore, resync, rss
+from tools.bench import full, guestio, incremental, lun, nbd, peer, prune, restore, resync, rss
 from tools.bench.common import AT_LEAST, DISK, GOALS, Lab, MiB, fill_lun, goal, goal_met, say
 from tools.labkit import block_disk, domain_type, loop_device, rdmb_tmpdir, test_domain, unique_name
 
-SECTIONS = ("full", "nbd", "incremental", "peer", "resync", "restore", "lun", "guestio", "rss")
-SHARED_LUN = frozenset({"full", "nbd", "incremental", "peer", "resync", "restore", "guestio"})
+SECTIONS = ("full", "nbd", "incremental", "peer", "resync", "restore", "prune", "lun", "guestio",
+            "rss")
+SHARED_LUN = frozenset({"full", "nbd", "incremental", "peer", "resync", "restore", "prune",
+                        "guestio"})
 LOADED_WINDOWS = lun.LOADED_WINDOWS
 
 
@@ -44,6 +46,7 @@ RUNS: dict[str, tuple[Measure, Show, str]] = {
     "resync": (lambda lab, _doc: resync.section_resync(lab), resync.print_resync, "resync"),
     "restore": (lambda lab, _doc: restore.section_restore(lab), restore.print_restore,
                 "restore_s"),
+    "prune": (lambda lab, _doc: prune.section_prune(lab), prune.print_prune, "prune_s"),
     "lun": (lambda lab, _doc: lun.section_lun(lab), lun.print_lun, "lun_paused_ms"),
     "guestio": (_guestio, guestio.print_guestio, "guestio_direct_median_ms"),
     "rss": (lambda lab, _doc: rss.section_rss(lab), rss.print_rss, "rss_max_mib"),
