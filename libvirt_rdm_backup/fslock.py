@@ -1,4 +1,4 @@
-"""Exclusive, non-blocking file locks (``flock``): one holder at a time, or a clear refusal."""
+"""Exclusive file locks (``flock``): one holder at a time, a clear refusal or a bounded wait."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.errors import OperationError
 
 
@@ -25,3 +26,21 @@ def exclusive(path: str, busy: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextmanager
+def waiting(path: str, timeout: float) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created 0600, never through a symlink), waiting up
+    to ``timeout`` seconds for another holder to let go; OperationError after that."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        retry.flock_wait(path, timeout)(_lock_now, fd)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _lock_now(fd: int) -> bool:
+    """One attempt: True, or BlockingIOError while another process holds the lock."""
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return True

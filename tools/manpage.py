@@ -28,7 +28,7 @@ DEFAULT_OUTPUT = REPO_ROOT / "docs" / "rdm-backup.1"
 SEE_ALSO = ("virsh(1)", "qemu-img(1)", "qemu-nbd(8)", "qemu-storage-daemon(1)", "nbdinfo(1)",
             "nbdcopy(1)", "ssh(1)", "sshd(8)")
 DOCS = ("docs/cli.md", "docs/exit-codes.md", "docs/network.md", "docs/remote-backups.md",
-        "docs/repository-format.md")
+        "docs/repository-format.md", "docs/scheduling.md")
 
 
 def _modules() -> tuple[ModuleType, ModuleType, ModuleType]:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from libvirt_rdm_backup import api
+from libvirt_rdm_backup.cli.fleet import check_usage, cmd_backup_all
 from libvirt_rdm_backup.cli.output import (
     EXIT_OK,
     EXIT_VERIFY,
@@ -19,8 +20,11 @@ from libvirt_rdm_backup.errors import DamagedBackupError
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    """Take a backup (and prune its chain with ``--prune``)."""
+    """Back up one domain (or every domain: ``--all``); ``--prune`` then prunes its chain."""
+    check_usage(args)
     retention = backup_retention(args)
+    if args.all:
+        return cmd_backup_all(args, args.backup_parser)
     result = api.backup(args.domain, args.target, args.disk or None, args.connect,
                         None if args.json else progress_printer(), level=args.level,
                         chain=args.chain, quiesce=args.quiesce,

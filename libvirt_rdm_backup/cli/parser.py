@@ -7,8 +7,10 @@ from typing import Any
 
 from libvirt_rdm_backup.cli.backups import cmd_backup, cmd_list, cmd_restore, cmd_verify
 from libvirt_rdm_backup.cli.disks import cmd_disks, cmd_map
+from libvirt_rdm_backup.cli.fleet import jobs
 from libvirt_rdm_backup.cli.host import cmd_agent, cmd_hook
 from libvirt_rdm_backup.cli.prune import add_keep_options, cmd_prune
+from libvirt_rdm_backup.cli.schedule import cmd_schedule
 from libvirt_rdm_backup.cli.serving import cmd_export, cmd_receive
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, check_max_pause
 from libvirt_rdm_backup.errors import UsageError
@@ -73,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _add_disks(sub, common)
     _add_map(sub, common)
-    _add_backup(sub, common)
+    backup = _add_backup(sub, common)
     _add_restore(sub, common)
     _add_verify(sub, common)
     _add_hook(sub, common)
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent(sub, common)
     _add_list(sub, common)
     _add_prune(sub, common)
+    _add_schedule(sub, common, backup)
     return parser
 
 
@@ -100,10 +103,11 @@ def _add_map(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     p.set_defaults(func=cmd_map)
 
 
-def _add_backup(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+def _add_backup(sub: argparse._SubParsersAction[Parser], common: Parser) -> Parser:
     """The ``backup`` command."""
-    p = sub.add_parser("backup", parents=[common], help="back up a domain's raw disks")
-    p.add_argument("domain", help="domain name or UUID")
+    p = sub.add_parser("backup", parents=[common],
+                       help="back up a domain's raw disks (or those of every domain: --all)")
+    p.add_argument("domain", nargs="?", help="domain name or UUID (not with --all)")
     p.add_argument("--target", required=True, metavar="DIR|URI",
                    help="repository directory, or an NBD volume: nbd://HOST:PORT/EXPORT, "
                         "nbds://... (TLS), nbd+unix:///EXPORT?socket=PATH")
@@ -138,7 +142,18 @@ def _add_backup(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
                    help="after the backup, prune its chain by the --keep-* options "
                         "(see prune)")
     add_keep_options(p, "(with --prune)")
-    p.set_defaults(func=cmd_backup)
+    p.add_argument("--all", action="store_true",
+                   help="every domain of the connection (running or shut off) that has raw "
+                        "disks, each into the one repository; domains without raw disks are "
+                        "listed as skipped (no --disk)")
+    p.add_argument("--jobs", type=jobs, metavar="N",
+                   help="with --all: back up at most N domains at once (default: 1; one at a "
+                        "time to an NBD volume)")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="with --all: leave out the domains whose name or UUID matches this "
+                        "shell pattern (fnmatch: *, ?, [...]; repeatable)")
+    p.set_defaults(func=cmd_backup, backup_parser=p)
+    return p
 
 
 def _add_restore(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
@@ -271,3 +286,30 @@ def _add_prune(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print what would be kept and dropped, and why; change nothing")
     p.set_defaults(func=cmd_prune)
+
+
+def _add_schedule(sub: argparse._SubParsersAction[Parser], common: Parser,
+                  backup: Parser) -> None:
+    """The ``schedule`` command."""
+    p = sub.add_parser("schedule", parents=[common],
+                       help="install or remove a systemd timer that runs backup --all for a "
+                            "target (see docs/scheduling.md)")
+    p.add_argument("action", choices=("install", "uninstall"),
+                   help="install (or update) or remove the timer rdm-backup@NAME.timer")
+    p.add_argument("name", metavar="NAME",
+                   help="the timer's instance name: letters, digits and _ . : -")
+    p.add_argument("--target", metavar="DIR|URI", help="install: the repository of backup --all")
+    p.add_argument("--on-calendar", metavar="SPEC",
+                   help="install: when to run, as a systemd calendar expression (default: "
+                        "nightly at 01:00 with up to 1 h random delay)")
+    p.add_argument("--options", metavar="\"OPTIONS\"",
+                   help="install: more options of backup --all (e.g. \"--jobs 2 --quiesce\"), "
+                        "checked with its parser before they are written")
+    p.add_argument("--unit-dir", default="/etc/systemd/system", metavar="DIR",
+                   help="where the units go (default: %(default)s)")
+    p.add_argument("--config-dir", default="/etc/libvirt-rdm-backup", metavar="DIR",
+                   help="where the environment file NAME.env goes (default: %(default)s)")
+    p.add_argument("--no-enable", action="store_true",
+                   help="write the files but run no systemctl (it is never run where systemd "
+                        "is not the init system: the commands are printed)")
+    p.set_defaults(func=cmd_schedule, backup_parser=backup)

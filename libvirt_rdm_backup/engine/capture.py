@@ -32,6 +32,7 @@ import libvirt
 
 from libvirt_rdm_backup.consistency import Window, consistency_window
 from libvirt_rdm_backup.domain.connection import is_remote
+from libvirt_rdm_backup.engine.discover import offline_size
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, needs_paused_copy, over_bound
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.engine.resync import resync_layer
@@ -93,10 +94,10 @@ def copy_from_storage(plan: DiskPlan, sink: Sink, speed: int = 0,
                       progress: ProgressCallback | None = None,
                       deadline: float | None = None) -> None:
     """Copy a disk from its storage (host device or iSCSI LUN) into its new layer, which
-    the sink created beforehand (see :func:`_copy_into`)."""
-    assert plan.disk.size is not None
-    _copy_into(sink, plan, raw_source(plan.disk.source, size=plan.disk.size), speed, progress,
-               deadline)
+    the sink created beforehand (see :func:`_copy_into`). A disk whose size could not be
+    read fails here with the reason (StorageError), e.g. a source that is gone."""
+    size = plan.disk.size if plan.disk.size is not None else offline_size(plan.disk)
+    _copy_into(sink, plan, raw_source(plan.disk.source, size=size), speed, progress, deadline)
 
 
 def _copy_paused(plan: DiskPlan, sink: Sink, deadline: float, max_pause: float,

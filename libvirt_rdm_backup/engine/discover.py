@@ -9,6 +9,7 @@ import libvirt
 from libvirt_rdm_backup.domain.connection import domain_xml, is_running, lookup_domain
 from libvirt_rdm_backup.domain.discovery import inventory_from_xml
 from libvirt_rdm_backup.domain.disks import DiskInventory, OtherDisk, RawDisk
+from libvirt_rdm_backup.domain.inventory import volume_resolver
 from libvirt_rdm_backup.domain.xml import DomainXML
 from libvirt_rdm_backup.errors import (
     NotFoundError,
@@ -40,18 +41,6 @@ class DomainContext:
     def name(self) -> str:
         """The domain's name."""
         return self.inventory.domain_name
-
-
-def _volume_resolver(conn: libvirt.virConnect):  # type: ignore[no-untyped-def]
-    def resolve(pool: str, volume: str) -> tuple[str, bool] | None:
-        try:
-            vol = conn.storagePoolLookupByName(pool).storageVolLookupByName(volume)
-            kind = vol.info()[0]
-            return str(vol.path()), kind == libvirt.VIR_STORAGE_VOL_BLOCK
-        except libvirt.libvirtError:
-            return None
-
-    return resolve
 
 
 def offline_size(disk: RawDisk) -> int:
@@ -87,7 +76,7 @@ def open_domain(conn: libvirt.virConnect, name_or_uuid: str, live: bool = True) 
     dom = lookup_domain(conn, name_or_uuid)
     running = is_running(dom)
     text = domain_xml(dom)
-    inventory = inventory_from_xml(DomainXML.parse(text), running, _volume_resolver(conn))
+    inventory = inventory_from_xml(DomainXML.parse(text), running, volume_resolver(conn))
     if live:
         fill_live_facts(dom, inventory)
     return DomainContext(dom=dom, xml_text=text, inventory=inventory)

@@ -85,7 +85,7 @@ def test_man_page_renders_without_warnings() -> None:
         out, warnings = _render_warnings(argv)
         assert warnings == "", f"{argv[0]}: {warnings}"
         if argv[0] == "man":
-            assert "rdm-backup backup DOMAIN --target DIR|URI" in out
+            assert "rdm-backup backup [DOMAIN] --target DIR|URI" in out
             assert "EXIT STATUS" in out
 
 
@@ -166,11 +166,14 @@ JSON_CONTRACTS: dict[str, list[tuple[str, set[str] | None]]] = {
         ("engine/backup.py", {"to_dict"}), ("engine/restore.py", {"to_dict"}),
         ("engine/verify.py", {"to_dict"}), ("engine/export.py", {"to_dict"}),
         ("domain/disks.py", {"to_dict"}), ("engine/prune_plan.py", {"to_dict"}),
+        ("cli/fleet.py", {"cmd_backup_all"}),
+        ("fleet/runner.py", {"to_dict"}), ("schedule/install.py", {"to_dict"}),
     ],
     "repository-format.md": [
         ("repository/manifest.py", {"to_dict"}), ("storage/base.py", {"to_dict"}),
         ("storage/snapshots.py", {"to_dict"}), ("repository/digest.py", {"to_dict"}),
         ("repository/chunkmap.py", None), ("repository/chunks.py", None),
+        ("fleet/status.py", {"to_dict", "_write"}),
     ],
     "consistency.md": [("consistency.py", {"to_dict"})],
     "network.md": [("targets/volume_format.py", {"to_bytes"}),

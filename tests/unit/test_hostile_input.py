@@ -728,7 +728,8 @@ def backup_argv(draw: st.DrawFn) -> list[str]:
     extra = draw(st.lists(st.sampled_from(
         [["--level", "bogus"], ["--level", "full"], ["--quiesce"], ["--quiesce=never"],
          ["--agent", "ssh://[::1"], ["--agent", "ssh://host:0"], ["--agent", "not a uri"],
-         ["--disk", "vdb"], ["--json"], ["--allow-plain-nbd"], ["--unknown"]]), max_size=3))
+         ["--disk", "vdb"], ["--json"], ["--allow-plain-nbd"], ["--unknown"], ["--all"],
+         ["--jobs", "0"], ["--exclude", ""]]), max_size=3))
     return argv + [word for option in extra for word in option]
 
 
@@ -743,7 +744,7 @@ def test_cli_backup_refuses_bad_input(argv: list[str], cli_sandbox: Path,
 
 
 COMMANDS = {"disks", "map", "backup", "restore", "verify", "hook", "export", "receive", "list",
-            "agent"}
+            "agent", "schedule"}
 
 
 @LIGHT
