@@ -3,7 +3,8 @@
 Layout (all directories 0700, files 0600)::
 
     ROOT/rdm-backup-repository.json           format marker and version
-    ROOT/<domain-uuid>/.lock                  held while a backup of that domain runs
+    ROOT/<domain-uuid>/.lock                  held while a backup or prune of that domain runs
+    ROOT/<domain-uuid>/.prune.lock            readers shared, a prune exclusive
     ROOT/<domain-uuid>/.partial-<backup-id>/  a backup being written (never listed)
     ROOT/<domain-uuid>/<backup-id>/manifest.json
     ROOT/<domain-uuid>/<backup-id>/<disk>.qcow2

@@ -73,7 +73,7 @@ def test_failure_inside_staging_leaves_nothing(tmp_path: Path) -> None:
         Path(s.file("vdb.qcow2")).write_bytes(b"half")
         raise RuntimeError("copy failed")
     assert repo.scan() == ([], [])
-    assert [p.name for p in Path(repo.domain_dir(UUID)).iterdir()] == [".lock"]
+    assert sorted(p.name for p in Path(repo.domain_dir(UUID)).iterdir()) == [".lock", ".prune.lock"]
 
 
 def test_partials_of_killed_runs_are_removed_under_the_lock(tmp_path: Path) -> None:
