@@ -152,9 +152,9 @@ def block_copy(host: JobHost, source: Endpoint, target: Endpoint, label: str, *,
             if obj["id"] not in added:
                 stack.enter_context(_object(host, obj))
                 added.add(obj["id"])
-        src = stack.enter_context(_node(host, {**source.node, "read-only": True},
+        src = stack.enter_context(added_node(host, {**source.node, "read-only": True},
                                         object_name("src", label)))
-        dst = stack.enter_context(_node(host, {**target.node, "discard": "unmap",
+        dst = stack.enter_context(added_node(host, {**target.node, "discard": "unmap",
                                                "detect-zeroes": "unmap"},
                                         object_name("dst", label)))
         job_id = object_name("copy", label)
@@ -251,7 +251,9 @@ def _object(host: JobHost, arguments: dict[str, Any]) -> Iterator[None]:
 
 
 @contextmanager
-def _node(host: JobHost, options: dict[str, Any], name: str) -> Iterator[str]:
+def added_node(host: JobHost, options: dict[str, Any], name: str) -> Iterator[str]:
+    """A block node added as ``name`` for the ``with`` block (deleted after; a failure to
+    delete is logged: the daemon drops it when it quits)."""
     host.execute("blockdev-add", {**options, "node-name": name})
     try:
         yield name

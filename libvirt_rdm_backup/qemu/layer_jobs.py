@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any
 
 from libvirt_rdm_backup.errors import OperationError
 from libvirt_rdm_backup.process import stall_timeout
 from libvirt_rdm_backup.qemu import img, layers
-from libvirt_rdm_backup.qemu.block_copy import JobHost, cancel, follow_job
+from libvirt_rdm_backup.qemu.block_copy import JobHost, added_node, cancel, follow_job
 from libvirt_rdm_backup.qemu.names import object_name
 
 
@@ -101,27 +101,13 @@ def _chain(daemon: JobHost, stack: ExitStack, files: Sequence[str], label: str,
     below: str | None = None
     for index in range(len(files) - 1, -1, -1):
         name = object_name(f"layer{index}", label)
-        stack.enter_context(_node(daemon, {
-            "driver": layers.FORMAT, "node-name": name,
-            "file": layers.file_node(files[index]),
-            "read-only": index not in writable,
-            "backing": below,
-        }))
+        stack.enter_context(added_node(daemon, {
+            "driver": layers.FORMAT, "file": layers.file_node(files[index]),
+            "read-only": index not in writable, "backing": below,
+        }, name))
         names.insert(0, name)
         below = name
     return names
-
-
-@contextmanager
-def _node(daemon: JobHost, options: dict[str, Any]) -> Iterator[None]:
-    daemon.execute("blockdev-add", options)
-    try:
-        yield
-    finally:
-        try:
-            daemon.execute("blockdev-del", {"node-name": options["node-name"]})
-        except OperationError:
-            pass  # replaced in the graph by the job, or the daemon quits and drops it
 
 
 def _run(daemon: JobHost, command: str, arguments: dict[str, Any], label: str) -> None:
