@@ -76,23 +76,24 @@ def _freeze(dom: libvirt.virDomain, quiesce: Quiesce, window: Window) -> bool | 
     try:
         _agent_answers(dom)
     except _AgentSilent as err:
-        reason = f"guest agent does not answer: {err}"
-        if quiesce is Quiesce.REQUIRED:
-            raise OperationError(f"{reason} (--quiesce=required)") from err
-        log.warning("%s; the backup is crash-consistent", reason)
-        window.notes.append(f"{reason}; crash-consistent instead")
+        _without_freeze(f"guest agent does not answer: {err}", quiesce, window, err)
         return None
     try:
         set_agent_timeout(dom)
         window.frozen_filesystems = int(dom.fsFreeze(None, 0))
         return True
     except libvirt.libvirtError as err:
-        reason = f"guest agent could not freeze the filesystems: {err.get_error_message()}"
-        if quiesce is Quiesce.REQUIRED:
-            raise OperationError(f"{reason} (--quiesce=required)") from err
-        log.warning("%s; the backup is crash-consistent", reason)
-        window.notes.append(f"{reason}; crash-consistent instead")
+        _without_freeze("guest agent could not freeze the filesystems: "
+                        f"{err.get_error_message()}", quiesce, window, err)
         return False
+
+
+def _without_freeze(reason: str, quiesce: Quiesce, window: Window, err: Exception) -> None:
+    """No freeze: fail with ``--quiesce=required``, else say the backup is crash-consistent."""
+    if quiesce is Quiesce.REQUIRED:
+        raise OperationError(f"{reason} (--quiesce=required)") from err
+    log.warning("%s; the backup is crash-consistent", reason)
+    window.notes.append(f"{reason}; crash-consistent instead")
 
 
 def _thaw(dom: libvirt.virDomain) -> None:
