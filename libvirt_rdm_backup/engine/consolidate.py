@@ -93,9 +93,31 @@ def carry_out(repo: Repository, journal: Journal, speed: int = 0) -> None:
         manifest = repo.load(uuid, kept)
         records = [_merged(repo, manifest, m, speed) for m in merges]
         _republish(repo, manifest, records, journal)
+    _check_nothing_builds_on_dropped(repo, journal)
     for backup_id in journal.drop:
         _remove_point(repo, uuid, backup_id)
     remove_journal(repo.domain_dir(uuid))
+
+
+def _check_nothing_builds_on_dropped(repo: Repository, journal: Journal) -> None:
+    """Before anything is removed: no point that stays builds on a dropped one, and none
+    of the dropped ones is the newest of its chain (what the journal says is not trusted)."""
+    dropped = set(journal.drop)
+    backups = repo.scan(journal.domain_uuid).backups
+    newest: dict[str, str] = {}
+    for manifest in backups:  # oldest first: the last one of each chain stays
+        newest[manifest.chain] = manifest.backup_id
+    for manifest in backups:
+        if manifest.backup_id in dropped:
+            if newest[manifest.chain] == manifest.backup_id:
+                raise RepositoryError(f"prune journal drops backup {manifest.backup_id}, the "
+                                      "newest of its chain; nothing was removed")
+            continue
+        for record in manifest.disks:
+            if record.parent in dropped:
+                raise RepositoryError(
+                    f"prune journal drops backup {record.parent}, which backup "
+                    f"{manifest.backup_id} still builds on; nothing was removed")
 
 
 def _merged(repo: Repository, manifest: Manifest, merge: Merge, speed: int) -> DiskRecord:

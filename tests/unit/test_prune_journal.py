@@ -10,6 +10,7 @@ import pytest
 
 from libvirt_rdm_backup.engine import consolidate
 from libvirt_rdm_backup.errors import RepositoryError
+from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.prune_journal import (
     Journal,
     Merge,
@@ -18,6 +19,8 @@ from libvirt_rdm_backup.repository.prune_journal import (
     write_journal,
 )
 from libvirt_rdm_backup.repository.store import Repository
+from tests.unit.test_repository_damage_units import IDS, publish
+from tests.unit.test_repository_damage_units import UUID as DAMAGE_UUID
 
 UUID = "5b0a8a7e-3f43-4c1c-9a55-1d6f0f4c2a10"
 F0, I1, I2 = "20261101T100000Z-aaaaaa", "20261101T110000Z-bbbbbb", "20261102T100000Z-cccccc"
@@ -71,3 +74,51 @@ def test_an_oversized_journal_is_refused(tmp_path: Path) -> None:
     (tmp_path / ".prune-journal.json").write_bytes(b" " * (4 << 20) + b"{}")
     with pytest.raises(RepositoryError, match="over"):
         read_journal(str(tmp_path))
+
+
+@pytest.fixture
+def layered(tmp_path: Path) -> tuple[Repository, list[Manifest]]:
+    """A repository with a full backup and two incrementals of vdb."""
+    repo = Repository.open(str(tmp_path / "layered"), create=True)
+    return repo, [publish(repo, IDS[0], None, b"full" * 1000),
+                  publish(repo, IDS[1], IDS[0], b"inc1" * 100),
+                  publish(repo, IDS[2], IDS[1], b"inc2" * 100)]
+
+
+def test_a_journal_dropping_the_newest_point_removes_nothing(
+        layered: tuple[Repository, list[Manifest]]) -> None:
+    repo, manifests = layered
+    full, inc1, inc2 = (m.backup_id for m in manifests)
+    directory = Path(repo.domain_dir(DAMAGE_UUID))
+    write_journal(str(directory), Journal(DAMAGE_UUID, "default", "now", (inc2,), ()))
+    before = sorted(p.name for p in directory.iterdir())
+    with pytest.raises(RepositoryError, match="newest of its chain; nothing was removed"):
+        consolidate.finish(repo, DAMAGE_UUID)
+    assert sorted(p.name for p in directory.iterdir()) == before
+
+
+def test_a_journal_dropping_a_point_that_others_build_on_removes_nothing(
+        layered: tuple[Repository, list[Manifest]]) -> None:
+    repo, manifests = layered
+    full, inc1, inc2 = (m.backup_id for m in manifests)
+    directory = Path(repo.domain_dir(DAMAGE_UUID))
+    write_journal(str(directory), Journal(DAMAGE_UUID, "default", "now", (inc1,), ()))
+    with pytest.raises(RepositoryError, match="still builds on; nothing was removed"):
+        consolidate.finish(repo, DAMAGE_UUID)
+    assert [m.backup_id for m in repo.scan(DAMAGE_UUID).backups] == [full, inc1, inc2]
+
+
+def test_a_journal_whose_merge_does_not_fit_the_layers_changes_nothing(
+        layered: tuple[Repository, list[Manifest]]) -> None:
+    """The dropped list out of order: the headers say otherwise, no job is started."""
+    repo, manifests = layered
+    full, inc1, inc2 = (m.backup_id for m in manifests)
+    directory = Path(repo.domain_dir(DAMAGE_UUID))
+    layer = directory / inc2 / "vdb.qcow2"
+    before = layer.read_bytes()
+    write_journal(str(directory), Journal(DAMAGE_UUID, "default", "now", (full, inc1),
+                                          (Merge("vdb", inc2, (full, inc1), None, "up"),)))
+    with pytest.raises(RepositoryError, match="cannot merge into vdb"):
+        consolidate.finish(repo, DAMAGE_UUID)
+    assert layer.read_bytes() == before
+    assert len(repo.scan(DAMAGE_UUID).backups) == 3
