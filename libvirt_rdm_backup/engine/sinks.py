@@ -30,7 +30,8 @@ from libvirt_rdm_backup.qemu.names import object_name
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.store import Repository, Staging
-from libvirt_rdm_backup.targets.nbd_volume import NbdVolume, region_size
+from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
+from libvirt_rdm_backup.targets.volume_format import region_size
 
 DATA_FORMAT = "qcow2"
 NBD_COPY_CHUNK = 1 << 20

@@ -20,7 +20,8 @@ from libvirt_rdm_backup.repository.chain import DiskPoint
 from libvirt_rdm_backup.repository.chunkmap import ChunkMap
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.store import Scan
-from libvirt_rdm_backup.targets.nbd_volume import NbdVolume, location_problem
+from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
+from libvirt_rdm_backup.targets.volume_format import location_problem
 
 log = logging.getLogger("libvirt_rdm_backup.engine.stores")
 

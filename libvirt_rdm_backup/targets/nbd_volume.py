@@ -47,39 +47,20 @@ from libvirt_rdm_backup.targets.lease import HELD, Lease
 from libvirt_rdm_backup.targets.uri import NbdAddress
 from libvirt_rdm_backup.targets.volume_format import (
     _HEAD,
-    ALIGN,
     DAMAGE_AREA,
     DAMAGE_MAGIC,
     DAMAGE_OFFSET,
     DATA_START,
-    FORMAT,
     MAGIC,
-    MAX_BODY,
-    MAX_OFFSET,
     SLOT,
-    VERSION,
     Superblock,
     align,
     damage_from_bytes,
     entry_problem,
     entry_sequence,
-    location_problem,
     read_table,
-    region_size,
 )
-from libvirt_rdm_backup.targets.volume_lease import (
-    CLAIM_ATTEMPTS,
-    CLAIM_WINDOW,
-    SETTLE,
-    WriterLease,
-)
-
-__all__ = [
-    "_HEAD", "ALIGN", "CLAIM_ATTEMPTS", "CLAIM_WINDOW", "DAMAGE_AREA", "DAMAGE_MAGIC",
-    "DAMAGE_OFFSET", "DATA_START", "FORMAT", "MAGIC", "MAX_BODY", "MAX_LISTING", "MAX_OFFSET",
-    "SETTLE", "SLOT", "TLS_ID", "VERSION", "NbdVolume", "Superblock", "damage_from_bytes",
-    "entry_problem", "location_problem", "read_table", "region_size",
-]
+from libvirt_rdm_backup.targets.volume_lease import SETTLE, WriterLease
 
 log = logging.getLogger(__name__)
 

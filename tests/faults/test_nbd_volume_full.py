@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
-from libvirt_rdm_backup.targets.nbd_volume import region_size
+from libvirt_rdm_backup.targets.volume_format import region_size
 from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes
 from tests.faults.points import Points
 from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers

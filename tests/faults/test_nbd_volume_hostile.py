@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from libvirt_rdm_backup.targets.nbd_volume import _HEAD, MAGIC, SLOT
+from libvirt_rdm_backup.targets.volume_format import _HEAD, MAGIC, SLOT
 from tests.lab.storage_lab import rdmb_tmpdir
 from tests.lab.volume_server import VolumeServer
 

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from libvirt_rdm_backup import api
-from libvirt_rdm_backup.targets.nbd_volume import (
+from libvirt_rdm_backup.targets.volume_format import (
     DAMAGE_AREA,
     DAMAGE_MAGIC,
     DAMAGE_OFFSET,

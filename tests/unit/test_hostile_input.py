@@ -42,8 +42,8 @@ from libvirt_rdm_backup.repository.store import (
     new_backup_id,
 )
 from libvirt_rdm_backup.storage.base import Extent, RawDiskMapping, StorageNode
-from libvirt_rdm_backup.targets.nbd_volume import SLOT, Superblock
 from libvirt_rdm_backup.targets.uri import NbdAddress, parse_target
+from libvirt_rdm_backup.targets.volume_format import SLOT, Superblock
 
 FUZZ = settings(max_examples=200, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

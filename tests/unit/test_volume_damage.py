@@ -8,13 +8,9 @@ import pytest
 
 from libvirt_rdm_backup.repository.digest import Digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.targets.nbd_volume import (
-    DAMAGE_OFFSET,
-    SLOT,
-    NbdVolume,
-    Superblock,
-)
+from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
 from libvirt_rdm_backup.targets.uri import NbdAddress, parse_target
+from libvirt_rdm_backup.targets.volume_format import DAMAGE_OFFSET, SLOT, Superblock
 from tests.oracles import newest_superblock
 from tests.unit.test_repository_damage_units import UUID, vdb
 

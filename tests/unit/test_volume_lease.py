@@ -19,14 +19,8 @@ from libvirt_rdm_backup.errors import OperationError, RdmBackupError, Verificati
 from libvirt_rdm_backup.repository.chain import DiskPoint
 from libvirt_rdm_backup.repository.manifest import MAX_MANIFEST
 from libvirt_rdm_backup.targets.lease import Lease
-from libvirt_rdm_backup.targets.nbd_volume import (
-    _HEAD,
-    MAGIC,
-    SLOT,
-    NbdVolume,
-    Superblock,
-    read_table,
-)
+from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
+from libvirt_rdm_backup.targets.volume_format import _HEAD, MAGIC, SLOT, Superblock, read_table
 from tests.unit.test_volume_damage import SIZE, MemoryExport, publish_to, volume
 
 
