@@ -42,8 +42,8 @@ import libvirt
 from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.discover import fill_live_facts, open_domain, select_disks
+from libvirt_rdm_backup.engine.file_store import FileStore
 from libvirt_rdm_backup.engine.listeners import host_port, parse_listen, tcp_listener, unix_listener
-from libvirt_rdm_backup.engine.stores import FileStore
 from libvirt_rdm_backup.errors import (
     DamagedBackupError,
     NotFoundError,

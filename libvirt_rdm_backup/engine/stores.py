@@ -22,8 +22,6 @@ from libvirt_rdm_backup.repository.store import Repository, Scan
 from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
 from libvirt_rdm_backup.targets.uri import NbdAddress, parse_target
 
-__all__ = ["FileStore", "Store", "VolumeStore", "open_store"]
-
 
 class Store(Protocol):
     """A place that keeps backups."""

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from libvirt_rdm_backup.engine.file_store import FileStore
 from libvirt_rdm_backup.engine.selection import choose_backup
-from libvirt_rdm_backup.engine.stores import FileStore, VolumeStore
 from libvirt_rdm_backup.engine.verify import verify_manifests
+from libvirt_rdm_backup.engine.volume_store import VolumeStore
 from libvirt_rdm_backup.errors import DamagedBackupError, RepositoryError, VerificationError
 from libvirt_rdm_backup.repository.chain import chain_of
 from libvirt_rdm_backup.repository.digest import Digest

@@ -230,7 +230,7 @@ def test_hostile_manifest_places_are_damage_and_never_read(place: object) -> Non
     None,
 ])
 def test_hostile_layer_locations_are_damage(location: object) -> None:
-    from libvirt_rdm_backup.engine.stores import VolumeStore
+    from libvirt_rdm_backup.engine.volume_store import VolumeStore
 
     export = CountingExport(SIZE)
     vol = volume(export)
