@@ -9,7 +9,7 @@ import subprocess
 
 from libvirt_rdm_backup import hook
 from libvirt_rdm_backup.fileutil import ATOMIC_TAG, PARTIAL_SUFFIX, STAGING_PREFIX
-from libvirt_rdm_backup.repository.chunkmap import ChunkMap, differing, zero_digest
+from libvirt_rdm_backup.repository.chunks import ChunkMap, differing, zero_digest
 from libvirt_rdm_backup.targets.volume_format import Superblock
 
 _UNFINISHED = re.compile(r"\..+(" + re.escape(ATOMIC_TAG) + r"[0-9a-f]{6}|\.[0-9]+@[0-9a-f]{8}"

@@ -51,7 +51,7 @@ from libvirt_rdm_backup.repository.chain import (
     chain_of,
     unusable_points,
 )
-from libvirt_rdm_backup.repository.chunkmap import ChunkMap
+from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.order import newest_damage
 from libvirt_rdm_backup.repository.retention import RetentionPolicy

@@ -55,7 +55,7 @@ from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor, Monitor
 from libvirt_rdm_backup.qemu.names import object_name
 from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
 from libvirt_rdm_backup.qemu.unplug import release_unplugged, unplug_check
-from libvirt_rdm_backup.repository.chunkmap import ChunkMap
+from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.storage.snapshot_agents import agent_by_name
 from libvirt_rdm_backup.storage.snapshots import Presented, StorageSnapshot
 

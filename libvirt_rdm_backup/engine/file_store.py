@@ -14,7 +14,7 @@ from libvirt_rdm_backup.engine.sinks import FileSink, Session
 from libvirt_rdm_backup.errors import DamagedBackupError, OperationError, UsageError
 from libvirt_rdm_backup.qemu import layers
 from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
-from libvirt_rdm_backup.repository.chunkmap import ChunkMap
+from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.prune_journal import journal_path

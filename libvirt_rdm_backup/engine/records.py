@@ -14,7 +14,8 @@ from libvirt_rdm_backup.engine.capture import Capture
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, LocalLayer, Session
 from libvirt_rdm_backup.qemu import img
-from libvirt_rdm_backup.repository.chunkmap import ChunkMap, chunkmap_of_layer
+from libvirt_rdm_backup.repository.chunkmap import chunkmap_of_layer
+from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.digest import file_digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord
 from libvirt_rdm_backup.storage.base import RawDiskMapping

@@ -29,7 +29,7 @@ from libvirt_rdm_backup.qemu.nbd_io import (
     stream,
 )
 from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
-from libvirt_rdm_backup.repository.chunkmap import (
+from libvirt_rdm_backup.repository.chunks import (
     ALGORITHM,
     CHUNK,
     DIGEST_SIZE,

@@ -17,7 +17,7 @@ from libvirt_rdm_backup.engine.sinks import Session
 from libvirt_rdm_backup.engine.volume_store import VolumeStore
 from libvirt_rdm_backup.errors import UsageError
 from libvirt_rdm_backup.repository.chain import DiskPoint
-from libvirt_rdm_backup.repository.chunkmap import ChunkMap
+from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.store import Repository, Scan
 from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
 from libvirt_rdm_backup.targets.uri import NbdAddress, parse_target

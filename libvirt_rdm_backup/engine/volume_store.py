@@ -17,7 +17,7 @@ from libvirt_rdm_backup.fslock import exclusive
 from libvirt_rdm_backup.locks import lock_dir
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.repository.chain import DiskPoint
-from libvirt_rdm_backup.repository.chunkmap import ChunkMap
+from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.store import Scan
 from libvirt_rdm_backup.targets.nbd_volume import NbdVolume

@@ -29,31 +29,14 @@ from libvirt_rdm_backup.qemu.img import MapExtent
 from libvirt_rdm_backup.repository.chunks import (
     ALGORITHM,
     CHUNK,
-    COMPARE_BLOCK,
     DIGEST_SIZE,
-    FORMAT,
-    MAGIC,
-    MAX_DIGEST_BYTES,
-    MAX_HEADER,
     READ_SIZE,
-    VERSION,
-    ZERO_DIGEST,
     ChunkMap,
     chunk_count,
     chunk_digest,
     chunk_length,
-    differing,
     set_zero_range,
-    zero_changes,
-    zero_digest,
 )
-
-__all__ = [
-    "ALGORITHM", "CHUNK", "COMPARE_BLOCK", "DIGEST_SIZE", "FORMAT", "MAGIC",
-    "MAX_DIGEST_BYTES", "MAX_HEADER", "READ_SIZE", "VERSION", "ZERO_DIGEST", "ChunkMap",
-    "LayerExtent", "chunk_count", "chunk_digest", "chunk_length", "chunkmap_of_layer",
-    "differing", "layer_map", "set_zero_range", "zero_changes", "zero_digest",
-]
 
 log = logging.getLogger(__name__)
 

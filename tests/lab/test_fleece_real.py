@@ -23,13 +23,8 @@ from libvirt_rdm_backup.qemu.fleece import fleecing_export
 from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor, Monitor
 from libvirt_rdm_backup.qemu.names import is_ours
 from libvirt_rdm_backup.qemu.nbd_server import SOCKET_ROOT
-from libvirt_rdm_backup.repository.chunkmap import (
-    ALGORITHM,
-    CHUNK,
-    ChunkMap,
-    chunkmap_of_layer,
-    layer_map,
-)
+from libvirt_rdm_backup.repository.chunkmap import chunkmap_of_layer, layer_map
+from libvirt_rdm_backup.repository.chunks import ALGORITHM, CHUNK, ChunkMap
 from tests.lab import domains
 from tests.lab.domains import alias_of, block_disk, guest_write
 from tests.lab.storage_lab import loop_device, make_file, unique_name

@@ -25,7 +25,7 @@ from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.block_copy import Endpoint
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.repository.chain import DiskPoint
-from libvirt_rdm_backup.repository.chunkmap import ChunkMap
+from libvirt_rdm_backup.repository.chunks import ChunkMap
 from tests.unit.fake_monitor import FakeMonitor
 
 SIZE = 1024 * 1024

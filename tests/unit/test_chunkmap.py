@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup.errors import RepositoryError
-from libvirt_rdm_backup.repository.chunkmap import (
+from libvirt_rdm_backup.repository.chunkmap import chunkmap_of_layer
+from libvirt_rdm_backup.repository.chunks import (
     ALGORITHM,
     CHUNK,
     DIGEST_SIZE,
@@ -22,7 +23,6 @@ from libvirt_rdm_backup.repository.chunkmap import (
     ZERO_DIGEST,
     ChunkMap,
     chunk_count,
-    chunkmap_of_layer,
     zero_digest,
 )
 from tests.oracles import changed_chunks, is_zero_chunk

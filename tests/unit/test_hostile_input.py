@@ -32,7 +32,7 @@ from libvirt_rdm_backup.domain.disks import DiskInventory, RawDisk, SourceKind
 from libvirt_rdm_backup.domain.xml import DomainXML
 from libvirt_rdm_backup.errors import RepositoryError, UsageError
 from libvirt_rdm_backup.remote import AgentAddress, parse_agent_uri
-from libvirt_rdm_backup.repository.chunkmap import ChunkMap, chunk_digest
+from libvirt_rdm_backup.repository.chunks import ChunkMap, chunk_digest
 from libvirt_rdm_backup.repository.digest import Digest
 from libvirt_rdm_backup.repository.manifest import MAX_MANIFEST, DiskRecord, Manifest
 from libvirt_rdm_backup.repository.store import (
