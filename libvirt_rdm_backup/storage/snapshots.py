@@ -12,8 +12,7 @@ A :class:`StorageSnapshot` is plain data (stored in manifests); its ``handle``
 is private to the agent that made it. The registry of agents
 (:mod:`.snapshot_agents`) finds that agent again, or picks one for a disk.
 
-The reflink agents keep their clones in :data:`SNAPSHOT_DIR` beside the file
-they clone (:func:`clone_path`, :func:`remove_clone`).
+The reflink agents keep their clones beside the file they clone (:mod:`.clones`).
 
 A handle read back from a manifest is data the tool does not fully control: an
 agent acts on a snapshot only when :meth:`SnapshotAgent.owns` proves it is the
@@ -36,13 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.errors import StorageError
-from libvirt_rdm_backup.storage.clones import SNAPSHOT_DIR as SNAPSHOT_DIR
-from libvirt_rdm_backup.storage.clones import clone_exists as clone_exists
-from libvirt_rdm_backup.storage.clones import clone_path as clone_path
-from libvirt_rdm_backup.storage.clones import clone_problem as clone_problem
-from libvirt_rdm_backup.storage.clones import make_clone as make_clone
-from libvirt_rdm_backup.storage.clones import open_snapshot_dir
-from libvirt_rdm_backup.storage.clones import remove_clone as remove_clone
+from libvirt_rdm_backup.storage.clones import clone_path, open_snapshot_dir
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ import pytest
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.repository.store import Repository
 from libvirt_rdm_backup.storage import tgt
-from libvirt_rdm_backup.storage.snapshots import clone_path, scoped_prefix
+from libvirt_rdm_backup.storage.clones import clone_path
+from libvirt_rdm_backup.storage.snapshots import scoped_prefix
 from tests.e2e.lab_vm import LabVM, MiB, lab_vm
 from tests.faults.points import Points
 from tests.lab.domains import guest_write

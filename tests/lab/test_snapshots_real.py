@@ -25,10 +25,10 @@ from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
 from libvirt_rdm_backup.errors import CommandError, StorageError
 from libvirt_rdm_backup.process import run
 from libvirt_rdm_backup.storage import reflink, tgt
+from libvirt_rdm_backup.storage.clones import SNAPSHOT_DIR
 from libvirt_rdm_backup.storage.loop_snapshots import LoopReflinkAgent
 from libvirt_rdm_backup.storage.snapshot_agents import agent_by_name, find_snapshot_agent
 from libvirt_rdm_backup.storage.snapshots import (
-    SNAPSHOT_DIR,
     Presented,
     SnapshotAgent,
     StorageSnapshot,

@@ -15,17 +15,19 @@ import pytest
 from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
 from libvirt_rdm_backup.errors import StorageError
 from libvirt_rdm_backup.qemu.bitmaps import bitmap_name, chain_prefix, in_chain
-from libvirt_rdm_backup.storage.snapshots import (
+from libvirt_rdm_backup.storage.clones import (
     SNAPSHOT_DIR,
-    StorageSnapshot,
-    check_name,
     clone_exists,
     clone_path,
     clone_problem,
+    remove_clone,
+)
+from libvirt_rdm_backup.storage.snapshots import (
+    StorageSnapshot,
+    check_name,
     handle_problem,
     in_scope,
     legacy_prefix,
-    remove_clone,
     scope_problem,
     scoped_prefix,
     stale_clones,

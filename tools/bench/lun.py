@@ -21,8 +21,9 @@ from libvirt_rdm_backup import api
 from libvirt_rdm_backup.engine.backup import BackupResult
 from libvirt_rdm_backup.errors import RdmBackupError
 from libvirt_rdm_backup.storage import tgt
+from libvirt_rdm_backup.storage.clones import SNAPSHOT_DIR
 from libvirt_rdm_backup.storage.snapshot_agents import agent_by_name
-from libvirt_rdm_backup.storage.snapshots import SNAPSHOT_DIR, StorageSnapshot
+from libvirt_rdm_backup.storage.snapshots import StorageSnapshot
 from tools.bench.common import (
     Lab,
     MiB,
