@@ -52,15 +52,11 @@ from libvirt_rdm_backup.repository.chain import (
     unusable_points,
 )
 from libvirt_rdm_backup.repository.chunks import ChunkMap
+from libvirt_rdm_backup.repository.ids import check_safe_name, new_backup_id, now_iso
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.order import newest_damage
 from libvirt_rdm_backup.repository.retention import RetentionPolicy
-from libvirt_rdm_backup.repository.store import (
-    Damage,
-    check_safe_name,
-    new_backup_id,
-    now_iso,
-)
+from libvirt_rdm_backup.repository.store import Damage
 from libvirt_rdm_backup.storage import map_disk
 from libvirt_rdm_backup.storage.snapshot_agents import (
     agent_by_name,

@@ -21,7 +21,7 @@ from libvirt_rdm_backup.errors import (
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.blockdev import qdev_alias, query_block_devices
 from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor
-from libvirt_rdm_backup.repository.store import check_safe_name
+from libvirt_rdm_backup.repository.ids import check_safe_name
 
 
 @dataclass

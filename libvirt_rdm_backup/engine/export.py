@@ -62,8 +62,9 @@ from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor, Monitor, qmp_timeout
 from libvirt_rdm_backup.qemu.names import PREFIX, object_name
 from libvirt_rdm_backup.qemu.nbd_server import SOCKET_ROOT, private_socket_dir
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN, DiskPoint, chain_of, lineage
+from libvirt_rdm_backup.repository.ids import check_safe_name, now_iso
 from libvirt_rdm_backup.repository.manifest import Manifest
-from libvirt_rdm_backup.repository.store import Repository, check_safe_name, now_iso
+from libvirt_rdm_backup.repository.store import Repository
 from libvirt_rdm_backup.window_record import recover_window
 
 log = logging.getLogger(__name__)

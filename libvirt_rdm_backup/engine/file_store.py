@@ -16,13 +16,10 @@ from libvirt_rdm_backup.qemu import layers
 from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
 from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
+from libvirt_rdm_backup.repository.ids import check_safe_name
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.prune_journal import journal_path
-from libvirt_rdm_backup.repository.store import (
-    Repository,
-    Scan,
-    check_safe_name,
-)
+from libvirt_rdm_backup.repository.store import Repository, Scan
 
 log = logging.getLogger("libvirt_rdm_backup.engine.stores")
 

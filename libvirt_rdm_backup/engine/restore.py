@@ -41,10 +41,8 @@ from libvirt_rdm_backup.qemu.block_copy import (
 )
 from libvirt_rdm_backup.qemu.layers import json_filename
 from libvirt_rdm_backup.repository.chain import DiskPoint
+from libvirt_rdm_backup.repository.ids import check_safe_name
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.repository.store import (
-    check_safe_name,
-)
 from libvirt_rdm_backup.storage import tgt
 from libvirt_rdm_backup.storage.base import StorageNode
 from libvirt_rdm_backup.storage.sysfs import SysfsAgent

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from libvirt_rdm_backup.engine.stores import Store
 from libvirt_rdm_backup.errors import DamagedBackupError, NotFoundError
+from libvirt_rdm_backup.repository.ids import check_backup_id
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.order import newest, newest_damage
-from libvirt_rdm_backup.repository.store import Damage, check_backup_id
+from libvirt_rdm_backup.repository.store import Damage
 
 
 def find_domain_backups(store: Store, domain: str) -> list[Manifest]:

@@ -11,9 +11,10 @@ from libvirt_rdm_backup.engine.selection import choose_backup, domain_damage, fi
 from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.errors import NotFoundError
 from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
+from libvirt_rdm_backup.repository.ids import check_backup_id
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.order import in_order
-from libvirt_rdm_backup.repository.store import Damage, check_backup_id
+from libvirt_rdm_backup.repository.store import Damage
 
 Checker = Callable[[DiskPoint], str | None]
 

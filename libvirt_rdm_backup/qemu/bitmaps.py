@@ -18,7 +18,7 @@ from typing import Any
 from libvirt_rdm_backup.errors import RdmBackupError
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import PREFIX
-from libvirt_rdm_backup.repository.store import BACKUP_ID_RE
+from libvirt_rdm_backup.repository.ids import BACKUP_ID_RE
 
 log = logging.getLogger(__name__)
 

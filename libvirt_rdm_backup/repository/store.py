@@ -46,13 +46,13 @@ from libvirt_rdm_backup.errors import (
 )
 from libvirt_rdm_backup.fileutil import STAGING_PREFIX, fsync_dir, read_regular, write_atomic
 from libvirt_rdm_backup.fslock import exclusive
-from libvirt_rdm_backup.repository.ids import BACKUP_ID_RE as BACKUP_ID_RE
-from libvirt_rdm_backup.repository.ids import SAFE_NAME_RE as SAFE_NAME_RE
-from libvirt_rdm_backup.repository.ids import check_backup_id as check_backup_id
-from libvirt_rdm_backup.repository.ids import check_safe_name as check_safe_name
-from libvirt_rdm_backup.repository.ids import check_uuid
-from libvirt_rdm_backup.repository.ids import new_backup_id as new_backup_id
-from libvirt_rdm_backup.repository.ids import now_iso as now_iso
+from libvirt_rdm_backup.repository.ids import (
+    BACKUP_ID_RE,
+    check_backup_id,
+    check_safe_name,
+    check_uuid,
+    now_iso,
+)
 from libvirt_rdm_backup.repository.manifest import (
     MAX_MANIFEST,
     DiskRecord,

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from libvirt_rdm_backup.process import env_seconds
-from libvirt_rdm_backup.repository.store import now_iso
+from libvirt_rdm_backup.repository.ids import now_iso
 
 LEASE_ENV = "RDM_BACKUP_VOLUME_LEASE"
 DEFAULT_TTL = 60.0

@@ -40,9 +40,10 @@ from libvirt_rdm_backup.process import stall_timeout
 from libvirt_rdm_backup.qemu.layers import option_value
 from libvirt_rdm_backup.qemu.nbd_io import NbdError, connect_nbd
 from libvirt_rdm_backup.repository.digest import BUFFER, Digest
+from libvirt_rdm_backup.repository.ids import now_iso
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.order import in_order, next_sequence
-from libvirt_rdm_backup.repository.store import Damage, Scan, now_iso
+from libvirt_rdm_backup.repository.store import Damage, Scan
 from libvirt_rdm_backup.targets.lease import HELD, Lease
 from libvirt_rdm_backup.targets.uri import NbdAddress
 from libvirt_rdm_backup.targets.volume_format import (

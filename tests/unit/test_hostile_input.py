@@ -34,13 +34,9 @@ from libvirt_rdm_backup.errors import RepositoryError, UsageError
 from libvirt_rdm_backup.remote import AgentAddress, parse_agent_uri
 from libvirt_rdm_backup.repository.chunks import ChunkMap, chunk_digest
 from libvirt_rdm_backup.repository.digest import Digest
+from libvirt_rdm_backup.repository.ids import check_backup_id, check_safe_name, new_backup_id
 from libvirt_rdm_backup.repository.manifest import MAX_MANIFEST, DiskRecord, Manifest
-from libvirt_rdm_backup.repository.store import (
-    Repository,
-    check_backup_id,
-    check_safe_name,
-    new_backup_id,
-)
+from libvirt_rdm_backup.repository.store import Repository
 from libvirt_rdm_backup.storage.base import Extent, RawDiskMapping, StorageNode
 from libvirt_rdm_backup.targets.uri import NbdAddress, parse_target
 from libvirt_rdm_backup.targets.volume_format import SLOT, Superblock

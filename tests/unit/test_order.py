@@ -16,9 +16,10 @@ from libvirt_rdm_backup.engine.volume_store import VolumeStore
 from libvirt_rdm_backup.errors import DamagedBackupError, RepositoryError, VerificationError
 from libvirt_rdm_backup.repository.chain import chain_of
 from libvirt_rdm_backup.repository.digest import Digest
+from libvirt_rdm_backup.repository.ids import new_backup_id
 from libvirt_rdm_backup.repository.manifest import MAX_SEQUENCE, DiskRecord, Manifest
 from libvirt_rdm_backup.repository.order import in_order, newest, newest_damage, next_sequence
-from libvirt_rdm_backup.repository.store import Damage, Repository, new_backup_id
+from libvirt_rdm_backup.repository.store import Damage, Repository
 from tests.unit.test_repository_damage_units import UUID, layer, publish, truncate_manifest, vdb
 from tests.unit.test_volume_damage import MemoryExport, volume
 

@@ -21,13 +21,9 @@ from libvirt_rdm_backup.errors import (
     UsageError,
 )
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
+from libvirt_rdm_backup.repository.ids import check_backup_id, new_backup_id, now_iso
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.repository.store import (
-    Repository,
-    check_backup_id,
-    new_backup_id,
-    now_iso,
-)
+from libvirt_rdm_backup.repository.store import Repository
 
 UUID = "0b1f1c1e-4c39-4a4e-9d1c-2a6b3c4d5e6f"
 
