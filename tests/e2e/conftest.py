@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.lab_vm import LabVM, lab_vm
+from tools.labkit import LabVM, lab_vm
 
 
 @pytest.fixture(scope="module")

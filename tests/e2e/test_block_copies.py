@@ -18,8 +18,8 @@ import pytest
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.qemu.storage_daemon import StorageDaemon
-from tests.e2e.lab_vm import MiB, lab_vm, same_bytes, snapshot_source
-from tests.lab.domains import assert_running, guest_write
+from tests.lab.domains import assert_running
+from tools.labkit import MiB, guest_write, lab_vm, same_bytes, snapshot_source
 
 pytestmark = pytest.mark.lab
 

@@ -19,9 +19,8 @@ from libvirt_rdm_backup.engine.backup import BackupResult
 from libvirt_rdm_backup.repository.store import Repository
 from libvirt_rdm_backup.storage.clones import SNAPSHOT_DIR, clone_path
 from libvirt_rdm_backup.storage.snapshots import scoped_prefix
-from tests.e2e.lab_vm import LabVM, MiB, lab_vm
 from tests.faults.points import Points
-from tests.lab.domains import dirty_bitmaps, guest_write
+from tools.labkit import LabVM, MiB, dirty_bitmaps, guest_write, lab_vm
 
 pytestmark = pytest.mark.lab
 

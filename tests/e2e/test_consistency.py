@@ -15,8 +15,7 @@ import pytest
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.errors import OperationError
-from tests.e2e.lab_vm import MiB, lab_vm, same_bytes, snapshot_source
-from tests.lab.domains import guest_write, rdm_backup
+from tools.labkit import MiB, guest_write, lab_vm, rdm_backup, same_bytes, snapshot_source
 
 pytestmark = pytest.mark.lab
 

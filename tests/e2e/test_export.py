@@ -21,9 +21,18 @@ import pytest
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.errors import OperationError, UsageError
-from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes
-from tests.lab.domains import block_disk, guest_write, qemu_leftovers, qmp, rdm_backup
-from tests.lab.storage_lab import loop_device
+from tools.labkit import (
+    LabVM,
+    MiB,
+    block_disk,
+    guest_write,
+    lab_vm,
+    loop_device,
+    qemu_leftovers,
+    qmp,
+    rdm_backup,
+    same_bytes,
+)
 
 pytestmark = pytest.mark.lab
 

@@ -10,9 +10,17 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
-from tests.e2e.lab_vm import LOOP_OFFSET, LabVM, MiB, lab_vm, same_bytes, snapshot_source
-from tests.lab.domains import guest_write, rdm_backup
-from tests.lab.storage_lab import rdmb_tmpdir
+from tools.labkit import (
+    LOOP_OFFSET,
+    LabVM,
+    MiB,
+    guest_write,
+    lab_vm,
+    rdm_backup,
+    rdmb_tmpdir,
+    same_bytes,
+    snapshot_source,
+)
 
 pytestmark = pytest.mark.lab
 

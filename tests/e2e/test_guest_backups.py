@@ -22,15 +22,17 @@ import pytest
 
 from libvirt_rdm_backup import api, consistency, window_record
 from libvirt_rdm_backup.errors import RdmBackupError
-from tests.e2e.lab_vm import same_bytes
-from tests.lab.domains import block_disk, iscsi_disk, rdm_backup
 from tests.lab.guest import Guest, guest_vm
-from tests.lab.storage_lab import (
+from tools.labkit import (
     IscsiLun,
+    block_disk,
+    iscsi_disk,
     iscsi_target,
     loop_device,
+    rdm_backup,
     rdmb_reflink_tmpdir,
     rdmb_tmpdir,
+    same_bytes,
     unique_name,
 )
 

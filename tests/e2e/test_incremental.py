@@ -16,9 +16,19 @@ import pytest
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.engine.backup import BackupResult
 from libvirt_rdm_backup.errors import OperationError
-from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
-from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers, qmp, rdm_backup
 from tests.oracles import unfinished_under
+from tools.labkit import (
+    LabVM,
+    MiB,
+    dirty_bitmaps,
+    guest_write,
+    lab_vm,
+    qemu_leftovers,
+    qmp,
+    rdm_backup,
+    same_bytes,
+    snapshot_source,
+)
 
 pytestmark = pytest.mark.lab
 

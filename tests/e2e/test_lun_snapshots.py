@@ -11,8 +11,16 @@ import pytest
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.backup import BackupResult
-from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
-from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers
+from tools.labkit import (
+    LabVM,
+    MiB,
+    dirty_bitmaps,
+    guest_write,
+    lab_vm,
+    qemu_leftovers,
+    same_bytes,
+    snapshot_source,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -118,8 +126,13 @@ def test_scsi_hostdev_is_backed_up_like_a_lun(tmp_path: Path) -> None:
     import subprocess
     from contextlib import ExitStack
 
-    from tests.lab.domains import iscsi_hostdev, test_domain
-    from tests.lab.storage_lab import iscsi_target, rdmb_reflink_tmpdir, unique_name
+    from tools.labkit import (
+        iscsi_hostdev,
+        iscsi_target,
+        rdmb_reflink_tmpdir,
+        test_domain,
+        unique_name,
+    )
 
     with ExitStack() as stack:
         work = stack.enter_context(rdmb_reflink_tmpdir())
@@ -195,7 +208,6 @@ def test_snapshots_left_by_a_killed_run_are_pruned() -> None:
     from libvirt_rdm_backup.repository.store import Repository
     from libvirt_rdm_backup.storage.snapshot_agents import agent_by_name
     from libvirt_rdm_backup.storage.snapshots import scoped_prefix
-    from tests.lab.storage_lab import is_root  # noqa: F401 - the lab marker covers root
 
     with lab_vm(loop_size=64 * MiB, lun_size=LUN_SIZE, reflink=True) as vm:
         repo = str(vm.workdir / "repo")

@@ -15,10 +15,18 @@ import pytest
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.errors import OperationError
-from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
-from tests.lab.domains import guest_write, qemu_leftovers, rdm_backup
-from tests.lab.storage_lab import rdmb_tmpdir
 from tests.lab.volume_server import VolumeServer
+from tools.labkit import (
+    LabVM,
+    MiB,
+    guest_write,
+    lab_vm,
+    qemu_leftovers,
+    rdm_backup,
+    rdmb_tmpdir,
+    same_bytes,
+    snapshot_source,
+)
 
 pytestmark = pytest.mark.lab
 # a disk whose copy still runs when a fault hits it right after its job started: PIECES

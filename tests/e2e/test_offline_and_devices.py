@@ -12,9 +12,16 @@ import pytest
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.engine.restore import CHUNK as ZERO_CHECK_CHUNK
 from libvirt_rdm_backup.errors import OperationError
-from tests.e2e.lab_vm import MiB, lab_vm, same_bytes, snapshot_source
-from tests.lab.domains import assert_running, guest_write, rdm_backup
-from tests.lab.storage_lab import loop_device
+from tests.lab.domains import assert_running
+from tools.labkit import (
+    MiB,
+    guest_write,
+    lab_vm,
+    loop_device,
+    rdm_backup,
+    same_bytes,
+    snapshot_source,
+)
 
 pytestmark = pytest.mark.lab
 

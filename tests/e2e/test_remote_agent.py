@@ -19,9 +19,9 @@ from libvirt_rdm_backup import api
 from libvirt_rdm_backup.domain.disks import IscsiSource, RawDisk, SourceKind
 from libvirt_rdm_backup.errors import OperationError, StorageError, UsageError
 from libvirt_rdm_backup.remote import SshAgent
-from tests.e2e.lab_vm import MiB, lab_vm
 from tests.lab.sshd import SshdInfo, agent_command, loopback_sshd
 from tests.unit.test_agent_admission import PATTERN, listener, nobody_connected, untouched
+from tools.labkit import MiB, lab_vm
 
 pytestmark = pytest.mark.lab
 
@@ -148,9 +148,8 @@ def test_the_key_runs_the_agent_and_nothing_else(sshd: SshdInfo) -> None:
 def test_backup_server_drives_the_hypervisor_by_uuid(sshd: SshdInfo) -> None:
     """The whole remote flow: libvirt remote URI, SSH agent for mappings, NBD volume."""
     from tests.e2e.test_nbd_target import reference, restore_compare
-    from tests.lab.domains import guest_write
-    from tests.lab.storage_lab import rdmb_tmpdir
     from tests.lab.volume_server import VolumeServer
+    from tools.labkit import guest_write, rdmb_tmpdir
 
     with lab_vm(loop_size=128 * MiB) as vm, rdmb_tmpdir() as work:
         server = VolumeServer(work / "volume.img")

@@ -13,8 +13,8 @@ import libvirt
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.engine.backup import BackupResult
-from tests.e2e.lab_vm import LabVM, same_bytes, snapshot_source
 from tests.lab.domains import running_state, slow_down_job
+from tools.labkit import LabVM, same_bytes, snapshot_source
 
 EXE = Path(sys.executable).parent / "rdm-backup"
 

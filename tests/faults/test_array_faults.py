@@ -22,9 +22,8 @@ import libvirt
 import pytest
 
 from libvirt_rdm_backup import api
-from tests.e2e.lab_vm import MiB, same_bytes
-from tests.lab import domains
-from tests.lab.storage_lab import free_port, loop_device, rdmb_tmpdir, unique_name
+from tools import labkit
+from tools.labkit import MiB, free_port, loop_device, rdmb_tmpdir, same_bytes, unique_name
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"
@@ -108,7 +107,7 @@ def wait_until_copying(dom: libvirt.virDomain, proc: subprocess.Popen[str], devi
     def copying() -> bool:
         if device == "lun":
             return bool(dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED)
-        return any(item.startswith("job ") for item in domains.qemu_leftovers(dom))
+        return any(item.startswith("job ") for item in labkit.qemu_leftovers(dom))
 
     deadline = time.monotonic() + 60
     while not copying():
@@ -142,8 +141,8 @@ def test_array_stopped_mid_copy_and_brought_back(device: str, outage: str) -> No
         reference = work / "ref.raw"
         subprocess.run(["cp", "--sparse=always", str(backing), str(reference)], check=True)
         name = unique_name("rdmb-vm")
-        with private_array(backing) as array, domains.test_domain(
-                name, [domains.iscsi_disk("sda", array.iqn, 1, device=device,
+        with private_array(backing) as array, labkit.test_domain(
+                name, [labkit.iscsi_disk("sda", array.iqn, 1, device=device,
                                           port=array.port)]) as dom:
             repo = str(work / "repo")
             env = {**os.environ, "RDM_BACKUP_STALL_TIMEOUT": str(STALL_LIMIT),
@@ -195,7 +194,7 @@ def test_array_stopped_mid_copy_and_brought_back(device: str, outage: str) -> No
                 out.unlink()
             assert api.verify(repo).ok
             assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
-            assert domains.qemu_leftovers(dom) == []  # the next run removed what was left
+            assert labkit.qemu_leftovers(dom) == []  # the next run removed what was left
 
 
 def test_paused_copy_reaching_max_pause_is_cancelled() -> None:
@@ -217,9 +216,9 @@ def test_paused_copy_reaching_max_pause_is_cancelled() -> None:
                        check=True, capture_output=True)
         name = unique_name("rdmb-vm")
         with private_array(backing) as array, loop_device(vdb_file) as loop, \
-                domains.test_domain(name, [
-                    domains.iscsi_disk("sda", array.iqn, 1, device="lun", port=array.port),
-                    domains.block_disk("vdb", loop)]) as dom:
+                labkit.test_domain(name, [
+                    labkit.iscsi_disk("sda", array.iqn, 1, device="lun", port=array.port),
+                    labkit.block_disk("vdb", loop)]) as dom:
             repo = str(work / "repo")
             first = api.backup(name, repo)
             vdb_ref = work / "vdb-ref.raw"

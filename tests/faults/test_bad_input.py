@@ -22,9 +22,19 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.lab_vm import LOOP_OFFSET, LabVM, MiB, lab_vm, same_bytes
-from tests.lab.domains import assert_running, guest_write, running_state
-from tests.lab.storage_lab import RUN_TOKEN, loop_device, make_file, unique_name
+from tests.lab.domains import assert_running, running_state
+from tools.labkit import (
+    LOOP_OFFSET,
+    RUN_TOKEN,
+    LabVM,
+    MiB,
+    guest_write,
+    lab_vm,
+    loop_device,
+    make_file,
+    same_bytes,
+    unique_name,
+)
 
 pytestmark = pytest.mark.lab
 bad_input = pytest.mark.bad_input

@@ -21,9 +21,8 @@ import pytest
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.repository.manifest import Manifest
-from tests.e2e.lab_vm import LabVM, MiB, fill, lab_vm, same_bytes
 from tests.faults.points import Points
-from tests.lab.domains import dirty_bitmaps
+from tools.labkit import LabVM, MiB, dirty_bitmaps, fill, lab_vm, same_bytes
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"

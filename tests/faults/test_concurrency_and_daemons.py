@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
-from tests.e2e.lab_vm import LabVM, MiB, fill, lab_vm, same_bytes, snapshot_source
 from tests.lab.domains import assert_running, wait_for_job
+from tools.labkit import LabVM, MiB, fill, lab_vm, same_bytes, snapshot_source
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"

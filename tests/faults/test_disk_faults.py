@@ -18,18 +18,21 @@ from libvirt_rdm_backup import api
 from libvirt_rdm_backup.engine import capture
 from libvirt_rdm_backup.engine.resync import resync_layer
 from libvirt_rdm_backup.errors import OperationError
-from tests.e2e.lab_vm import LabVM, MiB, fill, lab_vm
 from tests.faults.points import Points
-from tests.lab.domains import (
-    assert_running,
+from tests.lab.domains import assert_running
+from tests.oracles import unfinished_under
+from tools.labkit import (
+    LabVM,
+    MiB,
     block_disk,
     dirty_bitmaps,
+    fill,
     guest_write,
+    lab_vm,
+    loop_device,
     qemu_leftovers,
     qmp,
 )
-from tests.lab.storage_lab import loop_device
-from tests.oracles import unfinished_under
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"

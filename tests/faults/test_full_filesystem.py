@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
-from tests.e2e.lab_vm import MiB, lab_vm, same_bytes
 from tests.faults.points import Points
-from tests.lab.domains import assert_running, dirty_bitmaps, guest_write, qemu_leftovers
+from tests.lab.domains import assert_running
 from tests.oracles import unfinished_under
+from tools.labkit import MiB, dirty_bitmaps, guest_write, lab_vm, qemu_leftovers, same_bytes
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"

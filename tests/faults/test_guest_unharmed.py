@@ -20,19 +20,21 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
-from tests.e2e.lab_vm import LabVM, MiB, lab_vm
 from tests.faults.points import Points
 from tests.faults.test_full_filesystem import leave_free, small_filesystem
-from tests.lab.domains import (
+from tests.lab.domains import assert_running
+from tests.lab.volume_server import SERVING, VolumeServer
+from tools.labkit import (
+    LabVM,
+    MiB,
     alias_of,
-    assert_running,
     dirty_bitmaps,
     guest_write,
+    lab_vm,
     qemu_leftovers,
     qmp,
     try_guest_write,
 )
-from tests.lab.volume_server import SERVING, VolumeServer
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"

@@ -29,7 +29,6 @@ from libvirt_rdm_backup.engine.restore import open_target, verify_lineage, write
 from libvirt_rdm_backup.engine.stores import open_store
 from libvirt_rdm_backup.qemu.layers import HEADER_READ
 from libvirt_rdm_backup.repository.digest import file_digest
-from tests.e2e.lab_vm import LabVM, lab_vm
 from tests.faults.test_repository_damage import (
     DISK_SIZE,
     DISKS,
@@ -44,6 +43,7 @@ from tests.faults.test_repository_damage import (
 )
 from tests.lab.volume_server import VolumeServer
 from tests.unit.test_qcow2_layers import qemu_img
+from tools.labkit import LabVM, lab_vm
 
 pytestmark = pytest.mark.lab
 PATTERN = b"OUTSIDE!" * 8192  # 64 KiB of a recognisable pattern

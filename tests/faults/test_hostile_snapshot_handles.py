@@ -25,10 +25,8 @@ from libvirt_rdm_backup.repository.store import Repository
 from libvirt_rdm_backup.storage import tgt
 from libvirt_rdm_backup.storage.clones import clone_path
 from libvirt_rdm_backup.storage.snapshots import scoped_prefix
-from tests.e2e.lab_vm import LabVM, MiB, lab_vm
 from tests.faults.points import Points
-from tests.lab.domains import guest_write
-from tests.lab.storage_lab import iscsi_target
+from tools.labkit import LabVM, MiB, guest_write, iscsi_target, lab_vm
 
 pytestmark = [pytest.mark.lab, pytest.mark.hostile]
 

@@ -10,10 +10,9 @@ import pytest
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.targets.volume_format import region_size
-from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes
 from tests.faults.points import Points
-from tests.lab.domains import dirty_bitmaps, guest_write, qemu_leftovers
 from tests.lab.volume_server import VolumeServer
+from tools.labkit import LabVM, MiB, dirty_bitmaps, guest_write, lab_vm, qemu_leftovers, same_bytes
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup.targets.volume_format import _HEAD, MAGIC, SLOT
-from tests.lab.storage_lab import rdmb_tmpdir
 from tests.lab.volume_server import VolumeServer
+from tools.labkit import rdmb_tmpdir
 
 pytestmark = [pytest.mark.lab, pytest.mark.hostile]
 EXE = Path(sys.executable).parent / "rdm-backup"

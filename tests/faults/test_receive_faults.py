@@ -8,12 +8,11 @@ import signal
 import pytest
 
 from libvirt_rdm_backup import api
-from tests.e2e.lab_vm import MiB, fill, lab_vm
 from tests.faults.points import Points
 from tests.lab.crash_fs import CrashFs, crash_fs
-from tests.lab.domains import assert_running, guest_write, qemu_leftovers
-from tests.lab.storage_lab import rdmb_tmpdir
+from tests.lab.domains import assert_running
 from tests.lab.volume_server import VolumeServer
+from tools.labkit import MiB, fill, guest_write, lab_vm, qemu_leftovers, rdmb_tmpdir
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 

@@ -34,11 +34,9 @@ from libvirt_rdm_backup.targets.volume_format import (
     SLOT,
     damage_from_bytes,
 )
-from tests.e2e.lab_vm import LabVM, MiB, lab_vm, same_bytes, snapshot_source
-from tests.lab.domains import guest_write
-from tests.lab.storage_lab import loop_device
 from tests.lab.volume_server import VolumeServer
 from tests.oracles import is_unfinished, newest_superblock
+from tools.labkit import LabVM, MiB, guest_write, lab_vm, loop_device, same_bytes, snapshot_source
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"

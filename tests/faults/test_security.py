@@ -24,18 +24,21 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from tests.lab import domains
-from tests.lab.domains import DiskSpec, block_disk, guest_write, iscsi_disk
-from tests.lab.storage_lab import (
+from tests.lab.tls import make_certificates
+from tools import labkit
+from tools.labkit import (
     RUN_TOKEN,
+    DiskSpec,
+    block_disk,
     free_port,
+    guest_write,
+    iscsi_disk,
     iscsi_target,
     loop_device,
     rdmb_tmpdir,
     unique_name,
+    wait_for_port,
 )
-from tests.lab.tls import make_certificates
-from tests.lab.volume_server import wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EXE = ROOT / ".venv" / "bin" / "rdm-backup"
@@ -90,7 +93,7 @@ def runs() -> Iterator[Runs]:
         lun = stack.enter_context(iscsi_target(lun_file))
         vnc = DiskSpec("vnc", "<graphics type='vnc' autoport='yes' listen='127.0.0.1' "
                               f"passwd='{VNC_PASSWORD}'/>")
-        dom = stack.enter_context(domains.test_domain(unique_name("rdmb-sec"), [
+        dom = stack.enter_context(labkit.test_domain(unique_name("rdmb-sec"), [
             block_disk("vdb", loop), iscsi_disk("sda", lun.iqn, lun.lun), vnc]))
         pki = work / "pki"
         server_dir, client_dir = make_certificates(pki)

@@ -12,16 +12,10 @@ import libvirt
 import pytest
 
 from libvirt_rdm_backup import api
-from tests.e2e.lab_vm import LabVM, MiB, fill, lab_vm
 from tests.faults.points import Points
-from tests.lab.domains import (
-    assert_running,
-    dirty_bitmaps,
-    qemu_leftovers,
-    running_state,
-    wait_for_job,
-)
+from tests.lab.domains import assert_running, running_state, wait_for_job
 from tests.oracles import unfinished_under
+from tools.labkit import LabVM, MiB, dirty_bitmaps, fill, lab_vm, qemu_leftovers
 
 pytestmark = [pytest.mark.lab, pytest.mark.fault]
 EXE = Path(sys.executable).parent / "rdm-backup"

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
-from tests.lab.storage_lab import loop_device
+from tools.labkit import loop_device
 
 OPTIONS = "commit=600"
 

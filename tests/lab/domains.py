@@ -1,7 +1,7 @@
-"""Test domains and what tests assert about them.
+"""What tests assert about test domains, and how they hold a backup job while they do.
 
-The fixtures themselves (domains, disks, guest writes, QEMU inspection) live in
-:mod:`tools.labkit`, shared with the bench and the demo; they are re-exported here for the tests.
+The domains themselves (disks, guest writes, QEMU inspection) are made by :mod:`tools.labkit`,
+shared with the bench and the demo.
 """
 
 from __future__ import annotations
@@ -13,38 +13,7 @@ import time
 import libvirt
 import libvirt_qemu
 
-from tools.labkit import (
-    LAB_DOMAIN_TYPE,
-    QEMU_IO_WAIT,
-    QEMU_LOG_DIR,
-    URI,
-    DiskSpec,
-    GuestWriteError,
-    alias_of,
-    block_disk,
-    dirty_bitmaps,
-    domain_type,
-    domain_xml,
-    guest_write,
-    iscsi_disk,
-    iscsi_hostdev,
-    qcow2_disk,
-    qemu_leftovers,
-    qemu_log,
-    qmp,
-    rdm_backup,
-    remove_domain,
-    test_domain,
-    try_guest_write,
-)
-
-__all__ = [
-    "LAB_DOMAIN_TYPE", "QEMU_IO_WAIT", "QEMU_LOG_DIR", "URI", "DiskSpec", "GuestWriteError",
-    "alias_of", "assert_running", "block_disk", "dirty_bitmaps", "domain_type", "domain_xml",
-    "guest_write", "iscsi_disk", "iscsi_hostdev", "qcow2_disk", "qemu_leftovers", "qemu_log",
-    "qmp", "rdm_backup", "remove_domain", "running_state", "slow_down_job", "test_domain",
-    "try_guest_write", "wait_for_job",
-]
+from tools.labkit import qemu_leftovers, qmp
 
 
 def running_state(dom: libvirt.virDomain) -> tuple[int, int]:

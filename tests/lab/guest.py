@@ -37,8 +37,7 @@ from xml.sax.saxutils import escape, quoteattr
 import libvirt
 import libvirt_qemu
 
-from tests.lab.domains import URI, DiskSpec, remove_domain
-from tests.lab.storage_lab import rdmb_tmpdir
+from tools.labkit import URI, DiskSpec, rdmb_tmpdir, remove_domain
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "tools" / "build-guest.sh"

@@ -25,10 +25,9 @@ from libvirt_rdm_backup.qemu.names import is_ours
 from libvirt_rdm_backup.qemu.nbd_server import SOCKET_ROOT
 from libvirt_rdm_backup.repository.chunkmap import chunkmap_of_layer, layer_map
 from libvirt_rdm_backup.repository.chunks import ALGORITHM, CHUNK, ChunkMap
-from tests.lab import domains
-from tests.lab.domains import alias_of, block_disk, guest_write
-from tests.lab.storage_lab import loop_device, make_file, unique_name
 from tests.oracles import changed_chunks, images_equal, is_zero_chunk
+from tools import labkit
+from tools.labkit import alias_of, block_disk, guest_write, loop_device, make_file, unique_name
 
 pytestmark = pytest.mark.lab
 
@@ -53,7 +52,7 @@ def lab(rdmb_tmp: Path) -> Iterator[Lab]:
         disk = make_file(rdmb_tmp / "rdmb-lun.img", SIZE)
         loop = stack.enter_context(loop_device(disk))
         name = unique_name("rdmb-fleece")
-        dom = stack.enter_context(domains.test_domain(name, [block_disk("vdb", loop)]))
+        dom = stack.enter_context(labkit.test_domain(name, [block_disk("vdb", loop)]))
         monitor = LibvirtMonitor(dom)
         node = find_device(monitor, alias_of(dom, "vdb")[0]).node_name
         yield Lab(dom, monitor, node, loop, rdmb_tmp)

@@ -18,11 +18,12 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from tests.lab.domains import block_disk, iscsi_disk
 from tests.lab.guest import Guest, guest_vm
-from tests.lab.storage_lab import (
+from tools.labkit import (
     IscsiLun,
+    block_disk,
     is_root,
+    iscsi_disk,
     iscsi_target,
     loop_device,
     rdmb_tmpdir,

@@ -22,9 +22,10 @@ import libvirt
 import pytest
 
 from libvirt_rdm_backup import events, hook
-from tests.lab.domains import URI, assert_running, domain_xml
-from tests.lab.domains import test_domain as lab_domain
+from tests.lab.domains import assert_running
 from tests.oracles import hook_installed
+from tools.labkit import URI, domain_xml
+from tools.labkit import test_domain as lab_domain
 
 pytestmark = pytest.mark.lab
 
@@ -229,8 +230,7 @@ def test_backup_names_the_restart_that_lost_tracking(
     state_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from libvirt_rdm_backup import api
-    from tests.e2e.lab_vm import MiB, lab_vm
-    from tests.lab.domains import guest_write
+    from tools.labkit import MiB, guest_write, lab_vm
 
     monkeypatch.setenv(events.STATE_DIR_ENV, str(state_dir))
     with lab_vm(loop_size=64 * MiB, lun_size=16 * MiB) as vm:

@@ -11,8 +11,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from tests.lab import domains
-from tests.lab.domains import LAB_DOMAIN_TYPE, domain_type
+from tools import labkit
+from tools.labkit import LAB_DOMAIN_TYPE, domain_type
 
 pytestmark = pytest.mark.lab
 
@@ -56,6 +56,6 @@ def test_lab_up_makes_kvm_usable_by_qemu(
     assert domain_type() == decided
     # a domain of the decided type starts and runs
     name = f"rdmb-{run_token}-kvm"
-    with domains.test_domain(name, []) as dom:
+    with labkit.test_domain(name, []) as dom:
         state, _reason = dom.state()
         assert state == libvirt.VIR_DOMAIN_RUNNING

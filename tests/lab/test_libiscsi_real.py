@@ -21,14 +21,7 @@ from libvirt_rdm_backup.errors import StorageError
 from libvirt_rdm_backup.process import run
 from libvirt_rdm_backup.storage import libiscsi, map_disk, tgt
 from libvirt_rdm_backup.storage.iscsi import parse_designators, parse_vpd83_page
-from tests.lab.storage_lab import (
-    RUN_TOKEN,
-    IscsiLun,
-    is_root,
-    iscsi_target,
-    make_file,
-    rdmb_tmpdir,
-)
+from tools.labkit import RUN_TOKEN, IscsiLun, is_root, iscsi_target, make_file, rdmb_tmpdir
 
 pytestmark = pytest.mark.lab
 MiB = 1 << 20

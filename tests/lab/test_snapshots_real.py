@@ -35,13 +35,7 @@ from libvirt_rdm_backup.storage.snapshots import (
     new_snapshot_name,
 )
 from libvirt_rdm_backup.storage.tgt_snapshots import TgtReflinkAgent
-from tests.lab.storage_lab import (
-    is_root,
-    iscsi_target,
-    loop_device,
-    rdmb_reflink_tmpdir,
-    rdmb_tmpdir,
-)
+from tools.labkit import is_root, iscsi_target, loop_device, rdmb_reflink_tmpdir, rdmb_tmpdir
 
 pytestmark = pytest.mark.lab
 

@@ -10,14 +10,7 @@ import pytest
 
 from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
 from libvirt_rdm_backup.storage import map_disk, tgt
-from tests.lab.storage_lab import (
-    RUN_TOKEN,
-    is_root,
-    iscsi_target,
-    loop_device,
-    make_file,
-    rdmb_tmpdir,
-)
+from tools.labkit import RUN_TOKEN, is_root, iscsi_target, loop_device, make_file, rdmb_tmpdir
 
 pytestmark = pytest.mark.lab
 MiB = 1 << 20

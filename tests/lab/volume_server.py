@@ -8,9 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools.labkit import free_port, wait_for_port
-
-__all__ = ["VolumeServer", "wait_for_port"]
+from tools.labkit import free_port
 
 EXE = Path(sys.executable).parent / "rdm-backup"
 

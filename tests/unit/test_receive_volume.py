@@ -16,7 +16,7 @@ import pytest
 from libvirt_rdm_backup.errors import OperationError
 from libvirt_rdm_backup.fslock import exclusive
 from libvirt_rdm_backup.targets.receive import ensure_volume
-from tests.lab.storage_lab import free_port
+from tools.labkit import free_port
 
 
 def test_created_grown_never_shrunk(tmp_path: Path) -> None:

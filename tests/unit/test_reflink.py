@@ -28,7 +28,7 @@ from libvirt_rdm_backup.storage.reflink import (
     reflink_clone,
     supports_reflink,
 )
-from tests.lab.storage_lab import is_root, rdmb_reflink_tmpdir
+from tools.labkit import is_root, rdmb_reflink_tmpdir
 
 KiB = 1 << 10
 MiB = 1 << 20
