@@ -1,7 +1,7 @@
 """Write the man page rdm-backup(1) from the command's argument parser (``make man``).
 
 Everything in the page comes from the code: the commands, their options and help from
-``libvirt_rdm_backup.cli.build_parser()``, the exit status from the exception classes of
+``libvirt_rdm_backup.cli.parser.build_parser()``, the exit status from the exception classes of
 ``libvirt_rdm_backup.errors`` and the CLI's own exit codes. The output is roff (man macros) and
 depends on nothing but the parser, so the committed ``docs/rdm-backup.1`` can be checked against
 a fresh rendering (``--check``, and the unit tests do).
@@ -31,11 +31,13 @@ DOCS = ("docs/cli.md", "docs/exit-codes.md", "docs/network.md", "docs/remote-bac
         "docs/repository-format.md", "docs/scheduling.md")
 
 
-def _modules() -> tuple[ModuleType, ModuleType, ModuleType]:
-    """The package's ``cli``, ``errors`` and top module, from this checkout."""
+def _modules() -> tuple[ModuleType, ModuleType, ModuleType, ModuleType]:
+    """The package's ``cli.parser``, ``cli.output``, ``errors`` and top module, from this
+    checkout."""
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-    return (importlib.import_module("libvirt_rdm_backup.cli"),
+    return (importlib.import_module("libvirt_rdm_backup.cli.parser"),
+            importlib.import_module("libvirt_rdm_backup.cli.output"),
             importlib.import_module("libvirt_rdm_backup.errors"),
             importlib.import_module("libvirt_rdm_backup"))
 
@@ -151,7 +153,7 @@ def _command_synopsis(name: str, parser: argparse.ArgumentParser,
     return " ".join(items)
 
 
-def _exit_status(cli: ModuleType, errors: ModuleType) -> list[tuple[int, str]]:
+def _exit_status(output: ModuleType, errors: ModuleType) -> list[tuple[int, str]]:
     """(code, meaning) for every exit code the command can end with, from the code."""
     root = errors.RdmBackupError
     classes: list[Any] = [c for _, c in inspect.getmembers(errors, inspect.isclass)
@@ -160,13 +162,13 @@ def _exit_status(cli: ModuleType, errors: ModuleType) -> list[tuple[int, str]]:
     by_code: dict[int, list[Any]] = {}
     for cls in classes:
         by_code.setdefault(cls.exit_code, []).append(cls)
-    rows = [(cli.EXIT_OK, "Success.")]
+    rows = [(output.EXIT_OK, "Success.")]
     for code in sorted(by_code):
         members = by_code[code]
         # the class that brings the code in says what it means; the root only when alone
         own = ([c for c in members if "exit_code" in vars(c) and c is not root] or members)[0]
         meaning = _summary(own) + "."
-        if code == cli.EXIT_FAILED:
+        if code == output.EXIT_FAILED:
             meaning += (" Also an interrupt (SIGINT, SIGTERM) and an internal error"
                         " of the tool.")
         entries = [c.__name__ if c in (own, root)
@@ -244,8 +246,8 @@ def render(parser: argparse.ArgumentParser, exit_status: Iterable[tuple[int, str
 
 def generate() -> str:
     """The man page of this checkout's ``rdm-backup``."""
-    cli, errors, package = _modules()
-    return render(cli.build_parser(), _exit_status(cli, errors), package.__version__)
+    parser, output, errors, package = _modules()
+    return render(parser.build_parser(), _exit_status(output, errors), package.__version__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,26 +12,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from libvirt_rdm_backup.cli.backups import cmd_backup, cmd_list, cmd_restore, cmd_verify
-from libvirt_rdm_backup.cli.disks import cmd_disks, cmd_map
-from libvirt_rdm_backup.cli.host import cmd_agent, cmd_hook
-from libvirt_rdm_backup.cli.output import (
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_USAGE,
-    EXIT_VERIFY,
-    RedactingFormatter,
-    one_line,
-)
-from libvirt_rdm_backup.cli.parser import TLS_HELP, build_parser
-from libvirt_rdm_backup.cli.serving import cmd_export, cmd_receive
+from libvirt_rdm_backup.cli.output import EXIT_FAILED, RedactingFormatter, one_line
+from libvirt_rdm_backup.cli.parser import build_parser
 from libvirt_rdm_backup.errors import RdmBackupError
-
-__all__ = [
-    "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "EXIT_VERIFY", "TLS_HELP", "build_parser",
-    "cmd_agent", "cmd_backup", "cmd_disks", "cmd_export", "cmd_hook", "cmd_list", "cmd_map",
-    "cmd_receive", "cmd_restore", "cmd_verify", "main",
-]
 
 
 def _terminate(signum: int, _frame: object) -> None:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from libvirt_rdm_backup.cli import build_parser, main
+from libvirt_rdm_backup.cli import main
+from libvirt_rdm_backup.cli.parser import build_parser
 
 
 @pytest.mark.parametrize("argv", [

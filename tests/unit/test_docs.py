@@ -16,7 +16,9 @@ from types import ModuleType
 
 import pytest
 
-from libvirt_rdm_backup import cli, errors
+from libvirt_rdm_backup import errors
+from libvirt_rdm_backup.cli.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, EXIT_VERIFY
+from libvirt_rdm_backup.cli.parser import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -33,7 +35,7 @@ def _manpage_tool() -> ModuleType:
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
-    parser = cli.build_parser()
+    parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return dict(sub.choices)
 
@@ -60,7 +62,7 @@ def test_man_page_names_every_command_option_and_exit_code() -> None:
     codes = {cls.exit_code for cls in vars(errors).values()
              if isinstance(cls, type) and issubclass(cls, errors.RdmBackupError)}
     exit_section = page.split(".SH EXIT STATUS", 1)[1].split(".SH", 1)[0]
-    for code in codes | {cli.EXIT_OK, cli.EXIT_USAGE, cli.EXIT_FAILED, cli.EXIT_VERIFY}:
+    for code in codes | {EXIT_OK, EXIT_USAGE, EXIT_FAILED, EXIT_VERIFY}:
         assert f".TP\n\\fB{code}\\fR\n" in exit_section
 
 
@@ -120,7 +122,7 @@ def test_every_command_and_option_is_documented_in_cli_md() -> None:
     text = (DOCS / "cli.md").read_text(encoding="utf-8")
     sections = _sections(text)
     preamble = text.split("\n## ", 1)[0]
-    global_options = [o for a in cli.build_parser()._actions for o in a.option_strings
+    global_options = [o for a in build_parser()._actions for o in a.option_strings
                       if o not in ("-h", "--help")]
     for option in global_options:
         assert f"`{option}" in preamble, option
@@ -140,7 +142,7 @@ def test_every_exit_code_and_exception_is_documented() -> None:
     text = (DOCS / "exit-codes.md").read_text(encoding="utf-8")
     classes = [cls for cls in vars(errors).values()
                if isinstance(cls, type) and issubclass(cls, errors.RdmBackupError)]
-    for code in {cls.exit_code for cls in classes} | {cli.EXIT_OK}:
+    for code in {cls.exit_code for cls in classes} | {EXIT_OK}:
         assert re.search(rf"^\| {code} \|", text, flags=re.M), f"exit code {code}"
     for cls in classes:
         assert re.search(rf"\b{cls.__name__}\b", text), cls.__name__
