@@ -12,26 +12,9 @@ from typing import Any
 
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.errors import StorageError
-from libvirt_rdm_backup.storage.base import (
-    Extent,
-    RawDiskMapping,
-    StorageAgent,
-    StorageNode,
-)
+from libvirt_rdm_backup.storage.base import RawDiskMapping, StorageAgent
 from libvirt_rdm_backup.storage.iscsi import IscsiAgent
 from libvirt_rdm_backup.storage.sysfs import SysfsAgent
-
-__all__ = [
-    "Extent",
-    "IscsiAgent",
-    "RawDiskMapping",
-    "StorageAgent",
-    "StorageNode",
-    "SysfsAgent",
-    "default_agents",
-    "disk_identifiers",
-    "map_disk",
-]
 
 
 def default_agents() -> list[StorageAgent]:

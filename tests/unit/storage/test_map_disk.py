@@ -9,15 +9,10 @@ import pytest
 
 from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
 from libvirt_rdm_backup.errors import StorageError
-from libvirt_rdm_backup.storage import (
-    IscsiAgent,
-    RawDiskMapping,
-    StorageNode,
-    SysfsAgent,
-    default_agents,
-    map_disk,
-)
-from libvirt_rdm_backup.storage.base import Extent
+from libvirt_rdm_backup.storage import default_agents, map_disk
+from libvirt_rdm_backup.storage.base import Extent, RawDiskMapping, StorageNode
+from libvirt_rdm_backup.storage.iscsi import IscsiAgent
+from libvirt_rdm_backup.storage.sysfs import SysfsAgent
 
 from .sysfs_tree import SysfsTree
 

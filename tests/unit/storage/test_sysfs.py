@@ -9,7 +9,7 @@ import pytest
 from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
 from libvirt_rdm_backup.errors import StorageError
 from libvirt_rdm_backup.storage.base import StorageNode
-from libvirt_rdm_backup.storage.sysfs import parse_dm_table
+from libvirt_rdm_backup.storage.devnodes import parse_dm_table
 
 from .sysfs_tree import FixtureSysfsAgent, SysfsTree
 
