@@ -43,7 +43,7 @@ from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.discover import fill_live_facts, open_domain, select_disks
 from libvirt_rdm_backup.engine.file_store import FileStore
-from libvirt_rdm_backup.engine.listeners import host_port, parse_listen, tcp_listener, unix_listener
+from libvirt_rdm_backup.engine.listeners import parse_listen, unix_listener
 from libvirt_rdm_backup.errors import (
     DamagedBackupError,
     NotFoundError,
@@ -65,6 +65,7 @@ from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN, DiskPoint, chain_
 from libvirt_rdm_backup.repository.ids import check_safe_name, now_iso
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.store import Repository
+from libvirt_rdm_backup.sockets import host_port, tcp_listener
 from libvirt_rdm_backup.window_record import recover_window
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
-"""Where an export listens: ``--listen`` checked, TCP and unix listeners bound here and
-handed to QEMU (:mod:`export`)."""
+"""Where an export listens: ``--listen`` checked, unix listeners bound here and handed to
+QEMU (:mod:`export`; its TCP listeners are :func:`~libvirt_rdm_backup.sockets.tcp_listener`)."""
 
 from __future__ import annotations
 
@@ -31,24 +31,6 @@ def parse_listen(text: str, allow_remote: bool = False) -> tuple[str, int]:
         raise UsageError(f"refusing to listen on {address}: not a loopback address, and NBD "
                          "here has no TLS and no authentication (--allow-remote allows it)")
     return str(address), port
-
-
-def tcp_listener(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((host, port))
-        listener.listen(16)
-    except OSError as err:
-        listener.close()
-        raise OperationError(f"cannot listen on {host_port(host, port)}: "
-                             f"{err.strerror}") from err
-    return listener
-
-
-def host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def unix_listener(path: str) -> socket.socket:

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from libvirt_rdm_backup.errors import CommandError, OperationError, UsageError
 from libvirt_rdm_backup.fslock import exclusive
 from libvirt_rdm_backup.process import require_tool, run
 from libvirt_rdm_backup.qemu.storage_daemon import StorageDaemon
+from libvirt_rdm_backup.sockets import tcp_listener
 from libvirt_rdm_backup.targets.uri import DEFAULT_NBD_PORT, NbdAddress, parse_target
 
 log = logging.getLogger(__name__)
@@ -162,37 +162,6 @@ def credential_objects(config: ReceiveConfig, clients: tuple[str, ...]) -> list[
     return objects
 
 
-def listen_socket(address: NbdAddress) -> socket.socket:
-    """A listening TCP socket on ``address`` with ``TCP_NODELAY``, which the connections
-    it accepts inherit.
-
-    QEMU's NBD server leaves Nagle's algorithm on for the connections it accepts
-    itself: its small replies then wait for the client's delayed acknowledgement,
-    about 10 ms per write request (a copy job writing 64 KiB chunks over TCP ran
-    several times slower than into a file). OperationError when it cannot listen.
-    """
-    where = f"{address.host}:{address.port}"
-    try:
-        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-    except socket.gaierror as err:
-        raise OperationError(f"cannot listen on {where}: {err.strerror}") from err
-    problem = "no address"
-    for family, kind, proto, _name, sockaddr in infos:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.bind(sockaddr)
-            sock.listen(socket.SOMAXCONN)
-        except OSError as err:
-            sock.close()
-            problem = str(err.strerror)
-            continue
-        return sock
-    raise OperationError(f"cannot listen on {where}: {problem}")
-
-
 def daemon_arguments(config: ReceiveConfig, clients: tuple[str, ...],
                      listener: int) -> list[str]:
     """Command-line options that start the NBD server on ``listener`` (an inherited socket:
@@ -302,9 +271,12 @@ def _serve(config: ReceiveConfig, clients: tuple[str, ...],
            ready: Callable[[], None] | None) -> None:
     """Serve until a signal (_Stopped); OperationError when the daemon stops on its own.
 
-    On TCP the daemon listens on a socket of ours (:func:`listen_socket`)."""
+    On TCP the daemon listens on a socket of ours, with ``TCP_NODELAY``
+    (:func:`~libvirt_rdm_backup.sockets.tcp_listener`)."""
     if config.address.socket is None:
-        with listen_socket(config.address) as listener:  # the daemon keeps its own copy
+        assert config.address.host is not None  # a TCP address has a host
+        # the daemon keeps its own copy of the listening socket
+        with tcp_listener(config.address.host, config.address.port) as listener:
             daemon = StorageDaemon("receive", pass_fds=(listener.fileno(),),
                                    arguments=daemon_arguments(config, clients,
                                                               listener.fileno())).start()
