@@ -15,6 +15,7 @@ from libvirt_rdm_backup.domain.connection import connection_uri, is_remote
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.capture import (
     Capture,
+    CaptureOptions,
     ProgressCallback,
     capture,
     drop_new_snapshots,
@@ -426,11 +427,10 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
                                   | {d.backup_id for d in unreadable})
         created = now_iso()
         with store.session(ctx.uuid, backup_id) as session:
-            captured = capture(
-                ctx.dom, ctx.inventory.running, plans, session,
+            captured = capture(ctx.dom, ctx.inventory.running, plans, session, CaptureOptions(
                 bitmaps.bitmap_name(store.repo_id, chain_name, backup_id), parent_maps,
-                options.progress, options.quiesce, scope, options.max_pause, monitor=monitor,
-                speed=speed)
+                progress=options.progress, quiesce=options.quiesce, snapshot_scope=scope,
+                max_pause=options.max_pause, monitor=monitor, speed=speed))
             manifest, path = _publish(
                 _Point(ctx, chain, backup_id, created, plans, captured, mappings, parent_maps),
                 session, monitor)

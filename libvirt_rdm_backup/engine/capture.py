@@ -323,31 +323,31 @@ def _after_window(run: _Run, groups: _Groups, parent_maps: dict[str, ChunkMap],
         still_plugged()  # unplugged just as its job or its resync ended
 
 
-def capture(
-    dom: libvirt.virDomain,
-    running: bool,
-    plans: list[DiskPlan],
-    sink: Sink,
-    new_bitmap: str,
-    parent_maps: dict[str, ChunkMap],
-    progress: ProgressCallback | None = None,
-    quiesce: str | None = None,
-    snapshot_scope: Callable[[DiskPlan], str] | None = None,
-    max_pause: float = DEFAULT_MAX_PAUSE,
-    monitor: Monitor | None = None,
-    speed: int = 0,
-) -> Capture:
-    """Fix one point in time for all planned disks and copy them into ``staging``.
+@dataclass
+class CaptureOptions:
+    """What one capture starts and builds on, and how it may hold the guest and move data."""
+
+    new_bitmap: str  # names the bitmaps (one per tracked disk) and snapshots it starts
+    parent_maps: dict[str, ChunkMap] = field(default_factory=dict)  # of the parents, by disk
+    progress: ProgressCallback | None = None
+    quiesce: str | None = None  # freeze the guest's filesystems (None: pause when needed)
+    snapshot_scope: Callable[[DiskPlan], str] | None = None  # a disk's snapshot name prefix
+    max_pause: float = DEFAULT_MAX_PAUSE  # seconds a LUN copied with the guest paused holds it
+    monitor: Monitor | None = None  # the running domain's QMP channel (None: through libvirt)
+    speed: int = 0  # bytes/s each copy may move, QEMU's jobs and storage copies (0: no limit)
+
+
+def capture(dom: libvirt.virDomain, running: bool, plans: list[DiskPlan], sink: Sink,
+            options: CaptureOptions) -> Capture:
+    """Fix one point in time for all planned disks and copy them into the ``sink``.
 
     On failure the new bitmaps and storage snapshots are removed again;
     existing ones are never touched, so the next backup still sees every write
-    since the last good one. ``new_bitmap`` names the bitmaps (one per tracked
-    disk) and storage snapshots this backup starts. ``max_pause``: seconds a LUN
-    copied with the guest paused may hold it (then the backup fails, guest resumed).
-    ``monitor``: the running domain's QMP channel (default: through libvirt).
-    ``speed``: bytes per second each copy may move, QEMU's jobs and copies from storage
-    alike (0: no limit).
+    since the last good one. A LUN copied with the guest paused holds it at most
+    ``options.max_pause`` seconds (then the backup fails, guest resumed).
     """
+    new_bitmap, quiesce, progress = options.new_bitmap, options.quiesce, options.progress
+    monitor, speed, max_pause = options.monitor, options.speed, options.max_pause
     files = {p.disk.target: sink.target(p) for p in plans if sink.local_files}
     groups = _Groups.of(plans)
     result = Capture(files=files, window=Window(method=WindowMethod.OFFLINE))
@@ -377,9 +377,9 @@ def capture(
                     before=lambda: _flush_storage(groups.snapshot)) as window:
                 result.window = window
                 _in_window(run, groups, running, new_bitmap[-6:],
-                           snapshot_scope or (lambda p: f"rdmb-snap-{p.disk.target}-"),
+                           options.snapshot_scope or (lambda p: f"rdmb-snap-{p.disk.target}-"),
                            time.monotonic() + max_pause, max_pause, progress)
-            _after_window(run, groups, parent_maps, progress)
+            _after_window(run, groups, options.parent_maps, progress)
         except BaseException:
             _undo(monitor, run.started, plans, result)
             raise

@@ -16,7 +16,7 @@ import pytest
 from libvirt_rdm_backup.consistency import Window
 from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
 from libvirt_rdm_backup.engine import capture as capture_mod
-from libvirt_rdm_backup.engine.capture import Capture, capture
+from libvirt_rdm_backup.engine.capture import Capture, CaptureOptions, capture
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.errors import OperationError
 from libvirt_rdm_backup.modes import Level, WindowMethod
@@ -132,7 +132,7 @@ VDC = ("vdc", "libvirt-2-format", "virtio-disk2")
 def run(monitor: FakeMonitor, tmp_path: Path, plans: list[DiskPlan],
         parent_maps: dict[str, ChunkMap] | None = None) -> Capture:
     return capture(cast(Any, FakeDomain()), True, plans, FakeSink(tmp_path, monitor),
-                   NEW_BITMAP, parent_maps or {}, monitor=monitor)
+                   CaptureOptions(NEW_BITMAP, parent_maps or {}, monitor=monitor))
 
 
 def test_a_backup_job_reads_the_point_fixed_by_its_filter(qemu: FakeMonitor, tmp_path: Path
