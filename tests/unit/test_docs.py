@@ -200,6 +200,38 @@ def test_every_environment_variable_is_documented() -> None:
     assert used and not sorted(v for v in used if f"`{v}`" not in text)
 
 
+def _defined_in(module: str, name: str) -> bool:
+    """``name`` is an attribute of ``module`` that the module defines, not one it imports
+    (the package's lazy API counts as its own)."""
+    value = getattr(importlib.import_module(module), name, None)
+    if value is None:
+        return False
+    home = getattr(value, "__module__", None)
+    return home in (None, module) or module == "libvirt_rdm_backup"
+
+
+def test_the_python_api_names_real_import_paths() -> None:
+    """Every ``from M import N`` in docs/python-api.md, every `` `N` from `M` `` and every
+    dotted `` `libvirt_rdm_backup.M.N` `` names a module and what that module defines."""
+    text = (DOCS / "python-api.md").read_text(encoding="utf-8")
+    pairs: list[tuple[str, str]] = []
+    for module, names in re.findall(r"^from (libvirt_rdm_backup[\w.]*) import (.+)$", text,
+                                    flags=re.M):
+        pairs += [(module, name.strip()) for name in names.split(",")]
+    for names, module in re.findall(r"((?:`\w+`(?:,|\s+and)\s+)*`\w+`)\s+from\s+"
+                                    r"`(libvirt_rdm_backup[\w.]*)`", text):
+        pairs += [(module, name) for name in re.findall(r"`(\w+)`", names)]
+    for dotted in re.findall(r"`(libvirt_rdm_backup(?:\.\w+)+)[`(]", text):
+        module, _, name = dotted.rpartition(".")
+        try:
+            importlib.import_module(dotted)  # a module is a real path
+        except ImportError:
+            pairs.append((module, name))
+    assert len(pairs) > 20
+    wrong = sorted(f"{module}.{name}" for module, name in pairs if not _defined_in(module, name))
+    assert not wrong, f"docs/python-api.md names what these modules do not define: {wrong}"
+
+
 # -- links --------------------------------------------------------------------------------------
 
 def _slug(heading: str) -> str:
