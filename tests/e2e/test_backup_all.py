@@ -20,7 +20,7 @@ from libvirt_rdm_backup.cli import main
 from libvirt_rdm_backup.domain.inventory import all_domains
 from libvirt_rdm_backup.fleet import selection
 from libvirt_rdm_backup.fleet.status import STATUS_NAME, parse_status
-from tests.lab.domains import assert_running, qemu_leftovers, wait_for_job
+from tests.lab.domains import assert_running, wait_for_job
 from tools.labkit import (
     REPO_ROOT,
     RUN_TOKEN,
@@ -29,6 +29,7 @@ from tools.labkit import (
     loop_device,
     make_file,
     qcow2_disk,
+    qemu_leftovers,
     rdmb_tmpdir,
     same_bytes,
     unique_name,

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from libvirt_rdm_backup.cli import build_parser, main
+from libvirt_rdm_backup.cli import main
 from libvirt_rdm_backup.cli.fleet import forwarded_options
+from libvirt_rdm_backup.cli.parser import build_parser
 from libvirt_rdm_backup.errors import UsageError
 from libvirt_rdm_backup.fleet.runner import DomainResult, Runner
 from libvirt_rdm_backup.fleet.selection import Candidate, check_patterns, exclusion
