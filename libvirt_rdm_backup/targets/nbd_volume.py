@@ -41,10 +41,11 @@ from libvirt_rdm_backup.qemu.layers import option_value
 from libvirt_rdm_backup.qemu.nbd_io import NbdError, connect_nbd
 from libvirt_rdm_backup.repository.digest import BUFFER, Digest
 from libvirt_rdm_backup.repository.manifest import Manifest
-from libvirt_rdm_backup.repository.order import in_order, next_sequence
+from libvirt_rdm_backup.repository.order import in_order
 from libvirt_rdm_backup.repository.store import Damage, Scan, now_iso
-from libvirt_rdm_backup.targets.lease import HELD, Lease
+from libvirt_rdm_backup.targets.lease import Lease
 from libvirt_rdm_backup.targets.uri import NbdAddress
+from libvirt_rdm_backup.targets.volume_changes import SpaceReport, VolumeChanges
 from libvirt_rdm_backup.targets.volume_format import (
     _HEAD,
     ALIGN,
@@ -59,7 +60,6 @@ from libvirt_rdm_backup.targets.volume_format import (
     SLOT,
     VERSION,
     Superblock,
-    align,
     damage_from_bytes,
     entry_problem,
     entry_sequence,
@@ -67,17 +67,13 @@ from libvirt_rdm_backup.targets.volume_format import (
     read_table,
     region_size,
 )
-from libvirt_rdm_backup.targets.volume_lease import (
-    CLAIM_ATTEMPTS,
-    CLAIM_WINDOW,
-    SETTLE,
-    WriterLease,
-)
+from libvirt_rdm_backup.targets.volume_lease import CLAIM_ATTEMPTS, CLAIM_WINDOW, SETTLE
 
 __all__ = [
     "_HEAD", "ALIGN", "CLAIM_ATTEMPTS", "CLAIM_WINDOW", "DAMAGE_AREA", "DAMAGE_MAGIC",
     "DAMAGE_OFFSET", "DATA_START", "FORMAT", "MAGIC", "MAX_BODY", "MAX_LISTING", "MAX_OFFSET",
-    "SETTLE", "SLOT", "TLS_ID", "VERSION", "NbdVolume", "Superblock", "damage_from_bytes",
+    "SETTLE", "SLOT", "TLS_ID", "VERSION", "NbdVolume", "SpaceReport", "Superblock",
+    "damage_from_bytes",
     "entry_problem", "location_problem", "read_table", "region_size",
 ]
 
@@ -87,7 +83,7 @@ TLS_ID = "rdmb-tls-client"  # the TLS credentials object, in QEMU and in qemu-im
 MAX_LISTING = 512 << 20  # manifest bytes one listing of a volume reads at most
 
 
-class NbdVolume(WriterLease):
+class NbdVolume(VolumeChanges):
     """A backup repository kept inside an NBD export."""
 
     def __init__(self, address: NbdAddress, handle: Any, superblock: Superblock,
@@ -98,6 +94,7 @@ class NbdVolume(WriterLease):
         self.superblock = superblock
         self.size = size
         self.next_free = superblock.next_free
+        self._free, self._taken, self._allocated = list(superblock.free), [], []
         self._damage: dict[str, dict[str, str]] | None = None  # read on first use
         self.settle = SETTLE
         self._lease: Lease | None = None  # held by this writer
@@ -153,23 +150,6 @@ class NbdVolume(WriterLease):
 
     # -- regions -------------------------------------------------------------------------
 
-    def allocate(self, length: int) -> int:
-        """Reserve a region; it becomes permanent with the next :meth:`publish`.
-
-        A lease holder records the region in its lease before anything is written
-        there, so whoever takes a lease over from a stalled or killed holder (whose
-        QEMU may still be writing) allocates past it.
-        """
-        with self._mutex:
-            offset = self.next_free
-            if offset + length > self.size:
-                raise OperationError(f"NBD target {self.address.uri} is full "
-                                     f"({self.size} bytes, {offset + length} needed)")
-            self.next_free = align(offset + length)
-            if self._lease is not None:
-                self.renew_lease()
-            return offset
-
     def write(self, offset: int, data: bytes) -> None:
         """Write bytes at ``offset`` (small metadata only)."""
         try:
@@ -206,34 +186,6 @@ class NbdVolume(WriterLease):
         except NbdError as err:
             raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
         return Digest("sha256", hasher.hexdigest())
-
-    def publish(self, manifest: Manifest) -> None:
-        """Store the manifest, then a new superblock listing it (the backup now exists).
-
-        The manifest gets the volume's next sequence number (its publish order).
-        Takes the writer lease first when not held; fails (OperationError) when the
-        lease was lost, checked right before the superblock is written, which also
-        releases the lease.
-        """
-        with self._mutex:
-            if self._lease is None:
-                self.take_lease()
-            manifest.sequence = next_sequence(map(entry_sequence, self._held_table().entries))
-            text = manifest.dumps().encode()
-            offset = self.allocate(len(text))
-            self.write(offset, text)
-            self.flush()  # data and manifest are durable before the table points at them
-            entry = {"backup_id": manifest.backup_id, "domain_uuid": manifest.domain_uuid,
-                     "manifest": [offset, len(text)], "published": now_iso(),
-                     "sequence": manifest.sequence}
-            current = self._held_table()
-            new = Superblock(current.volume_id, current.generation + 1, self.next_free,
-                             [*current.entries, entry])
-            self._stop_heartbeat()
-            self._write_superblock(new)
-            assert self._lease is not None
-            HELD.discard(self._lease.token)
-            self._lease, self.superblock = None, new
 
     def scan(self, domain_uuid: str | None = None) -> Scan:
         """Published backups, oldest first, and apart those whose manifest is malformed.
