@@ -145,45 +145,51 @@ class VolumeChanges(WriterLease):
         damaged free list, RepositoryError when the table would not fit its slot
         (nothing is changed then).
         """
-        with self._mutex:
-            if self._lease is None:
-                self.take_lease()
-            current = self._held_table()
-            self._check_space(current)
-            by_id = {m.backup_id: m for m in replace_with}
-            dropped = set(drop)
-            _check_names(current, domain_uuid, replace_with, dropped)
-            entries: list[dict[str, Any]] = []
-            removed: list[Region] = []
-            for entry in current.entries:
-                owned = self._owned(entry)
-                backup_id = str(entry.get("backup_id"))
-                if entry.get("domain_uuid") != domain_uuid or (
-                        backup_id not in by_id and backup_id not in dropped):
-                    entries.append(entry if owned is None else
-                                   {**entry, "regions": [list(r) for r in owned]})
-                    continue
-                removed += owned if owned is not None else self._manifest_region(entry)
-                if backup_id in by_id:
-                    entries.append(self._replacement(by_id[backup_id], entry))
-            new = self._next_table(current, entries, removed)
-            freed = total(subtract(new.free, current.free))
-            self._commit(new, release=False)
-            trimmed = self._trim(new.free)
-            self.release_lease()
-            return SpaceReport(new.generation, freed, total(new.free), trimmed, new.next_free)
+        try:
+            with self._mutex:
+                new, freed = self._change(domain_uuid, replace_with, set(drop))
+                trimmed = self._trim(new.free)
+        finally:
+            self.release_lease()  # its own thread: outside the lock
+        return SpaceReport(new.generation, freed, total(new.free), trimmed, new.next_free)
+
+    def _change(self, domain_uuid: str, replace_with: Sequence[Manifest],
+                dropped: set[str]) -> tuple[Superblock, int]:
+        """Publish the change (lease kept); the new table and the bytes it freed."""
+        if self._lease is None:
+            self.take_lease()
+        current = self._held_table()
+        self._check_space(current)
+        by_id = {m.backup_id: m for m in replace_with}
+        _check_names(current, domain_uuid, replace_with, dropped)
+        entries: list[dict[str, Any]] = []
+        removed: list[Region] = []
+        for entry in current.entries:
+            owned = self._owned(entry)
+            backup_id = str(entry.get("backup_id"))
+            if entry.get("domain_uuid") != domain_uuid or (
+                    backup_id not in by_id and backup_id not in dropped):
+                entries.append(entry if owned is None else
+                               {**entry, "regions": [list(r) for r in owned]})
+                continue
+            removed += owned if owned is not None else self._manifest_region(entry)
+            if backup_id in by_id:
+                entries.append(self._replacement(by_id[backup_id], entry))
+        new = self._next_table(current, entries, removed)
+        self._commit(new, release=False)
+        return new, total(subtract(new.free, current.free))
 
     def trim_free(self) -> int:
         """Trim every free region again (after a crash before a trim); bytes trimmed."""
-        with self._mutex:
-            if self._lease is None:
-                self.take_lease()
-            try:
+        try:
+            with self._mutex:
+                if self._lease is None:
+                    self.take_lease()
                 current = self._held_table()
                 self._check_space(current)
                 return self._trim(current.free)
-            finally:
-                self.release_lease()
+        finally:
+            self.release_lease()  # its own thread: outside the lock
 
     # -- the steps ------------------------------------------------------------------------
 
