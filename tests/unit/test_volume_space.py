@@ -74,20 +74,20 @@ def write_table(export: MemoryExport, block: Superblock) -> None:
     export.pwrite(block.to_bytes(), 0 if block.generation % 2 == 0 else SLOT)
 
 
-def backup(vol: NbdVolume, index: int, fill: int = 0) -> Manifest:
+def backup(vol: NbdVolume, index: int, fill: int = 0, region: int = LAYER) -> Manifest:
     """Publish a one-disk backup as a backup does: lease, a layer region, the manifest.
 
     ``fill``: bytes written at the start of the layer region (its data)."""
     if vol._lease is None:
         vol.take_lease()
-    offset = vol.allocate(LAYER)
+    offset = vol.allocate(region)
     if fill:
         vol.write(offset, bytes([index % 250 + 1]) * fill)
     backup_id = f"20260101T{index:06d}Z-{index % 1000000:06d}"
     record = DiskRecord(disk=vdb(), size=1 << 30, data_file="vdb.qcow2", format="qcow2",
                         digest=Digest("sha256", "0" * 64), level="full", data_path="qemu",
                         bytes_transferred=0, stored_bytes=fill,
-                        location={"offset": offset, "region": LAYER, "length": fill})
+                        location={"offset": offset, "region": region, "length": fill})
     manifest = Manifest(backup_id=backup_id, domain_uuid=UUID, domain_name="vm",
                         level="full", created=backup_id, completed=backup_id,
                         consistency={}, domain_xml="<domain/>", disks=[record])
