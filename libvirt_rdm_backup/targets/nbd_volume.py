@@ -6,7 +6,8 @@ file) holds two superblock slots, a damage record and regions
 its own, written by the VM's QEMU through ``raw`` (offset/size) over an ``nbd``
 node: no data passes through this tool. A backup exists once a new superblock
 generation lists its manifest; a failed backup's regions are simply reused,
-because the allocation pointer is only stored with the next good superblock.
+because the allocation pointer and the free list are only stored with the next
+good superblock. Dropped backups give their regions back (:mod:`volume_changes`).
 
 One writer at a time, whatever address it reaches the export by: it holds the
 volume's writer lease (:mod:`volume_lease`) from its first region to the

@@ -5,11 +5,14 @@ The export is laid out as::
     [0, 960 KiB)          superblock slot A   MAGIC, generation, length, sha256, JSON
     [960 KiB, 1 MiB)      damage record       DMG_MAGIC, 0, length, sha256, JSON
     [1 MiB, 1984 KiB)     superblock slot B   (the valid slot with the higher generation wins)
-    [2 MiB, ...)          regions, 1 MiB aligned: qcow2 images of disks, manifest JSON
+    [2 MiB, ...)          regions, 1 MiB aligned: qcow2 images of disks, manifest JSON;
+                          free regions (the table's free list, :mod:`volume_space`)
 
 Everything read from the volume is checked here before it is used: a
-superblock's header, length, checksum and fields, each listed manifest's place
-and size, each layer's region (see :mod:`nbd_volume` for the volume itself).
+superblock's header, length, checksum and fields (the free list's shape), each
+listed manifest's place and size, each layer's region (see :mod:`nbd_volume`
+for the volume itself; :mod:`volume_space` checks the free list against the
+regions the entries own).
 """
 
 from __future__ import annotations
