@@ -16,6 +16,7 @@ there (they are neither listed nor free).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,11 +24,12 @@ from typing import Any
 from libvirt_rdm_backup.errors import (
     NotFoundError,
     OperationError,
+    RdmBackupError,
     RepositoryError,
     UsageError,
     VerificationError,
 )
-from libvirt_rdm_backup.qemu.nbd_io import NbdError, trim
+from libvirt_rdm_backup.qemu.nbd_io import MAX_TRIM, NbdError, trim
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.order import next_sequence
 from libvirt_rdm_backup.repository.store import now_iso
@@ -53,6 +55,8 @@ from libvirt_rdm_backup.targets.volume_space import (
 )
 
 log = logging.getLogger("libvirt_rdm_backup.targets.nbd_volume")
+
+TRIM_CHECK = 1.0  # seconds of trimming between two checks that the lease is still held
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,7 @@ class VolumeChanges(WriterLease):
         try:
             with self._mutex:
                 new, freed = self._change(domain_uuid, replace_with, set(drop))
-                trimmed = self._trim(new.free)
+            trimmed = self._trim(new.free)  # the heartbeat renews the lease meanwhile
         finally:
             self.release_lease()  # its own thread: outside the lock
         return SpaceReport(new.generation, freed, total(new.free), trimmed, new.next_free)
@@ -187,7 +191,7 @@ class VolumeChanges(WriterLease):
                     self.take_lease()
                 current = self._held_table()
                 self._check_space(current)
-                return self._trim(current.free)
+            return self._trim(current.free)
         finally:
             self.release_lease()  # its own thread: outside the lock
 
@@ -280,20 +284,28 @@ class VolumeChanges(WriterLease):
         self._free, self._taken, self._allocated = list(new.free), [], []
 
     def _trim(self, regions: list[Region]) -> int:
-        """Trim ``regions`` on the server; bytes trimmed (a failure is logged: the space
-        is given back by a later trim)."""
+        """Trim free ``regions`` on the server while this writer holds the lease (checked
+        every TRIM_CHECK seconds: a writer that took it over may be writing there); bytes
+        trimmed. A failure is logged: the space is given back by a later trim."""
         done = 0
+        checked = time.monotonic()
         try:
             for offset, length in regions:
-                if not trim(self.handle, offset, length):
-                    log.info("NBD volume %s: the server takes no trims: free space stays "
-                             "allocated on it", self.address.uri)
-                    return 0
-                done += length
+                for start in range(offset, offset + length, MAX_TRIM):
+                    if time.monotonic() - checked > TRIM_CHECK:
+                        with self._mutex:
+                            self._held_table()
+                        checked = time.monotonic()
+                    count = min(MAX_TRIM, offset + length - start)
+                    if not trim(self.handle, start, count):
+                        log.info("NBD volume %s: the server takes no trims: free space "
+                                 "stays allocated on it", self.address.uri)
+                        return 0
+                    done += count
             if regions:
                 self.flush()
-        except (NbdError, OperationError) as err:
-            log.warning("NBD volume %s: trimming free regions failed: %s",
+        except (NbdError, RdmBackupError) as err:  # the change is published all the same
+            log.warning("NBD volume %s: trimming free regions stopped: %s",
                         self.address.uri, err)
         return done
 

@@ -19,7 +19,7 @@ from libvirt_rdm_backup.errors import (
 )
 from libvirt_rdm_backup.repository.digest import Digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.targets import volume_format
+from libvirt_rdm_backup.targets import volume_changes, volume_format
 from libvirt_rdm_backup.targets.lease import Lease
 from libvirt_rdm_backup.targets.nbd_volume import (
     ALIGN,
@@ -313,6 +313,29 @@ def _slot(doc: object, generation: int) -> bytes:
     body = json.dumps(doc).encode()
     return volume_format._HEAD.pack(volume_format.MAGIC, generation, len(body),
                                     hashlib.sha256(body).digest()) + body
+
+
+def test_trimming_stops_once_another_writer_took_the_lease(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trims come after the publication: a writer that took the lease over meanwhile
+    may be writing into free regions already."""
+    monkeypatch.setattr(volume_changes, "TRIM_CHECK", 0.0)
+
+    class Stolen(TrimExport):
+        def trim(self, count: int, offset: int) -> None:
+            super().trim(count, offset)
+            block = table(self)
+            assert block.lease is not None
+            write_table(self, replace(block, lease=Lease.mine()))  # another writer's claim
+
+    export = Stolen(SIZE)
+    vol = volume(export)
+    points = [backup(vol, i) for i in range(5)]
+    report = vol.publish_changes(UUID, drop=[p.backup_id for p in points[0:4:2]])
+    after = table(export)
+    assert len(after.free) == 2 and len(export.trims) == 1 and report.trimmed < report.free
+    assert [e["backup_id"] for e in after.entries] == [p.backup_id for p in points[1:5:2]] + [
+        points[4].backup_id]
 
 
 def test_free_regions_a_lost_holder_took_are_not_handed_out_again() -> None:
