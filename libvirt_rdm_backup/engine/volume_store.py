@@ -6,7 +6,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -21,6 +21,7 @@ from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.store import Scan
 from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
+from libvirt_rdm_backup.targets.volume_changes import SpaceReport
 from libvirt_rdm_backup.targets.volume_format import location_problem
 
 log = logging.getLogger("libvirt_rdm_backup.engine.stores")
@@ -71,6 +72,17 @@ class VolumeStore:
 
     def scan(self, domain_uuid: str | None = None) -> Scan:
         return self.volume.scan(domain_uuid)
+
+    def publish_changes(self, domain_uuid: str, replace: Sequence[Manifest],
+                        drop: Sequence[str]) -> SpaceReport:
+        """Drop backups of the domain and replace kept ones' manifests, in one publication.
+
+        The regions no backup owns any more go onto the volume's free list (reused
+        by later backups) and are trimmed on the server. A new manifest's layers may
+        be in regions allocated (``self.volume.allocate``) and written under the
+        writer lease (:meth:`lock`); the lease is released with the publication.
+        """
+        return self.volume.publish_changes(domain_uuid, replace, drop)
 
     @contextmanager
     def session(self, domain_uuid: str, backup_id: str) -> Iterator[Session]:

@@ -2,7 +2,8 @@
 
 Reads are pipelined (:data:`IN_FLIGHT` requests of :data:`REQUEST` bytes) and
 skip what ``base:allocation`` reports as zero; writes of a resync layer merge
-zero runs into NBD zero requests (:class:`LayerWriter`).
+zero runs into NBD zero requests (:class:`LayerWriter`); unused regions of a
+volume are trimmed (:func:`trim`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ REQUEST = 4 * 1024 * 1024  # bytes per NBD read request
 IN_FLIGHT = 4  # read requests kept in flight
 STATUS_WINDOW = 1024 * 1024 * 1024  # bytes asked about per block-status round
 MAX_ZERO = 1024 * 1024 * 1024  # bytes per NBD zero request
+MAX_TRIM = 1024 * 1024 * 1024  # bytes per NBD trim request
 
 NbdError = nbd.Error  # what libnbd raises when a command or the connection fails
 
@@ -53,6 +55,22 @@ def disconnect_nbd(handle: Any) -> None:
             handle.shutdown()
     except nbd.Error as err:
         log.debug("NBD disconnect: %s", err)
+
+
+def trim(handle: Any, offset: int, length: int) -> bool:
+    """Tell the server that ``length`` bytes at ``offset`` are unused, so that it may give
+    their space back (a punched hole in a sparse file); False when it takes no trims.
+
+    Trimming what is trimmed already is harmless and cheap. Raises NbdError.
+    """
+    if not handle.can_trim():
+        return False
+    end = offset + length
+    while offset < end:
+        count = min(MAX_TRIM, end - offset)
+        handle.trim(count, offset)
+        offset += count
+    return True
 
 
 def has_allocation(handle: Any) -> bool:

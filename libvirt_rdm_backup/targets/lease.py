@@ -30,6 +30,7 @@ LEASE_ENV = "RDM_BACKUP_VOLUME_LEASE"
 DEFAULT_TTL = 60.0
 MAX_TTL = 3600.0  # a takeover watches a lease for half its ttl: bounded by this
 _TOKEN_RE = re.compile(r"^[0-9a-f]{32}$")
+MAX_TAKEN = 4096  # free regions one lease holds at most (past that, a writer grows the volume)
 HELD: set[str] = set()  # tokens of the leases this process holds now
 
 
@@ -74,18 +75,24 @@ class Lease:
     renewed: str
     ttl: float
     reserved: int = 0  # the end of the regions the holder may write into
+    taken: tuple[tuple[int, int], ...] = ()  # free regions the holder may write into
 
     @classmethod
-    def mine(cls, ttl: float | None = None, reserved: int = 0) -> Lease:
+    def mine(cls, ttl: float | None = None, reserved: int = 0,
+             taken: tuple[tuple[int, int], ...] = ()) -> Lease:
         """A new lease for this process, renewed now."""
         pid = os.getpid()
         return cls(secrets.token_hex(16), socket.gethostname()[:255], _node(), pid,
-                   _start_time(pid), now_iso(), lease_ttl() if ttl is None else ttl, reserved)
+                   _start_time(pid), now_iso(), lease_ttl() if ttl is None else ttl, reserved,
+                   taken)
 
-    def renew(self, reserved: int | None = None) -> Lease:
-        """The same lease, renewed now (and reaching to ``reserved`` when given)."""
+    def renew(self, reserved: int | None = None,
+              taken: tuple[tuple[int, int], ...] | None = None) -> Lease:
+        """The same lease, renewed now (and reaching to ``reserved``, holding ``taken``,
+        when given)."""
         return replace(self, renewed=now_iso(),
-                       reserved=self.reserved if reserved is None else reserved)
+                       reserved=self.reserved if reserved is None else reserved,
+                       taken=self.taken if taken is None else taken)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,7 +119,7 @@ class Lease:
             raise ValueError("malformed lease reservation")
         _parse_time(str(renewed))
         return cls(str(token), str(host), str(node), pid, str(started), str(renewed),
-                   float(ttl), reserved)
+                   float(ttl), reserved, _taken(doc.get("taken", [])))
 
     def describe(self) -> str:
         """The holder, for messages."""
@@ -134,6 +141,18 @@ class Lease:
         """True when not renewed for ``ttl`` seconds by this host's clock."""
         age = datetime.now(UTC) - _parse_time(self.renewed)
         return age.total_seconds() > self.ttl
+
+
+def _taken(value: Any) -> tuple[tuple[int, int], ...]:
+    """A stored list of taken regions, ``[[offset, length], ...]`` (ValueError when malformed)."""
+    def region(item: Any) -> bool:
+        return (isinstance(item, list) and len(item) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 62
+                        for n in item))
+
+    if not isinstance(value, list) or len(value) > MAX_TAKEN or not all(map(region, value)):
+        raise ValueError("malformed lease regions")
+    return tuple((int(o), int(n)) for o, n in value)
 
 
 def _parse_time(text: str) -> datetime:

@@ -6,7 +6,8 @@ file) holds two superblock slots, a damage record and regions
 its own, written by the VM's QEMU through ``raw`` (offset/size) over an ``nbd``
 node: no data passes through this tool. A backup exists once a new superblock
 generation lists its manifest; a failed backup's regions are simply reused,
-because the allocation pointer is only stored with the next good superblock.
+because the allocation pointer and the free list are only stored with the next
+good superblock. Dropped backups give their regions back (:mod:`volume_changes`).
 
 One writer at a time, whatever address it reaches the export by: it holds the
 volume's writer lease (:mod:`volume_lease`) from its first region to the
@@ -42,10 +43,11 @@ from libvirt_rdm_backup.qemu.nbd_io import NbdError, connect_nbd
 from libvirt_rdm_backup.repository.digest import BUFFER, Digest
 from libvirt_rdm_backup.repository.ids import now_iso
 from libvirt_rdm_backup.repository.manifest import Manifest
-from libvirt_rdm_backup.repository.order import in_order, next_sequence
+from libvirt_rdm_backup.repository.order import in_order
 from libvirt_rdm_backup.repository.store import Damage, Scan
-from libvirt_rdm_backup.targets.lease import HELD, Lease
+from libvirt_rdm_backup.targets.lease import Lease
 from libvirt_rdm_backup.targets.uri import NbdAddress
+from libvirt_rdm_backup.targets.volume_changes import VolumeChanges
 from libvirt_rdm_backup.targets.volume_format import (
     _HEAD,
     DAMAGE_AREA,
@@ -55,13 +57,12 @@ from libvirt_rdm_backup.targets.volume_format import (
     MAGIC,
     SLOT,
     Superblock,
-    align,
     damage_from_bytes,
     entry_problem,
     entry_sequence,
     read_table,
 )
-from libvirt_rdm_backup.targets.volume_lease import SETTLE, WriterLease
+from libvirt_rdm_backup.targets.volume_lease import SETTLE
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ TLS_ID = "rdmb-tls-client"  # the TLS credentials object, in QEMU and in qemu-im
 MAX_LISTING = 512 << 20  # manifest bytes one listing of a volume reads at most
 
 
-class NbdVolume(WriterLease):
+class NbdVolume(VolumeChanges):
     """A backup repository kept inside an NBD export."""
 
     def __init__(self, address: NbdAddress, handle: Any, superblock: Superblock,
@@ -80,6 +81,7 @@ class NbdVolume(WriterLease):
         self.superblock = superblock
         self.size = size
         self.next_free = superblock.next_free
+        self._free, self._taken, self._allocated = list(superblock.free), [], []
         self._damage: dict[str, dict[str, str]] | None = None  # read on first use
         self.settle = SETTLE
         self._lease: Lease | None = None  # held by this writer
@@ -135,23 +137,6 @@ class NbdVolume(WriterLease):
 
     # -- regions -------------------------------------------------------------------------
 
-    def allocate(self, length: int) -> int:
-        """Reserve a region; it becomes permanent with the next :meth:`publish`.
-
-        A lease holder records the region in its lease before anything is written
-        there, so whoever takes a lease over from a stalled or killed holder (whose
-        QEMU may still be writing) allocates past it.
-        """
-        with self._mutex:
-            offset = self.next_free
-            if offset + length > self.size:
-                raise OperationError(f"NBD target {self.address.uri} is full "
-                                     f"({self.size} bytes, {offset + length} needed)")
-            self.next_free = align(offset + length)
-            if self._lease is not None:
-                self.renew_lease()
-            return offset
-
     def write(self, offset: int, data: bytes) -> None:
         """Write bytes at ``offset`` (small metadata only)."""
         try:
@@ -188,34 +173,6 @@ class NbdVolume(WriterLease):
         except NbdError as err:
             raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
         return Digest("sha256", hasher.hexdigest())
-
-    def publish(self, manifest: Manifest) -> None:
-        """Store the manifest, then a new superblock listing it (the backup now exists).
-
-        The manifest gets the volume's next sequence number (its publish order).
-        Takes the writer lease first when not held; fails (OperationError) when the
-        lease was lost, checked right before the superblock is written, which also
-        releases the lease.
-        """
-        with self._mutex:
-            if self._lease is None:
-                self.take_lease()
-            manifest.sequence = next_sequence(map(entry_sequence, self._held_table().entries))
-            text = manifest.dumps().encode()
-            offset = self.allocate(len(text))
-            self.write(offset, text)
-            self.flush()  # data and manifest are durable before the table points at them
-            entry = {"backup_id": manifest.backup_id, "domain_uuid": manifest.domain_uuid,
-                     "manifest": [offset, len(text)], "published": now_iso(),
-                     "sequence": manifest.sequence}
-            current = self._held_table()
-            new = Superblock(current.volume_id, current.generation + 1, self.next_free,
-                             [*current.entries, entry])
-            self._stop_heartbeat()
-            self._write_superblock(new)
-            assert self._lease is not None
-            HELD.discard(self._lease.token)
-            self._lease, self.superblock = None, new
 
     def scan(self, domain_uuid: str | None = None) -> Scan:
         """Published backups, oldest first, and apart those whose manifest is malformed.

@@ -5,11 +5,14 @@ The export is laid out as::
     [0, 960 KiB)          superblock slot A   MAGIC, generation, length, sha256, JSON
     [960 KiB, 1 MiB)      damage record       DMG_MAGIC, 0, length, sha256, JSON
     [1 MiB, 1984 KiB)     superblock slot B   (the valid slot with the higher generation wins)
-    [2 MiB, ...)          regions, 1 MiB aligned: qcow2 images of disks, manifest JSON
+    [2 MiB, ...)          regions, 1 MiB aligned: qcow2 images of disks, manifest JSON;
+                          free regions (the table's free list, :mod:`volume_space`)
 
 Everything read from the volume is checked here before it is used: a
-superblock's header, length, checksum and fields, each listed manifest's place
-and size, each layer's region (see :mod:`nbd_volume` for the volume itself).
+superblock's header, length, checksum and fields (the free list's shape), each
+listed manifest's place and size, each layer's region (see :mod:`nbd_volume`
+for the volume itself; :mod:`volume_space` checks the free list against the
+regions the entries own).
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ DAMAGE_OFFSET = SLOT - DAMAGE_AREA  # in slot A, past the largest superblock
 DAMAGE_MAGIC = b"RDMBDMG1"
 MAX_BODY = DAMAGE_OFFSET - _HEAD.size  # the largest table of contents (both slots)
 MAX_OFFSET = 1 << 62
+MAX_REGIONS = 1 << 15  # free regions, and regions of one entry, a table may list
 _ID_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
 
+Region = tuple[int, int]  # (offset, length) in the data area, both 1 MiB aligned
 
 
 def region_size(disk_size: int) -> int:
@@ -60,15 +65,19 @@ class Superblock:
     next_free: int = DATA_START
     entries: list[dict[str, Any]] = field(default_factory=list)
     lease: Lease | None = None  # the writer's, while one writes
+    free: list[Region] = field(default_factory=list)  # sorted, coalesced, below next_free
 
     def to_bytes(self) -> bytes:
         doc = {"format": FORMAT, "version": VERSION, "id": self.volume_id,
-               "next_free": self.next_free, "entries": self.entries}
+               "next_free": self.next_free, "entries": self.entries,
+               "free": [list(region) for region in self.free]}
         if self.lease is not None:
             doc["lease"] = self.lease.to_dict()
-        body = json.dumps(doc).encode()
+        body = json.dumps(doc, separators=(",", ":")).encode()
         if len(body) > MAX_BODY:
-            raise RepositoryError("NBD volume table of contents is full")
+            raise RepositoryError(f"NBD volume table of contents is full ({len(self.entries)} "
+                                  f"backups need {len(body)} bytes, at most {MAX_BODY}); "
+                                  "drop backups to make room")
         return _HEAD.pack(MAGIC, self.generation, len(body), hashlib.sha256(body).digest()) + body
 
     @classmethod
@@ -104,7 +113,7 @@ class Superblock:
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise ValueError("malformed list of backups")
         lease = Lease.from_dict(doc["lease"]) if doc.get("lease") is not None else None
-        return cls(volume_id, generation, next_free, entries, lease)
+        return cls(volume_id, generation, next_free, entries, lease, _free_list(doc.get("free")))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Superblock | None:
@@ -113,6 +122,17 @@ class Superblock:
             return cls.parse(data)
         except ValueError:
             return None
+
+
+def _free_list(value: Any) -> list[Region]:
+    """A stored free list's shape (absent: empty); :mod:`volume_space` checks the rest."""
+    if value is None:
+        return []
+    if (not isinstance(value, list) or len(value) > MAX_REGIONS
+            or not all(isinstance(r, list) and len(r) == 2 and _is_int(r[0]) and _is_int(r[1])
+                       for r in value)):
+        raise ValueError("malformed free list")
+    return [(r[0], r[1]) for r in value]
 
 
 def _is_int(value: Any) -> TypeGuard[int]:

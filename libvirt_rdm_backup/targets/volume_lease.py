@@ -8,7 +8,11 @@ writes its own within ``CLAIM_WINDOW`` seconds of that read, so one of the two
 claims is always the one both read back, and the other fails. The holder
 renews the lease while it writes, and publishes only when the newest
 generation is still its own (read again right before the new superblock is
-written), releasing the lease with the publication.
+written), releasing the lease with the publication. Each region it takes is
+in its lease before anything is written there: the end of what it took past
+the allocation pointer (``reserved``) and the free regions it took (``taken``).
+The free list is checked when the lease is taken, before anything allocates
+from it (:func:`~.volume_space.space_problem`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from libvirt_rdm_backup.errors import OperationError, RdmBackupError, Verificati
 from libvirt_rdm_backup.process import stall_timeout
 from libvirt_rdm_backup.targets.lease import HELD, Lease
 from libvirt_rdm_backup.targets.uri import NbdAddress
-from libvirt_rdm_backup.targets.volume_format import SLOT, Superblock, read_table
+from libvirt_rdm_backup.targets.volume_format import SLOT, Region, Superblock, read_table
+from libvirt_rdm_backup.targets.volume_space import space_problem, subtract
 
 log = logging.getLogger("libvirt_rdm_backup.targets.nbd_volume")
 
@@ -40,8 +45,12 @@ class WriterLease:
     address: NbdAddress
     handle: Any
     superblock: Superblock
+    size: int
     next_free: int
     settle: float
+    _free: list[Region]  # the free list as this writer allocates from it
+    _taken: list[Region]  # free regions taken (also a lost holder's), recorded in the lease
+    _allocated: list[Region]  # regions this writer allocated since it took the lease
     _lease: Lease | None  # held by this writer
     _mutex: threading.RLock  # the table of contents: writer and heartbeat
     _beat: threading.Event | None
@@ -90,11 +99,16 @@ class WriterLease:
             if (current.generation, held.token) not in watched:
                 watched.add((current.generation, held.token))
                 raise retry.Again(held.ttl / 2)
+        problem = space_problem(current, self.size)
+        if problem is not None:
+            raise VerificationError(f"NBD volume {uri}: free list is damaged ({problem})")
         if held is not None:
             log.warning("NBD volume %s: taking over the writer lease of %s: its "
                         "holder is gone", uri, held.describe())
         start = max(current.next_free, held.reserved if held is not None else 0)
-        claim = Lease.mine(reserved=start)  # past what a lost holder may still write
+        lost = held.taken if held is not None else ()
+        # past, and outside the free regions, of what a lost holder may still write
+        claim = Lease.mine(reserved=start, taken=lost)
         new = replace(current, generation=current.generation + 1, lease=claim)
         if time.monotonic() - began > CLAIM_WINDOW:
             raise retry.Again()  # too slow since the read: read again
@@ -108,6 +122,7 @@ class WriterLease:
                                  f"lease first ({holder})")
         HELD.add(claim.token)
         self._lease, self.superblock, self.next_free = claim, check, start
+        self._free, self._taken, self._allocated = subtract(check.free, lost), list(lost), []
         self._start_heartbeat()
 
     def _held_table(self) -> Superblock:
@@ -127,7 +142,7 @@ class WriterLease:
             if self._lease is None:
                 return
             current = self._held_table()
-            lease = self._lease.renew(reserved=self.next_free)
+            lease = self._lease.renew(reserved=self.next_free, taken=tuple(self._taken))
             new = replace(current, generation=current.generation + 1, lease=lease)
             self._write_superblock(new)
             self._lease, self.superblock = lease, new

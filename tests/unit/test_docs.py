@@ -179,7 +179,7 @@ JSON_CONTRACTS: dict[str, list[tuple[str, set[str] | None]]] = {
     ],
     "consistency.md": [("consistency.py", {"to_dict"})],
     "network.md": [("targets/volume_format.py", {"to_bytes"}),
-                   ("targets/nbd_volume.py", {"publish"})],
+                   ("targets/volume_changes.py", {"_store_manifest"})],
 }
 
 
