@@ -28,7 +28,7 @@ from libvirt_rdm_backup.engine.capture import ProgressCallback
 from libvirt_rdm_backup.engine.discover import open_domain, select_disks
 from libvirt_rdm_backup.engine.export import Export
 from libvirt_rdm_backup.engine.paused_copy import paused_copy_reason
-from libvirt_rdm_backup.engine.prune import PruneResult, check_prunable, prune_by_policy
+from libvirt_rdm_backup.engine.prune import PruneResult, prune_by_policy
 from libvirt_rdm_backup.engine.prune_plan import ChainPlan
 from libvirt_rdm_backup.engine.prune_plan import plan_prune as _plan_prune
 from libvirt_rdm_backup.engine.restore import RestoreResult
@@ -217,16 +217,15 @@ def plan_prune(target: str, policy: RetentionPolicy, domain: str | None = None,
 
 
 def prune(target: str, policy: RetentionPolicy, domain: str | None = None,
-          chain: str | None = None, bwlimit: float | None = None
+          chain: str | None = None, bwlimit: float | None = None, tls_dir: str | None = None
           ) -> list[tuple[ChainPlan, PruneResult]]:
     """Prune the chains :func:`plan_prune` names: dropped points leave, their data merged
     into the kept points that build on them (each kept point restores as before).
 
-    ``bwlimit``: MiB/s QEMU's merge jobs may move. File repositories only.
+    ``bwlimit``: MiB/s QEMU's merge jobs may move.
     """
-    with open_store(target) as store:
-        return prune_by_policy(check_prunable(store), policy, domain, chain,
-                               bwlimit_speed(bwlimit))
+    with open_store(target, tls_dir=tls_dir) as store:
+        return prune_by_policy(store, policy, domain, chain, bwlimit_speed(bwlimit))
 
 
 def damaged_backups(target: str, domain: str | None = None,

@@ -32,7 +32,7 @@ from libvirt_rdm_backup.engine.paused_copy import (
     refuse_long_pauses,
 )
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan, Facts, overall_level, plan_backup
-from libvirt_rdm_backup.engine.prune import PruneResult, check_prunable, prune_after_backup
+from libvirt_rdm_backup.engine.prune import PruneResult, prune_after_backup
 from libvirt_rdm_backup.engine.records import MappingResult, record_disk
 from libvirt_rdm_backup.engine.sinks import Session
 from libvirt_rdm_backup.engine.stores import Store, open_store
@@ -403,8 +403,6 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
     selected = select_disks(ctx.inventory, options.disks)
     store = open_store(target, create=True, allow_plain_nbd=options.allow_plain_nbd,
                        tls_dir=options.tls_dir)
-    if options.retention is not None:
-        check_prunable(store)  # refused before anything is copied
     holds = ctx.inventory.running and (options.quiesce is not None
                                        or any(d.is_passthrough_lun for d in selected))
     with store, domain_lock(ctx.uuid), store.lock(ctx.uuid), \

@@ -196,20 +196,28 @@ def _check_layers(paths: _Paths, merge: Merge, record: DiskRecord,
 def _republish(repo: Repository, manifest: Manifest, records: Sequence[DiskRecord],
                journal: Journal) -> None:
     """Write the kept point's manifest again with its merged disks (atomically)."""
+    backups = {m.backup_id: m for m in repo.scan(manifest.domain_uuid).backups}
+    updated = merged_manifest(manifest, records, set(journal.drop), backups)
+    if updated is not None:
+        path = os.path.join(repo.backup_dir(manifest.domain_uuid, manifest.backup_id),
+                            MANIFEST)
+        write_file_atomic(path, updated.dumps())
+
+
+def merged_manifest(manifest: Manifest, records: Sequence[DiskRecord], dropped: set[str],
+                    backups: dict[str, Manifest]) -> Manifest | None:
+    """A kept point's manifest with its merged disk ``records`` (None: nothing changes):
+    its parent the previous backup of the chain that stays, its level that of its disks."""
     new = {r.disk.target: r for r in records}
     disks = [new.get(d.disk.target, d) for d in manifest.disks]
     if disks == manifest.disks:
-        return
-    dropped = set(journal.drop)
+        return None
     parent = manifest.parent
-    chain = {m.backup_id: m for m in repo.scan(manifest.domain_uuid).backups}
     while parent is not None and parent in dropped:  # the previous backup that stays
-        above = chain.get(parent)
+        above = backups.get(parent)
         parent = above.parent if above is not None else None
     level = max((d.level for d in disks), key=lambda lvl: _LEVEL_COST.get(lvl, 3))
-    updated = replace(manifest, disks=disks, parent=parent, level=level)
-    path = os.path.join(repo.backup_dir(manifest.domain_uuid, manifest.backup_id), MANIFEST)
-    write_file_atomic(path, updated.dumps())
+    return replace(manifest, disks=disks, parent=parent, level=level)
 
 
 def _remove_point(repo: Repository, domain_uuid: str, backup_id: str) -> None:

@@ -9,16 +9,17 @@ from contextlib import contextmanager
 from typing import Any
 
 from libvirt_rdm_backup.engine import consolidate
+from libvirt_rdm_backup.engine.merge_plan import PlannedMerge, plan_file_merges
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.engine.sinks import FileSink, Session
 from libvirt_rdm_backup.errors import DamagedBackupError, OperationError, UsageError
 from libvirt_rdm_backup.qemu import layers
-from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
+from libvirt_rdm_backup.repository.chain import Chain, DiskPoint, lineage
 from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
-from libvirt_rdm_backup.repository.ids import check_safe_name
+from libvirt_rdm_backup.repository.ids import check_safe_name, now_iso
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
-from libvirt_rdm_backup.repository.prune_journal import journal_path
+from libvirt_rdm_backup.repository.prune_journal import Journal, journal_path, write_journal
 from libvirt_rdm_backup.repository.store import Repository, Scan
 
 log = logging.getLogger("libvirt_rdm_backup.engine.stores")
@@ -52,6 +53,23 @@ class FileStore:
                     consolidate.finish(self.repo, domain_uuid)
             consolidate.remove_pruned(directory)
             yield
+
+    def consolidate(self, domain_uuid: str, chain: Chain, drop: set[str], speed: int = 0
+                    ) -> tuple[list[PlannedMerge], int]:
+        """Drop the points ``drop`` of ``chain`` and merge their data into the kept points
+        (journaled, :mod:`.consolidate`), once the domain's readers are done; the merges
+        and the bytes the domain's directory gave back. The caller holds :meth:`lock`."""
+        with self.repo.prune_gate(domain_uuid, True, GATE_TIMEOUT):
+            directory = self.repo.domain_dir(domain_uuid)
+            before = _allocated(directory)
+            merges = plan_file_merges(self.repo, chain, drop)
+            journal = Journal(domain_uuid, chain.name, now_iso(),
+                              tuple(m.backup_id for m in chain.backups
+                                    if m.backup_id in drop),
+                              tuple(p.merge for p in merges))
+            write_journal(directory, journal)
+            consolidate.carry_out(self.repo, journal, speed)
+            return merges, max(0, before - _allocated(directory))
 
     @contextmanager
     def reading(self, domain_uuid: str) -> Iterator[None]:
@@ -199,3 +217,15 @@ def _expected_backing(record: DiskRecord) -> str | None:
     """The backing file name a file repository's layer has (see
     :func:`.consolidate.backing_name`)."""
     return consolidate.backing_name(record.parent, record.disk.target)
+
+
+def _allocated(directory: str) -> int:
+    """Bytes the files under ``directory`` take on disk."""
+    total = 0
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                continue
+    return total

@@ -13,10 +13,11 @@ from contextlib import AbstractContextManager as ContextManager
 from typing import Any, Protocol
 
 from libvirt_rdm_backup.engine.file_store import FileStore
+from libvirt_rdm_backup.engine.merge_plan import PlannedMerge
 from libvirt_rdm_backup.engine.sinks import Session
 from libvirt_rdm_backup.engine.volume_store import VolumeStore
 from libvirt_rdm_backup.errors import UsageError
-from libvirt_rdm_backup.repository.chain import DiskPoint
+from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
 from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.store import Repository, Scan
 from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
@@ -36,6 +37,13 @@ class Store(Protocol):
 
     def lock(self, domain_uuid: str) -> ContextManager[None]:
         """Be the one writer of the domain's backups (fails at once when taken)."""
+        ...
+
+    def consolidate(self, domain_uuid: str, chain: Chain, drop: set[str], speed: int = 0
+                    ) -> tuple[list[PlannedMerge], int]:
+        """Drop the points ``drop`` of ``chain``, their data merged into the kept points
+        that build on them (each still reads as before); the merges done and the bytes
+        given back. The caller holds :meth:`lock` and decided what to drop under it."""
         ...
 
     def reading(self, domain_uuid: str) -> ContextManager[None]:

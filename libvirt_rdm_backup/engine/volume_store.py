@@ -11,12 +11,14 @@ from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
+from libvirt_rdm_backup.engine.merge_plan import PlannedMerge
 from libvirt_rdm_backup.engine.sinks import NbdSink, Session
+from libvirt_rdm_backup.engine.volume_merge import consolidate_volume
 from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError
 from libvirt_rdm_backup.fslock import exclusive
 from libvirt_rdm_backup.locks import lock_dir
 from libvirt_rdm_backup.qemu import img, layers
-from libvirt_rdm_backup.repository.chain import DiskPoint
+from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
 from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.store import Scan
@@ -72,6 +74,12 @@ class VolumeStore:
 
     def scan(self, domain_uuid: str | None = None) -> Scan:
         return self.volume.scan(domain_uuid)
+
+    def consolidate(self, domain_uuid: str, chain: Chain, drop: set[str], speed: int = 0
+                    ) -> tuple[list[PlannedMerge], int]:
+        """Kept layers rewritten into fresh regions, published with the drops in one write
+        (:mod:`.volume_merge`); the caller holds :meth:`lock`."""
+        return consolidate_volume(self, domain_uuid, chain, drop, speed)
 
     def publish_changes(self, domain_uuid: str, replace: Sequence[Manifest],
                         drop: Sequence[str]) -> SpaceReport:

@@ -150,7 +150,7 @@ def block_copy(host: JobHost, source: Endpoint, target: Endpoint, label: str, *,
         added: set[str] = set()
         for obj in (*source.objects, *target.objects):
             if obj["id"] not in added:
-                stack.enter_context(_object(host, obj))
+                stack.enter_context(added_object(host, obj))
                 added.add(obj["id"])
         src = stack.enter_context(added_node(host, {**source.node, "read-only": True},
                                         object_name("src", label)))
@@ -242,7 +242,8 @@ def _undo(host: JobHost, command: str, arguments: dict[str, Any]) -> None:
 
 
 @contextmanager
-def _object(host: JobHost, arguments: dict[str, Any]) -> Iterator[None]:
+def added_object(host: JobHost, arguments: dict[str, Any]) -> Iterator[None]:
+    """A QEMU object (``object-add`` arguments) for the ``with`` block."""
     host.execute("object-add", arguments)
     try:
         yield

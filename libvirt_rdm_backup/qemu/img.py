@@ -78,6 +78,12 @@ def create(path: str, fmt: str, size: int, backing: str | None = None) -> None:
     run(argv)
 
 
+def forget_backing(path: str) -> None:
+    """Write an image's header without a backing file or format (nothing else is opened;
+    ``path`` may be a ``json:`` filename)."""
+    run([*_qemu_img("rebase"), "-q", "-u", "-f", "qcow2", "-b", "", path])
+
+
 def info(path: str, fmt: str | None = None, backing_chain: bool = False) -> Any:
     """``qemu-img info --output=json`` (a list of dicts with ``backing_chain``)."""
     argv = [*_qemu_img("info"), "--output=json", "-U"]

@@ -26,7 +26,13 @@ from typing import Any
 from libvirt_rdm_backup.errors import OperationError
 from libvirt_rdm_backup.process import stall_timeout
 from libvirt_rdm_backup.qemu import img, layers
-from libvirt_rdm_backup.qemu.block_copy import JobHost, added_node, cancel, follow_job
+from libvirt_rdm_backup.qemu.block_copy import (
+    JobHost,
+    added_node,
+    added_object,
+    cancel,
+    follow_job,
+)
 from libvirt_rdm_backup.qemu.names import object_name
 
 
@@ -50,6 +56,29 @@ def stream_into(top: str, middle: Sequence[str], base: Sequence[str],
         if base:
             arguments["base-node"] = names[1 + len(middle)]
             arguments["backing-file"] = backing_name
+        if speed:
+            arguments["speed"] = speed
+        _run(daemon, "block-stream", arguments, label)
+
+
+def stream_node(top: dict[str, Any], base: str | None, objects: Sequence[dict[str, Any]],
+                label: str, speed: int = 0) -> None:
+    """:func:`stream_into` for a layer given as blockdev options with its whole chain
+    (``top``: writable, its backing explicit); ``base``: the node name, inside that chain,
+    of the layer that stays below (None: ``top`` becomes whole). The header gets an empty
+    backing file name; the caller clears what else QEMU left there."""
+    from libvirt_rdm_backup.qemu.storage_daemon import StorageDaemon
+
+    with StorageDaemon(f"stream {label}", killed_with_tool=True) as daemon, \
+            ExitStack() as stack:
+        for obj in objects:
+            stack.enter_context(added_object(daemon, obj))
+        name = stack.enter_context(added_node(daemon, top, object_name("top", label)))
+        arguments: dict[str, Any] = {"job-id": object_name("stream", label), "device": name,
+                                     "auto-finalize": True, "auto-dismiss": False}
+        if base is not None:
+            arguments["base-node"] = base
+            arguments["backing-file"] = ""
         if speed:
             arguments["speed"] = speed
         _run(daemon, "block-stream", arguments, label)
