@@ -8,14 +8,14 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 from libvirt_rdm_backup.engine.merge_plan import PlannedMerge
 from libvirt_rdm_backup.engine.sinks import NbdSink, Session
 from libvirt_rdm_backup.engine.volume_merge import consolidate_volume
 from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError
-from libvirt_rdm_backup.fslock import exclusive
+from libvirt_rdm_backup.fslock import exclusive, waiting
 from libvirt_rdm_backup.locks import lock_dir
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
@@ -27,6 +27,8 @@ from libvirt_rdm_backup.targets.volume_changes import SpaceReport
 from libvirt_rdm_backup.targets.volume_format import location_problem
 
 log = logging.getLogger("libvirt_rdm_backup.engine.stores")
+
+GATE_TIMEOUT = 600.0  # seconds readers and prunes of this host wait for each other
 
 
 class VolumeStore:
@@ -53,8 +55,19 @@ class VolumeStore:
             self._scratch.cleanup()
 
     def reading(self, domain_uuid: str) -> ContextManager[None]:
-        """A volume's table of contents changes in one write: nothing to wait for."""
-        return nullcontext()
+        """No prune of this host frees the regions read meanwhile (a prune from another
+        host is not seen: see docs/retention.md)."""
+        return waiting(self._gate_path(), GATE_TIMEOUT, shared=True)
+
+    def _gate_path(self) -> str:
+        return self._lock_path(".prune")
+
+    def _lock_path(self, kind: str) -> str:
+        """A lock file of this host for this volume (``kind``: what it guards)."""
+        directory = lock_dir()
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        key = hashlib.sha256(self.volume.address.uri.encode()).hexdigest()[:16]
+        return os.path.join(directory, f"volume-{key}{kind}.lock")
 
     @contextmanager
     def lock(self, domain_uuid: str) -> Iterator[None]:
@@ -67,10 +80,7 @@ class VolumeStore:
             self.volume.release_lease()
 
     def _lock(self, kind: str, busy: str) -> ContextManager[None]:
-        directory = lock_dir()
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        key = hashlib.sha256(self.volume.address.uri.encode()).hexdigest()[:16]
-        return exclusive(os.path.join(directory, f"volume-{key}{kind}.lock"), busy)
+        return exclusive(self._lock_path(kind), busy)
 
     def scan(self, domain_uuid: str | None = None) -> Scan:
         return self.volume.scan(domain_uuid)
@@ -79,7 +89,8 @@ class VolumeStore:
                     ) -> tuple[list[PlannedMerge], int]:
         """Kept layers rewritten into fresh regions, published with the drops in one write
         (:mod:`.volume_merge`); the caller holds :meth:`lock`."""
-        return consolidate_volume(self, domain_uuid, chain, drop, speed)
+        with waiting(self._gate_path(), GATE_TIMEOUT):  # readers of this host are done
+            return consolidate_volume(self, domain_uuid, chain, drop, speed)
 
     def publish_changes(self, domain_uuid: str, replace: Sequence[Manifest],
                         drop: Sequence[str]) -> SpaceReport:
