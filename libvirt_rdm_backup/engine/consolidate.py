@@ -102,6 +102,7 @@ def carry_out(repo: Repository, journal: Journal, speed: int = 0) -> None:
         manifest = repo.load(uuid, kept)
         records = [_merged(repo, manifest, m, speed) for m in merges]
         _republish(repo, manifest, records, journal)
+    _repoint_parents(repo, journal)
     _check_nothing_builds_on_dropped(repo, journal)
     for backup_id in journal.drop:
         _remove_point(repo, uuid, backup_id)
@@ -299,6 +300,23 @@ def _republish(repo: Repository, manifest: Manifest, records: Sequence[DiskRecor
         write_file_atomic(path, updated.dumps())
 
 
+def _repoint_parents(repo: Repository, journal: Journal) -> None:
+    """Kept backups whose previous backup of the chain is dropped name the one before it
+    that stays (their layers did not change)."""
+    dropped = set(journal.drop)
+    backups = {m.backup_id: m for m in repo.scan(journal.domain_uuid).backups}
+    for manifest in backups.values():
+        if manifest.backup_id in dropped or manifest.parent not in dropped:
+            continue
+        parent: str | None = manifest.parent
+        while parent is not None and parent in dropped:
+            above = backups.get(parent)
+            parent = above.parent if above is not None else None
+        path = os.path.join(repo.backup_dir(journal.domain_uuid, manifest.backup_id),
+                            MANIFEST)
+        write_file_atomic(path, replace(manifest, parent=parent).dumps())
+
+
 def merged_manifest(manifest: Manifest, records: Sequence[DiskRecord], dropped: set[str],
                     backups: dict[str, Manifest]) -> Manifest | None:
     """A kept point's manifest with its merged disk ``records`` (None: nothing changes):
@@ -321,6 +339,9 @@ def _remove_point(repo: Repository, domain_uuid: str, backup_id: str) -> None:
     path = os.path.join(directory, check_backup_id(backup_id))
     gone = os.path.join(directory, PRUNED_PREFIX + backup_id)
     if os.path.isdir(path):
+        if os.path.islink(gone):
+            os.unlink(gone)  # nothing the tool made: a rename onto it would fail
+        shutil.rmtree(gone, ignore_errors=True)
         os.rename(path, gone)
         fsync_dir(directory)
     shutil.rmtree(gone, ignore_errors=True)

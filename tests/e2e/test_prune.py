@@ -148,6 +148,9 @@ def test_prune_keeps_what_the_rules_say_and_every_kept_point_restores() -> None:
         assert chain["bytes_moved"] == sum(m["bytes_moved"] for m in chain["merges"])
         assert listed(repo, vm.name) == kept
         assert before - allocated(repo) >= chain["freed_bytes"] > 0
+        proc = rdm_backup("list", vm.name, "--target", str(repo), "--json")
+        parents = [b["parent"] for b in json.loads(proc.stdout)]
+        assert all(p is None or p in kept for p in parents), parents  # no dropped id named
 
         proc = rdm_backup("verify", vm.name, "--target", str(repo))
         assert proc.returncode == 0, proc.stdout + proc.stderr
