@@ -41,6 +41,7 @@ from libvirt_rdm_backup.engine.restore_targets import (
     OriginalDevice,
     find_original,
     local_tgt,
+    loop_backing,
 )
 from libvirt_rdm_backup.engine.selection import choose_backup
 from libvirt_rdm_backup.engine.stores import Store, open_store
@@ -207,13 +208,21 @@ def _open_original(stack: contextlib.ExitStack, device: OriginalDevice, record: 
     """The opened block device (checked to be the one matched), or None for an iSCSI LUN
     (checked not to be used by a running domain unless ``force``)."""
     if device.iscsi is not None:
+        if conn is None and not force:
+            log.warning("libvirt did not answer: %s was not checked against the iSCSI LUNs of "
+                        "running domains", device.path)
         users = [] if force else lun_users(conn, device.iscsi)
         if users:
             raise UsageError(f"{device.disk}: restore target {device.path} is in use by running "
                              f"domain {users[0]}; use --force to overwrite it")
         return None
     target = stack.enter_context(open_target(device.path, record.size, force, conn))
-    if not target.is_block or os.fstat(target.fd).st_rdev != device.rdev:
+    try:
+        same = target.is_block and os.fstat(target.fd).st_rdev == device.rdev and (
+            device.backing is None or loop_backing(target.fd) == device.backing)
+    except OSError:
+        same = False
+    if not same:
         raise UsageError(f"{device.disk}: {device.path} changed while it was opened; "
                          "nothing was written")
     return target
@@ -250,8 +259,9 @@ def restore_disks(domain: str, target: str, request: DisksRequest,
             originals = _originals(records, conn, manifest)
             places = {d: RestoredTarget("iscsi" if o.iscsi else "block", o.path, o.iscsi)
                       for d, o in originals.items()}
-            for record in records:
-                refuse_store_paths(store, originals[record.disk.target].path)
+            for original in originals.values():
+                if original.iscsi is None:
+                    refuse_store_paths(store, original.path)
         else:
             assert request.to_dir is not None
             paths = _dir_targets(store, request.to_dir, records)
@@ -262,16 +272,16 @@ def restore_disks(domain: str, target: str, request: DisksRequest,
             result.disks.append(DiskEntry(record.disk.target, places[record.disk.target].path,
                                           record.size,
                                           matched_on=device.matched_on if device else None))
-        if request.dry_run:
-            return result
-        nodes = {r.disk.target: store.image_node(verify_lineage(store, manifest, r.disk.target))
-                 for r in records}
         opened: dict[str, Target | None] = {}
-        for record in records:
+        for record in records:  # in use or changed: refused also in a dry run
             disk = record.disk.target
             opened[disk] = _open_original(stack, originals[disk], record, request.force, conn) \
                 if request.to_original else stack.enter_context(
                     open_target(places[disk].path, record.size, False, conn))
+        if request.dry_run:
+            return result
+        nodes = {r.disk.target: store.image_node(verify_lineage(store, manifest, r.disk.target))
+                 for r in records}
         for record, entry in zip(records, result.disks, strict=True):
             _write_one(store, record, entry, nodes[entry.disk], opened[entry.disk], speed,
                        progress)

@@ -47,6 +47,7 @@ class OriginalDevice:
     matched_on: str
     rdev: int | None = None  # a block device's number, checked again once it is open
     iscsi: IscsiSource | None = None
+    backing: tuple[int, int, int] | None = None  # a loop device's (st_dev, inode, offset)
 
 
 @dataclass(frozen=True)
@@ -130,13 +131,20 @@ class HostDevices:
                 return None
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
-                raw = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_LOOP_INFO64.size))
+                st_dev, inode, offset = loop_backing(fd)
             finally:
                 os.close(fd)
         except OSError:
             return None
-        st_dev, inode, _rdev, offset = _LOOP_INFO64.unpack(raw)[:4]
         return LoopState(str(path), st.st_rdev, sectors * 512, backing, offset, inode, st_dev)
+
+
+def loop_backing(fd: int) -> tuple[int, int, int]:
+    """(st_dev, inode, offset) of what backs the loop device open as ``fd`` (OSError when it
+    is no bound loop device)."""
+    raw = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_LOOP_INFO64.size))
+    st_dev, inode, _rdev, offset = _LOOP_INFO64.unpack(raw)[:4]
+    return int(st_dev), int(inode), int(offset)
 
 
 def local_tgt(source: IscsiSource) -> str | None:
@@ -191,7 +199,8 @@ def _find_loop(claims: Claims, host: HostDevices) -> OriginalDevice:
                          "with --to")
     state = matches[0]
     return OriginalDevice(claims.disk, state.path, state.size,
-                          f"loop backing file {what} at offset {loop.offset}", rdev=state.rdev)
+                          f"loop backing file {what} at offset {loop.offset}", rdev=state.rdev,
+                          backing=(state.st_dev, state.inode, state.offset))
 
 
 def _unique(claims: Claims, nodes: list[StorageNode], what: str) -> StorageNode:
