@@ -126,9 +126,11 @@ def _check_device(device: etree._Element) -> None:
         if backend is not None and backend.get("model") == "egd" \
                 and backend.get("type") not in CHARDEV_TYPES:
             raise _refuse("has an rng on a host character device")
+    if device.tag in ("console", "serial", "parallel", "channel"):
+        device.attrib.pop("tty", "")  # the old domain's pty
     for source in device.iter("source"):
         if source.get("path") and device.tag != "disk":
-            source.attrib.pop("path")  # a unix socket of the old domain: libvirt makes one
+            source.attrib.pop("path")  # a unix socket or pty of the old domain: libvirt makes one
 
 
 def _new_identity(root: etree._Element, name: str) -> None:

@@ -120,6 +120,9 @@ def test_ports_sockets_and_cids_of_the_old_domain_are_left_to_libvirt() -> None:
     assert graphics is not None and graphics.get("port") is None
     assert graphics.get("autoport") == "yes"
     assert root.find("devices/channel/source").get("path") is None  # type: ignore[union-attr]
+    console = root.find("devices/console")
+    assert console is not None and console.get("tty") is None
+    assert console.find("source").get("path") is None  # type: ignore[union-attr]
     assert root.find("devices/vsock/cid").attrib == {"auto": "yes"}  # type: ignore[union-attr]
 
 
