@@ -15,6 +15,7 @@ import libvirt
 import pytest
 from lxml import etree
 
+import tools.labkit as labkit
 from libvirt_rdm_backup.storage import tgt
 from tests.lab.domains import assert_running
 from tools.labkit import (
@@ -30,7 +31,6 @@ from tools.labkit import (
     remove_domain,
     same_bytes,
     snapshot_source,
-    test_domain,
     unique_name,
 )
 
@@ -219,7 +219,7 @@ def _offline_backup(work: Path, disk_file: Path) -> tuple[str, Path]:
     and its loop device detached afterwards."""
     repo = work / "repo"
     name = unique_name("rdmb-vm")
-    with loop_device(disk_file) as loop, test_domain(name, [block_disk("vdb", loop)],
+    with loop_device(disk_file) as loop, labkit.test_domain(name, [block_disk("vdb", loop)],
                                                       start=False):
         proc = rdm_backup("backup", name, "--target", str(repo), "--json")
         assert proc.returncode == 0, proc.stderr
