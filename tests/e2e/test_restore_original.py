@@ -212,6 +212,31 @@ def test_a_new_domain_runs_on_the_restored_files(backed: Backed) -> None:
             conn.close()
 
 
+def test_a_new_domain_runs_on_the_original_devices(backed: Backed) -> None:
+    name = unique_name("rdmb-restored")
+    proc = restore(backed, "--all-disks", "--to-original", "--define", name, "--start", "--json")
+    assert proc.returncode == 0, proc.stderr
+    conn = libvirt.open(URI)
+    try:
+        dom = conn.lookupByName(name)
+        uuid = dom.UUIDString()
+        try:
+            assert json.loads(proc.stdout)["defined"] == name
+            assert_running(dom)
+            root = etree.fromstring(dom.XMLDesc(0).encode())
+            sources = {str(d.find("target").get("dev")): d.find("source")  # type: ignore
+                       for d in root.iter("disk")}
+            assert sources["vdb"].get("dev") == backed.vm.loop  # type: ignore[union-attr]
+            assert sources["sda"].get("name") == (  # type: ignore[union-attr]
+                f"{backed.vm.iscsi.iqn}/{backed.vm.iscsi.lun}")
+        finally:
+            remove_domain(uuid)
+    finally:
+        conn.close()
+    assert same_bytes(backed.vm.loop, backed.refs["vdb"])
+    assert same_bytes(backed.vm.iscsi_file, backed.refs["sda"])
+
+
 # -- loop devices that are not the original ------------------------------------------------------
 
 def _offline_backup(work: Path, disk_file: Path) -> tuple[str, Path]:
