@@ -260,10 +260,10 @@ def _prepare_fleeces(run: _Run, stack: ExitStack, plans: list[DiskPlan]) -> None
     """Fleecing exports prepared for the disks resynced from QEMU."""
     for plan in plans:
         assert run.monitor is not None and plan.disk.size is not None
-        fleece = stack.enter_context(fleecing_export(
+        fleece = stack.enter_context(fleecing_export(FleecingExport(
             run.monitor, str(plan.disk.node_name), plan.disk.target,
             run.sink.scratch(f"{plan.disk.target}.fleece"), plan.disk.size,
-            break_snapshot=run.fleecing))
+            break_snapshot=run.fleecing)))
         run.track(plan)
         run.actions += fleece.actions()
         run.fleeces.append((plan, fleece))

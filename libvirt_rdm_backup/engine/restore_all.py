@@ -51,14 +51,7 @@ from libvirt_rdm_backup.errors import (
     RdmBackupError,
     UsageError,
 )
-from libvirt_rdm_backup.qemu import img
-from libvirt_rdm_backup.qemu.block_copy import (
-    Endpoint,
-    ProgressCallback,
-    bwlimit_speed,
-    copy_image,
-    raw_source,
-)
+from libvirt_rdm_backup.qemu import block_copy, img
 from libvirt_rdm_backup.qemu.layers import json_filename
 from libvirt_rdm_backup.repository.ids import check_safe_name
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
@@ -229,13 +222,13 @@ def _open_original(stack: contextlib.ExitStack, device: OriginalDevice, record: 
 
 
 def _write_lun(node: dict[str, Any], record: DiskRecord, url: str, store: Store, speed: int,
-               progress: ProgressCallback | None) -> None:
+               progress: block_copy.ProgressCallback | None) -> None:
     """Copy the disk onto the first ``record.size`` bytes of an iSCSI LUN (QEMU's initiator;
     the mirror writes zeroes wherever the backup has none)."""
     try:
-        copy_image(Endpoint(node, store.qemu_objects()),
-                   Endpoint(raw_source(url, size=record.size)), record.disk.target,
-                   speed=speed, progress=progress)
+        target = block_copy.Endpoint(block_copy.raw_source(url, size=record.size))
+        block_copy.copy_image(block_copy.Endpoint(node, store.qemu_objects()), target,
+                              record.disk.target, speed=speed, progress=progress)
     except RdmBackupError as err:
         raise OperationError(f"{err}; bytes 0-{record.size} of {url} may have been "
                              "changed") from err
@@ -244,10 +237,10 @@ def _write_lun(node: dict[str, Any], record: DiskRecord, url: str, store: Store,
 def restore_disks(domain: str, target: str, request: DisksRequest,
                   backup_id: str | None = None, conn: libvirt.virConnect | None = None,
                   tls_dir: str | None = None, bwlimit: float | None = None,
-                  progress: ProgressCallback | None = None) -> DisksResult:
+                  progress: block_copy.ProgressCallback | None = None) -> DisksResult:
     """Restore disks of ``domain``'s backup as ``request`` says (see the module's text)."""
     request.check()
-    speed = bwlimit_speed(bwlimit)
+    speed = block_copy.bwlimit_speed(bwlimit)
     with open_store(target, tls_dir=tls_dir) as store, contextlib.ExitStack() as stack:
         stack.enter_context(store.reading(choose_backup(store, domain, backup_id).domain_uuid))
         manifest = choose_backup(store, domain, backup_id)
@@ -292,7 +285,8 @@ def restore_disks(domain: str, target: str, request: DisksRequest,
 
 
 def _write_one(store: Store, record: DiskRecord, entry: DiskEntry, node: dict[str, Any],
-               dest: Target | None, speed: int, progress: ProgressCallback | None) -> None:
+               dest: Target | None, speed: int,
+               progress: block_copy.ProgressCallback | None) -> None:
     try:
         entry.data_bytes = img.data_bytes(json_filename(node))
         if dest is None:

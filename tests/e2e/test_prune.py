@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from libvirt_rdm_backup import api
 from libvirt_rdm_backup.qemu import layers
 from tools.labkit import LabVM, MiB, guest_write, lab_vm
 
@@ -92,10 +93,9 @@ def listed(repo: Path, name: str) -> list[str]:
 
 
 def restored_digest(repo: Path, name: str, backup_id: str, scratch: Path) -> str:
+    """sha256 of vdb as restored from the point (the Python API: what the command calls)."""
     out = scratch / f"{backup_id}.raw"
-    proc = rdm_backup("restore", name, "--target", str(repo), "--disk", "vdb", "--backup",
-                      backup_id, "--to", str(out))
-    assert proc.returncode == 0, proc.stderr
+    api.restore(name, str(repo), "vdb", str(out), backup_id=backup_id)
     try:
         return sha256(out)
     finally:
