@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 
 from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.errors import CommandError, OperationError
@@ -22,6 +21,7 @@ from libvirt_rdm_backup.process import die_with_parent, require_tool, run
 
 TIMEOUT = 120.0
 READY_TIMEOUT = 60.0  # seconds nbdfuse gets to present the file
+GONE_POLL = 0.05  # seconds between looks at a process that should exit
 LOOP_RE = re.compile(r"/dev/loop([0-9]{1,6})")
 
 
@@ -107,14 +107,12 @@ def stop_process(pid: int, sig: int = signal.SIGTERM) -> None:
 def wait_gone(pid: int, start: int | None, timeout: float) -> bool:
     """Wait up to ``timeout`` seconds until process ``pid`` (started at ``start`` clock
     ticks after boot) is gone; True when it is."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def gone() -> bool:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # our child: reaped, else it lingers as a zombie
-        if process_start(pid) != start or process_state(pid) == "Z":
-            return True
-        time.sleep(0.05)
-    return process_start(pid) != start
+        return process_start(pid) != start or process_state(pid) == "Z"
+
+    return bool(retry.poll(timeout, GONE_POLL)(gone))
 
 
 def process_start(pid: int) -> int | None:
