@@ -44,7 +44,7 @@ from libvirt_rdm_backup.targets.uri import NbdAddress, parse_target
 log = logging.getLogger(__name__)
 
 NODE = "rdmb-point"
-EXPORT_ID = "rdmb-serve"
+EXPORT_ID = receive.EXPORT_ID  # what receive.unexport takes down
 NO_VERIFY_WARNING = "--no-verify: the layers' digests were not checked"
 
 
