@@ -1,0 +1,316 @@
+"""``serve``, ``mount`` and ``umount`` on the lab: a LUN holding a GPT with an ext4 and an XFS
+partition, backed up twice with files changed in between; the older point is read back over
+NBD (unix socket, TCP, TLS) and mounted, byte for byte as it was, and every piece goes again."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from libvirt_rdm_backup.engine import mount_state
+from tests.lab.tls import make_certificates
+from tools.labkit import (
+    MiB,
+    block_disk,
+    loop_device,
+    rdm_backup,
+    rdm_backup_argv,
+    rdmb_tmpdir,
+    same_bytes,
+    test_domain,
+    unique_name,
+)
+
+pytestmark = pytest.mark.lab
+
+DISK_SIZE = 400 * MiB
+EXT4 = (MiB, 48 * MiB)  # offset, size of p1
+XFS = (49 * MiB, 340 * MiB)  # of p2 (XFS needs 300 MiB)
+
+
+@dataclass
+class Point:
+    backup_id: str
+    raw: Path  # the LUN's bytes at backup time
+    files: dict[str, str]  # "p1/name" -> sha256
+
+
+@dataclass
+class Lab:
+    name: str
+    repo: str
+    workdir: Path
+    old: Point
+    new: Point
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def _partition_mounted(image: Path, where: tuple[int, int], mnt: Path) -> Iterator[Path]:
+    with loop_device(image, offset=where[0], sizelimit=where[1]) as device:
+        mnt.mkdir(exist_ok=True)
+        subprocess.run(["mount", device, str(mnt)], check=True)
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _write_files(image: Path, workdir: Path, files: dict[str, bytes]) -> None:
+    for part, where in (("p1", EXT4), ("p2", XFS)):
+        with _partition_mounted(image, where, workdir / f"host-{part}") as mnt:
+            for name, data in files.items():
+                if name.startswith(part + "/"):
+                    (mnt / name.split("/", 1)[1]).write_bytes(data)
+
+
+def _files_of(image: Path, workdir: Path) -> dict[str, str]:
+    found = {}
+    for part, where in (("p1", EXT4), ("p2", XFS)):
+        with _partition_mounted(image, where, workdir / f"host-{part}") as mnt:
+            for path in mnt.iterdir():
+                if path.is_file():
+                    found[f"{part}/{path.name}"] = _sha(path)
+    return found
+
+
+def _backup(name: str, repo: str, image: Path, workdir: Path, tag: str) -> Point:
+    raw = workdir / f"{tag}.raw"
+    shutil.copyfile(image, raw)
+    done = rdm_backup("backup", name, "--target", repo, "--json")
+    assert done.returncode == 0, done.stderr
+    backup_id = json.loads(done.stdout)["backup_id"]
+    return Point(backup_id, raw, _files_of(image, workdir))
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with rdmb_tmpdir() as workdir:
+        image = workdir / "lun.img"
+        with open(image, "wb") as stream:
+            stream.truncate(DISK_SIZE)
+        table = (f"label: gpt\nstart={EXT4[0] // 512}, size={EXT4[1] // 512}\n"
+                 f"start={XFS[0] // 512}, size={XFS[1] // 512}\n")
+        subprocess.run(["sfdisk", "-q", str(image)], input=table, text=True, check=True)
+        for where, mkfs in ((EXT4, ["mkfs.ext4", "-q"]), (XFS, ["mkfs.xfs", "-q"])):
+            with loop_device(image, offset=where[0], sizelimit=where[1]) as device:
+                subprocess.run([*mkfs, device], check=True, capture_output=True)
+        _write_files(image, workdir, {"p1/kept": os.urandom(300_000),
+                                      "p1/changed": b"old contents\n" * 1000,
+                                      "p2/data": os.urandom(2 * MiB)})
+        repo = str(workdir / "repo")
+        name = unique_name("rdmb-files")
+        with loop_device(image) as lun, \
+                test_domain(name, [block_disk("vdb", lun)], start=False):
+            old = _backup(name, repo, image, workdir, "old")
+            _write_files(image, workdir, {"p1/changed": b"new contents\n" * 999,
+                                          "p1/added": b"added later\n",
+                                          "p2/data": os.urandom(MiB)})
+            new = _backup(name, repo, image, workdir, "new")
+            assert old.files != new.files and "p1/added" not in old.files
+            yield Lab(name, repo, workdir, old, new)
+
+
+# -- serve ----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _serving(*args: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``rdm-backup serve ARGS``: its first line once it printed it, then SIGTERM, exit 0."""
+    proc = subprocess.Popen([*rdm_backup_argv(), "serve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first, proc.stderr.read() if proc.stderr else ""
+        yield first, proc
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_on_a_unix_socket_reads_as_the_lun_did(lab: Lab) -> None:
+    sock = lab.workdir / "serve.sock"
+    with _serving(lab.name, "--target", lab.repo, "--disk", "vdb", "--backup",
+                  lab.old.backup_id, "--socket", str(sock)) as (first, _proc):
+        uri = first.strip()
+        assert uri == f"nbd+unix:///vdb?socket={sock}"
+        assert os.stat(sock).st_mode & 0o777 == 0o600
+        out = lab.workdir / "served-unix.raw"
+        subprocess.run(["nbdcopy", uri, str(out)], check=True)  # at once: no polling
+        assert same_bytes(out, lab.old.raw)
+        out.unlink()
+    assert not sock.exists()
+
+
+def test_serve_over_tcp_with_json(lab: Lab) -> None:
+    with _serving(lab.name, "--target", lab.repo, "--disk", "vdb", "--listen", "127.0.0.1:0",
+                  "--json") as (first, _proc):
+        document = json.loads(first)
+        assert document["backup_id"] == lab.new.backup_id and document["verified"] is True
+        assert document["disk"] == "vdb" and document["export"] == "vdb"
+        assert document["size"] == DISK_SIZE and document["uri"].startswith("nbd://127.0.0.1:")
+        out = lab.workdir / "served-tcp.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", document["uri"],
+                        str(out)], check=True)
+        assert same_bytes(out, lab.new.raw)
+        out.unlink()
+
+
+def test_serve_over_tls(lab: Lab) -> None:
+    server, client = make_certificates(lab.workdir / "tls")
+    with _serving(lab.name, "--target", lab.repo, "--disk", "vdb", "--backup",
+                  lab.old.backup_id, "--listen", "127.0.0.1:0", "--tls-creds",
+                  str(server)) as (first, _proc):
+        uri = first.strip()
+        assert uri.startswith("nbds://127.0.0.1:")
+        plain = subprocess.run(["nbdinfo", uri.replace("nbds://", "nbd://")],
+                               capture_output=True, check=False)
+        assert plain.returncode != 0  # no TLS, no data
+        out = lab.workdir / "served-tls.raw"
+        subprocess.run(["nbdcopy", f"{uri}?tls-certificates={client}", str(out)], check=True)
+        assert same_bytes(out, lab.old.raw)
+        out.unlink()
+
+
+def test_serve_without_verifying_warns_and_stops_at_its_timeout(lab: Lab) -> None:
+    done = subprocess.run([*rdm_backup_argv(), "serve", lab.name, "--target", lab.repo,
+                           "--disk", "vdb", "--socket", str(lab.workdir / "nv.sock"),
+                           "--no-verify", "--timeout", "2"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "--no-verify: the layers' digests were not checked" in done.stderr
+    assert done.stdout.splitlines()[0].startswith("nbd+unix:///vdb?socket=")
+    assert "timeout" in done.stdout and not (lab.workdir / "nv.sock").exists()
+
+
+@pytest.mark.bad_input
+def test_a_damaged_layer_is_refused_before_serving(lab: Lab) -> None:
+    repo = lab.workdir / "damaged-repo"
+    shutil.copytree(lab.repo, repo)
+    layer = next(p for p in repo.rglob("*.qcow2") if lab.old.backup_id in str(p))
+    with open(layer, "r+b") as stream:
+        stream.seek(-1, os.SEEK_END)
+        last = stream.read(1)
+        stream.seek(-1, os.SEEK_END)
+        stream.write(bytes([last[0] ^ 0xFF]))
+    sock = lab.workdir / "damaged.sock"
+    done = rdm_backup("serve", lab.name, "--target", str(repo), "--disk", "vdb", "--backup",
+                      lab.old.backup_id, "--socket", str(sock))
+    assert done.returncode == 5, done.stderr
+    assert done.stdout == "" and done.stderr.count("\n") == 1
+    assert "mismatch" in done.stderr and not sock.exists()
+    shutil.rmtree(repo)
+
+
+# -- mount and umount -----------------------------------------------------------------------------
+
+def _loops_over(directory: str) -> list[str]:
+    listed = json.loads(subprocess.run(["losetup", "-J", "-l"], capture_output=True,
+                                       text=True, check=True).stdout or '{"loopdevices": []}')
+    return [d["name"] for d in listed.get("loopdevices", [])
+            if str(d.get("back-file") or "").startswith(directory)]
+
+
+def _mounted_under(directory: str) -> list[str]:
+    with open("/proc/mounts", encoding="utf-8") as stream:
+        return [line.split()[1] for line in stream if line.split()[1].startswith(directory)]
+
+
+def test_mount_shows_the_older_files_and_umount_removes_every_piece(lab: Lab) -> None:
+    mnt = lab.workdir / "mnt"
+    mnt.mkdir()
+    done = rdm_backup("mount", lab.name, "--target", lab.repo, "--disk", "vdb", "--backup",
+                      lab.old.backup_id, "--json", str(mnt))
+    assert done.returncode == 0, done.stderr
+    listing = json.loads(done.stdout)
+    run_dir = mount_state.run_dir(str(mnt))
+    try:
+        assert listing["partition_table"] == "gpt"
+        assert [(p["name"], p["fstype"], p["mounted"]) for p in listing["partitions"]] == [
+            ("p1", "ext4", True), ("p2", "xfs", True)]
+        seen = {f"{part}/{path.name}": _sha(path) for part in ("p1", "p2")
+                for path in (mnt / part).iterdir() if path.is_file()}
+        assert seen == lab.old.files
+        write = subprocess.run(["touch", str(mnt / "p1" / "new-file")], capture_output=True,
+                               check=False)
+        assert write.returncode != 0  # read-only
+        assert len(_loops_over(run_dir)) == 2 and len(_mounted_under(str(mnt))) == 2
+        supervisor = listing["supervisor_pid"]
+        assert os.path.exists(f"/proc/{supervisor}")
+    finally:
+        undone = rdm_backup("umount", str(mnt), "--json")
+    assert undone.returncode == 0, undone.stderr
+    assert json.loads(undone.stdout)["unmounted"] == [str(mnt / "p2"), str(mnt / "p1")]
+    assert _loops_over(run_dir) == [] and _mounted_under(str(mnt)) == []
+    assert _mounted_under(run_dir) == [] and not os.path.exists(run_dir)
+    assert not os.path.exists(mount_state.state_path(str(mnt)))
+    assert list(mnt.iterdir()) == []
+    stat = Path(f"/proc/{supervisor}/stat")
+    assert not stat.exists() or stat.read_text().rpartition(")")[2].split()[0] == "Z"
+
+
+def test_mount_stops_cleanly_on_sigterm_to_its_supervisor(lab: Lab) -> None:
+    mnt = lab.workdir / "mnt-signal"
+    mnt.mkdir()
+    done = rdm_backup("mount", lab.name, "--target", lab.repo, "--disk", "vdb", "--json",
+                      str(mnt))
+    assert done.returncode == 0, done.stderr
+    listing = json.loads(done.stdout)
+    run_dir = mount_state.run_dir(str(mnt))
+    os.kill(listing["supervisor_pid"], signal.SIGTERM)
+    from libvirt_rdm_backup import loopmount
+    assert loopmount.wait_gone(listing["supervisor_pid"],
+                               loopmount.process_start(listing["supervisor_pid"]), 60)
+    assert _loops_over(run_dir) == [] and _mounted_under(str(mnt)) == []
+    assert not os.path.exists(run_dir)
+    assert not os.path.exists(mount_state.state_path(str(mnt)))
+    assert rdm_backup("umount", str(mnt)).returncode == 2  # nothing left to undo
+
+
+@pytest.mark.bad_input
+def test_a_busy_mountpoint_is_refused_and_nothing_is_done(lab: Lab) -> None:
+    mnt = lab.workdir / "busy"
+    mnt.mkdir()
+    (mnt / "something").write_text("mine")
+    done = rdm_backup("mount", lab.name, "--target", lab.repo, "--disk", "vdb", str(mnt))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "busy" in done.stderr
+    assert not os.path.exists(mount_state.state_path(str(mnt)))
+    assert [p.name for p in mnt.iterdir()] == ["something"]
+
+
+@pytest.mark.hostile
+def test_umount_refuses_a_hostile_state_file(lab: Lab) -> None:
+    mnt = lab.workdir / "hostile"
+    mnt.mkdir()
+    path = mount_state.state_path(str(mnt))
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    document = {"version": 1, "mountpoint": str(mnt.resolve()),
+                "run_dir": mount_state.run_dir(str(mnt)),
+                "supervisor": {"pid": 1, "start": 1}, "nbdfuse": None,
+                "pieces": [{"name": "p1", "device": "/dev/loop0", "path": "/",
+                            "mounted": True}], "backup_id": "x", "disk": "vdb"}
+    with open(path, "w", encoding="utf-8") as stream:
+        json.dump(document, stream)
+    try:
+        done = rdm_backup("umount", str(mnt))
+        assert done.returncode == 2 and done.stderr.count("\n") == 1
+        assert "refused" in done.stderr
+    finally:
+        os.unlink(path)
