@@ -87,9 +87,11 @@ def _files_of(image: Path, workdir: Path) -> dict[str, str]:
     return found
 
 
-def _backup(name: str, repo: str, image: Path, workdir: Path, tag: str) -> Point:
+def _backup(name: str, repo: str, lun: str, image: Path, workdir: Path, tag: str) -> Point:
     raw = workdir / f"{tag}.raw"
     shutil.copyfile(image, raw)
+    # the files were written through other loop devices: no stale cache of the LUN's is read
+    subprocess.run(["blockdev", "--flushbufs", lun], check=True)
     done = rdm_backup("backup", name, "--target", repo, "--json")
     assert done.returncode == 0, done.stderr
     backup_id = json.loads(done.stdout)["backup_id"]
@@ -115,11 +117,11 @@ def lab() -> Iterator[Lab]:
         name = unique_name("rdmb-files")
         with loop_device(image) as lun, \
                 test_domain(name, [block_disk("vdb", lun)], start=False):
-            old = _backup(name, repo, image, workdir, "old")
+            old = _backup(name, repo, lun, image, workdir, "old")
             _write_files(image, workdir, {"p1/changed": b"new contents\n" * 999,
                                           "p1/added": b"added later\n",
                                           "p2/data": os.urandom(MiB)})
-            new = _backup(name, repo, image, workdir, "new")
+            new = _backup(name, repo, lun, image, workdir, "new")
             assert old.files != new.files and "p1/added" not in old.files
             yield Lab(name, repo, workdir, old, new)
 
