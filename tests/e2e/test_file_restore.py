@@ -27,8 +27,10 @@ from tools.labkit import (
     rdm_backup_argv,
     rdmb_tmpdir,
     same_bytes,
-    test_domain,
     unique_name,
+)
+from tools.labkit import (
+    test_domain as lab_domain,
 )
 
 pytestmark = pytest.mark.lab
@@ -116,7 +118,7 @@ def lab() -> Iterator[Lab]:
         repo = str(workdir / "repo")
         name = unique_name("rdmb-files")
         with loop_device(image) as lun, \
-                test_domain(name, [block_disk("vdb", lun)], start=False):
+                lab_domain(name, [block_disk("vdb", lun)], start=False):
             old = _backup(name, repo, lun, image, workdir, "old")
             _write_files(image, workdir, {"p1/changed": b"new contents\n" * 999,
                                           "p1/added": b"added later\n",
