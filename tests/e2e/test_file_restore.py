@@ -19,6 +19,7 @@ import pytest
 
 from libvirt_rdm_backup.engine import mount_state
 from tests.lab.tls import make_certificates
+from tests.lab.volume_server import VolumeServer
 from tools.labkit import (
     MiB,
     block_disk,
@@ -52,6 +53,8 @@ class Lab:
     name: str
     repo: str
     workdir: Path
+    lun: str
+    image: Path
     old: Point
     new: Point
 
@@ -61,10 +64,11 @@ def _sha(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _partition_mounted(image: Path, where: tuple[int, int], mnt: Path) -> Iterator[Path]:
+def _partition_mounted(image: Path, where: tuple[int, int], mnt: Path,
+                       options: str = "rw") -> Iterator[Path]:
     with loop_device(image, offset=where[0], sizelimit=where[1]) as device:
         mnt.mkdir(exist_ok=True)
-        subprocess.run(["mount", device, str(mnt)], check=True)
+        subprocess.run(["mount", "-o", options, device, str(mnt)], check=True)
         try:
             yield mnt
         finally:
@@ -82,7 +86,7 @@ def _write_files(image: Path, workdir: Path, files: dict[str, bytes]) -> None:
 def _files_of(image: Path, workdir: Path) -> dict[str, str]:
     found = {}
     for part, where in (("p1", EXT4), ("p2", XFS)):
-        with _partition_mounted(image, where, workdir / f"host-{part}") as mnt:
+        with _partition_mounted(image, where, workdir / f"host-{part}", "ro") as mnt:
             for path in mnt.iterdir():
                 if path.is_file():
                     found[f"{part}/{path.name}"] = _sha(path)
@@ -125,7 +129,12 @@ def lab() -> Iterator[Lab]:
                                           "p2/data": os.urandom(MiB)})
             new = _backup(name, repo, lun, image, workdir, "new")
             assert old.files != new.files and "p1/added" not in old.files
-            yield Lab(name, repo, workdir, old, new)
+            try:
+                yield Lab(name, repo, workdir, lun, image, old, new)
+            finally:  # what a failed test left mounted goes before its directory does
+                for directory in workdir.iterdir():
+                    if os.path.exists(mount_state.state_path(str(directory))):
+                        rdm_backup("umount", str(directory))
 
 
 # -- serve ----------------------------------------------------------------------------------------
@@ -223,6 +232,34 @@ def test_a_damaged_layer_is_refused_before_serving(lab: Lab) -> None:
     shutil.rmtree(repo)
 
 
+def test_serve_and_mount_from_an_nbd_volume(lab: Lab) -> None:
+    server = VolumeServer(lab.workdir / "volume.img", size=2 << 30)
+    server.start()
+    try:
+        point = _backup(lab.name, server.uri, lab.lun, lab.image, lab.workdir, "volume")
+        sock = lab.workdir / "volume.sock"
+        with _serving(lab.name, "--target", server.uri, "--disk", "vdb", "--socket",
+                      str(sock)) as (first, _proc):
+            out = lab.workdir / "served-volume.raw"
+            subprocess.run(["nbdcopy", first.strip(), str(out)], check=True)
+            assert same_bytes(out, point.raw)
+            out.unlink()
+        mnt = lab.workdir / "mnt-volume"
+        mnt.mkdir()
+        done = rdm_backup("mount", lab.name, "--target", server.uri, "--disk", "vdb",
+                          "--backup", point.backup_id, "--json", str(mnt))
+        assert done.returncode == 0, done.stderr
+        try:
+            seen = {f"{part}/{path.name}": _sha(path) for part in ("p1", "p2")
+                    for path in (mnt / part).iterdir() if path.is_file()}
+            assert seen == point.files == lab.new.files
+        finally:
+            assert rdm_backup("umount", str(mnt)).returncode == 0
+        assert list(mnt.iterdir()) == []
+    finally:
+        server.stop()
+
+
 # -- mount and umount -----------------------------------------------------------------------------
 
 def _loops_over(directory: str) -> list[str]:
@@ -318,3 +355,32 @@ def test_umount_refuses_a_hostile_state_file(lab: Lab) -> None:
         assert "refused" in done.stderr
     finally:
         os.unlink(path)
+
+
+@pytest.mark.bad_input
+def test_umount_of_a_busy_filesystem_undoes_nothing_until_it_is_free(lab: Lab) -> None:
+    mnt = lab.workdir / "mnt-busy"
+    mnt.mkdir()
+    done = rdm_backup("mount", lab.name, "--target", lab.repo, "--disk", "vdb", "--backup",
+                      lab.old.backup_id, "--no-verify", str(mnt))
+    assert done.returncode == 0, done.stderr
+    assert "--no-verify: the layers' digests were not checked" in done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"mounted backup {lab.old.backup_id} of {lab.name} disk vdb")
+    assert lines[1].split()[:2] == ["p1", "ext4"] and lines[1].endswith(f"mounted on {mnt}/p1")
+    assert lines[2].split()[:2] == ["p2", "xfs"] and lines[2].endswith(f"mounted on {mnt}/p2")
+    user = subprocess.Popen(["sleep", "600"], cwd=mnt / "p1")
+    try:
+        busy = rdm_backup("umount", str(mnt))
+        assert busy.returncode == 4 and busy.stderr.count("\n") == 1, busy.stderr
+        assert "busy" in busy.stderr
+        # p2 went first; p1 is refused and stays, with everything below it
+        assert _mounted_under(str(mnt)) == [str(mnt / "p1")]
+        assert os.path.exists(mount_state.state_path(str(mnt)))
+        assert len(_loops_over(mount_state.run_dir(str(mnt)))) == 1
+    finally:
+        user.kill()
+        user.wait()
+    again = rdm_backup("umount", str(mnt))
+    assert again.returncode == 0, again.stderr
+    assert _mounted_under(str(mnt)) == [] and list(mnt.iterdir()) == []
