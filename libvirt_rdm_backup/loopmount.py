@@ -53,6 +53,42 @@ def loop_backing(device: str) -> str | None:
         return None
 
 
+def loop_range(device: str) -> tuple[int, int] | None:
+    """The offset and size limit of the loop device ``device`` (None: not a loop device,
+    or not attached)."""
+    found = LOOP_RE.fullmatch(device)
+    if found is None:
+        return None
+    values = []
+    for name in ("offset", "sizelimit"):
+        try:
+            with open(f"/sys/block/loop{found.group(1)}/loop/{name}", encoding="ascii") as f:
+                values.append(int(f.read().strip()))
+        except (OSError, ValueError):
+            return None
+    return values[0], values[1]
+
+
+def mounted_device(path: str) -> str | None:
+    """The device mounted at ``path`` (``/proc/self/mounts``; None: nothing)."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as stream:
+            lines = stream.read().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 2 and _unescape(fields[1]) == path:
+            found = fields[0]  # the last one is what the path shows
+    return found
+
+
+def _unescape(field: str) -> str:
+    """A path of /proc/mounts (spaces, tabs, newlines, backslashes written as octal)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def mount_read_only(device: str, fstype: str, options: str, path: str) -> None:
     """Mount the filesystem on ``device`` at ``path`` (``options`` start with ``ro``)."""
     if not options.startswith("ro"):

@@ -260,7 +260,8 @@ def _mount_area(state: MountState, area: partitions.Area, root: str) -> str:
     options = area.mount_options()
     assert options is not None and area.fstype is not None
     device = loopmount.attach_loop(state.disk_file, area.offset, area.size)
-    piece = Piece(area.name, device, os.path.join(state.mountpoint, area.name))
+    piece = Piece(area.name, device, os.path.join(state.mountpoint, area.name), area.offset,
+                  area.size)
     state.pieces.append(piece)
     mount_state.save(state, root)
     try:

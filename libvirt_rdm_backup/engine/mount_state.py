@@ -39,11 +39,14 @@ class Proc:
 
 @dataclass
 class Piece:
-    """A filesystem of the mount: its name, its loop device, where it is mounted."""
+    """A filesystem of the mount: its name, its loop device (over ``size`` bytes at
+    ``offset`` of the nbdfuse file), where it is mounted."""
 
     name: str
     device: str
     path: str
+    offset: int
+    size: int
     mounted: bool = False
 
 
@@ -167,12 +170,16 @@ def _proc(value: Any) -> Proc:
 
 
 def _piece(value: Any) -> Piece:
-    if not isinstance(value, dict) or set(value) != {"name", "device", "path", "mounted"}:
+    if not isinstance(value, dict) or \
+            set(value) != {"name", "device", "path", "offset", "size", "mounted"}:
         raise TypeError(f"not a mounted piece: {value!r}")
     if not isinstance(value["mounted"], bool):
         raise TypeError("mounted is not true or false")
+    offset = value["offset"]
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise TypeError(f"not an offset: {offset!r}")
     return Piece(_text(value["name"]), _text(value["device"]), _text(value["path"]),
-                 value["mounted"])
+                 offset, _number(value["size"]), value["mounted"])
 
 
 def state_problem(state: MountState, mountpoint: str, root: str,
@@ -189,7 +196,7 @@ def state_problem(state: MountState, mountpoint: str, root: str,
         if not loopmount.LOOP_RE.fullmatch(piece.device):
             return f"{piece.device!r} is not a loop device"
         backing = loopmount.loop_backing(piece.device)
-        if backing is not None and backing != state.disk_file:
+        if backing is not None and not our_loop(state, piece):
             return f"{piece.device} is backed by {backing!r}, not by this mount's file"
     if not check_processes:
         return None
@@ -200,11 +207,26 @@ def state_problem(state: MountState, mountpoint: str, root: str,
     return None
 
 
+def our_loop(state: MountState, piece: Piece) -> bool:
+    """True when ``piece``'s loop device is attached over this mount's nbdfuse file.
+
+    Once nbdfuse is gone (killed), its mount is detached and the kernel names the file
+    relative to it (``/disk``): then the device must also be the one recorded, over the
+    same bytes (offset and size), and mounted where the piece is or nowhere there."""
+    backing = loopmount.loop_backing(piece.device)
+    if backing == state.disk_file:
+        return True
+    return (backing == "/" + os.path.basename(state.disk_file)
+            and not loopmount.is_mountpoint(state.fuse_dir)
+            and loopmount.loop_range(piece.device) == (piece.offset, piece.size)
+            and loopmount.mounted_device(piece.path) in (piece.device, None))
+
+
 def _ours(proc: Proc, matches: Any) -> bool:
     """True when ``proc`` is gone (nothing to act on) or is the process recorded."""
     start = loopmount.process_start(proc.pid)
-    if start is None:
-        return True
+    if start is None or (start == proc.start and loopmount.process_state(proc.pid) == "Z"):
+        return True  # gone, or dead and not yet reaped
     argv = loopmount.process_argv(proc.pid)
     return start == proc.start and argv is not None and bool(matches(argv))
 

@@ -47,6 +47,7 @@ def undo_filesystems(state: MountState, done: Undone, lazy: bool = False,
     follows each step. OperationError naming a busy filesystem (unless ``lazy``: then it
     is detached from the tree at once and goes when its last user does)."""
     for piece in reversed(list(state.pieces)):
+        attached = mount_state.our_loop(state, piece)
         if loopmount.is_mountpoint(piece.path):
             try:
                 loopmount.unmount(piece.path)
@@ -59,7 +60,7 @@ def undo_filesystems(state: MountState, done: Undone, lazy: bool = False,
             done.unmounted.append(piece.path)
         with contextlib.suppress(OSError):
             os.rmdir(piece.path)  # made by the mount; kept if someone put files there
-        if loopmount.loop_backing(piece.device) == state.disk_file:
+        if attached:
             loopmount.detach_loop(piece.device)
             done.loop_devices.append(piece.device)
         state.pieces.remove(piece)

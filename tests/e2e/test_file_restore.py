@@ -346,7 +346,8 @@ def test_umount_refuses_a_hostile_state_file(lab: Lab) -> None:
                 "run_dir": mount_state.run_dir(str(mnt)),
                 "supervisor": {"pid": 1, "start": 1}, "nbdfuse": None,
                 "pieces": [{"name": "p1", "device": "/dev/loop0", "path": "/",
-                            "mounted": True}], "backup_id": "x", "disk": "vdb"}
+                            "offset": 0, "size": 1, "mounted": True}],
+                "backup_id": "x", "disk": "vdb"}
     with open(path, "w", encoding="utf-8") as stream:
         json.dump(document, stream)
     try:
@@ -384,3 +385,25 @@ def test_umount_of_a_busy_filesystem_undoes_nothing_until_it_is_free(lab: Lab) -
     again = rdm_backup("umount", str(mnt))
     assert again.returncode == 0, again.stderr
     assert _mounted_under(str(mnt)) == [] and list(mnt.iterdir()) == []
+
+
+@pytest.mark.fault
+def test_umount_undoes_everything_after_the_supervisor_was_killed(lab: Lab) -> None:
+    mnt = lab.workdir / "mnt-killed"
+    mnt.mkdir()
+    done = rdm_backup("mount", lab.name, "--target", lab.repo, "--disk", "vdb", "--json",
+                      str(mnt))
+    assert done.returncode == 0, done.stderr
+    supervisor = json.loads(done.stdout)["supervisor_pid"]
+    run_dir = mount_state.run_dir(str(mnt))
+    from libvirt_rdm_backup import loopmount
+    start = loopmount.process_start(supervisor)
+    os.kill(supervisor, signal.SIGKILL)
+    assert loopmount.wait_gone(supervisor, start, 30)
+    undone = rdm_backup("umount", str(mnt), "--json")
+    assert undone.returncode == 0, undone.stderr
+    assert json.loads(undone.stdout)["supervisor_stopped"] is False
+    assert _loops_over(run_dir) == [] and _mounted_under(str(mnt)) == []
+    assert _mounted_under(run_dir) == [] and not os.path.exists(run_dir)
+    assert not os.path.exists(mount_state.state_path(str(mnt)))
+    assert list(mnt.iterdir()) == []

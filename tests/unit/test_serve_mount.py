@@ -143,7 +143,7 @@ def _state(tmp_path: Path) -> tuple[MountState, str]:
     mountpoint.mkdir(exist_ok=True)
     real = str(mountpoint.resolve())
     state = MountState(real, mount_state.run_dir(real, root), _dead_process(),
-                       pieces=[Piece("p1", "/dev/loop999999", f"{real}/p1", True)],
+                       pieces=[Piece("p1", "/dev/loop999999", f"{real}/p1", 0, MiB, True)],
                        backup_id="b", disk="vdb")
     return state, root
 
@@ -175,13 +175,14 @@ HOSTILE: dict[str, Callable[[MountState], object]] = {
     "another mountpoint": lambda s: _hostile({"mountpoint": "/"}, s),
     "run dir elsewhere": lambda s: _hostile({"run_dir": "/etc"}, s),
     "piece outside the mountpoint": lambda s: _hostile(
-        {"pieces": [{"name": "p1", "device": "/dev/loop1", "path": "/etc", "mounted": True}]}, s),
+        {"pieces": [{"name": "p1", "device": "/dev/loop1", "path": "/etc", "offset": 0,
+                     "size": 1, "mounted": True}]}, s),
     "piece with a bad name": lambda s: _hostile(
         {"pieces": [{"name": "../x", "device": "/dev/loop1", "path": f"{s.mountpoint}/../x",
-                     "mounted": True}]}, s),
+                     "offset": 0, "size": 1, "mounted": True}]}, s),
     "not a loop device": lambda s: _hostile(
         {"pieces": [{"name": "p1", "device": "/dev/sda", "path": f"{s.mountpoint}/p1",
-                     "mounted": True}]}, s),
+                     "offset": 0, "size": 1, "mounted": True}]}, s),
     "pid 1 as the supervisor": lambda s: _hostile(
         {"supervisor": {"pid": 1, "start": loopmount.process_start(1)}}, s),
     "our own process as nbdfuse": lambda s: _hostile(
