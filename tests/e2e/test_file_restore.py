@@ -407,3 +407,25 @@ def test_umount_undoes_everything_after_the_supervisor_was_killed(lab: Lab) -> N
     assert _mounted_under(run_dir) == [] and not os.path.exists(run_dir)
     assert not os.path.exists(mount_state.state_path(str(mnt)))
     assert list(mnt.iterdir()) == []
+
+
+def test_serve_from_an_nbd_volume_over_tls(lab: Lab) -> None:
+    server_dir, client_dir = make_certificates(lab.workdir / "tls-volume")
+    server = VolumeServer(lab.workdir / "tls-volume.img", size=2 << 30, tls_dir=server_dir)
+    server.start()
+    try:
+        raw = lab.workdir / "tls-volume.raw"
+        shutil.copyfile(lab.image, raw)
+        subprocess.run(["blockdev", "--flushbufs", lab.lun], check=True)
+        done = rdm_backup("backup", lab.name, "--target", server.uri, "--tls-creds",
+                          str(client_dir), "--json")
+        assert done.returncode == 0, done.stderr
+        with _serving(lab.name, "--target", server.uri, "--disk", "vdb", "--socket",
+                      str(lab.workdir / "tls-volume.sock"), "--tls-creds",
+                      str(client_dir)) as (first, _proc):
+            out = lab.workdir / "served-tls-volume.raw"
+            subprocess.run(["nbdcopy", first.strip(), str(out)], check=True)
+            assert same_bytes(out, raw)
+            out.unlink()
+    finally:
+        server.stop()
