@@ -10,7 +10,9 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,8 @@ pytestmark = pytest.mark.lab
 DISK_SIZE = 400 * MiB
 EXT4 = (MiB, 48 * MiB)  # offset, size of p1
 XFS = (49 * MiB, 340 * MiB)  # of p2 (XFS needs 300 MiB)
+LVM = (389 * MiB, 4 * MiB)  # p3: an LVM physical volume's label
+SWAP = (393 * MiB, 4 * MiB)  # p4: swap space
 
 
 @dataclass
@@ -57,6 +61,22 @@ class Lab:
     image: Path
     old: Point
     new: Point
+
+
+def _lvm_label(image: Path, offset: int, size: int) -> None:
+    """An LVM2 physical volume label (what ``pvcreate`` writes first; blkid checks its CRC,
+    LVM's crc32 variant), without the LVM tools."""
+    label = bytearray(512)
+    label[0:8] = b"LABELONE"
+    struct.pack_into("<QII", label, 8, 1, 0, 32)
+    label[24:32] = b"LVM2 001"
+    label[32:64] = b"rdmbTESTpv000000rdmbTESTpv000000"
+    struct.pack_into("<Q", label, 64, size)
+    crc = ~zlib.crc32(bytes(label[20:]), ~0xF597A6CF & 0xFFFFFFFF) & 0xFFFFFFFF
+    struct.pack_into("<I", label, 16, crc)
+    with open(image, "r+b") as stream:
+        stream.seek(offset + 512)
+        stream.write(label)
 
 
 def _sha(path: Path) -> str:
@@ -111,9 +131,13 @@ def lab() -> Iterator[Lab]:
         with open(image, "wb") as stream:
             stream.truncate(DISK_SIZE)
         table = (f"label: gpt\nstart={EXT4[0] // 512}, size={EXT4[1] // 512}\n"
-                 f"start={XFS[0] // 512}, size={XFS[1] // 512}\n")
+                 f"start={XFS[0] // 512}, size={XFS[1] // 512}\n"
+                 f"start={LVM[0] // 512}, size={LVM[1] // 512}, type=lvm\n"
+                 f"start={SWAP[0] // 512}, size={SWAP[1] // 512}, type=swap\n")
         subprocess.run(["sfdisk", "-q", str(image)], input=table, text=True, check=True)
-        for where, mkfs in ((EXT4, ["mkfs.ext4", "-q"]), (XFS, ["mkfs.xfs", "-q"])):
+        _lvm_label(image, *LVM)
+        for where, mkfs in ((EXT4, ["mkfs.ext4", "-q"]), (XFS, ["mkfs.xfs", "-q"]),
+                            (SWAP, ["mkswap"])):
             with loop_device(image, offset=where[0], sizelimit=where[1]) as device:
                 subprocess.run([*mkfs, device], check=True, capture_output=True)
         _write_files(image, workdir, {"p1/kept": os.urandom(300_000),
@@ -284,8 +308,13 @@ def test_mount_shows_the_older_files_and_umount_removes_every_piece(lab: Lab) ->
     run_dir = mount_state.run_dir(str(mnt))
     try:
         assert listing["partition_table"] == "gpt"
-        assert [(p["name"], p["fstype"], p["mounted"]) for p in listing["partitions"]] == [
-            ("p1", "ext4", True), ("p2", "xfs", True)]
+        assert [(p["name"], p["fstype"], p["mounted"], p["reason"])
+                for p in listing["partitions"]] == [
+            ("p1", "ext4", True, None), ("p2", "xfs", True, None),
+            ("p3", "LVM2_member", False,
+             "LVM physical volume: not mounted (LVM is out of scope)"),
+            ("p4", "swap", False, "swap space: nothing to mount")]
+        assert sorted(p.name for p in mnt.iterdir()) == ["p1", "p2"]
         seen = {f"{part}/{path.name}": _sha(path) for part in ("p1", "p2")
                 for path in (mnt / part).iterdir() if path.is_file()}
         assert seen == lab.old.files
@@ -370,6 +399,8 @@ def test_umount_of_a_busy_filesystem_undoes_nothing_until_it_is_free(lab: Lab) -
     assert lines[0].startswith(f"mounted backup {lab.old.backup_id} of {lab.name} disk vdb")
     assert lines[1].split()[:2] == ["p1", "ext4"] and lines[1].endswith(f"mounted on {mnt}/p1")
     assert lines[2].split()[:2] == ["p2", "xfs"] and lines[2].endswith(f"mounted on {mnt}/p2")
+    assert lines[3].split()[:2] == ["p3", "LVM2_member"]
+    assert lines[3].endswith("LVM physical volume: not mounted (LVM is out of scope)")
     user = subprocess.Popen(["sleep", "600"], cwd=mnt / "p1")
     try:
         busy = rdm_backup("umount", str(mnt))
