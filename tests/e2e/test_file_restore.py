@@ -460,3 +460,31 @@ def test_serve_from_an_nbd_volume_over_tls(lab: Lab) -> None:
             out.unlink()
     finally:
         server.stop()
+
+
+def test_prune_waits_while_a_point_is_served(lab: Lab) -> None:
+    repo = lab.workdir / "prune-repo"
+    shutil.copytree(lab.repo, repo)
+    subprocess.run(["blockdev", "--flushbufs", lab.lun], check=True)
+    third = rdm_backup("backup", lab.name, "--target", str(repo))  # the newer point is
+    assert third.returncode == 0, third.stderr  # no longer the newest: a prune may drop it
+    with _serving(lab.name, "--target", str(repo), "--disk", "vdb", "--backup",
+                  lab.new.backup_id, "--socket", str(lab.workdir / "prune.sock")) as (first, _p):
+        prune = subprocess.Popen([*rdm_backup_argv(), "prune", lab.name, "--target", str(repo),
+                                  "--keep-last", "1", "--json"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            with pytest.raises(subprocess.TimeoutExpired):
+                prune.wait(5)  # held back: the served layers stay
+            out = lab.workdir / "served-during-prune.raw"
+            subprocess.run(["nbdcopy", first.strip(), str(out)], check=True)
+            assert same_bytes(out, lab.new.raw)
+            out.unlink()
+        except BaseException:
+            prune.kill()
+            prune.wait()
+            raise
+    pruned, err = prune.communicate(timeout=300)
+    assert prune.returncode == 0, err
+    assert [d for plan in json.loads(pruned) for d in plan["dropped"]] == [lab.new.backup_id]
+    shutil.rmtree(repo)
