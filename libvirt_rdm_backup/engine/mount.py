@@ -126,13 +126,36 @@ def mount(request: ServeRequest, mountpoint: str,
     os.close(writing)
     os.waitpid(child, 0)
     with os.fdopen(reading, "rb") as stream:
-        line = stream.readline()
+        try:
+            line = stream.readline()
+        except BaseException:  # interrupted: the supervisor undoes what it made
+            _stop_supervisor(real, root)
+            raise
     if not line:
         raise OperationError("the mount's supervisor ended before it reported")
     answer = json.loads(line)
     if "error" in answer:
         raise ERRORS.get(int(answer["exit_code"]), OperationError)(str(answer["error"]))
     return MountListing.from_dict(answer)
+
+
+def _stop_supervisor(mountpoint: str, root: str) -> None:
+    """SIGTERM to the supervisor of the mount at ``mountpoint``, once its state file names
+    it (checked); nothing when it does not yet."""
+    try:
+        supervisor = retry.until(10.0, 0.1, "no state")(
+            lambda: _recorded_supervisor(mountpoint, root))
+    except RdmBackupError:
+        return
+    if supervisor is not None:
+        loopmount.stop_process(supervisor.pid)
+
+
+def _recorded_supervisor(mountpoint: str, root: str) -> Proc | None:
+    try:
+        return mount_state.load(mountpoint, root).supervisor
+    except UsageError:
+        return None
 
 
 def _detach_from_caller() -> None:

@@ -12,6 +12,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -488,3 +489,30 @@ def test_prune_waits_while_a_point_is_served(lab: Lab) -> None:
     assert prune.returncode == 0, err
     assert [d for plan in json.loads(pruned) for d in plan["dropped"]] == [lab.new.backup_id]
     shutil.rmtree(repo)
+
+
+@pytest.mark.fault
+def test_an_interrupted_mount_leaves_nothing_behind(lab: Lab) -> None:
+    mnt = lab.workdir / "mnt-interrupted"
+    mnt.mkdir()
+    proc = subprocess.Popen([*rdm_backup_argv(), "mount", lab.name, "--target", lab.repo,
+                             "--disk", "vdb", str(mnt)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    state = mount_state.state_path(str(mnt))
+    for _ in range(300):  # the supervisor runs and is setting up: the command waits for it
+        if os.path.exists(state) or proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:  # it was done already: then umount undoes it
+        assert rdm_backup("umount", str(mnt)).returncode == 0
+    else:
+        assert proc.returncode == 4 and "interrupted" in err, err
+    for _ in range(600):
+        if not os.path.exists(state):
+            break
+        time.sleep(0.1)
+    assert not os.path.exists(state) and _mounted_under(str(mnt)) == []
+    assert _loops_over(mount_state.run_dir(str(mnt))) == []
+    assert not os.path.exists(mount_state.run_dir(str(mnt))) and list(mnt.iterdir()) == []
