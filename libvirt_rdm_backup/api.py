@@ -35,6 +35,7 @@ from libvirt_rdm_backup.engine.prune import PruneResult, prune_by_policy
 from libvirt_rdm_backup.engine.prune_plan import ChainPlan
 from libvirt_rdm_backup.engine.prune_plan import plan_prune as _plan_prune
 from libvirt_rdm_backup.engine.restore import RestoreResult
+from libvirt_rdm_backup.engine.restore_all import DisksRequest, DisksResult, restore_disks
 from libvirt_rdm_backup.engine.selection import domain_damage, find_domain_backups
 from libvirt_rdm_backup.engine.serve import Served, ServeRequest, serve_point
 from libvirt_rdm_backup.engine.stores import open_store
@@ -185,6 +186,37 @@ def restore(
     try:
         return _restore.restore(domain, target, disk, to, backup_id, force, conn, tls_dir,
                                 bwlimit, progress)
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def restore_many(
+    domain: str,
+    target: str,
+    request: DisksRequest,
+    backup_id: str | None = None,
+    uri: str | None = None,
+    tls_dir: str | None = None,
+    bwlimit: float | None = None,
+    progress: ProgressCallback | None = None,
+) -> DisksResult:
+    """Restore disks of a backup into a directory or each to its original device (found by
+    identity), and optionally define a new domain on them; see :class:`DisksRequest`.
+
+    Without libvirt (libvirtd down) the targets are still checked against the kernel and
+    this host's QEMU processes; ``request.define`` then fails before anything is written.
+    """
+    request.check()
+    try:
+        conn = open_connection(uri)
+    except LibvirtError as err:
+        log.debug("%s: restoring without libvirt", err)
+        return restore_disks(domain, target, request, backup_id, None, tls_dir, bwlimit,
+                             progress)
+    try:
+        return restore_disks(domain, target, request, backup_id, conn, tls_dir, bwlimit,
+                             progress)
     finally:
         with contextlib.suppress(Exception):
             conn.close()

@@ -161,17 +161,37 @@ def _add_backup(sub: argparse._SubParsersAction[Parser], common: Parser) -> Pars
 
 def _add_restore(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     """The ``restore`` command."""
-    p = sub.add_parser("restore", parents=[common], help="restore one disk to a file or device")
+    p = sub.add_parser("restore", parents=[common],
+                       help="restore disks to a file, a directory or their original devices")
     p.add_argument("domain", help="domain UUID, or its name at backup time")
     p.add_argument("--target", required=True, metavar="DIR|URI",
                    help="repository directory or NBD volume URI")
     p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
-    p.add_argument("--disk", required=True, metavar="DEV", help="the disk to restore (e.g. vdb)")
-    p.add_argument("--to", required=True, metavar="PATH",
-                   help="new file, existing file or block device to write the disk to")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--disk", action="append", metavar="DEV",
+                       help="a disk to restore (e.g. vdb; repeatable with --to-dir and "
+                            "--to-original)")
+    which.add_argument("--all-disks", action="store_true",
+                       help="every disk of the backup (with --to-dir or --to-original)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to", metavar="PATH",
+                       help="new file, existing file or block device to write the one disk to")
+    where.add_argument("--to-dir", metavar="DIR",
+                       help="write each disk to a new sparse file DIR/DISK.raw")
+    where.add_argument("--to-original", action="store_true",
+                       help="write each disk to its original device, found on this host by "
+                            "the identity the backup recorded (see docs/restore.md)")
     p.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --to-dir or --to-original: print what would be written where "
+                        "(and, with --to-original, the identity matched on); write nothing")
+    p.add_argument("--define", metavar="NAME",
+                   help="after restoring every disk (--to-dir or --to-original), define a new "
+                        "domain NAME from the backup's domain XML on the restored disks")
+    p.add_argument("--start", action="store_true", help="with --define: start the new domain")
     p.add_argument("--force", action="store_true",
-                   help="write even to a smaller target or one used by a running domain")
+                   help="write even to a smaller --to target or to a device used by a running "
+                        "domain")
     p.add_argument("--bwlimit", type=mib_per_s, metavar="MIB/S",
                    help="write at most this fast, in MiB/s (default: no limit)")
     p.set_defaults(func=cmd_restore)

@@ -166,6 +166,7 @@ JSON_CONTRACTS: dict[str, list[tuple[str, set[str] | None]]] = {
         ("cli/disks.py", {"cmd_disks"}), ("cli/backups.py", {"cmd_list"}),
         ("cli/host.py", {"cmd_hook"}), ("cli/serving.py", {"cmd_receive"}),
         ("engine/backup.py", {"to_dict"}), ("engine/restore.py", {"to_dict"}),
+        ("engine/restore_all.py", {"to_dict"}),
         ("engine/verify.py", {"to_dict"}), ("engine/export.py", {"to_dict"}),
         ("domain/disks.py", {"to_dict"}), ("engine/prune_plan.py", {"to_dict"}),
         ("cli/fleet.py", {"cmd_backup_all"}),
