@@ -9,9 +9,10 @@ from libvirt_rdm_backup.cli.backups import cmd_backup, cmd_list, cmd_restore, cm
 from libvirt_rdm_backup.cli.disks import cmd_disks, cmd_map
 from libvirt_rdm_backup.cli.fleet import jobs
 from libvirt_rdm_backup.cli.host import cmd_agent, cmd_hook
+from libvirt_rdm_backup.cli.mounts import cmd_mount, cmd_umount
 from libvirt_rdm_backup.cli.prune import add_keep_options, cmd_prune
 from libvirt_rdm_backup.cli.schedule import cmd_schedule
-from libvirt_rdm_backup.cli.serving import cmd_export, cmd_receive
+from libvirt_rdm_backup.cli.serving import cmd_export, cmd_receive, cmd_serve
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, check_max_pause
 from libvirt_rdm_backup.errors import UsageError
 from libvirt_rdm_backup.modes import Level, Quiesce
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hook(sub, common)
     _add_export(sub, common)
     _add_receive(sub, common)
+    _add_serve(sub, common)
+    _add_mount(sub, common)
     _add_agent(sub, common)
     _add_list(sub, common)
     _add_prune(sub, common)
@@ -271,6 +274,52 @@ def _add_receive(sub: argparse._SubParsersAction[Parser], common: Parser) -> Non
     p.add_argument("--allow-plain-remote", action="store_true",
                    help="allow serving without TLS on a non-loopback address")
     p.set_defaults(func=cmd_receive)
+
+
+def _point_options(p: Parser) -> None:
+    """The options that name a backup point: ``serve`` and ``mount``."""
+    p.add_argument("domain", help="domain UUID, or its name at backup time")
+    p.add_argument("--target", required=True, metavar="DIR|URI",
+                   help="repository directory or NBD volume URI")
+    p.add_argument("--disk", required=True, metavar="DEV", help="the disk (e.g. vdb)")
+    p.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not check the layers' digests first (a warning says so)")
+
+
+def _add_serve(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """The ``serve`` command."""
+    p = sub.add_parser("serve", parents=[common],
+                       help="serve a backup point of a disk read-only over NBD, uncopied")
+    _point_options(p)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", metavar="PATH", help="unix socket to serve on (mode 0600)")
+    where.add_argument("--listen", metavar="HOST:PORT",
+                       help="TCP address to serve on (port 0: any free port; loopback "
+                            "unless --tls-creds)")
+    p.add_argument("--tls-creds", metavar="DIR",
+                   help="x509 directory: with --listen, serve over TLS (ca-cert.pem, "
+                        "server-cert.pem, server-key.pem; clients: the subject of "
+                        "client-cert.pem when there is one); for an nbds:// target, its "
+                        "client credentials (client-cert.pem, client-key.pem)")
+    p.add_argument("--timeout", type=seconds, metavar="SECONDS",
+                   help="stop after this long (default: at SIGINT or SIGTERM)")
+    p.set_defaults(func=cmd_serve)
+
+
+def _add_mount(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """The ``mount`` and ``umount`` commands."""
+    p = sub.add_parser("mount", parents=[common],
+                       help="mount the filesystems of a backup point read-only, uncopied")
+    _point_options(p)
+    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT",
+                   help="an empty directory; each filesystem is mounted below it")
+    p.set_defaults(func=cmd_mount)
+    p = sub.add_parser("umount", parents=[common],
+                       help="undo a mount: unmount, detach, stop serving")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="the directory given to mount")
+    p.set_defaults(func=cmd_umount)
 
 
 def _add_agent(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:

@@ -1,4 +1,5 @@
-"""``export`` and ``receive``: the commands that serve disks or a backup volume over NBD."""
+"""``export``, ``receive`` and ``serve``: the commands that serve disks, a backup volume or a
+backup point over NBD."""
 
 from __future__ import annotations
 
@@ -85,3 +86,48 @@ def cmd_receive(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     return receive.serve(config, ready)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a backup point read-only over NBD until SIGINT, SIGTERM or --timeout."""
+    from libvirt_rdm_backup.engine.serve import ServeRequest, serve_point
+
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError("serve: --timeout must be a positive number of seconds")
+    request = ServeRequest(domain=args.domain, target=args.target, disk=args.disk,
+                           backup_id=args.backup, socket=args.socket, listen=args.listen,
+                           tls_dir=args.tls_creds, verify=not args.no_verify)
+    stop: list[str] = []
+
+    def note(signum: int, _frame: object) -> None:
+        stop.append(signal.Signals(signum).name)
+
+    # from here on a signal only ends the wait: the teardown always runs to its end
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with serve_point(request) as served:
+            if args.json:
+                sys.stdout.write(json.dumps(served.to_dict()) + "\n")
+            else:
+                until = f" (or {args.timeout:g} s)" if args.timeout else ""
+                sys.stdout.write(f"{served.uri}\nserving backup {served.backup_id} disk "
+                                 f"{served.disk} ({served.size} bytes) read-only, until "
+                                 f"SIGINT or SIGTERM{until}\n")
+            sys.stdout.flush()
+            next_check = time.monotonic() + 1.0
+
+            def stopped() -> bool:
+                nonlocal next_check
+                if not stop and time.monotonic() >= next_check:
+                    served.check()  # the daemon stopped serving on its own
+                    next_check = time.monotonic() + 1.0
+                return bool(stop)
+
+            retry.serve_until_stopped(args.timeout)(stopped)
+            reason = stop[0] if stop else f"timeout after {args.timeout:g} s"
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if not args.json:
+        sys.stdout.write(f"stopped ({reason}): the point is no longer served\n")
+    return EXIT_OK

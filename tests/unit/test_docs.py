@@ -170,6 +170,8 @@ JSON_CONTRACTS: dict[str, list[tuple[str, set[str] | None]]] = {
         ("engine/verify.py", {"to_dict"}), ("engine/export.py", {"to_dict"}),
         ("domain/disks.py", {"to_dict"}), ("engine/prune_plan.py", {"to_dict"}),
         ("cli/fleet.py", {"cmd_backup_all"}),
+        ("engine/serve.py", {"to_dict"}), ("engine/mount.py", {"to_dict"}),
+        ("engine/unmount.py", {"to_dict"}),
         ("fleet/runner.py", {"to_dict"}), ("schedule/install.py", {"to_dict"}),
     ],
     "repository-format.md": [
