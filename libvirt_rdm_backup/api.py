@@ -181,11 +181,12 @@ def restore(
         conn = open_connection(uri)
     except LibvirtError as err:
         log.debug("%s: checking %s without libvirt", err, to)
-        return _restore.restore(domain, target, disk, to, backup_id, force, None, tls_dir,
-                                bwlimit, progress)
+        return _restore.restore(domain, target, disk, to, backup_id=backup_id, force=force,
+                                tls_dir=tls_dir, bwlimit=bwlimit, progress=progress)
     try:
-        return _restore.restore(domain, target, disk, to, backup_id, force, conn, tls_dir,
-                                bwlimit, progress)
+        return _restore.restore(domain, target, disk, to, backup_id=backup_id, force=force,
+                                conn=conn, tls_dir=tls_dir, bwlimit=bwlimit,
+                                progress=progress)
     finally:
         with contextlib.suppress(Exception):
             conn.close()

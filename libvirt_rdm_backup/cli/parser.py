@@ -164,9 +164,7 @@ def _add_restore(sub: argparse._SubParsersAction[Parser], common: Parser) -> Non
     p = sub.add_parser("restore", parents=[common],
                        help="restore disks to a file, a directory or their original devices")
     p.add_argument("domain", help="domain UUID, or its name at backup time")
-    p.add_argument("--target", required=True, metavar="DIR|URI",
-                   help="repository directory or NBD volume URI")
-    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
+    _add_store(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--disk", action="append", metavar="DEV",
                        help="a disk to restore (e.g. vdb; repeatable with --to-dir and "
@@ -202,9 +200,7 @@ def _add_verify(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
     p = sub.add_parser("verify", parents=[common], help="recompute and check stored digests")
     p.add_argument("domain", nargs="?",
                    help="only this domain's backups: its UUID, or its name at backup time")
-    p.add_argument("--target", required=True, metavar="DIR|URI",
-                   help="repository directory or NBD volume URI")
-    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
+    _add_store(p)
     p.add_argument("--backup", metavar="ID",
                    help="only this backup, with the layers it builds on")
     p.set_defaults(func=cmd_verify)
@@ -335,9 +331,7 @@ def _add_list(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     p = sub.add_parser("list", parents=[common], help="list backups in a repository")
     p.add_argument("domain", nargs="?",
                    help="only this domain's backups: its UUID, or its name at backup time")
-    p.add_argument("--target", required=True, metavar="DIR|URI",
-                   help="repository directory or NBD volume URI")
-    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
+    _add_store(p)
     p.set_defaults(func=cmd_list)
 
 
@@ -382,3 +376,11 @@ def _add_schedule(sub: argparse._SubParsersAction[Parser], common: Parser,
                    help="write the files but run no systemctl (it is never run where systemd "
                         "is not the init system: the commands are printed)")
     p.set_defaults(func=cmd_schedule, backup_parser=backup)
+
+
+def _add_store(p: Parser) -> None:
+    """``--target`` and its ``--tls-creds``: where the backups are."""
+    p.add_argument("--target", required=True, metavar="DIR|URI",
+                   help="repository directory or NBD volume URI")
+    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
+

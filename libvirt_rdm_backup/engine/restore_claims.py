@@ -23,12 +23,15 @@ from libvirt_rdm_backup.storage.base import StorageNode
 KINDS = ("loop", "disk", "iscsi-lun")
 MAX_TEXT = 256
 MAX_PATH = 4096
-_IQN_RE = re.compile(r"(?:iqn\.|eui\.|naa\.)[A-Za-z0-9.:\-]{1,220}")
-_HOST_RE = re.compile(r"[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
-_BY_ID_RE = re.compile(r"[A-Za-z0-9_.:@+\-]{1,200}")
-_HEX_RE = re.compile(r"[0-9a-f]{2,64}")
-_WWID_RE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,254}")
-_LOOP_RE = re.compile(r"/dev/loop\d{1,6}")
+# what a recorded identity may say: anything else is refused before it is looked for
+SYNTAX = {
+    "iqn": re.compile(r"(?:iqn\.|eui\.|naa\.)[A-Za-z0-9.:\-]{1,220}"),
+    "host": re.compile(r"[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]"),
+    "by-id": re.compile(r"[A-Za-z0-9_.:@+\-]{1,200}"),
+    "hex": re.compile(r"[0-9a-f]{2,64}"),
+    "wwid": re.compile(r"[\x21-\x7e][\x20-\x7e]{0,254}"),
+    "loop": re.compile(r"/dev/loop\d{1,6}"),
+}
 # the VPD 0x83 designator types that name a logical unit
 _DESIGNATOR_TYPES = {"naa": "naa", "eui-64": "eui", "scsi-name-string": "name",
                      "t10-vendor-id": "t10"}
@@ -110,11 +113,11 @@ def claims_of(record: DiskRecord) -> Claims:
 def _disk_claims(disk: str, root: StorageNode, path: str | None, size: int) -> Claims:
     identity = root.identity
     wwid = _text(disk, identity.get("wwid"), "wwid")
-    if wwid is not None and not _WWID_RE.fullmatch(wwid):
+    if wwid is not None and not SYNTAX["wwid"].fullmatch(wwid):
         raise _bad(disk, "wwid")
     by_id = identity.get("by_id") or []
     if not isinstance(by_id, list) or len(by_id) > 64 or not all(
-            isinstance(n, str) and _BY_ID_RE.fullmatch(n) and n not in (".", "..")
+            isinstance(n, str) and SYNTAX["by-id"].fullmatch(n) and n not in (".", "..")
             for n in by_id):
         raise _bad(disk, "by_id is not a list of link names")
     return Claims(disk, "disk", path, size, wwid=wwid,
@@ -127,9 +130,9 @@ def _iscsi_claims(disk: str, root: StorageNode, path: str | None, size: int) -> 
     lun = _number(disk, identity.get("lun"), "lun", 65535)
     portal = _text(disk, identity.get("portal"), "portal") or ""
     host, _, port_text = portal.rpartition(":")
-    if iqn is None or not _IQN_RE.fullmatch(iqn) or lun is None:
+    if iqn is None or not SYNTAX["iqn"].fullmatch(iqn) or lun is None:
         raise _bad(disk, "no iSCSI IQN and LUN")
-    if not _HOST_RE.fullmatch(host) or not port_text.isdigit() \
+    if not SYNTAX["host"].fullmatch(host) or not port_text.isdigit() \
             or not 0 < int(port_text) < 65536:
         raise _bad(disk, "portal is not HOST:PORT")
     return Claims(disk, "iscsi-lun", path, size,
@@ -155,7 +158,7 @@ def designators_of(value: Any, disk: str = "") -> tuple[str, ...]:
             continue
         if isinstance(item.get("value_hex"), str):
             raw = item["value_hex"].lower()
-            if not _HEX_RE.fullmatch(raw):
+            if not SYNTAX["hex"].fullmatch(raw):
                 raise _bad(disk, "a designator value is not hex")
             found.add(f"{prefix}.{raw}")
         elif isinstance(item.get("value"), str) and (text := item["value"].strip()):
@@ -177,5 +180,6 @@ def _loop_claim(disk: str, root: StorageNode) -> LoopClaim:
     if leaf is not None and leaf.kind == "file" and isinstance(leaf.identity, dict):
         inode = _number(disk, leaf.identity.get("inode"), "inode")
         st_dev = _number(disk, leaf.identity.get("st_dev"), "st_dev")
-    device = root.path if isinstance(root.path, str) and _LOOP_RE.fullmatch(root.path) else None
+    loop = isinstance(root.path, str) and SYNTAX["loop"].fullmatch(root.path)
+    device = root.path if loop else None
     return LoopClaim(backing, offset, inode, st_dev, device)
