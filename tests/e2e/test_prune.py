@@ -207,6 +207,10 @@ def test_a_prune_killed_at_each_step_leaves_every_kept_point_restorable(
         decided = dry_run(pristine, vm.name)
         kept = [i for i in made if decided[i] == "keep"]
         domain_dir = pristine / vm.uuid
+        merged = [i for i in kept if any(  # the kept points whose layers a merge rewrites
+            decided.get(d["parent"]) == "drop"
+            for d in json.loads((domain_dir / i / "manifest.json").read_text())["disks"])]
+        assert merged
         steps: list[tuple[str, Callable[[Path], bool]]] = [
             ("journal written", lambda d: (d / ".prune-journal.json").exists()),
             ("a merge job running", lambda d: _merging()),
@@ -223,13 +227,15 @@ def test_a_prune_killed_at_each_step_leaves_every_kept_point_restorable(
             here = repo / vm.uuid
             argv = [str(EXE), "prune", vm.name, "--target", str(repo), *RULES]
             killed += _kill_when(argv, functools.partial(seen, here))
-            for backup_id in kept:  # restore finishes the prune first
-                assert restored_digest(repo, vm.name, backup_id, vm.workdir) == \
-                    made[backup_id], step
-            assert not (here / ".prune-journal.json").exists(), step
-            assert listed(repo, vm.name) == kept, step
+            # verify finishes the prune first, then every kept point checks out; the points
+            # whose layers were rewritten also restore to what the disk held
             proc = rdm_backup("verify", vm.name, "--target", str(repo))
             assert proc.returncode == 0, (step, proc.stdout + proc.stderr)
+            assert not (here / ".prune-journal.json").exists(), step
+            assert listed(repo, vm.name) == kept, step
+            for backup_id in merged:
+                assert restored_digest(repo, vm.name, backup_id, vm.workdir) == \
+                    made[backup_id], step
         assert killed >= 3  # most steps were caught while the prune ran
 
 
