@@ -7,6 +7,7 @@ import sys
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.cli.fleet import check_usage, cmd_backup_all
+from libvirt_rdm_backup.cli.live import cmd_live_restore
 from libvirt_rdm_backup.cli.output import (
     EXIT_OK,
     EXIT_VERIFY,
@@ -16,7 +17,7 @@ from libvirt_rdm_backup.cli.output import (
     progress_printer,
 )
 from libvirt_rdm_backup.cli.prune import backup_retention
-from libvirt_rdm_backup.errors import DamagedBackupError
+from libvirt_rdm_backup.errors import DamagedBackupError, UsageError
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -54,8 +55,14 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    """Restore one disk."""
-    result = api.restore(args.domain, args.target, args.disk, args.to,
+    """Restore one disk, or (``--live``) start a shut-off domain on its backup."""
+    if args.live:
+        return cmd_live_restore(args)
+    if not args.disk or len(args.disk) > 1:
+        raise UsageError("restore: give exactly one --disk DEV (several only with --live)")
+    if not args.to:
+        raise UsageError("restore: the following arguments are required: --to")
+    result = api.restore(args.domain, args.target, args.disk[0], args.to,
                          backup_id=args.backup, force=args.force, uri=args.connect,
                          tls_dir=args.tls_creds, bwlimit=args.bwlimit,
                          progress=None if args.json else progress_printer())

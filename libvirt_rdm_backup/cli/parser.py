@@ -158,19 +158,31 @@ def _add_backup(sub: argparse._SubParsersAction[Parser], common: Parser) -> Pars
 
 def _add_restore(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     """The ``restore`` command."""
-    p = sub.add_parser("restore", parents=[common], help="restore one disk to a file or device")
-    p.add_argument("domain", help="domain UUID, or its name at backup time")
+    p = sub.add_parser("restore", parents=[common],
+                       help="restore one disk to a file or device, or a shut-off domain live")
+    p.add_argument("domain", help="domain UUID, or its name at backup time (with --live: the "
+                                  "defined domain's name or UUID)")
     p.add_argument("--target", required=True, metavar="DIR|URI",
                    help="repository directory or NBD volume URI")
     p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
-    p.add_argument("--disk", required=True, metavar="DEV", help="the disk to restore (e.g. vdb)")
-    p.add_argument("--to", required=True, metavar="PATH",
-                   help="new file, existing file or block device to write the disk to")
+    p.add_argument("--disk", action="append", metavar="DEV",
+                   help="the disk to restore (e.g. vdb); with --live repeatable, default: "
+                        "every disk of the backup")
+    p.add_argument("--to", metavar="PATH",
+                   help="new file, existing file or block device to write the disk to "
+                        "(not with --live)")
+    p.add_argument("--live", action="store_true",
+                   help="start the shut-off domain at once on its backup and copy each disk "
+                        "back onto its own source meanwhile; the guest's writes are kept and "
+                        "each disk switches onto its source when its copy is done "
+                        "(see docs/live-restore.md)")
     p.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
     p.add_argument("--force", action="store_true",
-                   help="write even to a smaller target or one used by a running domain")
+                   help="write even to a smaller target or one used by a running domain "
+                        "(not with --live)")
     p.add_argument("--bwlimit", type=mib_per_s, metavar="MIB/S",
-                   help="write at most this fast, in MiB/s (default: no limit)")
+                   help="write at most this fast, in MiB/s (with --live: each disk's block "
+                        "copy; default: no limit)")
     p.set_defaults(func=cmd_restore)
 
 
