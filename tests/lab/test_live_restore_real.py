@@ -11,6 +11,7 @@ applied. ``RDMB_LIVE_LUN_MIB`` / ``RDMB_LIVE_DATA_MIB`` make the acceptance run'
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -58,20 +59,20 @@ class LiveLab:
     persistent: str  # the domain's persistent XML before anything
     writes: list[tuple[int, int, int]] = field(default_factory=list)
 
-    def scribble(self) -> None:
+    def scribble(self, pattern: int = 0xEE) -> None:
         """Overwrite the LUN's data area, so that only a restore brings the point back."""
         with self.lun.open("r+b") as out:
-            block = b"\xee" * MiB
+            block = bytes([pattern]) * MiB
             for offset in range(0, DATA_SIZE + 8 * MiB, MiB):
                 out.seek(offset)
                 out.write(block)
             out.flush()
             os.fsync(out.fileno())
 
-    def expected(self) -> Path:
+    def expected(self, point: Path | None = None) -> Path:
         """The point with the guest's writes applied."""
         path = self.work / "expected.raw"
-        shutil.copyfile(self.point, path)
+        shutil.copyfile(point or self.point, path)
         with path.open("r+b") as out:
             out.truncate(LUN_SIZE)
             for offset, length, pattern in self.writes:
@@ -119,11 +120,15 @@ def shut_off(live_lab: LiveLab) -> LiveLab:
     return live_lab
 
 
-def _start(lab: LiveLab, *extra: str) -> subprocess.Popen[str]:
+def _start(lab: LiveLab, *extra: str, target: str | None = None,
+           scratch: Path | None = None) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if scratch is not None:
+        env["RDM_BACKUP_SCRATCH_DIR"] = str(scratch)
     return subprocess.Popen(
-        [*rdm_backup_argv(), "restore", lab.guest.name, "--target", lab.repo, "--live", "--json",
-         *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        [*rdm_backup_argv(), "restore", lab.guest.name, "--target", target or lab.repo,
+         "--live", "--json", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env)
 
 
 def _wait_running(dom: libvirt.virDomain, proc: subprocess.Popen[str], timeout: float) -> None:
@@ -160,7 +165,7 @@ def _finish(proc: subprocess.Popen[str], timeout: float = 600) -> dict[str, obje
     return document
 
 
-def _check_end(lab: LiveLab) -> None:
+def _check_end(lab: LiveLab, point: Path | None = None, scratch: Path | None = None) -> None:
     """The disk runs on the LUN again, the definition is untouched, the overlays are gone and
     the LUN is the point plus the guest's writes."""
     dom = lab.guest.dom
@@ -168,9 +173,11 @@ def _check_end(lab: LiveLab) -> None:
     assert f"<source dev='{lab.loop}'" in live and "qcow2" not in live and "<mirror" not in live
     assert dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == lab.persistent
     assert dom.isPersistent()
-    assert not os.path.exists(scratch_dir(dom.UUIDString()))
+    overlays = scratch / f"rdmb-live-{dom.UUIDString()}" if scratch \
+        else Path(scratch_dir(dom.UUIDString()))
+    assert not overlays.exists()
     assert dom.blockJobInfo("vdb", 0) == {}
-    assert same_bytes(lab.lun, lab.expected())
+    assert same_bytes(lab.lun, lab.expected(point))
 
 
 def test_live_restore_runs_the_guest_at_once_and_keeps_its_writes(shut_off: LiveLab) -> None:
@@ -257,3 +264,102 @@ def test_a_running_domain_is_refused(live_lab: LiveLab) -> None:
     proc = _start(live_lab)
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "is running" in err and err.count("\n") == 1, err
+
+
+def _wait_paused(dom: libvirt.virDomain, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while dom.state() != [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR]:
+        assert time.monotonic() < deadline, f"not paused by an I/O error: {dom.state()}"
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def _small_filesystem(work: Path, size: int) -> Iterator[tuple[Path, Path, str]]:
+    """An ext4 filesystem of ``size`` bytes on a loop device, mounted: (image, mount, device)."""
+    image = work / "scratch.img"
+    with image.open("wb") as out:
+        out.truncate(size)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    mount = work / "scratch"
+    mount.mkdir()
+    with loop_device(image) as device:
+        subprocess.run(["mount", device, str(mount)], check=True)
+        try:
+            mount.chmod(0o755)
+            yield image, mount, device
+        finally:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_scratch_space_pauses_the_guest_and_loses_nothing(shut_off: LiveLab) -> None:
+    lab = shut_off
+    dom = lab.guest.dom
+    with _small_filesystem(lab.work, 24 * MiB) as (image, mount, device):
+        proc = _start(lab, "--bwlimit", "2", scratch=mount)
+        try:
+            _wait_running(dom, proc, RUNNING_WITHIN)
+            lab.guest.wait_ready()
+            big, offset = 48 * MiB, 64 * MiB
+            lab.guest.check(f"(tr '\\000' '\\167' </dev/zero | head -c {big} | dd of=/dev/vdb "
+                            f"bs=65536 seek={offset} iflag=fullblock oflag=seek_bytes,direct "
+                            "conv=notrunc,fsync 2>/dev/null; echo $? > /run/big.done) "
+                            ">/dev/null 2>&1 &")
+            lab.writes.append((offset, big, 0x77))
+            _wait_paused(dom)  # the overlay's filesystem is full: the guest waits, unharmed
+            assert dom.diskErrors().get("vdb") == libvirt.VIR_DOMAIN_DISK_ERROR_NO_SPACE
+            assert proc.poll() is None  # the tool goes on following the copy
+            with image.open("r+b") as out:  # more space, and the guest goes on
+                out.truncate(256 * MiB)
+            subprocess.run(["losetup", "-c", device], check=True)
+            subprocess.run(["resize2fs", device], check=True, capture_output=True)
+            dom.resume()
+            document = _finish(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert document["resumed_run"] is False
+        lab.guest.wait_path("/run/big.done", 120)
+        assert lab.guest.check("cat /run/big.done").strip() == "0"
+        _check_end(lab, scratch=mount)
+
+
+def test_backup_server_gone_mid_copy_then_back(shut_off: LiveLab) -> None:
+    from tests.lab.volume_server import VolumeServer
+
+    lab = shut_off
+    dom = lab.guest.dom
+    server = VolumeServer(lab.work / "volume.img", size=1 << 30)
+    server.start()
+    try:
+        api.backup(lab.guest.name, server.uri)  # the shut-off domain: its scribbled LUN
+        point = lab.work / "volume-point.raw"
+        point.unlink(missing_ok=True)
+        api.restore(lab.guest.name, server.uri, "vdb", str(point))
+        lab.scribble(0xDD)
+        proc = _start(lab, "--bwlimit", "1", target=server.uri)
+        try:
+            _wait_running(dom, proc, RUNNING_WITHIN)
+            lab.guest.wait_ready()
+            lab.write(2 * MiB, MiB, 0x3C)
+            server.stop(signal.SIGKILL)
+            _out, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 4 and "rerun the same restore --live" in err, err
+        assert err.strip().splitlines()[-1].startswith("rdm-backup: error:")
+        late = DATA_SIZE - 3 * MiB
+        lab.guest.check(f"(dd if=/dev/vdb bs=65536 skip={late // 65536} count=16 iflag=direct "
+                        "2>/dev/null | md5sum > /run/late2.tmp && mv /run/late2.tmp "
+                        "/run/late2.md5) >/dev/null 2>&1 &")
+        _wait_paused(dom)
+        server.start()
+        document = _finish(_start(lab, target=server.uri))
+        assert document["resumed_run"] is True
+        lab.guest.wait_path("/run/late2.md5", 60)
+        assert lab.guest.check("cat /run/late2.md5").split()[0] == _md5(point, late, MiB)
+        _check_end(lab, point)
+    finally:
+        server.stop()
