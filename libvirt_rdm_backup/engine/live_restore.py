@@ -23,6 +23,7 @@ import shutil
 import stat
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,8 @@ from libvirt_rdm_backup.engine.selection import choose_backup
 from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.errors import LibvirtError, NotFoundError, OperationError, UsageError
 from libvirt_rdm_backup.fileutil import write_atomic
+from libvirt_rdm_backup.fslock import exclusive
+from libvirt_rdm_backup.locks import lock_dir
 from libvirt_rdm_backup.process import stall_timeout
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.block_copy import bwlimit_speed
@@ -115,6 +118,24 @@ def live_restore(conn: libvirt.virConnect, domain: str, target: str,
         check_safe_name(name, "disk name")
     dom = lookup_domain(conn, domain)
     uuid = dom.UUIDString()
+    with _domain_busy(uuid):
+        return _live_restore(conn, dom, target, backup_id, disks, speed, progress, tls_dir,
+                             running, started)
+
+
+def _domain_busy(uuid: str) -> AbstractContextManager[None]:
+    """The host-wide lock of the domain (backups and exports of it take it too)."""
+    os.makedirs(lock_dir(), mode=0o700, exist_ok=True)
+    return exclusive(os.path.join(lock_dir(), f"{uuid}.lock"),
+                     f"domain {uuid} is busy: a backup, export or live restore of it runs "
+                     "on this host")
+
+
+def _live_restore(conn: libvirt.virConnect, dom: libvirt.virDomain, target: str,
+                  backup_id: str | None, disks: list[str] | None, speed: int,
+                  progress: LiveProgress | None, tls_dir: str | None,
+                  running: Callable[[], None] | None, started: float) -> LiveRestoreResult:
+    uuid = dom.UUIDString()
     work = scratch_dir(uuid)
     recorded = _rerun_state(dom, work)
     if recorded is not None:
@@ -139,7 +160,13 @@ def live_restore(conn: libvirt.virConnect, domain: str, target: str,
             running_after = time.monotonic() - started
             if running is not None:
                 running()
-            _follow(dom, planned, progress)
+            try:
+                _follow(dom, planned, progress)
+            except KeyboardInterrupt:
+                log.warning("interrupted: %s keeps its writes on the overlays in %s; reads "
+                            "of what was not copied back yet pause it; rerun the same "
+                            "restore --live to go on", dom.name(), work)
+                raise
     shutil.rmtree(work, ignore_errors=True)
     return LiveRestoreResult(str(dom.name()), uuid, manifest.backup_id, planned,
                              recorded is not None, running_after, time.monotonic() - started)
@@ -202,7 +229,11 @@ def _plan(store: Store, manifest: Any, persistent: str, disks: list[str] | None,
         if record is None:
             raise NotFoundError(f"backup {manifest.backup_id} has no disk {name!r}")
         element = live_xml.disk_element(root, name)
-        live_xml.check_restorable(element, name)
+        try:
+            live_xml.check_restorable(element, name)
+        except UsageError as err:
+            raise UsageError(f"{err}{'' if disks else '; name the disks to restore with --disk'}"
+                             ) from err
         raw = inventory.find(name)
         if not isinstance(raw, RawDisk) or not raw.source:
             raise UsageError(f"disk {name} has no source this host can write")
