@@ -1,7 +1,7 @@
 """``restore --live`` on the lab: the real guest runs from its backup within seconds while its
 LUN is written back; its writes made meanwhile end up on the LUN, and nothing else changes.
 
-The LUN is a loop device over a file (``vdb``). The guest is backed up, shut off, and its LUN
+The LUN is a loop device over a file (``vda``). The guest is backed up, shut off, and its LUN
 scribbled over; then ``rdm-backup restore --live`` runs (slowed by ``--bwlimit`` so that the
 copy is still under way while the guest writes known patterns at known offsets). The expected
 LUN is the backup point (restored to a file by the ordinary restore) with the same writes
@@ -81,8 +81,8 @@ class LiveLab:
         return path
 
     def write(self, offset: int, length: int, pattern: int) -> None:
-        """A guest write to vdb (O_DIRECT, synced), logged for :meth:`expected`."""
-        self.guest.dd_write("/dev/vdb", offset, length, pattern, direct=True)
+        """A guest write to vda (O_DIRECT, synced), logged for :meth:`expected`."""
+        self.guest.dd_write("/dev/vda", offset, length, pattern, direct=True)
         self.writes.append((offset, length, pattern))
 
 
@@ -93,12 +93,12 @@ def live_lab() -> Iterator[LiveLab]:
         with lun.open("r+b") as out:
             out.truncate(LUN_SIZE)
         with loop_device(lun) as loop, \
-                guest_vm(unique_name("rdmb-live"), [block_disk("vdb", loop)]) as guest:
-            guest.wait_path("/sys/block/vdb")
+                guest_vm(unique_name("rdmb-live"), [block_disk("vda", loop)]) as guest:
+            guest.wait_path("/sys/block/vda")
             repo = str(work / "repo")
             backup = api.backup(guest.name, repo)
             point = work / "point.raw"
-            api.restore(guest.name, repo, "vdb", str(point))
+            api.restore(guest.name, repo, "vda", str(point))
             guest.dom.destroy()
             persistent = guest.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
             lab = LiveLab(guest, work, lun, loop, repo, backup.manifest.backup_id, point,
@@ -150,7 +150,7 @@ def _md5(path: Path, offset: int, length: int) -> str:
 
 
 def _guest_md5(guest: Guest, offset: int, length: int) -> str:
-    out = guest.check(f"dd if=/dev/vdb bs=65536 skip={offset // 65536} count={length // 65536} "
+    out = guest.check(f"dd if=/dev/vda bs=65536 skip={offset // 65536} count={length // 65536} "
                       "iflag=direct 2>/dev/null | md5sum", timeout=120)
     return out.split()[0]
 
@@ -176,7 +176,7 @@ def _check_end(lab: LiveLab, point: Path | None = None, scratch: Path | None = N
     overlays = scratch / f"rdmb-live-{dom.UUIDString()}" if scratch \
         else Path(scratch_dir(dom.UUIDString()))
     assert not overlays.exists()
-    assert dom.blockJobInfo("vdb", 0) == {}
+    assert dom.blockJobInfo("vda", 0) == {}
     assert same_bytes(lab.lun, lab.expected(point))
 
 
@@ -209,7 +209,7 @@ def test_live_restore_runs_the_guest_at_once_and_keeps_its_writes(shut_off: Live
     assert document["backup_id"] == lab.backup_id and document["resumed_run"] is False
     assert float(str(document["running_after_seconds"])) < RUNNING_WITHIN
     disks = document["disks"]
-    assert isinstance(disks, list) and [d["disk"] for d in disks] == ["vdb"]
+    assert isinstance(disks, list) and [d["disk"] for d in disks] == ["vda"]
     assert disks[0]["pivoted"] is True and disks[0]["to"] == lab.loop
     _check_end(lab)
     # the guest goes on, on the LUN, reading its own writes and the point
@@ -237,7 +237,7 @@ def test_killed_mid_copy_the_guest_pauses_and_a_rerun_completes(shut_off: LiveLa
     # read of what was not copied yet pauses it instead of failing
     assert dom.isActive() and "qcow2" in dom.XMLDesc(0)
     late = DATA_SIZE - 3 * MiB
-    lab.guest.check(f"(dd if=/dev/vdb bs=65536 skip={late // 65536} count=16 iflag=direct "
+    lab.guest.check(f"(dd if=/dev/vda bs=65536 skip={late // 65536} count=16 iflag=direct "
                     "2>/dev/null | md5sum > /run/late.tmp && mv /run/late.tmp /run/late.md5) "
                     ">/dev/null 2>&1 &")
     deadline = time.monotonic() + 60
@@ -300,13 +300,13 @@ def test_full_scratch_space_pauses_the_guest_and_loses_nothing(shut_off: LiveLab
             _wait_running(dom, proc, RUNNING_WITHIN)
             lab.guest.wait_ready()
             big, offset = 48 * MiB, 64 * MiB
-            lab.guest.check(f"(tr '\\000' '\\167' </dev/zero | head -c {big} | dd of=/dev/vdb "
+            lab.guest.check(f"(tr '\\000' '\\167' </dev/zero | head -c {big} | dd of=/dev/vda "
                             f"bs=65536 seek={offset} iflag=fullblock oflag=seek_bytes,direct "
                             "conv=notrunc,fsync 2>/dev/null; echo $? > /run/big.done) "
                             ">/dev/null 2>&1 &")
             lab.writes.append((offset, big, 0x77))
             _wait_paused(dom)  # the overlay's filesystem is full: the guest waits, unharmed
-            assert dom.diskErrors().get("vdb") == libvirt.VIR_DOMAIN_DISK_ERROR_NO_SPACE
+            assert dom.diskErrors().get("vda") == libvirt.VIR_DOMAIN_DISK_ERROR_NO_SPACE
             assert proc.poll() is None  # the tool goes on following the copy
             with image.open("r+b") as out:  # more space, and the guest goes on
                 out.truncate(256 * MiB)
@@ -335,7 +335,7 @@ def test_backup_server_gone_mid_copy_then_back(shut_off: LiveLab) -> None:
         api.backup(lab.guest.name, server.uri)  # the shut-off domain: its scribbled LUN
         point = lab.work / "volume-point.raw"
         point.unlink(missing_ok=True)
-        api.restore(lab.guest.name, server.uri, "vdb", str(point))
+        api.restore(lab.guest.name, server.uri, "vda", str(point))
         lab.scribble(0xDD)
         proc = _start(lab, "--bwlimit", "1", target=server.uri)
         try:
@@ -351,7 +351,7 @@ def test_backup_server_gone_mid_copy_then_back(shut_off: LiveLab) -> None:
         assert proc.returncode == 4 and "rerun the same restore --live" in err, err
         assert err.strip().splitlines()[-1].startswith("rdm-backup: error:")
         late = DATA_SIZE - 3 * MiB
-        lab.guest.check(f"(dd if=/dev/vdb bs=65536 skip={late // 65536} count=16 iflag=direct "
+        lab.guest.check(f"(dd if=/dev/vda bs=65536 skip={late // 65536} count=16 iflag=direct "
                         "2>/dev/null | md5sum > /run/late2.tmp && mv /run/late2.tmp "
                         "/run/late2.md5) >/dev/null 2>&1 &")
         _wait_paused(dom)
