@@ -29,6 +29,7 @@ from typing import Any
 
 import libvirt
 
+from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.domain import live_copy, live_xml
 from libvirt_rdm_backup.domain.connection import domain_xml, is_running, lookup_domain
 from libvirt_rdm_backup.domain.discovery import inventory_from_xml
@@ -54,6 +55,8 @@ DEFAULT_SCRATCH_DIR = "/var/tmp"
 STATE = "state.json"
 SOCKET = "nbd.sock"
 LOOK_EVERY = 0.5  # seconds between looks at the copies
+RESTART_WAIT = 20.0  # seconds a rerun's copy gets to start moving
+RESTART_EVERY = 0.5
 LiveProgress = Callable[[str, int, int], None]
 
 
@@ -328,13 +331,32 @@ def _start_copies(dom: libvirt.virDomain, planned: list[LiveDisk], speed: int,
     guest never ran)."""
     try:
         for item in planned:
-            if live_copy.copy_state(dom, item.disk) is None:
+            if not fresh:
+                _restart_copy(dom, item, speed)
+            elif live_copy.copy_state(dom, item.disk) is None:
                 live_copy.start_copy(dom, item.disk, item.destination, speed)
     except LibvirtError:
         if fresh:
             with contextlib.suppress(libvirt.libvirtError):
                 dom.destroy()
         raise
+
+
+def _restart_copy(dom: libvirt.virDomain, item: LiveDisk, speed: int) -> None:
+    """The copy of a rerun, until it moves: QEMU's NBD client, which lost the server of the
+    earlier run, reconnects in the background once a request failed, so a new copy may
+    fail at its first read and is started again."""
+
+    def moving() -> bool:
+        state = live_copy.copy_state(dom, item.disk)
+        if state is None:
+            live_copy.start_copy(dom, item.disk, item.destination, speed)
+            return False
+        return state.done > 0
+
+    retry.until(RESTART_WAIT, RESTART_EVERY,
+                f"the copy of {item.disk} does not start: the domain does not reach the "
+                "served backup")(moving)
 
 
 def _run_guest(dom: libvirt.virDomain, work: str, recorded: dict[str, Any] | None) -> None:
