@@ -274,8 +274,8 @@ def _wait_paused(dom: libvirt.virDomain, timeout: float = 60) -> None:
 
 
 @contextlib.contextmanager
-def _small_filesystem(work: Path, size: int) -> Iterator[tuple[Path, Path, str]]:
-    """An ext4 filesystem of ``size`` bytes on a loop device, mounted: (image, mount, device)."""
+def _small_filesystem(work: Path, size: int) -> Iterator[Path]:
+    """An ext4 filesystem of ``size`` bytes on a loop device, mounted where it yields."""
     image = work / "scratch.img"
     with image.open("wb") as out:
         out.truncate(size)
@@ -286,7 +286,7 @@ def _small_filesystem(work: Path, size: int) -> Iterator[tuple[Path, Path, str]]
         subprocess.run(["mount", device, str(mount)], check=True)
         try:
             mount.chmod(0o755)
-            yield image, mount, device
+            yield mount
         finally:
             subprocess.run(["umount", "-l", str(mount)], check=False)
 
@@ -294,7 +294,10 @@ def _small_filesystem(work: Path, size: int) -> Iterator[tuple[Path, Path, str]]
 def test_full_scratch_space_pauses_the_guest_and_loses_nothing(shut_off: LiveLab) -> None:
     lab = shut_off
     dom = lab.guest.dom
-    with _small_filesystem(lab.work, 24 * MiB) as (image, mount, device):
+    with _small_filesystem(lab.work, 64 * MiB) as mount:
+        ballast = mount / "ballast"  # leaves about 8 MiB for the overlay
+        free = shutil.disk_usage(mount).free
+        subprocess.run(["fallocate", "-l", str(free - 8 * MiB), str(ballast)], check=True)
         proc = _start(lab, "--bwlimit", "2", scratch=mount)
         try:
             _wait_running(dom, proc, RUNNING_WITHIN)
@@ -308,10 +311,7 @@ def test_full_scratch_space_pauses_the_guest_and_loses_nothing(shut_off: LiveLab
             _wait_paused(dom)  # the overlay's filesystem is full: the guest waits, unharmed
             assert dom.diskErrors().get("vda") == libvirt.VIR_DOMAIN_DISK_ERROR_NO_SPACE
             assert proc.poll() is None  # the tool goes on following the copy
-            with image.open("r+b") as out:  # more space, and the guest goes on
-                out.truncate(256 * MiB)
-            subprocess.run(["losetup", "-c", device], check=True)
-            subprocess.run(["resize2fs", device], check=True, capture_output=True)
+            ballast.unlink()  # space again, and the guest goes on
             dom.resume()
             document = _finish(proc)
         finally:
