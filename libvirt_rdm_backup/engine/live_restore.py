@@ -385,36 +385,42 @@ def _follow(dom: libvirt.virDomain, planned: list[LiveDisk],
     """Report progress until every disk pivoted onto its source (OperationError when a
     copy stopped, or made no progress for the stall limit)."""
     stall = stall_timeout()
-    last_move, moved = time.monotonic(), -1
-    warned = False
-    while not all(item.pivoted for item in planned):
+    seen: dict[str, Any] = {"moved": -1, "at": time.monotonic(), "paused": False}
+
+    def look() -> bool:
         for item in (i for i in planned if not i.pivoted):
-            state = live_copy.copy_state(dom, item.disk)
-            if state is None:
-                raise OperationError(
-                    f"the copy of {item.disk} onto {item.to} stopped before it finished "
-                    f"({_why_stopped(dom)}); the guest keeps its writes on the overlay: "
-                    "rerun the same restore --live to go on")
-            item.copied = state.done
-            if progress is not None:
-                progress(item.disk, state.done, state.total)
-            if state.caught_up and live_copy.pivot(dom, item.disk):
-                item.pivoted = True
-                log.info("%s runs on %s again", item.disk, item.to)
-        reason = live_copy.pause_reason(dom)
-        if reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR and not warned:
+            _look_at(dom, item, progress)
+        paused = live_copy.pause_reason(dom) == libvirt.VIR_DOMAIN_PAUSED_IOERROR
+        if paused and not seen["paused"]:
             log.warning("the guest was paused by an I/O error (%s); it resumes with "
                         "`virsh resume` or a rerun once the cause is fixed", _why_stopped(dom))
-        warned = reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR
-        total = sum(i.copied for i in planned)
-        now = time.monotonic()
-        if total != moved:
-            moved, last_move = total, now
-        elif now - last_move > stall and not all(i.pivoted for i in planned):
+        seen["paused"] = paused
+        done = all(item.pivoted for item in planned)
+        total, now = sum(i.copied for i in planned), time.monotonic()
+        if total != seen["moved"]:
+            seen["moved"], seen["at"] = total, now
+        elif now - seen["at"] > stall and not done:
             raise OperationError(f"the copy back made no progress for {stall:g} s; rerun "
                                  "the same restore --live to go on")
-        if not all(item.pivoted for item in planned):
-            time.sleep(LOOK_EVERY)
+        return done
+
+    retry.until(None, LOOK_EVERY, "the copy back did not end")(look)
+
+
+def _look_at(dom: libvirt.virDomain, item: LiveDisk, progress: LiveProgress | None) -> None:
+    """One look at a disk's copy: its progress, and the pivot once it is ready."""
+    state = live_copy.copy_state(dom, item.disk)
+    if state is None:
+        raise OperationError(
+            f"the copy of {item.disk} onto {item.to} stopped before it finished "
+            f"({_why_stopped(dom)}); the guest keeps its writes on the overlay: "
+            "rerun the same restore --live to go on")
+    item.copied = state.done
+    if progress is not None:
+        progress(item.disk, state.done, state.total)
+    if state.caught_up and live_copy.pivot(dom, item.disk):
+        item.pivoted = True
+        log.info("%s runs on %s again", item.disk, item.to)
 
 
 def _why_stopped(dom: libvirt.virDomain) -> str:
