@@ -5,8 +5,8 @@ The LUN is a loop device over a file (``vda``). The guest is backed up, shut off
 scribbled over; then ``rdm-backup restore --live`` runs (slowed by ``--bwlimit`` so that the
 copy is still under way while the guest writes known patterns at known offsets). The expected
 LUN is the backup point (restored to a file by the ordinary restore) with the same writes
-applied. ``RDMB_LIVE_LUN_MIB`` / ``RDMB_LIVE_DATA_MIB`` make the acceptance run's sizes (4096 /
-1024); the defaults keep the test short.
+applied. ``RDMB_LIVE_LUN_MIB`` / ``RDMB_LIVE_DATA_MIB`` / ``RDMB_LIVE_BWLIMIT`` make the
+acceptance run (4096 / 1024 / 64); the defaults keep the test short.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
 LUN_SIZE = int(os.environ.get("RDMB_LIVE_LUN_MIB", "256")) * MiB
 DATA_SIZE = int(os.environ.get("RDMB_LIVE_DATA_MIB", "96")) * MiB
+BWLIMIT = os.environ.get("RDMB_LIVE_BWLIMIT", "4")  # MiB/s: the copy outlasts the guest's boot
 RUNNING_WITHIN = 10.0  # seconds from the command until the guest runs on its backup
 
 
@@ -183,7 +184,7 @@ def _check_end(lab: LiveLab, point: Path | None = None, scratch: Path | None = N
 def test_live_restore_runs_the_guest_at_once_and_keeps_its_writes(shut_off: LiveLab) -> None:
     lab = shut_off
     started = time.monotonic()
-    proc = _start(lab, "--bwlimit", "4")
+    proc = _start(lab, "--bwlimit", BWLIMIT)
     try:
         _wait_running(lab.guest.dom, proc, RUNNING_WITHIN)
         running = time.monotonic() - started
