@@ -220,6 +220,7 @@ def test_live_restore_runs_the_guest_at_once_and_keeps_its_writes(shut_off: Live
     assert "I/O error" not in lab.guest.check("dmesg")
 
 
+@pytest.mark.fault
 def test_killed_mid_copy_the_guest_pauses_and_a_rerun_completes(shut_off: LiveLab) -> None:
     lab = shut_off
     dom = lab.guest.dom
@@ -259,6 +260,7 @@ def test_killed_mid_copy_the_guest_pauses_and_a_rerun_completes(shut_off: LiveLa
     _check_end(lab)
 
 
+@pytest.mark.bad_input
 def test_a_running_domain_is_refused(live_lab: LiveLab) -> None:
     if not live_lab.guest.dom.isActive():
         live_lab.guest.dom.create()
@@ -292,6 +294,7 @@ def _small_filesystem(work: Path, size: int) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.fault
 def test_full_scratch_space_pauses_the_guest_and_loses_nothing(shut_off: LiveLab) -> None:
     lab = shut_off
     dom = lab.guest.dom
@@ -325,6 +328,7 @@ def test_full_scratch_space_pauses_the_guest_and_loses_nothing(shut_off: LiveLab
         _check_end(lab, scratch=mount)
 
 
+@pytest.mark.fault
 def test_backup_server_gone_mid_copy_then_back(shut_off: LiveLab) -> None:
     from tests.lab.volume_server import VolumeServer
 
