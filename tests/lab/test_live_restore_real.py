@@ -31,6 +31,8 @@ from libvirt_rdm_backup.engine.live_restore import scratch_dir
 from tests.lab.guest import Guest, guest_vm
 from tools.labkit import (
     block_disk,
+    iscsi_disk,
+    iscsi_target,
     loop_device,
     make_file,
     rdm_backup_argv,
@@ -368,3 +370,42 @@ def test_backup_server_gone_mid_copy_then_back(shut_off: LiveLab) -> None:
         _check_end(lab, point)
     finally:
         server.stop()
+
+
+def test_live_restore_of_an_iscsi_lun() -> None:
+    """An iSCSI LUN of QEMU's own initiator (``<disk type='network'>``) is copied back over
+    iSCSI and the disk pivots onto it."""
+    with rdmb_tmpdir() as work:
+        backing = make_file(work / "iscsi.img", 24 * MiB)
+        with backing.open("r+b") as out:
+            out.truncate(64 * MiB)
+        with iscsi_target(backing) as lun, guest_vm(
+                unique_name("rdmb-live"), [iscsi_disk("sda", lun.iqn, lun.lun, device="disk")]
+        ) as guest:
+            guest.wait_path("/sys/block/sda")
+            repo = str(work / "repo")
+            api.backup(guest.name, repo)
+            point = work / "point.raw"
+            api.restore(guest.name, repo, "sda", str(point))
+            guest.dom.destroy()
+            guest.close()
+            persistent = guest.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            with backing.open("r+b") as out:
+                out.write(b"\xee" * 16 * MiB)
+                os.fsync(out.fileno())
+            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            proc = subprocess.run(
+                [*rdm_backup_argv(), "restore", guest.name, "--target", repo, "--live",
+                 "--disk", "sda", "--json"], capture_output=True, text=True, env=env,
+                timeout=600, check=False)
+            assert proc.returncode == 0, proc.stderr
+            document = json.loads(proc.stdout)
+            assert document["disks"][0]["to"] == lun.url
+            live = guest.dom.XMLDesc(0)
+            assert "protocol='iscsi'" in live and "qcow2" not in live
+            assert guest.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == persistent
+            guest.wait_ready()
+            answer = guest.check("dd if=/dev/sda bs=65536 count=16 iflag=direct 2>/dev/null "
+                                 "| md5sum")
+            assert answer.split()[0] == _md5(point, 0, MiB)
+            assert same_bytes(backing, point)
