@@ -23,8 +23,11 @@ def cmd_live_restore(args: argparse.Namespace) -> int:
     started = time.monotonic()
 
     def running() -> None:
-        sys.stderr.write(f"rdm-backup: {args.domain} runs on its backup after "
-                         f"{time.monotonic() - started:.1f} s; copying it back\n")
+        seconds = round(time.monotonic() - started, 3)
+        sys.stderr.write(json.dumps({"domain": args.domain, "running_after_seconds": seconds})
+                         if args.json else f"rdm-backup: {args.domain} runs on its backup "
+                         f"after {seconds:.1f} s; copying it back")
+        sys.stderr.write("\n")
         sys.stderr.flush()
 
     result = api.live_restore(args.domain, args.target, backup_id=args.backup,
