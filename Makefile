@@ -39,7 +39,7 @@ lint: install
 # Lint and tests both run; the target fails if either fails (or if no test ran).
 test: install lab-up
 	@lint=0; $(MAKE) --no-print-directory lint || lint=$$?; \
-	$(VENV)/bin/pytest -q tests || exit $$?; \
+	$(VENV)/bin/pytest -q --durations=30 tests || exit $$?; \
 	if [ "$$lint" != 0 ]; then echo "make test: the tests passed but lint failed" >&2; exit 1; fi
 
 # The fault, bad-input and hostile-input suite alone; its summary (faults survived / tried, bad inputs

@@ -22,20 +22,26 @@ from libvirt_rdm_backup.domain.disks import DiskInventory
 from libvirt_rdm_backup.engine import backup as _backup
 from libvirt_rdm_backup.engine import export as _export
 from libvirt_rdm_backup.engine import live_restore as _live
+from libvirt_rdm_backup.engine import mount as _mount
 from libvirt_rdm_backup.engine import restore as _restore
+from libvirt_rdm_backup.engine import unmount as _unmount
 from libvirt_rdm_backup.engine import verify as _verify
 from libvirt_rdm_backup.engine.backup import BackupOptions, BackupResult
 from libvirt_rdm_backup.engine.capture import ProgressCallback
 from libvirt_rdm_backup.engine.discover import open_domain, select_disks
 from libvirt_rdm_backup.engine.export import Export
 from libvirt_rdm_backup.engine.live_restore import LiveRestoreResult
+from libvirt_rdm_backup.engine.mount import MountListing
 from libvirt_rdm_backup.engine.paused_copy import paused_copy_reason
 from libvirt_rdm_backup.engine.prune import PruneResult, prune_by_policy
 from libvirt_rdm_backup.engine.prune_plan import ChainPlan
 from libvirt_rdm_backup.engine.prune_plan import plan_prune as _plan_prune
 from libvirt_rdm_backup.engine.restore import RestoreResult
+from libvirt_rdm_backup.engine.restore_all import DisksRequest, DisksResult, restore_disks
 from libvirt_rdm_backup.engine.selection import domain_damage, find_domain_backups
+from libvirt_rdm_backup.engine.serve import Served, ServeRequest, serve_point
 from libvirt_rdm_backup.engine.stores import open_store
+from libvirt_rdm_backup.engine.unmount import Undone
 from libvirt_rdm_backup.engine.verify import VerifyReport
 from libvirt_rdm_backup.errors import LibvirtError, RdmBackupError
 from libvirt_rdm_backup.modes import Level, Quiesce
@@ -177,11 +183,43 @@ def restore(
         conn = open_connection(uri)
     except LibvirtError as err:
         log.debug("%s: checking %s without libvirt", err, to)
-        return _restore.restore(domain, target, disk, to, backup_id, force, None, tls_dir,
-                                bwlimit, progress)
+        return _restore.restore(domain, target, disk, to, backup_id=backup_id, force=force,
+                                tls_dir=tls_dir, bwlimit=bwlimit, progress=progress)
     try:
-        return _restore.restore(domain, target, disk, to, backup_id, force, conn, tls_dir,
-                                bwlimit, progress)
+        return _restore.restore(domain, target, disk, to, backup_id=backup_id, force=force,
+                                conn=conn, tls_dir=tls_dir, bwlimit=bwlimit,
+                                progress=progress)
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def restore_many(
+    domain: str,
+    target: str,
+    request: DisksRequest,
+    backup_id: str | None = None,
+    uri: str | None = None,
+    tls_dir: str | None = None,
+    bwlimit: float | None = None,
+    progress: ProgressCallback | None = None,
+) -> DisksResult:
+    """Restore disks of a backup into a directory or each to its original device (found by
+    identity), and optionally define a new domain on them; see :class:`DisksRequest`.
+
+    Without libvirt (libvirtd down) the targets are still checked against the kernel and
+    this host's QEMU processes; ``request.define`` then fails before anything is written.
+    """
+    request.check()
+    try:
+        conn = open_connection(uri)
+    except LibvirtError as err:
+        log.debug("%s: restoring without libvirt", err)
+        return restore_disks(domain, target, request, backup_id, None, tls_dir, bwlimit,
+                             progress)
+    try:
+        return restore_disks(domain, target, request, backup_id, conn, tls_dir, bwlimit,
+                             progress)
     finally:
         with contextlib.suppress(Exception):
             conn.close()
@@ -294,3 +332,32 @@ def export(
     options = _export.ExportOptions(socket, listen, target, chain, allow_remote, scratch_dir)
     with connection(uri) as conn, _export.export(conn, domain, disks, options) as handle:
         yield handle
+
+
+@contextlib.contextmanager
+def serve(domain: str, target: str, disk: str, backup_id: str | None = None,
+          socket: str | None = None, listen: str | None = None, tls_dir: str | None = None,
+          verify: bool = True) -> Iterator[Served]:
+    """Serve disk ``disk`` of a backup point read-only over NBD, without copying it.
+
+    A context manager; the yielded :class:`Served` has ``uri``, ``backup_id``, ``size``,
+    ``export`` and ``to_dict()`` (what ``serve --json`` prints). Exactly one of ``socket``
+    (a unix socket path) and ``listen`` (``HOST:PORT``; TLS with ``tls_dir``). The layers'
+    digests are checked first unless ``verify`` is False. Leaving the block stops serving.
+    """
+    request = ServeRequest(domain, target, disk, backup_id, socket, listen, tls_dir, verify)
+    with serve_point(request) as served:
+        yield served
+
+
+def mount(domain: str, target: str, disk: str, mountpoint: str, backup_id: str | None = None,
+          tls_dir: str | None = None, verify: bool = True) -> MountListing:
+    """Mount the filesystems of a backup point read-only under ``mountpoint`` (a background
+    supervisor keeps them mounted until :func:`umount`)."""
+    request = ServeRequest(domain, target, disk, backup_id, tls_dir=tls_dir, verify=verify)
+    return _mount.mount(request, mountpoint)
+
+
+def umount(mountpoint: str) -> Undone:
+    """Undo a :func:`mount`."""
+    return _unmount.umount(mountpoint)

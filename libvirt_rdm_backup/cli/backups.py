@@ -17,6 +17,7 @@ from libvirt_rdm_backup.cli.output import (
     progress_printer,
 )
 from libvirt_rdm_backup.cli.prune import backup_retention
+from libvirt_rdm_backup.engine.restore_all import DisksRequest
 from libvirt_rdm_backup.errors import DamagedBackupError, UsageError
 
 
@@ -54,14 +55,37 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _restore_request(args: argparse.Namespace) -> DisksRequest | None:
+    """The multi-disk request of ``restore`` (None: the one disk to ``--to``); UsageError for
+    options that do not combine."""
+    if args.to is not None:
+        if args.all_disks or not args.disk or len(args.disk) > 1:
+            raise UsageError("restore: --to writes one disk: give exactly one --disk DEV "
+                             "(--to-dir or --to-original for more)")
+        for option, given in (("--dry-run", args.dry_run), ("--define", args.define),
+                              ("--start", args.start)):
+            if given:
+                raise UsageError(f"restore: {option} works with --to-dir or --to-original")
+        return None
+    if not args.disk and not args.all_disks and args.define is None:
+        raise UsageError("restore: give --disk DEV or --all-disks")
+    request = DisksRequest(disks=tuple(args.disk) if args.disk else None, to_dir=args.to_dir,
+                           to_original=args.to_original, dry_run=args.dry_run,
+                           force=args.force, define=args.define, start=args.start)
+    if request.to_dir is not None and request.force:
+        raise UsageError("restore: --force works with --to and --to-original")
+    request.check()
+    return request
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
-    """Restore one disk, or (``--live``) start a shut-off domain on its backup."""
+    """Restore one disk to ``--to``, or several to ``--to-dir`` or their original devices,
+    or (``--live``) start a shut-off domain on its backup."""
     if args.live:
         return cmd_live_restore(args)
-    if not args.disk or len(args.disk) > 1:
-        raise UsageError("restore: give exactly one --disk DEV (several only with --live)")
-    if not args.to:
-        raise UsageError("restore: the following arguments are required: --to")
+    request = _restore_request(args)
+    if request is not None:
+        return _restore_many(args, request)
     result = api.restore(args.domain, args.target, args.disk[0], args.to,
                          backup_id=args.backup, force=args.force, uri=args.connect,
                          tls_dir=args.tls_creds, bwlimit=args.bwlimit,
@@ -69,6 +93,31 @@ def cmd_restore(args: argparse.Namespace) -> int:
     emit(args, result.to_dict(), lambda: (
         f"restored {result.disk} of backup {result.backup_id} to {result.path} "
         f"({human_size(result.size)}, {human_size(result.data_bytes)} data)\n"))
+    return EXIT_OK
+
+
+def _restore_many(args: argparse.Namespace, request: DisksRequest) -> int:
+    result = api.restore_many(args.domain, args.target, request, backup_id=args.backup,
+                              uri=args.connect, tls_dir=args.tls_creds, bwlimit=args.bwlimit,
+                              progress=None if args.json or request.dry_run
+                              else progress_printer())
+
+    def text() -> str:
+        verb = "would restore" if result.dry_run else "restored"
+        lines = [f"{verb} {d.disk} of backup {result.backup_id} to {d.path} "
+                 f"({human_size(d.size)}"
+                 + (f", {human_size(d.data_bytes)} data" if d.data_bytes is not None else "")
+                 + ")" + (f", matched on {d.matched_on}" if d.matched_on else "")
+                 for d in result.disks]
+        lines += [f"note: {note}" for note in result.notes]
+        if result.defined:
+            lines.append(f"defined domain {result.defined}"
+                         + (" and started it" if result.started else ""))
+        return "\n".join(lines) + "\n"
+
+    if not args.json and not request.dry_run and sys.stderr.isatty():
+        sys.stderr.write("\n")
+    emit(args, result.to_dict(), text)
     return EXIT_OK
 
 

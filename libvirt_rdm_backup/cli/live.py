@@ -17,9 +17,11 @@ REPORT_EVERY = 5.0  # seconds between progress lines when stderr is not a termin
 
 def cmd_live_restore(args: argparse.Namespace) -> int:
     """Start the domain on its backup, copy each disk back, switch it onto its source."""
-    if args.to or args.force:
-        raise UsageError("restore --live writes each disk back onto its own source: "
-                         "--to and --force do not apply")
+    for option, given in (("--force", args.force), ("--dry-run", args.dry_run),
+                          ("--define", args.define), ("--start", args.start)):
+        if given:
+            raise UsageError(f"restore: {option} does not apply to --live, which writes each "
+                             "disk back onto its own source")
     started = time.monotonic()
 
     def running() -> None:

@@ -9,9 +9,10 @@ from libvirt_rdm_backup.cli.backups import cmd_backup, cmd_list, cmd_restore, cm
 from libvirt_rdm_backup.cli.disks import cmd_disks, cmd_map
 from libvirt_rdm_backup.cli.fleet import jobs
 from libvirt_rdm_backup.cli.host import cmd_agent, cmd_hook
+from libvirt_rdm_backup.cli.mounts import cmd_mount, cmd_umount
 from libvirt_rdm_backup.cli.prune import add_keep_options, cmd_prune
 from libvirt_rdm_backup.cli.schedule import cmd_schedule
-from libvirt_rdm_backup.cli.serving import cmd_export, cmd_receive
+from libvirt_rdm_backup.cli.serving import cmd_export, cmd_receive, cmd_serve
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, check_max_pause
 from libvirt_rdm_backup.errors import UsageError
 from libvirt_rdm_backup.modes import Level, Quiesce
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hook(sub, common)
     _add_export(sub, common)
     _add_receive(sub, common)
+    _add_serve(sub, common)
+    _add_mount(sub, common)
     _add_agent(sub, common)
     _add_list(sub, common)
     _add_prune(sub, common)
@@ -159,27 +162,41 @@ def _add_backup(sub: argparse._SubParsersAction[Parser], common: Parser) -> Pars
 def _add_restore(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     """The ``restore`` command."""
     p = sub.add_parser("restore", parents=[common],
-                       help="restore one disk to a file or device, or a shut-off domain live")
-    p.add_argument("domain", help="domain UUID, or its name at backup time (with --live: the "
-                                  "defined domain's name or UUID)")
-    p.add_argument("--target", required=True, metavar="DIR|URI",
-                   help="repository directory or NBD volume URI")
-    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
-    p.add_argument("--disk", action="append", metavar="DEV",
-                   help="the disk to restore (e.g. vdb); with --live repeatable, default: "
-                        "every disk of the backup")
-    p.add_argument("--to", metavar="PATH",
-                   help="new file, existing file or block device to write the disk to "
-                        "(not with --live)")
-    p.add_argument("--live", action="store_true",
-                   help="start the shut-off domain at once on its backup and copy each disk "
-                        "back onto its own source meanwhile; the guest's writes are kept and "
-                        "each disk switches onto its source when its copy is done "
-                        "(see docs/live-restore.md)")
+                       help="restore disks to a file, a directory or their original devices, "
+                            "or a shut-off domain live")
+    p.add_argument("domain", help="domain UUID, or its name at backup time")
+    _add_store(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--disk", action="append", metavar="DEV",
+                       help="a disk to restore (e.g. vdb; repeatable with --to-dir, "
+                            "--to-original and --live)")
+    which.add_argument("--all-disks", action="store_true",
+                       help="every disk of the backup (with --to-dir, --to-original or "
+                            "--live)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to", metavar="PATH",
+                       help="new file, existing file or block device to write the one disk to")
+    where.add_argument("--to-dir", metavar="DIR",
+                       help="write each disk to a new sparse file DIR/DISK.raw")
+    where.add_argument("--to-original", action="store_true",
+                       help="write each disk to its original device, found on this host by "
+                            "the identity the backup recorded (see docs/restore.md)")
+    where.add_argument("--live", action="store_true",
+                       help="start the shut-off domain at once on its backup and copy each disk "
+                            "back onto its own source meanwhile; the guest's writes are kept "
+                            "and each disk switches onto its source when its copy is done "
+                            "(default: every disk of the backup; see docs/live-restore.md)")
     p.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --to-dir or --to-original: print what would be written where "
+                        "(and, with --to-original, the identity matched on); write nothing")
+    p.add_argument("--define", metavar="NAME",
+                   help="after restoring every disk (--to-dir or --to-original), define a new "
+                        "domain NAME from the backup's domain XML on the restored disks")
+    p.add_argument("--start", action="store_true", help="with --define: start the new domain")
     p.add_argument("--force", action="store_true",
-                   help="write even to a smaller target or one used by a running domain "
-                        "(not with --live)")
+                   help="write even to a smaller --to target or to a device used by a running "
+                        "domain (not with --live)")
     p.add_argument("--bwlimit", type=mib_per_s, metavar="MIB/S",
                    help="write at most this fast, in MiB/s (with --live: each disk's block "
                         "copy; default: no limit)")
@@ -191,9 +208,7 @@ def _add_verify(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
     p = sub.add_parser("verify", parents=[common], help="recompute and check stored digests")
     p.add_argument("domain", nargs="?",
                    help="only this domain's backups: its UUID, or its name at backup time")
-    p.add_argument("--target", required=True, metavar="DIR|URI",
-                   help="repository directory or NBD volume URI")
-    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
+    _add_store(p)
     p.add_argument("--backup", metavar="ID",
                    help="only this backup, with the layers it builds on")
     p.set_defaults(func=cmd_verify)
@@ -265,6 +280,52 @@ def _add_receive(sub: argparse._SubParsersAction[Parser], common: Parser) -> Non
     p.set_defaults(func=cmd_receive)
 
 
+def _point_options(p: Parser) -> None:
+    """The options that name a backup point: ``serve`` and ``mount``."""
+    p.add_argument("domain", help="domain UUID, or its name at backup time")
+    p.add_argument("--target", required=True, metavar="DIR|URI",
+                   help="repository directory or NBD volume URI")
+    p.add_argument("--disk", required=True, metavar="DEV", help="the disk (e.g. vdb)")
+    p.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not check the layers' digests first (a warning says so)")
+
+
+def _add_serve(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """The ``serve`` command."""
+    p = sub.add_parser("serve", parents=[common],
+                       help="serve a backup point of a disk read-only over NBD, uncopied")
+    _point_options(p)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", metavar="PATH", help="unix socket to serve on (mode 0600)")
+    where.add_argument("--listen", metavar="HOST:PORT",
+                       help="TCP address to serve on (port 0: any free port; loopback "
+                            "unless --tls-creds)")
+    p.add_argument("--tls-creds", metavar="DIR",
+                   help="x509 directory: with --listen, serve over TLS (ca-cert.pem, "
+                        "server-cert.pem, server-key.pem; clients: the subject of "
+                        "client-cert.pem when there is one); for an nbds:// target, its "
+                        "client credentials (client-cert.pem, client-key.pem)")
+    p.add_argument("--timeout", type=seconds, metavar="SECONDS",
+                   help="stop after this long (default: at SIGINT or SIGTERM)")
+    p.set_defaults(func=cmd_serve)
+
+
+def _add_mount(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """The ``mount`` and ``umount`` commands."""
+    p = sub.add_parser("mount", parents=[common],
+                       help="mount the filesystems of a backup point read-only, uncopied")
+    _point_options(p)
+    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT",
+                   help="an empty directory; each filesystem is mounted below it")
+    p.set_defaults(func=cmd_mount)
+    p = sub.add_parser("umount", parents=[common],
+                       help="undo a mount: unmount, detach, stop serving")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="the directory given to mount")
+    p.set_defaults(func=cmd_umount)
+
+
 def _add_agent(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     """The ``agent`` command."""
     p = sub.add_parser("agent", parents=[common],
@@ -278,9 +339,7 @@ def _add_list(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     p = sub.add_parser("list", parents=[common], help="list backups in a repository")
     p.add_argument("domain", nargs="?",
                    help="only this domain's backups: its UUID, or its name at backup time")
-    p.add_argument("--target", required=True, metavar="DIR|URI",
-                   help="repository directory or NBD volume URI")
-    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
+    _add_store(p)
     p.set_defaults(func=cmd_list)
 
 
@@ -325,3 +384,11 @@ def _add_schedule(sub: argparse._SubParsersAction[Parser], common: Parser,
                    help="write the files but run no systemctl (it is never run where systemd "
                         "is not the init system: the commands are printed)")
     p.set_defaults(func=cmd_schedule, backup_parser=backup)
+
+
+def _add_store(p: Parser) -> None:
+    """``--target`` and its ``--tls-creds``: where the backups are."""
+    p.add_argument("--target", required=True, metavar="DIR|URI",
+                   help="repository directory or NBD volume URI")
+    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
+

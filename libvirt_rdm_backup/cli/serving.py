@@ -1,4 +1,5 @@
-"""``export`` and ``receive``: the commands that serve disks or a backup volume over NBD."""
+"""``export``, ``receive`` and ``serve``: the commands that serve disks, a backup volume or a
+backup point over NBD."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from libvirt_rdm_backup import api, retry
 from libvirt_rdm_backup.cli.output import EXIT_OK
@@ -21,18 +24,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError("export: --chain needs --target")
     if args.timeout is not None and not args.timeout > 0:
         raise UsageError("export: --timeout must be a positive number of seconds")
-    stop: list[str] = []
-
-    def note(signum: int, _frame: object) -> None:
-        stop.append(signal.Signals(signum).name)
-
     # from here on a signal only ends the wait: the teardown always runs to its end
-    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with api.export(args.domain, args.disk, socket=args.socket, listen=args.listen,
-                        target=args.target, chain=args.chain or DEFAULT_CHAIN,
-                        uri=args.connect, allow_remote=args.allow_remote,
-                        scratch_dir=args.scratch_dir) as handle:
+    with signals_noted() as stop, \
+            api.export(args.domain, args.disk, socket=args.socket, listen=args.listen,
+                       target=args.target, chain=args.chain or DEFAULT_CHAIN,
+                       uri=args.connect, allow_remote=args.allow_remote,
+                       scratch_dir=args.scratch_dir) as handle:
             if args.json:
                 sys.stdout.write(json.dumps(handle.to_dict()) + "\n")
             else:
@@ -48,20 +45,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                         lines.append(f"           no dirty bitmap: {d.bitmap_note}")
                 sys.stdout.write("\n".join(lines) + "\n")
             sys.stdout.flush()
-            next_check = time.monotonic() + 1.0
-
-            def stopped() -> bool:
-                nonlocal next_check
-                if not stop and time.monotonic() >= next_check:
-                    handle.check()  # a failed fleecing job: the point in time is gone
-                    next_check = time.monotonic() + 1.0
-                return bool(stop)
-
-            retry.serve_until_stopped(args.timeout)(stopped)
-            reason = stop[0] if stop else f"timeout after {args.timeout:g} s"
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            # a failed fleecing job ends it: the point in time is gone
+            reason = until_stopped(stop, args.timeout, handle.check)
     if not args.json:
         sys.stdout.write(f"stopped ({reason}): the export is torn down\n")
     return EXIT_OK
@@ -85,3 +70,64 @@ def cmd_receive(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     return receive.serve(config, ready)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a backup point read-only over NBD until SIGINT, SIGTERM or --timeout."""
+    from libvirt_rdm_backup.engine.serve import ServeRequest, serve_point
+
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError("serve: --timeout must be a positive number of seconds")
+    request = ServeRequest(domain=args.domain, target=args.target, disk=args.disk,
+                           backup_id=args.backup, socket=args.socket, listen=args.listen,
+                           tls_dir=args.tls_creds, verify=not args.no_verify)
+    # from here on a signal only ends the wait: the teardown always runs to its end
+    with signals_noted() as stop:
+        with serve_point(request) as served:
+            if args.json:
+                sys.stdout.write(json.dumps(served.to_dict()) + "\n")
+            else:
+                until = f" (or {args.timeout:g} s)" if args.timeout else ""
+                sys.stdout.write(f"{served.uri}\nserving backup {served.backup_id} disk "
+                                 f"{served.disk} ({served.size} bytes) read-only, until "
+                                 f"SIGINT or SIGTERM{until}\n")
+            sys.stdout.flush()
+            # the daemon stopping on its own ends it
+            reason = until_stopped(stop, args.timeout, served.check)
+    if not args.json:
+        sys.stdout.write(f"stopped ({reason}): the point is no longer served\n")
+    return EXIT_OK
+
+
+def until_stopped(stop: list[str], timeout: float | None, check: Callable[[], None]) -> str:
+    """Wait until a signal name lands in ``stop`` or ``timeout`` s pass, calling ``check``
+    (which raises when what is served failed) every second; the reason it ended."""
+    next_check = time.monotonic() + 1.0
+
+    def stopped() -> bool:
+        nonlocal next_check
+        if not stop and time.monotonic() >= next_check:
+            check()
+            next_check = time.monotonic() + 1.0
+        return bool(stop)
+
+    retry.serve_until_stopped(timeout)(stopped)
+    return stop[0] if stop else f"timeout after {timeout:g} s"
+
+
+@contextmanager
+def signals_noted() -> Iterator[list[str]]:
+    """SIGINT and SIGTERM only noted (their names, in the list yielded) while in the block;
+    the handlers before it are back after it."""
+    stop: list[str] = []
+
+    def note(signum: int, _frame: object) -> None:
+        stop.append(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+

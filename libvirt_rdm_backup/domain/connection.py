@@ -127,3 +127,30 @@ def active_domains(conn: libvirt.virConnect) -> list[libvirt.virDomain]:
         return list(conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
     except libvirt.libvirtError as err:
         raise LibvirtError(f"cannot list domains: {err}") from err
+
+
+def define_domain(conn: libvirt.virConnect, xml: str, start: bool) -> libvirt.virDomain:
+    """Define a new domain from ``xml`` (and start it); LibvirtError when libvirt refuses.
+
+    A domain that was defined but does not start is left defined (the error says so).
+    """
+    try:
+        dom = conn.defineXML(xml)
+    except libvirt.libvirtError as err:
+        raise LibvirtError(f"libvirt refused the new domain: {err}") from err
+    if start:
+        try:
+            dom.create()
+        except libvirt.libvirtError as err:
+            raise LibvirtError(f"domain {dom.name()} was defined but did not start: "
+                               f"{err}") from err
+    return dom
+
+
+def domain_name_taken(conn: libvirt.virConnect, name: str) -> bool:
+    """True when a domain of this name is defined on the connection."""
+    try:
+        conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return False
+    return True

@@ -83,7 +83,16 @@ class XMLObject:
         return [e for e in found if isinstance(e, etree._Element)]
 
 
-class DiskXML(XMLObject):
+class NetworkSourceXML(XMLObject):
+    """A ``<source>`` that may name a network protocol, an export and its first host."""
+
+    source_protocol = XMLProperty[str]("./source/@protocol")
+    source_name = XMLProperty[str]("./source/@name")
+    host_name = XMLProperty[str]("./source/host[1]/@name")
+    host_port = XMLProperty[int]("./source/host[1]/@port", int)
+
+
+class DiskXML(NetworkSourceXML):
     """``<disk>`` of a domain."""
 
     type = XMLProperty[str]("./@type")
@@ -93,13 +102,9 @@ class DiskXML(XMLObject):
     source_file = XMLProperty[str]("./source/@file")
     source_dev = XMLProperty[str]("./source/@dev")
     source_dir = XMLProperty[str]("./source/@dir")
-    source_protocol = XMLProperty[str]("./source/@protocol")
-    source_name = XMLProperty[str]("./source/@name")
     source_pool = XMLProperty[str]("./source/@pool")
     source_volume = XMLProperty[str]("./source/@volume")
     source_mode = XMLProperty[str]("./source/@mode")
-    host_name = XMLProperty[str]("./source/host[1]/@name")
-    host_port = XMLProperty[int]("./source/host[1]/@port", int)
     target_dev = XMLProperty[str]("./target/@dev")
     target_bus = XMLProperty[str]("./target/@bus")
     alias = XMLProperty[str]("./alias/@name")
@@ -113,15 +118,11 @@ class DiskXML(XMLObject):
         return self.device_attr or "disk"
 
 
-class HostdevXML(XMLObject):
+class HostdevXML(NetworkSourceXML):
     """``<hostdev>`` of a domain (only ``type='scsi'`` ones matter here)."""
 
     mode = XMLProperty[str]("./@mode")
     type = XMLProperty[str]("./@type")
-    source_protocol = XMLProperty[str]("./source/@protocol")
-    source_name = XMLProperty[str]("./source/@name")
-    host_name = XMLProperty[str]("./source/host[1]/@name")
-    host_port = XMLProperty[int]("./source/host[1]/@port", int)
     adapter = XMLProperty[str]("./source/adapter/@name")
     address_bus = XMLProperty[int]("./source/address/@bus", int)
     address_target = XMLProperty[int]("./source/address/@target", int)

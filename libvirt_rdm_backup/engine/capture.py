@@ -44,7 +44,6 @@ from libvirt_rdm_backup.qemu.block_copy import CopyDeadlineError, Endpoint, copy
 from libvirt_rdm_backup.qemu.fleece import FleecingExport, fleecing_export
 from libvirt_rdm_backup.qemu.guard import GuardedSource, explain, guarded_source
 from libvirt_rdm_backup.qemu.jobs import (
-    COPY_CHUNK,
     backup_action,
     cancel_jobs,
     transaction,
@@ -121,7 +120,7 @@ def _copy_into(sink: Sink, plan: DiskPlan, source: dict[str, Any], speed: int,
 
 
 def _job_for(plan: DiskPlan, guard: GuardedSource | None, node: str, job_id: str,
-             speed: int = 0, chunk: int = COPY_CHUNK) -> dict[str, Any]:
+             speed: int = 0) -> dict[str, Any]:
     """The backup job of a disk: from its point (behind the filter) into its layer.
 
     Without a filter (``guard`` None) the job reads the disk's node itself and its
@@ -132,9 +131,8 @@ def _job_for(plan: DiskPlan, guard: GuardedSource | None, node: str, job_id: str
     if guard is not None:
         source, bitmap = guard.source(bitmap)
     if bitmap is None:
-        return backup_action(job_id, source, node, sync="full", speed=speed, chunk=chunk)
-    return backup_action(job_id, source, node, sync="bitmap", bitmap=bitmap, speed=speed,
-                         chunk=chunk)
+        return backup_action(job_id, source, node, sync="full", speed=speed)
+    return backup_action(job_id, source, node, sync="bitmap", bitmap=bitmap, speed=speed)
 
 
 def _resync(plan: DiskPlan, uri: str, target: str, parent_maps: dict[str, ChunkMap],
@@ -250,8 +248,7 @@ def _prepare_jobs(run: _Run, stack: ExitStack, plans: list[DiskPlan]) -> None:
         job_id = object_name("job", plan.disk.target)
         run.track(plan)
         if not run.fleecing:
-            run.actions.append(_job_for(plan, None, node, job_id, run.speed,
-                                        run.sink.copy_chunk))
+            run.actions.append(_job_for(plan, None, node, job_id, run.speed))
             run.direct_jobs.append(job_id)
             continue
         guard = stack.enter_context(guarded_source(
@@ -263,10 +260,10 @@ def _prepare_fleeces(run: _Run, stack: ExitStack, plans: list[DiskPlan]) -> None
     """Fleecing exports prepared for the disks resynced from QEMU."""
     for plan in plans:
         assert run.monitor is not None and plan.disk.size is not None
-        fleece = stack.enter_context(fleecing_export(
+        fleece = stack.enter_context(fleecing_export(FleecingExport(
             run.monitor, str(plan.disk.node_name), plan.disk.target,
             run.sink.scratch(f"{plan.disk.target}.fleece"), plan.disk.size,
-            break_snapshot=run.fleecing))
+            break_snapshot=run.fleecing)))
         run.track(plan)
         run.actions += fleece.actions()
         run.fleeces.append((plan, fleece))
@@ -300,7 +297,7 @@ def _after_window(run: _Run, groups: _Groups, parent_maps: dict[str, ChunkMap],
     sink, result = run.sink, run.result
     if run.guards:
         assert run.monitor is not None
-        transaction(run.monitor, [_job_for(plan, guard, node, job_id, run.speed, sink.copy_chunk)
+        transaction(run.monitor, [_job_for(plan, guard, node, job_id, run.speed)
                                   for plan, guard, node, job_id in run.guards])
         run.started += [job_id for _plan, _guard, _node, job_id in run.guards]
     for plan, fleece in run.fleeces:

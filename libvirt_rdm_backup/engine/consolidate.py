@@ -29,7 +29,7 @@ from libvirt_rdm_backup.engine.sinks import DATA_FORMAT
 from libvirt_rdm_backup.errors import RepositoryError
 from libvirt_rdm_backup.fileutil import fsync_dir
 from libvirt_rdm_backup.qemu import layers
-from libvirt_rdm_backup.qemu.layer_jobs import commit_into, rebase_onto, stream_into
+from libvirt_rdm_backup.qemu.layer_jobs import commit_into, rebase_name, rebase_onto, stream_into
 from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
 from libvirt_rdm_backup.repository.digest import file_digest
 from libvirt_rdm_backup.repository.ids import check_backup_id, check_safe_name
@@ -37,6 +37,7 @@ from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.prune_journal import (
     Journal,
     Merge,
+    check_against,
     read_journal,
     remove_journal,
 )
@@ -85,18 +86,86 @@ def finish(repo: Repository, domain_uuid: str, speed: int = 0) -> Journal | None
     return journal
 
 
+def check(repo: Repository, journal: Journal) -> None:
+    """The journal fits the domain's manifests as they are (RepositoryError if not)."""
+    listed = repo.scan(journal.domain_uuid)
+    check_against(journal, listed.backups, [d.backup_id for d in listed.damaged])
+
+
 def carry_out(repo: Repository, journal: Journal, speed: int = 0) -> None:
-    """Do every step of the journal that is not done yet (see the module)."""
+    """Do every step of the journal that is not done yet (see the module); the journal is
+    checked against the manifests first."""
     uuid = journal.domain_uuid
+    check(repo, journal)
     for kept in dict.fromkeys(m.kept for m in journal.merges):
         merges = [m for m in journal.merges if m.kept == kept]
         manifest = repo.load(uuid, kept)
         records = [_merged(repo, manifest, m, speed) for m in merges]
         _republish(repo, manifest, records, journal)
+    _repoint_parents(repo, journal)
     _check_nothing_builds_on_dropped(repo, journal)
     for backup_id in journal.drop:
         _remove_point(repo, uuid, backup_id)
     remove_journal(repo.domain_dir(uuid))
+
+
+def check_layers(repo: Repository, journal: Journal) -> None:
+    """Every layer the journal's merges open names what the manifests imply."""
+    for merge in journal.merges:
+        manifest = repo.load(journal.domain_uuid, merge.kept)
+        record = manifest.disk(merge.disk)
+        if record is None or record.parent == merge.base:
+            continue
+        paths = _paths(repo, manifest, record, merge)
+        lowest = merge.base
+        if merge.direction == "rebase":
+            old = _old_base(repo, journal.domain_uuid, merge)
+            lowest = old.backup_id if old is not None else None
+        _check_layers(paths, merge, record, lowest, backing_name(merge.base, merge.disk),
+                      rebasing=merge.direction == "rebase")
+
+
+def abandon(repo: Repository, journal: Journal) -> None:
+    """Give up a prune that failed in this run: each kept layer is published as it is
+    (merged, or as before with its new digest: what it reads never changed), the dropped
+    points stay (a layer committed into is marked damaged), and the journal goes."""
+    uuid = journal.domain_uuid
+    for kept in dict.fromkeys(m.kept for m in journal.merges):
+        manifest = repo.load(uuid, kept)
+        records = [r for m in journal.merges if m.kept == kept
+                   if (r := _as_it_is(repo, manifest, m)) is not None]
+        _republish(repo, manifest, records, Journal(uuid, journal.chain, journal.created,
+                                                    (), ()))
+    remove_journal(repo.domain_dir(uuid))
+
+
+def _as_it_is(repo: Repository, manifest: Manifest, merge: Merge) -> DiskRecord | None:
+    """The record of a kept layer a failed merge may have written into, as it is now."""
+    record = manifest.disk(merge.disk)
+    if record is None or record.parent == merge.base:
+        return None
+    paths = _paths(repo, manifest, record, merge)
+    final = backing_name(merge.base, merge.disk)
+    if merge.direction == "down" and os.path.lexists(paths.dropped[-1]):
+        bottom = repo.load(manifest.domain_uuid, merge.dropped[-1])
+        repo.set_damage_mark(bottom, merge.disk, f"a prune committed {merge.kept} into it "
+                             "and did not finish; it is not restorable")
+        return None
+    if merge.direction == "rebase" and paths.base and layers.file_problem(
+            paths.kept, paths.base[0], record.size) is None:
+        rebase_name(paths.kept, str(final))
+    if layers.file_problem(paths.kept, final, record.size) is None:
+        parent, name = merge.base, final  # the merge ended: its data is in place
+    elif layers.file_problem(paths.kept, record.backing_file, record.size) is None:
+        parent, name = record.parent, record.backing_file
+    else:
+        return None
+    _sync(paths.kept)
+    stat = os.stat(paths.kept)
+    return replace(record, parent=parent, backing_file=name,
+                   level="full" if parent is None else record.level,
+                   digest=file_digest(paths.kept, record.digest.algorithm),
+                   file_size=stat.st_size, stored_bytes=stat.st_blocks * 512)
 
 
 def _check_nothing_builds_on_dropped(repo: Repository, journal: Journal) -> None:
@@ -130,18 +199,27 @@ def _merged(repo: Repository, manifest: Manifest, merge: Merge, speed: int) -> D
         return record  # this merge was done and published
     paths = _paths(repo, manifest, record, merge)
     label = f"{merge.disk} of {merge.kept}"
-    if layers.file_problem(paths.kept, final, record.size) is None:
-        pass  # the kept layer reads its base already: only the manifest is left
-    elif merge.direction == "up":
-        _check_layers(paths, merge, record, merge.base)
+    # Every merge is done again from the layers as the manifests place them (a header
+    # naming the new base is no proof: QEMU writes it before the layer's tables)
+    if merge.direction == "up":
+        _check_layers(paths, merge, record, merge.base, final)
         stream_into(paths.kept, paths.dropped, paths.base, final, merge.disk, speed)
     elif merge.direction == "rebase":
-        oldest = repo.load(manifest.domain_uuid, merge.dropped[-1]).disk(merge.disk)
-        _check_layers(paths, merge, record, oldest.parent if oldest else merge.base)
-        assert final is not None
-        rebase_onto(paths.kept, final)
-    else:
-        _check_layers(paths, merge, record, merge.base)
+        old = _old_base(repo, manifest.domain_uuid, merge)
+        _check_layers(paths, merge, record, old.backup_id if old else None, final,
+                      rebasing=True)
+        old_below, old_points = (_lineage(repo, manifest.domain_uuid, old, merge.disk)
+                                 if old else ([], []))
+        for path, point in zip(old_below, old_points, strict=True):
+            problem = layers.file_problem(path, backing_name(point.record.parent, merge.disk),
+                                          record.size)
+            if problem is not None:
+                raise RepositoryError(f"cannot merge into {label}: the layer of "
+                                      f"{point.backup_id} {problem}")
+        assert final is not None and paths.base
+        rebase_onto(paths.kept, [*paths.dropped, *old_below], paths.base[0], final)
+    elif os.path.lexists(paths.dropped[-1]):  # down, the merged layer not renamed yet
+        _check_layers(paths, merge, record, merge.base, None)
         bottom = paths.dropped[-1]
         commit_into(paths.kept, paths.dropped[:-1], bottom, paths.base, paths.size,
                     merge.disk, speed)
@@ -160,33 +238,51 @@ def _merged(repo: Repository, manifest: Manifest, merge: Merge, speed: int) -> D
                    file_size=stat.st_size, stored_bytes=stat.st_blocks * 512)
 
 
+def _old_base(repo: Repository, domain_uuid: str, merge: Merge) -> Manifest | None:
+    """The point the oldest dropped layer of a rebase builds on (its own parent link)."""
+    oldest = repo.load(domain_uuid, merge.dropped[-1]).disk(merge.disk)
+    if oldest is None:
+        raise RepositoryError(f"backup {merge.dropped[-1]} has no disk {merge.disk}")
+    return None if oldest.parent is None else repo.load(domain_uuid, oldest.parent)
+
+
+def _lineage(repo: Repository, domain_uuid: str, top: Manifest, disk: str
+             ) -> tuple[list[str], list[DiskPoint]]:
+    """The layer files of a point's lineage (itself first) and its points."""
+    backups = repo.scan(domain_uuid).backups
+    points, missing = lineage(backups, top, disk)
+    if missing is not None:
+        raise RepositoryError(f"backup {top.backup_id} builds on {missing}, which is missing")
+    return [repo.data_file(p.manifest, p.record) for p in points], points
+
+
 def _paths(repo: Repository, manifest: Manifest, record: DiskRecord, merge: Merge) -> _Paths:
     """The files of a merge, as the layout places them (ids and names checked)."""
     directory = repo.domain_dir(manifest.domain_uuid)
     layer = check_safe_name(merge.disk, "disk name") + LAYER_SUFFIX
     dropped = [os.path.join(directory, check_backup_id(i), layer) for i in merge.dropped]
+    base: list[str] = []
     points: list[DiskPoint] = []
     if merge.base is not None:
-        backups = repo.scan(manifest.domain_uuid).backups
-        below = next((m for m in backups if m.backup_id == merge.base), None)
-        if below is None:
-            raise RepositoryError(f"prune journal: base backup {merge.base} is missing")
-        points, missing = lineage(backups, below, merge.disk)
-        if missing is not None:
-            raise RepositoryError(f"prune journal: backup {merge.base} builds on "
-                                  f"{missing}, which is missing")
-    base = [repo.data_file(p.manifest, p.record) for p in points]
+        base, points = _lineage(repo, manifest.domain_uuid,
+                                repo.load(manifest.domain_uuid, merge.base), merge.disk)
     return _Paths(repo.data_file(manifest, record), dropped, base, record.size, points)
 
 
 def _check_layers(paths: _Paths, merge: Merge, record: DiskRecord,
-                  lowest_parent: str | None) -> None:
+                  lowest_parent: str | None, final: str | None, rebasing: bool = False) -> None:
     """Every layer QEMU opens for the merge names the backing file the chain implies
-    (``lowest_parent``: that of the oldest dropped layer; for a rebase, its own)."""
-    chain = [merge.kept, *merge.dropped, *(p.backup_id for p in paths.base_points)]
-    below = [*merge.dropped, lowest_parent, *(p.record.parent for p in paths.base_points)]
-    files = [paths.kept, *paths.dropped, *paths.base]
-    for path, above, parent in zip(files, chain, below, strict=True):
+    (``lowest_parent``: that of the oldest dropped layer); the kept layer may name its
+    old parent or, a merge cut short, ``final`` (a rebase: also the new base's path)."""
+    kept = [backing_name(merge.dropped[0], merge.disk), final]
+    if rebasing and paths.base:
+        kept.append(paths.base[0])
+    if all(layers.file_problem(paths.kept, name, record.size) for name in kept):
+        raise RepositoryError(f"cannot merge into {merge.disk} of {merge.kept}: its layer "
+                              f"{layers.file_problem(paths.kept, kept[0], record.size)}")
+    chain = [*merge.dropped, *(p.backup_id for p in paths.base_points)]
+    below = [*merge.dropped[1:], lowest_parent, *(p.record.parent for p in paths.base_points)]
+    for path, above, parent in zip([*paths.dropped, *paths.base], chain, below, strict=True):
         problem = layers.file_problem(path, backing_name(parent, merge.disk), record.size)
         if problem is not None:
             raise RepositoryError(f"cannot merge into {merge.disk} of {merge.kept}: the "
@@ -202,6 +298,23 @@ def _republish(repo: Repository, manifest: Manifest, records: Sequence[DiskRecor
         path = os.path.join(repo.backup_dir(manifest.domain_uuid, manifest.backup_id),
                             MANIFEST)
         write_file_atomic(path, updated.dumps())
+
+
+def _repoint_parents(repo: Repository, journal: Journal) -> None:
+    """Kept backups whose previous backup of the chain is dropped name the one before it
+    that stays (their layers did not change)."""
+    dropped = set(journal.drop)
+    backups = {m.backup_id: m for m in repo.scan(journal.domain_uuid).backups}
+    for manifest in backups.values():
+        if manifest.backup_id in dropped or manifest.parent not in dropped:
+            continue
+        parent: str | None = manifest.parent
+        while parent is not None and parent in dropped:
+            above = backups.get(parent)
+            parent = above.parent if above is not None else None
+        path = os.path.join(repo.backup_dir(journal.domain_uuid, manifest.backup_id),
+                            MANIFEST)
+        write_file_atomic(path, replace(manifest, parent=parent).dumps())
 
 
 def merged_manifest(manifest: Manifest, records: Sequence[DiskRecord], dropped: set[str],
@@ -226,6 +339,9 @@ def _remove_point(repo: Repository, domain_uuid: str, backup_id: str) -> None:
     path = os.path.join(directory, check_backup_id(backup_id))
     gone = os.path.join(directory, PRUNED_PREFIX + backup_id)
     if os.path.isdir(path):
+        if os.path.islink(gone):
+            os.unlink(gone)  # nothing the tool made: a rename onto it would fail
+        shutil.rmtree(gone, ignore_errors=True)
         os.rename(path, gone)
         fsync_dir(directory)
     shutil.rmtree(gone, ignore_errors=True)

@@ -12,7 +12,12 @@ from libvirt_rdm_backup.engine import consolidate
 from libvirt_rdm_backup.engine.merge_plan import PlannedMerge, plan_file_merges
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.engine.sinks import FileSink, Session
-from libvirt_rdm_backup.errors import DamagedBackupError, OperationError, UsageError
+from libvirt_rdm_backup.errors import (
+    DamagedBackupError,
+    OperationError,
+    RdmBackupError,
+    UsageError,
+)
 from libvirt_rdm_backup.qemu import layers
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint, lineage
 from libvirt_rdm_backup.repository.chunks import ChunkMap
@@ -67,8 +72,18 @@ class FileStore:
                               tuple(m.backup_id for m in chain.backups
                                     if m.backup_id in drop),
                               tuple(p.merge for p in merges))
+            consolidate.check(self.repo, journal)  # what a rerun checks, before anything
+            consolidate.check_layers(self.repo, journal)
             write_journal(directory, journal)
-            consolidate.carry_out(self.repo, journal, speed)
+            try:
+                consolidate.carry_out(self.repo, journal, speed)
+            except (RdmBackupError, OSError):
+                try:  # kept layers published as they are, the dropped points left
+                    consolidate.abandon(self.repo, journal)
+                except (RdmBackupError, OSError) as err:
+                    log.warning("the failed prune could not be given up: %s; the next "
+                                "backup or prune of the domain finishes it", err)
+                raise
             return merges, max(0, before - _allocated(directory))
 
     @contextmanager
@@ -82,6 +97,8 @@ class FileStore:
                     pass
             except OperationError as err:  # a backup or prune holds the lock: it finishes
                 log.info("%s", err)
+            except RdmBackupError as err:  # a journal that cannot be finished: said below
+                log.warning("%s", err)
         with self.repo.prune_gate(domain_uuid, False, GATE_TIMEOUT):
             if os.path.lexists(journal_path(directory)):
                 raise OperationError(f"a prune of domain {domain_uuid} was cut short and "

@@ -10,6 +10,7 @@ from libvirt_rdm_backup.errors import DamagedBackupError, TrackingLostError, Usa
 from libvirt_rdm_backup.modes import Level, parse_choice
 from libvirt_rdm_backup.qemu import bitmaps
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
+from libvirt_rdm_backup.repository.manifest import DiskRecord
 
 # the level a mixed backup reports is its most costly one
 _COST = {Level.FULL: 3, Level.RESYNC: 2, Level.DIFFERENTIAL: 1, Level.INCREMENTAL: 0}
@@ -68,6 +69,11 @@ def _resync_problem(disk: RawDisk, point: DiskPoint | None) -> str | None:
     record = point.record
     if record.chunk_map is None:
         return f"backup {point.backup_id} has no chunk digest map of {disk.target}"
+    return _disk_changed(disk, record)
+
+
+def _disk_changed(disk: RawDisk, record: DiskRecord) -> str | None:
+    """How the disk is not the one the point recorded (resized, another source), or None."""
     if record.size != disk.size:
         return f"{disk.target} was resized from {record.size} to {disk.size} bytes"
     if record.disk.source != disk.source:
@@ -89,11 +95,9 @@ def _tracking_problem(disk: RawDisk, point: DiskPoint | None, facts: Facts,
         snap = record.storage_snapshot
         if snap is None:
             return f"backup {point.backup_id} kept no storage snapshot of {disk.target}"
-        if record.size != disk.size:
-            return f"{disk.target} was resized from {record.size} to {disk.size} bytes"
-        if record.disk.source != disk.source:
-            return (f"{disk.target} now has source {disk.source} instead of "
-                    f"{record.disk.source}")
+        changed = _disk_changed(disk, record)
+        if changed is not None:
+            return changed
         if snap.get("name") not in facts.live_snapshots:
             return (f"storage snapshot {snap.get('name')} of backup {point.backup_id} is gone "
                     "or not provably this disk's, so the storage cannot tell what changed")
@@ -102,10 +106,9 @@ def _tracking_problem(disk: RawDisk, point: DiskPoint | None, facts: Facts,
         return "the domain is not running, so QEMU tracks no writes"
     if record.bitmap is None:
         return f"backup {point.backup_id} started no dirty tracking for {disk.target}"
-    if record.size != disk.size:
-        return f"{disk.target} was resized from {record.size} to {disk.size} bytes"
-    if record.disk.source != disk.source:
-        return f"{disk.target} now has source {disk.source} instead of {record.disk.source}"
+    changed = _disk_changed(disk, record)
+    if changed is not None:
+        return changed
     if facts.repo_id is not None and not bitmaps.made_for(record.bitmap, facts.repo_id,
                                                            facts.chain.name, point.backup_id):
         return (f"backup {point.backup_id} names dirty bitmap {record.bitmap!r}, not the one "

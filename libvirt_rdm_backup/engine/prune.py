@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from libvirt_rdm_backup.engine.merge_plan import PlannedMerge
+from libvirt_rdm_backup.engine.merge_plan import PlannedMerge, find_merges
 from libvirt_rdm_backup.engine.prune_plan import ChainPlan, plan_chain, plan_prune, protections
 from libvirt_rdm_backup.engine.stores import Store
-from libvirt_rdm_backup.errors import RdmBackupError, UsageError
-from libvirt_rdm_backup.repository.chain import Chain, chain_of
+from libvirt_rdm_backup.errors import RdmBackupError, RepositoryError, UsageError
+from libvirt_rdm_backup.repository.chain import Chain, chain_of, lineage
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.retention import RetentionPolicy
 
@@ -70,12 +70,33 @@ def prune_chain(store: Store, domain_uuid: str, chain_name: str, choose: Chooser
         if refused:
             first = next(iter(refused))
             raise UsageError(f"backup {first} cannot be dropped: {refused[first]}")
+        if listed.damaged:
+            raise RepositoryError(f"backup {listed.damaged[0].backup_id} of domain "
+                                  f"{domain_uuid} cannot be read: what builds on what is not "
+                                  "known; nothing was dropped")
         result = PruneResult(domain_uuid, chain_name, [i for i in ids if i in drop],
                              [i for i in ids if i not in drop])
         if result.dropped:
+            _check_data(store, chain, drop)
             result.merges, result.freed_bytes = store.consolidate(domain_uuid, chain, drop,
                                                                   speed)
     return result
+
+
+def _check_data(store: Store, chain: Chain, drop: set[str]) -> None:
+    """Every layer a merge reads is what its digests say (no damage merged into a kept
+    point, where it would get a new digest of its own)."""
+    by_id = {m.backup_id: m for m in chain.backups}
+    seen: set[tuple[str, str]] = set()
+    for merge in find_merges(chain, drop):
+        for point in lineage(chain.backups, by_id[merge.kept], merge.disk)[0]:
+            if (point.backup_id, merge.disk) in seen:
+                continue
+            seen.add((point.backup_id, merge.disk))
+            problem = store.damage(point, digests=True)
+            if problem is not None:
+                raise RepositoryError(f"backup {point.backup_id}, disk {merge.disk}: "
+                                      f"{problem}; nothing was dropped")
 
 
 def prune_after_backup(store: Store, manifest: Manifest, policy: RetentionPolicy,

@@ -375,6 +375,7 @@ def restore(
     target: str,
     disk: str,
     to: str,
+    *,
     backup_id: str | None = None,
     force: bool = False,
     conn: libvirt.virConnect | None = None,

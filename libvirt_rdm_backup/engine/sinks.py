@@ -24,7 +24,6 @@ from libvirt_rdm_backup.errors import OperationError, QmpError, RdmBackupError, 
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.qemu.block_copy import Endpoint
 from libvirt_rdm_backup.qemu.blockdev import attached_image
-from libvirt_rdm_backup.qemu.jobs import COPY_CHUNK
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
@@ -34,14 +33,12 @@ from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
 from libvirt_rdm_backup.targets.volume_format import region_size
 
 DATA_FORMAT = "qcow2"
-NBD_COPY_CHUNK = 1 << 20
 
 
 class Sink(Protocol):
     """Destination of the new layers of one backup, as a capture writes them."""
 
     local_files: bool  # layers are local files (resyncs and ranged copies need that)
-    copy_chunk: int  # the largest write of QEMU's backup job into a layer
 
     def create(self, plan: DiskPlan) -> None:
         """Create the disk's empty layer (qcow2 of the disk's size)."""
@@ -111,7 +108,6 @@ class FileSink:
     """Layers as qcow2 files in the staging directory of a file repository."""
 
     local_files = True
-    copy_chunk = COPY_CHUNK  # cluster-sized: no all-zero cluster is stored
 
     def __init__(self, repo: Repository, staging: Staging,
                  lower: Callable[[DiskPlan], list[str]]) -> None:
@@ -170,10 +166,6 @@ class NbdSink:
     """Layers as qcow2 images in fresh regions of an NBD volume."""
 
     local_files = False
-    # Each NBD request costs QEMU's client a round of syscalls: 1 MiB requests are several
-    # times faster than 64 KiB ones; the price is that an all-zero cluster inside a
-    # written MiB is stored (a MiB that is all zeros still is not).
-    copy_chunk = NBD_COPY_CHUNK
 
     def __init__(self, volume: NbdVolume, scratch_dir: str) -> None:
         self.volume = volume

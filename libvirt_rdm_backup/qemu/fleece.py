@@ -317,27 +317,17 @@ def start_nbd_server(monitor: Monitor, listener: socket.socket, fd_name: str) ->
 
 
 @contextmanager
-def fleecing_export(
-    monitor: Monitor,
-    node_name: str,
-    disk: str,
-    scratch_path: str,
-    size: int,
-    socket_root: str = SOCKET_ROOT,
-    break_snapshot: bool = False,
-) -> Iterator[FleecingExport]:
-    """Prepare a point-in-time export of block node ``node_name`` of a running domain.
+def fleecing_export(fleece: FleecingExport) -> Iterator[FleecingExport]:
+    """Prepare ``fleece``, a point-in-time export of a block node of a running domain.
 
-    On entry the scratch image ``scratch_path`` (a new file, ``size`` bytes
-    virtual) is created and added to QEMU backed by the disk. The caller then
-    runs :meth:`FleecingExport.actions` in its QMP transaction (or calls
-    :meth:`FleecingExport.start`) and :meth:`FleecingExport.export` for the NBD
-    URI. On exit everything is removed again: export, NBD server, job, node,
-    fd set, scratch image and socket directory; a teardown failure never hides
-    the body's exception (it is logged), else the first one is raised.
+    On entry its scratch image (a new file of the disk's size) is created and added to
+    QEMU backed by the disk. The caller then runs :meth:`FleecingExport.actions` in its
+    QMP transaction (or calls :meth:`FleecingExport.start`) and
+    :meth:`FleecingExport.export` for the NBD URI. On exit everything is removed again:
+    export, NBD server, job, node, fd set, scratch image and socket directory; a
+    teardown failure never hides the body's exception (it is logged), else the first
+    one is raised.
     """
-    fleece = FleecingExport(monitor, node_name, disk, scratch_path, size, socket_root,
-                            break_snapshot)
     try:
         fleece.attach()
         yield fleece

@@ -110,15 +110,27 @@ def commit_into(top: str, middle: Sequence[str], bottom: str, base: Sequence[str
         _run(daemon, "block-commit", arguments, label)
 
 
-def rebase_onto(top: str, backing_name: str) -> None:
-    """Make ``top`` read as it does over the layer ``backing_name`` (relative to it).
+def rebase_onto(top: str, old_below: Sequence[str], new_base: str, backing_name: str) -> None:
+    """Make ``top`` read over the layer ``new_base`` as it reads over ``old_below`` (its
+    whole old chain, top first, given explicitly; ``new_base`` and its own backing are
+    opened by ``qemu-img`` from their names), then name it ``backing_name`` in the header.
 
-    Idempotent: the differences are written first (what ``top`` reads does not change),
-    the header names the new backing last.
+    Idempotent: the differences are written into ``top`` first; what ``top`` reads
+    through its old chain does not change.
     """
     from libvirt_rdm_backup.process import run
 
+    image = layers.json_filename(layers.file_chain([top, *old_below]))
     run(["qemu-img", "rebase", "-q", "-f", layers.FORMAT, "-F", layers.FORMAT, "-b",
+         new_base, image])
+    rebase_name(top, backing_name)
+
+
+def rebase_name(top: str, backing_name: str) -> None:
+    """Write ``backing_name`` as ``top``'s backing file (the header only; nothing opened)."""
+    from libvirt_rdm_backup.process import run
+
+    run(["qemu-img", "rebase", "-q", "-u", "-f", layers.FORMAT, "-F", layers.FORMAT, "-b",
          backing_name, top])
 
 

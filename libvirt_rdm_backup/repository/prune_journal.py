@@ -28,7 +28,9 @@ from dataclasses import asdict, dataclass
 
 from libvirt_rdm_backup.errors import RepositoryError, UsageError
 from libvirt_rdm_backup.fileutil import read_regular, write_atomic
+from libvirt_rdm_backup.repository.chain import chain_of
 from libvirt_rdm_backup.repository.ids import check_backup_id, check_safe_name, check_uuid
+from libvirt_rdm_backup.repository.manifest import Manifest
 
 JOURNAL = ".prune-journal.json"
 FORMAT = "libvirt-rdm-backup/prune-journal"
@@ -161,3 +163,74 @@ def remove_journal(domain_dir: str) -> None:
         pass
     except OSError as err:
         raise RepositoryError(f"cannot remove the prune journal: {err.strerror}") from err
+
+
+def check_against(journal: Journal, backups: list[Manifest], unreadable: list[str]) -> None:
+    """The journal is one this tool would write for these backups of its domain (their
+    manifests as they are now: some merges may be published already); RepositoryError
+    naming what is not, before anything of it is acted on."""
+    def refuse(why: str) -> RepositoryError:
+        return RepositoryError(f"prune journal of domain {journal.domain_uuid}: {why}; "
+                               "nothing more is done")
+
+    if unreadable:
+        raise refuse(f"backup {unreadable[0]} cannot be read (what builds on what is not "
+                     "known)")
+    by_id = {m.backup_id: m for m in backups}
+    chain = chain_of(backups, journal.chain)
+    ids = {m.backup_id for m in chain.backups}
+    drop = set(journal.drop)
+    if (drop & set(by_id)) - ids:
+        raise refuse("it drops a backup of another chain")
+    disks = {r.disk.target for m in chain.backups for r in m.disks}
+    needed = {p.backup_id for disk in disks
+              for p in (chain.last_point(disk), chain.last_full_point(disk)) if p is not None}
+    if chain.last is not None:
+        needed.add(chain.last.backup_id)
+    if drop & needed:
+        raise refuse(f"it drops backup {sorted(drop & needed)[0]}, which the next backup "
+                     "builds on")
+    for index, merge in enumerate(journal.merges):
+        problem = _merge_problem(merge, journal.merges[:index], journal.merges, by_id, ids,
+                                 drop)
+        if problem is not None:
+            raise refuse(problem)
+    covered = {(m.kept, m.disk) for m in journal.merges}
+    for manifest in backups:
+        for record in manifest.disks:
+            if (manifest.backup_id not in drop and record.parent in drop
+                    and (manifest.backup_id, record.disk.target) not in covered):
+                raise refuse(f"backup {manifest.backup_id} builds on dropped backup "
+                             f"{record.parent} and no merge takes it in")
+
+
+def _merge_problem(merge: Merge, earlier: tuple[Merge, ...], merges: tuple[Merge, ...],
+                   by_id: dict[str, Manifest], ids: set[str], drop: set[str]) -> str | None:
+    """What in one merge does not fit the manifests (None: it fits)."""
+    kept = by_id.get(merge.kept)
+    record = kept.disk(merge.disk) if kept is not None else None
+    if kept is None or record is None or merge.kept not in ids:
+        return f"backup {merge.kept} with disk {merge.disk} is not in the chain"
+    if record.parent == merge.base and record.parent not in drop:
+        return None  # merged and published
+    walked: list[str] = []
+    below = record.parent
+    while below is not None and below in drop:
+        walked.append(below)
+        point = by_id[below].disk(merge.disk) if below in by_id else None
+        below = point.parent if point is not None else None
+    if tuple(walked) != merge.dropped:
+        return f"the merge into {merge.disk} of {merge.kept} names other dropped layers"
+    shared = any(merge.disk == other.disk and other is not merge
+                 and set(other.dropped) & set(merge.dropped) for other in merges)
+    if merge.direction == "rebase":
+        takers = [o.kept for o in earlier if o.disk == merge.disk and o.direction == "up"
+                  and set(o.dropped) & set(merge.dropped)]
+        if not takers or merge.base != takers[0]:
+            return f"the rebase of {merge.disk} of {merge.kept} is not onto the point that " \
+                   "took its dropped layers in"
+    elif below != merge.base:
+        return f"the merge into {merge.disk} of {merge.kept} names another base"
+    if merge.direction == "down" and shared:
+        return f"the merge into {merge.disk} of {merge.kept} commits into a shared layer"
+    return None

@@ -23,27 +23,8 @@ from typing import Any
 
 from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
 from libvirt_rdm_backup.errors import OperationError, RdmBackupError, StorageError
-from libvirt_rdm_backup.storage import reflink
+from libvirt_rdm_backup.storage import clones, reflink, snapshots
 from libvirt_rdm_backup.storage.base import StorageNode
-from libvirt_rdm_backup.storage.clones import (
-    clone_exists,
-    clone_path,
-    clone_problem,
-    make_clone,
-    remove_clone,
-)
-from libvirt_rdm_backup.storage.snapshots import (
-    Presented,
-    StorageSnapshot,
-    check_name,
-    handle_int,
-    handle_problem,
-    handle_str,
-    refuse_foreign,
-    stale_clones,
-    sync_file,
-    utc_now,
-)
 from libvirt_rdm_backup.storage.sysfs import SysfsAgent
 
 
@@ -80,19 +61,19 @@ class LoopReflinkAgent:
     def flush(self, disk: RawDisk) -> None:
         """Write back the loop device's page cache, then the backing file's dirty pages."""
         node, backing = self._loop(disk)
-        sync_file(node.path or str(disk.source_path), follow_links=True)
-        sync_file(backing)
+        snapshots.sync_file(node.path or str(disk.source_path), follow_links=True)
+        snapshots.sync_file(backing)
 
-    def snapshot(self, disk: RawDisk, name: str) -> StorageSnapshot:
+    def snapshot(self, disk: RawDisk, name: str) -> snapshots.StorageSnapshot:
         """Flush the loop device and clone its backing file."""
-        check_name(name)
+        snapshots.check_name(name)
         node, backing = self._loop(disk)
         device = node.path or str(disk.source_path)
-        sync_file(device, follow_links=True)
-        clone = make_clone(backing, name)
-        created = utc_now()
+        snapshots.sync_file(device, follow_links=True)
+        clone = clones.make_clone(backing, name)
+        created = snapshots.utc_now()
         offset = int(node.identity.get("offset") or 0)
-        return StorageSnapshot(
+        return snapshots.StorageSnapshot(
             agent=self.name,
             disk=disk.target,
             name=name,
@@ -112,55 +93,52 @@ class LoopReflinkAgent:
         """The backing file of ``disk`` and the handle entries of its snapshot ``name``."""
         node, backing = self._loop(disk)
         offset = int(node.identity.get("offset") or 0)
-        return backing, {"backing": backing, "clone": clone_path(backing, name), "offset": offset}
+        return backing, {"backing": backing, "clone": clones.clone_path(backing, name),
+                         "offset": offset}
 
-    def owns(self, disk: RawDisk, snap: StorageSnapshot) -> str | None:
+    def owns(self, disk: RawDisk, snap: snapshots.StorageSnapshot) -> str | None:
         """None when ``snap`` is a clone of this loop device's backing file, in its snapshot
         directory, under the snapshot's own name; else why not."""
         try:
             backing, expected = self._expected(disk, snap.name)
         except RdmBackupError as err:
             return err.message
-        return handle_problem(self.name, disk, snap, expected) or clone_problem(backing, snap.name)
+        return (snapshots.handle_problem(self.name, disk, snap, expected)
+                or clones.clone_problem(backing, snap.name))
 
-    def present(self, disk: RawDisk, snap: StorageSnapshot) -> Presented:
+    def present(self, disk: RawDisk, snap: snapshots.StorageSnapshot) -> snapshots.Presented:
         """The clone file, read from the loop offset."""
-        refuse_foreign(self, disk, snap)
+        snapshots.refuse_foreign(self, disk, snap)
         if not self.exists(disk, snap):
             raise StorageError(f"snapshot {snap.name} of {snap.disk} is gone")
-        return Presented(handle_str(snap, "clone"), handle_int(snap, "offset"))
+        return snapshots.Presented(snapshots.handle_str(snap, "clone"),
+                                   snapshots.handle_int(snap, "offset"))
 
-    def withdraw(self, disk: RawDisk, snap: StorageSnapshot) -> None:
+    def withdraw(self, disk: RawDisk, snap: snapshots.StorageSnapshot) -> None:
         """Nothing to do: the clone is read in place."""
-        refuse_foreign(self, disk, snap)
+        snapshots.refuse_foreign(self, disk, snap)
 
     def changed_ranges(
-        self, disk: RawDisk, older: StorageSnapshot, newer: StorageSnapshot
+        self, disk: RawDisk, older: snapshots.StorageSnapshot, newer: snapshots.StorageSnapshot
     ) -> list[tuple[int, int]] | None:
         """Disk ranges whose blocks differ between the clones; None when not comparable."""
-        if self.owns(disk, older) or self.owns(disk, newer) or older.size != newer.size:
-            return None
-        if not (self.exists(disk, older) and self.exists(disk, newer)):
-            return None
-        return reflink.changed_between(
-            handle_str(older, "clone"), handle_str(newer, "clone"),
-            handle_int(newer, "offset"), newer.size,
-        )  # fmt: skip
+        return snapshots.clones_changed(self, disk, older, newer,
+                                        snapshots.handle_int(newer, "offset"))
 
-    def exists(self, disk: RawDisk, snap: StorageSnapshot) -> bool:
+    def exists(self, disk: RawDisk, snap: snapshots.StorageSnapshot) -> bool:
         """True while the clone exists (a regular file)."""
-        refuse_foreign(self, disk, snap)
-        return clone_exists(handle_str(snap, "backing"), snap.name)
+        snapshots.refuse_foreign(self, disk, snap)
+        return clones.clone_exists(snapshots.handle_str(snap, "backing"), snap.name)
 
     def prune(self, disk: RawDisk, prefix: str, keep: set[str]) -> list[str]:
         """Delete unkept clones of this loop device's backing file."""
         _node, backing = self._loop(disk)
-        stale = stale_clones(backing, prefix, keep)
+        stale = snapshots.stale_clones(backing, prefix, keep)
         for name in stale:
-            remove_clone(backing, name)
+            clones.remove_clone(backing, name)
         return stale
 
-    def delete(self, disk: RawDisk, snap: StorageSnapshot) -> None:
+    def delete(self, disk: RawDisk, snap: snapshots.StorageSnapshot) -> None:
         """Remove the clone."""
-        refuse_foreign(self, disk, snap)
-        remove_clone(handle_str(snap, "backing"), snap.name)
+        snapshots.refuse_foreign(self, disk, snap)
+        clones.remove_clone(snapshots.handle_str(snap, "backing"), snap.name)

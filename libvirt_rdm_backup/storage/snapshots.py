@@ -35,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.errors import StorageError
+from libvirt_rdm_backup.storage import reflink
 from libvirt_rdm_backup.storage.clones import clone_path, open_snapshot_dir
 
 log = logging.getLogger(__name__)
@@ -305,3 +306,17 @@ def handle_int(snap: StorageSnapshot, key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise StorageError(f"snapshot {snap.name} of {snap.disk} has no {key} in its handle")
     return value
+
+
+def clones_changed(agent: SnapshotAgent, disk: RawDisk, older: StorageSnapshot,
+                   newer: StorageSnapshot, offset: int) -> list[tuple[int, int]] | None:
+    """Disk ranges whose blocks differ between the clone files of two of ``agent``'s
+    snapshots (the disk at ``offset`` of each); None when they are not comparable (not the
+    agent's own, gone, or of different sizes)."""
+    if agent.owns(disk, older) or agent.owns(disk, newer) or older.size != newer.size:
+        return None
+    if not (agent.exists(disk, older) and agent.exists(disk, newer)):
+        return None
+    return reflink.changed_between(handle_str(older, "clone"), handle_str(newer, "clone"),
+                                   offset, newer.size)
+

@@ -44,6 +44,7 @@ from libvirt_rdm_backup.storage.snapshots import (
     Presented,
     StorageSnapshot,
     check_name,
+    clones_changed,
     handle_int,
     handle_problem,
     handle_str,
@@ -232,13 +233,7 @@ class TgtReflinkAgent:
         self, disk: RawDisk, older: StorageSnapshot, newer: StorageSnapshot
     ) -> list[tuple[int, int]] | None:
         """Ranges whose blocks differ between the two clones; None for different LUNs or sizes."""
-        if self.owns(disk, older) or self.owns(disk, newer) or older.size != newer.size:
-            return None
-        if not (self.exists(disk, older) and self.exists(disk, newer)):
-            return None
-        return reflink.changed_between(
-            handle_str(older, "clone"), handle_str(newer, "clone"), 0, newer.size
-        )
+        return clones_changed(self, disk, older, newer, 0)
 
     def exists(self, disk: RawDisk, snap: StorageSnapshot) -> bool:
         """True while the clone exists (a regular file)."""

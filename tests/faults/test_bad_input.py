@@ -581,6 +581,48 @@ def test_restore_to_a_bad_target(lab: Lab, make: Callable[[Lab, ExitStack], Targ
     assert proc.returncode == 0, proc.stderr
 
 
+# -- restore of several disks, to the original devices, and --define ------------------------
+
+@bad_input
+@pytest.mark.parametrize(("args", "code", "words"), [
+    pytest.param(["--disk", "vdb", "--to", "{scratch}/o.raw", "--to-original"], 2,
+                 "not allowed with", id="to-and-to-original"),
+    pytest.param(["--disk", "vdb", "--to-dir", "{scratch}", "--to-original"], 2,
+                 "not allowed with", id="to-dir-and-to-original"),
+    pytest.param(["--all-disks", "--disk", "vdb", "--to-dir", "{scratch}"], 2,
+                 "not allowed with", id="all-disks-and-disk"),
+    pytest.param(["--all-disks", "--to", "{scratch}/o.raw"], 2, "--to writes one disk",
+                 id="to-with-all-disks"),
+    pytest.param(["--to-original"], 2, "give --disk DEV or --all-disks", id="no-disk"),
+    pytest.param(["--disk", "vdb", "--to", "{scratch}/o.raw", "--dry-run"], 2,
+                 "--dry-run works with", id="dry-run-with-to"),
+    pytest.param(["--disk", "vdb", "--to-original", "--define", "rdmb-x"], 2,
+                 "leave out --disk", id="define-with-disk"),
+    pytest.param(["--all-disks", "--to-dir", "{scratch}", "--start"], 2,
+                 "--start needs --define", id="start-without-define"),
+    pytest.param(["--all-disks", "--to-dir", "{scratch}", "--define", "../x"], 2,
+                 "malformed domain name", id="define-dotdot"),
+    pytest.param(["--all-disks", "--to-dir", "{scratch}", "--define", "{vm}"], 2,
+                 "already exists", id="define-existing-name"),
+    pytest.param(["--all-disks", "--to-dir", f"/nonexistent-{RUN_TOKEN}"], 2,
+                 "does not exist", id="to-dir-missing"),
+    pytest.param(["--all-disks", "--to-dir", "{repo}"], 2, "inside the backup repository",
+                 id="to-dir-repository"),
+    pytest.param(["--disk", "vdb", "--to-original"], 2, "in use by running domain",
+                 id="original-in-use"),
+    pytest.param(["--disk", "vdb", "--to-original", "--dry-run"], 2,
+                 "in use by running domain", id="original-in-use-dry-run"),
+    pytest.param(["--disk", "vdz", "--to-original"], 3, "has no disk 'vdz'",
+                 id="original-unknown-disk"),
+])
+def test_restore_of_several_disks_refused(lab: Lab, args: list[str], code: int,
+                                          words: str) -> None:
+    args = [a.replace("{scratch}", str(lab.scratch)).replace("{vm}", lab.vm.name)
+            .replace("{repo}", str(lab.repo)) for a in args]
+    refused(lab, code, words, "restore", lab.vm.name, "--target", str(lab.repo), *args,
+            watch=[lab.vm.loop])
+
+
 # -- restoring in place --------------------------------------------------------------------
 
 

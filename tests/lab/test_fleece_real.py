@@ -19,7 +19,7 @@ import pytest
 from libvirt_rdm_backup.engine.resync import resync_layer
 from libvirt_rdm_backup.errors import OperationError
 from libvirt_rdm_backup.qemu.blockdev import find_device
-from libvirt_rdm_backup.qemu.fleece import fleecing_export
+from libvirt_rdm_backup.qemu.fleece import FleecingExport, fleecing_export
 from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor, Monitor
 from libvirt_rdm_backup.qemu.names import is_ours
 from libvirt_rdm_backup.qemu.nbd_server import SOCKET_ROOT
@@ -108,8 +108,9 @@ def test_fleecing_resync_writes_only_changed_chunks(lab: Lab) -> None:
 
     reference = lab.workdir / "rdmb-point.raw"
     layer = lab.workdir / "rdmb-layer.qcow2"
-    with fleecing_export(lab.monitor, lab.node_name, "vdb",
-                         str(lab.workdir / "rdmb-scratch.qcow2"), SIZE) as fleece:
+    with fleecing_export(FleecingExport(
+            lab.monitor, lab.node_name, "vdb", str(lab.workdir / "rdmb-scratch.qcow2"),
+            SIZE)) as fleece:
         lab.dom.suspend()
         try:
             subprocess.run(["qemu-img", "convert", "-U", "-f", "raw", "-O", "raw", lab.loop,
@@ -174,8 +175,9 @@ def test_foreign_nbd_server_is_refused_and_nothing_is_left(lab: Lab) -> None:
                         {"addr": {"type": "unix", "data": {"path": str(sock)}}})
     try:
         with pytest.raises(OperationError, match="already runs an NBD server"), \
-                fleecing_export(lab.monitor, lab.node_name, "vdb",
-                                str(lab.workdir / "rdmb-scratch.qcow2"), SIZE) as fleece:
+                fleecing_export(FleecingExport(
+                    lab.monitor, lab.node_name, "vdb",
+                    str(lab.workdir / "rdmb-scratch.qcow2"), SIZE)) as fleece:
             fleece.start()
         assert_nothing_left(lab)
     finally:
@@ -183,8 +185,9 @@ def test_foreign_nbd_server_is_refused_and_nothing_is_left(lab: Lab) -> None:
 
     # A failure in the body propagates unchanged and still leaves nothing behind.
     with pytest.raises(RuntimeError, match="rdmb body"), \
-            fleecing_export(lab.monitor, lab.node_name, "vdb",
-                            str(lab.workdir / "rdmb-scratch.qcow2"), SIZE) as fleece:
+            fleecing_export(FleecingExport(
+                lab.monitor, lab.node_name, "vdb", str(lab.workdir / "rdmb-scratch.qcow2"),
+                SIZE)) as fleece:
         fleece.start()
         raise RuntimeError("rdmb body")
     assert_nothing_left(lab)

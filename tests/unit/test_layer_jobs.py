@@ -65,9 +65,9 @@ def test_committing_down_makes_the_bottom_read_as_the_top(chain: list[Path],
 
 def test_rebasing_onto_another_layer_keeps_what_the_top_reads(chain: list[Path],
                                                               tmp_path: Path) -> None:
-    full, _i1, _i2, i3 = chain
+    full, i1, i2, i3 = chain
     before = content(i3, tmp_path)
-    rebase_onto(str(i3), "../F/vdb.qcow2")
+    rebase_onto(str(i3), [str(i2), str(i1), str(full)], str(full), "../F/vdb.qcow2")
     assert layers.file_problem(str(i3), "../F/vdb.qcow2", SIZE) is None
     assert content(i3, tmp_path) == before
     assert content(full, tmp_path) != before
