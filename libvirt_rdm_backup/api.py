@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypedDict, Unpack
 
@@ -21,6 +21,7 @@ from libvirt_rdm_backup.domain.connection import connection, open_connection
 from libvirt_rdm_backup.domain.disks import DiskInventory
 from libvirt_rdm_backup.engine import backup as _backup
 from libvirt_rdm_backup.engine import export as _export
+from libvirt_rdm_backup.engine import live_restore as _live
 from libvirt_rdm_backup.engine import mount as _mount
 from libvirt_rdm_backup.engine import restore as _restore
 from libvirt_rdm_backup.engine import unmount as _unmount
@@ -29,6 +30,7 @@ from libvirt_rdm_backup.engine.backup import BackupOptions, BackupResult
 from libvirt_rdm_backup.engine.capture import ProgressCallback
 from libvirt_rdm_backup.engine.discover import open_domain, select_disks
 from libvirt_rdm_backup.engine.export import Export
+from libvirt_rdm_backup.engine.live_restore import LiveRestoreResult
 from libvirt_rdm_backup.engine.mount import MountListing
 from libvirt_rdm_backup.engine.paused_copy import paused_copy_reason
 from libvirt_rdm_backup.engine.prune import PruneResult, prune_by_policy
@@ -221,6 +223,29 @@ def restore_many(
     finally:
         with contextlib.suppress(Exception):
             conn.close()
+
+
+def live_restore(
+    domain: str,
+    target: str,
+    backup_id: str | None = None,
+    disks: list[str] | None = None,
+    uri: str | None = None,
+    tls_dir: str | None = None,
+    bwlimit: float | None = None,
+    progress: ProgressCallback | None = None,
+    running: Callable[[], None] | None = None,
+) -> LiveRestoreResult:
+    """Start the shut-off ``domain`` on a backup (newest by default) at once, and copy each of
+    ``disks`` (default: every disk of the backup) back onto its own source meanwhile; return
+    once every disk runs on its source again (see docs/live-restore.md).
+
+    ``progress`` is called with (disk, bytes copied back, bytes in all); ``running`` once
+    the guest runs.
+    """
+    with connection(uri) as conn:
+        return _live.live_restore(conn, domain, target, backup_id, disks, bwlimit, progress,
+                                  tls_dir, running)
 
 
 def verify(

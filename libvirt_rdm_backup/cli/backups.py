@@ -7,6 +7,7 @@ import sys
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.cli.fleet import check_usage, cmd_backup_all
+from libvirt_rdm_backup.cli.live import cmd_live_restore
 from libvirt_rdm_backup.cli.output import (
     EXIT_OK,
     EXIT_VERIFY,
@@ -78,7 +79,10 @@ def _restore_request(args: argparse.Namespace) -> DisksRequest | None:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    """Restore one disk to ``--to``, or several to ``--to-dir`` or their original devices."""
+    """Restore one disk to ``--to``, or several to ``--to-dir`` or their original devices,
+    or (``--live``) start a shut-off domain on its backup."""
+    if args.live:
+        return cmd_live_restore(args)
     request = _restore_request(args)
     if request is not None:
         return _restore_many(args, request)

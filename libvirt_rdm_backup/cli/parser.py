@@ -162,15 +162,17 @@ def _add_backup(sub: argparse._SubParsersAction[Parser], common: Parser) -> Pars
 def _add_restore(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     """The ``restore`` command."""
     p = sub.add_parser("restore", parents=[common],
-                       help="restore disks to a file, a directory or their original devices")
+                       help="restore disks to a file, a directory or their original devices, "
+                            "or a shut-off domain live")
     p.add_argument("domain", help="domain UUID, or its name at backup time")
     _add_store(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--disk", action="append", metavar="DEV",
-                       help="a disk to restore (e.g. vdb; repeatable with --to-dir and "
-                            "--to-original)")
+                       help="a disk to restore (e.g. vdb; repeatable with --to-dir, "
+                            "--to-original and --live)")
     which.add_argument("--all-disks", action="store_true",
-                       help="every disk of the backup (with --to-dir or --to-original)")
+                       help="every disk of the backup (with --to-dir, --to-original or "
+                            "--live)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--to", metavar="PATH",
                        help="new file, existing file or block device to write the one disk to")
@@ -179,6 +181,11 @@ def _add_restore(sub: argparse._SubParsersAction[Parser], common: Parser) -> Non
     where.add_argument("--to-original", action="store_true",
                        help="write each disk to its original device, found on this host by "
                             "the identity the backup recorded (see docs/restore.md)")
+    where.add_argument("--live", action="store_true",
+                       help="start the shut-off domain at once on its backup and copy each disk "
+                            "back onto its own source meanwhile; the guest's writes are kept "
+                            "and each disk switches onto its source when its copy is done "
+                            "(default: every disk of the backup; see docs/live-restore.md)")
     p.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
     p.add_argument("--dry-run", action="store_true",
                    help="with --to-dir or --to-original: print what would be written where "
@@ -189,9 +196,10 @@ def _add_restore(sub: argparse._SubParsersAction[Parser], common: Parser) -> Non
     p.add_argument("--start", action="store_true", help="with --define: start the new domain")
     p.add_argument("--force", action="store_true",
                    help="write even to a smaller --to target or to a device used by a running "
-                        "domain")
+                        "domain (not with --live)")
     p.add_argument("--bwlimit", type=mib_per_s, metavar="MIB/S",
-                   help="write at most this fast, in MiB/s (default: no limit)")
+                   help="write at most this fast, in MiB/s (with --live: each disk's block "
+                        "copy; default: no limit)")
     p.set_defaults(func=cmd_restore)
 
 

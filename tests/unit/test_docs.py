@@ -168,6 +168,7 @@ JSON_CONTRACTS: dict[str, list[tuple[str, set[str] | None]]] = {
         ("engine/backup.py", {"to_dict"}), ("engine/restore.py", {"to_dict"}),
         ("engine/restore_all.py", {"to_dict"}),
         ("engine/verify.py", {"to_dict"}), ("engine/export.py", {"to_dict"}),
+        ("engine/live_restore.py", {"to_dict"}), ("cli/live.py", {"live_progress"}),
         ("domain/disks.py", {"to_dict"}), ("engine/prune_plan.py", {"to_dict"}),
         ("cli/fleet.py", {"cmd_backup_all"}),
         ("engine/serve.py", {"to_dict"}), ("engine/mount.py", {"to_dict"}),
