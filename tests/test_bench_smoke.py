@@ -127,7 +127,7 @@ def bench_run() -> tuple[subprocess.CompletedProcess[str], bool]:
     the pause after each cache drop; whether the peer section ran."""
     # the peer section needs Debian's virtnbdbackup (tools/lab.sh installs it)
     peer = shutil.which("virtnbdbackup") is not None
-    sections = "full,nbd,incremental,peer,resync,restore,lun,guestio,rss"
+    sections = "full,nbd,incremental,peer,resync,restore,prune,lun,guestio,rss"
     if not peer:
         sections = sections.replace("peer,", "")
     proc = _bench("--size-mib", "64", "--repeat", "1", "--windows", "3", "--settle", "0",
@@ -241,6 +241,21 @@ def test_bench_guestio_section_reports_guest_write_latency(
     # every write of the no-backup and fleecing runs reached the disk
     assert doc["guestio_no_backup_failed"] == 0 and doc["guestio_fleecing_failed"] == 0, doc
     assert not Path(doc["workdir"]).exists() and doc["domain"] not in _virsh_names()
+
+
+def test_bench_prune_section_reports_what_moved(
+    bench_run: tuple[subprocess.CompletedProcess[str], bool]
+) -> None:
+    proc, _peer = bench_run
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout.strip())
+    _positive_numbers(doc, ("prune_s", "prune_bytes_moved", "prune_bytes_must_move",
+                            "prune_moved_ratio"))
+    assert doc["prune_direction"] in ("up", "down")
+    # what the prune reports moving is what the kept layer grew by (its plan was right)
+    assert abs(doc["prune_bytes_reported"] - doc["prune_bytes_moved"]) <= \
+        doc["prune_bytes_moved"] // 10
+    assert doc["prune_verified_identical"] is True
 
 
 def test_bench_rejects_unknown_section() -> None:
