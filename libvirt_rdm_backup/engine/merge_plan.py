@@ -17,8 +17,7 @@ from libvirt_rdm_backup.repository.chain import Chain
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.prune_journal import Merge
 from libvirt_rdm_backup.repository.store import Repository
-
-Ranges = list[tuple[int, int]]  # sorted, disjoint [start, end) byte ranges
+from libvirt_rdm_backup.targets.volume_space import Region, normalize, subtract, total
 
 
 @dataclass(frozen=True)
@@ -92,53 +91,19 @@ def _shared(merges: Iterable[Merge]) -> set[tuple[str, str]]:
 def _costs(repo: Repository, by_id: dict[str, Manifest], merge: Merge,
            shared: set[tuple[str, str]]) -> tuple[int, int | None]:
     """Bytes streaming up would copy, and committing down (None: not possible)."""
-
-    def own(backup_id: str) -> Ranges:
-        source = by_id[backup_id]
-        record = source.disk(merge.disk)
-        assert record is not None
-        path = repo.data_file(source, record)
-        node = layers.json_filename(layers.chain_node([layers.file_node(path)]))
-        return _data_ranges(img.iter_map(node))
-
-    kept = own(merge.kept)
-    dropped = [own(i) for i in merge.dropped]
-    up = _length(_subtract(_union(dropped), kept))
+    kept = own_data(repo, by_id[merge.kept], merge.disk)
+    dropped = [own_data(repo, by_id[i], merge.disk) for i in merge.dropped]  # newest first
+    up = total(subtract([r for layer in dropped for r in layer], kept))
     if any((merge.disk, i) in shared for i in merge.dropped):
         return up, None
-    down = _length(_union([kept, *dropped[:-1]]))
-    return up, down
+    return up, total(normalize([*kept, *(r for layer in dropped[:-1] for r in layer)]))
 
 
-def _data_ranges(extents: Iterable[img.MapExtent]) -> Ranges:
-    return [(e.start, e.end) for e in extents if e.data and not e.zero and e.depth == 0]
-
-
-def _union(sets: list[Ranges]) -> Ranges:
-    merged: Ranges = []
-    for start, end in sorted(r for ranges in sets for r in ranges):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
-def _subtract(ranges: Ranges, minus: Ranges) -> Ranges:
-    out: Ranges = []
-    for start, end in ranges:
-        for cut_start, cut_end in minus:
-            if cut_end <= start or cut_start >= end:
-                continue
-            if cut_start > start:
-                out.append((start, cut_start))
-            start = max(start, cut_end)
-            if start >= end:
-                break
-        if start < end:
-            out.append((start, end))
-    return out
-
-
-def _length(ranges: Ranges) -> int:
-    return sum(end - start for start, end in ranges)
+def own_data(repo: Repository, manifest: Manifest, disk: str) -> list[Region]:
+    """The (offset, length) byte ranges a point's layer holds data for itself (its backing
+    files not opened)."""
+    record = manifest.disk(disk)
+    assert record is not None
+    node = layers.chain_node([layers.file_node(repo.data_file(manifest, record))])
+    return [(e.start, e.length) for e in img.iter_map(layers.json_filename(node))
+            if e.data and not e.zero and e.depth == 0]

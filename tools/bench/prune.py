@@ -19,6 +19,7 @@ from typing import Any
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.repository.retention import RetentionPolicy
+from libvirt_rdm_backup.targets.volume_space import Region, normalize, subtract, total
 from tools.bench.common import (
     Lab,
     MiB,
@@ -34,40 +35,10 @@ from tools.bench.common import (
 
 PRUNE_CHAIN = 20  # incrementals on the full
 
-Ranges = list[tuple[int, int]]
-
-
-def own_ranges(path: Path) -> Ranges:
-    """Byte ranges a layer holds data for itself (its backing not opened)."""
+def own_ranges(path: Path) -> list[Region]:
+    """(offset, length) byte ranges a layer holds data for itself (its backing not opened)."""
     node = layers.json_filename(layers.chain_node([layers.file_node(str(path))]))
-    return [(e.start, e.end) for e in img.iter_map(node) if e.data and not e.zero]
-
-
-def union(many: list[Ranges]) -> Ranges:
-    merged: Ranges = []
-    for start, end in sorted(r for ranges in many for r in ranges):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
-def length(ranges: Ranges) -> int:
-    return sum(end - start for start, end in ranges)
-
-
-def overlap(first: Ranges, second: Ranges) -> int:
-    """Bytes in both (each sorted, disjoint)."""
-    total, j = 0, 0
-    for start, end in first:
-        while j < len(second) and second[j][1] <= start:
-            j += 1
-        k = j
-        while k < len(second) and second[k][0] < end:
-            total += min(end, second[k][1]) - max(start, second[k][0])
-            k += 1
-    return total
+    return [(e.start, e.length) for e in img.iter_map(node) if e.data and not e.zero]
 
 
 def section_prune(lab: Lab) -> dict[str, Any]:
@@ -85,16 +56,16 @@ def section_prune(lab: Lab) -> dict[str, Any]:
             layers_of.append(timed_backup(lab.name, repo, "incremental").image)
         say(f"prune: a full and {PRUNE_CHAIN} incrementals of {args.dirty:.0%} each")
         own = [own_ranges(path) for path in layers_of]
-        kept, dropped = own[-1], own[1:-1]
-        up = length(union(dropped)) - overlap(union(dropped), kept)
-        down = length(union([kept, *dropped[1:]]))
+        kept, dropped = own[-1], [r for layer in own[1:-1] for r in layer]
+        up = total(subtract(dropped, kept))
+        down = total(normalize([*kept, *(r for layer in own[2:-1] for r in layer)]))
         must = min(up, down)
         started = time.monotonic()
         [(_plan, result)] = api.prune(str(repo), RetentionPolicy(keep_last=1), lab.name)
         seconds = time.monotonic() - started
         [merge] = result.merges
         before = own[-1] if merge.merge.direction == "up" else own[1]
-        moved = length(own_ranges(layers_of[-1])) - length(before)
+        moved = total(own_ranges(layers_of[-1])) - total(before)
         verified = None if args.no_verify else same_content(lab.device, layers_of[-1],
                                                             "qcow2")
     finally:
