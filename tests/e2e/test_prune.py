@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -26,11 +25,10 @@ import pytest
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.qemu import layers
+from tests.e2e.test_prune_dry_run import EXE, FAKETIME, rdm_backup
 from tools.labkit import LabVM, MiB, guest_write, lab_vm
 
 pytestmark = pytest.mark.lab
-EXE = Path(sys.executable).parent / "rdm-backup"
-FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 # (level, date): fulls, incrementals, a differential and a resync over five days
 POINTS = [("full", "2026-11-01 10:00:00"), ("incremental", "2026-11-01 11:00:00"),
           ("incremental", "2026-11-02 10:00:00"), ("incremental", "2026-11-02 12:00:00"),
@@ -44,14 +42,6 @@ BRANCHES = [("full", "2026-11-01 10:00:00"), ("incremental", "2026-11-01 11:00:0
             ("incremental", "2026-11-05 10:00:00"), ("resync", "2026-11-05 12:00:00"),
             ("incremental", "2026-11-06 10:00:00")]
 RULES = ["--keep-last", "2", "--keep-daily", "3"]
-
-
-def rdm_backup(*args: str, date: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    if date is not None:
-        env.update(LD_PRELOAD=str(FAKETIME), FAKETIME=f"@{date}")
-    return subprocess.run([str(EXE), *args], capture_output=True, text=True, timeout=600,
-                          env=env, check=False)
 
 
 def sha256(path: str | Path) -> str:
@@ -102,6 +92,27 @@ def restored_digest(repo: Path, name: str, backup_id: str, scratch: Path) -> str
         out.unlink()
 
 
+def verified_and_restored(vm: LabVM, repo: Path, points: dict[str, str]) -> None:
+    """``verify`` is clean, and each point restores to its sha256 (backup id -> sha256)."""
+    proc = rdm_backup("verify", vm.name, "--target", str(repo))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for backup_id, digest in points.items():
+        assert restored_digest(repo, vm.name, backup_id, vm.workdir) == digest
+
+
+def next_incremental(vm: LabVM, repo: Path, offset: int) -> dict[str, object]:
+    """A guest write at ``offset``, then a backup: an incremental that restores to the disk
+    as it is; its ``--json`` document."""
+    guest_write(vm.dom, "vdb", 0x7E, offset, MiB)
+    reference = sha256(vm.loop)
+    proc = rdm_backup("backup", vm.name, "--target", str(repo), "--disk", "vdb", "--json")
+    assert proc.returncode == 0, proc.stderr
+    document: dict[str, object] = json.loads(proc.stdout)
+    assert document["level"] == "incremental"
+    assert restored_digest(repo, vm.name, str(document["backup_id"]), vm.workdir) == reference
+    return document
+
+
 def allocated(root: Path) -> int:
     return sum(p.lstat().st_blocks * 512 for p in root.rglob("*") if p.is_file())
 
@@ -123,10 +134,7 @@ def test_a_full_under_two_kept_branches_is_kept_once() -> None:
         assert "rebase" in directions, chain["merges"]
         assert listed(repo, vm.name) == kept
         assert allocated(repo) < before
-        proc = rdm_backup("verify", vm.name, "--target", str(repo))
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        for backup_id in kept:
-            assert restored_digest(repo, vm.name, backup_id, vm.workdir) == made[backup_id]
+        verified_and_restored(vm, repo, {i: made[i] for i in kept})
 
 
 @pytest.mark.skipif(not FAKETIME.exists(), reason="libfaketime is not installed")
@@ -152,18 +160,8 @@ def test_prune_keeps_what_the_rules_say_and_every_kept_point_restores() -> None:
         parents = [b["parent"] for b in json.loads(proc.stdout)]
         assert all(p is None or p in kept for p in parents), parents  # no dropped id named
 
-        proc = rdm_backup("verify", vm.name, "--target", str(repo))
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        for backup_id in kept:
-            assert restored_digest(repo, vm.name, backup_id, vm.workdir) == made[backup_id]
-
-        guest_write(vm.dom, "vdb", 0x7E, 5 * MiB, MiB)
-        reference = sha256(vm.loop)
-        proc = rdm_backup("backup", vm.name, "--target", str(repo), "--disk", "vdb", "--json")
-        assert proc.returncode == 0, proc.stderr
-        document = json.loads(proc.stdout)
-        assert document["level"] == "incremental" and document["pruned"] is None
-        assert restored_digest(repo, vm.name, document["backup_id"], vm.workdir) == reference
+        verified_and_restored(vm, repo, {i: made[i] for i in kept})
+        assert next_incremental(vm, repo, 5 * MiB)["pruned"] is None
 
         guest_write(vm.dom, "vdb", 0x7F, 9 * MiB, MiB)
         reference = sha256(vm.loop)

@@ -16,13 +16,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tests.e2e.test_prune import (
-    FAKETIME,
     allocated,
     listed,
-    rdm_backup,
-    restored_digest,
+    next_incremental,
     sha256,
+    verified_and_restored,
 )
+from tests.e2e.test_prune_dry_run import FAKETIME, rdm_backup
 from tests.unit.test_retention import reference
 from tools.labkit import MiB, guest_write, lab_vm
 
@@ -79,15 +79,5 @@ def test_weeks_of_points_pruned_by_the_rules() -> None:
         unique = sum(layers_before[b] for b in chain["dropped"]) - chain["bytes_moved"]
         assert before - allocated(repo) >= unique - 512 * KiB * len(chain["merges"])
 
-        proc = rdm_backup("verify", vm.name, "--target", str(repo))
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        for backup_id in expected:
-            assert restored_digest(repo, vm.name, backup_id, vm.workdir) == made[backup_id]
-
-        guest_write(vm.dom, "vdb", 0x7E, 3 * MiB, MiB)
-        now = sha256(vm.loop)
-        proc = rdm_backup("backup", vm.name, "--target", str(repo), "--disk", "vdb", "--json")
-        assert proc.returncode == 0, proc.stderr
-        document = json.loads(proc.stdout)
-        assert document["level"] == "incremental"
-        assert restored_digest(repo, vm.name, document["backup_id"], vm.workdir) == now
+        verified_and_restored(vm, repo, {i: made[i] for i in expected})
+        next_incremental(vm, repo, 3 * MiB)
