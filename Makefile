@@ -36,10 +36,18 @@ lint: install
 	$(VENV)/bin/ruff check libvirt_rdm_backup tests tools
 	$(VENV)/bin/mypy
 
-# Lint and tests both run; the target fails if either fails (or if no test ran).
+# Lint and tests both run; the target fails if either fails (or if no test ran). The tests run
+# in $(TEST_WORKERS) workers (pytest-xdist, a module's tests in one worker), then those marked
+# `serial` alone; the last lines are the whole suite's fault summary and count.
+TEST_WORKERS ?= 2
 test: install lab-up
 	@lint=0; $(MAKE) --no-print-directory lint || lint=$$?; \
-	$(VENV)/bin/pytest -q --durations=30 tests || exit $$?; \
+	tally=$$(mktemp /var/tmp/rdmb-tally.XXXXXX); trap 'rm -f "$$tally"' EXIT; rc=0; \
+	RDMB_SUITE_TALLY=$$tally $(VENV)/bin/pytest -q --durations=30 -n $(TEST_WORKERS) \
+		--dist loadfile -m "not serial" tests || rc=$$?; \
+	RDMB_SUITE_TALLY=$$tally $(VENV)/bin/pytest -q --durations=10 -m serial tests || rc=$$?; \
+	$(PY) -m tests.suite_report "$$tally" || { [ "$$rc" != 0 ] || rc=1; }; \
+	if [ "$$rc" != 0 ]; then exit "$$rc"; fi; \
 	if [ "$$lint" != 0 ]; then echo "make test: the tests passed but lint failed" >&2; exit 1; fi
 
 # The fault, bad-input and hostile-input suite alone; its summary (faults survived / tried, bad inputs

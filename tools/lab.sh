@@ -87,7 +87,7 @@ venv_is_complete() {
     done
     "$VENV/bin/ruff" --version >/dev/null 2>&1 || return 1 # a native binary, no shebang
     where=$(cd / && "$VENV/bin/python" -c \
-        'import libvirt, lxml, tenacity, qemu.qmp, nbd, pytest, libvirt_rdm_backup as m; print(m.__file__)' \
+        'import libvirt, lxml, tenacity, qemu.qmp, nbd, pytest, xdist, libvirt_rdm_backup as m; print(m.__file__)' \
         2>/dev/null) || return 1
     [ "$where" = "$ROOT/libvirt_rdm_backup/__init__.py" ]
 }

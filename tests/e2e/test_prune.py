@@ -177,13 +177,13 @@ def test_prune_keeps_what_the_rules_say_and_every_kept_point_restores() -> None:
         assert restored_digest(repo, vm.name, document["backup_id"], vm.workdir) == reference
 
 
-def _kill_when(argv: list[str], ready: Callable[[], bool], limit: float = 60.0) -> bool:
-    """Run ``argv`` and SIGKILL it once ``ready()`` holds; False when it ended first."""
+def _kill_when(argv: list[str], ready: Callable[[int], bool], limit: float = 60.0) -> bool:
+    """Run ``argv`` and SIGKILL it once ``ready(pid)`` holds; False when it ended first."""
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + limit
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            if ready():
+            if ready(proc.pid):
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 return True
@@ -209,13 +209,13 @@ def test_a_prune_killed_at_each_step_leaves_every_kept_point_restorable(
             decided.get(d["parent"]) == "drop"
             for d in json.loads((domain_dir / i / "manifest.json").read_text())["disks"])]
         assert merged
-        steps: list[tuple[str, Callable[[Path], bool]]] = [
-            ("journal written", lambda d: (d / ".prune-journal.json").exists()),
-            ("a merge job running", lambda d: _merging()),
-            ("a kept layer's header ahead of its manifest", _header_ahead),
-            ("a kept manifest written again", lambda d: _manifest_changed(domain_dir, d)),
-            ("a dropped point leaving", lambda d: any(d.glob(".pruned-*"))),
-            ("a dropped point gone", lambda d: len(list(d.glob("2*"))) < len(made)),
+        steps: list[tuple[str, Callable[[Path, int], bool]]] = [
+            ("journal written", lambda d, _: (d / ".prune-journal.json").exists()),
+            ("a merge job running", lambda _, pid: _merging(pid)),
+            ("a kept layer's header ahead of its manifest", lambda d, _: _header_ahead(d)),
+            ("a kept manifest written again", lambda d, _: _manifest_changed(domain_dir, d)),
+            ("a dropped point leaving", lambda d, _: any(d.glob(".pruned-*"))),
+            ("a dropped point gone", lambda d, _: len(list(d.glob("2*"))) < len(made)),
         ]
         killed = 0
         for step, seen in steps:
@@ -237,9 +237,11 @@ def test_a_prune_killed_at_each_step_leaves_every_kept_point_restorable(
         assert killed >= 3  # most steps were caught while the prune ran
 
 
-def _merging() -> bool:
-    """A merge of this host's prunes runs (a QEMU stream or commit job, or a rebase)."""
-    found = subprocess.run(["pgrep", "-f", "qemu-storage-daemon.*(stream|commit)|qemu-img rebase"],
+def _merging(prune: int) -> bool:
+    """A merge of the prune ``prune`` (a pid) runs: its QEMU stream or commit job, or a
+    rebase (a child of that process, not of another test's)."""
+    found = subprocess.run(["pgrep", "-P", str(prune), "-f",
+                            "qemu-storage-daemon.*(stream|commit)|qemu-img rebase"],
                            capture_output=True, check=False)
     return found.returncode == 0
 

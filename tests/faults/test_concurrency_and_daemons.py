@@ -39,6 +39,7 @@ def test_two_backups_of_one_vm_and_of_two_vms_at_once() -> None:
         assert len(api.list_backups(repo)) == 1
 
 
+@pytest.mark.serial  # restarts the libvirtd every other test talks to
 def test_libvirtd_restarted_during_a_backup_job() -> None:
     with lab_vm(loop_size=1024 * MiB) as vm:
         fill(vm, 50)

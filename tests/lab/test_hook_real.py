@@ -27,7 +27,7 @@ from tests.oracles import hook_installed
 from tools.labkit import URI, domain_xml
 from tools.labkit import test_domain as lab_domain
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.serial]  # installs the hook, restarts libvirtd
 
 HOOKS_DIR = hook.HOOKS_DIR
 
