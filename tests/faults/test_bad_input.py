@@ -431,8 +431,12 @@ def _loop_with_data(lab: Lab, stack: ExitStack) -> str:
 
 
 def _mount_ext4(lab: Lab, stack: ExitStack, device: str) -> Path:
-    """An ext4 made on ``device`` and mounted in the scratch directory until the test ends."""
-    subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True)
+    """An ext4 made on ``device`` and mounted in the scratch directory until the test ends.
+
+    Its inode tables and journal are initialised by mkfs, not by the kernel after the mount
+    (ext4lazyinit would go on writing to the device while the test checks that nothing did)."""
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                    device], check=True)
     mount = lab.scratch / unique_name("mnt")
     mount.mkdir()
     stack.callback(mount.rmdir)

@@ -174,7 +174,7 @@ def test_write_loop_in_the_guest_while_the_host_reads(lab: GuestLab, tmp_path: P
         assert int(_read(lab.vda_file, offset, 16)) >= counters[-1]
     finally:
         g.run(f"kill {pid}")
-    g.check(f"while kill -0 {pid} 2>/dev/null; do sleep 0.1; done", timeout=10)
+    g.check(f"while kill -0 {pid} 2>/dev/null; do sleep 0.1; done", timeout=60)
     last = _read(lab.vda_file, offset, 16)
     time.sleep(0.5)
     assert _read(lab.vda_file, offset, 16) == last

@@ -289,8 +289,13 @@ def test_runner_cancels_running_backups_and_starts_no_more(tmp_path: Path) -> No
             threading.Event().wait(0.1)
         os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=interrupt).start()
-    results = runner.run([Candidate("a", UUID1), Candidate("b", UUID2)])
+    # Python's own SIGINT handler, as in the command (a test runner's worker may ignore it)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt).start()
+        results = runner.run([Candidate("a", UUID1), Candidate("b", UUID2)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert runner.interrupted
     assert (tmp_path / "a.term").exists() and not (tmp_path / "b.start").exists()
     assert (results[0].exit_code, results[0].error) == (

@@ -39,6 +39,7 @@ def test_unmarked():
 def test_summary_counts_faults_and_inputs(pytester: pytest.Pytester,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.delenv("RDMB_SUITE_TALLY", raising=False)  # the run around this one's
     pytester.makeconftest('pytest_plugins = ["tests.suite_report"]\n')
     pytester.makepyfile(test_mini=MINI_SUITE)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
@@ -56,6 +57,7 @@ def test_summary_counts_faults_and_inputs(pytester: pytest.Pytester,
 def test_no_summary_without_marked_tests(pytester: pytest.Pytester,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.delenv("RDMB_SUITE_TALLY", raising=False)
     pytester.makeconftest('pytest_plugins = ["tests.suite_report"]\n')
     pytester.makepyfile(test_plain="def test_plain():\n    pass\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
