@@ -281,6 +281,7 @@ def test_bench_live_and_mount_sections_report_their_times(
     assert doc["live_lun_bytes"] == 64 * MiB and doc["live_data_bytes"] == 16 * MiB, doc
     assert doc["live_guest_read_correct"] is True and doc["live_pivoted"] == [True], doc
     assert doc["live_verified_identical"] is True, doc
+    assert isinstance(doc["live_read_during_copy"], bool), doc
     assert doc["live_running_s"] <= doc["live_guest_ready_s"] <= doc["live_guest_reads_s"], doc
     # mount: both ways mounted the ext4, its files read back as written
     checks = doc["mount_checks"]

@@ -11,8 +11,9 @@ back: all zeros). Then, after the page-cache drop, timed from the start of the c
 
 - ``live_running_s``: until the domain runs (the tool's own ``running_after_seconds`` beside it);
 - ``live_guest_reads_s``: until the guest, once its command loop answers, has read 1 MiB with
-  ``dd iflag=direct`` from the start of the last random extent (near the end of the disk: a
-  range the copy has not reached yet) and its md5 equals the point's (goal <= 10 s);
+  ``dd iflag=direct`` from the start of the last random extent (near the end of the disk: the
+  copy reaches it last) and its md5 equals the point's (goal <= 10 s); whether the copy was
+  still running then (``live_read_during_copy``: read through the overlay from the backup);
 - the copy back: the LUN's bytes / (the tool's ``seconds`` - ``running_after_seconds``), against
   ``dd`` of the point file onto the same loop device (the LUN truncated again, page cache
   dropped; ``bs=4M iflag=direct oflag=direct conv=fsync``): ratio of throughputs (goal >= 0.8).
@@ -82,6 +83,7 @@ def timed_live(lab: Lab, guest: Guest, repo: Path, offset: int, expected: str) -
         ready_s = time.monotonic() - started
         read = guest_md5(guest, offset, READ)
         reads_s = time.monotonic() - started
+        during = proc.poll() is None  # through the overlay, or from the LUN copied already
         say(f"live: running after {running_s:.2f} s, guest answering after {ready_s:.2f} s, "
             f"read the point after {reads_s:.2f} s ({'correct' if read == expected else 'WRONG'})")
         document = finish_live_restore(proc, COPY_TIMEOUT)
@@ -97,6 +99,7 @@ def timed_live(lab: Lab, guest: Guest, repo: Path, offset: int, expected: str) -
         "live_guest_ready_s": round(ready_s, 3),
         "live_guest_reads_s": round(reads_s, 3),
         "live_guest_read_correct": read == expected,
+        "live_read_during_copy": during,
         "live_total_s": round(total, 3),
         "live_copy_s": round(copy_s, 3),
         "live_copy_mib_s": round(lab.size / MiB / copy_s, 1),
@@ -162,7 +165,8 @@ def print_live(doc: dict[str, Any]) -> None:
     print(f"  guest answering after:           {doc['live_guest_ready_s']:8.3f} s")
     print(f"  guest read the point after, s:   {goal(doc, 'live_guest_reads_s')}   "
           f"(1 MiB at {doc['live_read_offset'] / MiB:.0f} MiB: "
-          f"{'correct' if doc['live_guest_read_correct'] else 'WRONG'})")
+          f"{'correct' if doc['live_guest_read_correct'] else 'WRONG'}, "
+          f"{'while the copy ran' if doc['live_read_during_copy'] else 'the copy had ended'})")
     print(f"  copy back: {doc['live_copy_s']:.3f} s ({doc['live_copy_mib_s']:.0f} MiB/s; the "
           f"command took {doc['live_total_s']:.3f} s); dd of the point onto the LUN: "
           f"{doc['live_dd_s']:.3f} s ({doc['live_dd_mib_s']:.0f} MiB/s)")
