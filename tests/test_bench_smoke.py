@@ -63,6 +63,17 @@ RESTORE_KEYS = (
     "restore_throughput_ratio_vs_dd",
 )
 RSS_KEYS = ("rss_max_mib",)
+LIVE_KEYS = (
+    "live_running_s",
+    "live_running_after_tool_s",
+    "live_guest_ready_s",
+    "live_guest_reads_s",
+    "live_copy_s",
+    "live_copy_mib_s",
+    "live_dd_s",
+    "live_copy_throughput_ratio_vs_dd",
+)
+MOUNT_KEYS = ("mount_s", "mount_no_verify_s", "umount_s", "mount_data_bytes")
 LUN_KEYS = (
     "lun_paused_ms",
     "lun_full_s",
@@ -127,11 +138,11 @@ def bench_run() -> tuple[subprocess.CompletedProcess[str], bool]:
     the pause after each cache drop; whether the peer section ran."""
     # the peer section needs Debian's virtnbdbackup (tools/lab.sh installs it)
     peer = shutil.which("virtnbdbackup") is not None
-    sections = "full,nbd,incremental,peer,resync,restore,prune,lun,guestio,rss"
+    sections = "full,nbd,incremental,peer,resync,restore,live,mount,prune,lun,guestio,rss"
     if not peer:
         sections = sections.replace("peer,", "")
     proc = _bench("--size-mib", "64", "--repeat", "1", "--windows", "3", "--settle", "0",
-                  "--rss-size-gib", "2", "--sections", sections, "--json", timeout=400)
+                  "--rss-size-gib", "2", "--sections", sections, "--json", timeout=480)
     return proc, peer
 
 
@@ -189,7 +200,8 @@ def test_bench_small_lun_reports_all_numbers(
                                  "restore_throughput_ratio_vs_dd", "rss_max_mib",
                                  "lun_full_ratio_vs_convert_raw", "incremental_ratio_to_full"}
     assert set(doc["goals_met"]) == set(doc["goals"]), doc
-    assert doc["goals_at_least"] == ["restore_throughput_ratio_vs_dd"], doc
+    assert doc["goals_at_least"] == ["live_copy_throughput_ratio_vs_dd",
+                                     "restore_throughput_ratio_vs_dd"], doc
 
     # lun: two passthrough LUNs snapshotted by the storage, the guest held briefly; the
     # incremental reads only what the storage reports as changed
@@ -256,6 +268,32 @@ def test_bench_prune_section_reports_what_moved(
     assert abs(doc["prune_bytes_reported"] - doc["prune_bytes_moved"]) <= \
         doc["prune_bytes_moved"] // 10
     assert doc["prune_verified_identical"] is True
+
+
+def test_bench_live_and_mount_sections_report_their_times(
+    bench_run: tuple[subprocess.CompletedProcess[str], bool]
+) -> None:
+    proc, _peer = bench_run
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout.strip())
+    _positive_numbers(doc, LIVE_KEYS + MOUNT_KEYS)
+    # live: the guest read its point, the LUN is the point once the copy is done
+    assert doc["live_lun_bytes"] == 64 * MiB and doc["live_data_bytes"] == 16 * MiB, doc
+    assert doc["live_guest_read_correct"] is True and doc["live_pivoted"] == [True], doc
+    assert doc["live_verified_identical"] is True, doc
+    assert isinstance(doc["live_read_during_copy"], bool), doc
+    assert doc["live_running_s"] <= doc["live_guest_ready_s"] <= doc["live_guest_reads_s"], doc
+    # mount: both ways mounted the ext4, its files read back as written
+    checks = doc["mount_checks"]
+    assert checks["mount_s"]["verified"] is True and checks["mount_no_verify_s"]["verified"] \
+        is False, checks
+    assert all(c["mounted"] == [True] and c["small_files_ok"] for c in checks.values()), checks
+    assert doc["mount_verified_identical"] is True, doc
+    assert set(doc["goals"]) >= {"live_guest_reads_s", "live_copy_throughput_ratio_vs_dd"}
+    names = _virsh_names()
+    for key in ("live_domain", "mount_domain"):
+        assert "rdmb" in doc[key] and doc[key] not in names, doc[key]
+    assert _processes_mentioning(doc["workdir"]) == []  # no mount supervisor, no nbdfuse left
 
 
 def test_bench_rejects_unknown_section() -> None:

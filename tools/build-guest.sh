@@ -20,7 +20,7 @@
 # and then serves commands on /dev/ttyS1 (the domain's second serial port):
 #   host -> guest   one line: "<id> <base64 of a shell script>"
 #   guest -> host   "__RDMB_BEGIN__ <id>", the script's stdout+stderr, "__RDMB_DONE__ <id> <rc>"
-# The script runs with `sh`, stdin from /dev/null. tests/lab/guest.py is the host side.
+# The script runs with `sh`, stdin from /dev/null. tools/guestkit.py is the host side.
 set -euo pipefail
 
 OUT=${RDMB_GUEST_DIR:-/var/cache/rdmb-guest}

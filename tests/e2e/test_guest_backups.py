@@ -1,6 +1,6 @@
 """Backups of a real running Linux guest: LUN I/O never fails, points in time, quiesce.
 
-One tiny guest (tests/lab/guest.py) with a block-layer disk ``vda``, a small disk ``vdb``
+One tiny guest (tools/guestkit.py) with a block-layer disk ``vda``, a small disk ``vdb``
 holding an ext4 filesystem for fsfreeze, a SCSI passthrough LUN ``sda`` on snapshot-capable
 storage (tgt over a reflink file) and a LUN ``sdb`` on plain storage (copied while paused).
 """
@@ -22,7 +22,7 @@ import pytest
 
 from libvirt_rdm_backup import api, consistency, window_record
 from libvirt_rdm_backup.errors import RdmBackupError
-from tests.lab.guest import Guest, guest_vm
+from tools.guestkit import Guest, guest_vm
 from tools.labkit import (
     IscsiLun,
     block_disk,

@@ -1,4 +1,4 @@
-"""The tiny real guest (tests/lab/guest.py): its disks, its writes, its agent, fsfreeze.
+"""The tiny real guest (tools/guestkit.py): its disks, its writes, its agent, fsfreeze.
 
 One guest per module with three disks: a loop LUN as virtio ``vda``, a small loop device as
 virtio ``vdb`` (the test puts ext2 on it for fsfreeze), and an iSCSI LUN on tgtd as
@@ -18,7 +18,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from tests.lab.guest import Guest, guest_vm
+from tools.guestkit import Guest, guest_vm
 from tools.labkit import (
     IscsiLun,
     block_disk,

@@ -28,7 +28,7 @@ import pytest
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.engine.live_restore import scratch_dir
-from tests.lab.guest import Guest, guest_vm
+from tools.guestkit import Guest, guest_vm
 from tools.labkit import (
     block_disk,
     iscsi_disk,
@@ -40,6 +40,7 @@ from tools.labkit import (
     same_bytes,
     unique_name,
 )
+from tools.livekit import finish_live_restore, guest_md5, start_live_restore, wait_running
 
 pytestmark = pytest.mark.lab
 MiB = 1 << 20
@@ -125,25 +126,7 @@ def shut_off(live_lab: LiveLab) -> LiveLab:
 
 def _start(lab: LiveLab, *extra: str, target: str | None = None,
            scratch: Path | None = None) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    if scratch is not None:
-        env["RDM_BACKUP_SCRATCH_DIR"] = str(scratch)
-    return subprocess.Popen(
-        [*rdm_backup_argv(), "restore", lab.guest.name, "--target", target or lab.repo,
-         "--live", "--json", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=env)
-
-
-def _wait_running(dom: libvirt.virDomain, proc: subprocess.Popen[str], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if dom.isActive() and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
-            return
-        if proc.poll() is not None:
-            _out, err = proc.communicate()
-            pytest.fail(f"restore --live ended ({proc.returncode}): {err}")
-        time.sleep(0.05)
-    pytest.fail(f"the domain did not run within {timeout} s")
+    return start_live_restore(lab.guest.name, target or lab.repo, *extra, scratch=scratch)
 
 
 def _unthrottle(dom: libvirt.virDomain, disk: str = "vda") -> None:
@@ -157,22 +140,6 @@ def _md5(path: Path, offset: int, length: int) -> str:
     with path.open("rb") as src:
         src.seek(offset)
         return hashlib.md5(src.read(length)).hexdigest()
-
-
-def _guest_md5(guest: Guest, offset: int, length: int) -> str:
-    out = guest.check(f"dd if=/dev/vda bs=65536 skip={offset // 65536} count={length // 65536} "
-                      "iflag=direct 2>/dev/null | md5sum", timeout=120)
-    return out.split()[0]
-
-
-def _finish(proc: subprocess.Popen[str], timeout: float = 600) -> dict[str, object]:
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err
-    progress = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
-    assert progress and progress[-1]["copied_bytes"] == progress[-1]["total_bytes"]
-    document: dict[str, object] = json.loads(out)
-    return document
 
 
 def _check_end(lab: LiveLab, point: Path | None = None, scratch: Path | None = None) -> None:
@@ -195,13 +162,13 @@ def test_live_restore_runs_the_guest_at_once_and_keeps_its_writes(shut_off: Live
     started = time.monotonic()
     proc = _start(lab, "--bwlimit", BWLIMIT)
     try:
-        _wait_running(lab.guest.dom, proc, RUNNING_WITHIN)
+        wait_running(lab.guest.dom, proc, RUNNING_WITHIN)
         running = time.monotonic() - started
         lab.guest.wait_ready()
         ready = time.monotonic() - started
         # what the guest reads is the point: early data, data the copy has not reached yet
         for offset in (0, DATA_SIZE - 4 * MiB):
-            assert _guest_md5(lab.guest, offset, MiB) == _md5(lab.point, offset, MiB)
+            assert guest_md5(lab.guest, offset, MiB) == _md5(lab.point, offset, MiB)
         assert proc.poll() is None, "the copy ended before the guest wrote: raise the data size"
         lab.write(0, 65536, 0x11)
         lab.write(DATA_SIZE // 2 + 12345 * 512, MiB, 0x22)
@@ -209,7 +176,7 @@ def test_live_restore_runs_the_guest_at_once_and_keeps_its_writes(shut_off: Live
         lab.write(LUN_SIZE - 65536, 65536, 0x44)
         copying_while_written = proc.poll() is None
         _unthrottle(lab.guest.dom)
-        document = _finish(proc)
+        document = finish_live_restore(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -225,8 +192,8 @@ def test_live_restore_runs_the_guest_at_once_and_keeps_its_writes(shut_off: Live
     _check_end(lab)
     # the guest goes on, on the LUN, reading its own writes and the point
     assert lab.guest.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
-    assert _guest_md5(lab.guest, 0, 65536) == hashlib.md5(b"\x11" * 65536).hexdigest()
-    assert _guest_md5(lab.guest, MiB, MiB) == _md5(lab.point, MiB, MiB)
+    assert guest_md5(lab.guest, 0, 65536) == hashlib.md5(b"\x11" * 65536).hexdigest()
+    assert guest_md5(lab.guest, MiB, MiB) == _md5(lab.point, MiB, MiB)
     assert "I/O error" not in lab.guest.check("dmesg")
 
 
@@ -236,7 +203,7 @@ def test_killed_mid_copy_the_guest_pauses_and_a_rerun_completes(shut_off: LiveLa
     dom = lab.guest.dom
     proc = _start(lab, "--bwlimit", "1")
     try:
-        _wait_running(dom, proc, RUNNING_WITHIN)
+        wait_running(dom, proc, RUNNING_WITHIN)
         lab.guest.wait_ready()
         lab.write(4 * MiB, MiB, 0x5A)
         proc.send_signal(signal.SIGKILL)
@@ -261,7 +228,7 @@ def test_killed_mid_copy_the_guest_pauses_and_a_rerun_completes(shut_off: LiveLa
     rerun = _start(lab, "--backup", "20000101T000000Z-000000")
     _out, err = rerun.communicate(timeout=120)
     assert rerun.returncode == 2 and "unfinished live restore" in err, err
-    document = _finish(_start(lab))
+    document = finish_live_restore(_start(lab))
     assert document["resumed_run"] is True and document["backup_id"] == lab.backup_id
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     lab.guest.wait_path("/run/late.md5", 60)
@@ -314,7 +281,7 @@ def test_full_scratch_space_pauses_the_guest_and_loses_nothing(shut_off: LiveLab
         subprocess.run(["fallocate", "-l", str(free - 8 * MiB), str(ballast)], check=True)
         proc = _start(lab, "--bwlimit", "2", scratch=mount)
         try:
-            _wait_running(dom, proc, RUNNING_WITHIN)
+            wait_running(dom, proc, RUNNING_WITHIN)
             lab.guest.wait_ready()
             big, offset = 48 * MiB, 64 * MiB
             lab.guest.check(f"(tr '\\000' '\\167' </dev/zero | head -c {big} | dd of=/dev/vda "
@@ -328,7 +295,7 @@ def test_full_scratch_space_pauses_the_guest_and_loses_nothing(shut_off: LiveLab
             ballast.unlink()  # space again, and the guest goes on
             dom.resume()
             _unthrottle(dom)
-            document = _finish(proc)
+            document = finish_live_restore(proc)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -355,7 +322,7 @@ def test_backup_server_gone_mid_copy_then_back(shut_off: LiveLab) -> None:
         lab.scribble(0xDD)
         proc = _start(lab, "--bwlimit", "1", target=server.uri)
         try:
-            _wait_running(dom, proc, RUNNING_WITHIN)
+            wait_running(dom, proc, RUNNING_WITHIN)
             lab.guest.wait_ready()
             lab.write(2 * MiB, MiB, 0x3C)
             server.stop(signal.SIGKILL)
@@ -376,7 +343,7 @@ def test_backup_server_gone_mid_copy_then_back(shut_off: LiveLab) -> None:
                         "/run/late2.md5) >/dev/null 2>&1 &")
         _wait_paused(dom)
         server.start()
-        document = _finish(_start(lab, target=server.uri))
+        document = finish_live_restore(_start(lab, target=server.uri))
         assert document["resumed_run"] is True
         lab.guest.wait_path("/run/late2.md5", 60)
         assert lab.guest.check("cat /run/late2.md5").split()[0] == _md5(point, late, MiB)

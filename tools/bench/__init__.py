@@ -1,9 +1,10 @@
 """Benchmark of rdm-backup on raw LUNs against dd, qemu-img, libvirt's backup-begin and peers.
 
 One module per section (:mod:`tools.bench.full`, ``nbd``, ``incremental``, ``peer``,
-``resync``, ``restore``, ``lun``, ``guestio``, ``rss``), what they share in
-:mod:`tools.bench.common`, the command line in :mod:`tools.bench.runner`. The lab fixtures
-(domains, loop devices, tgt targets) come from :mod:`tools.labkit`, the module the tests use.
+``resync``, ``restore``, ``live``, ``mount``, ``prune``, ``lun``, ``guestio``, ``rss``), what
+they share in :mod:`tools.bench.common`, the command line in :mod:`tools.bench.runner`. The lab
+fixtures (domains, loop devices, tgt targets) come from :mod:`tools.labkit`, the module the
+tests use; the tiny real guest from :mod:`tools.guestkit`.
 
 A file under /var/tmp/rdmb-* (``--size-mib``, 4 GiB by default) becomes a LUN (a loop
 device). Before anything runs it is filled on the host side: ``--fill`` of it (1 GiB by
@@ -68,6 +69,18 @@ The sections (``--sections``, default all of them, run in this order in one proc
   measured.
 * ``restore``: :func:`api.restore` of vdb's full backup onto a fresh loop device against
   ``dd`` of vdb onto one (``conv=fsync``): restore throughput / dd throughput (goal >= 0.9).
+* ``live``: ``rdm-backup restore --live`` of the tiny real guest's LUN (a loop device of its
+  own, ``--size-mib`` with the same ``--fill``), its contents destroyed after a full backup,
+  timed from the command's start: until the domain runs, and until the guest has read 1 MiB
+  near the end of its disk (``dd iflag=direct``) and it matches the backup point (goal <= 10
+  s); the copy back's throughput (the LUN's size / the tool's time after the guest ran)
+  against ``dd`` of the point onto the same device (goal >= 0.8). Then the LUN is compared
+  with the point. See :mod:`tools.bench.live`.
+* ``mount``: ``rdm-backup mount`` of a full backup of a LUN of its own (a GPT, one ext4 with
+  ``--fill`` of random data in a file and a few small files) on a firmware-only domain's vdb:
+  ``--repeat`` rounds, with the layers' digests checked (the default) and with
+  ``--no-verify``, each timed until the command returned (the filesystem mounted), the files
+  checked, then ``rdm-backup umount`` timed. No goal. See :mod:`tools.bench.mount`.
 * ``prune``: a full and 20 incrementals of vdb (``--dirty`` rewritten before each), then
   ``api.prune`` with ``keep_last=1``: the time, and the bytes QEMU wrote into the kept layer
   (its own data before and after, ``qemu-img map``) / the bytes that had to move (goal <= 1.1).
@@ -105,11 +118,15 @@ The sections (``--sections``, default all of them, run in this order in one proc
 Goals are printed beside the ratios and together at the end (``goals``, ``goals_met`` in
 the JSON); nothing is asserted against a threshold.
 Everything made (domains, loop devices, iSCSI targets, files, storage snapshots,
-checkpoints, NBD exports) has "rdmb" in its name (the peer's checkpoints are named by it,
-on an rdmb domain) and is removed in ``finally`` blocks; NBD servers are stopped by pid.
-Needs root and the lab (``make lab-up``); the peer section needs ``virtnbdbackup``.
+checkpoints, NBD exports, mounts, the live restore's overlays) has "rdmb" in its name (the
+peer's checkpoints are named by it, on an rdmb domain) and is removed in ``finally`` blocks;
+NBD servers are stopped by pid, mounts undone by ``rdm-backup umount``.
+Needs root and the lab (``make lab-up``); the peer section needs ``virtnbdbackup``, the live
+section the tiny guest (``tools/build-guest.sh`` builds it on first use), the mount section
+``nbdfuse`` and ``sfdisk``.
 
 Usage (``make bench``): ``.venv/bin/python -m tools.bench [--size-mib N] [--fill F]
-[--repeat N] [--sections full,nbd,incremental,peer,resync,restore,prune,lun,guestio,rss]
+[--repeat N]
+[--sections full,nbd,incremental,peer,resync,restore,live,mount,prune,lun,guestio,rss]
 [--dirty F] [--settle S] [--rss-size-gib N] [--json]``
 """

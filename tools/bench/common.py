@@ -49,8 +49,12 @@ GOALS = {
     "rss_max_mib": 100.0,
     # prune: the bytes a merge copies, at most 10% over those that must move
     "prune_moved_ratio": 1.1,
+    # live: the guest reads its backup point from its disk within 10 s of the command (any
+    # LUN size), and the copy back to the LUN runs at least at 80% of dd's throughput
+    "live_guest_reads_s": 10.0,
+    "live_copy_throughput_ratio_vs_dd": 0.8,
 }
-AT_LEAST = frozenset({"restore_throughput_ratio_vs_dd"})
+AT_LEAST = frozenset({"restore_throughput_ratio_vs_dd", "live_copy_throughput_ratio_vs_dd"})
 
 
 def say(message: str) -> None:
@@ -61,6 +65,13 @@ def say(message: str) -> None:
 # -- preparation -----------------------------------------------------------------
 
 
+def data_extents(size: int, fill: float, extent: int, seed: int) -> list[int]:
+    """Indexes of the extents :func:`fill_lun` fills with random data (never the first)."""
+    count = size // extent
+    wanted = min(count - 1, round(fill * size / extent))
+    return random.Random(seed).sample(range(1, count), wanted) if wanted > 0 else []
+
+
 def fill_lun(path: Path, size: int, fill: float, extent: int, seed: int, sparse: bool) -> int:
     """Write the LUN's backing file: random extents at scattered places, zeros elsewhere.
 
@@ -68,8 +79,7 @@ def fill_lun(path: Path, size: int, fill: float, extent: int, seed: int, sparse:
     extent stays zero so that the firmware finds no boot sector. Returns the data bytes.
     """
     count = size // extent
-    wanted = min(count - 1, round(fill * size / extent))
-    chosen = set(random.Random(seed).sample(range(1, count), wanted)) if wanted > 0 else set()
+    chosen = set(data_extents(size, fill, extent, seed))
     zeros = bytes(extent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

@@ -18,12 +18,25 @@ from types import FrameType
 from typing import Any
 
 from tools.bench import __doc__ as bench_doc
-from tools.bench import full, guestio, incremental, lun, nbd, peer, prune, restore, resync, rss
+from tools.bench import (
+    full,
+    guestio,
+    incremental,
+    live,
+    lun,
+    mount,
+    nbd,
+    peer,
+    prune,
+    restore,
+    resync,
+    rss,
+)
 from tools.bench.common import AT_LEAST, DISK, GOALS, Lab, MiB, fill_lun, goal, goal_met, say
 from tools.labkit import block_disk, domain_type, loop_device, rdmb_tmpdir, test_domain, unique_name
 
-SECTIONS = ("full", "nbd", "incremental", "peer", "resync", "restore", "prune", "lun", "guestio",
-            "rss")
+SECTIONS = ("full", "nbd", "incremental", "peer", "resync", "restore", "live", "mount", "prune",
+            "lun", "guestio", "rss")
 SHARED_LUN = frozenset({"full", "nbd", "incremental", "peer", "resync", "restore", "prune",
                         "guestio"})
 LOADED_WINDOWS = lun.LOADED_WINDOWS
@@ -46,6 +59,8 @@ RUNS: dict[str, tuple[Measure, Show, str]] = {
     "resync": (lambda lab, _doc: resync.section_resync(lab), resync.print_resync, "resync"),
     "restore": (lambda lab, _doc: restore.section_restore(lab), restore.print_restore,
                 "restore_s"),
+    "live": (lambda lab, _doc: live.section_live(lab), live.print_live, "live_guest_reads_s"),
+    "mount": (lambda lab, _doc: mount.section_mount(lab), mount.print_mount, "mount_s"),
     "prune": (lambda lab, _doc: prune.section_prune(lab), prune.print_prune, "prune_s"),
     "lun": (lambda lab, _doc: lun.section_lun(lab), lun.print_lun, "lun_paused_ms"),
     "guestio": (_guestio, guestio.print_guestio, "guestio_direct_median_ms"),
@@ -131,7 +146,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         lun_file = work / "rdmb-lun.img"
         data_bytes = 0
         shared = set(args.sections) & SHARED_LUN
-        if shared:  # the lun and rss sections make LUNs of their own
+        if shared:  # the live, mount, lun and rss sections make LUNs of their own
             say(f"filling {lun_file} ({args.size_mib} MiB, {args.fill:.0%} random data)")
             data_bytes = fill_lun(lun_file, size, args.fill, args.extent_mib * MiB,
                                   args.seed, args.sparse)
@@ -153,8 +168,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                    domain_type=domain_type(), settle_s=args.settle, repeat=args.repeat)
         for name in args.sections:
             doc.update(RUNS[name][0](lab, doc))
-        if "lun" in args.sections and not data_bytes:  # same --fill and --seed as the shared
-            doc["data_bytes"] = doc["lun_data_bytes"]
+        for key in ("live_data_bytes", "lun_data_bytes"):  # same --fill and --seed as the shared
+            if key in doc and not data_bytes:
+                doc["data_bytes"] = data_bytes = doc[key]
         doc["goals"] = {k: v for k, v in GOALS.items() if k in doc}
         doc["goals_at_least"] = sorted(k for k in doc["goals"] if k in AT_LEAST)
         doc["goals_met"] = {k: goal_met(k, doc[k]) for k in doc["goals"]}
@@ -176,7 +192,8 @@ def print_goals(doc: dict[str, Any]) -> None:
 def print_table(doc: dict[str, Any]) -> None:
     """The human-readable report, section by section."""
     lun_bytes = doc["lun_bytes"]
-    where = ("loop device over a file in /var/tmp/rdmb-*" if set(doc["sections"]) & SHARED_LUN
+    loops = SHARED_LUN | {"live", "mount"}
+    where = ("loop device over a file in /var/tmp/rdmb-*" if set(doc["sections"]) & loops
              else "iSCSI LUNs over files on the reflink XFS")
     print(f"LUN: {lun_bytes / MiB:.0f} MiB {where} "
           f"({doc['data_bytes'] / MiB:.0f} MiB random data in "

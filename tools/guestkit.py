@@ -1,4 +1,5 @@
-"""A real tiny Linux guest for lab tests: a guest OS that writes to its disks and runs qemu-ga.
+"""A real tiny Linux guest for lab tests and tools (the bench): a guest OS that writes to its
+disks and runs qemu-ga.
 
 The kernel and initramfs come from ``tools/build-guest.sh`` (built on first use and cached in
 ``$RDMB_GUEST_DIR``, default ``/var/cache/rdmb-guest``). The domain is ``type='qemu'`` (TCG:
@@ -39,7 +40,7 @@ import libvirt_qemu
 
 from tools.labkit import URI, DiskSpec, rdmb_tmpdir, remove_domain
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = ROOT / "tools" / "build-guest.sh"
 BUILD_TIMEOUT = 900.0
 BOOT_TIMEOUT = 60.0
