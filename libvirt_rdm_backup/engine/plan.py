@@ -155,11 +155,6 @@ def _data_path(disk: RawDisk, facts: Facts) -> DataPath:
     if disk.target in facts.snapshot_agents and (disk.is_passthrough_lun or not facts.running):
         return DataPath.SNAPSHOT
     if disk.is_passthrough_lun or not facts.running:
-        if disk.rbd is not None:
-            raise UsageError(
-                f"disk {disk.target} is an RBD image ({disk.source}) of a shut-off domain: "
-                "reading RBD images from storage is not supported yet; start the domain, or "
-                "leave the disk out with --disk")
         return DataPath.STORAGE
     return DataPath.QEMU
 

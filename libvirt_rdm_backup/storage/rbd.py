@@ -137,6 +137,59 @@ def client_conf(source: RbdSource, what: str) -> tuple[str | None, dict[str, str
     return conffile, conf
 
 
+def keyring_key(path: str, user: str) -> str:
+    """The ``key`` of ``[client.USER]`` in a keyring file (checked: private, regular)."""
+    check_keyring_file(path)
+    section = None
+    try:
+        with open(path, encoding="utf-8") as stream:
+            for line in stream:
+                text = line.strip()
+                if text.startswith("[") and text.endswith("]"):
+                    section = text[1:-1].strip()
+                elif section == f"client.{user}" and text.partition("=")[0].strip() == "key":
+                    return text.partition("=")[2].strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise StorageError(f"{KEYRING_ENV}: cannot read {path}") from err
+    raise StorageError(f"{KEYRING_ENV}: {path} holds no key of client.{user}")
+
+
+def cephx_key(source: RbdSource, what: str) -> str | None:
+    """The base64 cephx key of the source's user: its libvirt secret's, else the one in
+    ``RDM_BACKUP_CEPH_KEYRING``; None when the disk names no secret and no keyring is
+    given (Ceph's own configuration then applies). Raises StorageError when a named
+    secret's value is unknown and no keyring is given."""
+    ref = secret_ref(source)
+    if ref is not None and ref in _KEYS:
+        return _KEYS[ref]
+    keyring = os.environ.get(KEYRING_ENV)
+    if keyring:
+        return keyring_key(keyring, source.user or "admin")
+    client_conf(source, what)  # raises for a secret whose value libvirt did not reveal
+    return None
+
+
+def qemu_blockdev(source: RbdSource, secret_id: str | None) -> dict[str, Any]:
+    """Options of QEMU's ``rbd`` protocol node for the source (``key-secret``: the QEMU
+    ``secret`` object holding the key, when there is one)."""
+    node: dict[str, Any] = {"driver": "rbd", "pool": source.pool, "image": source.image}
+    if source.namespace:
+        node["namespace"] = source.namespace
+    if source.snapshot:
+        node["snapshot"] = source.snapshot
+    if source.config_file:
+        node["conf"] = source.config_file
+    if source.user:
+        node["user"] = source.user
+    if source.hosts:
+        node["server"] = [{"host": host, "port": str(port or DEFAULT_MON_PORT)}
+                          for host, port in source.hosts]
+    if secret_id is not None:
+        node["key-secret"] = secret_id
+        node["auth-client-required"] = ["cephx"]
+    return node
+
+
 @dataclass
 class ImageFacts:
     """Who an RBD image is, as its cluster says (what a restore elsewhere needs)."""

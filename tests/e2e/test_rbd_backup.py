@@ -1,8 +1,10 @@
-"""A running VM's Ceph RBD disk backed up through QEMU (full, then incrementals from QEMU's dirty
-bitmap, a resync after a VM restart), next to a loop LUN, every point restored byte for byte."""
+"""A Ceph RBD disk backed up: through QEMU while the VM runs (full, incrementals from QEMU's dirty
+bitmap, a resync after a VM restart), next to a loop LUN, and from the cluster while it is shut
+off (full, resync); every point restored byte for byte."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -101,3 +103,27 @@ def test_rbd_disk_full_and_incrementals_restore_byte_identical(rbd_vm: RbdVM) ->
             out.unlink()
     assert qemu_leftovers(vm.dom) == []
     assert api.verify(repo).ok
+
+
+def test_rbd_disk_of_a_shut_off_domain_is_read_from_the_cluster(ceph: None, run_token: str,
+                                                                 rdmb_tmp: Path) -> None:
+    repo = str(rdmb_tmp / "repo")
+    with cephkit.rbd_image(64 * MiB) as image, \
+            labkit.test_domain(f"rdmb-{run_token}-rbd-off", [cephkit.rbd_disk("vdb", image)],
+                               start=False) as dom:
+        name = str(dom.name())
+        levels = []
+        for index in range(2):
+            cephkit.write_pattern(image, index * 20 * MiB, MiB, 0x21 + index)
+            ref = cephkit.export(image, rdmb_tmp / f"ref-{index}.raw")
+            proc = labkit.rdm_backup("backup", name, "--target", repo, "--json")
+            assert proc.returncode == 0, proc.stderr
+            assert "AQ" not in proc.stderr  # no cephx key (they start with AQ) in any output
+            [disk] = json.loads(proc.stdout)["disks"]
+            assert disk["data_path"] == "storage", disk
+            levels.append(disk["level"])
+            out = rdmb_tmp / f"restore-{index}.raw"
+            api.restore(name, repo, "vdb", str(out))
+            assert same_bytes(out, ref), f"point {index} differs"
+        assert levels == ["full", "resync"], levels
+        assert json.loads(proc.stdout)["disks"][0]["stored_bytes"] <= 4 * MiB

@@ -78,12 +78,11 @@ def rbd_disk() -> RawDisk:
                    node_name="libvirt-vdc-format")
 
 
-def test_rbd_disks_go_through_qemu_while_running_and_are_refused_when_shut_off() -> None:
+def test_rbd_disks_go_through_qemu_while_running_and_storage_when_shut_off() -> None:
     plan = plan_disk(rbd_disk(), "auto", facts())
     assert (plan.path, plan.level, plan.track) == (DataPath.QEMU, "full", True)
-    with pytest.raises(UsageError, match="RBD image .* of a shut-off domain") as err:
-        plan_disk(rbd_disk(), "auto", facts(running=False))
-    assert err.value.exit_code == 2 and "rbd:rbd/vm-disk" in str(err.value)
+    offline = plan_disk(rbd_disk(), "auto", facts(running=False))
+    assert (offline.path, offline.level, offline.track) == (DataPath.STORAGE, "full", False)
 
 
 def test_offline_domains_and_luns_copy_in_full_from_storage() -> None:

@@ -150,3 +150,34 @@ def test_no_key_in_a_mapping_or_a_disk(monkeypatch: pytest.MonkeyPatch) -> None:
     text = json.dumps([map_disk(disk).to_dict(), disk.to_dict()])
     assert base64.b64encode(KEY).decode() not in text and UUID in text
     assert os.environ.get(rbd.KEYRING_ENV) is None
+
+
+def test_keyring_key_of_the_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    keyring = tmp_path / "k"
+    keyring.write_text("[client.admin]\n\tkey = AAAA\n[client.libvirt]\n"
+                       "\tcaps mon = \"profile rbd\"\n\tkey = BBBB==\n")
+    keyring.chmod(0o600)
+    assert rbd.keyring_key(str(keyring), "libvirt") == "BBBB=="
+    with pytest.raises(StorageError, match="no key of client.nobody"):
+        rbd.keyring_key(str(keyring), "nobody")
+    monkeypatch.setenv(rbd.KEYRING_ENV, str(keyring))
+    assert rbd.cephx_key(source(), "disk vdb") == "BBBB=="
+    rbd.remember_key(source(), KEY)  # the libvirt secret wins
+    assert rbd.cephx_key(source(), "disk vdb") == base64.b64encode(KEY).decode()
+
+
+def test_cephx_key_without_any() -> None:
+    assert rbd.cephx_key(source(secret_uuid=None), "disk vdb") is None  # Ceph's own config
+    with pytest.raises(StorageError, match="no cephx key"):
+        rbd.cephx_key(source(), "disk vdb")
+
+
+def test_qemu_blockdev_of_a_source() -> None:
+    node = rbd.qemu_blockdev(source(namespace="ns", snapshot="s1"), "sec0")
+    assert node == {"driver": "rbd", "pool": "vms", "image": "vm-1", "namespace": "ns",
+                    "snapshot": "s1", "user": "libvirt",
+                    "server": [{"host": "192.0.2.1", "port": "6789"},
+                               {"host": "2001:db8::2", "port": "6789"}],
+                    "key-secret": "sec0", "auth-client-required": ["cephx"]}
+    plain = rbd.qemu_blockdev(source(hosts=(), user=None, config_file="/etc/c.conf"), None)
+    assert plain == {"driver": "rbd", "pool": "vms", "image": "vm-1", "conf": "/etc/c.conf"}
