@@ -94,7 +94,7 @@ venv_is_complete() {
     done
     "$VENV/bin/ruff" --version >/dev/null 2>&1 || return 1 # a native binary, no shebang
     where=$(cd / && "$VENV/bin/python" -c \
-        'import libvirt, lxml, tenacity, qemu.qmp, nbd, pytest, libvirt_rdm_backup as m; print(m.__file__)' \
+        'import libvirt, lxml, tenacity, qemu.qmp, nbd, rados, rbd, pytest, libvirt_rdm_backup as m; print(m.__file__)' \
         2>/dev/null) || return 1
     [ "$where" = "$ROOT/libvirt_rdm_backup/__init__.py" ]
 }
@@ -108,7 +108,8 @@ do_install() {
         # shellcheck disable=SC2086
         apt_install $missing
     fi
-    # Debian's Python 3.11 with system site-packages: it sees python3-libnbd ("import nbd").
+    # Debian's Python 3.11 with system site-packages: it sees python3-libnbd ("import nbd") and
+    # python3-rbd/python3-rados ("import rbd, rados").
     # A .venv that is a link (to another checkout's venv) is replaced by a venv of our own,
     # never cleared through the link.
     if [ -L "$VENV" ]; then
