@@ -18,6 +18,7 @@ import base64
 import json
 import os
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -57,6 +58,10 @@ _FEATURES = (
 )
 
 _KEYS: dict[str, str] = {}  # libvirt secret reference -> base64 cephx key (this process only)
+# A cluster that did not answer is not asked again for a while: one command meets each
+# unreachable cluster once, not once per question (size, then mapping) at TIMEOUT each.
+UNREACHABLE_MEMORY = 60.0
+_UNREACHABLE: dict[tuple[Any, ...], tuple[float, str]] = {}
 
 
 def require(what: str) -> None:
@@ -240,6 +245,10 @@ def cluster(source: RbdSource, what: str) -> Iterator[Any]:
     """A connected ``rados.Rados`` for the source's cluster and user (shut down after)."""
     require(what)
     conffile, conf = client_conf(source, what)
+    where = (source.hosts, source.config_file, source.user)
+    failed = _UNREACHABLE.get(where)
+    if failed is not None and time.monotonic() - failed[0] < UNREACHABLE_MEMORY:
+        raise StorageError(f"{what}: cannot connect to the Ceph cluster: {failed[1]}")
     try:
         handle = rados.Rados(rados_id=source.user or "admin", conffile=conffile, conf=conf)
     except rados.Error as err:
@@ -248,7 +257,10 @@ def cluster(source: RbdSource, what: str) -> Iterator[Any]:
         handle.connect(timeout=TIMEOUT)
     except rados.Error as err:
         handle.shutdown()
+        if isinstance(err, rados.TimedOut):
+            _UNREACHABLE[where] = (time.monotonic(), f"{type(err).__name__}: {str(err)[:200]}")
         raise _error(f"{what}: cannot connect to the Ceph cluster", err) from err
+    _UNREACHABLE.pop(where, None)
     try:
         yield handle
     finally:

@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,3 +130,24 @@ def test_rbd_disk_of_a_shut_off_domain(run_token: str) -> None:
 def test_disk_spec_is_network_rbd() -> None:
     spec: DiskSpec = cephkit.rbd_disk("vdb", cephkit.RbdImage("rbd", "rdmb-x", 1), secret="s")
     assert "protocol='rbd'" in spec.xml and "<secret type='ceph' uuid=\"s\"/>" in spec.xml
+
+
+@pytest.mark.fault
+@pytest.mark.usefixtures("ceph")
+def test_unreachable_cluster_is_one_line_and_asked_once(run_token: str, rdmb_tmp: Path) -> None:
+    """A disk whose monitor does not answer: `disks` reports it (one connection timeout,
+    not one per question), and a backup of it fails with exit 4 and one error line (after
+    the warning that the disk has no mapping)."""
+    name = f"rdmb-{run_token}-rbd-gone"
+    with cephkit.rbd_image(32 * cephkit.MiB) as image, \
+            labkit.test_domain(name, [cephkit.rbd_disk("vdb", image, port=6790)], start=False):
+        started = time.monotonic()
+        [vdb] = _disks(name)["raw_disks"]
+        assert time.monotonic() - started < 40
+        assert vdb["size"] is None and vdb["mapping"] is None
+        assert "cannot connect to the Ceph cluster: TimedOut" in vdb["mapping_error"]
+        proc = rdm_backup("backup", name, "--target", str(rdmb_tmp / "repo"))
+        assert proc.returncode == 4, proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and "disk vdb" in errors[0] and "Ceph" in errors[0], proc.stderr
+        assert "Traceback" not in proc.stderr

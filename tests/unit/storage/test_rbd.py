@@ -181,3 +181,43 @@ def test_qemu_blockdev_of_a_source() -> None:
                     "key-secret": "sec0", "auth-client-required": ["cephx"]}
     plain = rbd.qemu_blockdev(source(hosts=(), user=None, config_file="/etc/c.conf"), None)
     assert plain == {"driver": "rbd", "pool": "vms", "image": "vm-1", "conf": "/etc/c.conf"}
+
+
+class _TimedOut(Exception):
+    pass
+
+
+class _FakeRados:
+    """Stands in for the rados module: every connection times out, and is counted."""
+
+    Error = Exception
+    TimedOut = _TimedOut
+    connects = 0
+
+    class Rados:
+        def __init__(self, **_kwargs: object) -> None:
+            pass
+
+        def connect(self, timeout: int = 0) -> None:
+            _FakeRados.connects += 1
+            raise _TimedOut("[errno 110] RADOS timed out (error connecting to the cluster)")
+
+        def shutdown(self) -> None:
+            pass
+
+
+def test_an_unreachable_cluster_is_asked_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rbd, "HAVE_RBD", True)
+    monkeypatch.setattr(rbd, "rados", _FakeRados)
+    monkeypatch.setattr(rbd, "_UNREACHABLE", {})
+    quiet = source(secret_uuid=None)
+    for _ in range(3):
+        with pytest.raises(StorageError, match="cannot connect to the Ceph cluster: _TimedOut"):
+            with rbd.cluster(quiet, "disk vdb"):
+                pass
+    assert _FakeRados.connects == 1
+    monkeypatch.setattr(rbd, "UNREACHABLE_MEMORY", 0.0)
+    with pytest.raises(StorageError):
+        with rbd.cluster(quiet, "disk vdb"):
+            pass
+    assert _FakeRados.connects == 2
