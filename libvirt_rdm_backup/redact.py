@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # scheme://user:password@ — the password runs to the authority's last '@'
 _USERINFO_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*):[^/?#\s]*@")
@@ -15,6 +16,18 @@ def redact(text: str) -> str:
     """``text`` with the password of every ``scheme://user:password@`` (and libiscsi's
     ``iscsi://user%password@``) replaced by ``***``."""
     return _ISCSI_RE.sub(r"\1%***@", _USERINFO_RE.sub(r"\1:***@", text))
+
+
+def carries_secret(command: str, arguments: dict[str, Any] | None) -> bool:
+    """True for a QMP command that hands QEMU a secret's value (``object-add`` with ``data``)."""
+    return command == "object-add" and isinstance(arguments, dict) and "data" in arguments
+
+
+def qmp_arguments(command: str, arguments: dict[str, Any] | None) -> Any:
+    """QMP arguments as a log may show them: the ``data`` of a ``secret`` object replaced."""
+    if arguments is not None and carries_secret(command, arguments):
+        return {**arguments, "data": "***"}
+    return arguments or ""
 
 
 # C0 and C1 controls but newline and tab, and the Unicode controls that reorder or end lines

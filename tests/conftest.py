@@ -3,6 +3,7 @@
 * The ``lab`` marker: such tests need the real lab (root, libvirtd on qemu:///system, tgtd, loop
   devices; ``make lab-up``). Without it they are skipped with the reason, except in CI
   (``CI=true``), where they fail so that a broken lab cannot hide behind skips.
+* ``ceph``: the lab's Ceph cluster; without it the test is skipped (failed in CI).
 * ``run_token``: 8 hex digits, unique per test run; put it into names of domains, targets, files.
 * ``rdmb_tmp``: a fresh directory under /var/tmp whose path contains "rdmb" and the token
   (mode 0755 so that QEMU, running as libvirt-qemu, can reach files in it); removed afterwards.
@@ -87,6 +88,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if in_ci():
         pytest.fail(f"lab unavailable in CI (CI=true: lab tests never skip): {problem}", False)
     pytest.skip(f"lab unavailable: {problem}")
+
+
+@pytest.fixture
+def ceph() -> None:
+    """The lab's Ceph cluster (``tools/lab.sh ceph-up``): skip unless it answers (fail in CI)."""
+    from tools import cephkit
+
+    problem = cephkit.unavailable()
+    if problem is None:
+        return
+    if in_ci():
+        pytest.fail(f"Ceph unavailable in CI (CI=true: lab tests never skip): {problem}", False)
+    pytest.skip(f"Ceph unavailable: {problem}")
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@
 #                          reflink XFS for LUN backing stores at /var/lib/rdmb-lab/reflink (idempotent)
 #   tools/lab.sh down      stop what "up" started; remove leftover test domains, targets, loops
 #   tools/lab.sh status    what is running
+#   tools/lab.sh ceph-up | ceph-down | ceph-status
+#                          only the single-node Ceph cluster ("up", "down" and "status" include it)
 #
 # Everything the lab creates for tests carries the prefix "rdmb" so "down" can find leftovers.
 set -euo pipefail
@@ -34,9 +36,14 @@ DEB_PACKAGES=(
     virtnbdbackup
     # The skewed-clock fault test moves the tool's clock only (LD_PRELOAD).
     faketime
+    # The single-node Ceph cluster (tools/lab-ceph.sh) for RBD disks, and tgt's rbd backing store.
+    ceph-mon ceph-mgr ceph-osd ceph-common python3-rbd python3-rados tgt-rbd
 )
 
 log() { printf 'lab: %s\n' "$*" >&2; }
+
+# shellcheck source=tools/lab-ceph.sh
+. "$ROOT/tools/lab-ceph.sh"
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then
@@ -87,7 +94,7 @@ venv_is_complete() {
     done
     "$VENV/bin/ruff" --version >/dev/null 2>&1 || return 1 # a native binary, no shebang
     where=$(cd / && "$VENV/bin/python" -c \
-        'import libvirt, lxml, tenacity, qemu.qmp, nbd, pytest, xdist, libvirt_rdm_backup as m; print(m.__file__)' \
+        'import libvirt, lxml, tenacity, qemu.qmp, nbd, rados, rbd, pytest, xdist, libvirt_rdm_backup as m; print(m.__file__)' \
         2>/dev/null) || return 1
     [ "$where" = "$ROOT/libvirt_rdm_backup/__init__.py" ]
 }
@@ -101,7 +108,8 @@ do_install() {
         # shellcheck disable=SC2086
         apt_install $missing
     fi
-    # Debian's Python 3.11 with system site-packages: it sees python3-libnbd ("import nbd").
+    # Debian's Python 3.11 with system site-packages: it sees python3-libnbd ("import nbd") and
+    # python3-rbd/python3-rados ("import rbd, rados").
     # A .venv that is a link (to another checkout's venv) is replaced by a venv of our own,
     # never cleared through the link.
     if [ -L "$VENV" ]; then
@@ -259,6 +267,7 @@ do_up() {
     start_tgtd
     start_reflink_fs
     prepare_kvm
+    ceph_up
     log "lab is up (libvirt $URI, iSCSI portal $PORTAL, domain type $(cat "$STATE/domain-type")," \
         "reflink XFS at $REFLINK_DIR)"
 }
@@ -283,11 +292,13 @@ cleanup_leftovers() {
             log "detaching leftover loop device $l"
             losetup -d "$l" || true
         done
+    ceph_cleanup_leftovers
 }
 
 do_down() {
     need_root
     cleanup_leftovers
+    ceph_down
     if tgtadm --lld iscsi --op show --mode sys >/dev/null 2>&1; then
         log "stopping tgtd"
         tgtadm --op delete --mode system >/dev/null 2>&1 || true
@@ -312,6 +323,7 @@ do_status() {
     virsh -c "$URI" list --all 2>/dev/null | sed 's/^/  /' || true
     losetup -l 2>/dev/null | sed 's/^/  /' || true
     if mountpoint -q "$REFLINK_DIR"; then echo "reflink XFS: $REFLINK_DIR"; else echo "reflink XFS: not mounted"; fi
+    ceph_status
 }
 
 case "${1:-}" in
@@ -320,5 +332,8 @@ case "${1:-}" in
     down) do_down ;;
     clean) need_root; cleanup_leftovers ;;
     status) do_status ;;
-    *) echo "usage: $0 install|up|down|clean|status" >&2; exit 2 ;;
+    ceph-up) need_root; ceph_up ;;
+    ceph-down) need_root; ceph_down ;;
+    ceph-status) ceph_status ;;
+    *) echo "usage: $0 install|up|down|clean|status|ceph-up|ceph-down|ceph-status" >&2; exit 2 ;;
 esac

@@ -154,3 +154,22 @@ def domain_name_taken(conn: libvirt.virConnect, name: str) -> bool:
     except libvirt.libvirtError:
         return False
     return True
+
+
+def secret_value(conn: libvirt.virConnect, uuid: str | None, usage: str | None) -> bytes:
+    """The value of the libvirt ``ceph`` secret with this UUID (else this usage name).
+
+    Raises LibvirtError (never quoting the value) when there is no such secret or
+    libvirt does not reveal it (a private secret, a read-only connection).
+    """
+    what = f"secret {uuid}" if uuid else f"ceph secret {usage!r}"
+    try:
+        if uuid:
+            secret = conn.secretLookupByUUIDString(uuid)
+        elif usage:
+            secret = conn.secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_CEPH, usage)
+        else:
+            raise LibvirtError("no libvirt secret named")
+        return bytes(secret.value())
+    except libvirt.libvirtError as err:
+        raise LibvirtError(f"cannot read libvirt {what}: {err.get_error_message()}") from err

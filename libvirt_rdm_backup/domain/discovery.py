@@ -10,6 +10,7 @@ from libvirt_rdm_backup.domain.disks import (
     IscsiSource,
     OtherDisk,
     RawDisk,
+    RbdSource,
     SourceKind,
 )
 from libvirt_rdm_backup.domain.xml import DiskXML, DomainXML, HostdevXML
@@ -31,6 +32,26 @@ def parse_iscsi_name(name: str, host: str, port: int | None) -> IscsiSource:
     except ValueError as err:
         raise UsageError(f"malformed iSCSI source name {name!r}") from err
     return IscsiSource(host=host, port=port or DEFAULT_ISCSI_PORT, iqn=iqn, lun=lun)
+
+
+def parse_rbd_source(disk: DiskXML) -> RbdSource:
+    """The RBD image of a ``<source protocol='rbd' name='POOL[/NAMESPACE]/IMAGE'>`` disk."""
+    name = disk.source_name or ""
+    image_part, _, snap_in_name = name.partition("@")  # the old pool/image@snap form
+    parts = image_part.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise UsageError(f"malformed RBD source name {name[:128]!r} (POOL/IMAGE expected)")
+    return RbdSource(
+        pool=parts[0],
+        image=parts[-1],
+        namespace=parts[1] if len(parts) == 3 else None,
+        snapshot=disk.source_snapshot or snap_in_name or None,
+        hosts=tuple(disk.hosts),
+        user=disk.auth_username,
+        secret_uuid=disk.auth_secret_uuid,
+        secret_usage=disk.auth_secret_usage,
+        config_file=disk.source_config,
+    )
 
 
 def _other(disk: DiskXML, reason: str, source: str | None = None) -> OtherDisk:
@@ -76,6 +97,8 @@ def classify_disk(disk: DiskXML, resolve_volume: VolumeResolver | None) -> RawDi
         return _raw(disk, SourceKind.BLOCK, source_path=disk.source_dev)
     if kind == "network":
         protocol = disk.source_protocol or "?"
+        if protocol == "rbd":
+            return _raw(disk, SourceKind.RBD, rbd=parse_rbd_source(disk))
         if protocol != "iscsi":
             return _other(disk, f"network protocol {protocol} is not supported as a raw disk",
                           disk.source_name)

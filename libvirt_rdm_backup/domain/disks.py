@@ -14,6 +14,7 @@ class SourceKind(StrEnum):
     ISCSI = "iscsi"  # <disk type='network'><source protocol='iscsi'>: QEMU's iSCSI initiator
     VOLUME = "volume"  # <disk type='volume'>: a storage-pool volume, resolved to a block path
     SCSI_HOSTDEV = "scsi-hostdev"  # <hostdev mode='subsystem' type='scsi'>: SCSI passthrough
+    RBD = "rbd"  # <disk type='network'><source protocol='rbd'>: a Ceph RBD image (librbd in QEMU)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,52 @@ class IscsiSource:
         return f"iscsi://{host}:{self.port}/{self.iqn}/{self.lun}"
 
 
+@dataclass(frozen=True)
+class RbdSource:
+    """A Ceph RBD image as QEMU's rbd driver addresses it (from ``<source protocol='rbd'>``).
+
+    ``hosts`` are the monitors the domain names (empty: the cluster's config file says);
+    ``user`` and ``secret_uuid``/``secret_usage`` are the cephx user and the libvirt
+    ``ceph`` secret holding its key (never the key itself).
+    """
+
+    pool: str
+    image: str
+    namespace: str | None = None
+    snapshot: str | None = None
+    hosts: tuple[tuple[str, int | None], ...] = ()
+    user: str | None = None
+    secret_uuid: str | None = None
+    secret_usage: str | None = None
+    config_file: str | None = None
+
+    @property
+    def name(self) -> str:
+        """``pool/image`` (``pool/namespace/image`` in a namespace)."""
+        return "/".join(p for p in (self.pool, self.namespace, self.image) if p)
+
+    @property
+    def url(self) -> str:
+        """``rbd:pool/image`` (with ``@snapshot`` when the disk is a snapshot)."""
+        return f"rbd:{self.name}" + (f"@{self.snapshot}" if self.snapshot else "")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RbdSource:
+        """Inverse of ``asdict`` (raises KeyError/TypeError/ValueError when malformed)."""
+        return cls(
+            pool=str(data["pool"]),
+            image=str(data["image"]),
+            namespace=data.get("namespace"),
+            snapshot=data.get("snapshot"),
+            hosts=tuple((str(h), None if p is None else int(p))
+                        for h, p in data.get("hosts") or ()),
+            user=data.get("user"),
+            secret_uuid=data.get("secret_uuid"),
+            secret_usage=data.get("secret_usage"),
+            config_file=data.get("config_file"),
+        )
+
+
 @dataclass
 class RawDisk:
     """A raw disk of a domain with every identifier the tool records.
@@ -54,6 +101,7 @@ class RawDisk:
     wwn: str | None = None
     source_path: str | None = None  # host block device path (block, volume, hostdev)
     iscsi: IscsiSource | None = None
+    rbd: RbdSource | None = None
     driver_type: str | None = "raw"
     readonly: bool = False
     pool: str | None = None  # volume disks: pool and volume names
@@ -68,9 +116,11 @@ class RawDisk:
 
     @property
     def source(self) -> str:
-        """A one-string description of the source (path or iSCSI URL)."""
+        """A one-string description of the source (path, iSCSI URL or ``rbd:pool/image``)."""
         if self.iscsi is not None:
             return self.iscsi.url
+        if self.rbd is not None:
+            return self.rbd.url
         return self.source_path or ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,7 +134,7 @@ class RawDisk:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RawDisk:
         """Inverse of :meth:`to_dict` (unknown keys are ignored)."""
-        iscsi = data.get("iscsi")
+        iscsi, rbd = data.get("iscsi"), data.get("rbd")
         return cls(
             target=str(data["target"]),
             source_kind=SourceKind(data["source_kind"]),
@@ -95,6 +145,7 @@ class RawDisk:
             wwn=data.get("wwn"),
             source_path=data.get("source_path"),
             iscsi=IscsiSource(**iscsi) if isinstance(iscsi, dict) else None,
+            rbd=RbdSource.from_dict(rbd) if isinstance(rbd, dict) else None,
             driver_type=data.get("driver_type"),
             readonly=bool(data.get("readonly", False)),
             pool=data.get("pool"),

@@ -111,6 +111,26 @@ class DiskXML(NetworkSourceXML):
     serial = XMLProperty[str]("./serial")
     wwn = XMLProperty[str]("./wwn")
     readonly = XMLFlag("./readonly")
+    # network disks: cephx user and libvirt secret (``<auth>`` beside or inside ``<source>``)
+    auth_username = XMLProperty[str]("./auth/@username | ./source/auth/@username")
+    auth_secret_uuid = XMLProperty[str]("./auth/secret/@uuid | ./source/auth/secret/@uuid")
+    auth_secret_usage = XMLProperty[str]("./auth/secret/@usage | ./source/auth/secret/@usage")
+    source_snapshot = XMLProperty[str]("./source/snapshot/@name")
+    source_config = XMLProperty[str]("./source/config/@file")
+
+    @property
+    def hosts(self) -> list[tuple[str, int | None]]:
+        """Every ``<source><host>`` as ``(name, port)`` (port None when absent)."""
+        found = []
+        for host in self.children("./source/host"):
+            name, port = host.get("name"), host.get("port")
+            if not name:
+                continue
+            try:
+                found.append((str(name), int(port) if port else None))
+            except ValueError as err:
+                raise UsageError(f"malformed domain XML: host port {str(port)[:64]!r}") from err
+        return found
 
     @property
     def device(self) -> str:

@@ -37,6 +37,7 @@ from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, needs_pause
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.engine.resync import resync_layer
 from libvirt_rdm_backup.engine.sinks import Sink
+from libvirt_rdm_backup.engine.storage_reads import storage_endpoint, storage_nbd
 from libvirt_rdm_backup.errors import OperationError, RdmBackupError
 from libvirt_rdm_backup.modes import WindowMethod
 from libvirt_rdm_backup.qemu import bitmaps
@@ -96,7 +97,7 @@ def copy_from_storage(plan: DiskPlan, sink: Sink, speed: int = 0,
     the sink created beforehand (see :func:`_copy_into`). A disk whose size could not be
     read fails here with the reason (StorageError), e.g. a source that is gone."""
     size = plan.disk.size if plan.disk.size is not None else offline_size(plan.disk)
-    _copy_into(sink, plan, raw_source(plan.disk.source, size=size), speed, progress, deadline)
+    _copy_into(sink, plan, storage_endpoint(plan.disk, size), speed, progress, deadline)
 
 
 def _copy_paused(plan: DiskPlan, sink: Sink, deadline: float, max_pause: float,
@@ -111,11 +112,12 @@ def _copy_paused(plan: DiskPlan, sink: Sink, deadline: float, max_pause: float,
         raise
 
 
-def _copy_into(sink: Sink, plan: DiskPlan, source: dict[str, Any], speed: int,
+def _copy_into(sink: Sink, plan: DiskPlan, source: dict[str, Any] | Endpoint, speed: int,
                progress: ProgressCallback | None, deadline: float | None = None) -> None:
     """Copy the raw ``source`` (blockdev options) into the disk's created layer, as a QEMU
     block job of a private storage daemon: sparse, rate-limited by ``speed`` (bytes/s)."""
-    copy_image(Endpoint(source), sink.copy_target(plan), plan.disk.target, speed=speed,
+    endpoint = source if isinstance(source, Endpoint) else Endpoint(source)
+    copy_image(endpoint, sink.copy_target(plan), plan.disk.target, speed=speed,
                progress=progress, deadline=deadline)
 
 
@@ -304,7 +306,7 @@ def _after_window(run: _Run, groups: _Groups, parent_maps: dict[str, ChunkMap],
         _resync(plan, fleece.export(), sink.target(plan), parent_maps, result)
         fleece.close()
     for plan in groups.offline_resyncs:
-        with qemu_nbd_server(plan.disk.source, "raw", readonly=True) as uri:
+        with storage_nbd(plan.disk) as uri:
             _resync(plan, uri, sink.target(plan), parent_maps, result)
     for plan in groups.snapshot:
         _copy_snapshot(plan, result.snapshots[plan.disk.target], sink, parent_maps,

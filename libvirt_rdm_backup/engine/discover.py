@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import libvirt
 
-from libvirt_rdm_backup.domain.connection import domain_xml, is_running, lookup_domain
+from libvirt_rdm_backup.domain.connection import (
+    domain_xml,
+    is_running,
+    lookup_domain,
+    secret_value,
+)
 from libvirt_rdm_backup.domain.discovery import inventory_from_xml
 from libvirt_rdm_backup.domain.disks import DiskInventory, OtherDisk, RawDisk
 from libvirt_rdm_backup.domain.inventory import volume_resolver
@@ -22,6 +28,9 @@ from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.blockdev import qdev_alias, query_block_devices
 from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor
 from libvirt_rdm_backup.repository.ids import check_safe_name
+from libvirt_rdm_backup.storage import rbd
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +54,8 @@ class DomainContext:
 
 def offline_size(disk: RawDisk) -> int:
     """Size of a raw disk read from its source (the domain need not run)."""
+    if disk.rbd is not None:
+        return rbd.image_size(disk.rbd, f"disk {disk.target}")
     source = disk.source
     if not source or (disk.iscsi is None and not source.startswith("/")):
         raise StorageError(f"disk {disk.target}: no readable source to size")
@@ -71,12 +82,29 @@ def fill_live_facts(dom: libvirt.virDomain, inventory: DiskInventory) -> None:
                 disk.size = None
 
 
+def remember_rbd_keys(conn: libvirt.virConnect, inventory: DiskInventory) -> None:
+    """Read the cephx key of each RBD disk's libvirt secret for :mod:`.storage.rbd`.
+
+    A secret libvirt does not reveal is passed over (debug log): the disk's mapping
+    then names the missing key, or uses ``RDM_BACKUP_CEPH_KEYRING``.
+    """
+    for disk in inventory.raw:
+        source = disk.rbd
+        if source is None or rbd.secret_ref(source) is None or rbd.knows_key(source):
+            continue
+        try:
+            rbd.remember_key(source, secret_value(conn, source.secret_uuid, source.secret_usage))
+        except RdmBackupError as err:
+            log.debug("disk %s: %s", disk.target, err)
+
+
 def open_domain(conn: libvirt.virConnect, name_or_uuid: str, live: bool = True) -> DomainContext:
     """Look a domain up and classify its disks (``live``: ask QEMU for nodes and sizes)."""
     dom = lookup_domain(conn, name_or_uuid)
     running = is_running(dom)
     text = domain_xml(dom)
     inventory = inventory_from_xml(DomainXML.parse(text), running, volume_resolver(conn))
+    remember_rbd_keys(conn, inventory)
     if live:
         fill_live_facts(dom, inventory)
     return DomainContext(dom=dom, xml_text=text, inventory=inventory)

@@ -25,6 +25,7 @@ import libvirt_qemu
 
 from libvirt_rdm_backup.errors import LibvirtError, OperationError, QmpError
 from libvirt_rdm_backup.process import env_seconds, stall_timeout
+from libvirt_rdm_backup.redact import qmp_arguments
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class LibvirtMonitor:
         if arguments:
             message["arguments"] = arguments
         text = json.dumps(message)
-        log.debug("qmp> %s", text)
+        log.debug("qmp> %s %s", command, json.dumps(qmp_arguments(command, arguments)))
         def call() -> str:
             if files:
                 return str(libvirt_qemu.qemuMonitorCommandWithFiles(

@@ -39,13 +39,15 @@ def private_socket_dir(root: str = SOCKET_ROOT) -> str:
 
 @contextmanager
 def qemu_nbd_server(
-    path: str, fmt: str | None, *, readonly: bool, extra: Sequence[str] = ()
+    path: str, fmt: str | None, *, readonly: bool, extra: Sequence[str] = (),
+    pass_fds: Sequence[int] = (),
 ) -> Iterator[str]:
     """Serve an image with ``qemu-nbd`` on a private unix socket; yields its NBD URI.
 
     Writable exports turn zero writes into zero clusters (``--detect-zeroes=unmap``).
     The server is always stopped by its pid (SIGTERM, then SIGKILL). ``fmt`` None
-    leaves the format to ``extra`` (e.g. ``--image-opts`` with ``driver=`` in ``path``).
+    leaves the format to ``extra`` (e.g. ``--image-opts`` with ``driver=`` in ``path``);
+    ``pass_fds`` are inherited by the server (e.g. a pipe a ``secret`` object reads).
     """
     exe = require_tool("qemu-nbd")
     sock_dir = tempfile.mkdtemp(prefix="rdmb-qemu-nbd-")
@@ -59,7 +61,7 @@ def qemu_nbd_server(
             try:
                 proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-                    preexec_fn=die_with_parent,
+                    preexec_fn=die_with_parent, pass_fds=tuple(pass_fds),
                 )
             except OSError as err:
                 raise OperationError(f"cannot run qemu-nbd: {err.strerror}") from err

@@ -39,6 +39,7 @@ from libvirt_rdm_backup.errors import OperationError, QmpError
 from libvirt_rdm_backup.process import die_with_parent, killed_with_parent, require_tool
 from libvirt_rdm_backup.qemu.layers import option_value
 from libvirt_rdm_backup.qemu.monitor import qmp_timeout
+from libvirt_rdm_backup.redact import carries_secret, qmp_arguments
 
 log = logging.getLogger(__name__)
 
@@ -220,13 +221,20 @@ class StorageDaemon:
     async def _execute(self, command: str, arguments: dict[str, Any] | None,
                        files: Sequence[int]) -> Any:
         qmp = self._session()
-        log.debug("qsd> %s %s", command, arguments or "")
+        log.debug("qsd> %s %s", command, qmp_arguments(command, arguments))
         for fd in files:
             qmp.send_fd_scm(fd)
+        # a secret travels: qemu.qmp's own debug log of the raw message stays off meanwhile
+        library_log = logging.getLogger("qemu.qmp")
+        level = library_log.level
+        if carries_secret(command, arguments):
+            library_log.setLevel(max(level, logging.INFO))
         try:
             reply = await qmp.execute(command, arguments)
         except ExecuteError as err:
             raise QmpError(command, err.error_class, str(err)) from err
+        finally:
+            library_log.setLevel(level)
         log.debug("qsd< %s", str(reply)[:2000])
         return reply
 

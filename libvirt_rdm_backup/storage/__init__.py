@@ -1,7 +1,7 @@
 """Storage-side agents: where each raw disk's bytes live, and who the storage says it is.
 
 :func:`map_disk` hands a :class:`RawDisk` to the first agent that can map it
-(:func:`default_agents`: iSCSI first, then local block devices through sysfs) and
+(:func:`default_agents`: RBD images, iSCSI, then local block devices through sysfs) and
 returns its :class:`RawDiskMapping`.
 """
 
@@ -14,13 +14,14 @@ from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.errors import StorageError
 from libvirt_rdm_backup.storage.base import RawDiskMapping, StorageAgent
 from libvirt_rdm_backup.storage.iscsi import IscsiAgent
+from libvirt_rdm_backup.storage.rbd_mapping import RbdAgent
 from libvirt_rdm_backup.storage.sysfs import SysfsAgent
 
 
 def default_agents() -> list[StorageAgent]:
     """The agents :func:`map_disk` tries, in order."""
     sysfs = SysfsAgent()
-    return [IscsiAgent(sysfs=sysfs), sysfs]
+    return [RbdAgent(), IscsiAgent(sysfs=sysfs), sysfs]
 
 
 def disk_identifiers(disk: RawDisk) -> dict[str, Any]:

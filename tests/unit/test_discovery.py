@@ -33,13 +33,15 @@ def inventory(tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_raw_and_other_disks_are_told_apart(inventory) -> None:  # type: ignore[no-untyped-def]
     assert inventory.domain_name == "mixed"
     assert inventory.domain_uuid == "0b1f1c1e-4c39-4a4e-9d1c-2a6b3c4d5e6f"
-    assert [d.target for d in inventory.raw] == ["vdb", "sda", "sdb", "sdc", "vdd", "hostdev0"]
+    assert [d.target for d in inventory.raw] == [
+        "vdb", "sda", "sdb", "sdc", "vdd", "vdg", "vdh", "hostdev0"]
     reasons = {d.target: d.reason for d in inventory.other}
-    assert set(reasons) == {"vda", "vdc", "vde", "vdf", "sdd"}
+    assert set(reasons) == {"vda", "vdc", "vde", "vdf", "vdi", "sdd"}
     assert "image file (qcow2)" in reasons["vda"]
     assert "qcow2 format on block" in reasons["vdc"]
     assert "is not a block device" in reasons["vde"]
-    assert "rbd" in reasons["vdf"]
+    assert "network protocol nbd is not supported" in reasons["vdf"]
+    assert "qcow2 format on network" in reasons["vdi"]
     assert "removable" in reasons["sdd"]
 
 
@@ -68,6 +70,24 @@ def test_identifiers_of_each_raw_disk(inventory) -> None:  # type: ignore[no-unt
     vdd = disks["vdd"]
     assert (vdd.source_kind, vdd.source_path, vdd.pool, vdd.volume) == (
         SourceKind.VOLUME, "/dev/lvpool/data1", "lvpool", "data1")
+
+    vdg = disks["vdg"]
+    assert (vdg.source_kind, vdg.device, vdg.serial, vdg.alias) == (
+        SourceKind.RBD, "disk", "RBD-42", "virtio-disk6")
+    assert not vdg.is_passthrough_lun and vdg.rbd is not None
+    assert (vdg.rbd.pool, vdg.rbd.namespace, vdg.rbd.image, vdg.rbd.snapshot) == (
+        "vms", "ns1", "vm-42-disk-1", None)
+    assert vdg.rbd.hosts == (("192.0.2.21", 6789), ("192.0.2.22", None), ("192.0.2.23", 3300))
+    assert (vdg.rbd.user, vdg.rbd.secret_uuid, vdg.rbd.secret_usage) == (
+        "libvirt", "2a5e3f4e-7d7b-4b8e-9d0a-4f1e0b6c1d22", None)
+    assert vdg.source == "rbd:vms/ns1/vm-42-disk-1"
+
+    vdh = disks["vdh"]  # <auth> inside <source>, a snapshot, a config file, a secret by usage
+    assert vdh.rbd is not None and vdh.readonly
+    assert (vdh.rbd.name, vdh.rbd.snapshot, vdh.rbd.config_file, vdh.rbd.hosts) == (
+        "rbd/plain", "gold", "/etc/ceph/other.conf", ())
+    assert (vdh.rbd.user, vdh.rbd.secret_usage) == ("admin", "cluster2 admin")
+    assert vdh.source == "rbd:rbd/plain@gold"
 
     hostdev = disks["hostdev0"]
     assert hostdev.source_kind is SourceKind.SCSI_HOSTDEV and hostdev.is_passthrough_lun
@@ -101,6 +121,17 @@ def test_domain_without_raw_disks_is_bad_input() -> None:
 def test_malformed_xml_is_refused(text: str) -> None:
     with pytest.raises(UsageError):
         DomainXML.parse(text)
+
+
+@pytest.mark.parametrize("name", ["image", "/image", "pool/", "a/b/c/d", "pool//image"])
+def test_malformed_rbd_names_are_refused(name: str) -> None:
+    xml = DomainXML.parse(
+        "<domain type='kvm'><name>x</name><uuid>0b1f1c1e-4c39-4a4e-9d1c-2a6b3c4d5e6f</uuid>"
+        "<devices><disk type='network' device='disk'><driver name='qemu' type='raw'/>"
+        f"<source protocol='rbd' name='{name}'/><target dev='vdb' bus='virtio'/></disk>"
+        "</devices></domain>")
+    with pytest.raises(UsageError, match="malformed RBD source name"):
+        inventory_from_xml(xml, False)
 
 
 def test_iscsi_names() -> None:

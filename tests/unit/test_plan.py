@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from libvirt_rdm_backup.domain.disks import IscsiSource, RawDisk, SourceKind
+from libvirt_rdm_backup.domain.disks import IscsiSource, RawDisk, RbdSource, SourceKind
 from libvirt_rdm_backup.engine.plan import DataPath, Facts, overall_level, plan_backup, plan_disk
 from libvirt_rdm_backup.errors import TrackingLostError, UsageError
 from libvirt_rdm_backup.qemu import bitmaps as qemu_bitmaps
@@ -70,6 +70,19 @@ def test_lost_tracking(case: str, the_disk: RawDisk, the_facts: Facts, why: str)
     assert err.value.exit_code == 4
     plan = plan_disk(the_disk, "auto", the_facts)
     assert plan.level == "full" and why in plan.reason and plan.track
+
+
+def rbd_disk() -> RawDisk:
+    return RawDisk(target="vdc", source_kind=SourceKind.RBD, device="disk", size=SIZE,
+                   rbd=RbdSource("rbd", "vm-disk", hosts=(("127.0.0.1", 6789),)),
+                   node_name="libvirt-vdc-format")
+
+
+def test_rbd_disks_go_through_qemu_while_running_and_storage_when_shut_off() -> None:
+    plan = plan_disk(rbd_disk(), "auto", facts())
+    assert (plan.path, plan.level, plan.track) == (DataPath.QEMU, "full", True)
+    offline = plan_disk(rbd_disk(), "auto", facts(running=False))
+    assert (offline.path, offline.level, offline.track) == (DataPath.STORAGE, "full", False)
 
 
 def test_offline_domains_and_luns_copy_in_full_from_storage() -> None:

@@ -12,6 +12,7 @@ from libvirt_rdm_backup.errors import StorageError
 from libvirt_rdm_backup.storage import default_agents, map_disk
 from libvirt_rdm_backup.storage.base import Extent, RawDiskMapping, StorageNode
 from libvirt_rdm_backup.storage.iscsi import IscsiAgent
+from libvirt_rdm_backup.storage.rbd_mapping import RbdAgent
 from libvirt_rdm_backup.storage.sysfs import SysfsAgent
 
 from .sysfs_tree import SysfsTree
@@ -34,7 +35,7 @@ class FixedAgent:
 
 def test_default_agents_order() -> None:
     agents = default_agents()
-    assert [type(agent) for agent in agents] == [IscsiAgent, SysfsAgent]
+    assert [type(agent) for agent in agents] == [RbdAgent, IscsiAgent, SysfsAgent]
 
 
 def test_first_agent_that_can_map_wins_and_identifiers_are_filled() -> None:
