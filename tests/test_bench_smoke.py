@@ -71,6 +71,7 @@ LIVE_KEYS = (
     "live_copy_s",
     "live_copy_mib_s",
     "live_dd_s",
+    "live_plain_boot_reads_s",
     "live_copy_throughput_ratio_vs_dd",
 )
 MOUNT_KEYS = ("mount_s", "mount_no_verify_s", "umount_s", "mount_data_bytes")
@@ -280,6 +281,9 @@ def test_bench_live_and_mount_sections_report_their_times(
     # live: the guest read its point, the LUN is the point once the copy is done
     assert doc["live_lun_bytes"] == 64 * MiB and doc["live_data_bytes"] == 16 * MiB, doc
     assert doc["live_guest_read_correct"] is True and doc["live_pivoted"] == [True], doc
+    assert doc["live_plain_boot_read_correct"] is True, doc
+    assert doc["live_reads_over_plain_boot_s"] == round(
+        doc["live_guest_reads_s"] - doc["live_plain_boot_reads_s"], 3), doc
     assert doc["live_verified_identical"] is True, doc
     assert isinstance(doc["live_read_during_copy"], bool), doc
     assert doc["live_running_s"] <= doc["live_guest_ready_s"] <= doc["live_guest_reads_s"], doc
