@@ -174,7 +174,11 @@ def test_array_stopped_mid_copy_and_brought_back(device: str, outage: str) -> No
                     assert len(api.list_backups(repo)) == 1  # QEMU waited, then finished
                 else:
                     assert proc.returncode == 4, err
-                    assert err.count("\n") == 1 and "Traceback" not in err
+                    # one error line; on a loaded host the job's cancel may outlast its wait,
+                    # and a warning before it says that the next run removes what was left
+                    lines = err.splitlines()
+                    assert "Traceback" not in err and lines[-1].startswith("rdm-backup: error:")
+                    assert all("next run removes" in line for line in lines[:-1]), err
                     # the monitor command given up is the job poll or the unplug check
                     assert (f"made no progress for {STALL_LIMIT} s" in err or re.search(
                         rf"did not answer query-(jobs|block) within {QMP_LIMIT} s", err)), err
