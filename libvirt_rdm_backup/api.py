@@ -44,7 +44,7 @@ from libvirt_rdm_backup.engine.stores import open_store
 from libvirt_rdm_backup.engine.unmount import Undone
 from libvirt_rdm_backup.engine.verify import VerifyReport
 from libvirt_rdm_backup.errors import LibvirtError, RdmBackupError
-from libvirt_rdm_backup.modes import Level, Quiesce
+from libvirt_rdm_backup.modes import Compression, Level, Quiesce
 from libvirt_rdm_backup.qemu.block_copy import bwlimit_speed
 from libvirt_rdm_backup.remote import SshAgent
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
@@ -109,6 +109,7 @@ class BackupSettings(TypedDict, total=False):
     max_pause: float
     bwlimit: float | None
     retention: RetentionPolicy | None
+    compress: Compression | str | None
 
 
 def backup(
@@ -143,6 +144,8 @@ def backup(
     guest paused while it is copied (refused up front, or cancelled, beyond that).
     ``bwlimit``: MiB/s each disk's copy may move (QEMU's backup jobs of the guest and the
     copies from storage alike; None: no limit; UsageError unless positive).
+    ``compress``: ``zstd`` or ``zlib``: new layers are qcow2 images of that
+    compression type whose clusters QEMU writes compressed (None: plain).
     ``agent`` (with ``agent_identity``, ``agent_known_hosts``): the hypervisor's
     rdm-backup agent over SSH, when ``uri`` names another machine.
     """

@@ -33,7 +33,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
                         allow_plain_nbd=args.allow_plain_nbd, tls_dir=args.tls_creds,
                         agent=args.agent, agent_identity=args.agent_identity,
                         agent_known_hosts=args.agent_known_hosts,
-                        max_pause=args.max_pause, bwlimit=args.bwlimit, retention=retention)
+                        max_pause=args.max_pause, bwlimit=args.bwlimit, retention=retention,
+                        compress=args.compress)
     document = result.to_dict()
 
     def text() -> str:

@@ -15,7 +15,7 @@ from libvirt_rdm_backup.cli.schedule import cmd_schedule
 from libvirt_rdm_backup.cli.serving import cmd_export, cmd_receive, cmd_serve
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, check_max_pause
 from libvirt_rdm_backup.errors import UsageError
-from libvirt_rdm_backup.modes import Level, Quiesce
+from libvirt_rdm_backup.modes import Compression, Level, Quiesce
 from libvirt_rdm_backup.qemu.block_copy import bwlimit_speed
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
 
@@ -141,6 +141,10 @@ def _add_backup(sub: argparse._SubParsersAction[Parser], common: Parser) -> Pars
                         "rate says longer, cancelled (guest resumed, exit 4) when reached "
                         "(default: %(default)g)")
     p.add_argument("--bwlimit", type=mib_per_s, metavar="MIB/S", help=BWLIMIT_HELP)
+    p.add_argument("--compress", nargs="?", const="zstd", default=None,
+                   choices=[m.value for m in Compression],
+                   help="write the new layers' clusters compressed by QEMU (qcow2 "
+                        "compression_type zstd, the default, or zlib)")
     p.add_argument("--prune", action="store_true",
                    help="after the backup, prune its chain by the --keep-* options "
                         "(see prune)")

@@ -39,9 +39,10 @@ from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError, UsageError
 from libvirt_rdm_backup.events import describe_restart
 from libvirt_rdm_backup.locks import domain_lock
-from libvirt_rdm_backup.modes import Level, Quiesce, parse_choice
+from libvirt_rdm_backup.modes import Compression, Level, Quiesce, parse_choice
 from libvirt_rdm_backup.qemu import bitmaps
 from libvirt_rdm_backup.qemu.block_copy import bwlimit_speed
+from libvirt_rdm_backup.qemu.layer_format import LayerFormat
 from libvirt_rdm_backup.qemu.leftovers import remove_leftovers
 from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor, Monitor
 from libvirt_rdm_backup.remote import SshAgent
@@ -83,7 +84,8 @@ class BackupOptions:
     target. ``max_pause``: seconds a passthrough LUN without storage snapshots may
     keep the guest paused while it is copied. ``bwlimit``: MiB/s each disk's copy may
     move (None: no limit). ``retention``: prune the chain with this policy after the
-    backup is published (None: no prune). ``progress(job, done, total)`` is
+    backup is published (None: no prune). ``compress``: new layers written with
+    compressed clusters, ``zstd`` or ``zlib`` (None: plain). ``progress(job, done, total)`` is
     called while QEMU jobs run. Strings are accepted for the enums; a bad value
     raises UsageError.
     """
@@ -97,6 +99,7 @@ class BackupOptions:
     max_pause: float = DEFAULT_MAX_PAUSE
     bwlimit: float | None = None
     retention: RetentionPolicy | None = None
+    compress: Compression | None = None
     progress: ProgressCallback | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -104,6 +107,9 @@ class BackupOptions:
         if self.quiesce is not None:
             object.__setattr__(self, "quiesce",
                                parse_choice(Quiesce, self.quiesce, "quiesce mode"))
+        if self.compress is not None:
+            object.__setattr__(self, "compress",
+                               parse_choice(Compression, self.compress, "compression"))
         check_safe_name(self.chain, "chain name")
         check_max_pause(self.max_pause)
         bwlimit_speed(self.bwlimit)
@@ -140,6 +146,7 @@ class BackupResult:
                     "size": d.size,
                     "bytes_transferred": d.bytes_transferred,
                     "stored_bytes": d.stored_bytes,
+                    "compression": d.compression,
                     "level": d.level,
                     "reason": d.reason,
                     "parent": d.parent,
@@ -424,7 +431,7 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
         backup_id = new_backup_id({m.backup_id for m in published}
                                   | {d.backup_id for d in unreadable})
         created = now_iso()
-        with store.session(ctx.uuid, backup_id) as session:
+        with store.session(ctx.uuid, backup_id, LayerFormat(options.compress)) as session:
             captured = capture(ctx.dom, ctx.inventory.running, plans, session, CaptureOptions(
                 bitmaps.bitmap_name(store.repo_id, chain_name, backup_id), parent_maps,
                 progress=options.progress, quiesce=options.quiesce, snapshot_scope=scope,

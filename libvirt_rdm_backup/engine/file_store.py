@@ -19,6 +19,7 @@ from libvirt_rdm_backup.errors import (
     UsageError,
 )
 from libvirt_rdm_backup.qemu import layers
+from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint, lineage
 from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
@@ -109,9 +110,10 @@ class FileStore:
         return self.repo.scan(domain_uuid)
 
     @contextmanager
-    def session(self, domain_uuid: str, backup_id: str) -> Iterator[Session]:
+    def session(self, domain_uuid: str, backup_id: str,
+                layer_format: LayerFormat = PLAIN) -> Iterator[Session]:
         with self.repo.staging(domain_uuid, backup_id) as staging:
-            yield FileSink(self.repo, staging, self._lower_paths)
+            yield FileSink(self.repo, staging, self._lower_paths, layer_format)
 
     def _lower_paths(self, plan: DiskPlan) -> list[str]:
         """The layers a new layer builds on, top first, from the manifests' parent links."""

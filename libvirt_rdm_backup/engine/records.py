@@ -74,4 +74,5 @@ def record_disk(plan: DiskPlan, session: Session, captured: Capture, mapping: Ma
         location=written.location,
         chunk_map=chunk_file,
         chunk_map_digest=chunk_digest,
+        compression=session.layer_format.record(),
     )

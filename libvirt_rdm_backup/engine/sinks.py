@@ -24,6 +24,7 @@ from libvirt_rdm_backup.errors import OperationError, QmpError, RdmBackupError, 
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.qemu.block_copy import Endpoint
 from libvirt_rdm_backup.qemu.blockdev import attached_image
+from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
@@ -39,6 +40,7 @@ class Sink(Protocol):
     """Destination of the new layers of one backup, as a capture writes them."""
 
     local_files: bool  # layers are local files (resyncs and ranged copies need that)
+    layer_format: LayerFormat  # how new layers are written (compressed or not)
 
     def create(self, plan: DiskPlan) -> None:
         """Create the disk's empty layer (qcow2 of the disk's size)."""
@@ -110,10 +112,12 @@ class FileSink:
     local_files = True
 
     def __init__(self, repo: Repository, staging: Staging,
-                 lower: Callable[[DiskPlan], list[str]]) -> None:
+                 lower: Callable[[DiskPlan], list[str]],
+                 layer_format: LayerFormat = PLAIN) -> None:
         self.repo = repo
         self.staging = staging
         self._lower = lower
+        self.layer_format = layer_format
 
     def target(self, plan: DiskPlan) -> str:
         return self.staging.file(data_file_name(plan))
@@ -124,13 +128,15 @@ class FileSink:
     def create(self, plan: DiskPlan) -> None:
         backing = plan.parent.relative_data_file() if plan.parent else None
         # qemu-img create: a header written in one step, no block node to open
-        img.create(self.target(plan), DATA_FORMAT, int(plan.disk.size or 0), backing=backing)
+        img.create(self.target(plan), DATA_FORMAT, int(plan.disk.size or 0), backing=backing,
+                   options=self.layer_format.create_options())
 
     def copy_target(self, plan: DiskPlan) -> Endpoint:
         # the staging file is this run's own: opened by name; any backing named in the
         # header is not opened (a copy writes every byte of the disk)
-        return Endpoint({"driver": DATA_FORMAT, "backing": None,
-                         "file": {"driver": "file", "filename": self.target(plan)}})
+        return Endpoint(self.layer_format.writer(
+            {"driver": DATA_FORMAT, "backing": None,
+             "file": {"driver": "file", "filename": self.target(plan)}}))
 
     def attach(self, monitor: Monitor, plan: DiskPlan) -> AbstractContextManager[str]:
         return _file_node(monitor, self.target(plan), plan)
@@ -167,9 +173,11 @@ class NbdSink:
 
     local_files = False
 
-    def __init__(self, volume: NbdVolume, scratch_dir: str) -> None:
+    def __init__(self, volume: NbdVolume, scratch_dir: str,
+                 layer_format: LayerFormat = PLAIN) -> None:
         self.volume = volume
         self.scratch_dir = scratch_dir
+        self.layer_format = layer_format
         self.locations: dict[str, dict[str, Any]] = {}
 
     def scratch(self, name: str) -> str:
@@ -182,7 +190,8 @@ class NbdSink:
         offset = self.volume.allocate(region)
         with tempfile.TemporaryDirectory(prefix="rdmb-layer-") as tmp:
             empty = os.path.join(tmp, "empty.qcow2")
-            img.create(empty, DATA_FORMAT, size)  # qemu-img create: just the header bytes
+            # qemu-img create: just the header bytes
+            img.create(empty, DATA_FORMAT, size, options=self.layer_format.create_options())
             with open(empty, "rb") as stream:
                 header = stream.read()
         self.volume.write(offset, header)
@@ -200,7 +209,8 @@ class NbdSink:
 
     def copy_target(self, plan: DiskPlan) -> Endpoint:
         tls = self.volume.tls_object()
-        return Endpoint(self.node(plan), objects=(tls,) if tls is not None else ())
+        return Endpoint(self.layer_format.writer(self.node(plan)),
+                        objects=(tls,) if tls is not None else ())
 
     def attach(self, monitor: Monitor, plan: DiskPlan) -> AbstractContextManager[str]:
         return _nbd_node(monitor, self.node(plan), plan, self.volume.tls_object(),

@@ -17,6 +17,7 @@ from libvirt_rdm_backup.engine.merge_plan import PlannedMerge
 from libvirt_rdm_backup.engine.sinks import Session
 from libvirt_rdm_backup.engine.volume_store import VolumeStore
 from libvirt_rdm_backup.errors import UsageError
+from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
 from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.store import Repository, Scan
@@ -55,8 +56,10 @@ class Store(Protocol):
         """Readable backups (of all domains, or of one), oldest first, and damaged ones."""
         ...
 
-    def session(self, domain_uuid: str, backup_id: str) -> ContextManager[Session]:
-        """Where a new backup is written; nothing of it is visible until it is published."""
+    def session(self, domain_uuid: str, backup_id: str,
+                layer_format: LayerFormat = PLAIN) -> ContextManager[Session]:
+        """Where a new backup is written (its new layers as ``layer_format`` says);
+        nothing of it is visible until it is published."""
         ...
 
     def chunk_map(self, point: DiskPoint) -> ChunkMap | None:

@@ -96,4 +96,5 @@ def _merged(store: _Volume, sink: NbdSink, by_id: dict[str, Manifest], chain: Ch
     moved = img.data_bytes(written.image, own_only=True)
     return replace(record, location=written.location, digest=sink.digest(plan),
                    stored_bytes=written.stored_bytes, parent=merge.base, backing_file=None,
+                   compression=sink.layer_format.record(),
                    level="full" if merge.base is None else record.level), moved

@@ -18,6 +18,7 @@ from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError
 from libvirt_rdm_backup.fslock import exclusive, waiting
 from libvirt_rdm_backup.locks import lock_dir
 from libvirt_rdm_backup.qemu import img, layers
+from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
 from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
@@ -104,9 +105,10 @@ class VolumeStore:
         return self.volume.publish_changes(domain_uuid, replace, drop)
 
     @contextmanager
-    def session(self, domain_uuid: str, backup_id: str) -> Iterator[Session]:
+    def session(self, domain_uuid: str, backup_id: str,
+                layer_format: LayerFormat = PLAIN) -> Iterator[Session]:
         with tempfile.TemporaryDirectory(prefix="rdmb-session-") as scratch:
-            yield NbdSink(self.volume, scratch)
+            yield NbdSink(self.volume, scratch, layer_format)
 
     def chunk_map(self, point: DiskPoint) -> ChunkMap | None:
         """None: a volume keeps no chunk maps (its layers are not local files)."""

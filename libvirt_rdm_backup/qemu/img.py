@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -65,15 +65,19 @@ def check_end(path: str, fmt: str) -> int:
         raise OperationError(f"cannot check {fmt} image: {proc.stderr.strip()}") from err
 
 
-def create(path: str, fmt: str, size: int, backing: str | None = None) -> None:
+def create(path: str, fmt: str, size: int, backing: str | None = None,
+           options: Mapping[str, str] | None = None) -> None:
     """Create an image (qcow2 with 64 KiB clusters by default).
 
     A ``backing`` name is only written into the header (``-u``): the backing file,
-    which comes from a repository, is not opened.
+    which comes from a repository, is not opened. ``options``: creation options of the
+    format (``-o``, e.g. ``compression_type``).
     """
     argv = [*_qemu_img("create"), "-q", "-f", fmt]
     if backing is not None:
         argv += ["-u", "-b", backing, "-F", "qcow2"]
+    if options:
+        argv += ["-o", ",".join(f"{k}={v.replace(',', ',,')}" for k, v in options.items())]
     argv += [path, str(size)]
     run(argv)
 

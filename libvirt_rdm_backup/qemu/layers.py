@@ -5,10 +5,11 @@ an external data file, encryption, or be another format altogether. QEMU would
 follow each of them when it opens the image by name. So:
 
 * :func:`header_problem` parses the first 4 KiB of a layer with strict bounds and
-  accepts only what this tool writes: qcow2 version 3, 64 KiB clusters, no
-  encryption, no external data file, no internal snapshots, no unknown feature or
-  header extension, the virtual size the manifest records, and exactly the backing
-  file name the repository layout implies (none for a full copy or a volume region).
+  accepts only what this tool writes: qcow2 version 3, 64 KiB clusters, a zlib or
+  zstd compression type, no encryption, no external data file, no internal snapshots,
+  no unknown feature or header extension, the virtual size the manifest records, and
+  exactly the backing file name the repository layout implies (none for a full copy or
+  a volume region).
 * :func:`chain_node` builds the blockdev options of a point with the ``backing`` of
   every layer set explicitly (``null`` below the last), so that no name in a header
   is ever opened; :func:`json_filename` makes them a ``qemu-img``/``qemu-nbd`` filename.
@@ -45,9 +46,11 @@ EXT_DATA_FILE = 0x44415441
 _KNOWN_EXTENSIONS = {EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, EXT_BITMAPS}
 
 INCOMPAT_DIRTY = 1 << 0
+INCOMPAT_COMPRESSION = 1 << 3  # the compression type byte is not zlib (0)
 _INCOMPAT_NAMES = {1: "is marked corrupt", 2: "has an external data file",
-                   3: "uses a compression type this tool does not write",
                    4: "uses extended L2 entries"}
+COMPRESSION_OFFSET = 104  # the compression type byte, in headers of 112 bytes and more
+COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
 AUTOCLEAR_RAW_DATA = 1 << 1
 
 
@@ -80,7 +83,8 @@ def header_problem(data: bytes, backing: str | None, size: int | None = None) ->
     for bit, what in _INCOMPAT_NAMES.items():
         if incompatible & (1 << bit):
             return what
-    if incompatible & ~(INCOMPAT_DIRTY | sum(1 << b for b in _INCOMPAT_NAMES)):
+    known = INCOMPAT_DIRTY | INCOMPAT_COMPRESSION | sum(1 << b for b in _INCOMPAT_NAMES)
+    if incompatible & ~known:
         return f"has unknown incompatible features {incompatible:#x}"
     if autoclear & AUTOCLEAR_RAW_DATA:
         return "has an external raw data file"
@@ -90,11 +94,22 @@ def header_problem(data: bytes, backing: str | None, size: int | None = None) ->
         return f"is a {virtual_size}-byte image, the manifest says {size}"
     if not _HEADER.size <= header_length <= min(len(data), HEADER_READ) or header_length % 8:
         return f"has a malformed header length {header_length}"
+    if compression_type(data, header_length, incompatible) is None:
+        return "uses a compression type this tool does not write"
     extensions, problem = _extensions(data, header_length)
     if problem is not None:
         return problem
     return _backing_problem(data, backing_offset, backing_size, backing,
                             extensions.get(EXT_BACKING_FORMAT))
+
+
+def compression_type(data: bytes, header_length: int, incompatible: int) -> str | None:
+    """The layer's compression type (``zlib`` or ``zstd``), None for any other."""
+    if not incompatible & INCOMPAT_COMPRESSION:
+        return "zlib"
+    if header_length <= COMPRESSION_OFFSET:
+        return None
+    return COMPRESSION_TYPES.get(data[COMPRESSION_OFFSET])
 
 
 def _extensions(data: bytes, start: int) -> tuple[dict[int, bytes], str | None]:
