@@ -15,7 +15,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,7 +27,9 @@ from libvirt_rdm_backup.qemu.blockdev import attached_image
 from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
+from libvirt_rdm_backup.qemu.secrets import LayerKey, guest_secret
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
+from libvirt_rdm_backup.repository.encryption import EncryptionRecord, write_record
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.store import Repository, Staging
 from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
@@ -113,11 +115,16 @@ class FileSink:
 
     def __init__(self, repo: Repository, staging: Staging,
                  lower: Callable[[DiskPlan], list[str]],
-                 layer_format: LayerFormat = PLAIN) -> None:
+                 layer_format: LayerFormat = PLAIN, key: LayerKey | None = None,
+                 objects: tuple[dict[str, Any], ...] = (),
+                 encryption: EncryptionRecord | None = None) -> None:
         self.repo = repo
         self.staging = staging
         self._lower = lower
         self.layer_format = layer_format
+        self._key = key  # for the guest's QEMU, when new layers are encrypted
+        self._objects = objects  # the key's secret object, for a private daemon
+        self._encryption = encryption  # the repository's record, written at the publish
 
     def target(self, plan: DiskPlan) -> str:
         return self.staging.file(data_file_name(plan))
@@ -134,12 +141,14 @@ class FileSink:
     def copy_target(self, plan: DiskPlan) -> Endpoint:
         # the staging file is this run's own: opened by name; any backing named in the
         # header is not opened (a copy writes every byte of the disk)
-        return Endpoint(self.layer_format.writer(
+        return Endpoint(self.layer_format.writer(self.layer_format.layer(
             {"driver": DATA_FORMAT, "backing": None,
-             "file": {"driver": "file", "filename": self.target(plan)}}))
+             "file": {"driver": "file", "filename": self.target(plan)}})),
+            objects=self._objects if self.layer_format.encrypted else ())
 
     def attach(self, monitor: Monitor, plan: DiskPlan) -> AbstractContextManager[str]:
-        return _file_node(monitor, self.target(plan), plan)
+        key = self._key if self.layer_format.encrypted else None
+        return _file_node(monitor, self.target(plan), plan, key)
 
     def written(self, plan: DiskPlan) -> Written:
         path = self.target(plan)
@@ -158,13 +167,24 @@ class FileSink:
         return file_digest(self.target(plan))
 
     def publish(self, manifest: Manifest) -> str:
+        if self.layer_format.encrypted and self._encryption is not None:
+            write_record(self.repo.root, self._encryption)  # the first encrypted backup's
         return self.repo.publish(self.staging, manifest)
 
 
 @contextmanager
-def _file_node(monitor: Monitor, path: str, plan: DiskPlan) -> Iterator[str]:
-    options = {"backing": None} if plan.parent else None
-    with attached_image(monitor, path, DATA_FORMAT, plan.disk.target, options) as node:
+def _file_node(monitor: Monitor, path: str, plan: DiskPlan, key: LayerKey | None
+               ) -> Iterator[str]:
+    """The layer file as a node of the guest's QEMU (with the key's secret object there
+    when the layer is encrypted)."""
+    options: dict[str, Any] = {"backing": None} if plan.parent else {}
+    with ExitStack() as stack:
+        if key is not None:
+            secret = stack.enter_context(guest_secret(monitor, key,
+                                                      object_name("key", plan.disk.target)))
+            options["encrypt"] = layers.encrypt_options(secret)
+        node = stack.enter_context(attached_image(monitor, path, DATA_FORMAT,
+                                                  plan.disk.target, options or None))
         yield node.node_name
 
 

@@ -17,6 +17,7 @@ from libvirt_rdm_backup.engine.volume_merge import consolidate_volume
 from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError
 from libvirt_rdm_backup.fslock import exclusive, waiting
 from libvirt_rdm_backup.locks import lock_dir
+from libvirt_rdm_backup.modes import Compression
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
@@ -103,6 +104,10 @@ class VolumeStore:
         writer lease (:meth:`lock`); the lease is released with the publication.
         """
         return self.volume.publish_changes(domain_uuid, replace, drop)
+
+    def new_layers(self, compression: Compression | None) -> LayerFormat:
+        """Layers of an NBD volume are compressed or plain (never encrypted here)."""
+        return LayerFormat(compression)
 
     @contextmanager
     def session(self, domain_uuid: str, backup_id: str,

@@ -11,10 +11,15 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.errors import CommandError, OperationError
 from libvirt_rdm_backup.process import die_with_parent, run
 
 MAX_MAP_LINE = 4096  # one extent of ``qemu-img map --output=json`` is about 120 bytes
+# QEMU's key-derivation benchmark of a new LUKS header measured no time (a coarse clock):
+# it fails now and then under load, and works when run again
+LUKS_BENCHMARK_FAILED = "Unable to get accurate CPU usage"
+LUKS_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -49,11 +54,16 @@ def objects(*definitions: str) -> Iterator[None]:
         _OBJECTS.reset(token)
 
 
-def _qemu_img(command: str) -> list[str]:
-    argv = ["qemu-img", command]
+def object_args() -> list[str]:
+    """The ``--object`` arguments of :func:`objects` (qemu-img and qemu-nbd take them)."""
+    argv: list[str] = []
     for definition in _OBJECTS.get():
         argv += ["--object", definition]
     return argv
+
+
+def _qemu_img(command: str) -> list[str]:
+    return ["qemu-img", command, *object_args()]
 
 
 def check_end(path: str, fmt: str) -> int:
@@ -79,7 +89,16 @@ def create(path: str, fmt: str, size: int, backing: str | None = None,
     if options:
         argv += ["-o", ",".join(f"{k}={v.replace(',', ',,')}" for k, v in options.items())]
     argv += [path, str(size)]
-    run(argv)
+
+    def attempt() -> None:
+        try:
+            run(argv)
+        except CommandError as err:
+            if LUKS_BENCHMARK_FAILED in str(err):
+                raise retry.Again() from err
+            raise
+
+    retry.luks_create(path, LUKS_ATTEMPTS)(attempt)
 
 
 def forget_backing(path: str) -> None:
