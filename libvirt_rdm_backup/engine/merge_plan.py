@@ -104,6 +104,7 @@ def own_data(repo: Repository, manifest: Manifest, disk: str) -> list[Region]:
     files not opened)."""
     record = manifest.disk(disk)
     assert record is not None
-    node = layers.chain_node([layers.file_node(repo.data_file(manifest, record))])
+    node = layers.chain_node([layers.file_node(repo.data_file(manifest, record))],
+                             [record.encryption is not None])
     return [(e.start, e.length) for e in img.iter_map(layers.json_filename(node))
             if e.data and not e.zero and e.depth == 0]

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from typing import Any
 
 from libvirt_rdm_backup.errors import RdmBackupError, UsageError
@@ -77,10 +78,21 @@ def secret_definition(path: str, secret_id: str = SECRET_ID) -> str:
     return f"secret,id={secret_id},format=raw,file={path.replace(',', ',,')}"
 
 
+_ACTIVE: ContextVar[str | None] = ContextVar("layer_key_file", default=None)
+
+
+def active_secret() -> dict[str, Any] | None:
+    """``object-add`` arguments of the key of the running command (:func:`key_file`), for
+    QEMUs that open whatever encrypted layers they are given; None without a key."""
+    path = _ACTIVE.get()
+    return None if path is None else secret_object(path)
+
+
 @contextmanager
 def key_file(key: LayerKey) -> Iterator[str]:
     """The key in a 0600 file of a private 0700 directory (in memory where the host has
-    ``/dev/shm``), for the block; removed afterwards."""
+    ``/dev/shm``), for the block (the key of :func:`active_secret` meanwhile); removed
+    afterwards."""
     root = MEMORY_ROOT if os.path.isdir(MEMORY_ROOT) else None
     directory = tempfile.mkdtemp(prefix="rdmb-key-", dir=root)  # mode 0700
     try:
@@ -90,7 +102,11 @@ def key_file(key: LayerKey) -> Iterator[str]:
             key.write_to(fd)
         finally:
             os.close(fd)
-        yield path
+        token = _ACTIVE.set(path)
+        try:
+            yield path
+        finally:
+            _ACTIVE.reset(token)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
