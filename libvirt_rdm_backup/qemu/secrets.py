@@ -1,6 +1,7 @@
 """The key of encrypted layers, and how it reaches QEMU without being shown anywhere.
 
-A key is the exact bytes of a key file (``--encrypt-key-file``). QEMU gets it as a
+A key is the exact bytes of a key file (``--encrypt-key-file``), UTF-8 text (QEMU's
+LUKS takes a passphrase). QEMU gets it as a
 ``secret`` object whose ``file`` is a path, never the key itself:
 
 * QEMU processes this tool starts (``qemu-img``, ``qemu-nbd``, the private storage
@@ -39,6 +40,13 @@ class LayerKey:
     def __init__(self, data: bytes) -> None:
         if not data:
             raise UsageError("the encryption key file is empty")
+        try:  # QEMU's LUKS takes a passphrase: UTF-8 text without NUL
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "\0"
+        if "\0" in text:
+            raise UsageError("the encryption key file must be UTF-8 text without NUL bytes "
+                             "(e.g. head -c 32 /dev/urandom | base64 > FILE)")
         self._data = data
 
     def __repr__(self) -> str:

@@ -62,7 +62,7 @@ def write_record(root: str, record: EncryptionRecord) -> None:
     """Write the record unless the repository has one (then it must be this one)."""
     found = read_record(root)
     if found is None:
-        write_atomic(os.path.join(root, RECORD), record.to_json().encode(), mode=0o644)
+        write_atomic(os.path.join(root, RECORD), record.to_json().encode(), mode=0o600)
     elif found != record:
         raise RepositoryError(f"{os.path.join(root, RECORD)} changed during the backup")
 
