@@ -148,7 +148,7 @@ def backup(
     ``compress``: ``zstd`` or ``zlib``: new layers are qcow2 images of that
     compression type whose clusters QEMU writes compressed (None: plain).
     ``encrypt_key_file``: new layers are LUKS-encrypted qcow2 with the key this file
-    holds (file repositories; not with ``compress``; see docs/encryption.md).
+    holds (not with ``compress``; see docs/encryption.md).
     ``agent`` (with ``agent_identity``, ``agent_known_hosts``): the hypervisor's
     rdm-backup agent over SSH, when ``uri`` names another machine.
     """

@@ -9,7 +9,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from libvirt_rdm_backup.engine import consolidate
-from libvirt_rdm_backup.engine.merge_plan import PlannedMerge, plan_file_merges
+from libvirt_rdm_backup.engine.merge_plan import PlannedMerge, check_merge_keys, plan_file_merges
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.engine.sinks import FileSink, Session
 from libvirt_rdm_backup.errors import (
@@ -89,7 +89,7 @@ class FileStore:
         """Drop the points ``drop`` of ``chain`` and merge their data into the kept points
         (journaled, :mod:`.consolidate`), once the domain's readers are done; the merges
         and the bytes the domain's directory gave back. The caller holds :meth:`lock`."""
-        _check_merge_keys(self, chain)
+        check_merge_keys(self.check_key, chain)
         with self.repo.prune_gate(domain_uuid, True, GATE_TIMEOUT):
             directory = self.repo.domain_dir(domain_uuid)
             before = _allocated(directory)
@@ -291,18 +291,3 @@ def _allocated(directory: str) -> int:
                 continue
     return total
 
-
-def _check_merge_keys(store: FileStore, chain: Chain) -> None:
-    """Before a prune merges anything: the key of every encrypted point (UsageError), and
-    no disk whose chain mixes plain and encrypted layers (a merge would write one into the
-    other)."""
-    kinds: dict[str, set[bool]] = {}
-    for manifest in chain.backups:
-        for record in manifest.disks:
-            store.check_key(DiskPoint(manifest, record))
-            kinds.setdefault(record.disk.target, set()).add(record.encryption is not None)
-    for disk, found in sorted(kinds.items()):
-        if len(found) > 1:
-            raise UsageError(f"disk {disk} of chain {chain.name} has plain and encrypted "
-                             "points: a prune does not merge them (take an encrypted full "
-                             "backup; the plain points can then be pruned alone)")

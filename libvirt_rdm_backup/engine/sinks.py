@@ -27,7 +27,7 @@ from libvirt_rdm_backup.qemu.blockdev import attached_image
 from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
-from libvirt_rdm_backup.qemu.secrets import LayerKey, guest_secret
+from libvirt_rdm_backup.qemu.secrets import LayerKey, active_secret, guest_secret
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
 from libvirt_rdm_backup.repository.encryption import EncryptionRecord, write_record
 from libvirt_rdm_backup.repository.manifest import Manifest
@@ -36,6 +36,7 @@ from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
 from libvirt_rdm_backup.targets.volume_format import region_size
 
 DATA_FORMAT = "qcow2"
+LUKS_ROOM = 4 << 20  # more room in a volume region for the LUKS header of an encrypted layer
 
 
 class Sink(Protocol):
@@ -194,10 +195,11 @@ class NbdSink:
     local_files = False
 
     def __init__(self, volume: NbdVolume, scratch_dir: str,
-                 layer_format: LayerFormat = PLAIN) -> None:
+                 layer_format: LayerFormat = PLAIN, key: LayerKey | None = None) -> None:
         self.volume = volume
         self.scratch_dir = scratch_dir
         self.layer_format = layer_format
+        self._key = key  # for the QEMUs that write encrypted layers
         self.locations: dict[str, dict[str, Any]] = {}
 
     def scratch(self, name: str) -> str:
@@ -206,7 +208,7 @@ class NbdSink:
     def create(self, plan: DiskPlan) -> None:
         """Reserve a region and write an empty qcow2 header into it (a few KiB)."""
         size = int(plan.disk.size or 0)
-        region = region_size(size)
+        region = region_size(size) + (LUKS_ROOM if self.layer_format.encrypted else 0)
         offset = self.volume.allocate(region)
         with tempfile.TemporaryDirectory(prefix="rdmb-layer-") as tmp:
             empty = os.path.join(tmp, "empty.qcow2")
@@ -222,19 +224,22 @@ class NbdSink:
         """Blockdev options of the disk's layer (qcow2 on its region of the export)."""
         location = self.locations[plan.disk.target]
         return layers.chain_node([self.volume.region_node(location["offset"],
-                                                          location["region"])])
+                                                          location["region"])],
+                                 [self.layer_format.encrypted])
 
     def target(self, plan: DiskPlan) -> str:
         return layers.json_filename(self.node(plan))
 
     def copy_target(self, plan: DiskPlan) -> Endpoint:
         tls = self.volume.tls_object()
+        secret = active_secret() if self.layer_format.encrypted else None
         return Endpoint(self.layer_format.writer(self.node(plan)),
-                        objects=(tls,) if tls is not None else ())
+                        objects=tuple(o for o in (tls, secret) if o is not None))
 
     def attach(self, monitor: Monitor, plan: DiskPlan) -> AbstractContextManager[str]:
+        key = self._key if self.layer_format.encrypted else None
         return _nbd_node(monitor, self.node(plan), plan, self.volume.tls_object(),
-                         self.volume.address.socket)
+                         self.volume.address.socket, key)
 
     def written(self, plan: DiskPlan) -> Written:
         image = self.read_back(plan)
@@ -249,14 +254,15 @@ class NbdSink:
         location = self.locations[plan.disk.target]
         offset, region = int(location["offset"]), int(location["region"])
         head = self.volume.read(offset, layers.HEADER_READ)
-        problem = layers.header_problem(head, None, int(plan.disk.size or 0))
+        encrypted = self.layer_format.encrypted
+        problem = layers.header_problem(head, None, int(plan.disk.size or 0), encrypted)
         if problem is not None:
             raise VerificationError(f"the new layer of {plan.disk.target} in "
                                     f"{self.volume.address.uri} {problem} after it was written; "
                                     "nothing was published")
         node = layers.pinned_head(head, self.volume.region_node(offset, region), region,
                                   self.scratch(f"new-{offset}.qcow2"))
-        return layers.json_filename(layers.chain_node([node]))
+        return layers.json_filename(layers.chain_node([node], [encrypted]))
 
     def digest(self, plan: DiskPlan) -> Digest:
         location = self.locations[plan.disk.target]
@@ -287,8 +293,16 @@ def _pass_connection(monitor: Monitor, socket_path: str, name: str) -> dict[str,
 
 @contextmanager
 def _nbd_node(monitor: Monitor, options: dict[str, Any], plan: DiskPlan,
-              tls: dict[str, Any] | None, socket_path: str | None) -> Iterator[str]:
-    """The layer's node in QEMU (with the TLS credentials object its NBD client needs)."""
+              tls: dict[str, Any] | None, socket_path: str | None,
+              key: LayerKey | None = None) -> Iterator[str]:
+    """The layer's node in QEMU (with the TLS credentials object its NBD client needs, and
+    the key's secret object when the layer is encrypted)."""
+    if key is not None:
+        with guest_secret(monitor, key, object_name("key", plan.disk.target)) as secret:
+            options = {**options, "encrypt": layers.encrypt_options(secret)}
+            with _nbd_node(monitor, options, plan, tls, socket_path) as name:
+                yield name
+        return
     if socket_path is not None:
         fdname = object_name("nbdconn", plan.disk.target)
         server = _pass_connection(monitor, socket_path, fdname)

@@ -100,21 +100,18 @@ def open_store(target: str, create: bool = False, allow_plain_nbd: bool = True,
 
     ``nbds://`` targets need ``tls_dir``: a directory with ``ca-cert.pem``,
     ``client-cert.pem`` and ``client-key.pem`` (QEMU's and libnbd's names).
-    ``key_file``: holds the key of encrypted layers (file repositories; checked against
-    the repository's encryption record: UsageError when it is not that key, or when the
-    repository is encrypted and no key was given).
+    ``key_file``: holds the key of encrypted layers (checked against the key ids the
+    store records: UsageError when it is not that key; reading an encrypted point or
+    adding a backup to an encrypted store without a key is refused too).
     """
     parsed = parse_target(target, allow_remote_plain=allow_plain_nbd)
     key = LayerKey.from_file(key_file) if key_file is not None else None
-    if isinstance(parsed, NbdAddress) and key is not None:
-        raise UsageError("--encrypt-key-file applies to file repositories only, "
-                         f"not to {target}")
     if isinstance(parsed, NbdAddress):
         if parsed.tls and tls_dir is None:
             raise UsageError(f"{target} is TLS: give --tls-creds DIR")
         if tls_dir is not None and not parsed.tls:
             raise UsageError(f"--tls-creds needs an nbds:// target, not {target}")
-        return VolumeStore(NbdVolume.open(parsed, create=create, tls_dir=tls_dir))
+        return VolumeStore(NbdVolume.open(parsed, create=create, tls_dir=tls_dir), key)
     if tls_dir is not None:
         raise UsageError("--tls-creds applies to nbds:// targets only")
     return FileStore(Repository.open(parsed, create=create), key)

@@ -34,6 +34,7 @@ class LayerFormat:
 
     compression: Compression | None = None
     key_id: str | None = None  # the key's id when new layers are encrypted (LUKS)
+    salt: str | None = None  # recorded beside the key id where no repository record holds it
 
     def __post_init__(self) -> None:
         if self.compression is not None:
@@ -78,11 +79,21 @@ class LayerFormat:
         """The manifest's ``compression`` of the layer (None: plain)."""
         return None if self.compression is None else str(self.compression)
 
-    def encryption(self) -> dict[str, str] | None:
+    def encryption(self) -> dict[str, Any] | None:
         """The manifest's ``encryption`` of the layer (None: not encrypted)."""
         if self.key_id is None:
             return None
-        return {"format": "luks", "key_id": self.key_id}
+        found = {"format": "luks", "key_id": self.key_id}
+        return found if self.salt is None else {**found, "salt": self.salt}
+
+    @classmethod
+    def of_record(cls, encryption: dict[str, Any] | None) -> LayerFormat:
+        """Plain or encrypted layers as a disk record's ``encryption`` says (a prune's
+        merged layer is written as the layers it merges)."""
+        if encryption is None:
+            return PLAIN
+        salt = encryption.get("salt")
+        return cls(key_id=str(encryption["key_id"]), salt=None if salt is None else str(salt))
 
 
 def refuse_compressed_encryption(compression: object, encrypted: bool) -> None:

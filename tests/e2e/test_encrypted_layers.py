@@ -6,6 +6,7 @@ or with another key, restore is refused (exit 2) and nothing is written; plain
 backups and backups with another key are refused; no file of the repository holds the
 text; the key never appears in any process's argv while the tool runs, in its ``-vv``
 output or in the manifests; verify needs no key, verify --deep reads through QEMU.
+The same in an NBD volume, whose file on the backup server holds neither.
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
-from tools.labkit import LabVM, MiB, guest_write, lab_vm, rdm_backup, same_bytes, snapshot_source
+from tests.lab.volume_server import VolumeServer
+from tools.labkit import (
+    LabVM,
+    MiB,
+    guest_write,
+    lab_vm,
+    rdm_backup,
+    rdmb_tmpdir,
+    same_bytes,
+    snapshot_source,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -162,3 +173,53 @@ def test_encrypted_chain(enc_vm: LabVM) -> None:
     assert same_bytes(out, refs[2]["vdb"])
     assert files_holding(repo, MARK) == []
     assert api.verify(repo, deep=True, encrypt_key_file=str(key)).ok
+
+
+def test_encrypted_chain_in_an_nbd_volume(enc_vm: LabVM) -> None:
+    vm = enc_vm
+    secret = b"k-" + secrets.token_hex(24).encode()
+    key, wrong = vm.workdir / "key", vm.workdir / "wrong"
+    key.write_bytes(secret)
+    wrong.write_bytes(b"k-" + secrets.token_hex(24).encode())
+    with rdmb_tmpdir() as work:
+        server = VolumeServer(work / "volume.img")
+        server.start()
+        try:
+            refs = [point(vm, 0)]
+            with argv_watch(secret) as leaked:
+                full = api.backup(vm.name, server.uri, encrypt_key_file=str(key))
+                for n, level in enumerate(("incremental", "incremental")):
+                    guest_write(vm.dom, "vdb", 0x61 + n, (14 + 2 * n) * MiB, MiB)
+                    refs.append(point(vm, n + 1))
+                    api.backup(vm.name, server.uri, level=level, encrypt_key_file=str(key))
+                ids = [m.backup_id for m in api.list_backups(server.uri, vm.uuid)]
+                for backup_id, ref in zip(ids, refs, strict=True):
+                    out = vm.workdir / "out.raw"
+                    api.restore(vm.name, server.uri, "vdb", str(out), backup_id=backup_id,
+                                encrypt_key_file=str(key))
+                    assert same_bytes(out, ref["vdb"]), backup_id
+                    out.unlink()
+                pruned = rdm_backup("prune", vm.uuid, "--target", server.uri, "--keep-last",
+                                    "1", "--encrypt-key-file", str(key))
+                assert pruned.returncode == 0, pruned.stderr
+                assert ids[1] not in [m.backup_id for m in api.list_backups(server.uri)]
+                api.restore(vm.name, server.uri, "vdb", str(out), encrypt_key_file=str(key))
+                assert same_bytes(out, refs[-1]["vdb"])
+                assert api.verify(server.uri, deep=True, encrypt_key_file=str(key)).ok
+            assert leaked == []
+            assert {d.encryption["format"] for d in full.manifest.disks  # type: ignore[index]
+                    } == {"luks"}
+            out = vm.workdir / "refused.raw"
+            for extra in ([], ["--encrypt-key-file", str(wrong)]):
+                refused = rdm_backup("restore", vm.name, "--target", server.uri, "--disk",
+                                     "vdb", "--to", str(out), *extra)
+                assert refused.returncode == 2, refused.stderr
+                assert not out.exists()
+                refused = rdm_backup("backup", vm.name, "--target", server.uri, *extra)
+                assert refused.returncode == 2, refused.stderr
+            assert api.verify(server.uri).ok  # the digests need no key
+        finally:
+            server.stop()
+        # the volume file (the backup server's disk) holds neither the text nor the key
+        assert files_holding(str(work), MARK) == []
+        assert files_holding(str(work), secret) == []
