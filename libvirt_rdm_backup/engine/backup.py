@@ -309,6 +309,9 @@ def _refuse_remote_directory(conn: libvirt.virConnect, target: str,
                              options: BackupOptions) -> None:
     """Parse the target (its errors come first); a directory needs QEMU on this host."""
     parsed = parse_target(target, allow_remote_plain=options.allow_plain_nbd)
+    if options.encrypt_key_file and is_remote(conn):
+        raise UsageError(f"--encrypt-key-file needs QEMU on this host (it gets the key as a "
+                         f"descriptor), not through {connection_uri(conn)}")
     if isinstance(parsed, str) and is_remote(conn):
         raise UsageError(
             f"a directory target needs a local libvirt connection: through "
@@ -442,5 +445,6 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
         _finish_tracking(monitor, store.repo_id, chain, superseded)
     pruned = None
     if options.retention is not None:  # only after a successful publish
-        pruned = prune_after_backup(store, manifest, options.retention, speed)
+        with store.keys():
+            pruned = prune_after_backup(store, manifest, options.retention, speed)
     return BackupResult(manifest=manifest, path=path, pruned=pruned)

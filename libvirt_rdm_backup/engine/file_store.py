@@ -53,15 +53,25 @@ class FileStore:
         self._objects: tuple[dict[str, Any], ...] = ()
 
     def __enter__(self) -> FileStore:
-        if self.key is not None:  # every QEMU of the command gets the key from this file
-            path = self._stack.enter_context(key_file(self.key))
-            self._stack.enter_context(img.objects(secret_definition(path)))
-            self._objects = (secret_object(path),)
+        self._stack.enter_context(self.keys())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._objects = ()
         self._stack.close()
+
+    @contextmanager
+    def keys(self) -> Iterator[None]:
+        """Every QEMU started in the block gets the key from a private file (none without
+        a key); :meth:`__enter__` holds it for the store's block."""
+        if self.key is None:
+            yield
+            return
+        with key_file(self.key) as path, img.objects(secret_definition(path)):
+            saved, self._objects = self._objects, (secret_object(path),)
+            try:
+                yield
+            finally:
+                self._objects = saved
 
     def new_layers(self, compression: Compression | None) -> LayerFormat:
         """How the layers of a new backup are written: encrypted when a key was given (the

@@ -38,6 +38,11 @@ class Store(Protocol):
 
     def __exit__(self, *exc: object) -> None: ...
 
+    def keys(self) -> ContextManager[None]:
+        """The key's secret for the QEMUs started in the block (held while the store is
+        entered; again for work after it, such as ``backup --prune``)."""
+        ...
+
     def lock(self, domain_uuid: str) -> ContextManager[None]:
         """Be the one writer of the domain's backups (fails at once when taken)."""
         ...

@@ -53,10 +53,18 @@ class VolumeStore:
 
     def __enter__(self) -> VolumeStore:
         self._objects.__enter__()  # qemu-img calls of this store get the TLS object
-        if self.key is not None:  # and the key's secret, from a private file
-            path = self._keys.enter_context(key_file(self.key))
-            self._keys.enter_context(img.objects(secret_definition(path)))
+        self._keys.enter_context(self.keys())  # and the key's secret, from a private file
         return self
+
+    @contextmanager
+    def keys(self) -> Iterator[None]:
+        """Every QEMU started in the block gets the key from a private file (none without
+        a key)."""
+        if self.key is None:
+            yield
+            return
+        with key_file(self.key) as path, img.objects(secret_definition(path)):
+            yield
 
     def __exit__(self, *exc: object) -> None:
         self._keys.close()

@@ -48,7 +48,7 @@ def argv_watch(secret: bytes) -> Iterator[list[str]]:
     stop = threading.Event()
 
     def watch() -> None:
-        while not stop.is_set():
+        while not stop.wait(0.005):  # a few ms apart: QEMU's tools live for seconds
             for pid in os.listdir("/proc"):
                 if not pid.isdigit():
                     continue
