@@ -157,10 +157,13 @@ def test_encrypted_chain(enc_vm: LabVM) -> None:
     no_key = rdm_backup("verify", "--target", repo, "--deep")
     assert no_key.returncode == 2, no_key.stderr
 
-    # a prune merges the incremental into the next point: encrypted layers on both sides
+    # a resync (read through a fleecing export, written by qemu-nbd), then a prune merges the
+    # incremental into it: encrypted layers on both sides
+    fill_text(vm.loop, 2 * MiB)  # under QEMU's feet: only a resync sees it
     guest_write(vm.dom, "vdb", 0x51, 20 * MiB, MiB)
     refs.append(point(vm, 2))
-    last = api.backup(vm.name, repo, level="incremental", encrypt_key_file=str(key))
+    last = api.backup(vm.name, repo, level="resync", encrypt_key_file=str(key))
+    assert last.manifest.disk("vdb").level == "resync"  # type: ignore[union-attr]
     rules = ["prune", vm.uuid, "--target", repo, "--keep-last", "1"]
     refused = rdm_backup(*rules)
     assert refused.returncode == 2, refused.stderr
@@ -168,9 +171,10 @@ def test_encrypted_chain(enc_vm: LabVM) -> None:
     assert pruned.returncode == 0, pruned.stderr
     kept = [m.backup_id for m in api.list_backups(repo, vm.uuid)]
     assert kept == [ids[0], last.manifest.backup_id]
-    out = vm.workdir / "after-prune.raw"
-    api.restore(vm.name, repo, "vdb", str(out), encrypt_key_file=str(key))
-    assert same_bytes(out, refs[2]["vdb"])
+    for disk in ("vdb", "sda"):
+        out = vm.workdir / f"after-prune-{disk}.raw"
+        api.restore(vm.name, repo, disk, str(out), encrypt_key_file=str(key))
+        assert same_bytes(out, refs[2][disk]), disk
     assert files_holding(repo, MARK) == []
     assert api.verify(repo, deep=True, encrypt_key_file=str(key)).ok
 
