@@ -44,7 +44,7 @@ from libvirt_rdm_backup.engine.stores import open_store
 from libvirt_rdm_backup.engine.unmount import Undone
 from libvirt_rdm_backup.engine.verify import VerifyReport
 from libvirt_rdm_backup.errors import LibvirtError, RdmBackupError
-from libvirt_rdm_backup.modes import Level, Quiesce
+from libvirt_rdm_backup.modes import Compression, Level, Quiesce
 from libvirt_rdm_backup.qemu.block_copy import bwlimit_speed
 from libvirt_rdm_backup.remote import SshAgent
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
@@ -109,6 +109,8 @@ class BackupSettings(TypedDict, total=False):
     max_pause: float
     bwlimit: float | None
     retention: RetentionPolicy | None
+    compress: Compression | str | None
+    encrypt_key_file: str | None
 
 
 def backup(
@@ -143,6 +145,10 @@ def backup(
     guest paused while it is copied (refused up front, or cancelled, beyond that).
     ``bwlimit``: MiB/s each disk's copy may move (QEMU's backup jobs of the guest and the
     copies from storage alike; None: no limit; UsageError unless positive).
+    ``compress``: ``zstd`` or ``zlib``: new layers are qcow2 images of that
+    compression type whose clusters QEMU writes compressed (None: plain).
+    ``encrypt_key_file``: new layers are LUKS-encrypted qcow2 with the key this file
+    holds (not with ``compress``; see docs/encryption.md).
     ``agent`` (with ``agent_identity``, ``agent_known_hosts``): the hypervisor's
     rdm-backup agent over SSH, when ``uri`` names another machine.
     """
@@ -169,11 +175,13 @@ def restore(
     tls_dir: str | None = None,
     bwlimit: float | None = None,
     progress: ProgressCallback | None = None,
+    encrypt_key_file: str | None = None,
 ) -> RestoreResult:
     """Write ``disk`` as of a backup (newest by default) to the file or device ``to``.
 
     ``bwlimit``: MiB/s the copy may write (None: no limit); ``progress`` is called with
-    (copy, bytes done, bytes in all) as the copy advances.
+    (copy, bytes done, bytes in all) as the copy advances. ``encrypt_key_file``: the key
+    of encrypted backups (UsageError when missing or not their key; nothing written).
 
     Without a libvirt connection (libvirtd down) the target is still checked
     against the kernel and the QEMU processes of this host: a restore must work on
@@ -184,11 +192,12 @@ def restore(
     except LibvirtError as err:
         log.debug("%s: checking %s without libvirt", err, to)
         return _restore.restore(domain, target, disk, to, backup_id=backup_id, force=force,
-                                tls_dir=tls_dir, bwlimit=bwlimit, progress=progress)
+                                tls_dir=tls_dir, bwlimit=bwlimit, progress=progress,
+                                key_file=encrypt_key_file)
     try:
         return _restore.restore(domain, target, disk, to, backup_id=backup_id, force=force,
                                 conn=conn, tls_dir=tls_dir, bwlimit=bwlimit,
-                                progress=progress)
+                                progress=progress, key_file=encrypt_key_file)
     finally:
         with contextlib.suppress(Exception):
             conn.close()
@@ -203,6 +212,7 @@ def restore_many(
     tls_dir: str | None = None,
     bwlimit: float | None = None,
     progress: ProgressCallback | None = None,
+    encrypt_key_file: str | None = None,
 ) -> DisksResult:
     """Restore disks of a backup into a directory or each to its original device (found by
     identity), and optionally define a new domain on them; see :class:`DisksRequest`.
@@ -216,10 +226,10 @@ def restore_many(
     except LibvirtError as err:
         log.debug("%s: restoring without libvirt", err)
         return restore_disks(domain, target, request, backup_id, None, tls_dir, bwlimit,
-                             progress)
+                             progress, encrypt_key_file)
     try:
         return restore_disks(domain, target, request, backup_id, conn, tls_dir, bwlimit,
-                             progress)
+                             progress, encrypt_key_file)
     finally:
         with contextlib.suppress(Exception):
             conn.close()
@@ -250,13 +260,15 @@ def live_restore(
 
 def verify(
     target: str, domain: str | None = None, backup_id: str | None = None,
-    tls_dir: str | None = None,
+    tls_dir: str | None = None, deep: bool = False, encrypt_key_file: str | None = None,
 ) -> VerifyReport:
     """Recompute the digests of stored data (all backups, one domain's, or one).
 
-    ``target`` is a repository directory or an NBD volume URI.
+    ``target`` is a repository directory or an NBD volume URI. ``deep``: also read every
+    point whole through QEMU (decrypted with ``encrypt_key_file`` where encrypted) and
+    compare it with its chunk map, where it has one.
     """
-    return _verify.verify(target, domain, backup_id, tls_dir)
+    return _verify.verify(target, domain, backup_id, tls_dir, deep, encrypt_key_file)
 
 
 def list_backups(target: str, domain: str | None = None,
@@ -280,14 +292,15 @@ def plan_prune(target: str, policy: RetentionPolicy, domain: str | None = None,
 
 
 def prune(target: str, policy: RetentionPolicy, domain: str | None = None,
-          chain: str | None = None, bwlimit: float | None = None, tls_dir: str | None = None
-          ) -> list[tuple[ChainPlan, PruneResult]]:
+          chain: str | None = None, bwlimit: float | None = None, tls_dir: str | None = None,
+          encrypt_key_file: str | None = None) -> list[tuple[ChainPlan, PruneResult]]:
     """Prune the chains :func:`plan_prune` names: dropped points leave, their data merged
     into the kept points that build on them (each kept point restores as before).
 
-    ``bwlimit``: MiB/s QEMU's merge jobs may move.
+    ``bwlimit``: MiB/s QEMU's merge jobs may move. ``encrypt_key_file``: the key of an
+    encrypted repository (its merges read and write encrypted layers).
     """
-    with open_store(target, tls_dir=tls_dir) as store:
+    with open_store(target, tls_dir=tls_dir, key_file=encrypt_key_file) as store:
         return prune_by_policy(store, policy, domain, chain, bwlimit_speed(bwlimit))
 
 
@@ -337,7 +350,7 @@ def export(
 @contextlib.contextmanager
 def serve(domain: str, target: str, disk: str, backup_id: str | None = None,
           socket: str | None = None, listen: str | None = None, tls_dir: str | None = None,
-          verify: bool = True) -> Iterator[Served]:
+          verify: bool = True, encrypt_key_file: str | None = None) -> Iterator[Served]:
     """Serve disk ``disk`` of a backup point read-only over NBD, without copying it.
 
     A context manager; the yielded :class:`Served` has ``uri``, ``backup_id``, ``size``,
@@ -345,16 +358,19 @@ def serve(domain: str, target: str, disk: str, backup_id: str | None = None,
     (a unix socket path) and ``listen`` (``HOST:PORT``; TLS with ``tls_dir``). The layers'
     digests are checked first unless ``verify`` is False. Leaving the block stops serving.
     """
-    request = ServeRequest(domain, target, disk, backup_id, socket, listen, tls_dir, verify)
+    request = ServeRequest(domain, target, disk, backup_id, socket, listen, tls_dir, verify,
+                           encrypt_key_file)
     with serve_point(request) as served:
         yield served
 
 
 def mount(domain: str, target: str, disk: str, mountpoint: str, backup_id: str | None = None,
-          tls_dir: str | None = None, verify: bool = True) -> MountListing:
+          tls_dir: str | None = None, verify: bool = True,
+          encrypt_key_file: str | None = None) -> MountListing:
     """Mount the filesystems of a backup point read-only under ``mountpoint`` (a background
     supervisor keeps them mounted until :func:`umount`)."""
-    request = ServeRequest(domain, target, disk, backup_id, tls_dir=tls_dir, verify=verify)
+    request = ServeRequest(domain, target, disk, backup_id, tls_dir=tls_dir, verify=verify,
+                           key_file=encrypt_key_file)
     return _mount.mount(request, mountpoint)
 
 

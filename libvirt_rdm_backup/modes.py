@@ -28,6 +28,13 @@ class Quiesce(StrEnum):
     REQUIRED = "required"  # fail without a working agent
 
 
+class Compression(StrEnum):
+    """How QEMU compresses the clusters of new layers (the qcow2 ``compression_type``)."""
+
+    ZSTD = "zstd"
+    ZLIB = "zlib"
+
+
 class WindowMethod(StrEnum):
     """How a backup's point in time was fixed (the manifest's ``consistency.method``)."""
 

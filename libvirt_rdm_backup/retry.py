@@ -203,6 +203,20 @@ def tgt_tid_allocation(iqn: str, attempts: int) -> Retrying:
                    retry=retry_if_exception_type(Again), on_give_up=give_up)
 
 
+def luks_create(path: str, attempts: int) -> Retrying:
+    """While creating an encrypted image raises :class:`Again` (QEMU's key-derivation
+    benchmark measured no CPU time: "Unable to get accurate CPU usage", a coarse clock
+    under load), at most ``attempts`` times, without pause; then OperationError."""
+
+    def give_up(state: RetryCallState) -> Any:
+        last = _last_error(state)
+        cause = last.__cause__ if isinstance(last, Again) and last.__cause__ else last
+        raise OperationError(f"cannot create encrypted image {path}: {cause}") from cause
+
+    return _policy(stop=stop_after_attempt(attempts), wait=wait_none(),
+                   retry=retry_if_exception_type(Again), on_give_up=give_up)
+
+
 # -- the writer lease of an NBD volume ---------------------------------------------------------
 
 

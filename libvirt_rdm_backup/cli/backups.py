@@ -33,7 +33,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
                         allow_plain_nbd=args.allow_plain_nbd, tls_dir=args.tls_creds,
                         agent=args.agent, agent_identity=args.agent_identity,
                         agent_known_hosts=args.agent_known_hosts,
-                        max_pause=args.max_pause, bwlimit=args.bwlimit, retention=retention)
+                        max_pause=args.max_pause, bwlimit=args.bwlimit, retention=retention,
+                        compress=args.compress, encrypt_key_file=args.encrypt_key_file)
     document = result.to_dict()
 
     def text() -> str:
@@ -82,6 +83,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     """Restore one disk to ``--to``, or several to ``--to-dir`` or their original devices,
     or (``--live``) start a shut-off domain on its backup."""
     if args.live:
+        if args.encrypt_key_file:
+            raise UsageError("restore --live does not read encrypted backups")
         return cmd_live_restore(args)
     request = _restore_request(args)
     if request is not None:
@@ -89,7 +92,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     result = api.restore(args.domain, args.target, args.disk[0], args.to,
                          backup_id=args.backup, force=args.force, uri=args.connect,
                          tls_dir=args.tls_creds, bwlimit=args.bwlimit,
-                         progress=None if args.json else progress_printer())
+                         progress=None if args.json else progress_printer(),
+                         encrypt_key_file=args.encrypt_key_file)
     emit(args, result.to_dict(), lambda: (
         f"restored {result.disk} of backup {result.backup_id} to {result.path} "
         f"({human_size(result.size)}, {human_size(result.data_bytes)} data)\n"))
@@ -100,7 +104,7 @@ def _restore_many(args: argparse.Namespace, request: DisksRequest) -> int:
     result = api.restore_many(args.domain, args.target, request, backup_id=args.backup,
                               uri=args.connect, tls_dir=args.tls_creds, bwlimit=args.bwlimit,
                               progress=None if args.json or request.dry_run
-                              else progress_printer())
+                              else progress_printer(), encrypt_key_file=args.encrypt_key_file)
 
     def text() -> str:
         verb = "would restore" if result.dry_run else "restored"
@@ -123,7 +127,8 @@ def _restore_many(args: argparse.Namespace, request: DisksRequest) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify stored digests."""
-    report = api.verify(args.target, args.domain, args.backup, tls_dir=args.tls_creds)
+    report = api.verify(args.target, args.domain, args.backup, tls_dir=args.tls_creds,
+                        deep=args.deep, encrypt_key_file=args.encrypt_key_file)
 
     def text() -> str:
         lines = [f"{c.backup_id} {c.disk or '-'}: " + ("ok" if c.ok else f"FAILED: {c.problem}")

@@ -55,7 +55,8 @@ def check_usage(args: argparse.Namespace) -> None:
     # what each domain's backup would refuse is refused once, here
     BackupOptions(level=args.level, chain=args.chain, quiesce=args.quiesce,
                   allow_plain_nbd=args.allow_plain_nbd, tls_dir=args.tls_creds,
-                  max_pause=args.max_pause, bwlimit=args.bwlimit)
+                  max_pause=args.max_pause, bwlimit=args.bwlimit, compress=args.compress,
+                  encrypt_key_file=args.encrypt_key_file)
     if args.agent:
         SshAgent(args.agent, identity=args.agent_identity, known_hosts=args.agent_known_hosts)
 

@@ -15,7 +15,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     request = ServeRequest(domain=args.domain, target=args.target, disk=args.disk,
                            backup_id=args.backup, tls_dir=args.tls_creds,
-                           verify=not args.no_verify)
+                           verify=not args.no_verify, key_file=args.encrypt_key_file)
     listing = mount(request, args.mountpoint)
     if not listing.verified:
         sys.stderr.write(f"rdm-backup: warning: {NO_VERIFY_WARNING}\n")

@@ -15,7 +15,7 @@ from libvirt_rdm_backup.cli.schedule import cmd_schedule
 from libvirt_rdm_backup.cli.serving import cmd_export, cmd_receive, cmd_serve
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, check_max_pause
 from libvirt_rdm_backup.errors import UsageError
-from libvirt_rdm_backup.modes import Level, Quiesce
+from libvirt_rdm_backup.modes import Compression, Level, Quiesce
 from libvirt_rdm_backup.qemu.block_copy import bwlimit_speed
 from libvirt_rdm_backup.repository.chain import DEFAULT_CHAIN
 
@@ -141,6 +141,12 @@ def _add_backup(sub: argparse._SubParsersAction[Parser], common: Parser) -> Pars
                         "rate says longer, cancelled (guest resumed, exit 4) when reached "
                         "(default: %(default)g)")
     p.add_argument("--bwlimit", type=mib_per_s, metavar="MIB/S", help=BWLIMIT_HELP)
+    p.add_argument("--compress", nargs="?", const="zstd", default=None,
+                   choices=[m.value for m in Compression],
+                   help="write the new layers' clusters compressed by QEMU (qcow2 "
+                        "compression_type zstd, the default, or zlib)")
+    add_key_option(p, "encrypt the new layers (qcow2 LUKS) with the key this file holds; "
+                      "an encrypted repository takes encrypted backups with its key only")
     p.add_argument("--prune", action="store_true",
                    help="after the backup, prune its chain by the --keep-* options "
                         "(see prune)")
@@ -200,6 +206,7 @@ def _add_restore(sub: argparse._SubParsersAction[Parser], common: Parser) -> Non
     p.add_argument("--bwlimit", type=mib_per_s, metavar="MIB/S",
                    help="write at most this fast, in MiB/s (with --live: each disk's block "
                         "copy; default: no limit)")
+    add_key_option(p, "the key of encrypted backups (not with --live)")
     p.set_defaults(func=cmd_restore)
 
 
@@ -211,6 +218,10 @@ def _add_verify(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
     _add_store(p)
     p.add_argument("--backup", metavar="ID",
                    help="only this backup, with the layers it builds on")
+    p.add_argument("--deep", action="store_true",
+                   help="also read every point whole through QEMU and compare it with its "
+                        "chunk map (encrypted points need --encrypt-key-file)")
+    add_key_option(p, "the key of encrypted backups (for --deep)")
     p.set_defaults(func=cmd_verify)
 
 
@@ -289,6 +300,7 @@ def _point_options(p: Parser) -> None:
     p.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
     p.add_argument("--no-verify", action="store_true",
                    help="do not check the layers' digests first (a warning says so)")
+    add_key_option(p, "the key of an encrypted point")
 
 
 def _add_serve(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
@@ -356,6 +368,8 @@ def _add_prune(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     add_keep_options(p, "(in UTC; the rules apply in this order, see docs/retention.md)")
     p.add_argument("--dry-run", action="store_true",
                    help="print what would be kept and dropped, and why; change nothing")
+    add_key_option(p, "the key of an encrypted repository (its merges read and write "
+                      "encrypted layers)")
     p.set_defaults(func=cmd_prune)
 
 
@@ -384,6 +398,12 @@ def _add_schedule(sub: argparse._SubParsersAction[Parser], common: Parser,
                    help="write the files but run no systemctl (it is never run where systemd "
                         "is not the init system: the commands are printed)")
     p.set_defaults(func=cmd_schedule, backup_parser=backup)
+
+
+def add_key_option(p: Parser, what: str) -> None:
+    """``--encrypt-key-file FILE`` (its exact bytes are the key; never shown)."""
+    p.add_argument("--encrypt-key-file", metavar="FILE",
+                   help=f"{what} (the file's exact bytes are the key; see docs/encryption.md)")
 
 
 def _add_store(p: Parser) -> None:

@@ -81,7 +81,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         plans = api.plan_prune(args.target, policy, args.domain, args.chain)
         emit(args, [plan.to_dict() for plan in plans], lambda: _text(plans))
         return EXIT_OK
-    done = api.prune(args.target, policy, args.domain, args.chain)
+    done = api.prune(args.target, policy, args.domain, args.chain,
+                     encrypt_key_file=args.encrypt_key_file)
     emit(args, [pruned_dict(plan, result) for plan, result in done],
          lambda: "".join(_text([plan]) + _summary(result) for plan, result in done))
     return EXIT_OK

@@ -80,7 +80,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("serve: --timeout must be a positive number of seconds")
     request = ServeRequest(domain=args.domain, target=args.target, disk=args.disk,
                            backup_id=args.backup, socket=args.socket, listen=args.listen,
-                           tls_dir=args.tls_creds, verify=not args.no_verify)
+                           tls_dir=args.tls_creds, verify=not args.no_verify,
+                           key_file=args.encrypt_key_file)
     # from here on a signal only ends the wait: the teardown always runs to its end
     with signals_noted() as stop:
         with serve_point(request) as served:

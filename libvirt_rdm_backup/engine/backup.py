@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import libvirt
@@ -39,9 +38,10 @@ from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError, UsageError
 from libvirt_rdm_backup.events import describe_restart
 from libvirt_rdm_backup.locks import domain_lock
-from libvirt_rdm_backup.modes import Level, Quiesce, parse_choice
+from libvirt_rdm_backup.modes import Compression, Level, Quiesce, parse_choice
 from libvirt_rdm_backup.qemu import bitmaps
 from libvirt_rdm_backup.qemu.block_copy import bwlimit_speed
+from libvirt_rdm_backup.qemu.layer_format import refuse_compressed_encryption
 from libvirt_rdm_backup.qemu.leftovers import remove_leftovers
 from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor, Monitor
 from libvirt_rdm_backup.remote import SshAgent
@@ -53,7 +53,12 @@ from libvirt_rdm_backup.repository.chain import (
     unusable_points,
 )
 from libvirt_rdm_backup.repository.chunks import ChunkMap
-from libvirt_rdm_backup.repository.ids import check_safe_name, new_backup_id, now_iso
+from libvirt_rdm_backup.repository.ids import (
+    check_safe_name,
+    elapsed_seconds,
+    new_backup_id,
+    now_iso,
+)
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.order import newest_damage
 from libvirt_rdm_backup.repository.retention import RetentionPolicy
@@ -83,7 +88,9 @@ class BackupOptions:
     target. ``max_pause``: seconds a passthrough LUN without storage snapshots may
     keep the guest paused while it is copied. ``bwlimit``: MiB/s each disk's copy may
     move (None: no limit). ``retention``: prune the chain with this policy after the
-    backup is published (None: no prune). ``progress(job, done, total)`` is
+    backup is published (None: no prune). ``compress``: new layers written with
+    compressed clusters, ``zstd`` or ``zlib`` (None: plain). ``encrypt_key_file``: new
+    layers are LUKS-encrypted with the key this file holds. ``progress(job, done, total)`` is
     called while QEMU jobs run. Strings are accepted for the enums; a bad value
     raises UsageError.
     """
@@ -97,6 +104,8 @@ class BackupOptions:
     max_pause: float = DEFAULT_MAX_PAUSE
     bwlimit: float | None = None
     retention: RetentionPolicy | None = None
+    compress: Compression | None = None
+    encrypt_key_file: str | None = None
     progress: ProgressCallback | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -104,6 +113,10 @@ class BackupOptions:
         if self.quiesce is not None:
             object.__setattr__(self, "quiesce",
                                parse_choice(Quiesce, self.quiesce, "quiesce mode"))
+        if self.compress is not None:
+            object.__setattr__(self, "compress",
+                               parse_choice(Compression, self.compress, "compression"))
+        refuse_compressed_encryption(self.compress, self.encrypt_key_file is not None)
         check_safe_name(self.chain, "chain name")
         check_max_pause(self.max_pause)
         bwlimit_speed(self.bwlimit)
@@ -131,7 +144,7 @@ class BackupResult:
             "created": m.created,
             "completed": m.completed,
             "consistency": m.consistency,
-            "elapsed_s": round(_elapsed(m.created, m.completed), 3),
+            "elapsed_s": round(elapsed_seconds(m.created, m.completed), 3),
             "bytes_transferred": sum(d.bytes_transferred for d in m.disks),
             "path": self.path,
             "disks": [
@@ -140,6 +153,7 @@ class BackupResult:
                     "size": d.size,
                     "bytes_transferred": d.bytes_transferred,
                     "stored_bytes": d.stored_bytes,
+                    "compression": d.compression,
                     "level": d.level,
                     "reason": d.reason,
                     "parent": d.parent,
@@ -153,16 +167,6 @@ class BackupResult:
                 "dropped": self.pruned.dropped, "bytes_moved": self.pruned.bytes_moved,
                 "freed_bytes": self.pruned.freed_bytes},
         }
-
-
-def _elapsed(start: str, end: str) -> float:
-    """Seconds between two of our ISO timestamps (0 when unparsable)."""
-    try:
-        parse = datetime.fromisoformat
-        return (parse(end.replace("Z", "+00:00")) - parse(start.replace("Z", "+00:00"))
-                ).total_seconds()
-    except ValueError:
-        return 0.0
 
 
 def _mapping_of(disk: RawDisk, remote: SshAgent | None) -> MappingResult:
@@ -305,6 +309,9 @@ def _refuse_remote_directory(conn: libvirt.virConnect, target: str,
                              options: BackupOptions) -> None:
     """Parse the target (its errors come first); a directory needs QEMU on this host."""
     parsed = parse_target(target, allow_remote_plain=options.allow_plain_nbd)
+    if options.encrypt_key_file and is_remote(conn):
+        raise UsageError(f"--encrypt-key-file needs QEMU on this host (it gets the key as a "
+                         f"descriptor), not through {connection_uri(conn)}")
     if isinstance(parsed, str) and is_remote(conn):
         raise UsageError(
             f"a directory target needs a local libvirt connection: through "
@@ -402,7 +409,7 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
     ctx = open_domain(conn, domain)
     selected = select_disks(ctx.inventory, options.disks)
     store = open_store(target, create=True, allow_plain_nbd=options.allow_plain_nbd,
-                       tls_dir=options.tls_dir)
+                       tls_dir=options.tls_dir, key_file=options.encrypt_key_file)
     holds = ctx.inventory.running and (options.quiesce is not None
                                        or any(d.is_passthrough_lun for d in selected))
     with store, domain_lock(ctx.uuid), store.lock(ctx.uuid), \
@@ -424,7 +431,7 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
         backup_id = new_backup_id({m.backup_id for m in published}
                                   | {d.backup_id for d in unreadable})
         created = now_iso()
-        with store.session(ctx.uuid, backup_id) as session:
+        with store.session(ctx.uuid, backup_id, store.new_layers(options.compress)) as session:
             captured = capture(ctx.dom, ctx.inventory.running, plans, session, CaptureOptions(
                 bitmaps.bitmap_name(store.repo_id, chain_name, backup_id), parent_maps,
                 progress=options.progress, quiesce=options.quiesce, snapshot_scope=scope,
@@ -438,5 +445,6 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
         _finish_tracking(monitor, store.repo_id, chain, superseded)
     pruned = None
     if options.retention is not None:  # only after a successful publish
-        pruned = prune_after_backup(store, manifest, options.retention, speed)
+        with store.keys():
+            pruned = prune_after_backup(store, manifest, options.retention, speed)
     return BackupResult(manifest=manifest, path=path, pruned=pruned)

@@ -122,7 +122,7 @@ def _copy_into(sink: Sink, plan: DiskPlan, source: dict[str, Any] | Endpoint, sp
 
 
 def _job_for(plan: DiskPlan, guard: GuardedSource | None, node: str, job_id: str,
-             speed: int = 0) -> dict[str, Any]:
+             speed: int = 0, compress: bool = False) -> dict[str, Any]:
     """The backup job of a disk: from its point (behind the filter) into its layer.
 
     Without a filter (``guard`` None) the job reads the disk's node itself and its
@@ -133,16 +133,18 @@ def _job_for(plan: DiskPlan, guard: GuardedSource | None, node: str, job_id: str
     if guard is not None:
         source, bitmap = guard.source(bitmap)
     if bitmap is None:
-        return backup_action(job_id, source, node, sync="full", speed=speed)
-    return backup_action(job_id, source, node, sync="bitmap", bitmap=bitmap, speed=speed)
+        return backup_action(job_id, source, node, sync="full", speed=speed, compress=compress)
+    return backup_action(job_id, source, node, sync="bitmap", bitmap=bitmap, speed=speed,
+                         compress=compress)
 
 
-def _resync(plan: DiskPlan, uri: str, target: str, parent_maps: dict[str, ChunkMap],
+def _resync(plan: DiskPlan, uri: str, sink: Sink, parent_maps: dict[str, ChunkMap],
             result: Capture, only: list[tuple[int, int]] | None = None) -> None:
     """Store the chunks of the disk read at ``uri`` that differ from its last backup."""
     assert plan.parent is not None and plan.disk.size is not None
     chunk_map, _written = resync_layer(uri, plan.disk.size, parent_maps[plan.disk.target],
-                                       target, plan.parent.relative_data_file(), only=only)
+                                       sink.target(plan), plan.parent.relative_data_file(),
+                                       only=only, layer_format=sink.layer_format)
     result.chunk_maps[plan.disk.target] = chunk_map
 
 
@@ -173,7 +175,7 @@ def _copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
             raise RdmBackupError(f"disk {plan.disk.target}: backup "
                                  f"{plan.parent.backup_id} has no chunk map to build on")
         with qemu_nbd_server(opts, None, readonly=True, extra=["--image-opts"]) as uri:
-            _resync(plan, uri, sink.target(plan), parent_maps, result, only)
+            _resync(plan, uri, sink, parent_maps, result, only)
     finally:
         agent.withdraw(plan.disk, snap)
 
@@ -250,7 +252,8 @@ def _prepare_jobs(run: _Run, stack: ExitStack, plans: list[DiskPlan]) -> None:
         job_id = object_name("job", plan.disk.target)
         run.track(plan)
         if not run.fleecing:
-            run.actions.append(_job_for(plan, None, node, job_id, run.speed))
+            run.actions.append(_job_for(plan, None, node, job_id, run.speed,
+                                        run.sink.layer_format.compress))
             run.direct_jobs.append(job_id)
             continue
         guard = stack.enter_context(guarded_source(
@@ -299,15 +302,16 @@ def _after_window(run: _Run, groups: _Groups, parent_maps: dict[str, ChunkMap],
     sink, result = run.sink, run.result
     if run.guards:
         assert run.monitor is not None
-        transaction(run.monitor, [_job_for(plan, guard, node, job_id, run.speed)
+        compress = sink.layer_format.compress
+        transaction(run.monitor, [_job_for(plan, guard, node, job_id, run.speed, compress)
                                   for plan, guard, node, job_id in run.guards])
         run.started += [job_id for _plan, _guard, _node, job_id in run.guards]
     for plan, fleece in run.fleeces:
-        _resync(plan, fleece.export(), sink.target(plan), parent_maps, result)
+        _resync(plan, fleece.export(), sink, parent_maps, result)
         fleece.close()
     for plan in groups.offline_resyncs:
         with storage_nbd(plan.disk) as uri:
-            _resync(plan, uri, sink.target(plan), parent_maps, result)
+            _resync(plan, uri, sink, parent_maps, result)
     for plan in groups.snapshot:
         _copy_snapshot(plan, result.snapshots[plan.disk.target], sink, parent_maps,
                        result, run.speed, progress)

@@ -151,12 +151,12 @@ def _as_it_is(repo: Repository, manifest: Manifest, merge: Merge) -> DiskRecord 
         repo.set_damage_mark(bottom, merge.disk, f"a prune committed {merge.kept} into it "
                              "and did not finish; it is not restorable")
         return None
-    if merge.direction == "rebase" and paths.base and layers.file_problem(
+    if merge.direction == "rebase" and paths.base and _file_problem(record,
             paths.kept, paths.base[0], record.size) is None:
         rebase_name(paths.kept, str(final))
-    if layers.file_problem(paths.kept, final, record.size) is None:
+    if _file_problem(record, paths.kept, final, record.size) is None:
         parent, name = merge.base, final  # the merge ended: its data is in place
-    elif layers.file_problem(paths.kept, record.backing_file, record.size) is None:
+    elif _file_problem(record, paths.kept, record.backing_file, record.size) is None:
         parent, name = record.parent, record.backing_file
     else:
         return None
@@ -166,6 +166,14 @@ def _as_it_is(repo: Repository, manifest: Manifest, merge: Merge) -> DiskRecord 
                    level="full" if parent is None else record.level,
                    digest=file_digest(paths.kept, record.digest.algorithm),
                    file_size=stat.st_size, stored_bytes=stat.st_blocks * 512)
+
+
+def _file_problem(record: DiskRecord, path: str, backing: str | None, size: int
+                  ) -> str | None:
+    """:func:`.layers.file_problem` of a layer of the chain of ``record``'s disk (encrypted
+    or not as that record: a prune merges only chains whose layers are all one or the
+    other, see :meth:`.file_store.FileStore.consolidate`)."""
+    return layers.file_problem(path, backing, size, record.encryption is not None)
 
 
 def _check_nothing_builds_on_dropped(repo: Repository, journal: Journal) -> None:
@@ -211,8 +219,8 @@ def _merged(repo: Repository, manifest: Manifest, merge: Merge, speed: int) -> D
         old_below, old_points = (_lineage(repo, manifest.domain_uuid, old, merge.disk)
                                  if old else ([], []))
         for path, point in zip(old_below, old_points, strict=True):
-            problem = layers.file_problem(path, backing_name(point.record.parent, merge.disk),
-                                          record.size)
+            problem = _file_problem(record, path,
+                                    backing_name(point.record.parent, merge.disk), record.size)
             if problem is not None:
                 raise RepositoryError(f"cannot merge into {label}: the layer of "
                                       f"{point.backup_id} {problem}")
@@ -227,7 +235,7 @@ def _merged(repo: Repository, manifest: Manifest, merge: Merge, speed: int) -> D
         os.rename(bottom, paths.kept)  # the merged layer takes the kept layer's place
         fsync_dir(os.path.dirname(paths.kept))
         fsync_dir(os.path.dirname(bottom))
-    problem = layers.file_problem(paths.kept, final, record.size)
+    problem = _file_problem(record, paths.kept, final, record.size)
     if problem is not None:
         raise RepositoryError(f"merging into {label}: the layer {problem}")
     _sync(paths.kept)
@@ -277,13 +285,13 @@ def _check_layers(paths: _Paths, merge: Merge, record: DiskRecord,
     kept = [backing_name(merge.dropped[0], merge.disk), final]
     if rebasing and paths.base:
         kept.append(paths.base[0])
-    if all(layers.file_problem(paths.kept, name, record.size) for name in kept):
+    if all(_file_problem(record, paths.kept, name, record.size) for name in kept):
         raise RepositoryError(f"cannot merge into {merge.disk} of {merge.kept}: its layer "
-                              f"{layers.file_problem(paths.kept, kept[0], record.size)}")
+                              f"{_file_problem(record, paths.kept, kept[0], record.size)}")
     chain = [*merge.dropped, *(p.backup_id for p in paths.base_points)]
     below = [*merge.dropped[1:], lowest_parent, *(p.record.parent for p in paths.base_points)]
     for path, above, parent in zip([*paths.dropped, *paths.base], chain, below, strict=True):
-        problem = layers.file_problem(path, backing_name(parent, merge.disk), record.size)
+        problem = _file_problem(record, path, backing_name(parent, merge.disk), record.size)
         if problem is not None:
             raise RepositoryError(f"cannot merge into {merge.disk} of {merge.kept}: the "
                                   f"layer of {above} {problem}")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from libvirt_rdm_backup.engine import consolidate
-from libvirt_rdm_backup.engine.merge_plan import PlannedMerge, plan_file_merges
+from libvirt_rdm_backup.engine.merge_plan import PlannedMerge, check_merge_keys, plan_file_merges
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.engine.sinks import FileSink, Session
 from libvirt_rdm_backup.errors import (
@@ -18,10 +18,14 @@ from libvirt_rdm_backup.errors import (
     RdmBackupError,
     UsageError,
 )
-from libvirt_rdm_backup.qemu import layers
+from libvirt_rdm_backup.modes import Compression
+from libvirt_rdm_backup.qemu import img, layers
+from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
+from libvirt_rdm_backup.qemu.secrets import LayerKey, key_file, secret_definition, secret_object
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint, lineage
 from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
+from libvirt_rdm_backup.repository.encryption import check_key, new_record, read_record
 from libvirt_rdm_backup.repository.ids import check_safe_name, now_iso
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.prune_journal import Journal, journal_path, write_journal
@@ -37,16 +41,47 @@ class FileStore:
 
     local_layers = True
 
-    def __init__(self, repo: Repository) -> None:
+    def __init__(self, repo: Repository, key: LayerKey | None = None) -> None:
         self.repo = repo
         self.name = repo.root
         self.repo_id = repo.repo_id
+        self.key = key
+        self.encryption = read_record(repo.root)
+        if key is not None:  # without one, digests can be checked, but nothing decrypted
+            check_key(self.encryption, key.key_id, f"repository {repo.root}")
+        self._stack = ExitStack()
+        self._objects: tuple[dict[str, Any], ...] = ()
 
     def __enter__(self) -> FileStore:
+        self._stack.enter_context(self.keys())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        return None
+        self._stack.close()
+
+    @contextmanager
+    def keys(self) -> Iterator[None]:
+        """Every QEMU started in the block gets the key from a private file (none without
+        a key); :meth:`__enter__` holds it for the store's block."""
+        if self.key is None:
+            yield
+            return
+        with key_file(self.key) as path, img.objects(secret_definition(path)):
+            saved, self._objects = self._objects, (secret_object(path),)
+            try:
+                yield
+            finally:
+                self._objects = saved
+
+    def new_layers(self, compression: Compression | None) -> LayerFormat:
+        """How the layers of a new backup are written: encrypted when a key was given (the
+        repository's first encrypted backup records its key id when it is published)."""
+        if self.key is None:
+            check_key(self.encryption, None, f"repository {self.name}")  # no plain points
+            return LayerFormat(compression)
+        if self.encryption is None:
+            self.encryption = new_record(self.key.key_id)
+        return LayerFormat(compression, self.encryption.key_id)
 
     @contextmanager
     def lock(self, domain_uuid: str) -> Iterator[None]:
@@ -64,6 +99,7 @@ class FileStore:
         """Drop the points ``drop`` of ``chain`` and merge their data into the kept points
         (journaled, :mod:`.consolidate`), once the domain's readers are done; the merges
         and the bytes the domain's directory gave back. The caller holds :meth:`lock`."""
+        check_merge_keys(self.check_key, chain)
         with self.repo.prune_gate(domain_uuid, True, GATE_TIMEOUT):
             directory = self.repo.domain_dir(domain_uuid)
             before = _allocated(directory)
@@ -109,9 +145,11 @@ class FileStore:
         return self.repo.scan(domain_uuid)
 
     @contextmanager
-    def session(self, domain_uuid: str, backup_id: str) -> Iterator[Session]:
+    def session(self, domain_uuid: str, backup_id: str,
+                layer_format: LayerFormat = PLAIN) -> Iterator[Session]:
         with self.repo.staging(domain_uuid, backup_id) as staging:
-            yield FileSink(self.repo, staging, self._lower_paths)
+            yield FileSink(self.repo, staging, self._lower_paths, layer_format,
+                           self.key, self._objects, self.encryption)
 
     def _lower_paths(self, plan: DiskPlan) -> list[str]:
         """The layers a new layer builds on, top first, from the manifests' parent links."""
@@ -199,7 +237,7 @@ class FileStore:
             return (f"{record.data_file}: the manifest names backing file "
                     f"{record.backing_file!r}, its parent link implies {expected!r}")
         problem = layers.file_problem(self.repo.data_file(manifest, record), expected,
-                                      record.size)
+                                      record.size, record.encryption is not None)
         return None if problem is None else f"{record.data_file} {problem}"
 
     def _layer_paths(self, points: list[DiskPoint]) -> list[str]:
@@ -207,11 +245,27 @@ class FileStore:
         return [self.repo.data_file(p.manifest, p.record) for p in points]
 
     def image_node(self, points: list[DiskPoint]) -> dict[str, Any]:
-        return layers.file_chain(self._layer_paths(points))
+        for point in points:
+            self.check_key(point)
+        return layers.chain_node([layers.file_node(p) for p in self._layer_paths(points)],
+                                 [p.record.encryption is not None for p in points])
+
+    def check_key(self, point: DiskPoint) -> None:
+        """Refuse (UsageError) to read an encrypted point without its key."""
+        encryption = point.record.encryption
+        if encryption is None:
+            return
+        if self.key is None:
+            raise UsageError(f"backup {point.backup_id} disk {point.record.disk.target} is "
+                             "encrypted: give --encrypt-key-file FILE")
+        if self.encryption is None or encryption.get("key_id") != self.encryption.key_id:
+            raise UsageError(f"backup {point.backup_id} disk {point.record.disk.target} was "
+                             "encrypted with another key than --encrypt-key-file")
 
     def qemu_objects(self) -> tuple[dict[str, Any], ...]:
-        """``object-add`` arguments the nodes of :meth:`image_node` need: none."""
-        return ()
+        """``object-add`` arguments the nodes of :meth:`image_node` need: the key's secret
+        (a file of the command's life) when a key was given."""
+        return self._objects
 
     def holds(self, path: str) -> bool:
         return self.repo.holds(path)
@@ -246,3 +300,4 @@ def _allocated(directory: str) -> int:
             except OSError:
                 continue
     return total
+

@@ -9,11 +9,12 @@ its place), or, for dropped layers another kept point took in, a rebase onto tha
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from libvirt_rdm_backup.errors import UsageError
 from libvirt_rdm_backup.qemu import img, layers
-from libvirt_rdm_backup.repository.chain import Chain
+from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.prune_journal import Merge
 from libvirt_rdm_backup.repository.store import Repository
@@ -99,11 +100,28 @@ def _costs(repo: Repository, by_id: dict[str, Manifest], merge: Merge,
     return up, total(normalize([*kept, *(r for layer in dropped[:-1] for r in layer)]))
 
 
+def check_merge_keys(check_key: Callable[[DiskPoint], None], chain: Chain) -> None:
+    """Before a prune merges anything: the key of every encrypted point (``check_key``
+    raises UsageError), and no disk whose chain mixes plain and encrypted layers (a merge
+    would write one into the other)."""
+    kinds: dict[str, set[bool]] = {}
+    for manifest in chain.backups:
+        for record in manifest.disks:
+            check_key(DiskPoint(manifest, record))
+            kinds.setdefault(record.disk.target, set()).add(record.encryption is not None)
+    for disk, found in sorted(kinds.items()):
+        if len(found) > 1:
+            raise UsageError(f"disk {disk} of chain {chain.name} has plain and encrypted "
+                             "points: a prune does not merge them (take an encrypted full "
+                             "backup; the plain points can then be pruned alone)")
+
+
 def own_data(repo: Repository, manifest: Manifest, disk: str) -> list[Region]:
     """The (offset, length) byte ranges a point's layer holds data for itself (its backing
     files not opened)."""
     record = manifest.disk(disk)
     assert record is not None
-    node = layers.chain_node([layers.file_node(repo.data_file(manifest, record))])
+    node = layers.chain_node([layers.file_node(repo.data_file(manifest, record))],
+                             [record.encryption is not None])
     return [(e.start, e.length) for e in img.iter_map(layers.json_filename(node))
             if e.data and not e.zero and e.depth == 0]

@@ -382,6 +382,7 @@ def restore(
     tls_dir: str | None = None,
     bwlimit: float | None = None,
     progress: ProgressCallback | None = None,
+    key_file: str | None = None,
 ) -> RestoreResult:
     """Restore disk ``disk`` of ``domain`` from the repository at ``target`` into ``to``.
 
@@ -390,10 +391,12 @@ def restore(
     always, one smaller than the disk or used by a QEMU process or a running
     domain unless ``force``, and always one inside the repository. ``bwlimit``: MiB/s
     the copy may move (None: no limit); ``progress`` gets (copy, done, total) bytes.
+    ``key_file``: the key of encrypted backups.
     """
     check_safe_name(disk, "disk name")
     speed = bwlimit_speed(bwlimit)
-    with open_store(target, tls_dir=tls_dir) as store, contextlib.ExitStack() as stack:
+    with open_store(target, tls_dir=tls_dir, key_file=key_file) as store, \
+            contextlib.ExitStack() as stack:
         # no prune changes the domain's backups while they are read (one cut short is
         # finished first: the backup is chosen again after it)
         stack.enter_context(store.reading(choose_backup(store, domain, backup_id).domain_uuid))

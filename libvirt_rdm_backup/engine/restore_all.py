@@ -237,11 +237,14 @@ def _write_lun(node: dict[str, Any], record: DiskRecord, url: str, store: Store,
 def restore_disks(domain: str, target: str, request: DisksRequest,
                   backup_id: str | None = None, conn: libvirt.virConnect | None = None,
                   tls_dir: str | None = None, bwlimit: float | None = None,
-                  progress: block_copy.ProgressCallback | None = None) -> DisksResult:
-    """Restore disks of ``domain``'s backup as ``request`` says (see the module's text)."""
+                  progress: block_copy.ProgressCallback | None = None,
+                  key_file: str | None = None) -> DisksResult:
+    """Restore disks of ``domain``'s backup as ``request`` says (see the module's text;
+    ``key_file``: the key of encrypted backups)."""
     request.check()
     speed = block_copy.bwlimit_speed(bwlimit)
-    with open_store(target, tls_dir=tls_dir) as store, contextlib.ExitStack() as stack:
+    with open_store(target, tls_dir=tls_dir, key_file=key_file) as store, \
+            contextlib.ExitStack() as stack:
         stack.enter_context(store.reading(choose_backup(store, domain, backup_id).domain_uuid))
         manifest = choose_backup(store, domain, backup_id)
         records = _records(manifest, request.disks)

@@ -18,6 +18,7 @@ from typing import Any
 
 from libvirt_rdm_backup.errors import OperationError, RepositoryError, StorageError
 from libvirt_rdm_backup.qemu import img, layers
+from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
 from libvirt_rdm_backup.qemu.nbd_io import (
     LayerWriter,
     NbdError,
@@ -136,7 +137,8 @@ def _write_run(writer: LayerWriter, view: memoryview, first: int, run: list[int]
     writer.write(run[0] * CHUNK, view[start:end])
 
 
-def create_layer(layer_path: str, backing_relpath: str, size: int) -> None:
+def create_layer(layer_path: str, backing_relpath: str, size: int,
+                 layer_format: LayerFormat = PLAIN) -> None:
     """Create a new qcow2 layer (mode 0600) on top of ``backing_relpath`` (qcow2)."""
     if os.path.isabs(backing_relpath):
         raise RepositoryError(f"backing file {backing_relpath} must be relative to the layer")
@@ -146,7 +148,8 @@ def create_layer(layer_path: str, backing_relpath: str, size: int) -> None:
         raise RepositoryError(f"cannot create layer {layer_path}: {err.strerror}") from err
     os.close(fd)
     try:
-        img.create(layer_path, "qcow2", size, backing=backing_relpath)
+        img.create(layer_path, "qcow2", size, backing=backing_relpath,
+                   options=layer_format.create_options())
     except BaseException:
         os.unlink(layer_path)
         raise
@@ -165,12 +168,12 @@ def _check_parent(parent_map: ChunkMap, size: int) -> None:
 
 
 def _into_layer(source: Any, layer_path: str, size: int, parent_map: ChunkMap,
-                progress: ProgressCallback | None, only: Sequence[tuple[int, int]] | None
-                ) -> tuple[bytearray, LayerWriter]:
+                progress: ProgressCallback | None, only: Sequence[tuple[int, int]] | None,
+                layer_format: LayerFormat) -> tuple[bytearray, LayerWriter]:
     """Serve the created layer with ``qemu-nbd`` and write the changed chunks into it."""
     # the layer alone, its backing file not opened: only whole clusters are
     # written (the last one up to the disk's end), so nothing is copied up
-    layer_only = layers.json_filename(layers.file_chain([layer_path]))
+    layer_only = layers.json_filename(layer_format.writer(layers.file_chain([layer_path])))
     with qemu_nbd_server(layer_only, None, readonly=False) as layer_uri:
         target = connect_nbd(layer_uri)
         try:
@@ -188,6 +191,7 @@ def resync_layer(
     backing_relpath: str,
     progress: ProgressCallback | None = None,
     only: Sequence[tuple[int, int]] | None = None,
+    layer_format: LayerFormat = PLAIN,
 ) -> tuple[ChunkMap, int]:
     """Write the chunks of the export ``nbd_uri`` that differ from ``parent_map`` as a new layer.
 
@@ -197,7 +201,8 @@ def resync_layer(
     ``parent_map``. ``layer_path`` is created as qcow2 backed by
     ``backing_relpath`` (relative to the layer's directory) and gets only the
     changed chunks: data through ``qemu-nbd``, chunks that became all-zero as
-    NBD zero requests (zero clusters, no data). Returns the map of the export
+    NBD zero requests (zero clusters, no data); written as ``layer_format`` says
+    (compressed clusters through a ``compress`` filter). Returns the map of the export
     and the data bytes written. On failure the layer file is removed.
     """
     _check_parent(parent_map, size)
@@ -209,9 +214,10 @@ def resync_layer(
         exported = int(source.get_size())
         if exported != size:
             raise StorageError(f"{nbd_uri} has {exported} bytes, expected {size}")
-        create_layer(layer_path, backing_relpath, size)
+        create_layer(layer_path, backing_relpath, size, layer_format)
         created = True
-        digests, writer = _into_layer(source, layer_path, size, parent_map, progress, only)
+        digests, writer = _into_layer(source, layer_path, size, parent_map, progress, only,
+                                      layer_format)
     except NbdError as err:
         if created:
             os.unlink(layer_path)

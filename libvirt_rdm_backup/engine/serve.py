@@ -52,7 +52,8 @@ NO_VERIFY_WARNING = "--no-verify: the layers' digests were not checked"
 class ServeRequest:
     """Which point to serve, and where: ``socket`` (a unix socket path) or ``listen``
     (``HOST:PORT``; port 0: any free port). ``tls_dir``: x509 credentials, for the
-    TCP listener (``server-*.pem``) and for an ``nbds://`` target (``client-*.pem``)."""
+    TCP listener (``server-*.pem``) and for an ``nbds://`` target (``client-*.pem``).
+    ``key_file``: the key of an encrypted point."""
 
     domain: str
     target: str
@@ -62,6 +63,7 @@ class ServeRequest:
     listen: str | None = None
     tls_dir: str | None = None
     verify: bool = True
+    key_file: str | None = None
 
 
 @dataclass
@@ -156,7 +158,8 @@ def serve_point(request: ServeRequest) -> Iterator[Served]:
     check_safe_name(request.disk, "disk name")
     config = listener_config(request)
     tls = store_tls(request)
-    with open_store(request.target, tls_dir=tls) as store, contextlib.ExitStack() as stack:
+    with open_store(request.target, tls_dir=tls, key_file=request.key_file) as store, \
+            contextlib.ExitStack() as stack:
         uuid = choose_backup(store, request.domain, request.backup_id).domain_uuid
         stack.enter_context(store.reading(uuid))  # no prune frees the layers meanwhile
         manifest = choose_backup(store, request.domain, request.backup_id)

@@ -15,7 +15,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,21 +24,26 @@ from libvirt_rdm_backup.errors import OperationError, QmpError, RdmBackupError, 
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.qemu.block_copy import Endpoint
 from libvirt_rdm_backup.qemu.blockdev import attached_image
+from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
+from libvirt_rdm_backup.qemu.secrets import LayerKey, active_secret, guest_secret
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
+from libvirt_rdm_backup.repository.encryption import EncryptionRecord, write_record
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.store import Repository, Staging
 from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
 from libvirt_rdm_backup.targets.volume_format import region_size
 
 DATA_FORMAT = "qcow2"
+LUKS_ROOM = 4 << 20  # more room in a volume region for the LUKS header of an encrypted layer
 
 
 class Sink(Protocol):
     """Destination of the new layers of one backup, as a capture writes them."""
 
     local_files: bool  # layers are local files (resyncs and ranged copies need that)
+    layer_format: LayerFormat  # how new layers are written (compressed or not)
 
     def create(self, plan: DiskPlan) -> None:
         """Create the disk's empty layer (qcow2 of the disk's size)."""
@@ -110,10 +115,17 @@ class FileSink:
     local_files = True
 
     def __init__(self, repo: Repository, staging: Staging,
-                 lower: Callable[[DiskPlan], list[str]]) -> None:
+                 lower: Callable[[DiskPlan], list[str]],
+                 layer_format: LayerFormat = PLAIN, key: LayerKey | None = None,
+                 objects: tuple[dict[str, Any], ...] = (),
+                 encryption: EncryptionRecord | None = None) -> None:
         self.repo = repo
         self.staging = staging
         self._lower = lower
+        self.layer_format = layer_format
+        self._key = key  # for the guest's QEMU, when new layers are encrypted
+        self._objects = objects  # the key's secret object, for a private daemon
+        self._encryption = encryption  # the repository's record, written at the publish
 
     def target(self, plan: DiskPlan) -> str:
         return self.staging.file(data_file_name(plan))
@@ -124,16 +136,20 @@ class FileSink:
     def create(self, plan: DiskPlan) -> None:
         backing = plan.parent.relative_data_file() if plan.parent else None
         # qemu-img create: a header written in one step, no block node to open
-        img.create(self.target(plan), DATA_FORMAT, int(plan.disk.size or 0), backing=backing)
+        img.create(self.target(plan), DATA_FORMAT, int(plan.disk.size or 0), backing=backing,
+                   options=self.layer_format.create_options())
 
     def copy_target(self, plan: DiskPlan) -> Endpoint:
         # the staging file is this run's own: opened by name; any backing named in the
         # header is not opened (a copy writes every byte of the disk)
-        return Endpoint({"driver": DATA_FORMAT, "backing": None,
-                         "file": {"driver": "file", "filename": self.target(plan)}})
+        return Endpoint(self.layer_format.writer(self.layer_format.layer(
+            {"driver": DATA_FORMAT, "backing": None,
+             "file": {"driver": "file", "filename": self.target(plan)}})),
+            objects=self._objects if self.layer_format.encrypted else ())
 
     def attach(self, monitor: Monitor, plan: DiskPlan) -> AbstractContextManager[str]:
-        return _file_node(monitor, self.target(plan), plan)
+        key = self._key if self.layer_format.encrypted else None
+        return _file_node(monitor, self.target(plan), plan, key)
 
     def written(self, plan: DiskPlan) -> Written:
         path = self.target(plan)
@@ -152,13 +168,24 @@ class FileSink:
         return file_digest(self.target(plan))
 
     def publish(self, manifest: Manifest) -> str:
+        if self.layer_format.encrypted and self._encryption is not None:
+            write_record(self.repo.root, self._encryption)  # the first encrypted backup's
         return self.repo.publish(self.staging, manifest)
 
 
 @contextmanager
-def _file_node(monitor: Monitor, path: str, plan: DiskPlan) -> Iterator[str]:
-    options = {"backing": None} if plan.parent else None
-    with attached_image(monitor, path, DATA_FORMAT, plan.disk.target, options) as node:
+def _file_node(monitor: Monitor, path: str, plan: DiskPlan, key: LayerKey | None
+               ) -> Iterator[str]:
+    """The layer file as a node of the guest's QEMU (with the key's secret object there
+    when the layer is encrypted)."""
+    options: dict[str, Any] = {"backing": None} if plan.parent else {}
+    with ExitStack() as stack:
+        if key is not None:
+            secret = stack.enter_context(guest_secret(monitor, key,
+                                                      object_name("key", plan.disk.target)))
+            options["encrypt"] = layers.encrypt_options(secret)
+        node = stack.enter_context(attached_image(monitor, path, DATA_FORMAT,
+                                                  plan.disk.target, options or None))
         yield node.node_name
 
 
@@ -167,9 +194,12 @@ class NbdSink:
 
     local_files = False
 
-    def __init__(self, volume: NbdVolume, scratch_dir: str) -> None:
+    def __init__(self, volume: NbdVolume, scratch_dir: str,
+                 layer_format: LayerFormat = PLAIN, key: LayerKey | None = None) -> None:
         self.volume = volume
         self.scratch_dir = scratch_dir
+        self.layer_format = layer_format
+        self._key = key  # for the QEMUs that write encrypted layers
         self.locations: dict[str, dict[str, Any]] = {}
 
     def scratch(self, name: str) -> str:
@@ -178,11 +208,12 @@ class NbdSink:
     def create(self, plan: DiskPlan) -> None:
         """Reserve a region and write an empty qcow2 header into it (a few KiB)."""
         size = int(plan.disk.size or 0)
-        region = region_size(size)
+        region = region_size(size) + (LUKS_ROOM if self.layer_format.encrypted else 0)
         offset = self.volume.allocate(region)
         with tempfile.TemporaryDirectory(prefix="rdmb-layer-") as tmp:
             empty = os.path.join(tmp, "empty.qcow2")
-            img.create(empty, DATA_FORMAT, size)  # qemu-img create: just the header bytes
+            # qemu-img create: just the header bytes
+            img.create(empty, DATA_FORMAT, size, options=self.layer_format.create_options())
             with open(empty, "rb") as stream:
                 header = stream.read()
         self.volume.write(offset, header)
@@ -193,18 +224,22 @@ class NbdSink:
         """Blockdev options of the disk's layer (qcow2 on its region of the export)."""
         location = self.locations[plan.disk.target]
         return layers.chain_node([self.volume.region_node(location["offset"],
-                                                          location["region"])])
+                                                          location["region"])],
+                                 [self.layer_format.encrypted])
 
     def target(self, plan: DiskPlan) -> str:
         return layers.json_filename(self.node(plan))
 
     def copy_target(self, plan: DiskPlan) -> Endpoint:
         tls = self.volume.tls_object()
-        return Endpoint(self.node(plan), objects=(tls,) if tls is not None else ())
+        secret = active_secret() if self.layer_format.encrypted else None
+        return Endpoint(self.layer_format.writer(self.node(plan)),
+                        objects=tuple(o for o in (tls, secret) if o is not None))
 
     def attach(self, monitor: Monitor, plan: DiskPlan) -> AbstractContextManager[str]:
+        key = self._key if self.layer_format.encrypted else None
         return _nbd_node(monitor, self.node(plan), plan, self.volume.tls_object(),
-                         self.volume.address.socket)
+                         self.volume.address.socket, key)
 
     def written(self, plan: DiskPlan) -> Written:
         image = self.read_back(plan)
@@ -219,14 +254,15 @@ class NbdSink:
         location = self.locations[plan.disk.target]
         offset, region = int(location["offset"]), int(location["region"])
         head = self.volume.read(offset, layers.HEADER_READ)
-        problem = layers.header_problem(head, None, int(plan.disk.size or 0))
+        encrypted = self.layer_format.encrypted
+        problem = layers.header_problem(head, None, int(plan.disk.size or 0), encrypted)
         if problem is not None:
             raise VerificationError(f"the new layer of {plan.disk.target} in "
                                     f"{self.volume.address.uri} {problem} after it was written; "
                                     "nothing was published")
         node = layers.pinned_head(head, self.volume.region_node(offset, region), region,
                                   self.scratch(f"new-{offset}.qcow2"))
-        return layers.json_filename(layers.chain_node([node]))
+        return layers.json_filename(layers.chain_node([node], [encrypted]))
 
     def digest(self, plan: DiskPlan) -> Digest:
         location = self.locations[plan.disk.target]
@@ -257,8 +293,16 @@ def _pass_connection(monitor: Monitor, socket_path: str, name: str) -> dict[str,
 
 @contextmanager
 def _nbd_node(monitor: Monitor, options: dict[str, Any], plan: DiskPlan,
-              tls: dict[str, Any] | None, socket_path: str | None) -> Iterator[str]:
-    """The layer's node in QEMU (with the TLS credentials object its NBD client needs)."""
+              tls: dict[str, Any] | None, socket_path: str | None,
+              key: LayerKey | None = None) -> Iterator[str]:
+    """The layer's node in QEMU (with the TLS credentials object its NBD client needs, and
+    the key's secret object when the layer is encrypted)."""
+    if key is not None:
+        with guest_secret(monitor, key, object_name("key", plan.disk.target)) as secret:
+            options = {**options, "encrypt": layers.encrypt_options(secret)}
+            with _nbd_node(monitor, options, plan, tls, socket_path) as name:
+                yield name
+        return
     if socket_path is not None:
         fdname = object_name("nbdconn", plan.disk.target)
         server = _pass_connection(monitor, socket_path, fdname)

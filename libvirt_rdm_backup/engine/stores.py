@@ -17,6 +17,9 @@ from libvirt_rdm_backup.engine.merge_plan import PlannedMerge
 from libvirt_rdm_backup.engine.sinks import Session
 from libvirt_rdm_backup.engine.volume_store import VolumeStore
 from libvirt_rdm_backup.errors import UsageError
+from libvirt_rdm_backup.modes import Compression
+from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
+from libvirt_rdm_backup.qemu.secrets import LayerKey
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
 from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.store import Repository, Scan
@@ -34,6 +37,11 @@ class Store(Protocol):
     def __enter__(self) -> Store: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+    def keys(self) -> ContextManager[None]:
+        """The key's secret for the QEMUs started in the block (held while the store is
+        entered; again for work after it, such as ``backup --prune``)."""
+        ...
 
     def lock(self, domain_uuid: str) -> ContextManager[None]:
         """Be the one writer of the domain's backups (fails at once when taken)."""
@@ -55,8 +63,14 @@ class Store(Protocol):
         """Readable backups (of all domains, or of one), oldest first, and damaged ones."""
         ...
 
-    def session(self, domain_uuid: str, backup_id: str) -> ContextManager[Session]:
-        """Where a new backup is written; nothing of it is visible until it is published."""
+    def new_layers(self, compression: Compression | None) -> LayerFormat:
+        """How the new layers of a backup are written (compressed, encrypted)."""
+        ...
+
+    def session(self, domain_uuid: str, backup_id: str,
+                layer_format: LayerFormat = PLAIN) -> ContextManager[Session]:
+        """Where a new backup is written (its new layers as ``layer_format`` says);
+        nothing of it is visible until it is published."""
         ...
 
     def chunk_map(self, point: DiskPoint) -> ChunkMap | None:
@@ -86,19 +100,23 @@ class Store(Protocol):
 
 
 def open_store(target: str, create: bool = False, allow_plain_nbd: bool = True,
-               tls_dir: str | None = None) -> Store:
+               tls_dir: str | None = None, key_file: str | None = None) -> Store:
     """The store named by ``target`` (a directory or an NBD URI).
 
     ``nbds://`` targets need ``tls_dir``: a directory with ``ca-cert.pem``,
     ``client-cert.pem`` and ``client-key.pem`` (QEMU's and libnbd's names).
+    ``key_file``: holds the key of encrypted layers (checked against the key ids the
+    store records: UsageError when it is not that key; reading an encrypted point or
+    adding a backup to an encrypted store without a key is refused too).
     """
     parsed = parse_target(target, allow_remote_plain=allow_plain_nbd)
+    key = LayerKey.from_file(key_file) if key_file is not None else None
     if isinstance(parsed, NbdAddress):
         if parsed.tls and tls_dir is None:
             raise UsageError(f"{target} is TLS: give --tls-creds DIR")
         if tls_dir is not None and not parsed.tls:
             raise UsageError(f"--tls-creds needs an nbds:// target, not {target}")
-        return VolumeStore(NbdVolume.open(parsed, create=create, tls_dir=tls_dir))
+        return VolumeStore(NbdVolume.open(parsed, create=create, tls_dir=tls_dir), key)
     if tls_dir is not None:
         raise UsageError("--tls-creds applies to nbds:// targets only")
-    return FileStore(Repository.open(parsed, create=create))
+    return FileStore(Repository.open(parsed, create=create), key)

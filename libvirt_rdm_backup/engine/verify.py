@@ -7,6 +7,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
+from libvirt_rdm_backup.engine.deep_verify import read_problem
 from libvirt_rdm_backup.engine.selection import choose_backup, domain_damage, find_domain_backups
 from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.errors import NotFoundError
@@ -85,8 +86,9 @@ def lineage_problem(backups: list[Manifest], damaged: Mapping[str, str], manifes
 
 
 def verify_manifests(store: Store, manifests: list[Manifest],
-                     damaged: list[Damage] | None = None) -> VerifyReport:
-    """Check every disk of every given backup and every layer it builds on.
+                     damaged: list[Damage] | None = None, deep: bool = False) -> VerifyReport:
+    """Check every disk of every given backup and every layer it builds on (``deep``: and
+    read each point whole through QEMU, :mod:`.deep_verify`).
 
     ``damaged`` backups (unreadable manifests) are reported as failed. The report
     is oldest first (:func:`.order.in_order`), so that a damaged layer is reported
@@ -106,17 +108,22 @@ def verify_manifests(store: Store, manifests: list[Manifest],
             known[uuid] = (listed.backups, {d.backup_id: d.problem for d in listed.damaged})
         backups, unreadable = known[uuid]
         for record in item.disks:
-            _points, problem = lineage_problem(backups, unreadable, item, record.disk.target,
-                                               check)
+            points, problem = lineage_problem(backups, unreadable, item, record.disk.target,
+                                              check)
+            if problem is None and deep:
+                problem = read_problem(store, points)
             report.checks.append(DiskCheck(item.backup_id, record.disk.target,
                                            problem is None, problem))
     return report
 
 
 def verify(target: str, domain: str | None = None, backup_id: str | None = None,
-           tls_dir: str | None = None) -> VerifyReport:
-    """Verify backups at ``target`` (all, one domain's, or one backup)."""
-    with open_store(target, tls_dir=tls_dir) as store, ExitStack() as stack:
+           tls_dir: str | None = None, deep: bool = False, key_file: str | None = None
+           ) -> VerifyReport:
+    """Verify backups at ``target`` (all, one domain's, or one backup); ``deep``: read
+    every point through QEMU too (``key_file``: the key of encrypted points)."""
+    with open_store(target, tls_dir=tls_dir, key_file=key_file) as store, \
+            ExitStack() as stack:
         listed = store.scan()
         uuids = {m.domain_uuid for m in listed.backups} | {d.domain_uuid for d in listed.damaged}
         for uuid in sorted(uuids):
@@ -135,4 +142,4 @@ def verify(target: str, domain: str | None = None, backup_id: str | None = None,
                 damaged = [d for d in damaged if d.backup_id == backup_id]
         if not manifests and not damaged:
             raise NotFoundError(f"backup {backup_id} not found" if backup_id else "no backups")
-        return verify_manifests(store, manifests, damaged)
+        return verify_manifests(store, manifests, damaged, deep)

@@ -22,6 +22,7 @@ from libvirt_rdm_backup.engine.sinks import NbdSink
 from libvirt_rdm_backup.errors import DamagedBackupError
 from libvirt_rdm_backup.modes import Level
 from libvirt_rdm_backup.qemu import img, layers
+from libvirt_rdm_backup.qemu.layer_format import LayerFormat
 from libvirt_rdm_backup.qemu.layer_jobs import stream_node
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint, lineage
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
@@ -81,6 +82,7 @@ def _merged(store: _Volume, sink: NbdSink, by_id: dict[str, Manifest], chain: Ch
     record = points[0].record
     plan = DiskPlan(replace(record.disk, size=record.size), DataPath.QEMU, Level.FULL,
                     "consolidated")
+    sink.layer_format = LayerFormat.of_record(record.encryption)  # encrypted as it was
     sink.create(plan)
     top = sink.node(plan)
     top["backing"] = old = store.image_node(points)  # the old layers, headers pinned
@@ -96,4 +98,6 @@ def _merged(store: _Volume, sink: NbdSink, by_id: dict[str, Manifest], chain: Ch
     moved = img.data_bytes(written.image, own_only=True)
     return replace(record, location=written.location, digest=sink.digest(plan),
                    stored_bytes=written.stored_bytes, parent=merge.base, backing_file=None,
+                   compression=sink.layer_format.record(),
+                   encryption=sink.layer_format.encryption(),
                    level="full" if merge.base is None else record.level), moved

@@ -5,19 +5,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import secrets
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from libvirt_rdm_backup.engine.merge_plan import PlannedMerge
+from libvirt_rdm_backup.engine.merge_plan import PlannedMerge, check_merge_keys
 from libvirt_rdm_backup.engine.sinks import NbdSink, Session
 from libvirt_rdm_backup.engine.volume_merge import consolidate_volume
-from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError
+from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError, UsageError
 from libvirt_rdm_backup.fslock import exclusive, waiting
 from libvirt_rdm_backup.locks import lock_dir
+from libvirt_rdm_backup.modes import Compression
 from libvirt_rdm_backup.qemu import img, layers
+from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
+from libvirt_rdm_backup.qemu.secrets import LayerKey, active_secret, key_file, secret_definition
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
 from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
@@ -36,19 +41,33 @@ class VolumeStore:
 
     local_layers = False
 
-    def __init__(self, volume: NbdVolume) -> None:
+    def __init__(self, volume: NbdVolume, key: LayerKey | None = None) -> None:
         self.volume = volume
         self.name = volume.address.uri
         self.repo_id = volume.repo_id
+        self.key = key
         self._objects = img.objects(*volume.qemu_img_objects())
+        self._keys = ExitStack()
         self._checked: dict[int, bytes] = {}  # region offset -> the header bytes checked
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
 
     def __enter__(self) -> VolumeStore:
         self._objects.__enter__()  # qemu-img calls of this store get the TLS object
+        self._keys.enter_context(self.keys())  # and the key's secret, from a private file
         return self
 
+    @contextmanager
+    def keys(self) -> Iterator[None]:
+        """Every QEMU started in the block gets the key from a private file (none without
+        a key)."""
+        if self.key is None:
+            yield
+            return
+        with key_file(self.key) as path, img.objects(secret_definition(path)):
+            yield
+
     def __exit__(self, *exc: object) -> None:
+        self._keys.close()
         self._objects.__exit__(None, None, None)
         self.volume.close()
         if self._scratch is not None:
@@ -89,6 +108,7 @@ class VolumeStore:
                     ) -> tuple[list[PlannedMerge], int]:
         """Kept layers rewritten into fresh regions, published with the drops in one write
         (:mod:`.volume_merge`); the caller holds :meth:`lock`."""
+        check_merge_keys(self.check_key, chain)
         with waiting(self._gate_path(), GATE_TIMEOUT):  # readers of this host are done
             return consolidate_volume(self, domain_uuid, chain, drop, speed)
 
@@ -103,10 +123,45 @@ class VolumeStore:
         """
         return self.volume.publish_changes(domain_uuid, replace, drop)
 
+    def new_layers(self, compression: Compression | None) -> LayerFormat:
+        """How a new backup's layers are written: encrypted with the key (the volume's key:
+        every encrypted record names it, salt beside its key id), else plain or compressed
+        (refused where the volume holds encrypted backups)."""
+        found = [r.encryption for m in self.scan().backups for r in m.disks if r.encryption]
+        if self.key is None:
+            if found:
+                raise UsageError(f"volume {self.name} holds encrypted backups: give "
+                                 "--encrypt-key-file FILE (its backups are all encrypted, "
+                                 "with one key)")
+            return LayerFormat(compression)
+        for encryption in found:
+            self._check_encryption(encryption)
+        salt = str(found[0]["salt"]) if found else secrets.token_hex(16)
+        return LayerFormat(compression, self.key.key_id(bytes.fromhex(salt)), salt)
+
+    def check_key(self, point: DiskPoint) -> None:
+        """Refuse (UsageError) to read an encrypted point without its key."""
+        if point.record.encryption is None:
+            return
+        if self.key is None:
+            raise UsageError(f"backup {point.backup_id} disk {point.record.disk.target} is "
+                             "encrypted: give --encrypt-key-file FILE")
+        self._check_encryption(point.record.encryption)
+
+    def _check_encryption(self, encryption: dict[str, Any]) -> None:
+        assert self.key is not None
+        salt, key_id = encryption.get("salt"), encryption.get("key_id")
+        if not isinstance(salt, str) or not re.fullmatch(r"[0-9a-f]{32}", salt) \
+                or not secrets.compare_digest(self.key.key_id(bytes.fromhex(salt)),
+                                              str(key_id)):
+            raise UsageError(f"the key of --encrypt-key-file is not the key of volume "
+                             f"{self.name}")
+
     @contextmanager
-    def session(self, domain_uuid: str, backup_id: str) -> Iterator[Session]:
+    def session(self, domain_uuid: str, backup_id: str,
+                layer_format: LayerFormat = PLAIN) -> Iterator[Session]:
         with tempfile.TemporaryDirectory(prefix="rdmb-session-") as scratch:
-            yield NbdSink(self.volume, scratch)
+            yield NbdSink(self.volume, scratch, layer_format, self.key)
 
     def chunk_map(self, point: DiskPoint) -> ChunkMap | None:
         """None: a volume keeps no chunk maps (its layers are not local files)."""
@@ -180,7 +235,7 @@ class VolumeStore:
         location = record.location or {}
         offset, length = int(location["offset"]), int(location["length"])
         data = self.volume.read(offset, min(length, layers.HEADER_READ))
-        problem = layers.header_problem(data, None, record.size)
+        problem = layers.header_problem(data, None, record.size, record.encryption is not None)
         if problem is not None:
             return f"{record.data_file} {problem}"
         self._checked[offset] = data
@@ -197,6 +252,7 @@ class VolumeStore:
             self._scratch = tempfile.TemporaryDirectory(prefix="rdmb-headers-")
         files = []
         for point in points:
+            self.check_key(point)
             record = point.record
             problem = location_problem(record.location, self.volume.size)
             if problem is not None:
@@ -211,12 +267,12 @@ class VolumeStore:
             files.append(layers.pinned_head(
                 self._checked[offset], self.volume.region_node(offset, region), region,
                 os.path.join(self._scratch.name, f"{offset}.qcow2")))
-        return layers.chain_node(files)
+        return layers.chain_node(files, [p.record.encryption is not None for p in points])
 
     def qemu_objects(self) -> tuple[dict[str, Any], ...]:
         """``object-add`` arguments the nodes of :meth:`image_node` need (TLS credentials)."""
-        tls = self.volume.tls_object()
-        return () if tls is None else (tls,)
+        tls, secret = self.volume.tls_object(), active_secret() if self.key else None
+        return tuple(o for o in (tls, secret) if o is not None)
 
     def holds(self, path: str) -> bool:
         """False: the volume's file is on the backup server, not a local path of this store."""

@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.errors import CommandError, OperationError
 from libvirt_rdm_backup.process import die_with_parent, run
 
 MAX_MAP_LINE = 4096  # one extent of ``qemu-img map --output=json`` is about 120 bytes
+# QEMU's key-derivation benchmark of a new LUKS header measured no time (a coarse clock):
+# it fails now and then under load, and works when run again
+LUKS_BENCHMARK_FAILED = "Unable to get accurate CPU usage"
+LUKS_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -49,11 +54,16 @@ def objects(*definitions: str) -> Iterator[None]:
         _OBJECTS.reset(token)
 
 
-def _qemu_img(command: str) -> list[str]:
-    argv = ["qemu-img", command]
+def object_args() -> list[str]:
+    """The ``--object`` arguments of :func:`objects` (qemu-img and qemu-nbd take them)."""
+    argv: list[str] = []
     for definition in _OBJECTS.get():
         argv += ["--object", definition]
     return argv
+
+
+def _qemu_img(command: str) -> list[str]:
+    return ["qemu-img", command, *object_args()]
 
 
 def check_end(path: str, fmt: str) -> int:
@@ -65,17 +75,30 @@ def check_end(path: str, fmt: str) -> int:
         raise OperationError(f"cannot check {fmt} image: {proc.stderr.strip()}") from err
 
 
-def create(path: str, fmt: str, size: int, backing: str | None = None) -> None:
+def create(path: str, fmt: str, size: int, backing: str | None = None,
+           options: Mapping[str, str] | None = None) -> None:
     """Create an image (qcow2 with 64 KiB clusters by default).
 
     A ``backing`` name is only written into the header (``-u``): the backing file,
-    which comes from a repository, is not opened.
+    which comes from a repository, is not opened. ``options``: creation options of the
+    format (``-o``, e.g. ``compression_type``).
     """
     argv = [*_qemu_img("create"), "-q", "-f", fmt]
     if backing is not None:
         argv += ["-u", "-b", backing, "-F", "qcow2"]
+    if options:
+        argv += ["-o", ",".join(f"{k}={v.replace(',', ',,')}" for k, v in options.items())]
     argv += [path, str(size)]
-    run(argv)
+
+    def attempt() -> None:
+        try:
+            run(argv)
+        except CommandError as err:
+            if LUKS_BENCHMARK_FAILED in str(err):
+                raise retry.Again() from err
+            raise
+
+    retry.luks_create(path, LUKS_ATTEMPTS)(attempt)
 
 
 def forget_backing(path: str) -> None:

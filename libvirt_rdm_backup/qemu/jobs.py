@@ -35,7 +35,7 @@ COPY_CHUNK = 64 << 10  # one qcow2 cluster: every all-zero cluster stays unstore
 
 def backup_action(
     job_id: str, device: str, target: str, sync: str = "full", bitmap: str | None = None,
-    speed: int = 0, chunk: int = COPY_CHUNK,
+    speed: int = 0, chunk: int = COPY_CHUNK, compress: bool = False,
 ) -> dict[str, Any]:
     """A ``blockdev-backup`` transaction action that stays visible until dismissed.
 
@@ -43,6 +43,7 @@ def backup_action(
     is dropped only after the new backup was published. ``speed``: bytes per second
     the job may copy (0: no limit). ``chunk``: the largest request the job writes; a
     request that is all zeros is not stored, so smaller chunks keep more zeros out.
+    ``compress``: the job writes compressed clusters (a qcow2 target).
     """
     data: dict[str, Any] = {
         "job-id": job_id,
@@ -55,6 +56,8 @@ def backup_action(
     }
     if speed:
         data["speed"] = speed
+    if compress:
+        data["compress"] = True
     if bitmap is not None:
         data["bitmap"] = bitmap
         data["bitmap-mode"] = "never"

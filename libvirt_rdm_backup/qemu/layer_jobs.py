@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
 
-from libvirt_rdm_backup.errors import OperationError
+from libvirt_rdm_backup.errors import OperationError, UsageError
 from libvirt_rdm_backup.process import stall_timeout
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.qemu.block_copy import (
@@ -34,6 +34,7 @@ from libvirt_rdm_backup.qemu.block_copy import (
     follow_job,
 )
 from libvirt_rdm_backup.qemu.names import object_name
+from libvirt_rdm_backup.qemu.secrets import active_secret
 
 
 def stream_into(top: str, middle: Sequence[str], base: Sequence[str],
@@ -121,8 +122,8 @@ def rebase_onto(top: str, old_below: Sequence[str], new_base: str, backing_name:
     from libvirt_rdm_backup.process import run
 
     image = layers.json_filename(layers.file_chain([top, *old_below]))
-    run(["qemu-img", "rebase", "-q", "-f", layers.FORMAT, "-F", layers.FORMAT, "-b",
-         new_base, image])
+    run(["qemu-img", "rebase", *img.object_args(), "-q", "-f", layers.FORMAT, "-F",
+         layers.FORMAT, "-b", new_base, image])
     rebase_name(top, backing_name)
 
 
@@ -130,8 +131,10 @@ def rebase_name(top: str, backing_name: str) -> None:
     """Write ``backing_name`` as ``top``'s backing file (the header only; nothing opened)."""
     from libvirt_rdm_backup.process import run
 
-    run(["qemu-img", "rebase", "-q", "-u", "-f", layers.FORMAT, "-F", layers.FORMAT, "-b",
-         backing_name, top])
+    # an encrypted layer is opened with its key (the header alone is written)
+    image = layers.json_filename(layers.file_chain([top])) if layers.is_encrypted(top) else top
+    run(["qemu-img", "rebase", *img.object_args(), "-q", "-u", "-f", layers.FORMAT, "-F",
+         layers.FORMAT, "-b", backing_name, image])
 
 
 def _chain(daemon: JobHost, stack: ExitStack, files: Sequence[str], label: str,
@@ -140,12 +143,22 @@ def _chain(daemon: JobHost, stack: ExitStack, files: Sequence[str], label: str,
     last by nothing; returns their node names, top first."""
     names: list[str] = []
     below: str | None = None
+    encrypted = [layers.is_encrypted(path) for path in files]
+    if any(encrypted):
+        secret = active_secret()
+        if secret is None:
+            raise UsageError(f"the layers of {label} are encrypted: give --encrypt-key-file "
+                             "FILE")
+        stack.enter_context(added_object(daemon, secret))
     for index in range(len(files) - 1, -1, -1):
         name = object_name(f"layer{index}", label)
-        stack.enter_context(added_node(daemon, {
+        node: dict[str, Any] = {
             "driver": layers.FORMAT, "file": layers.file_node(files[index]),
             "read-only": index not in writable, "backing": below,
-        }, name))
+        }
+        if encrypted[index]:
+            node["encrypt"] = layers.encrypt_options(str(secret and secret["id"]))
+        stack.enter_context(added_node(daemon, node, name))
         names.insert(0, name)
         below = name
     return names

@@ -5,10 +5,12 @@ an external data file, encryption, or be another format altogether. QEMU would
 follow each of them when it opens the image by name. So:
 
 * :func:`header_problem` parses the first 4 KiB of a layer with strict bounds and
-  accepts only what this tool writes: qcow2 version 3, 64 KiB clusters, no
-  encryption, no external data file, no internal snapshots, no unknown feature or
-  header extension, the virtual size the manifest records, and exactly the backing
-  file name the repository layout implies (none for a full copy or a volume region).
+  accepts only what this tool writes: qcow2 version 3, 64 KiB clusters, a zlib or
+  zstd compression type, LUKS encryption only where the manifest records it, no
+  external data file, no internal snapshots,
+  no unknown feature or header extension, the virtual size the manifest records, and
+  exactly the backing file name the repository layout implies (none for a full copy or
+  a volume region).
 * :func:`chain_node` builds the blockdev options of a point with the ``backing`` of
   every layer set explicitly (``null`` below the last), so that no name in a header
   is ever opened; :func:`json_filename` makes them a ``qemu-img``/``qemu-nbd`` filename.
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from libvirt_rdm_backup.fileutil import read_regular
+from libvirt_rdm_backup.qemu.secrets import SECRET_ID
 
 FORMAT = "qcow2"
 MAGIC = b"QFI\xfb"
@@ -42,12 +45,15 @@ EXT_FEATURE_TABLE = 0x6803F857
 EXT_BITMAPS = 0x23852875
 EXT_ENCRYPTION = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
-_KNOWN_EXTENSIONS = {EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, EXT_BITMAPS}
+_KNOWN_EXTENSIONS = {EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, EXT_BITMAPS, EXT_ENCRYPTION}
+CRYPT_LUKS = 2  # the header's crypt_method of LUKS-encrypted images
 
 INCOMPAT_DIRTY = 1 << 0
+INCOMPAT_COMPRESSION = 1 << 3  # the compression type byte is not zlib (0)
 _INCOMPAT_NAMES = {1: "is marked corrupt", 2: "has an external data file",
-                   3: "uses a compression type this tool does not write",
                    4: "uses extended L2 entries"}
+COMPRESSION_OFFSET = 104  # the compression type byte, in headers of 112 bytes and more
+COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
 AUTOCLEAR_RAW_DATA = 1 << 1
 
 
@@ -57,12 +63,14 @@ def _name(raw: bytes) -> str:
     return shown if len(shown) <= 200 else shown[:197] + "..."
 
 
-def header_problem(data: bytes, backing: str | None, size: int | None = None) -> str | None:
+def header_problem(data: bytes, backing: str | None, size: int | None = None,
+                   encrypted: bool = False) -> str | None:
     """What in a layer's first bytes this tool did not write, or None.
 
     ``data``: the layer's first :data:`HEADER_READ` bytes (fewer for a short file).
     ``backing``: the backing file name the repository layout implies (None: none).
     ``size``: the disk size the manifest records (None: not checked).
+    ``encrypted``: the manifest records the layer as LUKS-encrypted (else it must not be).
     """
     if len(data) < 4 or data[:4] != MAGIC:
         return "is not a qcow2 image"
@@ -75,12 +83,13 @@ def header_problem(data: bytes, backing: str | None, size: int | None = None) ->
         return f"is a version {version} qcow2 image, not one this tool writes"
     if cluster_bits != CLUSTER_BITS:
         return f"has {1 << min(cluster_bits, 63)}-byte clusters, not the 64 KiB this tool writes"
-    if crypt_method != 0:
-        return "is encrypted"
+    if crypt_method != (CRYPT_LUKS if encrypted else 0):
+        return "is not encrypted" if encrypted and crypt_method == 0 else "is encrypted"
     for bit, what in _INCOMPAT_NAMES.items():
         if incompatible & (1 << bit):
             return what
-    if incompatible & ~(INCOMPAT_DIRTY | sum(1 << b for b in _INCOMPAT_NAMES)):
+    known = INCOMPAT_DIRTY | INCOMPAT_COMPRESSION | sum(1 << b for b in _INCOMPAT_NAMES)
+    if incompatible & ~known:
         return f"has unknown incompatible features {incompatible:#x}"
     if autoclear & AUTOCLEAR_RAW_DATA:
         return "has an external raw data file"
@@ -90,14 +99,26 @@ def header_problem(data: bytes, backing: str | None, size: int | None = None) ->
         return f"is a {virtual_size}-byte image, the manifest says {size}"
     if not _HEADER.size <= header_length <= min(len(data), HEADER_READ) or header_length % 8:
         return f"has a malformed header length {header_length}"
-    extensions, problem = _extensions(data, header_length)
+    if compression_type(data, header_length, incompatible) is None:
+        return "uses a compression type this tool does not write"
+    extensions, problem = _extensions(data, header_length, encrypted)
     if problem is not None:
         return problem
     return _backing_problem(data, backing_offset, backing_size, backing,
                             extensions.get(EXT_BACKING_FORMAT))
 
 
-def _extensions(data: bytes, start: int) -> tuple[dict[int, bytes], str | None]:
+def compression_type(data: bytes, header_length: int, incompatible: int) -> str | None:
+    """The layer's compression type (``zlib`` or ``zstd``), None for any other."""
+    if not incompatible & INCOMPAT_COMPRESSION:
+        return "zlib"
+    if header_length <= COMPRESSION_OFFSET:
+        return None
+    return COMPRESSION_TYPES.get(data[COMPRESSION_OFFSET])
+
+
+def _extensions(data: bytes, start: int, encrypted: bool
+                ) -> tuple[dict[int, bytes], str | None]:
     """The header extensions (type -> data) from ``start``; or why they are refused."""
     found: dict[int, bytes] = {}
     pos = start
@@ -108,7 +129,7 @@ def _extensions(data: bytes, start: int) -> tuple[dict[int, bytes], str | None]:
         pos += _EXTENSION.size
         if kind == EXT_END:
             return found, None
-        if kind == EXT_ENCRYPTION:
+        if kind == EXT_ENCRYPTION and not encrypted:
             return found, "is encrypted"
         if kind == EXT_DATA_FILE:
             return found, "names an external data file"
@@ -149,7 +170,8 @@ def read_head(path: str) -> bytes:
     return read_regular(path, HEADER_READ)
 
 
-def file_problem(path: str, backing: str | None, size: int | None = None) -> str | None:
+def file_problem(path: str, backing: str | None, size: int | None = None,
+                 encrypted: bool = False) -> str | None:
     """:func:`header_problem` of a layer file (None: this tool could have written it)."""
     try:
         data = read_head(path)
@@ -159,7 +181,22 @@ def file_problem(path: str, backing: str | None, size: int | None = None) -> str
         if err.errno in (errno.ELOOP, errno.EINVAL):
             return "is not a regular file"
         return f"is unreadable: {err.strerror}"
-    return header_problem(data, backing, size)
+    return header_problem(data, backing, size, encrypted)
+
+
+def is_encrypted(path: str) -> bool:
+    """True when the layer file's header says LUKS (read before QEMU opens it)."""
+    try:
+        data = read_head(path)
+    except OSError:
+        return False  # QEMU's open reports it
+    return len(data) >= _HEADER.size and data[:4] == MAGIC and \
+        _HEADER.unpack_from(data)[6] == CRYPT_LUKS
+
+
+def encrypt_options(secret_id: str) -> dict[str, Any]:
+    """The ``encrypt`` options of a LUKS-encrypted layer's qcow2 node."""
+    return {"format": "luks", "key-secret": secret_id}
 
 
 def file_node(path: str) -> dict[str, Any]:
@@ -167,20 +204,27 @@ def file_node(path: str) -> dict[str, Any]:
     return {"driver": "file", "filename": path}
 
 
-def chain_node(files: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """qcow2 layers over ``files`` (protocol nodes, top first), each backing explicit."""
+def chain_node(files: Sequence[dict[str, Any]], encrypted: Sequence[bool] = ()
+               ) -> dict[str, Any]:
+    """qcow2 layers over ``files`` (protocol nodes, top first), each backing explicit;
+    ``encrypted``: which of them are LUKS-encrypted (opened with the key's secret object,
+    :data:`~.secrets.SECRET_ID`)."""
     if not files:
         raise ValueError("a chain needs at least one layer")
+    flags = list(encrypted) + [False] * (len(files) - len(encrypted))
     node: dict[str, Any] | None = None
-    for file in reversed(files):
+    for file, flag in zip(reversed(files), reversed(flags), strict=True):
         node = {"driver": FORMAT, "file": file, "backing": node}
+        if flag:
+            node["encrypt"] = encrypt_options(SECRET_ID)
     assert node is not None
     return node
 
 
 def file_chain(paths: Sequence[str]) -> dict[str, Any]:
-    """:func:`chain_node` of local layer files, top first."""
-    return chain_node([file_node(p) for p in paths])
+    """:func:`chain_node` of local layer files, top first (encrypted where the checked
+    header says so)."""
+    return chain_node([file_node(p) for p in paths], [is_encrypted(p) for p in paths])
 
 
 def json_filename(node: dict[str, Any]) -> str:

@@ -51,6 +51,7 @@ def remove_leftovers(monitor: Monitor) -> list[str]:
     with suppress(RdmBackupError):
         monitor.execute("object-del", {"id": "rdmb-tls-client"})
         removed.append("tls object rdmb-tls-client")
+    removed += _remove_secrets(monitor)
     for item in removed:
         log.info("removed leftover %s of an earlier run", item)
     return removed
@@ -82,4 +83,21 @@ def _remove_nodes(monitor: Monitor) -> list[str]:
             break
     for name, failure in failures.items():
         log.warning("could not remove leftover node %s: %s", name, failure)
+    return removed
+
+
+def _remove_secrets(monitor: Monitor) -> list[str]:
+    """Delete the key secrets a killed run left (``rdmb-key-*``; they hold a layer key)."""
+    removed: list[str] = []
+    try:
+        objects = monitor.execute("qom-list", {"path": "/objects"}) or []
+    except RdmBackupError as err:
+        log.info("cannot list QEMU objects: %s", err)
+        return removed
+    for item in objects:
+        name = str(item.get("name", ""))
+        if name.startswith("rdmb-key-"):
+            with suppress(RdmBackupError):
+                monitor.execute("object-del", {"id": name})
+                removed.append(f"secret {name}")
     return removed

@@ -20,6 +20,7 @@ from typing import IO
 from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.errors import CommandError, OperationError
 from libvirt_rdm_backup.process import die_with_parent, require_tool
+from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.names import object_name
 
 SOCKET_ROOT = "/run/libvirt-rdm-backup"
@@ -55,7 +56,7 @@ def qemu_nbd_server(
     name = object_name("nbd", "image")
     argv = [exe, "--persistent", *(["-f", fmt] if fmt else []), "-k", sock, "-x", name]
     argv += ["--read-only"] if readonly else ["--discard=unmap", "--detect-zeroes=unmap"]
-    argv += [*extra, path]
+    argv += [*img.object_args(), *extra, path]  # the key's secret, where one is in use
     try:
         with tempfile.TemporaryFile() as stderr:
             try:

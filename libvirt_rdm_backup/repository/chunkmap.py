@@ -183,10 +183,25 @@ def _hash_through_chain(chain: list[str], size: int, chunks: list[int],
         except NbdError as err:
             raise OperationError(f"cannot read {path} through qemu-nbd: {err}") from err
         try:
-            for index in chunks:
-                data = handle.pread(chunk_length(size, index), index * CHUNK)
-                digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = chunk_digest(data)
+            for first, count in _runs(chunks):  # consecutive chunks: one read of up to READ_SIZE
+                end = min(size, (first + count) * CHUNK)
+                data = memoryview(handle.pread(end - first * CHUNK, first * CHUNK))
+                for index in range(first, first + count):
+                    piece = data[(index - first) * CHUNK:][:chunk_length(size, index)]
+                    digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = \
+                        chunk_digest(piece)
         except NbdError as err:
             raise OperationError(f"cannot read {path} through qemu-nbd: {err}") from err
         finally:
             disconnect_nbd(handle)
+
+
+def _runs(chunks: list[int], longest: int = READ_SIZE // CHUNK) -> list[tuple[int, int]]:
+    """Sorted chunk indexes as (first, count) runs of consecutive ones, at most ``longest``."""
+    runs: list[tuple[int, int]] = []
+    for index in chunks:
+        if runs and runs[-1][0] + runs[-1][1] == index and runs[-1][1] < longest:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((index, 1))
+    return runs

@@ -54,3 +54,13 @@ def check_uuid(domain_uuid: str) -> str:
         return str(uuidlib.UUID(domain_uuid))
     except ValueError as err:
         raise UsageError(f"malformed domain UUID {domain_uuid!r}") from err
+
+
+def elapsed_seconds(start: str, end: str) -> float:
+    """Seconds between two of our ISO timestamps (0 when unparsable)."""
+    try:
+        parse = datetime.fromisoformat
+        return (parse(end.replace("Z", "+00:00")) - parse(start.replace("Z", "+00:00"))
+                ).total_seconds()
+    except ValueError:
+        return 0.0

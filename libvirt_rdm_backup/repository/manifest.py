@@ -80,6 +80,8 @@ class DiskRecord:
     storage_snapshot: dict[str, Any] | None = None  # kept for the next incremental
     location: dict[str, Any] | None = None  # NBD volumes: offset, region size, length
     file_size: int | None = None  # file repositories: the data file's length in bytes
+    compression: str | None = None  # "zstd" or "zlib": the layer's clusters written compressed
+    encryption: dict[str, Any] | None = None  # {"format": "luks", "key_id": ...}: encrypted
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -102,6 +104,8 @@ class DiskRecord:
             "storage_snapshot": self.storage_snapshot,
             "location": self.location,
             "file_size": self.file_size,
+            "compression": self.compression,
+            "encryption": self.encryption,
             "chunk_map_digest": self.chunk_map_digest.to_dict() if self.chunk_map_digest
             else None,
             "mapping": self.mapping.to_dict() if self.mapping else None,
@@ -132,6 +136,8 @@ class DiskRecord:
             storage_snapshot=_optional_dict(data.get("storage_snapshot")),
             location=_optional_dict(data.get("location")),
             file_size=_optional_int(data.get("file_size")),
+            compression=_optional_str(data.get("compression")),
+            encryption=_optional_dict(data.get("encryption")),
             chunk_map_digest=Digest.from_dict(data["chunk_map_digest"])
             if data.get("chunk_map_digest") else None,
         )

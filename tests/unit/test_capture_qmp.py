@@ -19,10 +19,11 @@ from libvirt_rdm_backup.engine import capture as capture_mod
 from libvirt_rdm_backup.engine.capture import Capture, CaptureOptions, capture
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.errors import OperationError
-from libvirt_rdm_backup.modes import Level, WindowMethod
+from libvirt_rdm_backup.modes import Compression, Level, WindowMethod
 from libvirt_rdm_backup.qemu import fleece as fleece_mod
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.block_copy import Endpoint
+from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.repository.chain import DiskPoint
 from libvirt_rdm_backup.repository.chunks import ChunkMap
@@ -52,9 +53,11 @@ class FakeSink:
 
     local_files = True
 
-    def __init__(self, root: Path, monitor: FakeMonitor) -> None:
+    def __init__(self, root: Path, monitor: FakeMonitor,
+                 layer_format: LayerFormat = PLAIN) -> None:
         self.root = root
         self.monitor = monitor
+        self.layer_format = layer_format
 
     def create(self, plan: DiskPlan) -> None:
         self.monitor.note(f"create {plan.disk.target}")
@@ -95,7 +98,8 @@ def qemu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeMonitor:
     monitor.plug("virtio-disk1", "libvirt-1-format")
     monitor.plug("virtio-disk2", "libvirt-2-format")
 
-    def create(path: str, fmt: str, size: int, backing: str | None = None) -> None:
+    def create(path: str, fmt: str, size: int, backing: str | None = None,
+               options: Any = None) -> None:
         Path(path).write_bytes(b"")
 
     @contextmanager
@@ -129,8 +133,10 @@ VDC = ("vdc", "libvirt-2-format", "virtio-disk2")
 
 
 def run(monitor: FakeMonitor, tmp_path: Path, plans: list[DiskPlan],
-        parent_maps: dict[str, ChunkMap] | None = None) -> Capture:
-    return capture(cast(Any, FakeDomain()), True, plans, FakeSink(tmp_path, monitor),
+        parent_maps: dict[str, ChunkMap] | None = None,
+        layer_format: LayerFormat = PLAIN) -> Capture:
+    return capture(cast(Any, FakeDomain()), True, plans,
+                   FakeSink(tmp_path, monitor, layer_format),
                    CaptureOptions(NEW_BITMAP, parent_maps or {}, monitor=monitor))
 
 
@@ -160,6 +166,16 @@ def test_a_backup_job_reads_the_point_fixed_by_its_filter(qemu: FakeMonitor, tmp
     assert list(qemu.devices.values()) == ["libvirt-1-format", "libvirt-2-format"]
     assert qemu.jobs == {}
     assert os.listdir(tmp_path) == []  # the fleecing image was unlinked once QEMU had it
+
+
+def test_compressed_layers_are_written_by_compressing_jobs(qemu: FakeMonitor,
+                                                          tmp_path: Path) -> None:
+    qemu.emit_job("rdmb-job-vdb", "concluded")
+    run(qemu, tmp_path, [disk_plan(*VDB)], layer_format=LayerFormat(Compression.ZSTD))
+    assert qemu.arguments("transaction")[1]["actions"][0]["data"]["compress"] is True
+    qemu.emit_job("rdmb-job-vdb", "concluded")
+    run(qemu, tmp_path, [disk_plan(*VDB)])
+    assert "compress" not in qemu.arguments("transaction")[3]["actions"][0]["data"]
 
 
 def test_several_filters_go_in_with_the_guest_held(qemu: FakeMonitor, tmp_path: Path) -> None:

@@ -112,8 +112,19 @@ def test_nothing_is_touched_when_nothing_was_left() -> None:
     monitor.on("query-fdsets", [{"fdset-id": 0, "fds": [{"opaque": "libvirt-1-storage"}]}])
     monitor.fail("object-del", "object 'rdmb-tls-client' not found")
 
+    monitor.on("qom-list", [{"name": "pr-helper0", "type": "child<pr-manager-helper>"}])
+
     assert remove_leftovers(monitor) == []
-    assert [c for c in monitor.commands() if not c.startswith("query-")] == ["object-del"]
+    assert [c for c in monitor.commands()
+            if not c.startswith(("query-", "qom-list"))] == ["object-del"]
+
+
+def test_a_key_secret_left_by_a_killed_run_is_removed() -> None:
+    monitor = FakeMonitor()
+    monitor.on("qom-list", [{"name": "rdmb-key-vdb-0a1b2c", "type": "child<secret>"},
+                            {"name": "masterKey0", "type": "child<secret>"}])
+    assert "secret rdmb-key-vdb-0a1b2c" in remove_leftovers(monitor)
+    assert {"id": "masterKey0"} not in monitor.arguments("object-del")
 
 
 def test_a_job_that_does_not_stop_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,128 @@
+"""Keys of encrypted layers: read from a file, never shown, handed to QEMU by path or
+descriptor; the repository's key id record; the header check of LUKS layers."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from libvirt_rdm_backup.errors import RepositoryError, UsageError
+from libvirt_rdm_backup.modes import Compression
+from libvirt_rdm_backup.qemu import img, layers
+from libvirt_rdm_backup.qemu.layer_format import LayerFormat
+from libvirt_rdm_backup.qemu.secrets import (
+    SECRET_ID,
+    LayerKey,
+    active_secret,
+    guest_secret,
+    key_file,
+    secret_definition,
+)
+from libvirt_rdm_backup.repository.encryption import (
+    RECORD,
+    check_key,
+    new_record,
+    read_record,
+    write_record,
+)
+from tests.unit.fake_monitor import FakeMonitor
+
+SECRET = b"correct horse battery staple 7f3a\n"
+
+
+def test_a_key_is_never_shown(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    path.write_bytes(SECRET)
+    key = LayerKey.from_file(str(path))
+    assert "horse" not in repr(key) and "horse" not in str(key)
+    salt = os.urandom(16)
+    assert key.key_id(salt) == LayerKey(SECRET).key_id(salt) != key.key_id(os.urandom(16))
+    assert len(key.key_id(salt)) == 64 and "horse" not in key.key_id(salt)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "is empty"), (b"\xff\xfe binary", "UTF-8 text"), (b"a\0b", "UTF-8 text"),
+    (b"x" * 5000, "more than 4096 bytes"),
+])
+def test_bad_key_files_are_refused_in_one_line(tmp_path: Path, content: bytes,
+                                               message: str) -> None:
+    path = tmp_path / "key"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=message) as caught:
+        LayerKey.from_file(str(path))
+    assert "\n" not in str(caught.value)
+    with pytest.raises(UsageError, match="cannot read the encryption key file"):
+        LayerKey.from_file(str(tmp_path / "missing"))
+
+
+def test_the_key_file_of_a_command_is_private_and_removed() -> None:
+    assert active_secret() is None
+    with key_file(LayerKey(SECRET)) as path:
+        assert Path(path).read_bytes() == SECRET
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+        assert active_secret() == {"qom-type": "secret", "id": SECRET_ID, "format": "raw",
+                                   "file": path}
+        assert "horse" not in secret_definition(path)
+    assert not os.path.exists(os.path.dirname(path))
+    assert active_secret() is None
+
+
+def test_the_guest_qemu_gets_the_key_by_descriptor_never_in_a_message() -> None:
+    monitor = FakeMonitor()
+    monitor.on("add-fd", {"fdset-id": 3, "fd": 41})
+    with guest_secret(monitor, LayerKey(SECRET), "rdmb-key-vdb-abc123") as secret_id:
+        assert secret_id == "rdmb-key-vdb-abc123"
+    assert [c.command for c in monitor.calls] == ["add-fd", "object-add", "remove-fd",
+                                                  "object-del"]
+    assert monitor.calls[0].files == 1
+    assert monitor.arguments("object-add") == [{
+        "qom-type": "secret", "id": "rdmb-key-vdb-abc123", "format": "raw",
+        "file": "/proc/self/fd/41"}]
+    assert "horse" not in repr([c.arguments for c in monitor.calls])
+
+
+def test_the_repository_record_names_the_key_without_telling_it(tmp_path: Path) -> None:
+    key, other = LayerKey(SECRET), LayerKey(b"another key")
+    root = str(tmp_path)
+    assert read_record(root) is None
+    check_key(None, None, "repository R")  # nothing encrypted yet: anything goes
+    record = new_record(key.key_id)
+    write_record(root, record)
+    assert read_record(root) == record
+    assert "horse" not in (tmp_path / RECORD).read_text()
+    check_key(record, key.key_id, "repository R")
+    with pytest.raises(UsageError, match="give --encrypt-key-file"):
+        check_key(record, None, "repository R")
+    with pytest.raises(UsageError, match="is not the key of repository R"):
+        check_key(record, other.key_id, "repository R")
+    with pytest.raises(RepositoryError, match="changed during the backup"):
+        write_record(root, new_record(other.key_id))
+    (tmp_path / RECORD).write_text('{"format": "libvirt-rdm-backup/encryption"}')
+    with pytest.raises(RepositoryError, match="not an encryption record"):
+        read_record(root)
+
+
+def test_compressed_encrypted_layers_are_refused() -> None:
+    with pytest.raises(UsageError, match="stores the compressed clusters .* unencrypted"):
+        LayerFormat(Compression.ZSTD, key_id="ab" * 32)
+    options = LayerFormat(key_id="ab" * 32).create_options()
+    assert options["encrypt.format"] == "luks" and options["encrypt.key-secret"] == SECRET_ID
+
+
+def test_luks_layers_pass_the_header_check_only_where_recorded(tmp_path: Path) -> None:
+    luks, plain = tmp_path / "luks.qcow2", tmp_path / "plain.qcow2"
+    with key_file(LayerKey(SECRET)) as path, img.objects(secret_definition(path)):
+        img.create(str(luks), "qcow2", 1 << 20,
+                   options=LayerFormat(key_id="ab" * 32).create_options())
+    img.create(str(plain), "qcow2", 1 << 20)
+    assert layers.file_problem(str(luks), None, 1 << 20, encrypted=True) is None
+    assert layers.file_problem(str(luks), None, 1 << 20) == "is encrypted"
+    assert layers.file_problem(str(plain), None, 1 << 20, encrypted=True) == "is not encrypted"
+    assert layers.is_encrypted(str(luks)) and not layers.is_encrypted(str(plain))
+    assert layers.file_chain([str(luks)])["encrypt"] == {"format": "luks",
+                                                        "key-secret": SECRET_ID}
+    assert SECRET not in luks.read_bytes()
