@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypedDict, Unpack
 
+import libvirt
+
 from libvirt_rdm_backup.domain.connection import connection, open_connection
 from libvirt_rdm_backup.domain.disks import DiskInventory
 from libvirt_rdm_backup.engine import backup as _backup
@@ -187,20 +189,19 @@ def restore(
     against the kernel and the QEMU processes of this host: a restore must work on
     a host where the domain no longer exists.
     """
+    conn: libvirt.virConnect | None = None
     try:
         conn = open_connection(uri)
     except LibvirtError as err:
         log.debug("%s: checking %s without libvirt", err, to)
-        return _restore.restore(domain, target, disk, to, backup_id=backup_id, force=force,
-                                tls_dir=tls_dir, bwlimit=bwlimit, progress=progress,
-                                key_file=encrypt_key_file)
     try:
-        return _restore.restore(domain, target, disk, to, backup_id=backup_id, force=force,
-                                conn=conn, tls_dir=tls_dir, bwlimit=bwlimit,
+        return _restore.restore(conn, domain, target, disk, to, backup_id=backup_id,
+                                force=force, tls_dir=tls_dir, bwlimit=bwlimit,
                                 progress=progress, key_file=encrypt_key_file)
     finally:
-        with contextlib.suppress(Exception):
-            conn.close()
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
 
 def restore_many(

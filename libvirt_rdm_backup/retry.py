@@ -193,25 +193,26 @@ def tgt_tid_allocation(iqn: str, attempts: int) -> Retrying:
     """While the attempt raises :class:`Again` (the tid it chose was taken meanwhile by
     someone else: choose again), at most ``attempts`` times, without pause; then
     StorageError with the last refusal (the cause of the last :class:`Again`)."""
-
-    def give_up(state: RetryCallState) -> Any:
-        last = _last_error(state)
-        cause = last.__cause__ if isinstance(last, Again) and last.__cause__ else last
-        raise StorageError(f"cannot create tgt target {iqn}: {cause}") from cause
-
-    return _policy(stop=stop_after_attempt(attempts), wait=wait_none(),
-                   retry=retry_if_exception_type(Again), on_give_up=give_up)
+    return _again(attempts, lambda cause: StorageError(
+        f"cannot create tgt target {iqn}: {cause}"))
 
 
 def luks_create(path: str, attempts: int) -> Retrying:
     """While creating an encrypted image raises :class:`Again` (QEMU's key-derivation
     benchmark measured no CPU time: "Unable to get accurate CPU usage", a coarse clock
     under load), at most ``attempts`` times, without pause; then OperationError."""
+    return _again(attempts, lambda cause: OperationError(
+        f"cannot create encrypted image {path}: {cause}"))
+
+
+def _again(attempts: int, error: Callable[[BaseException | None], Exception]) -> Retrying:
+    """While the attempt raises :class:`Again`, at most ``attempts`` times, without pause;
+    then ``error`` of the last refusal (the cause of the last :class:`Again`)."""
 
     def give_up(state: RetryCallState) -> Any:
         last = _last_error(state)
         cause = last.__cause__ if isinstance(last, Again) and last.__cause__ else last
-        raise OperationError(f"cannot create encrypted image {path}: {cause}") from cause
+        raise error(cause) from cause
 
     return _policy(stop=stop_after_attempt(attempts), wait=wait_none(),
                    retry=retry_if_exception_type(Again), on_give_up=give_up)

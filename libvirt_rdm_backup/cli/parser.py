@@ -212,10 +212,7 @@ def _add_restore(sub: argparse._SubParsersAction[Parser], common: Parser) -> Non
 
 def _add_verify(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     """The ``verify`` command."""
-    p = sub.add_parser("verify", parents=[common], help="recompute and check stored digests")
-    p.add_argument("domain", nargs="?",
-                   help="only this domain's backups: its UUID, or its name at backup time")
-    _add_store(p)
+    p = _repository_command(sub, common, "verify", "recompute and check stored digests")
     p.add_argument("--backup", metavar="ID",
                    help="only this backup, with the layers it builds on")
     p.add_argument("--deep", action="store_true",
@@ -348,11 +345,18 @@ def _add_agent(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
 
 def _add_list(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     """The ``list`` command."""
-    p = sub.add_parser("list", parents=[common], help="list backups in a repository")
+    p = _repository_command(sub, common, "list", "list backups in a repository")
+    p.set_defaults(func=cmd_list)
+
+
+def _repository_command(sub: argparse._SubParsersAction[Parser], common: Parser, name: str,
+                        summary: str) -> Parser:
+    """A command over a repository's backups, of one domain or of all of them."""
+    p = sub.add_parser(name, parents=[common], help=summary)
     p.add_argument("domain", nargs="?",
                    help="only this domain's backups: its UUID, or its name at backup time")
     _add_store(p)
-    p.set_defaults(func=cmd_list)
+    return p
 
 
 def _add_prune(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:

@@ -371,20 +371,21 @@ def verify_lineage(store: Store, manifest: Manifest, disk: str) -> list[DiskPoin
 
 
 def restore(
+    conn: libvirt.virConnect | None,
     domain: str,
     target: str,
     disk: str,
     to: str,
     *,
-    backup_id: str | None = None,
     force: bool = False,
-    conn: libvirt.virConnect | None = None,
+    backup_id: str | None = None,
     tls_dir: str | None = None,
     bwlimit: float | None = None,
     progress: ProgressCallback | None = None,
     key_file: str | None = None,
 ) -> RestoreResult:
-    """Restore disk ``disk`` of ``domain`` from the repository at ``target`` into ``to``.
+    """Restore disk ``disk`` of ``domain`` from the repository at ``target`` into ``to``
+    (``conn``: None when libvirt cannot be reached).
 
     The stored data is verified, and the whole chain opened, before anything is
     written. Refuses a target the kernel uses (mounted, swap, stacked devices)

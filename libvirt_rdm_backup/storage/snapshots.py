@@ -29,7 +29,7 @@ import os
 import re
 import secrets
 import stat
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
@@ -62,15 +62,8 @@ class StorageSnapshot:
     handle: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {
-            "agent": self.agent,
-            "disk": self.disk,
-            "name": self.name,
-            "created": self.created,
-            "size": self.size,
-            "handle": dict(self.handle),
-        }
+        """JSON-ready form: every field (the handle copied)."""
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StorageSnapshot:

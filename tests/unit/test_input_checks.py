@@ -114,7 +114,7 @@ def test_restore_refuses_targets_in_the_repository(tmp_path: Path) -> None:
     before = data.read_bytes()
     for to in (data, data.parent / "manifest.json", tmp_path / "repo" / "out.raw"):
         with pytest.raises(UsageError, match="inside the backup repository"):
-            restore("vm", repo.root, "vdb", str(to), force=True)
+            restore(None, "vm", repo.root, "vdb", str(to), force=True)
     assert data.read_bytes() == before
 
 
@@ -122,7 +122,7 @@ def test_restore_checks_its_input_first(tmp_path: Path) -> None:
     repo = Repository.open(str(tmp_path / "repo"), create=True)
     publish_one(repo)
     with pytest.raises(UsageError, match="malformed disk name"):
-        restore("vm", repo.root, "../vdb", str(tmp_path / "out.raw"))
+        restore(None, "vm", repo.root, "../vdb", str(tmp_path / "out.raw"))
     with pytest.raises(UsageError, match="malformed backup id"):
         verify(repo.root, "no-such-vm", "../x")
     with pytest.raises(UsageError, match="path is empty"), open_target("", 1024, False, None):
