@@ -227,3 +227,47 @@ def test_encrypted_chain_in_an_nbd_volume(enc_vm: LabVM) -> None:
         # the volume file (the backup server's disk) holds neither the text nor the key
         assert files_holding(str(work), MARK) == []
         assert files_holding(str(work), secret) == []
+
+
+@contextmanager
+def libvirtd_debug_log(path: Path) -> Iterator[Path]:
+    """libvirtd logs at debug level, QMP traffic included, into ``path`` while the block
+    runs (``virt-admin``, no restart); its own outputs and filters are put back after."""
+
+    def current(what: str) -> str:
+        shown = subprocess.run(["virt-admin", what], capture_output=True, text=True,
+                               check=True).stdout
+        return shown.split(":", 1)[1].strip() if ":" in shown else ""
+
+    outputs, filters = current("daemon-log-outputs"), current("daemon-log-filters")
+    subprocess.run(["virt-admin", "daemon-log-filters", "1:qemu 1:security 3:*"], check=True)
+    subprocess.run(["virt-admin", "daemon-log-outputs", f"1:file:{path}"], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["virt-admin", "daemon-log-outputs", outputs or "3:stderr"], check=False)
+        subprocess.run(["virt-admin", "daemon-log-filters", filters], check=False)
+
+
+@pytest.mark.serial  # turns libvirtd's debug log on for every client
+def test_the_key_is_not_in_libvirtds_debug_log(enc_vm: LabVM) -> None:
+    """The key reaches the guest's QEMU through an fd libvirt passes, never in a QMP
+    message that libvirtd logs at debug level."""
+    vm = enc_vm
+    repo = str(vm.workdir / "repo")
+    secret = b"k-" + secrets.token_hex(24).encode()
+    key = vm.workdir / "key"
+    key.write_bytes(secret)
+    with libvirtd_debug_log(vm.workdir / "libvirtd-debug.log") as log:
+        api.backup(vm.name, repo, encrypt_key_file=str(key))
+        guest_write(vm.dom, "vdb", 0x5A, 2 * MiB, MiB)
+        inc = api.backup(vm.name, repo, level="incremental", encrypt_key_file=str(key))
+        out = vm.workdir / "out-vdb.raw"
+        api.restore(vm.name, repo, "vdb", str(out), encrypt_key_file=str(key))
+    assert same_bytes(out, point(vm, 9)["vdb"])
+    logged = log.read_bytes()
+    assert b"blockdev-backup" in logged and b"add-fd" in logged  # QMP traffic was logged
+    assert b'"secret"' in logged or b"qom-type" in logged
+    assert secret not in logged
+    record = inc.manifest.disk("vdb")
+    assert record is not None and record.level == "incremental"
