@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from contextlib import ExitStack, suppress
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,12 @@ from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, needs_pause
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.engine.resync import resync_layer
 from libvirt_rdm_backup.engine.sinks import Sink
-from libvirt_rdm_backup.engine.storage_reads import storage_endpoint, storage_nbd
+from libvirt_rdm_backup.engine.storage_reads import (
+    rbd_endpoint,
+    rbd_nbd,
+    storage_endpoint,
+    storage_nbd,
+)
 from libvirt_rdm_backup.errors import OperationError, RdmBackupError
 from libvirt_rdm_backup.modes import WindowMethod
 from libvirt_rdm_backup.qemu import bitmaps
@@ -157,10 +162,10 @@ def _copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
         presented = agent.present(plan.disk, snap)
         if plan.parent is None:
             sink.create(plan)
-            _copy_into(sink, plan, raw_source(presented.source, presented.offset, size), speed,
-                       progress)
+            _copy_into(sink, plan, rbd_endpoint(presented.rbd, size, f"disk {plan.disk.target}")
+                       if presented.rbd else raw_source(presented.source, presented.offset, size),
+                       speed, progress)
             return
-        opts = _raw_source_opts(presented, size)
         only = None
         if plan.level != "resync":
             older = plan.parent.record.storage_snapshot
@@ -172,10 +177,22 @@ def _copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
         if plan.disk.target not in parent_maps:
             raise RdmBackupError(f"disk {plan.disk.target}: backup "
                                  f"{plan.parent.backup_id} has no chunk map to build on")
-        with qemu_nbd_server(opts, None, readonly=True, extra=["--image-opts"]) as uri:
+        with _snapshot_nbd(plan, presented, size) as uri:
             _resync(plan, uri, sink.target(plan), parent_maps, result, only)
     finally:
         agent.withdraw(plan.disk, snap)
+
+
+@contextmanager
+def _snapshot_nbd(plan: DiskPlan, presented: Presented, size: int) -> Iterator[str]:
+    """The presented snapshot served read-only over NBD; yields its URI."""
+    if presented.rbd is not None:
+        with rbd_nbd(presented.rbd, f"disk {plan.disk.target}") as uri:
+            yield uri
+        return
+    opts = _raw_source_opts(presented, size)
+    with qemu_nbd_server(opts, None, readonly=True, extra=["--image-opts"]) as uri:
+        yield uri
 
 
 def _flush_storage(plans: list[DiskPlan]) -> None:

@@ -28,8 +28,8 @@ from libvirt_rdm_backup.domain.disks import RbdSource
 from libvirt_rdm_backup.errors import StorageError
 
 try:
-    import rados
-    import rbd
+    import rados as rados  # re-exported: the agents catch its errors
+    import rbd as rbd
 
     HAVE_RBD = True
 except ImportError:  # pragma: no cover - depends on the host
@@ -268,8 +268,10 @@ def cluster(source: RbdSource, what: str) -> Iterator[Any]:
 
 
 @contextmanager
-def open_image(source: RbdSource, what: str) -> Iterator[tuple[Any, Any, Any]]:
-    """``(cluster, ioctx, image)`` of the source, the image opened read-only."""
+def open_image(source: RbdSource, what: str,
+               writable: bool = False) -> Iterator[tuple[Any, Any, Any]]:
+    """``(cluster, ioctx, image)`` of the source, the image opened read-only unless
+    ``writable`` (snapshots are made and removed through a writable one)."""
     with cluster(source, what) as handle:
         try:
             ioctx = handle.open_ioctx(source.pool)
@@ -278,7 +280,8 @@ def open_image(source: RbdSource, what: str) -> Iterator[tuple[Any, Any, Any]]:
         try:
             if source.namespace:
                 ioctx.set_namespace(source.namespace)
-            image = rbd.Image(ioctx, source.image, snapshot=source.snapshot, read_only=True)
+            image = rbd.Image(ioctx, source.image, snapshot=source.snapshot,
+                              read_only=not writable)
         except (rados.Error, rbd.Error) as err:
             ioctx.close()
             raise _error(f"{what}: cannot open RBD image {source.name}", err) from err
