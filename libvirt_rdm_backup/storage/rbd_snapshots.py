@@ -84,7 +84,8 @@ def _image(disk: RawDisk, what: str, snapshot: str | None = None,
            writable: bool = False) -> Iterator[tuple[Any, dict[str, Any]]]:
     """The disk's image (at ``snapshot`` when given) and its identity."""
     source = replace(_source(disk), snapshot=snapshot)
-    with ceph.open_image(source, what, writable=writable) as (handle, _ioctx, image):
+    with ceph.open_image(source, what, writable=writable, shared=True) as (handle, _ioctx,
+                                                                          image):
         try:
             identity = _identity(handle, source, image)
         except (ceph.rados.Error, ceph.rbd.Error) as err:
