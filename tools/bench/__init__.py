@@ -2,9 +2,9 @@
 
 One module per section (:mod:`tools.bench.full`, ``nbd``, ``incremental``, ``peer``,
 ``resync``, ``restore``, ``live``, ``mount``, ``prune``, ``lun``, ``rbd``, ``guestio``,
-``rss``), what they share in :mod:`tools.bench.common`, the command line in :mod:`tools.bench.runner`. The lab
-fixtures (domains, loop devices, tgt targets) come from :mod:`tools.labkit`, the module the
-tests use; the tiny real guest from :mod:`tools.guestkit`.
+``rss``), what they share in :mod:`tools.bench.common`, the command line in
+:mod:`tools.bench.runner`. The lab fixtures (domains, loop devices, tgt targets) come from
+:mod:`tools.labkit`, the module the tests use; the tiny real guest from :mod:`tools.guestkit`.
 
 A file under /var/tmp/rdmb-* (``--size-mib``, 4 GiB by default) becomes a LUN (a loop
 device). Before anything runs it is filled on the host side: ``--fill`` of it (1 GiB by

@@ -85,12 +85,13 @@ def section_rbd(lab: Lab) -> dict[str, Any]:
                         "raw", str(lun_file), image.qemu_uri], check=True, timeout=3600)
         name = unique_name("rdmb-bench-rbd")
         with test_domain(name, [block_disk(LOOP, device), cephkit.rbd_disk(RBD, image)]) as dom:
+            shared = lab.dom, lab.name  # the shared LUN's domain, for the sections after this
             lab.dom, lab.name = dom, name
             try:
                 for round_no in range(args.repeat):
                     rounds.append(_round(lab, name, round_no, image))
             finally:
-                lab.dom = None
+                lab.dom, lab.name = shared
     lun_file.unlink()
     return _summary(rounds, data, args.dirty)
 

@@ -197,6 +197,7 @@ def print_table(doc: dict[str, Any]) -> None:
     lun_bytes = doc["lun_bytes"]
     loops = SHARED_LUN | {"live", "mount"}
     where = ("loop device over a file in /var/tmp/rdmb-*" if set(doc["sections"]) & loops
+             else "an RBD image of the lab's Ceph beside a loop device" if "rbd" in doc["sections"]
              else "iSCSI LUNs over files on the reflink XFS")
     print(f"LUN: {lun_bytes / MiB:.0f} MiB {where} "
           f"({doc['data_bytes'] / MiB:.0f} MiB random data in "
