@@ -34,7 +34,7 @@ from libvirt_rdm_backup.consistency import Window, consistency_window
 from libvirt_rdm_backup.domain.connection import is_remote
 from libvirt_rdm_backup.engine.discover import offline_size
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, needs_paused_copy, over_bound
-from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
+from libvirt_rdm_backup.engine.plan import SNAPSHOT_FIRST_AGENTS, DataPath, DiskPlan
 from libvirt_rdm_backup.engine.resync import resync_layer
 from libvirt_rdm_backup.engine.sinks import Sink
 from libvirt_rdm_backup.engine.storage_reads import (
@@ -380,7 +380,8 @@ def capture(dom: libvirt.virDomain, running: bool, plans: list[DiskPlan], sink: 
                    speed=speed, fleecing=running and not is_remote(dom.connect()))
         _prepare_jobs(run, stack, groups.qemu)
         _prepare_fleeces(run, stack, groups.fleece)
-        hold_for_snapshots = bool(groups.snapshot) and quiesce is None
+        alone = _self_consistent(plans)
+        hold_for_snapshots = bool(groups.snapshot) and quiesce is None and not alone
         # filters go in one by one: several disks share their point only with the guest held
         hold_for_filters = (run.fleecing and quiesce is None
                             and len(run.guards) + len(run.fleeces) > 1)
@@ -392,6 +393,8 @@ def capture(dom: libvirt.virDomain, running: bool, plans: list[DiskPlan], sink: 
                     pause=bool(groups.storage) or hold_for_snapshots or hold_for_filters,
                     before=lambda: _flush_storage(groups.snapshot)) as window:
                 result.window = window
+                if alone and window.method is WindowMethod.QMP_TRANSACTION:
+                    window.method = WindowMethod.STORAGE_SNAPSHOT
                 _in_window(run, groups, running, new_bitmap[-6:],
                            options.snapshot_scope or (lambda p: f"rdmb-snap-{p.disk.target}-"),
                            time.monotonic() + max_pause, max_pause, progress)
@@ -400,6 +403,14 @@ def capture(dom: libvirt.virDomain, running: bool, plans: list[DiskPlan], sink: 
             _undo(monitor, run.started, plans, result)
             raise
     return result
+
+
+def _self_consistent(plans: list[DiskPlan]) -> bool:
+    """True when one disk's storage snapshot alone is the point: the only disk, taken by an
+    agent whose snapshot holds the guest's writes itself (RBD: QEMU's librbd blocks them and
+    flushes while the snapshot is made), so the guest need not be held."""
+    return (len(plans) == 1 and plans[0].path is DataPath.SNAPSHOT
+            and plans[0].agent in SNAPSHOT_FIRST_AGENTS)
 
 
 def _undo(monitor: Monitor | None, jobs: list[str], plans: list[DiskPlan],

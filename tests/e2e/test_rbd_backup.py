@@ -138,6 +138,36 @@ def test_rbd_disk_through_rbd_snapshots_survives_a_vm_restart(rbd_vm: RbdVM) -> 
     assert api.verify(repo).ok
 
 
+def test_a_lone_rbd_disk_is_snapshotted_without_holding_the_guest(ceph: None, run_token: str,
+                                                                   rdmb_tmp: Path) -> None:
+    """The backup's only disk an RBD disk: its snapshot alone is the point (QEMU's librbd
+    blocks the guest's writes while it is taken), so the guest is neither paused nor frozen;
+    full and incremental restored byte for byte."""
+    repo = str(rdmb_tmp / "repo")
+    with cephkit.rbd_image(64 * MiB) as image, \
+            labkit.test_domain(f"rdmb-{run_token}-rbd-one",
+                               [cephkit.rbd_disk("vdb", image)]) as dom:
+        name, points = str(dom.name()), []
+        for index in range(2):
+            guest_write(dom, "vdb", 0x31 + index, (index + 3) * MiB, 2 * CLUSTER)
+            dom.suspend()  # for the reference only
+            try:
+                ref = cephkit.export(image, rdmb_tmp / f"ref-{index}.raw")
+            finally:
+                dom.resume()
+            result = api.backup(name, repo)
+            record = result.manifest.disk("vdb")
+            assert record is not None and record.data_path == "snapshot"
+            assert result.manifest.consistency == {"method": "storage-snapshot",
+                                                   "paused_ms": 0.0}, result.manifest.consistency
+            points.append((result.manifest.backup_id, record.level, ref))
+        assert [level for _, level, _ in points] == ["full", "incremental"]
+        for backup_id, _level, ref in points:
+            out = rdmb_tmp / f"restore-{backup_id}.raw"
+            api.restore(name, repo, "vdb", str(out), backup_id=backup_id)
+            assert same_bytes(out, ref), f"point {backup_id} differs"
+
+
 def test_rbd_disk_of_a_shut_off_domain_is_read_from_the_cluster(ceph: None, run_token: str,
                                                                  rdmb_tmp: Path) -> None:
     """Full, then incremental, read from RBD snapshots by a storage daemon or qemu-nbd;
