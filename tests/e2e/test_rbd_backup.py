@@ -141,28 +141,39 @@ def test_rbd_disk_through_rbd_snapshots_survives_a_vm_restart(rbd_vm: RbdVM) -> 
 def test_a_lone_rbd_disk_is_snapshotted_without_holding_the_guest(ceph: None, run_token: str,
                                                                    rdmb_tmp: Path) -> None:
     """The backup's only disk an RBD disk: its snapshot alone is the point (QEMU's librbd
-    blocks the guest's writes while it is taken), so the guest is neither paused nor frozen;
-    full and incremental restored byte for byte."""
+    blocks the guest's writes while it is taken), so the guest is neither paused nor frozen.
+    Full, incremental (the command with -vv: the key in no output), differential from the
+    full's snapshot; each restored byte for byte; two snapshots left."""
     repo = str(rdmb_tmp / "repo")
+    key = (cephkit.CEPH_DIR / f"ceph.client.{cephkit.CLIENT}.keyring").read_text() \
+        .split("key = ")[1].split()[0]
     with cephkit.rbd_image(64 * MiB) as image, \
             labkit.test_domain(f"rdmb-{run_token}-rbd-one",
                                [cephkit.rbd_disk("vdb", image)]) as dom:
         name, points = str(dom.name()), []
-        for index in range(2):
+        for index, level in enumerate(["auto", "auto", "differential"]):
             guest_write(dom, "vdb", 0x31 + index, (index + 3) * MiB, 2 * CLUSTER)
             dom.suspend()  # for the reference only
             try:
                 ref = cephkit.export(image, rdmb_tmp / f"ref-{index}.raw")
             finally:
                 dom.resume()
-            result = api.backup(name, repo)
-            record = result.manifest.disk("vdb")
+            if index == 1:
+                proc = labkit.rdm_backup("-vv", "backup", name, "--target", repo, "--json")
+                assert proc.returncode == 0, proc.stderr
+                assert key not in proc.stdout + proc.stderr
+                manifest = api.list_backups(repo, name)[-1]
+            else:
+                manifest = api.backup(name, repo, level=level).manifest
+            record = manifest.disk("vdb")
             assert record is not None and record.data_path == "snapshot"
-            assert result.manifest.consistency == {"method": "storage-snapshot",
-                                                   "paused_ms": 0.0}, result.manifest.consistency
-            points.append((result.manifest.backup_id, record.level, ref))
-        assert [level for _, level, _ in points] == ["full", "incremental"]
-        for backup_id, _level, ref in points:
+            assert manifest.consistency == {"method": "storage-snapshot",
+                                            "paused_ms": 0.0}, manifest.consistency
+            points.append((manifest.backup_id, record.level, record.bytes_transferred, ref))
+        assert [level for _, level, _, _ in points] == ["full", "incremental", "differential"]
+        assert points[1][2] == 2 * CLUSTER and points[2][2] == 4 * CLUSTER, points
+        assert len(cephkit.snapshots(image)) == 2  # the full's and the differential's
+        for backup_id, _level, _copied, ref in points:
             out = rdmb_tmp / f"restore-{backup_id}.raw"
             api.restore(name, repo, "vdb", str(out), backup_id=backup_id)
             assert same_bytes(out, ref), f"point {backup_id} differs"
