@@ -53,7 +53,7 @@ class _Opened:
         self.stack, self.source, self.image, self.identity = stack, source, image, identity
 
 
-_FLUSHED: dict[str, _Opened] = {}  # disk target -> its image, opened by flush()
+_FLUSHED: dict[tuple[str, RbdSource], _Opened] = {}  # (target, source) -> image flush() opened
 
 
 def _source(disk: RawDisk) -> RbdSource:
@@ -145,7 +145,7 @@ class RbdSnapshotAgent:
 
     def flush(self, disk: RawDisk) -> None:
         """Connect and open the image before the window (the snapshot then only asks)."""
-        old = _FLUSHED.pop(disk.target, None)
+        old = _FLUSHED.pop((disk.target, _source(disk)), None)
         if old is not None:
             old.stack.close()
         stack = ExitStack()
@@ -155,20 +155,18 @@ class RbdSnapshotAgent:
         except BaseException:
             stack.close()
             raise
-        _FLUSHED[disk.target] = _Opened(stack, _source(disk), image, identity)
+        _FLUSHED[(disk.target, _source(disk))] = _Opened(stack, _source(disk), image, identity)
 
     def snapshot(self, disk: RawDisk, name: str) -> StorageSnapshot:
         """``create_snap`` of the disk's image; refuses an existing name."""
         check_name(name)
         what = f"disk {disk.target}: snapshot {name}"
-        opened = _FLUSHED.pop(disk.target, None)
+        opened = _FLUSHED.pop((disk.target, _source(disk)), None)
         with ExitStack() as stack:
-            if opened is not None and opened.source == disk.rbd:
+            if opened is not None:
                 stack.push(opened.stack)
                 image, identity = opened.image, opened.identity
             else:
-                if opened is not None:
-                    opened.stack.close()
                 image, identity = stack.enter_context(_image(disk, what, writable=True))
             try:
                 image.create_snap(name)
