@@ -135,8 +135,8 @@ def backup(
     ``level``: ``full``, ``incremental``, ``differential``, ``resync`` (read each
     disk once and store the chunks that differ from its previous backup, for when
     the writes were not tracked) or ``auto`` (incremental where the chain's
-    tracking is intact: dirty bitmaps, or for passthrough LUNs the kept storage
-    snapshots; else a resync, else a full copy; each disk records why).
+    tracking is intact: dirty bitmaps, or for passthrough LUNs and RBD disks the kept
+    storage snapshots; else a resync, else a full copy; each disk records why).
     ``chain`` names an independent chain with its own bitmaps and snapshots.
     ``quiesce``: None (no freeze; the guest is paused only while LUNs need it),
     ``try`` (freeze the guest's filesystems through the QEMU guest agent while

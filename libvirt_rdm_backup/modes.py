@@ -40,6 +40,7 @@ class WindowMethod(StrEnum):
 
     OFFLINE = "offline"  # the domain was not running
     QMP_TRANSACTION = "qmp-transaction"  # one QMP transaction, the guest running
+    STORAGE_SNAPSHOT = "storage-snapshot"  # one disk's storage snapshot alone, the guest running
     FSFREEZE = "fsfreeze"
     PAUSE = "pause"
     FSFREEZE_PAUSE = "fsfreeze+pause"

@@ -300,6 +300,35 @@ def test_bench_live_and_mount_sections_report_their_times(
     assert _processes_mentioning(doc["workdir"]) == []  # no mount supervisor, no nbdfuse left
 
 
+def test_bench_rbd_section_reports_snapshot_incrementals() -> None:
+    """An RBD disk's full and incremental through RBD snapshots beside a loop LUN's through
+    QEMU's bitmap (needs the lab's Ceph); the image and the domain are gone afterwards."""
+    from tools import cephkit
+
+    why = cephkit.unavailable()
+    if why is not None:
+        pytest.skip(why)
+    proc = _bench("--size-mib", "64", "--repeat", "1", "--settle", "0", "--sections", "rbd",
+                  "--json", timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    _positive_numbers(doc, ("rbd_full_s", "rbd_inc_s", "rbd_inc_ratio_to_full",
+                            "rbd_loop_full_s", "rbd_loop_inc_s", "rbd_inc_ratio_vs_loop_inc",
+                            "rbd_inc_stored_bytes"))
+    assert doc["rbd_inc_level"] == "incremental", doc
+    # only the rewritten extents, as the cluster reports them, and as QEMU's bitmap does
+    assert doc["rbd_inc_bytes_transferred"] == doc["rbd_dirty_bytes"] == 10 * 64 * KiB, doc
+    assert doc["rbd_loop_inc_bytes_transferred"] == doc["rbd_dirty_bytes"], doc
+    assert doc["rbd_verified_identical"] is True, doc
+    assert set(doc["goals"]) == {"rbd_inc_ratio_to_full", "rbd_inc_stored_ratio_to_dirty"}
+    assert not [n for n in _virsh_names() if "rdmb-bench-rbd" in n]
+    image = proc.stderr.split(f" into {cephkit.POOL}/")[1].split()[0]  # "copying FILE into …"
+    import rbd
+
+    with cephkit.ioctx() as ctx:
+        assert image.startswith("rdmb-") and image not in rbd.RBD().list(ctx)
+
+
 def test_bench_rejects_unknown_section() -> None:
     proc = _bench("--sections", "full,bogus", timeout=30)
     assert proc.returncode == 2

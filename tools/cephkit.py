@@ -179,3 +179,19 @@ def rbd_disk(target: str, image: RbdImage, user: str = CLIENT, secret: str | Non
             f"<target dev='{target}' bus='{bus}'/></disk>"
         ),
     )
+
+
+def snapshots(image: RbdImage) -> list[str]:
+    """Names of the image's snapshots (what ``rbd snap ls`` lists), sorted."""
+    import rbd
+
+    with ioctx(image.pool) as ctx, rbd.Image(ctx, image.name, read_only=True) as opened:
+        return sorted(str(s["name"]) for s in opened.list_snaps())
+
+
+def remove_snapshot(image: RbdImage, name: str) -> None:
+    """Remove one snapshot of the image (``rbd snap rm``)."""
+    import rbd
+
+    with ioctx(image.pool) as ctx, rbd.Image(ctx, image.name) as opened:
+        opened.remove_snap(name)

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from contextlib import ExitStack, suppress
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,10 +34,15 @@ from libvirt_rdm_backup.consistency import Window, consistency_window
 from libvirt_rdm_backup.domain.connection import is_remote
 from libvirt_rdm_backup.engine.discover import offline_size
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, needs_paused_copy, over_bound
-from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
+from libvirt_rdm_backup.engine.plan import SNAPSHOT_FIRST_AGENTS, DataPath, DiskPlan
 from libvirt_rdm_backup.engine.resync import resync_layer
 from libvirt_rdm_backup.engine.sinks import Sink
-from libvirt_rdm_backup.engine.storage_reads import storage_endpoint, storage_nbd
+from libvirt_rdm_backup.engine.storage_reads import (
+    rbd_endpoint,
+    rbd_nbd,
+    storage_endpoint,
+    storage_nbd,
+)
 from libvirt_rdm_backup.errors import OperationError, RdmBackupError
 from libvirt_rdm_backup.modes import WindowMethod
 from libvirt_rdm_backup.qemu import bitmaps
@@ -159,10 +164,10 @@ def _copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
         presented = agent.present(plan.disk, snap)
         if plan.parent is None:
             sink.create(plan)
-            _copy_into(sink, plan, raw_source(presented.source, presented.offset, size), speed,
-                       progress)
+            _copy_into(sink, plan, rbd_endpoint(presented.rbd, size, f"disk {plan.disk.target}")
+                       if presented.rbd else raw_source(presented.source, presented.offset, size),
+                       speed, progress)
             return
-        opts = _raw_source_opts(presented, size)
         only = None
         if plan.level != "resync":
             older = plan.parent.record.storage_snapshot
@@ -174,10 +179,22 @@ def _copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
         if plan.disk.target not in parent_maps:
             raise RdmBackupError(f"disk {plan.disk.target}: backup "
                                  f"{plan.parent.backup_id} has no chunk map to build on")
-        with qemu_nbd_server(opts, None, readonly=True, extra=["--image-opts"]) as uri:
+        with _snapshot_nbd(plan, presented, size) as uri:
             _resync(plan, uri, sink, parent_maps, result, only)
     finally:
         agent.withdraw(plan.disk, snap)
+
+
+@contextmanager
+def _snapshot_nbd(plan: DiskPlan, presented: Presented, size: int) -> Iterator[str]:
+    """The presented snapshot served read-only over NBD; yields its URI."""
+    if presented.rbd is not None:
+        with rbd_nbd(presented.rbd, f"disk {plan.disk.target}") as uri:
+            yield uri
+        return
+    opts = _raw_source_opts(presented, size)
+    with qemu_nbd_server(opts, None, readonly=True, extra=["--image-opts"]) as uri:
+        yield uri
 
 
 def _flush_storage(plans: list[DiskPlan]) -> None:
@@ -367,7 +384,8 @@ def capture(dom: libvirt.virDomain, running: bool, plans: list[DiskPlan], sink: 
                    speed=speed, fleecing=running and not is_remote(dom.connect()))
         _prepare_jobs(run, stack, groups.qemu)
         _prepare_fleeces(run, stack, groups.fleece)
-        hold_for_snapshots = bool(groups.snapshot) and quiesce is None
+        alone = _self_consistent(plans)
+        hold_for_snapshots = bool(groups.snapshot) and quiesce is None and not alone
         # filters go in one by one: several disks share their point only with the guest held
         hold_for_filters = (run.fleecing and quiesce is None
                             and len(run.guards) + len(run.fleeces) > 1)
@@ -379,6 +397,8 @@ def capture(dom: libvirt.virDomain, running: bool, plans: list[DiskPlan], sink: 
                     pause=bool(groups.storage) or hold_for_snapshots or hold_for_filters,
                     before=lambda: _flush_storage(groups.snapshot)) as window:
                 result.window = window
+                if alone and window.method is WindowMethod.QMP_TRANSACTION:
+                    window.method = WindowMethod.STORAGE_SNAPSHOT
                 _in_window(run, groups, running, new_bitmap[-6:],
                            options.snapshot_scope or (lambda p: f"rdmb-snap-{p.disk.target}-"),
                            time.monotonic() + max_pause, max_pause, progress)
@@ -387,6 +407,14 @@ def capture(dom: libvirt.virDomain, running: bool, plans: list[DiskPlan], sink: 
             _undo(monitor, run.started, plans, result)
             raise
     return result
+
+
+def _self_consistent(plans: list[DiskPlan]) -> bool:
+    """True when one disk's storage snapshot alone is the point: the only disk, taken by an
+    agent whose snapshot holds the guest's writes itself (RBD: QEMU's librbd blocks them and
+    flushes while the snapshot is made), so the guest need not be held."""
+    return (len(plans) == 1 and plans[0].path is DataPath.SNAPSHOT
+            and plans[0].agent in SNAPSHOT_FIRST_AGENTS)
 
 
 def _undo(monitor: Monitor | None, jobs: list[str], plans: list[DiskPlan],

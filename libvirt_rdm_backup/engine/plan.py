@@ -12,6 +12,9 @@ from libvirt_rdm_backup.qemu import bitmaps
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
 from libvirt_rdm_backup.repository.manifest import DiskRecord
 
+# Agents whose snapshots serve a running VM's disk even where QEMU could copy it: the
+# storage itself tells what changed (no QEMU bitmap), so incrementals survive VM restarts.
+SNAPSHOT_FIRST_AGENTS = frozenset({"rbd"})
 # the level a mixed backup reports is its most costly one
 _COST = {Level.FULL: 3, Level.RESYNC: 2, Level.DIFFERENTIAL: 1, Level.INCREMENTAL: 0}
 
@@ -152,7 +155,9 @@ def _refuse_damaged(disk: str, level: str, point: DiskPoint | None, facts: Facts
 
 def _data_path(disk: RawDisk, facts: Facts) -> DataPath:
     """Where a disk's point in time comes from; decided once, from facts."""
-    if disk.target in facts.snapshot_agents and (disk.is_passthrough_lun or not facts.running):
+    agent = facts.snapshot_agents.get(disk.target)
+    if agent is not None and (disk.is_passthrough_lun or not facts.running
+                              or agent in SNAPSHOT_FIRST_AGENTS):
         return DataPath.SNAPSHOT
     if disk.is_passthrough_lun or not facts.running:
         return DataPath.STORAGE

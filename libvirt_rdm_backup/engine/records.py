@@ -35,6 +35,18 @@ def _chunk_map(plan: DiskPlan, local: LocalLayer, captured: Capture,
                              local.lower, take_parent=True)
 
 
+def _with_point_snapshot(mapping: RawDiskMapping | None, plan: DiskPlan,
+                         captured: Capture) -> RawDiskMapping | None:
+    """The mapping, its storage root naming the storage snapshot the point was read from."""
+    snap = captured.snapshots.get(plan.disk.target)
+    if mapping is not None and snap is not None:
+        point = {"agent": snap.agent, "name": snap.name, "created": snap.created}
+        if isinstance(snap.handle.get("snap_id"), int):
+            point["snap_id"] = snap.handle["snap_id"]
+        mapping.root.identity["point_snapshot"] = point
+    return mapping
+
+
 def record_disk(plan: DiskPlan, session: Session, captured: Capture, mapping: MappingResult,
                 parent_map: ChunkMap | None) -> DiskRecord:
     """The record of the disk's new layer (``parent_map``: the chunk map of its parent,
@@ -58,7 +70,7 @@ def record_disk(plan: DiskPlan, session: Session, captured: Capture, mapping: Ma
         level=plan.level,
         reason=plan.reason,
         data_path=str(plan.path),
-        mapping=mapping[0],
+        mapping=_with_point_snapshot(mapping[0], plan, captured),
         mapping_error=mapping[1],
         parent=plan.parent.backup_id if plan.parent else None,
         bitmap=captured.new_bitmaps.get(plan.disk.target),

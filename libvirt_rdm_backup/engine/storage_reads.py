@@ -1,5 +1,5 @@
-"""Reading a raw disk from its storage (a shut-off domain's disk, a passthrough LUN): what
-QEMU opens for it, a host device, an iSCSI LUN or a Ceph RBD image.
+"""Reading a raw disk from its storage (a shut-off domain's disk, a passthrough LUN, an RBD
+snapshot): what QEMU opens for it, a host device, an iSCSI LUN or a Ceph RBD image.
 
 An RBD image is opened by QEMU's rbd driver as the disk's cephx user. Its key reaches
 QEMU as a ``secret`` object: over QMP to the private ``qemu-storage-daemon`` of a copy
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from libvirt_rdm_backup.domain.disks import RawDisk
+from libvirt_rdm_backup.domain.disks import RawDisk, RbdSource
 from libvirt_rdm_backup.qemu.block_copy import Endpoint, raw_source
 from libvirt_rdm_backup.qemu.layers import option_value
 from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
@@ -29,11 +29,16 @@ def storage_endpoint(disk: RawDisk, size: int) -> Endpoint:
     """The disk's bytes as the source of a copy (``size`` bytes from its start)."""
     if disk.rbd is None:
         return Endpoint(raw_source(disk.source, size=size))
-    what = f"disk {disk.target}"
+    return rbd_endpoint(disk.rbd, size, f"disk {disk.target}")
+
+
+def rbd_endpoint(source: RbdSource, size: int, what: str) -> Endpoint:
+    """An RBD image (or its ``snapshot``) as the source of a copy, through QEMU's rbd driver
+    as the image's cephx user."""
     rbd.require(what)
-    key = rbd.cephx_key(disk.rbd, what)
+    key = rbd.cephx_key(source, what)
     secret = _secret_id() if key else None
-    node = {"driver": "raw", "size": size, "file": rbd.qemu_blockdev(disk.rbd, secret)}
+    node = {"driver": "raw", "size": size, "file": rbd.qemu_blockdev(source, secret)}
     objects = ({"qom-type": "secret", "id": secret, "data": key, "format": "base64"},) \
         if key and secret else ()
     return Endpoint(node, objects)
@@ -67,16 +72,23 @@ def storage_nbd(disk: RawDisk) -> Iterator[str]:
         with qemu_nbd_server(disk.source, "raw", readonly=True) as uri:
             yield uri
         return
-    what = f"disk {disk.target}"
+    with rbd_nbd(disk.rbd, f"disk {disk.target}") as uri:
+        yield uri
+
+
+@contextmanager
+def rbd_nbd(source: RbdSource, what: str) -> Iterator[str]:
+    """An RBD image (or its ``snapshot``) served read-only by ``qemu-nbd``; yields its NBD
+    URI. The key reaches ``qemu-nbd`` through an inherited pipe."""
     rbd.require(what)
-    key = rbd.cephx_key(disk.rbd, what)
+    key = rbd.cephx_key(source, what)
     if not key:
-        opts = ",".join(image_opts({"driver": "raw", "file": rbd.qemu_blockdev(disk.rbd, None)}))
+        opts = ",".join(image_opts({"driver": "raw", "file": rbd.qemu_blockdev(source, None)}))
         with qemu_nbd_server(opts, None, readonly=True, extra=["--image-opts"]) as uri:
             yield uri
         return
     secret = _secret_id()
-    opts = ",".join(image_opts({"driver": "raw", "file": rbd.qemu_blockdev(disk.rbd, secret)}))
+    opts = ",".join(image_opts({"driver": "raw", "file": rbd.qemu_blockdev(source, secret)}))
     read_end, write_end = os.pipe()
     try:
         os.write(write_end, key.encode("ascii"))  # a few dozen bytes: the pipe holds them

@@ -14,6 +14,7 @@ error lines.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import json
 import os
@@ -28,8 +29,8 @@ from libvirt_rdm_backup.domain.disks import RbdSource
 from libvirt_rdm_backup.errors import StorageError
 
 try:
-    import rados
-    import rbd
+    import rados as rados  # re-exported: the agents catch its errors
+    import rbd as rbd
 
     HAVE_RBD = True
 except ImportError:  # pragma: no cover - depends on the host
@@ -240,9 +241,8 @@ def _error(what: str, err: Exception) -> StorageError:
     return StorageError(f"{what}: {type(err).__name__}: {str(err)[:200]}")
 
 
-@contextmanager
-def cluster(source: RbdSource, what: str) -> Iterator[Any]:
-    """A connected ``rados.Rados`` for the source's cluster and user (shut down after)."""
+def _connect(source: RbdSource, what: str) -> Any:
+    """A new connected ``rados.Rados`` for the source's cluster and user."""
     require(what)
     conffile, conf = client_conf(source, what)
     where = (source.hosts, source.config_file, source.user)
@@ -261,16 +261,52 @@ def cluster(source: RbdSource, what: str) -> Iterator[Any]:
             _UNREACHABLE[where] = (time.monotonic(), f"{type(err).__name__}: {str(err)[:200]}")
         raise _error(f"{what}: cannot connect to the Ceph cluster", err) from err
     _UNREACHABLE.pop(where, None)
+    return handle
+
+
+@contextmanager
+def cluster(source: RbdSource, what: str, shared: bool = False) -> Iterator[Any]:
+    """A connected ``rados.Rados`` for the source's cluster and user, shut down after; a
+    ``shared`` one stays connected for this process's later calls (:func:`close_shared`)."""
+    if not shared:
+        handle = _connect(source, what)
+        try:
+            yield handle
+        finally:
+            handle.shutdown()
+        return
+    client_conf(source, what)  # the credentials checked again on every use
+    where = (source.hosts, source.config_file, source.user, secret_ref(source),
+             os.environ.get(KEYRING_ENV), os.getpid())
+    handle = _SHARED.get(where)
+    if handle is None:
+        handle = _SHARED[where] = _connect(source, what)
     try:
         yield handle
-    finally:
+    except rados.Error:
+        _SHARED.pop(where, None)  # reconnect next time
+        handle.shutdown()
+        raise
+
+
+_SHARED: dict[tuple[Any, ...], Any] = {}
+
+
+@atexit.register
+def close_shared() -> None:
+    """Shut down the shared connections of this process."""
+    while _SHARED:
+        _where, handle = _SHARED.popitem()
         handle.shutdown()
 
 
 @contextmanager
-def open_image(source: RbdSource, what: str) -> Iterator[tuple[Any, Any, Any]]:
-    """``(cluster, ioctx, image)`` of the source, the image opened read-only."""
-    with cluster(source, what) as handle:
+def open_image(source: RbdSource, what: str, writable: bool = False,
+               shared: bool = False) -> Iterator[tuple[Any, Any, Any]]:
+    """``(cluster, ioctx, image)`` of the source, the image opened read-only unless
+    ``writable`` (snapshots are made and removed through a writable one), through a
+    ``shared`` connection (:func:`cluster`) or a new one."""
+    with cluster(source, what, shared) as handle:
         try:
             ioctx = handle.open_ioctx(source.pool)
         except rados.Error as err:
@@ -278,7 +314,8 @@ def open_image(source: RbdSource, what: str) -> Iterator[tuple[Any, Any, Any]]:
         try:
             if source.namespace:
                 ioctx.set_namespace(source.namespace)
-            image = rbd.Image(ioctx, source.image, snapshot=source.snapshot, read_only=True)
+            image = rbd.Image(ioctx, source.image, snapshot=source.snapshot,
+                              read_only=not writable)
         except (rados.Error, rbd.Error) as err:
             ioctx.close()
             raise _error(f"{what}: cannot open RBD image {source.name}", err) from err

@@ -1,6 +1,6 @@
 """The snapshot agents: which one can snapshot a disk, and which one made a snapshot.
 
-The agents (:mod:`.tgt_snapshots`, :mod:`.loop_snapshots`) build on the
+The agents (:mod:`.tgt_snapshots`, :mod:`.loop_snapshots`, :mod:`.rbd_snapshots`) build on the
 snapshot vocabulary of :mod:`.snapshots`; this registry sits above them.
 """
 
@@ -12,6 +12,7 @@ from typing import Any
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.errors import RdmBackupError, StorageError
 from libvirt_rdm_backup.storage.loop_snapshots import LoopReflinkAgent
+from libvirt_rdm_backup.storage.rbd_snapshots import RbdSnapshotAgent
 from libvirt_rdm_backup.storage.snapshots import SnapshotAgent, StorageSnapshot, scope_problem
 from libvirt_rdm_backup.storage.tgt_snapshots import TgtReflinkAgent
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def snapshot_agents() -> list[SnapshotAgent]:
     """Every snapshot agent, in the order :func:`find_snapshot_agent` tries them."""
-    return [TgtReflinkAgent(), LoopReflinkAgent()]
+    return [TgtReflinkAgent(), LoopReflinkAgent(), RbdSnapshotAgent()]
 
 
 def find_snapshot_agent(disk: RawDisk) -> SnapshotAgent | None:

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
-from libvirt_rdm_backup.domain.disks import RawDisk
+from libvirt_rdm_backup.domain.disks import RawDisk, RbdSource
 from libvirt_rdm_backup.errors import StorageError
 from libvirt_rdm_backup.storage import reflink
 from libvirt_rdm_backup.storage.clones import clone_path, open_snapshot_dir
@@ -83,11 +83,14 @@ class Presented:
     """Where to read a presented snapshot: raw bytes of the disk from ``offset`` of ``source``.
 
     ``source`` is a path or an ``iscsi://`` URL; the disk is
-    :attr:`StorageSnapshot.size` bytes long.
+    :attr:`StorageSnapshot.size` bytes long. An RBD snapshot is read through QEMU's rbd
+    driver instead: ``rbd`` is the image with its ``snapshot`` set (``source`` then only
+    names it, ``rbd:pool/image@snapshot``).
     """
 
     source: str
     offset: int = 0
+    rbd: RbdSource | None = None
 
 
 @runtime_checkable

@@ -1,6 +1,6 @@
-"""A Ceph RBD disk backed up: through QEMU while the VM runs (full, incrementals from QEMU's dirty
-bitmap, a resync after a VM restart), next to a loop LUN, and from the cluster while it is shut
-off (full, resync); every point restored byte for byte."""
+"""A Ceph RBD disk backed up through RBD snapshots, next to a loop LUN: full, incrementals of
+the extents the cluster reports as changed, still incrementals after a VM restart, a resync when
+a kept snapshot is gone; the same on a shut-off domain; every point restored byte for byte."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import libvirt
 import pytest
 
 from libvirt_rdm_backup import api
+from libvirt_rdm_backup.engine.backup import BackupResult
 from tools import cephkit, labkit
 from tools.labkit import MiB, guest_write, qemu_leftovers, same_bytes
 
@@ -70,44 +71,117 @@ def references(vm: RbdVM, index: int) -> dict[str, Path]:
     return {"vdb": rbd_ref, "vdc": loop_ref}
 
 
-def test_rbd_disk_full_and_incrementals_restore_byte_identical(rbd_vm: RbdVM) -> None:
+def kept_snapshots(results: list[BackupResult]) -> list[str]:
+    """The RBD snapshots the chain keeps: those of its last and its last full point."""
+    records = [r.manifest.disk("vdb") for r in results]
+    last_full = [r for r in records if r is not None and r.level == "full"][-1]
+    names = {str(r.storage_snapshot["name"]) for r in (last_full, records[-1])
+             if r is not None and r.storage_snapshot}
+    return sorted(names)
+
+
+def check_point(vm: RbdVM, result: BackupResult, level: str, written: int) -> None:
+    """The RBD disk's record: read from its own RBD snapshot, at ``level``."""
+    record = result.manifest.disk("vdb")
+    assert record is not None and record.data_path == "snapshot", record
+    assert record.disk.source_kind == "rbd"
+    assert record.level == level, record.reason
+    assert record.bitmap is None  # no QEMU bitmap for an RBD disk
+    snap = record.storage_snapshot
+    assert snap is not None and snap["agent"] == "rbd" and snap["name"].startswith("rdmb-")
+    assert "key" not in json.dumps(snap)
+    if level == "incremental":  # only what diff_iterate reports since the kept snapshot
+        assert 0 < record.bytes_transferred <= written, (record.bytes_transferred, written)
+    assert record.mapping is not None, record.mapping_error
+    identity = record.mapping.root.identity
+    assert identity["image"] == vm.image.name
+    assert identity["point_snapshot"]["name"] == snap["name"]
+    assert identity["point_snapshot"]["snap_id"] == snap["handle"]["snap_id"]
+
+
+def test_rbd_disk_through_rbd_snapshots_survives_a_vm_restart(rbd_vm: RbdVM) -> None:
+    """Full, incrementals from RBD snapshots (diff_iterate), a VM restart and an incremental
+    still, a kept snapshot removed by hand and a resync saying why; every point restored byte
+    for byte, and only the chain's last and last-full snapshots left on the image."""
     vm, rng = rbd_vm, random.Random(15)
     repo = str(vm.work / "repo")
-    points = []
-    # full, incremental, incremental; then the VM restarts (QEMU's bitmap is gone): resync
-    expected = ["full", "incremental", "incremental", "resync"]
-    for index, level in enumerate(["auto", "incremental", "auto", "auto"]):
+    points: list[tuple[BackupResult, dict[str, Path]]] = []
+    expected = ["full", "incremental", "incremental", "incremental", "resync"]
+    for index, level in enumerate(["auto", "incremental", "auto", "auto", "auto"]):
         if index == 3:
             vm.dom.destroy()
             vm.dom.create()
+        if index == 4:  # the kept snapshot of the last point is gone: the cluster cannot tell
+            before = points[-1][0].manifest.disk("vdb")
+            assert before is not None and before.storage_snapshot is not None
+            cephkit.remove_snapshot(vm.image, str(before.storage_snapshot["name"]))
         written = write(vm, rng, 5 + index)
         refs = references(vm, index)
         result = api.backup(vm.name, repo, level=level)
         points.append((result, refs))
-        rbd_record = result.manifest.disk("vdb")
-        assert rbd_record is not None and rbd_record.data_path == "qemu"
-        assert rbd_record.disk.source_kind == "rbd"
-        assert rbd_record.level == expected[index], rbd_record.reason
-        if rbd_record.level == "incremental":
-            assert 0 < rbd_record.bytes_transferred <= written + 2 * CLUSTER
-        if rbd_record.level == "resync":
-            assert "tracking was lost" in rbd_record.reason, rbd_record.reason
-            assert rbd_record.stored_bytes <= written + 4 * MiB
-        assert rbd_record.mapping is not None, rbd_record.mapping_error
-        assert rbd_record.mapping.root.identity["image"] == vm.image.name
+        check_point(vm, result, expected[index], written)
+        assert cephkit.snapshots(vm.image) == kept_snapshots([r for r, _ in points])
+    resync = points[-1][0].manifest.disk("vdb")
+    assert resync is not None and "is gone" in resync.reason, resync
+    assert resync.stored_bytes <= 9 * CLUSTER + 4 * MiB
     for result, refs in points:
         for disk, ref in refs.items():
             out = vm.work / f"restore-{result.manifest.backup_id}-{disk}.raw"
             api.restore(vm.name, repo, disk, str(out), backup_id=result.manifest.backup_id)
             assert same_bytes(out, ref), f"{disk} of {result.manifest.backup_id} differs"
             out.unlink()
+    last = points[-1][0].manifest.disk("vdb")
+    assert last is not None and last.storage_snapshot is not None
+    kept = cephkit.export(vm.image, vm.work / "kept.raw", last.storage_snapshot["name"])
+    assert same_bytes(kept, points[-1][1]["vdb"])  # the snapshot holds the point
     assert qemu_leftovers(vm.dom) == []
     assert api.verify(repo).ok
 
 
+def test_a_lone_rbd_disk_is_snapshotted_without_holding_the_guest(ceph: None, run_token: str,
+                                                                   rdmb_tmp: Path) -> None:
+    """The backup's only disk an RBD disk: its snapshot alone is the point (QEMU's librbd
+    blocks the guest's writes while it is taken), so the guest is neither paused nor frozen.
+    Full, incremental (the command with -vv: the key in no output), differential from the
+    full's snapshot; each restored byte for byte; two snapshots left."""
+    repo = str(rdmb_tmp / "repo")
+    key = (cephkit.CEPH_DIR / f"ceph.client.{cephkit.CLIENT}.keyring").read_text() \
+        .split("key = ")[1].split()[0]
+    with cephkit.rbd_image(64 * MiB) as image, \
+            labkit.test_domain(f"rdmb-{run_token}-rbd-one",
+                               [cephkit.rbd_disk("vdb", image)]) as dom:
+        name, points = str(dom.name()), []
+        for index, level in enumerate(["auto", "auto", "differential"]):
+            guest_write(dom, "vdb", 0x31 + index, (index + 3) * MiB, 2 * CLUSTER)
+            dom.suspend()  # for the reference only
+            try:
+                ref = cephkit.export(image, rdmb_tmp / f"ref-{index}.raw")
+            finally:
+                dom.resume()
+            if index == 1:
+                proc = labkit.rdm_backup("-vv", "backup", name, "--target", repo, "--json")
+                assert proc.returncode == 0, proc.stderr
+                assert key not in proc.stdout + proc.stderr
+                manifest = api.list_backups(repo, name)[-1]
+            else:
+                manifest = api.backup(name, repo, level=level).manifest
+            record = manifest.disk("vdb")
+            assert record is not None and record.data_path == "snapshot"
+            assert manifest.consistency == {"method": "storage-snapshot",
+                                            "paused_ms": 0.0}, manifest.consistency
+            points.append((manifest.backup_id, record.level, record.bytes_transferred, ref))
+        assert [level for _, level, _, _ in points] == ["full", "incremental", "differential"]
+        assert points[1][2] == 2 * CLUSTER and points[2][2] == 4 * CLUSTER, points
+        assert len(cephkit.snapshots(image)) == 2  # the full's and the differential's
+        for backup_id, _level, _copied, ref in points:
+            out = rdmb_tmp / f"restore-{backup_id}.raw"
+            api.restore(name, repo, "vdb", str(out), backup_id=backup_id)
+            assert same_bytes(out, ref), f"point {backup_id} differs"
+
+
 def test_rbd_disk_of_a_shut_off_domain_is_read_from_the_cluster(ceph: None, run_token: str,
                                                                  rdmb_tmp: Path) -> None:
-    """Full, then resync, read from the cluster (qemu-nbd or a storage daemon), each restored;
+    """Full, then incremental, read from RBD snapshots by a storage daemon or qemu-nbd;
     the cephx key in no output, -vv log or repository file."""
     repo = str(rdmb_tmp / "repo")
     keyring = (cephkit.CEPH_DIR / f"ceph.client.{cephkit.CLIENT}.keyring").read_text()
@@ -124,12 +198,13 @@ def test_rbd_disk_of_a_shut_off_domain_is_read_from_the_cluster(ceph: None, run_
             assert proc.returncode == 0, proc.stderr
             assert key not in proc.stdout + proc.stderr  # not in -vv logs, QMP traffic included
             [disk] = json.loads(proc.stdout)["disks"]
-            assert disk["data_path"] == "storage", disk
+            assert disk["data_path"] == "snapshot", disk
             levels.append(disk["level"])
             out = rdmb_tmp / f"restore-{index}.raw"
             api.restore(name, repo, "vdb", str(out))
             assert same_bytes(out, ref), f"point {index} differs"
-        assert levels == ["full", "resync"], levels
-        assert json.loads(proc.stdout)["disks"][0]["stored_bytes"] <= 4 * MiB
+        assert levels == ["full", "incremental"], levels
+        assert json.loads(proc.stdout)["disks"][0]["bytes_transferred"] == MiB
+        assert len(cephkit.snapshots(image)) == 2  # the last and the last full point's
     stored = [p for p in Path(repo).rglob("*") if p.is_file()]
     assert stored and not [p for p in stored if key.encode() in p.read_bytes()]

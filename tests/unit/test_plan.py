@@ -85,6 +85,32 @@ def test_rbd_disks_go_through_qemu_while_running_and_storage_when_shut_off() -> 
     assert (offline.path, offline.level, offline.track) == (DataPath.STORAGE, "full", False)
 
 
+def test_rbd_disks_with_the_rbd_agent_take_snapshots_running_or_not() -> None:
+    """The rbd agent serves a running VM's RBD disk (no QEMU bitmap), a reflink agent only
+    LUNs and shut-off domains; an incremental needs the previous point's snapshot alive."""
+    snap = {"agent": "rbd", "disk": "vdc", "name": "rdmb-x-000002", "created": "t",
+            "size": SIZE, "handle": {}}
+    record = DiskRecord(disk=rbd_disk(), size=SIZE, data_file="vdc.qcow2", format="qcow2",
+                        digest=Digest("sha256", "0" * 64), level="full", data_path="snapshot",
+                        bytes_transferred=0, stored_bytes=0, storage_snapshot=snap)
+    chain = Chain("default", [Manifest(
+        backup_id="20260102T000000Z-000002", domain_uuid=UUID, domain_name="vm",
+        level="full", created="t", completed="t", consistency={}, domain_xml="",
+        disks=[record])])
+    for running in (True, False):
+        live = Facts(running, chain, {}, snapshot_agents={"vdc": "rbd"},
+                     live_snapshots={"rdmb-x-000002"})
+        plan = plan_disk(rbd_disk(), "auto", live)
+        assert (plan.path, plan.level, plan.agent) == (DataPath.SNAPSHOT, "incremental", "rbd")
+        assert plan.source_bitmap is None
+    gone = plan_disk(rbd_disk(), "auto",
+                     Facts(True, chain, {}, snapshot_agents={"vdc": "rbd"}))
+    assert gone.level == "full" and "is gone" in gone.reason  # no chunk map: no resync
+    reflink = plan_disk(disk(), "auto", Facts(True, CHAIN, {"libvirt-vdb-format": {"bm-inc"}},
+                                              snapshot_agents={"vdb": "loop-reflink"}))
+    assert reflink.path is DataPath.QEMU
+
+
 def test_offline_domains_and_luns_copy_in_full_from_storage() -> None:
     with pytest.raises(TrackingLostError, match="not running"):
         plan_disk(disk(), "incremental", facts(running=False))

@@ -1,10 +1,10 @@
 """Benchmark of rdm-backup on raw LUNs against dd, qemu-img, libvirt's backup-begin and peers.
 
 One module per section (:mod:`tools.bench.full`, ``nbd``, ``incremental``, ``peer``,
-``resync``, ``restore``, ``live``, ``mount``, ``prune``, ``lun``, ``guestio``, ``rss``), what
-they share in :mod:`tools.bench.common`, the command line in :mod:`tools.bench.runner`. The lab
-fixtures (domains, loop devices, tgt targets) come from :mod:`tools.labkit`, the module the
-tests use; the tiny real guest from :mod:`tools.guestkit`.
+``resync``, ``restore``, ``live``, ``mount``, ``prune``, ``lun``, ``rbd``, ``guestio``,
+``rss``), what they share in :mod:`tools.bench.common`, the command line in
+:mod:`tools.bench.runner`. The lab fixtures (domains, loop devices, tgt targets) come from
+:mod:`tools.labkit`, the module the tests use; the tiny real guest from :mod:`tools.guestkit`.
 
 A file under /var/tmp/rdmb-* (``--size-mib``, 4 GiB by default) becomes a LUN (a loop
 device). Before anything runs it is filled on the host side: ``--fill`` of it (1 GiB by
@@ -109,6 +109,12 @@ The sections (``--sections``, default all of them, run in this order in one proc
   The storage snapshots the repositories keep (clones in ``.rdmb-snapshots`` beside the
   backing files, tgt targets presenting them) are deleted before the repositories.
 
+* ``rbd``: an RBD disk of the lab's Ceph cluster (``--size-mib``, the same ``--fill``) backed
+  up through RBD snapshots: a full, ``--dirty`` rewritten by the guest side, an incremental
+  (the extents ``diff_iterate`` reports): time / full time (goal <= 0.05) and stored /
+  rewritten bytes (goal <= 1.2); beside it the same on a loop LUN of the same size and data
+  through QEMU's dirty bitmap (the RBD incremental's time / the loop's, as context). See
+  :mod:`tools.bench.rbd`.
 * ``guestio``: guest write latency during a backup to a throttled NBD target, with a
   plain ``blockdev-backup`` job (as before) and with the tool's break-snapshot filter and
   local fleecing image, as ratios to no backup running (see :mod:`tools.bench.guestio`).
@@ -127,6 +133,6 @@ section the tiny guest (``tools/build-guest.sh`` builds it on first use), the mo
 
 Usage (``make bench``): ``.venv/bin/python -m tools.bench [--size-mib N] [--fill F]
 [--repeat N]
-[--sections full,nbd,incremental,peer,resync,restore,live,mount,prune,lun,guestio,rss]
+[--sections full,nbd,incremental,peer,resync,restore,live,mount,prune,lun,rbd,guestio,rss]
 [--dirty F] [--settle S] [--rss-size-gib N] [--json]``
 """

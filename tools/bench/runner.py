@@ -28,6 +28,7 @@ from tools.bench import (
     nbd,
     peer,
     prune,
+    rbd,
     restore,
     resync,
     rss,
@@ -36,7 +37,7 @@ from tools.bench.common import AT_LEAST, DISK, GOALS, Lab, MiB, fill_lun, goal, 
 from tools.labkit import block_disk, domain_type, loop_device, rdmb_tmpdir, test_domain, unique_name
 
 SECTIONS = ("full", "nbd", "incremental", "peer", "resync", "restore", "live", "mount", "prune",
-            "lun", "guestio", "rss")
+            "lun", "rbd", "guestio", "rss")
 SHARED_LUN = frozenset({"full", "nbd", "incremental", "peer", "resync", "restore", "prune",
                         "guestio"})
 LOADED_WINDOWS = lun.LOADED_WINDOWS
@@ -63,6 +64,7 @@ RUNS: dict[str, tuple[Measure, Show, str]] = {
     "mount": (lambda lab, _doc: mount.section_mount(lab), mount.print_mount, "mount_s"),
     "prune": (lambda lab, _doc: prune.section_prune(lab), prune.print_prune, "prune_s"),
     "lun": (lambda lab, _doc: lun.section_lun(lab), lun.print_lun, "lun_paused_ms"),
+    "rbd": (lambda lab, _doc: rbd.section_rbd(lab), rbd.print_rbd, "rbd_data_bytes"),
     "guestio": (_guestio, guestio.print_guestio, "guestio_direct_median_ms"),
     "rss": (lambda lab, _doc: rss.section_rss(lab), rss.print_rss, "rss_max_mib"),
 }
@@ -168,7 +170,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                    domain_type=domain_type(), settle_s=args.settle, repeat=args.repeat)
         for name in args.sections:
             doc.update(RUNS[name][0](lab, doc))
-        for key in ("live_data_bytes", "lun_data_bytes"):  # same --fill and --seed as the shared
+        # same --fill and --seed as the shared LUN
+        for key in ("live_data_bytes", "lun_data_bytes", "rbd_data_bytes"):
             if key in doc and not data_bytes:
                 doc["data_bytes"] = data_bytes = doc[key]
         doc["goals"] = {k: v for k, v in GOALS.items() if k in doc}
@@ -194,6 +197,7 @@ def print_table(doc: dict[str, Any]) -> None:
     lun_bytes = doc["lun_bytes"]
     loops = SHARED_LUN | {"live", "mount"}
     where = ("loop device over a file in /var/tmp/rdmb-*" if set(doc["sections"]) & loops
+             else "an RBD image of the lab's Ceph beside a loop device" if "rbd" in doc["sections"]
              else "iSCSI LUNs over files on the reflink XFS")
     print(f"LUN: {lun_bytes / MiB:.0f} MiB {where} "
           f"({doc['data_bytes'] / MiB:.0f} MiB random data in "
