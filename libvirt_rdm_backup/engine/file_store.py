@@ -36,6 +36,7 @@ class FileStore:
     """Backups as directories of qcow2 files (:class:`Repository`)."""
 
     local_layers = True
+    self_contained = False
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo

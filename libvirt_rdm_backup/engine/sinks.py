@@ -81,6 +81,7 @@ class Written:
     backing_file: str | None = None
     location: dict[str, Any] | None = None
     local: LocalLayer | None = None
+    own_bytes: int | None = None  # data the layer holds, when the store tells (no map read)
 
 
 class Session(Sink, Protocol):

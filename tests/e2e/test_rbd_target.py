@@ -1,0 +1,190 @@
+"""Backups kept on Ceph (an ``rbd://`` target): a VM with an RBD disk and a loop-device disk,
+full then incrementals written by the guest's QEMU into RBD images, each point an RBD snapshot;
+every point restored byte for byte from the target, `list`, `verify` (a good chain, then a
+tampered manifest), `prune --keep-last 1` with `rbd du` showing the space given back; the cephx
+key in no output or -vv log."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from tools import cephkit, labkit
+from tools.labkit import MiB, guest_write, same_bytes
+
+pytestmark = pytest.mark.lab
+
+RBD_SIZE = 64 * MiB
+LOOP_SIZE = 64 * MiB
+CLUSTER = 64 * 1024
+
+
+@dataclass
+class TargetVM:
+    """A firmware-only domain (vdb on RBD, vdc on a loop device) and an rbd:// target."""
+
+    dom: libvirt.virDomain
+    image: cephkit.RbdImage
+    loop_file: Path
+    work: Path
+    prefix: str
+
+    @property
+    def name(self) -> str:
+        return str(self.dom.name())
+
+    @property
+    def target(self) -> str:
+        return f"rbd://{cephkit.POOL}/{self.prefix}?conf={cephkit.CEPH_CONF}&id={cephkit.CLIENT}"
+
+
+def _remove_target(prefix: str) -> None:
+    """Remove the target's images (with their snapshots) and index object."""
+    import rados
+    import rbd
+
+    with cephkit.cluster() as handle:
+        ioctx = handle.open_ioctx(cephkit.POOL)
+        try:
+            for name in rbd.RBD().list(ioctx):
+                if name.startswith(f"{prefix}."):
+                    with rbd.Image(ioctx, name) as image:
+                        for snap in list(image.list_snaps()):
+                            image.remove_snap(snap["name"])
+                    rbd.RBD().remove(ioctx, name)
+            try:
+                ioctx.remove_object(f"{prefix}.index")
+            except rados.ObjectNotFound:
+                pass
+        finally:
+            ioctx.close()
+
+
+@pytest.fixture
+def target_vm(ceph: None, run_token: str, rdmb_tmp: Path) -> Iterator[TargetVM]:
+    loop_file = labkit.make_file(rdmb_tmp / "loop-lun.img", LOOP_SIZE)
+    prefix = f"rdmb-{run_token}-t"
+    with cephkit.rbd_image(RBD_SIZE) as image, labkit.loop_device(loop_file) as loop:
+        cephkit.write_pattern(image, 0, 4 * MiB, 0x11)
+        disks = [cephkit.rbd_disk("vdb", image), labkit.block_disk("vdc", loop)]
+        try:
+            with labkit.test_domain(f"rdmb-{run_token}-rbdt", disks) as dom:
+                yield TargetVM(dom, image, loop_file, rdmb_tmp, prefix)
+        finally:
+            _remove_target(prefix)
+
+
+def write(vm: TargetVM, rng: random.Random, offsets: list[int]) -> int:
+    """Guest writes of 64 KiB to each disk at ``offsets`` (the same at each point: later
+    points overwrite what earlier ones hold); the bytes written to one disk."""
+    for disk in ("vdb", "vdc"):
+        for offset in offsets:
+            guest_write(vm.dom, disk, rng.randrange(1, 250), offset, CLUSTER)
+    return len(offsets) * CLUSTER
+
+
+def references(vm: TargetVM, index: int) -> dict[str, Path]:
+    """The disks' bytes now (guest paused while they are read)."""
+    vm.dom.suspend()
+    try:
+        rbd_ref = cephkit.export(vm.image, vm.work / f"ref-{index}-vdb.raw")
+        loop_ref = vm.work / f"ref-{index}-vdc.raw"
+        loop_ref.write_bytes(vm.loop_file.read_bytes())
+    finally:
+        vm.dom.resume()
+    return {"vdb": rbd_ref, "vdc": loop_ref}
+
+
+def rbd_du(vm: TargetVM) -> int:
+    """``rbd du``'s total of the target's images, snapshots included."""
+    proc = subprocess.run(["rbd", "-c", str(cephkit.CEPH_CONF), "--id", "admin", "du", "-p",
+                           cephkit.POOL, "--format", "json"], capture_output=True, text=True,
+                          check=True, timeout=120)
+    return sum(int(i["used_size"]) for i in json.loads(proc.stdout)["images"]
+               if i["name"].startswith(f"{vm.prefix}."))
+
+
+def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = labkit.rdm_backup(*args)
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def restore_all(vm: TargetVM, points: list[tuple[str, dict[str, Path]]]) -> None:
+    for backup_id, refs in points:
+        for disk, ref in refs.items():
+            out = vm.work / f"restore-{backup_id}-{disk}.raw"
+            cli("restore", vm.name, "--target", vm.target, "--disk", disk, "--to", str(out),
+                "--backup", backup_id)
+            assert same_bytes(out, ref), f"{disk} of {backup_id} differs"
+            out.unlink()
+
+
+def tamper(vm: TargetVM, backup_id: str) -> None:
+    """Change one hex digit of vdb's digest in the backup's manifest (in the index object)."""
+    import rados
+
+    with cephkit.cluster() as handle:
+        ioctx = handle.open_ioctx(cephkit.POOL)
+        try:
+            with rados.ReadOpCtx() as op:
+                values, _ = ioctx.get_omap_vals(op, "", "m.", 1000)
+                ioctx.operate_read_op(op, f"{vm.prefix}.index")
+                found = {k: v for k, v in values if k.endswith(backup_id)}
+            [(key, value)] = found.items()
+            manifest = json.loads(value)
+            digest = next(d for d in manifest["disks"] if d["disk"] == "vdb")["digest"]
+            digest["value"] = ("0" if digest["value"][0] != "0" else "1") + digest["value"][1:]
+            with rados.WriteOpCtx() as op:
+                ioctx.set_omap(op, (key,), (json.dumps(manifest).encode(),))
+                ioctx.operate_write_op(op, f"{vm.prefix}.index")
+        finally:
+            ioctx.close()
+
+
+def test_backups_kept_on_ceph(target_vm: TargetVM) -> None:
+    vm, rng = target_vm, random.Random(17)
+    key = (cephkit.CEPH_DIR / f"ceph.client.{cephkit.CLIENT}.keyring").read_text()
+    key = key.split("key = ")[1].split()[0]
+    points, records = [], []
+    offsets = [rng.randrange(0, LOOP_SIZE - CLUSTER, CLUSTER) for _ in range(6)]
+    for index, level in enumerate(["full", "incremental", "incremental"]):
+        written = write(vm, rng, offsets)
+        refs = references(vm, index)
+        proc = cli("-vv", "backup", vm.name, "--target", vm.target, "--level", level, "--json")
+        assert key not in proc.stdout + proc.stderr
+        result = json.loads(proc.stdout)
+        disks = {d["disk"]: d for d in result["disks"]}
+        assert {d["level"] for d in disks.values()} == {level}, disks
+        if index:  # the objects the point took: the dirty 64 KiB clusters, no more
+            for disk in disks.values():
+                assert 0 < disk["stored_bytes"] <= written * 1.2, disk
+        points.append((result["backup_id"], refs))
+        records.append(disks)
+    listed = json.loads(cli("list", vm.name, "--target", vm.target, "--json").stdout)
+    assert [b["backup_id"] for b in listed] == [p[0] for p in points]
+    restore_all(vm, points)
+    assert json.loads(cli("verify", vm.name, "--target", vm.target, "--json").stdout)["ok"]
+
+    before = rbd_du(vm)
+    cli("prune", vm.name, "--target", vm.target, "--keep-last", "1")
+    after = rbd_du(vm)
+    assert after < before, (before, after)
+    listed = json.loads(cli("list", vm.name, "--target", vm.target, "--json").stdout)
+    assert [b["backup_id"] for b in listed] == [points[-1][0]]
+    assert listed[0]["parent"] is None
+    restore_all(vm, points[-1:])  # the kept point reads as before: nothing was merged
+
+    tamper(vm, points[-1][0])
+    proc = cli("verify", vm.name, "--target", vm.target, ok=False)
+    assert proc.returncode == 5, proc.stderr
+    assert "sha256 mismatch" in proc.stderr, proc.stderr
+    print(f"rbd du before prune {before}, after {after}; records {records}")
