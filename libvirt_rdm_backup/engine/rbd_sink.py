@@ -19,19 +19,19 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.engine.sinks import Written
 from libvirt_rdm_backup.errors import RdmBackupError, UsageError
 from libvirt_rdm_backup.qemu.block_copy import Endpoint
+from libvirt_rdm_backup.qemu.jobs import COPY_CHUNK
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
 from libvirt_rdm_backup.repository.digest import ALGORITHM, Digest
 from libvirt_rdm_backup.repository.manifest import Manifest
-
-if TYPE_CHECKING:
-    from libvirt_rdm_backup.engine.rbd_store import RbdStore
+from libvirt_rdm_backup.storage.rbd_pool import RbdPool
+from libvirt_rdm_backup.targets.uri import RbdAddress
 
 log = logging.getLogger("libvirt_rdm_backup.engine.stores")
 
@@ -41,17 +41,36 @@ def secret_id() -> str:
     return f"rdmb-key-{uuid.uuid4().hex[:12]}"
 
 
+class RbdTarget(Protocol):
+    """What of the store (:class:`~.rbd_store.RbdStore`) a session uses."""
+
+    address: RbdAddress
+    pool: RbdPool
+    name: str
+
+    def image_name(self, domain_uuid: str, disk: str) -> str: ...
+
+    def node(self, image: str, snapshot: str | None, secret: str) -> dict[str, Any]: ...
+
+    def qemu_objects(self, secret: str | None = None) -> tuple[dict[str, Any], ...]: ...
+
+    def write_manifests(self, manifests: list[Manifest], drop: tuple[str, ...] = ()
+                        ) -> None: ...
+
+
 class RbdSink:
     """The session of one backup in an ``rbd://`` target."""
 
     local_files = False
 
-    def __init__(self, store: RbdStore, domain_uuid: str, backup_id: str) -> None:
+    def __init__(self, store: RbdTarget, domain_uuid: str, backup_id: str) -> None:
         self.store = store
         self.domain_uuid = domain_uuid
         self.backup_id = backup_id
         self.snapshots: list[str] = []  # images snapshotted by this session
         self._secret = secret_id()
+        # QEMU's backup job copies in the target's cluster size: the image's object size
+        self.copy_chunk = max(COPY_CHUNK, store.address.object_size, 1 << 20)
 
     def image(self, plan: DiskPlan) -> str:
         """The disk's image in the pool."""

@@ -24,6 +24,7 @@ from libvirt_rdm_backup.errors import OperationError, QmpError, RdmBackupError, 
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.qemu.block_copy import Endpoint
 from libvirt_rdm_backup.qemu.blockdev import attached_image
+from libvirt_rdm_backup.qemu.jobs import COPY_CHUNK
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
 from libvirt_rdm_backup.repository.digest import Digest, file_digest
@@ -39,6 +40,7 @@ class Sink(Protocol):
     """Destination of the new layers of one backup, as a capture writes them."""
 
     local_files: bool  # layers are local files (resyncs and ranged copies need that)
+    copy_chunk: int  # the largest request a backup job writes (at least the target's cluster)
 
     def create(self, plan: DiskPlan) -> None:
         """Create the disk's empty layer (qcow2 of the disk's size)."""
@@ -109,6 +111,7 @@ class FileSink:
     """Layers as qcow2 files in the staging directory of a file repository."""
 
     local_files = True
+    copy_chunk = COPY_CHUNK
 
     def __init__(self, repo: Repository, staging: Staging,
                  lower: Callable[[DiskPlan], list[str]]) -> None:
@@ -167,6 +170,7 @@ class NbdSink:
     """Layers as qcow2 images in fresh regions of an NBD volume."""
 
     local_files = False
+    copy_chunk = COPY_CHUNK
 
     def __init__(self, volume: NbdVolume, scratch_dir: str) -> None:
         self.volume = volume

@@ -103,7 +103,9 @@ def parse_target(text: str, allow_remote_plain: bool = False
             raise UsageError(f"malformed file target {shown!r}")
         return path
     if parts.scheme in ("rbd", "ceph"):
-        return _rbd_address(parts.netloc, unquote(parts.path), parts.query, shown)
+        # the query is not repeated in errors: a mistyped one might hold a key
+        return _rbd_address(parts.netloc, unquote(parts.path), parts.query,
+                            redact(text.split("?", 1)[0]))
     if parts.scheme not in ("nbd", "nbds", "nbd+unix"):
         raise UsageError(f"unsupported target scheme {parts.scheme!r} in {shown!r}")
     export = unquote(parts.path.lstrip("/"))
