@@ -1,8 +1,8 @@
 """Backups kept on Ceph (an ``rbd://`` target): a VM with an RBD disk and a loop-device disk,
 full then incrementals written by the guest's QEMU into RBD images, each point an RBD snapshot;
 every point restored byte for byte from the target, `list`, `verify` (a good chain, then a
-tampered manifest), `prune --keep-last 1` with `rbd du` showing the space given back; the cephx
-key in no output or -vv log."""
+tampered manifest), `serve`, `prune --keep-last 1` with `rbd du` showing the space given
+back; the cephx key in no output or -vv log."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from libvirt_rdm_backup import api
 from tools import cephkit, labkit
 from tools.labkit import MiB, guest_write, same_bytes
 
@@ -182,6 +183,11 @@ def test_backups_kept_on_ceph(target_vm: TargetVM) -> None:
     assert [b["backup_id"] for b in listed] == [points[-1][0]]
     assert listed[0]["parent"] is None
     restore_all(vm, points[-1:])  # the kept point reads as before: nothing was merged
+    served_copy = vm.work / "served.raw"
+    with api.serve(vm.name, vm.target, "vdb", socket=str(vm.work / "serve.sock")) as served:
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", served.uri,
+                        str(served_copy)], check=True, capture_output=True, timeout=300)
+    assert same_bytes(served_copy, points[-1][1]["vdb"])
 
     tamper(vm, points[-1][0])
     proc = cli("verify", vm.name, "--target", vm.target, ok=False)
