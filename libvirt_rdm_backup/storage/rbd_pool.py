@@ -156,7 +156,7 @@ class RbdPool:
     # images and snapshots
 
     def ensure_image(self, name: str, size: int, object_size: int) -> None:
-        """A thin image of at least ``size`` bytes (created, or grown)."""
+        """A thin image of ``size`` bytes (created, or resized: its snapshots keep theirs)."""
         try:
             rbd.RBD().create(self._ioctx, name, size, order=object_size.bit_length() - 1)
             return
@@ -165,7 +165,7 @@ class RbdPool:
         except (rados.Error, rbd.Error) as err:
             raise _error(f"cannot create RBD image {self.pool}/{name}", err) from err
         with self.image(name) as image:
-            if int(image.size()) < size:
+            if int(image.size()) != size:
                 image.resize(size)
 
     @contextmanager

@@ -235,3 +235,34 @@ def test_object_size_against_dirty_bytes(ceph: None, run_token: str, rdmb_tmp: P
         assert stored <= 1.2 * dirty
     else:
         assert stored == len(offsets) * 4 * MiB
+
+
+def test_a_shut_off_domain_is_copied_into_the_target(ceph: None, run_token: str,
+                                                     rdmb_tmp: Path) -> None:
+    """A copy from storage (a private storage daemon writing into the image), twice: the
+    second a full again (no resync on an rbd:// target), each restored byte for byte."""
+    prefix = f"rdmb-{run_token}-off"
+    target = f"rbd://{cephkit.POOL}/{prefix}?conf={cephkit.CEPH_CONF}&id={cephkit.CLIENT}"
+    key = (cephkit.CEPH_DIR / f"ceph.client.{cephkit.CLIENT}.keyring").read_text()
+    key = key.split("key = ")[1].split()[0]
+    disk_file = labkit.make_file(rdmb_tmp / "disk.img", 32 * MiB)
+    try:
+        with labkit.loop_device(disk_file) as loop, labkit.test_domain(
+                f"rdmb-{run_token}-rbdoff", [labkit.block_disk("vdb", loop)],
+                start=False) as dom:
+            name = str(dom.name())
+            for index in range(2):
+                with disk_file.open("r+b") as stream:
+                    stream.seek(index * 8 * MiB)
+                    stream.write(bytes([0x31 + index]) * MiB)
+                ref = rdmb_tmp / f"ref-{index}.raw"
+                ref.write_bytes(disk_file.read_bytes())
+                proc = cli("-vv", "backup", name, "--target", target, "--json")
+                assert key not in proc.stdout + proc.stderr
+                [disk] = json.loads(proc.stdout)["disks"]
+                assert (disk["data_path"], disk["level"]) == ("storage", "full"), disk
+                out = rdmb_tmp / f"restored-{index}.raw"
+                cli("restore", name, "--target", target, "--disk", "vdb", "--to", str(out))
+                assert same_bytes(out, ref), f"point {index} differs"
+    finally:
+        _remove_target(prefix)
