@@ -17,6 +17,8 @@ import libvirt
 import pytest
 
 from libvirt_rdm_backup import api
+from libvirt_rdm_backup.engine.rbd_sink import RbdSink
+from libvirt_rdm_backup.engine.rbd_store import RbdStore
 from tools import cephkit, labkit
 from tools.labkit import MiB, guest_write, same_bytes
 
@@ -264,5 +266,35 @@ def test_a_shut_off_domain_is_copied_into_the_target(ceph: None, run_token: str,
                 out = rdmb_tmp / f"restored-{index}.raw"
                 cli("restore", name, "--target", target, "--disk", "vdb", "--to", str(out))
                 assert same_bytes(out, ref), f"point {index} differs"
+    finally:
+        _remove_target(prefix)
+
+
+def test_an_unpublished_point_leaves_no_snapshot_and_one_writer_at_a_time(
+        ceph: None, run_token: str) -> None:
+    """A session that fails after its snapshot: the snapshot is removed, nothing is listed;
+    a second writer of the same domain is refused at once."""
+    from libvirt_rdm_backup.engine.stores import open_store
+    from libvirt_rdm_backup.errors import OperationError
+
+    prefix = f"rdmb-{run_token}-fail"
+    target = f"rbd://{cephkit.POOL}/{prefix}?conf={cephkit.CEPH_CONF}&id={cephkit.CLIENT}"
+    uuid = "00000000-0000-4000-8000-000000000001"
+    try:
+        with open_store(target, create=True) as store:
+            assert isinstance(store, RbdStore)
+            image = store.image_name(uuid, "vdb")
+            with store.lock(uuid):
+                with pytest.raises(OperationError, match="another run"), \
+                        open_store(target) as other, other.lock(uuid):
+                    pass
+                with pytest.raises(RuntimeError), store.session(uuid, "b1") as session:
+                    assert isinstance(session, RbdSink)
+                    store.pool.ensure_image(image, 4 * MiB, 64 * 1024)
+                    store.pool.create_snapshot(image, "b1")
+                    session.snapshots.append(image)
+                    raise RuntimeError("the capture failed")
+            assert store.pool.snapshots(image) == []
+            assert store.scan(uuid).backups == []
     finally:
         _remove_target(prefix)
