@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,6 +30,7 @@ except ImportError:  # pragma: no cover - depends on the host
 
 _ZEROS = bytes(4 << 20)
 READ = 4 << 20  # bytes per read of a digest
+IN_FLIGHT = 8  # reads of a digest at a time
 
 
 def keyring_paths(conf: str, user: str, configured: str | None) -> list[str]:
@@ -230,24 +233,35 @@ class RbdPool:
                    for i, snap in enumerate(points))
 
     def digest(self, name: str, snapshot: str, algorithm: str) -> str:
-        """Digest of a snapshot's contents, read once (holes hashed as zeros, not read)."""
+        """Digest of a snapshot's contents, read once (holes hashed as zeros, not read;
+        ``IN_FLIGHT`` reads at a time, hashed in order)."""
         hasher = hashlib.new(algorithm)
-        with self.image(name, snapshot) as image:
+        with self.image(name, snapshot) as image, ThreadPoolExecutor(IN_FLIGHT) as pool:
             size = int(image.size())
             extents: list[tuple[int, int]] = []
             image.diff_iterate(0, size, None,
                                lambda o, n, e: extents.append((o, n)) if e else None)
+            pending: deque[Future[bytes] | int] = deque()  # reads, or runs of zeros
             at = 0
             for offset, length in [*sorted(extents), (size, 0)]:
-                _zeros(hasher, offset - at)
+                pending.append(offset - at)
                 for start in range(offset, offset + length, READ):
-                    hasher.update(image.read(start, min(READ, offset + length - start)))
+                    pending.append(pool.submit(image.read, start,
+                                               min(READ, offset + length - start)))
+                    while len(pending) > IN_FLIGHT:
+                        _take(hasher, pending.popleft())
                 at = offset + length
+            while pending:
+                _take(hasher, pending.popleft())
         return hasher.hexdigest()
 
 
-def _zeros(hasher: Any, count: int) -> None:
-    while count > 0:
-        step = min(count, len(_ZEROS))
+def _take(hasher: Any, item: Future[bytes] | int) -> None:
+    """Hash the next piece: a read's bytes, or a run of zeros."""
+    if not isinstance(item, int):
+        hasher.update(item.result())
+        return
+    while item > 0:
+        step = min(item, len(_ZEROS))
         hasher.update(memoryview(_ZEROS)[:step])
-        count -= step
+        item -= step
