@@ -121,12 +121,13 @@ def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def restore_all(vm: TargetVM, points: list[tuple[str, dict[str, Path]]]) -> None:
+def restore_all(vm: TargetVM, points: list[tuple[str, dict[str, Path]]], key: str) -> None:
     for backup_id, refs in points:
         for disk, ref in refs.items():
             out = vm.work / f"restore-{backup_id}-{disk}.raw"
-            cli("restore", vm.name, "--target", vm.target, "--disk", disk, "--to", str(out),
-                "--backup", backup_id)
+            proc = cli("-vv", "restore", vm.name, "--target", vm.target, "--disk", disk,
+                       "--to", str(out), "--backup", backup_id)
+            assert key not in proc.stdout + proc.stderr
             assert same_bytes(out, ref), f"{disk} of {backup_id} differs"
             out.unlink()
 
@@ -174,17 +175,18 @@ def test_backups_kept_on_ceph(target_vm: TargetVM) -> None:
         records.append(disks)
     listed = json.loads(cli("list", vm.name, "--target", vm.target, "--json").stdout)
     assert [b["backup_id"] for b in listed] == [p[0] for p in points]
-    restore_all(vm, points)
+    restore_all(vm, points, key)
     assert json.loads(cli("verify", vm.name, "--target", vm.target, "--json").stdout)["ok"]
 
     before = rbd_du(vm)
-    cli("prune", vm.name, "--target", vm.target, "--keep-last", "1")
+    proc = cli("-vv", "prune", vm.name, "--target", vm.target, "--keep-last", "1")
+    assert key not in proc.stdout + proc.stderr
     after = rbd_du(vm)
     assert after < before, (before, after)
     listed = json.loads(cli("list", vm.name, "--target", vm.target, "--json").stdout)
     assert [b["backup_id"] for b in listed] == [points[-1][0]]
     assert listed[0]["parent"] is None
-    restore_all(vm, points[-1:])  # the kept point reads as before: nothing was merged
+    restore_all(vm, points[-1:], key)  # the kept point reads as before: nothing was merged
     served_copy = vm.work / "served.raw"
     with api.serve(vm.name, vm.target, "vdb", socket=str(vm.work / "serve.sock")) as served:
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", served.uri,
