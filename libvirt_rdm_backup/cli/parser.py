@@ -113,7 +113,8 @@ def _add_backup(sub: argparse._SubParsersAction[Parser], common: Parser) -> Pars
     p.add_argument("domain", nargs="?", help="domain name or UUID (not with --all)")
     p.add_argument("--target", required=True, metavar="DIR|URI",
                    help="repository directory, or an NBD volume: nbd://HOST:PORT/EXPORT, "
-                        "nbds://... (TLS), nbd+unix:///EXPORT?socket=PATH")
+                        "nbds://... (TLS), nbd+unix:///EXPORT?socket=PATH; or a Ceph pool: "
+                        "rbd://POOL[/PREFIX]?conf=PATH&id=USER")
     p.add_argument("--allow-plain-nbd", action="store_true",
                    help="allow unencrypted nbd:// to a non-loopback address")
     p.add_argument("--agent", metavar="ssh://USER@HOST[:PORT]",
@@ -292,7 +293,7 @@ def _point_options(p: Parser) -> None:
     """The options that name a backup point: ``serve`` and ``mount``."""
     p.add_argument("domain", help="domain UUID, or its name at backup time")
     p.add_argument("--target", required=True, metavar="DIR|URI",
-                   help="repository directory or NBD volume URI")
+                   help="repository directory, NBD volume URI or rbd:// URI")
     p.add_argument("--disk", required=True, metavar="DEV", help="the disk (e.g. vdb)")
     p.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
     p.add_argument("--no-verify", action="store_true",
@@ -367,7 +368,7 @@ def _add_prune(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
                    help="only this domain's chains: its UUID, or its name at backup time")
     p.add_argument("--all", action="store_true", help="every domain's chains")
     p.add_argument("--target", required=True, metavar="DIR|URI",
-                   help="repository directory or NBD volume URI")
+                   help="repository directory, NBD volume URI or rbd:// URI")
     p.add_argument("--chain", metavar="NAME", help="only this chain (default: every chain)")
     add_keep_options(p, "(in UTC; the rules apply in this order, see docs/retention.md)")
     p.add_argument("--dry-run", action="store_true",
@@ -413,6 +414,6 @@ def add_key_option(p: Parser, what: str) -> None:
 def _add_store(p: Parser) -> None:
     """``--target`` and its ``--tls-creds``: where the backups are."""
     p.add_argument("--target", required=True, metavar="DIR|URI",
-                   help="repository directory or NBD volume URI")
+                   help="repository directory, NBD volume URI or rbd:// URI")
     p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
 

@@ -50,6 +50,7 @@ from libvirt_rdm_backup.qemu.block_copy import CopyDeadlineError, Endpoint, copy
 from libvirt_rdm_backup.qemu.fleece import FleecingExport, fleecing_export
 from libvirt_rdm_backup.qemu.guard import GuardedSource, explain, guarded_source
 from libvirt_rdm_backup.qemu.jobs import (
+    COPY_CHUNK,
     backup_action,
     cancel_jobs,
     transaction,
@@ -127,7 +128,8 @@ def _copy_into(sink: Sink, plan: DiskPlan, source: dict[str, Any] | Endpoint, sp
 
 
 def _job_for(plan: DiskPlan, guard: GuardedSource | None, node: str, job_id: str,
-             speed: int = 0, compress: bool = False) -> dict[str, Any]:
+             speed: int = 0, compress: bool = False,
+             chunk: int = COPY_CHUNK) -> dict[str, Any]:
     """The backup job of a disk: from its point (behind the filter) into its layer.
 
     Without a filter (``guard`` None) the job reads the disk's node itself and its
@@ -138,9 +140,10 @@ def _job_for(plan: DiskPlan, guard: GuardedSource | None, node: str, job_id: str
     if guard is not None:
         source, bitmap = guard.source(bitmap)
     if bitmap is None:
-        return backup_action(job_id, source, node, sync="full", speed=speed, compress=compress)
+        return backup_action(job_id, source, node, sync="full", speed=speed, compress=compress,
+                             chunk=chunk)
     return backup_action(job_id, source, node, sync="bitmap", bitmap=bitmap, speed=speed,
-                         compress=compress)
+                         compress=compress, chunk=chunk)
 
 
 def _resync(plan: DiskPlan, uri: str, sink: Sink, parent_maps: dict[str, ChunkMap],
@@ -270,7 +273,7 @@ def _prepare_jobs(run: _Run, stack: ExitStack, plans: list[DiskPlan]) -> None:
         run.track(plan)
         if not run.fleecing:
             run.actions.append(_job_for(plan, None, node, job_id, run.speed,
-                                        run.sink.layer_format.compress))
+                                        run.sink.layer_format.compress, run.sink.copy_chunk))
             run.direct_jobs.append(job_id)
             continue
         guard = stack.enter_context(guarded_source(
@@ -320,7 +323,8 @@ def _after_window(run: _Run, groups: _Groups, parent_maps: dict[str, ChunkMap],
     if run.guards:
         assert run.monitor is not None
         compress = sink.layer_format.compress
-        transaction(run.monitor, [_job_for(plan, guard, node, job_id, run.speed, compress)
+        transaction(run.monitor, [_job_for(plan, guard, node, job_id, run.speed, compress,
+                                           sink.copy_chunk)
                                   for plan, guard, node, job_id in run.guards])
         run.started += [job_id for _plan, _guard, _node, job_id in run.guards]
     for plan, fleece in run.fleeces:

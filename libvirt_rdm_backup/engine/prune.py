@@ -36,14 +36,16 @@ class PruneResult:
         return sum(m.bytes_moved for m in self.merges)
 
 
-def protected(chain: Chain) -> dict[str, str]:
-    """Points of the chain that are never dropped, and why."""
+def protected(chain: Chain, self_contained: bool = False) -> dict[str, str]:
+    """Points of the chain that are never dropped, and why (``self_contained``: the
+    store's points are complete images; later backups build on the newest one only)."""
     why: dict[str, str] = {}
     if chain.last is not None:
         why[chain.last.backup_id] = "newest of its chain"
     for manifest in chain.backups:
         for record in manifest.disks:
-            needed = {p.backup_id for p in chain.kept_points(record.disk.target)}
+            kept = chain.kept_points(record.disk.target)
+            needed = {p.backup_id for p in (kept[:1] if self_contained else kept)}
             if manifest.backup_id in needed and (record.bitmap or record.storage_snapshot):
                 why.setdefault(manifest.backup_id, "the next backup builds on it")
     return why
@@ -66,7 +68,7 @@ def prune_chain(store: Store, domain_uuid: str, chain_name: str, choose: Chooser
         if unknown:
             raise UsageError(f"no backup {unknown[0]} in chain {chain_name} of domain "
                              f"{domain_uuid}")
-        refused = {i: why for i, why in protected(chain).items() if i in drop}
+        refused = {i: why for i, why in protected(chain, store.self_contained).items() if i in drop}
         if refused:
             first = next(iter(refused))
             raise UsageError(f"backup {first} cannot be dropped: {refused[first]}")

@@ -100,15 +100,18 @@ def created_at(manifest: Manifest) -> datetime | None:
         return None
 
 
-def _builds_on(chain: Chain, unusable: Mapping[str, Mapping[str, str]]
-               ) -> dict[str, list[str]]:
-    """Why points must stay for the chain's next backup: backup id -> reasons."""
+def _builds_on(chain: Chain, unusable: Mapping[str, Mapping[str, str]],
+               self_contained: bool = False) -> dict[str, list[str]]:
+    """Why points must stay for the chain's next backup: backup id -> reasons
+    (``self_contained``: the store's points are complete images; a differential is
+    written over the newest one and needs no older point)."""
     needs: dict[tuple[str, str], list[str]] = {}  # (backup id, what builds on it) -> disks
     for disk, broken in sorted(unusable.items()):
         found = [(chain.last_point(disk), "next incremental"),
-                 (chain.last_full_point(disk), "next differential"),
-                 (chain.last_point(disk, skip=broken), "next incremental"),
-                 (chain.last_full_point(disk, skip=broken), "next differential")]
+                 (chain.last_point(disk, skip=broken), "next incremental")]
+        if not self_contained:
+            found += [(chain.last_full_point(disk), "next differential"),
+                      (chain.last_full_point(disk, skip=broken), "next differential")]
         for point, what in found:
             if point is not None and disk not in needs.setdefault((point.backup_id, what), []):
                 needs[(point.backup_id, what)].append(disk)
@@ -130,7 +133,7 @@ def protections(store: Store, domain_uuid: str, chain: Chain,
     disks = {d.disk.target for m in chain.backups for d in m.disks}
     unusable = {disk: unusable_points(chain.backups, disk, store.damage, damaged)
                 for disk in disks}
-    for backup_id, why in _builds_on(chain, unusable).items():
+    for backup_id, why in _builds_on(chain, unusable, store.self_contained).items():
         reasons.setdefault(backup_id, []).extend(why)
     for backup_id, why_served in protected_by_running_exports(store, domain_uuid, chain).items():
         reasons.setdefault(backup_id, []).append(why_served)

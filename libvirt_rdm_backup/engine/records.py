@@ -52,7 +52,7 @@ def record_disk(plan: DiskPlan, session: Session, captured: Capture, mapping: Ma
     """The record of the disk's new layer (``parent_map``: the chunk map of its parent,
     used up: its buffer becomes the new point's map)."""
     written = session.written(plan)
-    extents = img.map_extents(written.image)  # its own clusters only
+    extents = img.map_extents(written.image) if written.own_bytes is None else []
     chunk_map = None
     with ThreadPoolExecutor(1) as pool:  # both read the new data: hash it side by side
         digest = pool.submit(session.digest, plan)
@@ -79,7 +79,8 @@ def record_disk(plan: DiskPlan, session: Session, captured: Capture, mapping: Ma
         size=int(plan.disk.size or img.virtual_size(written.image)),
         data_file=written.data_file,
         digest=data_digest,
-        bytes_transferred=img.data_bytes(written.image, own_only=True, extents=extents),
+        bytes_transferred=written.own_bytes if written.own_bytes is not None
+        else img.data_bytes(written.image, own_only=True, extents=extents),
         stored_bytes=written.stored_bytes,
         file_size=written.file_size,
         backing_file=written.backing_file,

@@ -24,6 +24,7 @@ from libvirt_rdm_backup.errors import OperationError, QmpError, RdmBackupError, 
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.qemu.block_copy import Endpoint
 from libvirt_rdm_backup.qemu.blockdev import attached_image
+from libvirt_rdm_backup.qemu.jobs import COPY_CHUNK
 from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
 from libvirt_rdm_backup.qemu.monitor import Monitor
 from libvirt_rdm_backup.qemu.names import object_name
@@ -44,6 +45,7 @@ class Sink(Protocol):
 
     local_files: bool  # layers are local files (resyncs and ranged copies need that)
     layer_format: LayerFormat  # how new layers are written (compressed or not)
+    copy_chunk: int  # the largest request a backup job writes (at least the target's cluster)
 
     def create(self, plan: DiskPlan) -> None:
         """Create the disk's empty layer (qcow2 of the disk's size)."""
@@ -86,6 +88,7 @@ class Written:
     backing_file: str | None = None
     location: dict[str, Any] | None = None
     local: LocalLayer | None = None
+    own_bytes: int | None = None  # data the layer holds, when the store tells (no map read)
 
 
 class Session(Sink, Protocol):
@@ -113,6 +116,7 @@ class FileSink:
     """Layers as qcow2 files in the staging directory of a file repository."""
 
     local_files = True
+    copy_chunk = COPY_CHUNK
 
     def __init__(self, repo: Repository, staging: Staging,
                  lower: Callable[[DiskPlan], list[str]],
@@ -193,6 +197,7 @@ class NbdSink:
     """Layers as qcow2 images in fresh regions of an NBD volume."""
 
     local_files = False
+    copy_chunk = COPY_CHUNK
 
     def __init__(self, volume: NbdVolume, scratch_dir: str,
                  layer_format: LayerFormat = PLAIN, key: LayerKey | None = None) -> None:

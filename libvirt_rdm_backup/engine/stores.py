@@ -1,10 +1,11 @@
-"""Where backups are kept: a file repository or an NBD volume, behind one small interface.
+"""Where backups are kept: a file repository, an NBD volume or a Ceph pool, behind one
+small interface.
 
 A store lists its backups and the damaged ones (:meth:`Store.scan`), opens the
 session a new backup is written through (its own kind of sink, which publishes
 the manifest), tells what is wrong with a stored layer (:meth:`Store.damage`),
 and gives QEMU a point's layers (:meth:`Store.image_node`). Chosen by the
-target's form: a directory, or an ``nbd://`` URI.
+target's form: a directory, an ``nbd://`` URI, or an ``rbd://`` URI.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Protocol
 
 from libvirt_rdm_backup.engine.file_store import FileStore
 from libvirt_rdm_backup.engine.merge_plan import PlannedMerge
+from libvirt_rdm_backup.engine.rbd_store import RbdStore
 from libvirt_rdm_backup.engine.sinks import Session
 from libvirt_rdm_backup.engine.volume_store import VolumeStore
 from libvirt_rdm_backup.errors import UsageError
@@ -24,7 +26,7 @@ from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
 from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.store import Repository, Scan
 from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
-from libvirt_rdm_backup.targets.uri import NbdAddress, parse_target
+from libvirt_rdm_backup.targets.uri import NbdAddress, RbdAddress, parse_target
 
 
 class Store(Protocol):
@@ -33,6 +35,7 @@ class Store(Protocol):
     name: str  # the directory or the URI, for messages
     repo_id: str  # short id, part of the names of QEMU bitmaps of this store
     local_layers: bool  # layers are local files (resyncs and chunk maps need that)
+    self_contained: bool  # each point is a complete image (no layer builds on another)
 
     def __enter__(self) -> Store: ...
 
@@ -101,7 +104,7 @@ class Store(Protocol):
 
 def open_store(target: str, create: bool = False, allow_plain_nbd: bool = True,
                tls_dir: str | None = None, key_file: str | None = None) -> Store:
-    """The store named by ``target`` (a directory or an NBD URI).
+    """The store named by ``target`` (a directory, an NBD URI or an RBD URI).
 
     ``nbds://`` targets need ``tls_dir``: a directory with ``ca-cert.pem``,
     ``client-cert.pem`` and ``client-key.pem`` (QEMU's and libnbd's names).
@@ -110,6 +113,13 @@ def open_store(target: str, create: bool = False, allow_plain_nbd: bool = True,
     adding a backup to an encrypted store without a key is refused too).
     """
     parsed = parse_target(target, allow_remote_plain=allow_plain_nbd)
+    if isinstance(parsed, RbdAddress):
+        if tls_dir is not None:
+            raise UsageError("--tls-creds applies to nbds:// targets only")
+        if key_file is not None:
+            raise UsageError("rbd:// targets keep no encrypted layers; give no "
+                             "--encrypt-key-file (Ceph's own encryption at rest applies)")
+        return RbdStore.open(parsed, create=create)
     key = LayerKey.from_file(key_file) if key_file is not None else None
     if isinstance(parsed, NbdAddress):
         if parsed.tls and tls_dir is None:

@@ -40,6 +40,7 @@ class VolumeStore:
     """Backups inside an NBD export (:class:`NbdVolume`)."""
 
     local_layers = False
+    self_contained = False
 
     def __init__(self, volume: NbdVolume, key: LayerKey | None = None) -> None:
         self.volume = volume

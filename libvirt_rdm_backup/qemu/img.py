@@ -42,15 +42,20 @@ class MapExtent:
 
 # ``--object`` definitions every qemu-img call gets (TLS credentials of NBD nodes)
 _OBJECTS: ContextVar[tuple[str, ...]] = ContextVar("qemu_img_objects", default=())
+# descriptors those calls inherit (a ``secret`` object reading its key from ``/dev/fd/N``)
+_FDS: ContextVar[tuple[int, ...]] = ContextVar("qemu_img_fds", default=())
 
 
 @contextmanager
-def objects(*definitions: str) -> Iterator[None]:
-    """Pass ``--object`` definitions to every qemu-img call made inside the block."""
+def objects(*definitions: str, fds: tuple[int, ...] = ()) -> Iterator[None]:
+    """Pass ``--object`` definitions (and the descriptors ``fds`` they read) to every
+    qemu-img call made inside the block."""
     token = _OBJECTS.set(_OBJECTS.get() + definitions)
+    fds_token = _FDS.set(_FDS.get() + fds)
     try:
         yield
     finally:
+        _FDS.reset(fds_token)
         _OBJECTS.reset(token)
 
 
@@ -68,7 +73,8 @@ def _qemu_img(command: str) -> list[str]:
 
 def check_end(path: str, fmt: str) -> int:
     """End offset of a qcow2 image's used area (``qemu-img check``)."""
-    proc = run([*_qemu_img("check"), "--output=json", "-f", fmt, path], check=False)
+    proc = run([*_qemu_img("check"), "--output=json", "-f", fmt, path], check=False,
+               pass_fds=_FDS.get())
     try:
         return int(json.loads(proc.stdout)["image-end-offset"])
     except (ValueError, KeyError) as err:
@@ -92,7 +98,7 @@ def create(path: str, fmt: str, size: int, backing: str | None = None,
 
     def attempt() -> None:
         try:
-            run(argv)
+            run(argv, pass_fds=_FDS.get())
         except CommandError as err:
             if LUKS_BENCHMARK_FAILED in str(err):
                 raise retry.Again() from err
@@ -104,7 +110,7 @@ def create(path: str, fmt: str, size: int, backing: str | None = None,
 def forget_backing(path: str) -> None:
     """Write an image's header without a backing file or format (nothing else is opened;
     ``path`` may be a ``json:`` filename)."""
-    run([*_qemu_img("rebase"), "-q", "-u", "-f", "qcow2", "-b", "", path])
+    run([*_qemu_img("rebase"), "-q", "-u", "-f", "qcow2", "-b", "", path], pass_fds=_FDS.get())
 
 
 def info(path: str, fmt: str | None = None, backing_chain: bool = False) -> Any:
@@ -115,7 +121,7 @@ def info(path: str, fmt: str | None = None, backing_chain: bool = False) -> Any:
     if backing_chain:
         argv.append("--backing-chain")
     argv.append(path)
-    return json.loads(run(argv).stdout)
+    return json.loads(run(argv, pass_fds=_FDS.get()).stdout)
 
 
 def virtual_size(path: str, fmt: str | None = None) -> int:
@@ -152,7 +158,7 @@ def iter_map(path: str, fmt: str | None = None, image_opts: bool = False
     argv.append(path)
     with tempfile.TemporaryFile() as stderr, subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
-            preexec_fn=die_with_parent) as proc:
+            preexec_fn=die_with_parent, pass_fds=_FDS.get()) as proc:
         assert proc.stdout is not None
         try:
             while line := proc.stdout.readline(MAX_MAP_LINE):

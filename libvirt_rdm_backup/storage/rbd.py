@@ -42,7 +42,7 @@ TIMEOUT = 20  # seconds for connecting and for each monitor or OSD request
 DEFAULT_MON_PORT = 6789
 INSTALL_HINT = "Debian: apt-get install python3-rbd python3-rados"
 # Quiet, bounded clients: librados would otherwise wait 300 s for an unreachable monitor.
-_CLIENT_CONF = {
+CLIENT_CONF = {
     "client_mount_timeout": str(TIMEOUT),
     "rados_mon_op_timeout": str(TIMEOUT),
     "rados_osd_op_timeout": str(TIMEOUT),
@@ -124,7 +124,7 @@ def monitor_hosts(source: RbdSource) -> str | None:
 def client_conf(source: RbdSource, what: str) -> tuple[str | None, dict[str, str]]:
     """The config file (None: none; ``""``: Ceph's default search) and in-memory options
     with which librados reaches the source's cluster as its user."""
-    conf = dict(_CLIENT_CONF)
+    conf = dict(CLIENT_CONF)
     hosts = monitor_hosts(source)
     if hosts:
         conf["mon_host"] = hosts
@@ -326,7 +326,7 @@ def open_image(source: RbdSource, what: str, writable: bool = False,
             ioctx.close()
 
 
-def _monitors(handle: Any) -> list[str]:
+def monitors(handle: Any) -> list[str]:
     """The cluster's monitors (``v2:addr,v1:addr`` each) from ``mon dump``."""
     ret, out, _ = handle.mon_command('{"prefix": "mon dump", "format": "json"}', b"",
                                      timeout=TIMEOUT)
@@ -355,7 +355,7 @@ def image_facts(source: RbdSource, what: str) -> ImageFacts:
                 parent = None
             return ImageFacts(
                 cluster_fsid=str(handle.get_fsid()),
-                monitors=_monitors(handle),
+                monitors=monitors(handle),
                 pool=source.pool,
                 pool_id=int(handle.pool_lookup(source.pool)),
                 namespace=source.namespace,

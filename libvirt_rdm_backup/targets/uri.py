@@ -1,9 +1,11 @@
-"""Backup targets named by URI: a repository directory, or an NBD export.
+"""Backup targets named by URI: a repository directory, an NBD export, or a Ceph pool.
 
 ``DIR`` or ``file:///DIR``            a file repository
 ``nbd://HOST[:PORT]/EXPORT``          an NBD export over TCP (plain)
 ``nbds://HOST[:PORT]/EXPORT``         the same over TLS (``--tls-creds``)
 ``nbd+unix:///EXPORT?socket=PATH``    an NBD export on a unix socket
+``rbd://POOL[/PREFIX]?conf=PATH&id=USER``  RBD images and rados objects in a Ceph pool
+                                      (``ceph://`` alike; ``object-size=64K|4M|…``)
 """
 
 from __future__ import annotations
@@ -19,6 +21,26 @@ from libvirt_rdm_backup.redact import redact
 
 DEFAULT_NBD_PORT = 10809
 _EXPORT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_CEPH_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+DEFAULT_RBD_OBJECT_SIZE = 64 * 1024
+_SIZE_RE = re.compile(r"^([0-9]{1,5})([KkMm])$")
+
+
+@dataclass(frozen=True)
+class RbdAddress:
+    """Where backups kept on Ceph live: a pool, a name prefix, the client's config and user."""
+
+    pool: str
+    conf: str
+    user: str
+    prefix: str = ""
+    object_size: int = DEFAULT_RBD_OBJECT_SIZE
+
+    @property
+    def uri(self) -> str:
+        """The target as written (no key: the key comes from the keyring file)."""
+        where = f"{self.pool}/{self.prefix}" if self.prefix else self.pool
+        return f"rbd://{where}?conf={self.conf}&id={self.user}"
 
 
 @dataclass(frozen=True)
@@ -58,8 +80,10 @@ class NbdAddress:
             return False
 
 
-def parse_target(text: str, allow_remote_plain: bool = False) -> str | NbdAddress:
-    """A repository path or an :class:`NbdAddress` (raises UsageError when malformed).
+def parse_target(text: str, allow_remote_plain: bool = False
+                 ) -> str | NbdAddress | RbdAddress:
+    """A repository path, an :class:`NbdAddress` or an :class:`RbdAddress` (raises
+    UsageError when malformed).
 
     Plain NBD to a non-loopback address is refused unless ``allow_remote_plain``:
     the data would cross the network unencrypted.
@@ -78,6 +102,10 @@ def parse_target(text: str, allow_remote_plain: bool = False) -> str | NbdAddres
         if parts.netloc not in ("", "localhost") or not path or not _clean(path):
             raise UsageError(f"malformed file target {shown!r}")
         return path
+    if parts.scheme in ("rbd", "ceph"):
+        # the query is not repeated in errors: a mistyped one might hold a key
+        return _rbd_address(parts.netloc, unquote(parts.path), parts.query,
+                            redact(text.split("?", 1)[0]))
     if parts.scheme not in ("nbd", "nbds", "nbd+unix"):
         raise UsageError(f"unsupported target scheme {parts.scheme!r} in {shown!r}")
     export = unquote(parts.path.lstrip("/"))
@@ -102,6 +130,33 @@ def parse_target(text: str, allow_remote_plain: bool = False) -> str | NbdAddres
             f"plain NBD to {host} would send disk data unencrypted; use nbds:// with "
             "--tls-creds, or --allow-plain-nbd")
     return address
+
+
+def _rbd_address(pool: str, path: str, query: str, shown: str) -> RbdAddress:
+    """The :class:`RbdAddress` of ``rbd://POOL[/PREFIX]?conf=PATH&id=USER``."""
+    prefix = path.strip("/")
+    try:
+        fields = parse_qs(query, strict_parsing=True, keep_blank_values=True)
+    except ValueError as err:
+        raise UsageError(f"malformed rbd target {shown!r}: {err}") from err
+    unknown = sorted(set(fields) - {"conf", "id", "object-size"})
+    if unknown or any(len(v) != 1 for v in fields.values()):
+        raise UsageError(f"rbd target {shown!r}: give conf, id and object-size once each "
+                         f"(not {', '.join(unknown) or 'repeated'})")
+    conf, user = fields.get("conf", [""])[0], fields.get("id", [""])[0]
+    if not _CEPH_NAME_RE.fullmatch(pool) or (prefix and not _CEPH_NAME_RE.fullmatch(prefix)):
+        raise UsageError(f"rbd target {shown!r}: pool and prefix are names of letters, digits "
+                         "and . _ - (one level of prefix)")
+    if not conf.startswith("/") or not _clean(conf) or not _CEPH_NAME_RE.fullmatch(user):
+        raise UsageError(f"rbd target {shown!r} needs ?conf=/absolute/ceph.conf&id=USER")
+    size = DEFAULT_RBD_OBJECT_SIZE
+    if "object-size" in fields:
+        match = _SIZE_RE.fullmatch(fields["object-size"][0])
+        size = int(match.group(1)) * (1024 if match.group(2) in "Kk" else 1 << 20) if match else 0
+        if size < 4096 or size > 32 << 20 or size & (size - 1):
+            raise UsageError(f"rbd target {shown!r}: object-size is a power of two from 4K "
+                             "to 32M (e.g. 64K, 4M)")
+    return RbdAddress(pool=pool, conf=conf, user=user, prefix=prefix, object_size=size)
 
 
 def _clean(path: str) -> bool:

@@ -52,6 +52,7 @@ class FakeSink:
     """Layers as files under ``root``; attaching one to QEMU is noted in the monitor's record."""
 
     local_files = True
+    copy_chunk = 64 << 10
 
     def __init__(self, root: Path, monitor: FakeMonitor,
                  layer_format: LayerFormat = PLAIN) -> None:

@@ -44,6 +44,7 @@ class FakeStore:
     damaged: list[Damage] = field(default_factory=list)
     broken: dict[tuple[str, str], str] = field(default_factory=dict)
     name: str = "fake"
+    self_contained: bool = False
     sequence: int = 0
 
     def add(self, day: int, levels: dict[str, str], chain: str = "default",
@@ -96,6 +97,19 @@ def test_the_newest_and_the_full_differentials_build_on_stay() -> None:
         ("keep", "last 1", "newest of chain; next incremental of vdb builds on it")]
     assert [p.backup_id for p in plan.dropped] == [m.backup_id for m in store.backups[1:3]]
     assert (plan.domain_uuid, plan.domain_name, plan.chain) == (UUID, "vm", "default")
+
+
+def test_points_that_are_complete_images_keep_only_the_newest() -> None:
+    """An rbd:// target: a differential is written over the newest point, so the full
+    it would count from need not stay."""
+    store = FakeStore(self_contained=True)
+    store.add(1, {"vdb": "full"})
+    for day in (2, 3):
+        store.add(day, {"vdb": "incremental"})
+    plan = only(plan_prune(store, "vm", None, LAST_1))  # type: ignore[arg-type]
+    assert decisions(plan) == [
+        ("drop", None, None), ("drop", None, None),
+        ("keep", "last 1", "newest of chain; next incremental of vdb builds on it")]
 
 
 def test_a_differential_chain_keeps_its_last_full_not_an_older_one() -> None:

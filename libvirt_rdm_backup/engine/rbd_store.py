@@ -1,0 +1,262 @@
+"""A store of backups in a Ceph pool: an ``rbd://`` target (:mod:`stores`).
+
+Per backed-up disk one thin RBD image, ``BASE.DOMAIN_UUID.DISK`` (``BASE``: the
+target's prefix, else ``rdmb``); each point is a snapshot of it named after the
+backup id, a complete image that Ceph shares copy-on-write with its neighbours.
+The manifests (with the disks' mappings) are values of the omap of one rados
+object, ``BASE.index``, keyed ``m.DOMAIN_UUID.BACKUP_ID``; a point is published
+by one atomic omap write, after its snapshots exist. Restores read one snapshot;
+prunes drop manifests and snapshots (the kept points' parents re-pointed in the
+same index write), and Ceph gives the space back: nothing is merged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
+from typing import Any
+
+from libvirt_rdm_backup.engine.consolidate import merged_manifest
+from libvirt_rdm_backup.engine.merge_plan import PlannedMerge
+from libvirt_rdm_backup.engine.rbd_sink import RbdSink, secret_id
+from libvirt_rdm_backup.engine.sinks import Session
+from libvirt_rdm_backup.errors import (
+    DamagedBackupError,
+    NotFoundError,
+    RdmBackupError,
+    RepositoryError,
+    UsageError,
+)
+from libvirt_rdm_backup.modes import Compression
+from libvirt_rdm_backup.qemu import img
+from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
+from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
+from libvirt_rdm_backup.repository.chunks import ChunkMap
+from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.order import in_order
+from libvirt_rdm_backup.repository.store import Damage, Scan
+from libvirt_rdm_backup.storage.rbd_pool import RbdPool
+from libvirt_rdm_backup.targets.uri import RbdAddress
+
+REPO_KEY = "repo_id"
+MANIFEST_PREFIX = "m."
+
+
+class RbdStore:
+    """Backups as RBD images and snapshots, their manifests in the pool's index object."""
+
+    local_layers = False
+    self_contained = True
+
+    def __init__(self, address: RbdAddress, pool: RbdPool) -> None:
+        self.address = address
+        self.pool = pool
+        self.name = address.uri
+        self.repo_id = ""
+        self.base = address.prefix or "rdmb"
+        self.index = f"{self.base}.index"
+        self._secret = secret_id()
+        self._objects: ContextManager[None] | None = None
+        self._memfd = -1
+
+    @classmethod
+    def open(cls, address: RbdAddress, create: bool = False) -> RbdStore:
+        """Connect; an index is started when ``create`` (else NotFoundError without one)."""
+        store = cls(address, RbdPool(address.conf, address.user, address.pool).connect())
+        try:
+            found = store.pool.omap(store.index).get(REPO_KEY)
+            if found is None and not create:
+                raise NotFoundError(f"{address.uri} holds no backups (no {store.index})")
+            if found is None:
+                found = secrets.token_hex(3).encode()
+                store.pool.set_omap(store.index, {REPO_KEY: found})
+            store.repo_id = found.decode("ascii", "replace")
+        except BaseException:
+            store.pool.close()
+            raise
+        return store
+
+    def __enter__(self) -> RbdStore:
+        """qemu-img calls meanwhile get the key as a ``secret`` object reading an inherited
+        memory file (``/dev/fd/N``): never in argv."""
+        self._memfd = os.memfd_create("rdmb-key", os.MFD_CLOEXEC)
+        os.write(self._memfd, self.pool.key.encode("ascii"))
+        self._objects = img.objects(
+            f"secret,id={self._secret},format=base64,file=/dev/fd/{self._memfd}",
+            fds=(self._memfd,))
+        self._objects.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._objects is not None:
+            self._objects.__exit__(None, None, None)
+            os.close(self._memfd)
+            self._objects = None
+        self.pool.close()
+
+    def image_name(self, domain_uuid: str, disk: str) -> str:
+        """The image of a domain's disk."""
+        return f"{self.base}.{domain_uuid}.{disk}"
+
+    def node(self, image: str, snapshot: str | None, secret: str) -> dict[str, Any]:
+        """Blockdev options of an image (raw; read-only at ``snapshot``)."""
+        file: dict[str, Any] = {
+            "driver": "rbd", "pool": self.address.pool, "image": image,
+            "user": self.address.user, "key-secret": secret, "auth-client-required": ["cephx"],
+            "server": [{"host": h, "port": str(p)} for h, p in self.pool.monitors()]}
+        if snapshot is not None:
+            file["snapshot"] = snapshot
+        return {"driver": "raw", "file": file}
+
+    def lock(self, domain_uuid: str) -> ContextManager[None]:
+        """One writer of the domain's backups, from any host (a rados lock on the index)."""
+        return self.pool.locked(self.index, f"writer.{domain_uuid}")
+
+    def reading(self, domain_uuid: str) -> ContextManager[None]:
+        """Nothing to hold: a prune meanwhile makes a read fail, never read wrong data."""
+        return nullcontext()
+
+    def scan(self, domain_uuid: str | None = None) -> Scan:
+        backups, damaged = [], []
+        for key, value in self.pool.omap(self.index).items():
+            if not key.startswith(MANIFEST_PREFIX):
+                continue
+            uuid, _, backup_id = key[len(MANIFEST_PREFIX):].partition(".")
+            if domain_uuid is not None and uuid != domain_uuid:
+                continue
+            try:
+                manifest = Manifest.loads(value.decode("utf-8", "replace"))
+                if (manifest.domain_uuid, manifest.backup_id) != (uuid, backup_id):
+                    raise RepositoryError(f"manifest of {manifest.backup_id} under {key}")
+                backups.append(manifest)
+            except RepositoryError as err:
+                damaged.append(Damage(uuid, backup_id, str(err)))
+        return Scan(in_order(backups), damaged)
+
+    def write_manifests(self, manifests: list[Manifest], drop: tuple[str, ...] = ()) -> None:
+        """Publish new or changed manifests and remove dropped keys, in one atomic write."""
+        taken = max((m.sequence or 0 for m in self.scan().backups), default=0)
+        values = {}
+        for manifest in manifests:
+            if manifest.sequence is None:
+                taken += 1
+                manifest.sequence = taken
+            values[self._key(manifest.domain_uuid, manifest.backup_id)] = \
+                manifest.dumps().encode()
+        self.pool.set_omap(self.index, values, drop)
+
+    def _key(self, domain_uuid: str, backup_id: str) -> str:
+        return f"{MANIFEST_PREFIX}{domain_uuid}.{backup_id}"
+
+    def keys(self) -> ContextManager[None]:
+        """Nothing to hold: the tool encrypts no RBD image."""
+        return nullcontext()
+
+    def new_layers(self, compression: Compression | None) -> LayerFormat:
+        """Raw images, neither compressed nor encrypted (UsageError when asked for)."""
+        if compression is not None:
+            raise UsageError("rbd:// targets keep raw images: --compress applies to qcow2 "
+                             "layers (file and nbd targets)")
+        return PLAIN
+
+    @contextmanager
+    def session(self, domain_uuid: str, backup_id: str,
+                layer_format: LayerFormat = PLAIN) -> Iterator[Session]:
+        if layer_format != PLAIN:
+            raise UsageError("rbd:// targets keep raw images: --compress and "
+                             "--encrypt-key-file apply to qcow2 layers (file and nbd targets)")
+        sink = RbdSink(self, domain_uuid, backup_id)
+        try:
+            yield sink
+        finally:
+            sink.discard()  # the snapshots of a backup that was not published
+
+    def consolidate(self, domain_uuid: str, chain: Chain, drop: set[str], speed: int = 0
+                    ) -> tuple[list[PlannedMerge], int]:
+        """Drop points: their manifests go (the kept ones' parents re-pointed in the same
+        index write), then their snapshots; no merge. The bytes Ceph gave back."""
+        images = sorted({self.image_name(domain_uuid, d.disk.target)
+                         for m in chain.backups for d in m.disks})
+        before = sum(self.pool.used(i) for i in images)
+        by_id = {m.backup_id: m for m in chain.backups}
+        changed = [m for m in (self._repointed(m, drop, by_id) for m in chain.backups
+                               if m.backup_id not in drop) if m is not None]
+        self.write_manifests(changed, tuple(self._key(domain_uuid, b) for b in sorted(drop)
+                                            if b in by_id))
+        self._remove_unlisted(domain_uuid, images)
+        return [], max(0, before - sum(self.pool.used(i) for i in images))
+
+    @staticmethod
+    def _repointed(manifest: Manifest, drop: set[str], by_id: dict[str, Manifest]
+                   ) -> Manifest | None:
+        """A kept manifest whose disks' parents skip the dropped points (None: unchanged)."""
+        records = []
+        for record in manifest.disks:
+            parent = record.parent
+            while parent is not None and parent in drop:
+                below = by_id[parent].disk(record.disk.target) if parent in by_id else None
+                parent = below.parent if below is not None else None
+            if parent != record.parent:
+                records.append(replace(record, parent=parent, level=record.level
+                                       if parent is not None else "full"))
+        return merged_manifest(manifest, records, drop, by_id)
+
+    def _remove_unlisted(self, domain_uuid: str, images: list[str]) -> None:
+        """Remove the snapshots of the domain's images that no manifest lists."""
+        listed = {m.backup_id for m in self.scan(domain_uuid).backups}
+        for image in images:
+            for snapshot in self.pool.snapshots(image):
+                if snapshot not in listed:
+                    self.pool.remove_snapshot(image, snapshot)
+
+    def chunk_map(self, point: DiskPoint) -> ChunkMap | None:
+        """None: an rbd:// target keeps no chunk maps."""
+        return None
+
+    def damage(self, point: DiskPoint, digests: bool = False) -> str | None:
+        """Cheap: the point's snapshot exists; with ``digests``: its contents' digest."""
+        record = point.record
+        try:
+            image, snapshot = self._where(record)
+            if snapshot not in self.pool.snapshots(image):
+                return f"{image}: snapshot {snapshot} is missing"
+            if not digests:
+                return None
+            value = self.pool.digest(image, snapshot, record.digest.algorithm)
+        except RdmBackupError as err:
+            return f"{record.data_file} unreadable: {err}"
+        if value != record.digest.value:
+            return f"{image}@{snapshot}: {record.digest.algorithm} mismatch"
+        return None
+
+    def _where(self, record: DiskRecord) -> tuple[str, str]:
+        location = record.location or {}
+        image, snapshot = location.get("image"), location.get("snapshot")
+        if not isinstance(image, str) or not isinstance(snapshot, str) or \
+                location.get("pool") != self.address.pool:
+            raise RepositoryError(f"no RBD image in this pool recorded: "
+                                  f"{json.dumps(location)[:200]}")
+        return image, snapshot
+
+    def image_node(self, points: list[DiskPoint]) -> dict[str, Any]:
+        """The point's snapshot alone (a complete image: no chain to open)."""
+        record = points[0].record
+        try:
+            image, snapshot = self._where(record)
+        except RepositoryError as err:
+            raise DamagedBackupError(points[0].backup_id, str(err), record.disk.target) from err
+        return self.node(image, snapshot, self._secret)
+
+    def qemu_objects(self, secret: str | None = None) -> tuple[dict[str, Any], ...]:
+        """The ``secret`` object holding the key (for private QEMU processes, over QMP)."""
+        return ({"qom-type": "secret", "id": secret or self._secret, "data": self.pool.key,
+                 "format": "base64"},)
+
+    def holds(self, path: str) -> bool:
+        """False: the images are in the cluster, not local paths."""
+        return False
