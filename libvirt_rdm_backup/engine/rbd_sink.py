@@ -25,6 +25,7 @@ from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.engine.sinks import Written
 from libvirt_rdm_backup.errors import RdmBackupError, UsageError
 from libvirt_rdm_backup.qemu.block_copy import Endpoint
+from libvirt_rdm_backup.qemu.blockdev import added_target_node
 from libvirt_rdm_backup.qemu.jobs import COPY_CHUNK
 from libvirt_rdm_backup.qemu.layer_format import PLAIN
 from libvirt_rdm_backup.qemu.monitor import Monitor
@@ -157,13 +158,8 @@ def _rbd_node(monitor: Monitor, key: str, options: dict[str, Any], plan: DiskPla
         with suppress(RdmBackupError):
             monitor.execute("remove-fd", {"fdset-id": fdset})
     try:
-        monitor.execute("blockdev-add", {**options, "node-name": name, "discard": "unmap",
-                                         "detect-zeroes": "unmap"})
-        try:
+        with added_target_node(monitor, options, name):
             yield name
-        finally:
-            with suppress(RdmBackupError):
-                monitor.execute("blockdev-del", {"node-name": name})
     finally:
         with suppress(RdmBackupError):
             monitor.execute("object-del", {"id": secret})

@@ -23,7 +23,7 @@ from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.errors import OperationError, QmpError, RdmBackupError, VerificationError
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.qemu.block_copy import Endpoint
-from libvirt_rdm_backup.qemu.blockdev import attached_image
+from libvirt_rdm_backup.qemu.blockdev import added_target_node, attached_image
 from libvirt_rdm_backup.qemu.jobs import COPY_CHUNK
 from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
 from libvirt_rdm_backup.qemu.monitor import Monitor
@@ -322,14 +322,9 @@ def _nbd_node(monitor: Monitor, options: dict[str, Any], plan: DiskPlan,
             if "duplicate" not in err.desc.lower() and "exists" not in err.desc.lower():
                 raise
     name = object_name("target", plan.disk.target)
-    node = {**options, "node-name": name, "discard": "unmap", "detect-zeroes": "unmap"}
     try:
-        monitor.execute("blockdev-add", node)
-        try:
+        with added_target_node(monitor, options, name):
             yield name
-        finally:
-            with suppress(RdmBackupError):
-                monitor.execute("blockdev-del", {"node-name": name})
     finally:
         if created and tls is not None:
             with suppress(RdmBackupError):

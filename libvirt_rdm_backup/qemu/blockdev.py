@@ -80,6 +80,19 @@ def _free_fdset_id(monitor: Monitor) -> int:
 
 
 @contextmanager
+def added_target_node(monitor: Monitor, options: dict[str, Any], name: str) -> Iterator[str]:
+    """``blockdev-add`` of a node a job writes into (zeros unmapped), as ``name``; it is
+    deleted when the block ends."""
+    monitor.execute("blockdev-add", {**options, "node-name": name, "discard": "unmap",
+                                     "detect-zeroes": "unmap"})
+    try:
+        yield name
+    finally:
+        with suppress(RdmBackupError):
+            monitor.execute("blockdev-del", {"node-name": name})
+
+
+@contextmanager
 def attached_image(
     monitor: Monitor, path: str, fmt: str, disk: str, options: dict[str, Any] | None = None
 ) -> Iterator[AttachedImage]:
