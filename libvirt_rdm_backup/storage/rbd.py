@@ -27,6 +27,7 @@ from typing import Any
 
 from libvirt_rdm_backup.domain.disks import RbdSource
 from libvirt_rdm_backup.errors import StorageError
+from libvirt_rdm_backup.process import env_seconds
 
 try:
     import rados as rados  # re-exported: the agents catch its errors
@@ -38,18 +39,25 @@ except ImportError:  # pragma: no cover - depends on the host
     HAVE_RBD = False
 
 KEYRING_ENV = "RDM_BACKUP_CEPH_KEYRING"
-TIMEOUT = 20  # seconds for connecting and for each monitor or OSD request
+TIMEOUT_ENV = "RDM_BACKUP_CEPH_TIMEOUT"
+DEFAULT_TIMEOUT = 20.0  # seconds for connecting and for each monitor or OSD request
 DEFAULT_MON_PORT = 6789
 INSTALL_HINT = "Debian: apt-get install python3-rbd python3-rados"
-# Quiet, bounded clients: librados would otherwise wait 300 s for an unreachable monitor.
-CLIENT_CONF = {
-    "client_mount_timeout": str(TIMEOUT),
-    "rados_mon_op_timeout": str(TIMEOUT),
-    "rados_osd_op_timeout": str(TIMEOUT),
-    "log_to_stderr": "false",
-    "err_to_stderr": "false",
-    "log_to_file": "false",
-}
+
+
+def timeout() -> float:
+    """Seconds for connecting and for each monitor or OSD request
+    (``RDM_BACKUP_CEPH_TIMEOUT``)."""
+    return env_seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT)
+
+
+def client_conf_options() -> dict[str, str]:
+    """Quiet, bounded clients: librados would otherwise wait 300 s for an unreachable
+    monitor."""
+    limit = f"{timeout():g}"
+    return {"client_mount_timeout": limit, "rados_mon_op_timeout": limit,
+            "rados_osd_op_timeout": limit, "log_to_stderr": "false",
+            "err_to_stderr": "false", "log_to_file": "false"}
 _FEATURES = (
     ("layering", "RBD_FEATURE_LAYERING"), ("striping", "RBD_FEATURE_STRIPINGV2"),
     ("exclusive-lock", "RBD_FEATURE_EXCLUSIVE_LOCK"), ("object-map", "RBD_FEATURE_OBJECT_MAP"),
@@ -60,7 +68,7 @@ _FEATURES = (
 
 _KEYS: dict[str, str] = {}  # libvirt secret reference -> base64 cephx key (this process only)
 # A cluster that did not answer is not asked again for a while: one command meets each
-# unreachable cluster once, not once per question (size, then mapping) at TIMEOUT each.
+# unreachable cluster once, not once per question (size, then mapping) at the timeout each.
 UNREACHABLE_MEMORY = 60.0
 _UNREACHABLE: dict[tuple[Any, ...], tuple[float, str]] = {}
 
@@ -124,7 +132,7 @@ def monitor_hosts(source: RbdSource) -> str | None:
 def client_conf(source: RbdSource, what: str) -> tuple[str | None, dict[str, str]]:
     """The config file (None: none; ``""``: Ceph's default search) and in-memory options
     with which librados reaches the source's cluster as its user."""
-    conf = dict(CLIENT_CONF)
+    conf = client_conf_options()
     hosts = monitor_hosts(source)
     if hosts:
         conf["mon_host"] = hosts
@@ -254,7 +262,7 @@ def _connect(source: RbdSource, what: str) -> Any:
     except rados.Error as err:
         raise _error(f"{what}: cannot configure the Ceph client", err) from err
     try:
-        handle.connect(timeout=TIMEOUT)
+        handle.connect(timeout=timeout())
     except rados.Error as err:
         handle.shutdown()
         if isinstance(err, rados.TimedOut):
@@ -329,7 +337,7 @@ def open_image(source: RbdSource, what: str, writable: bool = False,
 def monitors(handle: Any) -> list[str]:
     """The cluster's monitors (``v2:addr,v1:addr`` each) from ``mon dump``."""
     ret, out, _ = handle.mon_command('{"prefix": "mon dump", "format": "json"}', b"",
-                                     timeout=TIMEOUT)
+                                     timeout=timeout())
     if ret != 0:
         return []
     try:

@@ -74,16 +74,16 @@ class RbdPool:
             raise StorageError(f"{what}: no Ceph config file {self.conf}")
         try:
             probe = rados.Rados(rados_id=self.user, conffile=self.conf,
-                                     conf=dict(ceph.CLIENT_CONF))
+                                     conf=ceph.client_conf_options())
             configured = str(probe.conf_get("keyring") or "")
             probe.shutdown()
         except rados.Error as err:
             raise _error(f"{what}: cannot read {self.conf}", err) from err
         self.key = user_key(self.conf, self.user, configured)
-        conf = {**ceph.CLIENT_CONF, "key": self.key}
+        conf = {**ceph.client_conf_options(), "key": self.key}
         try:
             self._handle = rados.Rados(rados_id=self.user, conffile=self.conf, conf=conf)
-            self._handle.connect(timeout=ceph.TIMEOUT)
+            self._handle.connect(timeout=ceph.timeout())
             self._ioctx = self._handle.open_ioctx(self.pool)
         except rados.Error as err:
             self.close()
