@@ -6,12 +6,14 @@ import hashlib
 import os
 import random
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
@@ -22,7 +24,6 @@ from libvirt_rdm_backup.qemu.blockdev import find_device
 from libvirt_rdm_backup.qemu.fleece import FleecingExport, fleecing_export
 from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor, Monitor
 from libvirt_rdm_backup.qemu.names import is_ours
-from libvirt_rdm_backup.qemu.nbd_server import SOCKET_ROOT
 from libvirt_rdm_backup.repository.chunkmap import chunkmap_of_layer, layer_map
 from libvirt_rdm_backup.repository.chunks import ALGORITHM, CHUNK, ChunkMap
 from tests.oracles import changed_chunks, images_equal, is_zero_chunk
@@ -43,11 +44,23 @@ class Lab:
     node_name: str
     loop: str
     workdir: Path
+    socket_dirs: list[str] = field(default_factory=list)  # NBD socket directories it made
 
 
 @pytest.fixture
-def lab(rdmb_tmp: Path) -> Iterator[Lab]:
-    """A running domain with a 256 MiB loop LUN full of data as vdb."""
+def lab(rdmb_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
+    """A running domain with a 256 MiB loop LUN full of data as vdb; the NBD socket
+    directories this test's process makes are recorded (other tests make their own)."""
+    made: list[str] = []
+    mkdtemp = tempfile.mkdtemp
+
+    def recording(*args: Any, **kwargs: Any) -> str:
+        path = str(mkdtemp(*args, **kwargs))
+        if os.path.basename(path).startswith("rdmb-nbd-"):
+            made.append(path)
+        return path
+
+    monkeypatch.setattr(tempfile, "mkdtemp", recording)
     with ExitStack() as stack:
         disk = make_file(rdmb_tmp / "rdmb-lun.img", SIZE)
         loop = stack.enter_context(loop_device(disk))
@@ -55,7 +68,7 @@ def lab(rdmb_tmp: Path) -> Iterator[Lab]:
         dom = stack.enter_context(labkit.test_domain(name, [block_disk("vdb", loop)]))
         monitor = LibvirtMonitor(dom)
         node = find_device(monitor, alias_of(dom, "vdb")[0]).node_name
-        yield Lab(dom, monitor, node, loop, rdmb_tmp)
+        yield Lab(dom, monitor, node, loop, rdmb_tmp, made)
 
 
 def raw_map(path: Path) -> ChunkMap:
@@ -77,8 +90,7 @@ def assert_nothing_left(lab: Lab, layer: Path | None = None) -> None:
     assert [s for s in lab.monitor.execute("query-fdsets") if any(
         is_ours(str(f.get("opaque", ""))) for f in s.get("fds", []))] == []
     assert not (lab.workdir / "rdmb-scratch.qcow2").exists()
-    if os.path.isdir(SOCKET_ROOT):
-        assert [d for d in os.listdir(SOCKET_ROOT) if d.startswith("rdmb-nbd-")] == []
+    assert [d for d in lab.socket_dirs if os.path.exists(d)] == []
     if layer is not None:
         for pid in os.listdir("/proc"):
             if pid.isdigit():
