@@ -14,6 +14,8 @@ from libvirt_rdm_backup.repository.manifest import DiskRecord
 
 # Agents whose snapshots serve a running VM's disk even where QEMU could copy it: the
 # storage itself tells what changed (no QEMU bitmap), so incrementals survive VM restarts.
+# Only into targets that take layers of ranges (local layers); into the others QEMU's own
+# job (with its bitmap) keeps incrementals possible.
 SNAPSHOT_FIRST_AGENTS = frozenset({"rbd"})
 # the level a mixed backup reports is its most costly one
 _COST = {Level.FULL: 3, Level.RESYNC: 2, Level.DIFFERENTIAL: 1, Level.INCREMENTAL: 0}
@@ -157,7 +159,7 @@ def _data_path(disk: RawDisk, facts: Facts) -> DataPath:
     """Where a disk's point in time comes from; decided once, from facts."""
     agent = facts.snapshot_agents.get(disk.target)
     if agent is not None and (disk.is_passthrough_lun or not facts.running
-                              or agent in SNAPSHOT_FIRST_AGENTS):
+                              or (agent in SNAPSHOT_FIRST_AGENTS and facts.local_layers)):
         return DataPath.SNAPSHOT
     if disk.is_passthrough_lun or not facts.running:
         return DataPath.STORAGE

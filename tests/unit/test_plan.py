@@ -106,6 +106,10 @@ def test_rbd_disks_with_the_rbd_agent_take_snapshots_running_or_not() -> None:
     gone = plan_disk(rbd_disk(), "auto",
                      Facts(True, chain, {}, snapshot_agents={"vdc": "rbd"}))
     assert gone.level == "full" and "is gone" in gone.reason  # no chunk map: no resync
+    # a target without local layers takes no ranged copies: QEMU's job and bitmap serve it
+    remote = plan_disk(rbd_disk(), "auto", Facts(True, chain, {}, snapshot_agents={"vdc": "rbd"},
+                                                 local_layers=False))
+    assert remote.path is DataPath.QEMU
     reflink = plan_disk(disk(), "auto", Facts(True, CHAIN, {"libvirt-vdb-format": {"bm-inc"}},
                                               snapshot_agents={"vdb": "loop-reflink"}))
     assert reflink.path is DataPath.QEMU
