@@ -329,6 +329,33 @@ def test_bench_rbd_section_reports_snapshot_incrementals() -> None:
         assert image.startswith("rdmb-") and image not in rbd.RBD().list(ctx)
 
 
+def test_bench_atrest_section_reports_compressed_and_encrypted_fulls() -> None:
+    """Compressed (zstd, zlib) and encrypted fulls of a LUN of text against a plain full and
+    zstd -T0: every one restores the LUN's bytes; the LUN, its domain and key are gone."""
+    proc = _bench("--size-mib", "64", "--repeat", "1", "--settle", "0", "--sections", "atrest",
+                  "--json", timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    _positive_numbers(doc, ("atrest_plain_s", "atrest_zstd_s", "atrest_zlib_s",
+                            "atrest_encrypted_s", "atrest_zstd_cli_s",
+                            "atrest_plain_stored_bytes", "atrest_zstd_stored_bytes",
+                            "atrest_zlib_stored_bytes", "atrest_encrypted_stored_bytes",
+                            "atrest_zstd_cli_stored_bytes", "atrest_encrypted_ratio_to_plain",
+                            "atrest_zstd_stored_ratio_vs_zstd_cli"))
+    assert doc["atrest_data_bytes"] == doc["data_bytes"] == 16 * MiB, doc
+    assert doc["atrest_verified_identical"] is True, doc
+    assert len(doc["atrest_verified"]) == 5, doc
+    for kind in ("zstd", "zlib", "zstd_cli"):
+        assert doc[f"atrest_{kind}_stored_bytes"] < doc["atrest_plain_stored_bytes"], doc
+    # the encrypted layer holds every byte of the data, plus the LUKS header
+    assert doc["atrest_encrypted_stored_bytes"] > doc["atrest_data_bytes"], doc
+    assert set(doc["goals"]) == {"atrest_encrypted_ratio_to_plain"}
+    assert not [n for n in _virsh_names() if "rdmb-bench-atrest" in n]
+    assert not Path(doc["workdir"]).exists()
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True)
+    assert doc["workdir"] not in loops.stdout
+
+
 def test_bench_rejects_unknown_section() -> None:
     proc = _bench("--sections", "full,bogus", timeout=30)
     assert proc.returncode == 2

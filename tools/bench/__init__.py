@@ -2,7 +2,7 @@
 
 One module per section (:mod:`tools.bench.full`, ``nbd``, ``incremental``, ``peer``,
 ``resync``, ``restore``, ``live``, ``mount``, ``prune``, ``lun``, ``rbd``, ``guestio``,
-``rss``), what they share in :mod:`tools.bench.common`, the command line in
+``atrest``, ``rss``), what they share in :mod:`tools.bench.common`, the command line in
 :mod:`tools.bench.runner`. The lab fixtures (domains, loop devices, tgt targets) come from
 :mod:`tools.labkit`, the module the tests use; the tiny real guest from :mod:`tools.guestkit`.
 
@@ -118,6 +118,11 @@ The sections (``--sections``, default all of them, run in this order in one proc
 * ``guestio``: guest write latency during a backup to a throttled NBD target, with a
   plain ``blockdev-backup`` job (as before) and with the tool's break-snapshot filter and
   local fleecing image, as ratios to no backup running (see :mod:`tools.bench.guestio`).
+* ``atrest``: backups at rest on a LUN of its own holding compressible text (``--fill`` of
+  random lines of this repository's sources and docs): plain full, ``compress="zstd"`` and
+  ``"zlib"`` fulls, an encrypted full (``encrypt_key_file``) and ``zstd -T0`` of the device:
+  time and bytes stored of each; compressed / plain, repository zstd / ``zstd -T0``,
+  encrypted time / plain time (goal <= 1.3). See :mod:`tools.bench.atrest`.
 * ``rss``: peak RSS of the ``rdm-backup`` process (``wait4``) backing up (full, incremental)
   and restoring a ``--rss-size-gib`` (64) GiB sparse LUN (goal <= 100 MiB).
 
@@ -133,6 +138,7 @@ section the tiny guest (``tools/build-guest.sh`` builds it on first use), the mo
 
 Usage (``make bench``): ``.venv/bin/python -m tools.bench [--size-mib N] [--fill F]
 [--repeat N]
-[--sections full,nbd,incremental,peer,resync,restore,live,mount,prune,lun,rbd,guestio,rss]
+[--sections full,nbd,incremental,peer,resync,restore,live,mount,prune,lun,rbd,guestio,atrest,
+ rss]
 [--dirty F] [--settle S] [--rss-size-gib N] [--json]``
 """

@@ -19,6 +19,7 @@ from typing import Any
 
 from tools.bench import __doc__ as bench_doc
 from tools.bench import (
+    atrest,
     full,
     guestio,
     incremental,
@@ -37,7 +38,7 @@ from tools.bench.common import AT_LEAST, DISK, GOALS, Lab, MiB, fill_lun, goal, 
 from tools.labkit import block_disk, domain_type, loop_device, rdmb_tmpdir, test_domain, unique_name
 
 SECTIONS = ("full", "nbd", "incremental", "peer", "resync", "restore", "live", "mount", "prune",
-            "lun", "rbd", "guestio", "rss")
+            "lun", "rbd", "guestio", "atrest", "rss")
 SHARED_LUN = frozenset({"full", "nbd", "incremental", "peer", "resync", "restore", "prune",
                         "guestio"})
 LOADED_WINDOWS = lun.LOADED_WINDOWS
@@ -66,6 +67,8 @@ RUNS: dict[str, tuple[Measure, Show, str]] = {
     "lun": (lambda lab, _doc: lun.section_lun(lab), lun.print_lun, "lun_paused_ms"),
     "rbd": (lambda lab, _doc: rbd.section_rbd(lab), rbd.print_rbd, "rbd_data_bytes"),
     "guestio": (_guestio, guestio.print_guestio, "guestio_direct_median_ms"),
+    "atrest": (lambda lab, _doc: atrest.section_atrest(lab), atrest.print_atrest,
+               "atrest_plain_s"),
     "rss": (lambda lab, _doc: rss.section_rss(lab), rss.print_rss, "rss_max_mib"),
 }
 
@@ -171,7 +174,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         for name in args.sections:
             doc.update(RUNS[name][0](lab, doc))
         # same --fill and --seed as the shared LUN
-        for key in ("live_data_bytes", "lun_data_bytes", "rbd_data_bytes"):
+        for key in ("live_data_bytes", "lun_data_bytes", "rbd_data_bytes", "atrest_data_bytes"):
             if key in doc and not data_bytes:
                 doc["data_bytes"] = data_bytes = doc[key]
         doc["goals"] = {k: v for k, v in GOALS.items() if k in doc}
@@ -195,12 +198,13 @@ def print_goals(doc: dict[str, Any]) -> None:
 def print_table(doc: dict[str, Any]) -> None:
     """The human-readable report, section by section."""
     lun_bytes = doc["lun_bytes"]
-    loops = SHARED_LUN | {"live", "mount"}
+    loops = SHARED_LUN | {"live", "mount", "atrest"}
     where = ("loop device over a file in /var/tmp/rdmb-*" if set(doc["sections"]) & loops
              else "an RBD image of the lab's Ceph beside a loop device" if "rbd" in doc["sections"]
              else "iSCSI LUNs over files on the reflink XFS")
+    kind = "text" if doc["sections"] == ["atrest"] else "random"
     print(f"LUN: {lun_bytes / MiB:.0f} MiB {where} "
-          f"({doc['data_bytes'] / MiB:.0f} MiB random data in "
+          f"({doc['data_bytes'] / MiB:.0f} MiB {kind} data in "
           f"{doc['extent_bytes'] // MiB} MiB extents, zeros {doc['zeros']}); "
           f"domain type {doc['domain_type']}; sections: {', '.join(doc['sections'])}")
     print(f"Each measured run follows `sync; echo 3 > /proc/sys/vm/drop_caches` (page cache "
