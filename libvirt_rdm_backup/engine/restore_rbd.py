@@ -56,7 +56,7 @@ def parse(to: str, disk: RbdSource | None) -> RbdSource:
     except ValueError:
         raise UsageError(f"malformed RBD destination {to!r}: give {_FORM}") from None
     conf, user = fields.pop("conf", [None]), fields.pop("id", [None])
-    if fields or len(conf) != 1 or len(user) != 1 \
+    if fields or (mark and conf == user == [None]) or len(conf) != 1 or len(user) != 1 \
             or (conf[0] is not None and not conf[0].startswith("/")) \
             or (user[0] is not None and not _NAME_RE.fullmatch(user[0])):
         raise UsageError(f"malformed RBD destination {to!r}: give {_FORM}")
