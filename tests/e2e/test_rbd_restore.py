@@ -50,7 +50,8 @@ def refused(proc: Any, *words: str) -> None:
     assert len(lines) == 1 and all(w in lines[0] for w in words), proc.stderr
 
 
-def test_restore_into_rbd_images(ceph: None, run_token: str, rdmb_tmp: Path) -> None:
+def test_restore_into_rbd_images(ceph: None, run_token: str, rdmb_tmp: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
     repo = str(rdmb_tmp / "repo")
     keyring = (cephkit.CEPH_DIR / f"ceph.client.{cephkit.CLIENT}.keyring").read_text()
     key = keyring.split("key = ")[1].split()[0]
@@ -85,6 +86,20 @@ def test_restore_into_rbd_images(ceph: None, run_token: str, rdmb_tmp: Path) -> 
             assert same_bytes(cephkit.export(other, rdmb_tmp / "other.raw"), ref)
             assert allocated(other) <= 8 * MiB  # the zeros were discarded, not written
 
+            # another cluster/user named in the spec, its key from RDM_BACKUP_CEPH_KEYRING
+            cephkit.write_pattern(other, 0, SIZE, 0x78)
+            monkeypatch.setenv("RDM_BACKUP_CEPH_KEYRING", str(
+                cephkit.CEPH_DIR / f"ceph.client.{cephkit.CLIENT}.keyring"))
+            api.restore(name, repo, "vdb", f"rbd:{other.spec}?conf={cephkit.CEPH_CONF}"
+                        f"&id={cephkit.CLIENT}")
+            monkeypatch.delenv("RDM_BACKUP_CEPH_KEYRING")
+            assert same_bytes(cephkit.export(other, rdmb_tmp / "other-2.raw"), ref)
+
+            # the shut-off domain's own image, changed since: back in place
+            cephkit.write_pattern(image, 10 * MiB, MiB, 0x66)
+            api.restore(name, repo, "vdb", f"rbd:{image.spec}")
+            assert same_bytes(cephkit.export(image, rdmb_tmp / "in-place.raw"), ref)
+
             # refusals: nothing written, nothing created
             cephkit.write_pattern(small, 0, MiB, 0x55)
             before = cephkit.export(small, rdmb_tmp / "small-before.raw").read_bytes()
@@ -98,6 +113,8 @@ def test_restore_into_rbd_images(ceph: None, run_token: str, rdmb_tmp: Path) -> 
                 refused(labkit.rdm_backup("restore", name, "--target", repo, "--disk", "vdb",
                                           "--to", spec), "malformed")
             assert not exists(ghost)
+            refused(labkit.rdm_backup("restore", name, "--target", repo, "--disk", "vdb",
+                                      "--to-original"), f"--to rbd:{image.spec}")
 
             # the running domain's own image has a watcher (its QEMU): in use
             dom.create()
