@@ -410,8 +410,8 @@ def restore(
             def chain() -> tuple[dict[str, Any], tuple[dict[str, Any], ...]]:
                 return store.image_node(verify_lineage(store, manifest, disk)), \
                     store.qemu_objects()
-            data = restore_rbd.restore_to_rbd(conn, record, to, chain, force=force,
-                                              speed=speed, progress=progress)
+            data = restore_rbd.restore_to_rbd(conn, record, to, chain, store=store,
+                                              force=force, speed=speed, progress=progress)
             return RestoreResult(manifest.backup_id, disk, to, record.size, data, 0)
         if to:
             refuse_store_paths(store, to)

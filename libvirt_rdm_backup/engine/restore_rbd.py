@@ -23,6 +23,7 @@ import libvirt
 
 from libvirt_rdm_backup.domain.connection import secret_value
 from libvirt_rdm_backup.domain.disks import RbdSource
+from libvirt_rdm_backup.engine.rbd_store import RbdStore
 from libvirt_rdm_backup.engine.storage_reads import rbd_endpoint
 from libvirt_rdm_backup.errors import OperationError, RdmBackupError, UsageError
 from libvirt_rdm_backup.qemu import img
@@ -69,6 +70,14 @@ def parse(to: str, disk: RbdSource | None) -> RbdSource:
                      config_file=conf[0])
 
 
+def refuse_repository_images(store: object, source: RbdSource) -> None:
+    """Refuse an image of the ``rbd://`` repository being read (same pool, its prefix)."""
+    if isinstance(store, RbdStore) and store.address.pool == source.pool \
+            and not source.namespace and source.image.startswith(f"{store.base}."):
+        raise UsageError(f"restore target {source.url} is an image of the backup repository "
+                         f"{store.name}; writing it would destroy backups")
+
+
 def learn_key(conn: libvirt.virConnect | None, source: RbdSource) -> None:
     """Read the key of the source's libvirt secret (when there is one and libvirt answers)."""
     if conn is None or rbd.secret_ref(source) is None or rbd.knows_key(source):
@@ -81,7 +90,7 @@ def learn_key(conn: libvirt.virConnect | None, source: RbdSource) -> None:
 
 def restore_to_rbd(conn: libvirt.virConnect | None, record: DiskRecord, to: str,
                    chain: Callable[[], tuple[dict[str, Any], tuple[dict[str, Any], ...]]],
-                   *, force: bool = False, speed: int = 0,
+                   *, store: object = None, force: bool = False, speed: int = 0,
                    progress: ProgressCallback | None = None) -> int:
     """Write the disk of ``record`` into the RBD image ``to``; returns the bytes of data.
 
@@ -91,6 +100,7 @@ def restore_to_rbd(conn: libvirt.virConnect | None, record: DiskRecord, to: str,
     label = record.disk.target
     what = f"restore target {to.partition('?')[0]}"
     source = parse(to, record.disk.rbd)
+    refuse_repository_images(store, source)
     learn_key(conn, source)
     dest = rbd_dest.prepare(source, record.size, force, what)
     try:

@@ -36,3 +36,19 @@ def test_malformed_destinations_are_refused(spec: str) -> None:
 
 def test_only_rbd_colon_is_an_image() -> None:
     assert is_rbd("rbd:p/i") and not is_rbd("/dev/rbd0") and not is_rbd("./rbd:x")
+
+
+def test_images_of_the_rbd_repository_being_read_are_refused() -> None:
+    from typing import Any, cast
+
+    from libvirt_rdm_backup.engine.rbd_store import RbdStore
+    from libvirt_rdm_backup.engine.restore_rbd import refuse_repository_images
+    from libvirt_rdm_backup.targets.uri import RbdAddress
+
+    store = RbdStore(RbdAddress(pool="rbd", conf="/etc/ceph/ceph.conf", user="u", prefix="bk"),
+                     cast(Any, None))
+    with pytest.raises(UsageError, match="image of the backup repository"):
+        refuse_repository_images(store, parse("rbd:rbd/bk.0d5f.vdb", None))
+    for fine in ("rbd:rbd/other", "rbd:vms/bk.0d5f.vdb", "rbd:rbd/ns/bk.x"):
+        refuse_repository_images(store, parse(fine, None))
+    refuse_repository_images(None, parse("rbd:rbd/bk.x", None))
