@@ -182,7 +182,8 @@ def _add_restore(sub: argparse._SubParsersAction[Parser], common: Parser) -> Non
                             "--live)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--to", metavar="PATH",
-                       help="new file, existing file or block device to write the one disk to")
+                       help="new file, existing file, block device or RBD image "
+                            "(rbd:POOL/IMAGE[?conf=PATH&id=USER]) to write the one disk to")
     where.add_argument("--to-dir", metavar="DIR",
                        help="write each disk to a new sparse file DIR/DISK.raw")
     where.add_argument("--to-original", action="store_true",

@@ -20,6 +20,7 @@ from libvirt_rdm_backup.domain.connection import active_domains, domain_xml
 from libvirt_rdm_backup.domain.discovery import inventory_from_xml
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.domain.xml import DomainXML
+from libvirt_rdm_backup.engine import restore_rbd
 from libvirt_rdm_backup.engine.selection import choose_backup
 from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.engine.verify import cached_checker, lineage_problem
@@ -405,6 +406,13 @@ def restore(
         record = manifest.disk(disk)
         if record is None:
             raise NotFoundError(f"backup {manifest.backup_id} has no disk {disk!r}")
+        if restore_rbd.is_rbd(to):
+            def chain() -> tuple[dict[str, Any], tuple[dict[str, Any], ...]]:
+                return store.image_node(verify_lineage(store, manifest, disk)), \
+                    store.qemu_objects()
+            data = restore_rbd.restore_to_rbd(conn, record, to, chain, store=store,
+                                              force=force, speed=speed, progress=progress)
+            return RestoreResult(manifest.backup_id, disk, to, record.size, data, 0)
         if to:
             refuse_store_paths(store, to)
         with open_target(to, record.size, force, conn) as dest:

@@ -98,8 +98,10 @@ def claims_of(record: DiskRecord) -> Claims:
         raise _bad(disk, f"it describes disk {mapping.disk[:64]!r}")
     root = mapping.root
     if root.kind not in KINDS:
+        hint = f"--to rbd:{record.disk.rbd.name}" if record.disk.rbd else "--to"
         raise UsageError(f"{disk}: the backup's disk was a {root.kind[:32]!r} device; a restore "
-                         f"to the original finds {', '.join(KINDS)} devices; restore it with --to")
+                         f"to the original finds {', '.join(KINDS)} devices; restore it with "
+                         f"{hint}")
     if not isinstance(root.identity, dict):
         raise _bad(disk, "identity is not an object")
     path = _text(disk, root.path, "path", MAX_PATH)

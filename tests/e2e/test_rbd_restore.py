@@ -1,0 +1,127 @@
+"""Restore into a Ceph RBD image (``--to rbd:POOL/IMAGE``): a new image created thin, an
+existing one with other content overwritten, both byte for byte the point; a too-small
+image, malformed destinations and an image in use refused with exit 2 and nothing written;
+the cephx key in no argv and no -vv output."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from libvirt_rdm_backup import api
+from tests.e2e.test_encrypted_layers import argv_watch
+from tools import cephkit, labkit
+from tools.labkit import MiB, same_bytes
+
+pytestmark = pytest.mark.lab
+
+SIZE = 64 * MiB
+
+
+def allocated(image: cephkit.RbdImage) -> int:
+    """Bytes of the image the cluster holds data for (``diff_iterate`` from its creation)."""
+    import rbd
+
+    total = 0
+
+    def count(_offset: int, length: int, exists: bool) -> int:
+        nonlocal total
+        total += length if exists else 0
+        return 0
+
+    with cephkit.ioctx(image.pool) as ctx, rbd.Image(ctx, image.name, read_only=True) as opened:
+        opened.diff_iterate(0, image.size, None, count)
+    return total
+
+
+def exists(name: str) -> bool:
+    import rbd
+
+    with cephkit.ioctx() as ctx:
+        return name in rbd.RBD().list(ctx)
+
+
+def refused(proc: Any, *words: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), proc.stderr
+
+
+def test_restore_into_rbd_images(ceph: None, run_token: str, rdmb_tmp: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = str(rdmb_tmp / "repo")
+    keyring = (cephkit.CEPH_DIR / f"ceph.client.{cephkit.CLIENT}.keyring").read_text()
+    key = keyring.split("key = ")[1].split()[0]
+    new = cephkit.RbdImage(cephkit.POOL, f"rdmb-{uuid.uuid4().hex[:12]}", SIZE)
+    with cephkit.rbd_image(SIZE) as image, cephkit.rbd_image(SIZE) as other, \
+            cephkit.rbd_image(32 * MiB) as small, \
+            labkit.test_domain(f"rdmb-{run_token}-rbd-rs", [cephkit.rbd_disk("vdb", image)],
+                               start=False) as dom:
+        try:
+            name = str(dom.name())
+            cephkit.write_pattern(image, 0, 2 * MiB, 0x31)
+            cephkit.write_pattern(image, 40 * MiB, MiB, 0x32)
+            assert labkit.rdm_backup("backup", name, "--target", repo).returncode == 0
+            ref = rdmb_tmp / "point.raw"
+            api.restore(name, repo, "vdb", str(ref))
+            assert same_bytes(ref, cephkit.export(image, rdmb_tmp / "source.raw"))
+
+            # a new image: created thin with the disk's size, through the CLI
+            with argv_watch(key.encode()) as seen:
+                proc = labkit.rdm_backup("-vv", "restore", name, "--target", repo, "--disk",
+                                         "vdb", "--to", f"rbd:{new.spec}")
+            assert proc.returncode == 0, proc.stderr
+            assert not seen, f"the key was in the argv of pids {seen}"
+            assert key not in proc.stdout + proc.stderr
+            assert same_bytes(cephkit.export(new, rdmb_tmp / "new.raw"), ref)
+            assert allocated(new) <= 4 * MiB + 4 * MiB  # the data only, in 4 MiB objects
+
+            # an existing image with other content everywhere: overwritten, zeros included
+            cephkit.write_pattern(other, 0, SIZE, 0x77)
+            result = api.restore(name, repo, "vdb", f"rbd:{other.spec}")
+            assert result.size == SIZE and result.path == f"rbd:{other.spec}"
+            assert same_bytes(cephkit.export(other, rdmb_tmp / "other.raw"), ref)
+            assert allocated(other) <= 8 * MiB  # the zeros were discarded, not written
+
+            # another cluster/user named in the spec, its key from RDM_BACKUP_CEPH_KEYRING
+            cephkit.write_pattern(other, 0, SIZE, 0x78)
+            monkeypatch.setenv("RDM_BACKUP_CEPH_KEYRING", str(
+                cephkit.CEPH_DIR / f"ceph.client.{cephkit.CLIENT}.keyring"))
+            api.restore(name, repo, "vdb", f"rbd:{other.spec}?conf={cephkit.CEPH_CONF}"
+                        f"&id={cephkit.CLIENT}")
+            monkeypatch.delenv("RDM_BACKUP_CEPH_KEYRING")
+            assert same_bytes(cephkit.export(other, rdmb_tmp / "other-2.raw"), ref)
+
+            # the shut-off domain's own image, changed since: back in place
+            cephkit.write_pattern(image, 10 * MiB, MiB, 0x66)
+            api.restore(name, repo, "vdb", f"rbd:{image.spec}")
+            assert same_bytes(cephkit.export(image, rdmb_tmp / "in-place.raw"), ref)
+
+            # refusals: nothing written, nothing created
+            cephkit.write_pattern(small, 0, MiB, 0x55)
+            before = cephkit.export(small, rdmb_tmp / "small-before.raw").read_bytes()
+            refused(labkit.rdm_backup("restore", name, "--target", repo, "--disk", "vdb",
+                                      "--to", f"rbd:{small.spec}"), "too small")
+            after = cephkit.export(small, rdmb_tmp / "small-after.raw").read_bytes()
+            assert before == after
+            ghost = f"rdmb-{uuid.uuid4().hex[:12]}"
+            for spec in ("rbd:rbd", f"rbd:rbd/{ghost}?bogus=1", f"rbd:rbd/{ghost}@snap",
+                         f"rbd:rbd/{ghost}?conf=relative.conf"):
+                refused(labkit.rdm_backup("restore", name, "--target", repo, "--disk", "vdb",
+                                          "--to", spec), "malformed")
+            assert not exists(ghost)
+            refused(labkit.rdm_backup("restore", name, "--target", repo, "--disk", "vdb",
+                                      "--to-original"), f"--to rbd:{image.spec}")
+
+            # the running domain's own image has a watcher (its QEMU): in use
+            dom.create()
+            try:
+                refused(labkit.rdm_backup("restore", name, "--target", repo, "--disk", "vdb",
+                                          "--to", f"rbd:{image.spec}"), "in use", "watcher")
+            finally:
+                dom.destroy()
+        finally:
+            cephkit.remove_image(new.pool, new.name)
