@@ -14,7 +14,7 @@ from libvirt_rdm_backup.domain.connection import (
     secret_value,
 )
 from libvirt_rdm_backup.domain.discovery import inventory_from_xml
-from libvirt_rdm_backup.domain.disks import DiskInventory, OtherDisk, RawDisk
+from libvirt_rdm_backup.domain.disks import DiskInventory, OtherDisk, RawDisk, RbdSource
 from libvirt_rdm_backup.domain.inventory import volume_resolver
 from libvirt_rdm_backup.domain.xml import DomainXML
 from libvirt_rdm_backup.errors import (
@@ -89,13 +89,19 @@ def remember_rbd_keys(conn: libvirt.virConnect, inventory: DiskInventory) -> Non
     then names the missing key, or uses ``RDM_BACKUP_CEPH_KEYRING``.
     """
     for disk in inventory.raw:
-        source = disk.rbd
-        if source is None or rbd.secret_ref(source) is None or rbd.knows_key(source):
-            continue
-        try:
-            rbd.remember_key(source, secret_value(conn, source.secret_uuid, source.secret_usage))
-        except RdmBackupError as err:
-            log.debug("disk %s: %s", disk.target, err)
+        if disk.rbd is not None:
+            learn_rbd_key(conn, disk.rbd)
+
+
+def learn_rbd_key(conn: libvirt.virConnect | None, source: RbdSource) -> None:
+    """Read the key of an RBD source's libvirt secret, when it has one, libvirt answers
+    and reveals it (else a debug line)."""
+    if conn is None or rbd.secret_ref(source) is None or rbd.knows_key(source):
+        return
+    try:
+        rbd.remember_key(source, secret_value(conn, source.secret_uuid, source.secret_usage))
+    except RdmBackupError as err:
+        log.debug("%s: %s", source.name, err)
 
 
 def open_domain(conn: libvirt.virConnect, name_or_uuid: str, live: bool = True) -> DomainContext:

@@ -21,8 +21,8 @@ from urllib.parse import parse_qs
 
 import libvirt
 
-from libvirt_rdm_backup.domain.connection import secret_value
 from libvirt_rdm_backup.domain.disks import RbdSource
+from libvirt_rdm_backup.engine.discover import learn_rbd_key
 from libvirt_rdm_backup.engine.rbd_store import RbdStore
 from libvirt_rdm_backup.engine.storage_reads import rbd_endpoint
 from libvirt_rdm_backup.errors import OperationError, RdmBackupError, UsageError
@@ -30,7 +30,7 @@ from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.block_copy import Endpoint, ProgressCallback, copy_image
 from libvirt_rdm_backup.qemu.layers import json_filename
 from libvirt_rdm_backup.repository.manifest import DiskRecord
-from libvirt_rdm_backup.storage import rbd, rbd_dest
+from libvirt_rdm_backup.storage import rbd_dest
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +78,6 @@ def refuse_repository_images(store: object, source: RbdSource) -> None:
                          f"{store.name}; writing it would destroy backups")
 
 
-def learn_key(conn: libvirt.virConnect | None, source: RbdSource) -> None:
-    """Read the key of the source's libvirt secret (when there is one and libvirt answers)."""
-    if conn is None or rbd.secret_ref(source) is None or rbd.knows_key(source):
-        return
-    try:
-        rbd.remember_key(source, secret_value(conn, source.secret_uuid, source.secret_usage))
-    except RdmBackupError as err:
-        log.debug("%s: %s", source.name, err)
-
-
 def restore_to_rbd(conn: libvirt.virConnect | None, record: DiskRecord, to: str,
                    chain: Callable[[], tuple[dict[str, Any], tuple[dict[str, Any], ...]]],
                    *, store: object = None, force: bool = False, speed: int = 0,
@@ -101,7 +91,7 @@ def restore_to_rbd(conn: libvirt.virConnect | None, record: DiskRecord, to: str,
     what = f"restore target {to.partition('?')[0]}"
     source = parse(to, record.disk.rbd)
     refuse_repository_images(store, source)
-    learn_key(conn, source)
+    learn_rbd_key(conn, source)
     dest = rbd_dest.prepare(source, record.size, force, what)
     try:
         node, objects = chain()
