@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-from tools.labkit import DiskSpec
+from tools.labkit import DiskSpec, block_disk, loop_device, make_file, test_domain
 
 CEPH_DIR = Path("/var/lib/rdmb-lab/ceph")
 CEPH_CONF = CEPH_DIR / "ceph.conf"
@@ -195,3 +195,41 @@ def remove_snapshot(image: RbdImage, name: str) -> None:
 
     with ioctx(image.pool) as ctx, rbd.Image(ctx, image.name) as opened:
         opened.remove_snap(name)
+
+
+@dataclass
+class RbdLoopVM:
+    """A firmware-only domain: vdb on an RBD image, vdc on a loop device over a file."""
+
+    dom: Any  # libvirt.virDomain
+    image: RbdImage
+    loop_file: Path
+    work: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.dom.name())
+
+
+@contextlib.contextmanager
+def rbd_and_loop_vm(name: str, work: Path, rbd_size: int, loop_size: int,
+                    data: int) -> Iterator[RbdLoopVM]:
+    """:class:`RbdLoopVM` named ``name``, its image holding ``data`` bytes of 0x11 first;
+    the domain, loop device and image are removed afterwards."""
+    loop_file = make_file(work / "loop-lun.img", loop_size)
+    with rbd_image(rbd_size) as image, loop_device(loop_file) as loop:
+        write_pattern(image, 0, data, 0x11)
+        with test_domain(name, [rbd_disk("vdb", image), block_disk("vdc", loop)]) as dom:
+            yield RbdLoopVM(dom, image, loop_file, work)
+
+
+def references(vm: RbdLoopVM, index: int) -> dict[str, Path]:
+    """The disks' bytes now (guest paused while they are read)."""
+    vm.dom.suspend()
+    try:
+        rbd_ref = export(vm.image, vm.work / f"ref-{index}-vdb.raw")
+        loop_ref = vm.work / f"ref-{index}-vdc.raw"
+        loop_ref.write_bytes(vm.loop_file.read_bytes())
+    finally:
+        vm.dom.resume()
+    return {"vdb": rbd_ref, "vdc": loop_ref}

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import libvirt
 import pytest
 
 from libvirt_rdm_backup import api
@@ -25,31 +23,15 @@ LOOP_SIZE = 64 * MiB
 CLUSTER = 64 * 1024
 
 
-@dataclass
-class RbdVM:
-    """A firmware-only domain: vdb on an RBD image, vdc on a loop device."""
-
-    dom: libvirt.virDomain
-    image: cephkit.RbdImage
-    loop_file: Path
-    work: Path
-
-    @property
-    def name(self) -> str:
-        return str(self.dom.name())
-
-
 @pytest.fixture
-def rbd_vm(ceph: None, run_token: str, rdmb_tmp: Path) -> Iterator[RbdVM]:
-    loop_file = labkit.make_file(rdmb_tmp / "loop-lun.img", LOOP_SIZE)
-    with cephkit.rbd_image(RBD_SIZE) as image, labkit.loop_device(loop_file) as loop:
-        cephkit.write_pattern(image, 0, 8 * MiB, 0x11)  # some data before the first backup
-        disks = [cephkit.rbd_disk("vdb", image), labkit.block_disk("vdc", loop)]
-        with labkit.test_domain(f"rdmb-{run_token}-rbd-bk", disks) as dom:
-            yield RbdVM(dom, image, loop_file, rdmb_tmp)
+def rbd_vm(ceph: None, run_token: str, rdmb_tmp: Path) -> Iterator[cephkit.RbdLoopVM]:
+    # some data before the first backup
+    with cephkit.rbd_and_loop_vm(f"rdmb-{run_token}-rbd-bk", rdmb_tmp, RBD_SIZE, LOOP_SIZE,
+                                 8 * MiB) as vm:
+        yield vm
 
 
-def write(vm: RbdVM, rng: random.Random, count: int) -> int:
+def write(vm: cephkit.RbdLoopVM, rng: random.Random, count: int) -> int:
     """``count`` guest writes of 64 KiB to vdb and one to vdc; the bytes written to vdb."""
     for _ in range(count):
         guest_write(vm.dom, "vdb", rng.randrange(1, 250),
@@ -57,18 +39,6 @@ def write(vm: RbdVM, rng: random.Random, count: int) -> int:
     guest_write(vm.dom, "vdc", rng.randrange(1, 250),
                 rng.randrange(0, LOOP_SIZE - CLUSTER, CLUSTER), CLUSTER)
     return count * CLUSTER
-
-
-def references(vm: RbdVM, index: int) -> dict[str, Path]:
-    """The disks' bytes now (guest paused while they are read)."""
-    vm.dom.suspend()
-    try:
-        rbd_ref = cephkit.export(vm.image, vm.work / f"ref-{index}-vdb.raw")
-        loop_ref = vm.work / f"ref-{index}-vdc.raw"
-        loop_ref.write_bytes(vm.loop_file.read_bytes())
-    finally:
-        vm.dom.resume()
-    return {"vdb": rbd_ref, "vdc": loop_ref}
 
 
 def kept_snapshots(results: list[BackupResult]) -> list[str]:
@@ -80,7 +50,7 @@ def kept_snapshots(results: list[BackupResult]) -> list[str]:
     return sorted(names)
 
 
-def check_point(vm: RbdVM, result: BackupResult, level: str, written: int) -> None:
+def check_point(vm: cephkit.RbdLoopVM, result: BackupResult, level: str, written: int) -> None:
     """The RBD disk's record: read from its own RBD snapshot, at ``level``."""
     record = result.manifest.disk("vdb")
     assert record is not None and record.data_path == "snapshot", record
@@ -99,7 +69,7 @@ def check_point(vm: RbdVM, result: BackupResult, level: str, written: int) -> No
     assert identity["point_snapshot"]["snap_id"] == snap["handle"]["snap_id"]
 
 
-def test_rbd_disk_through_rbd_snapshots_survives_a_vm_restart(rbd_vm: RbdVM) -> None:
+def test_rbd_disk_through_rbd_snapshots_survives_a_vm_restart(rbd_vm: cephkit.RbdLoopVM) -> None:
     """Full, incrementals from RBD snapshots (diff_iterate), a VM restart and an incremental
     still, a kept snapshot removed by hand and a resync saying why; every point restored byte
     for byte, and only the chain's last and last-full snapshots left on the image."""
@@ -116,7 +86,7 @@ def test_rbd_disk_through_rbd_snapshots_survives_a_vm_restart(rbd_vm: RbdVM) -> 
             assert before is not None and before.storage_snapshot is not None
             cephkit.remove_snapshot(vm.image, str(before.storage_snapshot["name"]))
         written = write(vm, rng, 5 + index)
-        refs = references(vm, index)
+        refs = cephkit.references(vm, index)
         result = api.backup(vm.name, repo, level=level)
         points.append((result, refs))
         check_point(vm, result, expected[index], written)

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import libvirt
 import pytest
 
 from libvirt_rdm_backup import api
@@ -30,18 +29,10 @@ CLUSTER = 64 * 1024
 
 
 @dataclass
-class TargetVM:
+class TargetVM(cephkit.RbdLoopVM):
     """A firmware-only domain (vdb on RBD, vdc on a loop device) and an rbd:// target."""
 
-    dom: libvirt.virDomain
-    image: cephkit.RbdImage
-    loop_file: Path
-    work: Path
     prefix: str
-
-    @property
-    def name(self) -> str:
-        return str(self.dom.name())
 
     @property
     def target(self) -> str:
@@ -72,16 +63,13 @@ def _remove_target(prefix: str) -> None:
 
 @pytest.fixture
 def target_vm(ceph: None, run_token: str, rdmb_tmp: Path) -> Iterator[TargetVM]:
-    loop_file = labkit.make_file(rdmb_tmp / "loop-lun.img", LOOP_SIZE)
     prefix = f"rdmb-{run_token}-t"
-    with cephkit.rbd_image(RBD_SIZE) as image, labkit.loop_device(loop_file) as loop:
-        cephkit.write_pattern(image, 0, 4 * MiB, 0x11)
-        disks = [cephkit.rbd_disk("vdb", image), labkit.block_disk("vdc", loop)]
-        try:
-            with labkit.test_domain(f"rdmb-{run_token}-rbdt", disks) as dom:
-                yield TargetVM(dom, image, loop_file, rdmb_tmp, prefix)
-        finally:
-            _remove_target(prefix)
+    try:
+        with cephkit.rbd_and_loop_vm(f"rdmb-{run_token}-rbdt", rdmb_tmp, RBD_SIZE, LOOP_SIZE,
+                                     4 * MiB) as vm:
+            yield TargetVM(vm.dom, vm.image, vm.loop_file, vm.work, prefix)
+    finally:
+        _remove_target(prefix)
 
 
 def write(vm: TargetVM, rng: random.Random, offsets: list[int]) -> int:
@@ -91,18 +79,6 @@ def write(vm: TargetVM, rng: random.Random, offsets: list[int]) -> int:
         for offset in offsets:
             guest_write(vm.dom, disk, rng.randrange(1, 250), offset, CLUSTER)
     return len(offsets) * CLUSTER
-
-
-def references(vm: TargetVM, index: int) -> dict[str, Path]:
-    """The disks' bytes now (guest paused while they are read)."""
-    vm.dom.suspend()
-    try:
-        rbd_ref = cephkit.export(vm.image, vm.work / f"ref-{index}-vdb.raw")
-        loop_ref = vm.work / f"ref-{index}-vdc.raw"
-        loop_ref.write_bytes(vm.loop_file.read_bytes())
-    finally:
-        vm.dom.resume()
-    return {"vdb": rbd_ref, "vdc": loop_ref}
 
 
 def rbd_du(vm: TargetVM) -> int:
@@ -162,7 +138,7 @@ def test_backups_kept_on_ceph(target_vm: TargetVM) -> None:
     offsets = [rng.randrange(0, LOOP_SIZE - CLUSTER, CLUSTER) for _ in range(6)]
     for index, level in enumerate(["full", "incremental", "incremental"]):
         written = write(vm, rng, offsets)
-        refs = references(vm, index)
+        refs = cephkit.references(vm, index)
         proc = cli("-vv", "backup", vm.name, "--target", vm.target, "--level", level, "--json")
         assert key not in proc.stdout + proc.stderr
         result = json.loads(proc.stdout)
