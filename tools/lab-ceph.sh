@@ -67,6 +67,9 @@ log_file = $d/log/\$name.log
 log_file = $d/log/\$name.log
 osd_objectstore = bluestore
 osd_memory_target = $CEPH_OSD_MEMORY_TARGET
+# trim removed snapshots' clones at once (the HDD default sleeps 5 s between trims, and a test run
+# removes hundreds of snapshots: their clones would outlive it by hours)
+osd_snap_trim_sleep = 0
 bluestore_block_size = $CEPH_OSD_BLOCK_SIZE
 bluestore_rocksdb_options = compression=kNoCompression,max_write_buffer_number=2,min_write_buffer_number_to_merge=1,recycle_log_file_num=2,write_buffer_size=33554432,writable_file_max_buffer_size=0,compaction_readahead_size=2097152,max_background_compactions=1,max_total_wal_size=134217728
 [client]
@@ -76,7 +79,10 @@ EOF
 
 # Starts the daemons of an existing cluster that are not running (after a reboot, or a crash).
 ceph_start_daemons() {
-    local d=$CEPH_DIR
+    local d=$CEPH_DIR fsid
+    fsid=$(awk '$1 == "fsid" {print $3}' "$CEPH_CONF_FILE")
+    [ -n "$fsid" ] || return 1
+    ceph_write_conf "$fsid" # this script's current settings
     pid_alive "$(ceph_pid mon.a)" || ceph-mon --conf "$CEPH_CONF_FILE" -i a
     pid_alive "$(ceph_pid mgr.x)" || ceph-mgr --conf "$CEPH_CONF_FILE" -i x
     pid_alive "$(ceph_pid osd.0)" || ceph-osd --conf "$CEPH_CONF_FILE" -i 0 2>>"$d/log/osd.0.stderr"
@@ -118,17 +124,23 @@ ceph_bootstrap() {
     )
 }
 
+# True once the cluster says HEALTH_OK and every PG is active+clean (a PG trimming snapshots or
+# scrubbing, active+clean+snaptrim or +scrubbing, serves I/O as well); false after $1 seconds.
 ceph_wait_healthy() {
     local i
-    for i in $(seq 1 240); do
-        if ceph_cli pg stat 2>/dev/null | grep -Eq '^([0-9]+) pgs: \1 active\+clean' &&
+    for i in $(seq 1 $(($1 * 2))); do
+        if ceph_cli pg stat -f json 2>/dev/null | python3 -c '
+import json, sys
+pgs = json.load(sys.stdin)["pg_summary"]
+clean = sum(s["num"] for s in pgs["num_pg_by_state"] if s["name"].startswith("active+clean"))
+sys.exit(0 if pgs["num_pgs"] > 0 and clean == pgs["num_pgs"] else 1)' 2>/dev/null &&
             ceph_cli health 2>/dev/null | grep -q HEALTH_OK; then
             return 0
         fi
         sleep 0.5
     done
-    log "ceph: not healthy after 120 s: $(ceph_cli health 2>&1 || true)"
-    exit 1
+    log "ceph: not healthy after $1 s: $(ceph_cli health 2>&1 || true); $(ceph_cli pg stat 2>&1 || true)"
+    return 1
 }
 
 # The libvirt "ceph" secret holding client.rdmb-lab's key (persistent, not private: tests read
@@ -180,13 +192,19 @@ ceph_up() {
     t0=$(date +%s.%N)
     if [ -f "$CEPH_DIR/.complete" ]; then
         log "ceph: starting the daemons of the cluster in $CEPH_DIR"
-        ceph_start_daemons
-    else
+        if ! { ceph_start_daemons && ceph_wait_healthy 60; }; then
+            # a lab cluster holds nothing to keep: one that does not come back is made anew
+            log "ceph: the cluster in $CEPH_DIR did not come back; creating it anew"
+            ceph_stop_daemons
+            rm -f "$CEPH_DIR/.complete"
+        fi
+    fi
+    if [ ! -f "$CEPH_DIR/.complete" ]; then
         log "ceph: creating a single-node cluster in $CEPH_DIR"
         ceph_bootstrap
         touch "$CEPH_DIR/.complete"
+        ceph_wait_healthy 120 || exit 1
     fi
-    ceph_wait_healthy
     ceph_define_secret
     t1=$(date +%s.%N)
     log "ceph: HEALTH_OK in $(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", b - a}') s" \
@@ -218,12 +236,16 @@ ceph_down() {
     ceph_undefine_secret
     [ -d "$CEPH_DIR" ] || return 0
     log "ceph: stopping the cluster and removing $CEPH_DIR"
+    ceph_stop_daemons
+    rm -rf "$CEPH_DIR"
+}
+
+ceph_stop_daemons() {
     # the OSD first (it tells the mon it goes down), then mgr and mon
     # shellcheck disable=SC2046
     ceph_stop_pids $(ceph_daemon_pid osd.0)
     # shellcheck disable=SC2046
     ceph_stop_pids $(ceph_daemon_pid mgr.x) $(ceph_daemon_pid mon.a)
-    rm -rf "$CEPH_DIR"
 }
 
 # Test images (rdmb*) that tests left behind.

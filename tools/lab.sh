@@ -138,7 +138,13 @@ do_install() {
     fi
 }
 
-pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+# True for a running process (a zombie that init has not reaped yet is not running).
+pid_alive() {
+    [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null || return 1
+    local state
+    state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+    [ "$state" != Z ]
+}
 
 libvirt_tcp_answers() {
     virsh -c qemu+tcp://127.0.0.1/system version >/dev/null 2>&1
