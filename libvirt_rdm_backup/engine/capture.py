@@ -62,7 +62,7 @@ from libvirt_rdm_backup.qemu.names import object_name
 from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
 from libvirt_rdm_backup.qemu.unplug import release_unplugged, unplug_check
 from libvirt_rdm_backup.repository.chunks import ChunkMap
-from libvirt_rdm_backup.storage.snapshot_agents import agent_by_name
+from libvirt_rdm_backup.storage.snapshot_agents import agent_by_name, holds_writes
 from libvirt_rdm_backup.storage.snapshots import Presented, StorageSnapshot
 
 log = logging.getLogger(__name__)
@@ -415,10 +415,10 @@ def capture(dom: libvirt.virDomain, running: bool, plans: list[DiskPlan], sink: 
 
 def _self_consistent(plans: list[DiskPlan]) -> bool:
     """True when one disk's storage snapshot alone is the point: the only disk, taken by an
-    agent whose snapshot holds the guest's writes itself (RBD: QEMU's librbd blocks them and
-    flushes while the snapshot is made), so the guest need not be held."""
-    return (len(plans) == 1 and plans[0].path is DataPath.SNAPSHOT
-            and plans[0].agent in SNAPSHOT_FIRST_AGENTS)
+    agent whose snapshot holds the guest's writes itself (RBD: QEMU's or tgtd's librbd blocks
+    them and flushes while the snapshot is made), so the guest need not be held."""
+    return (len(plans) == 1 and plans[0].path is DataPath.SNAPSHOT and plans[0].agent
+            in SNAPSHOT_FIRST_AGENTS and holds_writes(plans[0].agent, plans[0].disk))
 
 
 def _undo(monitor: Monitor | None, jobs: list[str], plans: list[DiskPlan],

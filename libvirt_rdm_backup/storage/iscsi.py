@@ -17,7 +17,6 @@ kind must have); only complete values identify a LUN.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -25,9 +24,10 @@ from typing import Any
 from libvirt_rdm_backup.domain.disks import IscsiSource, RawDisk
 from libvirt_rdm_backup.errors import CommandError, OperationError, StorageError
 from libvirt_rdm_backup.process import run
-from libvirt_rdm_backup.storage import libiscsi, tgt
+from libvirt_rdm_backup.storage import libiscsi, tgt, tgt_rbd
 from libvirt_rdm_backup.storage.base import Extent, StorageNode
 from libvirt_rdm_backup.storage.sysfs import SysfsAgent
+from libvirt_rdm_backup.storage.tgt import is_loopback_host as is_loopback_host
 
 DEFAULT_TIMEOUT = 60.0
 
@@ -236,16 +236,6 @@ def parse_readcapacity16(text: str) -> ReadCapacity:
     )
 
 
-def is_loopback_host(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses."""
-    if host.strip("[]").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 class IscsiAgent:
     """Maps disks that QEMU reaches over iSCSI: the LUN's identity, and tgtd backing stores."""
 
@@ -351,7 +341,8 @@ class IscsiAgent:
             return [], "iscsi-inq"
 
     def _add_tgt_backing(self, node: StorageNode, source: IscsiSource) -> None:
-        """Below a LUN of a local tgtd: its backing store (file or mapped block device)."""
+        """Below a LUN of a local tgtd: its backing store (file, mapped block device, or
+        the RBD image of an rbd backing store)."""
         if not tgt.tgtadm_available():
             return
         lun = tgt.find_lun(source.iqn, source.lun)
@@ -364,7 +355,10 @@ class IscsiAgent:
             "backing_store_type": lun.backing_store_type,
             "backing_store_path": lun.backing_store_path,
         }
-        if lun.backing_store_path:
+        if lun.backing_store_type == tgt_rbd.BACKING_STORE and lun.backing_store_path:
+            target = tgt_rbd.backing_node(lun, node.size)
+            node.extents.append(Extent(0, node.size or 0, 0, target))
+        elif lun.backing_store_path:
             target = self.sysfs.map_backing(lun.backing_store_path)
             node.extents.append(Extent(0, node.size or 0, 0, target))
 

@@ -1,7 +1,10 @@
 """Snapshots of Ceph RBD images through librbd: the ``rbd`` snapshot agent.
 
 :class:`RbdSnapshotAgent` serves libvirt RBD disks (``<source protocol='rbd'>``) of a
-running or shut-off domain, as the disk's cephx user (:mod:`.rbd` holds the credentials).
+running or shut-off domain, as the disk's cephx user (:mod:`.rbd` holds the credentials),
+and iSCSI LUNs of the local tgtd whose backing store is an RBD image (:mod:`.tgt_rbd`:
+the image tgtadm names, checked to be the one tgtd holds open, as the client
+``RDM_BACKUP_TGT_RBD`` names).
 
 * flush (before the window): connect and open the image, so that the window holds
   only the snapshot request itself.
@@ -9,6 +12,7 @@ running or shut-off domain, as the disk's cephx user (:mod:`.rbd` holds the cred
   image's exclusive lock, librbd asks QEMU's librbd to take it: QEMU flushes its cache
   and blocks writes for that moment, so the snapshot holds every acknowledged write.
   The disks of one domain are snapshotted one after another while the guest is held.
+  A LUN's image with exclusive-lock gets the same from tgtd's librbd (the lock owner).
 * present: nothing to set up; QEMU's rbd driver reads ``snapshot=<name>`` of the image
   (the engine's storage reads).
 * changed ranges: ``Image.diff_iterate`` from the older snapshot to the newer one; with
@@ -26,9 +30,10 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from typing import Any
 
-from libvirt_rdm_backup.domain.disks import RawDisk, RbdSource
+from libvirt_rdm_backup.domain.disks import IscsiSource, RawDisk, RbdSource
 from libvirt_rdm_backup.errors import RdmBackupError, StorageError
 from libvirt_rdm_backup.storage import rbd as ceph
+from libvirt_rdm_backup.storage import tgt_rbd
 from libvirt_rdm_backup.storage.snapshots import (
     Presented,
     StorageSnapshot,
@@ -53,13 +58,21 @@ class _Opened:
         self.stack, self.source, self.image, self.identity = stack, source, image, identity
 
 
-_FLUSHED: dict[tuple[str, RbdSource], _Opened] = {}  # (target, source) -> image flush() opened
+# (target, the disk's own source) -> the image flush() opened
+_FLUSHED: dict[tuple[str, RbdSource | IscsiSource | None], _Opened] = {}
+_WARNED: set[tuple[str, str]] = set()  # (disk, why) of LUNs on RBD served without snapshots
 
 
 def _source(disk: RawDisk) -> RbdSource:
-    if disk.rbd is None or disk.rbd.snapshot:
+    """The disk's image: its own (an RBD disk), or its tgt rbd LUN's (asks tgtd)."""
+    source = disk.rbd if disk.rbd is not None else tgt_rbd.disk_image(disk)
+    if source is None or source.snapshot:
         raise StorageError(f"disk {disk.target} is not a writable Ceph RBD image")
-    return disk.rbd
+    return source
+
+
+def _key(disk: RawDisk) -> tuple[str, RbdSource | IscsiSource | None]:
+    return disk.target, disk.rbd if disk.rbd is not None else disk.iscsi
 
 
 def _identity(handle: Any, source: RbdSource, image: Any) -> dict[str, Any]:
@@ -80,17 +93,33 @@ def _fails(what: str, err: Exception) -> StorageError:
 
 
 @contextmanager
-def _image(disk: RawDisk, what: str, snapshot: str | None = None,
-           writable: bool = False) -> Iterator[tuple[Any, dict[str, Any]]]:
-    """The disk's image (at ``snapshot`` when given) and its identity."""
+def _image(disk: RawDisk, what: str, snapshot: str | None = None, writable: bool = False,
+           check: bool = False) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """The disk's image (at ``snapshot`` when given) and its identity; with ``check``, a
+    LUN's image is first proven to be the one tgtd serves (StorageError)."""
     source = replace(_source(disk), snapshot=snapshot)
     with ceph.open_image(source, what, writable=writable, shared=True) as (handle, _ioctx,
                                                                           image):
         try:
             identity = _identity(handle, source, image)
+            problem = (tgt_rbd.served_problem(handle, image, disk.size)
+                       if check and disk.rbd is None else None)
         except (ceph.rados.Error, ceph.rbd.Error) as err:
             raise _fails(what, err) from err
+        if problem:
+            raise StorageError(f"{what}: RBD image {source.name} behind LUN "
+                               f"{disk.source}: {problem}")
         yield image, identity
+
+
+def _no_snapshots(disk: RawDisk, err: RdmBackupError) -> None:
+    """Log why the disk gets no RBD snapshots: a warning (once) for a LUN on RBD."""
+    if disk.rbd is not None:
+        log.info("disk %s: no RBD snapshots: %s", disk.target, err)
+    elif (disk.target, err.message) not in _WARNED:
+        _WARNED.add((disk.target, err.message))
+        log.warning("disk %s is a LUN on Ceph RBD but gets no RBD snapshots (it is copied "
+                    "from storage instead): %s", disk.target, err.message)
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -133,41 +162,59 @@ class RbdSnapshotAgent:
     name = "rbd"
 
     def can_snapshot(self, disk: RawDisk) -> bool:
-        """True for an RBD disk (not a snapshot itself) whose image this host can open."""
-        if disk.rbd is None or disk.rbd.snapshot or not ceph.HAVE_RBD:
+        """True for an RBD disk (not a snapshot itself) whose image this host can open, and
+        for a LUN of the local tgtd on an RBD image it can open and prove tgtd serves."""
+        if disk.rbd is not None and (disk.rbd.snapshot or not ceph.HAVE_RBD):
             return False
         try:
-            with _image(disk, f"disk {disk.target}"):
+            if disk.rbd is None and tgt_rbd.rbd_lun(disk.iscsi) is None:
+                return False
+            with _image(disk, f"disk {disk.target}", check=True):
                 return True
         except RdmBackupError as err:
-            log.info("disk %s: no RBD snapshots: %s", disk.target, err)
+            _no_snapshots(disk, err)
+            return False
+
+    def holds_writes(self, disk: RawDisk) -> bool:
+        """True when the snapshot alone holds every write acknowledged before it, the guest
+        not held: QEMU's librbd (an RBD disk), or tgtd's, which owns the exclusive lock the
+        request goes to (a LUN on an image with exclusive-lock)."""
+        if disk.rbd is not None:
+            return True
+        try:
+            with _image(disk, f"disk {disk.target}") as (image, _identity_now):
+                lock = int(ceph.rbd.RBD_FEATURE_EXCLUSIVE_LOCK)
+                return bool(int(image.features()) & lock)
+        except (RdmBackupError, ceph.rbd.Error) as err:
+            log.info("disk %s: the guest is held for the snapshot: %s", disk.target, err)
             return False
 
     def flush(self, disk: RawDisk) -> None:
         """Connect and open the image before the window (the snapshot then only asks)."""
-        old = _FLUSHED.pop((disk.target, _source(disk)), None)
+        old = _FLUSHED.pop(_key(disk), None)
         if old is not None:
             old.stack.close()
         stack = ExitStack()
         try:
             image, identity = stack.enter_context(
-                _image(disk, f"disk {disk.target}", writable=True))
+                _image(disk, f"disk {disk.target}", writable=True, check=True))
         except BaseException:
             stack.close()
             raise
-        _FLUSHED[(disk.target, _source(disk))] = _Opened(stack, _source(disk), image, identity)
+        _FLUSHED[_key(disk)] = _Opened(stack, _source(disk), image, identity)
 
     def snapshot(self, disk: RawDisk, name: str) -> StorageSnapshot:
         """``create_snap`` of the disk's image; refuses an existing name."""
         check_name(name)
         what = f"disk {disk.target}: snapshot {name}"
-        opened = _FLUSHED.pop((disk.target, _source(disk)), None)
+        opened = _FLUSHED.pop(_key(disk), None)
         with ExitStack() as stack:
             if opened is not None:
                 stack.push(opened.stack)
                 image, identity = opened.image, opened.identity
             else:
-                image, identity = stack.enter_context(_image(disk, what, writable=True))
+                image, identity = stack.enter_context(_image(disk, what, writable=True,
+                                                             check=True))
             try:
                 image.create_snap(name)
                 created = utc_now()

@@ -29,6 +29,14 @@ def find_snapshot_agent(disk: RawDisk) -> SnapshotAgent | None:
     return next((agent for agent in snapshot_agents() if agent.can_snapshot(disk)), None)
 
 
+def holds_writes(name: str, disk: RawDisk) -> bool:
+    """True when agent ``name``'s snapshot of ``disk`` alone holds every write acknowledged
+    before it, so the guest need not be held for it (an ``rbd`` snapshot, see
+    :meth:`RbdSnapshotAgent.holds_writes`)."""
+    agent = agent_by_name(name)
+    return isinstance(agent, RbdSnapshotAgent) and agent.holds_writes(disk)
+
+
 def agent_by_name(name: str) -> SnapshotAgent:
     """The agent called ``name`` (raises StorageError for an unknown one)."""
     for agent in snapshot_agents():

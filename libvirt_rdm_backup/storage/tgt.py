@@ -7,6 +7,7 @@ up by IQN and LUN number. The parser, :func:`parse_show_target`, is a pure funct
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -148,6 +149,16 @@ def _parse_section_line(target: _TargetBuilder, section: str, line: str) -> None
         initiator = _INITIATOR_RE.match(line)
         if initiator:
             target.initiators.append(initiator.group(1))
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (where a local tgtd listens)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def tgtadm_available() -> bool:
