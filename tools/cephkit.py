@@ -49,6 +49,20 @@ def unavailable() -> str | None:
     return None
 
 
+def client_conf(dest: Path, user: str = CLIENT) -> Path:
+    """A config file at ``dest`` for ``client.USER`` of the lab's cluster: its monitors and that
+    user's keyring (the lab's own conf names the admin keyring for every client)."""
+    import configparser
+
+    lab = configparser.ConfigParser(strict=False, interpolation=None)
+    lab.read(CEPH_CONF)
+    dest.write_text(f"[global]\nmon_host = {lab['global']['mon_host']}\n"
+                    f"client_mount_timeout = {TIMEOUT}\n"
+                    f"[client.{user}]\nkeyring = {CEPH_DIR / f'ceph.client.{user}.keyring'}\n",
+                    encoding="ascii")
+    return dest
+
+
 def secret_uuid() -> str:
     """UUID of the lab's libvirt ``ceph`` secret with client.rdmb-lab's key."""
     return SECRET_UUID_FILE.read_text(encoding="ascii").strip()

@@ -175,15 +175,19 @@ def _new_target(iqn: str) -> int:
 
 
 @contextlib.contextmanager
-def iscsi_target(backing_path: str | Path, iqn: str | None = None) -> Iterator[IscsiLun]:
-    """A tgtd target with LUN 1 backed by ``backing_path``, open to all initiators."""
+def iscsi_target(backing_path: str | Path, iqn: str | None = None, bstype: str | None = None,
+                 bsopts: str | None = None) -> Iterator[IscsiLun]:
+    """A tgtd target with LUN 1 backed by ``backing_path`` (of backing store ``bstype``, with
+    its ``bsopts``: tgt's rbd takes ``pool/image`` and ``conf=…;id=…``), open to all
+    initiators."""
     ensure_tgtd()
     iqn = iqn or f"iqn.2026-11.org.rdmb:{unique_name('rdmb')}"
     tid = _new_target(iqn)
+    store = (["--bstype", bstype] if bstype else []) + (["--bsopts", bsopts] if bsopts else [])
     try:
         _tgtadm(
             "--op", "new", "--mode", "logicalunit",
-            "--tid", str(tid), "--lun", "1", "-b", str(backing_path),
+            "--tid", str(tid), "--lun", "1", "-b", str(backing_path), *store,
         )  # fmt: skip
         _tgtadm("--op", "bind", "--mode", "target", "--tid", str(tid), "-I", "ALL")
         yield IscsiLun(iqn=iqn, tid=tid)

@@ -12,6 +12,7 @@ import pytest
 from libvirt_rdm_backup.domain.disks import IscsiSource, RawDisk, RbdSource, SourceKind
 from libvirt_rdm_backup.errors import StorageError
 from libvirt_rdm_backup.storage import iscsi, libiscsi, rbd_snapshots, tgt, tgt_rbd
+from libvirt_rdm_backup.storage import rbd as ceph
 from libvirt_rdm_backup.storage.base import StorageNode
 from libvirt_rdm_backup.storage.iscsi import IscsiAgent
 from libvirt_rdm_backup.storage.rbd_snapshots import RbdSnapshotAgent
@@ -185,7 +186,7 @@ def test_snapshot_agent_takes_only_luns_on_rbd(monkeypatch: pytest.MonkeyPatch,
     def unusable(*_args: Any, **_kwargs: Any) -> Any:
         raise StorageError("disk sda: cannot connect to the Ceph cluster: PermissionError")
 
-    monkeypatch.setattr(rbd_snapshots.ceph, "open_image", unusable)
+    monkeypatch.setattr(ceph, "open_image", unusable)
     rbd_snapshots._WARNED.clear()
     with caplog.at_level(logging.WARNING):
         assert not agent.can_snapshot(lun_disk())
