@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
+from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.backup import BackupResult
+from libvirt_rdm_backup.engine.paused_copy import paused_copy_reason
+from libvirt_rdm_backup.storage.snapshot_agents import find_snapshot_agent
 from libvirt_rdm_backup.storage.tgt_rbd import BSOPTS_ENV
 from tools import cephkit, labkit
 from tools.labkit import MiB, guest_write, qemu_leftovers, same_bytes
@@ -70,6 +73,14 @@ def test_lun_on_an_rbd_image_gets_rbd_snapshots_and_incrementals(
         name = str(dom.name())
         [mapping] = api.map_disks(name)
         assert mapping.root.extents[0].target.identity["image"] == image.name
+        disk = api.discover(name).find("sda")
+        assert isinstance(disk, RawDisk) and disk.size == LUN_SIZE  # checked against the image
+        # a client without a key: no RBD snapshots (a paused copy instead), the mapping says why
+        monkeypatch.setenv(BSOPTS_ENV, f"{bsopts.partition(';')[0]};id=rdmb-nokey")
+        assert find_snapshot_agent(disk) is None and paused_copy_reason(disk) is not None
+        [mapping] = api.map_disks(name)
+        assert "permission denied" in mapping.root.extents[0].target.identity["error"]
+        monkeypatch.setenv(BSOPTS_ENV, bsopts)
         points: list[tuple[BackupResult, Path]] = []
         snaps: list[str] = []
         for index, level in enumerate(["full", "incremental", "incremental"]):
