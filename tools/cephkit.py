@@ -227,13 +227,14 @@ class RbdLoopVM:
 
 @contextlib.contextmanager
 def rbd_and_loop_vm(name: str, work: Path, rbd_size: int, loop_size: int,
-                    data: int) -> Iterator[RbdLoopVM]:
-    """:class:`RbdLoopVM` named ``name``, its image holding ``data`` bytes of 0x11 first;
-    the domain, loop device and image are removed afterwards."""
+                    data: int, extra: tuple[DiskSpec, ...] = ()) -> Iterator[RbdLoopVM]:
+    """:class:`RbdLoopVM` named ``name`` (with the ``extra`` disks too), its image holding
+    ``data`` bytes of 0x11 first; the domain, loop device and image are removed afterwards."""
     loop_file = make_file(work / "loop-lun.img", loop_size)
     with rbd_image(rbd_size) as image, loop_device(loop_file) as loop:
         write_pattern(image, 0, data, 0x11)
-        with test_domain(name, [rbd_disk("vdb", image), block_disk("vdc", loop)]) as dom:
+        disks = [rbd_disk("vdb", image), block_disk("vdc", loop), *extra]
+        with test_domain(name, disks) as dom:
             yield RbdLoopVM(dom, image, loop_file, work)
 
 

@@ -46,7 +46,8 @@ REFUSED_INTERFACES = frozenset({"hostdev", "vhostuser", "ethernet", "vdpa"})
 
 @dataclass(frozen=True)
 class RestoredTarget:
-    """Where a raw disk was restored: ``file`` or ``block`` path, or an iSCSI LUN."""
+    """Where a raw disk was restored: ``file`` or ``block`` path, an iSCSI LUN, or ``rbd``:
+    the RBD image the disk's source names."""
 
     kind: str
     path: str
@@ -187,6 +188,8 @@ def _place_disk(devices: etree._Element, disk: etree._Element,
 
 
 def _point_at(disk: etree._Element, where: RestoredTarget) -> None:
+    if where.kind == "rbd":  # written back into the very image its <source> names
+        return
     old = disk.find("source")
     keep = [e for e in (old if old is not None else []) if e.tag in ("auth", "initiator")]
     if old is not None:

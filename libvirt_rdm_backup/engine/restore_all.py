@@ -28,6 +28,7 @@ from libvirt_rdm_backup.domain.discovery import inventory_from_xml
 from libvirt_rdm_backup.domain.disks import IscsiSource
 from libvirt_rdm_backup.domain.redefine import RestoredTarget, redefined_xml
 from libvirt_rdm_backup.domain.xml import DomainXML
+from libvirt_rdm_backup.engine import restore_rbd
 from libvirt_rdm_backup.engine.restore import (
     Target,
     open_target,
@@ -36,6 +37,11 @@ from libvirt_rdm_backup.engine.restore import (
     write_disk,
 )
 from libvirt_rdm_backup.engine.restore_claims import claims_of
+from libvirt_rdm_backup.engine.restore_rbd_original import (
+    defined_images,
+    find_rbd_original,
+    write_rbd_original,
+)
 from libvirt_rdm_backup.engine.restore_targets import (
     IscsiAuthority,
     OriginalDevice,
@@ -171,9 +177,16 @@ def _authority(luns: set[IscsiSource]) -> IscsiAuthority:
 
 
 def _originals(records: list[DiskRecord], conn: libvirt.virConnect | None,
-               manifest: Manifest) -> dict[str, OriginalDevice]:
+               manifest: Manifest, force: bool) -> dict[str, OriginalDevice]:
     authority = _authority(_domain_luns(conn, manifest.domain_uuid))
-    found = {r.disk.target: find_original(claims_of(r), authority=authority) for r in records}
+    images = defined_images(conn, manifest.domain_uuid) \
+        if any(r.disk.rbd is not None for r in records) else {}
+    found = {}
+    for record in records:
+        claims = claims_of(record)
+        found[record.disk.target] = \
+            find_rbd_original(claims, record, conn, images, force) if claims.rbd is not None \
+            else find_original(claims, authority=authority)
     seen: dict[str, str] = {}
     for disk, device in found.items():
         if device.path in seen:
@@ -199,7 +212,10 @@ def lun_users(conn: libvirt.virConnect | None, source: IscsiSource) -> list[str]
 def _open_original(stack: contextlib.ExitStack, device: OriginalDevice, record: DiskRecord,
                    force: bool, conn: libvirt.virConnect | None) -> Target | None:
     """The opened block device (checked to be the one matched), or None for an iSCSI LUN
-    (checked not to be used by a running domain unless ``force``)."""
+    (checked not to be used by a running domain unless ``force``) or an RBD image (checked
+    when it was found)."""
+    if device.rbd is not None:
+        return None
     if device.iscsi is not None:
         if conn is None and not force:
             log.warning("libvirt did not answer: %s was not checked against the iSCSI LUNs of "
@@ -252,11 +268,12 @@ def restore_disks(domain: str, target: str, request: DisksRequest,
                              else "to-dir", request.dry_run)
         originals: dict[str, OriginalDevice] = {}
         if request.to_original:
-            originals = _originals(records, conn, manifest)
-            places = {d: RestoredTarget("iscsi" if o.iscsi else "block", o.path, o.iscsi)
-                      for d, o in originals.items()}
+            originals = _originals(records, conn, manifest, request.force)
+            places = {d: RestoredTarget(_kind(o), o.path, o.iscsi) for d, o in originals.items()}
             for original in originals.values():
-                if original.iscsi is None:
+                if original.rbd is not None:
+                    restore_rbd.refuse_repository_images(store, original.rbd)
+                elif original.iscsi is None:
                     refuse_store_paths(store, original.path)
         else:
             assert request.to_dir is not None
@@ -279,12 +296,22 @@ def restore_disks(domain: str, target: str, request: DisksRequest,
         nodes = {r.disk.target: store.image_node(verify_lineage(store, manifest, r.disk.target))
                  for r in records}
         for record, entry in zip(records, result.disks, strict=True):
+            image = originals.get(entry.disk)
+            if image is not None and image.rbd is not None:
+                entry.data_bytes = write_rbd_original(conn, store, record, image,
+                                                      nodes[entry.disk], request.force, speed,
+                                                      progress)
+                continue
             _write_one(store, record, entry, nodes[entry.disk], opened[entry.disk], speed,
                        progress)
         if xml is not None and conn is not None:
             dom = define_domain(conn, xml, request.start)
             result.defined, result.started = dom.name(), request.start
     return result
+
+
+def _kind(device: OriginalDevice) -> str:
+    return "rbd" if device.rbd else "iscsi" if device.iscsi else "block"
 
 
 def _write_one(store: Store, record: DiskRecord, entry: DiskEntry, node: dict[str, Any],

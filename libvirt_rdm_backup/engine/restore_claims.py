@@ -20,7 +20,7 @@ from libvirt_rdm_backup.errors import UsageError
 from libvirt_rdm_backup.repository.manifest import DiskRecord
 from libvirt_rdm_backup.storage.base import StorageNode
 
-KINDS = ("loop", "disk", "iscsi-lun")
+KINDS = ("loop", "disk", "iscsi-lun", "rbd-image")
 MAX_TEXT = 256
 MAX_PATH = 4096
 # what a recorded identity may say: anything else is refused before it is looked for
@@ -31,6 +31,9 @@ SYNTAX = {
     "hex": re.compile(r"[0-9a-f]{2,64}"),
     "wwid": re.compile(r"[\x21-\x7e][\x20-\x7e]{0,254}"),
     "loop": re.compile(r"/dev/loop\d{1,6}"),
+    "rbd-name": re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}"),
+    "rbd-id": re.compile(r"[0-9a-f]{1,64}"),
+    "fsid": re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"),
 }
 # the VPD 0x83 designator types that name a logical unit
 _DESIGNATOR_TYPES = {"naa": "naa", "eui-64": "eui", "scsi-name-string": "name",
@@ -49,6 +52,23 @@ class LoopClaim:
 
 
 @dataclass(frozen=True)
+class RbdClaim:
+    """An RBD image: where it is (the names the domain's disk and the mapping agree on) and
+    who it is (its id, which a recreated image of the same name does not have)."""
+
+    pool: str
+    namespace: str | None
+    image: str
+    image_id: str
+    cluster_fsid: str | None
+
+    @property
+    def name(self) -> str:
+        """``pool/image`` (``pool/namespace/image`` in a namespace)."""
+        return "/".join(p for p in (self.pool, self.namespace, self.image) if p)
+
+
+@dataclass(frozen=True)
 class Claims:
     """The identifiers of one disk's original device, strongest first."""
 
@@ -62,6 +82,7 @@ class Claims:
     serial: str | None = None
     by_id: tuple[str, ...] = ()
     loop: LoopClaim | None = None
+    rbd: RbdClaim | None = None
 
 
 def _bad(disk: str, what: str) -> UsageError:
@@ -107,6 +128,8 @@ def claims_of(record: DiskRecord) -> Claims:
     path = _text(disk, root.path, "path", MAX_PATH)
     if root.kind == "loop":
         return Claims(disk, root.kind, path, record.size, loop=_loop_claim(disk, root))
+    if root.kind == "rbd-image":
+        return Claims(disk, root.kind, path, record.size, rbd=_rbd_claim(record, root))
     if root.kind == "disk":
         return _disk_claims(disk, root, path, record.size)
     return _iscsi_claims(disk, root, path, record.size)
@@ -185,3 +208,27 @@ def _loop_claim(disk: str, root: StorageNode) -> LoopClaim:
     loop = isinstance(root.path, str) and SYNTAX["loop"].fullmatch(root.path)
     device = root.path if loop else None
     return LoopClaim(backing, offset, inode, st_dev, device)
+
+
+def _rbd_claim(record: DiskRecord, root: StorageNode) -> RbdClaim:
+    """The image the mapping names, which must be the one the domain's disk names."""
+    disk, identity = record.disk.target, root.identity
+    names = [identity.get(k) for k in ("pool", "namespace", "image")]
+    if not all(n is None or (isinstance(n, str) and SYNTAX["rbd-name"].fullmatch(n))
+               for n in names) or names[0] is None or names[2] is None:
+        raise _bad(disk, "no RBD pool and image names")
+    image_id, fsid = identity.get("image_id"), identity.get("cluster_fsid")
+    if not isinstance(image_id, str) or not SYNTAX["rbd-id"].fullmatch(image_id):
+        raise _bad(disk, "no RBD image id")
+    if fsid is not None and not (isinstance(fsid, str) and SYNTAX["fsid"].fullmatch(fsid)):
+        raise _bad(disk, "cluster_fsid is not a cluster id")
+    claim = RbdClaim(str(names[0]), names[1] or None, str(names[2]), image_id, fsid)
+    source = record.disk.rbd
+    if source is None or (source.pool, source.namespace or None, source.image) != \
+            (claim.pool, claim.namespace, claim.image):
+        named = source.name[:200] if source is not None else "no RBD image"
+        raise _bad(disk, f"it names image {claim.name}, the domain's disk {named}")
+    if source.snapshot:
+        raise UsageError(f"{disk}: the backup's disk was the snapshot {source.url[:200]}, "
+                         "which cannot be written; restore it with --to")
+    return claim

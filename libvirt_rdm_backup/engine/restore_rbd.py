@@ -81,18 +81,22 @@ def refuse_repository_images(store: object, source: RbdSource) -> None:
 def restore_to_rbd(conn: libvirt.virConnect | None, record: DiskRecord, to: str,
                    chain: Callable[[], tuple[dict[str, Any], tuple[dict[str, Any], ...]]],
                    *, store: object = None, force: bool = False, speed: int = 0,
-                   progress: ProgressCallback | None = None) -> int:
+                   progress: ProgressCallback | None = None,
+                   original: tuple[RbdSource, str] | None = None) -> int:
     """Write the disk of ``record`` into the RBD image ``to``; returns the bytes of data.
 
     ``chain`` verifies the stored layers and returns the image node and its QEMU
     objects; it is called once the destination is checked, before anything is written.
+    ``original``: the disk's own image (reached as this source) and the id it must
+    still have; it is never created.
     """
     label = record.disk.target
     what = f"restore target {to.partition('?')[0]}"
-    source = parse(to, record.disk.rbd)
+    source = original[0] if original is not None else parse(to, record.disk.rbd)
     refuse_repository_images(store, source)
     learn_rbd_key(conn, source)
-    dest = rbd_dest.prepare(source, record.size, force, what)
+    dest = rbd_dest.prepare(source, record.size, force, what,
+                            original[1] if original is not None else None)
     try:
         node, objects = chain()
         data = img.data_bytes(json_filename(node))  # the whole chain opens, or nothing written

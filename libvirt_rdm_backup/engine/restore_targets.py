@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from libvirt_rdm_backup.domain.disks import IscsiSource
+from libvirt_rdm_backup.domain.disks import IscsiSource, RbdSource
 from libvirt_rdm_backup.engine.restore_claims import Claims, designators_of
 from libvirt_rdm_backup.errors import RdmBackupError, UsageError
 from libvirt_rdm_backup.storage import tgt
@@ -39,7 +39,8 @@ IscsiAuthority = Callable[[IscsiSource], str | None]
 
 @dataclass(frozen=True)
 class OriginalDevice:
-    """Where a disk goes back to: a block device or an iSCSI LUN, and why it is the one."""
+    """Where a disk goes back to: a block device, an iSCSI LUN or an RBD image, and why it
+    is the one."""
 
     disk: str
     path: str  # a block device, or the LUN's iscsi:// URL
@@ -48,6 +49,8 @@ class OriginalDevice:
     rdev: int | None = None  # a block device's number, checked again once it is open
     iscsi: IscsiSource | None = None
     backing: tuple[int, int, int] | None = None  # a loop device's (st_dev, inode, offset)
+    rbd: RbdSource | None = None  # an RBD image, reached as this source
+    image_id: str | None = None  # the RBD image's id, checked again before it is written
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ class DestImage:
 
 
 @contextmanager
-def _ioctx(source: RbdSource, what: str) -> Iterator[Any]:
+def _pool(source: RbdSource, what: str) -> Iterator[tuple[Any, Any]]:
+    """The connected cluster and an I/O context on the source's pool and namespace."""
     with rbd.cluster(source, what) as handle:
         try:
             ioctx = handle.open_ioctx(source.pool)
@@ -36,22 +37,62 @@ def _ioctx(source: RbdSource, what: str) -> Iterator[Any]:
         try:
             if source.namespace:
                 ioctx.set_namespace(source.namespace)
-            yield ioctx
+            yield handle, ioctx
         finally:
             ioctx.close()
 
 
+@contextmanager
+def _ioctx(source: RbdSource, what: str) -> Iterator[Any]:
+    with _pool(source, what) as (_handle, ioctx):
+        yield ioctx
+
+
+@dataclass(frozen=True)
+class ImageState:
+    """An existing image as its cluster reports it (for a restore to the original)."""
+
+    size: int
+    image_id: str
+    cluster_fsid: str
+    users: list[str]
+
+
 def users(image: Any) -> list[str]:
-    """Who has the open image: its watchers (clients that opened it) and lockers."""
+    """Who has the open image: its watchers (clients that opened it), lockers and the owner
+    of its exclusive lock."""
     found = [f"watcher {w.get('addr', '?')}" for w in image.watchers_list()]
     lockers = image.list_lockers() or {}
     found += [f"lock holder {client}" for client, _cookie, _addr in lockers.get("lockers", [])]
+    try:
+        owners = list(image.lock_get_owners())
+    except rbd.rbd.Error:  # no exclusive-lock feature
+        owners = []
+    found += [f"exclusive lock owner {o.get('owner', '?')}" for o in owners
+              if f"lock holder {o.get('owner')}" not in found]
     return found
 
 
-def prepare(source: RbdSource, size: int, force: bool, what: str) -> DestImage:
+def inspect(source: RbdSource, what: str) -> ImageState | None:
+    """The image ``source`` names (None: there is none), opened read-only."""
+    rbd.require(what)
+    with _pool(source, what) as (handle, ioctx):
+        try:
+            with rbd.rbd.Image(ioctx, source.image, read_only=True) as image:
+                return ImageState(int(image.size()), str(image.id()), str(handle.get_fsid()),
+                                  users(image))
+        except rbd.rbd.ImageNotFound:
+            return None
+        except (rbd.rados.Error, rbd.rbd.Error) as err:
+            raise StorageError(f"{what}: cannot open RBD image {source.name}: "
+                               f"{type(err).__name__}: {str(err)[:200]}") from err
+
+
+def prepare(source: RbdSource, size: int, force: bool, what: str,
+            expect_id: str | None = None) -> DestImage:
     """Check the image ``source`` names for a restore of ``size`` bytes, or create it thin
-    (raises UsageError for one that is smaller, or in use unless ``force``)."""
+    (raises UsageError for one that is smaller, or in use unless ``force``; with
+    ``expect_id``, for one that is missing or has another id)."""
     rbd.require(what)
     with _ioctx(source, what) as ioctx:
         try:
@@ -59,6 +100,8 @@ def prepare(source: RbdSource, size: int, force: bool, what: str) -> DestImage:
                 have, image_id = int(image.size()), str(image.id())
                 held = users(image)
         except rbd.rbd.ImageNotFound:
+            if expect_id is not None:
+                raise UsageError(f"{what}: RBD image {source.name} is gone") from None
             try:
                 rbd.rbd.RBD().create(ioctx, source.image, size, old_format=False)
                 with rbd.rbd.Image(ioctx, source.image, read_only=True) as image:
@@ -69,6 +112,9 @@ def prepare(source: RbdSource, size: int, force: bool, what: str) -> DestImage:
         except (rbd.rados.Error, rbd.rbd.Error) as err:
             raise StorageError(f"{what}: cannot open RBD image {source.name}: "
                                f"{type(err).__name__}: {str(err)[:200]}") from err
+    if expect_id is not None and image_id != expect_id:
+        raise UsageError(f"{what}: RBD image {source.name} changed (image id {image_id}, "
+                         f"was {expect_id}); nothing was written")
     if have < size:
         raise UsageError(f"restore target rbd:{source.name} is too small ({have} bytes, the "
                          f"disk has {size})")

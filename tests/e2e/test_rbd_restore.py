@@ -1,10 +1,12 @@
 """Restore into a Ceph RBD image (``--to rbd:POOL/IMAGE``): a new image created thin, an
 existing one with other content overwritten, both byte for byte the point; a too-small
 image, malformed destinations and an image in use refused with exit 2 and nothing written;
-the cephx key in no argv and no -vv output."""
+the cephx key in no argv and no -vv output. ``--to-original``: the disk's own image, found by
+its id, written back; refused while the domain runs and once the image was made anew."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -113,8 +115,6 @@ def test_restore_into_rbd_images(ceph: None, run_token: str, rdmb_tmp: Path,
                 refused(labkit.rdm_backup("restore", name, "--target", repo, "--disk", "vdb",
                                           "--to", spec), "malformed")
             assert not exists(ghost)
-            refused(labkit.rdm_backup("restore", name, "--target", repo, "--disk", "vdb",
-                                      "--to-original"), f"--to rbd:{image.spec}")
 
             # the running domain's own image has a watcher (its QEMU): in use
             dom.create()
@@ -125,3 +125,51 @@ def test_restore_into_rbd_images(ceph: None, run_token: str, rdmb_tmp: Path,
                 dom.destroy()
         finally:
             cephkit.remove_image(new.pool, new.name)
+
+
+def test_restore_to_the_original_rbd_image(ceph: None, run_token: str, rdmb_tmp: Path) -> None:
+    """``--to-original`` finds the disk's image by its id: written back byte for byte while the
+    domain is shut off (a dry run first writes nothing); refused while the domain runs, and once
+    the image was removed and made anew under its name (exit 2, nothing written)."""
+    repo = str(rdmb_tmp / "repo")
+    with cephkit.rbd_image(SIZE) as image, \
+            labkit.test_domain(f"rdmb-{run_token}-rbd-or", [cephkit.rbd_disk("vdb", image)],
+                               start=False) as dom:
+        name = str(dom.name())
+        cephkit.write_pattern(image, 0, 2 * MiB, 0x41)
+        cephkit.write_pattern(image, 50 * MiB, MiB, 0x42)
+        ref = cephkit.export(image, rdmb_tmp / "point.raw")
+        assert labkit.rdm_backup("backup", name, "--target", repo).returncode == 0
+        cephkit.write_pattern(image, 0, SIZE, 0x66)  # changed everywhere since the point
+        changed = cephkit.export(image, rdmb_tmp / "changed.raw")
+        args = ("restore", name, "--target", repo, "--disk", "vdb", "--to-original", "--json")
+
+        proc = labkit.rdm_backup(*args, "--dry-run")
+        assert proc.returncode == 0, proc.stderr
+        [entry] = json.loads(proc.stdout)["disks"]
+        assert entry["path"] == f"rbd:{image.spec}", entry
+        assert entry["matched_on"].startswith("RBD image id "), entry
+        assert same_bytes(cephkit.export(image, rdmb_tmp / "dry.raw"), changed)
+
+        proc = labkit.rdm_backup(*args)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["disks"][0]["data_bytes"] == 3 * MiB
+        assert same_bytes(cephkit.export(image, rdmb_tmp / "restored.raw"), ref)
+
+        cephkit.write_pattern(image, 0, MiB, 0x67)
+        before = cephkit.export(image, rdmb_tmp / "before.raw")
+        dom.create()
+        try:
+            refused(labkit.rdm_backup(*args), "in use by running domain", "--force")
+        finally:
+            dom.destroy()
+        assert same_bytes(cephkit.export(image, rdmb_tmp / "unchanged.raw"), before)
+        cephkit.remove_image(image.pool, image.name)  # made anew: another image id
+        with cephkit.ioctx(image.pool) as ctx:
+            import rbd
+
+            rbd.RBD().create(ctx, image.name, SIZE, old_format=False)
+        cephkit.write_pattern(image, 0, MiB, 0x67)
+        anew = cephkit.export(image, rdmb_tmp / "anew.raw")
+        refused(labkit.rdm_backup(*args), "has image id", "made anew", f"--to rbd:{image.spec}")
+        assert same_bytes(cephkit.export(image, rdmb_tmp / "after.raw"), anew)

@@ -1,0 +1,135 @@
+"""A disk's original RBD image for ``--to-original``: found, checked, and written.
+
+The image is the one the backup's mapping and the domain's disk both name (pool,
+namespace, image); the cluster is reached with what this host says about it: the
+backed-up domain's own definition here (its monitors, cephx user and libvirt
+secret, whose key is read through libvirt as for a backup), or this host's Ceph
+configuration when the backup's disk named no monitors and no config file. The
+image must still be the backed-up one (same cluster, same image id: an image
+removed and made anew under the name is refused), at least as large as the disk,
+and not in use (a running domain's disk, a watcher, a lock holder or the owner of
+its exclusive lock) unless ``--force``. It is written through the same path as
+``--to rbd:POOL/IMAGE`` (:mod:`.restore_rbd`), which checks it once more.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import libvirt
+
+from libvirt_rdm_backup.domain.connection import active_domains, domain_xml
+from libvirt_rdm_backup.domain.discovery import inventory_from_xml
+from libvirt_rdm_backup.domain.disks import RbdSource
+from libvirt_rdm_backup.domain.xml import DomainXML
+from libvirt_rdm_backup.engine import restore_rbd
+from libvirt_rdm_backup.engine.discover import learn_rbd_key
+from libvirt_rdm_backup.engine.restore_claims import Claims, RbdClaim
+from libvirt_rdm_backup.engine.restore_targets import OriginalDevice, human
+from libvirt_rdm_backup.engine.stores import Store
+from libvirt_rdm_backup.errors import RdmBackupError, UsageError
+from libvirt_rdm_backup.qemu.block_copy import ProgressCallback
+from libvirt_rdm_backup.repository.manifest import DiskRecord
+from libvirt_rdm_backup.storage import rbd_dest
+
+log = logging.getLogger(__name__)
+ImageKey = tuple[str, str | None, str]  # pool, namespace, image
+
+
+def _key(source: RbdSource | RbdClaim) -> ImageKey:
+    return source.pool, source.namespace or None, source.image
+
+
+def _rbd_disks(xml: str, running: bool) -> list[RbdSource]:
+    inventory = inventory_from_xml(DomainXML.parse(xml), running)
+    return [d.rbd for d in inventory.raw if d.rbd is not None and not d.rbd.snapshot]
+
+
+def defined_images(conn: libvirt.virConnect | None, domain_uuid: str) -> dict[ImageKey, RbdSource]:
+    """The RBD images of the backed-up domain's definition on this host (when it is here)."""
+    if conn is None:
+        return {}
+    try:
+        dom = conn.lookupByUUIDString(domain_uuid)
+        return {_key(s): s for s in _rbd_disks(domain_xml(dom, inactive=True), False)}
+    except (libvirt.libvirtError, RdmBackupError):
+        return {}
+
+
+def running_users(conn: libvirt.virConnect | None, claim: RbdClaim) -> list[str]:
+    """Running domains with a disk on the image."""
+    users = []
+    for dom in active_domains(conn) if conn is not None else []:
+        try:
+            if any(_key(s) == _key(claim) for s in _rbd_disks(domain_xml(dom), True)):
+                users.append(str(dom.name()))
+        except (libvirt.libvirtError, RdmBackupError):
+            continue
+    return users
+
+
+def _reach(claims: Claims, record: DiskRecord,
+           defined: dict[ImageKey, RbdSource]) -> tuple[RbdSource, str]:
+    """How to reach the claimed image's cluster, and on whose word."""
+    claim = claims.rbd
+    assert claim is not None
+    own = defined.get(_key(claim))
+    if own is not None:
+        return own, "the domain's definition on this host"
+    recorded = record.disk.rbd
+    if recorded is not None and not recorded.hosts and recorded.config_file is None:
+        return recorded, "this host's Ceph configuration"
+    raise UsageError(f"{claims.disk}: no RBD disk of the domain's definition on this host is "
+                     f"rbd:{claim.name}, and the backup names the monitors of its cluster; "
+                     f"restore it with --to rbd:{claim.name}?conf=PATH&id=USER")
+
+
+def find_rbd_original(claims: Claims, record: DiskRecord, conn: libvirt.virConnect | None,
+                      defined: dict[ImageKey, RbdSource], force: bool) -> OriginalDevice:
+    """The disk's original image, checked (UsageError naming what differs)."""
+    claim, disk = claims.rbd, claims.disk
+    assert claim is not None
+    source, where = _reach(claims, record, defined)
+    learn_rbd_key(conn, source)
+    url = f"rbd:{claim.name}"
+    state = rbd_dest.inspect(source, f"{disk}: {url}")
+    if state is None:
+        raise UsageError(f"{disk}: no RBD image {claim.name} in its cluster (the backup's had "
+                         f"id {claim.image_id}); restore it with --to {url}, which creates it")
+    if claim.cluster_fsid and state.cluster_fsid != claim.cluster_fsid:
+        raise UsageError(f"{disk}: {url} is in cluster {state.cluster_fsid}, the backup's "
+                         f"image was in cluster {claim.cluster_fsid}")
+    if state.image_id != claim.image_id:
+        raise UsageError(f"{disk}: {url} has image id {state.image_id}, the backup's image had "
+                         f"{claim.image_id} (removed and made anew since); restore it with "
+                         f"--to {url}")
+    if state.size < claims.size:
+        raise UsageError(f"{disk}: {url} is {human(state.size)}, the disk is "
+                         f"{human(claims.size)}")
+    if not force:
+        running = running_users(conn, claim)
+        if running:
+            raise UsageError(f"{disk}: restore target {url} is in use by running domain "
+                             f"{running[0]}; use --force to overwrite it")
+        if state.users:
+            raise UsageError(f"{disk}: restore target {url} is in use "
+                             f"({'; '.join(state.users)}); use --force to overwrite it")
+    fsid = f" in cluster {state.cluster_fsid}" if claim.cluster_fsid else ""
+    return OriginalDevice(disk, url, state.size,
+                          f"RBD image id {claim.image_id} of {claim.name}{fsid} (reached "
+                          f"through {where})", rbd=source, image_id=state.image_id)
+
+
+def write_rbd_original(conn: libvirt.virConnect | None, store: Store, record: DiskRecord,
+                       device: OriginalDevice, node: dict[str, Any], force: bool, speed: int,
+                       progress: ProgressCallback | None) -> int:
+    """Write the disk into its checked original image; returns the bytes of data."""
+    assert device.rbd is not None and device.image_id is not None
+
+    def chain() -> tuple[dict[str, Any], tuple[dict[str, Any], ...]]:
+        return node, store.qemu_objects()
+
+    return restore_rbd.restore_to_rbd(conn, record, device.path, chain, store=store,
+                                      force=force, speed=speed, progress=progress,
+                                      original=(device.rbd, device.image_id))
