@@ -194,6 +194,20 @@ def is_encrypted(path: str) -> bool:
         _HEADER.unpack_from(data)[6] == CRYPT_LUKS
 
 
+def luks_region(data: bytes) -> tuple[int, int] | None:
+    """Where the LUKS header of a checked encrypted layer lies in its file (offset, length;
+    from its first bytes, as :func:`header_problem` accepted them); None: no such header."""
+    if len(data) < _HEADER.size:
+        return None
+    header_length = _HEADER.unpack_from(data)[17]
+    found, problem = _extensions(data, header_length, True)
+    raw = found.get(EXT_ENCRYPTION)
+    if problem is not None or raw is None or len(raw) != 16:
+        return None
+    offset, length = struct.unpack(">QQ", raw)
+    return offset, length
+
+
 def encrypt_options(secret_id: str) -> dict[str, Any]:
     """The ``encrypt`` options of a LUKS-encrypted layer's qcow2 node."""
     return {"format": "luks", "key-secret": secret_id}
