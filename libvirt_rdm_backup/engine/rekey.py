@@ -175,15 +175,12 @@ def _carry_out(repo: Repository, journal: Journal, old: LayerKey, new: LayerKey)
     """Steps 1 to 5 of the module, each skipping what is done."""
     with key_file(old) as old_path, key_file(new) as new_path:
         for entry, path in _layer_files(repo, journal):
-            if luks_slots.opens_with(path, old_path, new_path, new=True):
-                continue
-            if not luks_slots.opens_with(path, old_path, new_path, new=False):
+            if not luks_slots.opens_with(path, old_path, new_path, new=True) and \
+                    not luks_slots.add_key(path, old_path, new_path):
                 raise RepositoryError(f"backup {entry.backup_id} disk {entry.disk}: its layer "
                                       "opens with neither key")
-            luks_slots.add_key(path, old_path, new_path)
         for _entry, path in _layer_files(repo, journal):
-            if luks_slots.opens_with(path, old_path, new_path, new=False):
-                luks_slots.remove_key(path, old_path, new_path)
+            luks_slots.remove_key(path, old_path, new_path)
     _republish(repo, journal)
     replace_record(repo.root, EncryptionRecord(journal.salt, journal.old_key_id),
                    EncryptionRecord(journal.salt, journal.new_key_id))

@@ -12,7 +12,7 @@ from typing import Any
 
 from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.errors import CommandError
-from libvirt_rdm_backup.process import run
+from libvirt_rdm_backup.process import run, stall_timeout
 from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.layer_format import LUKS_ITER_TIME
 from libvirt_rdm_backup.qemu.layers import FORMAT, encrypt_options, file_node, json_filename
@@ -37,12 +37,14 @@ def _objects(old_path: str, new_path: str) -> list[str]:
 
 
 def opens_with(path: str, old_path: str, new_path: str, new: bool) -> bool:
-    """True when a key slot of the layer opens with the new key (``new``) or the old one;
-    CommandError when qemu-img fails for another reason."""
+    """True when a key slot of the layer opens with the new key (``new``) or the old one
+    (``qemu-io`` opens it read-only and reads its first sector); CommandError when it
+    fails for another reason."""
     secret = NEW_SECRET if new else OLD_SECRET
-    argv = ["qemu-img", "check", "-q", *_objects(old_path, new_path), _image(path, secret)]
+    argv = ["qemu-io", "-r", *_objects(old_path, new_path), "-c", "read 0 512",
+            _image(path, secret)]
     try:
-        run(argv)
+        run(argv, stall=stall_timeout())
     except CommandError as err:
         if WRONG_KEY in str(err):
             return False
@@ -50,21 +52,25 @@ def opens_with(path: str, old_path: str, new_path: str, new: bool) -> bool:
     return True
 
 
-def add_key(path: str, old_path: str, new_path: str) -> None:
-    """A key slot for the new key (the layer opened with the old one)."""
+def add_key(path: str, old_path: str, new_path: str) -> bool:
+    """A key slot for the new key (the layer opened with the old one); False when the old
+    key opens no slot of the layer."""
     argv = ["qemu-img", "amend", *_objects(old_path, new_path), "-o",
             f"encrypt.state=active,encrypt.new-secret={NEW_SECRET},"
             f"encrypt.iter-time={LUKS_ITER_TIME}", _image(path, OLD_SECRET)]
 
-    def attempt() -> None:
+    def attempt() -> bool:
         try:
-            run(argv)
+            run(argv, stall=stall_timeout())  # dies with this process
         except CommandError as err:
             if img.LUKS_BENCHMARK_FAILED in str(err):
                 raise retry.Again() from err
+            if WRONG_KEY in str(err):
+                return False
             raise
+        return True
 
-    retry.luks_create(path, img.LUKS_ATTEMPTS)(attempt)
+    return bool(retry.luks_create(path, img.LUKS_ATTEMPTS)(attempt))
 
 
 def remove_key(path: str, old_path: str, new_path: str) -> None:
@@ -74,7 +80,7 @@ def remove_key(path: str, old_path: str, new_path: str) -> None:
             f"encrypt.state=inactive,encrypt.old-secret={OLD_SECRET}",
             _image(path, NEW_SECRET)]
     try:
-        run(argv)
+        run(argv, stall=stall_timeout())
     except CommandError as err:
         if NO_SUCH_SLOT not in str(err):
             raise
