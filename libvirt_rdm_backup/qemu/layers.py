@@ -36,6 +36,7 @@ CLUSTER_BITS = 16  # the 64 KiB clusters of every layer this tool creates
 # writes them; anything reaching further is refused)
 HEADER_READ = 4096
 MAX_BACKING_NAME = 1023  # QEMU's own limit
+MAX_LUKS_HEADER = 16 << 20  # a LUKS header of QEMU's defaults takes 2 MiB of a layer
 
 _HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQII")  # the version 3 header up to header_length
 _EXTENSION = struct.Struct(">II")
@@ -205,6 +206,9 @@ def luks_region(data: bytes) -> tuple[int, int] | None:
     if problem is not None or raw is None or len(raw) != 16:
         return None
     offset, length = struct.unpack(">QQ", raw)
+    if offset < 1 << CLUSTER_BITS or offset % (1 << CLUSTER_BITS) or \
+            not 0 < length <= MAX_LUKS_HEADER:
+        return None  # not where and how large QEMU puts it
     return offset, length
 
 
