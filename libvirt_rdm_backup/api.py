@@ -38,6 +38,7 @@ from libvirt_rdm_backup.engine.paused_copy import paused_copy_reason
 from libvirt_rdm_backup.engine.prune import PruneResult, prune_by_policy
 from libvirt_rdm_backup.engine.prune_plan import ChainPlan
 from libvirt_rdm_backup.engine.prune_plan import plan_prune as _plan_prune
+from libvirt_rdm_backup.engine.rekey import RekeyResult, rekey_target
 from libvirt_rdm_backup.engine.restore import RestoreResult
 from libvirt_rdm_backup.engine.restore_all import DisksRequest, DisksResult, restore_disks
 from libvirt_rdm_backup.engine.selection import domain_damage, find_domain_backups
@@ -303,6 +304,14 @@ def prune(target: str, policy: RetentionPolicy, domain: str | None = None,
     """
     with open_store(target, tls_dir=tls_dir, key_file=encrypt_key_file) as store:
         return prune_by_policy(store, policy, domain, chain, bwlimit_speed(bwlimit))
+
+
+def rekey(target: str, encrypt_key_file: str, new_key_file: str) -> RekeyResult:
+    """Change the key of every encrypted layer of the file repository ``target`` from the
+    key of ``encrypt_key_file`` to that of ``new_key_file`` (crash-safe: a change cut
+    short is finished by the next call with the same two files). See docs/encryption.md.
+    """
+    return rekey_target(target, encrypt_key_file, new_key_file)
 
 
 def damaged_backups(target: str, domain: str | None = None,

@@ -10,7 +10,7 @@ from libvirt_rdm_backup.cli.disks import cmd_disks, cmd_map
 from libvirt_rdm_backup.cli.fleet import jobs
 from libvirt_rdm_backup.cli.host import cmd_agent, cmd_hook
 from libvirt_rdm_backup.cli.mounts import cmd_mount, cmd_umount
-from libvirt_rdm_backup.cli.prune import add_keep_options, cmd_prune
+from libvirt_rdm_backup.cli.prune import add_keep_options, cmd_prune, cmd_rekey
 from libvirt_rdm_backup.cli.schedule import cmd_schedule
 from libvirt_rdm_backup.cli.serving import cmd_export, cmd_receive, cmd_serve
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, check_max_pause
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent(sub, common)
     _add_list(sub, common)
     _add_prune(sub, common)
+    _add_rekey(sub, common)
     _add_schedule(sub, common, backup)
     return parser
 
@@ -377,6 +378,17 @@ def _add_prune(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     add_key_option(p, "the key of an encrypted repository (its merges read and write "
                       "encrypted layers)")
     p.set_defaults(func=cmd_prune)
+
+
+def _add_rekey(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """The ``rekey`` command."""
+    p = sub.add_parser("rekey", parents=[common],
+                       help="change the key of every encrypted layer of a file repository")
+    p.add_argument("--target", required=True, metavar="DIR", help="repository directory")
+    add_key_option(p, "the repository's key now")
+    p.add_argument("--new-key-file", metavar="FILE",
+                   help="the key the layers get instead (the file's exact bytes)")
+    p.set_defaults(func=cmd_rekey)
 
 
 def _add_schedule(sub: argparse._SubParsersAction[Parser], common: Parser,

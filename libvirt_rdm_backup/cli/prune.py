@@ -102,3 +102,15 @@ def pruned_dict(plan: ChainPlan, result: PruneResult) -> dict[str, Any]:
 def _summary(result: PruneResult) -> str:
     return (f"dropped {len(result.dropped)}, merged {len(result.merges)} layer(s): "
             f"{result.bytes_moved} bytes moved, {result.freed_bytes} bytes freed\n")
+
+
+def cmd_rekey(args: argparse.Namespace) -> int:
+    """Change the key of an encrypted file repository (or finish a change cut short)."""
+    if args.encrypt_key_file is None or args.new_key_file is None:
+        raise UsageError("rekey: give --encrypt-key-file OLD and --new-key-file NEW")
+    result = api.rekey(args.target, args.encrypt_key_file, args.new_key_file)
+    emit(args, result.to_dict(),
+         lambda: f"{'finished the key change of' if result.resumed else 'changed the key of'} "
+                 f"{result.layers} layer(s) of {result.backups} backup(s) in "
+                 f"{result.repository}\n")
+    return EXIT_OK

@@ -29,6 +29,7 @@ from libvirt_rdm_backup.repository.encryption import check_key, new_record, read
 from libvirt_rdm_backup.repository.ids import check_safe_name, now_iso
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.prune_journal import Journal, journal_path, write_journal
+from libvirt_rdm_backup.repository.rekey_journal import journal_path as rekey_journal_path
 from libvirt_rdm_backup.repository.store import Repository, Scan
 
 log = logging.getLogger("libvirt_rdm_backup.engine.stores")
@@ -49,6 +50,7 @@ class FileStore:
         self.key = key
         self.encryption = read_record(repo.root)
         if key is not None:  # without one, digests can be checked, but nothing decrypted
+            self.refuse_unfinished_rekey()
             check_key(self.encryption, key.key_id, f"repository {repo.root}")
         self._stack = ExitStack()
         self._objects: tuple[dict[str, Any], ...] = ()
@@ -88,6 +90,7 @@ class FileStore:
     def lock(self, domain_uuid: str) -> Iterator[None]:
         """The domain's lock; a prune cut short is finished first, its leftovers removed."""
         with self.repo.lock(domain_uuid):
+            self.refuse_unfinished_rekey()
             directory = self.repo.domain_dir(domain_uuid)
             if os.path.lexists(journal_path(directory)):
                 with self.repo.prune_gate(domain_uuid, True, GATE_TIMEOUT):
@@ -137,10 +140,18 @@ class FileStore:
             except RdmBackupError as err:  # a journal that cannot be finished: said below
                 log.warning("%s", err)
         with self.repo.prune_gate(domain_uuid, False, GATE_TIMEOUT):
+            self.refuse_unfinished_rekey()
             if os.path.lexists(journal_path(directory)):
                 raise OperationError(f"a prune of domain {domain_uuid} was cut short and "
                                      "could not be finished; run prune again")
             yield
+
+    def refuse_unfinished_rekey(self) -> None:
+        """OperationError while a key change of the repository is unfinished (its layers'
+        digests and key ids are being changed; see :mod:`.rekey`)."""
+        if os.path.lexists(rekey_journal_path(self.repo.root)):
+            raise OperationError(f"a key change of repository {self.name} is unfinished: run "
+                                 "rekey again with the same two key files")
 
     def scan(self, domain_uuid: str | None = None) -> Scan:
         return self.repo.scan(domain_uuid)

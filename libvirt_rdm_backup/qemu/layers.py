@@ -36,6 +36,7 @@ CLUSTER_BITS = 16  # the 64 KiB clusters of every layer this tool creates
 # writes them; anything reaching further is refused)
 HEADER_READ = 4096
 MAX_BACKING_NAME = 1023  # QEMU's own limit
+MAX_LUKS_HEADER = 16 << 20  # a LUKS header of QEMU's defaults takes 2 MiB of a layer
 
 _HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQII")  # the version 3 header up to header_length
 _EXTENSION = struct.Struct(">II")
@@ -192,6 +193,23 @@ def is_encrypted(path: str) -> bool:
         return False  # QEMU's open reports it
     return len(data) >= _HEADER.size and data[:4] == MAGIC and \
         _HEADER.unpack_from(data)[6] == CRYPT_LUKS
+
+
+def luks_region(data: bytes) -> tuple[int, int] | None:
+    """Where the LUKS header of a checked encrypted layer lies in its file (offset, length;
+    from its first bytes, as :func:`header_problem` accepted them); None: no such header."""
+    if len(data) < _HEADER.size:
+        return None
+    header_length = _HEADER.unpack_from(data)[17]
+    found, problem = _extensions(data, header_length, True)
+    raw = found.get(EXT_ENCRYPTION)
+    if problem is not None or raw is None or len(raw) != 16:
+        return None
+    offset, length = struct.unpack(">QQ", raw)
+    if offset < 1 << CLUSTER_BITS or offset % (1 << CLUSTER_BITS) or \
+            not 0 < length <= MAX_LUKS_HEADER:
+        return None  # not where and how large QEMU puts it
+    return offset, length
 
 
 def encrypt_options(secret_id: str) -> dict[str, Any]:

@@ -48,3 +48,25 @@ def file_digest(path: str, algorithm: str = ALGORITHM) -> Digest:
                 break
             hasher.update(view[:count])
     return Digest(algorithm, hasher.hexdigest())
+
+
+def file_digests(path: str, skip: tuple[int, int], algorithm: str = ALGORITHM
+                 ) -> tuple[Digest, Digest]:
+    """Digests of a whole file and of its bytes outside ``skip`` (offset, length), in one
+    read (the second one does not change when only that range of the file is rewritten)."""
+    start, end = skip[0], skip[0] + skip[1]
+    whole, outside = hashlib.new(algorithm), hashlib.new(algorithm)
+    position = 0
+    with open(path, "rb", buffering=0) as stream:
+        view = memoryview(bytearray(BUFFER))
+        while count := stream.readinto(view):
+            block = view[:count]
+            whole.update(block)
+            low, high = max(start - position, 0), min(end - position, count)
+            if low >= high:
+                outside.update(block)
+            else:
+                outside.update(block[:low])
+                outside.update(block[high:])
+            position += count
+    return Digest(algorithm, whole.hexdigest()), Digest(algorithm, outside.hexdigest())

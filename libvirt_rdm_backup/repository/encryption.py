@@ -84,3 +84,14 @@ def check_key(record: EncryptionRecord | None, key_id: Callable[[bytes], str] | 
                          "(its backups are all encrypted, with one key)")
     if not secrets.compare_digest(key_id(bytes.fromhex(record.salt)), record.key_id):
         raise UsageError(f"the key of --encrypt-key-file is not the key of {where}")
+
+
+def replace_record(root: str, old: EncryptionRecord, new: EncryptionRecord) -> None:
+    """The record names the new key (a key change); it must name the old one or the new
+    one already."""
+    found = read_record(root)
+    if found == new:
+        return
+    if found != old:
+        raise RepositoryError(f"{os.path.join(root, RECORD)} changed during the key change")
+    write_atomic(os.path.join(root, RECORD), new.to_json().encode(), mode=0o600)

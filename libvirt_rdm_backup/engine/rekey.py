@@ -1,0 +1,292 @@
+"""``rekey``: the key of an encrypted file repository changed in every layer.
+
+Under every domain's lock and prune gate (no backup, prune or reader meanwhile), a
+journal (:mod:`..repository.rekey_journal`) is written and synced first, naming every
+encrypted layer and the digest of its body (the file outside its LUKS header, whose
+whole digest was checked against its manifest). Then, each step one that may be done
+again:
+
+1. every layer gets a key slot for the new key (``qemu-img amend``; a layer that
+   opens with it already is left as it is);
+2. every key slot of the old key is erased (a layer that no longer opens with it is
+   left as it is);
+3. each layer's body must still have its journaled digest; each manifest is written
+   again with its layers' new digests, sizes and key id;
+4. ``encryption.json`` names the new key;
+5. the journal goes.
+
+At every moment each layer opens with one of the two keys (the old one until its
+new slot is written, the new one from then on), and QEMU changes nothing but the
+LUKS header. While the journal is there, other commands refuse the repository's
+encrypted layers (:meth:`.file_store.FileStore.reading`); ``rekey`` with the same two
+keys finishes it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from typing import Any
+
+from libvirt_rdm_backup.engine.consolidate import backing_name
+from libvirt_rdm_backup.engine.file_store import GATE_TIMEOUT
+from libvirt_rdm_backup.errors import (
+    DamagedBackupError,
+    OperationError,
+    RdmBackupError,
+    RepositoryError,
+    UsageError,
+)
+from libvirt_rdm_backup.qemu import layers, luks_slots
+from libvirt_rdm_backup.qemu.secrets import LayerKey, key_file
+from libvirt_rdm_backup.repository.digest import Digest, file_digests
+from libvirt_rdm_backup.repository.encryption import (
+    EncryptionRecord,
+    read_record,
+    replace_record,
+)
+from libvirt_rdm_backup.repository.ids import now_iso
+from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.prune_journal import journal_path as prune_journal_path
+from libvirt_rdm_backup.repository.rekey_journal import (
+    Journal,
+    LayerEntry,
+    check_against,
+    encrypted_layers,
+    journal_path,
+    read_journal,
+    remove_journal,
+    write_journal,
+)
+from libvirt_rdm_backup.repository.store import MANIFEST, Repository, write_file_atomic
+from libvirt_rdm_backup.targets.uri import NbdAddress, RbdAddress, parse_target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RekeyResult:
+    """What a key change did."""
+
+    repository: str
+    key_id: str  # the new key's id under the repository's salt
+    layers: int
+    backups: int
+    resumed: bool  # an unfinished key change was finished
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"repository": self.repository, "key_id": self.key_id, "layers": self.layers,
+                "backups": self.backups, "resumed": self.resumed}
+
+
+def rekey(repo: Repository, old: LayerKey, new: LayerKey) -> RekeyResult:
+    """Change the key of every encrypted layer of ``repo`` from ``old`` to ``new`` (or
+    finish such a change cut short); UsageError, with nothing changed, for a repository
+    without encryption, a wrong old key or a new key equal to it."""
+    journal, resumed = _start(repo, old, new)
+    with ExitStack() as stack:
+        locked = _lock_all(repo, stack)
+        journal = _complete(repo, journal)
+        if set(repo.domain_uuids()) != locked:
+            raise OperationError(f"a backup of a domain new to repository {repo.root} began "
+                                 "during the key change; run rekey again")
+        try:
+            _carry_out(repo, journal, old, new)
+        except RdmBackupError as err:
+            err.message = (f"{err}; the key change of repository {repo.root} is unfinished: "
+                           "run rekey again with the same two key files")
+            raise
+    return RekeyResult(repo.root, journal.new_key_id, len(journal.layers),
+                       len({(e.domain_uuid, e.backup_id) for e in journal.layers}), resumed)
+
+
+def _start(repo: Repository, old: LayerKey, new: LayerKey) -> tuple[Journal, bool]:
+    """The journal to carry out: the one left behind (for these keys), or a new one."""
+    record = read_record(repo.root)
+    if record is None:
+        raise UsageError(f"repository {repo.root} holds no encrypted backups: it has no key "
+                         "to change")
+    salt = bytes.fromhex(record.salt)
+    old_id, new_id = old.key_id(salt), new.key_id(salt)
+    if hmac.compare_digest(old_id, new_id):
+        raise UsageError("the key of --new-key-file is the key of --encrypt-key-file")
+    journal = read_journal(repo.root)
+    if journal is not None:
+        if not (hmac.compare_digest(journal.old_key_id, old_id)
+                and hmac.compare_digest(journal.new_key_id, new_id)):
+            raise UsageError(f"an unfinished key change of repository {repo.root} is from or "
+                             "to another key: give the key files it was begun with")
+        log.info("finishing the key change of repository %s begun %s", repo.root,
+                 journal.created)
+        return journal, True
+    if not hmac.compare_digest(old_id, record.key_id):
+        raise UsageError(f"the key of --encrypt-key-file is not the key of repository "
+                         f"{repo.root}")
+    return Journal(now_iso(), record.salt, old_id, new_id), False
+
+
+def _lock_all(repo: Repository, stack: ExitStack) -> set[str]:
+    """Every domain's lock and prune gate, held until the stack closes (a prune cut short
+    is refused: it needs its own run)."""
+    uuids = repo.domain_uuids()
+    for uuid in uuids:
+        stack.enter_context(repo.lock(uuid))
+        if os.path.lexists(prune_journal_path(repo.domain_dir(uuid))):
+            raise OperationError(f"a prune of domain {uuid} was cut short: run prune (or a "
+                                 "backup) of that domain with the old key first")
+        stack.enter_context(repo.prune_gate(uuid, True, GATE_TIMEOUT))
+    return set(uuids)
+
+
+def _complete(repo: Repository, journal: Journal) -> Journal:
+    """The journal checked against the repository, with every encrypted layer it does
+    not name yet (each checked against its manifest's digest first), written and synced."""
+    listed = repo.scan()
+    check_against(journal, read_record(repo.root), listed.backups,
+                  [d.backup_id for d in listed.damaged])
+    named = {e.key for e in journal.layers}
+    added = []
+    for manifest, disk in encrypted_layers(listed.backups):
+        if (manifest.domain_uuid, manifest.backup_id, disk) in named:
+            continue
+        record = _record(manifest, disk)
+        mark = repo.damage_mark(manifest, disk)
+        if mark is not None:
+            raise DamagedBackupError(manifest.backup_id, f"{mark}; the key was not changed",
+                                     disk)
+        whole, body = _digests(repo, manifest, record)
+        if whole != record.digest:
+            raise DamagedBackupError(manifest.backup_id, f"{record.data_file}: "
+                                     f"{whole.algorithm} mismatch; the key was not changed",
+                                     disk)
+        added.append(LayerEntry(manifest.domain_uuid, manifest.backup_id, disk, body))
+    if added or not os.path.lexists(journal_path(repo.root)):
+        journal = replace(journal, layers=journal.layers + tuple(added))
+        write_journal(repo.root, journal)
+    return journal
+
+
+def _carry_out(repo: Repository, journal: Journal, old: LayerKey, new: LayerKey) -> None:
+    """Steps 1 to 5 of the module, each skipping what is done."""
+    with key_file(old) as old_path, key_file(new) as new_path:
+        for entry, path in _layer_files(repo, journal):
+            if not luks_slots.opens_with(path, old_path, new_path, new=True) and \
+                    not luks_slots.add_key(path, old_path, new_path):
+                raise RepositoryError(f"backup {entry.backup_id} disk {entry.disk}: its layer "
+                                      "opens with neither key")
+        for _entry, path in _layer_files(repo, journal):
+            luks_slots.remove_key(path, old_path, new_path)
+    _republish(repo, journal)
+    replace_record(repo.root, EncryptionRecord(journal.salt, journal.old_key_id),
+                   EncryptionRecord(journal.salt, journal.new_key_id))
+    remove_journal(repo.root)
+
+
+def _layer_files(repo: Repository, journal: Journal) -> Iterator[tuple[LayerEntry, str]]:
+    """The journal's layers and their files, each header checked just before use."""
+    for entry in journal.layers:
+        manifest = repo.load(entry.domain_uuid, entry.backup_id)
+        record = _record(manifest, entry.disk)
+        _checked_region(repo, manifest, record)
+        yield entry, repo.data_file(manifest, record)
+
+
+def _republish(repo: Repository, journal: Journal) -> None:
+    """Each layer's body as journaled, and each manifest naming its layers' new digests,
+    sizes and key id (written again where it does not yet)."""
+    bodies = {e.key: e.body for e in journal.layers}
+    for uuid, backup_id in dict.fromkeys((e.domain_uuid, e.backup_id) for e in journal.layers):
+        manifest = repo.load(uuid, backup_id)
+        disks = []
+        for record in manifest.disks:
+            body = bodies.get((uuid, backup_id, record.disk.target))
+            disks.append(record if body is None else
+                         _rekeyed(repo, manifest, record, body, journal.new_key_id))
+        updated = replace(manifest, disks=disks)
+        if updated != manifest:
+            write_file_atomic(os.path.join(repo.backup_dir(uuid, backup_id), MANIFEST),
+                              updated.dumps())
+
+
+def _rekeyed(repo: Repository, manifest: Manifest, record: DiskRecord, body: Digest,
+             key_id: str) -> DiskRecord:
+    """A layer's record with its file's digest, size and the new key id, once its body is
+    checked to be what the journal says."""
+    path = repo.data_file(manifest, record)
+    _sync(path)
+    whole, found = _digests(repo, manifest, record)
+    if found != body:
+        raise DamagedBackupError(manifest.backup_id, f"{record.data_file} changed outside "
+                                 "its LUKS header during the key change", record.disk.target)
+    stat = os.stat(path)
+    return replace(record, digest=whole, file_size=stat.st_size,
+                   stored_bytes=stat.st_blocks * 512,
+                   encryption={**(record.encryption or {}), "key_id": key_id})
+
+
+def _record(manifest: Manifest, disk: str) -> DiskRecord:
+    record = manifest.disk(disk)
+    if record is None or record.encryption is None:
+        raise RepositoryError(f"backup {manifest.backup_id} has no encrypted disk {disk}")
+    return record
+
+
+def _checked_region(repo: Repository, manifest: Manifest, record: DiskRecord
+                    ) -> tuple[int, int]:
+    """Where the LUKS header of a layer lies, once its header is one this tool writes
+    (with exactly the backing file its parent link implies)."""
+    def damaged(problem: str) -> DamagedBackupError:
+        return DamagedBackupError(manifest.backup_id, f"{record.data_file} {problem}",
+                                  record.disk.target)
+
+    expected = backing_name(record.parent, record.disk.target)
+    if record.backing_file is not None and record.backing_file != expected:
+        raise damaged(f"is named with backing file {record.backing_file!r}, its parent link "
+                      f"implies {expected!r}")
+    try:
+        head = layers.read_head(repo.data_file(manifest, record))
+    except OSError as err:
+        raise damaged(f"cannot be read: {err.strerror}") from None
+    problem = layers.header_problem(head, expected, record.size, encrypted=True)
+    region = layers.luks_region(head) if problem is None else None
+    if region is None:
+        raise damaged(problem or "has no LUKS header")
+    return region
+
+
+def _digests(repo: Repository, manifest: Manifest, record: DiskRecord
+             ) -> tuple[Digest, Digest]:
+    """The digests of a checked layer's whole file and of its body."""
+    region = _checked_region(repo, manifest, record)
+    try:
+        return file_digests(repo.data_file(manifest, record), region,
+                            record.digest.algorithm)
+    except OSError as err:
+        raise DamagedBackupError(manifest.backup_id, f"{record.data_file} cannot be read: "
+                                 f"{err.strerror}", record.disk.target) from None
+
+
+def _sync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rekey_target(target: str, old_file: str, new_file: str) -> RekeyResult:
+    """:func:`rekey` of the file repository ``target`` with the keys these files hold."""
+    parsed = parse_target(target)
+    if isinstance(parsed, RbdAddress):
+        raise UsageError("rbd:// targets keep no encrypted layers: there is no key to change")
+    if isinstance(parsed, NbdAddress):
+        raise UsageError("rekey changes the key of a file repository only; the layers of an "
+                         "NBD volume keep the key they were written with (see "
+                         "docs/encryption.md)")
+    old, new = LayerKey.from_file(old_file), LayerKey.from_file(new_file)
+    return rekey(Repository.open(parsed), old, new)

@@ -1,0 +1,196 @@
+"""The rekey journal: a key change of an encrypted file repository, written and synced
+before any layer is changed, so that a ``rekey`` cut short is finished by the next one.
+
+``ROOT/.rekey-journal.json``::
+
+    {"format": "libvirt-rdm-backup/rekey-journal", "version": 1, "created": ...,
+     "salt": hex, "old_key_id": hex, "new_key_id": hex,
+     "layers": [{"domain_uuid": ..., "backup_id": ..., "disk": ...,
+                 "body": {"algorithm": "sha256", "value": hex}}]}
+
+``body`` is the digest of a layer's file outside its LUKS header, taken when its whole
+file still had the digest its manifest records: a key change rewrites the LUKS header
+only, so a layer whose body still has that digest holds the data it was published with.
+
+Read back as untrusted input: every field must be what the tool writes, and
+:func:`check_against` holds it against the repository before any of it is acted on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+from libvirt_rdm_backup.errors import RepositoryError, UsageError
+from libvirt_rdm_backup.fileutil import read_regular, write_atomic
+from libvirt_rdm_backup.repository.digest import Digest
+from libvirt_rdm_backup.repository.encryption import EncryptionRecord
+from libvirt_rdm_backup.repository.ids import check_backup_id, check_safe_name, check_uuid
+from libvirt_rdm_backup.repository.manifest import Manifest
+
+JOURNAL = ".rekey-journal.json"
+FORMAT = "libvirt-rdm-backup/rekey-journal"
+VERSION = 1
+MAX_JOURNAL = 16 << 20
+MAX_LAYERS = 100_000
+_HEX = {"salt": 32, "old_key_id": 64, "new_key_id": 64}
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    """One encrypted layer of the repository and the digest of its body."""
+
+    domain_uuid: str
+    backup_id: str
+    disk: str
+    body: Digest
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.domain_uuid, self.backup_id, self.disk
+
+
+@dataclass(frozen=True)
+class Journal:
+    """One key change of one repository."""
+
+    created: str
+    salt: str
+    old_key_id: str
+    new_key_id: str
+    layers: tuple[LayerEntry, ...] = ()
+
+    def dumps(self) -> str:
+        """The journal as written (JSON, one document)."""
+        return json.dumps({"format": FORMAT, "version": VERSION, "created": self.created,
+                           "salt": self.salt, "old_key_id": self.old_key_id,
+                           "new_key_id": self.new_key_id,
+                           "layers": [{"domain_uuid": e.domain_uuid, "backup_id": e.backup_id,
+                                       "disk": e.disk, "body": e.body.to_dict()}
+                                      for e in self.layers]},
+                          indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def loads(cls, text: str) -> Journal:
+        """Parse and check a journal; RepositoryError on anything the tool would not write."""
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as err:
+            raise RepositoryError(f"rekey journal is not JSON: {err}") from err
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise RepositoryError("rekey journal has an unknown format")
+        if data.get("version") != VERSION:
+            raise RepositoryError(f"rekey journal version {data.get('version')!r} is unknown")
+        for name, length in _HEX.items():
+            value = data.get(name)
+            if not isinstance(value, str) or not re.fullmatch(f"[0-9a-f]{{{length}}}", value):
+                raise RepositoryError(f"rekey journal is malformed: {name}")
+        layers = data.get("layers")
+        if not isinstance(layers, list) or len(layers) > MAX_LAYERS:
+            raise RepositoryError("rekey journal is malformed: layers")
+        journal = cls(created=str(data.get("created"))[:64], salt=data["salt"],
+                      old_key_id=data["old_key_id"], new_key_id=data["new_key_id"],
+                      layers=tuple(_entry(e) for e in layers))
+        if journal.old_key_id == journal.new_key_id:
+            raise RepositoryError("rekey journal is malformed: the old and new keys are one")
+        if len({e.key for e in journal.layers}) != len(journal.layers):
+            raise RepositoryError("rekey journal is malformed: a layer is named twice")
+        return journal
+
+
+def _entry(value: object) -> LayerEntry:
+    if not isinstance(value, dict) or not isinstance(value.get("body"), dict):
+        raise RepositoryError("rekey journal is malformed: a layer is not an object")
+    try:
+        return LayerEntry(domain_uuid=check_uuid(str(value.get("domain_uuid"))),
+                          backup_id=check_backup_id(str(value.get("backup_id"))),
+                          disk=check_safe_name(str(value.get("disk")), "disk name"),
+                          body=Digest.from_dict(value["body"]))
+    except (UsageError, ValueError, KeyError) as err:
+        raise RepositoryError(f"rekey journal is malformed: {err}") from None
+
+
+def journal_path(root: str) -> str:
+    """Where a repository's rekey journal is kept."""
+    return os.path.join(root, JOURNAL)
+
+
+def read_journal(root: str) -> Journal | None:
+    """The journal of an unfinished key change of the repository, or None."""
+    path = journal_path(root)
+    try:
+        data = read_regular(path, MAX_JOURNAL + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise RepositoryError(f"cannot read rekey journal {path}: {err.strerror}") from err
+    if len(data) > MAX_JOURNAL:
+        raise RepositoryError(f"rekey journal {path} is over {MAX_JOURNAL} bytes")
+    try:
+        return Journal.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise RepositoryError(f"rekey journal {path} is not UTF-8 text") from err
+
+
+def write_journal(root: str, journal: Journal) -> None:
+    """Write the journal atomically (synced before anything it describes is changed)."""
+    try:
+        write_atomic(journal_path(root), journal.dumps().encode("utf-8"), mode=0o600)
+    except OSError as err:
+        raise RepositoryError(f"cannot write the rekey journal: {err.strerror}") from err
+
+
+def remove_journal(root: str) -> None:
+    """The key change is complete: the journal goes."""
+    try:
+        os.unlink(journal_path(root))
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise RepositoryError(f"cannot remove the rekey journal: {err.strerror}") from err
+
+
+def encrypted_layers(backups: list[Manifest]) -> list[tuple[Manifest, str]]:
+    """The encrypted layers of these backups: (manifest, disk), in listing order."""
+    return [(m, r.disk.target) for m in backups for r in m.disks if r.encryption is not None]
+
+
+def check_against(journal: Journal, record: EncryptionRecord | None,
+                  backups: list[Manifest], unreadable: list[str]) -> None:
+    """The journal is one this tool would write for this repository as it is now (some
+    steps may be done): RepositoryError naming what is not, before any of it is acted on.
+
+    Its salt is the repository's; the repository names its old or its new key; every
+    layer it names is an encrypted layer of a readable backup whose record names one of
+    the two keys; any encrypted layer it does not name still names the old key, and the
+    repository does too (a backup published before the journal was complete).
+    """
+    def refuse(why: str) -> RepositoryError:
+        return RepositoryError(f"rekey journal: {why}; nothing more is done")
+
+    if record is None or record.salt != journal.salt:
+        raise refuse("the repository's encryption record has another salt")
+    keys = (journal.old_key_id, journal.new_key_id)
+    if record.key_id not in keys:
+        raise refuse("the repository's encryption record names neither of its keys")
+    if unreadable:
+        raise refuse(f"backup {unreadable[0]} cannot be read (its layers are not known)")
+    found = {(m.domain_uuid, m.backup_id, disk): m for m, disk in encrypted_layers(backups)}
+    for entry in journal.layers:
+        manifest = found.get(entry.key)
+        if manifest is None:
+            raise refuse(f"it names disk {entry.disk} of backup {entry.backup_id}, not an "
+                         "encrypted layer of the repository")
+    named = {e.key for e in journal.layers}
+    for (uuid, backup_id, disk), manifest in found.items():
+        disk_record = manifest.disk(disk)
+        key_id = disk_record.encryption.get("key_id") if disk_record and \
+            disk_record.encryption else None
+        if key_id not in keys:
+            raise refuse(f"disk {disk} of backup {backup_id} is encrypted with a third key")
+        if (uuid, backup_id, disk) not in named and (
+                key_id != journal.old_key_id or record.key_id != journal.old_key_id):
+            raise refuse(f"disk {disk} of backup {backup_id} is not in it, and the key "
+                         "change went past its first step")
