@@ -321,13 +321,13 @@ def test_encrypted_layers_are_mapped_through_one_qemu_nbd(work: Path, full: Path
     # LUKS layers have no host offsets: their own chunks and their allocation map come from
     # one qemu-nbd of the layer alone; they equal what the plain images give
     from libvirt_rdm_backup.qemu import img, layers
-    from libvirt_rdm_backup.qemu.secrets import LayerKey, key_file, secret_definition
+    from libvirt_rdm_backup.qemu.secrets import SECRET_ID, LayerKey, key_file, secret_definition
     from libvirt_rdm_backup.repository.chunkmap import chunkmap_of_encrypted_layer
 
     plain_inc = make_image(work / "rdmb-inc.qcow2", backing=full)
     writes = ("write -P 0x33 64k 64k", "write -z 2M 64k", "write -P 0x44 4M 1536")
     qemu_io(plain_inc, *writes)
-    luks = ["encrypt.format=luks", f"encrypt.key-secret={layers.SECRET_ID}",
+    luks = ["encrypt.format=luks", f"encrypt.key-secret={SECRET_ID}",
             "encrypt.iter-time=10"]
     enc_full, enc_inc = work / "rdmb-enc-full.qcow2", work / "rdmb-enc-inc.qcow2"
     with key_file(LayerKey(b"a test key\n")) as key, img.objects(secret_definition(key)):
