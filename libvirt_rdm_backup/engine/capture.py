@@ -36,7 +36,7 @@ from libvirt_rdm_backup.engine.discover import offline_size
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, needs_paused_copy, over_bound
 from libvirt_rdm_backup.engine.plan import SNAPSHOT_FIRST_AGENTS, DataPath, DiskPlan
 from libvirt_rdm_backup.engine.resync import resync_layer
-from libvirt_rdm_backup.engine.sinks import Sink
+from libvirt_rdm_backup.engine.sinks import Sink, create_layers
 from libvirt_rdm_backup.engine.storage_reads import (
     rbd_endpoint,
     rbd_nbd,
@@ -264,10 +264,10 @@ class _Run:
 
 
 def _prepare_jobs(run: _Run, stack: ExitStack, plans: list[DiskPlan]) -> None:
-    """Targets attached and, with fleecing, filters prepared for the disks QEMU copies."""
+    """Targets (created by :func:`create_layers`) attached and, with fleecing, filters
+    prepared for the disks QEMU copies."""
     for plan in plans:
         assert run.monitor is not None and plan.disk.size is not None
-        run.sink.create(plan)
         node = stack.enter_context(run.sink.attach(run.monitor, plan))
         job_id = object_name("job", plan.disk.target)
         run.track(plan)
@@ -386,6 +386,7 @@ def capture(dom: libvirt.virDomain, running: bool, plans: list[DiskPlan], sink: 
         # QEMU on another host gets no descriptor of a local fleecing image
         run = _Run(monitor=monitor, sink=sink, result=result, new_bitmap=new_bitmap,
                    speed=speed, fleecing=running and not is_remote(dom.connect()))
+        create_layers(sink, groups.qemu + groups.storage)  # before anything is attached
         _prepare_jobs(run, stack, groups.qemu)
         _prepare_fleeces(run, stack, groups.fleece)
         alone = _self_consistent(plans)
@@ -394,8 +395,6 @@ def capture(dom: libvirt.virDomain, running: bool, plans: list[DiskPlan], sink: 
         hold_for_filters = (run.fleecing and quiesce is None
                             and len(run.guards) + len(run.fleeces) > 1)
         try:
-            for plan in groups.storage:  # no file or server work while the guest is held
-                sink.create(plan)
             with consistency_window(
                     dom if running else None, quiesce=quiesce,
                     pause=bool(groups.storage) or hold_for_snapshots or hold_for_filters,

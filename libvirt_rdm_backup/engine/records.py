@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from libvirt_rdm_backup.engine.capture import Capture
 from libvirt_rdm_backup.engine.plan import DiskPlan
-from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, LocalLayer, Session
+from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, LocalLayer, Session, Written
 from libvirt_rdm_backup.qemu import img
-from libvirt_rdm_backup.repository.chunkmap import chunkmap_of_layer
+from libvirt_rdm_backup.repository.chunkmap import chunkmap_of_encrypted_layer, chunkmap_of_layer
 from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.digest import file_digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord
@@ -26,13 +26,37 @@ MappingResult = tuple[RawDiskMapping | None, str | None]  # the mapping, or why 
 def _chunk_map(plan: DiskPlan, local: LocalLayer, captured: Capture,
                parent_map: ChunkMap | None, extents: list[img.MapExtent]) -> ChunkMap | None:
     """The new point's chunk map: from the resync, or from the layer's own clusters."""
-    target = plan.disk.target
-    if target in captured.chunk_maps:
-        return captured.chunk_maps[target]
-    if plan.parent is not None and parent_map is None:
-        return None  # the point below has no map: nothing to build on
+    if not _maps_layer(plan, captured, parent_map):
+        return captured.chunk_maps.get(plan.disk.target)
     return chunkmap_of_layer(local.path, parent_map, int(plan.disk.size or 0), extents,
                              local.lower, take_parent=True)
+
+
+def _maps_layer(plan: DiskPlan, captured: Capture, parent_map: ChunkMap | None) -> bool:
+    """True when the new point's chunk map is computed from its layer (not from the
+    resync, and not for a point whose parent has no map to build on)."""
+    return plan.disk.target not in captured.chunk_maps and (
+        plan.parent is None or parent_map is not None)
+
+
+def _map_and_chunks(plan: DiskPlan, session: Session, written: Written, captured: Capture,
+                    parent_map: ChunkMap | None
+                    ) -> tuple[list[img.MapExtent], ChunkMap | None]:
+    """The layer's allocation map and the new point's chunk map. An encrypted local layer
+    is read once, decrypted by one ``qemu-nbd`` that gives both (one key derivation)."""
+    local = written.local
+    if written.own_bytes is not None:
+        extents: list[img.MapExtent] = []
+    elif (local is not None and session.layer_format.encrypted
+          and _maps_layer(plan, captured, parent_map)):
+        chunk_map, extents = chunkmap_of_encrypted_layer(
+            local.path, parent_map, int(plan.disk.size or 0), local.lower, take_parent=True)
+        return extents, chunk_map
+    else:
+        extents = img.map_extents(written.image)
+    if local is None:
+        return extents, None
+    return extents, _chunk_map(plan, local, captured, parent_map, extents)
 
 
 def _with_point_snapshot(mapping: RawDiskMapping | None, plan: DiskPlan,
@@ -52,12 +76,9 @@ def record_disk(plan: DiskPlan, session: Session, captured: Capture, mapping: Ma
     """The record of the disk's new layer (``parent_map``: the chunk map of its parent,
     used up: its buffer becomes the new point's map)."""
     written = session.written(plan)
-    extents = img.map_extents(written.image) if written.own_bytes is None else []
-    chunk_map = None
     with ThreadPoolExecutor(1) as pool:  # both read the new data: hash it side by side
         digest = pool.submit(session.digest, plan)
-        if written.local is not None:
-            chunk_map = _chunk_map(plan, written.local, captured, parent_map, extents)
+        extents, chunk_map = _map_and_chunks(plan, session, written, captured, parent_map)
         data_digest = digest.result()
     chunk_file = chunk_digest = None
     if chunk_map is not None and written.local is not None:

@@ -11,10 +11,13 @@ last, to publish the manifest.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import socket
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,6 +41,7 @@ from libvirt_rdm_backup.targets.volume_format import region_size
 
 DATA_FORMAT = "qcow2"
 LUKS_ROOM = 4 << 20  # more room in a volume region for the LUKS header of an encrypted layer
+CREATE_AT_ONCE = 8  # encrypted layers created side by side (each a qemu-img process)
 
 
 class Sink(Protocol):
@@ -105,6 +109,21 @@ class Session(Sink, Protocol):
     def publish(self, manifest: Manifest) -> str:
         """Make the backup visible; returns where it is."""
         ...
+
+
+def create_layers(sink: Sink, plans: list[DiskPlan]) -> None:
+    """Create the empty layers of ``plans``; encrypted ones side by side (QEMU's LUKS
+    setup of each takes seconds of CPU, whatever else the backup does)."""
+    if len(plans) < 2 or not sink.layer_format.encrypted:
+        for plan in plans:
+            sink.create(plan)
+        return
+    with ThreadPoolExecutor(min(len(plans), CREATE_AT_ONCE)) as pool:
+        # each in a copy of this context: qemu-img gets the key's secret object from it
+        futures = [pool.submit(contextvars.copy_context().run, sink.create, plan)
+                   for plan in plans]
+        for future in futures:
+            future.result()
 
 
 def data_file_name(plan: DiskPlan) -> str:
@@ -206,6 +225,7 @@ class NbdSink:
         self.layer_format = layer_format
         self._key = key  # for the QEMUs that write encrypted layers
         self.locations: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()  # layers may be created side by side
 
     def scratch(self, name: str) -> str:
         return os.path.join(self.scratch_dir, name)
@@ -214,16 +234,17 @@ class NbdSink:
         """Reserve a region and write an empty qcow2 header into it (a few KiB)."""
         size = int(plan.disk.size or 0)
         region = region_size(size) + (LUKS_ROOM if self.layer_format.encrypted else 0)
-        offset = self.volume.allocate(region)
         with tempfile.TemporaryDirectory(prefix="rdmb-layer-") as tmp:
             empty = os.path.join(tmp, "empty.qcow2")
             # qemu-img create: just the header bytes
             img.create(empty, DATA_FORMAT, size, options=self.layer_format.create_options())
             with open(empty, "rb") as stream:
                 header = stream.read()
-        self.volume.write(offset, header)
-        self.volume.flush()
-        self.locations[plan.disk.target] = {"offset": offset, "region": region}
+        with self._lock:  # one NBD connection to the volume
+            offset = self.volume.allocate(region)
+            self.volume.write(offset, header)
+            self.volume.flush()
+            self.locations[plan.disk.target] = {"offset": offset, "region": region}
 
     def node(self, plan: DiskPlan) -> dict[str, Any]:
         """Blockdev options of the disk's layer (qcow2 on its region of the export)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from libvirt_rdm_backup.errors import OperationError, RepositoryError
 from libvirt_rdm_backup.qemu import img, layers
@@ -72,35 +73,94 @@ def chunkmap_of_layer(path: str, parent: ChunkMap | None, size: int,
     ``take_parent``: update ``parent``'s digest buffer in place instead of a copy (the
     parent map must not be used afterwards; one map in memory instead of two).
     """
-    if parent is not None:
-        if (parent.size, parent.chunk_size, parent.algorithm) != (size, CHUNK, ALGORITHM):
-            raise RepositoryError(
-                f"parent chunk map ({parent.size} bytes, {parent.chunk_size}-byte chunks, "
-                f"{parent.algorithm}) does not fit a {size}-byte disk"
-            )
-        digests = (parent.digests if take_parent and isinstance(parent.digests, bytearray)
-                   else bytearray(parent.digests))
-    else:
-        digests = bytearray(ChunkMap.zero(size).digests)
+    digests = _first_digests(parent, size, take_parent)
     if extents is None:
         extents = layer_map(path, lower)
-    end = extents[-1].end if extents else 0
-    if end != size:
-        raise RepositoryError(f"layer {path} has {end} bytes, expected {size}")
-    reads, fallback = _layer_reads(path, extents, parent is None, size, digests)
+    _check_end(path, extents, size)
+    reads, own, partial = _layer_reads(path, extents, parent is None, size, digests)
     _hash_layer_data(path, size, reads, digests)
+    fallback = own | partial
     if fallback:
         log.info("reading %d chunks of %s through its chain", len(fallback), path)
         _hash_through_chain([path, *lower], size, sorted(fallback), digests)
     return ChunkMap(size, CHUNK, ALGORITHM, digests)
 
 
+def chunkmap_of_encrypted_layer(path: str, parent: ChunkMap | None, size: int,
+                                lower: Sequence[str] = (), take_parent: bool = False
+                                ) -> tuple[ChunkMap, list[LayerExtent]]:
+    """:func:`chunkmap_of_layer` of an encrypted layer, and the layer's allocation map.
+
+    QEMU gives no host offsets for encrypted clusters, so their data is read decrypted.
+    One ``qemu-nbd`` serves the layer alone (its key derived once, whatever the chain
+    below): its block status is the allocation map (as ``qemu-img map`` of the layer),
+    its reads give the layer's own data chunks. Only chunks the layer does not cover whole
+    (none in the layers this tool writes) are read through the chain ``[path, *lower]``.
+    """
+    from libvirt_rdm_backup.qemu.nbd_io import (
+        NbdError,
+        allocation_map,
+        connect_nbd,
+        disconnect_nbd,
+    )
+    from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
+
+    digests = _first_digests(parent, size, take_parent)
+    node = layers.json_filename(layers.file_chain([path]))
+    with qemu_nbd_server(node, None, readonly=True, extra=["--allocation-depth"]) as uri:
+        try:
+            handle = connect_nbd(uri, allocation=True, depth=True)
+        except NbdError as err:
+            raise OperationError(f"cannot read {path} through qemu-nbd: {err}") from err
+        try:
+            if handle.get_size() != size:
+                raise RepositoryError(f"layer {path} has {handle.get_size()} bytes, "
+                                      f"expected {size}")
+            extents = [LayerExtent(start, end - start, data=data, zero=zero,
+                                   present=depth != 0)
+                       for start, end, data, zero, depth in allocation_map(handle, size)]
+            _check_end(path, extents, size)
+            reads, own, partial = _layer_reads(path, extents, parent is None, size, digests)
+            if reads:
+                raise RepositoryError(f"layer {path} is encrypted, but QEMU gave host offsets")
+            _hash_chunks(handle, size, sorted(own), digests)
+        except NbdError as err:
+            raise OperationError(f"cannot read {path} through qemu-nbd: {err}") from err
+        finally:
+            disconnect_nbd(handle)
+    if partial:
+        log.info("reading %d chunks of %s through its chain", len(partial), path)
+        _hash_through_chain([path, *lower], size, sorted(partial), digests)
+    return ChunkMap(size, CHUNK, ALGORITHM, digests), extents
+
+
+def _first_digests(parent: ChunkMap | None, size: int, take_parent: bool) -> bytearray:
+    """The digests a new map starts from: the parent's (checked), or all-zero chunks."""
+    if parent is None:
+        return bytearray(ChunkMap.zero(size).digests)
+    if (parent.size, parent.chunk_size, parent.algorithm) != (size, CHUNK, ALGORITHM):
+        raise RepositoryError(
+            f"parent chunk map ({parent.size} bytes, {parent.chunk_size}-byte chunks, "
+            f"{parent.algorithm}) does not fit a {size}-byte disk"
+        )
+    return (parent.digests if take_parent and isinstance(parent.digests, bytearray)
+            else bytearray(parent.digests))
+
+
+def _check_end(path: str, extents: list[LayerExtent], size: int) -> None:
+    end = extents[-1].end if extents else 0
+    if end != size:
+        raise RepositoryError(f"layer {path} has {end} bytes, expected {size}")
+
+
 def _layer_reads(path: str, extents: list[LayerExtent], full: bool, size: int,
-                 digests: bytearray) -> tuple[list[tuple[int, int, int]], set[int]]:
+                 digests: bytearray) -> tuple[list[tuple[int, int, int]], set[int], set[int]]:
     """What to hash of a layer: (first chunk, chunk count, host offset) reads of its
-    data, and the chunks to read through its chain; its zero clusters are set in
+    data; its own data chunks without a host offset (compressed or encrypted); and the
+    chunks it covers in part (read through its chain). Its zero clusters are set in
     ``digests`` at once. ``full``: the layer has no parent map."""
     count = chunk_count(size)
+    own: set[int] = set()
     fallback: set[int] = set()
     reads: list[tuple[int, int, int]] = []  # (first chunk, chunk count, host offset)
     for ext in extents:
@@ -124,11 +184,11 @@ def _layer_reads(path: str, extents: list[LayerExtent], full: bool, size: int,
         elif ext.data and ext.offset is not None:
             reads.append((first, stop - first, ext.offset + (first * CHUNK - ext.start)))
         elif ext.data:
-            fallback.update(range(first, stop))  # compressed: no host offset
+            own.update(range(first, stop))  # compressed or encrypted: no host offset
         else:
             raise RepositoryError(f"layer {path}: bytes {ext.start}..{ext.end} are neither "
                                   "zero nor data")
-    return reads, fallback
+    return reads, own, fallback - own
 
 
 def _hash_layer_data(
@@ -183,17 +243,21 @@ def _hash_through_chain(chain: list[str], size: int, chunks: list[int],
         except NbdError as err:
             raise OperationError(f"cannot read {path} through qemu-nbd: {err}") from err
         try:
-            for first, count in _runs(chunks):  # consecutive chunks: one read of up to READ_SIZE
-                end = min(size, (first + count) * CHUNK)
-                data = memoryview(handle.pread(end - first * CHUNK, first * CHUNK))
-                for index in range(first, first + count):
-                    piece = data[(index - first) * CHUNK:][:chunk_length(size, index)]
-                    digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = \
-                        chunk_digest(piece)
+            _hash_chunks(handle, size, chunks, digests)
         except NbdError as err:
             raise OperationError(f"cannot read {path} through qemu-nbd: {err}") from err
         finally:
             disconnect_nbd(handle)
+
+
+def _hash_chunks(handle: Any, size: int, chunks: list[int], digests: bytearray) -> None:
+    """Hash the sorted ``chunks`` read from an NBD export (raises NbdError)."""
+    for first, count in _runs(chunks):  # consecutive chunks: one read of up to READ_SIZE
+        end = min(size, (first + count) * CHUNK)
+        data = memoryview(handle.pread(end - first * CHUNK, first * CHUNK))
+        for index in range(first, first + count):
+            piece = data[(index - first) * CHUNK:][:chunk_length(size, index)]
+            digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = chunk_digest(piece)
 
 
 def _runs(chunks: list[int], longest: int = READ_SIZE // CHUNK) -> list[tuple[int, int]]:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
+from libvirt_rdm_backup.engine.plan import DiskPlan
+from libvirt_rdm_backup.engine.sinks import Sink, create_layers
 from libvirt_rdm_backup.errors import RepositoryError, UsageError
 from libvirt_rdm_backup.modes import Compression
 from libvirt_rdm_backup.qemu import img, layers
@@ -126,3 +130,21 @@ def test_luks_layers_pass_the_header_check_only_where_recorded(tmp_path: Path) -
     assert layers.file_chain([str(luks)])["encrypt"] == {"format": "luks",
                                                         "key-secret": SECRET_ID}
     assert SECRET not in luks.read_bytes()
+
+
+def test_encrypted_layers_are_created_side_by_side_with_the_key() -> None:
+    # several encrypted layers of one backup are created at once, each creation seeing the
+    # key's secret object of the command (QEMU's LUKS setup takes seconds of CPU each)
+    both = threading.Barrier(2, timeout=10)  # broken if the two never run at once
+    seen: list[dict[str, Any] | None] = []
+
+    class Sink2:
+        layer_format = LayerFormat(key_id="k")
+
+        def create(self, plan: DiskPlan) -> None:
+            seen.append(active_secret())
+            both.wait()
+
+    with key_file(LayerKey(b"key\n")) as path:
+        create_layers(cast(Sink, Sink2()), [cast(DiskPlan, "vdb"), cast(DiskPlan, "vdc")])
+    assert seen == [{"qom-type": "secret", "id": SECRET_ID, "format": "raw", "file": path}] * 2
