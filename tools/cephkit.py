@@ -196,6 +196,14 @@ def snapshots(image: RbdImage) -> list[str]:
         return sorted(str(s["name"]) for s in opened.list_snaps())
 
 
+def create_snapshot(image: RbdImage, name: str) -> None:
+    """Snapshot the image (``rbd snap create``)."""
+    import rbd
+
+    with ioctx(image.pool) as ctx, rbd.Image(ctx, image.name) as opened:
+        opened.create_snap(name)
+
+
 def remove_snapshot(image: RbdImage, name: str) -> None:
     """Remove one snapshot of the image (``rbd snap rm``)."""
     import rbd
