@@ -1,7 +1,6 @@
 """Reading and writing NBD exports through libnbd: the one user of the ``nbd`` binding.
 
-Reads are pipelined (up to :data:`IN_FLIGHT` requests of :data:`REQUEST` bytes, or
-:data:`MAX_READS` smaller ones) and
+Reads are pipelined (:data:`IN_FLIGHT` requests of :data:`REQUEST` bytes) and
 skip what ``base:allocation`` reports as zero; writes of a resync layer merge
 zero runs into NBD zero requests (:class:`LayerWriter`); unused regions of a
 volume are trimmed (:func:`trim`).
@@ -23,8 +22,7 @@ from libvirt_rdm_backup.process import stall_timeout
 log = logging.getLogger(__name__)
 
 REQUEST = 4 * 1024 * 1024  # bytes per NBD read request
-IN_FLIGHT = 4  # read requests of REQUEST bytes kept in flight
-MAX_READS = 32  # smaller read requests kept in flight (the same bytes at most)
+IN_FLIGHT = 4  # read requests kept in flight
 STATUS_WINDOW = 1024 * 1024 * 1024  # bytes asked about per block-status round
 MAX_ZERO = 1024 * 1024 * 1024  # bytes per NBD zero request
 MAX_TRIM = 1024 * 1024 * 1024  # bytes per NBD trim request
@@ -153,32 +151,28 @@ def _requests(segments: Iterator[Segment]) -> Iterator[Segment]:
 
 def stream(handle: Any, segments: Iterator[Segment]
            ) -> Iterator[tuple[int, int, memoryview | None]]:
-    """(offset, length, data or None for zeros) in order, reads pipelined: at most
-    :data:`IN_FLIGHT` × :data:`REQUEST` bytes and :data:`MAX_READS` reads at a time (many
-    small scattered reads, as an incremental makes, wait for the storage together).
+    """(offset, length, data or None for zeros) in order, IN_FLIGHT reads pipelined.
 
     A data view is valid until the next item is asked for (its buffer is reused).
     """
-    spares: list[bytearray] = []
+    free = [bytearray(REQUEST) for _ in range(IN_FLIGHT)]
     queue: deque[tuple[int, int, bytearray | None, Any, int]] = deque()
     requests = _requests(segments)
     upcoming = next(requests, None)
-    reads = pending = 0  # reads in flight, and their bytes
     while True:
         while upcoming is not None:
             offset, length, zero = upcoming
             if zero:
-                if len(queue) >= 4 * MAX_READS:
+                if len(queue) >= 4 * IN_FLIGHT:
                     break
                 queue.append((offset, length, None, None, 0))
             else:
-                if reads >= MAX_READS or (reads and pending + length > IN_FLIGHT * REQUEST):
+                if not free:
                     break
-                spare = _spare(spares, length)
+                spare = free.pop()
                 target = nbd.Buffer.from_buffer(memoryview(spare)[:length])
                 cookie = handle.aio_pread(target, offset)
                 queue.append((offset, length, spare, target, cookie))
-                reads, pending = reads + 1, pending + length
             upcoming = next(requests, None)
         if not queue:
             return
@@ -188,18 +182,7 @@ def stream(handle: Any, segments: Iterator[Segment]
             continue
         _wait_for(handle, cookie, offset)
         yield offset, length, memoryview(buf)[:length]
-        reads, pending = reads - 1, pending - length
-        spares.append(buf)
-
-
-def _spare(spares: list[bytearray], length: int) -> bytearray:
-    """A free buffer of at least ``length`` bytes (a new one when none fits)."""
-    for index, buf in enumerate(spares):
-        if len(buf) >= length:
-            return spares.pop(index)
-    if len(spares) >= MAX_READS:
-        spares.pop(0)
-    return bytearray(length)
+        free.append(buf)
 
 
 def _wait_for(handle: Any, cookie: int, offset: int) -> None:
