@@ -13,7 +13,12 @@ from libvirt_rdm_backup.engine import deferred
 
 def test_settle_waits_for_the_key_only() -> None:
     gate, done = threading.Event(), []
-    deferred.defer("dom/vdb", "slow", lambda: (gate.wait(5), done.append("vdb")))
+
+    def slow() -> None:
+        gate.wait(5)
+        done.append("vdb")
+
+    deferred.defer("dom/vdb", "slow", slow)
     deferred.defer("dom/vdc", "fast", lambda: done.append("vdc"))
     deferred.settle("dom/vdc")
     assert "vdc" in done and "vdb" not in done
@@ -37,6 +42,10 @@ def test_a_failure_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> Non
 def test_threads_are_not_daemons() -> None:
     """The interpreter waits for them: a command's process ends after its removals."""
     seen: list[bool] = []
-    deferred.defer("dom/vde", "probe", lambda: seen.append(threading.current_thread().daemon))
+
+    def probe() -> None:
+        seen.append(threading.current_thread().daemon)
+
+    deferred.defer("dom/vde", "probe", probe)
     deferred.settle()
     assert seen == [False]
