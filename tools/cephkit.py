@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
+from libvirt_rdm_backup.engine import deferred
 from tools.labkit import DiskSpec, block_disk, loop_device, make_file, test_domain
 
 CEPH_DIR = Path("/var/lib/rdmb-lab/ceph")
@@ -127,8 +128,11 @@ def _feature_mask(names: tuple[str, ...]) -> int:
 
 
 def remove_image(pool: str, name: str) -> None:
-    """Remove an image and its snapshots (gone already is fine)."""
+    """Remove an image and its snapshots (gone already is fine), once this process's
+    background snapshot removals are done (they hold the image open)."""
     import rbd
+
+    deferred.settle()
 
     with ioctx(pool) as ctx:
         try:
@@ -196,11 +200,22 @@ def rbd_disk(target: str, image: RbdImage, user: str = CLIENT, secret: str | Non
 
 
 def snapshots(image: RbdImage) -> list[str]:
-    """Names of the image's snapshots (what ``rbd snap ls`` lists), sorted."""
+    """Names of the image's snapshots (what ``rbd snap ls`` lists), sorted, once this
+    process's background removals of superseded snapshots are done."""
     import rbd
+
+    deferred.settle()
 
     with ioctx(image.pool) as ctx, rbd.Image(ctx, image.name, read_only=True) as opened:
         return sorted(str(s["name"]) for s in opened.list_snaps())
+
+
+def create_snapshot(image: RbdImage, name: str) -> None:
+    """Snapshot the image (``rbd snap create``)."""
+    import rbd
+
+    with ioctx(image.pool) as ctx, rbd.Image(ctx, image.name) as opened:
+        opened.create_snap(name)
 
 
 def remove_snapshot(image: RbdImage, name: str) -> None:

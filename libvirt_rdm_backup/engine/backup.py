@@ -12,6 +12,7 @@ import libvirt
 from libvirt_rdm_backup.consistency import watchdog_ahead
 from libvirt_rdm_backup.domain.connection import connection_uri, is_remote
 from libvirt_rdm_backup.domain.disks import RawDisk
+from libvirt_rdm_backup.engine import deferred
 from libvirt_rdm_backup.engine.capture import (
     Capture,
     CaptureOptions,
@@ -207,14 +208,10 @@ def _live_bitmaps(monitor: Monitor | None) -> dict[str, set[str]]:
     return {node: set(names) for node, names in bitmaps.node_bitmaps(monitor).items()}
 
 
-def _finish_tracking(monitor: Monitor | None, repo_id: str, chain: Chain,
+def _finish_tracking(monitor: Monitor | None, repo_id: str, chain: Chain, domain_uuid: str,
                      superseded: list[tuple[RawDisk, DiskPoint]]) -> None:
     """After publishing: drop the bitmaps and storage snapshots no later backup can use."""
-    needed = chain.needed_snapshots()
-    for disk, point in superseded:
-        data = point.record.storage_snapshot or {}
-        if str(data.get("name")) not in needed:
-            _delete_snapshot(data, disk, repo_id, chain.name, point.backup_id)
+    deferred.drop_superseded(repo_id, chain, domain_uuid, superseded)
     if monitor is None:
         return
     try:
@@ -222,17 +219,6 @@ def _finish_tracking(monitor: Monitor | None, repo_id: str, chain: Chain,
                                 chain.needed_bitmaps())
     except RdmBackupError as err:
         log.warning("could not drop old dirty bitmaps (the next run will): %s", err)
-
-
-def _delete_snapshot(data: dict[str, Any], disk: RawDisk, repo_id: str, chain: str,
-                     backup_id: str) -> None:
-    found = manifest_snapshot(data, disk, repo_id, chain, backup_id)
-    if found is None:
-        return
-    try:
-        found[0].delete(disk, found[1])
-    except RdmBackupError as err:
-        log.warning("could not delete storage snapshot %s: %s", data.get("name"), err)
 
 
 def _snapshot_facts(selected: list[RawDisk], chain: Chain, repo_id: str
@@ -422,6 +408,7 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
         def scope(plan: DiskPlan) -> str:
             return scoped_prefix(store.repo_id, chain_name, plan.disk.target)
 
+        deferred.settle_disks(ctx.uuid, [p.disk.target for p in plans])
         _prune_snapshots(plans, scope, chain.needed_snapshots())
         parent_maps = _parent_maps(store, plans)
         if agent is not None:
@@ -442,7 +429,7 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
         superseded = [(d, point) for d in selected
                       for point in chain.kept_points(d.target) if point.record.storage_snapshot]
         chain.backups.append(manifest)
-        _finish_tracking(monitor, store.repo_id, chain, superseded)
+        _finish_tracking(monitor, store.repo_id, chain, ctx.uuid, superseded)
     pruned = None
     if options.retention is not None:  # only after a successful publish
         with store.keys():

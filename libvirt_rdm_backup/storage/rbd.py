@@ -19,6 +19,7 @@ import base64
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -283,28 +284,36 @@ def cluster(source: RbdSource, what: str, shared: bool = False) -> Iterator[Any]
         finally:
             handle.shutdown()
         return
+    require(what)
     client_conf(source, what)  # the credentials checked again on every use
     where = (source.hosts, source.config_file, source.user, secret_ref(source),
              os.environ.get(KEYRING_ENV), os.getpid())
-    handle = _SHARED.get(where)
-    if handle is None:
-        handle = _SHARED[where] = _connect(source, what)
+    with _SHARED_LOCK:  # threads share it too (snapshots removed in the background)
+        handle = _SHARED.get(where)
+        if handle is None:
+            handle = _SHARED[where] = _connect(source, what)
     try:
         yield handle
     except rados.Error:
-        _SHARED.pop(where, None)  # reconnect next time
-        handle.shutdown()
+        with _SHARED_LOCK:  # reconnect next time; shut down at exit (another thread may
+            if _SHARED.get(where) is handle:  # still use it)
+                _RETIRED.append(_SHARED.pop(where))
         raise
 
 
 _SHARED: dict[tuple[Any, ...], Any] = {}
+_RETIRED: list[Any] = []
+_SHARED_LOCK = threading.Lock()
 
 
 @atexit.register
 def close_shared() -> None:
     """Shut down the shared connections of this process."""
-    while _SHARED:
-        _where, handle = _SHARED.popitem()
+    with _SHARED_LOCK:
+        handles = [*_SHARED.values(), *_RETIRED]
+        _SHARED.clear()
+        _RETIRED.clear()
+    for handle in handles:
         handle.shutdown()
 
 
@@ -350,7 +359,7 @@ def monitors(handle: Any) -> list[str]:
 
 def image_facts(source: RbdSource, what: str) -> ImageFacts:
     """Everything the cluster says about the source's image (raises StorageError)."""
-    with open_image(source, what) as (handle, ioctx, image):
+    with open_image(source, what, shared=True) as (handle, ioctx, image):
         try:
             info = image.stat()
             mask = int(image.features())
@@ -389,7 +398,7 @@ def image_facts(source: RbdSource, what: str) -> ImageFacts:
 
 def image_size(source: RbdSource, what: str) -> int:
     """Size in bytes of the source's image (or snapshot)."""
-    with open_image(source, what) as (_, _, image):
+    with open_image(source, what, shared=True) as (_, _, image):
         try:
             return int(image.size())
         except rbd.Error as err:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import replace
 from typing import Any
 
@@ -41,7 +41,6 @@ from libvirt_rdm_backup.storage.snapshots import (
     handle_int,
     handle_problem,
     in_scope,
-    refuse_foreign,
     utc_now,
 )
 
@@ -120,6 +119,19 @@ def _no_snapshots(disk: RawDisk, err: RdmBackupError) -> None:
         _WARNED.add((disk.target, err.message))
         log.warning("disk %s is a LUN on Ceph RBD but gets no RBD snapshots (it is copied "
                     "from storage instead): %s", disk.target, err.message)
+
+
+@contextmanager
+def _owned(disk: RawDisk, snap: StorageSnapshot, what: str, snapshot: str | None = None,
+           writable: bool = False) -> Iterator[Any]:
+    """The disk's image (at ``snapshot``), opened once, after checking that ``snap`` is
+    one this agent made of it (raises StorageError as :func:`refuse_foreign` does)."""
+    with _image(disk, what, snapshot, writable) as (image, identity):
+        problem = handle_problem(RbdSnapshotAgent.name, disk, snap, identity)
+        if problem:
+            raise StorageError(f"snapshot {snap.name!r} of {disk.target} is not one "
+                               f"rbd made of it, left untouched: {problem}")
+        yield image
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -236,25 +248,24 @@ class RbdSnapshotAgent:
 
     def present(self, disk: RawDisk, snap: StorageSnapshot) -> Presented:
         """The image at the snapshot, for QEMU's rbd driver (nothing is set up)."""
-        refuse_foreign(self, disk, snap)
-        if not self.exists(disk, snap):
-            raise StorageError(f"snapshot {snap.name} of {snap.disk} is gone")
+        with _owned(disk, snap, f"disk {disk.target}") as image:
+            if _user_snaps(image).get(snap.name) != handle_int(snap, "snap_id"):
+                raise StorageError(f"snapshot {snap.name} of {snap.disk} is gone")
         source = replace(_source(disk), snapshot=snap.name)
         return Presented(source.url, 0, rbd=source)
 
     def withdraw(self, disk: RawDisk, snap: StorageSnapshot) -> None:
-        """Nothing to undo."""
-        refuse_foreign(self, disk, snap)
+        """Nothing was set up (:meth:`present` checked the snapshot): nothing to undo."""
 
     def changed_ranges(
         self, disk: RawDisk, older: StorageSnapshot, newer: StorageSnapshot
     ) -> list[tuple[int, int]] | None:
         """``diff_iterate`` ranges between the two snapshots; None when not comparable."""
-        if self.owns(disk, older) or self.owns(disk, newer) or older.size != newer.size:
-            return None
         what = f"disk {disk.target}: changes since {older.name}"
         try:
-            with _image(disk, what, snapshot=newer.name) as (image, _identity_now):
+            if older.size != newer.size or self.owns(disk, older):
+                return None
+            with _owned(disk, newer, what, snapshot=newer.name) as image:
                 snaps = _user_snaps(image)
                 if (snaps.get(older.name) != handle_int(older, "snap_id")
                         or snaps.get(newer.name) != handle_int(newer, "snap_id")):
@@ -266,8 +277,7 @@ class RbdSnapshotAgent:
 
     def exists(self, disk: RawDisk, snap: StorageSnapshot) -> bool:
         """True while the image has a snapshot of this name and id."""
-        refuse_foreign(self, disk, snap)
-        with _image(disk, f"disk {disk.target}") as (image, _identity_now):
+        with _owned(disk, snap, f"disk {disk.target}") as image:
             snap_id = handle_int(snap, "snap_id")
             try:
                 return _user_snaps(image).get(snap.name) == snap_id
@@ -282,17 +292,17 @@ class RbdSnapshotAgent:
                 stale = sorted(n for n in _user_snaps(image) if in_scope(n, prefix)
                                and n not in keep)
                 for name in stale:
-                    image.remove_snap(name)
+                    with suppress(ceph.rbd.ImageNotFound):  # removed meanwhile
+                        image.remove_snap(name)
             except ceph.rbd.Error as err:
                 raise _fails(what, err) from err
         return stale
 
     def delete(self, disk: RawDisk, snap: StorageSnapshot) -> None:
         """Remove the snapshot (already gone is fine)."""
-        refuse_foreign(self, disk, snap)
         what = f"disk {disk.target}: snapshot {snap.name}"
         snap_id = handle_int(snap, "snap_id")
-        with _image(disk, what, writable=True) as (image, _identity_now):
+        with _owned(disk, snap, what, writable=True) as image:
             try:
                 if _user_snaps(image).get(snap.name) == snap_id:
                     image.remove_snap(snap.name)

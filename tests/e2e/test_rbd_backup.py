@@ -1,6 +1,7 @@
 """A Ceph RBD disk backed up through RBD snapshots, next to a loop LUN: full, incrementals of
 the extents the cluster reports as changed, still incrementals after a VM restart, a resync when
-a kept snapshot is gone; the same on a shut-off domain; every point restored byte for byte."""
+a kept snapshot is gone; the same on a shut-off domain; two RBD disks of one VM; every point
+restored byte for byte."""
 
 from __future__ import annotations
 
@@ -178,3 +179,47 @@ def test_rbd_disk_of_a_shut_off_domain_is_read_from_the_cluster(ceph: None, run_
         assert len(cephkit.snapshots(image)) == 2  # the last and the last full point's
     stored = [p for p in Path(repo).rglob("*") if p.is_file()]
     assert stored and not [p for p in stored if key.encode() in p.read_bytes()]
+
+
+def test_two_rbd_disks_share_one_point_and_keep_two_snapshots_each(
+        ceph: None, run_token: str, rdmb_tmp: Path) -> None:
+    """A VM with two RBD disks in one pool: each snapshotted inside one window (the guest
+    held: per-image snapshots are not atomic across images, and Ceph 16 reads no group
+    snapshot), full then incrementals of only the rewritten extents, each point of each disk
+    restored byte for byte; the superseded snapshots removed after each publish, and one a
+    killed removal would leave (the chain's name, no manifest) removed by the next run."""
+    repo = str(rdmb_tmp / "repo")
+    with cephkit.rbd_image(64 * MiB) as first, cephkit.rbd_image(64 * MiB) as second, \
+            labkit.test_domain(f"rdmb-{run_token}-rbd-two",
+                               [cephkit.rbd_disk("vdb", first),
+                                cephkit.rbd_disk("vdc", second)]) as dom:
+        name, images = str(dom.name()), {"vdb": first, "vdc": second}
+        leftover = None
+        for index in range(3):
+            for offset, disk in enumerate(images):
+                guest_write(dom, disk, 0x41 + index + offset, (index * 7 + offset) * MiB, CLUSTER)
+            dom.suspend()  # for the references only
+            try:
+                refs = {disk: cephkit.export(image, rdmb_tmp / f"ref-{index}-{disk}.raw")
+                        for disk, image in images.items()}
+            finally:
+                dom.resume()
+            if index == 2:  # what a removal cut short by a kill leaves behind
+                leftover = cephkit.snapshots(first)[0][:-6] + "abcdef"
+                cephkit.create_snapshot(first, leftover)
+            manifest = api.backup(name, repo).manifest
+            assert manifest.consistency["method"] != "storage-snapshot", manifest.consistency
+            for disk, image in images.items():
+                record = manifest.disk(disk)
+                assert record is not None and record.data_path == "snapshot", record
+                assert record.level == ("full" if index == 0 else "incremental"), record.reason
+                if index:
+                    assert record.bytes_transferred == CLUSTER, record.bytes_transferred
+                snaps = cephkit.snapshots(image)  # after this process's removals
+                assert record.storage_snapshot is not None
+                assert record.storage_snapshot["name"] in snaps
+                assert len(snaps) == min(index + 1, 2), snaps  # last and last full
+                out = rdmb_tmp / f"restore-{index}-{disk}.raw"
+                api.restore(name, repo, disk, str(out), backup_id=manifest.backup_id)
+                assert same_bytes(out, refs[disk]), f"point {index} of {disk} differs"
+        assert leftover is not None and leftover not in cephkit.snapshots(first)
