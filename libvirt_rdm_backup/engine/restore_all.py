@@ -38,7 +38,7 @@ from libvirt_rdm_backup.engine.restore import (
 )
 from libvirt_rdm_backup.engine.restore_claims import claims_of
 from libvirt_rdm_backup.engine.restore_rbd_original import (
-    defined_images,
+    defined_rbd_disks,
     find_rbd_original,
     write_rbd_original,
 )
@@ -179,13 +179,13 @@ def _authority(luns: set[IscsiSource]) -> IscsiAuthority:
 def _originals(records: list[DiskRecord], conn: libvirt.virConnect | None,
                manifest: Manifest, force: bool) -> dict[str, OriginalDevice]:
     authority = _authority(_domain_luns(conn, manifest.domain_uuid))
-    images = defined_images(conn, manifest.domain_uuid) \
-        if any(r.disk.rbd is not None for r in records) else {}
+    defined = defined_rbd_disks(conn, manifest.domain_uuid) \
+        if any(r.disk.rbd is not None for r in records) else None
     found = {}
     for record in records:
         claims = claims_of(record)
         found[record.disk.target] = \
-            find_rbd_original(claims, record, conn, images, force) if claims.rbd is not None \
+            find_rbd_original(claims, conn, defined, force) if claims.rbd is not None \
             else find_original(claims, authority=authority)
     seen: dict[str, str] = {}
     for disk, device in found.items():

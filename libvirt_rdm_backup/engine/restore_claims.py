@@ -60,7 +60,7 @@ class RbdClaim:
     namespace: str | None
     image: str
     image_id: str
-    cluster_fsid: str | None
+    cluster_fsid: str
 
     @property
     def name(self) -> str:
@@ -220,8 +220,8 @@ def _rbd_claim(record: DiskRecord, root: StorageNode) -> RbdClaim:
     image_id, fsid = identity.get("image_id"), identity.get("cluster_fsid")
     if not isinstance(image_id, str) or not SYNTAX["rbd-id"].fullmatch(image_id):
         raise _bad(disk, "no RBD image id")
-    if fsid is not None and not (isinstance(fsid, str) and SYNTAX["fsid"].fullmatch(fsid)):
-        raise _bad(disk, "cluster_fsid is not a cluster id")
+    if not isinstance(fsid, str) or not SYNTAX["fsid"].fullmatch(fsid):
+        raise _bad(disk, "no RBD cluster_fsid")
     claim = RbdClaim(str(names[0]), names[1] or None, str(names[2]), image_id, fsid)
     source = record.disk.rbd
     if source is None or (source.pool, source.namespace or None, source.image) != \

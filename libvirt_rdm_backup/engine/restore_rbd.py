@@ -35,7 +35,7 @@ from libvirt_rdm_backup.storage import rbd_dest
 log = logging.getLogger(__name__)
 
 PREFIX = "rbd:"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # with fullmatch
 _FORM = "rbd:POOL/IMAGE, rbd:POOL/NAMESPACE/IMAGE, optionally ?conf=/PATH&id=USER"
 
 

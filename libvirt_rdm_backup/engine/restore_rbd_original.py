@@ -1,15 +1,18 @@
 """A disk's original RBD image for ``--to-original``: found, checked, and written.
 
-The image is the one the backup's mapping and the domain's disk both name (pool,
-namespace, image); the cluster is reached with what this host says about it: the
-backed-up domain's own definition here (its monitors, cephx user and libvirt
-secret, whose key is read through libvirt as for a backup), or this host's Ceph
-configuration when the backup's disk named no monitors and no config file. The
-image must still be the backed-up one (same cluster, same image id: an image
-removed and made anew under the name is refused), at least as large as the disk,
-and not in use (a running domain's disk, a watcher, a lock holder or the owner of
-its exclusive lock) unless ``--force``. It is written through the same path as
-``--to rbd:POOL/IMAGE`` (:mod:`.restore_rbd`), which checks it once more.
+The image is the one the backed-up domain's definition on this host (found by the
+backup's domain UUID) has at the disk's target, which must be the one the backup's
+mapping and disk name (pool, namespace, image); the cluster is reached only with
+what that definition says (its monitors or config file, cephx user and libvirt
+secret, whose key is read through libvirt as for a backup), never with what the
+backup says. A domain not defined here, or whose disk there is another image or no
+RBD image, is refused: ``--to rbd:POOL/IMAGE?conf=PATH&id=USER`` names the image
+and cluster instead. The image must still be the backed-up one (the cluster fsid
+and image id the backup recorded: an image removed and made anew under the name is
+refused), at least as large as the disk, and not in use (a running domain's disk, a
+watcher, a lock holder or the owner of its exclusive lock) unless ``--force``. It
+is written through the same path as ``--to rbd:POOL/IMAGE`` (:mod:`.restore_rbd`),
+which checks it once more.
 """
 
 from __future__ import annotations
@@ -46,15 +49,21 @@ def _rbd_disks(xml: str, running: bool) -> list[RbdSource]:
     return [d.rbd for d in inventory.raw if d.rbd is not None and not d.rbd.snapshot]
 
 
-def defined_images(conn: libvirt.virConnect | None, domain_uuid: str) -> dict[ImageKey, RbdSource]:
-    """The RBD images of the backed-up domain's definition on this host (when it is here)."""
+def defined_rbd_disks(conn: libvirt.virConnect | None,
+                      domain_uuid: str) -> dict[str, RbdSource | None] | None:
+    """The backed-up domain's definition on this host: each disk target's RBD image (None
+    for a disk that is no RBD image); None when the domain is not defined here."""
     if conn is None:
-        return {}
+        return None
     try:
         dom = conn.lookupByUUIDString(domain_uuid)
-        return {_key(s): s for s in _rbd_disks(domain_xml(dom, inactive=True), False)}
+        inventory = inventory_from_xml(DomainXML.parse(domain_xml(dom, inactive=True)), False)
     except (libvirt.libvirtError, RdmBackupError):
-        return {}
+        return None
+    disks: dict[str, RbdSource | None] = {d.target: None for d in inventory.other}
+    disks.update({d.target: d.rbd if d.rbd is not None and not d.rbd.snapshot else None
+                  for d in inventory.raw})
+    return disks
 
 
 def running_users(conn: libvirt.virConnect | None, claim: RbdClaim) -> list[str]:
@@ -69,35 +78,39 @@ def running_users(conn: libvirt.virConnect | None, claim: RbdClaim) -> list[str]
     return users
 
 
-def _reach(claims: Claims, record: DiskRecord,
-           defined: dict[ImageKey, RbdSource]) -> tuple[RbdSource, str]:
-    """How to reach the claimed image's cluster, and on whose word."""
-    claim = claims.rbd
-    assert claim is not None
-    own = defined.get(_key(claim))
-    if own is not None:
-        return own, "the domain's definition on this host"
-    recorded = record.disk.rbd
-    if recorded is not None and not recorded.hosts and recorded.config_file is None:
-        return recorded, "this host's Ceph configuration"
-    raise UsageError(f"{claims.disk}: no RBD disk of the domain's definition on this host is "
-                     f"rbd:{claim.name}, and the backup names the monitors of its cluster; "
-                     f"restore it with --to rbd:{claim.name}?conf=PATH&id=USER")
-
-
-def find_rbd_original(claims: Claims, record: DiskRecord, conn: libvirt.virConnect | None,
-                      defined: dict[ImageKey, RbdSource], force: bool) -> OriginalDevice:
-    """The disk's original image, checked (UsageError naming what differs)."""
+def _reach(claims: Claims, defined: dict[str, RbdSource | None] | None) -> RbdSource:
+    """The claimed image as the domain's definition on this host has it at the disk's target
+    (its cluster and credentials); UsageError when the definition does not have it there."""
     claim, disk = claims.rbd, claims.disk
     assert claim is not None
-    source, where = _reach(claims, record, defined)
+    hint = f"restore it with --to rbd:{claim.name}?conf=PATH&id=USER"
+    if defined is None:
+        raise UsageError(f"{disk}: the backed-up domain is not defined on this host, whose "
+                         f"definition alone says which image and cluster are its disk's; {hint}")
+    own = defined.get(disk)
+    if own is None or _key(own) != _key(claim):
+        has = f"rbd:{own.name[:200]}" if own is not None else \
+            "no RBD image" if disk in defined else "no such disk"
+        raise UsageError(f"{disk}: the domain's definition on this host has {has} at {disk}, "
+                         f"the backup's disk was rbd:{claim.name}; {hint}")
+    return own
+
+
+def find_rbd_original(claims: Claims, conn: libvirt.virConnect | None,
+                      defined: dict[str, RbdSource | None] | None,
+                      force: bool) -> OriginalDevice:
+    """The disk's original image, checked (UsageError naming what differs). ``defined``:
+    :func:`defined_rbd_disks` of the backed-up domain."""
+    claim, disk = claims.rbd, claims.disk
+    assert claim is not None
+    source = _reach(claims, defined)
     learn_rbd_key(conn, source)
     url = f"rbd:{claim.name}"
     state = rbd_dest.inspect(source, f"{disk}: {url}")
     if state is None:
         raise UsageError(f"{disk}: no RBD image {claim.name} in its cluster (the backup's had "
                          f"id {claim.image_id}); restore it with --to {url}, which creates it")
-    if claim.cluster_fsid and state.cluster_fsid != claim.cluster_fsid:
+    if state.cluster_fsid != claim.cluster_fsid:
         raise UsageError(f"{disk}: {url} is in cluster {state.cluster_fsid}, the backup's "
                          f"image was in cluster {claim.cluster_fsid}")
     if state.image_id != claim.image_id:
@@ -115,10 +128,10 @@ def find_rbd_original(claims: Claims, record: DiskRecord, conn: libvirt.virConne
         if state.users:
             raise UsageError(f"{disk}: restore target {url} is in use "
                              f"({'; '.join(state.users)}); use --force to overwrite it")
-    fsid = f" in cluster {state.cluster_fsid}" if claim.cluster_fsid else ""
     return OriginalDevice(disk, url, state.size,
-                          f"RBD image id {claim.image_id} of {claim.name}{fsid} (reached "
-                          f"through {where})", rbd=source, image_id=state.image_id)
+                          f"RBD image id {claim.image_id} of {claim.name} in cluster "
+                          f"{state.cluster_fsid} (reached through the domain's definition on "
+                          "this host)", rbd=source, image_id=state.image_id)
 
 
 def write_rbd_original(conn: libvirt.virConnect | None, store: Store, record: DiskRecord,

@@ -28,8 +28,8 @@ from libvirt_rdm_backup.storage.rbd_mapping import image_node
 BACKING_STORE = "rbd"
 BSOPTS_ENV = "RDM_BACKUP_TGT_RBD"
 DEFAULT_POOL = "rbd"  # tgt's parse_imagepath: a path without a pool
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
-_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")  # whole names: fullmatch
+_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
 def parse_image_path(path: str) -> tuple[str, str, str | None]:
@@ -41,7 +41,7 @@ def parse_image_path(path: str) -> tuple[str, str, str | None]:
     for kind, name in (("pool", pool), ("image", image)) + (
         (("snapshot", snapshot),) if at else ()
     ):
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise StorageError(
                 f"tgtd reports rbd backing store {path!r}: {kind} name "
                 f"{name[:64]!r} is not one this tool accepts"
@@ -66,7 +66,7 @@ def parse_bsopts(text: str) -> dict[str, str]:
         found[key] = value
     if "conf" in found and not os.path.isabs(found["conf"]):
         raise StorageError(f"{BSOPTS_ENV}: conf= must be an absolute path")
-    if "id" in found and not _ID_RE.match(found["id"]):
+    if "id" in found and not _ID_RE.fullmatch(found["id"]):
         raise StorageError(f"{BSOPTS_ENV}: id= is not a cephx user name")
     cluster = found.get("cluster", "ceph")
     if cluster != "ceph" and "conf" not in found:

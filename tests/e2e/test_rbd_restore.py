@@ -127,10 +127,46 @@ def test_restore_into_rbd_images(ceph: None, run_token: str, rdmb_tmp: Path,
             cephkit.remove_image(new.pool, new.name)
 
 
+def forged_refused(repo: Path, args: tuple[str, ...], image: cephkit.RbdImage,
+                   tmp: Path) -> None:
+    """A backup edited to name another image (no monitors: this host's Ceph configuration; the
+    cluster's admin; the lab's libvirt secret; that image's id) is refused, with its cluster's
+    fsid (the domain's definition here has another image at the disk) and without it (exit 2,
+    the other image unchanged); the backup is put back as it was."""
+    [path] = repo.glob("*/*/manifest.json")
+    text = path.read_text()
+    with cephkit.rbd_image(SIZE) as other, cephkit.ioctx(other.pool) as ctx:
+        import rbd
+
+        with rbd.Image(ctx, other.name, read_only=True) as opened:
+            other_id = str(opened.id())
+        cephkit.write_pattern(other, 0, MiB, 0x5A)
+        before = cephkit.export(other, tmp / "other.raw")
+        try:
+            for drop_fsid, words in ((False, f"has rbd:{image.spec} at vdb, the backup's disk "
+                                             f"was rbd:{other.spec}; restore it with --to "
+                                             f"rbd:{other.spec}?conf=PATH&id=USER"),
+                                     (True, "no RBD cluster_fsid")):
+                document = json.loads(text)
+                [disk] = [d for d in document["disks"] if d["disk"] == "vdb"]
+                disk["identifiers"]["rbd"] = {"pool": other.pool, "image": other.name, "hosts": [],
+                                       "user": "admin", "secret_uuid": cephkit.secret_uuid()}
+                root = disk["mapping"]["storage"]
+                root["identity"].update(image=other.name, image_id=other_id)
+                if drop_fsid:
+                    del root["identity"]["cluster_fsid"]
+                path.write_text(json.dumps(document))
+                refused(labkit.rdm_backup(*args), words)
+        finally:
+            path.write_text(text)
+        assert same_bytes(cephkit.export(other, tmp / "other-after.raw"), before)
+
+
 def test_restore_to_the_original_rbd_image(ceph: None, run_token: str, rdmb_tmp: Path) -> None:
     """``--to-original`` finds the disk's image by its id: written back byte for byte while the
-    domain is shut off (a dry run first writes nothing); refused while the domain runs, and once
-    the image was removed and made anew under its name (exit 2, nothing written)."""
+    domain is shut off (a dry run first writes nothing); refused while the domain runs, once
+    the image was removed and made anew under its name, and for a backup edited to name another
+    image (exit 2, nothing written)."""
     repo = str(rdmb_tmp / "repo")
     with cephkit.rbd_image(SIZE) as image, \
             labkit.test_domain(f"rdmb-{run_token}-rbd-or", [cephkit.rbd_disk("vdb", image)],
@@ -150,6 +186,7 @@ def test_restore_to_the_original_rbd_image(ceph: None, run_token: str, rdmb_tmp:
         assert entry["path"] == f"rbd:{image.spec}", entry
         assert entry["matched_on"].startswith("RBD image id "), entry
         assert same_bytes(cephkit.export(image, rdmb_tmp / "dry.raw"), changed)
+        forged_refused(Path(repo), args, image, rdmb_tmp)
 
         proc = labkit.rdm_backup(*args)
         assert proc.returncode == 0, proc.stderr

@@ -1,11 +1,15 @@
-"""Restore to the original RBD image: the image the mapping and the domain's disk both name,
-reached with what this host says about its cluster, refused when it was made anew, is in
-another cluster, is smaller than the disk or is in use (unless --force)."""
+"""Restore to the original RBD image: the image the domain's definition on this host has at
+the disk's target, which the mapping and the backup's disk must both name, reached only with
+that definition's monitors and credentials (never the backup's); refused when the domain is
+not defined here or has another image there, when it was made anew, is in another cluster,
+is smaller than the disk or is in use (unless --force)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
+import libvirt
 import pytest
 from lxml import etree
 
@@ -41,9 +45,10 @@ def record(source: RbdSource | None = SOURCE, size: int = 64 * MiB,
 
 @pytest.fixture
 def cluster(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """What the cluster says about the image (``state``: None when there is none)."""
+    """What the cluster says about the image (``state``: None when there is none); ``keys``:
+    the sources whose libvirt secret was read."""
     seen: dict[str, Any] = {"state": rbd_dest.ImageState(64 * MiB, "10a3b2c4d5e6", FSID, []),
-                            "running": []}
+                            "running": [], "keys": []}
 
     def inspect(source: RbdSource, what: str) -> rbd_dest.ImageState | None:
         seen["source"] = source
@@ -51,21 +56,27 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     monkeypatch.setattr(rbd_dest, "inspect", inspect)
     monkeypatch.setattr(original, "running_users", lambda conn, claim: seen["running"])
+    monkeypatch.setattr(original, "learn_rbd_key", lambda conn, source: seen["keys"].append(source))
     return seen
 
 
-def find(rec: DiskRecord, defined: dict[Any, RbdSource] | None = None,
-         force: bool = False) -> Any:
-    mine: dict[original.ImageKey, RbdSource] = \
-        {("rbd", None, "vm-disk"): SOURCE} if defined is None else defined
-    return original.find_rbd_original(claims_of(rec), rec, None, mine, force)
+HERE = object()  # the domain defined here with SOURCE at vdb
+
+
+def find(rec: DiskRecord, defined: Any = HERE, force: bool = False) -> Any:
+    mine = {"vdb": SOURCE} if defined is HERE else defined
+    return original.find_rbd_original(claims_of(rec), None, mine, force)
 
 
 @pytest.mark.parametrize(("rec", "words"), [
     pytest.param(record(pool="rbd/../x"), "no RBD pool and image names", id="bad-pool"),
     pytest.param(record(image=None), "no RBD pool and image names", id="no-image"),
     pytest.param(record(image_id="XYZ"), "no RBD image id", id="bad-id"),
-    pytest.param(record(cluster_fsid="not-a-fsid"), "cluster_fsid", id="bad-fsid"),
+    pytest.param(record(cluster_fsid="not-a-fsid"), "no RBD cluster_fsid", id="bad-fsid"),
+    pytest.param(record(cluster_fsid=None), "no RBD cluster_fsid", id="no-fsid"),
+    pytest.param(record(cluster_fsid=FSID + "\n"), "no RBD cluster_fsid", id="fsid-newline"),
+    pytest.param(record(image_id=None), "no RBD image id", id="no-id"),
+    pytest.param(record(image="vm-disk\n"), "no RBD pool and image names", id="name-newline"),
     pytest.param(record(image="other"), "it names image rbd/other, the domain's disk rbd/vm-disk",
                  id="names-differ"),
     pytest.param(record(source=None), "the domain's disk no RBD image", id="no-rbd-source"),
@@ -81,21 +92,95 @@ def test_a_bad_rbd_mapping_is_refused(rec: DiskRecord, words: str) -> None:
 def test_the_image_is_found_through_the_domains_definition(cluster: dict[str, Any]) -> None:
     here = RbdSource(pool="rbd", image="vm-disk", hosts=(("127.0.0.1", 6789),), user="lab",
                      secret_usage="lab")
-    found = find(record(), {("rbd", None, "vm-disk"): here})
+    found = find(record(), {"vdb": here, "vdc": None})
     assert cluster["source"] is here  # this host's monitors and secret, not the backup's
+    assert cluster["keys"] == [here]
     assert (found.path, found.size, found.image_id) == ("rbd:rbd/vm-disk", 64 * MiB,
                                                         "10a3b2c4d5e6")
     assert found.rbd is here and found.iscsi is None and found.rdev is None
-    assert "RBD image id 10a3b2c4d5e6 of rbd/vm-disk in cluster" in found.matched_on
+    assert found.matched_on == (f"RBD image id 10a3b2c4d5e6 of rbd/vm-disk in cluster {FSID} "
+                                "(reached through the domain's definition on this host)")
 
 
-def test_monitors_only_the_backup_names_are_not_contacted(cluster: dict[str, Any]) -> None:
-    with pytest.raises(UsageError, match=r"restore it with --to rbd:rbd/vm-disk\?conf="):
-        find(record(), {})
-    assert "source" not in cluster
-    plain = RbdSource(pool="rbd", image="vm-disk", user="libvirt")  # this host's ceph.conf
-    found = find(record(source=plain), {})
-    assert cluster["source"] is plain and "this host's Ceph configuration" in found.matched_on
+def test_a_fsid_missing_from_the_mapping_is_refused_not_skipped() -> None:
+    rec = record()
+    assert rec.mapping is not None
+    del rec.mapping.root.identity["cluster_fsid"]
+    with pytest.raises(UsageError, match="no RBD cluster_fsid"):
+        claims_of(rec)
+
+
+# a backup of domain A edited so that vdb names image vm-b of the cluster this host's
+# ceph.conf reaches (no monitors), as the admin, with another libvirt ceph secret of this host
+FORGED = RbdSource(pool="rbd", image="vm-b", user="admin",
+                   secret_uuid="0d5f0c4a-0000-4000-8000-00000000beef")
+
+
+@pytest.mark.parametrize(("defined", "words"), [
+    pytest.param(None, "vdb: the backed-up domain is not defined on this host", id="not-here"),
+    pytest.param({"vdb": SOURCE}, "definition on this host has rbd:rbd/vm-disk at vdb, the "
+                 "backup's disk was rbd:rbd/vm-b", id="another-image"),
+    pytest.param({"vdb": None}, "has no RBD image at vdb", id="not-rbd"),
+    pytest.param({"vdc": FORGED}, "has no such disk at vdb", id="at-another-target"),
+    pytest.param({"vdb": replace(FORGED, namespace="ns")}, "has rbd:rbd/ns/vm-b at vdb",
+                 id="another-namespace"),
+    pytest.param({}, "has no such disk at vdb", id="no-disks"),
+])
+def test_an_image_the_definition_here_does_not_have_at_the_target_is_refused(
+        cluster: dict[str, Any], defined: Any, words: str) -> None:
+    forged = record(source=FORGED, image="vm-b")
+    for force in (False, True):
+        with pytest.raises(UsageError) as caught:
+            find(forged, defined, force=force)
+        message = str(caught.value)
+        assert words in message and "\n" not in message, message
+        assert message.endswith("restore it with --to rbd:rbd/vm-b?conf=PATH&id=USER")
+    assert cluster["keys"] == [] and "source" not in cluster  # no secret read, no cluster asked
+
+
+def test_the_backups_credentials_are_never_used(cluster: dict[str, Any]) -> None:
+    here = RbdSource(pool="rbd", image="vm-b", user="libvirt",
+                     secret_uuid="0d5f0c4a-0000-4000-8000-000000000001")
+    cluster["state"] = rbd_dest.ImageState(64 * MiB, "10a3b2c4d5e6", FSID, [])
+    found = find(record(source=FORGED, image="vm-b"), {"vdb": here})
+    assert cluster["keys"] == [here] and cluster["source"] is here and found.rbd is here
+    assert "00000000beef" not in repr(cluster["keys"]) + repr(found)
+
+
+def test_without_a_libvirt_connection_nothing_is_defined_here() -> None:
+    assert original.defined_rbd_disks(None, "0d5f0c4a-0000-4000-8000-000000000002") is None
+
+
+class FakeConn:
+    def __init__(self, xml: str | None) -> None:
+        self.xml = xml
+
+    def lookupByUUIDString(self, uuid: str) -> Any:  # noqa: N802 (libvirt's name)
+        if self.xml is None:
+            raise libvirt.libvirtError("Domain not found")
+        return self
+
+    def XMLDesc(self, flags: int) -> str:  # noqa: N802 (libvirt's name)
+        assert flags == libvirt.VIR_DOMAIN_XML_INACTIVE and self.xml is not None
+        return self.xml
+
+
+def test_the_definition_gives_each_targets_rbd_image() -> None:
+    xml = ("<domain type='kvm'><name>a</name><uuid>0d5f0c4a-0000-4000-8000-000000000002</uuid>"
+           "<devices><disk type='network' device='disk'><driver name='qemu' type='raw'/>"
+           "<source protocol='rbd' name='rbd/vm-a'><host name='127.0.0.1' port='6789'/>"
+           "</source><target dev='vdb'/></disk>"
+           "<disk type='network' device='disk'><driver name='qemu' type='raw'/>"
+           "<source protocol='rbd' name='rbd/vm-a@snap'/><target dev='vdc'/></disk>"
+           "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+           "<source file='/var/lib/a.qcow2'/><target dev='vda'/></disk></devices></domain>")
+    uuid = "0d5f0c4a-0000-4000-8000-000000000002"
+    disks = original.defined_rbd_disks(FakeConn(xml), uuid)  # type: ignore[arg-type]
+    assert disks is not None and set(disks) == {"vda", "vdb", "vdc"}
+    vdb = disks["vdb"]
+    assert vdb is not None and (vdb.name, vdb.hosts) == ("rbd/vm-a", (("127.0.0.1", 6789),))
+    assert disks["vda"] is None and disks["vdc"] is None  # not an image, a snapshot
+    assert original.defined_rbd_disks(FakeConn(None), uuid) is None  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("state", "words"), [

@@ -58,7 +58,8 @@ def test_image_path(path: str, expected: tuple[str, str, str | None]) -> None:
 
 
 @pytest.mark.parametrize("path", ["pool/", "/img", "pool/ns/img", "pool/a b", "pool/img@",
-                                  "pool/-x", "p\nq/img", "pool/" + "x" * 200])
+                                  "pool/-x", "p\nq/img", "pool/" + "x" * 200, "pool/img\n",
+                                  "pool\n/img", "pool/img@s\n"])
 def test_odd_image_paths_are_refused(path: str) -> None:
     with pytest.raises(StorageError, match="not one this tool accepts"):
         tgt_rbd.parse_image_path(path)
