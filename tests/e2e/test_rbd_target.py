@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,12 +83,17 @@ def write(vm: TargetVM, rng: random.Random, offsets: list[int]) -> int:
 
 
 def rbd_du(vm: TargetVM) -> int:
-    """``rbd du``'s total of the target's images, snapshots included."""
-    proc = subprocess.run(["rbd", "-c", str(cephkit.CEPH_CONF), "--id", "admin", "du", "-p",
-                           cephkit.POOL, "--format", "json"], capture_output=True, text=True,
-                          check=True, timeout=120)
-    return sum(int(i["used_size"]) for i in json.loads(proc.stdout)["images"]
-               if i["name"].startswith(f"{vm.prefix}."))
+    """``rbd du``'s total of the target's images, snapshots included (image by image: a
+    pool-wide ``du`` fails when another test removes an image of the pool meanwhile)."""
+    def rbd(*args: str) -> Any:
+        proc = subprocess.run(["rbd", "-c", str(cephkit.CEPH_CONF), "--id", "admin", *args,
+                               "--format", "json"], capture_output=True, text=True,
+                              check=True, timeout=120)
+        return json.loads(proc.stdout)
+
+    names = [n for n in rbd("ls", "-p", cephkit.POOL) if n.startswith(f"{vm.prefix}.")]
+    return sum(int(i["used_size"]) for name in names
+               for i in rbd("du", f"{cephkit.POOL}/{name}")["images"])
 
 
 def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
