@@ -1,10 +1,12 @@
 """``rekey``: the key of an encrypted file repository changed in every layer.
 
 Under every domain's lock and prune gate (no backup, prune or reader meanwhile), a
-journal (:mod:`..repository.rekey_journal`) is written and synced first, naming every
-encrypted layer and the digest of its body (the file outside its LUKS header, whose
-whole digest was checked against its manifest). Then, each step one that may be done
-again:
+journal (:mod:`..repository.rekey_journal`, authenticated by a key derived from both
+keys) is written and synced first, naming every encrypted layer and the digest of its
+body (the file outside its LUKS header, whose whole digest was checked against its
+manifest). Each layer is opened once per step, without following a symlink, and read
+and handed to QEMU through that descriptor (:mod:`.rekey_layer`). Then, each step one
+that may be done again:
 
 1. every layer gets a key slot for the new key (``qemu-img amend``; a layer that
    opens with it already is left as it is);
@@ -32,8 +34,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any
 
-from libvirt_rdm_backup.engine.consolidate import backing_name
 from libvirt_rdm_backup.engine.file_store import GATE_TIMEOUT
+from libvirt_rdm_backup.engine.rekey_layer import OpenLayer, open_layer
 from libvirt_rdm_backup.errors import (
     DamagedBackupError,
     OperationError,
@@ -41,9 +43,9 @@ from libvirt_rdm_backup.errors import (
     RepositoryError,
     UsageError,
 )
-from libvirt_rdm_backup.qemu import layers, luks_slots
+from libvirt_rdm_backup.qemu import luks_slots
 from libvirt_rdm_backup.qemu.secrets import LayerKey, key_file
-from libvirt_rdm_backup.repository.digest import Digest, file_digests
+from libvirt_rdm_backup.repository.digest import Digest
 from libvirt_rdm_backup.repository.encryption import (
     EncryptionRecord,
     read_record,
@@ -53,6 +55,7 @@ from libvirt_rdm_backup.repository.ids import now_iso
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.prune_journal import journal_path as prune_journal_path
 from libvirt_rdm_backup.repository.rekey_journal import (
+    MAC_LABEL,
     Journal,
     LayerEntry,
     check_against,
@@ -88,15 +91,17 @@ def rekey(repo: Repository, old: LayerKey, new: LayerKey) -> RekeyResult:
     """Change the key of every encrypted layer of ``repo`` from ``old`` to ``new`` (or
     finish such a change cut short); UsageError, with nothing changed, for a repository
     without encryption, a wrong old key or a new key equal to it."""
-    journal, resumed = _start(repo, old, new)
+    mac_key = LayerKey.pair_key(old, new, MAC_LABEL)
+    journal, resumed = _start(repo, old, new, mac_key)
     with ExitStack() as stack:
         locked = _lock_all(repo, stack)
-        journal = _complete(repo, journal)
+        keys = (stack.enter_context(key_file(old)), stack.enter_context(key_file(new)))
+        journal = _complete(repo, journal, keys, mac_key)
         if set(repo.domain_uuids()) != locked:
             raise OperationError(f"a backup of a domain new to repository {repo.root} began "
                                  "during the key change; run rekey again")
         try:
-            _carry_out(repo, journal, old, new)
+            _carry_out(repo, journal, keys)
         except RdmBackupError as err:
             err.message = (f"{err}; the key change of repository {repo.root} is unfinished: "
                            "run rekey again with the same two key files")
@@ -105,8 +110,10 @@ def rekey(repo: Repository, old: LayerKey, new: LayerKey) -> RekeyResult:
                        len({(e.domain_uuid, e.backup_id) for e in journal.layers}), resumed)
 
 
-def _start(repo: Repository, old: LayerKey, new: LayerKey) -> tuple[Journal, bool]:
-    """The journal to carry out: the one left behind (for these keys), or a new one."""
+def _start(repo: Repository, old: LayerKey, new: LayerKey, mac_key: bytes
+           ) -> tuple[Journal, bool]:
+    """The journal to carry out: the one left behind (for these keys, authenticated by
+    them), or a new one."""
     record = read_record(repo.root)
     if record is None:
         raise UsageError(f"repository {repo.root} holds no encrypted backups: it has no key "
@@ -121,6 +128,9 @@ def _start(repo: Repository, old: LayerKey, new: LayerKey) -> tuple[Journal, boo
                 and hmac.compare_digest(journal.new_key_id, new_id)):
             raise UsageError(f"an unfinished key change of repository {repo.root} is from or "
                              "to another key: give the key files it was begun with")
+        if not journal.authentic(mac_key):
+            raise RepositoryError("rekey journal: its mac does not match (it was changed "
+                                  "since the tool wrote it); nothing more is done")
         log.info("finishing the key change of repository %s begun %s", repo.root,
                  journal.created)
         return journal, True
@@ -143,57 +153,68 @@ def _lock_all(repo: Repository, stack: ExitStack) -> set[str]:
     return set(uuids)
 
 
-def _complete(repo: Repository, journal: Journal) -> Journal:
+def _complete(repo: Repository, journal: Journal, keys: tuple[str, str], mac_key: bytes
+              ) -> Journal:
     """The journal checked against the repository, with every encrypted layer it does
-    not name yet (each checked against its manifest's digest first), written and synced."""
+    not name yet, written and synced. Each layer not named yet, and each named one
+    whose manifest still names the old key and that does not open with the new one yet
+    (untouched since the journal named it), is checked as on a first run: no damage
+    mark, its whole file the digest its manifest records (and its body the journal's)."""
     listed = repo.scan()
     check_against(journal, read_record(repo.root), listed.backups,
                   [d.backup_id for d in listed.damaged])
-    named = {e.key for e in journal.layers}
+    named = {e.key: e for e in journal.layers}
     added = []
     for manifest, disk in encrypted_layers(listed.backups):
-        if (manifest.domain_uuid, manifest.backup_id, disk) in named:
-            continue
+        entry = named.get((manifest.domain_uuid, manifest.backup_id, disk))
         record = _record(manifest, disk)
+        if entry is not None and (record.encryption or {}).get("key_id") != journal.old_key_id:
+            continue  # its manifest was written again: its body is checked in step 3
         mark = repo.damage_mark(manifest, disk)
         if mark is not None:
             raise DamagedBackupError(manifest.backup_id, f"{mark}; the key was not changed",
                                      disk)
-        whole, body = _digests(repo, manifest, record)
+        with open_layer(repo, manifest, record) as layer:
+            if entry is not None and luks_slots.opens_with(layer.fd, *keys, new=True):
+                continue  # its header changed: its body is checked against the journal
+            whole, body = layer.digests()
         if whole != record.digest:
             raise DamagedBackupError(manifest.backup_id, f"{record.data_file}: "
                                      f"{whole.algorithm} mismatch; the key was not changed",
                                      disk)
-        added.append(LayerEntry(manifest.domain_uuid, manifest.backup_id, disk, body))
+        if entry is None:
+            added.append(LayerEntry(manifest.domain_uuid, manifest.backup_id, disk, body))
+        elif body != entry.body:
+            raise layer.damaged("is not what the rekey journal says; the key was not changed")
     if added or not os.path.lexists(journal_path(repo.root)):
-        journal = replace(journal, layers=journal.layers + tuple(added))
-        write_journal(repo.root, journal)
+        journal = write_journal(repo.root, replace(journal, layers=journal.layers +
+                                                   tuple(added)), mac_key)
     return journal
 
 
-def _carry_out(repo: Repository, journal: Journal, old: LayerKey, new: LayerKey) -> None:
+def _carry_out(repo: Repository, journal: Journal, keys: tuple[str, str]) -> None:
     """Steps 1 to 5 of the module, each skipping what is done."""
-    with key_file(old) as old_path, key_file(new) as new_path:
-        for entry, path in _layer_files(repo, journal):
-            if not luks_slots.opens_with(path, old_path, new_path, new=True) and \
-                    not luks_slots.add_key(path, old_path, new_path):
-                raise RepositoryError(f"backup {entry.backup_id} disk {entry.disk}: its layer "
-                                      "opens with neither key")
-        for _entry, path in _layer_files(repo, journal):
-            luks_slots.remove_key(path, old_path, new_path)
+    for entry, layer in _layer_files(repo, journal):
+        if not luks_slots.opens_with(layer.fd, *keys, new=True) and \
+                not luks_slots.add_key(layer.fd, *keys):
+            raise RepositoryError(f"backup {entry.backup_id} disk {entry.disk}: its layer "
+                                  "opens with neither key")
+    for _entry, layer in _layer_files(repo, journal):
+        luks_slots.remove_key(layer.fd, *keys)
     _republish(repo, journal)
     replace_record(repo.root, EncryptionRecord(journal.salt, journal.old_key_id),
                    EncryptionRecord(journal.salt, journal.new_key_id))
     remove_journal(repo.root)
 
 
-def _layer_files(repo: Repository, journal: Journal) -> Iterator[tuple[LayerEntry, str]]:
-    """The journal's layers and their files, each header checked just before use."""
+def _layer_files(repo: Repository, journal: Journal) -> Iterator[tuple[LayerEntry, OpenLayer]]:
+    """The journal's layers, each opened and checked just before use, and its path
+    checked to name the same file after."""
     for entry in journal.layers:
         manifest = repo.load(entry.domain_uuid, entry.backup_id)
-        record = _record(manifest, entry.disk)
-        _checked_region(repo, manifest, record)
-        yield entry, repo.data_file(manifest, record)
+        with open_layer(repo, manifest, _record(manifest, entry.disk)) as layer:
+            yield entry, layer
+            layer.check_same()
 
 
 def _republish(repo: Repository, journal: Journal) -> None:
@@ -216,16 +237,16 @@ def _republish(repo: Repository, journal: Journal) -> None:
 def _rekeyed(repo: Repository, manifest: Manifest, record: DiskRecord, body: Digest,
              key_id: str) -> DiskRecord:
     """A layer's record with its file's digest, size and the new key id, once its body is
-    checked to be what the journal says."""
-    path = repo.data_file(manifest, record)
-    _sync(path)
-    whole, found = _digests(repo, manifest, record)
-    if found != body:
-        raise DamagedBackupError(manifest.backup_id, f"{record.data_file} changed outside "
-                                 "its LUKS header during the key change", record.disk.target)
-    stat = os.stat(path)
-    return replace(record, digest=whole, file_size=stat.st_size,
-                   stored_bytes=stat.st_blocks * 512,
+    checked to be what the (authenticated) journal says."""
+    with open_layer(repo, manifest, record) as layer:
+        os.fsync(layer.fd)
+        whole, found = layer.digests()
+        if found != body:
+            raise layer.damaged("changed outside its LUKS header during the key change")
+        held = os.fstat(layer.fd)
+        layer.check_same()
+    return replace(record, digest=whole, file_size=held.st_size,
+                   stored_bytes=held.st_blocks * 512,
                    encryption={**(record.encryption or {}), "key_id": key_id})
 
 
@@ -234,49 +255,6 @@ def _record(manifest: Manifest, disk: str) -> DiskRecord:
     if record is None or record.encryption is None:
         raise RepositoryError(f"backup {manifest.backup_id} has no encrypted disk {disk}")
     return record
-
-
-def _checked_region(repo: Repository, manifest: Manifest, record: DiskRecord
-                    ) -> tuple[int, int]:
-    """Where the LUKS header of a layer lies, once its header is one this tool writes
-    (with exactly the backing file its parent link implies)."""
-    def damaged(problem: str) -> DamagedBackupError:
-        return DamagedBackupError(manifest.backup_id, f"{record.data_file} {problem}",
-                                  record.disk.target)
-
-    expected = backing_name(record.parent, record.disk.target)
-    if record.backing_file is not None and record.backing_file != expected:
-        raise damaged(f"is named with backing file {record.backing_file!r}, its parent link "
-                      f"implies {expected!r}")
-    try:
-        head = layers.read_head(repo.data_file(manifest, record))
-    except OSError as err:
-        raise damaged(f"cannot be read: {err.strerror}") from None
-    problem = layers.header_problem(head, expected, record.size, encrypted=True)
-    region = layers.luks_region(head) if problem is None else None
-    if region is None:
-        raise damaged(problem or "has no LUKS header")
-    return region
-
-
-def _digests(repo: Repository, manifest: Manifest, record: DiskRecord
-             ) -> tuple[Digest, Digest]:
-    """The digests of a checked layer's whole file and of its body."""
-    region = _checked_region(repo, manifest, record)
-    try:
-        return file_digests(repo.data_file(manifest, record), region,
-                            record.digest.algorithm)
-    except OSError as err:
-        raise DamagedBackupError(manifest.backup_id, f"{record.data_file} cannot be read: "
-                                 f"{err.strerror}", record.disk.target) from None
-
-
-def _sync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rekey_target(target: str, old_file: str, new_file: str) -> RekeyResult:

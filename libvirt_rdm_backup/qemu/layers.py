@@ -195,20 +195,27 @@ def is_encrypted(path: str) -> bool:
         _HEADER.unpack_from(data)[6] == CRYPT_LUKS
 
 
-def luks_region(data: bytes) -> tuple[int, int] | None:
+def luks_region(data: bytes, file_size: int) -> tuple[int, int] | None:
     """Where the LUKS header of a checked encrypted layer lies in its file (offset, length;
-    from its first bytes, as :func:`header_problem` accepted them); None: no such header."""
+    from its first bytes, as :func:`header_problem` accepted them, and the file's size);
+    None: no such header, or not where QEMU puts one (past the qcow2 header cluster,
+    cluster-aligned, within the file, clear of the L1 and refcount tables)."""
     if len(data) < _HEADER.size:
         return None
-    header_length = _HEADER.unpack_from(data)[17]
+    fields = _HEADER.unpack_from(data)
+    l1_size, l1_offset, rc_offset, rc_clusters, header_length = (
+        fields[7], fields[8], fields[9], fields[10], fields[17])
     found, problem = _extensions(data, header_length, True)
     raw = found.get(EXT_ENCRYPTION)
     if problem is not None or raw is None or len(raw) != 16:
         return None
     offset, length = struct.unpack(">QQ", raw)
     if offset < 1 << CLUSTER_BITS or offset % (1 << CLUSTER_BITS) or \
-            not 0 < length <= MAX_LUKS_HEADER:
-        return None  # not where and how large QEMU puts it
+            not 0 < length <= MAX_LUKS_HEADER or offset + length > file_size:
+        return None
+    tables = ((l1_offset, max(l1_size * 8, 1)), (rc_offset, max(rc_clusters, 1) << CLUSTER_BITS))
+    if any(start < offset + length and offset < start + size for start, size in tables):
+        return None  # QEMU would rewrite the tables where the LUKS header is
     return offset, length
 
 

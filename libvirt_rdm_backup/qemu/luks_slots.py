@@ -1,9 +1,11 @@
 """The LUKS key slots of one encrypted layer, changed by ``qemu-img amend``.
 
 Every call opens exactly one layer file, its ``backing`` null (no name in its header
-is opened), with the keys as secret objects read from private files
-(:func:`.secrets.key_file`): argv holds their paths, never a key. QEMU rewrites only
-the LUKS header of the layer (its key slots); the clusters stay as they are.
+is opened); a layer given as an open descriptor is handed over as ``/dev/fd/N`` (the
+very file checked through it, whatever its path names meanwhile). The keys are secret
+objects read from private files (:func:`.secrets.key_file`): argv holds their paths,
+never a key. QEMU rewrites only the LUKS header of the layer (its key slots); the
+clusters stay as they are.
 """
 
 from __future__ import annotations
@@ -25,10 +27,18 @@ WRONG_KEY = "cannot unlock any keyslot"
 NO_SUCH_SLOT = "No keyslots match given"
 
 
-def _image(path: str, secret_id: str) -> str:
+Layer = str | int  # a layer file's path, or a descriptor open on it
+
+
+def _image(layer: Layer, secret_id: str) -> str:
+    path = f"/dev/fd/{layer}" if isinstance(layer, int) else layer
     node: dict[str, Any] = {"driver": FORMAT, "file": file_node(path), "backing": None,
                             "encrypt": encrypt_options(secret_id)}
     return json_filename(node)
+
+
+def _fds(layer: Layer) -> tuple[int, ...]:
+    return (layer,) if isinstance(layer, int) else ()
 
 
 def _objects(old_path: str, new_path: str) -> list[str]:
@@ -36,15 +46,15 @@ def _objects(old_path: str, new_path: str) -> list[str]:
             "--object", secret_definition(new_path, NEW_SECRET)]
 
 
-def opens_with(path: str, old_path: str, new_path: str, new: bool) -> bool:
+def opens_with(layer: Layer, old_path: str, new_path: str, new: bool) -> bool:
     """True when a key slot of the layer opens with the new key (``new``) or the old one
     (``qemu-io`` opens it read-only and reads its first sector); CommandError when it
     fails for another reason."""
     secret = NEW_SECRET if new else OLD_SECRET
     argv = ["qemu-io", "-r", *_objects(old_path, new_path), "-c", "read 0 512",
-            _image(path, secret)]
+            _image(layer, secret)]
     try:
-        run(argv, stall=stall_timeout())
+        run(argv, stall=stall_timeout(), pass_fds=_fds(layer))
     except CommandError as err:
         if WRONG_KEY in str(err):
             return False
@@ -52,16 +62,16 @@ def opens_with(path: str, old_path: str, new_path: str, new: bool) -> bool:
     return True
 
 
-def add_key(path: str, old_path: str, new_path: str) -> bool:
+def add_key(layer: Layer, old_path: str, new_path: str) -> bool:
     """A key slot for the new key (the layer opened with the old one); False when the old
     key opens no slot of the layer."""
     argv = ["qemu-img", "amend", *_objects(old_path, new_path), "-o",
             f"encrypt.state=active,encrypt.new-secret={NEW_SECRET},"
-            f"encrypt.iter-time={LUKS_ITER_TIME}", _image(path, OLD_SECRET)]
+            f"encrypt.iter-time={LUKS_ITER_TIME}", _image(layer, OLD_SECRET)]
 
     def attempt() -> bool:
         try:
-            run(argv, stall=stall_timeout())  # dies with this process
+            run(argv, stall=stall_timeout(), pass_fds=_fds(layer))  # dies with this process
         except CommandError as err:
             if img.LUKS_BENCHMARK_FAILED in str(err):
                 raise retry.Again() from err
@@ -70,17 +80,17 @@ def add_key(path: str, old_path: str, new_path: str) -> bool:
             raise
         return True
 
-    return bool(retry.luks_create(path, img.LUKS_ATTEMPTS)(attempt))
+    return bool(retry.luks_create(str(layer), img.LUKS_ATTEMPTS)(attempt))
 
 
-def remove_key(path: str, old_path: str, new_path: str) -> None:
+def remove_key(layer: Layer, old_path: str, new_path: str) -> None:
     """Every key slot of the old key erased (the layer opened with the new one); a layer
     without one is left as it is."""
     argv = ["qemu-img", "amend", *_objects(old_path, new_path), "-o",
             f"encrypt.state=inactive,encrypt.old-secret={OLD_SECRET}",
-            _image(path, NEW_SECRET)]
+            _image(layer, NEW_SECRET)]
     try:
-        run(argv, stall=stall_timeout())
+        run(argv, stall=stall_timeout(), pass_fds=_fds(layer))
     except CommandError as err:
         if NO_SUCH_SLOT not in str(err):
             raise

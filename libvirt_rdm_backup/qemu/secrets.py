@@ -6,7 +6,8 @@ LUKS takes a passphrase). QEMU gets it as a
 
 * QEMU processes this tool starts (``qemu-img``, ``qemu-nbd``, the private storage
   daemon) read it from a 0600 file in a private 0700 directory on a memory file
-  system (:func:`key_file`), removed when the command ends;
+  system (:func:`key_file`, ``/dev/shm``; refused without it), removed when the
+  command ends;
 * the guest's QEMU (another user, reached through libvirt) gets an anonymous memory
   file holding the key through ``add-fd``, and reads it as ``/proc/self/fd/N``
   (:func:`guest_secret`); the descriptor is removed once the object holds the key.
@@ -26,7 +27,7 @@ from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from typing import Any
 
-from libvirt_rdm_backup.errors import RdmBackupError, UsageError
+from libvirt_rdm_backup.errors import OperationError, RdmBackupError, UsageError
 from libvirt_rdm_backup.qemu.monitor import Monitor
 
 SECRET_ID = "rdmb-layer-key"  # the secret object of every QEMU that opens encrypted layers
@@ -69,6 +70,14 @@ class LayerKey:
         """A salted digest that names the key without telling it (HMAC-SHA256, hex)."""
         return hmac.new(salt, self._data, hashlib.sha256).hexdigest()
 
+    @staticmethod
+    def pair_key(old: LayerKey, new: LayerKey, label: bytes) -> bytes:
+        """A key only who holds both keys can derive (HMAC-SHA256 keyed by the
+        domain-separation ``label`` over both keys' bytes, each length-prefixed), e.g. to
+        authenticate what a change from ``old`` to ``new`` writes; never to be stored."""
+        message = b"".join(len(k._data).to_bytes(4, "big") + k._data for k in (old, new))
+        return hmac.new(label, message, hashlib.sha256).digest()
+
     def write_to(self, fd: int) -> None:
         """Write the key to the open descriptor ``fd`` (a private file)."""
         view = memoryview(self._data)
@@ -98,11 +107,14 @@ def active_secret() -> dict[str, Any] | None:
 
 @contextmanager
 def key_file(key: LayerKey) -> Iterator[str]:
-    """The key in a 0600 file of a private 0700 directory (in memory where the host has
-    ``/dev/shm``), for the block (the key of :func:`active_secret` meanwhile); removed
-    afterwards."""
-    root = MEMORY_ROOT if os.path.isdir(MEMORY_ROOT) else None
-    directory = tempfile.mkdtemp(prefix="rdmb-key-", dir=root)  # mode 0700
+    """The key in a 0600 file of a private 0700 directory in memory (``/dev/shm``), for
+    the block (the key of :func:`active_secret` meanwhile); removed afterwards.
+
+    OperationError on a host without ``/dev/shm``: a key is never written to a disk."""
+    if not os.path.isdir(MEMORY_ROOT):
+        raise OperationError(f"{MEMORY_ROOT} is not a directory on this host: the key of "
+                             "encrypted layers is kept in memory only, never on a disk")
+    directory = tempfile.mkdtemp(prefix="rdmb-key-", dir=MEMORY_ROOT)  # mode 0700
     try:
         path = os.path.join(directory, "key")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

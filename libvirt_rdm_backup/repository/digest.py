@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -50,14 +51,17 @@ def file_digest(path: str, algorithm: str = ALGORITHM) -> Digest:
     return Digest(algorithm, hasher.hexdigest())
 
 
-def file_digests(path: str, skip: tuple[int, int], algorithm: str = ALGORITHM
+def file_digests(source: str | int, skip: tuple[int, int], algorithm: str = ALGORITHM
                  ) -> tuple[Digest, Digest]:
-    """Digests of a whole file and of its bytes outside ``skip`` (offset, length), in one
-    read (the second one does not change when only that range of the file is rewritten)."""
+    """Digests of a whole file (a path, or an open descriptor read from its start and
+    left open) and of its bytes outside ``skip`` (offset, length), in one read (the
+    second one does not change when only that range of the file is rewritten)."""
     start, end = skip[0], skip[0] + skip[1]
     whole, outside = hashlib.new(algorithm), hashlib.new(algorithm)
     position = 0
-    with open(path, "rb", buffering=0) as stream:
+    if isinstance(source, int):
+        os.lseek(source, 0, os.SEEK_SET)
+    with open(source, "rb", buffering=0, closefd=isinstance(source, str)) as stream:
         view = memoryview(bytearray(BUFFER))
         while count := stream.readinto(view):
             block = view[:count]

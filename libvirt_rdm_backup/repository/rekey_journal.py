@@ -6,22 +6,29 @@ before any layer is changed, so that a ``rekey`` cut short is finished by the ne
     {"format": "libvirt-rdm-backup/rekey-journal", "version": 1, "created": ...,
      "salt": hex, "old_key_id": hex, "new_key_id": hex,
      "layers": [{"domain_uuid": ..., "backup_id": ..., "disk": ...,
-                 "body": {"algorithm": "sha256", "value": hex}}]}
+                 "body": {"algorithm": "sha256", "value": hex}}],
+     "mac": hex}
 
 ``body`` is the digest of a layer's file outside its LUKS header, taken when its whole
 file still had the digest its manifest records: a key change rewrites the LUKS header
 only, so a layer whose body still has that digest holds the data it was published with.
 
-Read back as untrusted input: every field must be what the tool writes, and
+``mac`` authenticates the rest (HMAC-SHA256 of its canonical JSON) with a key derived
+from both keys of the change (:meth:`.secrets.LayerKey.pair_key`; never stored), so only
+who holds both could have written it. Read back as untrusted input: every field must be
+what the tool writes, its ``mac`` must match (:meth:`Journal.authentic`), and
 :func:`check_against` holds it against the repository before any of it is acted on.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from libvirt_rdm_backup.errors import RepositoryError, UsageError
 from libvirt_rdm_backup.fileutil import read_regular, write_atomic
@@ -35,7 +42,10 @@ FORMAT = "libvirt-rdm-backup/rekey-journal"
 VERSION = 1
 MAX_JOURNAL = 16 << 20
 MAX_LAYERS = 100_000
-_HEX = {"salt": 32, "old_key_id": 64, "new_key_id": 64}
+_HEX = {"salt": 32, "old_key_id": 64, "new_key_id": 64, "mac": 64}
+# the ``created`` stamp exactly as :func:`.ids.now_iso` writes it
+_CREATED = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
+MAC_LABEL = b"libvirt-rdm-backup/rekey-journal/mac/v1"
 
 
 @dataclass(frozen=True)
@@ -61,16 +71,31 @@ class Journal:
     old_key_id: str
     new_key_id: str
     layers: tuple[LayerEntry, ...] = ()
+    mac: str = ""  # of everything else, under the key of both keys (empty: unsigned)
+
+    def _content(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "created": self.created,
+                "salt": self.salt, "old_key_id": self.old_key_id,
+                "new_key_id": self.new_key_id,
+                "layers": [{"domain_uuid": e.domain_uuid, "backup_id": e.backup_id,
+                            "disk": e.disk, "body": e.body.to_dict()} for e in self.layers]}
+
+    def _mac(self, key: bytes) -> str:
+        canonical = json.dumps(self._content(), sort_keys=True, separators=(",", ":"))
+        return hmac.new(key, canonical.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def signed(self, key: bytes) -> Journal:
+        """The journal with its ``mac`` under ``key`` (the key of both keys)."""
+        return replace(self, mac=self._mac(key))
+
+    def authentic(self, key: bytes) -> bool:
+        """Its ``mac`` is the one ``key`` gives its content (in constant time)."""
+        return hmac.compare_digest(self.mac, self._mac(key))
 
     def dumps(self) -> str:
         """The journal as written (JSON, one document)."""
-        return json.dumps({"format": FORMAT, "version": VERSION, "created": self.created,
-                           "salt": self.salt, "old_key_id": self.old_key_id,
-                           "new_key_id": self.new_key_id,
-                           "layers": [{"domain_uuid": e.domain_uuid, "backup_id": e.backup_id,
-                                       "disk": e.disk, "body": e.body.to_dict()}
-                                      for e in self.layers]},
-                          indent=1, sort_keys=True) + "\n"
+        return json.dumps({**self._content(), "mac": self.mac}, indent=1,
+                          sort_keys=True) + "\n"
 
     @classmethod
     def loads(cls, text: str) -> Journal:
@@ -87,12 +112,15 @@ class Journal:
             value = data.get(name)
             if not isinstance(value, str) or not re.fullmatch(f"[0-9a-f]{{{length}}}", value):
                 raise RepositoryError(f"rekey journal is malformed: {name}")
+        created = data.get("created")
+        if not isinstance(created, str) or not _CREATED.fullmatch(created):
+            raise RepositoryError("rekey journal is malformed: created")
         layers = data.get("layers")
         if not isinstance(layers, list) or len(layers) > MAX_LAYERS:
             raise RepositoryError("rekey journal is malformed: layers")
-        journal = cls(created=str(data.get("created"))[:64], salt=data["salt"],
-                      old_key_id=data["old_key_id"], new_key_id=data["new_key_id"],
-                      layers=tuple(_entry(e) for e in layers))
+        journal = cls(created=created, salt=data["salt"], old_key_id=data["old_key_id"],
+                      new_key_id=data["new_key_id"], layers=tuple(_entry(e) for e in layers),
+                      mac=data["mac"])
         if journal.old_key_id == journal.new_key_id:
             raise RepositoryError("rekey journal is malformed: the old and new keys are one")
         if len({e.key for e in journal.layers}) != len(journal.layers):
@@ -134,10 +162,13 @@ def read_journal(root: str) -> Journal | None:
         raise RepositoryError(f"rekey journal {path} is not UTF-8 text") from err
 
 
-def write_journal(root: str, journal: Journal) -> None:
-    """Write the journal atomically (synced before anything it describes is changed)."""
+def write_journal(root: str, journal: Journal, key: bytes) -> Journal:
+    """Write the journal signed with ``key`` atomically (synced before anything it
+    describes is changed); the journal as written."""
+    journal = journal.signed(key)
     try:
         write_atomic(journal_path(root), journal.dumps().encode("utf-8"), mode=0o600)
+        return journal
     except OSError as err:
         raise RepositoryError(f"cannot write the rekey journal: {err.strerror}") from err
 

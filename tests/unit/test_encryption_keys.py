@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, cast
@@ -13,9 +14,10 @@ import pytest
 
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.engine.sinks import Sink, create_layers
-from libvirt_rdm_backup.errors import RepositoryError, UsageError
+from libvirt_rdm_backup.errors import OperationError, RepositoryError, UsageError
 from libvirt_rdm_backup.modes import Compression
 from libvirt_rdm_backup.qemu import img, layers
+from libvirt_rdm_backup.qemu import secrets as secrets_module
 from libvirt_rdm_backup.qemu.layer_format import LayerFormat
 from libvirt_rdm_backup.qemu.secrets import (
     SECRET_ID,
@@ -72,6 +74,18 @@ def test_the_key_file_of_a_command_is_private_and_removed() -> None:
                                    "file": path}
         assert "horse" not in secret_definition(path)
     assert not os.path.exists(os.path.dirname(path))
+    assert active_secret() is None
+
+
+@pytest.mark.bad_input
+def test_no_key_file_is_written_on_a_host_without_a_memory_file_system(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(secrets_module, "MEMORY_ROOT", str(tmp_path / "no-shm"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(OperationError, match="kept in memory only") as caught, \
+            key_file(LayerKey(SECRET)):
+        pass
+    assert "\n" not in str(caught.value) and list(tmp_path.iterdir()) == []
     assert active_secret() is None
 
 

@@ -18,6 +18,7 @@ from libvirt_rdm_backup.repository.digest import Digest, file_digests
 from libvirt_rdm_backup.repository.encryption import EncryptionRecord, write_record
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.repository.rekey_journal import (
+    MAC_LABEL,
     Journal,
     LayerEntry,
     check_against,
@@ -49,10 +50,14 @@ def manifests(tmp_path: Path, key_ids: tuple[str, ...]) -> list[Manifest]:
     return found
 
 
+MAC_KEY = LayerKey.pair_key(LayerKey(b"old"), LayerKey(b"new"), MAC_LABEL)
+
+
 def test_a_journal_reads_back_as_written(tmp_path: Path) -> None:
-    write_journal(str(tmp_path), journal(IDS[0], IDS[1]))
+    written = write_journal(str(tmp_path), journal(IDS[0], IDS[1]), MAC_KEY)
     assert oct(os.stat(tmp_path / ".rekey-journal.json").st_mode & 0o777) == "0o600"
-    assert read_journal(str(tmp_path)) == journal(IDS[0], IDS[1])
+    assert read_journal(str(tmp_path)) == written == journal(IDS[0], IDS[1]).signed(MAC_KEY)
+    assert written.authentic(MAC_KEY)
     remove_journal(str(tmp_path))
     assert read_journal(str(tmp_path)) is None
 
@@ -74,10 +79,15 @@ LAYER = {"domain_uuid": UUID, "backup_id": IDS[0], "disk": "vdb", "body": BODY.t
     ({"layers": [{**LAYER, "body": {"algorithm": "md5", "value": "0" * 32}}]}, "md5"),
     ({"layers": [{**LAYER, "body": "sha256"}]}, "not an object"),
     ({"layers": [LAYER, LAYER]}, "twice"),
+    ({"created": "2026-12-07T10:00:00.000Z\nERROR forged line"}, "created"),
+    ({"created": ["2026-12-07T10:00:00.000Z"]}, "created"),
+    ({"created": "2026-12-07T10:00:00Z"}, "created"),
+    ({"mac": ""}, "mac"),
+    ({"mac": None}, "mac"),
 ])
 def test_a_journal_the_tool_would_not_write_is_refused(tmp_path: Path, change: dict[str, object],
                                                        problem: str) -> None:
-    document = {**json.loads(journal(IDS[0]).dumps()), **change}
+    document = {**json.loads(journal(IDS[0]).signed(MAC_KEY).dumps()), **change}
     (tmp_path / ".rekey-journal.json").write_text(json.dumps(document))
     with pytest.raises(RepositoryError, match=problem):
         read_journal(str(tmp_path))
@@ -120,6 +130,13 @@ def test_digests_outside_a_range_ignore_what_changes_in_it(tmp_path: Path) -> No
     assert file_digests(str(path), (100, 50))[1] == body
     path.write_bytes(b"a" * 99 + b"x" * 51 + b"c" * 100)
     assert file_digests(str(path), (100, 50))[1] != body
+    fd = os.open(path, os.O_RDONLY)
+    try:  # an open descriptor: read from its start whatever its offset, and left open
+        os.lseek(fd, 7, os.SEEK_SET)
+        assert file_digests(fd, (100, 50)) == file_digests(str(path), (100, 50))
+        assert file_digests(fd, (100, 50)) == file_digests(str(path), (100, 50))
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.bad_input
@@ -135,15 +152,42 @@ def test_rekey_refuses_bad_keys_and_hostile_journals_changing_nothing(tmp_path: 
         rekey(repo, old, LayerKey(b"old key\n"))
     with pytest.raises(UsageError, match="not the key of repository"):
         rekey(repo, new, old)
-    hostile = Journal("x", SALT, old.key_id(salt), new.key_id(salt),
+    hostile = Journal("2026-12-07T10:00:00.000Z", SALT, old.key_id(salt), new.key_id(salt),
                       (LayerEntry(UUID, IDS[2], "vdb", BODY),))
-    write_journal(repo.root, hostile)
+    write_journal(repo.root, hostile, LayerKey.pair_key(old, new, MAC_LABEL))
     before = _files(repo.root)
     with pytest.raises(RepositoryError, match="not an encrypted layer"):
         rekey(repo, old, new)
     with pytest.raises(UsageError, match="from or to another key"):
         rekey(repo, new, LayerKey(b"third"))
     assert _files(repo.root) == before
+
+
+@pytest.mark.hostile
+def test_a_journal_not_signed_with_both_keys_is_refused_changing_nothing(
+        tmp_path: Path) -> None:
+    old, new = LayerKey(b"old key\n"), LayerKey(b"new key\n")
+    repo = Repository.open(str(tmp_path / "repo"), create=True)
+    publish(repo, IDS[0], None, b"x")
+    salt = bytes.fromhex(SALT)
+    write_record(repo.root, EncryptionRecord(SALT, old.key_id(salt)))
+    forged = Journal("2026-12-07T10:00:00.000Z", SALT, old.key_id(salt), new.key_id(salt))
+    for key in (MAC_KEY, LayerKey.pair_key(new, old, MAC_LABEL),  # not the pair's key
+                hashlib.sha256(b"old key\nnew key\n").digest()):
+        write_journal(repo.root, forged, key)
+        before = _files(repo.root)
+        with pytest.raises(RepositoryError, match="its mac does not match") as caught:
+            rekey(repo, old, new)
+        assert caught.value.exit_code == 4 and "\n" not in str(caught.value)
+        assert _files(repo.root) == before
+    # the same journal, but body digests changed after it was signed
+    signed = forged.signed(LayerKey.pair_key(old, new, MAC_LABEL))
+    document = json.loads(replace(signed, layers=(LayerEntry(UUID, IDS[0], "vdb", BODY),))
+                          .dumps())
+    assert read_journal(repo.root) is not None
+    (Path(repo.root) / ".rekey-journal.json").write_text(json.dumps(document))
+    with pytest.raises(RepositoryError, match="its mac does not match"):
+        rekey(repo, old, new)
 
 
 def _files(root: str) -> dict[str, bytes]:

@@ -5,23 +5,33 @@ match their manifests."""
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
+import shutil
 import struct
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from libvirt_rdm_backup.engine import rekey as rekey_module
 from libvirt_rdm_backup.engine.file_store import FileStore
-from libvirt_rdm_backup.errors import CommandError, OperationError
+from libvirt_rdm_backup.errors import (
+    CommandError,
+    DamagedBackupError,
+    OperationError,
+    RepositoryError,
+)
 from libvirt_rdm_backup.qemu import img, layers, luks_slots
 from libvirt_rdm_backup.qemu.layer_format import LayerFormat
 from libvirt_rdm_backup.qemu.secrets import LayerKey, key_file, secret_definition
 from libvirt_rdm_backup.repository.chain import DiskPoint
-from libvirt_rdm_backup.repository.digest import file_digest
+from libvirt_rdm_backup.repository.digest import file_digest, file_digests
 from libvirt_rdm_backup.repository.encryption import EncryptionRecord, read_record, write_record
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.rekey_journal import MAC_LABEL, read_journal, write_journal
 from libvirt_rdm_backup.repository.store import Repository
 from tests.unit.test_repository_damage_units import IDS, SIZE, UUID, vdb
 
@@ -129,13 +139,89 @@ def test_a_rekey_cut_short_is_refused_by_others_and_finished_by_the_next(
                for m in repo.scan(UUID).backups)
 
 
+@pytest.mark.hostile
 def test_a_luks_region_where_qemu_does_not_put_one_is_refused(
         tmp_path: Path, keys: dict[str, Path]) -> None:
     _repo, paths = encrypted_repo(tmp_path, keys, count=1)
-    head = layers.read_head(paths[0])
-    offset, length = layers.luks_region(head) or (0, 0)
+    head, size = layers.read_head(paths[0]), Path(paths[0]).stat().st_size
+    offset, length = layers.luks_region(head, size) or (0, 0)
     assert offset % 65536 == 0 and 0 < length <= 4 << 20
+    assert layers.luks_region(head, offset + length - 1) is None  # past the end of the file
+    l1_offset, rc_offset = struct.unpack_from(">QQ", head, 40)
     start = head.index(struct.pack(">II", layers.EXT_ENCRYPTION, 16)) + 8
-    for bad in ((0, length), (offset + 512, length), (offset, 0), (offset, 1 << 40)):
+    for bad in ((0, length), (offset + 512, length), (offset, 0), (offset, 1 << 40),
+                (l1_offset, 65536), (rc_offset, 65536), (l1_offset - 65536, 2 * 65536),
+                (rc_offset - 65536, 2 * 65536)):
         forged = head[:start] + struct.pack(">QQ", *bad) + head[start + 16:]
-        assert layers.luks_region(forged) is None, bad
+        assert layers.luks_region(forged, 1 << 40) is None, bad
+
+
+def _cut_short(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rekey that dies before any key slot changed (its journal written)."""
+    def fail(*_args: object) -> bool:
+        raise CommandError(["qemu-img"], 1, "killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(luks_slots, "add_key", fail)
+        with pytest.raises(CommandError, match="rekey again"):
+            rekey_module.rekey(repo, OLD, NEW)
+    assert (Path(repo.root) / ".rekey-journal.json").exists()
+
+
+@pytest.mark.hostile
+def test_damage_after_a_rekey_cut_short_is_not_blessed_by_a_forged_journal(
+        tmp_path: Path, keys: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    repo, paths = encrypted_repo(tmp_path, keys)
+    _cut_short(repo, monkeypatch)
+    with open(paths[1], "r+b") as stream:  # a byte of its last (data) cluster changed
+        stream.seek(-1, os.SEEK_END)
+        last = stream.read(1)
+        stream.seek(-1, os.SEEK_END)
+        stream.write(bytes([last[0] ^ 0xFF]))
+    region = layers.luks_region(layers.read_head(paths[1]), Path(paths[1]).stat().st_size)
+    assert region is not None
+    body = file_digests(paths[1], region)[1]
+    journal_file = Path(repo.root) / ".rekey-journal.json"
+    document = json.loads(journal_file.read_text())
+    document["layers"][1]["body"] = body.to_dict()
+    journal_file.write_text(json.dumps(document))
+    with pytest.raises(RepositoryError, match="its mac does not match"):
+        rekey_module.rekey(repo, OLD, NEW)
+    # even a journal signed with both keys does not stand for the manifest's digest
+    journal = read_journal(repo.root)
+    assert journal is not None
+    entries = (journal.layers[0], replace(journal.layers[1], body=body))
+    write_journal(repo.root, replace(journal, layers=entries),
+                  LayerKey.pair_key(OLD, NEW, MAC_LABEL))
+    manifest = (Path(repo.backup_dir(UUID, IDS[1])) / "manifest.json").read_bytes()
+    with pytest.raises(DamagedBackupError, match="sha256 mismatch; the key was not changed"):
+        rekey_module.rekey(repo, OLD, NEW)
+    assert (Path(repo.backup_dir(UUID, IDS[1])) / "manifest.json").read_bytes() == manifest
+    assert not luks_slots.opens_with(paths[1], str(keys["old"]), str(keys["new"]), new=True)
+
+
+@pytest.mark.hostile
+def test_a_layer_linked_or_swapped_for_a_symlink_is_not_what_qemu_changes(
+        tmp_path: Path, keys: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    repo, paths = encrypted_repo(tmp_path, keys, count=1)
+    os.link(paths[0], tmp_path / "other-name.qcow2")
+    with pytest.raises(DamagedBackupError, match="has 2 links, not one"):
+        rekey_module.rekey(repo, OLD, NEW)
+    assert not (Path(repo.root) / ".rekey-journal.json").exists()
+    os.unlink(tmp_path / "other-name.qcow2")
+    decoy = tmp_path / "decoy.qcow2"
+    shutil.copyfile(paths[0], decoy)
+    before = decoy.read_bytes()
+    real_add = luks_slots.add_key
+
+    def swap_then_add(layer: luks_slots.Layer, old_path: str, new_path: str) -> bool:
+        os.rename(paths[0], tmp_path / "moved.qcow2")
+        os.symlink(decoy, paths[0])
+        return real_add(layer, old_path, new_path)
+
+    monkeypatch.setattr(luks_slots, "add_key", swap_then_add)
+    with pytest.raises(DamagedBackupError, match="replaced by another file"):
+        rekey_module.rekey(repo, OLD, NEW)
+    assert decoy.read_bytes() == before  # QEMU changed the checked file, not the symlink's
+    moved = str(tmp_path / "moved.qcow2")
+    assert luks_slots.opens_with(moved, str(keys["old"]), str(keys["new"]), new=True)
