@@ -43,7 +43,7 @@ LUKS_ROOM = 4 << 20  # more room in a volume region for the LUKS header of an en
 class Sink(Protocol):
     """Destination of the new layers of one backup, as a capture writes them."""
 
-    local_files: bool  # layers are local files (resyncs and ranged copies need that)
+    local_files: bool  # layers are local files (resyncs and chunk-compared ranges need that)
     layer_format: LayerFormat  # how new layers are written (compressed or not)
     copy_chunk: int  # the largest request a backup job writes (at least the target's cluster)
 

@@ -40,6 +40,7 @@ class VolumeStore:
     """Backups inside an NBD export (:class:`NbdVolume`)."""
 
     local_layers = False
+    storage_layers = False  # a layer of ranges would need the parent under it
     self_contained = False
 
     def __init__(self, volume: NbdVolume, key: LayerKey | None = None) -> None:

@@ -82,12 +82,19 @@ def write(vm: TargetVM, rng: random.Random, offsets: list[int]) -> int:
 
 
 def rbd_du(vm: TargetVM) -> int:
-    """``rbd du``'s total of the target's images, snapshots included."""
-    proc = subprocess.run(["rbd", "-c", str(cephkit.CEPH_CONF), "--id", "admin", "du", "-p",
-                           cephkit.POOL, "--format", "json"], capture_output=True, text=True,
-                          check=True, timeout=120)
-    return sum(int(i["used_size"]) for i in json.loads(proc.stdout)["images"]
-               if i["name"].startswith(f"{vm.prefix}."))
+    """``rbd du``'s total of the target's images, snapshots included (each image asked on its
+    own: a pool-wide ``du`` aborts when another test removes an image of the pool meanwhile)."""
+    import rbd
+
+    with cephkit.ioctx() as ctx:
+        names = [n for n in rbd.RBD().list(ctx) if n.startswith(f"{vm.prefix}.")]
+    total = 0
+    for name in names:
+        proc = subprocess.run(["rbd", "-c", str(cephkit.CEPH_CONF), "--id", "admin", "du",
+                               f"{cephkit.POOL}/{name}", "--format", "json"],
+                              capture_output=True, text=True, check=True, timeout=120)
+        total += sum(int(i["used_size"]) for i in json.loads(proc.stdout)["images"])
+    return total
 
 
 def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
