@@ -106,7 +106,7 @@ def test_rbd_disks_with_the_rbd_agent_take_snapshots_running_or_not() -> None:
     gone = plan_disk(rbd_disk(), "auto",
                      Facts(True, chain, {}, snapshot_agents={"vdc": "rbd"}))
     assert gone.level == "full" and "is gone" in gone.reason  # no chunk map: no resync
-    # a target that takes no layers of ranges (an NBD volume): QEMU's job and bitmap serve it
+    # a target that would take no layers of ranges: QEMU's job and bitmap serve the disk
     remote = plan_disk(rbd_disk(), "auto", Facts(True, chain, {}, snapshot_agents={"vdc": "rbd"},
                                                  local_layers=False, storage_layers=False))
     assert remote.path is DataPath.QEMU
@@ -128,10 +128,10 @@ def _snapshot_chain(raw: RawDisk, agent: str) -> Chain:
         disks=[record])])
 
 
-def test_rbd_target_takes_ranges_of_storage_snapshots_but_no_resync() -> None:
-    """An rbd:// target (no local layers, but layers of ranges written onto its image): the
-    RBD snapshot agent serves a running VM's RBD disk, incremental with no QEMU bitmap (after
-    a VM restart); a resync is refused, and a gone snapshot means a full copy."""
+def test_targets_without_local_layers_take_ranges_of_storage_snapshots_but_no_resync() -> None:
+    """An rbd:// target or an NBD volume (no local layers, but layers of ranges copied from
+    storage): the RBD snapshot agent serves a running VM's RBD disk, incremental with no QEMU
+    bitmap (after a VM restart); a resync is refused, and a gone snapshot means a full copy."""
     chain = _snapshot_chain(rbd_disk(), "rbd")
     live = Facts(True, chain, {}, restart="the domain was restarted",
                  snapshot_agents={"vdc": "rbd"}, live_snapshots={"rdmb-x-000002"},
@@ -146,7 +146,8 @@ def test_rbd_target_takes_ranges_of_storage_snapshots_but_no_resync() -> None:
     gone = plan_disk(rbd_disk(), "auto", Facts(True, chain, {}, snapshot_agents={"vdc": "rbd"},
                                                local_layers=False))
     assert (gone.path, gone.level) == (DataPath.SNAPSHOT, "full") and "is gone" in gone.reason
-    # a passthrough LUN with a snapshot agent: incremental on the rbd target, full on a volume
+    # a passthrough LUN with a snapshot agent: incremental, but a full on a target that would
+    # take no layers of ranges
     lun_chain = _snapshot_chain(lun(), "lvm")
     for storage_layers, level in ((True, "incremental"), (False, "full")):
         got = plan_disk(lun(), "auto", Facts(
