@@ -41,3 +41,14 @@ def test_only_the_ranges_reach_the_target(tmp_path: Path) -> None:
         expected = data[piece] if covered[offset] else old[piece]
         assert got[piece] == expected, offset
     assert got[3 * MiB : 4 * MiB] == bytes(MiB)
+
+
+def test_no_ranges_leave_the_target_as_it_was(tmp_path: Path) -> None:
+    source, target = tmp_path / "src.raw", tmp_path / "dst.raw"
+    source.write_bytes(os.urandom(MiB))
+    old = os.urandom(MiB)
+    target.write_bytes(old)
+    copy_ranges(Endpoint(raw_source(str(source))),
+                Endpoint({"driver": "raw", "file": {"driver": "file", "filename": str(target)}}),
+                [], MiB, "vdb")
+    assert target.read_bytes() == old
