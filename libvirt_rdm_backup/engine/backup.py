@@ -314,7 +314,7 @@ def _plan(ctx: DomainContext, selected: list[RawDisk], store: Store, chain: Chai
                               if agent is None else ({}, set()))
     unusable, damaged_newer = _damage_facts(store, unreadable, chain, selected)
     facts = Facts(ctx.inventory.running, chain, _live_bitmaps(monitor), restart,
-                  agents, live_snapshots, local_layers=store.local_layers,
+                  agents, live_snapshots, store.local_layers, store.storage_layers,
                   unusable=unusable, damaged_newer=damaged_newer, repo_id=store.repo_id)
     return plan_backup(selected, options.level, facts)
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from collections.abc import Callable
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,16 +37,15 @@ from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, needs_pause
 from libvirt_rdm_backup.engine.plan import SNAPSHOT_FIRST_AGENTS, DataPath, DiskPlan
 from libvirt_rdm_backup.engine.resync import resync_layer
 from libvirt_rdm_backup.engine.sinks import Sink, create_layers
+from libvirt_rdm_backup.engine.snapshot_copy import copy_into, copy_snapshot
 from libvirt_rdm_backup.engine.storage_reads import (
-    rbd_endpoint,
-    rbd_nbd,
     storage_endpoint,
     storage_nbd,
 )
 from libvirt_rdm_backup.errors import OperationError, RdmBackupError
 from libvirt_rdm_backup.modes import WindowMethod
 from libvirt_rdm_backup.qemu import bitmaps
-from libvirt_rdm_backup.qemu.block_copy import CopyDeadlineError, Endpoint, copy_image, raw_source
+from libvirt_rdm_backup.qemu.block_copy import CopyDeadlineError
 from libvirt_rdm_backup.qemu.fleece import FleecingExport, fleecing_export
 from libvirt_rdm_backup.qemu.guard import GuardedSource, explain, guarded_source
 from libvirt_rdm_backup.qemu.jobs import (
@@ -56,14 +55,12 @@ from libvirt_rdm_backup.qemu.jobs import (
     transaction,
     wait_jobs,
 )
-from libvirt_rdm_backup.qemu.layers import option_value
 from libvirt_rdm_backup.qemu.monitor import LibvirtMonitor, Monitor
 from libvirt_rdm_backup.qemu.names import object_name
-from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
 from libvirt_rdm_backup.qemu.unplug import release_unplugged, unplug_check
 from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.storage.snapshot_agents import agent_by_name, holds_writes
-from libvirt_rdm_backup.storage.snapshots import Presented, StorageSnapshot
+from libvirt_rdm_backup.storage.snapshots import StorageSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -81,29 +78,14 @@ class Capture:
     snapshots: dict[str, StorageSnapshot] = field(default_factory=dict)  # disk -> new snapshot
 
 
-def _raw_source_opts(presented: Presented, size: int) -> str:
-    """``--image-opts`` of ``qemu-nbd`` for reading ``size`` bytes at ``presented.offset`` of a
-    raw source (a resync reads it through NBD)."""
-    if presented.source.startswith("iscsi://"):
-        portal, _, rest = presented.source.removeprefix("iscsi://").partition("/")
-        target, _, lun = rest.rpartition("/")
-        inner = (f"file.driver=iscsi,file.transport=tcp,file.portal={portal},"
-                 f"file.target={target},file.lun={lun}")
-    elif presented.source.startswith("/dev/"):
-        inner = f"file.driver=host_device,file.filename={option_value(presented.source)}"
-    else:
-        inner = f"file.driver=file,file.filename={option_value(presented.source)}"
-    return f"driver=raw,offset={presented.offset},size={size},{inner}"
-
-
 def copy_from_storage(plan: DiskPlan, sink: Sink, speed: int = 0,
                       progress: ProgressCallback | None = None,
                       deadline: float | None = None) -> None:
     """Copy a disk from its storage (host device or iSCSI LUN) into its new layer, which
-    the sink created beforehand (see :func:`_copy_into`). A disk whose size could not be
-    read fails here with the reason (StorageError), e.g. a source that is gone."""
+    the sink created beforehand (see :func:`~.snapshot_copy.copy_into`). A disk whose size
+    could not be read fails here with the reason (StorageError), e.g. a source that is gone."""
     size = plan.disk.size if plan.disk.size is not None else offline_size(plan.disk)
-    _copy_into(sink, plan, storage_endpoint(plan.disk, size), speed, progress, deadline)
+    copy_into(sink, plan, storage_endpoint(plan.disk, size), speed, progress, deadline)
 
 
 def _copy_paused(plan: DiskPlan, sink: Sink, deadline: float, max_pause: float,
@@ -116,15 +98,6 @@ def _copy_paused(plan: DiskPlan, sink: Sink, deadline: float, max_pause: float,
         if isinstance(err, CopyDeadlineError) or time.monotonic() >= deadline:
             raise over_bound(plan, max_pause, err) from err
         raise
-
-
-def _copy_into(sink: Sink, plan: DiskPlan, source: dict[str, Any] | Endpoint, speed: int,
-               progress: ProgressCallback | None, deadline: float | None = None) -> None:
-    """Copy the raw ``source`` (blockdev options) into the disk's created layer, as a QEMU
-    block job of a private storage daemon: sparse, rate-limited by ``speed`` (bytes/s)."""
-    endpoint = source if isinstance(source, Endpoint) else Endpoint(source)
-    copy_image(endpoint, sink.copy_target(plan), plan.disk.target, speed=speed,
-               progress=progress, deadline=deadline)
 
 
 def _job_for(plan: DiskPlan, guard: GuardedSource | None, node: str, job_id: str,
@@ -154,50 +127,6 @@ def _resync(plan: DiskPlan, uri: str, sink: Sink, parent_maps: dict[str, ChunkMa
                                        sink.target(plan), plan.parent.relative_data_file(),
                                        only=only, layer_format=sink.layer_format)
     result.chunk_maps[plan.disk.target] = chunk_map
-
-
-def _copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
-                   parent_maps: dict[str, ChunkMap], result: Capture, speed: int = 0,
-                   progress: ProgressCallback | None = None) -> None:
-    """Copy a disk from its storage snapshot: in full, the changed ranges, or a resync."""
-    assert plan.agent is not None and plan.disk.size is not None
-    agent = agent_by_name(plan.agent)
-    size = plan.disk.size
-    try:
-        presented = agent.present(plan.disk, snap)
-        if plan.parent is None:
-            sink.create(plan)
-            _copy_into(sink, plan, rbd_endpoint(presented.rbd, size, f"disk {plan.disk.target}")
-                       if presented.rbd else raw_source(presented.source, presented.offset, size),
-                       speed, progress)
-            return
-        only = None
-        if plan.level != "resync":
-            older = plan.parent.record.storage_snapshot
-            assert older is not None
-            only = agent.changed_ranges(plan.disk, StorageSnapshot.from_dict(older), snap)
-            if only is None:
-                log.info("disk %s: the storage cannot tell what changed; comparing digests",
-                         plan.disk.target)
-        if plan.disk.target not in parent_maps:
-            raise RdmBackupError(f"disk {plan.disk.target}: backup "
-                                 f"{plan.parent.backup_id} has no chunk map to build on")
-        with _snapshot_nbd(plan, presented, size) as uri:
-            _resync(plan, uri, sink, parent_maps, result, only)
-    finally:
-        agent.withdraw(plan.disk, snap)
-
-
-@contextmanager
-def _snapshot_nbd(plan: DiskPlan, presented: Presented, size: int) -> Iterator[str]:
-    """The presented snapshot served read-only over NBD; yields its URI."""
-    if presented.rbd is not None:
-        with rbd_nbd(presented.rbd, f"disk {plan.disk.target}") as uri:
-            yield uri
-        return
-    opts = _raw_source_opts(presented, size)
-    with qemu_nbd_server(opts, None, readonly=True, extra=["--image-opts"]) as uri:
-        yield uri
 
 
 def _flush_storage(plans: list[DiskPlan]) -> None:
@@ -334,8 +263,10 @@ def _after_window(run: _Run, groups: _Groups, parent_maps: dict[str, ChunkMap],
         with storage_nbd(plan.disk) as uri:
             _resync(plan, uri, sink, parent_maps, result)
     for plan in groups.snapshot:
-        _copy_snapshot(plan, result.snapshots[plan.disk.target], sink, parent_maps,
-                       result, run.speed, progress)
+        chunk_map = copy_snapshot(plan, result.snapshots[plan.disk.target], sink, parent_maps,
+                                  run.speed, progress)
+        if chunk_map is not None:
+            result.chunk_maps[plan.disk.target] = chunk_map
     if run.monitor is not None and (run.started or run.fleeces):
         still_plugged = unplug_check(run.monitor, [p.disk for p in groups.qemu + groups.fleece])
         if run.started:

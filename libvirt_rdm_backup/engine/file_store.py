@@ -41,6 +41,7 @@ class FileStore:
     """Backups as directories of qcow2 files (:class:`Repository`)."""
 
     local_layers = True
+    storage_layers = True
     self_contained = False
 
     def __init__(self, repo: Repository, key: LayerKey | None = None) -> None:

@@ -14,8 +14,9 @@ from libvirt_rdm_backup.repository.manifest import DiskRecord
 
 # Agents whose snapshots serve a running VM's disk even where QEMU could copy it: the
 # storage itself tells what changed (no QEMU bitmap), so incrementals survive VM restarts.
-# Only into targets that take layers of ranges (local layers); into the others QEMU's own
-# job (with its bitmap) keeps incrementals possible.
+# Only into targets that take layers of ranges copied from storage (file repositories,
+# rbd:// targets); into the others QEMU's own job (with its bitmap) keeps incrementals
+# possible.
 SNAPSHOT_FIRST_AGENTS = frozenset({"rbd"})
 # the level a mixed backup reports is its most costly one
 _COST = {Level.FULL: 3, Level.RESYNC: 2, Level.DIFFERENTIAL: 1, Level.INCREMENTAL: 0}
@@ -59,6 +60,7 @@ class Facts:
     snapshot_agents: dict[str, str] = field(default_factory=dict)  # disk -> agent name
     live_snapshots: set[str] = field(default_factory=set)  # storage snapshots that still exist
     local_layers: bool = True  # the target keeps layers as local files (resync needs that)
+    storage_layers: bool = True  # the target takes layers of ranges copied from storage
     # disk -> {backup id: why its point cannot be built on} (damaged, or builds on damage)
     unusable: dict[str, dict[str, str]] = field(default_factory=dict)
     # a backup of the domain newer than the chain's last one whose manifest is unreadable
@@ -159,7 +161,7 @@ def _data_path(disk: RawDisk, facts: Facts) -> DataPath:
     """Where a disk's point in time comes from; decided once, from facts."""
     agent = facts.snapshot_agents.get(disk.target)
     if agent is not None and (disk.is_passthrough_lun or not facts.running
-                              or (agent in SNAPSHOT_FIRST_AGENTS and facts.local_layers)):
+                              or (agent in SNAPSHOT_FIRST_AGENTS and facts.storage_layers)):
         return DataPath.SNAPSHOT
     if disk.is_passthrough_lun or not facts.running:
         return DataPath.STORAGE
@@ -240,7 +242,7 @@ def _build_problem(disk: RawDisk, point: DiskPoint | None, facts: Facts,
     if point is None and facts.unusable.get(disk.target):
         return f"chain {facts.chain.name} has no usable backup of {disk.target}"
     problem = _tracking_problem(disk, point, facts, path)
-    if problem is None and path is DataPath.SNAPSHOT and not facts.local_layers:
+    if problem is None and path is DataPath.SNAPSHOT and not facts.storage_layers:
         problem = "this target cannot take layers of ranges copied from storage"
     return problem
 

@@ -2,10 +2,13 @@
 
 QEMU writes a point's changed extents straight into the disk's image through its rbd
 driver (the guest's QEMU for a backup job, a private storage daemon for a copy from
-storage); the session then snapshots the image, named after the backup id, and the
-manifest, written last into the pool's index object, makes the point visible. A
-backup that fails before that leaves its snapshots removed and the image unlisted
-(the next point writes over whatever it wrote: its extents are dirty again).
+storage or of the ranges a storage snapshot reports as changed, which land on the
+previous point the image holds); the session then snapshots the image, named after
+the backup id, and the manifest, written last into the pool's index object, makes the
+point visible. A backup that fails before that leaves its snapshots removed and the
+image unlisted
+(the next point writes over whatever it wrote: its extents are dirty again, or changed
+since the parent's storage snapshot).
 
 The cephx key reaches the guest's QEMU through a descriptor (``add-fd``) that a
 ``secret`` object reads (``file=/dev/fd/N``): libvirt, which logs QMP at debug level,

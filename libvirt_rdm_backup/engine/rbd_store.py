@@ -51,6 +51,7 @@ class RbdStore:
     """Backups as RBD images and snapshots, their manifests in the pool's index object."""
 
     local_layers = False
+    storage_layers = True  # written onto the image holding the last point
     self_contained = True
 
     def __init__(self, address: RbdAddress, pool: RbdPool) -> None:

@@ -47,7 +47,7 @@ CREATE_AT_ONCE = 8  # encrypted layers created side by side (each a qemu-img pro
 class Sink(Protocol):
     """Destination of the new layers of one backup, as a capture writes them."""
 
-    local_files: bool  # layers are local files (resyncs and ranged copies need that)
+    local_files: bool  # layers are local files (resyncs and chunk-compared ranges need that)
     layer_format: LayerFormat  # how new layers are written (compressed or not)
     copy_chunk: int  # the largest request a backup job writes (at least the target's cluster)
 

@@ -19,6 +19,22 @@ from libvirt_rdm_backup.qemu.block_copy import Endpoint, raw_source
 from libvirt_rdm_backup.qemu.layers import option_value
 from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
 from libvirt_rdm_backup.storage import rbd
+from libvirt_rdm_backup.storage.snapshots import Presented
+
+
+def raw_source_opts(presented: Presented, size: int) -> str:
+    """``--image-opts`` of ``qemu-nbd`` for reading ``size`` bytes at ``presented.offset`` of a
+    raw source (a resync reads it through NBD)."""
+    if presented.source.startswith("iscsi://"):
+        portal, _, rest = presented.source.removeprefix("iscsi://").partition("/")
+        target, _, lun = rest.rpartition("/")
+        inner = (f"file.driver=iscsi,file.transport=tcp,file.portal={portal},"
+                 f"file.target={target},file.lun={lun}")
+    elif presented.source.startswith("/dev/"):
+        inner = f"file.driver=host_device,file.filename={option_value(presented.source)}"
+    else:
+        inner = f"file.driver=file,file.filename={option_value(presented.source)}"
+    return f"driver=raw,offset={presented.offset},size={size},{inner}"
 
 
 def _secret_id() -> str:

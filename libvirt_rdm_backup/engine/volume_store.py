@@ -40,6 +40,7 @@ class VolumeStore:
     """Backups inside an NBD export (:class:`NbdVolume`)."""
 
     local_layers = False
+    storage_layers = True  # a qcow2 layer of the ranges, on the parent when restored
     self_contained = False
 
     def __init__(self, volume: NbdVolume, key: LayerKey | None = None) -> None:

@@ -1,10 +1,10 @@
 """Acceptance of RBD disks beside LUNs: a VM with vdb on an RBD image, vdc on a loop device and
 sda on an iSCSI LUN of tgtd. Three points (full; writes to every disk, incremental; a VM
-restart, writes, incremental again: still an incremental for the RBD disk), each backed up into
-a file repository and into an ``rbd://`` target; every point of every disk restored from both
-byte for byte; ``--to-original`` puts every disk back (the RBD disk into its own image); a
-``prune --keep-last 1`` on the target gives space back (``rbd du``) and leaves one snapshot per
-image."""
+restart, writes, incremental again: still an incremental for the RBD disk, from RBD snapshots),
+each backed up into a file repository and into an ``rbd://`` target; every point of every disk
+restored from both byte for byte; ``--to-original`` puts every disk back (the RBD disk into its
+own image); a ``prune --keep-last 1`` on the target gives space back (``rbd du``) and leaves one
+snapshot per image."""
 
 from __future__ import annotations
 
@@ -135,9 +135,9 @@ def test_rbd_disk_beside_luns_from_backup_to_prune(acceptance_vm: AcceptanceVM) 
     # in the file repository the RBD disk's point comes from RBD snapshots: an incremental after
     # the restart too, where the loop device's QEMU bitmap is gone (a resync)
     assert [f for f, _ in levels] == [full, incremental, {**incremental, "vdc": "resync"}], levels
-    # an rbd:// target takes no layers of ranges copied from storage and no resync (ceph.md):
-    # QEMU's bitmaps, so a full after the restart
-    assert [r for _, r in levels] == [full, incremental, full], levels
+    # an rbd:// target takes the ranges RBD reports as changed (written onto its image) but no
+    # resync (ceph.md): the RBD disk an incremental after the restart, the loop device a full
+    assert [r for _, r in levels] == [full, incremental, {**full, "vdb": "incremental"}], levels
 
     restore_points(vm, vm.repo, files)
     restore_points(vm, vm.target, onrbd)

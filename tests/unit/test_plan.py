@@ -106,13 +106,56 @@ def test_rbd_disks_with_the_rbd_agent_take_snapshots_running_or_not() -> None:
     gone = plan_disk(rbd_disk(), "auto",
                      Facts(True, chain, {}, snapshot_agents={"vdc": "rbd"}))
     assert gone.level == "full" and "is gone" in gone.reason  # no chunk map: no resync
-    # a target without local layers takes no ranged copies: QEMU's job and bitmap serve it
+    # a target that would take no layers of ranges: QEMU's job and bitmap serve the disk
     remote = plan_disk(rbd_disk(), "auto", Facts(True, chain, {}, snapshot_agents={"vdc": "rbd"},
-                                                 local_layers=False))
+                                                 local_layers=False, storage_layers=False))
     assert remote.path is DataPath.QEMU
     reflink = plan_disk(disk(), "auto", Facts(True, CHAIN, {"libvirt-vdb-format": {"bm-inc"}},
                                               snapshot_agents={"vdb": "loop-reflink"}))
     assert reflink.path is DataPath.QEMU
+
+
+def _snapshot_chain(raw: RawDisk, agent: str) -> Chain:
+    """A chain of one full point of ``raw`` taken from a storage snapshot it kept."""
+    snap = {"agent": agent, "disk": raw.target, "name": "rdmb-x-000002", "created": "t",
+            "size": SIZE, "handle": {}}
+    record = DiskRecord(disk=raw, size=SIZE, data_file="img", format="raw",
+                        digest=Digest("sha256", "0" * 64), level="full", data_path="snapshot",
+                        bytes_transferred=0, stored_bytes=0, storage_snapshot=snap)
+    return Chain("default", [Manifest(
+        backup_id="20260102T000000Z-000002", domain_uuid=UUID, domain_name="vm",
+        level="full", created="t", completed="t", consistency={}, domain_xml="",
+        disks=[record])])
+
+
+def test_targets_without_local_layers_take_ranges_of_storage_snapshots_but_no_resync() -> None:
+    """An rbd:// target or an NBD volume (no local layers, but layers of ranges copied from
+    storage): the RBD snapshot agent serves a running VM's RBD disk, incremental with no QEMU
+    bitmap (after a VM restart); a resync is refused, and a gone snapshot means a full copy."""
+    chain = _snapshot_chain(rbd_disk(), "rbd")
+    live = Facts(True, chain, {}, restart="the domain was restarted",
+                 snapshot_agents={"vdc": "rbd"}, live_snapshots={"rdmb-x-000002"},
+                 local_layers=False)
+    plan = plan_disk(rbd_disk(), "auto", live)
+    assert (plan.path, plan.level, plan.agent) == (DataPath.SNAPSHOT, "incremental", "rbd")
+    assert plan.parent is not None and plan.parent.backup_id == "20260102T000000Z-000002"
+    assert plan.source_bitmap is None and "storage reports as changed" in plan.reason
+    assert plan_disk(rbd_disk(), "differential", live).level == "differential"
+    with pytest.raises(TrackingLostError, match="chunk-compared"):
+        plan_disk(rbd_disk(), "resync", live)
+    gone = plan_disk(rbd_disk(), "auto", Facts(True, chain, {}, snapshot_agents={"vdc": "rbd"},
+                                               local_layers=False))
+    assert (gone.path, gone.level) == (DataPath.SNAPSHOT, "full") and "is gone" in gone.reason
+    # a passthrough LUN with a snapshot agent: incremental, but a full on a target that would
+    # take no layers of ranges
+    lun_chain = _snapshot_chain(lun(), "lvm")
+    for storage_layers, level in ((True, "incremental"), (False, "full")):
+        got = plan_disk(lun(), "auto", Facts(
+            True, lun_chain, {}, snapshot_agents={"sda": "lvm"},
+            live_snapshots={"rdmb-x-000002"}, local_layers=False,
+            storage_layers=storage_layers))
+        assert (got.path, got.level) == (DataPath.SNAPSHOT, level)
+    assert "cannot take layers of ranges" in got.reason
 
 
 def test_offline_domains_and_luns_copy_in_full_from_storage() -> None:

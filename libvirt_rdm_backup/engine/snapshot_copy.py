@@ -1,0 +1,115 @@
+"""Copies of a disk from storage into its new layer: from the storage, or from a storage
+snapshot, in full, as the ranges the storage reports as changed, or as a resync.
+
+Into a file repository the changed ranges of a snapshot are compared chunk by chunk with
+the parent's map and the differing chunks make a new qcow2 layer (:mod:`.resync`); into a
+target whose image holds the parent's point (``rbd://``) they are copied onto that image
+by a QEMU backup job of a private storage daemon (:mod:`~..qemu.ranged_copy`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from libvirt_rdm_backup.engine.plan import DiskPlan
+from libvirt_rdm_backup.engine.resync import resync_layer
+from libvirt_rdm_backup.engine.sinks import Sink
+from libvirt_rdm_backup.engine.storage_reads import raw_source_opts, rbd_endpoint, rbd_nbd
+from libvirt_rdm_backup.errors import RdmBackupError
+from libvirt_rdm_backup.qemu.block_copy import Endpoint, copy_image, raw_source
+from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
+from libvirt_rdm_backup.qemu.ranged_copy import copy_ranges
+from libvirt_rdm_backup.repository.chunks import ChunkMap
+from libvirt_rdm_backup.storage.snapshot_agents import agent_by_name
+from libvirt_rdm_backup.storage.snapshots import Presented, SnapshotAgent, StorageSnapshot
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, int, int], None]
+
+
+def copy_into(sink: Sink, plan: DiskPlan, source: dict[str, Any] | Endpoint, speed: int,
+               progress: ProgressCallback | None, deadline: float | None = None) -> None:
+    """Copy the raw ``source`` (blockdev options) into the disk's created layer, as a QEMU
+    block job of a private storage daemon: sparse, rate-limited by ``speed`` (bytes/s)."""
+    endpoint = source if isinstance(source, Endpoint) else Endpoint(source)
+    copy_image(endpoint, sink.copy_target(plan), plan.disk.target, speed=speed,
+               progress=progress, deadline=deadline)
+
+
+def copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
+                  parent_maps: dict[str, ChunkMap], speed: int = 0,
+                  progress: ProgressCallback | None = None) -> ChunkMap | None:
+    """Copy a disk from its storage snapshot: in full, the changed ranges, or a resync;
+    returns the chunk map of a resynced layer (None: no map made)."""
+    assert plan.agent is not None and plan.disk.size is not None
+    agent = agent_by_name(plan.agent)
+    size = plan.disk.size
+    try:
+        presented = agent.present(plan.disk, snap)
+        if plan.parent is None:
+            sink.create(plan)
+            copy_into(sink, plan, _snapshot_endpoint(plan, presented, size), speed, progress)
+            return None
+        if not sink.local_files:  # an image holding the parent's point: the changes onto it
+            _copy_changed(plan, agent, presented, snap, sink, speed, progress)
+            return None
+        only = None
+        if plan.level != "resync":
+            older = plan.parent.record.storage_snapshot
+            assert older is not None
+            only = agent.changed_ranges(plan.disk, StorageSnapshot.from_dict(older), snap)
+            if only is None:
+                log.info("disk %s: the storage cannot tell what changed; comparing digests",
+                         plan.disk.target)
+        if plan.disk.target not in parent_maps:
+            raise RdmBackupError(f"disk {plan.disk.target}: backup "
+                                 f"{plan.parent.backup_id} has no chunk map to build on")
+        with _snapshot_nbd(plan, presented, size) as uri:
+            chunk_map, _written = resync_layer(
+                uri, size, parent_maps[plan.disk.target], sink.target(plan),
+                plan.parent.relative_data_file(), only=only, layer_format=sink.layer_format)
+        return chunk_map
+    finally:
+        agent.withdraw(plan.disk, snap)
+
+
+def _snapshot_endpoint(plan: DiskPlan, presented: Presented, size: int) -> Endpoint:
+    if presented.rbd is not None:
+        return rbd_endpoint(presented.rbd, size, f"disk {plan.disk.target}")
+    return Endpoint(raw_source(presented.source, presented.offset, size))
+
+
+def _copy_changed(plan: DiskPlan, agent: SnapshotAgent, presented: Presented,
+                  snap: StorageSnapshot, sink: Sink, speed: int,
+                  progress: ProgressCallback | None) -> None:
+    """Copy the ranges the storage reports as changed since the parent's snapshot onto the
+    disk's target image, which holds the parent's point or writes since it that are among
+    these ranges (every range when the storage cannot tell)."""
+    assert plan.parent is not None and plan.disk.size is not None
+    older = plan.parent.record.storage_snapshot
+    assert older is not None
+    size = plan.disk.size
+    ranges = agent.changed_ranges(plan.disk, StorageSnapshot.from_dict(older), snap)
+    if ranges is None:
+        log.info("disk %s: the storage cannot tell what changed; copying all of it",
+                 plan.disk.target)
+    sink.create(plan)
+    copy_ranges(_snapshot_endpoint(plan, presented, size), sink.copy_target(plan),
+                [(0, size)] if ranges is None else ranges, size, plan.disk.target,
+                speed=speed, chunk=sink.copy_chunk, progress=progress)
+
+
+@contextmanager
+def _snapshot_nbd(plan: DiskPlan, presented: Presented, size: int) -> Iterator[str]:
+    """The presented snapshot served read-only over NBD; yields its URI."""
+    if presented.rbd is not None:
+        with rbd_nbd(presented.rbd, f"disk {plan.disk.target}") as uri:
+            yield uri
+        return
+    opts = raw_source_opts(presented, size)
+    with qemu_nbd_server(opts, None, readonly=True, extra=["--image-opts"]) as uri:
+        yield uri
