@@ -147,30 +147,32 @@ def block_copy(host: JobHost, source: Endpoint, target: Endpoint, label: str, *,
     """
     stall = stall_timeout() if stall is None else stall
     with ExitStack() as stack:
-        added: set[str] = set()
-        for obj in (*source.objects, *target.objects):
-            if obj["id"] not in added:
-                stack.enter_context(added_object(host, obj))
-                added.add(obj["id"])
-        src = stack.enter_context(added_node(host, {**source.node, "read-only": True},
-                                        object_name("src", label)))
-        dst = stack.enter_context(added_node(host, {**target.node, "discard": "unmap",
-                                               "detect-zeroes": "unmap"},
-                                        object_name("dst", label)))
+        src, dst = added_pair(stack, host, source, target, label)
         job_id = object_name("copy", label)
         arguments: dict[str, Any] = {"job-id": job_id, "device": src, "target": dst,
                                      "sync": "full", "auto-finalize": True,
                                      "auto-dismiss": False}
         if speed:
             arguments["speed"] = speed
-        host.execute("blockdev-mirror", arguments)
-        try:
-            error = follow_job(host, job_id, label, progress, stall, deadline)
-        except BaseException:
-            cancel(host, job_id)
-            raise
-        if error:
-            raise OperationError(f"copy of {label} failed: {error}")
+        run_job(host, "blockdev-mirror", arguments, label, progress=progress, stall=stall,
+                deadline=deadline)
+
+
+def run_job(host: JobHost, command: str, arguments: dict[str, Any], label: str, *,
+            progress: ProgressCallback | None = None, stall: float | None = None,
+            deadline: float | None = None, what: str = "copy") -> None:
+    """Start the job ``arguments`` name and follow it to its end, cancelled when anything
+    goes wrong; OperationError ("``what`` of ``label`` failed: ...") when it fails."""
+    job_id = arguments["job-id"]
+    host.execute(command, arguments)
+    try:
+        error = follow_job(host, job_id, label, progress,
+                           stall_timeout() if stall is None else stall, deadline)
+    except BaseException:
+        cancel(host, job_id)
+        raise
+    if error:
+        raise OperationError(f"{what} of {label} failed: {error}")
 
 
 def follow_job(host: JobHost, job_id: str, label: str, progress: ProgressCallback | None,
@@ -239,6 +241,23 @@ def _undo(host: JobHost, command: str, arguments: dict[str, Any]) -> None:
         host.execute(command, arguments)
     except RdmBackupError as err:
         log.info("%s %s: %s", command, arguments, err)
+
+
+def added_pair(stack: ExitStack, host: JobHost, source: Endpoint, target: Endpoint,
+               label: str) -> tuple[str, str]:
+    """Add the objects and nodes of a copy from ``source`` (read-only) onto ``target``
+    (zeroes unmapped), each removed when ``stack`` closes: their node names."""
+    added: set[str] = set()
+    for obj in (*source.objects, *target.objects):
+        if obj["id"] not in added:
+            stack.enter_context(added_object(host, obj))
+            added.add(obj["id"])
+    src = stack.enter_context(added_node(host, {**source.node, "read-only": True},
+                                         object_name("src", label)))
+    dst = stack.enter_context(added_node(host, {**target.node, "discard": "unmap",
+                                                "detect-zeroes": "unmap"},
+                                         object_name("dst", label)))
+    return src, dst
 
 
 @contextmanager

@@ -23,15 +23,13 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
 
-from libvirt_rdm_backup.errors import OperationError, UsageError
-from libvirt_rdm_backup.process import stall_timeout
+from libvirt_rdm_backup.errors import UsageError
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.qemu.block_copy import (
     JobHost,
     added_node,
     added_object,
-    cancel,
-    follow_job,
+    run_job,
 )
 from libvirt_rdm_backup.qemu.names import object_name
 from libvirt_rdm_backup.qemu.secrets import active_secret
@@ -166,12 +164,4 @@ def _chain(daemon: JobHost, stack: ExitStack, files: Sequence[str], label: str,
 
 def _run(daemon: JobHost, command: str, arguments: dict[str, Any], label: str) -> None:
     """Start the job and follow it to its end; cancel it when anything goes wrong."""
-    job_id = arguments["job-id"]
-    daemon.execute(command, arguments)
-    try:
-        error = follow_job(daemon, job_id, label, None, stall_timeout(), None)
-    except BaseException:
-        cancel(daemon, job_id)
-        raise
-    if error:
-        raise OperationError(f"merging layers of {label} failed: {error}")
+    run_job(daemon, command, arguments, label, what="merging layers")

@@ -21,15 +21,13 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from libvirt_rdm_backup.errors import OperationError
-from libvirt_rdm_backup.process import stall_timeout
 from libvirt_rdm_backup.qemu.block_copy import (
     GIVE_UP_GRACE,
     Endpoint,
     ProgressCallback,
     added_node,
-    added_object,
-    cancel,
-    follow_job,
+    added_pair,
+    run_job,
 )
 from libvirt_rdm_backup.qemu.jobs import COPY_CHUNK, backup_action
 from libvirt_rdm_backup.qemu.names import object_name
@@ -106,16 +104,7 @@ def _run(daemon: StorageDaemon, source: Endpoint, target: Endpoint,
          ranges: Sequence[tuple[int, int]], size: int, label: str, speed: int, chunk: int,
          progress: ProgressCallback | None) -> None:
     with ExitStack() as stack:
-        added: set[str] = set()
-        for obj in (*source.objects, *target.objects):
-            if obj["id"] not in added:
-                stack.enter_context(added_object(daemon, obj))
-                added.add(obj["id"])
-        src = stack.enter_context(added_node(daemon, {**source.node, "read-only": True},
-                                             object_name("src", label)))
-        dst = stack.enter_context(added_node(daemon, {**target.node, "discard": "unmap",
-                                                      "detect-zeroes": "unmap"},
-                                             object_name("dst", label)))
+        src, dst = added_pair(stack, daemon, source, target, label)
         marks = stack.enter_context(added_node(daemon, {"driver": "null-co", "size": size},
                                                object_name("marks", label)))
         for node in (marks, src):
@@ -124,13 +113,6 @@ def _run(daemon: StorageDaemon, source: Endpoint, target: Endpoint,
         _mark(daemon, marks, ranges, size, label)
         daemon.execute("block-dirty-bitmap-merge", {
             "node": src, "target": BITMAP, "bitmaps": [{"node": marks, "name": BITMAP}]})
-        job_id = object_name("copy", label)
-        daemon.execute("blockdev-backup", backup_action(
-            job_id, src, dst, sync="bitmap", bitmap=BITMAP, speed=speed, chunk=chunk)["data"])
-        try:
-            error = follow_job(daemon, job_id, label, progress, stall_timeout(), None)
-        except BaseException:
-            cancel(daemon, job_id)
-            raise
-        if error:
-            raise OperationError(f"copy of {label} failed: {error}")
+        run_job(daemon, "blockdev-backup", backup_action(
+            object_name("copy", label), src, dst, sync="bitmap", bitmap=BITMAP, speed=speed,
+            chunk=chunk)["data"], label, progress=progress)

@@ -27,7 +27,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from libvirt_rdm_backup.errors import RepositoryError, UsageError
-from libvirt_rdm_backup.fileutil import read_regular, write_atomic
+from libvirt_rdm_backup.repository import journal_file
 from libvirt_rdm_backup.repository.chain import chain_of
 from libvirt_rdm_backup.repository.ids import check_backup_id, check_safe_name, check_uuid
 from libvirt_rdm_backup.repository.manifest import Manifest
@@ -69,14 +69,7 @@ class Journal:
     @classmethod
     def loads(cls, text: str) -> Journal:
         """Parse and check a journal; RepositoryError on anything the tool would not write."""
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as err:
-            raise RepositoryError(f"prune journal is not JSON: {err}") from err
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise RepositoryError("prune journal has an unknown format")
-        if data.get("version") != VERSION:
-            raise RepositoryError(f"prune journal version {data.get('version')!r} is unknown")
+        data = journal_file.parse(text, "prune journal", FORMAT, VERSION)
         try:
             drop = tuple(check_backup_id(str(i)) for i in _list(data.get("drop")))
             journal = cls(
@@ -132,37 +125,18 @@ def journal_path(domain_dir: str) -> str:
 
 def read_journal(domain_dir: str) -> Journal | None:
     """The journal of an unfinished prune of the domain, or None."""
-    path = journal_path(domain_dir)
-    try:
-        data = read_regular(path, MAX_JOURNAL + 1)
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise RepositoryError(f"cannot read prune journal {path}: {err.strerror}") from err
-    if len(data) > MAX_JOURNAL:
-        raise RepositoryError(f"prune journal {path} is over {MAX_JOURNAL} bytes")
-    try:
-        return Journal.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise RepositoryError(f"prune journal {path} is not UTF-8 text") from err
+    text = journal_file.read_text(journal_path(domain_dir), "prune journal", MAX_JOURNAL)
+    return None if text is None else Journal.loads(text)
 
 
 def write_journal(domain_dir: str, journal: Journal) -> None:
     """Write the journal atomically (synced before anything it describes is changed)."""
-    try:
-        write_atomic(journal_path(domain_dir), journal.dumps().encode("utf-8"))
-    except OSError as err:
-        raise RepositoryError(f"cannot write the prune journal: {err.strerror}") from err
+    journal_file.write_text(journal_path(domain_dir), journal.dumps(), "prune journal")
 
 
 def remove_journal(domain_dir: str) -> None:
     """The prune is complete: the journal goes."""
-    try:
-        os.unlink(journal_path(domain_dir))
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        raise RepositoryError(f"cannot remove the prune journal: {err.strerror}") from err
+    journal_file.remove(journal_path(domain_dir), "prune journal")
 
 
 def check_against(journal: Journal, backups: list[Manifest], unreadable: list[str]) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from libvirt_rdm_backup.errors import RepositoryError, UsageError
-from libvirt_rdm_backup.fileutil import read_regular, write_atomic
+from libvirt_rdm_backup.repository import journal_file
 from libvirt_rdm_backup.repository.digest import Digest
 from libvirt_rdm_backup.repository.encryption import EncryptionRecord
 from libvirt_rdm_backup.repository.ids import check_backup_id, check_safe_name, check_uuid
@@ -100,14 +100,7 @@ class Journal:
     @classmethod
     def loads(cls, text: str) -> Journal:
         """Parse and check a journal; RepositoryError on anything the tool would not write."""
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as err:
-            raise RepositoryError(f"rekey journal is not JSON: {err}") from err
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise RepositoryError("rekey journal has an unknown format")
-        if data.get("version") != VERSION:
-            raise RepositoryError(f"rekey journal version {data.get('version')!r} is unknown")
+        data = journal_file.parse(text, "rekey journal", FORMAT, VERSION)
         for name, length in _HEX.items():
             value = data.get(name)
             if not isinstance(value, str) or not re.fullmatch(f"[0-9a-f]{{{length}}}", value):
@@ -147,40 +140,21 @@ def journal_path(root: str) -> str:
 
 def read_journal(root: str) -> Journal | None:
     """The journal of an unfinished key change of the repository, or None."""
-    path = journal_path(root)
-    try:
-        data = read_regular(path, MAX_JOURNAL + 1)
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise RepositoryError(f"cannot read rekey journal {path}: {err.strerror}") from err
-    if len(data) > MAX_JOURNAL:
-        raise RepositoryError(f"rekey journal {path} is over {MAX_JOURNAL} bytes")
-    try:
-        return Journal.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise RepositoryError(f"rekey journal {path} is not UTF-8 text") from err
+    text = journal_file.read_text(journal_path(root), "rekey journal", MAX_JOURNAL)
+    return None if text is None else Journal.loads(text)
 
 
 def write_journal(root: str, journal: Journal, key: bytes) -> Journal:
     """Write the journal signed with ``key`` atomically (synced before anything it
     describes is changed); the journal as written."""
     journal = journal.signed(key)
-    try:
-        write_atomic(journal_path(root), journal.dumps().encode("utf-8"), mode=0o600)
-        return journal
-    except OSError as err:
-        raise RepositoryError(f"cannot write the rekey journal: {err.strerror}") from err
+    journal_file.write_text(journal_path(root), journal.dumps(), "rekey journal")
+    return journal
 
 
 def remove_journal(root: str) -> None:
     """The key change is complete: the journal goes."""
-    try:
-        os.unlink(journal_path(root))
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        raise RepositoryError(f"cannot remove the rekey journal: {err.strerror}") from err
+    journal_file.remove(journal_path(root), "rekey journal")
 
 
 def encrypted_layers(backups: list[Manifest]) -> list[tuple[Manifest, str]]:
