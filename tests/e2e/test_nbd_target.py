@@ -319,9 +319,10 @@ def test_a_stalled_writer_taken_over_publishes_nothing(server: VolumeServer) -> 
             guest_write(big.dom, "vdb", 0x50 + index, index * 20 * MiB, 8 * MiB)
         guest_write(small.dom, "vdb", 0x43, 0, MiB)
         small_ref = reference(small, "0")["vdb"]
+        # held at 32 MiB/s (6 s for its 192 MiB), so that it is surely caught mid-copy
         writer = subprocess.Popen([str(exe), "backup", big.name, "--target", by_ip, "--disk",
-                                   "vdb"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env)
+                                   "vdb", "--bwlimit", "32"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env)
         deadline = time.monotonic() + 60
         while not any(item.startswith("job ") for item in qemu_leftovers(big.dom)):
             assert writer.poll() is None, writer.communicate()
