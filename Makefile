@@ -39,7 +39,7 @@ lint: install
 # Lint and tests both run; the target fails if either fails (or if no test ran). The tests run
 # in $(TEST_WORKERS) workers (pytest-xdist, a module's tests in one worker), then those marked
 # `serial` alone; the last lines are the whole suite's fault summary and count.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: install lab-up
 	@lint=0; $(MAKE) --no-print-directory lint || lint=$$?; \
 	tally=$$(mktemp /var/tmp/rdmb-tally.XXXXXX); trap 'rm -f "$$tally"' EXIT; rc=0; \
