@@ -68,8 +68,11 @@ log_file = $d/log/\$name.log
 osd_objectstore = bluestore
 osd_memory_target = $CEPH_OSD_MEMORY_TARGET
 # trim removed snapshots' clones at once (the HDD default sleeps 5 s between trims, and a test run
-# removes hundreds of snapshots: their clones would outlive it by hours)
-osd_snap_trim_sleep = 0
+# removes hundreds of snapshots: their clones would outlive it by hours and fill the OSD). A zero
+# osd_snap_trim_sleep means "the device type's value", so each of those is zero too.
+osd_snap_trim_sleep_hdd = 0
+osd_snap_trim_sleep_ssd = 0
+osd_snap_trim_sleep_hybrid = 0
 bluestore_block_size = $CEPH_OSD_BLOCK_SIZE
 bluestore_rocksdb_options = compression=kNoCompression,max_write_buffer_number=2,min_write_buffer_number_to_merge=1,recycle_log_file_num=2,write_buffer_size=33554432,writable_file_max_buffer_size=0,compaction_readahead_size=2097152,max_background_compactions=1,max_total_wal_size=134217728
 [client]
