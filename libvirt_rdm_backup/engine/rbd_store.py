@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import AbstractContextManager as ContextManager
@@ -37,7 +38,8 @@ from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
 from libvirt_rdm_backup.repository.chunks import ChunkMap
-from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.ids import BACKUP_ID_RE, SAFE_NAME_RE, check_uuid
+from libvirt_rdm_backup.repository.manifest import MAX_MANIFEST, Manifest
 from libvirt_rdm_backup.repository.order import in_order
 from libvirt_rdm_backup.repository.store import Damage, Scan
 from libvirt_rdm_backup.storage.rbd_pool import RbdPool
@@ -45,6 +47,7 @@ from libvirt_rdm_backup.targets.uri import RbdAddress
 
 REPO_KEY = "repo_id"
 MANIFEST_PREFIX = "m."
+_REPO_ID_RE = re.compile(r"[0-9a-f]{6}")  # as secrets.token_hex(3) writes it (fullmatch)
 
 
 class RbdStore:
@@ -77,6 +80,9 @@ class RbdStore:
                 found = secrets.token_hex(3).encode()
                 store.pool.set_omap(store.index, {REPO_KEY: found})
             store.repo_id = found.decode("ascii", "replace")
+            if not _REPO_ID_RE.fullmatch(store.repo_id):  # it names bitmaps and snapshots
+                raise RepositoryError(f"{address.uri.partition('?')[0]}: {store.index} holds "
+                                      "no valid repository id")
         except BaseException:
             store.pool.close()
             raise
@@ -123,6 +129,8 @@ class RbdStore:
         return nullcontext()
 
     def scan(self, domain_uuid: str | None = None) -> Scan:
+        """The index's manifests, each checked to be one this tool writes: its key (a
+        domain UUID and a backup id), its size, and the names its disks give images."""
         backups, damaged = [], []
         for key, value in self.pool.omap(self.index).items():
             if not key.startswith(MANIFEST_PREFIX):
@@ -131,12 +139,9 @@ class RbdStore:
             if domain_uuid is not None and uuid != domain_uuid:
                 continue
             try:
-                manifest = Manifest.loads(value.decode("utf-8", "replace"))
-                if (manifest.domain_uuid, manifest.backup_id) != (uuid, backup_id):
-                    raise RepositoryError(f"manifest of {manifest.backup_id} under {key}")
-                backups.append(manifest)
+                backups.append(_checked(uuid, backup_id, value))
             except RepositoryError as err:
-                damaged.append(Damage(uuid, backup_id, str(err)))
+                damaged.append(Damage(uuid[:64], backup_id[:64], str(err)))
         return Scan(in_order(backups), damaged)
 
     def write_manifests(self, manifests: list[Manifest], drop: tuple[str, ...] = ()) -> None:
@@ -208,11 +213,12 @@ class RbdStore:
         return merged_manifest(manifest, records, drop, by_id)
 
     def _remove_unlisted(self, domain_uuid: str, images: list[str]) -> None:
-        """Remove the snapshots of the domain's images that no manifest lists."""
+        """Remove the snapshots of the domain's images that no manifest lists; only those
+        named as this tool names them (a backup id): another snapshot is left alone."""
         listed = {m.backup_id for m in self.scan(domain_uuid).backups}
         for image in images:
             for snapshot in self.pool.snapshots(image):
-                if snapshot not in listed:
+                if snapshot not in listed and BACKUP_ID_RE.fullmatch(snapshot):
                     self.pool.remove_snapshot(image, snapshot)
 
     def chunk_map(self, point: DiskPoint) -> ChunkMap | None:
@@ -220,37 +226,44 @@ class RbdStore:
         return None
 
     def damage(self, point: DiskPoint, digests: bool = False) -> str | None:
-        """Cheap: the point's snapshot exists; with ``digests``: its contents' digest."""
+        """Cheap: the point's snapshot exists, of the point's size; with ``digests``: its
+        contents' digest."""
         record = point.record
         try:
-            image, snapshot = self._where(record)
-            if snapshot not in self.pool.snapshots(image):
+            image, snapshot = self._where(point)
+            size = self.pool.snapshot_sizes(image).get(snapshot)
+            if size is None:
                 return f"{image}: snapshot {snapshot} is missing"
+            if size != record.size:
+                return f"{image}@{snapshot} has {size} bytes, the manifest says {record.size}"
             if not digests:
                 return None
             value = self.pool.digest(image, snapshot, record.digest.algorithm)
         except RdmBackupError as err:
-            return f"{record.data_file} unreadable: {err}"
+            return f"{record.data_file[:200]} unreadable: {err}"
         if value != record.digest.value:
             return f"{image}@{snapshot}: {record.digest.algorithm} mismatch"
         return None
 
-    def _where(self, record: DiskRecord) -> tuple[str, str]:
-        location = record.location or {}
-        image, snapshot = location.get("image"), location.get("snapshot")
-        if not isinstance(image, str) or not isinstance(snapshot, str) or \
-                location.get("pool") != self.address.pool:
-            raise RepositoryError(f"no RBD image in this pool recorded: "
-                                  f"{json.dumps(location)[:200]}")
-        return image, snapshot
+    def _where(self, point: DiskPoint) -> tuple[str, str]:
+        """The image and snapshot of a point, which must be where this store writes it:
+        the domain's disk's image, the snapshot named after the backup (RepositoryError:
+        a location edited to name another image or snapshot is never opened)."""
+        image = self.image_name(point.manifest.domain_uuid, point.record.disk.target)
+        want = {"pool": self.address.pool, "image": image, "snapshot": point.backup_id}
+        if point.record.location != want:
+            raise RepositoryError(f"its location {json.dumps(point.record.location)[:200]} "
+                                  f"is not {self.address.pool}/{image}@{point.backup_id}, "
+                                  "where this target keeps it")
+        return image, point.backup_id
 
     def image_node(self, points: list[DiskPoint]) -> dict[str, Any]:
         """The point's snapshot alone (a complete image: no chain to open)."""
-        record = points[0].record
         try:
-            image, snapshot = self._where(record)
+            image, snapshot = self._where(points[0])
         except RepositoryError as err:
-            raise DamagedBackupError(points[0].backup_id, str(err), record.disk.target) from err
+            raise DamagedBackupError(points[0].backup_id, str(err),
+                                     points[0].record.disk.target) from err
         return self.node(image, snapshot, self._secret)
 
     def qemu_objects(self, secret: str | None = None) -> tuple[dict[str, Any], ...]:
@@ -261,3 +274,26 @@ class RbdStore:
     def holds(self, path: str) -> bool:
         """False: the images are in the cluster, not local paths."""
         return False
+
+
+def _checked(uuid: str, backup_id: str, value: bytes) -> Manifest:
+    """The manifest under key ``m.UUID.BACKUP_ID``, once it is one this tool could have
+    written there (raises RepositoryError): canonical UUID, backup id, at most
+    MAX_MANIFEST bytes, naming itself, its disks with names fit for image names."""
+    try:
+        canonical = check_uuid(uuid) == uuid
+    except UsageError:
+        canonical = False
+    if not canonical or not BACKUP_ID_RE.fullmatch(backup_id):
+        raise RepositoryError(f"index key {MANIFEST_PREFIX}{uuid[:64]}.{backup_id[:64]} is "
+                              "not a domain UUID and a backup id")
+    if len(value) > MAX_MANIFEST:
+        raise RepositoryError(f"manifest of {len(value)} bytes (at most {MAX_MANIFEST})")
+    manifest = Manifest.loads(value.decode("utf-8", "replace"))
+    if (manifest.domain_uuid, manifest.backup_id) != (uuid, backup_id):
+        raise RepositoryError(f"manifest of {manifest.backup_id[:64]} under the key of "
+                              f"{backup_id}")
+    for record in manifest.disks:
+        if not SAFE_NAME_RE.fullmatch(record.disk.target):
+            raise RepositoryError(f"malformed disk name {record.disk.target[:64]!r}")
+    return manifest

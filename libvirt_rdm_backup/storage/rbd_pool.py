@@ -193,6 +193,14 @@ class RbdPool:
         except StorageError:
             return []
 
+    def snapshot_sizes(self, name: str) -> dict[str, int]:
+        """The image's snapshots: name -> size in bytes ({} when the image is absent)."""
+        try:
+            with self.image(name) as image:
+                return {str(s["name"]): int(s["size"]) for s in image.list_snaps()}
+        except StorageError:
+            return {}
+
     def create_snapshot(self, name: str, snapshot: str) -> None:
         """Snapshot the image."""
         with self.image(name) as image:
