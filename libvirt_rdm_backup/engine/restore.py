@@ -21,6 +21,7 @@ from libvirt_rdm_backup.domain.discovery import inventory_from_xml
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.domain.xml import DomainXML
 from libvirt_rdm_backup.engine import restore_rbd
+from libvirt_rdm_backup.engine.restore_rbd_original import defined_cluster
 from libvirt_rdm_backup.engine.selection import choose_backup
 from libvirt_rdm_backup.engine.stores import Store, open_store
 from libvirt_rdm_backup.engine.verify import cached_checker, lineage_problem
@@ -410,8 +411,9 @@ def restore(
             def chain() -> tuple[dict[str, Any], tuple[dict[str, Any], ...]]:
                 return store.image_node(verify_lineage(store, manifest, disk)), \
                     store.qemu_objects()
-            data = restore_rbd.restore_to_rbd(conn, record, to, chain, store=store,
-                                              force=force, speed=speed, progress=progress)
+            data = restore_rbd.restore_to_rbd(
+                conn, record, to, chain, store=store, force=force, speed=speed,
+                progress=progress, cluster=defined_cluster(conn, manifest.domain_uuid, record, to))
             return RestoreResult(manifest.backup_id, disk, to, record.size, data, 0)
         if to:
             refuse_store_paths(store, to)

@@ -1,8 +1,9 @@
 """Restore into a Ceph RBD image: ``--to rbd:POOL[/NAMESPACE]/IMAGE[?conf=PATH&id=USER]``.
 
 Credentials: without ``conf``/``id``, those of the backed-up disk when it was an RBD
-disk (its monitors, cephx user and libvirt secret, read through libvirt), else
-Ceph's default configuration as client.admin; with them, that config file and user.
+disk, as the domain's definition on this host has them (its monitors, cephx user and
+libvirt secret, read through libvirt; never the backup's own), else Ceph's default
+configuration as client.admin; with them, that config file and user.
 A key not read from libvirt comes from ``RDM_BACKUP_CEPH_KEYRING``. The image is
 written by QEMU's rbd driver in a private storage daemon, which gets the key over
 QMP as a ``secret`` object (never in argv or logs): sparse, zeros not written; an
@@ -82,8 +83,12 @@ def restore_to_rbd(conn: libvirt.virConnect | None, record: DiskRecord, to: str,
                    chain: Callable[[], tuple[dict[str, Any], tuple[dict[str, Any], ...]]],
                    *, store: object = None, force: bool = False, speed: int = 0,
                    progress: ProgressCallback | None = None,
-                   original: tuple[RbdSource, str] | None = None) -> int:
+                   original: tuple[RbdSource, str] | None = None,
+                   cluster: RbdSource | None = None) -> int:
     """Write the disk of ``record`` into the RBD image ``to``; returns the bytes of data.
+
+    ``cluster``: the cluster and credentials ``to`` without ``conf``/``id`` means (the
+    backed-up disk's, from the domain's definition on this host; None: Ceph's defaults).
 
     ``chain`` verifies the stored layers and returns the image node and its QEMU
     objects; it is called once the destination is checked, before anything is written.
@@ -92,7 +97,7 @@ def restore_to_rbd(conn: libvirt.virConnect | None, record: DiskRecord, to: str,
     """
     label = record.disk.target
     what = f"restore target {to.partition('?')[0]}"
-    source = original[0] if original is not None else parse(to, record.disk.rbd)
+    source = original[0] if original is not None else parse(to, cluster)
     refuse_repository_images(store, source)
     learn_rbd_key(conn, source)
     dest = rbd_dest.prepare(source, record.size, force, what,

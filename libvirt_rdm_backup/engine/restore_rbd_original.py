@@ -66,6 +66,26 @@ def defined_rbd_disks(conn: libvirt.virConnect | None,
     return disks
 
 
+def defined_cluster(conn: libvirt.virConnect | None, domain_uuid: str, record: DiskRecord,
+                    to: str) -> RbdSource | None:
+    """For ``--to rbd:POOL/IMAGE`` without ``conf``/``id``: the backed-up RBD disk's
+    cluster and credentials as the domain's definition on this host has them at the disk's
+    target, never as the backup says (its config file, monitors and secret are data read
+    back); None for a disk that was no RBD image, or a ``to`` naming its own cluster. A
+    definition without an RBD image there is refused (UsageError)."""
+    restore_rbd.parse(to, None)  # a malformed spec is refused as such
+    if record.disk.rbd is None or "?" in to:
+        return None
+    own = (defined_rbd_disks(conn, domain_uuid) or {}).get(record.disk.target)
+    if own is None:
+        raise UsageError(
+            f"{record.disk.target}: the backed-up disk was an RBD image, and the domain's "
+            f"definition on this host has none at {record.disk.target} to say which cluster, "
+            "user and secret to use (the backup's own are not taken); name them: --to "
+            f"{to.partition('?')[0]}?conf=PATH&id=USER")
+    return own
+
+
 def running_users(conn: libvirt.virConnect | None, claim: RbdClaim) -> list[str]:
     """Running domains with a disk on the image."""
     users = []

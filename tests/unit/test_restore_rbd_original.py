@@ -17,6 +17,7 @@ from libvirt_rdm_backup.domain.disks import RawDisk, RbdSource, SourceKind
 from libvirt_rdm_backup.domain.redefine import RestoredTarget, _point_at
 from libvirt_rdm_backup.engine import restore_rbd_original as original
 from libvirt_rdm_backup.engine.restore_claims import claims_of
+from libvirt_rdm_backup.engine.restore_rbd import parse
 from libvirt_rdm_backup.errors import UsageError
 from libvirt_rdm_backup.repository.digest import Digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord
@@ -250,3 +251,41 @@ def test_a_new_domain_keeps_the_rbd_source_it_was_restored_into() -> None:
     before = etree.tostring(disk)
     _point_at(disk, RestoredTarget("rbd", "rbd:rbd/vm-disk"))
     assert etree.tostring(disk) == before
+
+
+def test_to_an_image_without_conf_uses_the_definitions_cluster_not_the_backups(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    here = RbdSource(pool="rbd", image="vm-disk", hosts=(("127.0.0.1", 6789),), user="lab",
+                     secret_usage="lab")
+    # the backup edited to name another config file, monitors and libvirt secret
+    edited = RbdSource(pool="rbd", image="vm-disk", hosts=(("192.0.2.66", 6789),),
+                       user="admin", config_file="/tmp/evil.conf",
+                       secret_uuid="0d5f0c4a-0000-4000-8000-0000000000ee")
+    seen: list[str] = []
+
+    def defined(conn: Any, uuid: str) -> dict[str, RbdSource | None]:
+        seen.append(uuid)
+        return {"vdb": here}
+
+    monkeypatch.setattr(original, "defined_rbd_disks", defined)
+    got = original.defined_cluster(None, "u-1", record(source=edited), "rbd:rbd/new")
+    assert got == here and seen == ["u-1"]
+    target = parse("rbd:rbd/new", got)
+    assert (target.image, target.hosts, target.config_file, target.user, target.secret_usage,
+            target.secret_uuid) == ("new", here.hosts, None, "lab", "lab", None)
+    # naming the cluster, or a disk that was no RBD image: nothing taken from anywhere
+    assert original.defined_cluster(None, "u-1", record(source=edited),
+                                    "rbd:rbd/new?conf=/etc/ceph/ceph.conf&id=x") is None
+    assert original.defined_cluster(None, "u-1", record(source=None), "rbd:rbd/new") is None
+
+
+@pytest.mark.parametrize("defined", [None, {"vdb": None}, {}],
+                         ids=["not-defined", "no-rbd-there", "no-such-disk"])
+def test_to_an_image_without_conf_is_refused_without_the_definition(
+        monkeypatch: pytest.MonkeyPatch, defined: Any) -> None:
+    monkeypatch.setattr(original, "defined_rbd_disks", lambda conn, uuid: defined)
+    with pytest.raises(UsageError, match=r"the backup's own are not taken\); name them: "
+                       r"--to rbd:rbd/new\?conf=PATH&id=USER"):
+        original.defined_cluster(None, "u-1", record(), "rbd:rbd/new")
+    with pytest.raises(UsageError, match="malformed RBD destination"):
+        original.defined_cluster(None, "u-1", record(), "rbd:rbd")
