@@ -163,10 +163,21 @@ def keyring_key(path: str, user: str) -> str:
                 if text.startswith("[") and text.endswith("]"):
                     section = text[1:-1].strip()
                 elif section == f"client.{user}" and text.partition("=")[0].strip() == "key":
-                    return text.partition("=")[2].strip()
+                    return _checked_key(text.partition("=")[2].strip(), path, user)
     except (OSError, UnicodeDecodeError) as err:
         raise StorageError(f"{KEYRING_ENV}: cannot read {path}") from err
     raise StorageError(f"{KEYRING_ENV}: {path} holds no key of client.{user}")
+
+
+def _checked_key(value: str, path: str, user: str) -> str:
+    """``value`` when it is base64 (what librados, QEMU's secret objects and the memory
+    files that carry it take); else StorageError, which never repeats it."""
+    try:
+        if value.isascii() and base64.b64decode(value, validate=True):
+            return value
+    except ValueError:
+        pass
+    raise StorageError(f"{KEYRING_ENV}: the key of client.{user} in {path} is not base64")
 
 
 def cephx_key(source: RbdSource, what: str) -> str | None:

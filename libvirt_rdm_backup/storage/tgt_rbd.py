@@ -30,6 +30,7 @@ BSOPTS_ENV = "RDM_BACKUP_TGT_RBD"
 DEFAULT_POOL = "rbd"  # tgt's parse_imagepath: a path without a pool
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")  # whole names: fullmatch
 _ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+_OPTION_RE = re.compile(r"[a-z_]{1,24}")  # an option's name, shown in an error (fullmatch)
 
 
 def parse_image_path(path: str) -> tuple[str, str, str | None]:
@@ -62,7 +63,9 @@ def parse_bsopts(text: str) -> dict[str, str]:
                 "the conf or in RDM_BACKUP_CEPH_KEYRING"
             )
         if not sep or key not in ("conf", "id", "cluster") or key in found:
-            raise StorageError(f"{BSOPTS_ENV}: expected conf=PATH;id=USER, not {key[:32]!r}")
+            # named only when it is an option's name: a pasted key (``AQB…==``) is not echoed
+            shown = f", not {key!r}" if _OPTION_RE.fullmatch(key) else ""
+            raise StorageError(f"{BSOPTS_ENV}: expected conf=PATH;id=USER{shown}")
         found[key] = value
     if "conf" in found and not os.path.isabs(found["conf"]):
         raise StorageError(f"{BSOPTS_ENV}: conf= must be an absolute path")
@@ -70,7 +73,7 @@ def parse_bsopts(text: str) -> dict[str, str]:
         raise StorageError(f"{BSOPTS_ENV}: id= is not a cephx user name")
     cluster = found.get("cluster", "ceph")
     if cluster != "ceph" and "conf" not in found:
-        raise StorageError(f"{BSOPTS_ENV}: for cluster {cluster[:32]!r} name its conf= instead")
+        raise StorageError(f"{BSOPTS_ENV}: for a cluster other than ceph name its conf= instead")
     return found
 
 

@@ -166,6 +166,17 @@ def test_keyring_key_of_the_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert rbd.cephx_key(source(), "disk vdb") == base64.b64encode(KEY).decode()
 
 
+@pytest.mark.parametrize("value", ["AQB secret", "AQBé==", "AQB;mon_host=x", ""])
+def test_a_keyring_key_that_is_not_base64_is_refused_unrepeated(tmp_path: Path,
+                                                                  value: str) -> None:
+    keyring = tmp_path / "k"
+    keyring.write_text(f"[client.libvirt]\n\tkey = {value}\n", encoding="utf-8")
+    keyring.chmod(0o600)
+    with pytest.raises(StorageError, match="key of client.libvirt in .* is not base64") as err:
+        rbd.keyring_key(str(keyring), "libvirt")
+    assert "AQB" not in str(err.value)
+
+
 def test_cephx_key_without_any() -> None:
     assert rbd.cephx_key(source(secret_uuid=None), "disk vdb") is None  # Ceph's own config
     with pytest.raises(StorageError, match="no cephx key"):

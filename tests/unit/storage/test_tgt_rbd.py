@@ -82,6 +82,10 @@ def test_bsopts() -> None:
     ("id=a;id=b", "expected conf=PATH;id=USER"),
     ("conf", "expected conf=PATH;id=USER"),
     ("cluster=backup", "name its conf= instead"),
+    ("cluster=AQBsecretsecretsecret==", "name its conf= instead"),
+    ("conf=/etc/ceph/ceph.conf;AQBsecretsecretsecret==", r"expected conf=PATH;id=USER$"),
+    ("AQBsecretsecretsecret", r"expected conf=PATH;id=USER$"),
+    ("key=AQBsecretsecretsecret==", "expected conf=PATH;id=USER, not 'key'"),
 ])
 def test_bad_bsopts_are_one_line_without_values(text: str, message: str) -> None:
     with pytest.raises(StorageError, match=message) as caught:
