@@ -38,7 +38,7 @@ from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
 from libvirt_rdm_backup.repository.chunks import ChunkMap
-from libvirt_rdm_backup.repository.ids import BACKUP_ID_RE, SAFE_NAME_RE, check_uuid
+from libvirt_rdm_backup.repository.ids import BACKUP_ID_RE, check_uuid
 from libvirt_rdm_backup.repository.manifest import MAX_MANIFEST, Manifest
 from libvirt_rdm_backup.repository.order import in_order
 from libvirt_rdm_backup.repository.store import Damage, Scan
@@ -48,6 +48,7 @@ from libvirt_rdm_backup.targets.uri import RbdAddress
 REPO_KEY = "repo_id"
 MANIFEST_PREFIX = "m."
 _REPO_ID_RE = re.compile(r"[0-9a-f]{6}")  # as secrets.token_hex(3) writes it (fullmatch)
+_DISK_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a disk name in an image name
 
 
 class RbdStore:
@@ -107,7 +108,11 @@ class RbdStore:
         self.pool.close()
 
     def image_name(self, domain_uuid: str, disk: str) -> str:
-        """The image of a domain's disk."""
+        """The image of a domain's disk (UsageError for a disk name with a dot, which could
+        name an image of a target whose prefix is ``BASE.UUID``)."""
+        if not _DISK_RE.fullmatch(disk):
+            raise UsageError(f"disk name {disk[:64]!r} cannot name an image of an rbd:// "
+                             "target (letters, digits, _ and -)")
         return f"{self.base}.{domain_uuid}.{disk}"
 
     def node(self, image: str, snapshot: str | None, secret: str) -> dict[str, Any]:
@@ -294,6 +299,6 @@ def _checked(uuid: str, backup_id: str, value: bytes) -> Manifest:
         raise RepositoryError(f"manifest of {manifest.backup_id[:64]} under the key of "
                               f"{backup_id}")
     for record in manifest.disks:
-        if not SAFE_NAME_RE.fullmatch(record.disk.target):
+        if not _DISK_RE.fullmatch(record.disk.target):
             raise RepositoryError(f"malformed disk name {record.disk.target[:64]!r}")
     return manifest

@@ -12,7 +12,7 @@ import pytest
 from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
 from libvirt_rdm_backup.engine import rbd_store
 from libvirt_rdm_backup.engine.rbd_store import RbdStore
-from libvirt_rdm_backup.errors import DamagedBackupError, RepositoryError
+from libvirt_rdm_backup.errors import DamagedBackupError, RepositoryError, UsageError
 from libvirt_rdm_backup.repository.chain import DiskPoint, chain_of
 from libvirt_rdm_backup.repository.digest import Digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
@@ -75,17 +75,21 @@ def manifest(
     uuid: str = UUID,
     disk: str = "vdb",
     location: dict[str, Any] | None = None,
+    base: str = "bk",
+    size: int = SIZE,
+    digest: str = "0" * 64,
 ) -> Manifest:
+    """A point as an ``rbd://`` target with prefix ``base`` in pool ``rbd`` writes it."""
     raw = RawDisk(
         target=disk, source_kind=SourceKind.BLOCK, device="disk", source_path=f"/dev/{disk}"
     )
-    where = {"pool": "rbd", "image": f"bk.{uuid}.{disk}", "snapshot": backup_id}
+    where = {"pool": "rbd", "image": f"{base}.{uuid}.{disk}", "snapshot": backup_id}
     record = DiskRecord(
         disk=raw,
-        size=SIZE,
-        data_file=f"bk.{uuid}.{disk}",
+        size=size,
+        data_file=where["image"],
         format="raw",
-        digest=Digest("sha256", "0" * 64),
+        digest=Digest("sha256", digest),
         level="full" if parent is None else "incremental",
         data_path="qemu",
         bytes_transferred=0,
@@ -177,8 +181,22 @@ def test_a_snapshot_of_another_size_than_the_manifest_says_is_damage() -> None:
             manifest(IDS[1], None, disk="vdb/../x").dumps().encode(),
             "malformed disk name",
         ),
+        (
+            f"m.{UUID}.{IDS[1]}",
+            manifest(IDS[1], None, disk=f"{UUID}.vdb").dumps().encode(),
+            "malformed disk name",
+        ),
     ],
-    ids=["upper-uuid", "braced-uuid", "backup-id", "huge", "json", "other-id", "disk-name"],
+    ids=[
+        "upper-uuid",
+        "braced-uuid",
+        "backup-id",
+        "huge",
+        "json",
+        "other-id",
+        "disk-name",
+        "dotted-disk",
+    ],
 )
 def test_index_entries_the_tool_would_not_write_are_damaged(
     key: str, value: bytes | None, problem: str
@@ -227,3 +245,10 @@ def test_an_index_without_a_valid_repository_id_is_refused(
     assert "conf=" not in str(caught.value)
     pool.index[rbd_store.REPO_KEY] = b"0d5f0c"
     assert RbdStore.open(address).repo_id == "0d5f0c"
+
+
+def test_a_disk_name_with_a_dot_names_no_image() -> None:
+    """``PREFIX.UUID.DISK`` stays apart from another target's (``PREFIX.UUID`` its prefix)."""
+    with pytest.raises(UsageError, match="cannot name an image"):
+        store().image_name(UUID, f"{UUID}.vdb")
+    assert store().image_name(UUID, "sd_a-1") == f"bk.{UUID}.sd_a-1"

@@ -1,0 +1,122 @@
+"""An ``rbd://`` target whose pool was written by someone else: a manifest edited to name
+another image of the pool is refused by verify and restore (exit 5, nothing written, the
+other image's bytes never restored); prune removes only snapshots named as backups (a
+snapshot made by hand on a backup image stays); an index whose repository id the tool
+would not write is refused (exit 4). Built through the store's own calls, no domain."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from libvirt_rdm_backup.engine.rbd_store import RbdStore
+from libvirt_rdm_backup.engine.stores import open_store
+from tests.e2e.test_rbd_target import _remove_target
+from tests.unit.test_rbd_store_trust import manifest
+from tools import cephkit, labkit
+from tools.labkit import MiB
+
+pytestmark = pytest.mark.lab
+
+SIZE = 4 * MiB
+B1, B2 = "20261201T120000Z-0000a1", "20261202T120000Z-0000b2"
+LEFTOVER = "20261130T120000Z-0000ff"  # a backup id no manifest lists: a killed run's
+
+
+def one_line(proc: Any, code: int, *words: str) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == code and len(lines) == 1, (proc.returncode, proc.stderr)
+    assert all(w in lines[0] for w in words), lines[0]
+    return str(lines[0])
+
+
+def point(
+    store: RbdStore, dom: str, backup_id: str, parent: str | None, byte: int, at: int
+) -> None:
+    """Write a MiB of ``byte`` at ``at`` into the disk's image, snapshot it, publish it."""
+    image = store.image_name(dom, "vdb")
+    store.pool.ensure_image(image, SIZE, 64 * 1024)
+    with store.pool.image(image) as opened:
+        opened.write(bytes([byte]) * MiB, at)
+    store.pool.create_snapshot(image, backup_id)
+    digest = store.pool.digest(image, backup_id, "sha256")
+    store.write_manifests(
+        [manifest(backup_id, parent, uuid=dom, base=store.base, size=SIZE, digest=digest)]
+    )
+
+
+def test_an_edited_index_opens_no_other_image_and_prune_keeps_foreign_snapshots(
+    ceph: None, run_token: str, rdmb_tmp: Path
+) -> None:
+    import rbd
+
+    prefix = f"rdmb-{run_token}-trust"
+    target = f"rbd://{cephkit.POOL}/{prefix}?conf={cephkit.CEPH_CONF}&id={cephkit.CLIENT}"
+    dom = str(uuid.uuid4())
+    try:
+        with cephkit.rbd_image(SIZE) as victim, cephkit.ioctx() as ctx:
+            with rbd.Image(ctx, victim.name) as opened:  # another VM's image, same pool
+                opened.write(b"\x66" * SIZE, 0)
+                opened.create_snap(B1)
+            with open_store(target, create=True) as store:
+                assert isinstance(store, RbdStore)
+                point(store, dom, B1, None, 0x31, 0)
+                key = f"m.{dom}.{B1}"
+                good = store.pool.omap(store.index)[key]
+                assert labkit.rdm_backup("verify", "--target", target).returncode == 0
+
+                # the manifest edited to name the other image (its snapshot and digest too):
+                # refused, where the other image's bytes would verify and be restored
+                edited = manifest(
+                    B1,
+                    None,
+                    uuid=dom,
+                    base=prefix,
+                    size=SIZE,
+                    digest=store.pool.digest(victim.name, B1, "sha256"),
+                    location={"pool": "rbd", "image": victim.name, "snapshot": B1},
+                )
+                edited.sequence = 1
+                store.pool.set_omap(store.index, {key: edited.dumps().encode()})
+                one_line(
+                    labkit.rdm_backup("verify", "--target", target), 5, "where this target keeps it"
+                )
+                out = rdmb_tmp / "out.raw"
+                one_line(
+                    labkit.rdm_backup(
+                        "restore", dom, "--target", target, "--disk", "vdb", "--to", str(out)
+                    ),
+                    5,
+                    "where this target keeps it",
+                )
+                assert not out.exists()
+                store.pool.set_omap(store.index, {key: good})
+
+                # prune: a snapshot made by hand stays, a killed run's leftover goes
+                image = store.image_name(dom, "vdb")
+                store.pool.create_snapshot(image, "keep-me")
+                store.pool.create_snapshot(image, LEFTOVER)
+                point(store, dom, B2, B1, 0x32, MiB)
+                proc = labkit.rdm_backup("prune", dom, "--target", target, "--keep-last", "1")
+                assert proc.returncode == 0, proc.stderr
+                assert sorted(store.pool.snapshots(image)) == sorted([B2, "keep-me"])
+                with rbd.Image(ctx, victim.name) as opened:
+                    assert [s["name"] for s in opened.list_snaps()] == [B1]
+                assert (
+                    labkit.rdm_backup(
+                        "restore", dom, "--target", target, "--disk", "vdb", "--to", str(out)
+                    ).returncode
+                    == 0
+                )
+                assert out.read_bytes() == b"\x31" * MiB + b"\x32" * MiB + bytes(2 * MiB)
+
+                # a repository id the tool would not write: refused before anything is read
+                store.pool.set_omap(store.index, {"repo_id": b"../x"})
+                one_line(
+                    labkit.rdm_backup("list", "--target", target), 4, "holds no valid repository id"
+                )
+    finally:
+        _remove_target(prefix)
