@@ -6,9 +6,10 @@ storage or of the ranges a storage snapshot reports as changed, which land on th
 previous point the image holds); the session then snapshots the image, named after
 the backup id, and the manifest, written last into the pool's index object, makes the
 point visible. A backup that fails before that leaves its snapshots removed and the
-image unlisted
-(the next point writes over whatever it wrote: its extents are dirty again, or changed
-since the parent's storage snapshot).
+image unlisted;
+the next point that builds on a parent first resets the image to the parent's snapshot
+when anything was written since (``rollback_to_snap``), so what it does not write is the
+parent's, never what a failed run or another writer of the pool left.
 
 The cephx key reaches the guest's QEMU through a descriptor (``add-fd``) that a
 ``secret`` object reads (``file=/dev/fd/N``): libvirt, which logs QMP at debug level,
@@ -86,8 +87,16 @@ class RbdSink:
         raise UsageError("an rbd:// target cannot take chunk-compared layers")
 
     def create(self, plan: DiskPlan) -> None:
-        """The disk's image, created thin (or grown) at the disk's size."""
-        self.store.pool.ensure_image(self.image(plan), int(plan.disk.size or 0),
+        """The disk's image, created thin (or grown) at the disk's size; for a point that
+        builds on another, first reset to that point's snapshot if anything else was
+        written to it since (what the new point does not write would stay)."""
+        image = self.image(plan)
+        if plan.parent is not None and self.store.pool.reset_head(image,
+                                                                  plan.parent.backup_id):
+            log.warning("%s held writes that no point made since backup %s (a backup cut "
+                        "short, or another writer); it was reset to that point first",
+                        image, plan.parent.backup_id)
+        self.store.pool.ensure_image(image, int(plan.disk.size or 0),
                                      self.store.address.object_size)
 
     def node(self, plan: DiskPlan, secret: str) -> dict[str, Any]:

@@ -201,6 +201,26 @@ class RbdPool:
         except StorageError:
             return {}
 
+    def reset_head(self, name: str, snapshot: str) -> bool:
+        """Make the image's head read as ``snapshot`` again when anything was written since
+        (a backup cut short before its snapshot, another writer of the pool): an
+        incremental written over it then holds nothing else. True when it had to."""
+        with self.image(name) as image:
+            try:
+                sizes = {str(s["name"]): int(s["size"]) for s in image.list_snaps()}
+                if snapshot not in sizes:
+                    raise StorageError(f"{self.pool}/{name} has no snapshot {snapshot}")
+                written: list[int] = []
+                image.diff_iterate(0, int(image.size()), snapshot,
+                                   lambda offset, _n, _e: written.append(offset),
+                                   whole_object=True)
+                if not written and int(image.size()) == sizes[snapshot]:
+                    return False
+                image.rollback_to_snap(snapshot)
+            except (rados.Error, rbd.Error) as err:
+                raise _error(f"cannot reset {self.pool}/{name} to {snapshot}", err) from err
+        return True
+
     def create_snapshot(self, name: str, snapshot: str) -> None:
         """Snapshot the image."""
         with self.image(name) as image:

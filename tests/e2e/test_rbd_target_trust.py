@@ -1,6 +1,7 @@
 """An ``rbd://`` target whose pool was written by someone else: a manifest edited to name
 another image of the pool is refused by verify and restore (exit 5, nothing written, the
-other image's bytes never restored); prune removes only snapshots named as backups (a
+other image's bytes never restored); writes into a backup image's head are undone before
+the next point builds on it; prune removes only snapshots named as backups (a
 snapshot made by hand on a backup image stays); an index whose repository id the tool
 would not write is refused (exit 4). Built through the store's own calls, no domain."""
 
@@ -12,8 +13,13 @@ from typing import Any
 
 import pytest
 
+from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
+from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
+from libvirt_rdm_backup.engine.rbd_sink import RbdSink
 from libvirt_rdm_backup.engine.rbd_store import RbdStore
 from libvirt_rdm_backup.engine.stores import open_store
+from libvirt_rdm_backup.modes import Level
+from libvirt_rdm_backup.repository.chain import DiskPoint
 from tests.e2e.test_rbd_target import _remove_target
 from tests.unit.test_rbd_store_trust import manifest
 from tools import cephkit, labkit
@@ -95,11 +101,27 @@ def test_an_edited_index_opens_no_other_image_and_prune_keeps_foreign_snapshots(
                 assert not out.exists()
                 store.pool.set_omap(store.index, {key: good})
 
-                # prune: a snapshot made by hand stays, a killed run's leftover goes
+                # another writer of the pool wrote into the image's head after B1: the next
+                # point's session resets the head to B1 first, so B2 holds none of it
                 image = store.image_name(dom, "vdb")
+                with rbd.Image(ctx, image) as opened:
+                    opened.write(b"\x99" * MiB, 3 * MiB)
                 store.pool.create_snapshot(image, "keep-me")
                 store.pool.create_snapshot(image, LEFTOVER)
+                parent = store.scan(dom).backups[0]
+                plan = DiskPlan(
+                    RawDisk("vdb", SourceKind.BLOCK, "disk", size=SIZE),
+                    DataPath.QEMU,
+                    Level.INCREMENTAL,
+                    "",
+                    parent=DiskPoint(parent, parent.disks[0]),
+                )
+                RbdSink(store, dom, B2).create(plan)
+                with rbd.Image(ctx, image) as opened:  # the head reads as B1 again
+                    assert opened.read(3 * MiB, MiB) == bytes(MiB)
                 point(store, dom, B2, B1, 0x32, MiB)
+
+                # prune: a snapshot made by hand stays, a killed run's leftover goes
                 proc = labkit.rdm_backup("prune", dom, "--target", target, "--keep-last", "1")
                 assert proc.returncode == 0, proc.stderr
                 assert sorted(store.pool.snapshots(image)) == sorted([B2, "keep-me"])

@@ -252,3 +252,48 @@ def test_a_disk_name_with_a_dot_names_no_image() -> None:
     with pytest.raises(UsageError, match="cannot name an image"):
         store().image_name(UUID, f"{UUID}.vdb")
     assert store().image_name(UUID, "sd_a-1") == f"bk.{UUID}.sd_a-1"
+
+
+def test_a_point_on_a_parent_resets_the_image_to_it_first(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
+    from libvirt_rdm_backup.engine.rbd_sink import RbdSink
+    from libvirt_rdm_backup.modes import Level
+
+    calls: list[tuple[str, ...]] = []
+
+    class Pool(FakePool):
+        changed = True
+
+        def reset_head(self, name: str, snapshot: str) -> bool:
+            calls.append(("reset", name, snapshot))
+            return self.changed
+
+        def ensure_image(self, name: str, size: int, object_size: int) -> None:
+            calls.append(("ensure", name, str(size)))
+
+    pool = Pool()
+    parent = manifest(IDS[0], None)
+    disk = RawDisk(target="vdb", source_kind=SourceKind.BLOCK, device="disk", size=SIZE)
+    sink = RbdSink(store(pool), UUID, IDS[1])
+    sink.create(
+        DiskPlan(
+            disk, DataPath.QEMU, Level.INCREMENTAL, "", parent=DiskPoint(parent, parent.disks[0])
+        )
+    )
+    image = f"bk.{UUID}.vdb"
+    assert calls == [("reset", image, IDS[0]), ("ensure", image, str(SIZE))]
+    assert f"{image} held writes that no point made since backup {IDS[0]}" in caplog.text
+    calls.clear()
+    caplog.clear()
+    pool.changed = False
+    sink.create(
+        DiskPlan(
+            disk, DataPath.QEMU, Level.INCREMENTAL, "", parent=DiskPoint(parent, parent.disks[0])
+        )
+    )
+    assert calls[0][0] == "reset" and "held writes" not in caplog.text
+    calls.clear()
+    sink.create(DiskPlan(disk, DataPath.QEMU, Level.FULL, ""))  # a full writes everything
+    assert calls == [("ensure", image, str(SIZE))]
