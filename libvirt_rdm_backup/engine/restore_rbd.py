@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "rbd:"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # with fullmatch
+_CONF_RE = re.compile(r"/[^\x00-\x1f\x7f]{0,4094}")  # absolute, no control characters
 _FORM = "rbd:POOL/IMAGE, rbd:POOL/NAMESPACE/IMAGE, optionally ?conf=/PATH&id=USER"
 
 
@@ -59,7 +60,7 @@ def parse(to: str, disk: RbdSource | None) -> RbdSource:
         raise UsageError(f"malformed RBD destination {to!r}: give {_FORM}") from None
     conf, user = fields.pop("conf", [None]), fields.pop("id", [None])
     if fields or (mark and conf == user == [None]) or len(conf) != 1 or len(user) != 1 \
-            or (conf[0] is not None and not conf[0].startswith("/")) \
+            or (conf[0] is not None and not _CONF_RE.fullmatch(conf[0])) \
             or (user[0] is not None and not _NAME_RE.fullmatch(user[0])):
         raise UsageError(f"malformed RBD destination {to!r}: give {_FORM}")
     pool, image = parts[0], parts[-1]

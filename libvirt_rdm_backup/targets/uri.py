@@ -23,6 +23,7 @@ DEFAULT_NBD_PORT = 10809
 _EXPORT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _CEPH_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 DEFAULT_RBD_OBJECT_SIZE = 64 * 1024
+PATH_MAX = 4095  # bytes of a path the kernel takes (4096 with the NUL)
 _SIZE_RE = re.compile(r"^([0-9]{1,5})([KkMm])$")
 
 
@@ -147,7 +148,8 @@ def _rbd_address(pool: str, path: str, query: str, shown: str) -> RbdAddress:
     if not _CEPH_NAME_RE.fullmatch(pool) or (prefix and not _CEPH_NAME_RE.fullmatch(prefix)):
         raise UsageError(f"rbd target {shown!r}: pool and prefix are names of letters, digits "
                          "and . _ - (one level of prefix)")
-    if not conf.startswith("/") or not _clean(conf) or not _CEPH_NAME_RE.fullmatch(user):
+    if not conf.startswith("/") or not _clean(conf) or len(conf) > PATH_MAX \
+            or not _CEPH_NAME_RE.fullmatch(user):
         raise UsageError(f"rbd target {shown!r} needs ?conf=/absolute/ceph.conf&id=USER")
     size = DEFAULT_RBD_OBJECT_SIZE
     if "object-size" in fields:

@@ -35,6 +35,13 @@ def test_ceph_scheme_and_object_size() -> None:
     f"rbd://?conf={CONF}&id=u",
     f"rbd://rbd?conf={CONF}&id=u&object-size=3K",
     f"rbd://rbd?conf={CONF}&id=u&object-size=64M",
+    f"rbd://rbd?conf=/{'a' * 4095}&id=u",  # longer than a path can be
+    f"rbd://rbd?conf={CONF}%00x&id=u",
+    f"rbd://rbd/x%00y?conf={CONF}&id=u",
+    f"rbd://rbd/..?conf={CONF}&id=u",
+    f"rbd://u@rbd?conf={CONF}&id=u",
+    f"rbd://rbd/a@b?conf={CONF}&id=u",
+    f"rbd://rbd?conf={CONF}&id=AQBxyz%3D%3D",
 ])
 def test_malformed_rbd_targets_are_refused(text: str) -> None:
     with pytest.raises(UsageError) as err:

@@ -28,7 +28,9 @@ def test_conf_and_id_name_another_cluster_and_user() -> None:
 
 @pytest.mark.parametrize("spec", ["rbd:", "rbd:pool", "rbd:/img", "rbd:p/i/j/k", "rbd:p/i@s",
                                   "rbd:p/i?conf=rel.conf", "rbd:p/i?x=1", "rbd:p/i?id=a&id=b",
-                                  "rbd:p/i?id=bad%20user", "rbd:p/i?", "rbd:p/-i"])
+                                  "rbd:p/i?id=bad%20user", "rbd:p/i?", "rbd:p/-i",
+                                  "rbd:p/i?conf=/etc/ceph%00x", "rbd:p/i?conf=/a%0Ab",
+                                  f"rbd:p/i?conf=/{'a' * 4095}", "rbd:p/..", "rbd:p/i%00"])
 def test_malformed_destinations_are_refused(spec: str) -> None:
     with pytest.raises(UsageError, match="malformed RBD destination"):
         parse(spec, DISK)
