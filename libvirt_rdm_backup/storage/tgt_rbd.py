@@ -15,6 +15,7 @@ What tgtadm reports is checked before it is used: the pool and image names
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from typing import Any
@@ -30,6 +31,7 @@ BSOPTS_ENV = "RDM_BACKUP_TGT_RBD"
 DEFAULT_POOL = "rbd"  # tgt's parse_imagepath: a path without a pool
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")  # whole names: fullmatch
 _ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+_WATCHER_RE = re.compile(r"(?:v[12]:|any:)?\[?([0-9A-Fa-f.:]+?)\]?:[0-9]+/[0-9]+")
 _OPTION_RE = re.compile(r"[a-z_]{1,24}")  # an option's name, shown in an error (fullmatch)
 
 
@@ -115,14 +117,55 @@ def disk_image(disk: RawDisk) -> RbdSource | None:
 
 def served_problem(handle: Any, image: Any, size: int | None) -> str | None:
     """Why the open ``image`` is not one tgtd serves as a LUN of ``size`` bytes (None: it
-    is): another size, or no client but this one holds it open (another cluster's image
-    of the same name, or a LUN tgtd no longer has open)."""
+    is): another size, or no client but this one holds it open, or none from an address
+    of this host, where tgtd runs (another cluster's image of the same name, when
+    ``RDM_BACKUP_TGT_RBD`` names another cluster than tgtd's; a LUN tgtd no longer has
+    open)."""
     own = int(handle.get_instance_id())
     if size is not None and int(image.size()) != size:
         return f"the image has {int(image.size())} bytes, the LUN {size}"
-    if not [w for w in image.watchers_list() if int(w["id"]) != own]:
+    others = [str(w.get("addr", "")) for w in image.watchers_list() if int(w["id"]) != own]
+    if not others:
         return "no other client has the image open (is it the one tgtd serves?)"
+    local = local_addresses()
+    if not any(_watcher_host(addr) in local for addr in others):
+        return (f"no client on this host has the image open, only {', '.join(others)[:200]} "
+                f"(is it the one tgtd serves? {BSOPTS_ENV} may name another cluster)")
     return None
+
+
+def _watcher_host(addr: str) -> str:
+    """The IP address of a watcher's ``[v1:|v2:]IP:PORT/NONCE`` (``""``: not one)."""
+    match = _WATCHER_RE.fullmatch(addr)
+    try:
+        return str(ipaddress.ip_address(match.group(1))) if match else ""
+    except ValueError:
+        return ""
+
+
+def local_addresses() -> set[str]:
+    """The IPv4 and IPv6 addresses of this host's interfaces (``/proc/net``)."""
+    found = {"127.0.0.1", "::1"}
+    try:
+        with open("/proc/net/fib_trie", encoding="ascii") as stream:
+            last = ""
+            for line in stream:
+                text = line.strip()
+                if text.startswith("|--"):
+                    last = text[3:].strip()
+                elif text == "/32 host LOCAL" and last:
+                    found.add(last)
+    except OSError:
+        pass
+    try:
+        with open("/proc/net/if_inet6", encoding="ascii") as stream:
+            for line in stream:
+                raw = line.split()[0] if line.split() else ""
+                if len(raw) == 32:
+                    found.add(str(ipaddress.IPv6Address(int(raw, 16))))
+    except (OSError, ValueError):
+        pass
+    return found
 
 
 def backing_node(lun: tgt.TgtLun, size: int | None) -> StorageNode:

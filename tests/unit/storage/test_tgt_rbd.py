@@ -118,14 +118,14 @@ class FakeHandle:
 
 
 class FakeImage:
-    def __init__(self, size: int, watchers: list[int]) -> None:
-        self._size, self.watchers = size, watchers
+    def __init__(self, size: int, watchers: list[int], addr: str = "127.0.0.1:0/1") -> None:
+        self._size, self.watchers, self.addr = size, watchers, addr
 
     def size(self) -> int:
         return self._size
 
     def watchers_list(self) -> list[dict[str, Any]]:
-        return [{"addr": "127.0.0.1:0/1", "id": w, "cookie": 1} for w in self.watchers]
+        return [{"addr": self.addr, "id": w, "cookie": 1} for w in self.watchers]
 
 
 def test_the_image_must_be_the_one_tgtd_holds_open() -> None:
@@ -134,6 +134,27 @@ def test_the_image_must_be_the_one_tgtd_holds_open() -> None:
     assert "no other client" in str(tgt_rbd.served_problem(FakeHandle(), FakeImage(64, [7]), 64))
     assert "has 32 bytes, the LUN 64" in str(
         tgt_rbd.served_problem(FakeHandle(), FakeImage(32, [7, 9]), 64))
+
+
+def test_the_client_holding_the_image_must_be_on_this_host(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another cluster's image of the same name and size, open on other hosts only (where
+    RDM_BACKUP_TGT_RBD names another cluster than tgtd's), is not the LUN's."""
+    monkeypatch.setattr(tgt_rbd, "local_addresses", lambda: {"127.0.0.1", "::1", "192.0.2.2",
+                                                             "fd00::2"})
+    for addr in ("v1:192.0.2.2:0/3664367506", "192.0.2.2:0/1", "[fd00:0::2]:0/5",
+                 "v2:[::1]:0/9"):
+        assert tgt_rbd.served_problem(FakeHandle(), FakeImage(64, [9], addr), 64) is None, addr
+    problem = tgt_rbd.served_problem(FakeHandle(), FakeImage(64, [9], "198.51.100.7:0/1"), 64)
+    assert problem is not None and "no client on this host has the image open, only " \
+        "198.51.100.7:0/1" in problem and tgt_rbd.BSOPTS_ENV in problem
+    assert "no client on this host" in str(
+        tgt_rbd.served_problem(FakeHandle(), FakeImage(64, [9], "garbage"), 64))
+
+
+def test_local_addresses_hold_loopback_and_this_hosts() -> None:
+    found = tgt_rbd.local_addresses()
+    assert {"127.0.0.1", "::1"} <= found and all(isinstance(a, str) for a in found)
 
 
 def _mapped(monkeypatch: pytest.MonkeyPatch) -> StorageNode:
