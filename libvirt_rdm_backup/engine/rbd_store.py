@@ -218,9 +218,11 @@ class RbdStore:
         return merged_manifest(manifest, records, drop, by_id)
 
     def _remove_unlisted(self, domain_uuid: str, images: list[str]) -> None:
-        """Remove the snapshots of the domain's images that no manifest lists; only those
-        named as this tool names them (a backup id): another snapshot is left alone."""
-        listed = {m.backup_id for m in self.scan(domain_uuid).backups}
+        """Remove the snapshots of the domain's images that no index entry names (readable
+        or not); only those named as this tool names them (a backup id): another snapshot
+        is left alone."""
+        found = self.scan()
+        listed = {m.backup_id for m in found.backups} | {d.backup_id for d in found.damaged}
         for image in images:
             for snapshot in self.pool.snapshots(image):
                 if snapshot not in listed and BACKUP_ID_RE.fullmatch(snapshot):

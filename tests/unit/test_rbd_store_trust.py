@@ -219,8 +219,12 @@ def test_prune_removes_only_snapshots_named_as_backups() -> None:
     pool.images[image].update(
         {"gold": SIZE, "rdmb-x-default-vdb.1a2b3c4d-00aa11": SIZE, "20261130T120000Z-ffffff": SIZE}
     )  # a leftover of a killed run
+    unreadable = "20261130T130000Z-eeeeee"  # named by an index entry that cannot be read
+    pool.images[image][unreadable] = SIZE
+    pool.index[f"m.{UUID.upper()}.{unreadable}"] = b"{"
     chain = chain_of(target.scan(UUID).backups, "default")
     target.consolidate(UUID, chain, {IDS[0], IDS[1]})
+    assert pool.images[image].pop(unreadable) == SIZE
     assert sorted(pool.images[image]) == sorted(
         [IDS[2], "gold", "rdmb-x-default-vdb.1a2b3c4d-00aa11"]
     )
