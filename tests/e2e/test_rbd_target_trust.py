@@ -8,12 +8,13 @@ would not write is refused (exit 4). Built through the store's own calls, no dom
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
+from libvirt_rdm_backup.domain.disks import RawDisk, RbdSource, SourceKind
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.engine.rbd_sink import RbdSink
 from libvirt_rdm_backup.engine.rbd_store import RbdStore
@@ -62,6 +63,7 @@ def test_an_edited_index_opens_no_other_image_and_prune_keeps_foreign_snapshots(
     prefix = f"rdmb-{run_token}-trust"
     target = f"rbd://{cephkit.POOL}/{prefix}?conf={cephkit.CEPH_CONF}&id={cephkit.CLIENT}"
     dom = str(uuid.uuid4())
+    fresh = f"rdmb-{uuid.uuid4().hex[:12]}"  # never to be created
     try:
         with cephkit.rbd_image(SIZE) as victim, cephkit.ioctx() as ctx:
             with rbd.Image(ctx, victim.name) as opened:  # another VM's image, same pool
@@ -135,6 +137,33 @@ def test_an_edited_index_opens_no_other_image_and_prune_keeps_foreign_snapshots(
                 )
                 assert out.read_bytes() == b"\x31" * MiB + b"\x32" * MiB + bytes(2 * MiB)
 
+                # the manifest's disk edited into an RBD disk reached as client.admin (the lab's
+                # conf names the admin keyring): --to rbd: without conf/id takes no cluster or
+                # user from it; the domain is not defined here, so nothing says which: refused
+                [kept] = store.scan(dom).backups
+                admin = RbdSource(
+                    pool="rbd", image="vm-disk", user="admin", config_file=str(cephkit.CEPH_CONF)
+                )
+                kept.disks[0] = replace(
+                    kept.disks[0], disk=RawDisk("vdb", SourceKind.RBD, "disk", rbd=admin, size=SIZE)
+                )
+                store.pool.set_omap(store.index, {f"m.{dom}.{B2}": kept.dumps().encode()})
+                one_line(
+                    labkit.rdm_backup(
+                        "restore",
+                        dom,
+                        "--target",
+                        target,
+                        "--disk",
+                        "vdb",
+                        "--to",
+                        f"rbd:rbd/{fresh}",
+                    ),
+                    2,
+                    "the backup's own are not taken",
+                )
+                assert fresh not in rbd.RBD().list(ctx)
+
                 # a repository id the tool would not write: refused before anything is read
                 store.pool.set_omap(store.index, {"repo_id": b"../x"})
                 one_line(
@@ -142,3 +171,4 @@ def test_an_edited_index_opens_no_other_image_and_prune_keeps_foreign_snapshots(
                 )
     finally:
         _remove_target(prefix)
+        cephkit.remove_image(cephkit.POOL, fresh)
