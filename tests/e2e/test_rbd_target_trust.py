@@ -26,7 +26,7 @@ from tests.unit.test_rbd_store_trust import manifest
 from tools import cephkit, labkit
 from tools.labkit import MiB
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.hostile]
 
 SIZE = 4 * MiB
 B1, B2 = "20261201T120000Z-0000a1", "20261202T120000Z-0000b2"
