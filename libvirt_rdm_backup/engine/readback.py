@@ -2,8 +2,9 @@
 
 A point without a chunk map (every point of an NBD volume; an encrypted point, or one
 built on a point without a map, in a file repository) is read back through QEMU as a
-restore reads it: its layers (:meth:`.stores.Store.image_node`, each header checked,
-decrypted with the key) served read-only by ``qemu-nbd``. The disk's export and that
+restore reads it: its layers checked (headers, digests) and opened
+(:meth:`.stores.Store.image_node`, backing files explicit, decrypted with the key), served
+read-only by ``qemu-nbd``. The disk's export and that
 export are read in the same pipelined 4 MiB pieces; what both report as zero
 (``base:allocation``) is not read at all, a piece only one side reports as zero is read
 on the other side only. Chunks (64 KiB) are compared byte by byte; the differing ones go
@@ -22,6 +23,8 @@ from itertools import tee
 from typing import Any
 
 from libvirt_rdm_backup.engine.plan import DiskPlan
+from libvirt_rdm_backup.engine.stores import Store
+from libvirt_rdm_backup.engine.verify import cached_checker, lineage_problem
 from libvirt_rdm_backup.errors import DamagedBackupError, OperationError, StorageError
 from libvirt_rdm_backup.modes import Level
 from libvirt_rdm_backup.qemu.layers import json_filename
@@ -37,7 +40,7 @@ from libvirt_rdm_backup.qemu.nbd_io import (
     stream,
 )
 from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
-from libvirt_rdm_backup.repository.chain import Chain, lineage
+from libvirt_rdm_backup.repository.chain import Chain
 from libvirt_rdm_backup.repository.chunks import CHUNK
 
 log = logging.getLogger(__name__)
@@ -52,18 +55,25 @@ def reads_back(plan: DiskPlan) -> bool:
         and not plan.parent.record.chunk_map
 
 
-def parent_images(store: Any, chain: Chain, plans: list[DiskPlan]) -> dict[str, dict[str, Any]]:
-    """Blockdev options of the points the resyncs without a chunk map read back, by disk
-    (each layer's header checked, an encrypted point refused without its key)."""
+def parent_images(store: Store, chain: Chain, plans: list[DiskPlan]
+                  ) -> dict[str, dict[str, Any]]:
+    """Blockdev options of the points the resyncs without a chunk map read back, by disk.
+
+    Every layer of such a point is checked as a restore checks it (header, digest of the
+    stored data: what is read back decides what the new layer holds) before it is opened;
+    an encrypted point is refused without its key. Raises DamagedBackupError.
+    """
     images: dict[str, dict[str, Any]] = {}
+    check = cached_checker(store)
     for plan in plans:
         if not reads_back(plan):
             continue
         assert plan.parent is not None
-        points, missing = lineage(chain.backups, plan.parent.manifest, plan.disk.target)
-        if missing is not None:
-            raise DamagedBackupError(plan.parent.backup_id, f"the chain is broken: backup "
-                                     f"{missing} it builds on is missing", plan.disk.target)
+        points, problem = lineage_problem(chain.backups, {}, plan.parent.manifest,
+                                          plan.disk.target, check)
+        if problem is not None:
+            raise DamagedBackupError(plan.parent.backup_id, f"{problem}; it cannot be read "
+                                     "back for a resync", plan.disk.target)
         images[plan.disk.target] = store.image_node(points)
     return images
 

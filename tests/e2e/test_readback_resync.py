@@ -91,7 +91,6 @@ def test_encrypted_resync_in_an_nbd_volume(enc_vm: LabVM,  # noqa: F811
     assert vdb(after).level == "incremental" and vdb(after).parent == resync.manifest.backup_id
     points.append((after.manifest.backup_id, vdb_ref(vm, 3)))
     restores(vm, target, points, key)
-    assert api.verify(target, deep=True, encrypt_key_file=str(key)).ok
     server.stop()
     assert files_holding(str(server.path.parent), MARK) == []
 
@@ -144,3 +143,17 @@ def test_a_file_repository_point_without_a_chunk_map_is_read_back(enc_vm: LabVM 
     points.append((again.manifest.backup_id, point(vm, 2)))
     restores(vm, str(repo), points)
     assert api.verify(str(repo), deep=True).ok
+
+    # what is read back is checked first: a changed byte in the last point's layer makes the
+    # resync fail (exit 5, one line naming it), nothing published
+    (layer,) = repo.glob(f"*/{again.manifest.backup_id}/vdb.qcow2")
+    with open(layer, "r+b") as stream:
+        stream.seek(-100, os.SEEK_END)
+        byte = stream.read(1)
+        stream.seek(-100, os.SEEK_END)
+        stream.write(bytes([byte[0] ^ 0xFF]))
+    refused = rdm_backup("backup", vm.name, "--target", str(repo), "--level", "resync")
+    assert refused.returncode == 5, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert again.manifest.backup_id in refused.stderr and "read back" in refused.stderr
+    assert len(api.list_backups(str(repo), vm.uuid)) == 3
