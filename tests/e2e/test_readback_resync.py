@@ -2,9 +2,10 @@
 
 An NBD volume keeps no chunk maps: an encrypted full, an incremental, a forced resync that
 also sees a write made under QEMU's feet (only a resync can), an incremental after it; a
-plain volume's resync of a shut-off domain read from storage; and a file repository whose
-last point lost its chunk map from its record. Every point restores byte-identical, and a
-resync layer holds about the changed bytes only.
+plain volume's resync of a shut-off domain read from storage; and a file repository (plain
+and encrypted) whose last point lost its chunk map from its record, then a damaged layer of
+the point to read back (refused, exit 5). Every point restores byte-identical, and a resync
+layer holds about the changed bytes only.
 """
 
 from __future__ import annotations
@@ -122,27 +123,38 @@ def _drop_chunk_map(repo: Path, backup_id: str, disk: str) -> None:
     path.write_text(json.dumps(data))
 
 
-def test_a_file_repository_point_without_a_chunk_map_is_read_back(enc_vm: LabVM  # noqa: F811
-                                                                  ) -> None:
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_a_file_repository_point_without_a_chunk_map_is_read_back(
+        enc_vm: LabVM, encrypted: bool) -> None:  # noqa: F811
     vm = enc_vm
     repo = vm.workdir / "repo"
-    full = api.backup(vm.name, str(repo))
+    key = vm.workdir / "key"
+    key.write_bytes(b"k-" + secrets.token_hex(24).encode())
+    given = str(key) if encrypted else None
+    cli_key = ["--encrypt-key-file", str(key)] if encrypted else []
+
+    def take(level: str) -> BackupResult:
+        return api.backup(vm.name, str(repo), ["vdb"], level=level, encrypt_key_file=given)
+
+    full = take("full")
     assert vdb(full).chunk_map is not None
-    points = [(full.manifest.backup_id, point(vm, 0))]
+    assert (vdb(full).encryption is not None) == encrypted
+    points = [(full.manifest.backup_id, vdb_ref(vm, 0))]
     _drop_chunk_map(repo, full.manifest.backup_id, "vdb")
     under_qemus_feet(vm, 5 * MiB, MiB, 0x3A)
-    resync = api.backup(vm.name, str(repo), level="resync")
+    resync = take("resync")
     record = vdb(resync)
     assert record.level == "resync" and "read back" in record.reason
     assert record.chunk_map is None  # built on a point without a map: none either
     assert record.bytes_transferred == MiB
-    points.append((resync.manifest.backup_id, point(vm, 1)))
+    points.append((resync.manifest.backup_id, vdb_ref(vm, 1)))
     guest_write(vm.dom, "vdb", 0x3B, 7 * MiB, MiB)
-    again = api.backup(vm.name, str(repo))  # tracking intact: an incremental, no map
+    again = take("auto")  # tracking intact: an incremental, no map
     assert vdb(again).level == "incremental" and vdb(again).chunk_map is None
-    points.append((again.manifest.backup_id, point(vm, 2)))
-    restores(vm, str(repo), points)
-    assert api.verify(str(repo), deep=True).ok
+    points.append((again.manifest.backup_id, vdb_ref(vm, 2)))
+    restores(vm, str(repo), points, key if encrypted else None)
+    if encrypted:
+        assert files_holding(str(repo), MARK) == []
 
     # what is read back is checked first: a changed byte in the last point's layer makes the
     # resync fail (exit 5, one line naming it), nothing published
@@ -152,7 +164,8 @@ def test_a_file_repository_point_without_a_chunk_map_is_read_back(enc_vm: LabVM 
         byte = stream.read(1)
         stream.seek(-100, os.SEEK_END)
         stream.write(bytes([byte[0] ^ 0xFF]))
-    refused = rdm_backup("backup", vm.name, "--target", str(repo), "--level", "resync")
+    refused = rdm_backup("backup", vm.name, "--target", str(repo), "--disk", "vdb",
+                         "--level", "resync", *cli_key)
     assert refused.returncode == 5, refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     assert again.manifest.backup_id in refused.stderr and "read back" in refused.stderr
