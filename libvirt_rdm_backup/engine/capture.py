@@ -125,8 +125,7 @@ def _resync(plan: DiskPlan, uri: str, run: _Run, parent_maps: dict[str, ChunkMap
     compared with the last point's chunk map, or with the point read back (no map)."""
     assert plan.parent is not None and plan.disk.size is not None
     sink = run.sink
-    if reads_back(plan):
-        sink.create(plan)
+    if reads_back(plan):  # its layer created with the others, before the window
         readback_layer(uri, run.parent_images[plan.disk.target], sink.copy_target(plan).node,
                        plan.disk.size, f"disk {plan.disk.target}")
         return
@@ -328,7 +327,10 @@ def capture(dom: libvirt.virDomain, running: bool, plans: list[DiskPlan], sink: 
         run = _Run(monitor=monitor, sink=sink, result=result, new_bitmap=new_bitmap,
                    speed=speed, fleecing=running and not is_remote(dom.connect()),
                    parent_images=options.parent_images)
-        create_layers(sink, groups.qemu + groups.storage)  # before anything is attached
+        # before anything is attached (and the layers of read-back resyncs, which need not
+        # wait for their creation while the fleecing images grow)
+        create_layers(sink, groups.qemu + groups.storage
+                      + [p for p in groups.fleece + groups.offline_resyncs if reads_back(p)])
         _prepare_jobs(run, stack, groups.qemu)
         _prepare_fleeces(run, stack, groups.fleece)
         alone = _self_consistent(plans)
