@@ -316,7 +316,8 @@ def _plan(ctx: DomainContext, selected: list[RawDisk], store: Store, chain: Chai
     unusable, damaged_newer = _damage_facts(store, unreadable, chain, selected)
     facts = Facts(ctx.inventory.running, chain, _live_bitmaps(monitor), restart,
                   agents, live_snapshots, store.resync_layers, store.storage_layers,
-                  unusable=unusable, damaged_newer=damaged_newer, repo_id=store.repo_id)
+                  unusable=unusable, damaged_newer=damaged_newer, repo_id=store.repo_id,
+                  remote=is_remote(ctx.dom.connect()))
     return plan_backup(selected, options.level, facts)
 
 

@@ -67,6 +67,7 @@ class Facts:
     damaged_newer: tuple[str, str] | None = None  # (backup id, problem)
     # the repository's id: a point's bitmap must be the one made for it in this chain
     repo_id: str | None = None
+    remote: bool = False  # QEMU runs on another host (no fleecing export reaches this one)
 
 
 def _resync_problem(disk: RawDisk, point: DiskPoint | None) -> str | None:
@@ -75,6 +76,16 @@ def _resync_problem(disk: RawDisk, point: DiskPoint | None) -> str | None:
     if point is None:
         return f"no earlier backup of {disk.target}"
     return _disk_changed(disk, point.record)
+
+
+def _no_resync(disk: RawDisk, point: DiskPoint | None, facts: Facts, path: DataPath
+               ) -> str | None:
+    """Why no resync of the disk on ``point`` can be taken here (None: it can)."""
+    if not facts.resync_layers:
+        return "this target cannot take chunk-compared layers"
+    if facts.remote and path is DataPath.QEMU:
+        return "QEMU runs on another host, whose disk cannot be read from here for a resync"
+    return _resync_problem(disk, point)
 
 
 def _disk_changed(disk: RawDisk, record: DiskRecord) -> str | None:
@@ -218,8 +229,7 @@ def plan_disk(disk: RawDisk, requested: Level | str, facts: Facts) -> DiskPlan:
     else:
         _refuse_damaged(disk.target, level, chain.last_point(disk.target), facts)
         problem = "resync requested"
-    why_not = _resync_problem(disk, last) if facts.resync_layers else (
-        "this target cannot take chunk-compared layers")
+    why_not = _no_resync(disk, last, facts, path)
     if why_not is None:
         assert last is not None
         how = "reading the disk once" + {DataPath.QEMU: "", DataPath.STORAGE: " from storage",

@@ -264,3 +264,10 @@ def test_a_point_without_a_chunk_map_is_read_back() -> None:
     with pytest.raises(TrackingLostError, match="chunk-compared") as err:
         plan_disk(disk(), "resync", rbd_target)
     assert err.value.exit_code == 4
+    # QEMU on another host: no fleecing export to read, a full (a shut-off disk read from
+    # storage here still resyncs)
+    remote = Facts(True, CHAIN, {}, remote=True)
+    assert plan_disk(disk(), "auto", remote).level == "full"
+    with pytest.raises(TrackingLostError, match="another host"):
+        plan_disk(disk(), "resync", remote)
+    assert plan_disk(disk(), "auto", Facts(False, CHAIN, {}, remote=True)).level == "resync"
