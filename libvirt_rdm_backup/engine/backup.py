@@ -33,6 +33,7 @@ from libvirt_rdm_backup.engine.paused_copy import (
 )
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan, Facts, overall_level, plan_backup
 from libvirt_rdm_backup.engine.prune import PruneResult, prune_after_backup
+from libvirt_rdm_backup.engine.readback import parent_images
 from libvirt_rdm_backup.engine.records import MappingResult, record_disk
 from libvirt_rdm_backup.engine.sinks import Session
 from libvirt_rdm_backup.engine.stores import Store, open_store
@@ -314,8 +315,9 @@ def _plan(ctx: DomainContext, selected: list[RawDisk], store: Store, chain: Chai
                               if agent is None else ({}, set()))
     unusable, damaged_newer = _damage_facts(store, unreadable, chain, selected)
     facts = Facts(ctx.inventory.running, chain, _live_bitmaps(monitor), restart,
-                  agents, live_snapshots, store.local_layers, store.storage_layers,
-                  unusable=unusable, damaged_newer=damaged_newer, repo_id=store.repo_id)
+                  agents, live_snapshots, store.resync_layers, store.storage_layers,
+                  unusable=unusable, damaged_newer=damaged_newer, repo_id=store.repo_id,
+                  remote=is_remote(ctx.dom.connect()))
     return plan_backup(selected, options.level, facts)
 
 
@@ -410,7 +412,7 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
 
         deferred.settle_disks(ctx.uuid, [p.disk.target for p in plans])
         _prune_snapshots(plans, scope, chain.needed_snapshots())
-        parent_maps = _parent_maps(store, plans)
+        parent_maps, parent_nodes = _parent_maps(store, plans), parent_images(store, chain, plans)
         if agent is not None:
             _refuse_local_reads(plans)
         mappings = {disk.target: _mapping_of(disk, agent) for disk in selected}
@@ -421,6 +423,7 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
         with store.session(ctx.uuid, backup_id, store.new_layers(options.compress)) as session:
             captured = capture(ctx.dom, ctx.inventory.running, plans, session, CaptureOptions(
                 bitmaps.bitmap_name(store.repo_id, chain_name, backup_id), parent_maps,
+                parent_images=parent_nodes,
                 progress=options.progress, quiesce=options.quiesce, snapshot_scope=scope,
                 max_pause=options.max_pause, monitor=monitor, speed=speed))
             manifest, path = _publish(

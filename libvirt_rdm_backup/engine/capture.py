@@ -35,6 +35,7 @@ from libvirt_rdm_backup.domain.connection import is_remote
 from libvirt_rdm_backup.engine.discover import offline_size
 from libvirt_rdm_backup.engine.paused_copy import DEFAULT_MAX_PAUSE, needs_paused_copy, over_bound
 from libvirt_rdm_backup.engine.plan import SNAPSHOT_FIRST_AGENTS, DataPath, DiskPlan
+from libvirt_rdm_backup.engine.readback import readback_layer, reads_back
 from libvirt_rdm_backup.engine.resync import resync_layer
 from libvirt_rdm_backup.engine.sinks import Sink, create_layers
 from libvirt_rdm_backup.engine.snapshot_copy import copy_into, copy_snapshot
@@ -119,14 +120,19 @@ def _job_for(plan: DiskPlan, guard: GuardedSource | None, node: str, job_id: str
                          compress=compress, chunk=chunk)
 
 
-def _resync(plan: DiskPlan, uri: str, sink: Sink, parent_maps: dict[str, ChunkMap],
-            result: Capture, only: list[tuple[int, int]] | None = None) -> None:
-    """Store the chunks of the disk read at ``uri`` that differ from its last backup."""
+def _resync(plan: DiskPlan, uri: str, run: _Run, parent_maps: dict[str, ChunkMap]) -> None:
+    """Store the chunks of the disk read at ``uri`` that differ from its last backup:
+    compared with the last point's chunk map, or with the point read back (no map)."""
     assert plan.parent is not None and plan.disk.size is not None
+    sink = run.sink
+    if reads_back(plan):  # its layer created with the others, before the window
+        readback_layer(uri, run.parent_images[plan.disk.target], sink.copy_target(plan).node,
+                       plan.disk.size, f"disk {plan.disk.target}")
+        return
     chunk_map, _written = resync_layer(uri, plan.disk.size, parent_maps[plan.disk.target],
                                        sink.target(plan), plan.parent.relative_data_file(),
-                                       only=only, layer_format=sink.layer_format)
-    result.chunk_maps[plan.disk.target] = chunk_map
+                                       layer_format=sink.layer_format)
+    run.result.chunk_maps[plan.disk.target] = chunk_map
 
 
 def _flush_storage(plans: list[DiskPlan]) -> None:
@@ -184,6 +190,7 @@ class _Run:
     direct_jobs: list[str] = field(default_factory=list)  # jobs without a filter
     fleeces: list[tuple[DiskPlan, FleecingExport]] = field(default_factory=list)
     started: list[str] = field(default_factory=list)  # jobs to cancel on failure
+    parent_images: dict[str, dict[str, Any]] = field(default_factory=dict)  # read back, by disk
 
     def track(self, plan: DiskPlan) -> None:
         """Add the disk's new bitmap to the transaction, when the disk is tracked."""
@@ -257,14 +264,14 @@ def _after_window(run: _Run, groups: _Groups, parent_maps: dict[str, ChunkMap],
                                   for plan, guard, node, job_id in run.guards])
         run.started += [job_id for _plan, _guard, _node, job_id in run.guards]
     for plan, fleece in run.fleeces:
-        _resync(plan, fleece.export(), sink, parent_maps, result)
+        _resync(plan, fleece.export(), run, parent_maps)
         fleece.close()
     for plan in groups.offline_resyncs:
         with storage_nbd(plan.disk) as uri:
-            _resync(plan, uri, sink, parent_maps, result)
+            _resync(plan, uri, run, parent_maps)
     for plan in groups.snapshot:
         chunk_map = copy_snapshot(plan, result.snapshots[plan.disk.target], sink, parent_maps,
-                                  run.speed, progress)
+                                  run.speed, progress, run.parent_images.get(plan.disk.target))
         if chunk_map is not None:
             result.chunk_maps[plan.disk.target] = chunk_map
     if run.monitor is not None and (run.started or run.fleeces):
@@ -284,6 +291,8 @@ class CaptureOptions:
 
     new_bitmap: str  # names the bitmaps (one per tracked disk) and snapshots it starts
     parent_maps: dict[str, ChunkMap] = field(default_factory=dict)  # of the parents, by disk
+    # blockdev options of the parents resyncs read back (they have no chunk map), by disk
+    parent_images: dict[str, dict[str, Any]] = field(default_factory=dict)
     progress: ProgressCallback | None = None
     quiesce: str | None = None  # freeze the guest's filesystems (None: pause when needed)
     snapshot_scope: Callable[[DiskPlan], str] | None = None  # a disk's snapshot name prefix
@@ -316,8 +325,12 @@ def capture(dom: libvirt.virDomain, running: bool, plans: list[DiskPlan], sink: 
                            [p.disk for p in plans if p.path is DataPath.QEMU])
         # QEMU on another host gets no descriptor of a local fleecing image
         run = _Run(monitor=monitor, sink=sink, result=result, new_bitmap=new_bitmap,
-                   speed=speed, fleecing=running and not is_remote(dom.connect()))
-        create_layers(sink, groups.qemu + groups.storage)  # before anything is attached
+                   speed=speed, fleecing=running and not is_remote(dom.connect()),
+                   parent_images=options.parent_images)
+        # before anything is attached (and the layers of read-back resyncs, which need not
+        # wait for their creation while the fleecing images grow)
+        create_layers(sink, groups.qemu + groups.storage
+                      + [p for p in groups.fleece + groups.offline_resyncs if reads_back(p)])
         _prepare_jobs(run, stack, groups.qemu)
         _prepare_fleeces(run, stack, groups.fleece)
         alone = _self_consistent(plans)

@@ -41,6 +41,7 @@ class FileStore:
     """Backups as directories of qcow2 files (:class:`Repository`)."""
 
     local_layers = True
+    resync_layers = True  # takes resync layers (compared with a chunk map or read back)
     storage_layers = True
     self_contained = False
 

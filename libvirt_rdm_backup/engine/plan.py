@@ -59,7 +59,7 @@ class Facts:
     restart: str | None = None  # what the libvirt hook saw since the chain's last backup
     snapshot_agents: dict[str, str] = field(default_factory=dict)  # disk -> agent name
     live_snapshots: set[str] = field(default_factory=set)  # storage snapshots that still exist
-    local_layers: bool = True  # the target keeps layers as local files (resync needs that)
+    resync_layers: bool = True  # the target takes layers of chunks compared with a point
     storage_layers: bool = True  # the target takes layers of ranges copied from storage
     # disk -> {backup id: why its point cannot be built on} (damaged, or builds on damage)
     unusable: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -67,16 +67,25 @@ class Facts:
     damaged_newer: tuple[str, str] | None = None  # (backup id, problem)
     # the repository's id: a point's bitmap must be the one made for it in this chain
     repo_id: str | None = None
+    remote: bool = False  # QEMU runs on another host (no fleecing export reaches this one)
 
 
 def _resync_problem(disk: RawDisk, point: DiskPoint | None) -> str | None:
-    """Why the disk cannot be compared chunk by chunk with ``point`` (None: it can)."""
+    """Why the disk cannot be compared chunk by chunk with ``point`` (None: it can): with
+    the point's chunk map where it has one, else with the point read back."""
     if point is None:
         return f"no earlier backup of {disk.target}"
-    record = point.record
-    if record.chunk_map is None:
-        return f"backup {point.backup_id} has no chunk digest map of {disk.target}"
-    return _disk_changed(disk, record)
+    return _disk_changed(disk, point.record)
+
+
+def _no_resync(disk: RawDisk, point: DiskPoint | None, facts: Facts, path: DataPath
+               ) -> str | None:
+    """Why no resync of the disk on ``point`` can be taken here (None: it can)."""
+    if not facts.resync_layers:
+        return "this target cannot take chunk-compared layers"
+    if facts.remote and path is DataPath.QEMU:
+        return "QEMU runs on another host, whose disk cannot be read from here for a resync"
+    return _resync_problem(disk, point)
 
 
 def _disk_changed(disk: RawDisk, record: DiskRecord) -> str | None:
@@ -220,15 +229,17 @@ def plan_disk(disk: RawDisk, requested: Level | str, facts: Facts) -> DiskPlan:
     else:
         _refuse_damaged(disk.target, level, chain.last_point(disk.target), facts)
         problem = "resync requested"
-    why_not = _resync_problem(disk, last) if facts.local_layers else (
-        "this target cannot take chunk-compared layers")
+    why_not = _no_resync(disk, last, facts, path)
     if why_not is None:
         assert last is not None
         how = "reading the disk once" + {DataPath.QEMU: "", DataPath.STORAGE: " from storage",
                                          DataPath.SNAPSHOT: " from a storage snapshot"}[path]
+        compared = (f"the chunks that differ from backup {last.backup_id}"
+                    if last.record.chunk_map else
+                    f"the chunks that differ from backup {last.backup_id} read back "
+                    "(it has no chunk map)")
         return DiskPlan(disk, path, Level.RESYNC,
-                        _join(f"resync: {problem}; {how}, storing the chunks that differ from "
-                              f"backup {last.backup_id}", damage),
+                        _join(f"resync: {problem}; {how}, storing {compared}", damage),
                         parent=last, track=track, agent=agent)
     if level is Level.RESYNC:
         raise TrackingLostError(disk.target, level, why_not)

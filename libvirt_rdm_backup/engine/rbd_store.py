@@ -55,6 +55,7 @@ class RbdStore:
     """Backups as RBD images and snapshots, their manifests in the pool's index object."""
 
     local_layers = False
+    resync_layers = False  # no resync layers: a point is an image, not a chain of layers
     storage_layers = True  # written onto the image holding the last point
     self_contained = True
 

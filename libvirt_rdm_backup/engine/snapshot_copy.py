@@ -15,10 +15,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from libvirt_rdm_backup.engine.plan import DiskPlan
+from libvirt_rdm_backup.engine.readback import readback_layer, reads_back
 from libvirt_rdm_backup.engine.resync import resync_layer
 from libvirt_rdm_backup.engine.sinks import Sink
 from libvirt_rdm_backup.engine.storage_reads import raw_source_opts, rbd_endpoint, rbd_nbd
-from libvirt_rdm_backup.errors import RdmBackupError
 from libvirt_rdm_backup.qemu.block_copy import Endpoint, copy_image, raw_source
 from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
 from libvirt_rdm_backup.qemu.ranged_copy import copy_ranges
@@ -42,9 +42,11 @@ def copy_into(sink: Sink, plan: DiskPlan, source: dict[str, Any] | Endpoint, spe
 
 def copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
                   parent_maps: dict[str, ChunkMap], speed: int = 0,
-                  progress: ProgressCallback | None = None) -> ChunkMap | None:
-    """Copy a disk from its storage snapshot: in full, the changed ranges, or a resync;
-    returns the chunk map of a resynced layer (None: no map made)."""
+                  progress: ProgressCallback | None = None,
+                  parent_image: dict[str, Any] | None = None) -> ChunkMap | None:
+    """Copy a disk from its storage snapshot: in full, the changed ranges, or a resync
+    (compared with the parent's chunk map, or with ``parent_image``, the parent read back,
+    where it has none); returns the chunk map of a resynced layer (None: no map made)."""
     assert plan.agent is not None and plan.disk.size is not None
     agent = agent_by_name(plan.agent)
     size = plan.disk.size
@@ -54,7 +56,16 @@ def copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
             sink.create(plan)
             copy_into(sink, plan, _snapshot_endpoint(plan, presented, size), speed, progress)
             return None
-        if not sink.local_files:  # an image holding the parent's point: the changes onto it
+        if reads_back(plan):
+            assert parent_image is not None
+            sink.create(plan)
+            with _snapshot_nbd(plan, presented, size) as uri:
+                readback_layer(uri, parent_image, sink.copy_target(plan).node, size,
+                               f"disk {plan.disk.target}")
+            return None
+        if not sink.local_files or plan.disk.target not in parent_maps:
+            # an image holding the parent's point, or a parent without a chunk map to
+            # compare with: the changed ranges onto the new layer
             _copy_changed(plan, agent, presented, snap, sink, speed, progress)
             return None
         only = None
@@ -65,9 +76,6 @@ def copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
             if only is None:
                 log.info("disk %s: the storage cannot tell what changed; comparing digests",
                          plan.disk.target)
-        if plan.disk.target not in parent_maps:
-            raise RdmBackupError(f"disk {plan.disk.target}: backup "
-                                 f"{plan.parent.backup_id} has no chunk map to build on")
         with _snapshot_nbd(plan, presented, size) as uri:
             chunk_map, _written = resync_layer(
                 uri, size, parent_maps[plan.disk.target], sink.target(plan),

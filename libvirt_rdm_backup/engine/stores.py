@@ -34,7 +34,8 @@ class Store(Protocol):
 
     name: str  # the directory or the URI, for messages
     repo_id: str  # short id, part of the names of QEMU bitmaps of this store
-    local_layers: bool  # layers are local files (resyncs and chunk maps need that)
+    local_layers: bool  # layers are local files (chunk maps need that)
+    resync_layers: bool  # takes resync layers: chunks compared with a point (map or read back)
     storage_layers: bool  # takes layers of ranges copied from storage snapshots
     self_contained: bool  # each point is a complete image (no layer builds on another)
 

@@ -40,6 +40,7 @@ class VolumeStore:
     """Backups inside an NBD export (:class:`NbdVolume`)."""
 
     local_layers = False
+    resync_layers = True  # takes resync layers (compared with a chunk map or read back)
     storage_layers = True  # a qcow2 layer of the ranges, on the parent when restored
     self_contained = False
 

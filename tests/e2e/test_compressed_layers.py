@@ -4,7 +4,8 @@ The loop LUN and the iSCSI LUN hold text-like data. A full (the CLI, zstd), an
 incremental (zstd) and a resync (zlib) are taken: the layers are qcow2 of that
 compression type, the full stores far less than the data it holds, each point
 restores byte-identical; verify is clean; a prune drops the incremental, its data
-merged into the resync's layer, and the points kept still restore. The same in an NBD volume.
+merged into the resync's layer, and the points kept still restore. The same in an NBD volume
+(full, incremental and a resync compared with the last point read back from the volume).
 """
 
 from __future__ import annotations
@@ -149,11 +150,18 @@ def test_compressed_layers_in_an_nbd_volume(text_vm: LabVM) -> None:
                 guest_write(vm.dom, "vdb", 0x61 + n, (44 + 2 * n) * MiB, MiB)
             refs.append(point(vm, 1))
             inc = api.backup(vm.name, server.uri, level="incremental", compress="zstd")
-            for result in (full, inc):
+            write_text(vm.loop, 4 * MiB, 3)  # under QEMU's feet: only a resync sees it
+            refs.append(point(vm, 2))
+            # compared with the incremental read back from the volume (no chunk maps there)
+            resync = api.backup(vm.name, server.uri, level="resync", compress="zstd")
+            vdb = resync.manifest.disk("vdb")
+            assert vdb is not None and vdb.level == "resync" and "read back" in vdb.reason
+            assert vdb.stored_bytes < 4 * MiB, vdb  # 4 MiB of text, compressed
+            for result in (full, inc, resync):
                 assert {d.compression for d in result.manifest.disks} == {"zstd"}
             stored = {d.disk.target: d.stored_bytes for d in full.manifest.disks}
             assert stored["vdb"] < TEXT_LOOP // 3 and stored["sda"] < TEXT_LUN // 3, stored
-            for result, ref in zip((full, inc), refs, strict=True):
+            for result, ref in zip((full, inc, resync), refs, strict=True):
                 restore_and_compare(vm, server.uri, result.manifest.backup_id, ref)
             assert api.verify(server.uri).ok
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.engine.backup import BackupResult
+from tests.lab.volume_server import VolumeServer
 from tools.labkit import (
     LabVM,
     MiB,
@@ -107,9 +109,17 @@ def test_lun_full_and_incremental_from_storage_snapshots() -> None:
 
 
 @pytest.mark.fault
-def test_lost_snapshot_falls_back_to_a_resync() -> None:
-    with lab_vm(loop_size=64 * MiB, lun_size=LUN_SIZE, reflink=True) as vm:
+@pytest.mark.parametrize("target", ["file", "volume"])
+def test_lost_snapshot_falls_back_to_a_resync(target: str) -> None:
+    """In an NBD volume (no chunk maps) the new snapshot is compared with the last point read
+    back from the volume."""
+    with lab_vm(loop_size=64 * MiB, lun_size=LUN_SIZE, reflink=True) as vm, ExitStack() as stack:
         repo = str(vm.workdir / "repo")
+        if target == "volume":
+            server = VolumeServer(vm.workdir / "volume.img")
+            server.start()
+            stack.callback(server.stop)
+            repo = server.uri
         scattered(vm, "sda", LUN_SIZE, 100, seed=5)
         point(vm, repo, "a", disks=["sda"])
         for name in snapshot_files(vm):  # someone deleted the array's snapshot
@@ -118,13 +128,13 @@ def test_lost_snapshot_falls_back_to_a_resync() -> None:
         result, refs = point(vm, repo, "b", disks=["sda"])
         sda = result.manifest.disk("sda")
         assert sda is not None and sda.level == "resync" and "is gone" in sda.reason
+        assert ("read back" in sda.reason) == (target == "volume"), sda.reason
         assert sda.bytes_transferred <= changed + 4 * CLUSTER
         restore_all(vm, repo, result, {"sda": refs["sda"]})
 
 
 def test_scsi_hostdev_is_backed_up_like_a_lun(tmp_path: Path) -> None:
     import subprocess
-    from contextlib import ExitStack
 
     from tools.labkit import (
         iscsi_hostdev,

@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -86,7 +87,10 @@ class FakeSink:
 
 
 class ParentPoint:
-    """Stands for the last backup's point of a disk (a resync builds on its data file)."""
+    """Stands for the last backup's point of a disk (a resync builds on its data file and
+    compares with its chunk map)."""
+
+    record = SimpleNamespace(chunk_map="vdb.chunks")
 
     def relative_data_file(self) -> str:
         return "../B1/vdb.qcow2"

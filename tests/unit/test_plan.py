@@ -58,18 +58,20 @@ def test_differential_builds_on_the_last_full() -> None:
     assert plan.parent is not None and plan.parent.backup_id == FULL.backup_id
 
 
-@pytest.mark.parametrize(("case", "the_disk", "the_facts", "why"), [
-    ("restart", disk(), facts(), "is gone"),
-    ("resize", disk(size=2 * SIZE), facts("bm-inc"), "resized"),
-    ("replaced", disk(source="/dev/sdz"), facts("bm-inc"), "now has source"),
-    ("empty chain", disk(), facts("bm-inc", chain=Chain("default", [])), "no earlier backup"),
+@pytest.mark.parametrize(("case", "the_disk", "the_facts", "why", "auto"), [
+    ("restart", disk(), facts(), "is gone", "resync"),
+    ("resize", disk(size=2 * SIZE), facts("bm-inc"), "resized", "full"),
+    ("replaced", disk(source="/dev/sdz"), facts("bm-inc"), "now has source", "full"),
+    ("empty chain", disk(), facts("bm-inc", chain=Chain("default", [])), "no earlier backup",
+     "full"),
 ])
-def test_lost_tracking(case: str, the_disk: RawDisk, the_facts: Facts, why: str) -> None:
+def test_lost_tracking(case: str, the_disk: RawDisk, the_facts: Facts, why: str,
+                       auto: str) -> None:
     with pytest.raises(TrackingLostError, match=why) as err:
         plan_disk(the_disk, "incremental", the_facts)
     assert err.value.exit_code == 4
     plan = plan_disk(the_disk, "auto", the_facts)
-    assert plan.level == "full" and why in plan.reason and plan.track
+    assert plan.level == auto and why in plan.reason and plan.track
 
 
 def rbd_disk() -> RawDisk:
@@ -105,10 +107,11 @@ def test_rbd_disks_with_the_rbd_agent_take_snapshots_running_or_not() -> None:
         assert plan.source_bitmap is None
     gone = plan_disk(rbd_disk(), "auto",
                      Facts(True, chain, {}, snapshot_agents={"vdc": "rbd"}))
-    assert gone.level == "full" and "is gone" in gone.reason  # no chunk map: no resync
+    # no chunk map: a resync from a new snapshot, compared with the point read back
+    assert gone.level == "resync" and "is gone" in gone.reason and "read back" in gone.reason
     # a target that would take no layers of ranges: QEMU's job and bitmap serve the disk
     remote = plan_disk(rbd_disk(), "auto", Facts(True, chain, {}, snapshot_agents={"vdc": "rbd"},
-                                                 local_layers=False, storage_layers=False))
+                                                 resync_layers=False, storage_layers=False))
     assert remote.path is DataPath.QEMU
     reflink = plan_disk(disk(), "auto", Facts(True, CHAIN, {"libvirt-vdb-format": {"bm-inc"}},
                                               snapshot_agents={"vdb": "loop-reflink"}))
@@ -135,7 +138,7 @@ def test_targets_without_local_layers_take_ranges_of_storage_snapshots_but_no_re
     chain = _snapshot_chain(rbd_disk(), "rbd")
     live = Facts(True, chain, {}, restart="the domain was restarted",
                  snapshot_agents={"vdc": "rbd"}, live_snapshots={"rdmb-x-000002"},
-                 local_layers=False)
+                 resync_layers=False)
     plan = plan_disk(rbd_disk(), "auto", live)
     assert (plan.path, plan.level, plan.agent) == (DataPath.SNAPSHOT, "incremental", "rbd")
     assert plan.parent is not None and plan.parent.backup_id == "20260102T000000Z-000002"
@@ -144,7 +147,7 @@ def test_targets_without_local_layers_take_ranges_of_storage_snapshots_but_no_re
     with pytest.raises(TrackingLostError, match="chunk-compared"):
         plan_disk(rbd_disk(), "resync", live)
     gone = plan_disk(rbd_disk(), "auto", Facts(True, chain, {}, snapshot_agents={"vdc": "rbd"},
-                                               local_layers=False))
+                                               resync_layers=False))
     assert (gone.path, gone.level) == (DataPath.SNAPSHOT, "full") and "is gone" in gone.reason
     # a passthrough LUN with a snapshot agent: incremental, but a full on a target that would
     # take no layers of ranges
@@ -152,7 +155,7 @@ def test_targets_without_local_layers_take_ranges_of_storage_snapshots_but_no_re
     for storage_layers, level in ((True, "incremental"), (False, "full")):
         got = plan_disk(lun(), "auto", Facts(
             True, lun_chain, {}, snapshot_agents={"sda": "lvm"},
-            live_snapshots={"rdmb-x-000002"}, local_layers=False,
+            live_snapshots={"rdmb-x-000002"}, resync_layers=False,
             storage_layers=storage_layers))
         assert (got.path, got.level) == (DataPath.SNAPSHOT, level)
     assert "cannot take layers of ranges" in got.reason
@@ -162,7 +165,9 @@ def test_offline_domains_and_luns_copy_in_full_from_storage() -> None:
     with pytest.raises(TrackingLostError, match="not running"):
         plan_disk(disk(), "incremental", facts(running=False))
     offline = plan_disk(disk(), "auto", facts(running=False))
-    assert (offline.level, offline.path, offline.track) == ("full", DataPath.STORAGE, False)
+    assert (offline.level, offline.path, offline.track) == ("resync", DataPath.STORAGE, False)
+    first = plan_disk(disk(), "auto", facts(running=False, chain=Chain("default", [])))
+    assert (first.level, first.path, first.track) == ("full", DataPath.STORAGE, False)
     passthrough = plan_disk(lun(), "incremental", facts("bm-inc"))
     assert (passthrough.level, passthrough.path) == ("full", DataPath.STORAGE)
     assert "bypasses" in passthrough.reason and not passthrough.track
@@ -210,11 +215,14 @@ def test_lost_tracking_with_a_chunk_map_resyncs() -> None:
     assert (offline.level, offline.path, offline.track) == ("resync", DataPath.STORAGE, False)
 
 
-def test_resync_needs_a_map_and_the_same_disk() -> None:
-    with pytest.raises(TrackingLostError, match="no chunk digest map"):
-        plan_disk(disk(), "resync", facts())
-    with pytest.raises(TrackingLostError, match="resized"):
-        plan_disk(disk(size=2 * SIZE), "resync", facts(chain=MAPPED))
+def test_resync_needs_an_earlier_point_and_the_same_disk() -> None:
+    with pytest.raises(TrackingLostError, match="no earlier backup"):
+        plan_disk(disk(), "resync", facts(chain=Chain("default", [])))
+    for chain in (MAPPED, CHAIN):  # with a chunk map or without
+        with pytest.raises(TrackingLostError, match="resized"):
+            plan_disk(disk(size=2 * SIZE), "resync", facts(chain=chain))
+        with pytest.raises(TrackingLostError, match="now has source"):
+            plan_disk(disk(source="/dev/sdz"), "resync", facts(chain=chain))
     assert plan_disk(disk(size=2 * SIZE), "auto", facts(chain=MAPPED)).level == "full"
     assert overall_level(plan_backup([disk(), disk("vdc")], "auto", facts(chain=MAPPED))) == "full"
 
@@ -234,3 +242,32 @@ def test_a_point_naming_a_bitmap_not_made_for_it_is_not_built_on() -> None:
         assert (plan.level == "incremental") is ok, plan.reason
         if not ok:
             assert "not the one chain" in plan.reason
+
+
+def test_a_point_without_a_chunk_map_is_read_back() -> None:
+    """The last point has no chunk map (an NBD volume's, an encrypted one): the resync
+    compares the disk with that point read back; with a map, with the map."""
+    for resync_layers in (True, False):  # a file repository or an NBD volume alike
+        plan = plan_disk(disk(), "auto", Facts(True, CHAIN, {}, resync_layers=True,
+                                               storage_layers=resync_layers))
+        assert (plan.level, plan.path) == ("resync", DataPath.QEMU)
+        assert plan.parent is not None and plan.parent.backup_id == INC.backup_id
+        assert f"differ from backup {INC.backup_id} read back" in plan.reason
+    explicit = plan_disk(disk(), "resync", facts("bm-full", "bm-inc"))
+    assert explicit.level == "resync" and explicit.source_bitmap is None
+    assert "read back" in explicit.reason
+    mapped = plan_disk(disk(), "auto", facts(chain=MAPPED))
+    assert mapped.level == "resync" and "read back" not in mapped.reason
+    # a target that takes no resync layers (rbd://): a full, and an explicit resync fails
+    rbd_target = Facts(True, CHAIN, {}, resync_layers=False)
+    assert plan_disk(disk(), "auto", rbd_target).level == "full"
+    with pytest.raises(TrackingLostError, match="chunk-compared") as err:
+        plan_disk(disk(), "resync", rbd_target)
+    assert err.value.exit_code == 4
+    # QEMU on another host: no fleecing export to read, a full (a shut-off disk read from
+    # storage here still resyncs)
+    remote = Facts(True, CHAIN, {}, remote=True)
+    assert plan_disk(disk(), "auto", remote).level == "full"
+    with pytest.raises(TrackingLostError, match="another host"):
+        plan_disk(disk(), "resync", remote)
+    assert plan_disk(disk(), "auto", Facts(False, CHAIN, {}, remote=True)).level == "resync"
