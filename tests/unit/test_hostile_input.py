@@ -108,7 +108,7 @@ def mutations(document: Any) -> st.SearchStrategy[Any]:
                 if action == "drop" and isinstance(parent, dict):
                     del parent[path[-1]]
                 elif isinstance(parent, dict | list):
-                    parent[path[-1]] = value
+                    parent[path[-1]] = copy.deepcopy(value)  # never a shared sample object
             except (KeyError, IndexError, TypeError):
                 continue  # an earlier edit changed the shape
         return result
