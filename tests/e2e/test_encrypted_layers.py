@@ -214,7 +214,7 @@ def test_plain_full_then_encrypted_incrementals() -> None:
     """A chain mixing points with chunk maps (a plain full) and without (encrypted
     incrementals on it): vdb copied by QEMU; sda, a LUN copied from storage snapshots, first
     compared with the plain full's map, then its changed ranges copied over an encrypted
-    point. Every point restores, verify and verify --deep pass."""
+    point; then an encrypted full. Every point restores, verify and verify --deep pass."""
     with lab_vm(loop_size=32 * MiB, lun_size=16 * MiB, reflink=True) as vm:
         fill_text(vm.loop, 8 * MiB)
         fill_text(vm.iscsi_file, 4 * MiB)
@@ -224,18 +224,18 @@ def test_plain_full_then_encrypted_incrementals() -> None:
         refs = [point(vm, 0)]
         results = [api.backup(vm.name, repo)]
         assert plain_digests_in(repo, refs[0]) > 0  # the plain full's chunk maps hold them
-        for n in range(2):
+        for n, level in enumerate(("auto", "auto", "full")):
             guest_write(vm.dom, "vdb", 0x41 + n, (12 + 2 * n) * MiB, MiB)
             guest_write(vm.dom, "sda", 0x41 + n, MiB + 4096 * (n + 1), 96 * 1024)
             guest_write(vm.dom, "sda", 0, (2 + n) * MiB, 128 * 1024)  # zeros over the text
             refs.append(point(vm, n + 1))
-            results.append(api.backup(vm.name, repo, encrypt_key_file=str(key)))
+            results.append(api.backup(vm.name, repo, level=level, encrypt_key_file=str(key)))
         full_id = results[0].manifest.backup_id
         for record in results[0].manifest.disks:
             assert record.chunk_map is not None and record.encryption is None
         for result in results[1:]:
             for record in result.manifest.disks:
-                assert record.level == "incremental", record.reason
+                assert record.level == ("full" if result is results[-1] else "incremental")
                 assert record.encryption is not None
                 assert (record.chunk_map, record.chunk_map_digest) == (None, None)
             assert result.manifest.disk("sda").data_path == "snapshot"  # type: ignore[union-attr]
