@@ -76,4 +76,3 @@ def test_an_encrypted_layer_gets_no_chunk_map(layer: Path, resynced: bool) -> No
     assert (record.chunk_map, record.chunk_map_digest) == (None, None)
     assert record.encryption is not None
     assert not layer.with_suffix(".chunks").exists()
-
