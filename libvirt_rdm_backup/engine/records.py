@@ -1,8 +1,9 @@
 """The record of each disk a backup wrote: its layer described, digested and chunk-mapped.
 
 The session describes and checks the written layer (:meth:`.sinks.Session.written`)
-and reads its digest; the chunk map of a local layer is computed here, side by
-side with the digest (both read the new data), and kept beside the layer.
+and reads its digest; the chunk map of a local plain layer is computed here, side by
+side with the digest (both read the new data), and kept beside the layer. An encrypted
+layer gets no chunk map: a map holds digests of the plain disk's chunks, in clear.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from libvirt_rdm_backup.engine.capture import Capture
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.engine.sinks import DATA_FORMAT, LocalLayer, Session, Written
 from libvirt_rdm_backup.qemu import img
-from libvirt_rdm_backup.repository.chunkmap import chunkmap_of_encrypted_layer, chunkmap_of_layer
+from libvirt_rdm_backup.repository.chunkmap import chunkmap_of_layer
 from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.digest import file_digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord
@@ -42,19 +43,11 @@ def _maps_layer(plan: DiskPlan, captured: Capture, parent_map: ChunkMap | None) 
 def _map_and_chunks(plan: DiskPlan, session: Session, written: Written, captured: Capture,
                     parent_map: ChunkMap | None
                     ) -> tuple[list[img.MapExtent], ChunkMap | None]:
-    """The layer's allocation map and the new point's chunk map. An encrypted local layer
-    is read once, decrypted by one ``qemu-nbd`` that gives both (one key derivation)."""
+    """The layer's allocation map and the new point's chunk map (None for an encrypted
+    layer, whatever made it, and for a layer that is not a local file)."""
+    extents = [] if written.own_bytes is not None else img.map_extents(written.image)
     local = written.local
-    if written.own_bytes is not None:
-        extents: list[img.MapExtent] = []
-    elif (local is not None and session.layer_format.encrypted
-          and _maps_layer(plan, captured, parent_map)):
-        chunk_map, extents = chunkmap_of_encrypted_layer(
-            local.path, parent_map, int(plan.disk.size or 0), local.lower, take_parent=True)
-        return extents, chunk_map
-    else:
-        extents = img.map_extents(written.image)
-    if local is None:
+    if local is None or session.layer_format.encrypted:
         return extents, None
     return extents, _chunk_map(plan, local, captured, parent_map, extents)
 

@@ -3,8 +3,9 @@ snapshot, in full, as the ranges the storage reports as changed, or as a resync.
 
 Into a file repository the changed ranges of a snapshot are compared chunk by chunk with
 the parent's map and the differing chunks make a new qcow2 layer (:mod:`.resync`); into a
-target whose image holds the parent's point (``rbd://``) they are copied onto that image
-by a QEMU backup job of a private storage daemon (:mod:`~..qemu.ranged_copy`).
+target whose image holds the parent's point (``rbd://``), or into a new layer over a parent
+that has no chunk map (an encrypted point), they are copied by a QEMU backup job of a
+private storage daemon (:mod:`~..qemu.ranged_copy`).
 """
 
 from __future__ import annotations
@@ -95,8 +96,10 @@ def _copy_changed(plan: DiskPlan, agent: SnapshotAgent, presented: Presented,
                   snap: StorageSnapshot, sink: Sink, speed: int,
                   progress: ProgressCallback | None) -> None:
     """Copy the ranges the storage reports as changed since the parent's snapshot onto the
-    disk's target image, which holds the parent's point or writes since it that are among
-    these ranges (every range when the storage cannot tell)."""
+    disk's target: an image that holds the parent's point or writes since it that are among
+    these ranges, or a new layer over the parent's (every range when the storage cannot
+    tell). The job writes whole clusters, zeros as zero clusters, so the layer's other
+    clusters stay unallocated and read through the parent."""
     assert plan.parent is not None and plan.disk.size is not None
     older = plan.parent.record.storage_snapshot
     assert older is not None

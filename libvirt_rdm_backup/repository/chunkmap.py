@@ -86,54 +86,6 @@ def chunkmap_of_layer(path: str, parent: ChunkMap | None, size: int,
     return ChunkMap(size, CHUNK, ALGORITHM, digests)
 
 
-def chunkmap_of_encrypted_layer(path: str, parent: ChunkMap | None, size: int,
-                                lower: Sequence[str] = (), take_parent: bool = False
-                                ) -> tuple[ChunkMap, list[LayerExtent]]:
-    """:func:`chunkmap_of_layer` of an encrypted layer, and the layer's allocation map.
-
-    QEMU gives no host offsets for encrypted clusters, so their data is read decrypted.
-    One ``qemu-nbd`` serves the layer alone (its key derived once, whatever the chain
-    below): its block status is the allocation map (as ``qemu-img map`` of the layer),
-    its reads give the layer's own data chunks. Only chunks the layer does not cover whole
-    (none in the layers this tool writes) are read through the chain ``[path, *lower]``.
-    """
-    from libvirt_rdm_backup.qemu.nbd_io import (
-        NbdError,
-        allocation_map,
-        connect_nbd,
-        disconnect_nbd,
-    )
-    from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
-
-    digests = _first_digests(parent, size, take_parent)
-    node = layers.json_filename(layers.file_chain([path]))
-    with qemu_nbd_server(node, None, readonly=True, extra=["--allocation-depth"]) as uri:
-        try:
-            handle = connect_nbd(uri, allocation=True, depth=True)
-        except NbdError as err:
-            raise OperationError(f"cannot read {path} through qemu-nbd: {err}") from err
-        try:
-            if handle.get_size() != size:
-                raise RepositoryError(f"layer {path} has {handle.get_size()} bytes, "
-                                      f"expected {size}")
-            extents = [LayerExtent(start, end - start, data=data, zero=zero,
-                                   present=depth != 0)
-                       for start, end, data, zero, depth in allocation_map(handle, size)]
-            _check_end(path, extents, size)
-            reads, own, partial = _layer_reads(path, extents, parent is None, size, digests)
-            if reads:
-                raise RepositoryError(f"layer {path} is encrypted, but QEMU gave host offsets")
-            _hash_chunks(handle, size, sorted(own), digests)
-        except NbdError as err:
-            raise OperationError(f"cannot read {path} through qemu-nbd: {err}") from err
-        finally:
-            disconnect_nbd(handle)
-    if partial:
-        log.info("reading %d chunks of %s through its chain", len(partial), path)
-        _hash_through_chain([path, *lower], size, sorted(partial), digests)
-    return ChunkMap(size, CHUNK, ALGORITHM, digests), extents
-
-
 def _first_digests(parent: ChunkMap | None, size: int, take_parent: bool) -> bytearray:
     """The digests a new map starts from: the parent's (checked), or all-zero chunks."""
     if parent is None:
@@ -156,7 +108,7 @@ def _check_end(path: str, extents: list[LayerExtent], size: int) -> None:
 def _layer_reads(path: str, extents: list[LayerExtent], full: bool, size: int,
                  digests: bytearray) -> tuple[list[tuple[int, int, int]], set[int], set[int]]:
     """What to hash of a layer: (first chunk, chunk count, host offset) reads of its
-    data; its own data chunks without a host offset (compressed or encrypted); and the
+    data; its own data chunks without a host offset (compressed); and the
     chunks it covers in part (read through its chain). Its zero clusters are set in
     ``digests`` at once. ``full``: the layer has no parent map."""
     count = chunk_count(size)
@@ -184,7 +136,7 @@ def _layer_reads(path: str, extents: list[LayerExtent], full: bool, size: int,
         elif ext.data and ext.offset is not None:
             reads.append((first, stop - first, ext.offset + (first * CHUNK - ext.start)))
         elif ext.data:
-            own.update(range(first, stop))  # compressed or encrypted: no host offset
+            own.update(range(first, stop))  # compressed: no host offset
         else:
             raise RepositoryError(f"layer {path}: bytes {ext.start}..{ext.end} are neither "
                                   "zero nor data")

@@ -6,7 +6,9 @@ or with another key, restore is refused (exit 2) and nothing is written; plain
 backups and backups with another key are refused; no file of the repository holds the
 text; the key never appears in any process's argv while the tool runs, in its ``-vv``
 output or in the manifests; verify needs no key, verify --deep reads through QEMU.
-The same in an NBD volume, whose file on the backup server holds neither.
+Encrypted points have no chunk map (no digest of a plain chunk is stored), also in a chain
+that starts with a plain full. The same in an NBD volume, whose file on the backup server
+holds neither.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
+from libvirt_rdm_backup.repository.chunks import CHUNK, chunk_digest
 from tests.lab.volume_server import VolumeServer
 from tools.labkit import (
     LabVM,
@@ -157,13 +160,18 @@ def test_encrypted_chain(enc_vm: LabVM) -> None:
     no_key = rdm_backup("verify", "--target", repo, "--deep")
     assert no_key.returncode == 2, no_key.stderr
 
-    # a resync (read through a fleecing export, written by qemu-nbd), then a prune merges the
-    # incremental into it: encrypted layers on both sides
-    fill_text(vm.loop, 2 * MiB)  # under QEMU's feet: only a resync sees it
+    # no chunk map: neither a file nor a record, and no digest of a plain chunk anywhere
+    assert not list(Path(repo).rglob("*.chunks"))
+    for manifest in api.list_backups(repo, vm.uuid):
+        assert [(d.chunk_map, d.chunk_map_digest) for d in manifest.disks] == [(None, None)] * 2
+    assert plain_digests_in(repo, refs[1]) == 0
+
+    # another incremental (auto: tracking is intact), then a prune merges the first one into
+    # it: encrypted layers on both sides, no chunk map expected
     guest_write(vm.dom, "vdb", 0x51, 20 * MiB, MiB)
     refs.append(point(vm, 2))
-    last = api.backup(vm.name, repo, level="resync", encrypt_key_file=str(key))
-    assert last.manifest.disk("vdb").level == "resync"  # type: ignore[union-attr]
+    last = api.backup(vm.name, repo, encrypt_key_file=str(key))
+    assert last.manifest.disk("vdb").level == "incremental"  # type: ignore[union-attr]
     rules = ["prune", vm.uuid, "--target", repo, "--keep-last", "1"]
     refused = rdm_backup(*rules)
     assert refused.returncode == 2, refused.stderr
@@ -176,7 +184,86 @@ def test_encrypted_chain(enc_vm: LabVM) -> None:
         api.restore(vm.name, repo, disk, str(out), encrypt_key_file=str(key))
         assert same_bytes(out, refs[2][disk]), disk
     assert files_holding(repo, MARK) == []
+    assert not list(Path(repo).rglob("*.chunks"))
     assert api.verify(repo, deep=True, encrypt_key_file=str(key)).ok
+
+
+def test_encrypted_resync(enc_vm: LabVM) -> None:
+    """A resync after an encrypted point (which has no chunk map): read through a fleecing
+    export, written by qemu-nbd into an encrypted layer."""
+    vm = enc_vm
+    repo = str(vm.workdir / "repo")
+    key = vm.workdir / "key"
+    key.write_bytes(b"k-" + secrets.token_hex(24).encode())
+    api.backup(vm.name, repo, encrypt_key_file=str(key))
+    fill_text(vm.loop, 2 * MiB)  # under QEMU's feet: only a resync sees it
+    guest_write(vm.dom, "vdb", 0x51, 20 * MiB, MiB)
+    ref = point(vm, 1)
+    last = api.backup(vm.name, repo, level="resync", encrypt_key_file=str(key))
+    assert last.manifest.disk("vdb").level == "resync"  # type: ignore[union-attr]
+    for disk in ("vdb", "sda"):
+        out = vm.workdir / f"after-resync-{disk}.raw"
+        api.restore(vm.name, repo, disk, str(out), encrypt_key_file=str(key))
+        assert same_bytes(out, ref[disk]), disk
+    assert files_holding(repo, MARK) == []
+    assert api.verify(repo, deep=True, encrypt_key_file=str(key)).ok
+
+
+def test_plain_full_then_encrypted_incrementals() -> None:
+    """A chain mixing points with chunk maps (a plain full) and without (encrypted
+    incrementals on it): vdb copied by QEMU; sda, a LUN copied from storage snapshots, first
+    compared with the plain full's map, then its changed ranges copied over an encrypted
+    point; then an encrypted full. Every point restores, verify and verify --deep pass."""
+    with lab_vm(loop_size=32 * MiB, lun_size=16 * MiB, reflink=True) as vm:
+        fill_text(vm.loop, 8 * MiB)
+        fill_text(vm.iscsi_file, 4 * MiB)
+        repo = str(vm.workdir / "repo")
+        key = vm.workdir / "key"
+        key.write_bytes(b"k-" + secrets.token_hex(24).encode())
+        refs = [point(vm, 0)]
+        results = [api.backup(vm.name, repo)]
+        assert plain_digests_in(repo, refs[0]) > 0  # the plain full's chunk maps hold them
+        for n, level in enumerate(("auto", "auto", "full")):
+            guest_write(vm.dom, "vdb", 0x41 + n, (12 + 2 * n) * MiB, MiB)
+            guest_write(vm.dom, "sda", 0x41 + n, MiB + 4096 * (n + 1), 96 * 1024)
+            guest_write(vm.dom, "sda", 0, (2 + n) * MiB, 128 * 1024)  # zeros over the text
+            refs.append(point(vm, n + 1))
+            results.append(api.backup(vm.name, repo, level=level, encrypt_key_file=str(key)))
+        full_id = results[0].manifest.backup_id
+        for record in results[0].manifest.disks:
+            assert record.chunk_map is not None and record.encryption is None
+        for result in results[1:]:
+            for record in result.manifest.disks:
+                assert record.level == ("full" if result is results[-1] else "incremental")
+                assert record.encryption is not None
+                assert (record.chunk_map, record.chunk_map_digest) == (None, None)
+            assert result.manifest.disk("sda").data_path == "snapshot"  # type: ignore[union-attr]
+        assert {p.parent.name for p in Path(repo).rglob("*.chunks")} == {full_id}
+        for result, ref in zip(results, refs, strict=True):
+            for disk, path in ref.items():
+                out = vm.workdir / f"out-{disk}.raw"
+                api.restore(vm.name, repo, disk, str(out),
+                            backup_id=result.manifest.backup_id, encrypt_key_file=str(key))
+                assert same_bytes(out, path), f"{disk} of {result.manifest.backup_id}"
+                out.unlink()
+        assert api.verify(repo).ok
+        assert api.verify(repo, deep=True, encrypt_key_file=str(key)).ok
+
+
+def plain_digests_in(root: str, ref: dict[str, Path], sample: int = 8) -> int:
+    """How many chunk digests (as chunk maps hold them) of the first ``sample`` non-zero
+    chunks of each raw image in ``ref`` appear in the files under ``root``."""
+    wanted: list[bytes] = []
+    for path in ref.values():
+        data = path.read_bytes()
+        pieces = (data[at:at + CHUNK] for at in range(0, len(data), CHUNK))
+        wanted += [chunk_digest(p) for p in pieces if p.count(0) != len(p)][:sample]
+    found = 0
+    for file in Path(root).rglob("*"):
+        if file.is_file():
+            blob = file.read_bytes()
+            found += sum(digest in blob for digest in wanted)
+    return found
 
 
 def test_encrypted_chain_in_an_nbd_volume(enc_vm: LabVM) -> None:

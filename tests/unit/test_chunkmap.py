@@ -315,36 +315,3 @@ def test_resync_layer_from_a_sparse_export(work: Path, full: Path) -> None:
                            str(layer), str(source)], check=False)
     assert proc.returncode == 0
     assert chunkmap_of_layer(str(layer), parent, SIZE) == got
-
-
-def test_encrypted_layers_are_mapped_through_one_qemu_nbd(work: Path, full: Path) -> None:
-    # LUKS layers have no host offsets: their own chunks and their allocation map come from
-    # one qemu-nbd of the layer alone; they equal what the plain images give
-    from libvirt_rdm_backup.qemu import img, layers
-    from libvirt_rdm_backup.qemu.secrets import SECRET_ID, LayerKey, key_file, secret_definition
-    from libvirt_rdm_backup.repository.chunkmap import chunkmap_of_encrypted_layer
-
-    plain_inc = make_image(work / "rdmb-inc.qcow2", backing=full)
-    writes = ("write -P 0x33 64k 64k", "write -z 2M 64k", "write -P 0x44 4M 1536")
-    qemu_io(plain_inc, *writes)
-    luks = {"encrypt.format": "luks", "encrypt.key-secret": SECRET_ID,
-            "encrypt.iter-time": "10"}
-    enc_full, enc_inc = work / "rdmb-enc-full.qcow2", work / "rdmb-enc-inc.qcow2"
-    with key_file(LayerKey(b"a test key\n")) as key, img.objects(secret_definition(key)):
-        # img.create tries again when QEMU's key-derivation benchmark measured 0 ms
-        img.create(str(enc_full), "qcow2", SIZE, options=luks)
-        img.create(str(enc_inc), "qcow2", SIZE, backing=enc_full.name, options=luks)
-        qemu_img("convert", *img.object_args(), "-n", "-f", "qcow2", str(full),
-                 "--target-image-opts", f"driver=qcow2,file.filename={enc_full},"
-                 f"encrypt.key-secret={SECRET_ID}")
-        opts = layers.json_filename(layers.file_chain([str(enc_inc), str(enc_full)]))
-        subprocess.run(["qemu-io", *img.object_args(), *(a for w in writes for a in ("-c", w)),
-                        opts], check=True, capture_output=True)
-        base, extents = chunkmap_of_encrypted_layer(str(enc_full), None, SIZE)
-        assert base == chunkmap_of_layer(str(full), None, SIZE)
-        mapped = img.map_extents(layers.json_filename(layers.file_chain([str(enc_full)])))
-        assert [(e.start, e.end, e.data, e.zero) for e in extents if e.present] == [
-            (e.start, e.end, e.data, e.zero) for e in mapped if e.present]
-        got, extents = chunkmap_of_encrypted_layer(str(enc_inc), base, SIZE, [str(enc_full)])
-    assert got == reference_map(plain_inc, work)
-    assert img.data_bytes("", own_only=True, extents=extents) == 64 * KiB + 1536
