@@ -7,7 +7,8 @@ restore byte-identical with it and are refused with the old one (exit 2); no pro
 argv held either key, nor does the volume file. A second test kills ``rekey`` (SIGKILL)
 mid-way (one layer has both keys, QEMU is giving the other its new one): other commands
 refuse the volume meanwhile, a rekey with other keys is refused, ``rekey`` again
-finishes, and every point restores with the new key.
+finishes, and every point restores with the new key. A third serves the volume over TLS:
+``rekey`` needs ``--tls-creds`` there, and QEMU reaches the layers through it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from tests.e2e.test_encrypted_layers import argv_watch, files_holding, fill_text
 from tests.e2e.test_prune import _kill_when
 from tests.e2e.test_prune_dry_run import EXE
 from tests.e2e.test_rekey import RBD_TARGET, _keys, _restores, _two_points
+from tests.lab.tls import make_certificates
 from tests.lab.volume_server import VolumeServer
-from tools.labkit import LabVM, MiB, lab_vm, rdm_backup, rdmb_tmpdir
+from tools.labkit import LabVM, MiB, lab_vm, rdm_backup, rdmb_tmpdir, same_bytes
 
 pytestmark = pytest.mark.lab
 
@@ -51,12 +53,12 @@ class Points:
     new_secret: bytes
 
     @contextmanager
-    def served(self) -> Iterator[tuple[Path, VolumeServer]]:
-        """A copy of the volume file, served for the block."""
+    def served(self, tls_dir: Path | None = None) -> Iterator[tuple[Path, VolumeServer]]:
+        """A copy of the volume file, served for the block (over TLS with ``tls_dir``)."""
         with rdmb_tmpdir() as work:
             copy = work / "volume.img"
             subprocess.run(["cp", "--sparse=always", str(self.volume), str(copy)], check=True)
-            with _served(copy) as server:
+            with _served(copy, tls_dir) as server:
                 yield copy, server
 
 
@@ -72,8 +74,8 @@ def points() -> Iterator[Points]:
 
 
 @contextmanager
-def _served(path: Path) -> Iterator[VolumeServer]:
-    server = VolumeServer(path, size=VOLUME_SIZE)
+def _served(path: Path, tls_dir: Path | None = None) -> Iterator[VolumeServer]:
+    server = VolumeServer(path, size=VOLUME_SIZE, tls_dir=tls_dir)
     server.start()
     try:
         yield server
@@ -141,6 +143,28 @@ def test_rekey_gives_every_layer_of_a_volume_the_new_key(points: Points) -> None
         server.stop()
         assert files_holding(str(volume.parent), old_secret) == []
         assert files_holding(str(volume.parent), new_secret) == []
+
+
+def test_rekey_of_a_volume_over_tls(points: Points) -> None:
+    with rdmb_tmpdir() as certs:
+        server_dir, client_dir = make_certificates(certs)
+        with points.served(server_dir) as (_volume, server):
+            uri = server.uri
+            assert uri.startswith("nbds://")
+            refused = rdm_backup("rekey", "--target", uri, "--encrypt-key-file",
+                                 str(points.old), "--new-key-file", str(points.new))
+            assert refused.returncode == 2 and "--tls-creds" in refused.stderr
+            done = rdm_backup("rekey", "--target", uri, "--encrypt-key-file",
+                              str(points.old), "--new-key-file", str(points.new),
+                              "--tls-creds", str(client_dir), "--json")
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["layers"] == 2
+            backup_id, refs = points.made[-1]
+            out = points.vm.workdir / "tls-out.raw"
+            api.restore(points.vm.name, uri, "vdb", str(out), backup_id=backup_id,
+                        encrypt_key_file=str(points.new), tls_dir=str(client_dir))
+            assert same_bytes(out, refs["vdb"])
+            out.unlink()
 
 
 def _amends(count: int) -> Callable[[int], bool]:
