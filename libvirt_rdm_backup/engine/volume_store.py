@@ -16,7 +16,12 @@ from typing import Any
 from libvirt_rdm_backup.engine.merge_plan import PlannedMerge, check_merge_keys
 from libvirt_rdm_backup.engine.sinks import NbdSink, Session
 from libvirt_rdm_backup.engine.volume_merge import consolidate_volume
-from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError, UsageError
+from libvirt_rdm_backup.errors import (
+    DamagedBackupError,
+    OperationError,
+    RdmBackupError,
+    UsageError,
+)
 from libvirt_rdm_backup.fslock import exclusive, waiting
 from libvirt_rdm_backup.locks import lock_dir
 from libvirt_rdm_backup.modes import Compression
@@ -83,10 +88,16 @@ class VolumeStore:
     def reading(self, domain_uuid: str) -> Iterator[None]:
         """No prune or key change of this host changes the regions read meanwhile (one
         from another host is not seen: see docs/retention.md); refused while a key change
-        is unfinished."""
+        is unfinished, or when one of them changed the domain's backups while this waited
+        (what was listed before is not what the volume holds now)."""
         with waiting(self._gate_path(), GATE_TIMEOUT, shared=True):
-            if self.volume.rekey_pending():
+            newest = self.volume.newest_table()
+            if newest.rekey is not None:
                 raise unfinished(f"volume {self.name}")
+            if self.volume.rewritten(newest, domain_uuid):
+                raise OperationError(f"backups of domain {domain_uuid} in volume {self.name} "
+                                     "were written again or dropped (by a prune or a key "
+                                     "change) since they were listed; run the command again")
             yield
 
     def gate(self) -> ContextManager[None]:

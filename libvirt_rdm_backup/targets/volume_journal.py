@@ -18,16 +18,19 @@ from typing import Any
 from libvirt_rdm_backup.errors import NotFoundError, OperationError, RepositoryError
 from libvirt_rdm_backup.repository.manifest import Manifest
 from libvirt_rdm_backup.targets.volume_changes import VolumeChanges
-from libvirt_rdm_backup.targets.volume_format import MAX_JOURNAL, journal_region
+from libvirt_rdm_backup.targets.volume_format import MAX_JOURNAL, Superblock, journal_region
 
 
 class VolumeJournal(VolumeChanges):
     """The key change journal of a volume (a base of :class:`.nbd_volume.NbdVolume`)."""
 
+    def newest_table(self) -> Superblock:
+        """The table of contents read again (another host may have changed it since)."""
+        return self._read_table()
+
     def rekey_pending(self) -> bool:
-        """The newest table of contents points at the journal of an unfinished key change
-        (read again: another host may have begun one since this volume was opened)."""
-        return self._read_table().rekey is not None
+        """The newest table of contents points at the journal of an unfinished key change."""
+        return self.newest_table().rekey is not None
 
     def read_rekey_journal(self) -> str | None:
         """The text of the journal the table points at (None: no key change is
@@ -100,6 +103,18 @@ class VolumeJournal(VolumeChanges):
             self._trim(new.free)  # the heartbeat renews the lease meanwhile
         finally:
             self.release_lease()  # its own thread: outside the lock
+
+    def rewritten(self, newest: Superblock, domain_uuid: str) -> bool:
+        """True when a backup of the domain this volume listed is no longer listed with the
+        same manifest in ``newest`` (a prune or a key change wrote it again, or dropped
+        it, since)."""
+        def places(table: Superblock) -> dict[str, Any]:
+            return {str(e.get("backup_id")): e.get("manifest") for e in table.entries
+                    if e.get("domain_uuid") == domain_uuid}
+
+        after = places(newest)
+        return any(after.get(backup_id) != place
+                   for backup_id, place in places(self.superblock).items())
 
     def check_rekey_lease(self) -> None:
         """OperationError unless this writer still holds the lease (checked before each

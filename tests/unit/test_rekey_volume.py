@@ -196,6 +196,19 @@ def test_other_commands_refuse_a_volume_whose_key_change_is_unfinished(
         pass
 
 
+def test_a_reader_that_waited_for_a_change_of_the_manifests_is_told_to_run_again(
+        encrypted: tuple[NbdVolume, MemoryExport, list[Manifest]]) -> None:
+    _vol, export, made = encrypted
+    reader = VolumeStore(volume(export))  # listed before the change
+    writer = volume(export)
+    writer.write_rekey_journal("{}")
+    writer.publish_rekeyed(made)  # every manifest written again, into new regions
+    with pytest.raises(OperationError, match="run the command again"), reader.reading(UUID):
+        pass
+    with VolumeStore(volume(export)).reading(UUID):  # listed after it: read as it is
+        pass
+
+
 @pytest.mark.fault
 def test_a_volume_rekey_cut_short_is_finished_by_the_next(
         encrypted: tuple[NbdVolume, MemoryExport, list[Manifest]],
