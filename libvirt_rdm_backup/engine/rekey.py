@@ -21,7 +21,8 @@ At every moment each layer opens with one of the two keys (the old one until its
 new slot is written, the new one from then on), and QEMU changes nothing but the
 LUKS header. While the journal is there, other commands refuse the repository's
 encrypted layers (:meth:`.file_store.FileStore.reading`); ``rekey`` with the same two
-keys finishes it.
+keys finishes it. An NBD volume's key change is :mod:`.rekey_volume`
+(:func:`rekey_target` picks by the target).
 """
 
 from __future__ import annotations
