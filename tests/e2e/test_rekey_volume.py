@@ -24,6 +24,7 @@ import pytest
 
 from libvirt_rdm_backup import api
 from libvirt_rdm_backup.errors import OperationError, UsageError
+from libvirt_rdm_backup.qemu import layers
 from libvirt_rdm_backup.qemu.secrets import LayerKey
 from libvirt_rdm_backup.targets.volume_format import SLOT, Superblock
 from tests.e2e.test_encrypted_layers import argv_watch, files_holding, fill_text
@@ -167,16 +168,37 @@ def test_rekey_of_a_volume_over_tls(points: Points) -> None:
             out.unlink()
 
 
-def _amends(count: int) -> Callable[[int], bool]:
-    """True once ``count`` distinct ``qemu-img amend`` children of a rekey (a pid) ran, the
-    last of them still running."""
-    seen: set[str] = set()
+def _mid_way(volume: Path, uri: str) -> Callable[[int], bool]:
+    """True once the first layer's LUKS header in the volume file changed (it got its new
+    key slot) and a later ``qemu-img amend`` child of the rekey (a pid) runs: another layer
+    is getting its slot, or the first is losing its old one (caught as it starts, while
+    QEMU derives keys, before it writes)."""
+    location = api.list_backups(uri)[0].disks[0].location or {}
+    offset, length = int(location["offset"]), int(location["length"])
+    with open(volume, "rb") as stream:
+        stream.seek(offset)
+        region = layers.luks_region(stream.read(layers.HEADER_READ), length)
+        assert region is not None
+        window = (offset + region[0], region[1])
+        stream.seek(window[0])
+        before = stream.read(window[1])
+    earlier: set[str] | None = None  # the amends running when the change was seen
 
-    def ready(rekey: int) -> bool:
+    def amends(rekey: int) -> set[str]:
         found = subprocess.run(["pgrep", "-P", str(rekey), "-f", "qemu-img amend"],
                                capture_output=True, text=True, check=False)
-        seen.update(found.stdout.split())
-        return found.returncode == 0 and len(seen) >= count
+        return set(found.stdout.split())
+
+    def ready(rekey: int) -> bool:
+        nonlocal earlier
+        if earlier is None:
+            with open(volume, "rb") as stream:
+                stream.seek(window[0])
+                if stream.read(window[1]) == before:
+                    return False
+            earlier = amends(rekey)
+            return False
+        return bool(amends(rekey) - earlier)
 
     return ready
 
@@ -188,8 +210,9 @@ def test_a_volume_rekey_killed_mid_way_is_finished_by_the_next(points: Points) -
         uri = server.uri
         argv = [str(EXE), "rekey", "--target", uri, "--encrypt-key-file", str(old),
                 "--new-key-file", str(new)]
-        # the first layer has both keys, the second is getting its new one
-        assert _kill_when(argv, _amends(2))
+        # the first layer has both keys, the second is getting its new one (or the first
+        # is losing its old one)
+        assert _kill_when(argv, _mid_way(volume, uri))
         table = _table(volume)
         assert table is not None and table.rekey is not None
         refused = rdm_backup("restore", vm.name, "--target", uri, "--disk", "vdb", "--to",
