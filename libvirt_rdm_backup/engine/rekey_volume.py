@@ -87,7 +87,7 @@ def _rekey(store: VolumeStore, old: LayerKey, new: LayerKey) -> RekeyResult:
         stack.enter_context(store.gate())  # this host's readers are done
         keys = (stack.enter_context(key_file(old)), stack.enter_context(key_file(new)))
         layers = open_layers(volume, listed)
-        journal = _complete(volume, listed, journal, layers, keys, mac_key)
+        journal = _complete(volume, listed, journal, layers, mac_key)
         try:
             _carry_out(volume, journal, layers, keys)
         except RdmBackupError as err:
@@ -99,13 +99,15 @@ def _rekey(store: VolumeStore, old: LayerKey, new: LayerKey) -> RekeyResult:
 
 
 def _complete(volume: NbdVolume, listed: Scan, journal: Journal,
-              layers: dict[Key, VolumeLayer], keys: tuple[str, str], mac_key: bytes
-              ) -> Journal:
+              layers: dict[Key, VolumeLayer], mac_key: bytes) -> Journal:
     """The journal checked against the volume, with every encrypted layer it does not
-    name yet, stored. Each layer not named yet, and each named one that does not open
-    with the new key yet (untouched since the journal named it), is checked as on a
-    first run: no damage mark, its used bytes the digest its record names (and its
-    bytes outside the LUKS header the journal's)."""
+    name yet, stored. Each layer not named yet is checked as on a first run: no damage
+    mark, its used bytes the digest its record names. Each named one must have no damage
+    mark and its bytes outside the LUKS header the journal's digest, whatever its LUKS
+    header holds: QEMU writes a new key slot's material before the header that enables
+    it, so a run killed between the two leaves a header that differs from the record's
+    digest yet opens with the old key alone (the journal is authenticated by both keys;
+    the volume's manifests, which its server could rewrite, are not)."""
     check_against(journal, volume_record(listed.backups), listed.backups,
                   [d.backup_id for d in listed.damaged])
     named = {e.key: e for e in journal.layers}
@@ -117,16 +119,15 @@ def _complete(volume: NbdVolume, listed: Scan, journal: Journal,
             raise DamagedBackupError(layer.manifest.backup_id,
                                      f"{mark}; the key was not changed",
                                      layer.record.disk.target)
-        if entry is not None and luks_slots.opens_with(layer.node(volume), *keys, new=True):
-            continue  # its header changed: its body is checked against the journal
         whole, body = layer.digests(volume)
+        if entry is not None:
+            if body != entry.body:
+                raise layer.damaged("is not what the rekey journal says; the key was not "
+                                    "changed")
+            continue
         if whole != layer.record.digest:
             raise layer.damaged(f"{whole.algorithm} mismatch; the key was not changed")
-        if entry is None:
-            added.append(LayerEntry(*key, body))
-        elif body != entry.body:
-            raise layer.damaged("is not what the rekey journal says; the key was not "
-                                "changed")
+        added.append(LayerEntry(*key, body))
     if added or volume.superblock.rekey is None:
         journal = replace(journal, layers=journal.layers + tuple(added)).signed(mac_key)
         volume.write_rekey_journal(journal.dumps())
