@@ -306,12 +306,15 @@ def prune(target: str, policy: RetentionPolicy, domain: str | None = None,
         return prune_by_policy(store, policy, domain, chain, bwlimit_speed(bwlimit))
 
 
-def rekey(target: str, encrypt_key_file: str, new_key_file: str) -> RekeyResult:
-    """Change the key of every encrypted layer of the file repository ``target`` from the
-    key of ``encrypt_key_file`` to that of ``new_key_file`` (crash-safe: a change cut
-    short is finished by the next call with the same two files). See docs/encryption.md.
+def rekey(target: str, encrypt_key_file: str, new_key_file: str,
+          tls_dir: str | None = None) -> RekeyResult:
+    """Change the key of every encrypted layer of the file repository or NBD volume
+    ``target`` from the key of ``encrypt_key_file`` to that of ``new_key_file``
+    (crash-safe: a change cut short is finished by the next call with the same two
+    files; ``tls_dir``: the client credentials of an ``nbds://`` volume). See
+    docs/encryption.md.
     """
-    return rekey_target(target, encrypt_key_file, new_key_file)
+    return rekey_target(target, encrypt_key_file, new_key_file, tls_dir)
 
 
 def damaged_backups(target: str, domain: str | None = None,

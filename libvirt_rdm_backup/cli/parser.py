@@ -383,9 +383,12 @@ def _add_prune(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
 def _add_rekey(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     """The ``rekey`` command."""
     p = sub.add_parser("rekey", parents=[common],
-                       help="change the key of every encrypted layer of a file repository")
-    p.add_argument("--target", required=True, metavar="DIR", help="repository directory")
-    add_key_option(p, "the repository's key now")
+                       help="change the key of every encrypted layer of a file repository "
+                            "or NBD volume")
+    p.add_argument("--target", required=True, metavar="DIR|URI",
+                   help="repository directory or NBD volume URI")
+    p.add_argument("--tls-creds", metavar="DIR", help=TLS_HELP)
+    add_key_option(p, "the repository's or volume's key now")
     p.add_argument("--new-key-file", metavar="FILE",
                    help="the key the layers get instead (the file's exact bytes)")
     p.set_defaults(func=cmd_rekey)

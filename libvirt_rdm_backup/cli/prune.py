@@ -105,10 +105,12 @@ def _summary(result: PruneResult) -> str:
 
 
 def cmd_rekey(args: argparse.Namespace) -> int:
-    """Change the key of an encrypted file repository (or finish a change cut short)."""
+    """Change the key of an encrypted file repository or NBD volume (or finish a change
+    cut short)."""
     if args.encrypt_key_file is None or args.new_key_file is None:
         raise UsageError("rekey: give --encrypt-key-file OLD and --new-key-file NEW")
-    result = api.rekey(args.target, args.encrypt_key_file, args.new_key_file)
+    result = api.rekey(args.target, args.encrypt_key_file, args.new_key_file,
+                       args.tls_creds)
     emit(args, result.to_dict(),
          lambda: f"{'finished the key change of' if result.resumed else 'changed the key of'} "
                  f"{result.layers} layer(s) of {result.backups} backup(s) in "

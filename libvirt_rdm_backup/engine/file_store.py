@@ -30,6 +30,7 @@ from libvirt_rdm_backup.repository.ids import check_safe_name, now_iso
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.prune_journal import Journal, journal_path, write_journal
 from libvirt_rdm_backup.repository.rekey_journal import journal_path as rekey_journal_path
+from libvirt_rdm_backup.repository.rekey_journal import unfinished
 from libvirt_rdm_backup.repository.store import Repository, Scan
 
 log = logging.getLogger("libvirt_rdm_backup.engine.stores")
@@ -152,8 +153,7 @@ class FileStore:
         """OperationError while a key change of the repository is unfinished (its layers'
         digests and key ids are being changed; see :mod:`.rekey`)."""
         if os.path.lexists(rekey_journal_path(self.repo.root)):
-            raise OperationError(f"a key change of repository {self.name} is unfinished: run "
-                                 "rekey again with the same two key files")
+            raise unfinished(f"repository {self.name}")
 
     def scan(self, domain_uuid: str | None = None) -> Scan:
         return self.repo.scan(domain_uuid)

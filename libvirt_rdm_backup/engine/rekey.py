@@ -21,21 +21,22 @@ At every moment each layer opens with one of the two keys (the old one until its
 new slot is written, the new one from then on), and QEMU changes nothing but the
 LUKS header. While the journal is there, other commands refuse the repository's
 encrypted layers (:meth:`.file_store.FileStore.reading`); ``rekey`` with the same two
-keys finishes it.
+keys finishes it. An NBD volume's key change is :mod:`.rekey_volume`
+(:func:`rekey_target` picks by the target).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 from libvirt_rdm_backup.engine.file_store import GATE_TIMEOUT
+from libvirt_rdm_backup.engine.rekey_change import RekeyResult, start_change
 from libvirt_rdm_backup.engine.rekey_layer import OpenLayer, open_layer
+from libvirt_rdm_backup.engine.rekey_volume import rekey_volume
 from libvirt_rdm_backup.errors import (
     DamagedBackupError,
     OperationError,
@@ -51,7 +52,6 @@ from libvirt_rdm_backup.repository.encryption import (
     read_record,
     replace_record,
 )
-from libvirt_rdm_backup.repository.ids import now_iso
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.prune_journal import journal_path as prune_journal_path
 from libvirt_rdm_backup.repository.rekey_journal import (
@@ -70,21 +70,7 @@ from libvirt_rdm_backup.targets.uri import NbdAddress, RbdAddress, parse_target
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class RekeyResult:
-    """What a key change did."""
-
-    repository: str
-    key_id: str  # the new key's id under the repository's salt
-    layers: int
-    backups: int
-    resumed: bool  # an unfinished key change was finished
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {"repository": self.repository, "key_id": self.key_id, "layers": self.layers,
-                "backups": self.backups, "resumed": self.resumed}
+__all__ = ["RekeyResult", "rekey", "rekey_target"]
 
 
 def rekey(repo: Repository, old: LayerKey, new: LayerKey) -> RekeyResult:
@@ -114,30 +100,8 @@ def _start(repo: Repository, old: LayerKey, new: LayerKey, mac_key: bytes
            ) -> tuple[Journal, bool]:
     """The journal to carry out: the one left behind (for these keys, authenticated by
     them), or a new one."""
-    record = read_record(repo.root)
-    if record is None:
-        raise UsageError(f"repository {repo.root} holds no encrypted backups: it has no key "
-                         "to change")
-    salt = bytes.fromhex(record.salt)
-    old_id, new_id = old.key_id(salt), new.key_id(salt)
-    if hmac.compare_digest(old_id, new_id):
-        raise UsageError("the key of --new-key-file is the key of --encrypt-key-file")
-    journal = read_journal(repo.root)
-    if journal is not None:
-        if not (hmac.compare_digest(journal.old_key_id, old_id)
-                and hmac.compare_digest(journal.new_key_id, new_id)):
-            raise UsageError(f"an unfinished key change of repository {repo.root} is from or "
-                             "to another key: give the key files it was begun with")
-        if not journal.authentic(mac_key):
-            raise RepositoryError("rekey journal: its mac does not match (it was changed "
-                                  "since the tool wrote it); nothing more is done")
-        log.info("finishing the key change of repository %s begun %s", repo.root,
-                 journal.created)
-        return journal, True
-    if not hmac.compare_digest(old_id, record.key_id):
-        raise UsageError(f"the key of --encrypt-key-file is not the key of repository "
-                         f"{repo.root}")
-    return Journal(now_iso(), record.salt, old_id, new_id), False
+    return start_change(f"repository {repo.root}", read_record(repo.root),
+                        read_journal(repo.root), old, new, mac_key)
 
 
 def _lock_all(repo: Repository, stack: ExitStack) -> set[str]:
@@ -257,14 +221,16 @@ def _record(manifest: Manifest, disk: str) -> DiskRecord:
     return record
 
 
-def rekey_target(target: str, old_file: str, new_file: str) -> RekeyResult:
-    """:func:`rekey` of the file repository ``target`` with the keys these files hold."""
-    parsed = parse_target(target)
+def rekey_target(target: str, old_file: str, new_file: str, tls_dir: str | None = None
+                 ) -> RekeyResult:
+    """:func:`rekey` of the file repository or NBD volume ``target`` (``tls_dir``: the
+    client credentials of an ``nbds://`` volume) with the keys these files hold."""
+    parsed = parse_target(target, allow_remote_plain=True)
     if isinstance(parsed, RbdAddress):
         raise UsageError("rbd:// targets keep no encrypted layers: there is no key to change")
-    if isinstance(parsed, NbdAddress):
-        raise UsageError("rekey changes the key of a file repository only; the layers of an "
-                         "NBD volume keep the key they were written with (see "
-                         "docs/encryption.md)")
     old, new = LayerKey.from_file(old_file), LayerKey.from_file(new_file)
+    if isinstance(parsed, NbdAddress):
+        return rekey_volume(target, old, new, tls_dir)
+    if tls_dir is not None:
+        raise UsageError("--tls-creds applies to nbds:// targets only")
     return rekey(Repository.open(parsed), old, new)

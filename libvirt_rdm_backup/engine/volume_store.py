@@ -16,7 +16,12 @@ from typing import Any
 from libvirt_rdm_backup.engine.merge_plan import PlannedMerge, check_merge_keys
 from libvirt_rdm_backup.engine.sinks import NbdSink, Session
 from libvirt_rdm_backup.engine.volume_merge import consolidate_volume
-from libvirt_rdm_backup.errors import DamagedBackupError, RdmBackupError, UsageError
+from libvirt_rdm_backup.errors import (
+    DamagedBackupError,
+    OperationError,
+    RdmBackupError,
+    UsageError,
+)
 from libvirt_rdm_backup.fslock import exclusive, waiting
 from libvirt_rdm_backup.locks import lock_dir
 from libvirt_rdm_backup.modes import Compression
@@ -26,6 +31,7 @@ from libvirt_rdm_backup.qemu.secrets import LayerKey, active_secret, key_file, s
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
 from libvirt_rdm_backup.repository.chunks import ChunkMap
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.rekey_journal import unfinished
 from libvirt_rdm_backup.repository.store import Scan
 from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
 from libvirt_rdm_backup.targets.volume_changes import SpaceReport
@@ -53,6 +59,9 @@ class VolumeStore:
         self._keys = ExitStack()
         self._checked: dict[int, bytes] = {}  # region offset -> the header bytes checked
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        if key is not None and volume.superblock.rekey is not None:
+            volume.close()  # nothing is read with a key while headers change
+            raise unfinished(f"volume {self.name}")
 
     def __enter__(self) -> VolumeStore:
         self._objects.__enter__()  # qemu-img calls of this store get the TLS object
@@ -76,10 +85,26 @@ class VolumeStore:
         if self._scratch is not None:
             self._scratch.cleanup()
 
-    def reading(self, domain_uuid: str) -> ContextManager[None]:
-        """No prune of this host frees the regions read meanwhile (a prune from another
-        host is not seen: see docs/retention.md)."""
-        return waiting(self._gate_path(), GATE_TIMEOUT, shared=True)
+    @contextmanager
+    def reading(self, domain_uuid: str) -> Iterator[None]:
+        """No prune or key change of this host changes the regions read meanwhile (one
+        from another host is not seen: see docs/retention.md); refused while a key change
+        is unfinished, or when one of them changed the domain's backups while this waited
+        (what was listed before is not what the volume holds now)."""
+        with waiting(self._gate_path(), GATE_TIMEOUT, shared=True):
+            newest = self.volume.newest_table()
+            if newest.rekey is not None:
+                raise unfinished(f"volume {self.name}")
+            if self.volume.rewritten(newest, domain_uuid):
+                raise OperationError(f"backups of domain {domain_uuid} in volume {self.name} "
+                                     "were written again or dropped (by a prune or a key "
+                                     "change) since they were listed; run the command again")
+            yield
+
+    def gate(self) -> ContextManager[None]:
+        """Once this host's readers of the volume are done, none begins until the block
+        ends (a prune's or key change's)."""
+        return waiting(self._gate_path(), GATE_TIMEOUT)
 
     def _gate_path(self) -> str:
         return self._lock_path(".prune")
@@ -97,6 +122,8 @@ class VolumeStore:
         self.volume.take_lease()
         self.repo_id = self.volume.repo_id  # as read back with the lease
         try:
+            if self.volume.superblock.rekey is not None:
+                raise unfinished(f"volume {self.name}")
             yield
         finally:
             self.volume.release_lease()
@@ -112,7 +139,7 @@ class VolumeStore:
         """Kept layers rewritten into fresh regions, published with the drops in one write
         (:mod:`.volume_merge`); the caller holds :meth:`lock`."""
         check_merge_keys(self.check_key, chain)
-        with waiting(self._gate_path(), GATE_TIMEOUT):  # readers of this host are done
+        with self.gate():  # readers of this host are done
             return consolidate_volume(self, domain_uuid, chain, drop, speed)
 
     def publish_changes(self, domain_uuid: str, replace: Sequence[Manifest],

@@ -67,6 +67,11 @@ def object_args() -> list[str]:
     return argv
 
 
+def object_fds() -> tuple[int, ...]:
+    """The descriptors the objects of :func:`objects` read."""
+    return _FDS.get()
+
+
 def _qemu_img(command: str) -> list[str]:
     return ["qemu-img", command, *object_args()]
 

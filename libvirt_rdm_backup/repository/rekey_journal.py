@@ -1,7 +1,9 @@
-"""The rekey journal: a key change of an encrypted file repository, written and synced
-before any layer is changed, so that a ``rekey`` cut short is finished by the next one.
+"""The rekey journal: a key change of an encrypted file repository or NBD volume, written
+and synced before any layer is changed, so that a ``rekey`` cut short is finished by the
+next one.
 
-``ROOT/.rekey-journal.json``::
+``ROOT/.rekey-journal.json`` (in a volume: a region the table of contents points at,
+:mod:`..targets.volume_journal`)::
 
     {"format": "libvirt-rdm-backup/rekey-journal", "version": 1, "created": ...,
      "salt": hex, "old_key_id": hex, "new_key_id": hex,
@@ -9,8 +11,9 @@ before any layer is changed, so that a ``rekey`` cut short is finished by the ne
                  "body": {"algorithm": "sha256", "value": hex}}],
      "mac": hex}
 
-``body`` is the digest of a layer's file outside its LUKS header, taken when its whole
-file still had the digest its manifest records: a key change rewrites the LUKS header
+``body`` is the digest of a layer's file (in a volume: of its region's used bytes)
+outside its LUKS header, taken when its whole file still had the digest its manifest
+records: a key change rewrites the LUKS header
 only, so a layer whose body still has that digest holds the data it was published with.
 
 ``mac`` authenticates the rest (HMAC-SHA256 of its canonical JSON) with a key derived
@@ -30,7 +33,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from libvirt_rdm_backup.errors import RepositoryError, UsageError
+from libvirt_rdm_backup.errors import OperationError, RepositoryError, UsageError
 from libvirt_rdm_backup.repository import journal_file
 from libvirt_rdm_backup.repository.digest import Digest
 from libvirt_rdm_backup.repository.encryption import EncryptionRecord
@@ -131,6 +134,13 @@ def _entry(value: object) -> LayerEntry:
                           body=Digest.from_dict(value["body"]))
     except (UsageError, ValueError, KeyError) as err:
         raise RepositoryError(f"rekey journal is malformed: {err}") from None
+
+
+def unfinished(what: str) -> OperationError:
+    """The refusal of every command but ``rekey`` while a key change of ``what`` (the
+    repository or volume, as named in messages) is unfinished."""
+    return OperationError(f"a key change of {what} is unfinished: run rekey again with the "
+                          "same two key files")
 
 
 def journal_path(root: str) -> str:

@@ -47,7 +47,6 @@ from libvirt_rdm_backup.repository.order import in_order
 from libvirt_rdm_backup.repository.store import Damage, Scan
 from libvirt_rdm_backup.targets.lease import Lease
 from libvirt_rdm_backup.targets.uri import NbdAddress
-from libvirt_rdm_backup.targets.volume_changes import VolumeChanges
 from libvirt_rdm_backup.targets.volume_format import (
     _HEAD,
     DAMAGE_AREA,
@@ -56,12 +55,14 @@ from libvirt_rdm_backup.targets.volume_format import (
     DATA_START,
     MAGIC,
     SLOT,
+    Region,
     Superblock,
     damage_from_bytes,
     entry_problem,
     entry_sequence,
     read_table,
 )
+from libvirt_rdm_backup.targets.volume_journal import VolumeJournal
 from libvirt_rdm_backup.targets.volume_lease import SETTLE
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ TLS_ID = "rdmb-tls-client"  # the TLS credentials object, in QEMU and in qemu-im
 MAX_LISTING = 512 << 20  # manifest bytes one listing of a volume reads at most
 
 
-class NbdVolume(VolumeChanges):
+class NbdVolume(VolumeJournal):
     """A backup repository kept inside an NBD export."""
 
     def __init__(self, address: NbdAddress, handle: Any, superblock: Superblock,
@@ -163,16 +164,27 @@ class NbdVolume(VolumeChanges):
 
     def digest(self, offset: int, length: int) -> Digest:
         """sha256 of a region's first ``length`` bytes, read in large requests."""
-        hasher = hashlib.sha256()
+        return self.digests(offset, length, (0, 0))[0]
+
+    def digests(self, offset: int, length: int, skip: Region) -> tuple[Digest, Digest]:
+        """sha256 of a region's first ``length`` bytes, and of those outside ``skip``
+        (offset, length within the region), in one read of large requests."""
+        whole, outside = hashlib.sha256(), hashlib.sha256()
+        start, end = skip[0], skip[0] + skip[1]
         try:
             pos = 0
             while pos < length:
                 count = min(BUFFER, length - pos)
-                hasher.update(self.handle.pread(count, offset + pos))
+                block = memoryview(self.handle.pread(count, offset + pos))
+                whole.update(block)
+                low, high = max(start - pos, 0), min(end - pos, count)
+                outside.update(block if low >= high else block[:low])
+                if low < high:
+                    outside.update(block[high:])
                 pos += count
         except NbdError as err:
             raise OperationError(f"NBD read of {self.address.uri} failed: {err}") from err
-        return Digest("sha256", hasher.hexdigest())
+        return Digest("sha256", whole.hexdigest()), Digest("sha256", outside.hexdigest())
 
     def scan(self, domain_uuid: str | None = None) -> Scan:
         """Published backups, oldest first, and apart those whose manifest is malformed.

@@ -41,6 +41,7 @@ from libvirt_rdm_backup.targets.volume_format import (
     align,
     entry_problem,
     entry_sequence,
+    journal_region,
     location_problem,
 )
 from libvirt_rdm_backup.targets.volume_lease import WriterLease
@@ -258,7 +259,7 @@ class VolumeChanges(WriterLease):
                     removed: list[Region]) -> Superblock:
         """The next generation listing ``entries``: free is what was free, what this writer
         allocated and what ``removed`` held, less what the entries own."""
-        live: list[Region] = []
+        live = journal_region(current)  # the journal of a key change keeps its region
         for entry in entries:
             live += entry_regions(entry, self.size) or []
         free = subtract([*self._free, *self._allocated, *removed], live)

@@ -42,6 +42,7 @@ DAMAGE_MAGIC = b"RDMBDMG1"
 MAX_BODY = DAMAGE_OFFSET - _HEAD.size  # the largest table of contents (both slots)
 MAX_OFFSET = 1 << 62
 MAX_REGIONS = 1 << 15  # free regions, and regions of one entry, a table may list
+MAX_JOURNAL = 16 << 20  # bytes of the journal of a key change a table may point at
 _ID_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
 
 Region = tuple[int, int]  # (offset, length) in the data area, both 1 MiB aligned
@@ -66,13 +67,16 @@ class Superblock:
     entries: list[dict[str, Any]] = field(default_factory=list)
     lease: Lease | None = None  # the writer's, while one writes
     free: list[Region] = field(default_factory=list)  # sorted, coalesced, below next_free
+    rekey: Region | None = None  # (offset, length) of an unfinished key change's journal
 
     def to_bytes(self) -> bytes:
-        doc = {"format": FORMAT, "version": VERSION, "id": self.volume_id,
-               "next_free": self.next_free, "entries": self.entries,
-               "free": [list(region) for region in self.free]}
+        doc: dict[str, Any] = {"format": FORMAT, "version": VERSION, "id": self.volume_id,
+                               "next_free": self.next_free, "entries": self.entries,
+                               "free": [list(region) for region in self.free]}
         if self.lease is not None:
             doc["lease"] = self.lease.to_dict()
+        if self.rekey is not None:
+            doc["rekey"] = list(self.rekey)
         body = json.dumps(doc, separators=(",", ":")).encode()
         if len(body) > MAX_BODY:
             raise RepositoryError(f"NBD volume table of contents is full ({len(self.entries)} "
@@ -113,7 +117,8 @@ class Superblock:
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise ValueError("malformed list of backups")
         lease = Lease.from_dict(doc["lease"]) if doc.get("lease") is not None else None
-        return cls(volume_id, generation, next_free, entries, lease, _free_list(doc.get("free")))
+        return cls(volume_id, generation, next_free, entries, lease, _free_list(doc.get("free")),
+                   _journal_place(doc.get("rekey"), next_free))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Superblock | None:
@@ -133,6 +138,27 @@ def _free_list(value: Any) -> list[Region]:
                        for r in value)):
         raise ValueError("malformed free list")
     return [(r[0], r[1]) for r in value]
+
+
+def _journal_place(value: Any, next_free: int) -> Region | None:
+    """A stored journal place (absent: None): ``[offset, length]``, 1 MiB aligned, in the
+    data area below the allocation pointer, at most MAX_JOURNAL bytes long."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2 or not all(map(_is_int, value)):
+        raise ValueError("malformed rekey journal place")
+    offset, length = value
+    if (offset < DATA_START or offset % ALIGN or not 0 < length <= MAX_JOURNAL
+            or offset + align(length) > next_free):
+        raise ValueError(f"rekey journal place {offset}+{length} is outside the regions")
+    return offset, length
+
+
+def journal_region(table: Superblock) -> list[Region]:
+    """The region a table's journal of a key change owns ([] without one)."""
+    if table.rekey is None:
+        return []
+    return [(table.rekey[0], align(table.rekey[1]))]
 
 
 def _is_int(value: Any) -> TypeGuard[int]:

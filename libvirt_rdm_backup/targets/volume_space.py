@@ -22,6 +22,7 @@ from libvirt_rdm_backup.targets.volume_format import (
     Superblock,
     _is_int,
     align,
+    journal_region,
 )
 
 __all__ = ["Region", "best_fit", "entry_regions", "lower_end", "normalize", "overlap",
@@ -130,7 +131,7 @@ def space_problem(table: Superblock, size: int) -> str | None:
 
     Each free region is aligned, inside the data area below the allocation
     pointer; the list is sorted without overlaps and holds at most MAX_REGIONS;
-    no free region overlaps a region a listed backup owns.
+    no free region overlaps a region a listed backup (or the journal of a key change) owns.
     """
     free = table.free
     if len(free) > MAX_REGIONS:
@@ -142,7 +143,7 @@ def space_problem(table: Superblock, size: int) -> str | None:
             return f"free {problem}"
         if index and region[0] < free[index - 1][0] + free[index - 1][1]:
             return f"free regions at {free[index - 1][0]} and {region[0]} overlap or are unsorted"
-    live: list[Region] = []
+    live = journal_region(table)
     try:
         for entry in table.entries:
             live += entry_regions(entry, size) or []

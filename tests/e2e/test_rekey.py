@@ -3,7 +3,8 @@
 An encrypted full and an encrypted incremental are taken with one key; ``rekey`` gives
 every layer another: both points restore byte-identical with the new key and are
 refused with the old one (exit 2); no process's argv held either key; a wrong old key,
-a new key equal to the old one and an NBD volume are refused with nothing changed.
+a new key equal to the old one and an ``rbd://`` target are refused with nothing changed
+(NBD volumes: ``test_rekey_volume.py``).
 A second test kills ``rekey`` (SIGKILL) at each of its steps on fresh copies of one
 repository: other commands refuse the repository meanwhile, a rekey with other keys is
 refused, ``rekey`` again finishes, and every point restores with the new key.
@@ -31,6 +32,8 @@ from tests.e2e.test_prune_dry_run import EXE
 from tools.labkit import LabVM, MiB, guest_write, rdm_backup, same_bytes
 
 pytestmark = pytest.mark.lab
+
+RBD_TARGET = "rbd://rbd?conf=/var/lib/rdmb-lab/ceph/ceph.conf&id=rdmb-lab"  # refused unread
 
 
 def _keys(workdir: Path) -> tuple[Path, Path, bytes, bytes]:
@@ -92,7 +95,7 @@ def test_rekey_gives_every_layer_the_new_key(enc_vm: LabVM) -> None:  # noqa: F8
     assert refused.returncode == 2, refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     for target, wrong_old, new_file in ((repo, old, same), (repo, new, new),
-                                        ("nbd://127.0.0.1:1/x", old, new)):
+                                        (RBD_TARGET, old, new)):
         with pytest.raises(UsageError):
             api.rekey(target, str(wrong_old), str(new_file))
     assert _tree_digest(repo) == before  # nothing changed
