@@ -1,10 +1,13 @@
 """Copies of a disk from storage into its new layer: from the storage, or from a storage
 snapshot, in full, as the ranges the storage reports as changed, or as a resync.
 
-Into a file repository the changed ranges of a snapshot are compared chunk by chunk with
-the parent's map and the differing chunks make a new qcow2 layer (:mod:`.resync`); into a
-target whose image holds the parent's point (``rbd://``) they are copied onto that image
-by a QEMU backup job of a private storage daemon (:mod:`~..qemu.ranged_copy`).
+The ranges the storage reports as changed since the parent's snapshot are copied by a QEMU
+backup job of a private storage daemon (:mod:`~..qemu.ranged_copy`): into a new qcow2 layer
+of a file repository (its chunk map is then made from the layer's clusters, as for a layer
+QEMU's bitmap filled) or onto a target's image that holds the parent's point (``rbd://``).
+When the storage cannot tell what changed (or for a resync), the snapshot is read whole and
+compared chunk by chunk with the parent's map; the differing chunks make the new layer
+(:mod:`.resync`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ def copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
         if not sink.local_files:  # an image holding the parent's point: the changes onto it
             _copy_changed(plan, agent, presented, snap, sink, speed, progress)
             return None
+        if plan.disk.target not in parent_maps:
+            raise RdmBackupError(f"disk {plan.disk.target}: backup "
+                                 f"{plan.parent.backup_id} has no chunk map to build on")
         only = None
         if plan.level != "resync":
             older = plan.parent.record.storage_snapshot
@@ -65,9 +71,12 @@ def copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
             if only is None:
                 log.info("disk %s: the storage cannot tell what changed; comparing digests",
                          plan.disk.target)
-        if plan.disk.target not in parent_maps:
-            raise RdmBackupError(f"disk {plan.disk.target}: backup "
-                                 f"{plan.parent.backup_id} has no chunk map to build on")
+        if only is not None:  # the changed ranges as one job; the map from the layer's clusters
+            sink.create(plan)
+            copy_ranges(_snapshot_endpoint(plan, presented, size), sink.copy_target(plan),
+                        only, size, plan.disk.target, speed=speed, chunk=sink.copy_chunk,
+                        progress=progress)
+            return None
         with _snapshot_nbd(plan, presented, size) as uri:
             chunk_map, _written = resync_layer(
                 uri, size, parent_maps[plan.disk.target], sink.target(plan),
