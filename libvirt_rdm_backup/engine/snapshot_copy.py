@@ -2,12 +2,15 @@
 snapshot, in full, as the ranges the storage reports as changed, or as a resync.
 
 The ranges the storage reports as changed since the parent's snapshot are copied by a QEMU
-backup job of a private storage daemon (:mod:`~..qemu.ranged_copy`): into a new qcow2 layer
-of a file repository (its chunk map is then made from the layer's clusters, as for a layer
-QEMU's bitmap filled) or onto a target's image that holds the parent's point (``rbd://``).
-When the storage cannot tell what changed (or for a resync), the snapshot is read whole and
-compared chunk by chunk with the parent's map; the differing chunks make the new layer
-(:mod:`.resync`).
+backup job of a private storage daemon (:mod:`~..qemu.ranged_copy`) onto a target's image
+that holds the parent's point (``rbd://``), and, for an RBD snapshot, into the new qcow2
+layer of a file repository too when its ranges hold only written data or zeros
+(:attr:`Presented.written_ranges`: an RBD image that is not a clone); the layer's chunk map
+is then made from its clusters, as for a layer QEMU's bitmap filled. Other ranges may hold
+unchanged data (file-system extents wider than the writes, objects a clone copied up from
+its parent): into a file repository their chunks are read, compared with the parent's map
+and stored only when they differ (:mod:`.resync`), as are all chunks of a snapshot when the
+storage cannot tell what changed, or for a resync.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
             if only is None:
                 log.info("disk %s: the storage cannot tell what changed; comparing digests",
                          plan.disk.target)
-        if only is not None:  # the changed ranges as one job; the map from the layer's clusters
+        if only is not None and presented.written_ranges:  # no digests to compare
             sink.create(plan)
             copy_ranges(_snapshot_endpoint(plan, presented, size), sink.copy_target(plan),
                         only, size, plan.disk.target, speed=speed, chunk=sink.copy_chunk,
