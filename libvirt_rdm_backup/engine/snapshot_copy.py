@@ -15,8 +15,11 @@ storage cannot tell what changed, or for a resync.
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -66,20 +69,15 @@ def copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
         if plan.disk.target not in parent_maps:
             raise RdmBackupError(f"disk {plan.disk.target}: backup "
                                  f"{plan.parent.backup_id} has no chunk map to build on")
+        if plan.level != "resync" and presented.written_ranges:
+            if _copy_written(plan, agent, presented, snap, sink, speed, progress):
+                return None
         only = None
-        if plan.level != "resync":
-            older = plan.parent.record.storage_snapshot
-            assert older is not None
-            only = agent.changed_ranges(plan.disk, StorageSnapshot.from_dict(older), snap)
-            if only is None:
-                log.info("disk %s: the storage cannot tell what changed; comparing digests",
-                         plan.disk.target)
-        if only is not None and presented.written_ranges:  # no digests to compare
-            sink.create(plan)
-            copy_ranges(_snapshot_endpoint(plan, presented, size), sink.copy_target(plan),
-                        only, size, plan.disk.target, speed=speed, chunk=sink.copy_chunk,
-                        progress=progress)
-            return None
+        if plan.level != "resync" and not presented.written_ranges:
+            only = agent.changed_ranges(plan.disk, _older(plan), snap)
+        if only is None and plan.level != "resync":
+            log.info("disk %s: the storage cannot tell what changed; comparing digests",
+                     plan.disk.target)
         with _snapshot_nbd(plan, presented, size) as uri:
             chunk_map, _written = resync_layer(
                 uri, size, parent_maps[plan.disk.target], sink.target(plan),
@@ -87,6 +85,33 @@ def copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
         return chunk_map
     finally:
         agent.withdraw(plan.disk, snap)
+
+
+def _older(plan: DiskPlan) -> StorageSnapshot:
+    """The storage snapshot of the plan's parent point."""
+    assert plan.parent is not None and plan.parent.record.storage_snapshot is not None
+    return StorageSnapshot.from_dict(plan.parent.record.storage_snapshot)
+
+
+def _copy_written(plan: DiskPlan, agent: SnapshotAgent, presented: Presented,
+                  snap: StorageSnapshot, sink: Sink, speed: int,
+                  progress: ProgressCallback | None) -> bool:
+    """Copy the ranges the storage reports as changed into the disk's new layer, no digests
+    compared (they hold only written data, or zeros in both snapshots). The storage is asked
+    while the layer is created and the daemon starts and opens both; False when it cannot
+    tell (nothing copied, the layer removed again)."""
+    assert plan.disk.size is not None
+    with ThreadPoolExecutor(1) as pool:  # in a copy of this context: the key's secret in it
+        ranges = pool.submit(contextvars.copy_context().run, agent.changed_ranges,
+                             plan.disk, _older(plan), snap)
+        sink.create(plan)
+        copied = copy_ranges(_snapshot_endpoint(plan, presented, plan.disk.size),
+                             sink.copy_target(plan), ranges.result, plan.disk.size,
+                             plan.disk.target, speed=speed, chunk=sink.copy_chunk,
+                             progress=progress)
+    if not copied:
+        os.unlink(sink.target(plan))
+    return copied
 
 
 def _snapshot_endpoint(plan: DiskPlan, presented: Presented, size: int) -> Endpoint:
@@ -102,10 +127,8 @@ def _copy_changed(plan: DiskPlan, agent: SnapshotAgent, presented: Presented,
     disk's target image, which holds the parent's point or writes since it that are among
     these ranges (every range when the storage cannot tell)."""
     assert plan.parent is not None and plan.disk.size is not None
-    older = plan.parent.record.storage_snapshot
-    assert older is not None
     size = plan.disk.size
-    ranges = agent.changed_ranges(plan.disk, StorageSnapshot.from_dict(older), snap)
+    ranges = agent.changed_ranges(plan.disk, _older(plan), snap)
     if ranges is None:
         log.info("disk %s: the storage cannot tell what changed; copying all of it",
                  plan.disk.target)
