@@ -320,13 +320,24 @@ def test_bench_rbd_section_reports_snapshot_incrementals() -> None:
     assert doc["rbd_inc_bytes_transferred"] == doc["rbd_dirty_bytes"] == 10 * 64 * KiB, doc
     assert doc["rbd_loop_inc_bytes_transferred"] == doc["rbd_dirty_bytes"], doc
     assert doc["rbd_verified_identical"] is True, doc
+    assert doc["rbd_data_bytes"] == 64 * MiB, doc  # the whole disk holds data
+    # the sparse layout as context: the same rewrites, only they stored
+    _positive_numbers(doc, ("rbd_sparse_full_s", "rbd_sparse_inc_s",
+                            "rbd_sparse_inc_ratio_to_full"))
+    assert doc["rbd_sparse_data_bytes"] == 16 * MiB, doc
+    assert doc["rbd_sparse_inc_bytes_transferred"] == doc["rbd_dirty_bytes"], doc
+    assert doc["rbd_sparse_verified_identical"] is True, doc
     assert set(doc["goals"]) == {"rbd_inc_ratio_to_full", "rbd_inc_stored_ratio_to_dirty"}
     assert not [n for n in _virsh_names() if "rdmb-bench-rbd" in n]
-    image = proc.stderr.split(f" into {cephkit.POOL}/")[1].split()[0]  # "copying FILE into …"
+    # "copying FILE into POOL/IMAGE", once per layout
+    images = [part.split()[0] for part in proc.stderr.split(f" into {cephkit.POOL}/")[1:]]
+    assert len(images) == 2, proc.stderr
     import rbd
 
     with cephkit.ioctx() as ctx:
-        assert image.startswith("rdmb-") and image not in rbd.RBD().list(ctx)
+        left = rbd.RBD().list(ctx)
+        assert all(image.startswith("rdmb-") and image not in left for image in images)
+    assert not Path(doc["workdir"]).exists()
 
 
 def test_bench_atrest_section_reports_compressed_and_encrypted_fulls() -> None:

@@ -84,6 +84,12 @@ def cluster() -> Iterator[Any]:
         handle.shutdown()
 
 
+def free_bytes() -> int:
+    """Bytes the cluster's OSDs have free (``ceph df``'s AVAIL)."""
+    with cluster() as handle:
+        return int(handle.get_cluster_stats()["kb_avail"]) * 1024
+
+
 @contextlib.contextmanager
 def ioctx(pool: str = POOL) -> Iterator[Any]:
     """An I/O context on ``pool`` as client.admin."""

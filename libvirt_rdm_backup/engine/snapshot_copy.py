@@ -1,17 +1,27 @@
 """Copies of a disk from storage into its new layer: from the storage, or from a storage
 snapshot, in full, as the ranges the storage reports as changed, or as a resync.
 
-Into a file repository the changed ranges of a snapshot are compared chunk by chunk with
-the parent's map and the differing chunks make a new qcow2 layer (:mod:`.resync`); into a
-target whose image holds the parent's point (``rbd://``), or into a new layer over a parent
-that has no chunk map (an encrypted point), they are copied by a QEMU backup job of a
-private storage daemon (:mod:`~..qemu.ranged_copy`).
+The ranges the storage reports as changed since the parent's snapshot are copied by a QEMU
+backup job of a private storage daemon (:mod:`~..qemu.ranged_copy`) onto a target's image
+that holds the parent's point (``rbd://``), into a new layer over a parent that has no chunk
+map (an encrypted point), and, for an RBD snapshot, into the new qcow2 layer of a file
+repository too when its ranges hold only written data or zeros
+(:attr:`Presented.written_ranges`: an RBD image that is not a clone); the layer's chunk map
+is then made from its clusters, as for a layer QEMU's bitmap filled. Other ranges may hold
+unchanged data (file-system extents wider than the writes, objects a clone copied up from
+its parent): into a file repository their chunks are read, compared with the parent's map
+and stored only when they differ (:mod:`.resync`), as are all chunks of a snapshot when the
+storage cannot tell what changed, or for a resync. A resync over a parent without a chunk
+map compares the snapshot with the parent read back (:mod:`.readback`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -69,14 +79,15 @@ def copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
             # compare with: the changed ranges onto the new layer
             _copy_changed(plan, agent, presented, snap, sink, speed, progress)
             return None
+        if plan.level != "resync" and presented.written_ranges:
+            if _copy_written(plan, agent, presented, snap, sink, speed, progress):
+                return None
         only = None
-        if plan.level != "resync":
-            older = plan.parent.record.storage_snapshot
-            assert older is not None
-            only = agent.changed_ranges(plan.disk, StorageSnapshot.from_dict(older), snap)
-            if only is None:
-                log.info("disk %s: the storage cannot tell what changed; comparing digests",
-                         plan.disk.target)
+        if plan.level != "resync" and not presented.written_ranges:
+            only = agent.changed_ranges(plan.disk, _older(plan), snap)
+        if only is None and plan.level != "resync":
+            log.info("disk %s: the storage cannot tell what changed; comparing digests",
+                     plan.disk.target)
         with _snapshot_nbd(plan, presented, size) as uri:
             chunk_map, _written = resync_layer(
                 uri, size, parent_maps[plan.disk.target], sink.target(plan),
@@ -84,6 +95,33 @@ def copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
         return chunk_map
     finally:
         agent.withdraw(plan.disk, snap)
+
+
+def _older(plan: DiskPlan) -> StorageSnapshot:
+    """The storage snapshot of the plan's parent point."""
+    assert plan.parent is not None and plan.parent.record.storage_snapshot is not None
+    return StorageSnapshot.from_dict(plan.parent.record.storage_snapshot)
+
+
+def _copy_written(plan: DiskPlan, agent: SnapshotAgent, presented: Presented,
+                  snap: StorageSnapshot, sink: Sink, speed: int,
+                  progress: ProgressCallback | None) -> bool:
+    """Copy the ranges the storage reports as changed into the disk's new layer, no digests
+    compared (they hold only written data, or zeros in both snapshots). The storage is asked
+    while the layer is created and the daemon starts and opens both; False when it cannot
+    tell (nothing copied, the layer removed again)."""
+    assert plan.disk.size is not None
+    with ThreadPoolExecutor(1) as pool:  # in a copy of this context: the key's secret in it
+        ranges = pool.submit(contextvars.copy_context().run, agent.changed_ranges,
+                             plan.disk, _older(plan), snap)
+        sink.create(plan)
+        copied = copy_ranges(_snapshot_endpoint(plan, presented, plan.disk.size),
+                             sink.copy_target(plan), ranges.result, plan.disk.size,
+                             plan.disk.target, speed=speed, chunk=sink.copy_chunk,
+                             progress=progress)
+    if not copied:
+        os.unlink(sink.target(plan))
+    return copied
 
 
 def _snapshot_endpoint(plan: DiskPlan, presented: Presented, size: int) -> Endpoint:
@@ -101,10 +139,8 @@ def _copy_changed(plan: DiskPlan, agent: SnapshotAgent, presented: Presented,
     tell). The job writes whole clusters, zeros as zero clusters, so the layer's other
     clusters stay unallocated and read through the parent."""
     assert plan.parent is not None and plan.disk.size is not None
-    older = plan.parent.record.storage_snapshot
-    assert older is not None
     size = plan.disk.size
-    ranges = agent.changed_ranges(plan.disk, StorageSnapshot.from_dict(older), snap)
+    ranges = agent.changed_ranges(plan.disk, _older(plan), snap)
     if ranges is None:
         log.info("disk %s: the storage cannot tell what changed; copying all of it",
                  plan.disk.target)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -34,6 +34,7 @@ from libvirt_rdm_backup.qemu.names import object_name
 from libvirt_rdm_backup.qemu.nbd_io import MAX_ZERO, NbdError, connect_nbd, disconnect_nbd
 from libvirt_rdm_backup.qemu.storage_daemon import StorageDaemon
 
+Ranges = Sequence[tuple[int, int]]
 GRANULARITY = 64 * 1024  # bytes per bit of the bitmap of ranges
 BITMAP = "rdmb-ranges"
 
@@ -83,26 +84,29 @@ def _mark(daemon: StorageDaemon, node: str, ranges: Sequence[tuple[int, int]],
             daemon.execute("nbd-server-stop")
 
 
-def copy_ranges(source: Endpoint, target: Endpoint, ranges: Sequence[tuple[int, int]],
+def copy_ranges(source: Endpoint, target: Endpoint, ranges: Ranges | Callable[[], Ranges | None],
                 size: int, label: str, *, speed: int = 0, chunk: int = COPY_CHUNK,
-                progress: ProgressCallback | None = None) -> None:
+                progress: ProgressCallback | None = None) -> bool:
     """Copy the ``(offset, length)`` byte ranges of ``source`` onto ``target`` (both
     ``size`` bytes) in a private daemon, which quits when the copy ends, however it ends.
-    ``speed``: bytes per second (0: no limit); ``chunk``: the largest request written."""
+    ``ranges`` may be a callable, called once the daemon has opened both (what it returns
+    None for is not copied: returns False). ``speed``: bytes per second (0: no limit);
+    ``chunk``: the largest request written."""
     if source.fd is not None or target.fd is not None:
         raise OperationError(f"copy of {label}: no endpoint is handed over as a descriptor")
     daemon = StorageDaemon(f"ranges {label}", killed_with_tool=True).start()
     try:
-        _run(daemon, source, target, ranges, size, label, speed, chunk, progress)
+        copied = _run(daemon, source, target, ranges, size, label, speed, chunk, progress)
     except BaseException:
         daemon.close(grace=GIVE_UP_GRACE)
         raise
     daemon.close()
+    return copied
 
 
 def _run(daemon: StorageDaemon, source: Endpoint, target: Endpoint,
-         ranges: Sequence[tuple[int, int]], size: int, label: str, speed: int, chunk: int,
-         progress: ProgressCallback | None) -> None:
+         ranges: Ranges | Callable[[], Ranges | None], size: int, label: str, speed: int,
+         chunk: int, progress: ProgressCallback | None) -> bool:
     with ExitStack() as stack:
         src, dst = added_pair(stack, daemon, source, target, label)
         marks = stack.enter_context(added_node(daemon, {"driver": "null-co", "size": size},
@@ -110,9 +114,13 @@ def _run(daemon: StorageDaemon, source: Endpoint, target: Endpoint,
         for node in (marks, src):
             daemon.execute("block-dirty-bitmap-add", {"node": node, "name": BITMAP,
                                                       "granularity": GRANULARITY})
-        _mark(daemon, marks, ranges, size, label)
+        found = ranges() if callable(ranges) else ranges
+        if found is None:
+            return False
+        _mark(daemon, marks, found, size, label)
         daemon.execute("block-dirty-bitmap-merge", {
             "node": src, "target": BITMAP, "bitmaps": [{"node": marks, "name": BITMAP}]})
         run_job(daemon, "blockdev-backup", backup_action(
             object_name("copy", label), src, dst, sync="bitmap", bitmap=BITMAP, speed=speed,
             chunk=chunk)["data"], label, progress=progress)
+    return True

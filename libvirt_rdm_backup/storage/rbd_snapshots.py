@@ -14,7 +14,9 @@ the image tgtadm names, checked to be the one tgtd holds open, as the client
   The disks of one domain are snapshotted one after another while the guest is held.
   A LUN's image with exclusive-lock gets the same from tgtd's librbd (the lock owner).
 * present: nothing to set up; QEMU's rbd driver reads ``snapshot=<name>`` of the image
-  (the engine's storage reads).
+  (the engine's storage reads). The changed ranges of an image that is not a clone hold
+  only written data, or zeros in both snapshots (an object new since the older snapshot is
+  reported from its start): ``written_ranges``.
 * changed ranges: ``Image.diff_iterate`` from the older snapshot to the newer one; with
   a valid fast-diff object map first by whole objects (no OSD reads), then exactly
   within the objects it names.
@@ -134,6 +136,19 @@ def _owned(disk: RawDisk, snap: StorageSnapshot, what: str, snapshot: str | None
         yield image
 
 
+def _is_clone(image: Any) -> bool:
+    """True when the image has a parent (or may have: unknown counts as one). A clone's
+    first write to an object copies the parent's object up, and the diff then reports the
+    whole object, unchanged data included."""
+    try:
+        image.get_parent_image_spec()
+    except ceph.rbd.ImageNotFound:
+        return False
+    except ceph.rbd.Error:
+        return True
+    return True
+
+
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     merged: list[tuple[int, int]] = []
     for offset, length in sorted(ranges):
@@ -251,8 +266,9 @@ class RbdSnapshotAgent:
         with _owned(disk, snap, f"disk {disk.target}") as image:
             if _user_snaps(image).get(snap.name) != handle_int(snap, "snap_id"):
                 raise StorageError(f"snapshot {snap.name} of {snap.disk} is gone")
+            clone = _is_clone(image)
         source = replace(_source(disk), snapshot=snap.name)
-        return Presented(source.url, 0, rbd=source)
+        return Presented(source.url, 0, rbd=source, written_ranges=not clone)
 
     def withdraw(self, disk: RawDisk, snap: StorageSnapshot) -> None:
         """Nothing was set up (:meth:`present` checked the snapshot): nothing to undo."""

@@ -85,12 +85,15 @@ class Presented:
     ``source`` is a path or an ``iscsi://`` URL; the disk is
     :attr:`StorageSnapshot.size` bytes long. An RBD snapshot is read through QEMU's rbd
     driver instead: ``rbd`` is the image with its ``snapshot`` set (``source`` then only
-    names it, ``rbd:pool/image@snapshot``).
+    names it, ``rbd:pool/image@snapshot``). ``written_ranges``: the changed ranges the agent
+    reports hold only what was written since the older snapshot, or zeros in both snapshots
+    (never unchanged data: they may be copied without comparing digests).
     """
 
     source: str
     offset: int = 0
     rbd: RbdSource | None = None
+    written_ranges: bool = False
 
 
 @runtime_checkable

@@ -52,3 +52,18 @@ def test_no_ranges_leave_the_target_as_it_was(tmp_path: Path) -> None:
                 Endpoint({"driver": "raw", "file": {"driver": "file", "filename": str(target)}}),
                 [], MiB, "vdb")
     assert target.read_bytes() == old
+
+
+def test_ranges_asked_once_both_are_open(tmp_path: Path) -> None:
+    """A callable gives the ranges after the daemon opened both ends; None copies nothing."""
+    source, target = tmp_path / "src.raw", tmp_path / "dst.raw"
+    data, old = os.urandom(MiB), os.urandom(MiB)
+    source.write_bytes(data)
+    target.write_bytes(old)
+    ends = (Endpoint(raw_source(str(source))),
+            Endpoint({"driver": "raw", "file": {"driver": "file", "filename": str(target)}}))
+    assert copy_ranges(*ends, lambda: None, MiB, "vdb") is False
+    assert target.read_bytes() == old
+    assert copy_ranges(*ends, lambda: [(GRANULARITY, 1)], MiB, "vdb") is True
+    expected = old[:GRANULARITY] + data[GRANULARITY : 2 * GRANULARITY] + old[2 * GRANULARITY :]
+    assert target.read_bytes() == expected

@@ -109,12 +109,13 @@ The sections (``--sections``, default all of them, run in this order in one proc
   The storage snapshots the repositories keep (clones in ``.rdmb-snapshots`` beside the
   backing files, tgt targets presenting them) are deleted before the repositories.
 
-* ``rbd``: an RBD disk of the lab's Ceph cluster (``--size-mib``, the same ``--fill``) backed
-  up through RBD snapshots: a full, ``--dirty`` rewritten by the guest side, an incremental
-  (the extents ``diff_iterate`` reports): time / full time (goal <= 0.05) and stored /
-  rewritten bytes (goal <= 1.2); beside it the same on a loop LUN of the same size and data
-  through QEMU's dirty bitmap (the RBD incremental's time / the loop's, as context). See
-  :mod:`tools.bench.rbd`.
+* ``rbd``: an RBD disk of the lab's Ceph cluster (``--size-mib``, every byte random data, so
+  that 1% rewritten is 1% of what the full copied) backed up through RBD snapshots: a full,
+  ``--dirty`` rewritten by the guest side, an incremental (the extents ``diff_iterate``
+  reports): time / full time (goal <= 0.05) and stored / rewritten bytes (goal <= 1.2);
+  beside it the same on a loop LUN of the same size and data through QEMU's dirty bitmap
+  (the RBD incremental's time / the loop's, as context), then the RBD disk in the bench's
+  sparse ``--fill`` layout (its ratio as context, no goal). See :mod:`tools.bench.rbd`.
 * ``guestio``: guest write latency during a backup to a throttled NBD target, with a
   plain ``blockdev-backup`` job (as before) and with the tool's break-snapshot filter and
   local fleecing image, as ratios to no backup running (see :mod:`tools.bench.guestio`).
