@@ -19,10 +19,13 @@ that may be done again:
 
 At every moment each layer opens with one of the two keys (the old one until its
 new slot is written, the new one from then on), and QEMU changes nothing but the
-LUKS header. While the journal is there, other commands refuse the repository's
-encrypted layers (:meth:`.file_store.FileStore.reading`); ``rekey`` with the same two
-keys finishes it. An NBD volume's key change is :mod:`.rekey_volume`
-(:func:`rekey_target` picks by the target).
+LUKS header. It writes a new slot's material before the header enabling it: a layer
+killed between the two matches no digest yet its body is the journal's and it opens
+with the old key, and the next run finishes it. While the journal is there, other
+commands refuse the repository's encrypted layers
+(:meth:`.file_store.FileStore.reading`); ``rekey`` with the same two keys finishes it.
+An NBD volume's key change is :mod:`.rekey_volume` (:func:`rekey_target` picks by the
+target).
 """
 
 from __future__ import annotations
@@ -121,9 +124,13 @@ def _complete(repo: Repository, journal: Journal, keys: tuple[str, str], mac_key
               ) -> Journal:
     """The journal checked against the repository, with every encrypted layer it does
     not name yet, written and synced. Each layer not named yet, and each named one
-    whose manifest still names the old key and that does not open with the new one yet
-    (untouched since the journal named it), is checked as on a first run: no damage
-    mark, its whole file the digest its manifest records (and its body the journal's)."""
+    whose manifest still names the old key and that does not open with the new one yet,
+    is checked as on a first run: no damage mark, its whole file the digest its manifest
+    records (and its body the journal's). A named one whose whole file differs yet whose
+    body is the journal's and whose LUKS header opens with the old key was cut short
+    mid-slot (QEMU writes a new slot's material before the header enabling it): it is
+    finished, its body checked again in step 3 (the journal is authenticated by both
+    keys; a manifest is not)."""
     listed = repo.scan()
     check_against(journal, read_record(repo.root), listed.backups,
                   [d.backup_id for d in listed.damaged])
@@ -142,6 +149,9 @@ def _complete(repo: Repository, journal: Journal, keys: tuple[str, str], mac_key
             if entry is not None and luks_slots.opens_with(layer.fd, *keys, new=True):
                 continue  # its header changed: its body is checked against the journal
             whole, body = layer.digests()
+            if entry is not None and whole != record.digest and body == entry.body and \
+                    luks_slots.opens_with(layer.fd, *keys, new=False):
+                continue  # cut short mid-slot: only its LUKS header changed
         if whole != record.digest:
             raise DamagedBackupError(manifest.backup_id, f"{record.data_file}: "
                                      f"{whole.algorithm} mismatch; the key was not changed",

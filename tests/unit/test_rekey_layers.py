@@ -11,7 +11,6 @@ import secrets
 import shutil
 import struct
 import subprocess
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -181,18 +180,16 @@ def test_damage_after_a_rekey_cut_short_is_not_blessed_by_a_forged_journal(
     region = layers.luks_region(layers.read_head(paths[1]), Path(paths[1]).stat().st_size)
     assert region is not None
     body = file_digests(paths[1], region)[1]
+    journal = read_journal(repo.root)
+    assert journal is not None
     journal_file = Path(repo.root) / ".rekey-journal.json"
     document = json.loads(journal_file.read_text())
     document["layers"][1]["body"] = body.to_dict()
     journal_file.write_text(json.dumps(document))
     with pytest.raises(RepositoryError, match="its mac does not match"):
         rekey_module.rekey(repo, OLD, NEW)
-    # even a journal signed with both keys does not stand for the manifest's digest
-    journal = read_journal(repo.root)
-    assert journal is not None
-    entries = (journal.layers[0], replace(journal.layers[1], body=body))
-    write_journal(repo.root, replace(journal, layers=entries),
-                  LayerKey.pair_key(OLD, NEW, MAC_LABEL))
+    # the journal signed with both keys names the body as it was: the damage is refused
+    write_journal(repo.root, journal, LayerKey.pair_key(OLD, NEW, MAC_LABEL))
     manifest = (Path(repo.backup_dir(UUID, IDS[1])) / "manifest.json").read_bytes()
     with pytest.raises(DamagedBackupError, match="sha256 mismatch; the key was not changed"):
         rekey_module.rekey(repo, OLD, NEW)
@@ -225,3 +222,57 @@ def test_a_layer_linked_or_swapped_for_a_symlink_is_not_what_qemu_changes(
     assert decoy.read_bytes() == before  # QEMU changed the checked file, not the symlink's
     moved = str(tmp_path / "moved.qcow2")
     assert luks_slots.opens_with(moved, str(keys["old"]), str(keys["new"]), new=True)
+
+
+def _torn_slot(path: str) -> None:
+    """Random bytes over the key material of the layer's first inactive LUKS key slot, as
+    ``qemu-img amend`` killed between a new slot's material and the header enabling it."""
+    region = layers.luks_region(layers.read_head(path), Path(path).stat().st_size)
+    assert region is not None
+    with open(path, "r+b") as stream:
+        stream.seek(region[0])
+        phdr = stream.read(592)
+        assert phdr[:6] == b"LUKS\xba\xbe"
+        key_bytes = struct.unpack_from(">I", phdr, 108)[0]
+        slots = [struct.unpack_from(">I4x32xII", phdr, 208 + 48 * n) for n in range(8)]
+        active, sector, stripes = next(s for s in slots if s[0] == 0x0000DEAD)
+        start, length = region[0] + sector * 512, key_bytes * stripes
+        assert region[0] + 592 <= start and start + length <= region[0] + region[1]
+        stream.seek(start)
+        stream.write(secrets.token_bytes(length))
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("damaged", [False, True], ids=["torn-slot", "and-data-changed"])
+def test_a_rekey_killed_mid_slot_is_finished_and_damage_still_refused(
+        tmp_path: Path, keys: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+        damaged: bool) -> None:
+    repo, paths = encrypted_repo(tmp_path, keys)
+    _cut_short(repo, monkeypatch)
+    _torn_slot(paths[1])
+    assert file_digest(paths[1]) != repo.load(UUID, IDS[1]).disks[0].digest
+    assert luks_slots.opens_with(paths[1], str(keys["old"]), str(keys["new"]), new=False)
+    if damaged:  # a byte of its last (data) cluster changed too
+        with open(paths[1], "r+b") as stream:
+            stream.seek(-1, os.SEEK_END)
+            last = stream.read(1)
+            stream.seek(-1, os.SEEK_END)
+            stream.write(bytes([last[0] ^ 0xFF]))
+        manifest = (Path(repo.backup_dir(UUID, IDS[1])) / "manifest.json").read_bytes()
+        with pytest.raises(DamagedBackupError, match="sha256 mismatch; the key was not"):
+            rekey_module.rekey(repo, OLD, NEW)
+        assert (Path(repo.backup_dir(UUID, IDS[1])) / "manifest.json").read_bytes() == manifest
+        assert not luks_slots.opens_with(paths[1], str(keys["old"]), str(keys["new"]), True)
+        assert (Path(repo.root) / ".rekey-journal.json").exists()
+        return
+    done = rekey_module.rekey(repo, OLD, NEW)
+    assert (done.layers, done.resumed) == (2, True)
+    assert not (Path(repo.root) / ".rekey-journal.json").exists()
+    for n, path in enumerate(paths):
+        assert not luks_slots.opens_with(path, str(keys["old"]), str(keys["new"]), new=False)
+        read = _qemu_io(path, keys["new"], f"read -P {0x41 + n} {n * 65536} 65536")
+        assert read.returncode == 0 and "Pattern verification failed" not in read.stdout
+        assert repo.load(UUID, IDS[n]).disks[0].digest == file_digest(path)
+    store = FileStore(repo, NEW)
+    assert all(store.damage(DiskPoint(m, m.disks[0]), digests=True) is None
+               for m in repo.scan(UUID).backups)
