@@ -24,29 +24,23 @@ log = logging.getLogger(__name__)
 REQUEST = 4 * 1024 * 1024  # bytes per NBD read request
 IN_FLIGHT = 4  # read requests kept in flight
 STATUS_WINDOW = 1024 * 1024 * 1024  # bytes asked about per block-status round
-CONTEXT_ALLOCATION_DEPTH = "qemu:allocation-depth"  # qemu-nbd --allocation-depth
 MAX_ZERO = 1024 * 1024 * 1024  # bytes per NBD zero request
 MAX_TRIM = 1024 * 1024 * 1024  # bytes per NBD trim request
 
 NbdError = nbd.Error  # what libnbd raises when a command or the connection fails
 
 Segment = tuple[int, int, bool]  # (offset, length, reads as zero)
-Allocation = tuple[int, int, bool, bool, int]  # (start, end, data, reads as zero, depth)
 
 
-def connect_nbd(uri: str, allocation: bool = False, tls_dir: str | None = None,
-                depth: bool = False) -> Any:
-    """A libnbd handle connected to ``uri`` (asking for ``base:allocation`` if wanted, and
-    ``qemu:allocation-depth`` with ``depth``; with ``tls_dir``, TLS required and the x509
-    credentials of that directory)."""
+def connect_nbd(uri: str, allocation: bool = False, tls_dir: str | None = None) -> Any:
+    """A libnbd handle connected to ``uri`` (asking for ``base:allocation`` if wanted; with
+    ``tls_dir``, TLS required and the x509 credentials of that directory)."""
     handle = nbd.NBD()
     if tls_dir is not None:
         handle.set_tls(nbd.TLS_REQUIRE)
         handle.set_tls_certificates(tls_dir)
     if allocation:
         handle.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-    if depth:
-        handle.add_meta_context(CONTEXT_ALLOCATION_DEPTH)
     handle.connect_uri(uri)
     return handle
 
@@ -95,60 +89,6 @@ def _block_status(handle: Any, count: int, offset: int) -> list[int]:
 
     handle.block_status(count, offset, collect)
     return got
-
-
-def _statuses(handle: Any, count: int, offset: int, contexts: tuple[str, ...]
-              ) -> dict[str, list[int]]:
-    """Block status entries (length, flags, ...) of each of ``contexts`` from ``offset``."""
-    got: dict[str, list[int]] = {c: [] for c in contexts}
-
-    def collect(context: str, _offset: int, entries: list[int], _err: Any) -> int:
-        if context in got:
-            got[context].extend(entries)
-        return 0
-
-    handle.block_status(count, offset, collect)
-    return got
-
-
-def _ends(start: int, entries: list[int]) -> list[tuple[int, int]]:
-    """Block status entries (length, flags, ...) from ``start`` as (end, flags) pairs."""
-    found = []
-    for i in range(0, len(entries) - 1, 2):
-        start += entries[i]
-        found.append((start, entries[i + 1]))
-    return found
-
-
-def allocation_map(handle: Any, size: int) -> list[Allocation]:
-    """(start, end, data, zero, depth) extents over [0, size) of an export served with
-    ``qemu:allocation-depth`` (depth 0: unallocated in the image; 1: in the image itself),
-    from block status; adjacent extents alike are merged. Raises OperationError."""
-    wanted = (nbd.CONTEXT_BASE_ALLOCATION, CONTEXT_ALLOCATION_DEPTH)
-    if not all(handle.can_meta_context(c) for c in wanted):
-        raise OperationError("the NBD server reports no allocation depth")
-    found: list[Allocation] = []
-    cur = 0
-    while cur < size:
-        got = _statuses(handle, min(size - cur, STATUS_WINDOW), cur, wanted)
-        status, depths = _ends(cur, got[wanted[0]]), _ends(cur, got[wanted[1]])
-        limit = min(status[-1][0] if status else cur, depths[-1][0] if depths else cur, size)
-        if limit <= cur:
-            raise OperationError(f"NBD server reported no block status at {cur}")
-        i = j = 0
-        while cur < limit:
-            while status[i][0] <= cur:
-                i += 1
-            while depths[j][0] <= cur:
-                j += 1
-            stop = min(status[i][0], depths[j][0], limit)
-            data, zero = not status[i][1] & nbd.STATE_HOLE, bool(status[i][1] & nbd.STATE_ZERO)
-            start = cur
-            if found and found[-1][1] == cur and found[-1][2:] == (data, zero, depths[j][1]):
-                start = found.pop()[0]
-            found.append((start, stop, data, zero, depths[j][1]))
-            cur = stop
-    return found
 
 
 def _extents(handle: Any, start: int, end: int) -> list[Segment]:
