@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 ErrorFactory = Callable[[str], RdmBackupError]
 
+LUKS_RETRY_FIRST = 0.1  # s: the first pause after a failed LUKS key-derivation benchmark
+LUKS_RETRY_MAX = 2.0  # s: the longest pause between such attempts
 EXPORT_POLL = 0.05  # seconds between looks at QEMU's list of NBD exports
 JOB_POLL_FIRST = 0.005  # first pause while waiting for QEMU jobs; doubles up to ``poll``
 JOB_CANCEL_POLL = 0.1
@@ -200,21 +202,26 @@ def tgt_tid_allocation(iqn: str, attempts: int) -> Retrying:
 def luks_create(path: str, attempts: int) -> Retrying:
     """While creating an encrypted image raises :class:`Again` (QEMU's key-derivation
     benchmark measured no CPU time: "Unable to get accurate CPU usage", a coarse clock
-    under load), at most ``attempts`` times, without pause; then OperationError."""
+    under load), at most ``attempts`` times, after pauses growing from 0.1 s to 2 s (a
+    failed benchmark costs milliseconds; the pause lets a burst of load pass); then
+    OperationError."""
     return _again(attempts, lambda cause: OperationError(
-        f"cannot create encrypted image {path}: {cause}"))
+        f"cannot create encrypted image {path}: {cause}"),
+        wait=wait_exponential(multiplier=LUKS_RETRY_FIRST, max=LUKS_RETRY_MAX))
 
 
-def _again(attempts: int, error: Callable[[BaseException | None], Exception]) -> Retrying:
-    """While the attempt raises :class:`Again`, at most ``attempts`` times, without pause;
-    then ``error`` of the last refusal (the cause of the last :class:`Again`)."""
+def _again(attempts: int, error: Callable[[BaseException | None], Exception],
+           wait: wait_base | None = None) -> Retrying:
+    """While the attempt raises :class:`Again`, at most ``attempts`` times, without pause
+    unless ``wait`` says; then ``error`` of the last refusal (the cause of the last
+    :class:`Again`)."""
 
     def give_up(state: RetryCallState) -> Any:
         last = _last_error(state)
         cause = last.__cause__ if isinstance(last, Again) and last.__cause__ else last
         raise error(cause) from cause
 
-    return _policy(stop=stop_after_attempt(attempts), wait=wait_none(),
+    return _policy(stop=stop_after_attempt(attempts), wait=wait or wait_none(),
                    retry=retry_if_exception_type(Again), on_give_up=give_up)
 
 

@@ -19,7 +19,7 @@ MAX_MAP_LINE = 4096  # one extent of ``qemu-img map --output=json`` is about 120
 # QEMU's key-derivation benchmark of a new LUKS header measured no time (a coarse clock):
 # it fails now and then under load, and works when run again
 LUKS_BENCHMARK_FAILED = "Unable to get accurate CPU usage"
-LUKS_ATTEMPTS = 5
+LUKS_ATTEMPTS = 10
 
 
 @dataclass(frozen=True)
