@@ -294,7 +294,9 @@ def test_cancelled_job_and_resized_disk(small_vm: LabVM) -> None:
             cancelled.append(job)
 
     with pytest.raises(OperationError, match="job"):
-        api.backup(vm.name, repo, disks=["vdb"], level="incremental", progress=cancel)
+        # held at 32 MiB/s, so that the job is surely still copying when it is cancelled
+        api.backup(vm.name, repo, disks=["vdb"], level="incremental", progress=cancel,
+                   bwlimit=32)
     assert cancelled
     assert [m.backup_id for m in api.list_backups(repo)] == [first.manifest.backup_id]
     result, refs = backup_point(vm, repo, work, writer, 1, disks=["vdb"], level="incremental")

@@ -12,6 +12,7 @@ import os
 import shutil
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -43,11 +44,12 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 def qemu_img(*args: str) -> None:
     """Run qemu-img; a LUKS key derivation's timing probe that fails under load
-    ("Unable to get accurate CPU usage") is tried again."""
-    for _attempt in range(5):
+    ("Unable to get accurate CPU usage") is tried again, after a pause growing to 2 s."""
+    for attempt in range(10):
         proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
         if "accurate CPU usage" not in proc.stderr:
             break
+        time.sleep(min(2.0, 0.1 * 2 ** attempt))
     assert proc.returncode == 0, proc.stderr
 
 
