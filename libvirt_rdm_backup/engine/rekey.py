@@ -37,13 +37,12 @@ from contextlib import ExitStack
 from dataclasses import replace
 
 from libvirt_rdm_backup.engine.file_store import GATE_TIMEOUT
-from libvirt_rdm_backup.engine.rekey_change import RekeyResult, start_change
+from libvirt_rdm_backup.engine.rekey_change import RekeyResult, finish_change, start_change
 from libvirt_rdm_backup.engine.rekey_layer import OpenLayer, open_layer
 from libvirt_rdm_backup.engine.rekey_volume import rekey_volume
 from libvirt_rdm_backup.errors import (
     DamagedBackupError,
     OperationError,
-    RdmBackupError,
     RepositoryError,
     UsageError,
 )
@@ -89,14 +88,8 @@ def rekey(repo: Repository, old: LayerKey, new: LayerKey) -> RekeyResult:
         if set(repo.domain_uuids()) != locked:
             raise OperationError(f"a backup of a domain new to repository {repo.root} began "
                                  "during the key change; run rekey again")
-        try:
-            _carry_out(repo, journal, keys)
-        except RdmBackupError as err:
-            err.message = (f"{err}; the key change of repository {repo.root} is unfinished: "
-                           "run rekey again with the same two key files")
-            raise
-    return RekeyResult(repo.root, journal.new_key_id, len(journal.layers),
-                       len({(e.domain_uuid, e.backup_id) for e in journal.layers}), resumed)
+        return finish_change(f"repository {repo.root}", repo.root, journal, resumed,
+                             lambda: _carry_out(repo, journal, keys))
 
 
 def _start(repo: Repository, old: LayerKey, new: LayerKey, mac_key: bytes

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from libvirt_rdm_backup.errors import RepositoryError, UsageError
+from libvirt_rdm_backup.errors import RdmBackupError, RepositoryError, UsageError
 from libvirt_rdm_backup.qemu.secrets import LayerKey
 from libvirt_rdm_backup.repository.encryption import EncryptionRecord
 from libvirt_rdm_backup.repository.ids import now_iso
@@ -60,3 +61,17 @@ def start_change(what: str, record: EncryptionRecord | None, journal: Journal | 
     if not hmac.compare_digest(old_id, record.key_id):
         raise UsageError(f"the key of --encrypt-key-file is not the key of {what}")
     return Journal(now_iso(), record.salt, old_id, new_id), False
+
+
+def finish_change(what: str, name: str, journal: Journal, resumed: bool,
+                  carry_out: Callable[[], None]) -> RekeyResult:
+    """Carry out ``journal``'s key change of the repository or volume ``what`` (named
+    ``name`` in the result); an error says the change is unfinished and how to finish it."""
+    try:
+        carry_out()
+    except RdmBackupError as err:
+        err.message = (f"{err}; the key change of {what} is unfinished: run rekey again "
+                       "with the same two key files")
+        raise
+    return RekeyResult(name, journal.new_key_id, len(journal.layers),
+                       len({(e.domain_uuid, e.backup_id) for e in journal.layers}), resumed)

@@ -29,7 +29,7 @@ import logging
 from contextlib import ExitStack
 from dataclasses import replace
 
-from libvirt_rdm_backup.engine.rekey_change import RekeyResult, start_change
+from libvirt_rdm_backup.engine.rekey_change import RekeyResult, finish_change, start_change
 from libvirt_rdm_backup.engine.rekey_volume_layer import (
     LayerKey as Key,
 )
@@ -42,7 +42,6 @@ from libvirt_rdm_backup.engine.stores import open_store
 from libvirt_rdm_backup.engine.volume_store import VolumeStore
 from libvirt_rdm_backup.errors import (
     DamagedBackupError,
-    RdmBackupError,
     RepositoryError,
     UsageError,
 )
@@ -88,14 +87,8 @@ def _rekey(store: VolumeStore, old: LayerKey, new: LayerKey) -> RekeyResult:
         keys = (stack.enter_context(key_file(old)), stack.enter_context(key_file(new)))
         layers = open_layers(volume, listed)
         journal = _complete(volume, listed, journal, layers, mac_key)
-        try:
-            _carry_out(volume, journal, layers, keys)
-        except RdmBackupError as err:
-            err.message = (f"{err}; the key change of {what} is unfinished: run rekey again "
-                           "with the same two key files")
-            raise
-    return RekeyResult(store.name, journal.new_key_id, len(journal.layers),
-                       len({(e.domain_uuid, e.backup_id) for e in journal.layers}), resumed)
+        return finish_change(what, store.name, journal, resumed,
+                             lambda: _carry_out(volume, journal, layers, keys))
 
 
 def _complete(volume: NbdVolume, listed: Scan, journal: Journal,
