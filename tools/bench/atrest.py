@@ -17,7 +17,11 @@ order rotated per round, each measured after the page-cache drop, into a fresh r
 
 Reported: the time and the bytes each result takes on disk (``st_blocks`` of the repository
 or of ``OUT``), and the ratios: compressed stored / plain stored, zstd in the repository /
-``zstd -T0``, compressed time / plain time, encrypted time / plain time (goal <= 1.3). Unless
+``zstd -T0``, compressed time / plain time, encrypted time / plain time (goal <= 1.3). As
+context, ``atrest_luks_create_s``: ``qemu-img create`` of one empty layer with the tool's LUKS
+options (QEMU 7.2 runs its PBKDF2 benchmark twice per new LUKS header, ~2.5 s of CPU here
+whatever the iteration time), and ``atrest_encrypted_floor_ratio``: (plain + that) / plain, the
+ratio an encrypted full could reach if encrypting the data cost nothing. Unless
 ``--no-verify``, the first round's results are restored (:func:`api.restore` to a file, or
 ``zstd -d``) and compared with the LUN (``qemu-img compare``).
 """
@@ -35,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from libvirt_rdm_backup import api
+from libvirt_rdm_backup.qemu.layer_format import LayerFormat
+from libvirt_rdm_backup.qemu.secrets import SECRET_ID
 from tools.bench.common import (
     DISK,
     Lab,
@@ -135,6 +141,30 @@ def verify(name: str, device: str, key: str, out: Path, key_file: Path) -> bool:
         remove_tree(copy)
 
 
+def luks_create_seconds(path: Path, size: int, key_file: Path, repeat: int) -> list[float]:
+    """``qemu-img create`` of an empty encrypted layer as the tool creates one (same LUKS
+    options), ``repeat`` times: the fixed cost QEMU adds to every encrypted layer (its PBKDF2
+    benchmark runs twice, whatever the key's iteration time). A run QEMU refuses with
+    "Unable to get accurate CPU usage" is run again (not counted)."""
+    options = LayerFormat(key_id="bench").create_options()
+    argv = ["qemu-img", "create", "--object",
+            f"secret,id={SECRET_ID},format=raw,file={key_file}", "-q", "-f", "qcow2", "-o",
+            ",".join(f"{k}={v}" for k, v in options.items()), str(path), str(size)]
+    times: list[float] = []
+    try:
+        while len(times) < repeat:
+            started = time.monotonic()
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if proc.returncode == 0:
+                times.append(time.monotonic() - started)
+            elif "accurate CPU usage" not in proc.stderr:
+                raise RuntimeError(f"qemu-img create failed: {proc.stderr.strip()}")
+            path.unlink(missing_ok=True)
+    finally:
+        path.unlink(missing_ok=True)
+    return times
+
+
 def measure(lab: Lab, name: str, device: str, key_file: Path) -> dict[str, Any]:
     """The rotated rounds; times, stored bytes and first-round checks per method."""
     args = lab.args
@@ -155,7 +185,10 @@ def measure(lab: Lab, name: str, device: str, key_file: Path) -> dict[str, Any]:
                 remove_tree(out)
             runs[key].append(seconds)
             say(f"atrest round {round_no + 1}/{args.repeat}: {LABELS[key]}: {seconds:.2f} s")
-    return {"runs": runs, "stored": stored, "verified": verified}
+    settle(args)
+    luks = luks_create_seconds(lab.work / "rdmb-atrest-luks.qcow2", lab.size, key_file,
+                               args.repeat)
+    return {"runs": runs, "stored": stored, "verified": verified, "luks": luks}
 
 
 def section_atrest(lab: Lab) -> dict[str, Any]:
@@ -196,6 +229,9 @@ def summarize(found: dict[str, Any], data_bytes: int, no_verify: bool) -> dict[s
     doc["atrest_encrypted_stored_ratio_to_plain"] = round(
         stored["atrest_encrypted_s"] / plain_b, 3)
     doc["atrest_encrypted_ratio_to_plain"] = round(times["atrest_encrypted_s"] / plain_s, 3)
+    luks_s = median(found["luks"])
+    doc["atrest_luks_create_s"] = round(luks_s, 3)
+    doc["atrest_encrypted_floor_ratio"] = round((plain_s + luks_s) / plain_s, 3)
     doc["atrest_verified_identical"] = (None if no_verify
                                         else all(found["verified"].values()))
     doc["atrest_verified"] = found["verified"]
@@ -219,6 +255,9 @@ def print_atrest(doc: dict[str, Any]) -> None:
     print(f"  zstd time / plain time:             {doc['atrest_zstd_time_ratio_to_plain']:.3f}")
     print(f"  zlib time / plain time:             {doc['atrest_zlib_time_ratio_to_plain']:.3f}")
     print(f"  encrypted time / plain time:        {goal(doc, 'atrest_encrypted_ratio_to_plain')}")
+    print(f"  context: qemu-img create of one empty LUKS layer: {doc['atrest_luks_create_s']:.3f} s"
+          f" (QEMU's fixed cost per encrypted layer); (plain + it) / plain = "
+          f"{doc['atrest_encrypted_floor_ratio']:.3f}")
     if doc["atrest_verified"]:
         checks = ", ".join(f"{k.removeprefix('atrest_').removesuffix('_s')}="
                            f"{'identical' if v else 'DIFFERENT'}"

@@ -12,7 +12,9 @@ page-cache drop: a full backup of vdc, a full of vdb, ``--dirty`` of both rewrit
 guest side at the same offsets (HMP ``qemu-io``, 64 KiB writes), an incremental of vdc (the
 extents ``diff_iterate`` reports between the two RBD snapshots) and one of vdb (QEMU's
 bitmap). Reported: RBD incremental time / RBD full time (goal <= 0.05), RBD incremental time
-/ loop incremental time (context), the bytes each incremental copied and stored.
+/ loop incremental time (context), the bytes each incremental copied and stored, and (context)
+the time the cluster takes to create one snapshot of the image in use, which every RBD
+incremental waits for (its monitor commits the new snapshot id).
 
 Then, as context, the bench's sparse layout: an RBD image holding ``--fill`` of random data
 (as the other sections' LUN), alone in a domain, with the same rounds of full and
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,7 @@ from tools.bench.common import (
 from tools.labkit import DiskSpec, block_disk, loop_device, test_domain, unique_name
 
 LOOP, RBD = "vdb", "vdc"
+SNAPSHOTS_TIMED = 5
 ROOM = 1.2  # cluster room needed, times the image size (snapshots keep the rewritten objects)
 
 
@@ -127,6 +131,25 @@ def _layout(lab: Lab, layout: str, with_loop: bool) -> tuple[int, list[dict[str,
     return data, rounds
 
 
+def snapshot_seconds(image: cephkit.RbdImage, count: int) -> list[float]:
+    """``count`` snapshots of the image (in use by the domain) created through librbd, each
+    timed alone (the connection and the image open before, the removal after, not counted):
+    the storage's own fixed cost in every RBD incremental (the monitor commits a new
+    snapshot id)."""
+    import rbd
+
+    times: list[float] = []
+    with cephkit.ioctx(image.pool) as ctx, rbd.Image(ctx, image.name) as opened:
+        for n in range(count):
+            name = unique_name(f"rdmb-bench-snap{n}")
+            started = time.monotonic()
+            opened.create_snap(name)
+            times.append(time.monotonic() - started)
+            opened.remove_snap(name)
+            time.sleep(0.5)
+    return times
+
+
 def _rounds(lab: Lab, image: cephkit.RbdImage, others: list[DiskSpec],
             layout: str) -> list[dict[str, Any]]:
     name = unique_name("rdmb-bench-rbd")
@@ -135,7 +158,9 @@ def _rounds(lab: Lab, image: cephkit.RbdImage, others: list[DiskSpec],
         shared = lab.dom, lab.name  # the shared LUN's domain, for the sections after this
         lab.dom, lab.name = dom, name
         try:
-            return [_round(lab, name, n, image, disks, layout) for n in range(lab.args.repeat)]
+            rounds = [_round(lab, name, n, image, disks, layout) for n in range(lab.args.repeat)]
+            rounds[0]["snapshots"] = snapshot_seconds(image, SNAPSHOTS_TIMED)
+            return rounds
         finally:
             lab.dom, lab.name = shared
 
@@ -177,6 +202,8 @@ def _rbd_summary(rounds: list[dict[str, Any]], data: int) -> dict[str, Any]:
         "rbd_inc_stored_ratio_to_dirty": round(stored / dirty, 4),
         "rbd_inc_level": rounds[-1]["taken"][f"{RBD}_inc"].level,
         "rbd_verified_identical": rounds[0]["verified"],
+        "rbd_snap_create_s": round(median(rounds[0]["snapshots"]), 3),
+        "rbd_snap_create_runs_s": [round(v, 3) for v in rounds[0]["snapshots"]],
         "rbd_runs_s": {key: [round(r["taken"][key].seconds, 3) for r in rounds]
                        for key in rounds[0]["taken"]},
     }
@@ -221,6 +248,8 @@ def print_rbd(doc: dict[str, Any]) -> None:
           f"{doc['rbd_inc_stored_bytes'] / MiB:.3f} MiB (loop copied "
           f"{doc['rbd_loop_inc_bytes_transferred'] / MiB:.3f} MiB)")
     print(f"  rbd stored / rewritten bytes:          {goal(doc, 'rbd_inc_stored_ratio_to_dirty')}")
+    print(f"  context: one RBD snapshot created:     {doc['rbd_snap_create_s']:8.3f} s   runs "
+          f"{', '.join(f'{v:.3f}' for v in doc['rbd_snap_create_runs_s'])}")
     print_verified(doc, "rbd_verified_identical", "RBD chain (full + incremental)")
     print(f"  context, the sparse layout ({doc['rbd_sparse_data_bytes'] / MiB:.0f} MiB of random "
           f"data in the same size, the same number of rewrites):")
