@@ -146,8 +146,9 @@ def backup(
     ``consistency``) or ``required`` (fail without a working agent).
     ``max_pause``: seconds a passthrough LUN without storage snapshots may keep the
     guest paused while it is copied (refused up front, or cancelled, beyond that).
-    ``bwlimit``: MiB/s each disk's copy may move (QEMU's backup jobs of the guest and the
-    copies from storage alike; None: no limit; UsageError unless positive).
+    ``bwlimit``: MiB/s each disk's copy may move (QEMU's backup jobs of the guest, the
+    copies from storage and the disk's reads of a resync against its last point read back
+    alike; None: no limit; UsageError unless positive).
     ``compress``: ``zstd`` or ``zlib``: new layers are qcow2 images of that
     compression type whose clusters QEMU writes compressed (None: plain).
     ``encrypt_key_file``: new layers are LUKS-encrypted qcow2 with the key this file

@@ -388,7 +388,8 @@ def backup(conn: libvirt.virConnect, domain: str, target: str,
     reason). A copy of a passthrough LUN the LUN's measured read rate says would keep
     the guest paused longer than ``options.max_pause`` is refused before anything is
     paused, and one that reaches the bound is cancelled. ``options.bwlimit``: MiB/s each
-    disk's copy may move (QEMU's backup jobs and the copies from storage alike).
+    disk's copy may move (QEMU's backup jobs, the copies from storage and the reads of a
+    resync against its last point read back alike).
     """
     options = options or BackupOptions()
     speed = bwlimit_speed(options.bwlimit)

@@ -127,7 +127,7 @@ def _resync(plan: DiskPlan, uri: str, run: _Run, parent_maps: dict[str, ChunkMap
     sink = run.sink
     if reads_back(plan):  # its layer created with the others, before the window
         readback_layer(uri, run.parent_images[plan.disk.target], sink.copy_target(plan).node,
-                       plan.disk.size, f"disk {plan.disk.target}")
+                       plan.disk.size, f"disk {plan.disk.target}", run.speed)
         return
     chunk_map, _written = resync_layer(uri, plan.disk.size, parent_maps[plan.disk.target],
                                        sink.target(plan), plan.parent.relative_data_file(),
@@ -298,7 +298,7 @@ class CaptureOptions:
     snapshot_scope: Callable[[DiskPlan], str] | None = None  # a disk's snapshot name prefix
     max_pause: float = DEFAULT_MAX_PAUSE  # seconds a LUN copied with the guest paused holds it
     monitor: Monitor | None = None  # the running domain's QMP channel (None: through libvirt)
-    speed: int = 0  # bytes/s each copy may move, QEMU's jobs and storage copies (0: no limit)
+    speed: int = 0  # bytes/s each copy may move: QEMU's jobs, storage copies, read-backs (0: none)
 
 
 def capture(dom: libvirt.virDomain, running: bool, plans: list[DiskPlan], sink: Sink,

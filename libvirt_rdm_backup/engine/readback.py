@@ -11,7 +11,9 @@ on the other side only. Chunks (64 KiB) are compared byte by byte; the differing
 into the disk's new layer, created by the sink on top of the point (a qcow2 file in
 staging, or a region of the volume) and written alone through ``qemu-nbd``: data as
 writes, chunks that became all-zero as zero requests (zero clusters, which hide the
-point's data). No chunk map is made: the new point has none either.
+point's data). No chunk map is made: the new point has none either. With ``--bwlimit``
+the reads of the disk's export (the production storage) are paced to it
+(:class:`.pacing.Pacer`); the point's side is not.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from libvirt_rdm_backup.engine.stores import Store
 from libvirt_rdm_backup.engine.verify import cached_checker, lineage_problem
 from libvirt_rdm_backup.errors import DamagedBackupError, OperationError, StorageError
 from libvirt_rdm_backup.modes import Level
+from libvirt_rdm_backup.pacing import Pacer, paced
 from libvirt_rdm_backup.qemu.layers import json_filename
 from libvirt_rdm_backup.qemu.nbd_io import (
     REQUEST,
@@ -121,12 +124,17 @@ def _compare(writer: LayerWriter, offset: int, length: int,
         writer.write(offset + run, disk[run:length])
 
 
-def _compare_all(disk: Any, point: Any, writer: LayerWriter, size: int) -> None:
-    """Read both exports once, side by side, and write what differs."""
+def _compare_all(disk: Any, point: Any, writer: LayerWriter, size: int,
+                 pacer: Pacer | None = None) -> None:
+    """Read both exports once, side by side, and write what differs (the disk's reads
+    paced by ``pacer``, if any)."""
     pieces = _merged(segments(disk, size, has_allocation(disk), CHUNK),
                      segments(point, size, has_allocation(point), CHUNK))
     mine, theirs = tee(pieces)
-    disk_reads = stream(disk, ((o, n, dz) for o, n, dz, _pz in mine))
+    disk_requests: Iterator[Segment] = ((o, n, dz) for o, n, dz, _pz in mine)
+    if pacer is not None:
+        disk_requests = paced(disk_requests, pacer)
+    disk_reads = stream(disk, disk_requests)
     point_reads = stream(point, ((o, n, pz) for o, n, _dz, pz in theirs))
     for (offset, length, new), (_o, _n, old) in zip(disk_reads, point_reads, strict=True):
         _compare(writer, offset, length, new, old)
@@ -143,12 +151,14 @@ def _connected(uri: str, size: int, what: str) -> Any:
 
 
 def readback_layer(disk_uri: str, point_node: dict[str, Any], layer_node: dict[str, Any],
-                   size: int, label: str) -> int:
+                   size: int, label: str, speed: int = 0) -> int:
     """Write the chunks of the export ``disk_uri`` that differ from the point
     ``point_node`` (blockdev options, read-only) into the created, empty layer
-    ``layer_node`` (blockdev options of the layer alone, its backing not opened).
+    ``layer_node`` (blockdev options of the layer alone, its backing not opened); the
+    export read at most ``speed`` bytes/s on average (0: no limit).
     Returns the data bytes written."""
     started = time.monotonic()
+    pacer = Pacer(speed) if speed > 0 else None
     handles: list[Any] = []
     try:
         with qemu_nbd_server(json_filename(point_node), None, readonly=True) as point_uri, \
@@ -157,7 +167,7 @@ def readback_layer(disk_uri: str, point_node: dict[str, Any], layer_node: dict[s
             handles.append(_connected(point_uri, size, f"the last point of {label}"))
             handles.append(connect_nbd(layer_uri))
             writer = LayerWriter(handles[2])
-            _compare_all(handles[0], handles[1], writer, size)
+            _compare_all(handles[0], handles[1], writer, size, pacer)
             for handle in handles:
                 disconnect_nbd(handle)
             handles = []
@@ -167,6 +177,6 @@ def readback_layer(disk_uri: str, point_node: dict[str, Any], layer_node: dict[s
         for handle in handles:
             disconnect_nbd(handle)
     log.info("resync of %s (%d bytes) against its last point read back: %d bytes written, "
-             "%d zeroed, %.2f s", label, size, writer.data_bytes, writer.zero_bytes,
-             time.monotonic() - started)
+             "%d zeroed, %.2f s%s", label, size, writer.data_bytes, writer.zero_bytes,
+             time.monotonic() - started, "" if pacer is None else f"; {pacer.describe()}")
     return writer.data_bytes

@@ -72,7 +72,7 @@ def copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
             sink.create(plan)
             with _snapshot_nbd(plan, presented, size) as uri:
                 readback_layer(uri, parent_image, sink.copy_target(plan).node, size,
-                               f"disk {plan.disk.target}")
+                               f"disk {plan.disk.target}", speed)
             return None
         if not sink.local_files or plan.disk.target not in parent_maps:
             # an image holding the parent's point, or a parent without a chunk map to

@@ -2,17 +2,18 @@
 
 An NBD volume keeps no chunk maps: an encrypted full, an incremental, a forced resync that
 also sees a write made under QEMU's feet (only a resync can), an incremental after it; a
-plain volume's resync of a shut-off domain read from storage; and a file repository (plain
-and encrypted) whose last point lost its chunk map from its record (the plain resync then
-merged by a prune into the incremental built on it), then a damaged layer of the point to
-read back (refused, exit 5). Every point restores byte-identical, and a resync
-layer holds about the changed bytes only.
+plain volume's resync of a shut-off domain read from storage (with ``--bwlimit``: the disk's
+reads paced to it); and a file repository (plain and encrypted) whose last point lost its
+chunk map from its record (the plain resync then merged by a prune into the incremental built
+on it), then a damaged layer of the point to read back (refused, exit 5). Every point
+restores byte-identical, and a resync layer holds about the changed bytes only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -30,6 +31,9 @@ from tools.labkit import LabVM, MiB, guest_write, rdm_backup, same_bytes, snapsh
 pytestmark = pytest.mark.lab
 
 CHUNK = 64 * 1024
+BWLIMIT = 16  # MiB/s
+PACED = re.compile(rf"resync of disk (\w+) .* read back: .* ([\d.]+) s; (\d+) bytes read at "
+                   rf"most {BWLIMIT} MiB/s \(([\d.]+) s waited\)")
 
 
 def under_qemus_feet(vm: LabVM, offset: int, length: int, byte: int) -> None:
@@ -104,11 +108,17 @@ def test_resync_of_a_shut_off_domain_in_a_plain_nbd_volume(
     points = [(api.backup(vm.name, target).manifest.backup_id, point(vm, 0))]
     vm.dom.destroy()
     under_qemus_feet(vm, 10 * MiB, 3 * CHUNK, 0x5C)
-    done = rdm_backup("backup", vm.name, "--target", target, "--json")
+    # with --bwlimit: the disk's reads paced to it (a few seconds at most at this limit)
+    done = rdm_backup("-v", "backup", vm.name, "--target", target, "--json",
+                      "--bwlimit", str(BWLIMIT))
     assert done.returncode == 0, done.stderr
     (disk,) = [d for d in json.loads(done.stdout)["disks"] if d["disk"] == "vdb"]
     assert disk["level"] == "resync" and disk["data_path"] == "storage", disk
     assert "read back" in disk["reason"] and disk["bytes_transferred"] == 3 * CHUNK
+    paced = PACED.findall(done.stderr)
+    assert "vdb" in [name for name, *_ in paced], done.stderr
+    for _name, seconds, read, _waited in paced:  # never ahead of the pace by over one piece
+        assert int(read) <= BWLIMIT * MiB * float(seconds) + 4 * MiB, done.stderr
     points.append((json.loads(done.stdout)["backup_id"],
                    snapshot_source(vm, vm.workdir / "ref-off")))
     restores(vm, target, points)

@@ -1,10 +1,15 @@
-"""Resyncs without a chunk map: pieces read side by side and the chunks written."""
+"""Resyncs without a chunk map: pieces read side by side, the chunks written, and the
+disk's reads paced to ``--bwlimit``."""
 
 from __future__ import annotations
 
 from typing import cast
 
+import pytest
+
+from libvirt_rdm_backup.engine import readback
 from libvirt_rdm_backup.engine.readback import _compare, _merged
+from libvirt_rdm_backup.pacing import Pacer, paced
 from libvirt_rdm_backup.qemu.nbd_io import REQUEST, LayerWriter
 from libvirt_rdm_backup.repository.chunks import CHUNK
 
@@ -72,3 +77,95 @@ def test_one_side_reading_as_zero() -> None:
     writer = Recorder()
     _compare(cast(LayerWriter, writer), 0, len(data), view, view)
     assert not writer.writes and not writer.zeros
+
+
+class FakeTime:
+    """A clock that moves only when slept on or when a read is said to take time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds > 0
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def _read(requests: list[tuple[int, int, bool]], pacer: Pacer, fake: FakeTime,
+          rate: float | None = None) -> list[tuple[int, int, bool]]:
+    """The requests as the disk's stream takes them, each data read taking length/rate
+    seconds (None: no time); at every read, what was asked for keeps within one piece of
+    the pace since the first."""
+    got = []
+    start = None
+    for request in paced(iter(requests), pacer):
+        start = fake.now if start is None else start
+        assert pacer.taken <= pacer.speed * (fake.now - start) + REQUEST + 1  # float error
+        got.append(request)
+        if rate is not None and not request[2]:
+            fake.now += request[1] / rate
+    return got
+
+
+def test_reads_are_paced_to_the_limit_over_the_whole_run() -> None:
+    fake = FakeTime()
+    limit = 8 * MiB
+    pacer = Pacer(limit, fake.clock, fake.sleep)
+    # 64 MiB of data in 4 MiB pieces, with 1 GiB reading as zero in between (not read)
+    requests = [(o, REQUEST, False) for o in range(0, 32 * MiB, REQUEST)]
+    requests.append((32 * MiB, 1024 * MiB, True))
+    requests += [(o, REQUEST, False) for o in range(1056 * MiB, 1088 * MiB, REQUEST)]
+    assert _read(requests, pacer, fake) == requests  # in order, none left out
+    data = 64 * MiB
+    assert pacer.taken == data
+    # bytes / limit in all, but for the last piece, read as soon as its turn came
+    assert sum(fake.sleeps) == pytest.approx((data - REQUEST) / limit)
+    assert pacer.waited == pytest.approx(sum(fake.sleeps))
+    assert len(fake.sleeps) == 15  # one piece at a time: every piece after the first
+    assert pacer.describe() == f"{data} bytes read at most 8 MiB/s ({pacer.waited:.2f} s waited)"
+
+
+def test_reads_slower_than_the_limit_wait_only_for_what_they_are_ahead() -> None:
+    fake = FakeTime()
+    requests = [(o, REQUEST, False) for o in range(0, 40 * MiB, REQUEST)]
+    # far above the rate the storage gives: no wait at all
+    pacer = Pacer(1024 * MiB, fake.clock, fake.sleep)
+    _read(requests, pacer, fake, rate=100 * MiB)
+    assert fake.sleeps == [] and pacer.waited == 0
+    # a limit of half the rate: half the run is spent waiting
+    fake = FakeTime()
+    pacer = Pacer(50 * MiB, fake.clock, fake.sleep)
+    began = fake.now
+    _read(requests, pacer, fake, rate=100 * MiB)
+    assert sum(fake.sleeps) == pytest.approx(36 * MiB / (100 * MiB))
+    # the limit on average, but for the last piece, read at the storage's rate
+    assert fake.now - began == pytest.approx(36 * MiB / (50 * MiB) + REQUEST / (100 * MiB))
+
+
+def test_a_pacer_only_with_a_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[int] = []
+    monkeypatch.setattr(readback, "Pacer", lambda speed: made.append(speed))
+    monkeypatch.setattr(readback, "qemu_nbd_server", _no_server)
+    with pytest.raises(_Stop):
+        readback.readback_layer("nbd://disk", {}, {}, MiB, "disk vdb")
+    assert made == []
+    with pytest.raises(_Stop):
+        readback.readback_layer("nbd://disk", {}, {}, MiB, "disk vdb", 0)
+    assert made == []
+    with pytest.raises(_Stop):
+        readback.readback_layer("nbd://disk", {}, {}, MiB, "disk vdb", 8 * MiB)
+    assert made == [8 * MiB]
+    with pytest.raises(ValueError, match="positive"):
+        Pacer(0)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _no_server(*_args: object, **_kwargs: object) -> None:
+    raise _Stop
