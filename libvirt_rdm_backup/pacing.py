@@ -45,11 +45,18 @@ class Pacer:
                 f"({self.waited:.2f} s waited)")
 
 
-def paced(requests: Iterable[tuple[int, int, bool]], pacer: Pacer
+def paced(requests: Iterable[tuple[int, int, bool]], pacer: Pacer, most: int | None = None
           ) -> Iterator[tuple[int, int, bool]]:
     """Read requests ``(offset, length, reads as zero)`` as they come, each one that reads
-    data taken from ``pacer`` first (one reading as zero reads nothing)."""
+    data taken from ``pacer`` first (one reading as zero reads nothing); with ``most``, a
+    longer data request is cut into requests of at most that many bytes, each paced."""
     for request in requests:
-        if not request[2]:
-            pacer.take(request[1])
-        yield request
+        offset, length, zero = request
+        if zero:
+            yield request
+            continue
+        step = length if most is None else most
+        for start in range(offset, offset + length, step):
+            part = min(step, offset + length - start)
+            pacer.take(part)
+            yield start, part, False

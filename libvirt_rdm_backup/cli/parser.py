@@ -47,8 +47,8 @@ def mib_per_s(text: str) -> float:
 
 
 BWLIMIT_HELP = ("copy each disk at most this fast, in MiB/s (QEMU's block jobs: the guest's "
-                "and those of the private storage daemon; a resync's reads of the disk "
-                "compared with its last point read back; default: no limit)")
+                "and those of the private storage daemon; a resync's own reads of the disk; "
+                "default: no limit)")
 
 
 def common_options(default: Any) -> Parser:

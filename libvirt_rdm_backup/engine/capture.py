@@ -131,7 +131,7 @@ def _resync(plan: DiskPlan, uri: str, run: _Run, parent_maps: dict[str, ChunkMap
         return
     chunk_map, _written = resync_layer(uri, plan.disk.size, parent_maps[plan.disk.target],
                                        sink.target(plan), plan.parent.relative_data_file(),
-                                       layer_format=sink.layer_format)
+                                       layer_format=sink.layer_format, speed=run.speed)
     run.result.chunk_maps[plan.disk.target] = chunk_map
 
 

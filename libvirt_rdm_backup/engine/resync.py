@@ -17,9 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from libvirt_rdm_backup.errors import OperationError, RepositoryError, StorageError
+from libvirt_rdm_backup.pacing import Pacer, paced
 from libvirt_rdm_backup.qemu import img, layers
 from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
 from libvirt_rdm_backup.qemu.nbd_io import (
+    REQUEST,
     LayerWriter,
     NbdError,
     Segment,
@@ -81,8 +83,10 @@ def _resync(
     source: Any, writer: LayerWriter, size: int, parent: ChunkMap,
     progress: ProgressCallback | None,
     only: Sequence[tuple[int, int]] | None = None,
+    pacer: Pacer | None = None,
 ) -> bytearray:
     """Read the source once (or only the ranges ``only``); write what differs from ``parent``.
+    Reads of data are paced by ``pacer``, if any (``--bwlimit``).
 
     Returns the new digests: the parent's outside ``only``, freshly computed inside.
     """
@@ -91,6 +95,8 @@ def _resync(
         pieces = segments(source, size, has_allocation(source), CHUNK)
     else:
         pieces = chunk_aligned(only, size)
+    if pacer is not None:  # one request (4 MiB, a whole number of chunks) at a time
+        pieces = paced(pieces, pacer, REQUEST)
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
         for offset, length, view in stream(source, pieces):
@@ -169,7 +175,8 @@ def _check_parent(parent_map: ChunkMap, size: int) -> None:
 
 def _into_layer(source: Any, layer_path: str, size: int, parent_map: ChunkMap,
                 progress: ProgressCallback | None, only: Sequence[tuple[int, int]] | None,
-                layer_format: LayerFormat) -> tuple[bytearray, LayerWriter]:
+                layer_format: LayerFormat, pacer: Pacer | None
+                ) -> tuple[bytearray, LayerWriter]:
     """Serve the created layer with ``qemu-nbd`` and write the changed chunks into it."""
     # the layer alone, its backing file not opened: only whole clusters are
     # written (the last one up to the disk's end), so nothing is copied up
@@ -178,7 +185,7 @@ def _into_layer(source: Any, layer_path: str, size: int, parent_map: ChunkMap,
         target = connect_nbd(layer_uri)
         try:
             writer = LayerWriter(target)
-            return _resync(source, writer, size, parent_map, progress, only), writer
+            return _resync(source, writer, size, parent_map, progress, only, pacer), writer
         finally:
             disconnect_nbd(target)
 
@@ -192,6 +199,7 @@ def resync_layer(
     progress: ProgressCallback | None = None,
     only: Sequence[tuple[int, int]] | None = None,
     layer_format: LayerFormat = PLAIN,
+    speed: int = 0,
 ) -> tuple[ChunkMap, int]:
     """Write the chunks of the export ``nbd_uri`` that differ from ``parent_map`` as a new layer.
 
@@ -202,11 +210,13 @@ def resync_layer(
     ``backing_relpath`` (relative to the layer's directory) and gets only the
     changed chunks: data through ``qemu-nbd``, chunks that became all-zero as
     NBD zero requests (zero clusters, no data); written as ``layer_format`` says
-    (compressed clusters through a ``compress`` filter). Returns the map of the export
-    and the data bytes written. On failure the layer file is removed.
+    (compressed clusters through a ``compress`` filter). ``speed``: the export's data read
+    at most that many bytes/s on average (``--bwlimit``; 0: no limit). Returns the map of
+    the export and the data bytes written. On failure the layer file is removed.
     """
     _check_parent(parent_map, size)
     started = time.monotonic()
+    pacer = Pacer(speed) if speed > 0 else None
     source = None
     created = False
     try:
@@ -217,7 +227,7 @@ def resync_layer(
         create_layer(layer_path, backing_relpath, size, layer_format)
         created = True
         digests, writer = _into_layer(source, layer_path, size, parent_map, progress, only,
-                                      layer_format)
+                                      layer_format, pacer)
     except NbdError as err:
         if created:
             os.unlink(layer_path)
@@ -230,7 +240,8 @@ def resync_layer(
         if source is not None:
             disconnect_nbd(source)
     log.info(
-        "resync of %d bytes into %s: %d bytes written, %d zeroed, %.2f s",
+        "resync of %d bytes into %s: %d bytes written, %d zeroed, %.2f s%s",
         size, layer_path, writer.data_bytes, writer.zero_bytes, time.monotonic() - started,
+        "" if pacer is None else f"; {pacer.describe()}",
     )
     return ChunkMap(size, CHUNK, ALGORITHM, digests), writer.data_bytes

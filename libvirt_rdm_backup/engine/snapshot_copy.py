@@ -91,7 +91,8 @@ def copy_snapshot(plan: DiskPlan, snap: StorageSnapshot, sink: Sink,
         with _snapshot_nbd(plan, presented, size) as uri:
             chunk_map, _written = resync_layer(
                 uri, size, parent_maps[plan.disk.target], sink.target(plan),
-                plan.parent.relative_data_file(), only=only, layer_format=sink.layer_format)
+                plan.parent.relative_data_file(), only=only, layer_format=sink.layer_format,
+                speed=speed)
         return chunk_map
     finally:
         agent.withdraw(plan.disk, snap)

@@ -11,6 +11,7 @@ merged into the resync's layer, and the points kept still restore. The same in a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -37,6 +38,7 @@ LOOP_SIZE = 64 * MiB
 LUN_SIZE = 32 * MiB
 TEXT_LOOP = 40 * MiB
 TEXT_LUN = 16 * MiB
+BWLIMIT = 64  # MiB/s of a resync's reads (its disks hold about 56 MiB of data)
 
 
 def text(length: int, seed: int) -> bytes:
@@ -92,7 +94,8 @@ def text_vm() -> LabVM:  # type: ignore[misc]
         yield vm
 
 
-def test_compressed_chain_restores_every_point(text_vm: LabVM) -> None:
+def test_compressed_chain_restores_every_point(text_vm: LabVM,
+                                               caplog: pytest.LogCaptureFixture) -> None:
     vm = text_vm
     repo = str(vm.workdir / "repo")
     refs = [point(vm, 0)]
@@ -117,9 +120,14 @@ def test_compressed_chain_restores_every_point(text_vm: LabVM) -> None:
 
     write_text(vm.loop, 4 * MiB, 3)  # under QEMU's feet: only a resync sees it
     refs.append(point(vm, 2))
-    resync = api.backup(vm.name, repo, level="resync", compress="zlib")
+    with caplog.at_level(logging.INFO, logger="libvirt_rdm_backup.engine.resync"):
+        # --bwlimit: the resync's own reads of each disk paced to it
+        resync = api.backup(vm.name, repo, level="resync", compress="zlib", bwlimit=BWLIMIT)
     vdb = resync.manifest.disk("vdb")
     assert vdb is not None and vdb.level == "resync" and vdb.compression == "zlib"
+    resynced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resync")]
+    assert any("vdb.qcow2" in m for m in resynced), resynced
+    assert all(f"bytes read at most {BWLIMIT} MiB/s" in m for m in resynced), resynced
     assert compression_type(repo, vm, resync.manifest.backup_id, "vdb") == "zlib"
 
     ids = [full["backup_id"], inc.manifest.backup_id, resync.manifest.backup_id]

@@ -3,15 +3,16 @@ disk's reads paced to ``--bwlimit``."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import cast
 
 import pytest
 
-from libvirt_rdm_backup.engine import readback
+from libvirt_rdm_backup.engine import readback, resync
 from libvirt_rdm_backup.engine.readback import _compare, _merged
 from libvirt_rdm_backup.pacing import Pacer, paced
 from libvirt_rdm_backup.qemu.nbd_io import REQUEST, LayerWriter
-from libvirt_rdm_backup.repository.chunks import CHUNK
+from libvirt_rdm_backup.repository.chunks import ALGORITHM, CHUNK, DIGEST_SIZE, ChunkMap
 
 MiB = 1 << 20
 
@@ -28,6 +29,9 @@ class Recorder:
 
     def zero(self, offset: int, length: int) -> None:
         self.zeros.append((offset, length))
+
+    def finish(self) -> None:
+        pass
 
 
 def test_pieces_skip_what_both_read_as_zero_and_split_the_rest() -> None:
@@ -169,3 +173,49 @@ class _Stop(Exception):
 
 def _no_server(*_args: object, **_kwargs: object) -> None:
     raise _Stop
+
+
+def test_a_map_based_resync_paces_its_reads_of_the_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resync compared with a chunk map reads the disk itself: its data reads (the ranges
+    the storage reported) are taken from the pacer before they are read; none without one."""
+    size = 64 * MiB
+    parent = ChunkMap(size, CHUNK, ALGORITHM, bytearray(DIGEST_SIZE * (size // CHUNK)))
+    asked: list[tuple[int, int, bool]] = []
+
+    def fake_stream(_source: object, pieces: Iterable[tuple[int, int, bool]]
+                    ) -> Iterator[tuple[int, int, None]]:
+        for offset, length, zero in pieces:
+            asked.append((offset, length, zero))
+            yield offset, length, None  # read as zero: nothing to compare or write
+
+    monkeypatch.setattr(resync, "stream", fake_stream)
+    only = [(0, 8 * MiB), (32 * MiB + 100, 4 * MiB)]  # widened to whole chunks
+    fake = FakeTime()
+    pacer = Pacer(4 * MiB, fake.clock, fake.sleep)
+    resync._resync(object(), cast(LayerWriter, Recorder()), size, parent, None, only, pacer)
+    data = 8 * MiB + 4 * MiB + CHUNK
+    # one request at a time: the 8 MiB range in two, the other (widened) in one and a chunk
+    assert asked == [(0, REQUEST, False), (REQUEST, REQUEST, False),
+                     (32 * MiB, REQUEST, False), (36 * MiB, CHUNK, False)]
+    assert pacer.taken == data
+    # each read waited for the ones before it, at 4 MiB/s: 1 s per 4 MiB request
+    assert fake.sleeps == pytest.approx([1.0, 1.0, 1.0])
+    asked.clear()
+    resync._resync(object(), cast(LayerWriter, Recorder()), size, parent, None, only)
+    assert asked == [(0, 8 * MiB, False), (32 * MiB, REQUEST + CHUNK, False)]  # as they are
+
+
+def test_a_map_based_resync_makes_a_pacer_only_with_a_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[int] = []
+    monkeypatch.setattr(resync, "Pacer", lambda speed: made.append(speed))
+    monkeypatch.setattr(resync, "connect_nbd", _no_server)
+    parent = ChunkMap(MiB, CHUNK, ALGORITHM, bytearray(DIGEST_SIZE * (MiB // CHUNK)))
+    for speed in (None, 0, 8 * MiB):
+        with pytest.raises(_Stop):
+            if speed is None:
+                resync.resync_layer("nbd://disk", MiB, parent, "/nonexistent/l", "b.qcow2")
+            else:
+                resync.resync_layer("nbd://disk", MiB, parent, "/nonexistent/l", "b.qcow2",
+                                    speed=speed)
+    assert made == [8 * MiB]
