@@ -393,9 +393,6 @@ def guest_write(
         raise GuestWriteError(f"guest write of {length} bytes at {offset} to {target}: {error}")
 
 
-
-
-
 def qmp(dom: libvirt.virDomain, command: str, arguments: dict[str, object] | None = None
         ) -> object:
     """One QMP command through libvirt; returns its ``return`` value."""
