@@ -7,7 +7,8 @@ The manifests (with the disks' mappings) are values of the omap of one rados
 object, ``BASE.index``, keyed ``m.DOMAIN_UUID.BACKUP_ID``; a point is published
 by one atomic omap write, after its snapshots exist. Restores read one snapshot;
 prunes drop manifests and snapshots (the kept points' parents re-pointed in the
-same index write), and Ceph gives the space back: nothing is merged.
+same index write), and Ceph gives the space back: nothing is merged. The index is
+read within bounds (:mod:`.rbd_index`): its size is not this host's to trust.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from libvirt_rdm_backup.engine.consolidate import merged_manifest
 from libvirt_rdm_backup.engine.merge_plan import PlannedMerge
+from libvirt_rdm_backup.engine.rbd_index import Pick, read_index
 from libvirt_rdm_backup.engine.rbd_sink import RbdSink, secret_id
 from libvirt_rdm_backup.engine.sinks import Session
 from libvirt_rdm_backup.errors import (
@@ -75,13 +77,13 @@ class RbdStore:
         """Connect; an index is started when ``create`` (else NotFoundError without one)."""
         store = cls(address, RbdPool(address.conf, address.user, address.pool).connect())
         try:
-            found = store.pool.omap(store.index).get(REPO_KEY)
+            found = store.pool.omap_values(store.index, [REPO_KEY])[0].get(REPO_KEY)
             if found is None and not create:
                 raise NotFoundError(f"{address.uri} holds no backups (no {store.index})")
             if found is None:
                 found = secrets.token_hex(3).encode()
                 store.pool.set_omap(store.index, {REPO_KEY: found})
-            store.repo_id = found.decode("ascii", "replace")
+            store.repo_id = found.decode("ascii", "replace") if len(found) == 6 else ""
             if not _REPO_ID_RE.fullmatch(store.repo_id):  # it names bitmaps and snapshots
                 raise RepositoryError(f"{address.uri.partition('?')[0]}: {store.index} holds "
                                       "no valid repository id")
@@ -136,19 +138,30 @@ class RbdStore:
 
     def scan(self, domain_uuid: str | None = None) -> Scan:
         """The index's manifests, each checked to be one this tool writes: its key (a
-        domain UUID and a backup id), its size, and the names its disks give images."""
-        backups, damaged = [], []
-        for key, value in self.pool.omap(self.index).items():
+        domain UUID and a backup id), its size, and the names its disks give images. Read
+        within bounds (:mod:`.rbd_index`): only the values of such keys (of the domain,
+        when one is asked) are read; a malformed ``m.`` key is damage without its value
+        being read, any other key is left alone."""
+
+        def pick(key: str) -> Pick:
             if not key.startswith(MANIFEST_PREFIX):
-                continue
-            uuid, _, backup_id = key[len(MANIFEST_PREFIX):].partition(".")
+                return None
+            uuid, backup_id = _split(key)
             if domain_uuid is not None and uuid != domain_uuid:
-                continue
+                return None
+            return "key" if _key_problem(uuid, backup_id) else "value"
+
+        def parse(key: str, value: bytes | None) -> Manifest | Damage:
+            uuid, backup_id = _split(key)
             try:
-                backups.append(_checked(uuid, backup_id, value))
+                return _checked(uuid, backup_id, value)
             except RepositoryError as err:
-                damaged.append(Damage(uuid[:64], backup_id[:64], str(err)))
-        return Scan(in_order(backups), damaged)
+                return Damage(uuid[:64], backup_id[:64], str(err))
+
+        where = f"{self.address.uri.partition('?')[0]}: {self.index}"
+        found = read_index(self.pool, self.index, where, pick, parse)
+        return Scan(in_order([m for m in found if isinstance(m, Manifest)]),
+                    [d for d in found if isinstance(d, Damage)])
 
     def write_manifests(self, manifests: list[Manifest], drop: tuple[str, ...] = ()) -> None:
         """Publish new or changed manifests and remove dropped keys, in one atomic write."""
@@ -284,17 +297,32 @@ class RbdStore:
         return False
 
 
-def _checked(uuid: str, backup_id: str, value: bytes) -> Manifest:
-    """The manifest under key ``m.UUID.BACKUP_ID``, once it is one this tool could have
-    written there (raises RepositoryError): canonical UUID, backup id, at most
-    MAX_MANIFEST bytes, naming itself, its disks with names fit for image names."""
+def _split(key: str) -> tuple[str, str]:
+    """The domain UUID and backup id an ``m.`` key names (as written; unchecked)."""
+    uuid, _, backup_id = key[len(MANIFEST_PREFIX):].partition(".")
+    return uuid, backup_id
+
+
+def _key_problem(uuid: str, backup_id: str) -> str | None:
+    """Why ``m.UUID.BACKUP_ID`` is no key this tool writes (None: it is one)."""
     try:
         canonical = check_uuid(uuid) == uuid
     except UsageError:
         canonical = False
     if not canonical or not BACKUP_ID_RE.fullmatch(backup_id):
-        raise RepositoryError(f"index key {MANIFEST_PREFIX}{uuid[:64]}.{backup_id[:64]} is "
-                              "not a domain UUID and a backup id")
+        return (f"index key {MANIFEST_PREFIX}{uuid[:64]}.{backup_id[:64]} is not a domain "
+                "UUID and a backup id")
+    return None
+
+
+def _checked(uuid: str, backup_id: str, value: bytes | None) -> Manifest:
+    """The manifest under key ``m.UUID.BACKUP_ID``, once it is one this tool could have
+    written there (raises RepositoryError): canonical UUID, backup id, at most
+    MAX_MANIFEST bytes, naming itself, its disks with names fit for image names."""
+    problem = _key_problem(uuid, backup_id)
+    if problem is not None or value is None:
+        raise RepositoryError(problem or f"index key {MANIFEST_PREFIX}{uuid}.{backup_id} "
+                              "was not read")
     if len(value) > MAX_MANIFEST:
         raise RepositoryError(f"manifest of {len(value)} bytes (at most {MAX_MANIFEST})")
     manifest = Manifest.loads(value.decode("utf-8", "replace"))

@@ -14,12 +14,12 @@ import hashlib
 import os
 import socket
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
-from libvirt_rdm_backup.errors import OperationError, StorageError
+from libvirt_rdm_backup.errors import OperationError, StorageError, VerificationError
 from libvirt_rdm_backup.storage import rbd as ceph
 
 try:
@@ -112,15 +112,38 @@ class RbdPool:
 
     # rados objects: the index (omap) and its attributes
 
-    def omap(self, name: str) -> dict[str, bytes]:
-        """Every key and value of an object's omap ({} when the object is absent)."""
+    def omap_keys(self, name: str, after: str, count: int) -> tuple[list[str], int]:
+        """Up to ``count`` of an object's omap keys after ``after``, in order, and the
+        object's version they were read at (``([], 0)`` when it is absent). The OSD may
+        return fewer (it caps a reply at osd_max_omap_entries_per_request keys and
+        osd_max_omap_bytes_per_request bytes): the end is a page without keys. A key that
+        is not UTF-8 is a VerificationError (the bindings cannot name it to read past it)."""
         try:
             with rados.ReadOpCtx() as op:
-                values, _ = self._ioctx.get_omap_vals(op, "", "", 1 << 20)
+                found, _ = self._ioctx.get_omap_keys(op, after, count)
                 self._ioctx.operate_read_op(op, name)
-                return {str(k): bytes(v) for k, v in values}
+                return [str(k) for k, _v in found], int(self._ioctx.get_last_version())
         except rados.ObjectNotFound:
-            return {}
+            return [], 0
+        except UnicodeDecodeError as err:
+            raise VerificationError(f"{name} in pool {self.pool} holds an omap key that is "
+                                    f"not UTF-8 ({bytes(err.object)[:64]!r}): not one this "
+                                    "tool writes, and no key after it can be listed") from err
+        except rados.Error as err:
+            raise _error(f"cannot list the keys of {name} in pool {self.pool}", err) from err
+
+    def omap_values(self, name: str, keys: Sequence[str]) -> tuple[dict[str, bytes], int]:
+        """The values of those of ``keys`` that the object's omap holds, read in one op,
+        and the object's version they were read at (``({}, 0)`` when it is absent). The
+        OSD caps no reply by key: each value comes whole, as large as one write made it."""
+        try:
+            with rados.ReadOpCtx() as op:
+                found, _ = self._ioctx.get_omap_vals_by_keys(op, tuple(keys))
+                self._ioctx.operate_read_op(op, name)
+                return ({str(k): bytes(v) for k, v in found},
+                        int(self._ioctx.get_last_version()))
+        except rados.ObjectNotFound:
+            return {}, 0
         except rados.Error as err:
             raise _error(f"cannot read {name} in pool {self.pool}", err) from err
 

@@ -3,24 +3,30 @@ another image of the pool is refused by verify and restore (exit 5, nothing writ
 other image's bytes never restored); writes into a backup image's head are undone before
 the next point builds on it; prune removes only snapshots named as backups (a
 snapshot made by hand on a backup image stays); an index whose repository id the tool
-would not write is refused (exit 4). Built through the store's own calls, no domain."""
+would not write is refused (exit 4); an index filled with keys this tool never writes,
+with values of MiBs, is read within bounds (``list`` never fetches those values; more keys
+than the bound: exit 5). Built through the store's own calls, no domain."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from libvirt_rdm_backup import cli
 from libvirt_rdm_backup.domain.disks import RawDisk, RbdSource, SourceKind
+from libvirt_rdm_backup.engine import rbd_index
 from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
 from libvirt_rdm_backup.engine.rbd_sink import RbdSink
 from libvirt_rdm_backup.engine.rbd_store import RbdStore
 from libvirt_rdm_backup.engine.stores import open_store
 from libvirt_rdm_backup.modes import Level
 from libvirt_rdm_backup.repository.chain import DiskPoint
+from libvirt_rdm_backup.storage.rbd_pool import RbdPool
 from tests.e2e.test_rbd_target import _remove_target
 from tests.unit.test_rbd_store_trust import manifest
 from tools import cephkit, labkit
@@ -73,7 +79,7 @@ def test_an_edited_index_opens_no_other_image_and_prune_keeps_foreign_snapshots(
                 assert isinstance(store, RbdStore)
                 point(store, dom, B1, None, 0x31, 0)
                 key = f"m.{dom}.{B1}"
-                good = store.pool.omap(store.index)[key]
+                good = store.pool.omap_values(store.index, [key])[0][key]
                 assert labkit.rdm_backup("verify", "--target", target).returncode == 0
 
                 # the manifest edited to name the other image (its snapshot and digest too):
@@ -172,3 +178,56 @@ def test_an_edited_index_opens_no_other_image_and_prune_keeps_foreign_snapshots(
     finally:
         _remove_target(prefix)
         cephkit.remove_image(cephkit.POOL, fresh)
+
+
+def test_an_index_filled_by_another_writer_is_read_within_bounds(
+    ceph: None, run_token: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Keys this tool never writes, with values of MiBs, and more keys than the OSD returns in
+    one reply, in a real index: ``list`` lists the real points and never fetches those values;
+    more keys than the bound: refused (exit 5)."""
+    prefix = f"rdmb-{run_token}-bound"
+    target = f"rbd://{cephkit.POOL}/{prefix}?conf={cephkit.CEPH_CONF}&id={cephkit.CLIENT}"
+    dom = str(uuid.uuid4())
+    foreign = {f"x.{n}": bytes([n]) * (4 * MiB) for n in range(3)} | {"m": b"m" * 4 * MiB}
+    foreign |= {f"a.{n:04d}": b"a" * 16 for n in range(1100)}  # before m.: past the OSD's
+    # 1024 keys per reply (a single read saw no manifest)
+    fetched: list[tuple[tuple[str, ...], int]] = []
+    real = RbdPool.omap_values
+
+    def counting(pool: RbdPool, name: str, keys: Sequence[str]) -> tuple[dict[str, bytes], int]:
+        values, version = real(pool, name, keys)
+        fetched.append((tuple(keys), sum(len(v) for v in values.values())))
+        return values, version
+
+    import rados
+
+    try:
+        with open_store(target, create=True) as store:
+            assert isinstance(store, RbdStore)
+            point(store, dom, B1, None, 0x31, 0)
+            point(store, dom, B2, B1, 0x32, MiB)
+            store.pool.set_omap(store.index, foreign)  # 16 MiB in one write
+            with cephkit.ioctx() as ctx, rados.ReadOpCtx() as op:
+                first, _ = ctx.get_omap_vals(op, "", "", 1 << 20)
+                ctx.operate_read_op(op, store.index)
+                assert not any(k.startswith("m.") for k, _v in first)
+        monkeypatch.setattr(RbdPool, "omap_values", counting)
+        capsys.readouterr()
+        assert cli.main(["list", "--target", target]) == 0
+        out = capsys.readouterr().out
+        assert [line.split()[0] for line in out.splitlines()] == [B1, B2], out
+        asked = {key for keys, _n in fetched for key in keys}
+        assert asked == {"repo_id", f"m.{dom}.{B1}", f"m.{dom}.{B2}"}, asked
+        assert sum(n for _k, n in fetched) < 256 * 1024, fetched  # manifests: KiBs, not MiBs
+
+        # more keys than the bound (1000 here; the index holds 1107): refused before any value
+        monkeypatch.setattr(rbd_index, "MAX_INDEX_KEYS", 1000)
+        fetched.clear()
+        assert cli.main(["list", "--target", target]) == 5
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{prefix}.index holds more than 1000 keys" in err[0], err
+        assert "conf=" not in err[0]
+        assert [keys for keys, _n in fetched] == [("repo_id",)]  # opening: the id alone
+    finally:
+        _remove_target(prefix)

@@ -32,8 +32,11 @@ class FakePool:
     removed: list[str] = field(default_factory=list)
     key: str = "QUJD"
 
-    def omap(self, _name: str) -> dict[str, bytes]:
-        return dict(self.index)
+    def omap_keys(self, _name: str, after: str, count: int) -> tuple[list[str], int]:
+        return sorted(k for k in self.index if k > after)[:count], 1
+
+    def omap_values(self, _name: str, keys: list[str]) -> tuple[dict[str, bytes], int]:
+        return {k: self.index[k] for k in keys if k in self.index}, 1
 
     def set_omap(self, _name: str, values: dict[str, bytes], remove: tuple[str, ...] = ()) -> None:
         self.index.update(values)
