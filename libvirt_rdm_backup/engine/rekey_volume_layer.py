@@ -9,7 +9,9 @@ header and tables, inside the layer's used bytes). QEMU then opens nothing but t
 window (a ``raw`` node of those bytes of the export under its ``luks`` driver): no qcow2
 header is parsed by QEMU, whatever the server answers later, and the key change writes
 nowhere else. The window must also be clear of every other layer's region, of every
-manifest and of the journal, so that no two changes meet.
+manifest and of the journal, so that no two changes meet; and no listed layer may lie
+where the journal and the new manifests are allocated (free regions, past the allocation
+pointer).
 """
 
 from __future__ import annotations
@@ -107,6 +109,14 @@ def open_layers(volume: NbdVolume, listed: Scan) -> dict[LayerKey, VolumeLayer]:
                 used.setdefault((manifest.domain_uuid, manifest.backup_id,
                                  record.disk.target), []).append(
                     (int(location["offset"]), int(location["region"])))
+    writes = volume.allocatable()  # where the journal and the new manifests may go
+    for (_uuid, backup_id, disk), regions in used.items():
+        clash = overlap(regions, writes)
+        if clash:
+            raise DamagedBackupError(backup_id, f"its layer's bytes at {clash[0][0]}+"
+                                     f"{clash[0][1]} lie where the key change writes (a free "
+                                     "region, or past the allocation pointer); the key was "
+                                     "not changed", disk)
     others = [*journal_region(volume.superblock), *manifest_places(volume)]
     for key, layer in found.items():
         problem = window_problem(layer.window, [r for k, regions in used.items()

@@ -38,7 +38,7 @@ from libvirt_rdm_backup.targets.volume_format import (
     SLOT,
     Superblock,
 )
-from libvirt_rdm_backup.targets.volume_space import overlap, space_problem
+from libvirt_rdm_backup.targets.volume_space import overlap, space_problem, subtract
 from tests.oracles import newest_superblock
 from tests.unit.test_rekey_layers import FAST, NEW, OLD, keys  # noqa: F401
 from tests.unit.test_repository_damage_units import IDS, UUID, vdb
@@ -393,3 +393,31 @@ def test_qemu_amends_the_luks_header_of_a_window_node(
                                                  "encrypt": layers.encrypt_options("k")})],
                           capture_output=True, text=True, check=False)
     assert read.returncode == 0 and "Pattern verification failed" not in read.stdout
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("where", ["free", "past-next-free"])
+def test_a_layer_where_the_key_change_allocates_is_refused_before_anything_is_written(
+        encrypted: tuple[NbdVolume, MemoryExport, list[Manifest]],
+        monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    _vol, export, made = encrypted
+    FakeSlots(export).install(monkeypatch)
+    location = made[0].disks[0].location or {}
+    layer = (int(location["offset"]), int(location["region"]))
+    table = _table(export)
+    entries = [{**e, "regions": [list(r) for r in subtract(map(tuple, e["regions"]), [layer])]}
+               for e in table.entries]
+    if where == "free":  # the table lists the first layer's region as free, owned by none
+        hostile = replace(table, generation=table.generation + 1, entries=entries,
+                          free=[layer])
+    else:  # the allocation pointer lies below the layer's region
+        hostile = replace(table, generation=table.generation + 1, entries=entries, free=[],
+                          next_free=layer[0])
+    assert space_problem(hostile, 64 << 20) is None  # a table that passes the free list check
+    vol = volume(export)
+    vol._write_superblock(hostile)
+    before = bytes(export.data[layer[0]:layer[0] + layer[1]])
+    with pytest.raises(DamagedBackupError, match="where the key change writes"):
+        _rekey(volume(export))
+    assert bytes(export.data[layer[0]:layer[0] + layer[1]]) == before
+    assert _table(export).rekey is None
