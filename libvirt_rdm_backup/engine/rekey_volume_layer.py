@@ -17,6 +17,8 @@ pointer).
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,12 +120,41 @@ def open_layers(volume: NbdVolume, listed: Scan) -> dict[LayerKey, VolumeLayer]:
                                      "region, or past the allocation pointer); the key was "
                                      "not changed", disk)
     others = [*journal_region(volume.superblock), *manifest_places(volume)]
+    reach = _reach(used, others)
     for key, layer in found.items():
-        problem = window_problem(layer.window, [r for k, regions in used.items()
-                                                if k != key for r in regions] + others)
-        if problem is not None:
-            raise layer.damaged(problem)
+        if reach(key, layer.window):  # named from the regions it meets (the slow way)
+            problem = window_problem(layer.window, [r for k, regions in used.items()
+                                                    if k != key for r in regions] + others)
+            raise layer.damaged(problem or "has its LUKS header in bytes another uses")
     return found
+
+
+def _reach(used: dict[LayerKey, list[Region]], others: list[Region]
+           ) -> Callable[[LayerKey, Region], bool]:
+    """Whether a window of a layer meets a region of another layer or one of ``others``:
+    the regions sorted once, and per prefix the two furthest ends of distinct owners, so
+    that each window is one search (not a pass over every region)."""
+    spans = sorted([(o, o + n, k) for k, regions in used.items() for o, n in regions]
+                   + [(o, o + n, None) for o, n in others], key=lambda s: s[0])
+    starts = [start for start, _end, _owner in spans]
+    tops: list[tuple[int, LayerKey | None, int]] = []
+    best: tuple[int, LayerKey | None, int] = (-1, None, -1)  # end, its owner, another's end
+    for _start, end, owner in spans:
+        top, top_owner, other = best
+        if end > top:
+            best = (end, owner, other if owner == top_owner else top)
+        elif owner != top_owner and end > other:
+            best = (top, top_owner, end)
+        tops.append(best)
+
+    def meets(key: LayerKey, window: Region) -> bool:
+        below = bisect_left(starts, window[0] + window[1])  # the regions starting before its end
+        if not below:
+            return False
+        top, top_owner, other = tops[below - 1]
+        return (other if top_owner == key else top) > window[0]
+
+    return meets
 
 
 def manifest_places(volume: NbdVolume) -> list[Region]:

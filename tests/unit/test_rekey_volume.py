@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -30,6 +32,7 @@ from libvirt_rdm_backup.qemu import img, layers, luks_slots
 from libvirt_rdm_backup.qemu.secrets import LayerKey, secret_definition
 from libvirt_rdm_backup.repository.digest import Digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.store import Scan
 from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
 from libvirt_rdm_backup.targets.volume_format import (
     _HEAD,
@@ -421,3 +424,47 @@ def test_a_layer_where_the_key_change_allocates_is_refused_before_anything_is_wr
         _rekey(volume(export))
     assert bytes(export.data[layer[0]:layer[0] + layer[1]]) == before
     assert _table(export).rekey is None
+
+
+class _ManyLayers:
+    """A volume's calls ``open_layers`` makes, every region holding ``head`` (the first
+    bytes of a real LUKS layer): as many layers as a table of contents may list."""
+
+    def __init__(self, head: bytes) -> None:
+        self.head, self.size = head, 1 << 50
+        self.superblock = Superblock("abc123", next_free=1 << 49)
+
+    def read(self, _offset: int, length: int) -> bytes:
+        return self.head[:length]
+
+    def allocatable(self) -> list[tuple[int, int]]:
+        return []
+
+
+@pytest.mark.hostile
+def test_the_windows_of_many_layers_are_checked_in_one_sweep(layer_bytes: list[bytes]) -> None:
+    count, region = 10_000, 4 << 20
+    base = DiskRecord(disk=vdb(), size=DISK, data_file="vdb.qcow2", format="qcow2",
+                      digest=Digest("sha256", "0" * 64), level="full", data_path="qemu",
+                      bytes_transferred=0, stored_bytes=0,
+                      encryption={"format": "luks", "key_id": OLD_ID, "salt": SALT})
+    disks = [replace(base, disk=replace(vdb(), target=f"vd{n}"),
+                     location={"offset": DATA_START + n * region, "region": region,
+                               "length": len(layer_bytes[0])}) for n in range(count)]
+    manifest = Manifest(backup_id=IDS[0], domain_uuid=UUID, domain_name="vm", level="full",
+                        created=IDS[0], completed=IDS[0], consistency={},
+                        domain_xml="<domain/>", disks=disks)
+    vol = _ManyLayers(layer_bytes[0][:layers.HEADER_READ])
+    started = time.monotonic()
+    found = open_layers(cast(NbdVolume, vol), Scan([manifest], []))
+    assert len(found) == count and time.monotonic() - started < 20
+    # the last layer in the region of the first: still found, and named
+    clash = replace(disks[-1], location={**(disks[0].location or {})})
+    with pytest.raises(DamagedBackupError, match="disk vd0: vdb.qcow2 has its LUKS header"):
+        open_layers(cast(NbdVolume, vol), Scan([replace(manifest, disks=[*disks[:-1], clash])],
+                                              []))
+    clash = replace(disks[-1], location={**(disks[-2].location or {}), "offset": DATA_START
+                                         + (count - 2) * region + (1 << 20)})
+    with pytest.raises(DamagedBackupError, match="has its LUKS header"):
+        open_layers(cast(NbdVolume, vol), Scan([replace(manifest, disks=[*disks[:-1], clash])],
+                                              []))
