@@ -30,13 +30,15 @@ from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.rekey_journal import encrypted_layers
 from libvirt_rdm_backup.repository.store import Scan
 from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
+from libvirt_rdm_backup.targets.volume_changes import layer_regions
 from libvirt_rdm_backup.targets.volume_format import (
     Region,
+    align,
     entry_problem,
     journal_region,
     location_problem,
 )
-from libvirt_rdm_backup.targets.volume_space import overlap
+from libvirt_rdm_backup.targets.volume_space import entry_regions, overlap, subtract
 
 LayerKey = tuple[str, str, str]  # domain UUID, backup id, disk
 
@@ -97,6 +99,7 @@ def open_layers(volume: NbdVolume, listed: Scan) -> dict[LayerKey, VolumeLayer]:
     """Every encrypted layer of the listed backups, checked (DamagedBackupError naming
     the first that is not what this tool writes, or whose LUKS header window meets
     another layer's region, a manifest or the journal)."""
+    _check_owned(volume, listed.backups)
     found: dict[LayerKey, VolumeLayer] = {}
     for manifest, disk in encrypted_layers(listed.backups):
         record = manifest.disk(disk)
@@ -155,6 +158,31 @@ def _reach(used: dict[LayerKey, list[Region]], others: list[Region]
         return (other if top_owner == key else top) > window[0]
 
     return meets
+
+
+def _check_owned(volume: NbdVolume, backups: list[Manifest]) -> None:
+    """Each listed backup's entry owns its manifest's and layers' regions (an entry that
+    lists none is read from its manifest when written again): else a region another
+    entry owns goes to the free list, and is trimmed, when the change writes that entry
+    again. DamagedBackupError naming the first backup that does not own its bytes."""
+    entries = {(str(e.get("domain_uuid")), str(e.get("backup_id"))): e
+               for e in volume.superblock.entries}
+    for manifest in backups:
+        entry = entries.get((manifest.domain_uuid, manifest.backup_id), {})
+        try:
+            owned = entry_regions(entry, volume.size)
+            places = layer_regions(manifest, volume.size, strict=False)
+        except ValueError as err:
+            raise DamagedBackupError(manifest.backup_id, f"{err}; the key was not changed"
+                                     ) from None
+        if owned is None:
+            continue
+        offset, length = entry.get("manifest") or (0, 0)
+        lost = subtract([*places, (int(offset), align(int(length)))], owned)
+        if lost:
+            raise DamagedBackupError(manifest.backup_id, "its entry in the table of contents "
+                                     f"does not own its bytes at {lost[0][0]}+{lost[0][1]}; "
+                                     "the key was not changed")
 
 
 def manifest_places(volume: NbdVolume) -> list[Region]:

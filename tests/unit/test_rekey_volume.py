@@ -413,14 +413,16 @@ def test_a_layer_where_the_key_change_allocates_is_refused_before_anything_is_wr
     if where == "free":  # the table lists the first layer's region as free, owned by none
         hostile = replace(table, generation=table.generation + 1, entries=entries,
                           free=[layer])
-    else:  # the allocation pointer lies below the layer's region
-        hostile = replace(table, generation=table.generation + 1, entries=entries, free=[],
+        refusal = f"backup {made[0].backup_id}: .* does not own its bytes at {layer[0]}"
+    else:  # the allocation pointer lies below the layer's region (its entry owns it)
+        hostile = replace(table, generation=table.generation + 1, free=[],
                           next_free=layer[0])
+        refusal = "where the key change writes"
     assert space_problem(hostile, 64 << 20) is None  # a table that passes the free list check
     vol = volume(export)
     vol._write_superblock(hostile)
     before = bytes(export.data[layer[0]:layer[0] + layer[1]])
-    with pytest.raises(DamagedBackupError, match="where the key change writes"):
+    with pytest.raises(DamagedBackupError, match=refusal):
         _rekey(volume(export))
     assert bytes(export.data[layer[0]:layer[0] + layer[1]]) == before
     assert _table(export).rekey is None
@@ -468,3 +470,37 @@ def test_the_windows_of_many_layers_are_checked_in_one_sweep(layer_bytes: list[b
     with pytest.raises(DamagedBackupError, match="has its LUKS header"):
         open_layers(cast(NbdVolume, vol), Scan([replace(manifest, disks=[*disks[:-1], clash])],
                                               []))
+
+
+@pytest.mark.hostile
+def test_a_layer_the_table_gives_to_another_backup_is_not_freed_by_the_key_change(
+        encrypted: tuple[NbdVolume, MemoryExport, list[Manifest]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    vol, export, made = encrypted
+    FakeSlots(export).install(monkeypatch)
+    vol.take_lease()  # a plain backup of another disk beside the encrypted ones
+    offset = vol.allocate(REGION)
+    export.pwrite(b"plain data" * 1000, offset)
+    record = replace(made[0].disks[0], disk=replace(vdb(), target="vdc"), encryption=None,
+                     location={"offset": offset, "region": REGION, "length": 10_000},
+                     digest=Digest("sha256", hashlib.sha256(export.pread(10_000, offset))
+                                   .hexdigest()))
+    vol.publish(Manifest(backup_id=IDS[2], domain_uuid=UUID, domain_name="vm", level="full",
+                         created=IDS[2], completed=IDS[2], consistency={},
+                         domain_xml="<domain/>", disks=[record]))
+    # the table gives the plain layer's region to the first (encrypted) backup's entry
+    table = _table(export)
+    plain = (offset, REGION)
+    entries = [{**e, "regions": [list(r) for r in (
+        [*map(tuple, e["regions"]), plain] if e["backup_id"] == made[0].backup_id else
+        subtract(map(tuple, e["regions"]), [plain]))]} for e in table.entries]
+    hostile = replace(table, generation=table.generation + 1, entries=entries)
+    assert space_problem(hostile, 64 << 20) is None
+    vol._write_superblock(hostile)
+    before = export.pread(REGION, offset)
+    with pytest.raises(DamagedBackupError, match=f"backup {IDS[2]}: .* does not own its "
+                       f"bytes at {offset}"):
+        _rekey(volume(export))
+    assert export.pread(REGION, offset) == before
+    assert isinstance(export, TrimExport) and not overlap(export.trims, [plain])
+    assert _table(export).rekey is None
