@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -24,7 +25,7 @@ from libvirt_rdm_backup.qemu.layer_format import PLAIN, LayerFormat
 from libvirt_rdm_backup.qemu.secrets import LayerKey, key_file, secret_definition, secret_object
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint, lineage
 from libvirt_rdm_backup.repository.chunks import ChunkMap
-from libvirt_rdm_backup.repository.digest import Digest, file_digest
+from libvirt_rdm_backup.repository.digest import Digest, file_digest, file_digests
 from libvirt_rdm_backup.repository.encryption import check_key, new_record, read_record
 from libvirt_rdm_backup.repository.ids import check_safe_name, now_iso
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
@@ -193,17 +194,37 @@ class FileStore:
             return self._check(point.manifest, point.record)
         return self._layer_problem(point.manifest, point.record)
 
-    def _check(self, manifest: Manifest, record: DiskRecord) -> str | None:
-        """What is wrong with a disk's stored data (digests of data file and chunk map).
+    def checked_layer(self, point: DiskPoint) -> tuple[str | None, str]:
+        """A point's layer file opened once, not through a symlink, and held open until the
+        store is closed: what is wrong with it, checked through that descriptor as
+        :meth:`damage` with digests checks it (None: nothing), and the name ``/dev/fd/N``
+        by which a process that inherits the descriptor opens that very file, whatever its
+        path names meanwhile."""
+        record = point.record
+        try:
+            fd = os.open(self.repo.data_file(point.manifest, record),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as err:
+            return f"{record.data_file} cannot be opened: {err.strerror}", ""
+        self._stack.callback(os.close, fd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return f"{record.data_file} is not a regular file", ""
+        return self._check(point.manifest, record, fd), f"/dev/fd/{fd}"
+
+    def _check(self, manifest: Manifest, record: DiskRecord, fd: int | None = None
+               ) -> str | None:
+        """What is wrong with a disk's stored data (digests of data file and chunk map;
+        ``fd``: the data file read through that descriptor).
 
         A mismatch is recorded beside the data, for the cheap checks of later
         backups; a match clears such a record (the data was repaired). The layer's
         header is checked first (:meth:`header_problem`).
         """
         path = self.repo.data_file(manifest, record)
-        problem, lasting = self.header_problem(manifest, record), True
+        problem, lasting = self.header_problem(manifest, record, fd), True
         if problem is None:
-            problem, lasting = _file_problem(path, record.data_file, record.digest)
+            problem, lasting = _file_problem(path if fd is None else fd, record.data_file,
+                                             record.digest)
         if problem is None and record.chunk_map and record.chunk_map_digest:
             chunk_path = os.path.join(os.path.dirname(path),
                                       check_safe_name(record.chunk_map, "chunk map"))
@@ -238,8 +259,10 @@ class FileStore:
                 return f"chunk map {record.chunk_map} is missing"
         return None
 
-    def header_problem(self, manifest: Manifest, record: DiskRecord) -> str | None:
-        """What in a layer's header this tool did not write (read before any of its data).
+    def header_problem(self, manifest: Manifest, record: DiskRecord, fd: int | None = None
+                       ) -> str | None:
+        """What in a layer's header this tool did not write (read before any of its data;
+        ``fd``: through that descriptor).
 
         Its backing file must be exactly the one the manifest's parent link implies.
         """
@@ -250,18 +273,28 @@ class FileStore:
         if record.backing_file is not None and record.backing_file != expected:
             return (f"{record.data_file}: the manifest names backing file "
                     f"{record.backing_file!r}, its parent link implies {expected!r}")
-        problem = layers.file_problem(self.repo.data_file(manifest, record), expected,
-                                      record.size, record.encryption is not None)
+        encrypted = record.encryption is not None
+        if fd is None:
+            problem = layers.file_problem(self.repo.data_file(manifest, record), expected,
+                                          record.size, encrypted)
+        else:
+            try:
+                head = os.pread(fd, layers.HEADER_READ, 0)
+            except OSError as err:
+                return f"{record.data_file} is unreadable: {err.strerror}"
+            problem = layers.header_problem(head, expected, record.size, encrypted)
         return None if problem is None else f"{record.data_file} {problem}"
 
     def _layer_paths(self, points: list[DiskPoint]) -> list[str]:
         """The data files of a point's layers (itself first), as the layout places them."""
         return [self.repo.data_file(p.manifest, p.record) for p in points]
 
-    def image_node(self, points: list[DiskPoint]) -> dict[str, Any]:
+    def image_node(self, points: list[DiskPoint], files: list[str] | None = None
+                   ) -> dict[str, Any]:
+        """``files``: the layer files to open (:meth:`checked_layer`), else their paths."""
         for point in points:
             self.check_key(point)
-        return layers.chain_node([layers.file_node(p) for p in self._layer_paths(points)],
+        return layers.chain_node([layers.file_node(p) for p in files or self._layer_paths(points)],
                                  [p.record.encryption is not None for p in points])
 
     def check_key(self, point: DiskPoint) -> None:
@@ -285,12 +318,14 @@ class FileStore:
         return self.repo.holds(path)
 
 
-def _file_problem(path: str, what: str, expected: Digest) -> tuple[str | None, bool]:
-    """What is wrong with a stored file, and whether it lasts (not a read error)."""
-    if not os.path.exists(path):
+def _file_problem(path: str | int, what: str, expected: Digest) -> tuple[str | None, bool]:
+    """What is wrong with a stored file (a path, or an open descriptor), and whether it
+    lasts (not a read error)."""
+    if isinstance(path, str) and not os.path.exists(path):
         return f"{what} is missing", True
     try:
-        digest = file_digest(path, expected.algorithm)
+        digest = (file_digest(path, expected.algorithm) if isinstance(path, str) else
+                  file_digests(path, (0, 0), expected.algorithm)[0])
     except OSError as err:
         return f"{what} unreadable: {err.strerror}", False
     if digest.value != expected.value:

@@ -24,9 +24,10 @@ from collections.abc import Iterator
 from itertools import tee
 from typing import Any
 
+from libvirt_rdm_backup.engine.file_store import FileStore
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.engine.stores import Store
-from libvirt_rdm_backup.engine.verify import cached_checker, lineage_problem
+from libvirt_rdm_backup.engine.verify import Checker, cached_checker, lineage_problem
 from libvirt_rdm_backup.errors import DamagedBackupError, OperationError, StorageError
 from libvirt_rdm_backup.modes import Level
 from libvirt_rdm_backup.pacing import Pacer, paced
@@ -43,7 +44,7 @@ from libvirt_rdm_backup.qemu.nbd_io import (
     stream,
 )
 from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
-from libvirt_rdm_backup.repository.chain import Chain
+from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
 from libvirt_rdm_backup.repository.chunks import CHUNK
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,15 @@ def parent_images(store: Store, chain: Chain, plans: list[DiskPlan]
 
     Every layer of such a point is checked as a restore checks it (header, digest of the
     stored data: what is read back decides what the new layer holds) before it is opened;
-    an encrypted point is refused without its key. Raises DamagedBackupError.
+    an encrypted point is refused without its key. A file repository's layer is opened
+    once and checked through that descriptor, which ``qemu-nbd`` inherits and opens
+    (``/dev/fd/N``): the file read back is the one checked, whatever its path names
+    meanwhile. Raises DamagedBackupError.
     """
     images: dict[str, dict[str, Any]] = {}
-    check = cached_checker(store)
+    files: dict[tuple[str, str], str] = {}  # the held layer files of a file repository
+    check = _held_checker(store, files) if isinstance(store, FileStore) else \
+        cached_checker(store)
     for plan in plans:
         if not reads_back(plan):
             continue
@@ -77,8 +83,37 @@ def parent_images(store: Store, chain: Chain, plans: list[DiskPlan]
         if problem is not None:
             raise DamagedBackupError(plan.parent.backup_id, f"{problem}; it cannot be read "
                                      "back for a resync", plan.disk.target)
-        images[plan.disk.target] = store.image_node(points)
+        if isinstance(store, FileStore):
+            images[plan.disk.target] = store.image_node(points, [
+                files[p.backup_id, p.record.disk.target] for p in points])
+        else:
+            images[plan.disk.target] = store.image_node(points)
     return images
+
+
+def _held_checker(store: FileStore, files: dict[tuple[str, str], str]) -> Checker:
+    """:meth:`.FileStore.checked_layer` of a point, once per layer (its name into ``files``)."""
+    problems: dict[tuple[str, str], str | None] = {}
+
+    def check(point: DiskPoint) -> str | None:
+        key = (point.backup_id, point.record.disk.target)
+        if key not in problems:
+            problems[key], files[key] = store.checked_layer(point)
+        return problems[key]
+
+    return check
+
+
+def _held_fds(node: dict[str, Any] | None) -> tuple[int, ...]:
+    """The descriptors the layer files of a chain node are named by (``/dev/fd/N``)."""
+    found = []
+    while node is not None:
+        file = node.get("file")
+        name = str(file.get("filename", "")) if isinstance(file, dict) else ""
+        if name.startswith("/dev/fd/"):
+            found.append(int(name.removeprefix("/dev/fd/")))
+        node = node.get("backing")
+    return tuple(found)
 
 
 def _merged(disk: Iterator[Segment], point: Iterator[Segment]) -> Iterator[Piece]:
@@ -161,7 +196,8 @@ def readback_layer(disk_uri: str, point_node: dict[str, Any], layer_node: dict[s
     pacer = Pacer(speed) if speed > 0 else None
     handles: list[Any] = []
     try:
-        with qemu_nbd_server(json_filename(point_node), None, readonly=True) as point_uri, \
+        with qemu_nbd_server(json_filename(point_node), None, readonly=True,
+                             pass_fds=_held_fds(point_node)) as point_uri, \
                 qemu_nbd_server(json_filename(layer_node), None, readonly=False) as layer_uri:
             handles.append(_connected(disk_uri, size, f"the export of {label}"))
             handles.append(_connected(point_uri, size, f"the last point of {label}"))

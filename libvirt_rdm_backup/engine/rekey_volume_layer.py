@@ -9,12 +9,16 @@ header and tables, inside the layer's used bytes). QEMU then opens nothing but t
 window (a ``raw`` node of those bytes of the export under its ``luks`` driver): no qcow2
 header is parsed by QEMU, whatever the server answers later, and the key change writes
 nowhere else. The window must also be clear of every other layer's region, of every
-manifest and of the journal, so that no two changes meet.
+manifest and of the journal, so that no two changes meet; and no listed layer may lie
+where the journal and the new manifests are allocated (free regions, past the allocation
+pointer).
 """
 
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,13 +30,15 @@ from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 from libvirt_rdm_backup.repository.rekey_journal import encrypted_layers
 from libvirt_rdm_backup.repository.store import Scan
 from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
+from libvirt_rdm_backup.targets.volume_changes import layer_regions
 from libvirt_rdm_backup.targets.volume_format import (
     Region,
+    align,
     entry_problem,
     journal_region,
     location_problem,
 )
-from libvirt_rdm_backup.targets.volume_space import overlap
+from libvirt_rdm_backup.targets.volume_space import entry_regions, overlap, subtract
 
 LayerKey = tuple[str, str, str]  # domain UUID, backup id, disk
 
@@ -93,6 +99,7 @@ def open_layers(volume: NbdVolume, listed: Scan) -> dict[LayerKey, VolumeLayer]:
     """Every encrypted layer of the listed backups, checked (DamagedBackupError naming
     the first that is not what this tool writes, or whose LUKS header window meets
     another layer's region, a manifest or the journal)."""
+    _check_owned(volume, listed.backups)
     found: dict[LayerKey, VolumeLayer] = {}
     for manifest, disk in encrypted_layers(listed.backups):
         record = manifest.disk(disk)
@@ -107,13 +114,75 @@ def open_layers(volume: NbdVolume, listed: Scan) -> dict[LayerKey, VolumeLayer]:
                 used.setdefault((manifest.domain_uuid, manifest.backup_id,
                                  record.disk.target), []).append(
                     (int(location["offset"]), int(location["region"])))
+    writes = volume.allocatable()  # where the journal and the new manifests may go
+    for (_uuid, backup_id, disk), regions in used.items():
+        clash = overlap(regions, writes)
+        if clash:
+            raise DamagedBackupError(backup_id, f"its layer's bytes at {clash[0][0]}+"
+                                     f"{clash[0][1]} lie where the key change writes (a free "
+                                     "region, or past the allocation pointer); the key was "
+                                     "not changed", disk)
     others = [*journal_region(volume.superblock), *manifest_places(volume)]
+    reach = _reach(used, others)
     for key, layer in found.items():
-        problem = window_problem(layer.window, [r for k, regions in used.items()
-                                                if k != key for r in regions] + others)
-        if problem is not None:
-            raise layer.damaged(problem)
+        if reach(key, layer.window):  # named from the regions it meets (the slow way)
+            problem = window_problem(layer.window, [r for k, regions in used.items()
+                                                    if k != key for r in regions] + others)
+            raise layer.damaged(problem or "has its LUKS header in bytes another uses")
     return found
+
+
+def _reach(used: dict[LayerKey, list[Region]], others: list[Region]
+           ) -> Callable[[LayerKey, Region], bool]:
+    """Whether a window of a layer meets a region of another layer or one of ``others``:
+    the regions sorted once, and per prefix the two furthest ends of distinct owners, so
+    that each window is one search (not a pass over every region)."""
+    spans = sorted([(o, o + n, k) for k, regions in used.items() for o, n in regions]
+                   + [(o, o + n, None) for o, n in others], key=lambda s: s[0])
+    starts = [start for start, _end, _owner in spans]
+    tops: list[tuple[int, LayerKey | None, int]] = []
+    best: tuple[int, LayerKey | None, int] = (-1, None, -1)  # end, its owner, another's end
+    for _start, end, owner in spans:
+        top, top_owner, other = best
+        if end > top:
+            best = (end, owner, other if owner == top_owner else top)
+        elif owner != top_owner and end > other:
+            best = (top, top_owner, end)
+        tops.append(best)
+
+    def meets(key: LayerKey, window: Region) -> bool:
+        below = bisect_left(starts, window[0] + window[1])  # the regions starting before its end
+        if not below:
+            return False
+        top, top_owner, other = tops[below - 1]
+        return (other if top_owner == key else top) > window[0]
+
+    return meets
+
+
+def _check_owned(volume: NbdVolume, backups: list[Manifest]) -> None:
+    """Each listed backup's entry owns its manifest's and layers' regions (an entry that
+    lists none is read from its manifest when written again): else a region another
+    entry owns goes to the free list, and is trimmed, when the change writes that entry
+    again. DamagedBackupError naming the first backup that does not own its bytes."""
+    entries = {(str(e.get("domain_uuid")), str(e.get("backup_id"))): e
+               for e in volume.superblock.entries}
+    for manifest in backups:
+        entry = entries.get((manifest.domain_uuid, manifest.backup_id), {})
+        try:
+            owned = entry_regions(entry, volume.size)
+            places = layer_regions(manifest, volume.size, strict=False)
+        except ValueError as err:
+            raise DamagedBackupError(manifest.backup_id, f"{err}; the key was not changed"
+                                     ) from None
+        if owned is None:
+            continue
+        offset, length = entry.get("manifest") or (0, 0)
+        lost = subtract([*places, (int(offset), align(int(length)))], owned)
+        if lost:
+            raise DamagedBackupError(manifest.backup_id, "its entry in the table of contents "
+                                     f"does not own its bytes at {lost[0][0]}+{lost[0][1]}; "
+                                     "the key was not changed")
 
 
 def manifest_places(volume: NbdVolume) -> list[Region]:

@@ -121,6 +121,13 @@ class VolumeChanges(WriterLease):
                 self.renew_lease()
             return offset
 
+    def allocatable(self) -> list[Region]:
+        """Where :meth:`allocate` may place a region: the free list it takes from, and the
+        bytes past the allocation pointer."""
+        with self._mutex:
+            tail = self.size - self.next_free
+            return [*self._free, *([(self.next_free, tail)] if tail > 0 else [])]
+
     def publish(self, manifest: Manifest) -> None:
         """Store the manifest, then a new superblock listing it (the backup now exists).
 

@@ -3,16 +3,34 @@ disk's reads paced to ``--bwlimit``."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import cast
 
 import pytest
 
 from libvirt_rdm_backup.engine import readback, resync
-from libvirt_rdm_backup.engine.readback import _compare, _merged
+from libvirt_rdm_backup.engine.file_store import FileStore
+from libvirt_rdm_backup.engine.plan import DataPath, DiskPlan
+from libvirt_rdm_backup.engine.readback import (
+    _compare,
+    _merged,
+    parent_images,
+    readback_layer,
+)
+from libvirt_rdm_backup.modes import Level
 from libvirt_rdm_backup.pacing import Pacer, paced
+from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.nbd_io import REQUEST, LayerWriter
+from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
+from libvirt_rdm_backup.repository.chain import chain_of
 from libvirt_rdm_backup.repository.chunks import ALGORITHM, CHUNK, DIGEST_SIZE, ChunkMap
+from libvirt_rdm_backup.repository.digest import file_digest
+from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.store import Repository
+from tests.unit.test_repository_damage_units import IDS, SIZE, UUID, layer, vdb
 
 MiB = 1 << 20
 
@@ -219,3 +237,51 @@ def test_a_map_based_resync_makes_a_pacer_only_with_a_limit(
                 resync.resync_layer("nbd://disk", MiB, parent, "/nonexistent/l", "b.qcow2",
                                     speed=speed)
     assert made == [8 * MiB]
+
+
+def _layer_with(path: Path, writes: list[tuple[int, int]]) -> None:
+    """A plain qcow2 layer of the disk's size holding ``writes`` ((pattern, offset) of
+    64 KiB each)."""
+    img.create(str(path), "qcow2", SIZE)
+    for pattern, offset in writes:
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c",
+                        f"write -q -P {pattern} {offset} {CHUNK}", str(path)], check=True)
+
+
+@pytest.mark.hostile
+def test_the_point_read_back_is_the_layer_file_that_was_checked(tmp_path: Path) -> None:
+    repo = Repository.open(str(tmp_path / "repo"), create=True)
+    with repo.lock(UUID), repo.staging(UUID, IDS[0]) as staging:
+        data = Path(staging.file("vdb.qcow2"))
+        _layer_with(data, [(0x41, 0)])
+        record = DiskRecord(disk=vdb(), size=SIZE, data_file=data.name, format="qcow2",
+                            digest=file_digest(str(data)), level="full", data_path="qemu",
+                            bytes_transferred=CHUNK, stored_bytes=CHUNK,
+                            file_size=data.stat().st_size)  # no chunk map: read back
+        repo.publish(staging, Manifest(
+            backup_id=IDS[0], domain_uuid=UUID, domain_name="vm", level="full",
+            created=IDS[0], completed=IDS[0], consistency={}, domain_xml="<domain/>",
+            disks=[record]))
+    chain = chain_of(FileStore(repo).scan(UUID)[0], "default")
+    plan = DiskPlan(disk=vdb(), path=DataPath.QEMU, level=Level.RESYNC, reason="resync",
+                    parent=chain.last_point("vdb"))
+    disk = tmp_path / "disk.raw"  # what the disk holds now: the point, and one more chunk
+    with open(disk, "wb") as stream:
+        stream.truncate(SIZE)
+        stream.write(b"\x41" * CHUNK)
+        stream.seek(2 * CHUNK)
+        stream.write(b"\x42" * CHUNK)
+    new = tmp_path / "new.qcow2"
+    img.create(str(new), "qcow2", SIZE)
+    with FileStore(repo) as store:  # holds the layer files it checked until closed
+        images = parent_images(store, chain, [plan])
+        # once checked, the point's layer is swapped for a file that holds what the disk
+        # holds: read back, it would hide the chunk that changed
+        fake = tmp_path / "fake.qcow2"
+        _layer_with(fake, [(0x41, 0), (0x42, 2 * CHUNK)])
+        os.rename(fake, layer(repo, IDS[0]))
+        with qemu_nbd_server(str(disk), "raw", readonly=True) as disk_uri:
+            written = readback_layer(disk_uri, images["vdb"], {
+                "driver": "qcow2", "file": {"driver": "file", "filename": str(new)},
+                "backing": None}, SIZE, "disk vdb")
+    assert written == CHUNK

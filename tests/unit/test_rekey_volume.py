@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -30,6 +32,7 @@ from libvirt_rdm_backup.qemu import img, layers, luks_slots
 from libvirt_rdm_backup.qemu.secrets import LayerKey, secret_definition
 from libvirt_rdm_backup.repository.digest import Digest
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.store import Scan
 from libvirt_rdm_backup.targets.nbd_volume import NbdVolume
 from libvirt_rdm_backup.targets.volume_format import (
     _HEAD,
@@ -38,7 +41,7 @@ from libvirt_rdm_backup.targets.volume_format import (
     SLOT,
     Superblock,
 )
-from libvirt_rdm_backup.targets.volume_space import overlap, space_problem
+from libvirt_rdm_backup.targets.volume_space import overlap, space_problem, subtract
 from tests.oracles import newest_superblock
 from tests.unit.test_rekey_layers import FAST, NEW, OLD, keys  # noqa: F401
 from tests.unit.test_repository_damage_units import IDS, UUID, vdb
@@ -393,3 +396,111 @@ def test_qemu_amends_the_luks_header_of_a_window_node(
                                                  "encrypt": layers.encrypt_options("k")})],
                           capture_output=True, text=True, check=False)
     assert read.returncode == 0 and "Pattern verification failed" not in read.stdout
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("where", ["free", "past-next-free"])
+def test_a_layer_where_the_key_change_allocates_is_refused_before_anything_is_written(
+        encrypted: tuple[NbdVolume, MemoryExport, list[Manifest]],
+        monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    _vol, export, made = encrypted
+    FakeSlots(export).install(monkeypatch)
+    location = made[0].disks[0].location or {}
+    layer = (int(location["offset"]), int(location["region"]))
+    table = _table(export)
+    entries = [{**e, "regions": [list(r) for r in subtract(map(tuple, e["regions"]), [layer])]}
+               for e in table.entries]
+    if where == "free":  # the table lists the first layer's region as free, owned by none
+        hostile = replace(table, generation=table.generation + 1, entries=entries,
+                          free=[layer])
+        refusal = f"backup {made[0].backup_id}: .* does not own its bytes at {layer[0]}"
+    else:  # the allocation pointer lies below the layer's region (its entry owns it)
+        hostile = replace(table, generation=table.generation + 1, free=[],
+                          next_free=layer[0])
+        refusal = "where the key change writes"
+    assert space_problem(hostile, 64 << 20) is None  # a table that passes the free list check
+    vol = volume(export)
+    vol._write_superblock(hostile)
+    before = bytes(export.data[layer[0]:layer[0] + layer[1]])
+    with pytest.raises(DamagedBackupError, match=refusal):
+        _rekey(volume(export))
+    assert bytes(export.data[layer[0]:layer[0] + layer[1]]) == before
+    assert _table(export).rekey is None
+
+
+class _ManyLayers:
+    """A volume's calls ``open_layers`` makes, every region holding ``head`` (the first
+    bytes of a real LUKS layer): as many layers as a table of contents may list."""
+
+    def __init__(self, head: bytes) -> None:
+        self.head, self.size = head, 1 << 50
+        self.superblock = Superblock("abc123", next_free=1 << 49)
+
+    def read(self, _offset: int, length: int) -> bytes:
+        return self.head[:length]
+
+    def allocatable(self) -> list[tuple[int, int]]:
+        return []
+
+
+@pytest.mark.hostile
+def test_the_windows_of_many_layers_are_checked_in_one_sweep(layer_bytes: list[bytes]) -> None:
+    count, region = 10_000, 4 << 20
+    base = DiskRecord(disk=vdb(), size=DISK, data_file="vdb.qcow2", format="qcow2",
+                      digest=Digest("sha256", "0" * 64), level="full", data_path="qemu",
+                      bytes_transferred=0, stored_bytes=0,
+                      encryption={"format": "luks", "key_id": OLD_ID, "salt": SALT})
+    disks = [replace(base, disk=replace(vdb(), target=f"vd{n}"),
+                     location={"offset": DATA_START + n * region, "region": region,
+                               "length": len(layer_bytes[0])}) for n in range(count)]
+    manifest = Manifest(backup_id=IDS[0], domain_uuid=UUID, domain_name="vm", level="full",
+                        created=IDS[0], completed=IDS[0], consistency={},
+                        domain_xml="<domain/>", disks=disks)
+    vol = _ManyLayers(layer_bytes[0][:layers.HEADER_READ])
+    started = time.monotonic()
+    found = open_layers(cast(NbdVolume, vol), Scan([manifest], []))
+    assert len(found) == count and time.monotonic() - started < 20
+    # the last layer in the region of the first: still found, and named
+    clash = replace(disks[-1], location={**(disks[0].location or {})})
+    with pytest.raises(DamagedBackupError, match="disk vd0: vdb.qcow2 has its LUKS header"):
+        open_layers(cast(NbdVolume, vol), Scan([replace(manifest, disks=[*disks[:-1], clash])],
+                                              []))
+    clash = replace(disks[-1], location={**(disks[-2].location or {}), "offset": DATA_START
+                                         + (count - 2) * region + (1 << 20)})
+    with pytest.raises(DamagedBackupError, match="has its LUKS header"):
+        open_layers(cast(NbdVolume, vol), Scan([replace(manifest, disks=[*disks[:-1], clash])],
+                                              []))
+
+
+@pytest.mark.hostile
+def test_a_layer_the_table_gives_to_another_backup_is_not_freed_by_the_key_change(
+        encrypted: tuple[NbdVolume, MemoryExport, list[Manifest]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    vol, export, made = encrypted
+    FakeSlots(export).install(monkeypatch)
+    vol.take_lease()  # a plain backup of another disk beside the encrypted ones
+    offset = vol.allocate(REGION)
+    export.pwrite(b"plain data" * 1000, offset)
+    record = replace(made[0].disks[0], disk=replace(vdb(), target="vdc"), encryption=None,
+                     location={"offset": offset, "region": REGION, "length": 10_000},
+                     digest=Digest("sha256", hashlib.sha256(export.pread(10_000, offset))
+                                   .hexdigest()))
+    vol.publish(Manifest(backup_id=IDS[2], domain_uuid=UUID, domain_name="vm", level="full",
+                         created=IDS[2], completed=IDS[2], consistency={},
+                         domain_xml="<domain/>", disks=[record]))
+    # the table gives the plain layer's region to the first (encrypted) backup's entry
+    table = _table(export)
+    plain = (offset, REGION)
+    entries = [{**e, "regions": [list(r) for r in (
+        [*map(tuple, e["regions"]), plain] if e["backup_id"] == made[0].backup_id else
+        subtract(map(tuple, e["regions"]), [plain]))]} for e in table.entries]
+    hostile = replace(table, generation=table.generation + 1, entries=entries)
+    assert space_problem(hostile, 64 << 20) is None
+    vol._write_superblock(hostile)
+    before = export.pread(REGION, offset)
+    with pytest.raises(DamagedBackupError, match=f"backup {IDS[2]}: .* does not own its "
+                       f"bytes at {offset}"):
+        _rekey(volume(export))
+    assert export.pread(REGION, offset) == before
+    assert isinstance(export, TrimExport) and not overlap(export.trims, [plain])
+    assert _table(export).rekey is None
