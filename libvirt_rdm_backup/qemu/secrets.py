@@ -5,9 +5,10 @@ LUKS takes a passphrase). QEMU gets it as a
 ``secret`` object whose ``file`` is a path, never the key itself:
 
 * QEMU processes this tool starts (``qemu-img``, ``qemu-nbd``, the private storage
-  daemon) read it from a 0600 file in a private 0700 directory on a memory file
-  system (:func:`key_file`, ``/dev/shm``; refused without it), removed when the
-  command ends;
+  daemon) read it from an anonymous memory file this process holds open
+  (:func:`key_file`), by the path ``/proc/PID/fd/N`` that only processes allowed to
+  trace this one (root's) may open; it is named by no directory, and the kernel frees
+  it when the block ends or the tool dies, even by SIGKILL;
 * the guest's QEMU (another user, reached through libvirt) gets an anonymous memory
   file holding the key through ``add-fd``, and reads it as ``/proc/self/fd/N``
   (:func:`guest_secret`); the descriptor is removed once the object holds the key.
@@ -20,19 +21,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from typing import Any
 
-from libvirt_rdm_backup.errors import OperationError, RdmBackupError, UsageError
+from libvirt_rdm_backup.errors import RdmBackupError, UsageError
 from libvirt_rdm_backup.qemu.monitor import Monitor
 
 SECRET_ID = "rdmb-layer-key"  # the secret object of every QEMU that opens encrypted layers
 MAX_KEY = 4096  # bytes of a key file (a passphrase or random bytes)
-MEMORY_ROOT = "/dev/shm"  # where key files live while a command runs (not on disk)
 
 
 class LayerKey:
@@ -107,28 +105,22 @@ def active_secret() -> dict[str, Any] | None:
 
 @contextmanager
 def key_file(key: LayerKey) -> Iterator[str]:
-    """The key in a 0600 file of a private 0700 directory in memory (``/dev/shm``), for
-    the block (the key of :func:`active_secret` meanwhile); removed afterwards.
-
-    OperationError on a host without ``/dev/shm``: a key is never written to a disk."""
-    if not os.path.isdir(MEMORY_ROOT):
-        raise OperationError(f"{MEMORY_ROOT} is not a directory on this host: the key of "
-                             "encrypted layers is kept in memory only, never on a disk")
-    directory = tempfile.mkdtemp(prefix="rdmb-key-", dir=MEMORY_ROOT)  # mode 0700
+    """The key in an anonymous memory file of this process (``memfd``), for the block, as
+    the path QEMU processes this tool starts read it by (``/proc/PID/fd/N``); the key of
+    :func:`active_secret` meanwhile. Nothing is written to any file system: closed at the
+    end of the block, or with the process, however it ends, the file is gone."""
+    fd = os.memfd_create("rdmb-key", os.MFD_CLOEXEC)
     try:
-        path = os.path.join(directory, "key")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            key.write_to(fd)
-        finally:
-            os.close(fd)
+        key.write_to(fd)
+        os.fchmod(fd, 0o400)
+        path = f"/proc/{os.getpid()}/fd/{fd}"
         token = _ACTIVE.set(path)
         try:
             yield path
         finally:
             _ACTIVE.reset(token)
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        os.close(fd)
 
 
 @contextmanager

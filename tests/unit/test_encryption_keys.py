@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any, cast
@@ -14,10 +15,9 @@ import pytest
 
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.engine.sinks import Sink, create_layers
-from libvirt_rdm_backup.errors import OperationError, RepositoryError, UsageError
+from libvirt_rdm_backup.errors import RepositoryError, UsageError
 from libvirt_rdm_backup.modes import Compression
 from libvirt_rdm_backup.qemu import img, layers
-from libvirt_rdm_backup.qemu import secrets as secrets_module
 from libvirt_rdm_backup.qemu.layer_format import LayerFormat
 from libvirt_rdm_backup.qemu.secrets import (
     SECRET_ID,
@@ -36,6 +36,7 @@ from libvirt_rdm_backup.repository.encryption import (
 )
 from tests.unit.fake_monitor import FakeMonitor
 
+REPO = Path(__file__).resolve().parents[2]
 SECRET = b"correct horse battery staple 7f3a\n"
 
 
@@ -64,30 +65,68 @@ def test_bad_key_files_are_refused_in_one_line(tmp_path: Path, content: bytes,
         LayerKey.from_file(str(tmp_path / "missing"))
 
 
-def test_the_key_file_of_a_command_is_private_and_removed() -> None:
+def test_the_key_file_of_a_command_is_private_and_removed(tmp_path: Path) -> None:
     assert active_secret() is None
+    shm = _key_entries()
     with key_file(LayerKey(SECRET)) as path:
-        assert Path(path).read_bytes() == SECRET
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+        fd = int(path.rsplit("/", 1)[1])
+        assert path == f"/proc/{os.getpid()}/fd/{fd}"
+        assert Path(path).read_bytes() == SECRET  # what a QEMU this tool starts reads
+        assert os.readlink(path).startswith("/memfd:rdmb-key")  # named by no directory
+        assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o400
+        assert os.get_inheritable(fd) is False
         assert active_secret() == {"qom-type": "secret", "id": SECRET_ID, "format": "raw",
                                    "file": path}
         assert "horse" not in secret_definition(path)
-    assert not os.path.exists(os.path.dirname(path))
+        # a QEMU tool started meanwhile reads the key by that path (the LUKS header opens)
+        image = str(tmp_path / "k.luks")
+        for _attempt in range(10):  # QEMU's key-derivation benchmark may measure 0 ms
+            proc = subprocess.run(
+                ["qemu-img", "create", "--object", secret_definition(path), "-q", "-f", "luks",
+                 "-o", f"key-secret={SECRET_ID},iter-time=10", image, "1M"],
+                capture_output=True, text=True, check=False)
+            if "accurate CPU usage" not in proc.stderr:
+                break
+        assert proc.returncode == 0, proc.stderr
+        opened = subprocess.run(
+            ["qemu-img", "info", "--object", secret_definition(path), "--image-opts",
+             f"driver=luks,key-secret={SECRET_ID},file.filename={image}"],
+            capture_output=True, text=True, check=False)
+        assert opened.returncode == 0, opened.stderr
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed: the kernel frees the file with its last descriptor
     assert active_secret() is None
+    assert _key_entries() - shm == set()  # nothing left in the memory file system
 
 
-@pytest.mark.bad_input
-def test_no_key_file_is_written_on_a_host_without_a_memory_file_system(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(secrets_module, "MEMORY_ROOT", str(tmp_path / "no-shm"))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    with pytest.raises(OperationError, match="kept in memory only") as caught, \
-            key_file(LayerKey(SECRET)):
-        pass
-    assert "\n" not in str(caught.value) and list(tmp_path.iterdir()) == []
-    assert active_secret() is None
+def test_a_killed_command_leaves_no_key_anywhere() -> None:
+    """SIGKILL inside the block: no file is left that holds the key."""
+    script = ("import sys, time\n"
+              "from libvirt_rdm_backup.qemu.secrets import LayerKey, key_file\n"
+              "with key_file(LayerKey(sys.stdin.buffer.read())) as path:\n"
+              "    print(path, flush=True)\n"
+              "    time.sleep(60)\n")
+    before = _key_entries()
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, cwd=str(REPO))
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.write(SECRET)
+    child.stdin.close()
+    path = child.stdout.readline().decode().strip()
+    try:
+        assert Path(path).read_bytes() == SECRET
+    finally:
+        child.kill()
+        child.wait()
+    assert not os.path.exists(path)
+    assert _key_entries() - before == set()
 
+
+def _key_entries() -> set[str]:
+    """Entries of the memory file system a key file of this tool could be (none now)."""
+    root = Path("/dev/shm")
+    return {p.name for p in root.iterdir() if p.name.startswith("rdmb-key")} \
+        if root.is_dir() else set()
 
 def test_the_guest_qemu_gets_the_key_by_descriptor_never_in_a_message() -> None:
     monitor = FakeMonitor()
