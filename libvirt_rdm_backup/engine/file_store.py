@@ -204,11 +204,13 @@ class FileStore:
         try:
             fd = os.open(self.repo.data_file(point.manifest, record),
                          os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as err:
-            return f"{record.data_file} cannot be opened: {err.strerror}", ""
+        except OSError as err:  # told (and recorded) as a check by path tells it
+            return self._check(point.manifest, record) or \
+                f"{record.data_file} cannot be opened: {err.strerror}", ""
         self._stack.callback(os.close, fd)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return f"{record.data_file} is not a regular file", ""
+            return self._check(point.manifest, record) or \
+                f"{record.data_file} is not a regular file", ""
         return self._check(point.manifest, record, fd), f"/dev/fd/{fd}"
 
     def _check(self, manifest: Manifest, record: DiskRecord, fd: int | None = None

@@ -35,9 +35,10 @@ from libvirt_rdm_backup.domain.connection import domain_xml, is_running, lookup_
 from libvirt_rdm_backup.domain.discovery import inventory_from_xml
 from libvirt_rdm_backup.domain.disks import RawDisk
 from libvirt_rdm_backup.domain.xml import DomainXML
-from libvirt_rdm_backup.engine.restore import open_target, refuse_store_paths, verify_lineage
+from libvirt_rdm_backup.engine.restore import open_target, refuse_store_paths
 from libvirt_rdm_backup.engine.selection import choose_backup
 from libvirt_rdm_backup.engine.stores import Store, open_store
+from libvirt_rdm_backup.engine.verify import verify_lineage
 from libvirt_rdm_backup.errors import LibvirtError, NotFoundError, OperationError, UsageError
 from libvirt_rdm_backup.fileutil import write_atomic
 from libvirt_rdm_backup.fslock import exclusive

@@ -27,11 +27,11 @@ from typing import Any
 from libvirt_rdm_backup.engine.file_store import FileStore
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.engine.stores import Store
-from libvirt_rdm_backup.engine.verify import Checker, cached_checker, lineage_problem
+from libvirt_rdm_backup.engine.verify import cached_checker, held_checker, lineage_problem
 from libvirt_rdm_backup.errors import DamagedBackupError, OperationError, StorageError
 from libvirt_rdm_backup.modes import Level
 from libvirt_rdm_backup.pacing import Pacer, paced
-from libvirt_rdm_backup.qemu.layers import json_filename
+from libvirt_rdm_backup.qemu.layers import held_fds, json_filename
 from libvirt_rdm_backup.qemu.nbd_io import (
     REQUEST,
     LayerWriter,
@@ -44,7 +44,7 @@ from libvirt_rdm_backup.qemu.nbd_io import (
     stream,
 )
 from libvirt_rdm_backup.qemu.nbd_server import qemu_nbd_server
-from libvirt_rdm_backup.repository.chain import Chain, DiskPoint
+from libvirt_rdm_backup.repository.chain import Chain
 from libvirt_rdm_backup.repository.chunks import CHUNK
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def parent_images(store: Store, chain: Chain, plans: list[DiskPlan]
     """
     images: dict[str, dict[str, Any]] = {}
     files: dict[tuple[str, str], str] = {}  # the held layer files of a file repository
-    check = _held_checker(store, files) if isinstance(store, FileStore) else \
+    check = held_checker(store, files) if isinstance(store, FileStore) else \
         cached_checker(store)
     for plan in plans:
         if not reads_back(plan):
@@ -89,31 +89,6 @@ def parent_images(store: Store, chain: Chain, plans: list[DiskPlan]
         else:
             images[plan.disk.target] = store.image_node(points)
     return images
-
-
-def _held_checker(store: FileStore, files: dict[tuple[str, str], str]) -> Checker:
-    """:meth:`.FileStore.checked_layer` of a point, once per layer (its name into ``files``)."""
-    problems: dict[tuple[str, str], str | None] = {}
-
-    def check(point: DiskPoint) -> str | None:
-        key = (point.backup_id, point.record.disk.target)
-        if key not in problems:
-            problems[key], files[key] = store.checked_layer(point)
-        return problems[key]
-
-    return check
-
-
-def _held_fds(node: dict[str, Any] | None) -> tuple[int, ...]:
-    """The descriptors the layer files of a chain node are named by (``/dev/fd/N``)."""
-    found = []
-    while node is not None:
-        file = node.get("file")
-        name = str(file.get("filename", "")) if isinstance(file, dict) else ""
-        if name.startswith("/dev/fd/"):
-            found.append(int(name.removeprefix("/dev/fd/")))
-        node = node.get("backing")
-    return tuple(found)
 
 
 def _merged(disk: Iterator[Segment], point: Iterator[Segment]) -> Iterator[Piece]:
@@ -197,7 +172,7 @@ def readback_layer(disk_uri: str, point_node: dict[str, Any], layer_node: dict[s
     handles: list[Any] = []
     try:
         with qemu_nbd_server(json_filename(point_node), None, readonly=True,
-                             pass_fds=_held_fds(point_node)) as point_uri, \
+                             pass_fds=held_fds(point_node)) as point_uri, \
                 qemu_nbd_server(json_filename(layer_node), None, readonly=False) as layer_uri:
             handles.append(_connected(disk_uri, size, f"the export of {label}"))
             handles.append(_connected(point_uri, size, f"the last point of {label}"))

@@ -24,9 +24,8 @@ from libvirt_rdm_backup.engine import restore_rbd
 from libvirt_rdm_backup.engine.restore_rbd_original import defined_cluster
 from libvirt_rdm_backup.engine.selection import choose_backup
 from libvirt_rdm_backup.engine.stores import Store, open_store
-from libvirt_rdm_backup.engine.verify import cached_checker, lineage_problem
+from libvirt_rdm_backup.engine.verify import checked_node
 from libvirt_rdm_backup.errors import (
-    DamagedBackupError,
     NotFoundError,
     OperationError,
     RdmBackupError,
@@ -41,10 +40,9 @@ from libvirt_rdm_backup.qemu.block_copy import (
     copy_image,
     fd_target,
 )
-from libvirt_rdm_backup.qemu.layers import json_filename
-from libvirt_rdm_backup.repository.chain import DiskPoint
+from libvirt_rdm_backup.qemu.layers import held_fds, json_filename
 from libvirt_rdm_backup.repository.ids import check_safe_name
-from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
+from libvirt_rdm_backup.repository.manifest import DiskRecord
 from libvirt_rdm_backup.storage import tgt
 from libvirt_rdm_backup.storage.base import StorageNode
 from libvirt_rdm_backup.storage.sysfs import SysfsAgent
@@ -361,17 +359,6 @@ def write_disk(node: dict[str, Any], record: DiskRecord, target: Target,
     return zeroed
 
 
-def verify_lineage(store: Store, manifest: Manifest, disk: str) -> list[DiskPoint]:
-    """Check every layer a disk's point is built from (raises DamagedBackupError)."""
-    listed = store.scan(manifest.domain_uuid)
-    damaged = {d.backup_id: d.problem for d in listed.damaged}
-    points, problem = lineage_problem(listed.backups, damaged, manifest, disk,
-                                      cached_checker(store))
-    if problem is not None:
-        raise DamagedBackupError(manifest.backup_id, f"{problem}; nothing was written", disk)
-    return points
-
-
 def restore(
     conn: libvirt.virConnect | None,
     domain: str,
@@ -409,8 +396,7 @@ def restore(
             raise NotFoundError(f"backup {manifest.backup_id} has no disk {disk!r}")
         if restore_rbd.is_rbd(to):
             def chain() -> tuple[dict[str, Any], tuple[dict[str, Any], ...]]:
-                return store.image_node(verify_lineage(store, manifest, disk)), \
-                    store.qemu_objects()
+                return checked_node(store, manifest, disk), store.qemu_objects()
             data = restore_rbd.restore_to_rbd(
                 conn, record, to, chain, store=store, force=force, speed=speed,
                 progress=progress, cluster=defined_cluster(conn, manifest.domain_uuid, record, to))
@@ -422,12 +408,12 @@ def restore(
                 log.warning("libvirt did not answer: %s was checked against this host's "
                             "mounts, swap and QEMU processes only, not against the iSCSI "
                             "LUNs of running domains", to)
-            points = verify_lineage(store, manifest, disk)
-            node = store.image_node(points)
+            node = checked_node(store, manifest, disk)  # what QEMU opens is what was checked
             try:
                 # qemu-img map: opens the whole chain before anything is written, and
                 # counts its data (a report, not a copy)
-                data = img.data_bytes(json_filename(node))
+                with img.objects(fds=held_fds(node)):
+                    data = img.data_bytes(json_filename(node))
                 zeroed = write_disk(node, record, dest, store.qemu_objects(), speed, progress)
             except RdmBackupError as err:
                 raise OperationError(f"restore of {disk} to {to} failed: {err}") from err

@@ -33,7 +33,6 @@ from libvirt_rdm_backup.engine.restore import (
     Target,
     open_target,
     refuse_store_paths,
-    verify_lineage,
     write_disk,
 )
 from libvirt_rdm_backup.engine.restore_claims import claims_of
@@ -51,6 +50,7 @@ from libvirt_rdm_backup.engine.restore_targets import (
 )
 from libvirt_rdm_backup.engine.selection import choose_backup
 from libvirt_rdm_backup.engine.stores import Store, open_store
+from libvirt_rdm_backup.engine.verify import checked_node
 from libvirt_rdm_backup.errors import (
     NotFoundError,
     OperationError,
@@ -58,7 +58,7 @@ from libvirt_rdm_backup.errors import (
     UsageError,
 )
 from libvirt_rdm_backup.qemu import block_copy, img
-from libvirt_rdm_backup.qemu.layers import json_filename
+from libvirt_rdm_backup.qemu.layers import held_fds, json_filename
 from libvirt_rdm_backup.repository.ids import check_safe_name
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 
@@ -293,8 +293,7 @@ def restore_disks(domain: str, target: str, request: DisksRequest,
                     open_target(places[disk].path, record.size, False, conn))
         if request.dry_run:
             return result
-        nodes = {r.disk.target: store.image_node(verify_lineage(store, manifest, r.disk.target))
-                 for r in records}
+        nodes = {r.disk.target: checked_node(store, manifest, r.disk.target) for r in records}
         for record, entry in zip(records, result.disks, strict=True):
             image = originals.get(entry.disk)
             if image is not None and image.rbd is not None:
@@ -318,7 +317,8 @@ def _write_one(store: Store, record: DiskRecord, entry: DiskEntry, node: dict[st
                dest: Target | None, speed: int,
                progress: block_copy.ProgressCallback | None) -> None:
     try:
-        entry.data_bytes = img.data_bytes(json_filename(node))
+        with img.objects(fds=held_fds(node)):  # layer files held open and checked
+            entry.data_bytes = img.data_bytes(json_filename(node))
         if dest is None:
             _write_lun(node, record, entry.path, store, speed, progress)
         else:

@@ -23,10 +23,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from libvirt_rdm_backup.engine.restore import verify_lineage
 from libvirt_rdm_backup.engine.selection import choose_backup
 from libvirt_rdm_backup.engine.stores import Store, open_store
-from libvirt_rdm_backup.engine.verify import lineage_problem
+from libvirt_rdm_backup.engine.verify import lineage_problem, verify_lineage
 from libvirt_rdm_backup.errors import (
     DamagedBackupError,
     NotFoundError,

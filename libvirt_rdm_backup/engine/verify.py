@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from libvirt_rdm_backup.engine.deep_verify import read_problem
+from libvirt_rdm_backup.engine.file_store import FileStore
 from libvirt_rdm_backup.engine.selection import choose_backup, domain_damage, find_domain_backups
 from libvirt_rdm_backup.engine.stores import Store, open_store
-from libvirt_rdm_backup.errors import NotFoundError
+from libvirt_rdm_backup.errors import DamagedBackupError, NotFoundError
 from libvirt_rdm_backup.repository.chain import DiskPoint, lineage
 from libvirt_rdm_backup.repository.ids import check_backup_id
 from libvirt_rdm_backup.repository.manifest import Manifest
@@ -83,6 +84,44 @@ def lineage_problem(backups: list[Manifest], damaged: Mapping[str, str], manifes
             return points, problem if index == 0 else (
                 f"builds on backup {point.backup_id}, which is damaged: {problem}")
     return points, None
+
+
+def held_checker(store: FileStore, files: dict[tuple[str, str], str]) -> Checker:
+    """:meth:`.FileStore.checked_layer` of a point, once per layer (its name into ``files``)."""
+    problems: dict[tuple[str, str], str | None] = {}
+
+    def check(point: DiskPoint) -> str | None:
+        key = (point.backup_id, point.record.disk.target)
+        if key not in problems:
+            problems[key], files[key] = store.checked_layer(point)
+        return problems[key]
+
+    return check
+
+
+def verify_lineage(store: Store, manifest: Manifest, disk: str, check: Checker | None = None
+                   ) -> list[DiskPoint]:
+    """Check every layer a disk's point is built from (raises DamagedBackupError)."""
+    listed = store.scan(manifest.domain_uuid)
+    damaged = {d.backup_id: d.problem for d in listed.damaged}
+    points, problem = lineage_problem(listed.backups, damaged, manifest, disk,
+                                      check or cached_checker(store))
+    if problem is not None:
+        raise DamagedBackupError(manifest.backup_id, f"{problem}; nothing was written", disk)
+    return points
+
+
+def checked_node(store: Store, manifest: Manifest, disk: str) -> dict[str, Any]:
+    """The image node of a disk's point, every layer it is built from checked first
+    (:func:`verify_lineage`). A file repository's layers are opened once, checked through
+    those descriptors and held until the store is closed; the node names them
+    ``/dev/fd/N``, and whatever opens it inherits them (:func:`.layers.held_fds`): QEMU
+    reads the files that were checked, whatever their paths name meanwhile."""
+    if not isinstance(store, FileStore):
+        return store.image_node(verify_lineage(store, manifest, disk))
+    files: dict[tuple[str, str], str] = {}
+    points = verify_lineage(store, manifest, disk, held_checker(store, files))
+    return store.image_node(points, [files[p.backup_id, p.record.disk.target] for p in points])
 
 
 def verify_manifests(store: Store, manifests: list[Manifest],

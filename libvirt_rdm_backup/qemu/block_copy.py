@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from libvirt_rdm_backup import retry
 from libvirt_rdm_backup.errors import OperationError, RdmBackupError, UsageError
 from libvirt_rdm_backup.process import stall_timeout
+from libvirt_rdm_backup.qemu.layers import held_fds
 from libvirt_rdm_backup.qemu.monitor import qmp_timeout
 from libvirt_rdm_backup.qemu.names import object_name
 
@@ -117,13 +118,15 @@ def copy_image(source: Endpoint, target: Endpoint, label: str, *, speed: int = 0
                progress: ProgressCallback | None = None, deadline: float | None = None,
                stall: float | None = None) -> None:
     """Copy ``source`` onto ``target`` in a private ``qemu-storage-daemon`` (see
-    :func:`block_copy`), which inherits the target's descriptor, if any; the daemon
-    quits when the copy ends, however it ends, and is killed (SIGKILL) when the tool dies."""
+    :func:`block_copy`), which inherits the target's descriptor, if any, and those the
+    source's node names as ``/dev/fd/N`` (layer files held open); the daemon quits when
+    the copy ends, however it ends, and is killed (SIGKILL) when the tool dies."""
     from libvirt_rdm_backup.qemu.storage_daemon import StorageDaemon
 
     if source.fd is not None:
         raise OperationError(f"copy of {label}: a source is never handed over as a descriptor")
-    fds = () if target.fd is None else (target.fd,)
+    # the source's layer files held open and checked (``/dev/fd/N``), and the target's
+    fds = held_fds(source.node) + (() if target.fd is None else (target.fd,))
     daemon = StorageDaemon(f"copy {label}", pass_fds=fds, killed_with_tool=True).start()
     try:
         block_copy(daemon, source, target, label, speed=speed, progress=progress,

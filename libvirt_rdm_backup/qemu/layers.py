@@ -252,6 +252,19 @@ def file_chain(paths: Sequence[str]) -> dict[str, Any]:
     return chain_node([file_node(p) for p in paths], [is_encrypted(p) for p in paths])
 
 
+def held_fds(node: Any) -> tuple[int, ...]:
+    """The descriptors the files of ``node`` (blockdev options, at any depth) are named by
+    (``/dev/fd/N``): a process that opens the node must inherit them."""
+    if isinstance(node, list):
+        return tuple(fd for item in node for fd in held_fds(item))
+    if not isinstance(node, dict):
+        return ()
+    name = node.get("filename")
+    own = (int(name.removeprefix("/dev/fd/")),) if isinstance(name, str) \
+        and name.startswith("/dev/fd/") and name.removeprefix("/dev/fd/").isdigit() else ()
+    return own + tuple(fd for value in node.values() for fd in held_fds(value))
+
+
 def json_filename(node: dict[str, Any]) -> str:
     """A ``json:`` filename that qemu-img and qemu-nbd open as exactly ``node``."""
     return "json:" + json.dumps(node, separators=(",", ":"))

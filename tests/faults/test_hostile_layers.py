@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 
 from libvirt_rdm_backup import api
-from libvirt_rdm_backup.engine.restore import open_target, verify_lineage, write_disk
+from libvirt_rdm_backup.engine.restore import open_target, write_disk
 from libvirt_rdm_backup.engine.stores import open_store
+from libvirt_rdm_backup.engine.verify import verify_lineage
 from libvirt_rdm_backup.qemu.layers import HEADER_READ
 from libvirt_rdm_backup.repository.digest import file_digest
 from tests.faults.test_repository_damage import (

@@ -13,9 +13,8 @@ from libvirt_rdm_backup import cli
 from libvirt_rdm_backup.domain.disks import RawDisk, SourceKind
 from libvirt_rdm_backup.engine.file_store import FileStore
 from libvirt_rdm_backup.engine.plan import Facts, plan_disk
-from libvirt_rdm_backup.engine.restore import verify_lineage
 from libvirt_rdm_backup.engine.selection import choose_backup
-from libvirt_rdm_backup.engine.verify import verify_manifests
+from libvirt_rdm_backup.engine.verify import verify_lineage, verify_manifests
 from libvirt_rdm_backup.errors import DamagedBackupError
 from libvirt_rdm_backup.repository.chain import Chain, DiskPoint, unusable_points
 from libvirt_rdm_backup.repository.digest import file_digest
