@@ -168,10 +168,7 @@ class VolumeChanges(WriterLease):
     def _change(self, domain_uuid: str, replace_with: Sequence[Manifest],
                 dropped: set[str]) -> tuple[Superblock, int]:
         """Publish the change (lease kept); the new table and the bytes it freed."""
-        if self._lease is None:
-            self.take_lease()
-        current = self._held_table()
-        self._check_space(current)
+        current = self._leased_table()
         by_id = {m.backup_id: m for m in replace_with}
         _check_names(current, domain_uuid, replace_with, dropped)
         entries: list[dict[str, Any]] = []
@@ -195,15 +192,21 @@ class VolumeChanges(WriterLease):
         """Trim every free region again (after a crash before a trim); bytes trimmed."""
         try:
             with self._mutex:
-                if self._lease is None:
-                    self.take_lease()
-                current = self._held_table()
-                self._check_space(current)
+                current = self._leased_table()
             return self._trim(current.free)
         finally:
             self.release_lease()  # its own thread: outside the lock
 
     # -- the steps ------------------------------------------------------------------------
+
+    def _leased_table(self) -> Superblock:
+        """The table as this writer holds it (the lease taken first when not held), its free
+        list checked (VerificationError when damaged)."""
+        if self._lease is None:
+            self.take_lease()
+        current = self._held_table()
+        self._check_space(current)
+        return current
 
     def _check_space(self, table: Superblock) -> None:
         problem = space_problem(table, self.size)

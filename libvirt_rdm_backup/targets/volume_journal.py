@@ -57,9 +57,7 @@ class VolumeJournal(VolumeChanges):
             raise RepositoryError(f"the rekey journal of {len(data)} bytes is over "
                                   f"{MAX_JOURNAL}")
         with self._mutex:
-            if self._lease is None:
-                self.take_lease()
-            self._check_space(self._held_table())
+            self._leased_table()
             offset = self.allocate(len(data))
             self.write(offset, data)
             self.flush()  # durable before the table points at it
@@ -75,10 +73,7 @@ class VolumeJournal(VolumeChanges):
         backup the volume does not list (nothing is changed then)."""
         try:
             with self._mutex:
-                if self._lease is None:
-                    self.take_lease()
-                current = self._held_table()
-                self._check_space(current)
+                current = self._leased_table()
                 by_key = {(m.domain_uuid, m.backup_id): m for m in manifests}
                 listed = {(e.get("domain_uuid"), e.get("backup_id")) for e in current.entries}
                 missing = sorted(set(by_key) - listed)
