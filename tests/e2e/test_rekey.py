@@ -82,6 +82,22 @@ def _tree_digest(repo: str) -> str:
     return digest.hexdigest()
 
 
+def rekey_keeping_keys_hidden(target: str, old: Path, new: Path, old_secret: bytes,
+                              new_secret: bytes) -> dict[str, object]:
+    """``rdm-backup -vv rekey --json`` of ``target``, checked to succeed with neither key in
+    any process's argv meanwhile nor in its output; its JSON result."""
+    with argv_watch(old_secret) as leaked_old, argv_watch(new_secret) as leaked_new:
+        done = rdm_backup("-vv", "rekey", "--target", target, "--encrypt-key-file", str(old),
+                          "--new-key-file", str(new), "--json")
+    assert done.returncode == 0, done.stderr
+    assert leaked_old == [] and leaked_new == []
+    assert old_secret not in (done.stdout + done.stderr).encode()
+    assert new_secret not in (done.stdout + done.stderr).encode()
+    assert "qemu-img amend" in done.stderr
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
 def test_rekey_gives_every_layer_the_new_key(enc_vm: LabVM) -> None:  # noqa: F811
     vm = enc_vm
     repo = str(vm.workdir / "repo")
@@ -100,15 +116,7 @@ def test_rekey_gives_every_layer_the_new_key(enc_vm: LabVM) -> None:  # noqa: F8
             api.rekey(target, str(wrong_old), str(new_file))
     assert _tree_digest(repo) == before  # nothing changed
 
-    with argv_watch(old_secret) as leaked_old, argv_watch(new_secret) as leaked_new:
-        done = rdm_backup("-vv", "rekey", "--target", repo, "--encrypt-key-file", str(old),
-                          "--new-key-file", str(new), "--json")
-    assert done.returncode == 0, done.stderr
-    assert leaked_old == [] and leaked_new == []
-    assert old_secret not in (done.stdout + done.stderr).encode()
-    assert new_secret not in (done.stdout + done.stderr).encode()
-    assert "qemu-img amend" in done.stderr
-    result = json.loads(done.stdout)
+    result = rekey_keeping_keys_hidden(repo, old, new, old_secret, new_secret)
     assert (result["layers"], result["backups"], result["resumed"]) == (4, 2, False)
     assert not (Path(repo) / ".rekey-journal.json").exists()
     assert files_holding(repo, old_secret) == files_holding(repo, new_secret) == []

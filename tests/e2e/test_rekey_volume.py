@@ -27,10 +27,16 @@ from libvirt_rdm_backup.errors import OperationError, UsageError
 from libvirt_rdm_backup.qemu import layers
 from libvirt_rdm_backup.qemu.secrets import LayerKey
 from libvirt_rdm_backup.targets.volume_format import SLOT, Superblock
-from tests.e2e.test_encrypted_layers import argv_watch, files_holding, fill_text
+from tests.e2e.test_encrypted_layers import files_holding, fill_text
 from tests.e2e.test_prune import _kill_when
 from tests.e2e.test_prune_dry_run import EXE
-from tests.e2e.test_rekey import RBD_TARGET, _keys, _restores, _two_points
+from tests.e2e.test_rekey import (
+    RBD_TARGET,
+    _keys,
+    _restores,
+    _two_points,
+    rekey_keeping_keys_hidden,
+)
 from tests.lab.tls import make_certificates
 from tests.lab.volume_server import VolumeServer
 from tools.labkit import LabVM, MiB, lab_vm, rdm_backup, rdmb_tmpdir, same_bytes
@@ -119,15 +125,7 @@ def test_rekey_gives_every_layer_of_a_volume_the_new_key(points: Points) -> None
             api.rekey(RBD_TARGET, str(old), str(new))
         assert _key_ids(uri) == before  # nothing changed
 
-        with argv_watch(old_secret) as leaked_old, argv_watch(new_secret) as leaked_new:
-            done = rdm_backup("-vv", "rekey", "--target", uri, "--encrypt-key-file",
-                              str(old), "--new-key-file", str(new), "--json")
-        assert done.returncode == 0, done.stderr
-        assert leaked_old == [] and leaked_new == []
-        assert old_secret not in (done.stdout + done.stderr).encode()
-        assert new_secret not in (done.stdout + done.stderr).encode()
-        assert "qemu-img amend" in done.stderr
-        result = json.loads(done.stdout)
+        result = rekey_keeping_keys_hidden(uri, old, new, old_secret, new_secret)
         assert (result["layers"], result["backups"], result["resumed"]) == (2, 2, False)
         assert result["key_id"] == new_id
         assert _key_ids(uri) == {new_id}
