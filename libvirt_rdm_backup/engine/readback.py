@@ -24,10 +24,9 @@ from collections.abc import Iterator
 from itertools import tee
 from typing import Any
 
-from libvirt_rdm_backup.engine.file_store import FileStore
 from libvirt_rdm_backup.engine.plan import DiskPlan
 from libvirt_rdm_backup.engine.stores import Store
-from libvirt_rdm_backup.engine.verify import cached_checker, held_checker, lineage_problem
+from libvirt_rdm_backup.engine.verify import held_node, lineage_problem, opening_checker
 from libvirt_rdm_backup.errors import DamagedBackupError, OperationError, StorageError
 from libvirt_rdm_backup.modes import Level
 from libvirt_rdm_backup.pacing import Pacer, paced
@@ -72,8 +71,7 @@ def parent_images(store: Store, chain: Chain, plans: list[DiskPlan]
     """
     images: dict[str, dict[str, Any]] = {}
     files: dict[tuple[str, str], str] = {}  # the held layer files of a file repository
-    check = held_checker(store, files) if isinstance(store, FileStore) else \
-        cached_checker(store)
+    check = opening_checker(store, files)
     for plan in plans:
         if not reads_back(plan):
             continue
@@ -83,11 +81,7 @@ def parent_images(store: Store, chain: Chain, plans: list[DiskPlan]
         if problem is not None:
             raise DamagedBackupError(plan.parent.backup_id, f"{problem}; it cannot be read "
                                      "back for a resync", plan.disk.target)
-        if isinstance(store, FileStore):
-            images[plan.disk.target] = store.image_node(points, [
-                files[p.backup_id, p.record.disk.target] for p in points])
-        else:
-            images[plan.disk.target] = store.image_node(points)
+        images[plan.disk.target] = held_node(store, points, files)
     return images
 
 

@@ -32,7 +32,6 @@ from libvirt_rdm_backup.errors import (
     UsageError,
 )
 from libvirt_rdm_backup.fileutil import new_file_whole, remove_stale_partials
-from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.block_copy import (
     Endpoint,
     ProgressCallback,
@@ -40,7 +39,7 @@ from libvirt_rdm_backup.qemu.block_copy import (
     copy_image,
     fd_target,
 )
-from libvirt_rdm_backup.qemu.layers import held_fds, json_filename
+from libvirt_rdm_backup.qemu.layers import node_data_bytes
 from libvirt_rdm_backup.repository.ids import check_safe_name
 from libvirt_rdm_backup.repository.manifest import DiskRecord
 from libvirt_rdm_backup.storage import tgt
@@ -412,8 +411,7 @@ def restore(
             try:
                 # qemu-img map: opens the whole chain before anything is written, and
                 # counts its data (a report, not a copy)
-                with img.objects(fds=held_fds(node)):
-                    data = img.data_bytes(json_filename(node))
+                data = node_data_bytes(node)
                 zeroed = write_disk(node, record, dest, store.qemu_objects(), speed, progress)
             except RdmBackupError as err:
                 raise OperationError(f"restore of {disk} to {to} failed: {err}") from err

@@ -57,8 +57,8 @@ from libvirt_rdm_backup.errors import (
     RdmBackupError,
     UsageError,
 )
-from libvirt_rdm_backup.qemu import block_copy, img
-from libvirt_rdm_backup.qemu.layers import held_fds, json_filename
+from libvirt_rdm_backup.qemu import block_copy
+from libvirt_rdm_backup.qemu.layers import node_data_bytes
 from libvirt_rdm_backup.repository.ids import check_safe_name
 from libvirt_rdm_backup.repository.manifest import DiskRecord, Manifest
 
@@ -317,8 +317,7 @@ def _write_one(store: Store, record: DiskRecord, entry: DiskEntry, node: dict[st
                dest: Target | None, speed: int,
                progress: block_copy.ProgressCallback | None) -> None:
     try:
-        with img.objects(fds=held_fds(node)):  # layer files held open and checked
-            entry.data_bytes = img.data_bytes(json_filename(node))
+        entry.data_bytes = node_data_bytes(node)  # layer files held open and checked
         if dest is None:
             _write_lun(node, record, entry.path, store, speed, progress)
         else:

@@ -27,9 +27,8 @@ from libvirt_rdm_backup.engine.discover import learn_rbd_key
 from libvirt_rdm_backup.engine.rbd_store import RbdStore
 from libvirt_rdm_backup.engine.storage_reads import rbd_endpoint
 from libvirt_rdm_backup.errors import OperationError, RdmBackupError, UsageError
-from libvirt_rdm_backup.qemu import img
 from libvirt_rdm_backup.qemu.block_copy import Endpoint, ProgressCallback, copy_image
-from libvirt_rdm_backup.qemu.layers import held_fds, json_filename
+from libvirt_rdm_backup.qemu.layers import node_data_bytes
 from libvirt_rdm_backup.repository.manifest import DiskRecord
 from libvirt_rdm_backup.storage import rbd_dest
 
@@ -105,8 +104,7 @@ def restore_to_rbd(conn: libvirt.virConnect | None, record: DiskRecord, to: str,
                             original[1] if original is not None else None)
     try:
         node, objects = chain()
-        with img.objects(fds=held_fds(node)):  # layer files held open and checked
-            data = img.data_bytes(json_filename(node))  # the chain opens, or nothing written
+        data = node_data_bytes(node)  # the whole chain opens, or nothing written
     except BaseException:
         if dest.created:
             rbd_dest.remove(source, what)

@@ -111,17 +111,32 @@ def verify_lineage(store: Store, manifest: Manifest, disk: str, check: Checker |
     return points
 
 
+def opening_checker(store: Store, files: dict[tuple[str, str], str]) -> Checker:
+    """The layer check of a command that opens the layers it checked: a file repository's
+    are held open (:func:`held_checker`, their names into ``files``), others checked once
+    (:func:`cached_checker`)."""
+    return held_checker(store, files) if isinstance(store, FileStore) else \
+        cached_checker(store)
+
+
+def held_node(store: Store, points: list[DiskPoint], files: dict[tuple[str, str], str]
+              ) -> dict[str, Any]:
+    """The image node of ``points`` checked by :func:`opening_checker`: a file repository's
+    layers by the names of their held descriptors (``/dev/fd/N``)."""
+    if not isinstance(store, FileStore):
+        return store.image_node(points)
+    return store.image_node(points, [files[p.backup_id, p.record.disk.target] for p in points])
+
+
 def checked_node(store: Store, manifest: Manifest, disk: str) -> dict[str, Any]:
     """The image node of a disk's point, every layer it is built from checked first
     (:func:`verify_lineage`). A file repository's layers are opened once, checked through
     those descriptors and held until the store is closed; the node names them
     ``/dev/fd/N``, and whatever opens it inherits them (:func:`.layers.held_fds`): QEMU
     reads the files that were checked, whatever their paths name meanwhile."""
-    if not isinstance(store, FileStore):
-        return store.image_node(verify_lineage(store, manifest, disk))
     files: dict[tuple[str, str], str] = {}
-    points = verify_lineage(store, manifest, disk, held_checker(store, files))
-    return store.image_node(points, [files[p.backup_id, p.record.disk.target] for p in points])
+    points = verify_lineage(store, manifest, disk, opening_checker(store, files))
+    return held_node(store, points, files)
 
 
 def verify_manifests(store: Store, manifests: list[Manifest],

@@ -265,6 +265,15 @@ def held_fds(node: Any) -> tuple[int, ...]:
     return own + tuple(fd for value in node.values() for fd in held_fds(value))
 
 
+def node_data_bytes(node: dict[str, Any]) -> int:
+    """Bytes of the image node ``node`` (blockdev options) that hold data: ``qemu-img map``
+    opens the whole chain, inheriting the layer files the node names as ``/dev/fd/N``."""
+    from libvirt_rdm_backup.qemu import img
+
+    with img.objects(fds=held_fds(node)):
+        return img.data_bytes(json_filename(node))
+
+
 def json_filename(node: dict[str, Any]) -> str:
     """A ``json:`` filename that qemu-img and qemu-nbd open as exactly ``node``."""
     return "json:" + json.dumps(node, separators=(",", ":"))
